@@ -1,0 +1,262 @@
+//! The ABI between Bulkhead's eBPF programs and its agent: map keys, values and constants.
+//!
+//! Every type is `#[repr(C)]`, `Copy` and has no implicit padding, so the kernel and user space
+//! agree byte for byte. Multi-byte fields are host byte order unless their name ends in `_be`.
+#![cfg_attr(not(test), no_std)]
+
+/// Policy direction, from the endpoint's point of view.
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// Verdicts stored in maps and reported in events.
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+
+/// Protocol number used in policy keys for protocols Bulkhead has no entry kind for.
+/// Only protocol-wildcard entries are expanded to it.
+pub const PROTO_OTHER: u8 = 255;
+
+/// Bits of a [`PolicyKey`] that must always match: policy id, identity, direction, protocol.
+pub const POLICY_KEY_FIXED_BITS: u32 = 80;
+
+/// Reasons a packet was handled the way it was; index into the per-endpoint counters.
+pub mod reason {
+    /// Allowed by policy on a new connection.
+    pub const ALLOWED_NEW: u32 = 0;
+    /// Allowed as part of a tracked connection (forward or reply).
+    pub const ALLOWED_TRACKED: u32 = 1;
+    /// Allowed, but an audit-mode policy would have dropped it.
+    pub const AUDIT_WOULD_DENY: u32 = 2;
+    /// Denied by policy (explicit deny or default deny).
+    pub const DENIED_POLICY: u32 = 3;
+    /// Packet too short or inconsistent to parse.
+    pub const DROP_MALFORMED: u32 = 4;
+    /// Source address is not one of the endpoint's addresses.
+    pub const DROP_SPOOFED: u32 = 5;
+    /// Endpoint is quarantined.
+    pub const DROP_QUARANTINE: u32 = 6;
+    /// Endpoint is locked down (its policy did not fit in the maps).
+    pub const DROP_LOCKDOWN: u32 = 7;
+    /// A tracked connection that policy no longer allows.
+    pub const DROP_REVOKED: u32 = 8;
+    /// Too many IPv6 extension headers to walk.
+    pub const DROP_UNPARSEABLE: u32 = 9;
+    /// Non-IP traffic (ARP, …) passed without policy.
+    pub const PASSED_NON_IP: u32 = 10;
+    /// Dropped by the XDP prefilter.
+    pub const DROP_PREFILTER: u32 = 11;
+    pub const COUNT: u32 = 12;
+
+    pub const NAMES: [&str; COUNT as usize] = [
+        "allowed_new",
+        "allowed_tracked",
+        "audit_would_deny",
+        "denied_policy",
+        "drop_malformed",
+        "drop_spoofed",
+        "drop_quarantine",
+        "drop_lockdown",
+        "drop_revoked",
+        "drop_unparseable",
+        "passed_non_ip",
+        "drop_prefilter",
+    ];
+}
+
+/// Highest number of endpoints one node enforces (endpoint ids are below it).
+pub const MAX_ENDPOINTS: u32 = 4096;
+/// Counter slots: one row of [`reason::COUNT`] per endpoint, plus row `MAX_ENDPOINTS` for
+/// traffic that belongs to no endpoint (XDP prefilter).
+pub const COUNTER_SLOTS: u32 = (MAX_ENDPOINTS + 1) * reason::COUNT;
+
+/// Endpoint flags.
+pub mod endpoint_flags {
+    /// Enforce policy on traffic entering the endpoint.
+    pub const ENFORCE_INGRESS: u32 = 1 << 0;
+    /// Enforce policy on traffic leaving the endpoint.
+    pub const ENFORCE_EGRESS: u32 = 1 << 1;
+    /// Quarantined: everything but the quarantine exceptions is dropped.
+    pub const QUARANTINED: u32 = 1 << 2;
+    /// Locked down: the policy did not fit; drop everything.
+    pub const LOCKDOWN: u32 = 1 << 3;
+    /// Check that packets leaving the endpoint carry one of its addresses.
+    pub const ANTI_SPOOF: u32 = 1 << 4;
+}
+
+/// Per-direction default decision, applied when no policy key matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub rule_id: u32,
+    pub audit_rule_id: u32,
+    pub verdict: u8,
+    pub audit_verdict: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the `ENDPOINTS` map, keyed by the host-side interface index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub endpoint_id: u32,
+    pub identity: u32,
+    /// Id of the current policy generation of this endpoint in `POLICY`: the agent writes new
+    /// keys under a fresh id, then switches this field, then deletes the old keys.
+    pub policy_id: u32,
+    pub flags: u32,
+    pub default_ingress: PolicyValue,
+    pub default_egress: PolicyValue,
+}
+
+/// Data part of the `POLICY` LPM trie key. The prefix covers the fixed fields
+/// ([`POLICY_KEY_FIXED_BITS`]) plus a prefix of the big-endian port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub policy_id: u32,
+    pub identity: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    pub port_be: u16,
+}
+
+/// The identity value of `IPCACHE_V4` / `IPCACHE_V6` (keyed by address prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpCacheValue {
+    pub identity: u32,
+    pub flags: u32,
+}
+
+/// `IpCacheValue::flags`: the address belongs to a quarantined endpoint (XDP prefilter drops it).
+pub const IPCACHE_QUARANTINED: u32 = 1 << 0;
+
+/// Address family markers in keys and events.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// Connection-tracking key: a tuple as seen in the direction the connection was opened, for one
+/// endpoint and policy direction (so both ends of a same-node connection are tracked apart).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub endpoint_id: u16,
+    pub protocol: u8,
+    pub direction: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets_fwd: u64,
+    pub bytes_fwd: u64,
+    pub packets_rev: u64,
+    pub bytes_rev: u64,
+    /// Policy generation that last admitted this connection.
+    pub generation: u32,
+    pub rule_id: u32,
+    pub peer_identity: u32,
+    pub flags: u32,
+}
+
+/// `CtValue::flags`: admitted by an entry that audit-mode policy would deny.
+pub const CT_AUDIT: u32 = 1 << 0;
+
+/// Global configuration (array map, index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Bumped by the agent on every policy change; tracked connections admitted under an older
+    /// generation are re-checked on their next forward packet.
+    pub generation: u32,
+    /// Minimum gap between two deny events of one flow, in nanoseconds.
+    pub deny_event_interval_ns: u32,
+}
+
+/// Event kinds on the `EVENTS` ring buffer.
+pub const EVENT_NEW_FLOW: u8 = 1;
+pub const EVENT_DENIED: u8 = 2;
+pub const EVENT_REVOKED: u8 = 3;
+pub const EVENT_AUDIT: u8 = 4;
+
+/// Record written to the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub timestamp_ns: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub direction: u8,
+    pub kind: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub _pad: [u8; 2],
+    pub endpoint_id: u32,
+    pub ifindex: u32,
+    pub local_identity: u32,
+    pub peer_identity: u32,
+    pub rule_id: u32,
+    pub audit_rule_id: u32,
+    pub bytes: u32,
+}
+
+/// Rate-limit state for deny events, keyed by [`CtKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenySeen {
+    pub last_event_ns: u64,
+    pub suppressed: u64,
+}
+
+/// Per-node statistics that are not per endpoint (per-CPU array indices).
+pub mod stat {
+    /// Ring buffer was full: an event was lost.
+    pub const EVENTS_LOST: u32 = 0;
+    /// Deny events suppressed by the per-flow rate limit.
+    pub const EVENTS_RATE_LIMITED: u32 = 1;
+    /// Conntrack insert failed.
+    pub const CT_INSERT_FAILED: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], Copy, and have no padding or invalid bit patterns.
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for IpCacheValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for DenySeen {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(size_of::<PolicyValue>(), 12);
+        assert_eq!(size_of::<EndpointInfo>(), 16 + 24);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<CtValue>(), 64);
+        assert_eq!(size_of::<FlowEvent>(), 8 + 32 + 12 + 28);
+        assert_eq!(POLICY_KEY_FIXED_BITS as usize, (size_of::<PolicyKey>() - 2) * 8);
+    }
+}
