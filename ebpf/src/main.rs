@@ -1,7 +1,643 @@
+//! Bulkhead's kernel side.
+//!
+//! * `bulkhead_from_pod` — TC ingress of a pod's host-side veth: packets the pod sends, judged by
+//!   the pod's **egress** policy (plus anti-spoofing).
+//! * `bulkhead_to_pod` — TC egress of the same veth: packets delivered to the pod, judged by its
+//!   **ingress** policy.
+//! * `bulkhead_prefilter` — XDP on the node's uplink: a stateless early drop of quarantined
+//!   sources and denied CIDRs before the stack spends anything on them.
+//! * `bulkhead_parse_only` — parses like the TC programs and decides nothing: the benchmark floor.
+//!
+//! Per packet the work is a fixed number of map lookups (endpoint, ipcache, conntrack, at most
+//! two policy LPM lookups), whatever the number of rules: the agent resolves precedence when it
+//! writes the policy map.
 #![no_std]
 #![no_main]
+
+mod parse;
+
+use aya_ebpf::{
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map, xdp},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{TcContext, XdpContext},
+};
+use bulkhead_common::{
+    COUNTER_SLOTS, CT_AUDIT, Config, Counter, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, DenySeen,
+    EVENT_AUDIT, EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo,
+    FlowEvent, IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS,
+    PROTO_OTHER, PolicyKey, PolicyValue, RULE_UNRELATED_ICMP_ERROR, VERDICT_ALLOW, VERDICT_DENY,
+    endpoint_flags, reason, stat,
+};
+use parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Packet, Parsed};
+
+/// Identity of addresses no ipcache entry covers.
+const IDENTITY_WORLD: u32 = 2;
+/// Wildcard peer identity in policy keys.
+const IDENTITY_ANY: u32 = u32::MAX;
+
+#[map]
+static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
+
+#[map]
+static ENDPOINT_ADDRS: HashMap<EndpointAddrKey, u32> = HashMap::pinned(MAX_ENDPOINTS * 4, 0);
+
+#[map]
+static IPCACHE_V4: LpmTrie<[u8; 4], IpCacheValue> = LpmTrie::pinned(1 << 20, 0);
+
+#[map]
+static IPCACHE_V6: LpmTrie<[u8; 16], IpCacheValue> = LpmTrie::pinned(1 << 20, 0);
+
+#[map]
+static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(1 << 21, 0);
+
+#[map]
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(1 << 18, 0);
+
+#[map]
+static DENY_SEEN: LruHashMap<CtKey, DenySeen> = LruHashMap::pinned(1 << 16, 0);
+
+#[map]
+static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+
+/// Per-CPU scratch space: the parsed packet and the keys built from it live here rather than
+/// on the 512-byte BPF stack.
+#[repr(C)]
+pub struct Scratch {
+    packet: Packet,
+    fwd: CtKey,
+    rev: CtKey,
+    deny: CtKey,
+    ct: CtValue,
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::pinned(1 << 22, 0);
+
+/// Source CIDRs the XDP prefilter drops (value: rule id, for counters and debugging).
+#[map]
+static PREFILTER_V4: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(1 << 16, 0);
+
+#[map]
+static PREFILTER_V6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(1 << 16, 0);
+
+#[classifier]
+pub fn bulkhead_from_pod(ctx: TcContext) -> i32 {
+    enforce(&ctx, DIR_EGRESS)
+}
+
+#[classifier]
+pub fn bulkhead_to_pod(ctx: TcContext) -> i32 {
+    enforce(&ctx, DIR_INGRESS)
+}
+
+#[classifier]
+pub fn bulkhead_parse_only(ctx: TcContext) -> i32 {
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: per-CPU scratch, exclusively ours for this run.
+    let p = unsafe { &mut (*s).packet };
+    match parse::parse(&ctx, p) {
+        // Depend on the parsed tuple so the parse cannot be optimised away.
+        Parsed::Ip if p.protocol == 0xfe => TC_ACT_SHOT,
+        _ => TC_ACT_OK,
+    }
+}
+
+#[xdp]
+pub fn bulkhead_prefilter(ctx: XdpContext) -> u32 {
+    match prefilter(&ctx) {
+        Some(true) => {
+            count(
+                MAX_ENDPOINTS,
+                reason::DROP_PREFILTER,
+                (ctx.data_end() - ctx.data()) as u64,
+            );
+            xdp_action::XDP_DROP
+        }
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// Whether the XDP prefilter drops the frame: a quarantined or denied source.
+#[inline(always)]
+fn prefilter(ctx: &XdpContext) -> Option<bool> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + 14 > end {
+        return None;
+    }
+    // SAFETY: bounds checked above and below against data_end, as the verifier requires.
+    let ethertype = u16::from_be(unsafe { *((start + 12) as *const u16) });
+    if ethertype == parse::ETH_P_IP {
+        if start + 14 + 20 > end {
+            return None;
+        }
+        let src: [u8; 4] = unsafe { *((start + 14 + 12) as *const [u8; 4]) };
+        if let Some(v) = IPCACHE_V4.get(Key::new(32, src))
+            && v.flags & IPCACHE_QUARANTINED != 0
+        {
+            return Some(true);
+        }
+        return Some(PREFILTER_V4.get(Key::new(32, src)).is_some());
+    }
+    if ethertype == parse::ETH_P_IPV6 {
+        if start + 14 + 40 > end {
+            return None;
+        }
+        let src: [u8; 16] = unsafe { *((start + 14 + 8) as *const [u8; 16]) };
+        if let Some(v) = IPCACHE_V6.get(Key::new(128, src))
+            && v.flags & IPCACHE_QUARANTINED != 0
+        {
+            return Some(true);
+        }
+        return Some(PREFILTER_V6.get(Key::new(128, src)).is_some());
+    }
+    None
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn count(endpoint_id: u32, why: u32, bytes: u64) {
+    let slot = endpoint_id.min(MAX_ENDPOINTS) * reason::COUNT + why;
+    if let Some(c) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+fn bump_stat(index: u32) {
+    if let Some(c) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn identity_of(p: &Packet, addr: &[u8; 16]) -> u32 {
+    let found = if p.family == bulkhead_common::FAMILY_V4 {
+        IPCACHE_V4.get(Key::new(32, [addr[12], addr[13], addr[14], addr[15]]))
+    } else {
+        IPCACHE_V6.get(Key::new(128, *addr))
+    };
+    match found {
+        Some(v) => v.identity,
+        None => IDENTITY_WORLD,
+    }
+}
+
+#[inline(always)]
+fn policy_protocol(proto: u8) -> u8 {
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_ICMP | IPPROTO_ICMPV6 => proto,
+        _ => PROTO_OTHER,
+    }
+}
+
+/// At most two LPM lookups: the peer's own identity, then the wildcard; else the default.
+/// The agent copies wildcard entries under every specific identity that has entries, so the
+/// first hit already accounts for every entry that covers the packet.
+#[inline(always)]
+fn lookup_policy(ep: &EndpointInfo, dir: u8, peer: u32, p: &Packet) -> PolicyValue {
+    let prefix = if p.ports_known {
+        POLICY_KEY_FIXED_BITS + 16
+    } else {
+        POLICY_KEY_FIXED_BITS
+    };
+    let mut key = Key::new(
+        prefix,
+        PolicyKey {
+            policy_id: ep.policy_id,
+            identity: peer,
+            direction: dir,
+            protocol: policy_protocol(p.protocol),
+            port_be: if p.ports_known { p.dport_be } else { 0 },
+        },
+    );
+    if let Some(v) = POLICY.get(&key) {
+        return *v;
+    }
+    key.data.identity = IDENTITY_ANY;
+    if let Some(v) = POLICY.get(&key) {
+        return *v;
+    }
+    if dir == DIR_INGRESS {
+        ep.default_ingress
+    } else {
+        ep.default_egress
+    }
+}
+
+#[inline(always)]
+fn ct_key(p: &Packet, endpoint_id: u32, dir: u8, reverse: bool) -> CtKey {
+    if reverse {
+        CtKey {
+            saddr: p.daddr,
+            daddr: p.saddr,
+            sport_be: p.dport_be,
+            dport_be: p.sport_be,
+            endpoint_id: endpoint_id as u16,
+            protocol: p.protocol,
+            direction: dir,
+        }
+    } else {
+        CtKey {
+            saddr: p.saddr,
+            daddr: p.daddr,
+            sport_be: p.sport_be,
+            dport_be: p.dport_be,
+            endpoint_id: endpoint_id as u16,
+            protocol: p.protocol,
+            direction: dir,
+        }
+    }
+}
+
+/// What an event says besides the packet's tuple.
+struct EventMeta {
+    endpoint_id: u32,
+    local_identity: u32,
+    peer_identity: u32,
+    rule_id: u32,
+    audit_rule_id: u32,
+    direction: u8,
+    kind: u8,
+    verdict: u8,
+    reason: u8,
+}
+
+impl EventMeta {
+    #[inline(always)]
+    fn new(
+        ep: &EndpointInfo,
+        dir: u8,
+        peer: u32,
+        v: &PolicyValue,
+        kind: u8,
+        verdict: u8,
+        why: u32,
+    ) -> Self {
+        EventMeta {
+            endpoint_id: ep.endpoint_id,
+            local_identity: ep.identity,
+            peer_identity: peer,
+            rule_id: v.rule_id,
+            audit_rule_id: v.audit_rule_id,
+            direction: dir,
+            kind,
+            verdict,
+            reason: why as u8,
+        }
+    }
+}
+
+/// Writes a flow event straight into the ring buffer (no copy on the stack).
+#[inline(never)]
+fn emit(skb: *mut __sk_buff, p: &Packet, m: &EventMeta) {
+    let ctx = TcContext::new(skb);
+    let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
+        bump_stat(stat::EVENTS_LOST);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points at a reserved, exclusively owned ring buffer record of the right size;
+    // every field is written before submit.
+    unsafe {
+        (*e).timestamp_ns = now();
+        (*e).saddr = p.saddr;
+        (*e).daddr = p.daddr;
+        (*e).sport_be = p.sport_be;
+        (*e).dport_be = p.dport_be;
+        (*e).protocol = p.protocol;
+        (*e).family = p.family;
+        (*e).direction = m.direction;
+        (*e).kind = m.kind;
+        (*e).verdict = m.verdict;
+        (*e).reason = m.reason;
+        (*e)._pad = [0; 2];
+        (*e).endpoint_id = m.endpoint_id;
+        (*e).ifindex = (*skb).ifindex;
+        (*e).local_identity = m.local_identity;
+        (*e).peer_identity = m.peer_identity;
+        (*e).rule_id = m.rule_id;
+        (*e).audit_rule_id = m.audit_rule_id;
+        (*e).bytes = ctx.len();
+    }
+    entry.submit(0);
+}
+
+/// Deny events are rate-limited per flow so that a flood cannot starve the ring buffer.
+#[inline(never)]
+fn emit_denied(skb: *mut __sk_buff, s: *mut Scratch, m: &EventMeta) {
+    // SAFETY: per-CPU scratch, exclusively ours for this run.
+    let s = unsafe { &mut *s };
+    s.deny = ct_key(&s.packet, m.endpoint_id, m.direction, false);
+    let key = &s.deny;
+    let p = &s.packet;
+    let t = now();
+    let interval = match CONFIG.get(0) {
+        Some(c) if c.deny_event_interval_ns != 0 => c.deny_event_interval_ns as u64,
+        _ => 1_000_000_000,
+    };
+    if let Some(seen) = DENY_SEEN.get_ptr_mut(key) {
+        // SAFETY: LRU value pointer valid during this program run.
+        unsafe {
+            if t.wrapping_sub((*seen).last_event_ns) < interval {
+                (*seen).suppressed += 1;
+                bump_stat(stat::EVENTS_RATE_LIMITED);
+                return;
+            }
+            (*seen).last_event_ns = t;
+        }
+    } else {
+        let _ = DENY_SEEN.insert(
+            key,
+            &DenySeen {
+                last_event_ns: t,
+                suppressed: 0,
+            },
+            0,
+        );
+    }
+    emit(skb, p, m);
+}
+
+/// Whether an ICMP error embeds a packet of a connection this endpoint tracks. Uses the
+/// scratch keys (both free by now: the tracked lookups missed).
+#[inline(never)]
+fn icmp_error_related(skb: *mut __sk_buff, s: *mut Scratch, endpoint_id: u32, dir: u8) -> bool {
+    let ctx = TcContext::new(skb);
+    // SAFETY: per-CPU scratch, exclusively ours for this run.
+    let s = unsafe { &mut *s };
+    if !parse::parse_icmp_inner(&ctx, &s.packet, &mut s.fwd) {
+        return false;
+    }
+    let opposite = if dir == DIR_INGRESS {
+        DIR_EGRESS
+    } else {
+        DIR_INGRESS
+    };
+    // The embedded packet went the other way: it is either the forward tuple of a connection
+    // tracked in the opposite direction, or the reverse of one tracked in this direction.
+    s.fwd.endpoint_id = endpoint_id as u16;
+    s.fwd.direction = opposite;
+    if unsafe { CONNTRACK.get(&s.fwd) }.is_some() {
+        return true;
+    }
+    s.rev = CtKey {
+        saddr: s.fwd.daddr,
+        daddr: s.fwd.saddr,
+        sport_be: s.fwd.dport_be,
+        dport_be: s.fwd.sport_be,
+        endpoint_id: endpoint_id as u16,
+        protocol: s.fwd.protocol,
+        direction: dir,
+    };
+    unsafe { CONNTRACK.get(&s.rev) }.is_some()
+}
+
+#[inline(always)]
+fn drop_packet(ep_id: u32, why: u32, bytes: u64) -> i32 {
+    count(ep_id, why, bytes);
+    TC_ACT_SHOT
+}
+
+#[inline(always)]
+fn enforce(ctx: &TcContext, dir: u8) -> i32 {
+    // SAFETY: reading a field of the socket buffer context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
+        // Not an endpoint interface (yet): the agent writes the endpoint before attaching and
+        // detaches before removing it, so this is a foreign attachment; leave it alone.
+        return TC_ACT_OK;
+    };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: the per-CPU scratch slot is exclusively ours for the duration of this run.
+    let s = unsafe { &mut *scratch };
+    let bytes = ctx.len() as u64;
+    match parse::parse(ctx, &mut s.packet) {
+        Parsed::Ip => {}
+        Parsed::Arp => {
+            count(ep.endpoint_id, reason::PASSED_NON_IP, bytes);
+            return TC_ACT_OK;
+        }
+        Parsed::Malformed => return drop_packet(ep.endpoint_id, reason::DROP_MALFORMED, bytes),
+        Parsed::Unparseable => {
+            return drop_packet(ep.endpoint_id, reason::DROP_UNPARSEABLE, bytes);
+        }
+    }
+    if ep.flags & endpoint_flags::LOCKDOWN != 0 {
+        return drop_packet(ep.endpoint_id, reason::DROP_LOCKDOWN, bytes);
+    }
+    if dir == DIR_EGRESS && ep.flags & endpoint_flags::ANTI_SPOOF != 0 {
+        let key = EndpointAddrKey {
+            endpoint_id: ep.endpoint_id,
+            addr: s.packet.saddr,
+        };
+        if unsafe { ENDPOINT_ADDRS.get(&key) }.is_none() {
+            return drop_packet(ep.endpoint_id, reason::DROP_SPOOFED, bytes);
+        }
+    }
+    let enforced = if dir == DIR_INGRESS {
+        ep.flags & endpoint_flags::ENFORCE_INGRESS != 0
+    } else {
+        ep.flags & endpoint_flags::ENFORCE_EGRESS != 0
+    };
+    if !enforced {
+        count(ep.endpoint_id, reason::ALLOWED_NEW, bytes);
+        return TC_ACT_OK;
+    }
+    judge(ctx.skb.skb, scratch, ep, dir)
+}
+
+/// Conntrack and policy for a parsed packet of an enforced endpoint.
+#[inline(never)]
+fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i32 {
+    let ctx = TcContext::new(skb);
+    // SAFETY: per-CPU scratch, exclusively ours for this run.
+    let s = unsafe { &mut *sp };
+    let p = &s.packet;
+    let bytes = ctx.len() as u64;
+    let peer_addr = if dir == DIR_INGRESS {
+        &p.saddr
+    } else {
+        &p.daddr
+    };
+    let peer = identity_of(p, peer_addr);
+    let generation = match CONFIG.get(0) {
+        Some(c) => c.generation,
+        None => 0,
+    };
+    let t = now();
+
+    // A forward packet of a tracked connection: re-checked when the policy changed since.
+    s.fwd = ct_key(p, ep.endpoint_id, dir, false);
+    if let Some(ct) = CONNTRACK.get_ptr_mut(&s.fwd) {
+        // SAFETY: LRU value pointer valid during this program run; racing updates of counters
+        // from two CPUs may lose an increment, never corrupt memory.
+        unsafe {
+            if (*ct).generation == generation {
+                (*ct).last_seen_ns = t;
+                (*ct).packets_fwd += 1;
+                (*ct).bytes_fwd += bytes;
+                count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
+                return TC_ACT_OK;
+            }
+        }
+        let v = lookup_policy(ep, dir, peer, p);
+        if v.verdict == VERDICT_ALLOW {
+            unsafe {
+                (*ct).generation = generation;
+                (*ct).rule_id = v.rule_id;
+                (*ct).last_seen_ns = t;
+                (*ct).packets_fwd += 1;
+                (*ct).bytes_fwd += bytes;
+            }
+            count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
+            return TC_ACT_OK;
+        }
+        let _ = CONNTRACK.remove(&s.fwd);
+        let m = EventMeta::new(
+            ep,
+            dir,
+            peer,
+            &v,
+            EVENT_REVOKED,
+            VERDICT_DENY,
+            reason::DROP_REVOKED,
+        );
+        emit(skb, p, &m);
+        return drop_packet(ep.endpoint_id, reason::DROP_REVOKED, bytes);
+    }
+
+    // A reply of a connection this endpoint accepted or opened (tracked under the opposite
+    // direction, with the tuple reversed).
+    let opposite = if dir == DIR_INGRESS {
+        DIR_EGRESS
+    } else {
+        DIR_INGRESS
+    };
+    s.rev = ct_key(p, ep.endpoint_id, opposite, true);
+    if let Some(ct) = CONNTRACK.get_ptr_mut(&s.rev) {
+        unsafe {
+            (*ct).last_seen_ns = t;
+            (*ct).packets_rev += 1;
+            (*ct).bytes_rev += bytes;
+        }
+        count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
+        return TC_ACT_OK;
+    }
+
+    // ICMP errors pass only when they relate to a tracked connection of this endpoint.
+    if p.icmp_error {
+        if icmp_error_related(skb, sp, ep.endpoint_id, dir) {
+            count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
+            return TC_ACT_OK;
+        }
+        let v = PolicyValue {
+            rule_id: RULE_UNRELATED_ICMP_ERROR,
+            audit_rule_id: RULE_UNRELATED_ICMP_ERROR,
+            verdict: VERDICT_DENY,
+            audit_verdict: VERDICT_DENY,
+            _pad: [0; 2],
+        };
+        let m = EventMeta::new(
+            ep,
+            dir,
+            peer,
+            &v,
+            EVENT_DENIED,
+            VERDICT_DENY,
+            reason::DENIED_POLICY,
+        );
+        emit_denied(skb, sp, &m);
+        return drop_packet(ep.endpoint_id, reason::DENIED_POLICY, bytes);
+    }
+
+    // A new connection: the policy decides, and an allowed one is tracked.
+    let v = lookup_policy(ep, dir, peer, p);
+    if v.verdict != VERDICT_ALLOW {
+        let why = if ep.flags & endpoint_flags::QUARANTINED != 0 {
+            reason::DROP_QUARANTINE
+        } else {
+            reason::DENIED_POLICY
+        };
+        let m = EventMeta::new(ep, dir, peer, &v, EVENT_DENIED, VERDICT_DENY, why);
+        emit_denied(skb, sp, &m);
+        return drop_packet(ep.endpoint_id, why, bytes);
+    }
+    let audit = v.audit_verdict == VERDICT_DENY;
+    s.ct = CtValue {
+        created_ns: t,
+        last_seen_ns: t,
+        packets_fwd: 1,
+        bytes_fwd: bytes,
+        packets_rev: 0,
+        bytes_rev: 0,
+        generation,
+        rule_id: v.rule_id,
+        peer_identity: peer,
+        flags: if audit { CT_AUDIT } else { 0 },
+    };
+    if CONNTRACK.insert(&s.fwd, &s.ct, 0).is_err() {
+        bump_stat(stat::CT_INSERT_FAILED);
+    }
+    if audit {
+        let m = EventMeta::new(
+            ep,
+            dir,
+            peer,
+            &v,
+            EVENT_AUDIT,
+            VERDICT_ALLOW,
+            reason::AUDIT_WOULD_DENY,
+        );
+        emit(skb, p, &m);
+        count(ep.endpoint_id, reason::AUDIT_WOULD_DENY, bytes);
+    } else {
+        let m = EventMeta::new(
+            ep,
+            dir,
+            peer,
+            &v,
+            EVENT_NEW_FLOW,
+            VERDICT_ALLOW,
+            reason::ALLOWED_NEW,
+        );
+        emit(skb, p, &m);
+        count(ep.endpoint_id, reason::ALLOWED_NEW, bytes);
+    }
+    TC_ACT_OK
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

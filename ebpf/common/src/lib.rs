@@ -19,6 +19,9 @@ pub const PROTO_OTHER: u8 = 255;
 /// Bits of a [`PolicyKey`] that must always match: policy id, identity, direction, protocol.
 pub const POLICY_KEY_FIXED_BITS: u32 = 80;
 
+/// Rule id reported for ICMP errors that relate to no tracked connection (dropped).
+pub const RULE_UNRELATED_ICMP_ERROR: u32 = 0xffff_fff0;
+
 /// Reasons a packet was handled the way it was; index into the per-endpoint counters.
 pub mod reason {
     /// Allowed by policy on a new connection.
@@ -218,6 +221,22 @@ pub struct DenySeen {
     pub suppressed: u64,
 }
 
+/// Key of `ENDPOINT_ADDRS`: the addresses an endpoint may send from (anti-spoofing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointAddrKey {
+    pub endpoint_id: u32,
+    pub addr: [u8; 16],
+}
+
+/// Per-CPU packet and byte counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// Per-node statistics that are not per endpoint (per-CPU array indices).
 pub mod stat {
     /// Ring buffer was full: an event was lost.
@@ -242,6 +261,8 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for DenySeen {}
+    unsafe impl aya::Pod for EndpointAddrKey {}
+    unsafe impl aya::Pod for Counter {}
 }
 
 #[cfg(test)]
@@ -257,6 +278,9 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(size_of::<CtValue>(), 64);
         assert_eq!(size_of::<FlowEvent>(), 8 + 32 + 12 + 28);
-        assert_eq!(POLICY_KEY_FIXED_BITS as usize, (size_of::<PolicyKey>() - 2) * 8);
+        assert_eq!(
+            POLICY_KEY_FIXED_BITS as usize,
+            (size_of::<PolicyKey>() - 2) * 8
+        );
     }
 }

@@ -1,0 +1,411 @@
+//! Loading, pinning and attaching the eBPF programs.
+//!
+//! Layout under the pin directory (`/sys/fs/bpf/bulkhead/<node>` for the agent):
+//! `maps/<MAP>` — every map, reused as is when the agent restarts, so enforcement state survives;
+//! `links/<ifname>__<hook>` — one TCX link per endpoint hook. A pinned link keeps its program
+//! attached while no process holds it; a restarted agent swaps in its freshly loaded program
+//! with `bpf_link_update`, an atomic replacement, so no packet ever goes unchecked.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+use bulkhead_common::{
+    Config, Counter, EndpointAddrKey, EndpointInfo, IpCacheValue, PolicyKey, PolicyValue,
+};
+
+pub const PROG_FROM_POD: &str = "bulkhead_from_pod";
+pub const PROG_TO_POD: &str = "bulkhead_to_pod";
+pub const PROG_PARSE_ONLY: &str = "bulkhead_parse_only";
+pub const PROG_PREFILTER: &str = "bulkhead_prefilter";
+
+/// Pinned link names: `<ifname><suffix>` (bpffs refuses dots in names).
+const LINK_FROM_POD: &str = "__from-pod";
+const LINK_TO_POD: &str = "__to-pod";
+const LINK_XDP: &str = "__xdp";
+
+/// bpffs root and the magic number `statfs` reports for it.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "this binary carries no eBPF object (built without bpf-linker); run `cargo xtask setup` and rebuild"
+    )]
+    NoObject,
+    #[error(
+        "cannot mount bpffs at {BPFFS_ROOT}: {0}; mount it with `mount -t bpf bpf {BPFFS_ROOT}`"
+    )]
+    Bpffs(String),
+    #[error("cannot prepare pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("cannot load the eBPF object: {0} (is this root on a kernel >= 5.15 with BTF?)")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name} is missing or has the wrong type: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("interface {ifname}: {reason}")]
+    Interface { ifname: String, reason: String },
+}
+
+fn program_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
+    move |source| LoadError::Program { name, source }
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` unless it is mounted there already.
+pub fn ensure_bpffs() -> Result<(), LoadError> {
+    let root = Path::new(BPFFS_ROOT);
+    if is_bpffs(root) {
+        return Ok(());
+    }
+    fs::create_dir_all(root).map_err(|e| LoadError::Bpffs(e.to_string()))?;
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| LoadError::Bpffs(e.to_string()))?;
+    if is_bpffs(root) {
+        Ok(())
+    } else {
+        Err(LoadError::Bpffs(
+            "mounted, but statfs does not see bpffs".into(),
+        ))
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// The loaded programs and maps of one node.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+/// Which side of an endpoint's host veth a program is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// TC ingress of the host-side veth: packets from the pod.
+    FromPod,
+    /// TC egress of the host-side veth: packets to the pod.
+    ToPod,
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Hook::FromPod => PROG_FROM_POD,
+            Hook::ToPod => PROG_TO_POD,
+        }
+    }
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::FromPod => TcAttachType::Ingress,
+            Hook::ToPod => TcAttachType::Egress,
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Hook::FromPod => LINK_FROM_POD,
+            Hook::ToPod => LINK_TO_POD,
+        }
+    }
+}
+
+impl Dataplane {
+    /// Loads the embedded object; maps are created under (or reopened from) `pin_dir/maps`.
+    pub fn load(pin_dir: &Path) -> Result<Self, LoadError> {
+        if !crate::has_ebpf_object() {
+            return Err(LoadError::NoObject);
+        }
+        ensure_bpffs()?;
+        for sub in ["maps", "links"] {
+            let path = pin_dir.join(sub);
+            fs::create_dir_all(&path).map_err(|source| LoadError::PinDir { path, source })?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir.join("maps"))
+            .load(crate::EBPF_OBJECT)?;
+        for name in [PROG_FROM_POD, PROG_TO_POD, PROG_PARSE_ONLY] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(LoadError::Program {
+                    name,
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })?
+                .try_into()
+                .map_err(program_err(name))?;
+            prog.load().map_err(program_err(name))?;
+        }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(PROG_PREFILTER)
+            .ok_or(LoadError::Program {
+                name: PROG_PREFILTER,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(program_err(PROG_PREFILTER))?;
+        xdp.load().map_err(program_err(PROG_PREFILTER))?;
+        Ok(Dataplane {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+        })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    fn link_pin(&self, ifname: &str, hook: Hook) -> PathBuf {
+        self.pin_dir
+            .join("links")
+            .join(format!("{ifname}{}", hook.suffix()))
+    }
+
+    /// Attaches both TC programs to an endpoint's host-side interface. An existing pinned link
+    /// (left by a previous agent) is updated in place, atomically.
+    pub fn attach_endpoint(&mut self, ifname: &str) -> Result<(), LoadError> {
+        for hook in [Hook::FromPod, Hook::ToPod] {
+            self.attach_hook(ifname, hook)?;
+        }
+        Ok(())
+    }
+
+    fn attach_hook(&mut self, ifname: &str, hook: Hook) -> Result<(), LoadError> {
+        let pin = self.link_pin(ifname, hook);
+        let name = hook.program();
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(LoadError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(program_err(name))?;
+        let reused = match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let fd = FdLink::from(old);
+                match SchedClassifierLink::try_from(fd) {
+                    Ok(link) => prog.attach_to_link(link).ok(),
+                    Err(_) => None,
+                }
+            }
+            Err(_) => None,
+        };
+        let id = match reused {
+            Some(id) => id,
+            None => {
+                // The old link (if any) is dead or unusable: drop its pin and attach anew.
+                let _ = fs::remove_file(&pin);
+                prog.attach_with_options(
+                    ifname,
+                    hook.attach_type(),
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| LoadError::Interface {
+                    ifname: ifname.to_string(),
+                    reason: format!("attach {name}: {e}"),
+                })?
+            }
+        };
+        let link = prog.take_link(id).map_err(program_err(name))?;
+        let fd: FdLink = link.try_into().map_err(|e| LoadError::Interface {
+            ifname: ifname.to_string(),
+            reason: format!("link of {name} is not an fd link: {e}"),
+        })?;
+        let _ = fs::remove_file(&pin);
+        fd.pin(&pin).map_err(|e| LoadError::Interface {
+            ifname: ifname.to_string(),
+            reason: format!("pin link at {}: {e}", pin.display()),
+        })?;
+        Ok(())
+    }
+
+    /// Detaches an endpoint's programs (removing the pins releases the links).
+    pub fn detach_endpoint(&mut self, ifname: &str) {
+        for hook in [Hook::FromPod, Hook::ToPod] {
+            let _ = fs::remove_file(self.link_pin(ifname, hook));
+        }
+    }
+
+    /// Interfaces that have pinned links (attached by this or an earlier agent).
+    pub fn attached_interfaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.pin_dir.join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                name.strip_suffix(LINK_FROM_POD)
+                    .or_else(|| name.strip_suffix(LINK_TO_POD))
+                    .map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Attaches the XDP prefilter to an uplink interface (native mode, else generic).
+    pub fn attach_prefilter(&mut self, ifname: &str) -> Result<(), LoadError> {
+        let pin = self
+            .pin_dir
+            .join("links")
+            .join(format!("{ifname}{LINK_XDP}"));
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROG_PREFILTER)
+            .ok_or(LoadError::Program {
+                name: PROG_PREFILTER,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(program_err(PROG_PREFILTER))?;
+        let id = match prog.attach(ifname, XdpMode::Driver) {
+            Ok(id) => id,
+            Err(_) => prog
+                .attach(ifname, XdpMode::Skb)
+                .map_err(|e| LoadError::Interface {
+                    ifname: ifname.to_string(),
+                    reason: format!("attach XDP prefilter: {e}"),
+                })?,
+        };
+        let link = prog.take_link(id).map_err(program_err(PROG_PREFILTER))?;
+        if let Ok(fd) = FdLink::try_from(link) {
+            let _ = fs::remove_file(&pin);
+            fd.pin(&pin).map_err(|e| LoadError::Interface {
+                ifname: ifname.to_string(),
+                reason: format!("pin XDP link: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Runs a TC program once (or `repeat` times) on `packet` with BPF_PROG_TEST_RUN, as if it
+    /// arrived on interface `ifindex`. Returns the program's return value and the mean duration.
+    pub fn test_run(
+        &mut self,
+        program: &'static str,
+        packet: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<(u32, Duration), LoadError> {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(LoadError::Program {
+                name: program,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(program_err(program))?;
+        // struct __sk_buff up to and including `ifindex` (offset 40); the rest stays zero.
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        opts.repeat = repeat.max(1);
+        let result = prog.test_run(opts).map_err(program_err(program))?;
+        Ok((result.return_value, result.duration))
+    }
+
+    pub fn endpoints(&mut self) -> Result<HashMap<&mut MapData, u32, EndpointInfo>, LoadError> {
+        self.map_mut("ENDPOINTS")
+    }
+
+    pub fn endpoint_addrs(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, EndpointAddrKey, u32>, LoadError> {
+        self.map_mut("ENDPOINT_ADDRS")
+    }
+
+    pub fn policy(&mut self) -> Result<LpmTrie<&mut MapData, PolicyKey, PolicyValue>, LoadError> {
+        self.map_mut("POLICY")
+    }
+
+    pub fn ipcache_v4(
+        &mut self,
+    ) -> Result<LpmTrie<&mut MapData, [u8; 4], IpCacheValue>, LoadError> {
+        self.map_mut("IPCACHE_V4")
+    }
+
+    pub fn ipcache_v6(
+        &mut self,
+    ) -> Result<LpmTrie<&mut MapData, [u8; 16], IpCacheValue>, LoadError> {
+        self.map_mut("IPCACHE_V6")
+    }
+
+    pub fn config(&mut self) -> Result<Array<&mut MapData, Config>, LoadError> {
+        self.map_mut("CONFIG")
+    }
+
+    pub fn counters(&mut self) -> Result<PerCpuArray<&mut MapData, Counter>, LoadError> {
+        self.map_mut("COUNTERS")
+    }
+
+    pub fn stats(&mut self) -> Result<PerCpuArray<&mut MapData, u64>, LoadError> {
+        self.map_mut("STATS")
+    }
+
+    /// Takes a map out of the object (for the ring buffer reader, which lives on its own task).
+    pub fn take_map(&mut self, name: &'static str) -> Option<aya::maps::Map> {
+        self.ebpf.take_map(name)
+    }
+
+    pub fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, LoadError>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.map_mut(name).ok_or(LoadError::Map {
+            name,
+            source: aya::maps::MapError::InvalidName {
+                name: name.to_string(),
+            },
+        })?;
+        T::try_from(map).map_err(|source| LoadError::Map { name, source })
+    }
+}
+
+/// Removes everything pinned under `pin_dir` (links first, so programs detach, then maps).
+pub fn remove_pins(pin_dir: &Path) -> io::Result<()> {
+    if !pin_dir.exists() {
+        return Ok(());
+    }
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                fs::remove_file(e.path())?;
+            }
+        }
+        let _ = fs::remove_dir(&dir);
+    }
+    fs::remove_dir(pin_dir)
+}
