@@ -1,1 +1,52 @@
-fn main() {}
+//! `bulkhead`: the one command of the project.
+
+mod agent;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bulkhead",
+    version,
+    about = "Identity-based microsegmentation for containers, enforced in eBPF",
+    long_about = "Bulkhead turns service-identity policies (Kubernetes NetworkPolicy, \
+ClusterNetworkPolicy and Bulkhead's ServicePolicy) into per-node rule sets and enforces them \
+with TC/XDP eBPF programs on each pod's veth. Every verdict names the rule that made it."
+)]
+struct Cli {
+    /// Log filter (tracing syntax), e.g. `info` or `bulkhead_agent=debug`.
+    #[arg(long, global = true, env = "BULKHEAD_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Node agent: loads the eBPF programs, attaches them to endpoint veths and enforces a rule
+    /// set (from a file for now; from the controller once distribution lands).
+    Agent(agent::AgentArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Agent(args) => agent::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
