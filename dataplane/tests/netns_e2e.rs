@@ -125,7 +125,6 @@ fn tcp_connection_allowed_then_dropped_after_one_map_write() {
     };
     assert!(sum(bulkhead_common::reason::ALLOWED_NEW) >= 1);
     assert!(sum(bulkhead_common::reason::DENIED_POLICY) >= 1);
-    drop(counters);
 
     // Taking the rule set back down detaches the programs: traffic flows again.
     drop(enforcer);
