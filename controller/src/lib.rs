@@ -1,3 +1,24 @@
-//! Bulkhead's policy engine. See the crate README section "Policy engine" in the top-level README.
+//! Bulkhead's policy engine: inventory and policies in, one compiled [`ruleset::RuleSet`] per
+//! node out. See the README section "Policy engine".
+//!
+//! - [`load`] reads Kubernetes YAML (with validation) into [`model::Object`]s;
+//! - [`engine::PolicyEngine`] compiles them and keeps per-node rule sets up to date
+//!   ([`engine::Change`] in, [`ruleset::NodeDelta`]s out);
+//! - [`reachability`] answers "may A talk to B, and why" from the compiled rule sets;
+//! - [`service_policy`] documents Bulkhead's own ServicePolicy kind and where it sits.
 
+pub mod engine;
+pub mod error;
+pub mod identity;
+pub mod load;
+pub mod model;
+pub mod reachability;
 pub mod ruleset;
+pub mod selector;
+pub mod service_policy;
+
+pub use engine::{Change, EngineConfig, PolicyEngine};
+pub use error::{EngineError, FieldError, InputError};
+pub use identity::LabelFilter;
+pub use load::{Loaded, load_paths, load_str};
+pub use model::{Object, Pod, PodKey, Policy, PolicyKey};

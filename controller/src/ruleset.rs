@@ -155,8 +155,12 @@ pub struct PolicyEntry {
     pub protocol: Option<Protocol>,
     pub ports: PortRange,
     pub tier: Tier,
-    /// Within a tier, lower numbers take precedence (ClusterNetworkPolicy priority 0–1000;
-    /// quarantine exceptions use 0 and the quarantine deny 1).
+    /// Within a tier, lower numbers take precedence. NetworkPolicy and ServicePolicy use 0.
+    /// ClusterNetworkPolicy uses `priority × 32 + position of the rule in its list` (priority
+    /// 0–1000, at most 25 rules per direction), because upstream orders the rules of one policy
+    /// by position: an earlier `Accept` beats a later `Deny` of the same policy, which plain
+    /// "deny wins at equal priority" would get wrong. Quarantine exceptions use 0 and the
+    /// quarantine deny 1.
     pub priority: u16,
     pub action: Action,
     /// Audit-mode entry: reported as what it would do, never enforced.
@@ -316,6 +320,241 @@ impl RuleSet {
     }
 }
 
+/// The change of one node's [`RuleSet`] from version `from_version` to `version`: what the
+/// distribution layer streams after the first snapshot. [`RuleSet::apply_delta`] applied to the
+/// `from_version` rule set yields exactly the controller's `version` rule set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDelta {
+    pub node: String,
+    /// Version the delta applies to; 0 when the node is new (apply it to an empty rule set).
+    pub from_version: u64,
+    pub version: u64,
+    /// The node no longer has endpoints nor a Node object: the rule set is empty and may be
+    /// dropped.
+    #[serde(default)]
+    pub node_removed: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints_removed: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints_added: Vec<Endpoint>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints_changed: Vec<EndpointDelta>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipcache_removed: Vec<IpNetwork>,
+    /// New entries, and entries whose identity changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipcache_upserted: Vec<IpCacheEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules_removed: Vec<RuleId>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rules_upserted: BTreeMap<RuleId, RuleRef>,
+}
+
+impl NodeDelta {
+    /// Whether the delta changes nothing but the version.
+    pub fn is_empty(&self) -> bool {
+        !self.node_removed
+            && self.endpoints_removed.is_empty()
+            && self.endpoints_added.is_empty()
+            && self.endpoints_changed.is_empty()
+            && self.ipcache_removed.is_empty()
+            && self.ipcache_upserted.is_empty()
+            && self.rules_removed.is_empty()
+            && self.rules_upserted.is_empty()
+    }
+
+    /// Number of individual changes (entries, endpoints, ipcache entries, rules) it carries.
+    pub fn size(&self) -> usize {
+        self.endpoints_removed.len()
+            + self.endpoints_added.len()
+            + self
+                .endpoints_changed
+                .iter()
+                .map(|e| {
+                    1 + e.ingress.added.len()
+                        + e.ingress.removed.len()
+                        + e.egress.added.len()
+                        + e.egress.removed.len()
+                })
+                .sum::<usize>()
+            + self.ipcache_removed.len()
+            + self.ipcache_upserted.len()
+            + self.rules_removed.len()
+            + self.rules_upserted.len()
+    }
+}
+
+/// An endpoint that stays on the node but whose identity, addresses or policy changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointDelta {
+    pub id: u32,
+    /// The endpoint's identity after the change.
+    pub identity: Identity,
+    /// The endpoint's addresses after the change.
+    pub ips: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    pub ingress: DirectionDelta,
+    pub egress: DirectionDelta,
+}
+
+/// Entry-level change of one direction of an endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectionDelta {
+    /// The value after the change.
+    pub isolated_by: Option<RuleId>,
+    /// The value after the change.
+    pub audit_isolated_by: Option<RuleId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<PolicyEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<PolicyEntry>,
+}
+
+impl DirectionDelta {
+    /// The delta that turns `old` into `new`; both must have sorted, duplicate-free entries.
+    pub fn between(old: &DirectionPolicy, new: &DirectionPolicy) -> DirectionDelta {
+        let mut removed = Vec::new();
+        let mut added = Vec::new();
+        let (mut i, mut j) = (0, 0);
+        while i < old.entries.len() || j < new.entries.len() {
+            match (old.entries.get(i), new.entries.get(j)) {
+                (Some(a), Some(b)) if a == b => {
+                    i += 1;
+                    j += 1;
+                }
+                (Some(a), Some(b)) if a < b => {
+                    removed.push(a.clone());
+                    i += 1;
+                }
+                (Some(_), Some(b)) => {
+                    added.push(b.clone());
+                    j += 1;
+                }
+                (Some(a), None) => {
+                    removed.push(a.clone());
+                    i += 1;
+                }
+                (None, Some(b)) => {
+                    added.push(b.clone());
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        DirectionDelta {
+            isolated_by: new.isolated_by,
+            audit_isolated_by: new.audit_isolated_by,
+            removed,
+            added,
+        }
+    }
+
+    pub fn is_empty_against(&self, old: &DirectionPolicy) -> bool {
+        self.removed.is_empty()
+            && self.added.is_empty()
+            && self.isolated_by == old.isolated_by
+            && self.audit_isolated_by == old.audit_isolated_by
+    }
+
+    fn apply(&self, policy: &mut DirectionPolicy) {
+        policy.isolated_by = self.isolated_by;
+        policy.audit_isolated_by = self.audit_isolated_by;
+        if !self.removed.is_empty() {
+            let removed: std::collections::BTreeSet<&PolicyEntry> = self.removed.iter().collect();
+            policy.entries.retain(|e| !removed.contains(e));
+        }
+        policy.entries.extend(self.added.iter().cloned());
+        policy.entries.sort();
+        policy.entries.dedup();
+    }
+}
+
+/// Why a [`NodeDelta`] could not be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeltaError {
+    #[error("delta for node {delta} cannot be applied to the rule set of node {ruleset}")]
+    WrongNode { ruleset: String, delta: String },
+    #[error(
+        "delta applies to version {expected} but the rule set has version {actual}: request a fresh snapshot"
+    )]
+    VersionMismatch { expected: u64, actual: u64 },
+    #[error(
+        "delta changes endpoint {0}, which the rule set does not have: request a fresh snapshot"
+    )]
+    UnknownEndpoint(u32),
+}
+
+impl RuleSet {
+    /// Applies `delta`, checking that it was computed against this version. The result keeps the
+    /// canonical order the controller produces (endpoints by id, ipcache by CIDR, entries sorted).
+    pub fn apply_delta(&mut self, delta: &NodeDelta) -> Result<(), DeltaError> {
+        if !self.node.is_empty() && self.node != delta.node {
+            return Err(DeltaError::WrongNode {
+                ruleset: self.node.clone(),
+                delta: delta.node.clone(),
+            });
+        }
+        if self.version != delta.from_version {
+            return Err(DeltaError::VersionMismatch {
+                expected: delta.from_version,
+                actual: self.version,
+            });
+        }
+        for change in &delta.endpoints_changed {
+            if !self.endpoints.iter().any(|e| e.id == change.id) {
+                return Err(DeltaError::UnknownEndpoint(change.id));
+            }
+        }
+        self.node = delta.node.clone();
+        self.version = delta.version;
+        if !delta.endpoints_removed.is_empty() {
+            self.endpoints
+                .retain(|e| !delta.endpoints_removed.contains(&e.id));
+        }
+        for change in &delta.endpoints_changed {
+            if let Some(e) = self.endpoints.iter_mut().find(|e| e.id == change.id) {
+                e.identity = change.identity;
+                e.ips = change.ips.clone();
+                e.workload = change.workload.clone();
+                change.ingress.apply(&mut e.ingress);
+                change.egress.apply(&mut e.egress);
+            }
+        }
+        for added in &delta.endpoints_added {
+            self.endpoints.retain(|e| e.id != added.id);
+            self.endpoints.push(added.clone());
+        }
+        self.endpoints.sort_by_key(|e| e.id);
+        if !delta.ipcache_removed.is_empty() || !delta.ipcache_upserted.is_empty() {
+            let mut cache: BTreeMap<IpNetwork, Identity> =
+                self.ipcache.iter().map(|e| (e.cidr, e.identity)).collect();
+            for cidr in &delta.ipcache_removed {
+                cache.remove(cidr);
+            }
+            for e in &delta.ipcache_upserted {
+                cache.insert(e.cidr, e.identity);
+            }
+            self.ipcache = cache
+                .into_iter()
+                .map(|(cidr, identity)| IpCacheEntry { cidr, identity })
+                .collect();
+        }
+        for rule in &delta.rules_removed {
+            self.rules.remove(rule);
+        }
+        for (id, rule) in &delta.rules_upserted {
+            self.rules.insert(*id, rule.clone());
+        }
+        if delta.node_removed {
+            self.endpoints.clear();
+            self.ipcache.clear();
+            self.rules.clear();
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
@@ -364,7 +603,12 @@ fn resolve_one(
     include_audit: bool,
     isolated_by: Option<RuleId>,
 ) -> (Verdict, RuleId) {
-    for tier in [Tier::Quarantine, Tier::Admin, Tier::Application, Tier::Baseline] {
+    for tier in [
+        Tier::Quarantine,
+        Tier::Admin,
+        Tier::Application,
+        Tier::Baseline,
+    ] {
         let best = matching
             .iter()
             .filter(|e| e.tier == tier && (include_audit || !e.audit))
@@ -443,7 +687,13 @@ pub fn decide(
 mod tests {
     use super::*;
 
-    fn entry(peer: Identity, tier: Tier, priority: u16, action: Action, rule: RuleId) -> PolicyEntry {
+    fn entry(
+        peer: Identity,
+        tier: Tier,
+        priority: u16,
+        action: Action,
+        rule: RuleId,
+    ) -> PolicyEntry {
         PolicyEntry {
             peer,
             protocol: Some(Protocol::Tcp),
@@ -494,7 +744,8 @@ mod tests {
         };
         let d = decide_direction(&p, 300, Some(Protocol::Tcp), Some(80));
         assert_eq!((d.verdict, d.rule), (Verdict::Deny, 3));
-        p.entries.push(entry(300, Tier::Application, 0, Action::Allow, 4));
+        p.entries
+            .push(entry(300, Tier::Application, 0, Action::Allow, 4));
         let d = decide_direction(&p, 300, Some(Protocol::Tcp), Some(80));
         assert_eq!((d.verdict, d.rule), (Verdict::Allow, 4));
     }

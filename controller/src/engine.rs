@@ -1,0 +1,2213 @@
+//! The policy compiler: inventory + policies → one [`RuleSet`] per node, kept up to date
+//! incrementally.
+//!
+//! # How the work is shared
+//! Everything is computed per *identity*, never per pod: all pods of an identity have the same
+//! labels, namespace, service account, named ports and CIDR class, so they are selected by the
+//! same policies and get the same [`DirectionPolicy`]s. Selectors are interned ("selections"):
+//! equal selectors in different policies are evaluated once, and each selection keeps the set of
+//! identities it matches. A selection used as a policy subject keeps the merged rules of all
+//! policies with that subject, keyed by their shape (peer selection, ports, tier, priority,
+//! action), so ten thousand policies that say the same thing cost one entry.
+//!
+//! # Incremental updates
+//! [`PolicyEngine::apply`] changes the inputs, marks the identities whose policy may change
+//! (subjects of a changed policy; subjects of rules whose peer selection gained or lost an
+//! identity), recomputes only those, and then updates only the nodes where an affected identity
+//! has an endpoint or is a referenced peer. Per node it keeps reference counts of the peer
+//! identities and rules its endpoints use, which decide which pod addresses its ipcache needs.
+//!
+//! # What a node's ipcache holds
+//! Every CIDR identity; the addresses of the node's own endpoints; the addresses of every pod
+//! whose identity is a peer of some entry on the node; and, when an entry names the `world`
+//! entity, every pod address (so that pods are never mistaken for the world). Other pod addresses
+//! would only resolve to identities no entry on the node names, and CIDR identities are matched
+//! exactly like the pods they contain, so leaving them out cannot change a verdict.
+//!
+//! # Placement
+//! A pod is placed on its `spec.nodeName`, or on [`EngineConfig::unscheduled_node`] when it has
+//! none. It is an endpoint when it has an address (host-network pods are ignored entirely, as
+//! upstream policies ignore them). Endpoint ids are the lowest free id on the node, from 1 and
+//! below [`MAX_ENDPOINT_ID`], and stay fixed while the pod stays on the node.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnetwork::IpNetwork;
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::error::EngineError;
+use crate::identity::{
+    IdentityKey, LabelFilter, Move, OrderedSlots, cidr_hash, cidr_identity_slots,
+    pod_identity_slots,
+};
+use crate::model::{
+    CidrPeer, Isolation, Labels, NAMESPACE_NAME_LABEL, Namespace, NamespaceScope, Node, Object,
+    Peer, Pod, PodKey, PodSelection, Policy, PolicyKey, PortSpec,
+};
+use crate::ruleset::{
+    Action, Direction, DirectionDelta, DirectionPolicy, Endpoint, EndpointDelta, Identity,
+    IpCacheEntry, NodeDelta, PolicyEntry, PortRange, Protocol, RuleId, RuleRef, RuleSet, Tier,
+    identity,
+};
+
+/// Endpoint ids are below this (the data plane sizes its per-node tables by it).
+pub const MAX_ENDPOINT_ID: u32 = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    pub label_filter: LabelFilter,
+    /// Node that pods without `spec.nodeName` are placed on.
+    pub unscheduled_node: String,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            label_filter: LabelFilter::default(),
+            unscheduled_node: "node-1".into(),
+        }
+    }
+}
+
+/// One change of the inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    UpsertNamespace(Namespace),
+    /// The Namespace object is gone; its pods and policies are removed by their own changes.
+    DeleteNamespace(String),
+    UpsertPod(Pod),
+    DeletePod(PodKey),
+    UpsertNode(Node),
+    DeleteNode(String),
+    UpsertPolicy(Policy),
+    DeletePolicy(PolicyKey),
+}
+
+impl From<Object> for Change {
+    fn from(o: Object) -> Change {
+        match o {
+            Object::Namespace(n) => Change::UpsertNamespace(n),
+            Object::Pod(p) => Change::UpsertPod(p),
+            Object::Node(n) => Change::UpsertNode(n),
+            Object::Policy(p) => Change::UpsertPolicy(p),
+        }
+    }
+}
+
+/// Rule ids: 22 bits of policy slot, 1 bit of direction, 9 bits of position (0 = the policy's
+/// isolation default, i + 1 = rule i).
+fn rule_id(slot: u32, direction: Direction, index: Option<u32>) -> RuleId {
+    (slot << 10) | ((direction as u32) << 9) | index.map_or(0, |i| i + 1)
+}
+
+fn policy_slots() -> OrderedSlots<PolicyKey> {
+    OrderedSlots::new("policy", 1, (1 << 22) - 1 - 4096, 4096)
+}
+
+type SelId = u32;
+type NodeIdx = u32;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SelectionSpec {
+    Pods(PodSelection),
+    Cidr(CidrPeer),
+    World,
+    Cluster,
+    Host,
+    /// Every pod identity (egress named ports towards "anywhere").
+    AllPods,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum PeerRef {
+    Any,
+    Sel(SelId),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Shape {
+    peer: PeerRef,
+    port: PortSpec,
+    tier: Tier,
+    priority: u16,
+    action: Action,
+    audit: bool,
+}
+
+#[derive(Debug, Default)]
+struct SubjectData {
+    refs: u32,
+    shapes: [FxHashMap<Shape, BTreeSet<RuleId>>; 2],
+    isolation: [BTreeSet<RuleId>; 2],
+    audit_isolation: [BTreeSet<RuleId>; 2],
+}
+
+#[derive(Debug)]
+struct Selection {
+    spec: SelectionSpec,
+    refs: u32,
+    matched: FxHashSet<Identity>,
+    subject: Option<Box<SubjectData>>,
+    /// Subject selections whose shapes use this selection as peer, with use counts.
+    peer_users: FxHashMap<SelId, u32>,
+}
+
+#[derive(Debug, Clone)]
+enum IdentityKind {
+    Pod(Arc<IdentityKey>),
+    Cidr(IpNetwork),
+    World,
+    Host,
+}
+
+/// Peer identities and rules an identity's policy uses: what a node must carry for it.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Contribution {
+    peers: Vec<Identity>,
+    rules: Vec<RuleId>,
+}
+
+type Policies = Arc<[DirectionPolicy; 2]>;
+
+#[derive(Debug)]
+struct IdentityState {
+    kind: IdentityKind,
+    pods: BTreeSet<PodKey>,
+    member_of: FxHashSet<SelId>,
+    policy: Policies,
+    contribution: Arc<Contribution>,
+    endpoints: FxHashMap<NodeIdx, BTreeSet<u32>>,
+}
+
+#[derive(Debug, Clone)]
+struct PodState {
+    pod: Pod,
+    identity: Identity,
+    node: NodeIdx,
+    endpoint: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct PodSnap {
+    identity: Identity,
+    node: NodeIdx,
+    ips: Vec<IpAddr>,
+    endpoint: Option<u32>,
+    workload: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct NodeState {
+    name: String,
+    declared: bool,
+    pods: u32,
+    version: u64,
+    endpoints: BTreeMap<u32, PodKey>,
+    contrib: FxHashMap<Identity, Arc<Contribution>>,
+    peer_refs: FxHashMap<Identity, u32>,
+    rule_refs: FxHashMap<RuleId, u32>,
+    /// Pod addresses in the ipcache, sorted (CIDR identities are added when materialized).
+    ipcache: Vec<(IpNetwork, Identity)>,
+}
+
+impl NodeState {
+    fn exists(&self) -> bool {
+        self.declared || self.pods > 0
+    }
+
+    fn ipcache_get(&self, net: &IpNetwork) -> Option<Identity> {
+        self.ipcache
+            .binary_search_by(|(k, _)| k.cmp(net))
+            .ok()
+            .map(|i| self.ipcache[i].1)
+    }
+
+    fn ipcache_set(&mut self, net: IpNetwork, value: Option<Identity>) {
+        match (self.ipcache.binary_search_by(|(k, _)| k.cmp(&net)), value) {
+            (Ok(i), Some(v)) => self.ipcache[i].1 = v,
+            (Ok(i), None) => {
+                self.ipcache.remove(i);
+            }
+            (Err(i), Some(v)) => self.ipcache.insert(i, (net, v)),
+            (Err(_), None) => {}
+        }
+    }
+}
+
+struct PolicyState {
+    policy: Policy,
+    slot: u32,
+    subject: SelId,
+}
+
+/// What one `apply` touched; empty (and inactive) between changes and during a full build.
+#[derive(Default)]
+struct Journal {
+    active: bool,
+    dirty: FxHashSet<Identity>,
+    old_policy: FxHashMap<Identity, Policies>,
+    pods: FxHashMap<PodKey, Option<PodSnap>>,
+    flags: FxHashSet<(NodeIdx, Identity)>,
+    dp_changed: FxHashSet<Identity>,
+    ip_candidates: FxHashMap<NodeIdx, FxHashSet<IpAddr>>,
+    all_ips: FxHashSet<NodeIdx>,
+    rule_old: FxHashMap<(NodeIdx, RuleId), bool>,
+    renamed_rules: FxHashSet<RuleId>,
+    cidr_old: BTreeMap<IpNetwork, Option<Identity>>,
+    node_existed: FxHashMap<NodeIdx, bool>,
+}
+
+/// The policy engine. Build it with [`PolicyEngine::new`] from a full inventory, read per-node
+/// rule sets with [`PolicyEngine::ruleset`], feed it changes with [`PolicyEngine::apply`].
+pub struct PolicyEngine {
+    config: EngineConfig,
+    namespaces: FxHashMap<String, Labels>,
+    pods: FxHashMap<PodKey, PodState>,
+    pods_by_ip: BTreeMap<IpAddr, BTreeSet<PodKey>>,
+    identities: FxHashMap<Identity, IdentityState>,
+    identities_by_ns: FxHashMap<String, FxHashSet<Identity>>,
+    pod_slots: OrderedSlots<IdentityKey>,
+    cidr_slots: OrderedSlots<IpNetwork>,
+    cidr_refs: BTreeMap<IpNetwork, u32>,
+    policies: BTreeMap<PolicyKey, PolicyState>,
+    policy_slots: OrderedSlots<PolicyKey>,
+    selections: Vec<Option<Selection>>,
+    free_selections: Vec<SelId>,
+    sel_by_spec: FxHashMap<SelectionSpec, SelId>,
+    sel_by_ns: FxHashMap<String, FxHashSet<SelId>>,
+    sel_global: FxHashSet<SelId>,
+    nodes: Vec<NodeState>,
+    node_by_name: FxHashMap<String, NodeIdx>,
+    ref_nodes: FxHashMap<Identity, FxHashSet<NodeIdx>>,
+    world_nodes: FxHashSet<NodeIdx>,
+    journal: Journal,
+    /// Endpoint id kept across a pod update: set when the old pod is detached, taken when the
+    /// new one is attached.
+    reserved_endpoint: Option<(PodKey, u32)>,
+}
+
+impl PolicyEngine {
+    /// An engine with nothing in it.
+    pub fn empty(config: EngineConfig) -> PolicyEngine {
+        let mut engine = PolicyEngine {
+            config,
+            namespaces: FxHashMap::default(),
+            pods: FxHashMap::default(),
+            pods_by_ip: BTreeMap::new(),
+            identities: FxHashMap::default(),
+            identities_by_ns: FxHashMap::default(),
+            pod_slots: pod_identity_slots(),
+            cidr_slots: cidr_identity_slots(),
+            cidr_refs: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            policy_slots: policy_slots(),
+            selections: Vec::new(),
+            free_selections: Vec::new(),
+            sel_by_spec: FxHashMap::default(),
+            sel_by_ns: FxHashMap::default(),
+            sel_global: FxHashSet::default(),
+            nodes: Vec::new(),
+            node_by_name: FxHashMap::default(),
+            ref_nodes: FxHashMap::default(),
+            world_nodes: FxHashSet::default(),
+            journal: Journal::default(),
+            reserved_endpoint: None,
+        };
+        engine.create_identity(identity::WORLD, IdentityKind::World);
+        engine.create_identity(identity::HOST, IdentityKind::Host);
+        engine
+    }
+
+    /// Full compile of `objects` (later duplicates replace earlier ones). Every node starts at
+    /// version 1.
+    pub fn new(
+        config: EngineConfig,
+        objects: impl IntoIterator<Item = Object>,
+    ) -> Result<PolicyEngine, EngineError> {
+        let mut engine = PolicyEngine::empty(config);
+        let mut pods = Vec::new();
+        let mut policies = BTreeMap::new();
+        for o in objects {
+            match o {
+                Object::Namespace(n) => {
+                    engine
+                        .namespaces
+                        .insert(n.name.clone(), namespace_labels(&n));
+                }
+                Object::Node(n) => {
+                    let idx = engine.node_idx(&n.name);
+                    engine.nodes[idx as usize].declared = true;
+                }
+                Object::Pod(p) => pods.push(p),
+                Object::Policy(p) => {
+                    policies.insert(p.key.clone(), p);
+                }
+            }
+        }
+        for p in policies.values() {
+            engine
+                .policy_slots
+                .insert(p.key.clone(), slot_hash(&p.key))?;
+            for c in p.cidrs() {
+                *engine.cidr_refs.entry(c).or_default() += 1;
+            }
+        }
+        let cidrs: Vec<IpNetwork> = engine.cidr_refs.keys().copied().collect();
+        for c in cidrs {
+            engine.cidr_slots.insert(c, cidr_hash(&c))?;
+        }
+        let cidr_ids: Vec<(IpNetwork, Identity)> = engine
+            .cidr_refs
+            .keys()
+            .filter_map(|c| engine.cidr_slots.get(c).map(|id| (*c, id)))
+            .collect();
+        for (c, id) in cidr_ids {
+            engine.create_identity(id, IdentityKind::Cidr(c));
+        }
+        for (key, p) in policies {
+            let slot = engine.policy_slots.get(&key).unwrap_or_default();
+            engine.add_policy(p, slot);
+        }
+        // Pods: identities first (in sorted key order, which the ordered slots do not need but
+        // which keeps the build reproducible), then placement.
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        pods.dedup_by(|b, a| a.namespace == b.namespace && a.name == b.name);
+        for pod in pods {
+            if pod.host_network {
+                continue;
+            }
+            let key = engine.identity_key(&pod);
+            let id = engine.acquire_pod_identity(key)?;
+            let node_name = pod
+                .node_name
+                .clone()
+                .unwrap_or_else(|| engine.config.unscheduled_node.clone());
+            let node = engine.node_idx(&node_name);
+            let pk = pod.key();
+            engine.nodes[node as usize].pods += 1;
+            if let Some(st) = engine.identities.get_mut(&id) {
+                st.pods.insert(pk.clone());
+            }
+            if !pod.ips.is_empty() {
+                for ip in &pod.ips {
+                    engine.pods_by_ip.entry(*ip).or_default().insert(pk.clone());
+                }
+            }
+            engine.pods.insert(
+                pk,
+                PodState {
+                    pod,
+                    identity: id,
+                    node,
+                    endpoint: None,
+                },
+            );
+        }
+        let ids: Vec<Identity> = engine.identities.keys().copied().collect();
+        for id in ids {
+            engine.refresh_policy(id);
+        }
+        // Endpoints, in pod order per node.
+        let mut keys: Vec<PodKey> = engine
+            .pods
+            .iter()
+            .filter(|(_, s)| !s.pod.ips.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.sort();
+        for pk in keys {
+            engine.assign_endpoint(&pk);
+        }
+        let locals: Vec<(NodeIdx, Identity)> = engine
+            .identities
+            .iter()
+            .flat_map(|(id, s)| s.endpoints.keys().map(move |n| (*n, *id)))
+            .collect();
+        for (n, id) in locals {
+            engine.update_contribution(n, id);
+        }
+        for n in 0..engine.nodes.len() {
+            engine.build_ipcache(n as NodeIdx);
+            engine.nodes[n].version = 1;
+        }
+        Ok(engine)
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Names of the nodes that currently have a rule set, sorted.
+    pub fn nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.exists())
+            .map(|n| n.name.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn version(&self, node: &str) -> Option<u64> {
+        self.node_by_name
+            .get(node)
+            .map(|i| &self.nodes[*i as usize])
+            .filter(|n| n.exists())
+            .map(|n| n.version)
+    }
+
+    /// Number of identities in use (pod and CIDR identities, not the reserved ones).
+    pub fn identity_count(&self) -> usize {
+        self.pod_slots.len() + self.cidr_slots.len()
+    }
+
+    /// The identity of a pod, if the pod is known.
+    pub fn identity_of_pod(&self, pod: &PodKey) -> Option<Identity> {
+        self.pods.get(pod).map(|p| p.identity)
+    }
+
+    /// The node a pod is placed on.
+    pub fn node_of_pod(&self, pod: &PodKey) -> Option<&str> {
+        self.pods
+            .get(pod)
+            .map(|p| self.nodes[p.node as usize].name.as_str())
+    }
+
+    pub fn pod(&self, pod: &PodKey) -> Option<&Pod> {
+        self.pods.get(pod).map(|p| &p.pod)
+    }
+
+    /// Every pod, sorted by namespace and name.
+    pub fn pod_keys(&self) -> Vec<PodKey> {
+        let mut v: Vec<PodKey> = self.pods.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The policy an identity's direction compiles to (what every endpoint of it gets).
+    pub fn identity_policy(&self, id: Identity, direction: Direction) -> Option<&DirectionPolicy> {
+        self.identities
+            .get(&id)
+            .map(|s| &s.policy[direction as usize])
+    }
+
+    /// Identity key of a pod identity.
+    pub fn identity_key(&self, pod: &Pod) -> IdentityKey {
+        let mut named_ports: Vec<(String, Protocol, u16)> = pod
+            .ports
+            .iter()
+            .filter_map(|p| p.name.clone().map(|n| (n, p.protocol, p.port)))
+            .collect();
+        named_ports.sort();
+        named_ports.dedup();
+        let cidr_class = if pod.synthetic_ips {
+            Vec::new()
+        } else {
+            self.cidr_refs
+                .keys()
+                .filter(|c| pod.ips.iter().any(|ip| c.contains(*ip)))
+                .copied()
+                .collect()
+        };
+        IdentityKey {
+            namespace: pod.namespace.clone(),
+            service_account: pod.service_account.clone(),
+            labels: self.config.label_filter.apply(&pod.labels),
+            named_ports,
+            cidr_class,
+        }
+    }
+
+    /// What a rule id stands for.
+    pub fn rule_ref(&self, rule: RuleId) -> Option<RuleRef> {
+        let key = self.policy_slots.key_of(rule >> 10)?;
+        let direction = if (rule >> 9) & 1 == 1 {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        };
+        let index = match rule & 0x1ff {
+            0 => None,
+            i => Some(i - 1),
+        };
+        Some(RuleRef {
+            kind: key.kind.clone(),
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            direction,
+            index,
+        })
+    }
+
+    /// The current rule set of `node`.
+    pub fn ruleset(&self, node: &str) -> Result<RuleSet, EngineError> {
+        let idx = *self
+            .node_by_name
+            .get(node)
+            .ok_or_else(|| EngineError::UnknownNode(node.to_string()))?;
+        let n = &self.nodes[idx as usize];
+        if !n.exists() {
+            return Err(EngineError::UnknownNode(node.to_string()));
+        }
+        let endpoints = n
+            .endpoints
+            .iter()
+            .filter_map(|(id, pk)| self.endpoint(*id, pk))
+            .collect();
+        let mut cache: BTreeMap<IpNetwork, Identity> = BTreeMap::new();
+        for c in self.cidr_refs.keys() {
+            if let Some(id) = self.cidr_slots.get(c) {
+                cache.insert(*c, id);
+            }
+        }
+        let mut ipcache: Vec<IpCacheEntry> = Vec::with_capacity(n.ipcache.len() + cache.len());
+        // Merge two sorted lists; a pod address wins over a CIDR identity of the same prefix.
+        let mut cidrs = cache.into_iter().peekable();
+        for (net, id) in &n.ipcache {
+            while let Some((c, cid)) = cidrs.peek() {
+                if c < net {
+                    ipcache.push(IpCacheEntry {
+                        cidr: *c,
+                        identity: *cid,
+                    });
+                    cidrs.next();
+                } else {
+                    if c == net {
+                        cidrs.next();
+                    }
+                    break;
+                }
+            }
+            ipcache.push(IpCacheEntry {
+                cidr: *net,
+                identity: *id,
+            });
+        }
+        ipcache.extend(cidrs.map(|(cidr, identity)| IpCacheEntry { cidr, identity }));
+        let rules = n
+            .rule_refs
+            .keys()
+            .filter_map(|r| self.rule_ref(*r).map(|rr| (*r, rr)))
+            .collect();
+        Ok(RuleSet {
+            node: n.name.clone(),
+            version: n.version,
+            endpoints,
+            ipcache,
+            rules,
+        })
+    }
+
+    /// Rule sets of every node.
+    pub fn rulesets(&self) -> BTreeMap<String, RuleSet> {
+        self.nodes()
+            .into_iter()
+            .filter_map(|n| self.ruleset(&n).ok().map(|r| (n, r)))
+            .collect()
+    }
+
+    fn endpoint(&self, id: u32, pk: &PodKey) -> Option<Endpoint> {
+        let st = self.pods.get(pk)?;
+        let policy = &self.identities.get(&st.identity)?.policy;
+        Some(Endpoint {
+            id,
+            namespace: pk.namespace.clone(),
+            pod: pk.name.clone(),
+            workload: st.pod.workload.clone(),
+            identity: st.identity,
+            ips: st.pod.ips.clone(),
+            interface: None,
+            quarantined: false,
+            ingress: policy[0].clone(),
+            egress: policy[1].clone(),
+        })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Incremental changes.
+
+    /// Applies one change and returns the deltas of the nodes whose rule set changed.
+    pub fn apply(&mut self, change: Change) -> Result<Vec<NodeDelta>, EngineError> {
+        self.apply_batch(std::iter::once(change))
+    }
+
+    /// Applies several changes as one step: one delta (and one new version) per changed node.
+    pub fn apply_batch(
+        &mut self,
+        changes: impl IntoIterator<Item = Change>,
+    ) -> Result<Vec<NodeDelta>, EngineError> {
+        self.journal = Journal {
+            active: true,
+            ..Journal::default()
+        };
+        let result = (|| {
+            for change in changes {
+                self.apply_one(change)?;
+            }
+            Ok(())
+        })();
+        let dirty: Vec<Identity> = self.journal.dirty.drain().collect();
+        for id in dirty {
+            self.refresh_policy(id);
+        }
+        let flags: Vec<(NodeIdx, Identity)> = self.journal.flags.drain().collect();
+        for (n, id) in flags {
+            self.update_contribution(n, id);
+        }
+        let deltas = self.build_deltas();
+        self.journal = Journal::default();
+        result.map(|_| deltas)
+    }
+
+    fn apply_one(&mut self, change: Change) -> Result<(), EngineError> {
+        tracing::trace!(?change, "policy engine change");
+        match change {
+            Change::UpsertNamespace(ns) => {
+                let labels = namespace_labels(&ns);
+                self.set_namespace_labels(&ns.name, labels);
+            }
+            Change::DeleteNamespace(name) => {
+                let labels = namespace_labels(&Namespace {
+                    name: name.clone(),
+                    labels: Labels::new(),
+                });
+                self.set_namespace_labels(&name, labels);
+            }
+            Change::UpsertPod(pod) => {
+                let pk = pod.key();
+                self.remove_pod(&pk, Some(&pod))?;
+                if !pod.host_network {
+                    self.insert_pod(pod)?;
+                }
+            }
+            Change::DeletePod(pk) => self.remove_pod(&pk, None)?,
+            Change::UpsertNode(node) => {
+                let idx = self.node_idx(&node.name);
+                self.note_node(idx);
+                self.nodes[idx as usize].declared = true;
+            }
+            Change::DeleteNode(name) => {
+                if let Some(idx) = self.node_by_name.get(&name).copied() {
+                    self.note_node(idx);
+                    self.nodes[idx as usize].declared = false;
+                }
+            }
+            Change::UpsertPolicy(policy) => self.upsert_policy(policy)?,
+            Change::DeletePolicy(key) => self.delete_policy(&key)?,
+        }
+        Ok(())
+    }
+
+    fn set_namespace_labels(&mut self, ns: &str, labels: Labels) {
+        if self.namespaces.get(ns) == Some(&labels) {
+            return;
+        }
+        self.namespaces.insert(ns.to_string(), labels);
+        let ids: Vec<Identity> = self
+            .identities_by_ns
+            .get(ns)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let sels: Vec<SelId> = self
+            .sel_global
+            .iter()
+            .copied()
+            .filter(|s| {
+                matches!(
+                    self.sel(*s).spec,
+                    SelectionSpec::Pods(PodSelection {
+                        namespaces: NamespaceScope::Selected(_),
+                        ..
+                    })
+                )
+            })
+            .collect();
+        for s in sels {
+            for id in &ids {
+                let on = self.spec_matches(&self.sel(s).spec, *id);
+                self.set_member(s, *id, on);
+            }
+        }
+    }
+
+    fn note_node(&mut self, idx: NodeIdx) {
+        if self.journal.active {
+            let existed = self.nodes[idx as usize].exists();
+            self.journal.node_existed.entry(idx).or_insert(existed);
+        }
+    }
+
+    /// Records a pod's state before the change, and marks its old addresses for re-checking on
+    /// every node that may hold them.
+    fn touch_pod(&mut self, pk: &PodKey) {
+        if !self.journal.active || self.journal.pods.contains_key(pk) {
+            return;
+        }
+        let snap = self.pods.get(pk).map(|s| PodSnap {
+            identity: s.identity,
+            node: s.node,
+            ips: s.pod.ips.clone(),
+            endpoint: s.endpoint,
+            workload: s.pod.workload.clone(),
+        });
+        if let Some(s) = &snap
+            && !s.ips.is_empty()
+        {
+            let mut nodes: Vec<NodeIdx> = vec![s.node];
+            if let Some(r) = self.ref_nodes.get(&s.identity) {
+                nodes.extend(r.iter().copied());
+            }
+            nodes.extend(self.world_nodes.iter().copied());
+            for n in nodes {
+                self.journal
+                    .ip_candidates
+                    .entry(n)
+                    .or_default()
+                    .extend(s.ips.iter().copied());
+            }
+        }
+        self.journal.pods.insert(pk.clone(), snap);
+    }
+
+    fn remove_pod(&mut self, pk: &PodKey, replacement: Option<&Pod>) -> Result<(), EngineError> {
+        let Some(old) = self.pods.get(pk) else {
+            return Ok(());
+        };
+        if let Some(new) = replacement
+            && old.pod == *new
+        {
+            return Ok(());
+        }
+        // Keep the endpoint id when the pod stays an endpoint on the same node.
+        let keep = replacement.is_some_and(|p| {
+            !p.host_network && !p.ips.is_empty() && self.node_idx_of(p) == Some(old.node)
+        });
+        self.detach_pod(pk, keep);
+        Ok(())
+    }
+
+    fn detach_pod(&mut self, pk: &PodKey, keep_endpoint: bool) {
+        self.touch_pod(pk);
+        let Some(st) = self.pods.remove(pk) else {
+            return;
+        };
+        self.note_node(st.node);
+        self.nodes[st.node as usize].pods -= 1;
+        if let Some(ep) = st.endpoint {
+            if keep_endpoint {
+                self.reserved_endpoint = Some((pk.clone(), ep));
+            }
+            self.nodes[st.node as usize].endpoints.remove(&ep);
+            self.detach_endpoint(st.node, st.identity, ep);
+        }
+        for ip in &st.pod.ips {
+            if let Some(set) = self.pods_by_ip.get_mut(ip) {
+                set.remove(pk);
+                if set.is_empty() {
+                    self.pods_by_ip.remove(ip);
+                }
+            }
+        }
+        let empty = match self.identities.get_mut(&st.identity) {
+            Some(s) => {
+                s.pods.remove(pk);
+                s.pods.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            self.release_pod_identity(st.identity);
+        }
+    }
+
+    fn insert_pod(&mut self, pod: Pod) -> Result<(), EngineError> {
+        let pk = pod.key();
+        self.touch_pod(&pk);
+        let key = self.identity_key(&pod);
+        let id = self.acquire_pod_identity(key)?;
+        let node_name = pod
+            .node_name
+            .clone()
+            .unwrap_or_else(|| self.config.unscheduled_node.clone());
+        let node = self.node_idx(&node_name);
+        self.note_node(node);
+        self.nodes[node as usize].pods += 1;
+        if let Some(s) = self.identities.get_mut(&id) {
+            s.pods.insert(pk.clone());
+        }
+        for ip in &pod.ips {
+            self.pods_by_ip.entry(*ip).or_default().insert(pk.clone());
+        }
+        let has_ips = !pod.ips.is_empty();
+        self.pods.insert(
+            pk.clone(),
+            PodState {
+                pod,
+                identity: id,
+                node,
+                endpoint: None,
+            },
+        );
+        if has_ips {
+            self.assign_endpoint(&pk);
+        }
+        self.reserved_endpoint = None;
+        Ok(())
+    }
+
+    fn node_idx_of(&self, pod: &Pod) -> Option<NodeIdx> {
+        let name = pod
+            .node_name
+            .as_deref()
+            .unwrap_or(&self.config.unscheduled_node);
+        self.node_by_name.get(name).copied()
+    }
+
+    fn node_idx(&mut self, name: &str) -> NodeIdx {
+        if let Some(i) = self.node_by_name.get(name) {
+            return *i;
+        }
+        let idx = self.nodes.len() as NodeIdx;
+        self.nodes.push(NodeState {
+            name: name.to_string(),
+            ..NodeState::default()
+        });
+        self.node_by_name.insert(name.to_string(), idx);
+        if self.journal.active {
+            self.journal.node_existed.insert(idx, false);
+        }
+        idx
+    }
+
+    /// Gives a pod with addresses an endpoint id on its node.
+    fn assign_endpoint(&mut self, pk: &PodKey) {
+        let Some(st) = self.pods.get(pk) else {
+            return;
+        };
+        let (node, identity) = (st.node, st.identity);
+        let n = &mut self.nodes[node as usize];
+        let reserved = self
+            .reserved_endpoint
+            .take()
+            .filter(|(k, ep)| k == pk && !n.endpoints.contains_key(ep))
+            .map(|(_, ep)| ep);
+        let id = reserved.or_else(|| {
+            let mut next = 1;
+            for k in n.endpoints.keys() {
+                if *k != next {
+                    break;
+                }
+                next += 1;
+            }
+            (next < MAX_ENDPOINT_ID).then_some(next)
+        });
+        let Some(id) = id else {
+            tracing::error!(
+                node = %n.name,
+                pod = %pk,
+                "node has {} endpoints, the most a node can have: the pod gets no policy enforcement",
+                MAX_ENDPOINT_ID - 1
+            );
+            return;
+        };
+        n.endpoints.insert(id, pk.clone());
+        if let Some(st) = self.pods.get_mut(pk) {
+            st.endpoint = Some(id);
+        }
+        if let Some(s) = self.identities.get_mut(&identity) {
+            s.endpoints.entry(node).or_default().insert(id);
+        }
+        if self.journal.active {
+            self.journal.flags.insert((node, identity));
+        }
+    }
+
+    fn detach_endpoint(&mut self, node: NodeIdx, identity: Identity, ep: u32) {
+        if let Some(s) = self.identities.get_mut(&identity)
+            && let Some(set) = s.endpoints.get_mut(&node)
+        {
+            set.remove(&ep);
+            if set.is_empty() {
+                s.endpoints.remove(&node);
+            }
+        }
+        if self.journal.active {
+            self.journal.flags.insert((node, identity));
+        }
+    }
+
+    fn upsert_policy(&mut self, policy: Policy) -> Result<(), EngineError> {
+        if self
+            .policies
+            .get(&policy.key)
+            .is_some_and(|s| s.policy == policy)
+        {
+            return Ok(());
+        }
+        let key = policy.key.clone();
+        let new_cidrs: Vec<IpNetwork> = policy.cidrs().collect();
+        let old_cidrs: Vec<IpNetwork> = match self.policies.get(&key) {
+            Some(s) => s.policy.cidrs().collect(),
+            None => Vec::new(),
+        };
+        let slot = match self.policies.get(&key) {
+            Some(s) => s.slot,
+            None => {
+                let (slot, moves) = self.policy_slots.insert(key.clone(), slot_hash(&key))?;
+                self.move_policies(moves);
+                slot
+            }
+        };
+        self.remove_policy_contributions(&key);
+        self.adjust_cidrs(&old_cidrs, &new_cidrs)?;
+        self.add_policy(policy, slot);
+        Ok(())
+    }
+
+    fn delete_policy(&mut self, key: &PolicyKey) -> Result<(), EngineError> {
+        let Some(st) = self.policies.get(key) else {
+            return Ok(());
+        };
+        let old_cidrs: Vec<IpNetwork> = st.policy.cidrs().collect();
+        let slot = st.slot;
+        self.remove_policy_contributions(key);
+        self.policies.remove(key);
+        self.note_renamed_slot(slot);
+        let moves = self.policy_slots.remove(key);
+        self.move_policies(moves);
+        self.adjust_cidrs(&old_cidrs, &[])?;
+        Ok(())
+    }
+
+    fn note_renamed_slot(&mut self, slot: u32) {
+        if !self.journal.active {
+            return;
+        }
+        for d in Direction::ALL {
+            for i in 0..=crate::load::MAX_RULES_PER_DIRECTION as u32 {
+                let idx = if i == 0 { None } else { Some(i - 1) };
+                self.journal.renamed_rules.insert(rule_id(slot, d, idx));
+            }
+        }
+    }
+
+    /// Policies renumbered by a slot collision: re-add them under their new rule ids.
+    fn move_policies(&mut self, moves: Vec<Move<PolicyKey>>) {
+        for m in moves {
+            self.note_renamed_slot(m.from);
+            self.note_renamed_slot(m.to);
+            if let Some(policy) = self.policies.get(&m.key).map(|s| s.policy.clone()) {
+                self.remove_policy_contributions(&m.key);
+                self.add_policy(policy, m.to);
+            }
+        }
+    }
+
+    fn adjust_cidrs(&mut self, old: &[IpNetwork], new: &[IpNetwork]) -> Result<(), EngineError> {
+        let mut gone = Vec::new();
+        let mut added = Vec::new();
+        for c in new {
+            let r = self.cidr_refs.entry(*c).or_default();
+            *r += 1;
+            if *r == 1 {
+                added.push(*c);
+            }
+        }
+        for c in old {
+            if let Some(r) = self.cidr_refs.get_mut(c) {
+                *r -= 1;
+                if *r == 0 {
+                    self.cidr_refs.remove(c);
+                    gone.push(*c);
+                }
+            }
+        }
+        for c in &added {
+            if self.journal.active {
+                let before = self.cidr_slots.get(c);
+                self.journal.cidr_old.entry(*c).or_insert(before);
+            }
+            let (id, moves) = self.cidr_slots.insert(*c, cidr_hash(c))?;
+            self.move_cidr_identities(moves);
+            self.create_identity(id, IdentityKind::Cidr(*c));
+        }
+        for c in &gone {
+            if let Some(id) = self.cidr_slots.get(c) {
+                if self.journal.active {
+                    self.journal.cidr_old.entry(*c).or_insert(Some(id));
+                }
+                self.destroy_identity(id);
+                let moves = self.cidr_slots.remove(c);
+                self.move_cidr_identities(moves);
+            }
+        }
+        // Pods inside a CIDR that appeared or disappeared change CIDR class.
+        let mut rekey: BTreeSet<PodKey> = BTreeSet::new();
+        for c in added.iter().chain(gone.iter()) {
+            for (ip, pods) in self.pods_by_ip.range(c.network()..=c.broadcast()) {
+                if c.contains(*ip) {
+                    rekey.extend(pods.iter().cloned());
+                }
+            }
+        }
+        for pk in rekey {
+            if let Some(st) = self.pods.get(&pk) {
+                let pod = st.pod.clone();
+                if self.identity_key(&pod) != *self.pod_identity_key(st.identity) {
+                    let keep = st.endpoint.is_some();
+                    self.detach_pod(&pk, keep);
+                    self.insert_pod(pod)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pod_identity_key(&self, id: Identity) -> Arc<IdentityKey> {
+        match self.identities.get(&id).map(|s| &s.kind) {
+            Some(IdentityKind::Pod(k)) => k.clone(),
+            _ => Arc::new(IdentityKey {
+                namespace: String::new(),
+                service_account: String::new(),
+                labels: BTreeMap::new(),
+                named_ports: Vec::new(),
+                cidr_class: Vec::new(),
+            }),
+        }
+    }
+
+    fn move_cidr_identities(&mut self, moves: Vec<Move<IpNetwork>>) {
+        let mut taken = Vec::new();
+        for m in &moves {
+            if self.journal.active {
+                self.journal.cidr_old.entry(m.key).or_insert(Some(m.from));
+            }
+            taken.push(self.destroy_identity(m.from));
+        }
+        for m in moves {
+            self.create_identity(m.to, IdentityKind::Cidr(m.key));
+        }
+        drop(taken);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Identities.
+
+    fn acquire_pod_identity(&mut self, key: IdentityKey) -> Result<Identity, EngineError> {
+        if let Some(id) = self.pod_slots.get(&key) {
+            return Ok(id);
+        }
+        let hash = key.home_hash();
+        let (id, moves) = self.pod_slots.insert(key.clone(), hash)?;
+        self.move_pod_identities(moves);
+        self.create_identity(id, IdentityKind::Pod(Arc::new(key)));
+        Ok(id)
+    }
+
+    fn release_pod_identity(&mut self, id: Identity) {
+        let Some(state) = self.destroy_identity(id) else {
+            return;
+        };
+        if let IdentityKind::Pod(key) = &state.kind {
+            let moves = self.pod_slots.remove(key);
+            self.move_pod_identities(moves);
+        }
+    }
+
+    /// Identities renumbered by a collision: their pods and endpoints move to the new number.
+    fn move_pod_identities(&mut self, moves: Vec<Move<IdentityKey>>) {
+        let mut taken = Vec::new();
+        for m in moves {
+            if let Some(state) = self.destroy_identity(m.from) {
+                taken.push((m, state));
+            }
+        }
+        for (m, old) in taken {
+            self.create_identity(m.to, old.kind.clone());
+            for pk in &old.pods {
+                self.touch_pod(pk);
+                let Some(st) = self.pods.get_mut(pk) else {
+                    continue;
+                };
+                st.identity = m.to;
+                let (node, ep) = (st.node, st.endpoint);
+                if let Some(s) = self.identities.get_mut(&m.to) {
+                    s.pods.insert(pk.clone());
+                    if let Some(ep) = ep {
+                        s.endpoints.entry(node).or_default().insert(ep);
+                    }
+                }
+                if ep.is_some() && self.journal.active {
+                    self.journal.flags.insert((node, m.from));
+                    self.journal.flags.insert((node, m.to));
+                }
+            }
+        }
+    }
+
+    fn create_identity(&mut self, id: Identity, kind: IdentityKind) {
+        let ns = match &kind {
+            IdentityKind::Pod(k) => Some(k.namespace.clone()),
+            _ => None,
+        };
+        self.identities.insert(
+            id,
+            IdentityState {
+                kind,
+                pods: BTreeSet::new(),
+                member_of: FxHashSet::default(),
+                policy: Arc::new([DirectionPolicy::default(), DirectionPolicy::default()]),
+                contribution: Arc::new(Contribution::default()),
+                endpoints: FxHashMap::default(),
+            },
+        );
+        let mut candidates: Vec<SelId> = self.sel_global.iter().copied().collect();
+        if let Some(ns) = &ns {
+            self.identities_by_ns
+                .entry(ns.clone())
+                .or_default()
+                .insert(id);
+            if let Some(s) = self.sel_by_ns.get(ns) {
+                candidates.extend(s.iter().copied());
+            }
+        }
+        for s in candidates {
+            if self.spec_matches(&self.sel(s).spec, id) {
+                self.set_member(s, id, true);
+            }
+        }
+        if self.journal.active {
+            self.journal.dirty.insert(id);
+        }
+    }
+
+    fn destroy_identity(&mut self, id: Identity) -> Option<IdentityState> {
+        let member_of: Vec<SelId> = self
+            .identities
+            .get(&id)?
+            .member_of
+            .iter()
+            .copied()
+            .collect();
+        for s in member_of {
+            self.set_member(s, id, false);
+        }
+        let state = self.identities.remove(&id)?;
+        if self.journal.active {
+            self.journal
+                .old_policy
+                .entry(id)
+                .or_insert_with(|| state.policy.clone());
+        }
+        if let IdentityKind::Pod(k) = &state.kind
+            && let Some(set) = self.identities_by_ns.get_mut(&k.namespace)
+        {
+            set.remove(&id);
+            if set.is_empty() {
+                self.identities_by_ns.remove(&k.namespace);
+            }
+        }
+        Some(state)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Selections.
+
+    fn sel(&self, id: SelId) -> &Selection {
+        match self.selections.get(id as usize) {
+            Some(Some(s)) => s,
+            _ => unreachable!("selection ids are only held while the selection exists"),
+        }
+    }
+
+    fn sel_mut(&mut self, id: SelId) -> &mut Selection {
+        match self.selections.get_mut(id as usize) {
+            Some(Some(s)) => s,
+            _ => unreachable!("selection ids are only held while the selection exists"),
+        }
+    }
+
+    fn ns_labels(&self, ns: &str) -> std::borrow::Cow<'_, Labels> {
+        match self.namespaces.get(ns) {
+            Some(l) => std::borrow::Cow::Borrowed(l),
+            None => std::borrow::Cow::Owned(
+                [(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())]
+                    .into_iter()
+                    .collect(),
+            ),
+        }
+    }
+
+    fn spec_matches(&self, spec: &SelectionSpec, id: Identity) -> bool {
+        let Some(st) = self.identities.get(&id) else {
+            return false;
+        };
+        match (spec, &st.kind) {
+            (SelectionSpec::Pods(sel), IdentityKind::Pod(key)) => {
+                let ns_ok = match &sel.namespaces {
+                    NamespaceScope::Named(n) => *n == key.namespace,
+                    NamespaceScope::Selected(s) => s.matches(&self.ns_labels(&key.namespace)),
+                };
+                ns_ok
+                    && sel
+                        .service_account
+                        .as_ref()
+                        .is_none_or(|sa| *sa == key.service_account)
+                    && sel.pods.matches(&key.labels)
+            }
+            (SelectionSpec::Cidr(c), IdentityKind::Pod(key)) => {
+                key.cidr_class.contains(&c.cidr)
+                    && !c.except.iter().any(|e| key.cidr_class.contains(e))
+            }
+            (SelectionSpec::Cidr(c), IdentityKind::Cidr(net)) => {
+                is_within(net, &c.cidr) && !c.except.iter().any(|e| is_within(net, e))
+            }
+            (SelectionSpec::World, IdentityKind::World | IdentityKind::Cidr(_)) => true,
+            (SelectionSpec::Cluster, IdentityKind::Pod(_) | IdentityKind::Host) => true,
+            (SelectionSpec::Host, IdentityKind::Host) => true,
+            (SelectionSpec::AllPods, IdentityKind::Pod(_)) => true,
+            _ => false,
+        }
+    }
+
+    fn intern(&mut self, spec: SelectionSpec) -> SelId {
+        if let Some(id) = self.sel_by_spec.get(&spec).copied() {
+            self.sel_mut(id).refs += 1;
+            return id;
+        }
+        let id = match self.free_selections.pop() {
+            Some(id) => id,
+            None => {
+                self.selections.push(None);
+                (self.selections.len() - 1) as SelId
+            }
+        };
+        let candidates: Vec<Identity> = match &spec {
+            SelectionSpec::Pods(PodSelection {
+                namespaces: NamespaceScope::Named(ns),
+                ..
+            }) => {
+                self.sel_by_ns.entry(ns.clone()).or_default().insert(id);
+                self.identities_by_ns
+                    .get(ns)
+                    .map(|s| s.iter().copied().collect())
+                    .unwrap_or_default()
+            }
+            SelectionSpec::Pods(PodSelection {
+                namespaces: NamespaceScope::Selected(nsel),
+                ..
+            }) => {
+                self.sel_global.insert(id);
+                self.identities_by_ns
+                    .iter()
+                    .filter(|(ns, _)| nsel.matches(&self.ns_labels(ns)))
+                    .flat_map(|(_, ids)| ids.iter().copied())
+                    .collect()
+            }
+            _ => {
+                self.sel_global.insert(id);
+                self.identities.keys().copied().collect()
+            }
+        };
+        let matched: FxHashSet<Identity> = candidates
+            .into_iter()
+            .filter(|c| self.spec_matches(&spec, *c))
+            .collect();
+        for m in &matched {
+            if let Some(st) = self.identities.get_mut(m) {
+                st.member_of.insert(id);
+            }
+        }
+        self.sel_by_spec.insert(spec.clone(), id);
+        self.selections[id as usize] = Some(Selection {
+            spec,
+            refs: 1,
+            matched,
+            subject: None,
+            peer_users: FxHashMap::default(),
+        });
+        id
+    }
+
+    fn release(&mut self, id: SelId) {
+        let s = self.sel_mut(id);
+        s.refs -= 1;
+        if s.refs > 0 {
+            return;
+        }
+        let Some(s) = self.selections[id as usize].take() else {
+            return;
+        };
+        for m in &s.matched {
+            if let Some(st) = self.identities.get_mut(m) {
+                st.member_of.remove(&id);
+            }
+        }
+        self.sel_by_spec.remove(&s.spec);
+        match &s.spec {
+            SelectionSpec::Pods(PodSelection {
+                namespaces: NamespaceScope::Named(ns),
+                ..
+            }) => {
+                if let Some(set) = self.sel_by_ns.get_mut(ns) {
+                    set.remove(&id);
+                    if set.is_empty() {
+                        self.sel_by_ns.remove(ns);
+                    }
+                }
+            }
+            _ => {
+                self.sel_global.remove(&id);
+            }
+        }
+        self.free_selections.push(id);
+    }
+
+    fn set_member(&mut self, sel: SelId, id: Identity, on: bool) {
+        let s = self.sel_mut(sel);
+        let changed = if on {
+            s.matched.insert(id)
+        } else {
+            s.matched.remove(&id)
+        };
+        if !changed {
+            return;
+        }
+        if let Some(st) = self.identities.get_mut(&id) {
+            if on {
+                st.member_of.insert(sel);
+            } else {
+                st.member_of.remove(&sel);
+            }
+        }
+        if !self.journal.active {
+            return;
+        }
+        let s = self.sel(sel);
+        let mut dirty: Vec<Identity> = Vec::new();
+        if s.subject.is_some() {
+            dirty.push(id);
+        }
+        for user in s.peer_users.keys() {
+            dirty.extend(self.sel(*user).matched.iter().copied());
+        }
+        self.journal.dirty.extend(dirty);
+    }
+
+    fn add_policy(&mut self, policy: Policy, slot: u32) {
+        let subject = self.intern(SelectionSpec::Pods(policy.subject.clone()));
+        let mut shapes: Vec<(Direction, Shape, RuleId)> = Vec::new();
+        for rule in &policy.rules {
+            let id = rule_id(slot, rule.direction, Some(rule.index));
+            for peer in &rule.peers {
+                for port in &rule.ports {
+                    let named = matches!(port, PortSpec::Named { .. });
+                    let peer_ref = match peer {
+                        Peer::Any if named && rule.direction == Direction::Egress => {
+                            PeerRef::Sel(self.intern(SelectionSpec::AllPods))
+                        }
+                        Peer::Any => PeerRef::Any,
+                        Peer::Pods(s) => PeerRef::Sel(self.intern(SelectionSpec::Pods(s.clone()))),
+                        Peer::Cidr(c) => PeerRef::Sel(self.intern(SelectionSpec::Cidr(c.clone()))),
+                        Peer::World => PeerRef::Sel(self.intern(SelectionSpec::World)),
+                        Peer::Cluster => PeerRef::Sel(self.intern(SelectionSpec::Cluster)),
+                        Peer::Host => PeerRef::Sel(self.intern(SelectionSpec::Host)),
+                    };
+                    shapes.push((
+                        rule.direction,
+                        Shape {
+                            peer: peer_ref,
+                            port: port.clone(),
+                            tier: rule.tier,
+                            priority: rule.priority,
+                            action: rule.action,
+                            audit: rule.audit,
+                        },
+                        id,
+                    ));
+                }
+            }
+        }
+        for (direction, shape, id) in shapes {
+            if let PeerRef::Sel(p) = shape.peer {
+                *self.sel_mut(p).peer_users.entry(subject).or_default() += 1;
+            }
+            let data = self
+                .sel_mut(subject)
+                .subject
+                .get_or_insert_with(Default::default);
+            data.shapes[direction as usize]
+                .entry(shape)
+                .or_default()
+                .insert(id);
+        }
+        let data = self
+            .sel_mut(subject)
+            .subject
+            .get_or_insert_with(Default::default);
+        data.refs += 1;
+        for d in Direction::ALL {
+            let id = rule_id(slot, d, None);
+            match policy.isolation(d) {
+                Isolation::None => {}
+                Isolation::Enforce => {
+                    data.isolation[d as usize].insert(id);
+                }
+                Isolation::Audit => {
+                    data.audit_isolation[d as usize].insert(id);
+                }
+            }
+        }
+        self.mark_subject_dirty(subject);
+        self.policies.insert(
+            policy.key.clone(),
+            PolicyState {
+                policy,
+                slot,
+                subject,
+            },
+        );
+    }
+
+    fn remove_policy_contributions(&mut self, key: &PolicyKey) {
+        let Some(st) = self.policies.get(key) else {
+            return;
+        };
+        let (subject, slot) = (st.subject, st.slot);
+        let policy = st.policy.clone();
+        self.mark_subject_dirty(subject);
+        let mut releases = Vec::new();
+        for rule in &policy.rules {
+            let id = rule_id(slot, rule.direction, Some(rule.index));
+            for peer in &rule.peers {
+                for port in &rule.ports {
+                    let named = matches!(port, PortSpec::Named { .. });
+                    let spec = match peer {
+                        Peer::Any if named && rule.direction == Direction::Egress => {
+                            Some(SelectionSpec::AllPods)
+                        }
+                        Peer::Any => None,
+                        Peer::Pods(s) => Some(SelectionSpec::Pods(s.clone())),
+                        Peer::Cidr(c) => Some(SelectionSpec::Cidr(c.clone())),
+                        Peer::World => Some(SelectionSpec::World),
+                        Peer::Cluster => Some(SelectionSpec::Cluster),
+                        Peer::Host => Some(SelectionSpec::Host),
+                    };
+                    let peer_ref = match spec.and_then(|s| self.sel_by_spec.get(&s).copied()) {
+                        Some(p) => PeerRef::Sel(p),
+                        None => PeerRef::Any,
+                    };
+                    let shape = Shape {
+                        peer: peer_ref,
+                        port: port.clone(),
+                        tier: rule.tier,
+                        priority: rule.priority,
+                        action: rule.action,
+                        audit: rule.audit,
+                    };
+                    if let Some(data) = self.sel_mut(subject).subject.as_mut() {
+                        let map = &mut data.shapes[rule.direction as usize];
+                        if let Some(set) = map.get_mut(&shape) {
+                            set.remove(&id);
+                            if set.is_empty() {
+                                map.remove(&shape);
+                            }
+                        }
+                    }
+                    if let PeerRef::Sel(p) = peer_ref {
+                        let users = &mut self.sel_mut(p).peer_users;
+                        if let Some(c) = users.get_mut(&subject) {
+                            *c -= 1;
+                            if *c == 0 {
+                                users.remove(&subject);
+                            }
+                        }
+                        releases.push(p);
+                    }
+                }
+            }
+        }
+        for p in releases {
+            self.release(p);
+        }
+        let s = self.sel_mut(subject);
+        if let Some(data) = s.subject.as_mut() {
+            for d in Direction::ALL {
+                let id = rule_id(slot, d, None);
+                data.isolation[d as usize].remove(&id);
+                data.audit_isolation[d as usize].remove(&id);
+            }
+            data.refs -= 1;
+            if data.refs == 0 {
+                s.subject = None;
+            }
+        }
+        self.release(subject);
+        // The state itself is dropped or replaced by the caller.
+    }
+
+    fn mark_subject_dirty(&mut self, subject: SelId) {
+        if self.journal.active {
+            let ids: Vec<Identity> = self.sel(subject).matched.iter().copied().collect();
+            self.journal.dirty.extend(ids);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Per-identity policy.
+
+    fn compute_policy(&self, id: Identity) -> [DirectionPolicy; 2] {
+        let mut out = [DirectionPolicy::default(), DirectionPolicy::default()];
+        let Some(st) = self.identities.get(&id) else {
+            return out;
+        };
+        let IdentityKind::Pod(own_key) = &st.kind else {
+            return out;
+        };
+        for d in Direction::ALL {
+            let di = d as usize;
+            let mut isolated: Option<RuleId> = None;
+            let mut audit_isolated: Option<RuleId> = None;
+            let mut entries: Vec<PolicyEntry> = Vec::new();
+            for sel in &st.member_of {
+                let Some(data) = self.sel(*sel).subject.as_ref() else {
+                    continue;
+                };
+                if let Some(r) = data.isolation[di].first() {
+                    isolated = Some(isolated.map_or(*r, |x| x.min(*r)));
+                }
+                if let Some(r) = data.audit_isolation[di].first() {
+                    audit_isolated = Some(audit_isolated.map_or(*r, |x| x.min(*r)));
+                }
+                for (shape, rules) in &data.shapes[di] {
+                    let Some(rule) = rules.first().copied() else {
+                        continue;
+                    };
+                    self.expand(shape, rule, d, own_key, &mut entries);
+                }
+            }
+            entries.sort_unstable();
+            // Entries equal but for the rule id decide alike; resolve() would blame the lowest
+            // rule id, so keeping only that one changes no decision.
+            entries.dedup_by(|later, first| {
+                later.peer == first.peer
+                    && later.protocol == first.protocol
+                    && later.ports == first.ports
+                    && later.tier == first.tier
+                    && later.priority == first.priority
+                    && later.action == first.action
+                    && later.audit == first.audit
+            });
+            out[di] = DirectionPolicy {
+                isolated_by: isolated,
+                audit_isolated_by: if isolated.is_some() {
+                    None
+                } else {
+                    audit_isolated
+                },
+                entries,
+            };
+        }
+        out
+    }
+
+    fn expand(
+        &self,
+        shape: &Shape,
+        rule: RuleId,
+        direction: Direction,
+        own_key: &IdentityKey,
+        out: &mut Vec<PolicyEntry>,
+    ) {
+        let mut push = |peer: Identity, protocol: Option<Protocol>, ports: PortRange| {
+            out.push(PolicyEntry {
+                peer,
+                protocol,
+                ports,
+                tier: shape.tier,
+                priority: shape.priority,
+                action: shape.action,
+                audit: shape.audit,
+                rule,
+            })
+        };
+        let emit = |peer: Identity, push: &mut dyn FnMut(Identity, Option<Protocol>, PortRange)| {
+            match &shape.port {
+                PortSpec::Range { protocol, ports } => push(peer, *protocol, *ports),
+                PortSpec::Named { protocol, name } => {
+                    let target: Option<&IdentityKey> = match direction {
+                        Direction::Ingress => Some(own_key),
+                        Direction::Egress => match self.identities.get(&peer).map(|s| &s.kind) {
+                            Some(IdentityKind::Pod(k)) => Some(k),
+                            _ => None,
+                        },
+                    };
+                    if let Some(target) = target {
+                        for (proto, port) in target.named_port(name, *protocol) {
+                            push(peer, Some(proto), PortRange::single(port));
+                        }
+                    }
+                }
+            }
+        };
+        match shape.peer {
+            PeerRef::Any => emit(identity::ANY, &mut push),
+            PeerRef::Sel(s) => {
+                for m in &self.sel(s).matched {
+                    emit(*m, &mut push);
+                }
+            }
+        }
+    }
+
+    fn refresh_policy(&mut self, id: Identity) {
+        if !self.identities.contains_key(&id) {
+            return;
+        }
+        let new = self.compute_policy(id);
+        let Some(st) = self.identities.get_mut(&id) else {
+            return;
+        };
+        if *st.policy == new {
+            return;
+        }
+        let mut peers: Vec<Identity> = new
+            .iter()
+            .flat_map(|d| d.entries.iter().map(|e| e.peer))
+            .filter(|p| *p != identity::ANY)
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        let mut rules: Vec<RuleId> = new
+            .iter()
+            .flat_map(|d| {
+                d.entries
+                    .iter()
+                    .map(|e| e.rule)
+                    .chain(d.isolated_by)
+                    .chain(d.audit_isolated_by)
+            })
+            .collect();
+        rules.sort_unstable();
+        rules.dedup();
+        let old = std::mem::replace(&mut st.policy, Arc::new(new));
+        st.contribution = Arc::new(Contribution { peers, rules });
+        if self.journal.active {
+            self.journal.old_policy.entry(id).or_insert(old);
+            self.journal.dp_changed.insert(id);
+            for n in st.endpoints.keys() {
+                self.journal.flags.insert((*n, id));
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Per-node bookkeeping.
+
+    /// Brings node `n`'s reference counts in line with identity `id`'s current contribution
+    /// (or with its absence when `id` no longer has an endpoint on `n`).
+    fn update_contribution(&mut self, n: NodeIdx, id: Identity) {
+        let new: Option<Arc<Contribution>> = self
+            .identities
+            .get(&id)
+            .filter(|s| s.endpoints.get(&n).is_some_and(|e| !e.is_empty()))
+            .map(|s| s.contribution.clone());
+        let active = self.journal.active;
+        let node = &mut self.nodes[n as usize];
+        let old = node.contrib.remove(&id);
+        if let Some(c) = &new {
+            node.contrib.insert(id, c.clone());
+        }
+        if let (Some(a), Some(b)) = (&old, &new)
+            && Arc::ptr_eq(a, b)
+        {
+            return;
+        }
+        let empty = Contribution::default();
+        let old_c = old.as_deref().unwrap_or(&empty);
+        let new_c = new.as_deref().unwrap_or(&empty);
+        let (peers_gone, peers_new) = sorted_diff(&old_c.peers, &new_c.peers);
+        let (rules_gone, rules_new) = sorted_diff(&old_c.rules, &new_c.rules);
+        let mut flips = Vec::new();
+        for p in peers_gone {
+            let c = node.peer_refs.entry(p).or_default();
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                node.peer_refs.remove(&p);
+                flips.push((p, false));
+            }
+        }
+        for p in peers_new {
+            let c = node.peer_refs.entry(p).or_default();
+            *c += 1;
+            if *c == 1 {
+                flips.push((p, true));
+            }
+        }
+        for r in rules_gone {
+            let c = node.rule_refs.entry(r).or_default();
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                node.rule_refs.remove(&r);
+                if active {
+                    self.journal.rule_old.entry((n, r)).or_insert(true);
+                }
+            }
+        }
+        for r in rules_new {
+            let c = node.rule_refs.entry(r).or_default();
+            *c += 1;
+            if *c == 1 && active {
+                self.journal.rule_old.entry((n, r)).or_insert(false);
+            }
+        }
+        for (p, on) in flips {
+            self.peer_flip(n, p, on);
+        }
+    }
+
+    fn peer_flip(&mut self, n: NodeIdx, peer: Identity, on: bool) {
+        let set = self.ref_nodes.entry(peer).or_default();
+        if on {
+            set.insert(n);
+        } else {
+            set.remove(&n);
+            if set.is_empty() {
+                self.ref_nodes.remove(&peer);
+            }
+        }
+        if peer == identity::WORLD {
+            if on {
+                self.world_nodes.insert(n);
+            } else {
+                self.world_nodes.remove(&n);
+            }
+            if self.journal.active {
+                self.journal.all_ips.insert(n);
+            }
+            return;
+        }
+        if !self.journal.active {
+            return;
+        }
+        let Some(st) = self.identities.get(&peer) else {
+            return;
+        };
+        let ips: Vec<IpAddr> = st
+            .pods
+            .iter()
+            .filter_map(|pk| self.pods.get(pk))
+            .flat_map(|p| p.pod.ips.iter().copied())
+            .collect();
+        if !ips.is_empty() {
+            self.journal.ip_candidates.entry(n).or_default().extend(ips);
+        }
+    }
+
+    /// The identity node `n`'s ipcache gives a pod address, if it carries it: the first pod (by
+    /// name) with that address that is local to the node or whose identity the node references.
+    fn pod_entry(&self, n: NodeIdx, ip: &IpAddr) -> Option<Identity> {
+        let node = &self.nodes[n as usize];
+        let world = node.peer_refs.contains_key(&identity::WORLD);
+        self.pods_by_ip.get(ip)?.iter().find_map(|pk| {
+            let st = self.pods.get(pk)?;
+            (st.node == n || world || node.peer_refs.contains_key(&st.identity))
+                .then_some(st.identity)
+        })
+    }
+
+    fn build_ipcache(&mut self, n: NodeIdx) {
+        let node = &self.nodes[n as usize];
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if node.peer_refs.contains_key(&identity::WORLD) {
+            ips.extend(self.pods_by_ip.keys().copied());
+        } else {
+            for pk in node.endpoints.values() {
+                if let Some(st) = self.pods.get(pk) {
+                    ips.extend(st.pod.ips.iter().copied());
+                }
+            }
+            for peer in node.peer_refs.keys() {
+                if let Some(st) = self.identities.get(peer) {
+                    for pk in &st.pods {
+                        if let Some(p) = self.pods.get(pk) {
+                            ips.extend(p.pod.ips.iter().copied());
+                        }
+                    }
+                }
+            }
+        }
+        let mut entries: Vec<(IpNetwork, Identity)> = ips
+            .into_iter()
+            .filter_map(|ip| self.pod_entry(n, &ip).map(|id| (host_net(ip), id)))
+            .collect();
+        entries.sort_unstable();
+        entries.dedup_by(|a, b| a.0 == b.0);
+        self.nodes[n as usize].ipcache = entries;
+    }
+
+    fn cidr_identity(&self, net: &IpNetwork) -> Option<Identity> {
+        self.cidr_refs
+            .contains_key(net)
+            .then(|| self.cidr_slots.get(net))
+            .flatten()
+    }
+
+    fn build_deltas(&mut self) -> Vec<NodeDelta> {
+        let j = std::mem::take(&mut self.journal);
+        let mut nodes: BTreeSet<NodeIdx> = BTreeSet::new();
+        for snap in j.pods.values().flatten() {
+            nodes.insert(snap.node);
+        }
+        for pk in j.pods.keys() {
+            if let Some(st) = self.pods.get(pk) {
+                nodes.insert(st.node);
+            }
+        }
+        for id in &j.dp_changed {
+            if let Some(st) = self.identities.get(id) {
+                nodes.extend(st.endpoints.keys().copied());
+            }
+        }
+        nodes.extend(j.ip_candidates.keys().copied());
+        nodes.extend(j.all_ips.iter().copied());
+        nodes.extend(j.rule_old.keys().map(|(n, _)| *n));
+        nodes.extend(j.node_existed.keys().copied());
+        // Pods' new addresses must be (re)checked wherever they may now be carried.
+        let mut new_ip_candidates: FxHashMap<NodeIdx, FxHashSet<IpAddr>> = FxHashMap::default();
+        for pk in j.pods.keys() {
+            if let Some(st) = self.pods.get(pk) {
+                let mut on: Vec<NodeIdx> = vec![st.node];
+                if let Some(r) = self.ref_nodes.get(&st.identity) {
+                    on.extend(r.iter().copied());
+                }
+                on.extend(self.world_nodes.iter().copied());
+                for n in on {
+                    nodes.insert(n);
+                    new_ip_candidates
+                        .entry(n)
+                        .or_default()
+                        .extend(st.pod.ips.iter().copied());
+                }
+            }
+        }
+        let all_nodes = !j.cidr_old.is_empty() || !j.renamed_rules.is_empty();
+        if all_nodes {
+            nodes.extend(0..self.nodes.len() as NodeIdx);
+        }
+        let mut deltas = Vec::new();
+        for n in nodes {
+            if let Some(d) = self.node_delta(n, &j, new_ip_candidates.get(&n)) {
+                deltas.push(d);
+            }
+        }
+        deltas
+    }
+
+    fn old_policy_of(&self, j: &Journal, id: Identity) -> Policies {
+        if let Some(p) = j.old_policy.get(&id) {
+            return p.clone();
+        }
+        match self.identities.get(&id) {
+            Some(s) => s.policy.clone(),
+            None => Arc::new([DirectionPolicy::default(), DirectionPolicy::default()]),
+        }
+    }
+
+    fn node_delta(
+        &mut self,
+        n: NodeIdx,
+        j: &Journal,
+        new_ips: Option<&FxHashSet<IpAddr>>,
+    ) -> Option<NodeDelta> {
+        let existed = j
+            .node_existed
+            .get(&n)
+            .copied()
+            .unwrap_or_else(|| self.nodes[n as usize].exists());
+        let exists = self.nodes[n as usize].exists();
+        if !existed && !exists {
+            return None;
+        }
+        let mut delta = NodeDelta {
+            node: self.nodes[n as usize].name.clone(),
+            from_version: if existed {
+                self.nodes[n as usize].version
+            } else {
+                0
+            },
+            ..NodeDelta::default()
+        };
+        // Endpoints of touched pods.
+        let mut handled: BTreeSet<u32> = BTreeSet::new();
+        let mut touched: Vec<&PodKey> = j.pods.keys().collect();
+        touched.sort();
+        for pk in touched {
+            let old = j
+                .pods
+                .get(pk)
+                .and_then(|s| s.as_ref())
+                .filter(|s| s.node == n && s.endpoint.is_some());
+            let new = self
+                .pods
+                .get(pk)
+                .filter(|s| s.node == n && s.endpoint.is_some());
+            match (old, new) {
+                (None, None) => {}
+                (Some(o), None) => {
+                    delta.endpoints_removed.extend(o.endpoint);
+                    handled.extend(o.endpoint);
+                }
+                (None, Some(s)) => {
+                    if let Some(ep) = s.endpoint.and_then(|id| self.endpoint(id, pk)) {
+                        handled.insert(ep.id);
+                        delta.endpoints_added.push(ep);
+                    }
+                }
+                (Some(o), Some(s)) => {
+                    let (Some(oid), Some(nid)) = (o.endpoint, s.endpoint) else {
+                        continue;
+                    };
+                    handled.insert(oid);
+                    handled.insert(nid);
+                    if oid != nid {
+                        delta.endpoints_removed.push(oid);
+                        if let Some(ep) = self.endpoint(nid, pk) {
+                            delta.endpoints_added.push(ep);
+                        }
+                        continue;
+                    }
+                    let old_p = self.old_policy_of(j, o.identity);
+                    let new_p = self.identities.get(&s.identity).map(|x| x.policy.clone());
+                    let Some(new_p) = new_p else { continue };
+                    let ingress = DirectionDelta::between(&old_p[0], &new_p[0]);
+                    let egress = DirectionDelta::between(&old_p[1], &new_p[1]);
+                    let unchanged = o.identity == s.identity
+                        && o.ips == s.pod.ips
+                        && o.workload == s.pod.workload
+                        && ingress.is_empty_against(&old_p[0])
+                        && egress.is_empty_against(&old_p[1]);
+                    if !unchanged {
+                        delta.endpoints_changed.push(EndpointDelta {
+                            id: nid,
+                            identity: s.identity,
+                            ips: s.pod.ips.clone(),
+                            workload: s.pod.workload.clone(),
+                            ingress,
+                            egress,
+                        });
+                    }
+                }
+            }
+        }
+        // Endpoints whose identity's policy changed.
+        let mut changed_ids: Vec<Identity> = j.dp_changed.iter().copied().collect();
+        changed_ids.sort_unstable();
+        for id in changed_ids {
+            let Some(st) = self.identities.get(&id) else {
+                continue;
+            };
+            let Some(eps) = st.endpoints.get(&n) else {
+                continue;
+            };
+            let old_p = self.old_policy_of(j, id);
+            let ingress = DirectionDelta::between(&old_p[0], &st.policy[0]);
+            let egress = DirectionDelta::between(&old_p[1], &st.policy[1]);
+            if ingress.is_empty_against(&old_p[0]) && egress.is_empty_against(&old_p[1]) {
+                continue;
+            }
+            for ep in eps {
+                if handled.contains(ep) {
+                    continue;
+                }
+                let Some(pk) = self.nodes[n as usize].endpoints.get(ep) else {
+                    continue;
+                };
+                let Some(ps) = self.pods.get(pk) else {
+                    continue;
+                };
+                delta.endpoints_changed.push(EndpointDelta {
+                    id: *ep,
+                    identity: id,
+                    ips: ps.pod.ips.clone(),
+                    workload: ps.pod.workload.clone(),
+                    ingress: ingress.clone(),
+                    egress: egress.clone(),
+                });
+            }
+        }
+        delta.endpoints_removed.sort_unstable();
+        delta.endpoints_added.sort_by_key(|e| e.id);
+        delta.endpoints_changed.sort_by_key(|e| e.id);
+        // ipcache.
+        let mut keys: BTreeSet<IpNetwork> = BTreeSet::new();
+        let mut old_pod: BTreeMap<IpNetwork, Option<Identity>> = BTreeMap::new();
+        let check: Vec<IpAddr> = if j.all_ips.contains(&n) {
+            let mut v: Vec<IpAddr> = self.pods_by_ip.keys().copied().collect();
+            v.extend(self.nodes[n as usize].ipcache.iter().map(|(k, _)| k.ip()));
+            v
+        } else {
+            let mut v: Vec<IpAddr> = Vec::new();
+            if let Some(c) = j.ip_candidates.get(&n) {
+                v.extend(c.iter().copied());
+            }
+            if let Some(c) = new_ips {
+                v.extend(c.iter().copied());
+            }
+            v
+        };
+        for ip in check {
+            let net = host_net(ip);
+            if old_pod.contains_key(&net) {
+                continue;
+            }
+            let new_val = if exists { self.pod_entry(n, &ip) } else { None };
+            let old_val = self.nodes[n as usize].ipcache_get(&net);
+            old_pod.insert(net, old_val);
+            if new_val != old_val {
+                self.nodes[n as usize].ipcache_set(net, new_val);
+                keys.insert(net);
+            }
+        }
+        for c in j.cidr_old.keys() {
+            keys.insert(*c);
+        }
+        if !existed && exists {
+            keys.extend(self.cidr_refs.keys().copied());
+        }
+        for k in keys {
+            let old_p = old_pod
+                .get(&k)
+                .copied()
+                .unwrap_or_else(|| self.nodes[n as usize].ipcache_get(&k));
+            let old_c = match j.cidr_old.get(&k) {
+                Some(v) => *v,
+                None => self.cidr_identity(&k),
+            };
+            let old_eff = if existed { old_p.or(old_c) } else { None };
+            let new_eff = if exists {
+                self.nodes[n as usize]
+                    .ipcache_get(&k)
+                    .or_else(|| self.cidr_identity(&k))
+            } else {
+                None
+            };
+            match (old_eff, new_eff) {
+                (a, b) if a == b => {}
+                (_, Some(id)) => delta.ipcache_upserted.push(IpCacheEntry {
+                    cidr: k,
+                    identity: id,
+                }),
+                (Some(_), None) => delta.ipcache_removed.push(k),
+                (None, None) => {}
+            }
+        }
+        // Rules.
+        let node_rules: Vec<(RuleId, bool)> = j
+            .rule_old
+            .iter()
+            .filter(|((m, _), _)| *m == n)
+            .map(|((_, r), was)| (*r, *was))
+            .collect();
+        let mut rules_seen = BTreeSet::new();
+        for (r, was) in node_rules {
+            rules_seen.insert(r);
+            let is = self.nodes[n as usize].rule_refs.contains_key(&r);
+            if is && (!was || j.renamed_rules.contains(&r)) {
+                if let Some(rr) = self.rule_ref(r) {
+                    delta.rules_upserted.insert(r, rr);
+                }
+            } else if !is && was {
+                delta.rules_removed.push(r);
+            }
+        }
+        let renamed: Vec<RuleId> = self.nodes[n as usize]
+            .rule_refs
+            .keys()
+            .filter(|r| j.renamed_rules.contains(r) && !rules_seen.contains(r))
+            .copied()
+            .collect();
+        for r in renamed {
+            if let Some(rr) = self.rule_ref(r) {
+                delta.rules_upserted.insert(r, rr);
+            }
+        }
+        delta.rules_removed.sort_unstable();
+        if existed && !exists {
+            let node = &mut self.nodes[n as usize];
+            node.version += 1;
+            node.ipcache.clear();
+            return Some(NodeDelta {
+                node: node.name.clone(),
+                from_version: delta.from_version,
+                version: node.version,
+                node_removed: true,
+                ..NodeDelta::default()
+            });
+        }
+        if existed && delta.is_empty() {
+            return None;
+        }
+        let node = &mut self.nodes[n as usize];
+        node.version += 1;
+        delta.version = node.version;
+        Some(delta)
+    }
+}
+
+fn sorted_diff<T: Ord + Copy>(old: &[T], new: &[T]) -> (Vec<T>, Vec<T>) {
+    let mut gone = Vec::new();
+    let mut added = Vec::new();
+    let (mut i, mut k) = (0, 0);
+    while i < old.len() || k < new.len() {
+        match (old.get(i), new.get(k)) {
+            (Some(a), Some(b)) if a == b => {
+                i += 1;
+                k += 1;
+            }
+            (Some(a), Some(b)) if a < b => {
+                gone.push(*a);
+                i += 1;
+            }
+            (Some(_), Some(b)) => {
+                added.push(*b);
+                k += 1;
+            }
+            (Some(a), None) => {
+                gone.push(*a);
+                i += 1;
+            }
+            (None, Some(b)) => {
+                added.push(*b);
+                k += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    (gone, added)
+}
+
+fn host_net(ip: IpAddr) -> IpNetwork {
+    let prefix = if ip.is_ipv4() { 32 } else { 128 };
+    // A host prefix is always valid for its family.
+    IpNetwork::new(ip, prefix).unwrap_or_else(|_| IpNetwork::from(ip))
+}
+
+fn is_within(inner: &IpNetwork, outer: &IpNetwork) -> bool {
+    inner.is_ipv4() == outer.is_ipv4()
+        && inner.prefix() >= outer.prefix()
+        && outer.contains(inner.network())
+}
+
+fn slot_hash(key: &PolicyKey) -> u64 {
+    crate::identity::Fnv::hash_str(&format!("{:?}\0{}\0{}", key.kind, key.namespace, key.name))
+}
+
+fn namespace_labels(ns: &Namespace) -> Labels {
+    let mut labels = ns.labels.clone();
+    labels.insert(NAMESPACE_NAME_LABEL.to_string(), ns.name.clone());
+    labels
+}
