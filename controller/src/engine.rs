@@ -678,6 +678,9 @@ impl PolicyEngine {
             }
             Change::UpsertPod(pod) => {
                 let pk = pod.key();
+                if self.pods.get(&pk).is_some_and(|s| s.pod == pod) {
+                    return Ok(());
+                }
                 self.remove_pod(&pk, Some(&pod))?;
                 if !pod.host_network {
                     self.insert_pod(pod)?;
