@@ -364,7 +364,12 @@ fn resolve_one(
     include_audit: bool,
     isolated_by: Option<RuleId>,
 ) -> (Verdict, RuleId) {
-    for tier in [Tier::Quarantine, Tier::Admin, Tier::Application, Tier::Baseline] {
+    for tier in [
+        Tier::Quarantine,
+        Tier::Admin,
+        Tier::Application,
+        Tier::Baseline,
+    ] {
         let best = matching
             .iter()
             .filter(|e| e.tier == tier && (include_audit || !e.audit))
@@ -443,7 +448,13 @@ pub fn decide(
 mod tests {
     use super::*;
 
-    fn entry(peer: Identity, tier: Tier, priority: u16, action: Action, rule: RuleId) -> PolicyEntry {
+    fn entry(
+        peer: Identity,
+        tier: Tier,
+        priority: u16,
+        action: Action,
+        rule: RuleId,
+    ) -> PolicyEntry {
         PolicyEntry {
             peer,
             protocol: Some(Protocol::Tcp),
@@ -494,7 +505,8 @@ mod tests {
         };
         let d = decide_direction(&p, 300, Some(Protocol::Tcp), Some(80));
         assert_eq!((d.verdict, d.rule), (Verdict::Deny, 3));
-        p.entries.push(entry(300, Tier::Application, 0, Action::Allow, 4));
+        p.entries
+            .push(entry(300, Tier::Application, 0, Action::Allow, 4));
         let d = decide_direction(&p, 300, Some(Protocol::Tcp), Some(80));
         assert_eq!((d.verdict, d.rule), (Verdict::Allow, 4));
     }
