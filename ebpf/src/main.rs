@@ -483,12 +483,12 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
     let s = unsafe { &mut *sp };
     let p = &s.packet;
     let bytes = ctx.len() as u64;
+    // The peer's identity (an LPM lookup) is only needed once conntrack has not decided.
     let peer_addr = if dir == DIR_INGRESS {
         &p.saddr
     } else {
         &p.daddr
     };
-    let peer = identity_of(p, peer_addr);
     let generation = match CONFIG.get(0) {
         Some(c) => c.generation,
         None => 0,
@@ -509,6 +509,7 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
                 return TC_ACT_OK;
             }
         }
+        let peer = identity_of(p, peer_addr);
         let v = lookup_policy(ep, dir, peer, p);
         if v.verdict == VERDICT_ALLOW {
             unsafe {
@@ -553,6 +554,7 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
         return TC_ACT_OK;
     }
 
+    let peer = identity_of(p, peer_addr);
     // ICMP errors pass only when they relate to a tracked connection of this endpoint.
     if p.icmp_error {
         if icmp_error_related(skb, sp, ep.endpoint_id, dir) {

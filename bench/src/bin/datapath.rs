@@ -1,0 +1,188 @@
+//! Per-packet cost of the TC program with BPF_PROG_TEST_RUN, against a floor program that only
+//! parses headers, for 10 … 100k policy entries. Figures, not a test: run as root.
+//!
+//! `cargo run --release -p bulkhead-bench --bin datapath [-- --repeat 1000000]`
+//!
+//! Paths measured, all through `bulkhead_to_pod` on an endpoint whose ingress policy holds N
+//! entries (one per peer identity, TCP port 80):
+//! * `new (deny)`: a connection attempt the policy refuses — parse, endpoint, ipcache, two
+//!   conntrack misses, the policy LPM lookups, the deny-event rate limiter, counters. Every
+//!   repetition takes the full new-connection path (an allowed SYN would be tracked after the
+//!   first repetition).
+//! * `established`: a packet of an allowed, tracked connection.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::Context;
+use bulkhead_agent::{
+    loader::{Dataplane, PROG_PARSE_ONLY, PROG_TO_POD},
+    netns::Netns,
+    privileged::missing_privileges,
+    sync::{Enforcer, RouteResolver},
+};
+use bulkhead_controller::ruleset::{
+    Action, DirectionPolicy, Endpoint, IpCacheEntry, PolicyEntry, PortRange, Protocol, RuleSet,
+    Tier,
+};
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// BPF_PROG_TEST_RUN repetitions per measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    repeat: u32,
+    /// Measurements per cell; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+fn tcp_syn(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut p = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+    p.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xfa, 0xf0, 0, 0, 0, 0]);
+    p
+}
+
+fn peer_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a40_0000 + i)
+}
+
+fn ruleset(n: u32) -> RuleSet {
+    let entries = (0..n)
+        .map(|i| PolicyEntry {
+            peer: 1000 + i,
+            protocol: Some(Protocol::Tcp),
+            ports: PortRange::single(80),
+            tier: Tier::Application,
+            priority: 0,
+            action: Action::Allow,
+            audit: false,
+            rule: i + 10,
+        })
+        .collect();
+    let mut ipcache: Vec<IpCacheEntry> = (0..n)
+        .map(|i| IpCacheEntry {
+            cidr: format!("{}/32", peer_ip(i)).parse().expect("cidr"),
+            identity: 1000 + i,
+        })
+        .collect();
+    ipcache.push(IpCacheEntry {
+        cidr: "10.0.0.2/32".parse().expect("cidr"),
+        identity: 300,
+    });
+    RuleSet {
+        node: "bench".into(),
+        version: n as u64,
+        endpoints: vec![Endpoint {
+            id: 1,
+            namespace: "bench".into(),
+            pod: "server".into(),
+            workload: None,
+            identity: 300,
+            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))],
+            interface: Some("ep0".into()),
+            quarantined: false,
+            ingress: DirectionPolicy {
+                isolated_by: Some(1),
+                audit_isolated_by: None,
+                entries,
+            },
+            egress: DirectionPolicy::default(),
+        }],
+        ipcache,
+        rules: Default::default(),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(why) = missing_privileges() {
+        anyhow::bail!("this benchmark loads eBPF programs: {why}");
+    }
+    let pins =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/bulkhead-bench-{}", std::process::id()));
+    let ns = Netns::create(&format!("bh-bench-{}", std::process::id())).context("namespace")?;
+    ns.exec(&[
+        "ip", "link", "add", "ep0", "type", "veth", "peer", "name", "ep0p",
+    ])?;
+    ns.exec(&["ip", "link", "set", "ep0", "up"])?;
+    let pin_dir = pins.clone();
+    let repeat = args.repeat;
+    let rounds = args.rounds;
+    let result = ns.run(move || -> anyhow::Result<Vec<(u32, f64, f64, f64)>> {
+        let dp = Dataplane::load(&pin_dir)?;
+        let mut e = Enforcer::new(dp)?;
+        let ifx = nix::net::if_::if_nametoindex("ep0")?;
+        let mut rows = Vec::new();
+        for n in [10u32, 1_000, 10_000, 100_000] {
+            let report = e.apply(&ruleset(n), &RouteResolver)?;
+            eprintln!(
+                "{n:>7} entries: {} policy keys written in {:.0} ms",
+                report.policy_entries_written,
+                report.duration.as_secs_f64() * 1e3
+            );
+            // The peer in the middle of the identity range: a real match deep in the trie.
+            let peer = peer_ip(n / 2).octets();
+            let denied = tcp_syn(peer, [10, 0, 0, 2], 40000, 81);
+            let allowed = tcp_syn(peer, [10, 0, 0, 2], 40001, 80);
+            let dpr = e.dataplane();
+            let (v, _) = dpr.test_run(PROG_TO_POD, &allowed, ifx, 1)?;
+            anyhow::ensure!(v == 0, "allowed packet was dropped");
+            let (v, _) = dpr.test_run(PROG_TO_POD, &denied, ifx, 1)?;
+            anyhow::ensure!(v == 2, "denied packet passed");
+            let mut floor = Vec::new();
+            let mut new = Vec::new();
+            let mut est = Vec::new();
+            for _ in 0..rounds {
+                floor.push(
+                    dpr.test_run(PROG_PARSE_ONLY, &allowed, ifx, repeat)?
+                        .1
+                        .as_nanos() as f64,
+                );
+                new.push(
+                    dpr.test_run(PROG_TO_POD, &denied, ifx, repeat)?
+                        .1
+                        .as_nanos() as f64,
+                );
+                est.push(
+                    dpr.test_run(PROG_TO_POD, &allowed, ifx, repeat)?
+                        .1
+                        .as_nanos() as f64,
+                );
+            }
+            rows.push((n, median(floor), median(new), median(est)));
+        }
+        Ok(rows)
+    });
+    let _ = bulkhead_agent::loader::remove_pins(&pins);
+    let rows = result.context("enter namespace")??;
+    println!("\nPer-packet cost, BPF_PROG_TEST_RUN × {repeat} (median of {rounds}), ns/packet");
+    println!(
+        "{:>9} | {:>9} | {:>11} {:>6} | {:>11} {:>6}",
+        "entries", "floor", "new (deny)", "×floor", "established", "×floor"
+    );
+    for (n, f, nw, es) in &rows {
+        println!(
+            "{n:>9} | {f:>9.1} | {nw:>11.1} {:>6.2} | {es:>11.1} {:>6.2}",
+            nw / f,
+            es / f
+        );
+    }
+    let first = rows.first().expect("rows");
+    let last = rows.last().expect("rows");
+    println!(
+        "flatness 100k vs 10 entries: new {:+.1}%, established {:+.1}%",
+        (last.2 / first.2 - 1.0) * 100.0,
+        (last.3 / first.3 - 1.0) * 100.0
+    );
+    Ok(())
+}
