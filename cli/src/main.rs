@@ -1,6 +1,7 @@
 //! `bulkhead`: the one command of the project.
 
 mod agent;
+mod policy;
 
 use std::process::ExitCode;
 
@@ -28,6 +29,9 @@ enum Command {
     /// Node agent: loads the eBPF programs, attaches them to endpoint veths and enforces a rule
     /// set (from a file for now; from the controller once distribution lands).
     Agent(agent::AgentArgs),
+    /// Policy engine on Kubernetes YAML: reachability matrix (`evaluate`), why a connection is
+    /// allowed or denied (`explain`), per-node rule sets for the agent (`compile`).
+    Policy(policy::PolicyArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Agent(args) => agent::run(args),
+        Command::Policy(args) => policy::run(args),
     };
     match result {
         Ok(code) => code,
