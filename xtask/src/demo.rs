@@ -4,7 +4,8 @@
 //!
 //! Everything lives in namespaces this demo creates (`bhdemo-*`); the host's own network is not
 //! touched. Pods are /32 addresses behind veths of a `bhdemo-node` namespace that routes
-//! between them (proxy ARP, as Calico wires pods).
+//! between them: each pod's default route points at 169.254.1.1, an address that every
+//! node-side veth carries (Calico wires pods much the same way).
 
 use std::{
     fs,
@@ -142,13 +143,10 @@ fn build_topology() -> anyhow::Result<()> {
             ],
         )?;
         in_ns(NODE_NS, &["ip", "link", "set", &veth, "up"])?;
+        // The pods' gateway address lives on every node-side veth, so each pod resolves it.
         in_ns(
             NODE_NS,
-            &[
-                "sysctl",
-                "-qw",
-                &format!("net.ipv4.conf.{veth}.proxy_arp=1"),
-            ],
+            &["ip", "addr", "add", "169.254.1.1/32", "dev", &veth],
         )?;
         in_ns(
             NODE_NS,
