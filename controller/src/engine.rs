@@ -268,7 +268,7 @@ pub struct PolicyEngine {
     pods_by_ip: BTreeMap<IpAddr, BTreeSet<PodKey>>,
     identities: FxHashMap<Identity, IdentityState>,
     identities_by_ns: FxHashMap<String, FxHashSet<Identity>>,
-    pod_slots: OrderedSlots<IdentityKey>,
+    pod_slots: OrderedSlots<Arc<IdentityKey>>,
     cidr_slots: OrderedSlots<IpNetwork>,
     cidr_refs: BTreeMap<IpNetwork, u32>,
     policies: BTreeMap<PolicyKey, PolicyState>,
@@ -898,6 +898,11 @@ impl PolicyEngine {
             .filter(|(k, ep)| k == pk && !n.endpoints.contains_key(ep))
             .map(|(_, ep)| ep);
         let id = reserved.or_else(|| {
+            // Without gaps the next id is simply one past the last.
+            let len = n.endpoints.len() as u32;
+            if n.endpoints.keys().next_back().copied().unwrap_or(0) == len {
+                return (len + 1 < MAX_ENDPOINT_ID).then_some(len + 1);
+            }
             let mut next = 1;
             for k in n.endpoints.keys() {
                 if *k != next {
@@ -1104,9 +1109,10 @@ impl PolicyEngine {
             return Ok(id);
         }
         let hash = key.home_hash();
+        let key = Arc::new(key);
         let (id, moves) = self.pod_slots.insert(key.clone(), hash)?;
         self.move_pod_identities(moves);
-        self.create_identity(id, IdentityKind::Pod(Arc::new(key)));
+        self.create_identity(id, IdentityKind::Pod(key));
         Ok(id)
     }
 
@@ -1121,7 +1127,7 @@ impl PolicyEngine {
     }
 
     /// Identities renumbered by a collision: their pods and endpoints move to the new number.
-    fn move_pod_identities(&mut self, moves: Vec<Move<IdentityKey>>) {
+    fn move_pod_identities(&mut self, moves: Vec<Move<Arc<IdentityKey>>>) {
         let mut taken = Vec::new();
         for m in moves {
             if let Some(state) = self.destroy_identity(m.from) {
@@ -1824,32 +1830,54 @@ impl PolicyEngine {
 
     fn build_ipcache(&mut self, n: NodeIdx) {
         let node = &self.nodes[n as usize];
-        let mut ips: Vec<IpAddr> = Vec::new();
+        // Every (address, identity) the node carries; an address shared by pods of different
+        // identities (stale pod data) is settled by `pod_entry`.
+        let mut entries: Vec<(IpNetwork, Identity)> = Vec::new();
+        let push_pod = |st: &PodState, entries: &mut Vec<(IpNetwork, Identity)>| {
+            entries.extend(st.pod.ips.iter().map(|ip| (host_net(*ip), st.identity)));
+        };
         if node.peer_refs.contains_key(&identity::WORLD) {
-            ips.extend(self.pods_by_ip.keys().copied());
+            for pks in self.pods_by_ip.values() {
+                for pk in pks {
+                    if let Some(st) = self.pods.get(pk) {
+                        push_pod(st, &mut entries);
+                    }
+                }
+            }
         } else {
             for pk in node.endpoints.values() {
                 if let Some(st) = self.pods.get(pk) {
-                    ips.extend(st.pod.ips.iter().copied());
+                    push_pod(st, &mut entries);
                 }
             }
             for peer in node.peer_refs.keys() {
-                if let Some(st) = self.identities.get(peer) {
-                    for pk in &st.pods {
-                        if let Some(p) = self.pods.get(pk) {
-                            ips.extend(p.pod.ips.iter().copied());
+                if let Some(ps) = self.identities.get(peer) {
+                    for pk in &ps.pods {
+                        if let Some(st) = self.pods.get(pk) {
+                            push_pod(st, &mut entries);
                         }
                     }
                 }
             }
         }
-        let mut entries: Vec<(IpNetwork, Identity)> = ips
-            .into_iter()
-            .filter_map(|ip| self.pod_entry(n, &ip).map(|id| (host_net(ip), id)))
-            .collect();
         entries.sort_unstable();
-        entries.dedup_by(|a, b| a.0 == b.0);
-        self.nodes[n as usize].ipcache = entries;
+        entries.dedup();
+        let mut out: Vec<(IpNetwork, Identity)> = Vec::with_capacity(entries.len());
+        let mut i = 0;
+        while i < entries.len() {
+            let net = entries[i].0;
+            let mut j = i + 1;
+            while j < entries.len() && entries[j].0 == net {
+                j += 1;
+            }
+            if j - i == 1 {
+                out.push(entries[i]);
+            } else if let Some(id) = self.pod_entry(n, &net.ip()) {
+                out.push((net, id));
+            }
+            i = j;
+        }
+        self.nodes[n as usize].ipcache = out;
     }
 
     fn cidr_identity(&self, net: &IpNetwork) -> Option<Identity> {

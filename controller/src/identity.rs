@@ -199,7 +199,11 @@ impl<K: Clone + Ord + Hash> OrderedSlots<K> {
         self.by_key.is_empty()
     }
 
-    pub fn get(&self, key: &K) -> Option<u32> {
+    pub fn get<Q>(&self, key: &Q) -> Option<u32>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.by_key.get(key).map(|s| self.base + s)
     }
 
@@ -306,7 +310,7 @@ impl<K: Clone + Ord + Hash> OrderedSlots<K> {
 
 /// Pod identities: numbers from [`identity::FIRST_ALLOCATED_IDENTITY`] below
 /// [`identity::FIRST_CIDR_IDENTITY`].
-pub fn pod_identity_slots() -> OrderedSlots<IdentityKey> {
+pub fn pod_identity_slots() -> OrderedSlots<std::sync::Arc<IdentityKey>> {
     let total = identity::FIRST_CIDR_IDENTITY - identity::FIRST_ALLOCATED_IDENTITY;
     OrderedSlots::new(
         "pod identity",
