@@ -1,7 +1,9 @@
 //! Bulkhead's node agent: loads the eBPF programs, pins them, attaches them to endpoint veths,
 //! writes compiled rule sets into the maps, and reads flow events.
 
+pub mod flows;
 pub mod loader;
+pub mod metrics;
 pub mod netns;
 pub mod policy_map;
 pub mod privileged;

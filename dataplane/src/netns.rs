@@ -156,3 +156,59 @@ pub fn veth_pair(
     ip(&args)?;
     Ok(())
 }
+
+/// The gateway address every pod routes through; it sits on each node-side veth.
+pub const POD_GATEWAY_V4: &str = "169.254.1.1";
+
+/// Wires a pod namespace to a node namespace the way a CNI does: a veth whose node side is
+/// `host_if`, the pod's address as a /32 on its `eth0`, a default route via
+/// [`POD_GATEWAY_V4`] (an address every node-side veth carries), and a /32 route on the node.
+/// The node namespace must forward (`net.ipv4.ip_forward=1`).
+pub fn wire_pod(
+    node: &Netns,
+    pod: &Netns,
+    host_if: &str,
+    ip: std::net::Ipv4Addr,
+) -> Result<(), NetnsError> {
+    veth_pair(host_if, Some(node), "eth0", Some(pod))?;
+    let cidr = format!("{ip}/32");
+    pod.exec(&["ip", "addr", "add", &cidr, "dev", "eth0"])?;
+    pod.exec(&["ip", "link", "set", "eth0", "up"])?;
+    pod.exec(&[
+        "ip",
+        "route",
+        "add",
+        POD_GATEWAY_V4,
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ])?;
+    pod.exec(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        POD_GATEWAY_V4,
+        "dev",
+        "eth0",
+    ])?;
+    node.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{POD_GATEWAY_V4}/32"),
+        "dev",
+        host_if,
+    ])?;
+    node.exec(&["ip", "link", "set", host_if, "up"])?;
+    node.exec(&["ip", "route", "add", &cidr, "dev", host_if])?;
+    Ok(())
+}
+
+/// Turns on IPv4 forwarding inside a namespace (not the host).
+pub fn enable_forwarding(ns: &Netns) -> Result<(), NetnsError> {
+    ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    Ok(())
+}

@@ -147,6 +147,11 @@ impl Enforcer {
         &mut self.dataplane
     }
 
+    /// Policy keys this agent has in the `POLICY` map.
+    pub fn policy_key_count(&self) -> usize {
+        self.endpoints.values().map(|s| s.keys.len()).sum()
+    }
+
     pub fn realized_version(&self) -> Option<u64> {
         self.realized_version
     }

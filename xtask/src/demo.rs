@@ -279,7 +279,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
             "  explore:  ip netns exec bhdemo-debug bash    |    ip netns exec {NODE_NS} bpftool net"
         );
         println!(
-            "  clean up: pkill -f 'bulkhead agent run --node {NODE}'; {} agent reset --node {NODE}; ip -all netns delete",
+            "  clean up: pkill -f 'bulkhead agent run --node {NODE}'; {} agent reset --node {NODE}; for n in $(ip netns list | grep -o '^bhdemo-[a-z]*'); do ip netns del $n; done",
             bin.display()
         );
         return Ok(());
@@ -322,10 +322,16 @@ fn enforce_and_show(root: &std::path::Path, bin: &std::path::Path) -> anyhow::Re
     say(
         "3. The node agent loads the eBPF programs, attaches them to each pod's veth and writes the maps",
     );
-    let mut agent = Command::new("ip")
-        .args(["netns", "exec", NODE_NS])
-        .arg(bin)
-        .args(["agent", "run", "--node", NODE, "--ruleset"])
+    let mut agent = Command::new(bin)
+        .args([
+            "agent",
+            "run",
+            "--node",
+            NODE,
+            "--netns",
+            NODE_NS,
+            "--ruleset",
+        ])
         .arg(&ruleset_path)
         .stderr(Stdio::piped())
         .spawn()

@@ -41,9 +41,17 @@ enum Task {
 }
 
 /// Debian packages the project needs: `ip`/`tc` for namespaces and veths, `bpftool` to inspect
-/// programs, `iperf3`/`iptables`/`nftables` for the benchmarks' comparisons.
+/// programs, `iperf3`/`iptables`/`nftables` for the benchmarks' comparisons, `ping` for the
+/// ICMP end-to-end checks.
 const DEBIAN_PACKAGES: &[&str] = &[
-    "iproute2", "bpftool", "iperf3", "iptables", "nftables", "ethtool", "procps",
+    "iproute2",
+    "bpftool",
+    "iperf3",
+    "iptables",
+    "nftables",
+    "ethtool",
+    "procps",
+    "iputils-ping",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,265 @@
+//! The agent's Prometheus metrics. Kernel counters are read from the pinned maps at scrape
+//! time (per-CPU values summed), so a scrape always shows what the kernel counted, including
+//! what an earlier agent process counted.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use aya::maps::{Map, MapData, PerCpuArray};
+use bulkhead_common::{COUNTER_SLOTS, Counter, MAX_ENDPOINTS, reason, stat};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    core::{Collector, Desc},
+    proto::MetricFamily,
+};
+
+/// Metrics the agent updates itself.
+#[derive(Clone)]
+pub struct AgentMetrics {
+    pub registry: Registry,
+    pub realized_version: IntGauge,
+    pub apply_seconds: Histogram,
+    pub apply_errors: IntCounter,
+    pub endpoints: IntGauge,
+    pub endpoints_locked_down: IntGauge,
+    pub missing_interfaces: IntGauge,
+    pub policy_entries: IntGauge,
+    pub flow_records: IntCounterVec,
+    pub malformed_events: IntCounter,
+    pub controller_connected: IntGauge,
+}
+
+impl AgentMetrics {
+    /// `pin_dir` is the node's pin directory; `names` maps endpoint ids to `namespace/pod`.
+    pub fn new(pin_dir: &Path, names: Arc<RwLock<Vec<(u32, String)>>>) -> prometheus::Result<Self> {
+        let registry = Registry::new_custom(Some("bulkhead_agent".into()), None)?;
+        let realized_version = IntGauge::new(
+            "realized_version",
+            "Version of the rule set realized in the kernel",
+        )?;
+        let apply_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "apply_duration_seconds",
+                "Time to write a rule set into the maps",
+            )
+            .buckets(prometheus::exponential_buckets(0.0001, 2.0, 18)?),
+        )?;
+        let apply_errors = IntCounter::new(
+            "apply_errors_total",
+            "Rule sets that could not be applied (the previous one stayed in force)",
+        )?;
+        let endpoints = IntGauge::new("endpoints", "Endpoints enforced on this node")?;
+        let endpoints_locked_down = IntGauge::new(
+            "endpoints_locked_down",
+            "Endpoints locked down (deny all) because their policy did not fit in the maps",
+        )?;
+        let missing_interfaces = IntGauge::new(
+            "missing_interfaces",
+            "Endpoints whose interface was not found (retried)",
+        )?;
+        let policy_entries = IntGauge::new(
+            "policy_map_entries",
+            "Keys this agent wrote into the POLICY map",
+        )?;
+        let flow_records = IntCounterVec::new(
+            Opts::new(
+                "flow_records_total",
+                "Flow records read from the kernel, by verdict",
+            ),
+            &["verdict"],
+        )?;
+        let malformed_events = IntCounter::new(
+            "malformed_events_total",
+            "Ring-buffer records too short to decode",
+        )?;
+        let controller_connected = IntGauge::new(
+            "controller_connected",
+            "1 while the controller stream is up; 0 means the last rule set stays enforced",
+        )?;
+        for c in [
+            Box::new(realized_version.clone()) as Box<dyn Collector>,
+            Box::new(apply_seconds.clone()),
+            Box::new(apply_errors.clone()),
+            Box::new(endpoints.clone()),
+            Box::new(endpoints_locked_down.clone()),
+            Box::new(missing_interfaces.clone()),
+            Box::new(policy_entries.clone()),
+            Box::new(flow_records.clone()),
+            Box::new(malformed_events.clone()),
+            Box::new(controller_connected.clone()),
+            Box::new(KernelCounters::new(pin_dir, names)?),
+        ] {
+            registry.register(c)?;
+        }
+        Ok(AgentMetrics {
+            registry,
+            realized_version,
+            apply_seconds,
+            apply_errors,
+            endpoints,
+            endpoints_locked_down,
+            missing_interfaces,
+            policy_entries,
+            flow_records,
+            malformed_events,
+            controller_connected,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode_utf8(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        buf
+    }
+}
+
+/// Reads `COUNTERS`, `STATS` and map pressure from the pinned maps at each scrape.
+struct KernelCounters {
+    maps: PathBuf,
+    names: Arc<RwLock<Vec<(u32, String)>>>,
+    descs: Vec<Desc>,
+}
+
+impl KernelCounters {
+    fn new(pin_dir: &Path, names: Arc<RwLock<Vec<(u32, String)>>>) -> prometheus::Result<Self> {
+        let desc = |name: &str, help: &str, labels: &[&str]| {
+            Desc::new(
+                name.to_string(),
+                help.to_string(),
+                labels.iter().map(|l| l.to_string()).collect(),
+                Default::default(),
+            )
+        };
+        let descs = vec![
+            desc(
+                "packets_total",
+                "Packets by endpoint and reason (verdict or drop reason)",
+                &["endpoint", "reason"],
+            )?,
+            desc(
+                "bytes_total",
+                "Bytes by endpoint and reason",
+                &["endpoint", "reason"],
+            )?,
+            desc(
+                "kernel_events_total",
+                "Kernel-side event accounting",
+                &["kind"],
+            )?,
+            desc(
+                "map_capacity",
+                "Capacity (max entries) of a BPF map",
+                &["map"],
+            )?,
+        ];
+        Ok(KernelCounters {
+            maps: pin_dir.join("maps"),
+            names,
+            descs,
+        })
+    }
+
+    fn per_cpu<V: aya::Pod>(&self, name: &str) -> Option<PerCpuArray<MapData, V>> {
+        let data = MapData::from_pin(self.maps.join(name)).ok()?;
+        let map = Map::from_map_data(data).ok()?;
+        PerCpuArray::try_from(map).ok()
+    }
+
+    fn capacity(&self, name: &str) -> Option<u64> {
+        let data = MapData::from_pin(self.maps.join(name)).ok()?;
+        Some(data.info().ok()?.max_entries() as u64)
+    }
+}
+
+impl Collector for KernelCounters {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut out = Vec::new();
+        let packets = IntCounterVec::new(
+            Opts::new(
+                "packets_total",
+                "Packets by endpoint and reason (verdict or drop reason)",
+            ),
+            &["endpoint", "reason"],
+        );
+        let bytes = IntCounterVec::new(
+            Opts::new("bytes_total", "Bytes by endpoint and reason"),
+            &["endpoint", "reason"],
+        );
+        let stats = IntCounterVec::new(
+            Opts::new(
+                "kernel_events_total",
+                "Kernel-side event accounting: lost ring-buffer events, rate-limited deny events, failed conntrack inserts",
+            ),
+            &["kind"],
+        );
+        let pressure = IntGaugeVec::new(
+            Opts::new("map_capacity", "Capacity (max entries) of a BPF map"),
+            &["map"],
+        );
+        let (Ok(packets), Ok(bytes), Ok(stats), Ok(pressure)) = (packets, bytes, stats, pressure)
+        else {
+            return out;
+        };
+        let names = self.names.read().map(|n| n.clone()).unwrap_or_default();
+        if let Some(counters) = self.per_cpu::<Counter>("COUNTERS") {
+            let mut rows: Vec<(u32, String)> = names;
+            rows.push((MAX_ENDPOINTS, "(node)".into()));
+            for (id, name) in rows {
+                for why in 0..reason::COUNT {
+                    let slot = id.min(MAX_ENDPOINTS) * reason::COUNT + why;
+                    if slot >= COUNTER_SLOTS {
+                        continue;
+                    }
+                    let Ok(values) = counters.get(&slot, 0) else {
+                        continue;
+                    };
+                    let (p, b) = values
+                        .iter()
+                        .fold((0u64, 0u64), |(p, b), c| (p + c.packets, b + c.bytes));
+                    if p == 0 {
+                        continue;
+                    }
+                    let labels = [name.as_str(), reason::NAMES[why as usize]];
+                    packets.with_label_values(&labels).inc_by(p);
+                    bytes.with_label_values(&labels).inc_by(b);
+                }
+            }
+        }
+        if let Some(s) = self.per_cpu::<u64>("STATS") {
+            for (idx, kind) in [
+                (stat::EVENTS_LOST, "events_lost"),
+                (stat::EVENTS_RATE_LIMITED, "deny_events_rate_limited"),
+                (stat::CT_INSERT_FAILED, "conntrack_insert_failed"),
+            ] {
+                let v: u64 = s.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0);
+                stats.with_label_values(&[kind]).inc_by(v);
+            }
+        }
+        for map in [
+            "POLICY",
+            "IPCACHE_V4",
+            "IPCACHE_V6",
+            "CONNTRACK",
+            "ENDPOINTS",
+        ] {
+            if let Some(max) = self.capacity(map) {
+                pressure.with_label_values(&[map]).set(max as i64);
+            }
+        }
+        out.extend(packets.collect());
+        out.extend(bytes.collect());
+        out.extend(stats.collect());
+        out.extend(pressure.collect());
+        out
+    }
+}
