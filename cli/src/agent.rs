@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use bulkhead_agent::sync::ApplyReport;
 use std::sync::{Arc, Mutex, RwLock};
 
 use bulkhead_agent::{
@@ -35,9 +36,19 @@ enum AgentCommand {
         /// This node's name (selects the rule set and names the pin directory).
         #[arg(long, env = "BULKHEAD_NODE")]
         node: String,
-        /// Rule-set file; `-` reads standard input once.
+        /// Rule-set file; `-` reads standard input once. Either this or --controller.
+        #[arg(
+            long,
+            required_unless_present = "controller",
+            conflicts_with = "controller"
+        )]
+        ruleset: Option<PathBuf>,
+        /// Controller to follow over gRPC (`host:port`): snapshot, then deltas, acked once
+        /// realized. While it is unreachable the last rule set stays enforced.
         #[arg(long)]
-        ruleset: PathBuf,
+        controller: Option<String>,
+        #[command(flatten)]
+        tls: crate::certs::ClientTlsArgs,
         /// bpffs directory for this node's maps and links.
         #[arg(long)]
         pin_dir: Option<PathBuf>,
@@ -51,9 +62,10 @@ enum AgentCommand {
         /// Flow records kept in memory for `/flows` (oldest evicted first).
         #[arg(long, default_value_t = 10_000)]
         flow_buffer: usize,
-        /// Run in this named network namespace (`ip netns add`), e.g. a lab node. The agent
-        /// enters only the network namespace, so its pins land on the host's bpffs and outlive
-        /// it; under `ip netns exec`, which also remounts /sys, they would vanish with it.
+        /// Enforce on the interfaces of this named network namespace (`ip netns add`), e.g. a
+        /// lab node. Only the data-plane thread enters it: the controller connection and the
+        /// metrics endpoint stay in the agent's own namespace, and pins land on the host's
+        /// bpffs (under `ip netns exec`, which remounts /sys, they would vanish with the agent).
         #[arg(long)]
         netns: Option<String>,
     },
@@ -114,26 +126,41 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         AgentCommand::Run {
             node,
             ruleset,
+            controller,
+            tls,
             pin_dir,
             once,
             metrics_addr,
             flow_buffer,
             netns,
         } => {
-            if let Some(name) = &netns {
-                // Still single-threaded here: every thread started later inherits it.
-                bulkhead_agent::netns::enter(&bulkhead_agent::netns::netns_path(name), name)
-                    .with_context(|| format!("enter network namespace {name}"))?;
-            }
             let dir = pin_dir.unwrap_or_else(|| default_pin_dir(&node));
-            let rs = load_file(&ruleset, &node)?;
+            let source = match (ruleset, controller) {
+                (Some(path), _) => Source::File(path),
+                (None, Some(addr)) => {
+                    Source::Controller(Box::new(crate::certs::endpoint(&addr, &tls)?))
+                }
+                (None, None) => bail!("pass --ruleset FILE or --controller ADDR"),
+            };
+            // Until the first rule set arrives, whatever the pinned maps hold stays enforced.
+            let rs = match &source {
+                Source::File(path) => load_file(path, &node)?,
+                Source::Controller(_) => RuleSet {
+                    node: node.clone(),
+                    ..Default::default()
+                },
+            };
             let mut dp = Dataplane::load(&dir).context("load the data plane")?;
             let events = dp
                 .take_map("EVENTS")
                 .context("the eBPF object has no EVENTS map")?;
-            let mut enforcer = Enforcer::new(dp).context("open the pinned maps")?;
+            let enforcer = Enforcer::new(dp).context("open the pinned maps")?;
+            let dataplane = DataplaneThread::start(enforcer, netns)?;
             if once {
-                let report = enforcer.apply(&rs, &RouteResolver)?;
+                if !matches!(source, Source::File(_)) {
+                    bail!("--once applies a rule-set file; it does not follow a controller");
+                }
+                let (report, _) = dataplane.apply_blocking(rs)?;
                 log_report(&report);
                 return Ok(if report.missing_interfaces.is_empty() {
                     ExitCode::SUCCESS
@@ -148,10 +175,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 .context("start the async runtime")?;
             runtime.block_on(serve(Serve {
                 node,
-                ruleset_path: ruleset,
+                source,
                 pin_dir: dir,
                 ruleset: rs,
-                enforcer,
+                dataplane,
                 events,
                 metrics_addr,
                 flow_buffer,
@@ -160,12 +187,17 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+enum Source {
+    File(PathBuf),
+    Controller(Box<tonic::transport::Endpoint>),
+}
+
 struct Serve {
     node: String,
-    ruleset_path: PathBuf,
+    source: Source,
     pin_dir: PathBuf,
     ruleset: RuleSet,
-    enforcer: Enforcer,
+    dataplane: DataplaneThread,
     events: aya::maps::Map,
     metrics_addr: std::net::SocketAddr,
     flow_buffer: usize,
@@ -174,6 +206,8 @@ struct Serve {
 struct Shared {
     metrics: AgentMetrics,
     flows: Mutex<RecentFlows>,
+    /// Flow records not forwarded to the controller because its queue was full.
+    flows_dropped: std::sync::atomic::AtomicU64,
 }
 
 async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
@@ -183,7 +217,10 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     let shared = Arc::new(Shared {
         metrics,
         flows: Mutex::new(RecentFlows::new(s.flow_buffer)),
+        flows_dropped: Default::default(),
     });
+    let (flow_tx, flow_rx) = tokio::sync::mpsc::channel::<FlowRecord>(8192);
+    let forward_flows = matches!(s.source, Source::Controller(_));
 
     // Flow events: kernel ring buffer → flow records.
     let ring = aya::maps::RingBuf::try_from(s.events).context("EVENTS is not a ring buffer")?;
@@ -209,6 +246,11 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
                         flow = %format!("{}:{} -> {}:{} proto {}", r.src, r.src_port, r.dst, r.dst_port, r.protocol),
                         peer = r.peer.as_deref().unwrap_or("-"), rule = %r.rule, "flow"
                     );
+                }
+                if forward_flows && flow_tx.try_send(r.clone()).is_err() {
+                    shared
+                        .flows_dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 if let Ok(mut f) = shared.flows.lock() {
                     f.push(r);
@@ -255,52 +297,114 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
         }
     });
 
-    // Apply loop: the rule-set file is watched; missing interfaces are retried.
-    let enforcer = Arc::new(Mutex::new(s.enforcer));
-    let mut rs = s.ruleset;
-    let mut pending = true;
-    let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen: Option<SystemTime> = mtime(&s.ruleset_path);
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!("stopping; the pinned programs keep enforcing the last rule set");
-                return Ok(ExitCode::SUCCESS);
+    let realizer = Realizer {
+        dataplane: s.dataplane,
+        last: Mutex::new(None),
+        shared: shared.clone(),
+        names,
+        context,
+    };
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("stopping; the pinned programs keep enforcing the last rule set");
+    };
+    match s.source {
+        Source::File(path) => {
+            tokio::select! {
+                r = follow_file(&realizer, &s.node, path, s.ruleset) => r?,
+                _ = stop => {}
             }
         }
-        let now = mtime(&s.ruleset_path);
-        if s.ruleset_path != Path::new("-") && now != seen {
-            seen = now;
-            match load_file(&s.ruleset_path, &s.node) {
-                Ok(new) => {
-                    rs = new;
-                    pending = true;
-                }
-                // Keep enforcing what we have: a bad file never opens anything.
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "rule set not applied; the previous one stays in force")
-                }
+        Source::Controller(endpoint) => {
+            let flows =
+                flow_forwarder((*endpoint).clone(), s.node.clone(), flow_rx, shared.clone());
+            tokio::spawn(flows);
+            tokio::select! {
+                _ = follow_controller(&realizer, &s.node, *endpoint) => {}
+                _ = stop => {}
             }
         }
-        if !pending {
-            continue;
-        }
-        let apply_rs = rs.clone();
-        let enforcer = enforcer.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let mut e = enforcer
-                .lock()
-                .map_err(|_| anyhow::anyhow!("enforcer lock poisoned"))?;
-            let report = e
-                .apply(&apply_rs, &RouteResolver)
-                .map_err(anyhow::Error::from)?;
-            Ok::<_, anyhow::Error>((report, e.policy_key_count()))
-        })
-        .await
-        .context("apply task")?;
-        let m = &shared.metrics;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+type ApplyResult = anyhow::Result<(ApplyReport, usize)>;
+
+/// The thread that owns the enforcer: it lives in the node's network namespace (when there is
+/// one), so attaching, interface lookups and route lookups see that namespace, while the rest
+/// of the agent stays where it started.
+struct DataplaneThread {
+    tx: std::sync::mpsc::Sender<(RuleSet, tokio::sync::oneshot::Sender<ApplyResult>)>,
+}
+
+impl DataplaneThread {
+    fn start(mut enforcer: Enforcer, netns: Option<String>) -> anyhow::Result<DataplaneThread> {
+        let (tx, rx) =
+            std::sync::mpsc::channel::<(RuleSet, tokio::sync::oneshot::Sender<ApplyResult>)>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+        std::thread::Builder::new()
+            .name("dataplane".into())
+            .spawn(move || {
+                if let Some(name) = &netns {
+                    let entered = bulkhead_agent::netns::enter(
+                        &bulkhead_agent::netns::netns_path(name),
+                        name,
+                    )
+                    .with_context(|| format!("enter network namespace {name}"));
+                    let failed = entered.is_err();
+                    let _ = ready_tx.send(entered);
+                    if failed {
+                        return;
+                    }
+                } else {
+                    let _ = ready_tx.send(Ok(()));
+                }
+                for (rs, reply) in rx {
+                    let result = enforcer
+                        .apply(&rs, &RouteResolver)
+                        .map(|report| (report, enforcer.policy_key_count()))
+                        .map_err(anyhow::Error::from);
+                    let _ = reply.send(result);
+                }
+            })
+            .context("start the data-plane thread")?;
+        ready_rx.recv().context("data-plane thread")??;
+        Ok(DataplaneThread { tx })
+    }
+
+    async fn apply(&self, rs: RuleSet) -> ApplyResult {
+        let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((rs, reply_tx))
+            .map_err(|_| anyhow::anyhow!("the data-plane thread is gone"))?;
+        reply_rx.await.context("the data-plane thread is gone")?
+    }
+
+    fn apply_blocking(&self, rs: RuleSet) -> ApplyResult {
+        let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((rs, reply_tx))
+            .map_err(|_| anyhow::anyhow!("the data-plane thread is gone"))?;
+        reply_rx
+            .blocking_recv()
+            .context("the data-plane thread is gone")?
+    }
+}
+
+/// Writes rule sets into the kernel and keeps the metrics and flow naming in step.
+struct Realizer {
+    dataplane: DataplaneThread,
+    /// The rule set last realized (for retries of missing interfaces).
+    last: Mutex<Option<RuleSet>>,
+    shared: Arc<Shared>,
+    names: Arc<RwLock<Vec<(u32, String)>>>,
+    context: Arc<RwLock<FlowContext>>,
+}
+
+impl Realizer {
+    async fn realize(&self, rs: &RuleSet) -> anyhow::Result<ApplyReport> {
+        let result = self.dataplane.apply(rs.clone()).await;
+        let m = &self.shared.metrics;
         match result {
             Ok((report, keys)) => {
                 log_report(&report);
@@ -311,20 +415,218 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
                 m.endpoints_locked_down.set(report.locked_down.len() as i64);
                 m.endpoints.set(rs.endpoints.len() as i64);
                 m.policy_entries.set(keys as i64);
-                pending = !report.missing_interfaces.is_empty();
-                if let Ok(mut n) = names.write() {
+                if let Ok(mut n) = self.names.write() {
                     *n = rs.endpoints.iter().map(|e| (e.id, e.name())).collect();
                 }
-                if let Ok(mut c) = context.write() {
-                    *c = FlowContext::new(&rs);
+                if let Ok(mut c) = self.context.write() {
+                    *c = FlowContext::new(rs);
                 }
+                Ok(report)
             }
             Err(e) => {
                 m.apply_errors.inc();
-                pending = false;
                 tracing::error!(error = %format!("{e:#}"), "apply failed; the previous rule set stays in force");
+                Err(e)
             }
         }
+    }
+}
+
+/// File mode: the rule-set file is watched; missing interfaces are retried.
+async fn follow_file(
+    r: &Realizer,
+    node: &str,
+    path: PathBuf,
+    mut rs: RuleSet,
+) -> anyhow::Result<()> {
+    let mut pending = true;
+    let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen: Option<SystemTime> = mtime(&path);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let now = mtime(&path);
+        if path != Path::new("-") && now != seen {
+            seen = now;
+            match load_file(&path, node) {
+                Ok(new) => {
+                    rs = new;
+                    pending = true;
+                }
+                // Keep enforcing what we have: a bad file never opens anything.
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "rule set not applied; the previous one stays in force")
+                }
+            }
+        }
+        if pending {
+            pending = match r.realize(&rs).await {
+                Ok(report) => !report.missing_interfaces.is_empty(),
+                Err(_) => false,
+            };
+        }
+    }
+}
+
+/// Controller mode: reconnects with backoff forever; enforcement never depends on the stream.
+/// Endpoints whose interface does not exist yet are retried every second.
+async fn follow_controller(r: &Realizer, node: &str, endpoint: tonic::transport::Endpoint) {
+    use bulkhead_controller::distribution::follower::{Follower, run_session};
+    let mut follower = Follower::new(node);
+    let mut backoff = Duration::from_millis(100);
+    let missing = std::sync::atomic::AtomicBool::new(false);
+    let retry = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if missing.load(std::sync::atomic::Ordering::Relaxed)
+                && let Some(rs) = r.last.lock().ok().and_then(|l| l.clone())
+                && let Ok(report) = r.realize(&rs).await
+            {
+                missing.store(
+                    !report.missing_interfaces.is_empty(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+        }
+    };
+    let follow = async {
+        loop {
+            let started = std::time::Instant::now();
+            let result = match endpoint.connect().await {
+                Ok(channel) => run_session(
+                    channel,
+                    &mut follower,
+                    |rs| async {
+                        let result = r.realize(&rs).await;
+                        match result {
+                            Ok(report) => {
+                                missing.store(
+                                    !report.missing_interfaces.is_empty(),
+                                    std::sync::atomic::Ordering::Relaxed,
+                                );
+                                if let Ok(mut l) = r.last.lock() {
+                                    *l = Some(rs);
+                                }
+                                Ok(())
+                            }
+                            Err(e) => Err(format!("{e:#}")),
+                        }
+                    },
+                    || {
+                        r.shared.metrics.controller_connected.set(1);
+                        tracing::info!("following the controller");
+                    },
+                )
+                .await
+                .map_err(anyhow::Error::from),
+                Err(e) => Err(anyhow::Error::from(e).context("connect to the controller")),
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %format!("{e:#}"), "controller stream lost; the last rule set stays enforced");
+            }
+            r.shared.metrics.controller_connected.set(0);
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    };
+    tokio::select! {
+        _ = retry => {}
+        _ = follow => {}
+    }
+}
+
+/// Flow records to the controller in batches; when the controller is away or slow, records are
+/// dropped and counted, never queued without bound.
+async fn flow_forwarder(
+    endpoint: tonic::transport::Endpoint,
+    node: String,
+    mut rx: tokio::sync::mpsc::Receiver<FlowRecord>,
+    shared: Arc<Shared>,
+) {
+    use bulkhead_proto::v1 as pb;
+    loop {
+        let Ok(channel) = endpoint.connect().await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let mut client = pb::distribution_client::DistributionClient::new(channel);
+        let (btx, brx) = tokio::sync::mpsc::channel::<pb::FlowBatch>(4);
+        let call = tokio::spawn(async move {
+            client
+                .report_flows(tokio_stream::wrappers::ReceiverStream::new(brx))
+                .await
+        });
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut batch: Vec<pb::FlowRecord> = Vec::new();
+        loop {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Some(rec) => {
+                        batch.push(to_proto(&rec));
+                        if batch.len() < 512 { continue; }
+                    }
+                    None => return,
+                },
+                _ = tick.tick() => {}
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let dropped = shared
+                .flows_dropped
+                .swap(0, std::sync::atomic::Ordering::Relaxed);
+            let b = pb::FlowBatch {
+                node: node.clone(),
+                records: std::mem::take(&mut batch),
+                dropped,
+            };
+            if btx.send(b).await.is_err() {
+                break;
+            }
+        }
+        let _ = call.await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn to_proto(r: &FlowRecord) -> bulkhead_proto::v1::FlowRecord {
+    let nanos = r
+        .observed_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    bulkhead_proto::v1::FlowRecord {
+        time_unix_nanos: nanos,
+        endpoint: r.endpoint.clone(),
+        direction: match r.direction {
+            bulkhead_controller::ruleset::Direction::Ingress => "ingress".into(),
+            bulkhead_controller::ruleset::Direction::Egress => "egress".into(),
+        },
+        src: r.src.to_string(),
+        dst: r.dst.to_string(),
+        src_port: r.src_port as u32,
+        dst_port: r.dst_port as u32,
+        protocol: r.protocol as u32,
+        kind: serde_json::to_value(r.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        verdict: serde_json::to_value(r.verdict)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        rule: r.rule.clone(),
+        rule_id: r.rule_id,
+        local_identity: r.local_identity,
+        peer_identity: r.peer_identity,
+        peer: r.peer.clone().unwrap_or_default(),
+        reason: r.reason.to_string(),
+        packets: 1,
+        bytes: r.bytes as u64,
     }
 }
 

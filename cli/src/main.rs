@@ -1,6 +1,8 @@
 //! `bulkhead`: the one command of the project.
 
 mod agent;
+mod certs;
+mod controller;
 mod policy;
 
 use std::{io::IsTerminal, process::ExitCode};
@@ -29,9 +31,23 @@ enum Command {
     /// Node agent: loads the eBPF programs, attaches them to endpoint veths and enforces a rule
     /// set (from a file for now; from the controller once distribution lands).
     Agent(agent::AgentArgs),
+    /// Controller: compiles policies from manifests and serves per-node rule sets to agents
+    /// over gRPC (mTLS), with metrics and a JSON API over HTTP.
+    Controller(controller::ControllerArgs),
+    /// Certificates for mTLS between controller and agents (a throwaway CA, for labs).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Policy engine on Kubernetes YAML: reachability matrix (`evaluate`), why a connection is
     /// allowed or denied (`explain`), per-node rule sets for the agent (`compile`).
     Policy(policy::PolicyArgs),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a CA, a controller certificate and agent certificates into a directory.
+    Generate(certs::CertsArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +62,10 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Agent(args) => agent::run(args),
+        Command::Controller(args) => controller::run(args),
+        Command::Certs {
+            command: CertsCommand::Generate(args),
+        } => certs::run(args),
         Command::Policy(args) => policy::run(args),
     };
     match result {

@@ -150,22 +150,18 @@ fn start_agent(lab: &Lab) -> Child {
         .expect("start bulkhead agent")
 }
 
-/// GET over plain HTTP/1.0 from inside the node namespace.
-fn http_get(lab: &Lab, path: &str) -> Option<String> {
+/// GET over plain HTTP/1.0 (the agent serves metrics from its own namespace, not the node's).
+fn http_get(_lab: &Lab, path: &str) -> Option<String> {
     let path = path.to_string();
-    lab.node
-        .run(move || -> Option<String> {
-            let mut s =
-                TcpStream::connect_timeout(&METRICS.parse().ok()?, Duration::from_millis(500))
-                    .ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-            write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-            let mut body = String::new();
-            s.read_to_string(&mut body).ok()?;
-            Some(body)
-        })
-        .ok()
-        .flatten()
+    (move || -> Option<String> {
+        let mut s =
+            TcpStream::connect_timeout(&METRICS.parse().ok()?, Duration::from_millis(500)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        Some(body)
+    })()
 }
 
 fn wait_realized(lab: &Lab, version: u64) {

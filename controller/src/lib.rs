@@ -7,6 +7,7 @@
 //! - [`reachability`] answers "may A talk to B, and why" from the compiled rule sets;
 //! - [`service_policy`] documents Bulkhead's own ServicePolicy kind and where it sits.
 
+pub mod distribution;
 pub mod engine;
 pub mod error;
 pub mod identity;

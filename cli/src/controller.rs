@@ -1,0 +1,344 @@
+//! `bulkhead controller`: the policy engine fed from manifests, serving rule sets to agents over
+//! gRPC (mTLS), with `/metrics`, `/healthz` and a small JSON API over HTTP.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use bulkhead_controller::{
+    EngineConfig, PolicyEngine,
+    distribution::{AdminService, DistributionService, FlowStore, Hub, ManifestSource},
+};
+use bulkhead_proto::v1::{admin_server::AdminServer, distribution_server::DistributionServer};
+use clap::Args;
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+
+#[derive(Args)]
+pub struct ControllerArgs {
+    /// Directories or files of Kubernetes YAML (Namespaces, Pods, Nodes, policies); re-read when
+    /// they change.
+    #[arg(long = "manifests", short = 'f', required = true)]
+    pub manifests: Vec<PathBuf>,
+    /// gRPC address for agents and admin clients.
+    #[arg(long, default_value = "127.0.0.1:9960")]
+    pub listen: SocketAddr,
+    /// HTTP address for `/metrics`, `/healthz` and `/api/*`.
+    #[arg(long, default_value = "127.0.0.1:9961")]
+    pub http: SocketAddr,
+    /// Server certificate (PEM); with --tls-key and --client-ca, agents must present a
+    /// certificate signed by that CA (mTLS).
+    #[arg(long, requires_all = ["tls_key", "client_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    #[arg(long)]
+    pub client_ca: Option<PathBuf>,
+    /// Serve without TLS (anyone who can reach the port can pull rule sets).
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub insecure: bool,
+    /// Flow records kept in memory (oldest evicted first).
+    #[arg(long, default_value_t = 100_000)]
+    pub flow_store: usize,
+    /// How often the manifests are checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub reload_ms: u64,
+}
+
+pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
+    let tls = match (
+        &args.tls_cert,
+        &args.tls_key,
+        &args.client_ca,
+        args.insecure,
+    ) {
+        (Some(c), Some(k), Some(ca), false) => Some(crate::certs::server_tls(c, k, ca)?),
+        (_, _, _, true) => None,
+        _ => bail!(
+            "mTLS is on by default: pass --tls-cert, --tls-key and --client-ca (see `bulkhead certs generate`), or --insecure"
+        ),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(serve(args, tls))
+}
+
+struct ControllerMetrics {
+    registry: Registry,
+    agents_connected: IntGauge,
+    nodes: IntGauge,
+    deltas_sent: IntGauge,
+    resyncs: IntGauge,
+    snapshots: IntGauge,
+    input_errors: IntCounter,
+    policy_nodes: IntGaugeVec,
+    policy_realized: IntGaugeVec,
+    flows_stored: IntGauge,
+    flows_evicted: IntGauge,
+    flows_accepted: IntGauge,
+    flows_dropped_by_agents: IntGauge,
+}
+
+impl ControllerMetrics {
+    fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new_custom(Some("bulkhead_controller".into()), None)?;
+        let g = |name: &str, help: &str| IntGauge::new(name, help);
+        let m = ControllerMetrics {
+            agents_connected: g(
+                "agents_connected",
+                "Nodes with at least one agent stream open",
+            )?,
+            nodes: g("nodes", "Nodes with a rule set")?,
+            deltas_sent: g("deltas_sent_total", "Deltas queued to agent streams")?,
+            resyncs: g(
+                "resyncs_total",
+                "Agent streams cut loose because they fell behind (they resync with a snapshot)",
+            )?,
+            snapshots: g("snapshots_total", "Full snapshots sent")?,
+            input_errors: IntCounter::new("input_errors_total", "Invalid manifest documents seen")?,
+            policy_nodes: IntGaugeVec::new(
+                Opts::new("policy_nodes", "Nodes whose rule set a policy concerns"),
+                &["kind", "namespace", "name"],
+            )?,
+            policy_realized: IntGaugeVec::new(
+                Opts::new(
+                    "policy_realized_nodes",
+                    "Of those, nodes whose agent acked the current version",
+                ),
+                &["kind", "namespace", "name"],
+            )?,
+            flows_stored: g("flows_stored", "Flow records in the store")?,
+            flows_evicted: g("flows_evicted_total", "Flow records evicted from the store")?,
+            flows_accepted: g("flows_accepted_total", "Flow records received from agents")?,
+            flows_dropped_by_agents: g(
+                "flows_dropped_by_agents_total",
+                "Flow records agents dropped before sending (backpressure)",
+            )?,
+            registry,
+        };
+        for c in [
+            Box::new(m.agents_connected.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.nodes.clone()),
+            Box::new(m.deltas_sent.clone()),
+            Box::new(m.resyncs.clone()),
+            Box::new(m.snapshots.clone()),
+            Box::new(m.input_errors.clone()),
+            Box::new(m.policy_nodes.clone()),
+            Box::new(m.policy_realized.clone()),
+            Box::new(m.flows_stored.clone()),
+            Box::new(m.flows_evicted.clone()),
+            Box::new(m.flows_accepted.clone()),
+            Box::new(m.flows_dropped_by_agents.clone()),
+        ] {
+            m.registry.register(c)?;
+        }
+        Ok(m)
+    }
+
+    fn render(&self, hub: &Hub, flows: &Mutex<FlowStore>) -> String {
+        let nodes = hub.node_states();
+        self.nodes.set(nodes.len() as i64);
+        self.agents_connected
+            .set(nodes.iter().filter(|n| n.connected).count() as i64);
+        self.deltas_sent
+            .set(hub.counters.deltas_sent.load(Ordering::Relaxed) as i64);
+        self.resyncs
+            .set(hub.counters.resyncs.load(Ordering::Relaxed) as i64);
+        self.snapshots
+            .set(hub.counters.snapshots.load(Ordering::Relaxed) as i64);
+        self.policy_nodes.reset();
+        self.policy_realized.reset();
+        for p in hub.policy_status() {
+            let kind = format!("{:?}", p.kind);
+            let labels = [kind.as_str(), p.namespace.as_str(), p.name.as_str()];
+            self.policy_nodes
+                .with_label_values(&labels)
+                .set(p.nodes as i64);
+            self.policy_realized
+                .with_label_values(&labels)
+                .set(p.realized as i64);
+        }
+        if let Ok(f) = flows.lock() {
+            self.flows_stored.set(f.len() as i64);
+            self.flows_evicted.set(f.evicted as i64);
+            self.flows_accepted.set(f.accepted as i64);
+            self.flows_dropped_by_agents.set(f.dropped_by_agents as i64);
+        }
+        let mut buf = String::new();
+        if let Err(e) =
+            prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut buf)
+        {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        buf
+    }
+}
+
+async fn serve(
+    args: ControllerArgs,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> anyhow::Result<ExitCode> {
+    let metrics = Arc::new(ControllerMetrics::new().context("register metrics")?);
+    let mut source = ManifestSource::new(args.manifests.clone());
+    let first = source.reload();
+    for e in &first.errors {
+        eprintln!("{e}");
+    }
+    metrics.input_errors.inc_by(first.errors.len() as u64);
+    let mut engine = PolicyEngine::empty(EngineConfig::default());
+    engine
+        .apply_batch(first.changes)
+        .context("compile the initial manifests")?;
+    let hub = Arc::new(Hub::new(engine));
+    tracing::info!(
+        epoch = hub.epoch(),
+        nodes = hub.node_states().len(),
+        "policy engine ready"
+    );
+    let flows = Arc::new(Mutex::new(FlowStore::new(args.flow_store)));
+
+    // Manifests: re-read on change; each change reaches only the nodes it affects.
+    {
+        let hub = hub.clone();
+        let metrics = metrics.clone();
+        let period = Duration::from_millis(args.reload_ms.max(50));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let reload = source.reload();
+                for e in &reload.errors {
+                    tracing::error!(error = %e, "invalid manifest; the objects it had stay in force");
+                }
+                metrics.input_errors.inc_by(reload.errors.len() as u64);
+                if reload.changes.is_empty() {
+                    continue;
+                }
+                let n = reload.changes.len();
+                let hub = hub.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || hub.apply(reload.changes, false)).await;
+                match result {
+                    Ok(Ok(deltas)) => tracing::info!(
+                        changes = n,
+                        nodes = deltas.len(),
+                        "manifests changed; deltas sent"
+                    ),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "could not apply manifest changes; the previous rule sets stay in force")
+                    }
+                    Err(e) => tracing::error!(error = %e, "apply task failed"),
+                }
+            }
+        });
+    }
+
+    // HTTP: metrics, health, JSON API.
+    let listener = tokio::net::TcpListener::bind(args.http)
+        .await
+        .with_context(|| format!("bind HTTP address {}", args.http))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /api/nodes, /api/policies, /api/flows");
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get({
+                let (hub, flows, metrics) = (hub.clone(), flows.clone(), metrics.clone());
+                move || async move { metrics.render(&hub, &flows) }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/api/nodes",
+            axum::routing::get({
+                let hub = hub.clone();
+                move || async move {
+                    axum::Json(
+                        hub.node_states()
+                            .into_iter()
+                            .map(|n| {
+                                serde_json::json!({
+                                    "node": n.node, "version": n.version, "realized": n.realized,
+                                    "connected": n.connected, "endpoints": n.endpoints,
+                                    "last_error": n.last_error,
+                                })
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/api/policies",
+            axum::routing::get({
+                let hub = hub.clone();
+                move || async move {
+                    axum::Json(
+                        hub.policy_status()
+                            .into_iter()
+                            .map(|p| {
+                                serde_json::json!({
+                                    "kind": format!("{:?}", p.kind), "namespace": p.namespace,
+                                    "name": p.name, "nodes": p.nodes, "realized": p.realized,
+                                })
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/api/flows",
+            axum::routing::get({
+                let flows = flows.clone();
+                move || async move {
+                    let recent = flows.lock().map(|f| f.recent(1000)).unwrap_or_default();
+                    axum::Json(
+                        recent
+                            .into_iter()
+                            .map(|(node, r)| {
+                                serde_json::json!({
+                                    "node": node, "endpoint": r.endpoint, "direction": r.direction,
+                                    "src": r.src, "dst": r.dst, "src_port": r.src_port,
+                                    "dst_port": r.dst_port, "protocol": r.protocol, "kind": r.kind,
+                                    "verdict": r.verdict, "rule": r.rule, "peer": r.peer,
+                                    "reason": r.reason, "time_unix_nanos": r.time_unix_nanos,
+                                })
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+
+    // gRPC.
+    let mut server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)));
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context("TLS configuration")?;
+    }
+    tracing::info!(addr = %args.listen, tls = !args.insecure, "serving rule sets to agents");
+    server
+        .add_service(DistributionServer::new(DistributionService::new(
+            hub.clone(),
+            flows.clone(),
+        )))
+        .add_service(AdminServer::new(AdminService::new(hub.clone())))
+        .serve_with_shutdown(args.listen, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .with_context(|| format!("gRPC server on {}", args.listen))?;
+    Ok(ExitCode::SUCCESS)
+}

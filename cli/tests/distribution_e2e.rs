@@ -1,0 +1,462 @@
+//! Tier 3: a real controller and two real agents over gRPC with mTLS on loopback. Each agent
+//! enforces on its own lab node (a network namespace with a client and a server pod). A
+//! manifest change reaches the kernel of exactly the nodes it affects; a killed agent resyncs on
+//! restart; a killed controller leaves enforcement intact and the agents reconnect to its
+//! successor; a client without a certificate from the cluster CA is refused.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use bulkhead_agent::{
+    loader::remove_pins,
+    netns::{Netns, enable_forwarding, wire_pod},
+    privileged::check_privileged_test,
+};
+
+struct Node {
+    name: &'static str,
+    ns: Netns,
+    pods: Vec<Netns>,
+    metrics: u16,
+    agent: Option<Child>,
+}
+
+struct Cluster {
+    dir: PathBuf,
+    grpc: u16,
+    http: u16,
+    controller: Option<Child>,
+    nodes: Vec<Node>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut a) = n.agent.take() {
+                let _ = a.kill();
+                let _ = a.wait();
+            }
+            let _ = remove_pins(&pin_dir(&self.dir, n.name));
+        }
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn pin_dir(dir: &Path, node: &str) -> PathBuf {
+    let tag = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    PathBuf::from(format!("/sys/fs/bpf/bulkhead-test/{tag}-{node}"))
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_bulkhead")
+}
+
+const NAMESPACE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: dist, labels: {team: dist}}
+"#;
+
+fn pod(name: &str, node: &str, ip: Ipv4Addr, labels: &str) -> String {
+    format!(
+        r#"---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: dist, labels: {labels}}}
+spec:
+  nodeName: {node}
+  containers: [{{name: c, image: x, ports: [{{containerPort: 8080}}, {{containerPort: 8081}}]}}]
+status: {{podIP: {ip}}}
+"#
+    )
+}
+
+/// The servers selected by `selector` admit clients on 8080 only.
+fn policy(selector: &str) -> String {
+    format!(
+        r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: servers, namespace: dist}}
+spec:
+  podSelector: {{matchLabels: {selector}}}
+  ingress:
+  - from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]
+    ports: [{{port: 8080}}]
+"#
+    )
+}
+
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write manifest");
+    std::fs::rename(&tmp, path).expect("replace manifest");
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(500),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+/// Per node: (version, realized, connected) from the controller's API.
+fn node_states(c: &Cluster) -> Vec<(String, u64, u64, bool)> {
+    let Some(body) = http_get(c.http, "/api/nodes") else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|n| {
+                    (
+                        n["node"].as_str().unwrap_or_default().to_string(),
+                        n["version"].as_u64().unwrap_or(0),
+                        n["realized"].as_u64().unwrap_or(0),
+                        n["connected"].as_bool().unwrap_or(false),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn all_realized(c: &Cluster) -> bool {
+    let states = node_states(c);
+    ["n1", "n2"].iter().all(|n| {
+        states
+            .iter()
+            .any(|(name, v, r, conn)| name == n && *conn && *v > 0 && r == v)
+    })
+}
+
+fn version_of(c: &Cluster, node: &str) -> u64 {
+    node_states(c)
+        .into_iter()
+        .find(|(n, ..)| n == node)
+        .map(|(_, v, ..)| v)
+        .unwrap_or(0)
+}
+
+fn start_controller(c: &Cluster) -> Child {
+    let certs = c.dir.join("certs");
+    Command::new(bin())
+        .args(["controller", "-f"])
+        .arg(c.dir.join("manifests"))
+        .args(["--listen", &format!("127.0.0.1:{}", c.grpc)])
+        .args(["--http", &format!("127.0.0.1:{}", c.http)])
+        .arg("--tls-cert")
+        .arg(certs.join("controller.pem"))
+        .arg("--tls-key")
+        .arg(certs.join("controller-key.pem"))
+        .arg("--client-ca")
+        .arg(certs.join("ca.pem"))
+        .args(["--reload-ms", "100"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start controller")
+}
+
+fn start_agent(c: &Cluster, n: &Node) -> Child {
+    let certs = c.dir.join("certs");
+    Command::new(bin())
+        .args(["agent", "run", "--node", n.name, "--netns", n.ns.name()])
+        .args(["--controller", &format!("127.0.0.1:{}", c.grpc)])
+        .arg("--tls-cert")
+        .arg(certs.join(format!("{}.pem", n.name)))
+        .arg("--tls-key")
+        .arg(certs.join(format!("{}-key.pem", n.name)))
+        .arg("--ca")
+        .arg(certs.join("ca.pem"))
+        .arg("--pin-dir")
+        .arg(pin_dir(&c.dir, n.name))
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", n.metrics)])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start agent")
+}
+
+fn serve(pod: &Netns) {
+    for port in [8080u16, 8081] {
+        let l = pod
+            .run(move || TcpListener::bind(("0.0.0.0", port)))
+            .expect("enter pod")
+            .expect("bind");
+        thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let _ = c.write_all(b"ok");
+            }
+        });
+    }
+}
+
+fn connects(from: &Netns, to: Ipv4Addr, port: u16) -> bool {
+    from.run(move || {
+        let Ok(mut s) =
+            TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_millis(600))
+        else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(800)));
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).is_ok()
+    })
+    .unwrap_or(false)
+}
+
+/// A gRPC admin call with the given TLS material; Ok when the controller accepted us.
+fn admin_call(grpc: u16, tls: Option<tonic::transport::ClientTlsConfig>) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let mut ep = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{grpc}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2));
+        if let Some(t) = tls {
+            ep = ep.tls_config(t).map_err(|e| e.to_string())?;
+        }
+        let ch = ep.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+        let mut client = bulkhead_proto::v1::admin_client::AdminClient::new(ch);
+        client
+            .node_status(bulkhead_proto::v1::NodeStatusRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("call: {e:?}"))
+    })
+}
+
+fn tls(dir: &Path, name: &str, ca: &Path) -> tonic::transport::ClientTlsConfig {
+    let read = |p: PathBuf| std::fs::read_to_string(p).expect("read pem");
+    tonic::transport::ClientTlsConfig::new()
+        .domain_name("bulkhead-controller")
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(
+            ca.to_path_buf(),
+        )))
+        .identity(tonic::transport::Identity::from_pem(
+            read(dir.join(format!("{name}.pem"))),
+            read(dir.join(format!("{name}-key.pem"))),
+        ))
+}
+
+#[test]
+fn controller_and_agents_over_mtls() {
+    if !check_privileged_test("controller_and_agents_over_mtls") {
+        return;
+    }
+    let pid = std::process::id();
+    let tag = pid % 100000;
+    let base = 21000 + (pid % 1000) as u16 * 8;
+    let dir = std::env::temp_dir().join(format!("bh-dist-{tag}"));
+    std::fs::create_dir_all(dir.join("manifests")).expect("dirs");
+    let mut c = Cluster {
+        dir: dir.clone(),
+        grpc: base,
+        http: base + 1,
+        controller: None,
+        nodes: Vec::new(),
+    };
+    let status = Command::new(bin())
+        .args(["certs", "generate", "--nodes", "n1,n2", "--dir"])
+        .arg(dir.join("certs"))
+        .status()
+        .expect("certs");
+    assert!(status.success());
+    let status = Command::new(bin())
+        .args(["certs", "generate", "--nodes", "n1", "--dir"])
+        .arg(dir.join("rogue"))
+        .status()
+        .expect("rogue certs");
+    assert!(status.success());
+
+    // Two lab nodes, each with a client and a server pod.
+    let ips = |site: u8| {
+        (
+            Ipv4Addr::new(10, 206, site, 10),
+            Ipv4Addr::new(10, 206, site, 20),
+        )
+    };
+    let mut pods_yaml = String::from(NAMESPACE);
+    for (i, name) in ["n1", "n2"].into_iter().enumerate() {
+        let site = i as u8 + 1;
+        let (cip, sip) = ips(site);
+        let ns = Netns::create(&format!("bh-d{tag}-{name}")).expect("node ns");
+        enable_forwarding(&ns).expect("forwarding");
+        let client = Netns::create(&format!("bh-d{tag}-{name}-c")).expect("client ns");
+        let server = Netns::create(&format!("bh-d{tag}-{name}-s")).expect("server ns");
+        wire_pod(&ns, &client, "bh-client", cip).expect("wire client");
+        wire_pod(&ns, &server, "bh-server", sip).expect("wire server");
+        serve(&server);
+        pods_yaml += &pod(&format!("client{site}"), name, cip, "{app: client}");
+        pods_yaml += &pod(
+            &format!("server{site}"),
+            name,
+            sip,
+            &format!("{{app: server, site: s{site}}}"),
+        );
+        c.nodes.push(Node {
+            name,
+            ns,
+            pods: vec![client, server],
+            metrics: base + 2 + i as u16,
+            agent: None,
+        });
+    }
+    write_atomic(&dir.join("manifests/pods.yaml"), &pods_yaml);
+    write_atomic(&dir.join("manifests/policy.yaml"), &policy("{app: server}"));
+
+    c.controller = Some(start_controller(&c));
+    for i in 0..2 {
+        let a = start_agent(&c, &c.nodes[i]);
+        c.nodes[i].agent = Some(a);
+    }
+    wait_until(
+        "both agents realize their rule sets",
+        Duration::from_secs(30),
+        || all_realized(&c),
+    );
+    let (_, s1) = ips(1);
+    let (_, s2) = ips(2);
+    let client = |c: &Cluster, i: usize| -> Netns { Netns::existing(c.nodes[i].pods[0].name()) };
+    assert!(connects(&client(&c, 0), s1, 8080));
+    assert!(
+        !connects(&client(&c, 0), s1, 8081),
+        "n1 enforces its rule set"
+    );
+    assert!(connects(&client(&c, 1), s2, 8080));
+    assert!(
+        !connects(&client(&c, 1), s2, 8081),
+        "n2 enforces its rule set"
+    );
+
+    // The policy now selects only the server on n2: n1's rule set changes, n2's does not.
+    let (v1, v2) = (version_of(&c, "n1"), version_of(&c, "n2"));
+    write_atomic(
+        &dir.join("manifests/policy.yaml"),
+        &policy("{app: server, site: s2}"),
+    );
+    wait_until(
+        "n1 realizes its new version",
+        Duration::from_secs(20),
+        || version_of(&c, "n1") > v1 && all_realized(&c),
+    );
+    assert_eq!(
+        version_of(&c, "n2"),
+        v2,
+        "n2 was not affected and got no new version"
+    );
+    assert!(
+        connects(&client(&c, 0), s1, 8081),
+        "n1 no longer isolates server1"
+    );
+    assert!(
+        !connects(&client(&c, 1), s2, 8081),
+        "n2 still isolates server2"
+    );
+
+    // Kill n1's agent, change the policy back while it is gone, restart: it resyncs.
+    let mut a = c.nodes[0].agent.take().expect("agent n1");
+    a.kill().expect("kill");
+    a.wait().expect("reap");
+    write_atomic(&dir.join("manifests/policy.yaml"), &policy("{app: server}"));
+    wait_until(
+        "the controller sees the change",
+        Duration::from_secs(10),
+        || {
+            node_states(&c)
+                .iter()
+                .any(|(n, v, r, _)| n == "n1" && v > r)
+        },
+    );
+    assert!(
+        connects(&client(&c, 0), s1, 8081),
+        "without its agent n1 keeps the last rule set"
+    );
+    let a = start_agent(&c, &c.nodes[0]);
+    c.nodes[0].agent = Some(a);
+    wait_until(
+        "restarted n1 agent resyncs",
+        Duration::from_secs(20),
+        || all_realized(&c),
+    );
+    assert!(
+        !connects(&client(&c, 0), s1, 8081),
+        "n1 isolates server1 again after the resync"
+    );
+
+    // Kill the controller: enforcement stays. A new controller (new epoch) gets the agents back.
+    let mut ctl = c.controller.take().expect("controller");
+    ctl.kill().expect("kill controller");
+    ctl.wait().expect("reap controller");
+    assert!(!connects(&client(&c, 0), s1, 8081));
+    assert!(connects(&client(&c, 0), s1, 8080));
+    assert!(!connects(&client(&c, 1), s2, 8081));
+    c.controller = Some(start_controller(&c));
+    wait_until(
+        "agents reconnect to the new controller and realize",
+        Duration::from_secs(30),
+        || all_realized(&c),
+    );
+
+    // mTLS: a certificate from another CA, or none, is refused; ours is accepted.
+    let ca = dir.join("certs/ca.pem");
+    assert!(admin_call(c.grpc, Some(tls(&dir.join("certs"), "n1", &ca))).is_ok());
+    let rogue = admin_call(c.grpc, Some(tls(&dir.join("rogue"), "n1", &ca)));
+    assert!(
+        rogue.is_err(),
+        "a certificate from another CA must be refused"
+    );
+    let anonymous = admin_call(
+        c.grpc,
+        Some(
+            tonic::transport::ClientTlsConfig::new()
+                .domain_name("bulkhead-controller")
+                .ca_certificate(tonic::transport::Certificate::from_pem(
+                    std::fs::read_to_string(&ca).expect("ca"),
+                )),
+        ),
+    );
+    assert!(
+        anonymous.is_err(),
+        "a client without a certificate must be refused"
+    );
+
+    // Policy realization is reported per policy.
+    let policies = http_get(c.http, "/api/policies").expect("policies");
+    assert!(policies.contains(r#""name":"servers""#), "{policies}");
+    assert!(
+        policies.contains(r#""nodes":2"#) && policies.contains(r#""realized":2"#),
+        "{policies}"
+    );
+}

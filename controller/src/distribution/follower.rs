@@ -1,0 +1,167 @@
+//! The agent's side of the protocol, without the kernel: follow one node's stream, check that
+//! every delta continues the realized version, rebuild the rule set, and ack. The real agent
+//! passes a `realize` that writes the BPF maps; tests and the scale benchmark pass one that
+//! only records the rule set.
+
+use std::{future::Future, time::Instant};
+
+use bulkhead_proto::v1::{
+    self as pb, AgentMessage, ControllerMessage, agent_message, controller_message,
+    distribution_client::DistributionClient,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::ruleset::{NodeDelta, RuleSet};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error("controller stream: {0}")]
+    Stream(#[from] tonic::Status),
+    #[error("the controller closed the stream")]
+    Closed,
+    #[error("cannot decode {what} from the controller: {reason}")]
+    Decode { what: &'static str, reason: String },
+    #[error("delta {from}→{to} does not follow the realized version {have}; resynchronising")]
+    Gap { from: u64, to: u64, have: u64 },
+    #[error("a delta arrived before any snapshot; resynchronising")]
+    NoSnapshot,
+    #[error("delta does not apply: {0}; resynchronising")]
+    Apply(String),
+    #[error("version {version} could not be realized: {reason}; resynchronising")]
+    Realize { version: u64, reason: String },
+}
+
+/// What a follower has realized: survives reconnects, so a hello can say where it stands.
+#[derive(Debug, Clone, Default)]
+pub struct Follower {
+    pub node: String,
+    current: Option<(u64, RuleSet)>,
+}
+
+impl Follower {
+    pub fn new(node: &str) -> Follower {
+        Follower {
+            node: node.to_string(),
+            current: None,
+        }
+    }
+
+    /// The rule set last realized, with its epoch.
+    pub fn current(&self) -> Option<&(u64, RuleSet)> {
+        self.current.as_ref()
+    }
+
+    pub fn hello(&self) -> AgentMessage {
+        AgentMessage {
+            msg: Some(agent_message::Msg::Hello(pb::Hello {
+                node: self.node.clone(),
+                realized: self.current.as_ref().map(|(epoch, rs)| pb::Version {
+                    epoch: *epoch,
+                    version: rs.version,
+                }),
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            })),
+        }
+    }
+
+    /// The rule set a message asks to realize (not yet committed), with its epoch.
+    pub fn next(&self, msg: ControllerMessage) -> Result<Option<(u64, RuleSet)>, FollowError> {
+        match msg.msg {
+            Some(controller_message::Msg::Snapshot(snap)) => {
+                let v = snap.version.unwrap_or_default();
+                let rs: RuleSet = serde_json::from_slice(&snap.ruleset_json).map_err(|e| {
+                    FollowError::Decode {
+                        what: "a snapshot",
+                        reason: e.to_string(),
+                    }
+                })?;
+                if rs.version != v.version {
+                    return Err(FollowError::Decode {
+                        what: "a snapshot",
+                        reason: format!("version {} but rule set {}", v.version, rs.version),
+                    });
+                }
+                Ok(Some((v.epoch, rs)))
+            }
+            Some(controller_message::Msg::Delta(d)) => {
+                let from = d.from.unwrap_or_default();
+                let to = d.version.unwrap_or_default();
+                let Some((epoch, base)) = &self.current else {
+                    return Err(FollowError::NoSnapshot);
+                };
+                if from.epoch != *epoch || to.epoch != *epoch || from.version != base.version {
+                    return Err(FollowError::Gap {
+                        from: from.version,
+                        to: to.version,
+                        have: base.version,
+                    });
+                }
+                let delta: NodeDelta =
+                    serde_json::from_slice(&d.delta_json).map_err(|e| FollowError::Decode {
+                        what: "a delta",
+                        reason: e.to_string(),
+                    })?;
+                let mut next = base.clone();
+                next.apply_delta(&delta)
+                    .map_err(|e| FollowError::Apply(e.to_string()))?;
+                Ok(Some((*epoch, next)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn commit(&mut self, epoch: u64, rs: RuleSet) {
+        self.current = Some((epoch, rs));
+    }
+}
+
+fn ack(epoch: u64, version: u64, started: Instant, error: Option<String>) -> AgentMessage {
+    AgentMessage {
+        msg: Some(agent_message::Msg::Ack(pb::Ack {
+            version: Some(pb::Version { epoch, version }),
+            ok: error.is_none(),
+            error: error.unwrap_or_default(),
+            apply_micros: started.elapsed().as_micros() as u64,
+        })),
+    }
+}
+
+/// One stream: hello, then realize and ack every version until the stream ends. `connected` is
+/// called once the stream is open.
+pub async fn run_session<F, Fut>(
+    channel: Channel,
+    follower: &mut Follower,
+    mut realize: F,
+    connected: impl FnOnce(),
+) -> Result<(), FollowError>
+where
+    F: FnMut(RuleSet) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let mut client = DistributionClient::new(channel);
+    let (tx, rx) = mpsc::channel::<AgentMessage>(16);
+    // The queue is empty and ours: this cannot fail.
+    let _ = tx.try_send(follower.hello());
+    let mut inbound = client.sync(ReceiverStream::new(rx)).await?.into_inner();
+    connected();
+    while let Some(msg) = inbound.message().await? {
+        let Some((epoch, rs)) = follower.next(msg)? else {
+            continue;
+        };
+        let started = Instant::now();
+        let version = rs.version;
+        let result = realize(rs.clone()).await;
+        let error = result.as_ref().err().cloned();
+        if tx.send(ack(epoch, version, started, error)).await.is_err() {
+            return Err(FollowError::Closed);
+        }
+        match result {
+            Ok(()) => follower.commit(epoch, rs),
+            // What is enforced is still the previous version: start over from a snapshot.
+            Err(reason) => return Err(FollowError::Realize { version, reason }),
+        }
+    }
+    Err(FollowError::Closed)
+}

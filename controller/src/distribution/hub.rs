@@ -1,0 +1,315 @@
+//! The distribution hub: per node, the current rule set, its version, and the agents that follow
+//! it. Changes go into the engine once; each resulting node delta is serialised once and handed
+//! to that node's subscribers through bounded queues. A subscriber whose queue is full is cut
+//! loose (its queue closed) and resynchronises with a snapshot, so a slow or dead agent never
+//! holds up the others and never receives a gap.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    Change, EngineError, PolicyEngine,
+    ruleset::{NodeDelta, RuleKind, RuleSet},
+};
+
+/// Updates queued per subscriber before it is cut loose and resynchronised.
+pub const SUBSCRIBER_QUEUE: usize = 256;
+
+/// One update for a subscriber, already serialised.
+#[derive(Debug, Clone)]
+pub struct Update {
+    pub from: u64,
+    pub version: u64,
+    pub delta_json: Arc<Vec<u8>>,
+    pub priority: bool,
+    /// When the change entered the hub (for propagation latency).
+    pub created: Instant,
+}
+
+#[derive(Debug, Default)]
+struct NodeEntry {
+    ruleset: RuleSet,
+    subscribers: HashMap<u64, mpsc::Sender<Update>>,
+    acked: u64,
+    last_error: String,
+}
+
+struct HubState {
+    engine: PolicyEngine,
+    nodes: BTreeMap<String, NodeEntry>,
+}
+
+/// What one subscription starts from: a snapshot and the queue of what follows it.
+pub struct Subscription {
+    pub id: u64,
+    pub snapshot: RuleSet,
+    pub snapshot_json: Vec<u8>,
+    pub updates: mpsc::Receiver<Update>,
+}
+
+/// Per-policy realization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRealization {
+    pub kind: RuleKind,
+    pub namespace: String,
+    pub name: String,
+    pub nodes: u32,
+    pub realized: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeState {
+    pub node: String,
+    pub version: u64,
+    pub realized: u64,
+    pub connected: bool,
+    pub last_error: String,
+    pub endpoints: u32,
+}
+
+/// Counters the hub keeps (exported as metrics by the controller process).
+#[derive(Debug, Default)]
+pub struct HubCounters {
+    pub deltas_sent: AtomicU64,
+    pub resyncs: AtomicU64,
+    pub snapshots: AtomicU64,
+    pub changes_applied: AtomicU64,
+}
+
+pub struct Hub {
+    epoch: u64,
+    state: Mutex<HubState>,
+    next_subscriber: AtomicU64,
+    pub counters: HubCounters,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot serialise the rule set for node {node}: {reason}")]
+    Encode { node: String, reason: String },
+    #[error(
+        "the hub's state lock is poisoned (a previous change panicked); restart the controller"
+    )]
+    Poisoned,
+}
+
+impl Hub {
+    /// A hub over `engine`. The epoch is taken from the clock, so a restarted controller is
+    /// never mistaken for the previous one.
+    pub fn new(engine: PolicyEngine) -> Hub {
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            .max(1);
+        Hub::with_epoch(engine, epoch)
+    }
+
+    pub fn with_epoch(engine: PolicyEngine, epoch: u64) -> Hub {
+        let nodes = engine
+            .rulesets()
+            .into_iter()
+            .map(|(name, ruleset)| {
+                (
+                    name,
+                    NodeEntry {
+                        ruleset,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        Hub {
+            epoch,
+            state: Mutex::new(HubState { engine, nodes }),
+            next_subscriber: AtomicU64::new(1),
+            counters: HubCounters::default(),
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HubState>, HubError> {
+        self.state.lock().map_err(|_| HubError::Poisoned)
+    }
+
+    /// Applies changes to the engine and queues each node's delta for its subscribers.
+    /// Returns the deltas (nodes whose rule set did not change get none).
+    pub fn apply(&self, changes: Vec<Change>, priority: bool) -> Result<Vec<NodeDelta>, HubError> {
+        let created = Instant::now();
+        let mut state = self.lock()?;
+        let n = changes.len() as u64;
+        let deltas = state.engine.apply_batch(changes)?;
+        self.counters
+            .changes_applied
+            .fetch_add(n, Ordering::Relaxed);
+        for delta in &deltas {
+            let entry = state.nodes.entry(delta.node.clone()).or_default();
+            if entry.ruleset.version != delta.from_version {
+                // Cannot happen while the hub is the only writer; recover with the engine's view.
+                tracing::warn!(node = %delta.node, have = entry.ruleset.version, from = delta.from_version, "delta does not follow the hub's rule set; resynchronising");
+            }
+            let applied = entry.ruleset.version == delta.from_version
+                && entry.ruleset.apply_delta(delta).is_ok();
+            let json = serde_json::to_vec(delta).map_err(|e| HubError::Encode {
+                node: delta.node.clone(),
+                reason: e.to_string(),
+            })?;
+            let update = Update {
+                from: delta.from_version,
+                version: delta.version,
+                delta_json: Arc::new(json),
+                priority,
+                created,
+            };
+            if !applied {
+                let fresh = state.engine.ruleset(&delta.node)?;
+                let entry = state.nodes.entry(delta.node.clone()).or_default();
+                entry.ruleset = fresh;
+                // Everyone following this node starts over from a snapshot.
+                entry.subscribers.clear();
+                continue;
+            }
+            let entry = state.nodes.entry(delta.node.clone()).or_default();
+            entry
+                .subscribers
+                .retain(|_, tx| match tx.try_send(update.clone()) {
+                    Ok(()) => {
+                        self.counters.deltas_sent.fetch_add(1, Ordering::Relaxed);
+                        true
+                    }
+                    Err(_) => {
+                        // Full or gone: closing the queue makes the stream resynchronise.
+                        self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+                        false
+                    }
+                });
+        }
+        Ok(deltas)
+    }
+
+    /// Starts following `node`: a snapshot of its current rule set and the queue of updates
+    /// after it, taken atomically so nothing falls between them.
+    pub fn subscribe(&self, node: &str) -> Result<Subscription, HubError> {
+        let mut state = self.lock()?;
+        let id = self.next_subscriber.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+        let entry = state.nodes.entry(node.to_string()).or_default();
+        if entry.ruleset.node.is_empty() {
+            entry.ruleset.node = node.to_string();
+        }
+        entry.subscribers.insert(id, tx);
+        let snapshot = entry.ruleset.clone();
+        drop(state);
+        let snapshot_json = serde_json::to_vec(&snapshot).map_err(|e| HubError::Encode {
+            node: node.to_string(),
+            reason: e.to_string(),
+        })?;
+        self.counters.snapshots.fetch_add(1, Ordering::Relaxed);
+        Ok(Subscription {
+            id,
+            snapshot,
+            snapshot_json,
+            updates: rx,
+        })
+    }
+
+    pub fn unsubscribe(&self, node: &str, id: u64) {
+        if let Ok(mut state) = self.lock()
+            && let Some(entry) = state.nodes.get_mut(node)
+        {
+            entry.subscribers.remove(&id);
+        }
+    }
+
+    /// Records an agent's acknowledgement. Acks from another epoch are ignored.
+    pub fn ack(&self, node: &str, epoch: u64, version: u64, error: Option<String>) {
+        if epoch != self.epoch {
+            return;
+        }
+        if let Ok(mut state) = self.lock()
+            && let Some(entry) = state.nodes.get_mut(node)
+        {
+            match error {
+                None => {
+                    entry.acked = entry.acked.max(version);
+                    entry.last_error.clear();
+                }
+                Some(e) => entry.last_error = e,
+            }
+        }
+    }
+
+    /// The controller's current rule set for a node.
+    pub fn ruleset(&self, node: &str) -> Option<RuleSet> {
+        self.lock().ok()?.nodes.get(node).map(|e| e.ruleset.clone())
+    }
+
+    pub fn node_states(&self) -> Vec<NodeState> {
+        let Ok(state) = self.lock() else {
+            return Vec::new();
+        };
+        state
+            .nodes
+            .iter()
+            .map(|(name, e)| NodeState {
+                node: name.clone(),
+                version: e.ruleset.version,
+                realized: e.acked,
+                connected: !e.subscribers.is_empty(),
+                last_error: e.last_error.clone(),
+                endpoints: e.ruleset.endpoints.len() as u32,
+            })
+            .collect()
+    }
+
+    /// Per policy: the nodes whose rule set mentions it, and how many of them acked their
+    /// current version.
+    pub fn policy_status(&self) -> Vec<PolicyRealization> {
+        let Ok(state) = self.lock() else {
+            return Vec::new();
+        };
+        let mut by_policy: BTreeMap<(RuleKind, String, String), (BTreeSet<&str>, u32)> =
+            BTreeMap::new();
+        for (node, e) in &state.nodes {
+            let realized = e.acked >= e.ruleset.version;
+            let policies: BTreeSet<(RuleKind, String, String)> = e
+                .ruleset
+                .rules
+                .values()
+                .filter(|r| r.kind != RuleKind::Default)
+                .map(|r| (r.kind.clone(), r.namespace.clone(), r.name.clone()))
+                .collect();
+            for p in policies {
+                let slot = by_policy.entry(p).or_default();
+                if slot.0.insert(node.as_str()) && realized {
+                    slot.1 += 1;
+                }
+            }
+        }
+        by_policy
+            .into_iter()
+            .map(
+                |((kind, namespace, name), (nodes, realized))| PolicyRealization {
+                    kind,
+                    namespace,
+                    name,
+                    nodes: nodes.len() as u32,
+                    realized,
+                },
+            )
+            .collect()
+    }
+}

@@ -1,0 +1,12 @@
+//! Rule-set distribution to the node agents over gRPC (see `proto/bulkhead/v1/distribution.proto`):
+//! the [`hub::Hub`] keeps each node's rule set and its followers, [`service`] speaks the protocol,
+//! and [`source::ManifestSource`] feeds the engine from a directory of Kubernetes YAML.
+
+pub mod follower;
+pub mod hub;
+pub mod service;
+pub mod source;
+
+pub use hub::Hub;
+pub use service::{AdminService, DistributionService, FlowStore};
+pub use source::ManifestSource;
