@@ -257,6 +257,11 @@ impl Hub {
         self.lock().ok()?.nodes.get(node).map(|e| e.ruleset.clone())
     }
 
+    /// The engine's own (full) view of a node's rule set.
+    pub fn engine_ruleset(&self, node: &str) -> Result<RuleSet, HubError> {
+        Ok(self.lock()?.engine.ruleset(node)?)
+    }
+
     pub fn node_states(&self) -> Vec<NodeState> {
         let Ok(state) = self.lock() else {
             return Vec::new();

@@ -6,6 +6,8 @@ pub mod follower;
 pub mod hub;
 pub mod service;
 pub mod source;
+#[cfg(test)]
+mod tests;
 
 pub use hub::Hub;
 pub use service::{AdminService, DistributionService, FlowStore};
