@@ -454,6 +454,10 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     if ep.flags & endpoint_flags::LOCKDOWN != 0 {
         return drop_packet(ep.endpoint_id, reason::DROP_LOCKDOWN, bytes);
     }
+    if s.packet.neighbor_discovery {
+        count(ep.endpoint_id, reason::PASSED_NON_IP, bytes);
+        return TC_ACT_OK;
+    }
     if dir == DIR_EGRESS && ep.flags & endpoint_flags::ANTI_SPOOF != 0 {
         let key = EndpointAddrKey {
             endpoint_id: ep.endpoint_id,

@@ -34,6 +34,11 @@ pub struct Packet {
     pub ports_known: bool,
     /// ICMP/ICMPv6 error that embeds the header of another packet (at `l4_off + 8`).
     pub icmp_error: bool,
+    /// IPv6 neighbour discovery (hop limit 255, RFC 4861) or multicast listener discovery: the
+    /// IPv6 counterpart of ARP, passed so that neighbours can resolve each other.
+    pub neighbor_discovery: bool,
+    /// TTL or hop limit.
+    pub hop_limit: u8,
     pub l4_off: u32,
 }
 
@@ -111,6 +116,8 @@ fn parse_ipv4(ctx: &TcContext, off: usize, p: &mut Packet) -> Parsed {
         dport_be: 0,
         ports_known: false,
         icmp_error: false,
+        neighbor_discovery: false,
+        hop_limit: hdr[8],
         l4_off: (off + ihl) as u32,
     };
     if frag_offset != 0 {
@@ -191,6 +198,8 @@ fn parse_ipv6(ctx: &TcContext, off: usize, p: &mut Packet) -> Parsed {
         dport_be: 0,
         ports_known: false,
         icmp_error: false,
+        neighbor_discovery: false,
+        hop_limit: hdr[7],
         l4_off: l4 as u32,
     };
     if fragmented_tail {
@@ -248,6 +257,9 @@ fn parse_l4(ctx: &TcContext, p: &mut Packet) -> bool {
                 p.dport_be = id;
             }
             p.icmp_error = error;
+            p.neighbor_discovery = p.protocol == IPPROTO_ICMPV6
+                && (((133..=137).contains(&ty) && p.hop_limit == 255)
+                    || matches!(ty, 130..=132 | 143));
             true
         }
         _ => true,
