@@ -3,6 +3,8 @@
 mod agent;
 mod certs;
 mod controller;
+mod demo;
+mod lab;
 mod policy;
 
 use std::{io::IsTerminal, process::ExitCode};
@@ -39,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// The story end to end in a lab: traffic, least privilege, denied flows naming rules.
+    Demo(demo::DemoArgs),
+    /// A real multi-node cluster of network namespaces on this machine: nodes with agents,
+    /// pods with servers, one controller; probe it, change it live, take it down.
+    Lab(lab::LabArgs),
     /// Policy engine on Kubernetes YAML: reachability matrix (`evaluate`), why a connection is
     /// allowed or denied (`explain`), per-node rule sets for the agent (`compile`).
     Policy(policy::PolicyArgs),
@@ -63,6 +70,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(args) => agent::run(args),
         Command::Controller(args) => controller::run(args),
+        Command::Lab(args) => lab::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Certs {
             command: CertsCommand::Generate(args),
         } => certs::run(args),

@@ -165,7 +165,7 @@ fn evaluate(a: EvaluateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
-fn write_table(
+pub(crate) fn write_table(
     out: &mut impl Write,
     matrix: &BTreeMap<String, BTreeMap<String, bool>>,
     protocol: Protocol,

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Setup => setup(),
         Task::Test { cargo_args } => setup().and_then(|()| test(&cargo_args)),
-        Task::Demo { keep } => setup().and_then(|()| demo::run(keep)),
+        Task::Demo { keep } => setup().and_then(|()| demo::demo(keep)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

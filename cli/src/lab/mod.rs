@@ -1,0 +1,1049 @@
+//! `bulkhead lab`: a real multi-node cluster of network namespaces on one machine.
+//!
+//! Every lab node is a network namespace that routes for its pods and runs its own agent; every
+//! pod is a network namespace behind a veth to its node, wired as a CNI would, with a small
+//! built-in server on each declared container port. Nodes reach each other over a bridge in a
+//! `fabric` namespace. One controller process serves all agents over gRPC with mTLS (a
+//! throwaway CA). Nothing touches the host's own network namespace.
+
+mod probe;
+mod serve;
+pub mod state;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use bulkhead_agent::netns::{Netns, ip};
+use clap::{Args, Subcommand};
+use serde_yaml::Value;
+
+use state::{ContainerPort, LabNode, LabPod, LabState, alive, netns_prefix, pin_prefix};
+
+#[derive(Args)]
+pub struct LabArgs {
+    /// Where the lab keeps its state, manifests, certificates and logs.
+    #[arg(long, global = true, default_value_os_t = state::default_state_dir())]
+    state: PathBuf,
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build the lab from Kubernetes YAML: nodes, pods (Pods and Deployments), policies.
+    Up {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Number of lab nodes (`node-1` … `node-N`).
+        #[arg(long, default_value_t = 2)]
+        nodes: u32,
+        /// Give pods IPv6 addresses too.
+        #[arg(long)]
+        ipv6: bool,
+        /// Ports on 127.0.0.1: controller gRPC at BASE, its HTTP at BASE+1, agent metrics at
+        /// BASE+10+i.
+        #[arg(long, default_value_t = 19960)]
+        port_base: u16,
+    },
+    /// Add or change objects in a running lab (policies, pod labels, new pods).
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Remove the objects in these files from the lab.
+    Delete {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run a command inside a pod's network namespace.
+    Exec {
+        /// `namespace/pod`
+        pod: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Nodes, pods, addresses, agents and realized versions.
+    Status,
+    /// Open a real connection from every pod to every pod and print the reachability matrix
+    /// (the same format as `bulkhead policy evaluate`).
+    Probe(probe::ProbeArgs),
+    /// Remove everything the lab made: processes, pins, namespaces, links, state.
+    Down,
+    /// (internal) The built-in server of one pod.
+    #[command(hide = true)]
+    Serve(serve::ServeArgs),
+}
+
+pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        LabCommand::Up {
+            files,
+            nodes,
+            ipv6,
+            port_base,
+        } => up(&args.state, &files, nodes, ipv6, port_base),
+        LabCommand::Apply { files } => apply(&args.state, &files, false),
+        LabCommand::Delete { files } => apply(&args.state, &files, true),
+        LabCommand::Exec { pod, command } => exec(&args.state, &pod, &command),
+        LabCommand::Status => status(&args.state),
+        LabCommand::Probe(p) => probe::run(&args.state, p),
+        LabCommand::Down => {
+            let started = Instant::now();
+            down(&args.state)?;
+            println!("lab down in {:.1} s", started.elapsed().as_secs_f64());
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Serve(s) => serve::run(s),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input
+
+/// Documents of the given files, after validation with the policy engine's own loader: any
+/// invalid document stops the command before anything is created.
+fn read_documents(files: &[PathBuf]) -> anyhow::Result<Vec<Value>> {
+    let loaded = bulkhead_controller::load_paths(files);
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !loaded.errors.is_empty() {
+        for e in &loaded.errors {
+            eprintln!("{e}");
+        }
+        bail!(
+            "{} invalid document(s); nothing was changed",
+            loaded.errors.len()
+        );
+    }
+    let mut paths = Vec::new();
+    for f in files {
+        collect_yaml(f, &mut paths);
+    }
+    let mut docs = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
+        for de in serde_yaml::Deserializer::from_str(&text) {
+            let v = Value::deserialize(de).with_context(|| format!("parse {}", p.display()))?;
+            if v.is_null() {
+                continue;
+            }
+            flatten_list(v, &mut docs);
+        }
+    }
+    Ok(docs)
+}
+
+use serde::Deserialize as _;
+
+fn collect_yaml(path: &Path, out: &mut Vec<PathBuf>) {
+    if path.is_dir() {
+        let mut children: Vec<PathBuf> = std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        children.sort();
+        for c in children {
+            collect_yaml(&c, out);
+        }
+    } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+        || path.is_file() && path.extension().is_none()
+    {
+        out.push(path.to_path_buf());
+    }
+}
+
+fn flatten_list(v: Value, out: &mut Vec<Value>) {
+    let kind = v
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if kind.ends_with("List") {
+        if let Some(Value::Sequence(items)) = v.get("items") {
+            for i in items {
+                flatten_list(i.clone(), out);
+            }
+        }
+        return;
+    }
+    out.push(v);
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(*p)?;
+    }
+    cur.as_str()
+}
+
+fn object_key(v: &Value) -> String {
+    format!(
+        "{}/{}/{}",
+        str_at(v, &["kind"]).unwrap_or_default(),
+        str_at(v, &["metadata", "namespace"]).unwrap_or("default"),
+        str_at(v, &["metadata", "name"]).unwrap_or_default()
+    )
+}
+
+/// Pods of a Deployment: `replicas` copies of its template named `<deployment>-<i>`.
+fn expand_deployment(d: &Value) -> Vec<Value> {
+    let name = str_at(d, &["metadata", "name"]).unwrap_or_default();
+    let namespace = str_at(d, &["metadata", "namespace"]).unwrap_or("default");
+    let replicas = d
+        .get("spec")
+        .and_then(|s| s.get("replicas"))
+        .and_then(Value::as_u64)
+        .unwrap_or(1);
+    let template = d
+        .get("spec")
+        .and_then(|s| s.get("template"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    (0..replicas)
+        .map(|i| {
+            let mut pod: Value = serde_yaml::from_str(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}-{i}, namespace: {namespace}, ownerReferences: [{{apiVersion: apps/v1, kind: Deployment, name: {name}, uid: lab}}]}}\n"
+            ))
+            .expect("static pod skeleton");
+            if let Some(labels) = template.get("metadata").and_then(|m| m.get("labels")) {
+                pod["metadata"]["labels"] = labels.clone();
+            }
+            pod["spec"] = template.get("spec").cloned().unwrap_or(Value::Mapping(Default::default()));
+            pod
+        })
+        .collect()
+}
+
+fn pod_ports(pod: &Value) -> Vec<ContainerPort> {
+    let mut out = Vec::new();
+    if let Some(Value::Sequence(containers)) = pod.get("spec").and_then(|s| s.get("containers")) {
+        for c in containers {
+            if let Some(Value::Sequence(ports)) = c.get("ports") {
+                for p in ports {
+                    if let Some(port) = p.get("containerPort").and_then(Value::as_u64) {
+                        out.push(ContainerPort {
+                            port: port as u16,
+                            protocol: p
+                                .get("protocol")
+                                .and_then(Value::as_str)
+                                .unwrap_or("TCP")
+                                .to_uppercase(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Splits documents into pod documents (Deployments expanded) and other objects.
+fn classify(docs: Vec<Value>) -> (BTreeMap<String, Value>, BTreeMap<String, Value>) {
+    let mut pods = BTreeMap::new();
+    let mut objects = BTreeMap::new();
+    for d in docs {
+        match str_at(&d, &["kind"]) {
+            Some("Pod") => {
+                let key = format!(
+                    "{}/{}",
+                    str_at(&d, &["metadata", "namespace"]).unwrap_or("default"),
+                    str_at(&d, &["metadata", "name"]).unwrap_or_default()
+                );
+                pods.insert(key, d);
+            }
+            Some("Deployment") => {
+                for p in expand_deployment(&d) {
+                    let key = format!(
+                        "{}/{}",
+                        str_at(&p, &["metadata", "namespace"]).unwrap_or("default"),
+                        str_at(&p, &["metadata", "name"]).unwrap_or_default()
+                    );
+                    pods.insert(key, p);
+                }
+            }
+            // Lab nodes are the lab's own.
+            Some("Node") => {}
+            _ => {
+                objects.insert(object_key(&d), d);
+            }
+        }
+    }
+    (pods, objects)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Topology
+
+fn fabric_ns(state: &LabState) -> String {
+    format!("{}fabric", netns_prefix(&state.dir))
+}
+
+fn node_fabric_v4(index: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 239, 0, index as u8)
+}
+
+fn node_fabric_v6(index: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x239, 0, 0, 0, 0, 0, index as u16)
+}
+
+fn short_hash(s: &str) -> String {
+    // FNV-1a: stable across runs and versions, unlike std's hasher.
+    let mut h: u32 = 0x811c9dc5;
+    for b in s.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    format!("{h:08x}")
+}
+
+fn ns_exec(ns: &str, argv: &[&str]) -> anyhow::Result<()> {
+    let mut args = vec!["netns", "exec", ns];
+    args.extend_from_slice(argv);
+    ip(&args)?;
+    Ok(())
+}
+
+fn create_fabric(state: &LabState) -> anyhow::Result<()> {
+    let fabric = Netns::create(&fabric_ns(state))?.keep();
+    fabric.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
+    fabric.exec(&["ip", "link", "set", "br0", "up"])?;
+    Ok(())
+}
+
+fn create_node(state: &LabState, node: &LabNode) -> anyhow::Result<()> {
+    let ipv6 = state.ipv6;
+    let fabric = fabric_ns(state);
+    let ns = Netns::create(&node.netns)?.keep();
+    bulkhead_agent::netns::enable_forwarding(&ns)?;
+    ns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])?;
+    let fab_if = format!("fab-{}", node.index);
+    bulkhead_agent::netns::veth_pair(
+        &fab_if,
+        Some(&Netns::existing(&fabric)),
+        "fabric0",
+        Some(&ns),
+    )?;
+    ns_exec(
+        &fabric,
+        &["ip", "link", "set", &fab_if, "master", "br0", "up"],
+    )?;
+    ns.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{}/24", node_fabric_v4(node.index)),
+        "dev",
+        "fabric0",
+    ])?;
+    if ipv6 {
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        ns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", node_fabric_v6(node.index)),
+            "dev",
+            "fabric0",
+            "nodad",
+        ])?;
+    }
+    ns.exec(&["ip", "link", "set", "fabric0", "up"])?;
+    Ok(())
+}
+
+fn create_pod(state: &LabState, pod: &LabPod) -> anyhow::Result<()> {
+    let node = state.node(&pod.node).context("pod on an unknown node")?;
+    let pod_ns = Netns::create(&pod.netns)?.keep();
+    let node_ns = Netns::existing(&node.netns);
+    let v4 = pod.ips.iter().find_map(|ip| match ip {
+        IpAddr::V4(v) => Some(*v),
+        _ => None,
+    });
+    match v4 {
+        Some(v4) => bulkhead_agent::netns::wire_pod(&node_ns, &pod_ns, &pod.host_if, v4)?,
+        None => {
+            bulkhead_agent::netns::veth_pair(&pod.host_if, Some(&node_ns), "eth0", Some(&pod_ns))?
+        }
+    }
+    for ip6 in pod.ips.iter().filter(|i| i.is_ipv6()) {
+        pod_ns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        pod_ns.exec(&["ip", "link", "set", "eth0", "up"])?;
+        pod_ns.exec(&[
+            "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ])?;
+        node_ns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fe80::1/64",
+            "dev",
+            &pod.host_if,
+            "nodad",
+        ])?;
+        node_ns.exec(&["ip", "link", "set", &pod.host_if, "up"])?;
+        node_ns.exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            &pod.host_if,
+        ])?;
+    }
+    // Other nodes reach this pod through its node's fabric address.
+    for other in state.nodes.iter().filter(|n| n.name != node.name) {
+        for addr in &pod.ips {
+            let via = match addr {
+                IpAddr::V4(_) => node_fabric_v4(node.index).to_string(),
+                IpAddr::V6(_) => node_fabric_v6(node.index).to_string(),
+            };
+            let family = if addr.is_ipv6() { "-6" } else { "-4" };
+            ns_exec(
+                &other.netns,
+                &[
+                    "ip",
+                    family,
+                    "route",
+                    "replace",
+                    &format!("{addr}/{}", if addr.is_ipv6() { 128 } else { 32 }),
+                    "via",
+                    &via,
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_pod(state: &LabState, pod: &LabPod) {
+    if let Some(pid) = pod.server_pid {
+        stop(pid);
+    }
+    let _ = ip(&["netns", "del", &pod.netns]);
+    for other in &state.nodes {
+        for addr in &pod.ips {
+            let family = if addr.is_ipv6() { "-6" } else { "-4" };
+            let _ = ns_exec(
+                &other.netns,
+                &["ip", family, "route", "del", &addr.to_string()],
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+fn exe() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("find the bulkhead executable")
+}
+
+/// Starts a process that outlives this CLI (own process group, output to a log file).
+fn spawn_detached(cmd: &mut Command, log: &Path) -> anyhow::Result<u32> {
+    let out = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("start {:?}", cmd.get_program()))?;
+    Ok(child.id())
+}
+
+fn stop(pid: u32) {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_millis(800);
+    while Instant::now() < deadline && alive(pid.as_raw() as u32) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
+fn start_controller(state: &LabState) -> anyhow::Result<u32> {
+    let certs = state.certs_dir();
+    spawn_detached(
+        Command::new(exe()?)
+            .args(["controller", "-f"])
+            .arg(state.manifests_dir())
+            .args(["--listen", &format!("127.0.0.1:{}", state.grpc_port)])
+            .args(["--http", &format!("127.0.0.1:{}", state.http_port)])
+            .arg("--tls-cert")
+            .arg(certs.join("controller.pem"))
+            .arg("--tls-key")
+            .arg(certs.join("controller-key.pem"))
+            .arg("--client-ca")
+            .arg(certs.join("ca.pem"))
+            .args(["--reload-ms", "100"]),
+        &state.logs_dir().join("controller.log"),
+    )
+}
+
+fn start_agent(state: &LabState, node: &LabNode) -> anyhow::Result<u32> {
+    let certs = state.certs_dir();
+    spawn_detached(
+        Command::new(exe()?)
+            .args(["agent", "run", "--node", &node.name, "--netns", &node.netns])
+            .args(["--controller", &format!("127.0.0.1:{}", state.grpc_port)])
+            .arg("--tls-cert")
+            .arg(certs.join(format!("{}.pem", node.name)))
+            .arg("--tls-key")
+            .arg(certs.join(format!("{}-key.pem", node.name)))
+            .arg("--ca")
+            .arg(certs.join("ca.pem"))
+            .arg("--pin-dir")
+            .arg(state.pin_dir(&node.name))
+            .args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{}", node.metrics_port),
+            ]),
+        &state.logs_dir().join(format!("agent-{}.log", node.name)),
+    )
+}
+
+fn start_server(state: &LabState, pod: &LabPod) -> anyhow::Result<u32> {
+    let mut cmd = Command::new(exe()?);
+    cmd.args(["lab", "--state"]).arg(&state.dir).args([
+        "serve",
+        "--netns",
+        &pod.netns,
+        "--name",
+        &pod.key(),
+    ]);
+    for p in &pod.ports {
+        cmd.args(["--port", &format!("{}/{}", p.port, p.protocol)]);
+    }
+    spawn_detached(
+        &mut cmd,
+        &state.logs_dir().join(format!("pod-{}.log", pod.netns)),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manifests for the controller
+
+/// Writes what the controller reads: the user's objects, lab nodes, and pods with their node
+/// and addresses filled in. Written to a temporary file and renamed, so the controller never
+/// reads half a file.
+fn write_manifests(state: &LabState) -> anyhow::Result<()> {
+    let mut out = String::new();
+    for n in &state.nodes {
+        out += &format!(
+            "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\n",
+            n.name
+        );
+    }
+    for doc in state.objects.values() {
+        out += "---\n";
+        out += &serde_yaml::to_string(doc)?;
+    }
+    for (key, doc) in &state.pod_docs {
+        let Some(pod) = state.pods.get(key) else {
+            continue;
+        };
+        let mut doc = doc.clone();
+        if doc.get("spec").is_none() {
+            doc["spec"] = Value::Mapping(Default::default());
+        }
+        doc["spec"]["nodeName"] = Value::String(pod.node.clone());
+        let ips: Vec<Value> = pod
+            .ips
+            .iter()
+            .map(|ip| serde_yaml::from_str(&format!("{{ip: \"{ip}\"}}")).expect("static"))
+            .collect();
+        let mut status = serde_yaml::Mapping::new();
+        status.insert("podIP".into(), Value::String(pod.ips[0].to_string()));
+        status.insert("podIPs".into(), Value::Sequence(ips));
+        doc["status"] = Value::Mapping(status);
+        out += "---\n";
+        out += &serde_yaml::to_string(&doc)?;
+    }
+    let dir = state.manifests_dir();
+    std::fs::create_dir_all(&dir)?;
+    let tmp = state.dir.join("lab.yaml.tmp");
+    std::fs::write(&tmp, out)?;
+    std::fs::rename(&tmp, dir.join("lab.yaml"))?;
+    Ok(())
+}
+
+/// Places new pods (by `spec.nodeName` when it names a lab node, else round-robin) and gives
+/// them addresses (`status.podIP(s)` when given, else from the node's pod CIDR).
+fn place_pods(
+    state: &mut LabState,
+    pod_docs: &BTreeMap<String, Value>,
+) -> anyhow::Result<Vec<String>> {
+    let mut created = Vec::new();
+    let mut rr = state.pods.len();
+    for (key, doc) in pod_docs {
+        let ports = pod_ports(doc);
+        if let Some(existing) = state.pods.get_mut(key) {
+            existing.ports = ports;
+            continue;
+        }
+        let (namespace, name) = key.split_once('/').context("pod key")?;
+        let wanted = str_at(doc, &["spec", "nodeName"]);
+        let node = match wanted.and_then(|w| state.node(w)) {
+            Some(n) => n.clone(),
+            None => {
+                let n = state.nodes[rr % state.nodes.len()].clone();
+                rr += 1;
+                n
+            }
+        };
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if let Some(Value::Sequence(list)) = doc.get("status").and_then(|s| s.get("podIPs")) {
+            for i in list {
+                if let Some(Ok(ip)) = i.get("ip").and_then(Value::as_str).map(str::parse) {
+                    ips.push(ip);
+                }
+            }
+        }
+        if ips.is_empty()
+            && let Some(Ok(ip)) = str_at(doc, &["status", "podIP"]).map(str::parse::<IpAddr>)
+        {
+            ips.push(ip);
+        }
+        if ips.is_empty() {
+            let host = state.next_host.entry(node.name.clone()).or_insert(10);
+            *host += 1;
+            if *host > 250 {
+                bail!(
+                    "node {} has no pod addresses left (250 pods per lab node)",
+                    node.name
+                );
+            }
+            ips.push(IpAddr::V4(Ipv4Addr::new(
+                10,
+                240,
+                node.index as u8,
+                *host as u8,
+            )));
+            if state.ipv6 {
+                ips.push(IpAddr::V6(Ipv6Addr::new(
+                    0xfd00,
+                    0x240,
+                    0,
+                    0,
+                    0,
+                    0,
+                    node.index as u16,
+                    *host as u16,
+                )));
+            }
+        }
+        let hash = short_hash(key);
+        state.pods.insert(
+            key.clone(),
+            LabPod {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                node: node.name.clone(),
+                ips,
+                netns: format!("{}p-{hash}", netns_prefix(&state.dir)),
+                host_if: format!("bhp{hash}"),
+                ports,
+                server_pid: None,
+            },
+        );
+        created.push(key.clone());
+    }
+    Ok(created)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands
+
+/// The reachability matrix of the lab over IPv4 (see `bulkhead lab probe`).
+pub fn probe_matrix(
+    state: &LabState,
+    port: u16,
+    protocol: &str,
+    timeout: Duration,
+) -> anyhow::Result<BTreeMap<String, BTreeMap<String, bool>>> {
+    probe::matrix(state, port, protocol, false, timeout)
+}
+
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(300),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: lab\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+/// Per node: (version, realized, connected).
+pub fn node_versions(state: &LabState) -> BTreeMap<String, (u64, u64, bool)> {
+    http_get(state.http_port, "/api/nodes")
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap_or_default().to_string(),
+                (
+                    n["version"].as_u64().unwrap_or(0),
+                    n["realized"].as_u64().unwrap_or(0),
+                    n["connected"].as_bool().unwrap_or(false),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Waits until every lab node's agent has realized the controller's current version, and that
+/// version reflects `at_least` (a change the controller may not have read yet).
+fn wait_realized(state: &LabState, timeout: Duration, settle: bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    // The controller re-reads manifests every 100 ms: give it a moment to see a fresh write.
+    if settle {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    loop {
+        let v = node_versions(state);
+        let done = state.nodes.iter().all(|n| {
+            v.get(&n.name)
+                .is_some_and(|(version, realized, connected)| *connected && realized >= version)
+        });
+        if done {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "agents did not realize their rule sets within {} s; see {}",
+                timeout.as_secs(),
+                state.logs_dir().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn up(
+    dir: &Path,
+    files: &[PathBuf],
+    nodes: u32,
+    ipv6: bool,
+    port_base: u16,
+) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    if let Ok(existing) = LabState::load(dir)
+        && existing.controller_pid.is_some_and(alive)
+    {
+        bail!(
+            "a lab is already up at {}; `bulkhead lab down` first",
+            dir.display()
+        );
+    }
+    if !(1..=200).contains(&nodes) {
+        bail!("--nodes must be between 1 and 200");
+    }
+    if port_base > u16::MAX - 220 {
+        bail!("--port-base leaves no room for the agents' ports");
+    }
+    let docs = read_documents(files)?;
+    // Leftovers of a crashed lab go first.
+    down(dir)?;
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let (pod_docs, objects) = classify(docs);
+    let mut state = LabState {
+        dir: dir.to_path_buf(),
+        ipv6,
+        nodes: (1..=nodes)
+            .map(|i| LabNode {
+                name: format!("node-{i}"),
+                netns: format!("{}node-{i}", netns_prefix(dir)),
+                index: i,
+                agent_pid: None,
+                metrics_port: port_base + 10 + i as u16,
+            })
+            .collect(),
+        pods: BTreeMap::new(),
+        objects,
+        pod_docs: pod_docs.clone(),
+        controller_pid: None,
+        grpc_port: port_base,
+        http_port: port_base + 1,
+        next_host: BTreeMap::new(),
+    };
+    let result = (|| -> anyhow::Result<()> {
+        place_pods(&mut state, &pod_docs)?;
+        state.save()?;
+        create_fabric(&state)?;
+        for n in &state.nodes {
+            create_node(&state, n)?;
+        }
+        let pods: Vec<LabPod> = state.pods.values().cloned().collect();
+        for p in &pods {
+            create_pod(&state, p)?;
+        }
+        let node_names: Vec<String> = state.nodes.iter().map(|n| n.name.clone()).collect();
+        crate::certs::generate(&state.certs_dir(), &node_names, &[])?;
+        write_manifests(&state)?;
+        state.controller_pid = Some(start_controller(&state)?);
+        state.save()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http_get(state.http_port, "/healthz").is_none() {
+            if Instant::now() > deadline || !state.controller_pid.is_some_and(alive) {
+                bail!(
+                    "the controller did not start; see {}",
+                    state.logs_dir().join("controller.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        for i in 0..state.nodes.len() {
+            let pid = start_agent(&state, &state.nodes[i])?;
+            state.nodes[i].agent_pid = Some(pid);
+        }
+        for key in state.pods.keys().cloned().collect::<Vec<_>>() {
+            let pid = start_server(&state, &state.pods[&key])?;
+            if let Some(p) = state.pods.get_mut(&key) {
+                p.server_pid = Some(pid);
+            }
+        }
+        state.save()?;
+        wait_realized(&state, Duration::from_secs(30), false)
+    })();
+    if let Err(e) = result {
+        eprintln!("lab up failed: {e:#}; cleaning up");
+        let _ = down(dir);
+        return Err(e);
+    }
+    println!(
+        "lab up: {} nodes, {} pods, agents realized in {:.1} s (state in {})",
+        state.nodes.len(),
+        state.pods.len(),
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    print_status(&state);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn apply(dir: &Path, files: &[PathBuf], delete: bool) -> anyhow::Result<ExitCode> {
+    let mut state = LabState::load(dir)?;
+    let docs = read_documents(files)?;
+    let (pod_docs, objects) = classify(docs);
+    if delete {
+        for key in objects.keys() {
+            state.objects.remove(key);
+        }
+        for key in pod_docs.keys() {
+            if let Some(pod) = state.pods.remove(key) {
+                remove_pod(&state, &pod);
+            }
+            state.pod_docs.remove(key);
+        }
+    } else {
+        state.objects.extend(objects);
+        for (k, v) in &pod_docs {
+            state.pod_docs.insert(k.clone(), v.clone());
+        }
+        let created = place_pods(&mut state, &pod_docs)?;
+        for key in &created {
+            let pod = state.pods[key].clone();
+            create_pod(&state, &pod)?;
+            let pid = start_server(&state, &pod)?;
+            if let Some(p) = state.pods.get_mut(key) {
+                p.server_pid = Some(pid);
+            }
+        }
+        // Changed ports of existing pods: restart their servers.
+        for key in pod_docs.keys().filter(|k| !created.contains(k)) {
+            let pod = state.pods[key].clone();
+            if let Some(pid) = pod.server_pid {
+                stop(pid);
+            }
+            let pid = start_server(&state, &pod)?;
+            if let Some(p) = state.pods.get_mut(key) {
+                p.server_pid = Some(pid);
+            }
+        }
+    }
+    state.save()?;
+    let started = Instant::now();
+    write_manifests(&state)?;
+    wait_realized(&state, Duration::from_secs(20), true)?;
+    println!(
+        "{} realized on all nodes in {:.0} ms",
+        if delete { "deletion" } else { "change" },
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exec(dir: &Path, pod: &str, command: &[String]) -> anyhow::Result<ExitCode> {
+    let state = LabState::load(dir)?;
+    let p = state
+        .pods
+        .get(pod)
+        .with_context(|| format!("no pod {pod} in the lab (see `bulkhead lab status`)"))?;
+    let status = Command::new("ip")
+        .args(["netns", "exec", &p.netns])
+        .args(command)
+        .status()
+        .context("run ip netns exec")?;
+    Ok(ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
+}
+
+fn print_status(state: &LabState) {
+    let versions = node_versions(state);
+    println!(
+        "controller: pid {} {}  grpc 127.0.0.1:{}  http 127.0.0.1:{}",
+        state
+            .controller_pid
+            .map(|p| p.to_string())
+            .unwrap_or("-".into()),
+        if state.controller_pid.is_some_and(alive) {
+            "running"
+        } else {
+            "NOT RUNNING"
+        },
+        state.grpc_port,
+        state.http_port
+    );
+    for n in &state.nodes {
+        let (v, r, c) = versions.get(&n.name).copied().unwrap_or((0, 0, false));
+        println!(
+            "{:<8} agent pid {:<7} {:<11} version {v:<4} realized {r:<4} {}  metrics 127.0.0.1:{}",
+            n.name,
+            n.agent_pid.map(|p| p.to_string()).unwrap_or("-".into()),
+            if n.agent_pid.is_some_and(alive) {
+                "running"
+            } else {
+                "NOT RUNNING"
+            },
+            if c { "connected" } else { "disconnected" },
+            n.metrics_port
+        );
+    }
+    for p in state.pods.values() {
+        let ips: Vec<String> = p.ips.iter().map(|i| i.to_string()).collect();
+        let ports: Vec<String> = p
+            .ports
+            .iter()
+            .map(|c| format!("{}/{}", c.port, c.protocol))
+            .collect();
+        println!(
+            "  {:<28} {:<8} {:<28} ports {:<16} netns {}",
+            p.key(),
+            p.node,
+            ips.join(","),
+            ports.join(","),
+            p.netns
+        );
+    }
+}
+
+fn status(dir: &Path) -> anyhow::Result<ExitCode> {
+    let state = LabState::load(dir)?;
+    print_status(&state);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Removes everything a lab made. Works without a state file too (after a crash): processes are
+/// found by their command line naming the state directory, namespaces and pins by prefix.
+pub fn down(dir: &Path) -> anyhow::Result<()> {
+    let mut pids: Vec<u32> = Vec::new();
+    if let Ok(state) = LabState::load(dir) {
+        pids.extend(state.pods.values().filter_map(|p| p.server_pid));
+        pids.extend(state.nodes.iter().filter_map(|n| n.agent_pid));
+        pids.extend(state.controller_pid);
+    }
+    let needle = dir.to_string_lossy().to_string();
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) && cmdline.contains("bulkhead") {
+                pids.push(pid);
+            }
+        }
+    }
+    pids.sort();
+    pids.dedup();
+    // Servers and agents, then the controller: SIGTERM, then SIGKILL for stragglers.
+    for pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_millis(800);
+    while Instant::now() < deadline && pids.iter().any(|p| alive(*p)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in pids.iter().filter(|p| alive(**p)) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    // Pins (links first: that detaches the programs), then namespaces (and their links).
+    let pins = pin_prefix(dir);
+    let namespaces = netns_prefix(dir);
+    for entry in std::fs::read_dir("/sys/fs/bpf/bulkhead")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry.file_name().to_string_lossy().starts_with(&pins) {
+            bulkhead_agent::loader::remove_pins(&entry.path())
+                .with_context(|| format!("remove pins {}", entry.path().display()))?;
+        }
+    }
+    for entry in std::fs::read_dir("/var/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with(&namespaces) {
+            ip(&["netns", "del", &name]).with_context(|| format!("delete namespace {name}"))?;
+        }
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    Ok(())
+}

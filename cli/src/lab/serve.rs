@@ -1,0 +1,79 @@
+//! The built-in server of a lab pod: on each declared port it answers with the pod's name
+//! (TCP: on connect; UDP: to every datagram), so a probe knows whom it reached.
+
+use std::{
+    io::Write,
+    net::{TcpListener, UdpSocket},
+    process::ExitCode,
+    thread,
+};
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The pod's network namespace.
+    #[arg(long)]
+    netns: String,
+    /// `namespace/pod`, the answer.
+    #[arg(long)]
+    name: String,
+    /// `PORT/PROTOCOL` (TCP, UDP or SCTP), repeated.
+    #[arg(long = "port")]
+    ports: Vec<String>,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // Single-threaded here: every thread started below lives in the pod's namespace.
+    bulkhead_agent::netns::enter(&bulkhead_agent::netns::netns_path(&args.netns), &args.netns)?;
+    let mut handles = Vec::new();
+    for spec in &args.ports {
+        let (port, proto) = spec.split_once('/').unwrap_or((spec.as_str(), "TCP"));
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("invalid port {spec:?}"))?;
+        let answer = format!("{}\n", args.name);
+        match proto.to_uppercase().as_str() {
+            "TCP" => {
+                // Dual-stack: `[::]` accepts IPv4 too unless the kernel says otherwise.
+                let listener = TcpListener::bind(("::", port))
+                    .or_else(|_| TcpListener::bind(("0.0.0.0", port)))
+                    .with_context(|| format!("listen on TCP {port}"))?;
+                handles.push(thread::spawn(move || {
+                    for mut conn in listener.incoming().flatten() {
+                        let _ = conn.write_all(answer.as_bytes());
+                    }
+                }));
+            }
+            "UDP" => {
+                let sock = UdpSocket::bind(("::", port))
+                    .or_else(|_| UdpSocket::bind(("0.0.0.0", port)))
+                    .with_context(|| format!("listen on UDP {port}"))?;
+                handles.push(thread::spawn(move || {
+                    let mut buf = [0u8; 1500];
+                    while let Ok((_, from)) = sock.recv_from(&mut buf) {
+                        let _ = sock.send_to(answer.as_bytes(), from);
+                    }
+                }));
+            }
+            "SCTP" => {
+                eprintln!(
+                    "{}: SCTP port {port} is not served: the lab's built-in server speaks TCP and UDP",
+                    args.name
+                );
+            }
+            other => bail!("unknown protocol {other:?} in {spec:?}"),
+        }
+    }
+    eprintln!(
+        "{}: serving {} in {}",
+        args.name,
+        args.ports.join(", "),
+        args.netns
+    );
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,145 @@
+//! What a lab is made of, kept in `<state>/lab.json` so that `lab status`, `apply`, `probe` and
+//! `down` find it again after the CLI that built it has exited.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// A short tag derived from the state directory: it prefixes the lab's namespaces and pin
+/// directories, so `lab down` finds them after a crash and two labs never touch each other.
+pub fn tag(dir: &Path) -> String {
+    let canonical = dir.to_string_lossy();
+    // FNV-1a: stable across runs and versions, unlike std's hasher.
+    let mut h: u32 = 0x811c9dc5;
+    for b in canonical.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    format!("{:04x}", h & 0xffff)
+}
+
+/// Prefix of every network namespace of the lab in `dir`.
+pub fn netns_prefix(dir: &Path) -> String {
+    format!("bhl{}-", tag(dir))
+}
+
+/// Prefix of the pin directories (under `/sys/fs/bpf/bulkhead`) of the lab in `dir`.
+pub fn pin_prefix(dir: &Path) -> String {
+    format!("lab{}-", tag(dir))
+}
+
+pub fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/run/bulkhead/lab")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ContainerPort {
+    pub port: u16,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabPod {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    /// Network namespace of the pod.
+    pub netns: String,
+    /// Node-side veth.
+    pub host_if: String,
+    pub ports: Vec<ContainerPort>,
+    /// PID of the pod's built-in server.
+    pub server_pid: Option<u32>,
+}
+
+impl LabPod {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabNode {
+    pub name: String,
+    pub netns: String,
+    /// Index from 1; the node's fabric address is 10.239.0.<index>.
+    pub index: u32,
+    pub agent_pid: Option<u32>,
+    pub metrics_port: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub dir: PathBuf,
+    pub ipv6: bool,
+    pub nodes: Vec<LabNode>,
+    pub pods: BTreeMap<String, LabPod>,
+    /// User objects that are not pods, by `kind/namespace/name`, as YAML documents.
+    pub objects: BTreeMap<String, serde_yaml::Value>,
+    /// Pod documents as given (before the lab fills in node and addresses), by `namespace/name`.
+    pub pod_docs: BTreeMap<String, serde_yaml::Value>,
+    pub controller_pid: Option<u32>,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    /// Next host number for pod addresses, per node.
+    pub next_host: BTreeMap<String, u32>,
+}
+
+impl LabState {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("lab.json")
+    }
+
+    pub fn load(dir: &Path) -> anyhow::Result<LabState> {
+        let path = LabState::path(dir);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no lab at {} (start one with `bulkhead lab up -f …`)",
+                dir.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("corrupt lab state {}", path.display()))
+    }
+
+    pub fn save(&self) -> anyhow::Result<()> {
+        let path = LabState::path(&self.dir);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+
+    pub fn node(&self, name: &str) -> Option<&LabNode> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf/bulkhead").join(format!("{}{node}", pin_prefix(&self.dir)))
+    }
+}
+
+/// Whether a process is alive (and not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
