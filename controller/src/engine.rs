@@ -47,9 +47,9 @@ use crate::model::{
     Peer, Pod, PodKey, PodSelection, Policy, PolicyKey, PortSpec,
 };
 use crate::ruleset::{
-    Action, Direction, DirectionDelta, DirectionPolicy, Endpoint, EndpointDelta, Identity,
-    IpCacheEntry, NodeDelta, PolicyEntry, PortRange, Protocol, RuleId, RuleRef, RuleSet, Tier,
-    identity,
+    Action, Direction, DirectionPolicy, Endpoint, EndpointDelta, EndpointPolicy, Identity,
+    IpCacheEntry, NodeDelta, PolicyDelta, PolicyEntry, PolicyGroupId, PortRange, Protocol, RuleId,
+    RuleRef, RuleSet, Tier, identity,
 };
 
 /// Endpoint ids are below this (the data plane sizes its per-node tables by it).
@@ -169,7 +169,7 @@ struct Contribution {
     rules: Vec<RuleId>,
 }
 
-type Policies = Arc<[DirectionPolicy; 2]>;
+type Policies = Arc<EndpointPolicy>;
 
 #[derive(Debug)]
 struct IdentityState {
@@ -236,6 +236,18 @@ impl NodeState {
     }
 }
 
+/// What [`PolicyEngine::node_delta`] needs of one node beyond the journal.
+struct NodeParts<'a> {
+    /// Pod addresses to re-check because they may now be carried here.
+    new_ips: Option<&'a FxHashSet<IpAddr>>,
+    /// (node, identity, had its group before), this node's only.
+    groups: &'a [(NodeIdx, Identity, bool)],
+    /// (node, rule, was referenced before), this node's only.
+    rules: &'a [(NodeIdx, RuleId, bool)],
+    /// Change of each identity's policy (`None`: unchanged).
+    policy_deltas: &'a FxHashMap<Identity, Option<PolicyDelta>>,
+}
+
 struct PolicyState {
     policy: Policy,
     slot: u32,
@@ -254,6 +266,8 @@ struct Journal {
     ip_candidates: FxHashMap<NodeIdx, FxHashSet<IpAddr>>,
     all_ips: FxHashSet<NodeIdx>,
     rule_old: FxHashMap<(NodeIdx, RuleId), bool>,
+    /// Whether a node had an identity's policy group before the change.
+    group_old: FxHashMap<(NodeIdx, Identity), bool>,
     renamed_rules: FxHashSet<RuleId>,
     cidr_old: BTreeMap<IpNetwork, Option<Identity>>,
     node_existed: FxHashMap<NodeIdx, bool>,
@@ -491,7 +505,7 @@ impl PolicyEngine {
     pub fn identity_policy(&self, id: Identity, direction: Direction) -> Option<&DirectionPolicy> {
         self.identities
             .get(&id)
-            .map(|s| &s.policy[direction as usize])
+            .map(|s| s.policy.direction(direction))
     }
 
     /// Identity key of a pod identity.
@@ -592,10 +606,21 @@ impl PolicyEngine {
             .keys()
             .filter_map(|r| self.rule_ref(*r).map(|rr| (*r, rr)))
             .collect();
+        // One group per identity with endpoints here (those are the node's contributions).
+        let policies = n
+            .contrib
+            .keys()
+            .filter_map(|id| {
+                self.identities
+                    .get(id)
+                    .map(|s| (*id, EndpointPolicy::clone(&s.policy)))
+            })
+            .collect();
         Ok(RuleSet {
             node: n.name.clone(),
             version: n.version,
             endpoints,
+            policies,
             ipcache,
             rules,
         })
@@ -611,7 +636,6 @@ impl PolicyEngine {
 
     fn endpoint(&self, id: u32, pk: &PodKey) -> Option<Endpoint> {
         let st = self.pods.get(pk)?;
-        let policy = &self.identities.get(&st.identity)?.policy;
         Some(Endpoint {
             id,
             namespace: pk.namespace.clone(),
@@ -621,8 +645,7 @@ impl PolicyEngine {
             ips: st.pod.ips.clone(),
             interface: None,
             quarantined: false,
-            ingress: policy[0].clone(),
-            egress: policy[1].clone(),
+            policy: group_of(st.identity),
         })
     }
 
@@ -1168,7 +1191,7 @@ impl PolicyEngine {
                 kind,
                 pods: BTreeSet::new(),
                 member_of: FxHashSet::default(),
-                policy: Arc::new([DirectionPolicy::default(), DirectionPolicy::default()]),
+                policy: Arc::default(),
                 contribution: Arc::new(Contribution::default()),
                 endpoints: FxHashMap::default(),
             },
@@ -1568,8 +1591,8 @@ impl PolicyEngine {
     // -----------------------------------------------------------------------------------------
     // Per-identity policy.
 
-    fn compute_policy(&self, id: Identity) -> [DirectionPolicy; 2] {
-        let mut out = [DirectionPolicy::default(), DirectionPolicy::default()];
+    fn compute_policy(&self, id: Identity) -> EndpointPolicy {
+        let mut out = EndpointPolicy::default();
         let Some(st) = self.identities.get(&id) else {
             return out;
         };
@@ -1610,7 +1633,7 @@ impl PolicyEngine {
                     && later.action == first.action
                     && later.audit == first.audit
             });
-            out[di] = DirectionPolicy {
+            *out.direction_mut(d) = DirectionPolicy {
                 isolated_by: isolated,
                 audit_isolated_by: if isolated.is_some() {
                     None
@@ -1683,15 +1706,15 @@ impl PolicyEngine {
         if *st.policy == new {
             return;
         }
-        let mut peers: Vec<Identity> = new
-            .iter()
+        let mut peers: Vec<Identity> = [&new.ingress, &new.egress]
+            .into_iter()
             .flat_map(|d| d.entries.iter().map(|e| e.peer))
             .filter(|p| *p != identity::ANY)
             .collect();
         peers.sort_unstable();
         peers.dedup();
-        let mut rules: Vec<RuleId> = new
-            .iter()
+        let mut rules: Vec<RuleId> = [&new.ingress, &new.egress]
+            .into_iter()
             .flat_map(|d| {
                 d.entries
                     .iter()
@@ -1727,6 +1750,12 @@ impl PolicyEngine {
         let active = self.journal.active;
         let node = &mut self.nodes[n as usize];
         let old = node.contrib.remove(&id);
+        if active {
+            self.journal
+                .group_old
+                .entry((n, id))
+                .or_insert(old.is_some());
+        }
         if let Some(c) = &new {
             node.contrib.insert(id, c.clone());
         }
@@ -1905,8 +1934,37 @@ impl PolicyEngine {
         }
         nodes.extend(j.ip_candidates.keys().copied());
         nodes.extend(j.all_ips.iter().copied());
-        nodes.extend(j.rule_old.keys().map(|(n, _)| *n));
         nodes.extend(j.node_existed.keys().copied());
+        // Per node, sorted: which groups and rules it had before the change.
+        let mut groups: Vec<(NodeIdx, Identity, bool)> = j
+            .group_old
+            .iter()
+            .map(|((n, id), had)| (*n, *id, *had))
+            .collect();
+        groups.sort_unstable();
+        let mut rules: Vec<(NodeIdx, RuleId, bool)> = j
+            .rule_old
+            .iter()
+            .map(|((n, r), was)| (*n, *r, *was))
+            .collect();
+        rules.sort_unstable();
+        nodes.extend(groups.iter().map(|g| g.0));
+        nodes.extend(rules.iter().map(|r| r.0));
+        // A group's change is the same on every node that has it: computed once.
+        let mut policy_deltas: FxHashMap<Identity, Option<PolicyDelta>> = FxHashMap::default();
+        for (_, id, had) in &groups {
+            if !*had || policy_deltas.contains_key(id) {
+                continue;
+            }
+            let change = match (j.old_policy.get(id), self.identities.get(id)) {
+                (Some(old), Some(st)) if !Arc::ptr_eq(old, &st.policy) => {
+                    let d = PolicyDelta::between(old, &st.policy);
+                    (!d.is_empty_against(old)).then_some(d)
+                }
+                _ => None,
+            };
+            policy_deltas.insert(*id, change);
+        }
         // Pods' new addresses must be (re)checked wherever they may now be carried.
         let mut new_ip_candidates: FxHashMap<NodeIdx, FxHashSet<IpAddr>> = FxHashMap::default();
         for pk in j.pods.keys() {
@@ -1929,31 +1987,36 @@ impl PolicyEngine {
         if all_nodes {
             nodes.extend(0..self.nodes.len() as NodeIdx);
         }
+        let of_node = |v: &[(NodeIdx, u32, bool)], n: NodeIdx| -> (usize, usize) {
+            (
+                v.partition_point(|x| x.0 < n),
+                v.partition_point(|x| x.0 <= n),
+            )
+        };
         let mut deltas = Vec::new();
         for n in nodes {
-            if let Some(d) = self.node_delta(n, &j, new_ip_candidates.get(&n)) {
+            let (ga, gb) = of_node(&groups, n);
+            let (ra, rb) = of_node(&rules, n);
+            let parts = NodeParts {
+                new_ips: new_ip_candidates.get(&n),
+                groups: &groups[ga..gb],
+                rules: &rules[ra..rb],
+                policy_deltas: &policy_deltas,
+            };
+            if let Some(d) = self.node_delta(n, &j, parts) {
                 deltas.push(d);
             }
         }
         deltas
     }
 
-    fn old_policy_of(&self, j: &Journal, id: Identity) -> Policies {
-        if let Some(p) = j.old_policy.get(&id) {
-            return p.clone();
-        }
-        match self.identities.get(&id) {
-            Some(s) => s.policy.clone(),
-            None => Arc::new([DirectionPolicy::default(), DirectionPolicy::default()]),
-        }
-    }
-
-    fn node_delta(
-        &mut self,
-        n: NodeIdx,
-        j: &Journal,
-        new_ips: Option<&FxHashSet<IpAddr>>,
-    ) -> Option<NodeDelta> {
+    fn node_delta(&mut self, n: NodeIdx, j: &Journal, parts: NodeParts<'_>) -> Option<NodeDelta> {
+        let NodeParts {
+            new_ips,
+            groups,
+            rules,
+            policy_deltas,
+        } = parts;
         let existed = j
             .node_existed
             .get(&n)
@@ -1973,7 +2036,6 @@ impl PolicyEngine {
             ..NodeDelta::default()
         };
         // Endpoints of touched pods.
-        let mut handled: BTreeSet<u32> = BTreeSet::new();
         let mut touched: Vec<&PodKey> = j.pods.keys().collect();
         touched.sort();
         for pk in touched {
@@ -1988,13 +2050,9 @@ impl PolicyEngine {
                 .filter(|s| s.node == n && s.endpoint.is_some());
             match (old, new) {
                 (None, None) => {}
-                (Some(o), None) => {
-                    delta.endpoints_removed.extend(o.endpoint);
-                    handled.extend(o.endpoint);
-                }
+                (Some(o), None) => delta.endpoints_removed.extend(o.endpoint),
                 (None, Some(s)) => {
                     if let Some(ep) = s.endpoint.and_then(|id| self.endpoint(id, pk)) {
-                        handled.insert(ep.id);
                         delta.endpoints_added.push(ep);
                     }
                 }
@@ -2002,8 +2060,6 @@ impl PolicyEngine {
                     let (Some(oid), Some(nid)) = (o.endpoint, s.endpoint) else {
                         continue;
                     };
-                    handled.insert(oid);
-                    handled.insert(nid);
                     if oid != nid {
                         delta.endpoints_removed.push(oid);
                         if let Some(ep) = self.endpoint(nid, pk) {
@@ -2011,68 +2067,44 @@ impl PolicyEngine {
                         }
                         continue;
                     }
-                    let old_p = self.old_policy_of(j, o.identity);
-                    let new_p = self.identities.get(&s.identity).map(|x| x.policy.clone());
-                    let Some(new_p) = new_p else { continue };
-                    let ingress = DirectionDelta::between(&old_p[0], &new_p[0]);
-                    let egress = DirectionDelta::between(&old_p[1], &new_p[1]);
                     let unchanged = o.identity == s.identity
                         && o.ips == s.pod.ips
-                        && o.workload == s.pod.workload
-                        && ingress.is_empty_against(&old_p[0])
-                        && egress.is_empty_against(&old_p[1]);
+                        && o.workload == s.pod.workload;
                     if !unchanged {
                         delta.endpoints_changed.push(EndpointDelta {
                             id: nid,
                             identity: s.identity,
                             ips: s.pod.ips.clone(),
                             workload: s.pod.workload.clone(),
-                            ingress,
-                            egress,
+                            policy: group_of(s.identity),
                         });
                     }
                 }
             }
         }
-        // Endpoints whose identity's policy changed.
-        let mut changed_ids: Vec<Identity> = j.dp_changed.iter().copied().collect();
-        changed_ids.sort_unstable();
-        for id in changed_ids {
-            let Some(st) = self.identities.get(&id) else {
-                continue;
-            };
-            let Some(eps) = st.endpoints.get(&n) else {
-                continue;
-            };
-            let old_p = self.old_policy_of(j, id);
-            let ingress = DirectionDelta::between(&old_p[0], &st.policy[0]);
-            let egress = DirectionDelta::between(&old_p[1], &st.policy[1]);
-            if ingress.is_empty_against(&old_p[0]) && egress.is_empty_against(&old_p[1]) {
-                continue;
-            }
-            for ep in eps {
-                if handled.contains(ep) {
-                    continue;
-                }
-                let Some(pk) = self.nodes[n as usize].endpoints.get(ep) else {
-                    continue;
-                };
-                let Some(ps) = self.pods.get(pk) else {
-                    continue;
-                };
-                delta.endpoints_changed.push(EndpointDelta {
-                    id: *ep,
-                    identity: id,
-                    ips: ps.pod.ips.clone(),
-                    workload: ps.pod.workload.clone(),
-                    ingress: ingress.clone(),
-                    egress: egress.clone(),
-                });
-            }
-        }
         delta.endpoints_removed.sort_unstable();
         delta.endpoints_added.sort_by_key(|e| e.id);
         delta.endpoints_changed.sort_by_key(|e| e.id);
+        // Policy groups: one per identity with endpoints on the node.
+        for &(_, id, had) in groups {
+            let has = self.nodes[n as usize].contrib.contains_key(&id);
+            match (had, has) {
+                (false, false) => {}
+                (true, false) => delta.policies_removed.push(group_of(id)),
+                (false, true) => {
+                    if let Some(st) = self.identities.get(&id) {
+                        delta
+                            .policies_added
+                            .insert(group_of(id), EndpointPolicy::clone(&st.policy));
+                    }
+                }
+                (true, true) => {
+                    if let Some(change) = policy_deltas.get(&id).and_then(Option::as_ref) {
+                        delta.policies_changed.insert(group_of(id), change.clone());
+                    }
+                }
+            }
+        }
         // ipcache.
         let mut keys: BTreeSet<IpNetwork> = BTreeSet::new();
         let mut old_pod: BTreeMap<IpNetwork, Option<Identity>> = BTreeMap::new();
@@ -2137,15 +2169,7 @@ impl PolicyEngine {
             }
         }
         // Rules.
-        let node_rules: Vec<(RuleId, bool)> = j
-            .rule_old
-            .iter()
-            .filter(|((m, _), _)| *m == n)
-            .map(|((_, r), was)| (*r, *was))
-            .collect();
-        let mut rules_seen = BTreeSet::new();
-        for (r, was) in node_rules {
-            rules_seen.insert(r);
+        for &(_, r, was) in rules {
             let is = self.nodes[n as usize].rule_refs.contains_key(&r);
             if is && (!was || j.renamed_rules.contains(&r)) {
                 if let Some(rr) = self.rule_ref(r) {
@@ -2155,15 +2179,19 @@ impl PolicyEngine {
                 delta.rules_removed.push(r);
             }
         }
-        let renamed: Vec<RuleId> = self.nodes[n as usize]
-            .rule_refs
-            .keys()
-            .filter(|r| j.renamed_rules.contains(r) && !rules_seen.contains(r))
-            .copied()
-            .collect();
-        for r in renamed {
-            if let Some(rr) = self.rule_ref(r) {
-                delta.rules_upserted.insert(r, rr);
+        if !j.renamed_rules.is_empty() {
+            let renamed: Vec<RuleId> = self.nodes[n as usize]
+                .rule_refs
+                .keys()
+                .filter(|r| {
+                    j.renamed_rules.contains(r) && rules.binary_search_by(|x| x.1.cmp(r)).is_err()
+                })
+                .copied()
+                .collect();
+            for r in renamed {
+                if let Some(rr) = self.rule_ref(r) {
+                    delta.rules_upserted.insert(r, rr);
+                }
             }
         }
         delta.rules_removed.sort_unstable();
@@ -2187,6 +2215,12 @@ impl PolicyEngine {
         delta.version = node.version;
         Some(delta)
     }
+}
+
+/// The policy group of an identity's endpoints: every endpoint of an identity has the same
+/// policy, so the group is numbered after the identity.
+fn group_of(identity: Identity) -> PolicyGroupId {
+    identity
 }
 
 fn sorted_diff<T: Ord + Copy>(old: &[T], new: &[T]) -> (Vec<T>, Vec<T>) {
