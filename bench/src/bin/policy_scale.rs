@@ -132,21 +132,23 @@ fn compile(
         ),
     }
     let endpoints: Vec<usize> = rulesets.iter().map(|r| r.endpoints.len()).collect();
+    let groups: Vec<usize> = rulesets.iter().map(|r| r.policies.len()).collect();
     let entries: Vec<usize> = rulesets
         .iter()
         .map(|r| {
-            r.endpoints
-                .iter()
-                .map(|e| e.ingress.entries.len() + e.egress.entries.len())
+            r.policies
+                .values()
+                .map(|p| p.ingress.entries.len() + p.egress.entries.len())
                 .sum()
         })
         .collect();
     let ipcache: Vec<usize> = rulesets.iter().map(|r| r.ipcache.len()).collect();
     let rules: Vec<usize> = rulesets.iter().map(|r| r.rules.len()).collect();
     println!(
-        "  identities {}; per node min/median/max: endpoints {}, entries {}, ipcache {}, rules {}",
+        "  identities {}; per node min/median/max: endpoints {}, policy groups {}, entries {}, ipcache {}, rules {}",
         engine.identity_count(),
         stats(endpoints),
+        stats(groups),
         stats(entries),
         stats(ipcache),
         stats(rules)
