@@ -208,44 +208,26 @@ struct NodeState {
     contrib: FxHashMap<Identity, Arc<Contribution>>,
     peer_refs: FxHashMap<Identity, u32>,
     rule_refs: FxHashMap<RuleId, u32>,
-    /// Pod addresses in the ipcache, sorted (CIDR identities are added when materialized).
-    ipcache: Vec<(IpNetwork, Identity)>,
 }
 
 impl NodeState {
     fn exists(&self) -> bool {
         self.declared || self.pods > 0
     }
-
-    fn ipcache_get(&self, net: &IpNetwork) -> Option<Identity> {
-        self.ipcache
-            .binary_search_by(|(k, _)| k.cmp(net))
-            .ok()
-            .map(|i| self.ipcache[i].1)
-    }
-
-    fn ipcache_set(&mut self, net: IpNetwork, value: Option<Identity>) {
-        match (self.ipcache.binary_search_by(|(k, _)| k.cmp(&net)), value) {
-            (Ok(i), Some(v)) => self.ipcache[i].1 = v,
-            (Ok(i), None) => {
-                self.ipcache.remove(i);
-            }
-            (Err(i), Some(v)) => self.ipcache.insert(i, (net, v)),
-            (Err(_), None) => {}
-        }
-    }
 }
 
 /// What [`PolicyEngine::node_delta`] needs of one node beyond the journal.
 struct NodeParts<'a> {
-    /// Pod addresses to re-check because they may now be carried here.
-    new_ips: Option<&'a FxHashSet<IpAddr>>,
-    /// (node, identity, had its group before), this node's only.
-    groups: &'a [(NodeIdx, Identity, bool)],
-    /// (node, rule, was referenced before), this node's only.
-    rules: &'a [(NodeIdx, RuleId, bool)],
+    /// Pod addresses whose entry may have changed here.
+    ip_checks: &'a [(NodeIdx, IpAddr)],
+    /// (identity, had its group before), this node's only.
+    groups: &'a [(NodeIdx, (Identity, bool))],
+    /// (rule, was referenced before), this node's only.
+    rules: &'a [(NodeIdx, (RuleId, bool))],
     /// Change of each identity's policy (`None`: unchanged).
     policy_deltas: &'a FxHashMap<Identity, Option<PolicyDelta>>,
+    /// Touched pods by the addresses they had before the change.
+    old_at: &'a FxHashMap<IpAddr, Vec<(&'a PodKey, &'a PodSnap)>>,
 }
 
 struct PolicyState {
@@ -263,8 +245,12 @@ struct Journal {
     pods: FxHashMap<PodKey, Option<PodSnap>>,
     flags: FxHashSet<(NodeIdx, Identity)>,
     dp_changed: FxHashSet<Identity>,
-    ip_candidates: FxHashMap<NodeIdx, FxHashSet<IpAddr>>,
+    /// (node, pod address) whose ipcache entry may have changed.
+    ip_checks: Vec<(NodeIdx, IpAddr)>,
+    /// Nodes where every pod address must be re-checked (their `world` reference flipped).
     all_ips: FxHashSet<NodeIdx>,
+    /// Whether a node referenced a peer identity before the change.
+    peer_old: FxHashMap<(NodeIdx, Identity), bool>,
     rule_old: FxHashMap<(NodeIdx, RuleId), bool>,
     /// Whether a node had an identity's policy group before the change.
     group_old: FxHashMap<(NodeIdx, Identity), bool>,
@@ -442,9 +428,8 @@ impl PolicyEngine {
         for (n, id) in locals {
             engine.update_contribution(n, id);
         }
-        for n in 0..engine.nodes.len() {
-            engine.build_ipcache(n as NodeIdx);
-            engine.nodes[n].version = 1;
+        for n in &mut engine.nodes {
+            n.version = 1;
         }
         Ok(engine)
     }
@@ -577,10 +562,11 @@ impl PolicyEngine {
                 cache.insert(*c, id);
             }
         }
-        let mut ipcache: Vec<IpCacheEntry> = Vec::with_capacity(n.ipcache.len() + cache.len());
+        let pod_entries = self.pod_entries(idx);
+        let mut ipcache: Vec<IpCacheEntry> = Vec::with_capacity(pod_entries.len() + cache.len());
         // Merge two sorted lists; a pod address wins over a CIDR identity of the same prefix.
         let mut cidrs = cache.into_iter().peekable();
-        for (net, id) in &n.ipcache {
+        for (net, id) in &pod_entries {
             while let Some((c, cid)) = cidrs.peek() {
                 if c < net {
                     ipcache.push(IpCacheEntry {
@@ -789,10 +775,8 @@ impl PolicyEngine {
             nodes.extend(self.world_nodes.iter().copied());
             for n in nodes {
                 self.journal
-                    .ip_candidates
-                    .entry(n)
-                    .or_default()
-                    .extend(s.ips.iter().copied());
+                    .ip_checks
+                    .extend(s.ips.iter().map(|ip| (n, *ip)));
             }
         }
         self.journal.pods.insert(pk.clone(), snap);
@@ -1808,6 +1792,9 @@ impl PolicyEngine {
     }
 
     fn peer_flip(&mut self, n: NodeIdx, peer: Identity, on: bool) {
+        if self.journal.active {
+            self.journal.peer_old.entry((n, peer)).or_insert(!on);
+        }
         let set = self.ref_nodes.entry(peer).or_default();
         if on {
             set.insert(n);
@@ -1834,15 +1821,12 @@ impl PolicyEngine {
         let Some(st) = self.identities.get(&peer) else {
             return;
         };
-        let ips: Vec<IpAddr> = st
+        let ips = st
             .pods
             .iter()
             .filter_map(|pk| self.pods.get(pk))
-            .flat_map(|p| p.pod.ips.iter().copied())
-            .collect();
-        if !ips.is_empty() {
-            self.journal.ip_candidates.entry(n).or_default().extend(ips);
-        }
+            .flat_map(|p| p.pod.ips.iter().map(move |ip| (n, *ip)));
+        self.journal.ip_checks.extend(ips);
     }
 
     /// The identity node `n`'s ipcache gives a pod address, if it carries it: the first pod (by
@@ -1852,12 +1836,57 @@ impl PolicyEngine {
         let world = node.peer_refs.contains_key(&identity::WORLD);
         self.pods_by_ip.get(ip)?.iter().find_map(|pk| {
             let st = self.pods.get(pk)?;
-            (st.node == n || world || node.peer_refs.contains_key(&st.identity))
-                .then_some(st.identity)
+            let local = st.node == n && st.endpoint.is_some();
+            (local || world || node.peer_refs.contains_key(&st.identity)).then_some(st.identity)
         })
     }
 
-    fn build_ipcache(&mut self, n: NodeIdx) {
+    /// [`Self::pod_entry`] as it was before the change in the journal: from the pods' snapshots
+    /// and the node's earlier peer references.
+    fn old_pod_entry(
+        &self,
+        n: NodeIdx,
+        ip: &IpAddr,
+        j: &Journal,
+        old_at: &FxHashMap<IpAddr, Vec<(&PodKey, &PodSnap)>>,
+    ) -> Option<Identity> {
+        let node = &self.nodes[n as usize];
+        let had = |peer: Identity| {
+            j.peer_old
+                .get(&(n, peer))
+                .copied()
+                .unwrap_or_else(|| node.peer_refs.contains_key(&peer))
+        };
+        let world = had(identity::WORLD);
+        // Pods at the address before: untouched ones as they are, touched ones as they were.
+        let mut pods: Vec<(&PodKey, NodeIdx, Identity, bool)> = Vec::new();
+        if let Some(set) = self.pods_by_ip.get(ip) {
+            for pk in set {
+                if j.pods.contains_key(pk) {
+                    continue;
+                }
+                if let Some(st) = self.pods.get(pk) {
+                    pods.push((pk, st.node, st.identity, st.endpoint.is_some()));
+                }
+            }
+        }
+        if let Some(snaps) = old_at.get(ip) {
+            pods.extend(
+                snaps
+                    .iter()
+                    .map(|(pk, s)| (*pk, s.node, s.identity, s.endpoint.is_some())),
+            );
+        }
+        if pods.len() > 1 {
+            pods.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        }
+        pods.into_iter().find_map(|(_, node_of, id, endpoint)| {
+            (node_of == n && endpoint || world || had(id)).then_some(id)
+        })
+    }
+
+    /// The pod addresses node `n`'s ipcache carries, sorted.
+    fn pod_entries(&self, n: NodeIdx) -> Vec<(IpNetwork, Identity)> {
         let node = &self.nodes[n as usize];
         // Every (address, identity) the node carries; an address shared by pods of different
         // identities (stale pod data) is settled by `pod_entry`.
@@ -1906,7 +1935,7 @@ impl PolicyEngine {
             }
             i = j;
         }
-        self.nodes[n as usize].ipcache = out;
+        out
     }
 
     fn cidr_identity(&self, net: &IpNetwork) -> Option<Identity> {
@@ -1917,14 +1946,14 @@ impl PolicyEngine {
     }
 
     fn build_deltas(&mut self) -> Vec<NodeDelta> {
-        let j = std::mem::take(&mut self.journal);
-        let mut nodes: BTreeSet<NodeIdx> = BTreeSet::new();
+        let mut j = std::mem::take(&mut self.journal);
+        let mut nodes: Vec<NodeIdx> = Vec::new();
         for snap in j.pods.values().flatten() {
-            nodes.insert(snap.node);
+            nodes.push(snap.node);
         }
         for pk in j.pods.keys() {
             if let Some(st) = self.pods.get(pk) {
-                nodes.insert(st.node);
+                nodes.push(st.node);
             }
         }
         for id in &j.dp_changed {
@@ -1932,7 +1961,6 @@ impl PolicyEngine {
                 nodes.extend(st.endpoints.keys().copied());
             }
         }
-        nodes.extend(j.ip_candidates.keys().copied());
         nodes.extend(j.all_ips.iter().copied());
         nodes.extend(j.node_existed.keys().copied());
         // Per node, sorted: which groups and rules it had before the change.
@@ -1966,42 +1994,58 @@ impl PolicyEngine {
             policy_deltas.insert(*id, change);
         }
         // Pods' new addresses must be (re)checked wherever they may now be carried.
-        let mut new_ip_candidates: FxHashMap<NodeIdx, FxHashSet<IpAddr>> = FxHashMap::default();
+        let mut ip_checks = std::mem::take(&mut j.ip_checks);
         for pk in j.pods.keys() {
             if let Some(st) = self.pods.get(pk) {
-                let mut on: Vec<NodeIdx> = vec![st.node];
-                if let Some(r) = self.ref_nodes.get(&st.identity) {
-                    on.extend(r.iter().copied());
-                }
-                on.extend(self.world_nodes.iter().copied());
+                let on = std::iter::once(st.node)
+                    .chain(
+                        self.ref_nodes
+                            .get(&st.identity)
+                            .into_iter()
+                            .flatten()
+                            .copied(),
+                    )
+                    .chain(self.world_nodes.iter().copied());
                 for n in on {
-                    nodes.insert(n);
-                    new_ip_candidates
-                        .entry(n)
-                        .or_default()
-                        .extend(st.pod.ips.iter().copied());
+                    ip_checks.extend(st.pod.ips.iter().map(|ip| (n, *ip)));
                 }
             }
         }
+        ip_checks.sort_unstable();
+        ip_checks.dedup();
+        nodes.extend(ip_checks.iter().map(|c| c.0));
         let all_nodes = !j.cidr_old.is_empty() || !j.renamed_rules.is_empty();
         if all_nodes {
             nodes.extend(0..self.nodes.len() as NodeIdx);
         }
-        let of_node = |v: &[(NodeIdx, u32, bool)], n: NodeIdx| -> (usize, usize) {
-            (
-                v.partition_point(|x| x.0 < n),
-                v.partition_point(|x| x.0 <= n),
-            )
-        };
-        let mut deltas = Vec::new();
+        nodes.sort_unstable();
+        nodes.dedup();
+        // Touched pods by the addresses they had.
+        let mut old_at: FxHashMap<IpAddr, Vec<(&PodKey, &PodSnap)>> = FxHashMap::default();
+        for (pk, snap) in &j.pods {
+            if let Some(s) = snap {
+                for ip in &s.ips {
+                    old_at.entry(*ip).or_default().push((pk, s));
+                }
+            }
+        }
+        fn of_node<T>(v: &[(NodeIdx, T)], n: NodeIdx) -> &[(NodeIdx, T)] {
+            &v[v.partition_point(|x| x.0 < n)..v.partition_point(|x| x.0 <= n)]
+        }
+        let groups: Vec<(NodeIdx, (Identity, bool))> = groups
+            .into_iter()
+            .map(|(n, id, had)| (n, (id, had)))
+            .collect();
+        let rules: Vec<(NodeIdx, (RuleId, bool))> =
+            rules.into_iter().map(|(n, r, was)| (n, (r, was))).collect();
+        let mut deltas = Vec::with_capacity(nodes.len());
         for n in nodes {
-            let (ga, gb) = of_node(&groups, n);
-            let (ra, rb) = of_node(&rules, n);
             let parts = NodeParts {
-                new_ips: new_ip_candidates.get(&n),
-                groups: &groups[ga..gb],
-                rules: &rules[ra..rb],
+                ip_checks: of_node(&ip_checks, n),
+                groups: of_node(&groups, n),
+                rules: of_node(&rules, n),
                 policy_deltas: &policy_deltas,
+                old_at: &old_at,
             };
             if let Some(d) = self.node_delta(n, &j, parts) {
                 deltas.push(d);
@@ -2012,10 +2056,11 @@ impl PolicyEngine {
 
     fn node_delta(&mut self, n: NodeIdx, j: &Journal, parts: NodeParts<'_>) -> Option<NodeDelta> {
         let NodeParts {
-            new_ips,
+            ip_checks,
             groups,
             rules,
             policy_deltas,
+            old_at,
         } = parts;
         let existed = j
             .node_existed
@@ -2086,7 +2131,7 @@ impl PolicyEngine {
         delta.endpoints_added.sort_by_key(|e| e.id);
         delta.endpoints_changed.sort_by_key(|e| e.id);
         // Policy groups: one per identity with endpoints on the node.
-        for &(_, id, had) in groups {
+        for &(_, (id, had)) in groups {
             let has = self.nodes[n as usize].contrib.contains_key(&id);
             match (had, has) {
                 (false, false) => {}
@@ -2105,56 +2150,53 @@ impl PolicyEngine {
                 }
             }
         }
-        // ipcache.
-        let mut keys: BTreeSet<IpNetwork> = BTreeSet::new();
-        let mut old_pod: BTreeMap<IpNetwork, Option<Identity>> = BTreeMap::new();
-        let check: Vec<IpAddr> = if j.all_ips.contains(&n) {
-            let mut v: Vec<IpAddr> = self.pods_by_ip.keys().copied().collect();
-            v.extend(self.nodes[n as usize].ipcache.iter().map(|(k, _)| k.ip()));
-            v
-        } else {
-            let mut v: Vec<IpAddr> = Vec::new();
-            if let Some(c) = j.ip_candidates.get(&n) {
-                v.extend(c.iter().copied());
-            }
-            if let Some(c) = new_ips {
-                v.extend(c.iter().copied());
-            }
-            v
-        };
-        for ip in check {
+        // ipcache: pod entries that may have changed, and CIDR identities that did.
+        let mut keys: BTreeMap<IpNetwork, (Option<Identity>, Option<Identity>)> = BTreeMap::new();
+        let pod_key = |this: &Self, ip: IpAddr, keys: &mut BTreeMap<_, _>, always: bool| {
             let net = host_net(ip);
-            if old_pod.contains_key(&net) {
-                continue;
+            if keys.contains_key(&net) {
+                return;
             }
-            let new_val = if exists { self.pod_entry(n, &ip) } else { None };
-            let old_val = self.nodes[n as usize].ipcache_get(&net);
-            old_pod.insert(net, old_val);
-            if new_val != old_val {
-                self.nodes[n as usize].ipcache_set(net, new_val);
-                keys.insert(net);
+            let new = if exists { this.pod_entry(n, &ip) } else { None };
+            let old = if existed {
+                this.old_pod_entry(n, &ip, j, old_at)
+            } else {
+                None
+            };
+            if always || new != old {
+                keys.insert(net, (old, new));
+            }
+        };
+        if j.all_ips.contains(&n) {
+            let mut all: Vec<IpAddr> = self.pods_by_ip.keys().copied().collect();
+            all.extend(old_at.keys().copied());
+            for ip in all {
+                pod_key(self, ip, &mut keys, false);
+            }
+        } else {
+            for &(_, ip) in ip_checks {
+                pod_key(self, ip, &mut keys, false);
             }
         }
-        for c in j.cidr_old.keys() {
-            keys.insert(*c);
-        }
+        let mut cidr_keys: Vec<IpNetwork> = j.cidr_old.keys().copied().collect();
         if !existed && exists {
-            keys.extend(self.cidr_refs.keys().copied());
+            cidr_keys.extend(self.cidr_refs.keys().copied());
         }
-        for k in keys {
-            let old_p = old_pod
-                .get(&k)
-                .copied()
-                .unwrap_or_else(|| self.nodes[n as usize].ipcache_get(&k));
+        for c in cidr_keys {
+            if c.prefix() == host_net(c.ip()).prefix() {
+                pod_key(self, c.ip(), &mut keys, true);
+            } else {
+                keys.entry(c).or_insert((None, None));
+            }
+        }
+        for (k, (old_p, new_p)) in keys {
             let old_c = match j.cidr_old.get(&k) {
                 Some(v) => *v,
                 None => self.cidr_identity(&k),
             };
             let old_eff = if existed { old_p.or(old_c) } else { None };
             let new_eff = if exists {
-                self.nodes[n as usize]
-                    .ipcache_get(&k)
-                    .or_else(|| self.cidr_identity(&k))
+                new_p.or_else(|| self.cidr_identity(&k))
             } else {
                 None
             };
@@ -2169,7 +2211,7 @@ impl PolicyEngine {
             }
         }
         // Rules.
-        for &(_, r, was) in rules {
+        for &(_, (r, was)) in rules {
             let is = self.nodes[n as usize].rule_refs.contains_key(&r);
             if is && (!was || j.renamed_rules.contains(&r)) {
                 if let Some(rr) = self.rule_ref(r) {
@@ -2184,7 +2226,7 @@ impl PolicyEngine {
                 .rule_refs
                 .keys()
                 .filter(|r| {
-                    j.renamed_rules.contains(r) && rules.binary_search_by(|x| x.1.cmp(r)).is_err()
+                    j.renamed_rules.contains(r) && rules.binary_search_by(|x| x.1.0.cmp(r)).is_err()
                 })
                 .copied()
                 .collect();
@@ -2198,7 +2240,6 @@ impl PolicyEngine {
         if existed && !exists {
             let node = &mut self.nodes[n as usize];
             node.version += 1;
-            node.ipcache.clear();
             return Some(NodeDelta {
                 node: node.name.clone(),
                 from_version: delta.from_version,
