@@ -174,7 +174,7 @@ type Policies = Arc<EndpointPolicy>;
 #[derive(Debug)]
 struct IdentityState {
     kind: IdentityKind,
-    pods: BTreeSet<PodKey>,
+    pods: FxHashSet<PodKey>,
     member_of: FxHashSet<SelId>,
     policy: Policies,
     contribution: Arc<Contribution>,
@@ -183,7 +183,11 @@ struct IdentityState {
 
 #[derive(Debug, Clone)]
 struct PodState {
+    /// Without labels when `labels_in_key`.
     pod: Pod,
+    /// The pod's labels are exactly its identity's (no label was filtered out): the identity
+    /// key holds them, one copy for all its pods.
+    labels_in_key: bool,
     identity: Identity,
     node: NodeIdx,
     endpoint: Option<u32>,
@@ -265,7 +269,9 @@ pub struct PolicyEngine {
     config: EngineConfig,
     namespaces: FxHashMap<String, Labels>,
     pods: FxHashMap<PodKey, PodState>,
-    pods_by_ip: BTreeMap<IpAddr, BTreeSet<PodKey>>,
+    /// Pods by address, each list sorted by key (nearly always one pod: a list is far smaller
+    /// than a set).
+    pods_by_ip: BTreeMap<IpAddr, Vec<PodKey>>,
     identities: FxHashMap<Identity, IdentityState>,
     identities_by_ns: FxHashMap<String, FxHashSet<Identity>>,
     pod_slots: OrderedSlots<Arc<IdentityKey>>,
@@ -374,11 +380,12 @@ impl PolicyEngine {
         // which keeps the build reproducible), then placement.
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         pods.dedup_by(|b, a| a.namespace == b.namespace && a.name == b.name);
-        for pod in pods {
+        for mut pod in pods {
             if pod.host_network {
                 continue;
             }
             let key = engine.identity_key(&pod);
+            let labels_in_key = strip_labels(&mut pod, &key);
             let id = engine.acquire_pod_identity(key)?;
             let node_name = pod
                 .node_name
@@ -392,13 +399,14 @@ impl PolicyEngine {
             }
             if !pod.ips.is_empty() {
                 for ip in &pod.ips {
-                    engine.pods_by_ip.entry(*ip).or_default().insert(pk.clone());
+                    sorted_insert(engine.pods_by_ip.entry(*ip).or_default(), &pk);
                 }
             }
             engine.pods.insert(
                 pk,
                 PodState {
                     pod,
+                    labels_in_key,
                     identity: id,
                     node,
                     endpoint: None,
@@ -475,8 +483,54 @@ impl PolicyEngine {
             .map(|p| self.nodes[p.node as usize].name.as_str())
     }
 
-    pub fn pod(&self, pod: &PodKey) -> Option<&Pod> {
-        self.pods.get(pod).map(|p| &p.pod)
+    /// A pod as the engine has it (the last version applied).
+    pub fn pod(&self, pod: &PodKey) -> Option<Pod> {
+        self.pods.get(pod).map(|p| self.full_pod(p))
+    }
+
+    /// The labels a pod's state stands for: its own, or its identity's when they are the same
+    /// (then the state does not keep a copy).
+    fn pod_labels<'a>(&'a self, st: &'a PodState) -> &'a Labels {
+        if st.labels_in_key
+            && let Some(IdentityKind::Pod(key)) = self.identities.get(&st.identity).map(|s| &s.kind)
+        {
+            return &key.labels;
+        }
+        &st.pod.labels
+    }
+
+    fn full_pod(&self, st: &PodState) -> Pod {
+        let mut pod = st.pod.clone();
+        if st.labels_in_key {
+            pod.labels = self.pod_labels(st).clone();
+        }
+        pod
+    }
+
+    fn same_pod(&self, st: &PodState, pod: &Pod) -> bool {
+        // Destructured so that a new field cannot be forgotten here.
+        let Pod {
+            namespace,
+            name,
+            labels: _,
+            service_account,
+            node_name,
+            ips,
+            synthetic_ips,
+            ports,
+            workload,
+            host_network,
+        } = &st.pod;
+        *namespace == pod.namespace
+            && *name == pod.name
+            && *service_account == pod.service_account
+            && *node_name == pod.node_name
+            && *ips == pod.ips
+            && *synthetic_ips == pod.synthetic_ips
+            && *ports == pod.ports
+            && *workload == pod.workload
+            && *host_network == pod.host_network
+            && *self.pod_labels(st) == pod.labels
     }
 
     /// Every pod, sorted by namespace and name.
@@ -687,7 +741,7 @@ impl PolicyEngine {
             }
             Change::UpsertPod(pod) => {
                 let pk = pod.key();
-                if self.pods.get(&pk).is_some_and(|s| s.pod == pod) {
+                if self.pods.get(&pk).is_some_and(|s| self.same_pod(s, &pod)) {
                     return Ok(());
                 }
                 self.remove_pod(&pk, Some(&pod))?;
@@ -787,7 +841,7 @@ impl PolicyEngine {
             return Ok(());
         };
         if let Some(new) = replacement
-            && old.pod == *new
+            && self.same_pod(old, new)
         {
             return Ok(());
         }
@@ -815,7 +869,7 @@ impl PolicyEngine {
         }
         for ip in &st.pod.ips {
             if let Some(set) = self.pods_by_ip.get_mut(ip) {
-                set.remove(pk);
+                set.retain(|k| k != pk);
                 if set.is_empty() {
                     self.pods_by_ip.remove(ip);
                 }
@@ -833,10 +887,11 @@ impl PolicyEngine {
         }
     }
 
-    fn insert_pod(&mut self, pod: Pod) -> Result<(), EngineError> {
+    fn insert_pod(&mut self, mut pod: Pod) -> Result<(), EngineError> {
         let pk = pod.key();
         self.touch_pod(&pk);
         let key = self.identity_key(&pod);
+        let labels_in_key = strip_labels(&mut pod, &key);
         let id = self.acquire_pod_identity(key)?;
         let node_name = pod
             .node_name
@@ -849,13 +904,14 @@ impl PolicyEngine {
             s.pods.insert(pk.clone());
         }
         for ip in &pod.ips {
-            self.pods_by_ip.entry(*ip).or_default().insert(pk.clone());
+            sorted_insert(self.pods_by_ip.entry(*ip).or_default(), &pk);
         }
         let has_ips = !pod.ips.is_empty();
         self.pods.insert(
             pk.clone(),
             PodState {
                 pod,
+                labels_in_key,
                 identity: id,
                 node,
                 endpoint: None,
@@ -1070,7 +1126,7 @@ impl PolicyEngine {
         }
         for pk in rekey {
             if let Some(st) = self.pods.get(&pk) {
-                let pod = st.pod.clone();
+                let pod = self.full_pod(st);
                 if self.identity_key(&pod) != *self.pod_identity_key(st.identity) {
                     let keep = st.endpoint.is_some();
                     self.detach_pod(&pk, keep);
@@ -1173,7 +1229,7 @@ impl PolicyEngine {
             id,
             IdentityState {
                 kind,
-                pods: BTreeSet::new(),
+                pods: FxHashSet::default(),
                 member_of: FxHashSet::default(),
                 policy: Arc::default(),
                 contribution: Arc::new(Contribution::default()),
@@ -2262,6 +2318,21 @@ impl PolicyEngine {
 /// policy, so the group is numbered after the identity.
 fn group_of(identity: Identity) -> PolicyGroupId {
     identity
+}
+
+/// Drops the pod's labels when its identity key keeps all of them; returns whether it did.
+fn strip_labels(pod: &mut Pod, key: &IdentityKey) -> bool {
+    let same = key.labels == pod.labels;
+    if same {
+        pod.labels = Labels::new();
+    }
+    same
+}
+
+fn sorted_insert(list: &mut Vec<PodKey>, pk: &PodKey) {
+    if let Err(i) = list.binary_search(pk) {
+        list.insert(i, pk.clone());
+    }
 }
 
 fn sorted_diff<T: Ord + Copy>(old: &[T], new: &[T]) -> (Vec<T>, Vec<T>) {
