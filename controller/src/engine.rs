@@ -667,11 +667,33 @@ impl PolicyEngine {
     }
 
     /// Rule sets of every node.
+    /// Rule sets of every node, built on all available cores (each node's is independent).
     pub fn rulesets(&self) -> BTreeMap<String, RuleSet> {
-        self.nodes()
-            .into_iter()
-            .filter_map(|n| self.ruleset(&n).ok().map(|r| (n, r)))
-            .collect()
+        let nodes = self.nodes();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(nodes.len() / 64 + 1);
+        let build = |names: &[String]| -> Vec<(String, RuleSet)> {
+            names
+                .iter()
+                .filter_map(|n| self.ruleset(n).ok().map(|r| (n.clone(), r)))
+                .collect()
+        };
+        if threads <= 1 {
+            return build(&nodes).into_iter().collect();
+        }
+        let chunk = nodes.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = nodes
+                .chunks(chunk)
+                .map(|names| scope.spawn(move || build(names)))
+                .collect();
+            workers
+                .into_iter()
+                // A worker only panics if `ruleset` does, which it does not: re-raise if so.
+                .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        })
     }
 
     fn endpoint(&self, id: u32, pk: &PodKey) -> Option<Endpoint> {
