@@ -22,8 +22,8 @@ use bulkhead_agent::{
     privileged::check_privileged_test,
 };
 use bulkhead_controller::ruleset::{
-    Action, Direction, DirectionPolicy, Endpoint, IpCacheEntry, PolicyEntry, PortRange, Protocol,
-    RuleKind, RuleRef, RuleSet, Tier,
+    Action, Direction, DirectionPolicy, Endpoint, EndpointPolicy, IpCacheEntry, PolicyEntry,
+    PortRange, Protocol, RuleKind, RuleRef, RuleSet, Tier,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 10);
@@ -91,15 +91,22 @@ fn ruleset(version: u64, tcp: bool) -> RuleSet {
         ips: vec![IpAddr::V4(ip)],
         interface: Some(iface.into()),
         quarantined: false,
-        ingress: DirectionPolicy::default(),
-        egress: DirectionPolicy::default(),
+        policy: identity,
     };
-    let mut server = endpoint(2, "server", 501, SERVER, "bh-server");
-    server.ingress = DirectionPolicy {
-        isolated_by: Some(9),
-        audit_isolated_by: None,
-        entries,
-    };
+    let server = endpoint(2, "server", 501, SERVER, "bh-server");
+    let mut policies = BTreeMap::new();
+    policies.insert(500, EndpointPolicy::default());
+    policies.insert(
+        501,
+        EndpointPolicy {
+            ingress: DirectionPolicy {
+                isolated_by: Some(9),
+                audit_isolated_by: None,
+                entries,
+            },
+            egress: DirectionPolicy::default(),
+        },
+    );
     let mut rules = BTreeMap::new();
     rules.insert(9, rule("server-ingress", Direction::Ingress, None));
     rules.insert(10, rule("server-ingress", Direction::Ingress, Some(0)));
@@ -109,6 +116,7 @@ fn ruleset(version: u64, tcp: bool) -> RuleSet {
         node: "n1".into(),
         version,
         endpoints: vec![endpoint(1, "client", 500, CLIENT, "bh-client"), server],
+        policies,
         ipcache: vec![
             IpCacheEntry {
                 cidr: format!("{CLIENT}/32").parse().expect("cidr"),

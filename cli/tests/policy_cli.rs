@@ -160,7 +160,7 @@ fn compile_prints_rule_sets_the_agent_can_read() {
         serde_json::from_slice(&out.stdout).expect("a RuleSet");
     assert_eq!(rs.node, "n2");
     assert_eq!(rs.endpoints.len(), 1);
-    assert!(rs.endpoints[0].ingress.isolated_by.is_some());
+    assert!(rs.policy_of(&rs.endpoints[0]).ingress.isolated_by.is_some());
     let out = bulkhead()
         .args(["policy", "compile", "-f"])
         .arg(&f)

@@ -47,9 +47,9 @@ use crate::model::{
     Peer, Pod, PodKey, PodSelection, Policy, PolicyKey, PortSpec,
 };
 use crate::ruleset::{
-    Action, Direction, DirectionDelta, DirectionPolicy, Endpoint, EndpointDelta, Identity,
-    IpCacheEntry, NodeDelta, PolicyEntry, PortRange, Protocol, RuleId, RuleRef, RuleSet, Tier,
-    identity,
+    Action, Direction, DirectionPolicy, Endpoint, EndpointDelta, EndpointPolicy, Identity,
+    IpCacheEntry, NodeDelta, PolicyDelta, PolicyEntry, PolicyGroupId, PortRange, Protocol, RuleId,
+    RuleRef, RuleSet, Tier, identity,
 };
 
 /// Endpoint ids are below this (the data plane sizes its per-node tables by it).
@@ -169,12 +169,12 @@ struct Contribution {
     rules: Vec<RuleId>,
 }
 
-type Policies = Arc<[DirectionPolicy; 2]>;
+type Policies = Arc<EndpointPolicy>;
 
 #[derive(Debug)]
 struct IdentityState {
     kind: IdentityKind,
-    pods: BTreeSet<PodKey>,
+    pods: FxHashSet<PodKey>,
     member_of: FxHashSet<SelId>,
     policy: Policies,
     contribution: Arc<Contribution>,
@@ -183,7 +183,11 @@ struct IdentityState {
 
 #[derive(Debug, Clone)]
 struct PodState {
+    /// Without labels when `labels_in_key`.
     pod: Pod,
+    /// The pod's labels are exactly its identity's (no label was filtered out): the identity
+    /// key holds them, one copy for all its pods.
+    labels_in_key: bool,
     identity: Identity,
     node: NodeIdx,
     endpoint: Option<u32>,
@@ -208,32 +212,26 @@ struct NodeState {
     contrib: FxHashMap<Identity, Arc<Contribution>>,
     peer_refs: FxHashMap<Identity, u32>,
     rule_refs: FxHashMap<RuleId, u32>,
-    /// Pod addresses in the ipcache, sorted (CIDR identities are added when materialized).
-    ipcache: Vec<(IpNetwork, Identity)>,
 }
 
 impl NodeState {
     fn exists(&self) -> bool {
         self.declared || self.pods > 0
     }
+}
 
-    fn ipcache_get(&self, net: &IpNetwork) -> Option<Identity> {
-        self.ipcache
-            .binary_search_by(|(k, _)| k.cmp(net))
-            .ok()
-            .map(|i| self.ipcache[i].1)
-    }
-
-    fn ipcache_set(&mut self, net: IpNetwork, value: Option<Identity>) {
-        match (self.ipcache.binary_search_by(|(k, _)| k.cmp(&net)), value) {
-            (Ok(i), Some(v)) => self.ipcache[i].1 = v,
-            (Ok(i), None) => {
-                self.ipcache.remove(i);
-            }
-            (Err(i), Some(v)) => self.ipcache.insert(i, (net, v)),
-            (Err(_), None) => {}
-        }
-    }
+/// What [`PolicyEngine::node_delta`] needs of one node beyond the journal.
+struct NodeParts<'a> {
+    /// Pod addresses whose entry may have changed here.
+    ip_checks: &'a [(NodeIdx, IpAddr)],
+    /// (identity, had its group before), this node's only.
+    groups: &'a [(NodeIdx, (Identity, bool))],
+    /// (rule, was referenced before), this node's only.
+    rules: &'a [(NodeIdx, (RuleId, bool))],
+    /// Change of each identity's policy (`None`: unchanged).
+    policy_deltas: &'a FxHashMap<Identity, Option<PolicyDelta>>,
+    /// Touched pods by the addresses they had before the change.
+    old_at: &'a FxHashMap<IpAddr, Vec<(&'a PodKey, &'a PodSnap)>>,
 }
 
 struct PolicyState {
@@ -251,9 +249,15 @@ struct Journal {
     pods: FxHashMap<PodKey, Option<PodSnap>>,
     flags: FxHashSet<(NodeIdx, Identity)>,
     dp_changed: FxHashSet<Identity>,
-    ip_candidates: FxHashMap<NodeIdx, FxHashSet<IpAddr>>,
+    /// (node, pod address) whose ipcache entry may have changed.
+    ip_checks: Vec<(NodeIdx, IpAddr)>,
+    /// Nodes where every pod address must be re-checked (their `world` reference flipped).
     all_ips: FxHashSet<NodeIdx>,
+    /// Whether a node referenced a peer identity before the change.
+    peer_old: FxHashMap<(NodeIdx, Identity), bool>,
     rule_old: FxHashMap<(NodeIdx, RuleId), bool>,
+    /// Whether a node had an identity's policy group before the change.
+    group_old: FxHashMap<(NodeIdx, Identity), bool>,
     renamed_rules: FxHashSet<RuleId>,
     cidr_old: BTreeMap<IpNetwork, Option<Identity>>,
     node_existed: FxHashMap<NodeIdx, bool>,
@@ -265,7 +269,9 @@ pub struct PolicyEngine {
     config: EngineConfig,
     namespaces: FxHashMap<String, Labels>,
     pods: FxHashMap<PodKey, PodState>,
-    pods_by_ip: BTreeMap<IpAddr, BTreeSet<PodKey>>,
+    /// Pods by address, each list sorted by key (nearly always one pod: a list is far smaller
+    /// than a set).
+    pods_by_ip: BTreeMap<IpAddr, Vec<PodKey>>,
     identities: FxHashMap<Identity, IdentityState>,
     identities_by_ns: FxHashMap<String, FxHashSet<Identity>>,
     pod_slots: OrderedSlots<Arc<IdentityKey>>,
@@ -374,11 +380,12 @@ impl PolicyEngine {
         // which keeps the build reproducible), then placement.
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         pods.dedup_by(|b, a| a.namespace == b.namespace && a.name == b.name);
-        for pod in pods {
+        for mut pod in pods {
             if pod.host_network {
                 continue;
             }
             let key = engine.identity_key(&pod);
+            let labels_in_key = strip_labels(&mut pod, &key);
             let id = engine.acquire_pod_identity(key)?;
             let node_name = pod
                 .node_name
@@ -392,13 +399,14 @@ impl PolicyEngine {
             }
             if !pod.ips.is_empty() {
                 for ip in &pod.ips {
-                    engine.pods_by_ip.entry(*ip).or_default().insert(pk.clone());
+                    sorted_insert(engine.pods_by_ip.entry(*ip).or_default(), &pk);
                 }
             }
             engine.pods.insert(
                 pk,
                 PodState {
                     pod,
+                    labels_in_key,
                     identity: id,
                     node,
                     endpoint: None,
@@ -428,9 +436,8 @@ impl PolicyEngine {
         for (n, id) in locals {
             engine.update_contribution(n, id);
         }
-        for n in 0..engine.nodes.len() {
-            engine.build_ipcache(n as NodeIdx);
-            engine.nodes[n].version = 1;
+        for n in &mut engine.nodes {
+            n.version = 1;
         }
         Ok(engine)
     }
@@ -476,8 +483,54 @@ impl PolicyEngine {
             .map(|p| self.nodes[p.node as usize].name.as_str())
     }
 
-    pub fn pod(&self, pod: &PodKey) -> Option<&Pod> {
-        self.pods.get(pod).map(|p| &p.pod)
+    /// A pod as the engine has it (the last version applied).
+    pub fn pod(&self, pod: &PodKey) -> Option<Pod> {
+        self.pods.get(pod).map(|p| self.full_pod(p))
+    }
+
+    /// The labels a pod's state stands for: its own, or its identity's when they are the same
+    /// (then the state does not keep a copy).
+    fn pod_labels<'a>(&'a self, st: &'a PodState) -> &'a Labels {
+        if st.labels_in_key
+            && let Some(IdentityKind::Pod(key)) = self.identities.get(&st.identity).map(|s| &s.kind)
+        {
+            return &key.labels;
+        }
+        &st.pod.labels
+    }
+
+    fn full_pod(&self, st: &PodState) -> Pod {
+        let mut pod = st.pod.clone();
+        if st.labels_in_key {
+            pod.labels = self.pod_labels(st).clone();
+        }
+        pod
+    }
+
+    fn same_pod(&self, st: &PodState, pod: &Pod) -> bool {
+        // Destructured so that a new field cannot be forgotten here.
+        let Pod {
+            namespace,
+            name,
+            labels: _,
+            service_account,
+            node_name,
+            ips,
+            synthetic_ips,
+            ports,
+            workload,
+            host_network,
+        } = &st.pod;
+        *namespace == pod.namespace
+            && *name == pod.name
+            && *service_account == pod.service_account
+            && *node_name == pod.node_name
+            && *ips == pod.ips
+            && *synthetic_ips == pod.synthetic_ips
+            && *ports == pod.ports
+            && *workload == pod.workload
+            && *host_network == pod.host_network
+            && *self.pod_labels(st) == pod.labels
     }
 
     /// Every pod, sorted by namespace and name.
@@ -491,7 +544,7 @@ impl PolicyEngine {
     pub fn identity_policy(&self, id: Identity, direction: Direction) -> Option<&DirectionPolicy> {
         self.identities
             .get(&id)
-            .map(|s| &s.policy[direction as usize])
+            .map(|s| s.policy.direction(direction))
     }
 
     /// Identity key of a pod identity.
@@ -563,10 +616,11 @@ impl PolicyEngine {
                 cache.insert(*c, id);
             }
         }
-        let mut ipcache: Vec<IpCacheEntry> = Vec::with_capacity(n.ipcache.len() + cache.len());
+        let pod_entries = self.pod_entries(idx);
+        let mut ipcache: Vec<IpCacheEntry> = Vec::with_capacity(pod_entries.len() + cache.len());
         // Merge two sorted lists; a pod address wins over a CIDR identity of the same prefix.
         let mut cidrs = cache.into_iter().peekable();
-        for (net, id) in &n.ipcache {
+        for (net, id) in &pod_entries {
             while let Some((c, cid)) = cidrs.peek() {
                 if c < net {
                     ipcache.push(IpCacheEntry {
@@ -592,26 +646,58 @@ impl PolicyEngine {
             .keys()
             .filter_map(|r| self.rule_ref(*r).map(|rr| (*r, rr)))
             .collect();
+        // One group per identity with endpoints here (those are the node's contributions).
+        let policies = n
+            .contrib
+            .keys()
+            .filter_map(|id| {
+                self.identities
+                    .get(id)
+                    .map(|s| (*id, EndpointPolicy::clone(&s.policy)))
+            })
+            .collect();
         Ok(RuleSet {
             node: n.name.clone(),
             version: n.version,
             endpoints,
+            policies,
             ipcache,
             rules,
         })
     }
 
     /// Rule sets of every node.
+    /// Rule sets of every node, built on all available cores (each node's is independent).
     pub fn rulesets(&self) -> BTreeMap<String, RuleSet> {
-        self.nodes()
-            .into_iter()
-            .filter_map(|n| self.ruleset(&n).ok().map(|r| (n, r)))
-            .collect()
+        let nodes = self.nodes();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(nodes.len() / 64 + 1);
+        let build = |names: &[String]| -> Vec<(String, RuleSet)> {
+            names
+                .iter()
+                .filter_map(|n| self.ruleset(n).ok().map(|r| (n.clone(), r)))
+                .collect()
+        };
+        if threads <= 1 {
+            return build(&nodes).into_iter().collect();
+        }
+        let chunk = nodes.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = nodes
+                .chunks(chunk)
+                .map(|names| scope.spawn(move || build(names)))
+                .collect();
+            workers
+                .into_iter()
+                // A worker only panics if `ruleset` does, which it does not: re-raise if so.
+                .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        })
     }
 
     fn endpoint(&self, id: u32, pk: &PodKey) -> Option<Endpoint> {
         let st = self.pods.get(pk)?;
-        let policy = &self.identities.get(&st.identity)?.policy;
         Some(Endpoint {
             id,
             namespace: pk.namespace.clone(),
@@ -621,8 +707,7 @@ impl PolicyEngine {
             ips: st.pod.ips.clone(),
             interface: None,
             quarantined: false,
-            ingress: policy[0].clone(),
-            egress: policy[1].clone(),
+            policy: group_of(st.identity),
         })
     }
 
@@ -678,7 +763,7 @@ impl PolicyEngine {
             }
             Change::UpsertPod(pod) => {
                 let pk = pod.key();
-                if self.pods.get(&pk).is_some_and(|s| s.pod == pod) {
+                if self.pods.get(&pk).is_some_and(|s| self.same_pod(s, &pod)) {
                     return Ok(());
                 }
                 self.remove_pod(&pk, Some(&pod))?;
@@ -766,10 +851,8 @@ impl PolicyEngine {
             nodes.extend(self.world_nodes.iter().copied());
             for n in nodes {
                 self.journal
-                    .ip_candidates
-                    .entry(n)
-                    .or_default()
-                    .extend(s.ips.iter().copied());
+                    .ip_checks
+                    .extend(s.ips.iter().map(|ip| (n, *ip)));
             }
         }
         self.journal.pods.insert(pk.clone(), snap);
@@ -780,7 +863,7 @@ impl PolicyEngine {
             return Ok(());
         };
         if let Some(new) = replacement
-            && old.pod == *new
+            && self.same_pod(old, new)
         {
             return Ok(());
         }
@@ -808,7 +891,7 @@ impl PolicyEngine {
         }
         for ip in &st.pod.ips {
             if let Some(set) = self.pods_by_ip.get_mut(ip) {
-                set.remove(pk);
+                set.retain(|k| k != pk);
                 if set.is_empty() {
                     self.pods_by_ip.remove(ip);
                 }
@@ -826,10 +909,11 @@ impl PolicyEngine {
         }
     }
 
-    fn insert_pod(&mut self, pod: Pod) -> Result<(), EngineError> {
+    fn insert_pod(&mut self, mut pod: Pod) -> Result<(), EngineError> {
         let pk = pod.key();
         self.touch_pod(&pk);
         let key = self.identity_key(&pod);
+        let labels_in_key = strip_labels(&mut pod, &key);
         let id = self.acquire_pod_identity(key)?;
         let node_name = pod
             .node_name
@@ -842,13 +926,14 @@ impl PolicyEngine {
             s.pods.insert(pk.clone());
         }
         for ip in &pod.ips {
-            self.pods_by_ip.entry(*ip).or_default().insert(pk.clone());
+            sorted_insert(self.pods_by_ip.entry(*ip).or_default(), &pk);
         }
         let has_ips = !pod.ips.is_empty();
         self.pods.insert(
             pk.clone(),
             PodState {
                 pod,
+                labels_in_key,
                 identity: id,
                 node,
                 endpoint: None,
@@ -1063,7 +1148,7 @@ impl PolicyEngine {
         }
         for pk in rekey {
             if let Some(st) = self.pods.get(&pk) {
-                let pod = st.pod.clone();
+                let pod = self.full_pod(st);
                 if self.identity_key(&pod) != *self.pod_identity_key(st.identity) {
                     let keep = st.endpoint.is_some();
                     self.detach_pod(&pk, keep);
@@ -1166,9 +1251,9 @@ impl PolicyEngine {
             id,
             IdentityState {
                 kind,
-                pods: BTreeSet::new(),
+                pods: FxHashSet::default(),
                 member_of: FxHashSet::default(),
-                policy: Arc::new([DirectionPolicy::default(), DirectionPolicy::default()]),
+                policy: Arc::default(),
                 contribution: Arc::new(Contribution::default()),
                 endpoints: FxHashMap::default(),
             },
@@ -1568,8 +1653,8 @@ impl PolicyEngine {
     // -----------------------------------------------------------------------------------------
     // Per-identity policy.
 
-    fn compute_policy(&self, id: Identity) -> [DirectionPolicy; 2] {
-        let mut out = [DirectionPolicy::default(), DirectionPolicy::default()];
+    fn compute_policy(&self, id: Identity) -> EndpointPolicy {
+        let mut out = EndpointPolicy::default();
         let Some(st) = self.identities.get(&id) else {
             return out;
         };
@@ -1610,7 +1695,7 @@ impl PolicyEngine {
                     && later.action == first.action
                     && later.audit == first.audit
             });
-            out[di] = DirectionPolicy {
+            *out.direction_mut(d) = DirectionPolicy {
                 isolated_by: isolated,
                 audit_isolated_by: if isolated.is_some() {
                     None
@@ -1683,15 +1768,15 @@ impl PolicyEngine {
         if *st.policy == new {
             return;
         }
-        let mut peers: Vec<Identity> = new
-            .iter()
+        let mut peers: Vec<Identity> = [&new.ingress, &new.egress]
+            .into_iter()
             .flat_map(|d| d.entries.iter().map(|e| e.peer))
             .filter(|p| *p != identity::ANY)
             .collect();
         peers.sort_unstable();
         peers.dedup();
-        let mut rules: Vec<RuleId> = new
-            .iter()
+        let mut rules: Vec<RuleId> = [&new.ingress, &new.egress]
+            .into_iter()
             .flat_map(|d| {
                 d.entries
                     .iter()
@@ -1727,6 +1812,12 @@ impl PolicyEngine {
         let active = self.journal.active;
         let node = &mut self.nodes[n as usize];
         let old = node.contrib.remove(&id);
+        if active {
+            self.journal
+                .group_old
+                .entry((n, id))
+                .or_insert(old.is_some());
+        }
         if let Some(c) = &new {
             node.contrib.insert(id, c.clone());
         }
@@ -1779,6 +1870,9 @@ impl PolicyEngine {
     }
 
     fn peer_flip(&mut self, n: NodeIdx, peer: Identity, on: bool) {
+        if self.journal.active {
+            self.journal.peer_old.entry((n, peer)).or_insert(!on);
+        }
         let set = self.ref_nodes.entry(peer).or_default();
         if on {
             set.insert(n);
@@ -1805,15 +1899,12 @@ impl PolicyEngine {
         let Some(st) = self.identities.get(&peer) else {
             return;
         };
-        let ips: Vec<IpAddr> = st
+        let ips = st
             .pods
             .iter()
             .filter_map(|pk| self.pods.get(pk))
-            .flat_map(|p| p.pod.ips.iter().copied())
-            .collect();
-        if !ips.is_empty() {
-            self.journal.ip_candidates.entry(n).or_default().extend(ips);
-        }
+            .flat_map(|p| p.pod.ips.iter().map(move |ip| (n, *ip)));
+        self.journal.ip_checks.extend(ips);
     }
 
     /// The identity node `n`'s ipcache gives a pod address, if it carries it: the first pod (by
@@ -1823,12 +1914,57 @@ impl PolicyEngine {
         let world = node.peer_refs.contains_key(&identity::WORLD);
         self.pods_by_ip.get(ip)?.iter().find_map(|pk| {
             let st = self.pods.get(pk)?;
-            (st.node == n || world || node.peer_refs.contains_key(&st.identity))
-                .then_some(st.identity)
+            let local = st.node == n && st.endpoint.is_some();
+            (local || world || node.peer_refs.contains_key(&st.identity)).then_some(st.identity)
         })
     }
 
-    fn build_ipcache(&mut self, n: NodeIdx) {
+    /// [`Self::pod_entry`] as it was before the change in the journal: from the pods' snapshots
+    /// and the node's earlier peer references.
+    fn old_pod_entry(
+        &self,
+        n: NodeIdx,
+        ip: &IpAddr,
+        j: &Journal,
+        old_at: &FxHashMap<IpAddr, Vec<(&PodKey, &PodSnap)>>,
+    ) -> Option<Identity> {
+        let node = &self.nodes[n as usize];
+        let had = |peer: Identity| {
+            j.peer_old
+                .get(&(n, peer))
+                .copied()
+                .unwrap_or_else(|| node.peer_refs.contains_key(&peer))
+        };
+        let world = had(identity::WORLD);
+        // Pods at the address before: untouched ones as they are, touched ones as they were.
+        let mut pods: Vec<(&PodKey, NodeIdx, Identity, bool)> = Vec::new();
+        if let Some(set) = self.pods_by_ip.get(ip) {
+            for pk in set {
+                if j.pods.contains_key(pk) {
+                    continue;
+                }
+                if let Some(st) = self.pods.get(pk) {
+                    pods.push((pk, st.node, st.identity, st.endpoint.is_some()));
+                }
+            }
+        }
+        if let Some(snaps) = old_at.get(ip) {
+            pods.extend(
+                snaps
+                    .iter()
+                    .map(|(pk, s)| (*pk, s.node, s.identity, s.endpoint.is_some())),
+            );
+        }
+        if pods.len() > 1 {
+            pods.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        }
+        pods.into_iter().find_map(|(_, node_of, id, endpoint)| {
+            (node_of == n && endpoint || world || had(id)).then_some(id)
+        })
+    }
+
+    /// The pod addresses node `n`'s ipcache carries, sorted.
+    fn pod_entries(&self, n: NodeIdx) -> Vec<(IpNetwork, Identity)> {
         let node = &self.nodes[n as usize];
         // Every (address, identity) the node carries; an address shared by pods of different
         // identities (stale pod data) is settled by `pod_entry`.
@@ -1877,7 +2013,7 @@ impl PolicyEngine {
             }
             i = j;
         }
-        self.nodes[n as usize].ipcache = out;
+        out
     }
 
     fn cidr_identity(&self, net: &IpNetwork) -> Option<Identity> {
@@ -1888,14 +2024,14 @@ impl PolicyEngine {
     }
 
     fn build_deltas(&mut self) -> Vec<NodeDelta> {
-        let j = std::mem::take(&mut self.journal);
-        let mut nodes: BTreeSet<NodeIdx> = BTreeSet::new();
+        let mut j = std::mem::take(&mut self.journal);
+        let mut nodes: Vec<NodeIdx> = Vec::new();
         for snap in j.pods.values().flatten() {
-            nodes.insert(snap.node);
+            nodes.push(snap.node);
         }
         for pk in j.pods.keys() {
             if let Some(st) = self.pods.get(pk) {
-                nodes.insert(st.node);
+                nodes.push(st.node);
             }
         }
         for id in &j.dp_changed {
@@ -1903,57 +2039,107 @@ impl PolicyEngine {
                 nodes.extend(st.endpoints.keys().copied());
             }
         }
-        nodes.extend(j.ip_candidates.keys().copied());
         nodes.extend(j.all_ips.iter().copied());
-        nodes.extend(j.rule_old.keys().map(|(n, _)| *n));
         nodes.extend(j.node_existed.keys().copied());
+        // Per node, sorted: which groups and rules it had before the change.
+        let mut groups: Vec<(NodeIdx, Identity, bool)> = j
+            .group_old
+            .iter()
+            .map(|((n, id), had)| (*n, *id, *had))
+            .collect();
+        groups.sort_unstable();
+        let mut rules: Vec<(NodeIdx, RuleId, bool)> = j
+            .rule_old
+            .iter()
+            .map(|((n, r), was)| (*n, *r, *was))
+            .collect();
+        rules.sort_unstable();
+        nodes.extend(groups.iter().map(|g| g.0));
+        nodes.extend(rules.iter().map(|r| r.0));
+        // A group's change is the same on every node that has it: computed once.
+        let mut policy_deltas: FxHashMap<Identity, Option<PolicyDelta>> = FxHashMap::default();
+        for (_, id, had) in &groups {
+            if !*had || policy_deltas.contains_key(id) {
+                continue;
+            }
+            let change = match (j.old_policy.get(id), self.identities.get(id)) {
+                (Some(old), Some(st)) if !Arc::ptr_eq(old, &st.policy) => {
+                    let d = PolicyDelta::between(old, &st.policy);
+                    (!d.is_empty_against(old)).then_some(d)
+                }
+                _ => None,
+            };
+            policy_deltas.insert(*id, change);
+        }
         // Pods' new addresses must be (re)checked wherever they may now be carried.
-        let mut new_ip_candidates: FxHashMap<NodeIdx, FxHashSet<IpAddr>> = FxHashMap::default();
+        let mut ip_checks = std::mem::take(&mut j.ip_checks);
         for pk in j.pods.keys() {
             if let Some(st) = self.pods.get(pk) {
-                let mut on: Vec<NodeIdx> = vec![st.node];
-                if let Some(r) = self.ref_nodes.get(&st.identity) {
-                    on.extend(r.iter().copied());
-                }
-                on.extend(self.world_nodes.iter().copied());
+                let on = std::iter::once(st.node)
+                    .chain(
+                        self.ref_nodes
+                            .get(&st.identity)
+                            .into_iter()
+                            .flatten()
+                            .copied(),
+                    )
+                    .chain(self.world_nodes.iter().copied());
                 for n in on {
-                    nodes.insert(n);
-                    new_ip_candidates
-                        .entry(n)
-                        .or_default()
-                        .extend(st.pod.ips.iter().copied());
+                    ip_checks.extend(st.pod.ips.iter().map(|ip| (n, *ip)));
                 }
             }
         }
+        ip_checks.sort_unstable();
+        ip_checks.dedup();
+        nodes.extend(ip_checks.iter().map(|c| c.0));
         let all_nodes = !j.cidr_old.is_empty() || !j.renamed_rules.is_empty();
         if all_nodes {
             nodes.extend(0..self.nodes.len() as NodeIdx);
         }
-        let mut deltas = Vec::new();
+        nodes.sort_unstable();
+        nodes.dedup();
+        // Touched pods by the addresses they had.
+        let mut old_at: FxHashMap<IpAddr, Vec<(&PodKey, &PodSnap)>> = FxHashMap::default();
+        for (pk, snap) in &j.pods {
+            if let Some(s) = snap {
+                for ip in &s.ips {
+                    old_at.entry(*ip).or_default().push((pk, s));
+                }
+            }
+        }
+        fn of_node<T>(v: &[(NodeIdx, T)], n: NodeIdx) -> &[(NodeIdx, T)] {
+            &v[v.partition_point(|x| x.0 < n)..v.partition_point(|x| x.0 <= n)]
+        }
+        let groups: Vec<(NodeIdx, (Identity, bool))> = groups
+            .into_iter()
+            .map(|(n, id, had)| (n, (id, had)))
+            .collect();
+        let rules: Vec<(NodeIdx, (RuleId, bool))> =
+            rules.into_iter().map(|(n, r, was)| (n, (r, was))).collect();
+        let mut deltas = Vec::with_capacity(nodes.len());
         for n in nodes {
-            if let Some(d) = self.node_delta(n, &j, new_ip_candidates.get(&n)) {
+            let parts = NodeParts {
+                ip_checks: of_node(&ip_checks, n),
+                groups: of_node(&groups, n),
+                rules: of_node(&rules, n),
+                policy_deltas: &policy_deltas,
+                old_at: &old_at,
+            };
+            if let Some(d) = self.node_delta(n, &j, parts) {
                 deltas.push(d);
             }
         }
         deltas
     }
 
-    fn old_policy_of(&self, j: &Journal, id: Identity) -> Policies {
-        if let Some(p) = j.old_policy.get(&id) {
-            return p.clone();
-        }
-        match self.identities.get(&id) {
-            Some(s) => s.policy.clone(),
-            None => Arc::new([DirectionPolicy::default(), DirectionPolicy::default()]),
-        }
-    }
-
-    fn node_delta(
-        &mut self,
-        n: NodeIdx,
-        j: &Journal,
-        new_ips: Option<&FxHashSet<IpAddr>>,
-    ) -> Option<NodeDelta> {
+    fn node_delta(&mut self, n: NodeIdx, j: &Journal, parts: NodeParts<'_>) -> Option<NodeDelta> {
+        let NodeParts {
+            ip_checks,
+            groups,
+            rules,
+            policy_deltas,
+            old_at,
+        } = parts;
         let existed = j
             .node_existed
             .get(&n)
@@ -1973,7 +2159,6 @@ impl PolicyEngine {
             ..NodeDelta::default()
         };
         // Endpoints of touched pods.
-        let mut handled: BTreeSet<u32> = BTreeSet::new();
         let mut touched: Vec<&PodKey> = j.pods.keys().collect();
         touched.sort();
         for pk in touched {
@@ -1988,13 +2173,9 @@ impl PolicyEngine {
                 .filter(|s| s.node == n && s.endpoint.is_some());
             match (old, new) {
                 (None, None) => {}
-                (Some(o), None) => {
-                    delta.endpoints_removed.extend(o.endpoint);
-                    handled.extend(o.endpoint);
-                }
+                (Some(o), None) => delta.endpoints_removed.extend(o.endpoint),
                 (None, Some(s)) => {
                     if let Some(ep) = s.endpoint.and_then(|id| self.endpoint(id, pk)) {
-                        handled.insert(ep.id);
                         delta.endpoints_added.push(ep);
                     }
                 }
@@ -2002,8 +2183,6 @@ impl PolicyEngine {
                     let (Some(oid), Some(nid)) = (o.endpoint, s.endpoint) else {
                         continue;
                     };
-                    handled.insert(oid);
-                    handled.insert(nid);
                     if oid != nid {
                         delta.endpoints_removed.push(oid);
                         if let Some(ep) = self.endpoint(nid, pk) {
@@ -2011,118 +2190,91 @@ impl PolicyEngine {
                         }
                         continue;
                     }
-                    let old_p = self.old_policy_of(j, o.identity);
-                    let new_p = self.identities.get(&s.identity).map(|x| x.policy.clone());
-                    let Some(new_p) = new_p else { continue };
-                    let ingress = DirectionDelta::between(&old_p[0], &new_p[0]);
-                    let egress = DirectionDelta::between(&old_p[1], &new_p[1]);
                     let unchanged = o.identity == s.identity
                         && o.ips == s.pod.ips
-                        && o.workload == s.pod.workload
-                        && ingress.is_empty_against(&old_p[0])
-                        && egress.is_empty_against(&old_p[1]);
+                        && o.workload == s.pod.workload;
                     if !unchanged {
                         delta.endpoints_changed.push(EndpointDelta {
                             id: nid,
                             identity: s.identity,
                             ips: s.pod.ips.clone(),
                             workload: s.pod.workload.clone(),
-                            ingress,
-                            egress,
+                            policy: group_of(s.identity),
                         });
                     }
                 }
             }
         }
-        // Endpoints whose identity's policy changed.
-        let mut changed_ids: Vec<Identity> = j.dp_changed.iter().copied().collect();
-        changed_ids.sort_unstable();
-        for id in changed_ids {
-            let Some(st) = self.identities.get(&id) else {
-                continue;
-            };
-            let Some(eps) = st.endpoints.get(&n) else {
-                continue;
-            };
-            let old_p = self.old_policy_of(j, id);
-            let ingress = DirectionDelta::between(&old_p[0], &st.policy[0]);
-            let egress = DirectionDelta::between(&old_p[1], &st.policy[1]);
-            if ingress.is_empty_against(&old_p[0]) && egress.is_empty_against(&old_p[1]) {
-                continue;
-            }
-            for ep in eps {
-                if handled.contains(ep) {
-                    continue;
-                }
-                let Some(pk) = self.nodes[n as usize].endpoints.get(ep) else {
-                    continue;
-                };
-                let Some(ps) = self.pods.get(pk) else {
-                    continue;
-                };
-                delta.endpoints_changed.push(EndpointDelta {
-                    id: *ep,
-                    identity: id,
-                    ips: ps.pod.ips.clone(),
-                    workload: ps.pod.workload.clone(),
-                    ingress: ingress.clone(),
-                    egress: egress.clone(),
-                });
-            }
-        }
         delta.endpoints_removed.sort_unstable();
         delta.endpoints_added.sort_by_key(|e| e.id);
         delta.endpoints_changed.sort_by_key(|e| e.id);
-        // ipcache.
-        let mut keys: BTreeSet<IpNetwork> = BTreeSet::new();
-        let mut old_pod: BTreeMap<IpNetwork, Option<Identity>> = BTreeMap::new();
-        let check: Vec<IpAddr> = if j.all_ips.contains(&n) {
-            let mut v: Vec<IpAddr> = self.pods_by_ip.keys().copied().collect();
-            v.extend(self.nodes[n as usize].ipcache.iter().map(|(k, _)| k.ip()));
-            v
-        } else {
-            let mut v: Vec<IpAddr> = Vec::new();
-            if let Some(c) = j.ip_candidates.get(&n) {
-                v.extend(c.iter().copied());
+        // Policy groups: one per identity with endpoints on the node.
+        for &(_, (id, had)) in groups {
+            let has = self.nodes[n as usize].contrib.contains_key(&id);
+            match (had, has) {
+                (false, false) => {}
+                (true, false) => delta.policies_removed.push(group_of(id)),
+                (false, true) => {
+                    if let Some(st) = self.identities.get(&id) {
+                        delta
+                            .policies_added
+                            .insert(group_of(id), EndpointPolicy::clone(&st.policy));
+                    }
+                }
+                (true, true) => {
+                    if let Some(change) = policy_deltas.get(&id).and_then(Option::as_ref) {
+                        delta.policies_changed.insert(group_of(id), change.clone());
+                    }
+                }
             }
-            if let Some(c) = new_ips {
-                v.extend(c.iter().copied());
-            }
-            v
-        };
-        for ip in check {
+        }
+        // ipcache: pod entries that may have changed, and CIDR identities that did.
+        let mut keys: BTreeMap<IpNetwork, (Option<Identity>, Option<Identity>)> = BTreeMap::new();
+        let pod_key = |this: &Self, ip: IpAddr, keys: &mut BTreeMap<_, _>, always: bool| {
             let net = host_net(ip);
-            if old_pod.contains_key(&net) {
-                continue;
+            if keys.contains_key(&net) {
+                return;
             }
-            let new_val = if exists { self.pod_entry(n, &ip) } else { None };
-            let old_val = self.nodes[n as usize].ipcache_get(&net);
-            old_pod.insert(net, old_val);
-            if new_val != old_val {
-                self.nodes[n as usize].ipcache_set(net, new_val);
-                keys.insert(net);
+            let new = if exists { this.pod_entry(n, &ip) } else { None };
+            let old = if existed {
+                this.old_pod_entry(n, &ip, j, old_at)
+            } else {
+                None
+            };
+            if always || new != old {
+                keys.insert(net, (old, new));
+            }
+        };
+        if j.all_ips.contains(&n) {
+            let mut all: Vec<IpAddr> = self.pods_by_ip.keys().copied().collect();
+            all.extend(old_at.keys().copied());
+            for ip in all {
+                pod_key(self, ip, &mut keys, false);
+            }
+        } else {
+            for &(_, ip) in ip_checks {
+                pod_key(self, ip, &mut keys, false);
             }
         }
-        for c in j.cidr_old.keys() {
-            keys.insert(*c);
-        }
+        let mut cidr_keys: Vec<IpNetwork> = j.cidr_old.keys().copied().collect();
         if !existed && exists {
-            keys.extend(self.cidr_refs.keys().copied());
+            cidr_keys.extend(self.cidr_refs.keys().copied());
         }
-        for k in keys {
-            let old_p = old_pod
-                .get(&k)
-                .copied()
-                .unwrap_or_else(|| self.nodes[n as usize].ipcache_get(&k));
+        for c in cidr_keys {
+            if c.prefix() == host_net(c.ip()).prefix() {
+                pod_key(self, c.ip(), &mut keys, true);
+            } else {
+                keys.entry(c).or_insert((None, None));
+            }
+        }
+        for (k, (old_p, new_p)) in keys {
             let old_c = match j.cidr_old.get(&k) {
                 Some(v) => *v,
                 None => self.cidr_identity(&k),
             };
             let old_eff = if existed { old_p.or(old_c) } else { None };
             let new_eff = if exists {
-                self.nodes[n as usize]
-                    .ipcache_get(&k)
-                    .or_else(|| self.cidr_identity(&k))
+                new_p.or_else(|| self.cidr_identity(&k))
             } else {
                 None
             };
@@ -2137,15 +2289,7 @@ impl PolicyEngine {
             }
         }
         // Rules.
-        let node_rules: Vec<(RuleId, bool)> = j
-            .rule_old
-            .iter()
-            .filter(|((m, _), _)| *m == n)
-            .map(|((_, r), was)| (*r, *was))
-            .collect();
-        let mut rules_seen = BTreeSet::new();
-        for (r, was) in node_rules {
-            rules_seen.insert(r);
+        for &(_, (r, was)) in rules {
             let is = self.nodes[n as usize].rule_refs.contains_key(&r);
             if is && (!was || j.renamed_rules.contains(&r)) {
                 if let Some(rr) = self.rule_ref(r) {
@@ -2155,22 +2299,25 @@ impl PolicyEngine {
                 delta.rules_removed.push(r);
             }
         }
-        let renamed: Vec<RuleId> = self.nodes[n as usize]
-            .rule_refs
-            .keys()
-            .filter(|r| j.renamed_rules.contains(r) && !rules_seen.contains(r))
-            .copied()
-            .collect();
-        for r in renamed {
-            if let Some(rr) = self.rule_ref(r) {
-                delta.rules_upserted.insert(r, rr);
+        if !j.renamed_rules.is_empty() {
+            let renamed: Vec<RuleId> = self.nodes[n as usize]
+                .rule_refs
+                .keys()
+                .filter(|r| {
+                    j.renamed_rules.contains(r) && rules.binary_search_by(|x| x.1.0.cmp(r)).is_err()
+                })
+                .copied()
+                .collect();
+            for r in renamed {
+                if let Some(rr) = self.rule_ref(r) {
+                    delta.rules_upserted.insert(r, rr);
+                }
             }
         }
         delta.rules_removed.sort_unstable();
         if existed && !exists {
             let node = &mut self.nodes[n as usize];
             node.version += 1;
-            node.ipcache.clear();
             return Some(NodeDelta {
                 node: node.name.clone(),
                 from_version: delta.from_version,
@@ -2186,6 +2333,27 @@ impl PolicyEngine {
         node.version += 1;
         delta.version = node.version;
         Some(delta)
+    }
+}
+
+/// The policy group of an identity's endpoints: every endpoint of an identity has the same
+/// policy, so the group is numbered after the identity.
+fn group_of(identity: Identity) -> PolicyGroupId {
+    identity
+}
+
+/// Drops the pod's labels when its identity key keeps all of them; returns whether it did.
+fn strip_labels(pod: &mut Pod, key: &IdentityKey) -> bool {
+    let same = key.labels == pod.labels;
+    if same {
+        pod.labels = Labels::new();
+    }
+    same
+}
+
+fn sorted_insert(list: &mut Vec<PodKey>, pk: &PodKey) {
+    if let Err(i) = list.binary_search(pk) {
+        list.insert(i, pk.clone());
     }
 }
 

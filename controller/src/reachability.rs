@@ -290,7 +290,7 @@ fn explain_direction(
         Direction::Ingress => "ingress",
         Direction::Egress => "egress",
     };
-    let policy = ep.direction(direction);
+    let policy = side.ruleset.policy_of(ep).direction(direction);
     let rule = (d.rule != RULE_DEFAULT_ALLOW).then(|| side.ruleset.describe(d.rule));
     let reason = if d.verdict == Verdict::Allow && d.rule == RULE_DEFAULT_ALLOW {
         if policy.isolated_by.is_none()

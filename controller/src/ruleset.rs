@@ -1,16 +1,22 @@
 //! The compiled, per-node rule set: the contract between the policy compiler and the data plane.
 //!
 //! A [`RuleSet`] lists the endpoints that live on one node, the IP/CIDR → identity entries they
-//! need, and for each endpoint and direction a flat list of [`PolicyEntry`]s. Every entry carries
-//! its tier, priority, action and the id of the rule it came from, so the data plane can report
-//! *which* rule decided a packet.
+//! need, and their compiled policies: per direction a flat list of [`PolicyEntry`]s. Every entry
+//! carries its tier, priority, action and the id of the rule it came from, so the data plane can
+//! report *which* rule decided a packet.
+//!
+//! Policies are shared: an [`Endpoint`] names a policy group ([`Endpoint::policy`]) and
+//! [`RuleSet::policies`] holds each group once, however many endpoints use it. Endpoints of one
+//! identity always have the same policy, so the controller makes one group per identity, numbered
+//! after it; consumers must treat group ids as opaque. A policy change that concerns every pod
+//! is then one group change per node, and the agent writes each group's map keys once.
 //!
 //! [`resolve`] is the one place where precedence is defined. [`decide`] applies it to the entries
 //! that match one packet; the agent applies the very same function to every map key it writes, so
 //! the kernel and this reference cannot disagree about precedence, only about matching — which is
 //! what the differential tests check.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
@@ -20,6 +26,8 @@ use serde::{Deserialize, Serialize};
 pub type Identity = u32;
 /// Id of a rule, resolvable through [`RuleSet::rules`].
 pub type RuleId = u32;
+/// Id of a policy group, a key of [`RuleSet::policies`].
+pub type PolicyGroupId = u32;
 
 /// Reserved identities. Allocated identities start at [`FIRST_ALLOCATED_IDENTITY`]; CIDR identities
 /// at [`FIRST_CIDR_IDENTITY`].
@@ -39,6 +47,10 @@ pub mod identity {
 
 /// Rule id of the built-in "no policy applies: allowed" default.
 pub const RULE_DEFAULT_ALLOW: RuleId = 0;
+/// Rule id blamed when an endpoint names a policy group its rule set does not have: such an
+/// endpoint is denied everything (fail closed). The controller never produces one; the id lies
+/// above every rule id it allocates.
+pub const RULE_MISSING_POLICY: RuleId = 0xffff_fff1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -198,6 +210,43 @@ pub struct DirectionPolicy {
     pub entries: Vec<PolicyEntry>,
 }
 
+/// The policy of an endpoint in both directions; shared by every endpoint of its group.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointPolicy {
+    pub ingress: DirectionPolicy,
+    pub egress: DirectionPolicy,
+}
+
+impl EndpointPolicy {
+    pub fn direction(&self, direction: Direction) -> &DirectionPolicy {
+        match direction {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+
+    pub fn direction_mut(&mut self, direction: Direction) -> &mut DirectionPolicy {
+        match direction {
+            Direction::Ingress => &mut self.ingress,
+            Direction::Egress => &mut self.egress,
+        }
+    }
+}
+
+/// What an endpoint whose policy group is missing gets: nothing passes.
+static MISSING_POLICY: EndpointPolicy = EndpointPolicy {
+    ingress: DirectionPolicy {
+        isolated_by: Some(RULE_MISSING_POLICY),
+        audit_isolated_by: None,
+        entries: Vec::new(),
+    },
+    egress: DirectionPolicy {
+        isolated_by: Some(RULE_MISSING_POLICY),
+        audit_isolated_by: None,
+        entries: Vec::new(),
+    },
+};
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     /// Node-local endpoint id, stable for the endpoint's life on the node (< 65536).
@@ -214,18 +263,11 @@ pub struct Endpoint {
     pub interface: Option<String>,
     #[serde(default)]
     pub quarantined: bool,
-    pub ingress: DirectionPolicy,
-    pub egress: DirectionPolicy,
+    /// The endpoint's policy: a key of [`RuleSet::policies`].
+    pub policy: PolicyGroupId,
 }
 
 impl Endpoint {
-    pub fn direction(&self, direction: Direction) -> &DirectionPolicy {
-        match direction {
-            Direction::Ingress => &self.ingress,
-            Direction::Egress => &self.egress,
-        }
-    }
-
     pub fn name(&self) -> String {
         format!("{}/{}", self.namespace, self.pod)
     }
@@ -286,11 +328,32 @@ pub struct RuleSet {
     /// Strictly increasing per node within one controller epoch.
     pub version: u64,
     pub endpoints: Vec<Endpoint>,
+    /// Policy groups, each shared by the endpoints that name it; only groups some endpoint uses.
+    #[serde(default)]
+    pub policies: BTreeMap<PolicyGroupId, EndpointPolicy>,
     pub ipcache: Vec<IpCacheEntry>,
     pub rules: BTreeMap<RuleId, RuleRef>,
 }
 
 impl RuleSet {
+    /// The policy of `endpoint`. An endpoint whose group is missing denies everything, blamed on
+    /// [`RULE_MISSING_POLICY`]: a malformed rule set never opens anything.
+    pub fn policy_of(&self, endpoint: &Endpoint) -> &EndpointPolicy {
+        self.policies
+            .get(&endpoint.policy)
+            .unwrap_or(&MISSING_POLICY)
+    }
+
+    /// Endpoints that name a policy group the rule set lacks (empty for every rule set the
+    /// controller makes).
+    pub fn dangling_policies(&self) -> Vec<(u32, PolicyGroupId)> {
+        self.endpoints
+            .iter()
+            .filter(|e| !self.policies.contains_key(&e.policy))
+            .map(|e| (e.id, e.policy))
+            .collect()
+    }
+
     /// Identity of an address: longest-prefix match over the ipcache, else [`identity::WORLD`].
     pub fn identity_of(&self, ip: IpAddr) -> Identity {
         self.ipcache
@@ -315,6 +378,9 @@ impl RuleSet {
         match self.rules.get(&rule) {
             Some(r) => r.to_string(),
             None if rule == RULE_DEFAULT_ALLOW => "default allow (no policy applies)".into(),
+            None if rule == RULE_MISSING_POLICY => {
+                "policy group missing from the rule set: endpoint locked down".into()
+            }
             None => format!("rule #{rule}"),
         }
     }
@@ -323,6 +389,10 @@ impl RuleSet {
 /// The change of one node's [`RuleSet`] from version `from_version` to `version`: what the
 /// distribution layer streams after the first snapshot. [`RuleSet::apply_delta`] applied to the
 /// `from_version` rule set yields exactly the controller's `version` rule set.
+///
+/// A policy change reaches the endpoints through their groups: it is one `policies_changed`
+/// item per group, whatever the number of endpoints sharing it. Endpoints appear only when they
+/// come, go, or change identity, addresses, workload or group.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeDelta {
     pub node: String,
@@ -339,6 +409,15 @@ pub struct NodeDelta {
     pub endpoints_added: Vec<Endpoint>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints_changed: Vec<EndpointDelta>,
+    /// Groups no endpoint of the node uses any more.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies_removed: Vec<PolicyGroupId>,
+    /// Groups new on the node, in full.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub policies_added: BTreeMap<PolicyGroupId, EndpointPolicy>,
+    /// Groups that stay on the node but whose content changed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub policies_changed: BTreeMap<PolicyGroupId, PolicyDelta>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ipcache_removed: Vec<IpNetwork>,
     /// New entries, and entries whose identity changed.
@@ -357,24 +436,35 @@ impl NodeDelta {
             && self.endpoints_removed.is_empty()
             && self.endpoints_added.is_empty()
             && self.endpoints_changed.is_empty()
+            && self.policies_removed.is_empty()
+            && self.policies_added.is_empty()
+            && self.policies_changed.is_empty()
             && self.ipcache_removed.is_empty()
             && self.ipcache_upserted.is_empty()
             && self.rules_removed.is_empty()
             && self.rules_upserted.is_empty()
     }
 
-    /// Number of individual changes (entries, endpoints, ipcache entries, rules) it carries.
+    /// Number of individual changes it carries: endpoints, groups (a changed group counts one
+    /// plus its entry changes, a new group one plus its entries), ipcache entries, rules.
     pub fn size(&self) -> usize {
         self.endpoints_removed.len()
             + self.endpoints_added.len()
+            + self.endpoints_changed.len()
+            + self.policies_removed.len()
             + self
-                .endpoints_changed
-                .iter()
-                .map(|e| {
-                    1 + e.ingress.added.len()
-                        + e.ingress.removed.len()
-                        + e.egress.added.len()
-                        + e.egress.removed.len()
+                .policies_added
+                .values()
+                .map(|p| 1 + p.ingress.entries.len() + p.egress.entries.len())
+                .sum::<usize>()
+            + self
+                .policies_changed
+                .values()
+                .map(|p| {
+                    1 + p.ingress.added.len()
+                        + p.ingress.removed.len()
+                        + p.egress.added.len()
+                        + p.egress.removed.len()
                 })
                 .sum::<usize>()
             + self.ipcache_removed.len()
@@ -384,7 +474,8 @@ impl NodeDelta {
     }
 }
 
-/// An endpoint that stays on the node but whose identity, addresses or policy changed.
+/// An endpoint that stays on the node but whose identity, addresses, workload or policy group
+/// changed. Changes of the group's content travel in [`NodeDelta::policies_changed`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointDelta {
     pub id: u32,
@@ -394,11 +485,38 @@ pub struct EndpointDelta {
     pub ips: Vec<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+    /// The endpoint's policy group after the change.
+    pub policy: PolicyGroupId,
+}
+
+/// Entry-level change of a policy group.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDelta {
     pub ingress: DirectionDelta,
     pub egress: DirectionDelta,
 }
 
-/// Entry-level change of one direction of an endpoint.
+impl PolicyDelta {
+    /// The delta that turns `old` into `new`; their entries must be sorted and duplicate-free.
+    pub fn between(old: &EndpointPolicy, new: &EndpointPolicy) -> PolicyDelta {
+        PolicyDelta {
+            ingress: DirectionDelta::between(&old.ingress, &new.ingress),
+            egress: DirectionDelta::between(&old.egress, &new.egress),
+        }
+    }
+
+    /// Whether applying it to `old` changes nothing.
+    pub fn is_empty_against(&self, old: &EndpointPolicy) -> bool {
+        self.ingress.is_empty_against(&old.ingress) && self.egress.is_empty_against(&old.egress)
+    }
+
+    fn apply(&self, policy: &mut EndpointPolicy) {
+        self.ingress.apply(&mut policy.ingress);
+        self.egress.apply(&mut policy.egress);
+    }
+}
+
+/// Entry-level change of one direction of a policy group.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirectionDelta {
     /// The value after the change.
@@ -461,7 +579,7 @@ impl DirectionDelta {
         policy.isolated_by = self.isolated_by;
         policy.audit_isolated_by = self.audit_isolated_by;
         if !self.removed.is_empty() {
-            let removed: std::collections::BTreeSet<&PolicyEntry> = self.removed.iter().collect();
+            let removed: BTreeSet<&PolicyEntry> = self.removed.iter().collect();
             policy.entries.retain(|e| !removed.contains(e));
         }
         policy.entries.extend(self.added.iter().cloned());
@@ -483,11 +601,21 @@ pub enum DeltaError {
         "delta changes endpoint {0}, which the rule set does not have: request a fresh snapshot"
     )]
     UnknownEndpoint(u32),
+    #[error(
+        "delta changes policy group {0}, which the rule set does not have: request a fresh snapshot"
+    )]
+    UnknownPolicyGroup(PolicyGroupId),
+    #[error(
+        "after the delta endpoint {endpoint} would name policy group {group}, which the rule set would not have: request a fresh snapshot"
+    )]
+    DanglingPolicyGroup { endpoint: u32, group: PolicyGroupId },
 }
 
 impl RuleSet {
-    /// Applies `delta`, checking that it was computed against this version. The result keeps the
-    /// canonical order the controller produces (endpoints by id, ipcache by CIDR, entries sorted).
+    /// Applies `delta`, checking that it was computed against this version and that every
+    /// endpoint still names a group the rule set has; on error the rule set is unchanged. The
+    /// result keeps the canonical order the controller produces (endpoints by id, ipcache by
+    /// CIDR, entries sorted).
     pub fn apply_delta(&mut self, delta: &NodeDelta) -> Result<(), DeltaError> {
         if !self.node.is_empty() && self.node != delta.node {
             return Err(DeltaError::WrongNode {
@@ -501,31 +629,89 @@ impl RuleSet {
                 actual: self.version,
             });
         }
+        if delta.node_removed {
+            self.node = delta.node.clone();
+            self.version = delta.version;
+            self.endpoints.clear();
+            self.policies.clear();
+            self.ipcache.clear();
+            self.rules.clear();
+            return Ok(());
+        }
+        let by_id: BTreeMap<u32, usize> = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id, i))
+            .collect();
         for change in &delta.endpoints_changed {
-            if !self.endpoints.iter().any(|e| e.id == change.id) {
+            if !by_id.contains_key(&change.id) {
                 return Err(DeltaError::UnknownEndpoint(change.id));
             }
         }
+        for group in delta.policies_changed.keys() {
+            if !self.policies.contains_key(group) || delta.policies_removed.contains(group) {
+                return Err(DeltaError::UnknownPolicyGroup(*group));
+            }
+        }
+        // Every endpoint left after the delta must name a group left after it.
+        let has_group = |g: &PolicyGroupId| {
+            delta.policies_added.contains_key(g)
+                || (self.policies.contains_key(g) && !delta.policies_removed.contains(g))
+        };
+        let changed: BTreeMap<u32, &EndpointDelta> =
+            delta.endpoints_changed.iter().map(|c| (c.id, c)).collect();
+        let added: BTreeMap<u32, &Endpoint> =
+            delta.endpoints_added.iter().map(|e| (e.id, e)).collect();
+        let removed: BTreeSet<u32> = delta.endpoints_removed.iter().copied().collect();
+        for e in &self.endpoints {
+            if removed.contains(&e.id) || added.contains_key(&e.id) {
+                continue;
+            }
+            let group = changed.get(&e.id).map_or(e.policy, |c| c.policy);
+            if !has_group(&group) {
+                return Err(DeltaError::DanglingPolicyGroup {
+                    endpoint: e.id,
+                    group,
+                });
+            }
+        }
+        for e in &delta.endpoints_added {
+            if !has_group(&e.policy) {
+                return Err(DeltaError::DanglingPolicyGroup {
+                    endpoint: e.id,
+                    group: e.policy,
+                });
+            }
+        }
+
         self.node = delta.node.clone();
         self.version = delta.version;
-        if !delta.endpoints_removed.is_empty() {
-            self.endpoints
-                .retain(|e| !delta.endpoints_removed.contains(&e.id));
+        for group in &delta.policies_removed {
+            self.policies.remove(group);
         }
-        for change in &delta.endpoints_changed {
-            if let Some(e) = self.endpoints.iter_mut().find(|e| e.id == change.id) {
+        for (group, change) in &delta.policies_changed {
+            if let Some(p) = self.policies.get_mut(group) {
+                change.apply(p);
+            }
+        }
+        for (group, policy) in &delta.policies_added {
+            self.policies.insert(*group, policy.clone());
+        }
+        for e in &mut self.endpoints {
+            if let Some(change) = changed.get(&e.id) {
                 e.identity = change.identity;
                 e.ips = change.ips.clone();
                 e.workload = change.workload.clone();
-                change.ingress.apply(&mut e.ingress);
-                change.egress.apply(&mut e.egress);
+                e.policy = change.policy;
             }
         }
-        for added in &delta.endpoints_added {
-            self.endpoints.retain(|e| e.id != added.id);
-            self.endpoints.push(added.clone());
+        if !removed.is_empty() || !added.is_empty() {
+            self.endpoints
+                .retain(|e| !removed.contains(&e.id) && !added.contains_key(&e.id));
+            self.endpoints.extend(added.into_values().cloned());
+            self.endpoints.sort_by_key(|e| e.id);
         }
-        self.endpoints.sort_by_key(|e| e.id);
         if !delta.ipcache_removed.is_empty() || !delta.ipcache_upserted.is_empty() {
             let mut cache: BTreeMap<IpNetwork, Identity> =
                 self.ipcache.iter().map(|e| (e.cidr, e.identity)).collect();
@@ -545,11 +731,6 @@ impl RuleSet {
         }
         for (id, rule) in &delta.rules_upserted {
             self.rules.insert(*id, rule.clone());
-        }
-        if delta.node_removed {
-            self.endpoints.clear();
-            self.ipcache.clear();
-            self.rules.clear();
         }
         Ok(())
     }
@@ -663,7 +844,8 @@ pub struct PacketTuple {
 }
 
 /// The decision of one node for a packet seen at `endpoint` in `direction`: the peer identity comes
-/// from the ipcache (source address for ingress, destination for egress).
+/// from the ipcache (source address for ingress, destination for egress), the policy from the
+/// endpoint's group ([`RuleSet::policy_of`]).
 pub fn decide(
     ruleset: &RuleSet,
     endpoint: &Endpoint,
@@ -676,7 +858,7 @@ pub fn decide(
     };
     let peer = ruleset.identity_of(peer_ip);
     decide_direction(
-        endpoint.direction(direction),
+        ruleset.policy_of(endpoint).direction(direction),
         peer,
         packet.protocol,
         packet.dst_port,
@@ -763,6 +945,89 @@ mod tests {
         assert_eq!((d.verdict, d.rule), (Verdict::Allow, 4));
         assert_eq!((d.audit_verdict, d.audit_rule), (Verdict::Deny, 5));
         assert!(d.audit_would_deny());
+    }
+
+    #[test]
+    fn rule_sets_and_deltas_survive_json() {
+        let policy = EndpointPolicy {
+            ingress: DirectionPolicy {
+                isolated_by: Some(9),
+                audit_isolated_by: None,
+                entries: vec![entry(301, Tier::Application, 0, Action::Allow, 4)],
+            },
+            egress: DirectionPolicy::default(),
+        };
+        let endpoint = Endpoint {
+            id: 1,
+            namespace: "x".into(),
+            pod: "a".into(),
+            workload: None,
+            identity: 300,
+            ips: vec!["10.0.0.1".parse().expect("ip")],
+            interface: None,
+            quarantined: false,
+            policy: 300,
+        };
+        let rs = RuleSet {
+            node: "n1".into(),
+            version: 3,
+            endpoints: vec![endpoint],
+            policies: [(300, policy.clone())].into_iter().collect(),
+            ipcache: vec![],
+            rules: BTreeMap::new(),
+        };
+        let text = serde_json::to_string(&rs).expect("serializes");
+        assert_eq!(serde_json::from_str::<RuleSet>(&text).expect("parses"), rs);
+        let mut changed = policy.clone();
+        changed.ingress.entries.clear();
+        let delta = NodeDelta {
+            node: "n1".into(),
+            from_version: 3,
+            version: 4,
+            policies_changed: [(300, PolicyDelta::between(&policy, &changed))]
+                .into_iter()
+                .collect(),
+            ..NodeDelta::default()
+        };
+        let text = serde_json::to_string(&delta).expect("serializes");
+        let parsed: NodeDelta = serde_json::from_str(&text).expect("parses");
+        assert_eq!(parsed, delta);
+        let mut applied = rs.clone();
+        applied.apply_delta(&parsed).expect("applies");
+        assert_eq!(applied.policies[&300], changed);
+        assert_eq!(applied.version, 4);
+    }
+
+    #[test]
+    fn an_endpoint_without_its_group_is_denied_everything() {
+        let rs = RuleSet {
+            endpoints: vec![Endpoint {
+                id: 1,
+                namespace: "x".into(),
+                pod: "a".into(),
+                workload: None,
+                identity: 300,
+                ips: vec!["10.0.0.1".parse().expect("ip")],
+                interface: None,
+                quarantined: false,
+                policy: 42,
+            }],
+            ..RuleSet::default()
+        };
+        assert_eq!(rs.dangling_policies(), vec![(1, 42)]);
+        let packet = PacketTuple {
+            src: "10.0.0.1".parse().expect("ip"),
+            dst: "10.0.0.2".parse().expect("ip"),
+            protocol: Some(Protocol::Tcp),
+            dst_port: Some(80),
+        };
+        for d in Direction::ALL {
+            let decision = decide(&rs, &rs.endpoints[0], d, &packet);
+            assert_eq!(
+                (decision.verdict, decision.rule),
+                (Verdict::Deny, RULE_MISSING_POLICY)
+            );
+        }
     }
 
     #[test]

@@ -88,7 +88,7 @@ const NODES: [Option<&str>; 4] = [None, Some("n1"), Some("n2"), Some("n3")];
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        4 => (0..2usize, 0..4usize, 0..2usize, any::<bool>(), 0..2u8, 0..2usize, 0..3usize,
+        4 => (0..2usize, 0..4usize, 0..2usize, any::<bool>(), 0..3u8, 0..2usize, 0..3usize,
               proptest::option::weighted(0.85, 0..8u8), proptest::option::of(prop_oneof![Just(80u16), Just(8080u16)]))
             .prop_map(|(ns, name, app, tier, hash, sa, node, ip, port)| Step::Pod { ns, name, app, tier, hash, sa, node, ip, port }),
         1 => (0..2usize, 0..4usize).prop_map(|(ns, name)| Step::DeletePod { ns, name }),
@@ -118,7 +118,10 @@ fn to_change(step: &Step, pool: &[Vec<Object>]) -> Change {
             if *tier {
                 labels.insert("tier".into(), "front".into());
             }
-            labels.insert("pod-template-hash".into(), format!("h{hash}"));
+            // Without the filtered label, the engine keeps the pod's labels only in its identity.
+            if *hash < 2 {
+                labels.insert("pod-template-hash".into(), format!("h{hash}"));
+            }
             Change::UpsertPod(Pod {
                 namespace: NS[*ns].into(),
                 name: format!("p{name}"),
@@ -402,16 +405,112 @@ fn unchanged_nodes_keep_their_version_and_deltas_are_small() {
     );
     // Relabeling x/c (on n2) away from app=db removes the entry for it from the web pods on n1, n2.
     pod.labels.insert("app".into(), "cache".into());
+    let key = |n: &str| PodKey {
+        namespace: "x".into(),
+        name: n.into(),
+    };
+    let db = e.identity_of_pod(&key("c")).expect("identity");
     let deltas = e.apply(Change::UpsertPod(pod)).expect("applies");
     let nodes: Vec<&str> = deltas.iter().map(|d| d.node.as_str()).collect();
     assert_eq!(nodes, vec!["n1", "n2"]);
     assert_eq!(e.version("n1"), Some(2));
     let n1 = &deltas[0];
-    assert_eq!(n1.endpoints_changed.len(), 1);
-    assert_eq!(n1.endpoints_changed[0].ingress.removed.len(), 1);
-    assert!(n1.endpoints_changed[0].ingress.added.is_empty());
+    // x/a's endpoint itself is untouched: only the web group it shares loses an entry.
+    assert!(n1.endpoints_changed.is_empty(), "{n1:?}");
+    let web = e.identity_of_pod(&key("a")).expect("identity");
+    assert_eq!(n1.policies_changed.len(), 1, "{n1:?}");
+    let change = &n1.policies_changed[&web];
+    assert_eq!(change.ingress.removed.len(), 1);
+    assert!(change.ingress.added.is_empty());
     assert!(
         n1.ipcache_removed.len() == 1,
         "x/c's address is no longer needed on n1: {n1:?}"
+    );
+    // On n2, x/c moves to a group of its own identity; its old group goes.
+    let n2 = &deltas[1];
+    let c = e.identity_of_pod(&key("c")).expect("identity");
+    assert_eq!(n2.endpoints_changed.len(), 1, "{n2:?}");
+    assert_eq!(n2.endpoints_changed[0].policy, c);
+    assert!(n2.policies_added.contains_key(&c), "{n2:?}");
+    assert_eq!(n2.policies_removed, vec![db]);
+}
+
+#[test]
+fn endpoints_of_an_identity_share_one_policy_group() {
+    let mut yaml = String::new();
+    for i in 0..5 {
+        yaml.push_str(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{namespace: x, name: w{i}, labels: {{app: web}}}}\nspec: {{nodeName: n1}}\nstatus: {{podIP: 10.0.0.{}}}\n---\n",
+            i + 1
+        ));
+    }
+    yaml.push_str("apiVersion: v1\nkind: Pod\nmetadata: {namespace: x, name: db, labels: {app: db}}\nspec: {nodeName: n1}\nstatus: {podIP: 10.0.0.9}\n---\n");
+    let policy = |port: u16| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{namespace: x, name: web}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: db}}}}}}], ports: [{{port: {port}}}]}}]\n"
+        )
+    };
+    let l = load_str(Path::new("f.yaml"), &format!("{yaml}{}", policy(80)));
+    assert!(l.errors.is_empty(), "{:?}", l.errors);
+    let mut e = PolicyEngine::new(EngineConfig::default(), l.objects).expect("compiles");
+    let rs = e.ruleset("n1").expect("n1");
+    assert_eq!(rs.endpoints.len(), 6);
+    assert_eq!(rs.policies.len(), 2, "one group per identity");
+    assert!(rs.dangling_policies().is_empty());
+    let web = rs.endpoint_by_name("x", "w0").expect("w0").policy;
+    assert!(
+        rs.endpoints
+            .iter()
+            .filter(|ep| ep.pod.starts_with('w'))
+            .all(|ep| ep.policy == web)
+    );
+    assert_eq!(rs.policies[&web].ingress.entries.len(), 1);
+
+    // Editing the policy changes the shared group once, and no endpoint.
+    let l = load_str(Path::new("p.yaml"), &policy(8080));
+    let change = match l.objects.into_iter().next() {
+        Some(Object::Policy(p)) => Change::UpsertPolicy(p),
+        other => panic!("expected a policy, got {other:?}"),
+    };
+    let deltas = e.apply(change).expect("applies");
+    assert_eq!(deltas.len(), 1);
+    let d = &deltas[0];
+    assert!(
+        d.endpoints_changed.is_empty() && d.endpoints_added.is_empty(),
+        "{d:?}"
+    );
+    assert_eq!(
+        d.policies_changed.keys().copied().collect::<Vec<_>>(),
+        vec![web]
+    );
+    assert_eq!(d.size(), 3, "the group, one entry out, one in: {d:?}");
+    let mut rebuilt = rs.clone();
+    rebuilt.apply_delta(d).expect("applies");
+    assert_eq!(rebuilt, e.ruleset("n1").expect("n1"));
+}
+
+#[test]
+fn deltas_that_would_leave_an_endpoint_without_its_group_are_refused() {
+    let e = PolicyEngine::new(EngineConfig::default(), fixture_objects()).expect("compiles");
+    let rs = e.ruleset("n2").expect("n2");
+    let group = rs.endpoints[0].policy;
+    let mut bad = bulkhead_controller::ruleset::NodeDelta {
+        node: "n2".into(),
+        from_version: rs.version,
+        version: rs.version + 1,
+        policies_removed: vec![group],
+        ..Default::default()
+    };
+    let mut target = rs.clone();
+    assert!(matches!(
+        target.apply_delta(&bad),
+        Err(bulkhead_controller::ruleset::DeltaError::DanglingPolicyGroup { .. })
+    ));
+    assert_eq!(target, rs, "a refused delta changes nothing");
+    bad.policies_removed.clear();
+    bad.policies_changed.insert(7, Default::default());
+    assert_eq!(
+        target.apply_delta(&bad),
+        Err(bulkhead_controller::ruleset::DeltaError::UnknownPolicyGroup(7))
     );
 }

@@ -1,4 +1,5 @@
-//! Turns an endpoint's compiled policy into `POLICY` LPM-trie entries.
+//! Turns a policy group (the compiled policy endpoints share) into `POLICY` LPM-trie entries.
+//! Every endpoint of a group points at the same policy id, so the keys exist once per group.
 //!
 //! The kernel does at most two lookups per packet — (peer identity, protocol, port) and
 //! (wildcard, protocol, port) — and takes the first hit. For that to equal the reference
@@ -15,8 +16,8 @@ use bulkhead_common::{
     VERDICT_ALLOW, VERDICT_DENY,
 };
 use bulkhead_controller::ruleset::{
-    Decision, Direction, DirectionPolicy, PolicyEntry, PortRange, Protocol, Verdict, identity,
-    resolve,
+    Decision, Direction, DirectionPolicy, EndpointPolicy, PolicyEntry, PortRange, Protocol,
+    Verdict, identity, resolve,
 };
 
 /// Protocol numbers a protocol-wildcard entry expands to.
@@ -125,7 +126,18 @@ pub fn default_value(policy: &DirectionPolicy) -> PolicyValue {
     policy_value(&resolve(policy, &[]))
 }
 
-/// All `POLICY` entries of one endpoint direction under `policy_id`.
+/// All `POLICY` entries of a policy group, both directions, under `policy_id`.
+pub fn compile_policy(policy_id: u32, policy: &EndpointPolicy) -> Vec<PolicyMapEntry> {
+    let mut out = compile_direction(policy_id, Direction::Ingress, &policy.ingress);
+    out.extend(compile_direction(
+        policy_id,
+        Direction::Egress,
+        &policy.egress,
+    ));
+    out
+}
+
+/// All `POLICY` entries of one direction of a policy group under `policy_id`.
 pub fn compile_direction(
     policy_id: u32,
     direction: Direction,

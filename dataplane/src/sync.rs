@@ -1,9 +1,12 @@
 //! Writes a node's [`RuleSet`] into the kernel maps.
 //!
-//! Per endpoint the switch is atomic: the new policy keys are written under a fresh policy id,
-//! then the endpoint's `ENDPOINTS` value is replaced in one map update (it names the policy id
-//! and carries the defaults and flags), and only then are the old keys removed. A packet sees
-//! either the old policy or the new one, never a mix.
+//! Policy keys are written once per policy group, under a policy id of the group's; every
+//! endpoint of the group names that id in its `ENDPOINTS` value. A changed group is switched the
+//! way a single endpoint used to be: its new keys are written under a fresh policy id, then each
+//! endpoint's `ENDPOINTS` value is replaced in one map update (it names the policy id and carries
+//! the defaults and flags), and only when no endpoint names the old id any more are the old keys
+//! removed. A packet sees either the old policy or the new one, never a mix. Unchanged groups and
+//! endpoints are not rewritten.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -14,14 +17,14 @@ use std::{
 use aya::maps::lpm_trie::Key;
 use bulkhead_common::{
     Config, EndpointAddrKey, EndpointInfo, IPCACHE_QUARANTINED, IpCacheValue, PolicyKey,
-    endpoint_flags,
+    PolicyValue, endpoint_flags,
 };
-use bulkhead_controller::ruleset::{Direction, Endpoint, RuleSet};
+use bulkhead_controller::ruleset::{Endpoint, EndpointPolicy, PolicyGroupId, RuleSet};
 use ipnetwork::IpNetwork;
 
 use crate::{
     loader::{Dataplane, LoadError},
-    policy_map::{PolicyMapEntry, compile_direction, default_value},
+    policy_map::{PolicyMapEntry, compile_policy, default_value},
 };
 
 /// `::ffff:a.b.c.d` for IPv4, the address itself for IPv6: the form addresses take in keys.
@@ -51,12 +54,15 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> SyncError {
 #[derive(Debug, Clone, Default)]
 pub struct ApplyReport {
     pub version: u64,
-    /// Endpoints whose maps were (re)written.
+    /// Endpoints whose `ENDPOINTS` value was (re)written.
     pub endpoints_written: usize,
     pub endpoints_removed: usize,
+    /// Policy groups whose keys were (re)written.
+    pub groups_written: usize,
     /// Endpoints whose interface does not exist (yet): retried on the next apply.
     pub missing_interfaces: Vec<String>,
-    /// Endpoints locked down because their policy did not fit in the maps.
+    /// Endpoints locked down (deny all): their group's policy did not fit in the maps, or the
+    /// rule set lacks their group.
     pub locked_down: Vec<String>,
     pub policy_entries_written: usize,
     pub duration: Duration,
@@ -66,12 +72,21 @@ pub struct ApplyReport {
 struct EndpointState {
     ifname: String,
     endpoint_id: u32,
-    policy_id: u32,
     info: EndpointInfo,
-    keys: Vec<(u32, PolicyKey)>,
-    /// The compiled content, to skip rewriting an unchanged endpoint.
-    fingerprint: Vec<PolicyMapEntry>,
     addrs: Vec<[u8; 16]>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct GroupState {
+    policy_id: u32,
+    keys: Vec<(u32, PolicyKey)>,
+    /// The compiled content under policy id 0, to skip rewriting an unchanged group.
+    fingerprint: Vec<PolicyMapEntry>,
+    default_ingress: PolicyValue,
+    default_egress: PolicyValue,
+    /// The keys did not fit: every endpoint of the group is locked down, and the next apply
+    /// tries again.
+    locked: bool,
 }
 
 /// Finds the host-side interface of an endpoint.
@@ -101,7 +116,11 @@ impl InterfaceResolver for RouteResolver {
 
 pub struct Enforcer {
     dataplane: Dataplane,
+    /// By ifindex.
     endpoints: HashMap<u32, EndpointState>,
+    groups: HashMap<PolicyGroupId, GroupState>,
+    /// Keys of replaced or dropped groups: removed once no endpoint names their policy id.
+    retired: Vec<(u32, Vec<(u32, PolicyKey)>)>,
     ipcache: BTreeMap<IpNetwork, IpCacheValue>,
     next_policy_id: u32,
     generation: u32,
@@ -116,9 +135,18 @@ fn prefix_key(net: &IpNetwork) -> (bool, u32) {
     (net.is_ipv4(), net.prefix() as u32)
 }
 
+/// An endpoint of the rule set whose interface was found.
+struct Placed<'a> {
+    endpoint: &'a Endpoint,
+    ifname: String,
+    index: u32,
+}
+
 impl Enforcer {
     /// Takes over a loaded data plane. Keys left by an earlier agent are found in the pinned
-    /// maps and cleaned up after the first apply; until then they keep enforcing.
+    /// maps and cleaned up after the first apply; until then they keep enforcing. Fresh policy
+    /// ids start above every id found in `ENDPOINTS` or `POLICY`, so new keys never mix with
+    /// leftovers.
     pub fn new(mut dataplane: Dataplane) -> Result<Self, SyncError> {
         let mut max_policy_id = 0;
         {
@@ -126,6 +154,13 @@ impl Enforcer {
             for item in endpoints.iter() {
                 let (_, info) = item.map_err(map_err("ENDPOINTS"))?;
                 max_policy_id = max_policy_id.max(info.policy_id);
+            }
+        }
+        {
+            let policy = dataplane.policy()?;
+            for key in policy.keys() {
+                let key = key.map_err(map_err("POLICY"))?;
+                max_policy_id = max_policy_id.max(key.data().policy_id);
             }
         }
         let generation = dataplane
@@ -136,8 +171,10 @@ impl Enforcer {
         Ok(Enforcer {
             dataplane,
             endpoints: HashMap::new(),
+            groups: HashMap::new(),
+            retired: Vec::new(),
             ipcache: BTreeMap::new(),
-            next_policy_id: max_policy_id + 1,
+            next_policy_id: max_policy_id.wrapping_add(1).max(1),
             generation,
             realized_version: None,
         })
@@ -149,15 +186,21 @@ impl Enforcer {
 
     /// Policy keys this agent has in the `POLICY` map.
     pub fn policy_key_count(&self) -> usize {
-        self.endpoints.values().map(|s| s.keys.len()).sum()
+        self.groups.values().map(|g| g.keys.len()).sum::<usize>()
+            + self.retired.iter().map(|(_, k)| k.len()).sum::<usize>()
+    }
+
+    /// Policy groups whose keys are in the `POLICY` map.
+    pub fn policy_group_count(&self) -> usize {
+        self.groups.len()
     }
 
     pub fn realized_version(&self) -> Option<u64> {
         self.realized_version
     }
 
-    /// Applies `ruleset`: endpoints, addresses, ipcache and policy keys, then bumps the policy
-    /// generation so tracked connections are re-checked against the new policy.
+    /// Applies `ruleset`: ipcache, policy groups, endpoints, then bumps the policy generation so
+    /// tracked connections are re-checked against the new policy.
     pub fn apply(
         &mut self,
         ruleset: &RuleSet,
@@ -195,8 +238,8 @@ impl Enforcer {
             }
         }
 
-        // 2. endpoints, each switched atomically.
-        let mut seen: BTreeSet<u32> = BTreeSet::new();
+        // 2. endpoints whose interface exists.
+        let mut placed: Vec<Placed<'_>> = Vec::with_capacity(ruleset.endpoints.len());
         for ep in &ruleset.endpoints {
             let Some(ifname) = resolver.interface(ep) else {
                 report.missing_interfaces.push(ep.name());
@@ -208,21 +251,57 @@ impl Enforcer {
                     .push(format!("{} ({ifname})", ep.name()));
                 continue;
             };
-            seen.insert(index);
-            match self.write_endpoint(index, &ifname, ep)? {
-                WriteOutcome::Unchanged => {}
-                WriteOutcome::Written(n) => {
-                    report.endpoints_written += 1;
-                    report.policy_entries_written += n;
-                }
-                WriteOutcome::LockedDown => {
-                    report.endpoints_written += 1;
-                    report.locked_down.push(ep.name());
-                }
+            placed.push(Placed {
+                endpoint: ep,
+                ifname,
+                index,
+            });
+        }
+
+        // 3. the groups those endpoints use, each written once, under a fresh policy id when
+        //    its content changed.
+        //    A group the rule set lacks is not kept from an earlier apply: its endpoints are
+        //    locked down.
+        let used: BTreeSet<PolicyGroupId> = placed
+            .iter()
+            .map(|p| p.endpoint.policy)
+            .filter(|g| ruleset.policies.contains_key(g))
+            .collect();
+        for group in &used {
+            if let Some(policy) = ruleset.policies.get(group) {
+                self.write_group(*group, policy, &mut report)?;
+            }
+        }
+        for p in &placed {
+            if !used.contains(&p.endpoint.policy)
+                && let Some(old) = self.groups.remove(&p.endpoint.policy)
+            {
+                self.retired.push((old.policy_id, old.keys));
             }
         }
 
-        // 3. endpoints that left the node.
+        // 4. endpoints, each switched to its group's keys in one ENDPOINTS update.
+        let mut seen: BTreeSet<u32> = BTreeSet::new();
+        for p in &placed {
+            seen.insert(p.index);
+            let ep = p.endpoint;
+            let group = self.groups.get(&ep.policy);
+            if group.is_none() {
+                tracing::error!(
+                    endpoint = %ep.name(), group = ep.policy,
+                    "the rule set has no policy group {} for the endpoint: locking it down (deny all)",
+                    ep.policy
+                );
+            }
+            if group.is_none_or(|g| g.locked) {
+                report.locked_down.push(ep.name());
+            }
+            if self.write_endpoint(p.index, &p.ifname, ep, ruleset.policy_of(ep))? {
+                report.endpoints_written += 1;
+            }
+        }
+
+        // 5. endpoints that left the node (or whose interface went away).
         let gone: Vec<u32> = self
             .endpoints
             .keys()
@@ -234,7 +313,21 @@ impl Enforcer {
             report.endpoints_removed += 1;
         }
 
-        // 4. stale ipcache entries.
+        // 6. groups no endpoint uses any more, then every key set no endpoint names.
+        let unused: Vec<PolicyGroupId> = self
+            .groups
+            .keys()
+            .filter(|g| !used.contains(g))
+            .copied()
+            .collect();
+        for g in unused {
+            if let Some(old) = self.groups.remove(&g) {
+                self.retired.push((old.policy_id, old.keys));
+            }
+        }
+        self.remove_retired_keys()?;
+
+        // 7. stale ipcache entries.
         let stale: Vec<IpNetwork> = self
             .ipcache
             .keys()
@@ -249,7 +342,7 @@ impl Enforcer {
             self.remove_foreign_state(&seen)?;
         }
 
-        // 5. tracked connections are re-checked on their next forward packet.
+        // 8. tracked connections are re-checked on their next forward packet.
         self.generation = self.generation.wrapping_add(1);
         let mut config = self.dataplane.config()?;
         let mut cfg = config.get(&0, 0).unwrap_or_default();
@@ -297,78 +390,113 @@ impl Enforcer {
         Ok(())
     }
 
-    fn write_endpoint(
+    /// Writes `policy`'s keys under a fresh policy id unless the group already has exactly these
+    /// keys. The old keys are retired, not removed: endpoints still name them until switched.
+    fn write_group(
         &mut self,
-        index: u32,
-        ifname: &str,
-        ep: &Endpoint,
-    ) -> Result<WriteOutcome, SyncError> {
+        group: PolicyGroupId,
+        policy: &EndpointPolicy,
+        report: &mut ApplyReport,
+    ) -> Result<(), SyncError> {
+        let fingerprint = compile_policy(0, policy);
+        if let Some(old) = self.groups.get(&group)
+            && !old.locked
+            && old.fingerprint == fingerprint
+        {
+            return Ok(());
+        }
         let policy_id = self.next_policy_id;
-        let mut compiled = compile_direction(policy_id, Direction::Ingress, &ep.ingress);
-        compiled.extend(compile_direction(policy_id, Direction::Egress, &ep.egress));
+        self.next_policy_id = self.next_policy_id.wrapping_add(1).max(1);
+        let mut written: Vec<(u32, PolicyKey)> = Vec::with_capacity(fingerprint.len());
+        let mut full = false;
+        {
+            let mut map = self.dataplane.policy()?;
+            for e in &fingerprint {
+                let key = PolicyKey { policy_id, ..e.key };
+                if let Err(err) = map.insert(&Key::new(e.prefix_len, key), e.value, 0) {
+                    tracing::error!(
+                        group, error = %err,
+                        "policy map is full: locking the group's endpoints down (deny all) until its policy fits"
+                    );
+                    full = true;
+                    break;
+                }
+                written.push((e.prefix_len, key));
+            }
+        }
+        if full {
+            // Deny-all needs no keys: free the space for groups that fit.
+            self.remove_keys(&written)?;
+            written.clear();
+        }
+        report.groups_written += 1;
+        report.policy_entries_written += written.len();
+        let state = GroupState {
+            policy_id,
+            keys: written,
+            fingerprint,
+            default_ingress: default_value(&policy.ingress),
+            default_egress: default_value(&policy.egress),
+            locked: full,
+        };
+        if let Some(old) = self.groups.insert(group, state) {
+            self.retired.push((old.policy_id, old.keys));
+        }
+        Ok(())
+    }
+
+    /// The ENDPOINTS value an endpoint gets: its group's policy id and defaults, locked down
+    /// when the group is missing (then `policy` is the rule set's deny-all stand-in) or did not
+    /// fit.
+    fn endpoint_info(&self, ep: &Endpoint, policy: &EndpointPolicy) -> EndpointInfo {
         let mut flags = endpoint_flags::ENFORCE_INGRESS
             | endpoint_flags::ENFORCE_EGRESS
             | endpoint_flags::ANTI_SPOOF;
         if ep.quarantined {
             flags |= endpoint_flags::QUARANTINED;
         }
-        let mut info = EndpointInfo {
+        let (policy_id, default_ingress, default_egress) = match self.groups.get(&ep.policy) {
+            Some(g) => {
+                if g.locked {
+                    flags |= endpoint_flags::LOCKDOWN;
+                }
+                (g.policy_id, g.default_ingress, g.default_egress)
+            }
+            None => {
+                flags |= endpoint_flags::LOCKDOWN;
+                (
+                    0,
+                    default_value(&policy.ingress),
+                    default_value(&policy.egress),
+                )
+            }
+        };
+        EndpointInfo {
             endpoint_id: ep.id,
             identity: ep.identity,
             policy_id,
             flags,
-            default_ingress: default_value(&ep.ingress),
-            default_egress: default_value(&ep.egress),
-        };
+            default_ingress,
+            default_egress,
+        }
+    }
+
+    /// Points the endpoint at its group's current keys; returns whether anything was written.
+    fn write_endpoint(
+        &mut self,
+        index: u32,
+        ifname: &str,
+        ep: &Endpoint,
+        policy: &EndpointPolicy,
+    ) -> Result<bool, SyncError> {
+        let info = self.endpoint_info(ep, policy);
         let addrs: Vec<[u8; 16]> = ep.ips.iter().map(|ip| addr16(*ip)).collect();
-        // Unchanged content (modulo the policy id) needs no rewrite.
-        let fingerprint: Vec<PolicyMapEntry> = compiled
-            .iter()
-            .map(|e| PolicyMapEntry {
-                key: PolicyKey {
-                    policy_id: 0,
-                    ..e.key
-                },
-                ..*e
-            })
-            .collect();
-        let same_info = EndpointInfo {
-            policy_id: 0,
-            ..info
-        };
         if let Some(old) = self.endpoints.get(&index)
-            && old.fingerprint == fingerprint
+            && old.info == info
             && old.addrs == addrs
             && old.ifname == ifname
-            && (EndpointInfo {
-                policy_id: 0,
-                ..old.info
-            }) == same_info
         {
-            return Ok(WriteOutcome::Unchanged);
-        }
-        self.next_policy_id = self.next_policy_id.wrapping_add(1).max(1);
-
-        // New keys under the new policy id.
-        let mut written: Vec<(u32, PolicyKey)> = Vec::with_capacity(compiled.len());
-        let mut full = false;
-        {
-            let mut policy = self.dataplane.policy()?;
-            for e in &compiled {
-                let key = Key::new(e.prefix_len, e.key);
-                if let Err(err) = policy.insert(&key, e.value, 0) {
-                    tracing::error!(
-                        endpoint = %ep.name(), error = %err,
-                        "policy map is full: locking the endpoint down (deny all) until its policy fits"
-                    );
-                    full = true;
-                    break;
-                }
-                written.push((e.prefix_len, e.key));
-            }
-        }
-        if full {
-            info.flags |= endpoint_flags::LOCKDOWN;
+            return Ok(false);
         }
 
         // Addresses the endpoint may send from.
@@ -397,35 +525,43 @@ impl Enforcer {
             self.dataplane.attach_endpoint(ifname)?;
         }
 
-        // Old keys and addresses go last.
+        // Addresses it no longer has go last (its old keys go with their group).
         if let Some(old) = old {
-            self.remove_keys(&old.keys)?;
             let mut m = self.dataplane.endpoint_addrs()?;
-            for a in old.addrs.iter().filter(|a| !addrs.contains(a)) {
+            for a in old
+                .addrs
+                .iter()
+                .filter(|a| old.endpoint_id != ep.id || !addrs.contains(a))
+            {
                 let _ = m.remove(&EndpointAddrKey {
                     endpoint_id: old.endpoint_id,
                     addr: *a,
                 });
             }
         }
-        let n = written.len();
         self.endpoints.insert(
             index,
             EndpointState {
                 ifname: ifname.to_string(),
                 endpoint_id: ep.id,
-                policy_id,
                 info,
-                keys: written,
-                fingerprint,
                 addrs,
             },
         );
-        Ok(if full {
-            WriteOutcome::LockedDown
-        } else {
-            WriteOutcome::Written(n)
-        })
+        Ok(true)
+    }
+
+    /// Removes the retired key sets whose policy id no endpoint names any more.
+    fn remove_retired_keys(&mut self) -> Result<(), SyncError> {
+        let named: BTreeSet<u32> = self.endpoints.values().map(|e| e.info.policy_id).collect();
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|(id, _)| !named.contains(id));
+        self.retired = keep;
+        for (_, keys) in done {
+            self.remove_keys(&keys)?;
+        }
+        Ok(())
     }
 
     fn remove_keys(&mut self, keys: &[(u32, PolicyKey)]) -> Result<(), SyncError> {
@@ -443,7 +579,6 @@ impl Enforcer {
         // Detach first so no packet meets a half-removed endpoint.
         self.dataplane.detach_endpoint(&old.ifname);
         let _ = self.dataplane.endpoints()?.remove(&index);
-        self.remove_keys(&old.keys)?;
         let mut m = self.dataplane.endpoint_addrs()?;
         for a in &old.addrs {
             let _ = m.remove(&EndpointAddrKey {
@@ -455,9 +590,15 @@ impl Enforcer {
     }
 
     /// After a restart: drops what an earlier agent left that the current rule set does not
-    /// have (endpoints, their links, policy keys of other policy ids, ipcache entries).
+    /// have (endpoints, their links, policy keys of policy ids no group of ours has, ipcache
+    /// entries).
     fn remove_foreign_state(&mut self, current: &BTreeSet<u32>) -> Result<(), SyncError> {
-        let live_ids: BTreeSet<u32> = self.endpoints.values().map(|s| s.policy_id).collect();
+        let live_ids: BTreeSet<u32> = self
+            .groups
+            .values()
+            .map(|g| g.policy_id)
+            .chain(self.retired.iter().map(|(id, _)| *id))
+            .collect();
         let stale_endpoints: Vec<u32> = {
             let m = self.dataplane.endpoints()?;
             m.keys()
@@ -494,10 +635,4 @@ impl Enforcer {
         let mut m = self.dataplane.config()?;
         m.set(0, config, 0).map_err(map_err("CONFIG"))
     }
-}
-
-enum WriteOutcome {
-    Unchanged,
-    Written(usize),
-    LockedDown,
 }

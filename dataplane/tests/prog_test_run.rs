@@ -16,8 +16,8 @@ use bulkhead_agent::{
     sync::{Enforcer, RouteResolver},
 };
 use bulkhead_controller::ruleset::{
-    Action, DirectionPolicy, Endpoint, PacketTuple, PolicyEntry, PortRange, Protocol, RuleSet,
-    Tier, Verdict, decide, identity,
+    Action, DirectionPolicy, Endpoint, EndpointPolicy, PacketTuple, PolicyEntry, PortRange,
+    Protocol, RuleSet, Tier, Verdict, decide, identity,
 };
 use common::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -41,53 +41,72 @@ fn allow(peer: u32, protocol: Option<Protocol>, ports: PortRange, rule: u32) -> 
     }
 }
 
-/// Runs `body` with a loaded data plane inside a fresh namespace that has an `ep0`.
-fn with_dataplane(test: &str, body: impl FnOnce(&mut Enforcer, u32) + Send + 'static) {
+/// Runs `body` with a loaded data plane inside a fresh namespace that has an `ep0` and an `ep1`;
+/// `body` gets the pin directory too, to load the data plane again as a restarted agent would.
+fn with_dataplane_pins(
+    test: &str,
+    body: impl FnOnce(&mut Enforcer, u32, &std::path::Path) + Send + 'static,
+) {
     let pins = PinDir::new(test);
     let ns = Netns::create(&format!("bh-t2-{}-{test}", std::process::id() % 100000))
         .expect("create test namespace");
     // This kernel has no dummy driver; one end of a veth pair stands in for the pod's veth.
-    ns.exec(&[
-        "ip", "link", "add", "ep0", "type", "veth", "peer", "name", "ep0p",
-    ])
-    .expect("create veth pair");
-    ns.exec(&["ip", "link", "set", "ep0", "up"])
-        .expect("ep0 up");
+    for (dev, peer) in [("ep0", "ep0p"), ("ep1", "ep1p")] {
+        ns.exec(&[
+            "ip", "link", "add", dev, "type", "veth", "peer", "name", peer,
+        ])
+        .expect("create veth pair");
+        ns.exec(&["ip", "link", "set", dev, "up"]).expect("link up");
+    }
     let pin_path = pins.path().to_path_buf();
     ns.run(move || {
         let dp = Dataplane::load(&pin_path).expect("load eBPF object");
         let mut enforcer = Enforcer::new(dp).expect("enforcer");
         let ifindex = nix::net::if_::if_nametoindex("ep0").expect("ep0 index");
-        body(&mut enforcer, ifindex);
+        body(&mut enforcer, ifindex, &pin_path);
     })
     .expect("test body inside the namespace");
+}
+
+/// [`with_dataplane_pins`] for tests that need no restart.
+fn with_dataplane(test: &str, body: impl FnOnce(&mut Enforcer, u32) + Send + 'static) {
+    with_dataplane_pins(test, move |e, ifx, _| body(e, ifx));
 }
 
 fn base_endpoint() -> Endpoint {
     let mut ep = endpoint(1, "server", 300, IpAddr::V4(Ipv4Addr::from(EP_V4)), "ep0");
     ep.ips.push(IpAddr::V6(Ipv6Addr::from(EP_V6)));
-    ep.ingress = DirectionPolicy {
-        isolated_by: Some(1),
-        audit_isolated_by: None,
-        entries: vec![
-            allow(301, Some(Protocol::Tcp), PortRange::single(80), 2),
-            allow(301, Some(Protocol::Udp), PortRange::ALL, 3),
-        ],
-    };
     ep
 }
 
-fn base_ruleset(version: u64, ep: Endpoint) -> RuleSet {
-    ruleset(
+/// Ingress: TCP 80 and all UDP from identity 301, nothing else. Egress: no policy.
+fn base_policy() -> EndpointPolicy {
+    EndpointPolicy {
+        ingress: DirectionPolicy {
+            isolated_by: Some(1),
+            audit_isolated_by: None,
+            entries: vec![
+                allow(301, Some(Protocol::Tcp), PortRange::single(80), 2),
+                allow(301, Some(Protocol::Udp), PortRange::ALL, 3),
+            ],
+        },
+        egress: DirectionPolicy::default(),
+    }
+}
+
+fn base_ruleset(version: u64, ep: Endpoint, policy: EndpointPolicy) -> RuleSet {
+    let mut rs = ruleset(
         version,
-        vec![ep],
+        vec![ep.clone()],
         vec![
             ("10.0.0.2/32", 300),
             ("10.0.0.1/32", 301),
             ("fd00::2/128", 300),
             ("fd00::1/128", 301),
         ],
-    )
+    );
+    rs.policies.insert(ep.policy, policy);
+    rs
 }
 
 fn run(e: &mut Enforcer, prog: &'static str, pkt: &[u8], ifindex: u32) -> u32 {
@@ -104,7 +123,10 @@ fn crafted_packets_get_the_rule_sets_verdict() {
     }
     with_dataplane("crafted", |e, ifx| {
         let report = e
-            .apply(&base_ruleset(1, base_endpoint()), &RouteResolver)
+            .apply(
+                &base_ruleset(1, base_endpoint(), base_policy()),
+                &RouteResolver,
+            )
             .expect("apply");
         assert_eq!(report.endpoints_written, 1, "{report:?}");
 
@@ -276,14 +298,15 @@ fn replies_pass_only_for_tracked_connections_and_new_denies_cut_them() {
         return;
     }
     with_dataplane("conntrack", |e, ifx| {
-        let mut ep = base_endpoint();
+        let ep = base_endpoint();
+        let mut policy = base_policy();
         // Egress isolated with no rules: the pod may not open anything itself.
-        ep.egress = DirectionPolicy {
+        policy.egress = DirectionPolicy {
             isolated_by: Some(9),
             audit_isolated_by: None,
             entries: vec![],
         };
-        e.apply(&base_ruleset(1, ep.clone()), &RouteResolver)
+        e.apply(&base_ruleset(1, ep.clone(), policy.clone()), &RouteResolver)
             .expect("apply");
 
         assert_eq!(
@@ -307,8 +330,8 @@ fn replies_pass_only_for_tracked_connections_and_new_denies_cut_them() {
         );
 
         // The policy no longer admits TCP 80: the established connection is cut.
-        ep.ingress.entries.remove(0);
-        e.apply(&base_ruleset(2, ep), &RouteResolver)
+        policy.ingress.entries.remove(0);
+        e.apply(&base_ruleset(2, ep, policy), &RouteResolver)
             .expect("apply");
         assert_eq!(
             run(e, PROG_TO_POD, &tcp4(PEER_V4, EP_V4, 41000, 80), ifx),
@@ -376,10 +399,12 @@ fn kernel_agrees_with_reference_decide() {
         let mut sport = 20000u16;
         let mut cases = 0;
         for round in 0..20u64 {
-            let mut ep = endpoint(1, "server", 300, IpAddr::V4(Ipv4Addr::from(EP_V4)), "ep0");
-            ep.ingress = random_direction(&mut rng, 1000);
-            ep.egress = random_direction(&mut rng, 2000);
-            let rs = ruleset(
+            let ep = endpoint(1, "server", 300, IpAddr::V4(Ipv4Addr::from(EP_V4)), "ep0");
+            let policy = EndpointPolicy {
+                ingress: random_direction(&mut rng, 1000),
+                egress: random_direction(&mut rng, 2000),
+            };
+            let mut rs = ruleset(
                 round + 1,
                 vec![ep.clone()],
                 vec![
@@ -388,6 +413,7 @@ fn kernel_agrees_with_reference_decide() {
                     ("10.0.0.3/32", 302),
                 ],
             );
+            rs.policies.insert(ep.policy, policy.clone());
             e.apply(&rs, &RouteResolver).expect("apply");
             for _ in 0..150 {
                 let (peer_ip, _) = peers[rng.random_range(0..peers.len())];
@@ -427,11 +453,261 @@ fn kernel_agrees_with_reference_decide() {
                 assert_eq!(
                     got, want_code,
                     "seed {seed} round {round}: {tuple:?} {direction:?} reference {want:?}\ningress {:?}\negress {:?}",
-                    ep.ingress, ep.egress
+                    policy.ingress, policy.egress
                 );
                 cases += 1;
             }
         }
         eprintln!("kernel and reference agreed on {cases} packets (seed {seed})");
+    });
+}
+
+fn policy_map_keys(e: &mut Enforcer) -> usize {
+    e.dataplane()
+        .policy()
+        .expect("POLICY")
+        .keys()
+        .filter(|k| k.is_ok())
+        .count()
+}
+
+const EP2_V4: [u8; 4] = [10, 0, 0, 4];
+
+/// Two endpoints of one identity share the group's keys; a group change switches both, and the
+/// old keys are gone afterwards.
+#[test]
+fn endpoints_of_a_group_share_its_keys_and_switch_together() {
+    if !check_privileged_test("endpoints_of_a_group_share_its_keys_and_switch_together") {
+        return;
+    }
+    with_dataplane("groups", |e, ifx0| {
+        let ifx1 = nix::net::if_::if_nametoindex("ep1").expect("ep1 index");
+        let second = endpoint(
+            2,
+            "server-2",
+            300,
+            IpAddr::V4(Ipv4Addr::from(EP2_V4)),
+            "ep1",
+        );
+        let rs = |version: u64, policy: EndpointPolicy| {
+            let mut rs = base_ruleset(version, base_endpoint(), policy);
+            rs.endpoints.push(second.clone());
+            rs.ipcache.push(bulkhead_controller::ruleset::IpCacheEntry {
+                cidr: "10.0.0.4/32".parse().expect("cidr"),
+                identity: 300,
+            });
+            rs
+        };
+        let report = e
+            .apply(&rs(1, base_policy()), &RouteResolver)
+            .expect("apply");
+        assert_eq!(
+            (report.groups_written, report.endpoints_written),
+            (1, 2),
+            "{report:?}"
+        );
+        let one_group = bulkhead_agent::policy_map::compile_policy(1, &base_policy()).len();
+        assert_eq!(e.policy_key_count(), one_group, "keys are written once");
+        assert_eq!(policy_map_keys(e), one_group);
+        for (ifx, dst) in [(ifx0, EP_V4), (ifx1, EP2_V4)] {
+            assert_eq!(
+                run(e, PROG_TO_POD, &tcp4(PEER_V4, dst, 42000, 80), ifx),
+                TC_ACT_OK
+            );
+            assert_eq!(
+                run(e, PROG_TO_POD, &tcp4(PEER_V4, dst, 42001, 81), ifx),
+                TC_ACT_SHOT
+            );
+        }
+
+        // The same content again: nothing is rewritten.
+        let report = e
+            .apply(&rs(2, base_policy()), &RouteResolver)
+            .expect("apply");
+        assert_eq!(
+            (report.groups_written, report.endpoints_written),
+            (0, 0),
+            "{report:?}"
+        );
+
+        // TCP 80 no longer admitted: one group write, both endpoints switched, old keys gone.
+        let mut narrowed = base_policy();
+        narrowed.ingress.entries.remove(0);
+        let report = e
+            .apply(&rs(3, narrowed.clone()), &RouteResolver)
+            .expect("apply");
+        assert_eq!(
+            (report.groups_written, report.endpoints_written),
+            (1, 2),
+            "{report:?}"
+        );
+        let expected = bulkhead_agent::policy_map::compile_policy(1, &narrowed).len();
+        assert_eq!(e.policy_key_count(), expected);
+        assert_eq!(
+            policy_map_keys(e),
+            expected,
+            "the old group's keys are removed"
+        );
+        for (ifx, dst) in [(ifx0, EP_V4), (ifx1, EP2_V4)] {
+            assert_eq!(
+                run(e, PROG_TO_POD, &tcp4(PEER_V4, dst, 42002, 80), ifx),
+                TC_ACT_SHOT
+            );
+            assert_eq!(
+                run(e, PROG_TO_POD, &udp4(PEER_V4, dst, 42003, 53), ifx),
+                TC_ACT_OK
+            );
+        }
+
+        // The second endpoint moves to a group of its own: the shared one stays untouched.
+        let mut split = rs(4, narrowed.clone());
+        split.endpoints[1].policy = 777;
+        split.policies.insert(777, base_policy());
+        let report = e.apply(&split, &RouteResolver).expect("apply");
+        assert_eq!(
+            (report.groups_written, report.endpoints_written),
+            (1, 1),
+            "{report:?}"
+        );
+        assert_eq!(e.policy_group_count(), 2);
+        assert_eq!(
+            run(e, PROG_TO_POD, &tcp4(PEER_V4, EP2_V4, 42004, 80), ifx1),
+            TC_ACT_OK
+        );
+        assert_eq!(
+            run(e, PROG_TO_POD, &tcp4(PEER_V4, EP_V4, 42005, 80), ifx0),
+            TC_ACT_SHOT
+        );
+
+        // Both gone: no key is left behind.
+        let report = e
+            .apply(&ruleset(5, vec![], vec![]), &RouteResolver)
+            .expect("apply");
+        assert_eq!(report.endpoints_removed, 2, "{report:?}");
+        assert_eq!(e.policy_key_count(), 0);
+        assert_eq!(policy_map_keys(e), 0);
+    });
+}
+
+/// An endpoint whose group the rule set lacks is locked down, as the reference says.
+#[test]
+fn an_endpoint_without_its_group_is_locked_down() {
+    if !check_privileged_test("an_endpoint_without_its_group_is_locked_down") {
+        return;
+    }
+    with_dataplane("missing-group", |e, ifx| {
+        let mut rs = base_ruleset(1, base_endpoint(), base_policy());
+        e.apply(&rs, &RouteResolver).expect("apply");
+        assert_eq!(
+            run(e, PROG_FROM_POD, &tcp4(EP_V4, PEER_V4, 43000, 443), ifx),
+            TC_ACT_OK
+        );
+        rs.version = 2;
+        rs.policies.clear();
+        let report = e.apply(&rs, &RouteResolver).expect("apply");
+        assert_eq!(report.locked_down, vec!["test/server".to_string()]);
+        let ep = rs.endpoints[0].clone();
+        let tuple = PacketTuple {
+            src: IpAddr::V4(Ipv4Addr::from(EP_V4)),
+            dst: IpAddr::V4(Ipv4Addr::from(PEER_V4)),
+            protocol: Some(Protocol::Tcp),
+            dst_port: Some(443),
+        };
+        let want = decide(
+            &rs,
+            &ep,
+            bulkhead_controller::ruleset::Direction::Egress,
+            &tuple,
+        );
+        assert_eq!(
+            want.verdict,
+            Verdict::Deny,
+            "the reference fails closed too"
+        );
+        for (prog, pkt) in [
+            (PROG_FROM_POD, tcp4(EP_V4, PEER_V4, 43001, 443)),
+            (PROG_TO_POD, tcp4(PEER_V4, EP_V4, 43002, 80)),
+        ] {
+            assert_eq!(run(e, prog, &pkt, ifx), TC_ACT_SHOT);
+        }
+        assert_eq!(policy_map_keys(e), 0, "the group's old keys are removed");
+        // The group comes back: enforcement resumes.
+        let report = e
+            .apply(
+                &base_ruleset(3, base_endpoint(), base_policy()),
+                &RouteResolver,
+            )
+            .expect("apply");
+        assert!(report.locked_down.is_empty(), "{report:?}");
+        assert_eq!(
+            run(e, PROG_TO_POD, &tcp4(PEER_V4, EP_V4, 43003, 80), ifx),
+            TC_ACT_OK
+        );
+    });
+}
+
+/// A restarted agent keeps what it needs and removes the keys of groups it no longer has.
+#[test]
+fn a_restarted_agent_removes_keys_no_endpoint_uses() {
+    if !check_privileged_test("a_restarted_agent_removes_keys_no_endpoint_uses") {
+        return;
+    }
+    with_dataplane_pins("restart", |e, ifx, pins| {
+        let ifx1 = nix::net::if_::if_nametoindex("ep1").expect("ep1 index");
+        let mut rs = base_ruleset(1, base_endpoint(), base_policy());
+        rs.endpoints.push(endpoint(
+            2,
+            "other",
+            301,
+            IpAddr::V4(Ipv4Addr::from(EP2_V4)),
+            "ep1",
+        ));
+        let mut other = base_policy();
+        other.ingress.entries.truncate(1);
+        rs.policies.insert(301, other.clone());
+        e.apply(&rs, &RouteResolver).expect("apply");
+        let before = policy_map_keys(e);
+        assert_eq!(before, e.policy_key_count());
+
+        // A new agent on the same pins, with a rule set that dropped the second endpoint.
+        let dp = Dataplane::load(pins).expect("reload eBPF object");
+        let mut restarted = Enforcer::new(dp).expect("enforcer");
+        // Until the first apply the previous agent's keys keep enforcing.
+        assert_eq!(
+            run(
+                &mut restarted,
+                PROG_TO_POD,
+                &tcp4(PEER_V4, EP2_V4, 44000, 80),
+                ifx1
+            ),
+            TC_ACT_OK
+        );
+        let rs = base_ruleset(2, base_endpoint(), base_policy());
+        restarted.apply(&rs, &RouteResolver).expect("apply");
+        let one_group = bulkhead_agent::policy_map::compile_policy(1, &base_policy()).len();
+        assert_eq!(restarted.policy_key_count(), one_group);
+        assert_eq!(
+            policy_map_keys(&mut restarted),
+            one_group,
+            "keys of the earlier agent's policy ids are removed"
+        );
+        assert_eq!(
+            run(
+                &mut restarted,
+                PROG_TO_POD,
+                &tcp4(PEER_V4, EP_V4, 44001, 80),
+                ifx
+            ),
+            TC_ACT_OK
+        );
+        assert_eq!(
+            run(
+                &mut restarted,
+                PROG_TO_POD,
+                &tcp4(PEER_V4, EP_V4, 44002, 81),
+                ifx
+            ),
+            TC_ACT_SHOT
+        );
     });
 }

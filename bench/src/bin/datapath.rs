@@ -21,8 +21,8 @@ use bulkhead_agent::{
     sync::{Enforcer, RouteResolver},
 };
 use bulkhead_controller::ruleset::{
-    Action, DirectionPolicy, Endpoint, IpCacheEntry, PolicyEntry, PortRange, Protocol, RuleSet,
-    Tier,
+    Action, DirectionPolicy, Endpoint, EndpointPolicy, IpCacheEntry, PolicyEntry, PortRange,
+    Protocol, RuleSet, Tier,
 };
 use clap::Parser;
 
@@ -86,13 +86,21 @@ fn ruleset(n: u32) -> RuleSet {
             ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))],
             interface: Some("ep0".into()),
             quarantined: false,
-            ingress: DirectionPolicy {
-                isolated_by: Some(1),
-                audit_isolated_by: None,
-                entries,
-            },
-            egress: DirectionPolicy::default(),
+            policy: 300,
         }],
+        policies: [(
+            300,
+            EndpointPolicy {
+                ingress: DirectionPolicy {
+                    isolated_by: Some(1),
+                    audit_isolated_by: None,
+                    entries,
+                },
+                egress: DirectionPolicy::default(),
+            },
+        )]
+        .into_iter()
+        .collect(),
         ipcache,
         rules: Default::default(),
     }

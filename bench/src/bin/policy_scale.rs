@@ -103,6 +103,7 @@ fn compile(
     let t = Instant::now();
     let engine = PolicyEngine::new(EngineConfig::default(), objects)?;
     let compile = t.elapsed();
+    let engine_mb = vm_hwm_mb();
     let t = Instant::now();
     let rulesets: Vec<RuleSet> = engine.rulesets().into_values().collect();
     let materialize = t.elapsed();
@@ -131,22 +132,25 @@ fn compile(
             "  peak RSS (VmHWM, incl. inputs)     {peak_mb:>8.0} MB  (no target; inputs alone: {inputs_mb:.0} MB)"
         ),
     }
+    println!("  peak RSS before materializing      {engine_mb:>8.0} MB");
     let endpoints: Vec<usize> = rulesets.iter().map(|r| r.endpoints.len()).collect();
+    let groups: Vec<usize> = rulesets.iter().map(|r| r.policies.len()).collect();
     let entries: Vec<usize> = rulesets
         .iter()
         .map(|r| {
-            r.endpoints
-                .iter()
-                .map(|e| e.ingress.entries.len() + e.egress.entries.len())
+            r.policies
+                .values()
+                .map(|p| p.ingress.entries.len() + p.egress.entries.len())
                 .sum()
         })
         .collect();
     let ipcache: Vec<usize> = rulesets.iter().map(|r| r.ipcache.len()).collect();
     let rules: Vec<usize> = rulesets.iter().map(|r| r.rules.len()).collect();
     println!(
-        "  identities {}; per node min/median/max: endpoints {}, entries {}, ipcache {}, rules {}",
+        "  identities {}; per node min/median/max: endpoints {}, policy groups {}, entries {}, ipcache {}, rules {}",
         engine.identity_count(),
         stats(endpoints),
+        stats(groups),
         stats(entries),
         stats(ipcache),
         stats(rules)
@@ -197,8 +201,7 @@ fn relabel(
     f: impl FnOnce(&mut bulkhead_controller::Pod),
 ) -> Change {
     match engine.pod(key) {
-        Some(p) => {
-            let mut p = p.clone();
+        Some(mut p) => {
             f(&mut p);
             Change::UpsertPod(p)
         }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use bulkhead_agent::loader::remove_pins;
-use bulkhead_controller::ruleset::{DirectionPolicy, Endpoint, IpCacheEntry, RuleSet};
+use bulkhead_controller::ruleset::{Endpoint, EndpointPolicy, IpCacheEntry, RuleSet};
 
 /// A unique bpffs directory for one test, removed (links, then maps) on drop — also when the
 /// test panics.
@@ -41,6 +41,7 @@ impl Drop for PinDir {
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 
+/// An endpoint in the policy group numbered after its identity (as the controller does).
 pub fn endpoint(id: u32, name: &str, identity: u32, ip: IpAddr, iface: &str) -> Endpoint {
     Endpoint {
         id,
@@ -51,16 +52,22 @@ pub fn endpoint(id: u32, name: &str, identity: u32, ip: IpAddr, iface: &str) -> 
         ips: vec![ip],
         interface: Some(iface.into()),
         quarantined: false,
-        ingress: DirectionPolicy::default(),
-        egress: DirectionPolicy::default(),
+        policy: identity,
     }
 }
 
+/// A rule set in which every endpoint's group has no policy (everything allowed); tests insert
+/// the groups they need into `policies`.
 pub fn ruleset(version: u64, endpoints: Vec<Endpoint>, ipcache: Vec<(&str, u32)>) -> RuleSet {
+    let policies = endpoints
+        .iter()
+        .map(|e| (e.policy, EndpointPolicy::default()))
+        .collect();
     RuleSet {
         node: "test-node".into(),
         version,
         endpoints,
+        policies,
         ipcache: ipcache
             .into_iter()
             .map(|(cidr, identity)| IpCacheEntry {
