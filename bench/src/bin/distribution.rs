@@ -189,7 +189,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let Ok(Some((node, version, at))) =
                     tokio::time::timeout_at(deadline.into(), seen_rx.recv()).await
                 else {
-                    anyhow::bail!("{} agents did not receive their delta within 10 s", waiting.len());
+                    anyhow::bail!(
+                        "{} agents did not receive their delta within 10 s",
+                        waiting.len()
+                    );
                 };
                 if waiting.get(&node).is_some_and(|v| version >= *v) {
                     waiting.remove(&node);
@@ -204,7 +207,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let wall = wall_before.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;
-    println!("\n{:<12} | {:>7} | {:>9} | {:>9} | {:>9} | {:>14}", "change", "samples", "p50", "p99", "max", "nodes/change");
+    println!(
+        "\n{:<12} | {:>7} | {:>9} | {:>9} | {:>9} | {:>14}",
+        "change", "samples", "p50", "p99", "max", "nodes/change"
+    );
     for (kind, mut l, affected) in results {
         if l.is_empty() {
             println!("{kind:<12} | no change reached any node");
