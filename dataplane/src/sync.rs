@@ -399,9 +399,14 @@ impl Enforcer {
         report: &mut ApplyReport,
     ) -> Result<(), SyncError> {
         let fingerprint = compile_policy(0, policy);
+        let (default_ingress, default_egress) =
+            (default_value(&policy.ingress), default_value(&policy.egress));
+        // Same keys is not enough: isolation alone (no keys at all) changes the defaults.
         if let Some(old) = self.groups.get(&group)
             && !old.locked
             && old.fingerprint == fingerprint
+            && old.default_ingress == default_ingress
+            && old.default_egress == default_egress
         {
             return Ok(());
         }
@@ -435,8 +440,8 @@ impl Enforcer {
             policy_id,
             keys: written,
             fingerprint,
-            default_ingress: default_value(&policy.ingress),
-            default_egress: default_value(&policy.egress),
+            default_ingress,
+            default_egress,
             locked: full,
         };
         if let Some(old) = self.groups.insert(group, state) {
