@@ -399,8 +399,10 @@ impl Enforcer {
         report: &mut ApplyReport,
     ) -> Result<(), SyncError> {
         let fingerprint = compile_policy(0, policy);
-        let (default_ingress, default_egress) =
-            (default_value(&policy.ingress), default_value(&policy.egress));
+        let (default_ingress, default_egress) = (
+            default_value(&policy.ingress),
+            default_value(&policy.egress),
+        );
         // Same keys is not enough: isolation alone (no keys at all) changes the defaults.
         if let Some(old) = self.groups.get(&group)
             && !old.locked
