@@ -107,6 +107,8 @@ fn policy_slots() -> OrderedSlots<PolicyKey> {
 }
 
 type SelId = u32;
+/// A pod's key, shared by the engine's indexes (one allocation per pod, not one per index).
+type PodRef = Arc<PodKey>;
 type NodeIdx = u32;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -174,7 +176,7 @@ type Policies = Arc<EndpointPolicy>;
 #[derive(Debug)]
 struct IdentityState {
     kind: IdentityKind,
-    pods: FxHashSet<PodKey>,
+    pods: FxHashSet<PodRef>,
     member_of: FxHashSet<SelId>,
     policy: Policies,
     contribution: Arc<Contribution>,
@@ -208,7 +210,7 @@ struct NodeState {
     declared: bool,
     pods: u32,
     version: u64,
-    endpoints: BTreeMap<u32, PodKey>,
+    endpoints: BTreeMap<u32, PodRef>,
     contrib: FxHashMap<Identity, Arc<Contribution>>,
     peer_refs: FxHashMap<Identity, u32>,
     rule_refs: FxHashMap<RuleId, u32>,
@@ -268,10 +270,10 @@ struct Journal {
 pub struct PolicyEngine {
     config: EngineConfig,
     namespaces: FxHashMap<String, Labels>,
-    pods: FxHashMap<PodKey, PodState>,
+    pods: FxHashMap<PodRef, PodState>,
     /// Pods by address, each list sorted by key (nearly always one pod: a list is far smaller
     /// than a set).
-    pods_by_ip: BTreeMap<IpAddr, Vec<PodKey>>,
+    pods_by_ip: BTreeMap<IpAddr, Vec<PodRef>>,
     identities: FxHashMap<Identity, IdentityState>,
     identities_by_ns: FxHashMap<String, FxHashSet<Identity>>,
     pod_slots: OrderedSlots<Arc<IdentityKey>>,
@@ -392,7 +394,7 @@ impl PolicyEngine {
                 .clone()
                 .unwrap_or_else(|| engine.config.unscheduled_node.clone());
             let node = engine.node_idx(&node_name);
-            let pk = pod.key();
+            let pk: PodRef = Arc::new(pod.key());
             engine.nodes[node as usize].pods += 1;
             if let Some(st) = engine.identities.get_mut(&id) {
                 st.pods.insert(pk.clone());
@@ -418,13 +420,13 @@ impl PolicyEngine {
             engine.refresh_policy(id);
         }
         // Endpoints, in pod order per node.
-        let mut keys: Vec<PodKey> = engine
+        let mut keys: Vec<PodRef> = engine
             .pods
             .iter()
             .filter(|(_, s)| !s.pod.ips.is_empty())
             .map(|(k, _)| k.clone())
             .collect();
-        keys.sort();
+        keys.sort_unstable();
         for pk in keys {
             engine.assign_endpoint(&pk);
         }
@@ -535,7 +537,7 @@ impl PolicyEngine {
 
     /// Every pod, sorted by namespace and name.
     pub fn pod_keys(&self) -> Vec<PodKey> {
-        let mut v: Vec<PodKey> = self.pods.keys().cloned().collect();
+        let mut v: Vec<PodKey> = self.pods.keys().map(|k| PodKey::clone(k)).collect();
         v.sort();
         v
     }
@@ -891,7 +893,7 @@ impl PolicyEngine {
         }
         for ip in &st.pod.ips {
             if let Some(set) = self.pods_by_ip.get_mut(ip) {
-                set.retain(|k| k != pk);
+                set.retain(|k| **k != *pk);
                 if set.is_empty() {
                     self.pods_by_ip.remove(ip);
                 }
@@ -910,7 +912,7 @@ impl PolicyEngine {
     }
 
     fn insert_pod(&mut self, mut pod: Pod) -> Result<(), EngineError> {
-        let pk = pod.key();
+        let pk: PodRef = Arc::new(pod.key());
         self.touch_pod(&pk);
         let key = self.identity_key(&pod);
         let labels_in_key = strip_labels(&mut pod, &key);
@@ -971,7 +973,7 @@ impl PolicyEngine {
     }
 
     /// Gives a pod with addresses an endpoint id on its node.
-    fn assign_endpoint(&mut self, pk: &PodKey) {
+    fn assign_endpoint(&mut self, pk: &PodRef) {
         let Some(st) = self.pods.get(pk) else {
             return;
         };
@@ -980,7 +982,7 @@ impl PolicyEngine {
         let reserved = self
             .reserved_endpoint
             .take()
-            .filter(|(k, ep)| k == pk && !n.endpoints.contains_key(ep))
+            .filter(|(k, ep)| *k == **pk && !n.endpoints.contains_key(ep))
             .map(|(_, ep)| ep);
         let id = reserved.or_else(|| {
             // Without gaps the next id is simply one past the last.
@@ -1138,7 +1140,7 @@ impl PolicyEngine {
             }
         }
         // Pods inside a CIDR that appeared or disappeared change CIDR class.
-        let mut rekey: BTreeSet<PodKey> = BTreeSet::new();
+        let mut rekey: BTreeSet<PodRef> = BTreeSet::new();
         for c in added.iter().chain(gone.iter()) {
             for (ip, pods) in self.pods_by_ip.range(c.network()..=c.broadcast()) {
                 if c.contains(*ip) {
@@ -2351,8 +2353,8 @@ fn strip_labels(pod: &mut Pod, key: &IdentityKey) -> bool {
     same
 }
 
-fn sorted_insert(list: &mut Vec<PodKey>, pk: &PodKey) {
-    if let Err(i) = list.binary_search(pk) {
+fn sorted_insert(list: &mut Vec<PodRef>, pk: &PodRef) {
+    if let Err(i) = list.binary_search_by(|k| (**k).cmp(pk)) {
         list.insert(i, pk.clone());
     }
 }
