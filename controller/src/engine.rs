@@ -148,7 +148,8 @@ struct SubjectData {
 
 #[derive(Debug)]
 struct Selection {
-    spec: SelectionSpec,
+    /// Shared with the key of `sel_by_spec`.
+    spec: Arc<SelectionSpec>,
     refs: u32,
     matched: FxHashSet<Identity>,
     subject: Option<Box<SubjectData>>,
@@ -283,7 +284,7 @@ pub struct PolicyEngine {
     policy_slots: OrderedSlots<PolicyKey>,
     selections: Vec<Option<Selection>>,
     free_selections: Vec<SelId>,
-    sel_by_spec: FxHashMap<SelectionSpec, SelId>,
+    sel_by_spec: FxHashMap<Arc<SelectionSpec>, SelId>,
     sel_by_ns: FxHashMap<String, FxHashSet<SelId>>,
     sel_global: FxHashSet<SelId>,
     nodes: Vec<NodeState>,
@@ -389,11 +390,13 @@ impl PolicyEngine {
             let key = engine.identity_key(&pod);
             let labels_in_key = strip_labels(&mut pod, &key);
             let id = engine.acquire_pod_identity(key)?;
-            let node_name = pod
-                .node_name
-                .clone()
-                .unwrap_or_else(|| engine.config.unscheduled_node.clone());
-            let node = engine.node_idx(&node_name);
+            let node = match &pod.node_name {
+                Some(name) => engine.node_idx(name),
+                None => {
+                    let name = engine.config.unscheduled_node.clone();
+                    engine.node_idx(&name)
+                }
+            };
             let pk: PodRef = Arc::new(pod.key());
             engine.nodes[node as usize].pods += 1;
             if let Some(st) = engine.identities.get_mut(&id) {
@@ -415,9 +418,10 @@ impl PolicyEngine {
                 },
             );
         }
+        // Every identity's policy, computed on all cores (each reads the engine only).
         let ids: Vec<Identity> = engine.identities.keys().copied().collect();
-        for id in ids {
-            engine.refresh_policy(id);
+        for (id, policy) in engine.compute_policies(&ids) {
+            engine.install_policy(id, policy);
         }
         // Endpoints, in pod order per node.
         let mut keys: Vec<PodRef> = engine
@@ -807,7 +811,7 @@ impl PolicyEngine {
             .copied()
             .filter(|s| {
                 matches!(
-                    self.sel(*s).spec,
+                    *self.sel(*s).spec,
                     SelectionSpec::Pods(PodSelection {
                         namespaces: NamespaceScope::Selected(_),
                         ..
@@ -1417,6 +1421,7 @@ impl PolicyEngine {
                 st.member_of.insert(id);
             }
         }
+        let spec = Arc::new(spec);
         self.sel_by_spec.insert(spec.clone(), id);
         self.selections[id as usize] = Some(Selection {
             spec,
@@ -1443,7 +1448,7 @@ impl PolicyEngine {
             }
         }
         self.sel_by_spec.remove(&s.spec);
-        match &s.spec {
+        match &*s.spec {
             SelectionSpec::Pods(PodSelection {
                 namespaces: NamespaceScope::Named(ns),
                 ..
@@ -1759,11 +1764,40 @@ impl PolicyEngine {
         }
     }
 
+    fn compute_policies(&self, ids: &[Identity]) -> Vec<(Identity, EndpointPolicy)> {
+        let compute = |ids: &[Identity]| -> Vec<(Identity, EndpointPolicy)> {
+            ids.iter()
+                .map(|id| (*id, self.compute_policy(*id)))
+                .collect()
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(ids.len() / 1024 + 1);
+        if threads <= 1 {
+            return compute(ids);
+        }
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = ids
+                .chunks(ids.len().div_ceil(threads))
+                .map(|chunk| scope.spawn(move || compute(chunk)))
+                .collect();
+            workers
+                .into_iter()
+                // A worker only panics if `compute_policy` does, which it does not: re-raise.
+                .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        })
+    }
+
     fn refresh_policy(&mut self, id: Identity) {
         if !self.identities.contains_key(&id) {
             return;
         }
         let new = self.compute_policy(id);
+        self.install_policy(id, new);
+    }
+
+    fn install_policy(&mut self, id: Identity, new: EndpointPolicy) {
         let Some(st) = self.identities.get_mut(&id) else {
             return;
         };
