@@ -383,6 +383,9 @@ impl PolicyEngine {
         // which keeps the build reproducible), then placement.
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         pods.dedup_by(|b, a| a.namespace == b.namespace && a.name == b.name);
+        engine.pods.reserve(pods.len());
+        // Pods with addresses, in key order: the order endpoints are numbered in.
+        let mut with_ips: Vec<PodRef> = Vec::with_capacity(pods.len());
         for mut pod in pods {
             if pod.host_network {
                 continue;
@@ -406,6 +409,7 @@ impl PolicyEngine {
                 for ip in &pod.ips {
                     sorted_insert(engine.pods_by_ip.entry(*ip).or_default(), &pk);
                 }
+                with_ips.push(pk.clone());
             }
             engine.pods.insert(
                 pk,
@@ -424,14 +428,7 @@ impl PolicyEngine {
             engine.install_policy(id, policy);
         }
         // Endpoints, in pod order per node.
-        let mut keys: Vec<PodRef> = engine
-            .pods
-            .iter()
-            .filter(|(_, s)| !s.pod.ips.is_empty())
-            .map(|(k, _)| k.clone())
-            .collect();
-        keys.sort_unstable();
-        for pk in keys {
+        for pk in with_ips {
             engine.assign_endpoint(&pk);
         }
         let locals: Vec<(NodeIdx, Identity)> = engine
