@@ -1862,41 +1862,40 @@ impl PolicyEngine {
         let empty = Contribution::default();
         let old_c = old.as_deref().unwrap_or(&empty);
         let new_c = new.as_deref().unwrap_or(&empty);
-        let (peers_gone, peers_new) = sorted_diff(&old_c.peers, &new_c.peers);
-        let (rules_gone, rules_new) = sorted_diff(&old_c.rules, &new_c.rules);
         let mut flips = Vec::new();
-        for p in peers_gone {
+        for_each_diff(&old_c.peers, &new_c.peers, |p, added| {
             let c = node.peer_refs.entry(p).or_default();
-            *c = c.saturating_sub(1);
-            if *c == 0 {
-                node.peer_refs.remove(&p);
-                flips.push((p, false));
-            }
-        }
-        for p in peers_new {
-            let c = node.peer_refs.entry(p).or_default();
-            *c += 1;
-            if *c == 1 {
-                flips.push((p, true));
-            }
-        }
-        for r in rules_gone {
-            let c = node.rule_refs.entry(r).or_default();
-            *c = c.saturating_sub(1);
-            if *c == 0 {
-                node.rule_refs.remove(&r);
-                if active {
-                    self.journal.rule_old.entry((n, r)).or_insert(true);
+            if added {
+                *c += 1;
+                if *c == 1 {
+                    flips.push((p, true));
+                }
+            } else {
+                *c = c.saturating_sub(1);
+                if *c == 0 {
+                    node.peer_refs.remove(&p);
+                    flips.push((p, false));
                 }
             }
-        }
-        for r in rules_new {
+        });
+        let rule_old = &mut self.journal.rule_old;
+        for_each_diff(&old_c.rules, &new_c.rules, |r, added| {
             let c = node.rule_refs.entry(r).or_default();
-            *c += 1;
-            if *c == 1 && active {
-                self.journal.rule_old.entry((n, r)).or_insert(false);
+            if added {
+                *c += 1;
+                if *c == 1 && active {
+                    rule_old.entry((n, r)).or_insert(false);
+                }
+            } else {
+                *c = c.saturating_sub(1);
+                if *c == 0 {
+                    node.rule_refs.remove(&r);
+                    if active {
+                        rule_old.entry((n, r)).or_insert(true);
+                    }
+                }
             }
-        }
+        });
         for (p, on) in flips {
             self.peer_flip(n, p, on);
         }
@@ -1969,31 +1968,31 @@ impl PolicyEngine {
                 .unwrap_or_else(|| node.peer_refs.contains_key(&peer))
         };
         let world = had(identity::WORLD);
-        // Pods at the address before: untouched ones as they are, touched ones as they were.
-        let mut pods: Vec<(&PodKey, NodeIdx, Identity, bool)> = Vec::new();
-        if let Some(set) = self.pods_by_ip.get(ip) {
-            for pk in set {
-                if j.pods.contains_key(pk) {
-                    continue;
+        let carried = |node_of: NodeIdx, id: Identity, endpoint: bool| {
+            node_of == n && endpoint || world || had(id)
+        };
+        // Pods at the address before: untouched ones as they are (already in key order)…
+        let untouched = self.pods_by_ip.get(ip).and_then(|set| {
+            set.iter().find_map(|pk| {
+                if j.pods.contains_key(&**pk) {
+                    return None;
                 }
-                if let Some(st) = self.pods.get(pk) {
-                    pods.push((pk, st.node, st.identity, st.endpoint.is_some()));
-                }
-            }
+                let st = self.pods.get(pk)?;
+                carried(st.node, st.identity, st.endpoint.is_some()).then_some((&**pk, st.identity))
+            })
+        });
+        // …and touched ones as they were; the first by key of both wins.
+        let touched = old_at.get(ip).and_then(|snaps| {
+            snaps
+                .iter()
+                .filter(|(_, s)| carried(s.node, s.identity, s.endpoint.is_some()))
+                .map(|(pk, s)| (*pk, s.identity))
+                .min_by(|a, b| a.0.cmp(b.0))
+        });
+        match (untouched, touched) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a.1 } else { b.1 }),
+            (a, b) => a.or(b).map(|x| x.1),
         }
-        if let Some(snaps) = old_at.get(ip) {
-            pods.extend(
-                snaps
-                    .iter()
-                    .map(|(pk, s)| (*pk, s.node, s.identity, s.endpoint.is_some())),
-            );
-        }
-        if pods.len() > 1 {
-            pods.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        }
-        pods.into_iter().find_map(|(_, node_of, id, endpoint)| {
-            (node_of == n && endpoint || world || had(id)).then_some(id)
-        })
     }
 
     /// The pod addresses node `n`'s ipcache carries, sorted.
@@ -2390,36 +2389,35 @@ fn sorted_insert(list: &mut Vec<PodRef>, pk: &PodRef) {
     }
 }
 
-fn sorted_diff<T: Ord + Copy>(old: &[T], new: &[T]) -> (Vec<T>, Vec<T>) {
-    let mut gone = Vec::new();
-    let mut added = Vec::new();
+/// Calls `f(x, false)` for each `x` only in `old` and `f(x, true)` for each only in `new`; both
+/// sorted and duplicate-free.
+fn for_each_diff<T: Ord + Copy>(old: &[T], new: &[T], mut f: impl FnMut(T, bool)) {
     let (mut i, mut k) = (0, 0);
-    while i < old.len() || k < new.len() {
+    loop {
         match (old.get(i), new.get(k)) {
             (Some(a), Some(b)) if a == b => {
                 i += 1;
                 k += 1;
             }
             (Some(a), Some(b)) if a < b => {
-                gone.push(*a);
+                f(*a, false);
                 i += 1;
             }
             (Some(_), Some(b)) => {
-                added.push(*b);
+                f(*b, true);
                 k += 1;
             }
             (Some(a), None) => {
-                gone.push(*a);
+                f(*a, false);
                 i += 1;
             }
             (None, Some(b)) => {
-                added.push(*b);
+                f(*b, true);
                 k += 1;
             }
             (None, None) => break,
         }
     }
-    (gone, added)
 }
 
 fn host_net(ip: IpAddr) -> IpNetwork {
