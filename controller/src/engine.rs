@@ -10,12 +10,19 @@
 //! policies with that subject, keyed by their shape (peer selection, ports, tier, priority,
 //! action), so ten thousand policies that say the same thing cost one entry.
 //!
+//! Every endpoint of an identity therefore shares one policy group in the [`RuleSet`], numbered
+//! after the identity: a change of an identity's policy is one group change per node, however
+//! many endpoints use it.
+//!
 //! # Incremental updates
 //! [`PolicyEngine::apply`] changes the inputs, marks the identities whose policy may change
 //! (subjects of a changed policy; subjects of rules whose peer selection gained or lost an
 //! identity), recomputes only those, and then updates only the nodes where an affected identity
 //! has an endpoint or is a referenced peer. Per node it keeps reference counts of the peer
 //! identities and rules its endpoints use, which decide which pod addresses its ipcache needs.
+//! The ipcache itself is not stored: it is computed when a rule set is materialized, and a
+//! delta compares an address's entry now with the entry rebuilt from the journal (the touched
+//! pods' snapshots and the node's earlier peer references), so a change costs what it touches.
 //!
 //! # What a node's ipcache holds
 //! Every CIDR identity; the addresses of the node's own endpoints; the addresses of every pod
