@@ -109,7 +109,7 @@ fn rule_id(slot: u32, direction: Direction, index: Option<u32>) -> RuleId {
     (slot << 10) | ((direction as u32) << 9) | index.map_or(0, |i| i + 1)
 }
 
-fn policy_slots() -> OrderedSlots<PolicyKey> {
+fn policy_slots() -> OrderedSlots<Arc<PolicyKey>> {
     OrderedSlots::new("policy", 1, (1 << 22) - 1 - 4096, 4096)
 }
 
@@ -288,7 +288,7 @@ pub struct PolicyEngine {
     cidr_slots: OrderedSlots<IpNetwork>,
     cidr_refs: BTreeMap<IpNetwork, u32>,
     policies: BTreeMap<PolicyKey, PolicyState>,
-    policy_slots: OrderedSlots<PolicyKey>,
+    policy_slots: OrderedSlots<Arc<PolicyKey>>,
     selections: Vec<Option<Selection>>,
     free_selections: Vec<SelId>,
     sel_by_spec: FxHashMap<Arc<SelectionSpec>, SelId>,
@@ -365,7 +365,7 @@ impl PolicyEngine {
         for p in policies.values() {
             engine
                 .policy_slots
-                .insert(p.key.clone(), slot_hash(&p.key))?;
+                .insert(Arc::new(p.key.clone()), slot_hash(&p.key))?;
             for c in p.cidrs() {
                 *engine.cidr_refs.entry(c).or_default() += 1;
             }
@@ -1059,7 +1059,9 @@ impl PolicyEngine {
         let slot = match self.policies.get(&key) {
             Some(s) => s.slot,
             None => {
-                let (slot, moves) = self.policy_slots.insert(key.clone(), slot_hash(&key))?;
+                let (slot, moves) = self
+                    .policy_slots
+                    .insert(Arc::new(key.clone()), slot_hash(&key))?;
                 self.move_policies(moves);
                 slot
             }
@@ -1098,11 +1100,11 @@ impl PolicyEngine {
     }
 
     /// Policies renumbered by a slot collision: re-add them under their new rule ids.
-    fn move_policies(&mut self, moves: Vec<Move<PolicyKey>>) {
+    fn move_policies(&mut self, moves: Vec<Move<Arc<PolicyKey>>>) {
         for m in moves {
             self.note_renamed_slot(m.from);
             self.note_renamed_slot(m.to);
-            if let Some(policy) = self.policies.get(&m.key).map(|s| s.policy.clone()) {
+            if let Some(policy) = self.policies.get(&*m.key).map(|s| s.policy.clone()) {
                 self.remove_policy_contributions(&m.key);
                 self.add_policy(policy, m.to);
             }
@@ -2439,12 +2441,55 @@ fn is_within(inner: &IpNetwork, outer: &IpNetwork) -> bool {
         && outer.contains(inner.network())
 }
 
+/// FNV of `"{kind:?}\0{namespace}\0{name}"`, written piece by piece (no formatting).
 fn slot_hash(key: &PolicyKey) -> u64 {
-    crate::identity::Fnv::hash_str(&format!("{:?}\0{}\0{}", key.kind, key.namespace, key.name))
+    use crate::ruleset::RuleKind;
+    let kind = match key.kind {
+        RuleKind::NetworkPolicy => "NetworkPolicy",
+        RuleKind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+        RuleKind::ServicePolicy => "ServicePolicy",
+        RuleKind::Quarantine => "Quarantine",
+        RuleKind::Default => "Default",
+    };
+    let mut h = crate::identity::Fnv::default();
+    for part in [kind, "\0", &key.namespace, "\0", &key.name] {
+        h.write(part.as_bytes());
+    }
+    h.finish()
 }
 
 fn namespace_labels(ns: &Namespace) -> Labels {
     let mut labels = ns.labels.clone();
     labels.insert(NAMESPACE_NAME_LABEL.to_string(), ns.name.clone());
     labels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ruleset::RuleKind;
+
+    /// Rule ids derive from this hash: it must stay what it was when it was a formatted string.
+    #[test]
+    fn slot_hash_is_the_hash_of_the_formatted_key() {
+        for kind in [
+            RuleKind::NetworkPolicy,
+            RuleKind::ClusterNetworkPolicy,
+            RuleKind::ServicePolicy,
+            RuleKind::Quarantine,
+            RuleKind::Default,
+        ] {
+            let key = PolicyKey {
+                kind: kind.clone(),
+                namespace: "team-a".into(),
+                name: "allow-web".into(),
+            };
+            let formatted = format!("{:?}\0{}\0{}", kind, key.namespace, key.name);
+            assert_eq!(
+                slot_hash(&key),
+                crate::identity::Fnv::hash_str(&formatted),
+                "{kind:?}"
+            );
+        }
+    }
 }
