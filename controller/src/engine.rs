@@ -2270,12 +2270,10 @@ impl PolicyEngine {
             }
         }
         // ipcache: pod entries that may have changed, and CIDR identities that did.
-        let mut keys: BTreeMap<IpNetwork, (Option<Identity>, Option<Identity>)> = BTreeMap::new();
-        let pod_key = |this: &Self, ip: IpAddr, keys: &mut BTreeMap<_, _>, always: bool| {
+        // (prefix, pod entry before, pod entry now); a prefix may come twice, with equal values.
+        let mut keys: Vec<(IpNetwork, Option<Identity>, Option<Identity>)> = Vec::new();
+        let pod_key = |this: &Self, ip: IpAddr, keys: &mut Vec<_>, always: bool| {
             let net = host_net(ip);
-            if keys.contains_key(&net) {
-                return;
-            }
             let new = if exists { this.pod_entry(n, &ip) } else { None };
             let old = if existed {
                 this.old_pod_entry(n, &ip, j, old_at)
@@ -2283,12 +2281,14 @@ impl PolicyEngine {
                 None
             };
             if always || new != old {
-                keys.insert(net, (old, new));
+                keys.push((net, old, new));
             }
         };
         if j.all_ips.contains(&n) {
             let mut all: Vec<IpAddr> = self.pods_by_ip.keys().copied().collect();
             all.extend(old_at.keys().copied());
+            all.sort_unstable();
+            all.dedup();
             for ip in all {
                 pod_key(self, ip, &mut keys, false);
             }
@@ -2305,10 +2305,12 @@ impl PolicyEngine {
             if c.prefix() == host_net(c.ip()).prefix() {
                 pod_key(self, c.ip(), &mut keys, true);
             } else {
-                keys.entry(c).or_insert((None, None));
+                keys.push((c, None, None));
             }
         }
-        for (k, (old_p, new_p)) in keys {
+        keys.sort_unstable_by_key(|k| k.0);
+        keys.dedup_by_key(|k| k.0);
+        for (k, old_p, new_p) in keys {
             let old_c = match j.cidr_old.get(&k) {
                 Some(v) => *v,
                 None => self.cidr_identity(&k),
