@@ -10,12 +10,19 @@
 //! policies with that subject, keyed by their shape (peer selection, ports, tier, priority,
 //! action), so ten thousand policies that say the same thing cost one entry.
 //!
+//! Every endpoint of an identity therefore shares one policy group in the [`RuleSet`], numbered
+//! after the identity: a change of an identity's policy is one group change per node, however
+//! many endpoints use it.
+//!
 //! # Incremental updates
 //! [`PolicyEngine::apply`] changes the inputs, marks the identities whose policy may change
 //! (subjects of a changed policy; subjects of rules whose peer selection gained or lost an
 //! identity), recomputes only those, and then updates only the nodes where an affected identity
 //! has an endpoint or is a referenced peer. Per node it keeps reference counts of the peer
 //! identities and rules its endpoints use, which decide which pod addresses its ipcache needs.
+//! The ipcache itself is not stored: it is computed when a rule set is materialized, and a
+//! delta compares an address's entry now with the entry rebuilt from the journal (the touched
+//! pods' snapshots and the node's earlier peer references), so a change costs what it touches.
 //!
 //! # What a node's ipcache holds
 //! Every CIDR identity; the addresses of the node's own endpoints; the addresses of every pod
@@ -102,11 +109,13 @@ fn rule_id(slot: u32, direction: Direction, index: Option<u32>) -> RuleId {
     (slot << 10) | ((direction as u32) << 9) | index.map_or(0, |i| i + 1)
 }
 
-fn policy_slots() -> OrderedSlots<PolicyKey> {
+fn policy_slots() -> OrderedSlots<Arc<PolicyKey>> {
     OrderedSlots::new("policy", 1, (1 << 22) - 1 - 4096, 4096)
 }
 
 type SelId = u32;
+/// A pod's key, shared by the engine's indexes (one allocation per pod, not one per index).
+type PodRef = Arc<PodKey>;
 type NodeIdx = u32;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -146,7 +155,8 @@ struct SubjectData {
 
 #[derive(Debug)]
 struct Selection {
-    spec: SelectionSpec,
+    /// Shared with the key of `sel_by_spec`.
+    spec: Arc<SelectionSpec>,
     refs: u32,
     matched: FxHashSet<Identity>,
     subject: Option<Box<SubjectData>>,
@@ -174,7 +184,7 @@ type Policies = Arc<EndpointPolicy>;
 #[derive(Debug)]
 struct IdentityState {
     kind: IdentityKind,
-    pods: FxHashSet<PodKey>,
+    pods: FxHashSet<PodRef>,
     member_of: FxHashSet<SelId>,
     policy: Policies,
     contribution: Arc<Contribution>,
@@ -208,7 +218,7 @@ struct NodeState {
     declared: bool,
     pods: u32,
     version: u64,
-    endpoints: BTreeMap<u32, PodKey>,
+    endpoints: BTreeMap<u32, PodRef>,
     contrib: FxHashMap<Identity, Arc<Contribution>>,
     peer_refs: FxHashMap<Identity, u32>,
     rule_refs: FxHashMap<RuleId, u32>,
@@ -268,20 +278,20 @@ struct Journal {
 pub struct PolicyEngine {
     config: EngineConfig,
     namespaces: FxHashMap<String, Labels>,
-    pods: FxHashMap<PodKey, PodState>,
+    pods: FxHashMap<PodRef, PodState>,
     /// Pods by address, each list sorted by key (nearly always one pod: a list is far smaller
     /// than a set).
-    pods_by_ip: BTreeMap<IpAddr, Vec<PodKey>>,
+    pods_by_ip: BTreeMap<IpAddr, Vec<PodRef>>,
     identities: FxHashMap<Identity, IdentityState>,
     identities_by_ns: FxHashMap<String, FxHashSet<Identity>>,
     pod_slots: OrderedSlots<Arc<IdentityKey>>,
     cidr_slots: OrderedSlots<IpNetwork>,
     cidr_refs: BTreeMap<IpNetwork, u32>,
     policies: BTreeMap<PolicyKey, PolicyState>,
-    policy_slots: OrderedSlots<PolicyKey>,
+    policy_slots: OrderedSlots<Arc<PolicyKey>>,
     selections: Vec<Option<Selection>>,
     free_selections: Vec<SelId>,
-    sel_by_spec: FxHashMap<SelectionSpec, SelId>,
+    sel_by_spec: FxHashMap<Arc<SelectionSpec>, SelId>,
     sel_by_ns: FxHashMap<String, FxHashSet<SelId>>,
     sel_global: FxHashSet<SelId>,
     nodes: Vec<NodeState>,
@@ -355,7 +365,7 @@ impl PolicyEngine {
         for p in policies.values() {
             engine
                 .policy_slots
-                .insert(p.key.clone(), slot_hash(&p.key))?;
+                .insert(Arc::new(p.key.clone()), slot_hash(&p.key))?;
             for c in p.cidrs() {
                 *engine.cidr_refs.entry(c).or_default() += 1;
             }
@@ -380,6 +390,9 @@ impl PolicyEngine {
         // which keeps the build reproducible), then placement.
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         pods.dedup_by(|b, a| a.namespace == b.namespace && a.name == b.name);
+        engine.pods.reserve(pods.len());
+        // Pods with addresses, in key order: the order endpoints are numbered in.
+        let mut with_ips: Vec<PodRef> = Vec::with_capacity(pods.len());
         for mut pod in pods {
             if pod.host_network {
                 continue;
@@ -387,12 +400,14 @@ impl PolicyEngine {
             let key = engine.identity_key(&pod);
             let labels_in_key = strip_labels(&mut pod, &key);
             let id = engine.acquire_pod_identity(key)?;
-            let node_name = pod
-                .node_name
-                .clone()
-                .unwrap_or_else(|| engine.config.unscheduled_node.clone());
-            let node = engine.node_idx(&node_name);
-            let pk = pod.key();
+            let node = match &pod.node_name {
+                Some(name) => engine.node_idx(name),
+                None => {
+                    let name = engine.config.unscheduled_node.clone();
+                    engine.node_idx(&name)
+                }
+            };
+            let pk: PodRef = Arc::new(pod.key());
             engine.nodes[node as usize].pods += 1;
             if let Some(st) = engine.identities.get_mut(&id) {
                 st.pods.insert(pk.clone());
@@ -401,6 +416,7 @@ impl PolicyEngine {
                 for ip in &pod.ips {
                     sorted_insert(engine.pods_by_ip.entry(*ip).or_default(), &pk);
                 }
+                with_ips.push(pk.clone());
             }
             engine.pods.insert(
                 pk,
@@ -413,19 +429,13 @@ impl PolicyEngine {
                 },
             );
         }
+        // Every identity's policy, computed on all cores (each reads the engine only).
         let ids: Vec<Identity> = engine.identities.keys().copied().collect();
-        for id in ids {
-            engine.refresh_policy(id);
+        for (id, policy) in engine.compute_policies(&ids) {
+            engine.install_policy(id, policy);
         }
         // Endpoints, in pod order per node.
-        let mut keys: Vec<PodKey> = engine
-            .pods
-            .iter()
-            .filter(|(_, s)| !s.pod.ips.is_empty())
-            .map(|(k, _)| k.clone())
-            .collect();
-        keys.sort();
-        for pk in keys {
+        for pk in with_ips {
             engine.assign_endpoint(&pk);
         }
         let locals: Vec<(NodeIdx, Identity)> = engine
@@ -535,7 +545,7 @@ impl PolicyEngine {
 
     /// Every pod, sorted by namespace and name.
     pub fn pod_keys(&self) -> Vec<PodKey> {
-        let mut v: Vec<PodKey> = self.pods.keys().cloned().collect();
+        let mut v: Vec<PodKey> = self.pods.keys().map(|k| PodKey::clone(k)).collect();
         v.sort();
         v
     }
@@ -805,7 +815,7 @@ impl PolicyEngine {
             .copied()
             .filter(|s| {
                 matches!(
-                    self.sel(*s).spec,
+                    *self.sel(*s).spec,
                     SelectionSpec::Pods(PodSelection {
                         namespaces: NamespaceScope::Selected(_),
                         ..
@@ -891,7 +901,7 @@ impl PolicyEngine {
         }
         for ip in &st.pod.ips {
             if let Some(set) = self.pods_by_ip.get_mut(ip) {
-                set.retain(|k| k != pk);
+                set.retain(|k| **k != *pk);
                 if set.is_empty() {
                     self.pods_by_ip.remove(ip);
                 }
@@ -910,7 +920,7 @@ impl PolicyEngine {
     }
 
     fn insert_pod(&mut self, mut pod: Pod) -> Result<(), EngineError> {
-        let pk = pod.key();
+        let pk: PodRef = Arc::new(pod.key());
         self.touch_pod(&pk);
         let key = self.identity_key(&pod);
         let labels_in_key = strip_labels(&mut pod, &key);
@@ -971,7 +981,7 @@ impl PolicyEngine {
     }
 
     /// Gives a pod with addresses an endpoint id on its node.
-    fn assign_endpoint(&mut self, pk: &PodKey) {
+    fn assign_endpoint(&mut self, pk: &PodRef) {
         let Some(st) = self.pods.get(pk) else {
             return;
         };
@@ -980,7 +990,7 @@ impl PolicyEngine {
         let reserved = self
             .reserved_endpoint
             .take()
-            .filter(|(k, ep)| k == pk && !n.endpoints.contains_key(ep))
+            .filter(|(k, ep)| *k == **pk && !n.endpoints.contains_key(ep))
             .map(|(_, ep)| ep);
         let id = reserved.or_else(|| {
             // Without gaps the next id is simply one past the last.
@@ -1049,7 +1059,9 @@ impl PolicyEngine {
         let slot = match self.policies.get(&key) {
             Some(s) => s.slot,
             None => {
-                let (slot, moves) = self.policy_slots.insert(key.clone(), slot_hash(&key))?;
+                let (slot, moves) = self
+                    .policy_slots
+                    .insert(Arc::new(key.clone()), slot_hash(&key))?;
                 self.move_policies(moves);
                 slot
             }
@@ -1088,11 +1100,11 @@ impl PolicyEngine {
     }
 
     /// Policies renumbered by a slot collision: re-add them under their new rule ids.
-    fn move_policies(&mut self, moves: Vec<Move<PolicyKey>>) {
+    fn move_policies(&mut self, moves: Vec<Move<Arc<PolicyKey>>>) {
         for m in moves {
             self.note_renamed_slot(m.from);
             self.note_renamed_slot(m.to);
-            if let Some(policy) = self.policies.get(&m.key).map(|s| s.policy.clone()) {
+            if let Some(policy) = self.policies.get(&*m.key).map(|s| s.policy.clone()) {
                 self.remove_policy_contributions(&m.key);
                 self.add_policy(policy, m.to);
             }
@@ -1138,7 +1150,7 @@ impl PolicyEngine {
             }
         }
         // Pods inside a CIDR that appeared or disappeared change CIDR class.
-        let mut rekey: BTreeSet<PodKey> = BTreeSet::new();
+        let mut rekey: BTreeSet<PodRef> = BTreeSet::new();
         for c in added.iter().chain(gone.iter()) {
             for (ip, pods) in self.pods_by_ip.range(c.network()..=c.broadcast()) {
                 if c.contains(*ip) {
@@ -1415,6 +1427,7 @@ impl PolicyEngine {
                 st.member_of.insert(id);
             }
         }
+        let spec = Arc::new(spec);
         self.sel_by_spec.insert(spec.clone(), id);
         self.selections[id as usize] = Some(Selection {
             spec,
@@ -1441,7 +1454,7 @@ impl PolicyEngine {
             }
         }
         self.sel_by_spec.remove(&s.spec);
-        match &s.spec {
+        match &*s.spec {
             SelectionSpec::Pods(PodSelection {
                 namespaces: NamespaceScope::Named(ns),
                 ..
@@ -1757,11 +1770,40 @@ impl PolicyEngine {
         }
     }
 
+    fn compute_policies(&self, ids: &[Identity]) -> Vec<(Identity, EndpointPolicy)> {
+        let compute = |ids: &[Identity]| -> Vec<(Identity, EndpointPolicy)> {
+            ids.iter()
+                .map(|id| (*id, self.compute_policy(*id)))
+                .collect()
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(ids.len() / 1024 + 1);
+        if threads <= 1 {
+            return compute(ids);
+        }
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = ids
+                .chunks(ids.len().div_ceil(threads))
+                .map(|chunk| scope.spawn(move || compute(chunk)))
+                .collect();
+            workers
+                .into_iter()
+                // A worker only panics if `compute_policy` does, which it does not: re-raise.
+                .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        })
+    }
+
     fn refresh_policy(&mut self, id: Identity) {
         if !self.identities.contains_key(&id) {
             return;
         }
         let new = self.compute_policy(id);
+        self.install_policy(id, new);
+    }
+
+    fn install_policy(&mut self, id: Identity, new: EndpointPolicy) {
         let Some(st) = self.identities.get_mut(&id) else {
             return;
         };
@@ -1829,41 +1871,40 @@ impl PolicyEngine {
         let empty = Contribution::default();
         let old_c = old.as_deref().unwrap_or(&empty);
         let new_c = new.as_deref().unwrap_or(&empty);
-        let (peers_gone, peers_new) = sorted_diff(&old_c.peers, &new_c.peers);
-        let (rules_gone, rules_new) = sorted_diff(&old_c.rules, &new_c.rules);
         let mut flips = Vec::new();
-        for p in peers_gone {
+        for_each_diff(&old_c.peers, &new_c.peers, |p, added| {
             let c = node.peer_refs.entry(p).or_default();
-            *c = c.saturating_sub(1);
-            if *c == 0 {
-                node.peer_refs.remove(&p);
-                flips.push((p, false));
-            }
-        }
-        for p in peers_new {
-            let c = node.peer_refs.entry(p).or_default();
-            *c += 1;
-            if *c == 1 {
-                flips.push((p, true));
-            }
-        }
-        for r in rules_gone {
-            let c = node.rule_refs.entry(r).or_default();
-            *c = c.saturating_sub(1);
-            if *c == 0 {
-                node.rule_refs.remove(&r);
-                if active {
-                    self.journal.rule_old.entry((n, r)).or_insert(true);
+            if added {
+                *c += 1;
+                if *c == 1 {
+                    flips.push((p, true));
+                }
+            } else {
+                *c = c.saturating_sub(1);
+                if *c == 0 {
+                    node.peer_refs.remove(&p);
+                    flips.push((p, false));
                 }
             }
-        }
-        for r in rules_new {
+        });
+        let rule_old = &mut self.journal.rule_old;
+        for_each_diff(&old_c.rules, &new_c.rules, |r, added| {
             let c = node.rule_refs.entry(r).or_default();
-            *c += 1;
-            if *c == 1 && active {
-                self.journal.rule_old.entry((n, r)).or_insert(false);
+            if added {
+                *c += 1;
+                if *c == 1 && active {
+                    rule_old.entry((n, r)).or_insert(false);
+                }
+            } else {
+                *c = c.saturating_sub(1);
+                if *c == 0 {
+                    node.rule_refs.remove(&r);
+                    if active {
+                        rule_old.entry((n, r)).or_insert(true);
+                    }
+                }
             }
-        }
+        });
         for (p, on) in flips {
             self.peer_flip(n, p, on);
         }
@@ -1936,31 +1977,31 @@ impl PolicyEngine {
                 .unwrap_or_else(|| node.peer_refs.contains_key(&peer))
         };
         let world = had(identity::WORLD);
-        // Pods at the address before: untouched ones as they are, touched ones as they were.
-        let mut pods: Vec<(&PodKey, NodeIdx, Identity, bool)> = Vec::new();
-        if let Some(set) = self.pods_by_ip.get(ip) {
-            for pk in set {
-                if j.pods.contains_key(pk) {
-                    continue;
+        let carried = |node_of: NodeIdx, id: Identity, endpoint: bool| {
+            node_of == n && endpoint || world || had(id)
+        };
+        // Pods at the address before: untouched ones as they are (already in key order)…
+        let untouched = self.pods_by_ip.get(ip).and_then(|set| {
+            set.iter().find_map(|pk| {
+                if j.pods.contains_key(&**pk) {
+                    return None;
                 }
-                if let Some(st) = self.pods.get(pk) {
-                    pods.push((pk, st.node, st.identity, st.endpoint.is_some()));
-                }
-            }
+                let st = self.pods.get(pk)?;
+                carried(st.node, st.identity, st.endpoint.is_some()).then_some((&**pk, st.identity))
+            })
+        });
+        // …and touched ones as they were; the first by key of both wins.
+        let touched = old_at.get(ip).and_then(|snaps| {
+            snaps
+                .iter()
+                .filter(|(_, s)| carried(s.node, s.identity, s.endpoint.is_some()))
+                .map(|(pk, s)| (*pk, s.identity))
+                .min_by(|a, b| a.0.cmp(b.0))
+        });
+        match (untouched, touched) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a.1 } else { b.1 }),
+            (a, b) => a.or(b).map(|x| x.1),
         }
-        if let Some(snaps) = old_at.get(ip) {
-            pods.extend(
-                snaps
-                    .iter()
-                    .map(|(pk, s)| (*pk, s.node, s.identity, s.endpoint.is_some())),
-            );
-        }
-        if pods.len() > 1 {
-            pods.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        }
-        pods.into_iter().find_map(|(_, node_of, id, endpoint)| {
-            (node_of == n && endpoint || world || had(id)).then_some(id)
-        })
     }
 
     /// The pod addresses node `n`'s ipcache carries, sorted.
@@ -2229,12 +2270,10 @@ impl PolicyEngine {
             }
         }
         // ipcache: pod entries that may have changed, and CIDR identities that did.
-        let mut keys: BTreeMap<IpNetwork, (Option<Identity>, Option<Identity>)> = BTreeMap::new();
-        let pod_key = |this: &Self, ip: IpAddr, keys: &mut BTreeMap<_, _>, always: bool| {
+        // (prefix, pod entry before, pod entry now); a prefix may come twice, with equal values.
+        let mut keys: Vec<(IpNetwork, Option<Identity>, Option<Identity>)> = Vec::new();
+        let pod_key = |this: &Self, ip: IpAddr, keys: &mut Vec<_>, always: bool| {
             let net = host_net(ip);
-            if keys.contains_key(&net) {
-                return;
-            }
             let new = if exists { this.pod_entry(n, &ip) } else { None };
             let old = if existed {
                 this.old_pod_entry(n, &ip, j, old_at)
@@ -2242,12 +2281,14 @@ impl PolicyEngine {
                 None
             };
             if always || new != old {
-                keys.insert(net, (old, new));
+                keys.push((net, old, new));
             }
         };
         if j.all_ips.contains(&n) {
             let mut all: Vec<IpAddr> = self.pods_by_ip.keys().copied().collect();
             all.extend(old_at.keys().copied());
+            all.sort_unstable();
+            all.dedup();
             for ip in all {
                 pod_key(self, ip, &mut keys, false);
             }
@@ -2264,10 +2305,12 @@ impl PolicyEngine {
             if c.prefix() == host_net(c.ip()).prefix() {
                 pod_key(self, c.ip(), &mut keys, true);
             } else {
-                keys.entry(c).or_insert((None, None));
+                keys.push((c, None, None));
             }
         }
-        for (k, (old_p, new_p)) in keys {
+        keys.sort_unstable_by_key(|k| k.0);
+        keys.dedup_by_key(|k| k.0);
+        for (k, old_p, new_p) in keys {
             let old_c = match j.cidr_old.get(&k) {
                 Some(v) => *v,
                 None => self.cidr_identity(&k),
@@ -2351,42 +2394,41 @@ fn strip_labels(pod: &mut Pod, key: &IdentityKey) -> bool {
     same
 }
 
-fn sorted_insert(list: &mut Vec<PodKey>, pk: &PodKey) {
-    if let Err(i) = list.binary_search(pk) {
+fn sorted_insert(list: &mut Vec<PodRef>, pk: &PodRef) {
+    if let Err(i) = list.binary_search_by(|k| (**k).cmp(pk)) {
         list.insert(i, pk.clone());
     }
 }
 
-fn sorted_diff<T: Ord + Copy>(old: &[T], new: &[T]) -> (Vec<T>, Vec<T>) {
-    let mut gone = Vec::new();
-    let mut added = Vec::new();
+/// Calls `f(x, false)` for each `x` only in `old` and `f(x, true)` for each only in `new`; both
+/// sorted and duplicate-free.
+fn for_each_diff<T: Ord + Copy>(old: &[T], new: &[T], mut f: impl FnMut(T, bool)) {
     let (mut i, mut k) = (0, 0);
-    while i < old.len() || k < new.len() {
+    loop {
         match (old.get(i), new.get(k)) {
             (Some(a), Some(b)) if a == b => {
                 i += 1;
                 k += 1;
             }
             (Some(a), Some(b)) if a < b => {
-                gone.push(*a);
+                f(*a, false);
                 i += 1;
             }
             (Some(_), Some(b)) => {
-                added.push(*b);
+                f(*b, true);
                 k += 1;
             }
             (Some(a), None) => {
-                gone.push(*a);
+                f(*a, false);
                 i += 1;
             }
             (None, Some(b)) => {
-                added.push(*b);
+                f(*b, true);
                 k += 1;
             }
             (None, None) => break,
         }
     }
-    (gone, added)
 }
 
 fn host_net(ip: IpAddr) -> IpNetwork {
@@ -2401,12 +2443,55 @@ fn is_within(inner: &IpNetwork, outer: &IpNetwork) -> bool {
         && outer.contains(inner.network())
 }
 
+/// FNV of `"{kind:?}\0{namespace}\0{name}"`, written piece by piece (no formatting).
 fn slot_hash(key: &PolicyKey) -> u64 {
-    crate::identity::Fnv::hash_str(&format!("{:?}\0{}\0{}", key.kind, key.namespace, key.name))
+    use crate::ruleset::RuleKind;
+    let kind = match key.kind {
+        RuleKind::NetworkPolicy => "NetworkPolicy",
+        RuleKind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+        RuleKind::ServicePolicy => "ServicePolicy",
+        RuleKind::Quarantine => "Quarantine",
+        RuleKind::Default => "Default",
+    };
+    let mut h = crate::identity::Fnv::default();
+    for part in [kind, "\0", &key.namespace, "\0", &key.name] {
+        h.write(part.as_bytes());
+    }
+    h.finish()
 }
 
 fn namespace_labels(ns: &Namespace) -> Labels {
     let mut labels = ns.labels.clone();
     labels.insert(NAMESPACE_NAME_LABEL.to_string(), ns.name.clone());
     labels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ruleset::RuleKind;
+
+    /// Rule ids derive from this hash: it must stay what it was when it was a formatted string.
+    #[test]
+    fn slot_hash_is_the_hash_of_the_formatted_key() {
+        for kind in [
+            RuleKind::NetworkPolicy,
+            RuleKind::ClusterNetworkPolicy,
+            RuleKind::ServicePolicy,
+            RuleKind::Quarantine,
+            RuleKind::Default,
+        ] {
+            let key = PolicyKey {
+                kind: kind.clone(),
+                namespace: "team-a".into(),
+                name: "allow-web".into(),
+            };
+            let formatted = format!("{:?}\0{}\0{}", kind, key.namespace, key.name);
+            assert_eq!(
+                slot_hash(&key),
+                crate::identity::Fnv::hash_str(&formatted),
+                "{kind:?}"
+            );
+        }
+    }
 }

@@ -291,7 +291,11 @@ impl<K: Clone + Ord + Hash> OrderedSlots<K> {
     }
 
     /// Removes `key`; returns the keys that moved to close the gap.
-    pub fn remove(&mut self, key: &K) -> Vec<Move<K>> {
+    pub fn remove<Q>(&mut self, key: &Q) -> Vec<Move<K>>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let Some(slot) = self.by_key.remove(key) else {
             return Vec::new();
         };
@@ -299,7 +303,7 @@ impl<K: Clone + Ord + Hash> OrderedSlots<K> {
         if let Some((first, last)) = self.run_around(slot) {
             let keys: Vec<(u32, K)> = (first..=last)
                 .filter_map(|s| self.slots.remove(&s))
-                .filter(|(_, k)| k != key)
+                .filter(|(_, k)| k.borrow() != key)
                 .collect();
             // Re-placing fewer keys than were there always fits.
             let _ = self.place(first, keys, &mut moves);

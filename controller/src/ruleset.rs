@@ -29,8 +29,8 @@ pub type RuleId = u32;
 /// Id of a policy group, a key of [`RuleSet::policies`].
 pub type PolicyGroupId = u32;
 
-/// Reserved identities. Allocated identities start at [`FIRST_ALLOCATED_IDENTITY`]; CIDR identities
-/// at [`FIRST_CIDR_IDENTITY`].
+/// Reserved identities. Allocated identities start at [`identity::FIRST_ALLOCATED_IDENTITY`]; CIDR identities
+/// at [`identity::FIRST_CIDR_IDENTITY`].
 pub mod identity {
     use super::Identity;
     /// No identity is known for the address. Matches only wildcard entries.

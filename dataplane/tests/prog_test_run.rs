@@ -711,3 +711,89 @@ fn a_restarted_agent_removes_keys_no_endpoint_uses() {
         );
     });
 }
+
+/// A group whose keys do not fit locks every endpoint of the group down; once there is room the
+/// next apply writes it and enforcement resumes.
+#[test]
+fn a_group_that_does_not_fit_locks_all_its_endpoints_down() {
+    if !check_privileged_test("a_group_that_does_not_fit_locks_all_its_endpoints_down") {
+        return;
+    }
+    with_dataplane("map-full", |e, ifx0| {
+        use aya::maps::lpm_trie::Key;
+        use bulkhead_common::{POLICY_KEY_FIXED_BITS, PolicyKey, PolicyValue};
+        let ifx1 = nix::net::if_::if_nametoindex("ep1").expect("ep1 index");
+        // The first apply removes keys no endpoint uses: fill the map only after it.
+        e.apply(&ruleset(1, vec![], vec![]), &RouteResolver)
+            .expect("apply");
+        let filler = |i: u32| {
+            Key::new(
+                POLICY_KEY_FIXED_BITS + 16,
+                PolicyKey {
+                    policy_id: u32::MAX - 7,
+                    identity: i,
+                    direction: 0,
+                    protocol: 6,
+                    port_be: 80u16.to_be(),
+                },
+            )
+        };
+        let mut filled = 0u32;
+        {
+            let mut map = e.dataplane().policy().expect("POLICY");
+            while filled < 4 << 20
+                && map
+                    .insert(&filler(filled), PolicyValue::default(), 0)
+                    .is_ok()
+            {
+                filled += 1;
+            }
+        }
+        assert!(filled < 4 << 20, "the POLICY map never filled up");
+
+        let second = endpoint(
+            2,
+            "server-2",
+            300,
+            IpAddr::V4(Ipv4Addr::from(EP2_V4)),
+            "ep1",
+        );
+        let mut rs = base_ruleset(2, base_endpoint(), base_policy());
+        rs.endpoints.push(second);
+        let report = e.apply(&rs, &RouteResolver).expect("apply");
+        assert_eq!(
+            report.locked_down,
+            vec!["test/server".to_string(), "test/server-2".to_string()],
+            "{report:?}"
+        );
+        for (ifx, dst) in [(ifx0, EP_V4), (ifx1, EP2_V4)] {
+            assert_eq!(
+                run(e, PROG_TO_POD, &tcp4(PEER_V4, dst, 45000, 80), ifx),
+                TC_ACT_SHOT,
+                "locked down: even what the policy admits is dropped"
+            );
+            assert_eq!(
+                run(e, PROG_FROM_POD, &tcp4(dst, PEER_V4, 45001, 443), ifx),
+                TC_ACT_SHOT
+            );
+        }
+        assert_eq!(e.policy_key_count(), 0, "a partial group is not kept");
+
+        // Room again: the group is retried and fits.
+        {
+            let mut map = e.dataplane().policy().expect("POLICY");
+            for i in 0..1000 {
+                let _ = map.remove(&filler(filled - 1 - i));
+            }
+        }
+        rs.version = 3;
+        let report = e.apply(&rs, &RouteResolver).expect("apply");
+        assert!(report.locked_down.is_empty(), "{report:?}");
+        for (ifx, dst) in [(ifx0, EP_V4), (ifx1, EP2_V4)] {
+            assert_eq!(
+                run(e, PROG_TO_POD, &tcp4(PEER_V4, dst, 45002, 80), ifx),
+                TC_ACT_OK
+            );
+        }
+    });
+}

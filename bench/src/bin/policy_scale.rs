@@ -5,10 +5,12 @@
 //! own process so that the peak RSS of one does not hide in the other. Figures only: nothing
 //! here asserts on time.
 
+use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use bulkhead_agent::policy_map::compile_policy;
 use bulkhead_bench::{Rng, one_namespace, small_namespaces};
 use bulkhead_controller::model::{PortSpec, Rule};
 use bulkhead_controller::ruleset::{PortRange, Protocol, RuleSet};
@@ -145,6 +147,26 @@ fn compile(
         })
         .collect();
     let ipcache: Vec<usize> = rulesets.iter().map(|r| r.ipcache.len()).collect();
+    // The agent writes each group's keys once; before groups, every endpoint had its own copy.
+    let group_keys = |r: &RuleSet| -> BTreeMap<u32, usize> {
+        r.policies
+            .iter()
+            .map(|(g, p)| (*g, compile_policy(1, p).len()))
+            .collect()
+    };
+    let (map_keys, per_endpoint_keys): (Vec<usize>, Vec<usize>) = rulesets
+        .iter()
+        .map(|r| {
+            let keys = group_keys(r);
+            let shared: usize = keys.values().sum();
+            let copies: usize = r
+                .endpoints
+                .iter()
+                .map(|e| keys.get(&e.policy).copied().unwrap_or(0))
+                .sum();
+            (shared, copies)
+        })
+        .unzip();
     let rules: Vec<usize> = rulesets.iter().map(|r| r.rules.len()).collect();
     println!(
         "  identities {}; per node min/median/max: endpoints {}, policy groups {}, entries {}, ipcache {}, rules {}",
@@ -154,6 +176,11 @@ fn compile(
         stats(entries),
         stats(ipcache),
         stats(rules)
+    );
+    println!(
+        "  agent POLICY keys per node min/median/max: {} (one copy per endpoint would be {})",
+        stats(map_keys),
+        stats(per_endpoint_keys)
     );
     drop(rulesets);
     Ok(Compiled {
