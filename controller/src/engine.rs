@@ -40,6 +40,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use ipnetwork::IpNetwork;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -61,6 +62,9 @@ use crate::ruleset::{
 
 /// Endpoint ids are below this (the data plane sizes its per-node tables by it).
 pub const MAX_ENDPOINT_ID: u32 = 4096;
+
+/// Priority of a Quarantine's deny-all entry; its exceptions have priority 0.
+pub const QUARANTINE_DENY_PRIORITY: u16 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -167,6 +171,9 @@ struct Selection {
 #[derive(Debug, Clone)]
 enum IdentityKind {
     Pod(Arc<IdentityKey>),
+    /// Not an identity but the policy group of the endpoints selected by exactly this set of
+    /// active Quarantines (sorted): it is never a peer and no address resolves to it.
+    Quarantine(QuarantineSet),
     Cidr(IpNetwork),
     World,
     Host,
@@ -180,6 +187,41 @@ struct Contribution {
 }
 
 type Policies = Arc<EndpointPolicy>;
+/// Keys of the active Quarantines that select one pod, sorted.
+type QuarantineSet = Arc<Vec<PolicyKey>>;
+
+/// Policy group numbers of quarantined endpoints start here (above every identity).
+pub const FIRST_QUARANTINE_GROUP: PolicyGroupId = 0x4000_0000;
+
+fn quarantine_group_slots() -> OrderedSlots<QuarantineSet> {
+    OrderedSlots::new(
+        "quarantine group",
+        FIRST_QUARANTINE_GROUP,
+        (1 << 20) - 4096,
+        4096,
+    )
+}
+
+fn quarantine_set_hash(set: &[PolicyKey]) -> u64 {
+    let mut h = crate::identity::Fnv::default();
+    for k in set {
+        for part in [&k.namespace, "\0", &k.name, "\u{1}"] {
+            h.write(part.as_bytes());
+        }
+    }
+    h.finish()
+}
+
+/// A Quarantine as the engine keeps it: its entries, ready to expand for the endpoints it
+/// selects.
+struct QuarantineState {
+    policy: Policy,
+    slot: u32,
+    /// Per direction: the exceptions and the deny-all, with their rule ids.
+    shapes: [Vec<(Shape, RuleId)>; 2],
+    /// Not expired at the engine's clock.
+    active: bool,
+}
 
 #[derive(Debug)]
 struct IdentityState {
@@ -201,6 +243,15 @@ struct PodState {
     identity: Identity,
     node: NodeIdx,
     endpoint: Option<u32>,
+    /// The quarantine group the pod's endpoint uses instead of its identity's.
+    quarantine: Option<Identity>,
+}
+
+impl PodState {
+    /// The policy group of the pod's endpoint.
+    fn group(&self) -> Identity {
+        self.quarantine.unwrap_or(self.identity)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -210,6 +261,7 @@ struct PodSnap {
     ips: Vec<IpAddr>,
     endpoint: Option<u32>,
     workload: Option<String>,
+    quarantine: Option<Identity>,
 }
 
 #[derive(Debug, Default)]
@@ -302,6 +354,16 @@ pub struct PolicyEngine {
     /// Endpoint id kept across a pod update: set when the old pod is detached, taken when the
     /// new one is attached.
     reserved_endpoint: Option<(PodKey, u32)>,
+    /// The engine's clock: quarantines expire against it (see [`PolicyEngine::expire`]).
+    now: SystemTime,
+    quarantines: BTreeMap<PolicyKey, QuarantineState>,
+    quarantine_slots: OrderedSlots<QuarantineSet>,
+    /// Quarantine groups in use (their identity states have kind `Quarantine`).
+    quarantine_groups: BTreeSet<Identity>,
+    /// Selections quarantines use as exception peers, with use counts.
+    quarantine_peer_sels: FxHashMap<SelId, u32>,
+    /// Pods in a quarantine group.
+    quarantined_pods: BTreeSet<PodRef>,
 }
 
 impl PolicyEngine {
@@ -330,19 +392,36 @@ impl PolicyEngine {
             world_nodes: FxHashSet::default(),
             journal: Journal::default(),
             reserved_endpoint: None,
+            now: SystemTime::now(),
+            quarantines: BTreeMap::new(),
+            quarantine_slots: quarantine_group_slots(),
+            quarantine_groups: BTreeSet::new(),
+            quarantine_peer_sels: FxHashMap::default(),
+            quarantined_pods: BTreeSet::new(),
         };
         engine.create_identity(identity::WORLD, IdentityKind::World);
         engine.create_identity(identity::HOST, IdentityKind::Host);
         engine
     }
 
-    /// Full compile of `objects` (later duplicates replace earlier ones). Every node starts at
-    /// version 1.
+    /// Full compile of `objects` (later duplicates replace earlier ones), with the clock at
+    /// the current time. Every node starts at version 1.
     pub fn new(
         config: EngineConfig,
         objects: impl IntoIterator<Item = Object>,
     ) -> Result<PolicyEngine, EngineError> {
+        PolicyEngine::new_at(config, objects, SystemTime::now())
+    }
+
+    /// [`PolicyEngine::new`] with the engine's clock at `now`: Quarantines whose `expiresAt`
+    /// is not after `now` are inactive.
+    pub fn new_at(
+        config: EngineConfig,
+        objects: impl IntoIterator<Item = Object>,
+        now: SystemTime,
+    ) -> Result<PolicyEngine, EngineError> {
         let mut engine = PolicyEngine::empty(config);
+        engine.now = now;
         let mut pods = Vec::new();
         let mut policies = BTreeMap::new();
         for o in objects {
@@ -366,7 +445,7 @@ impl PolicyEngine {
             engine
                 .policy_slots
                 .insert(Arc::new(p.key.clone()), slot_hash(&p.key))?;
-            for c in p.cidrs() {
+            for c in engine.live_cidrs(p) {
                 *engine.cidr_refs.entry(c).or_default() += 1;
             }
         }
@@ -384,7 +463,11 @@ impl PolicyEngine {
         }
         for (key, p) in policies {
             let slot = engine.policy_slots.get(&key).unwrap_or_default();
-            engine.add_policy(p, slot);
+            if p.quarantine.is_some() {
+                engine.add_quarantine(p, slot);
+            } else {
+                engine.add_policy(p, slot);
+            }
         }
         // Pods: identities first (in sorted key order, which the ordered slots do not need but
         // which keeps the build reproducible), then placement.
@@ -426,8 +509,17 @@ impl PolicyEngine {
                     identity: id,
                     node,
                     endpoint: None,
+                    quarantine: None,
                 },
             );
+        }
+        // Quarantined pods join their quarantine groups (before endpoints are numbered).
+        if !engine.quarantines.is_empty() {
+            let mut keys: Vec<PodRef> = engine.pods.keys().cloned().collect();
+            keys.sort();
+            for pk in keys {
+                engine.requarantine_pod(&pk)?;
+            }
         }
         // Every identity's policy, computed on all cores (each reads the engine only).
         let ids: Vec<Identity> = engine.identities.keys().copied().collect();
@@ -630,13 +722,10 @@ impl PolicyEngine {
         let mut ipcache: Vec<IpCacheEntry> = Vec::with_capacity(pod_entries.len() + cache.len());
         // Merge two sorted lists; a pod address wins over a CIDR identity of the same prefix.
         let mut cidrs = cache.into_iter().peekable();
-        for (net, id) in &pod_entries {
+        for (net, (id, quarantined)) in &pod_entries {
             while let Some((c, cid)) = cidrs.peek() {
                 if c < net {
-                    ipcache.push(IpCacheEntry {
-                        cidr: *c,
-                        identity: *cid,
-                    });
+                    ipcache.push(IpCacheEntry::new(*c, *cid));
                     cidrs.next();
                 } else {
                     if c == net {
@@ -648,9 +737,10 @@ impl PolicyEngine {
             ipcache.push(IpCacheEntry {
                 cidr: *net,
                 identity: *id,
+                quarantined: *quarantined,
             });
         }
-        ipcache.extend(cidrs.map(|(cidr, identity)| IpCacheEntry { cidr, identity }));
+        ipcache.extend(cidrs.map(|(cidr, identity)| IpCacheEntry::new(cidr, identity)));
         let rules = n
             .rule_refs
             .keys()
@@ -716,8 +806,8 @@ impl PolicyEngine {
             identity: st.identity,
             ips: st.pod.ips.clone(),
             interface: None,
-            quarantined: false,
-            policy: group_of(st.identity),
+            quarantined: st.quarantine.is_some(),
+            policy: group_of(st.group()),
         })
     }
 
@@ -734,16 +824,25 @@ impl PolicyEngine {
         &mut self,
         changes: impl IntoIterator<Item = Change>,
     ) -> Result<Vec<NodeDelta>, EngineError> {
+        self.journaled(|e| {
+            for change in changes {
+                e.apply_one(change)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `f` with the journal on, then brings policies and node bookkeeping up to date and
+    /// returns one delta per changed node.
+    fn journaled(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<(), EngineError>,
+    ) -> Result<Vec<NodeDelta>, EngineError> {
         self.journal = Journal {
             active: true,
             ..Journal::default()
         };
-        let result = (|| {
-            for change in changes {
-                self.apply_one(change)?;
-            }
-            Ok(())
-        })();
+        let result = f(self);
         let dirty: Vec<Identity> = self.journal.dirty.drain().collect();
         for id in dirty {
             self.refresh_policy(id);
@@ -850,11 +949,16 @@ impl PolicyEngine {
             ips: s.pod.ips.clone(),
             endpoint: s.endpoint,
             workload: s.pod.workload.clone(),
+            quarantine: s.quarantine,
         });
         if let Some(s) = &snap
             && !s.ips.is_empty()
         {
             let mut nodes: Vec<NodeIdx> = vec![s.node];
+            if s.quarantine.is_some() {
+                // Every node carries a quarantined pod's addresses.
+                nodes.extend(0..self.nodes.len() as NodeIdx);
+            }
             if let Some(r) = self.ref_nodes.get(&s.identity) {
                 nodes.extend(r.iter().copied());
             }
@@ -897,7 +1001,11 @@ impl PolicyEngine {
                 self.reserved_endpoint = Some((pk.clone(), ep));
             }
             self.nodes[st.node as usize].endpoints.remove(&ep);
-            self.detach_endpoint(st.node, st.identity, ep);
+            self.detach_endpoint(st.node, st.group(), ep);
+        }
+        if let Some(group) = st.quarantine {
+            self.quarantined_pods.remove(pk);
+            self.leave_quarantine_group(group, pk);
         }
         for ip in &st.pod.ips {
             if let Some(set) = self.pods_by_ip.get_mut(ip) {
@@ -947,8 +1055,12 @@ impl PolicyEngine {
                 identity: id,
                 node,
                 endpoint: None,
+                quarantine: None,
             },
         );
+        if !self.quarantines.is_empty() {
+            self.requarantine_pod(&pk)?;
+        }
         if has_ips {
             self.assign_endpoint(&pk);
         }
@@ -985,7 +1097,7 @@ impl PolicyEngine {
         let Some(st) = self.pods.get(pk) else {
             return;
         };
-        let (node, identity) = (st.node, st.identity);
+        let (node, identity) = (st.node, st.group());
         let n = &mut self.nodes[node as usize];
         let reserved = self
             .reserved_endpoint
@@ -1043,6 +1155,9 @@ impl PolicyEngine {
     }
 
     fn upsert_policy(&mut self, policy: Policy) -> Result<(), EngineError> {
+        if policy.quarantine.is_some() || self.quarantines.contains_key(&policy.key) {
+            return self.upsert_quarantine(policy);
+        }
         if self
             .policies
             .get(&policy.key)
@@ -1073,6 +1188,9 @@ impl PolicyEngine {
     }
 
     fn delete_policy(&mut self, key: &PolicyKey) -> Result<(), EngineError> {
+        if self.quarantines.contains_key(key) {
+            return self.delete_quarantine(key);
+        }
         let Some(st) = self.policies.get(key) else {
             return Ok(());
         };
@@ -1107,6 +1225,11 @@ impl PolicyEngine {
             if let Some(policy) = self.policies.get(&*m.key).map(|s| s.policy.clone()) {
                 self.remove_policy_contributions(&m.key);
                 self.add_policy(policy, m.to);
+            }
+            if let Some(q) = self.quarantines.remove(&*m.key) {
+                self.release_quarantine_shapes(&q);
+                self.add_quarantine(q.policy, m.to);
+                self.dirty_quarantine_groups();
             }
         }
     }
@@ -1240,6 +1363,8 @@ impl PolicyEngine {
                 };
                 st.identity = m.to;
                 let (node, ep) = (st.node, st.endpoint);
+                // A quarantined pod's endpoint stays in its quarantine group.
+                let ep = ep.filter(|_| st.quarantine.is_none());
                 if let Some(s) = self.identities.get_mut(&m.to) {
                     s.pods.insert(pk.clone());
                     if let Some(ep) = ep {
@@ -1501,6 +1626,9 @@ impl PolicyEngine {
         for user in s.peer_users.keys() {
             dirty.extend(self.sel(*user).matched.iter().copied());
         }
+        if self.quarantine_peer_sels.contains_key(&sel) {
+            dirty.extend(self.quarantine_groups.iter().copied());
+        }
         self.journal.dirty.extend(dirty);
     }
 
@@ -1664,6 +1792,436 @@ impl PolicyEngine {
     }
 
     // -----------------------------------------------------------------------------------------
+    // Quarantines.
+    //
+    // A Quarantine applies to pods, not identities: the endpoints of the pods it selects leave
+    // their identity's policy group for a quarantine group — one per set of active Quarantines
+    // selecting a pod, numbered from FIRST_QUARANTINE_GROUP by the set (like identities, by
+    // ordered slots: the numbers depend only on the sets in use). The group holds only the
+    // quarantines' entries: nothing below the quarantine tier could decide anyway, since the
+    // deny-all matches every packet. Identities never change, so no other endpoint's policy does.
+
+    /// The engine's clock, against which Quarantines expire.
+    pub fn now(&self) -> SystemTime {
+        self.now
+    }
+
+    /// A Quarantine the engine has (active or expired).
+    pub fn quarantine(&self, key: &PolicyKey) -> Option<&Policy> {
+        self.quarantines.get(key).map(|q| &q.policy)
+    }
+
+    /// Whether the Quarantine `key` exists and has not expired at the engine's clock.
+    pub fn quarantine_active(&self, key: &PolicyKey) -> bool {
+        self.quarantines.get(key).is_some_and(|q| q.active)
+    }
+
+    /// The active Quarantines that select `pod`, sorted (empty when it is not quarantined).
+    pub fn quarantines_of_pod(&self, pod: &PodKey) -> Vec<PolicyKey> {
+        let group = self.pods.get(pod).and_then(|st| st.quarantine);
+        match group.and_then(|g| self.identities.get(&g)).map(|s| &s.kind) {
+            Some(IdentityKind::Quarantine(set)) => set.to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Every quarantined pod, sorted.
+    pub fn quarantined_pods(&self) -> Vec<PodKey> {
+        self.quarantined_pods
+            .iter()
+            .map(|pk| PodKey::clone(pk))
+            .collect()
+    }
+
+    /// The earliest `expiresAt` of an active Quarantine: when [`Self::expire`] next has work.
+    pub fn next_expiry(&self) -> Option<SystemTime> {
+        self.quarantines
+            .values()
+            .filter(|q| q.active)
+            .filter_map(|q| q.policy.quarantine.as_ref()?.expires_at)
+            .min()
+    }
+
+    /// Advances the engine's clock to `now` (it never goes back) and deactivates the
+    /// Quarantines whose `expiresAt` is not after it, as if they had been deleted; returns the
+    /// deltas of the nodes that changed (none, and no version bump, when nothing expired). The
+    /// controller calls it periodically — or at [`Self::next_expiry`] — with
+    /// `SystemTime::now()`; tests pass any instant.
+    pub fn expire(&mut self, now: SystemTime) -> Result<Vec<NodeDelta>, EngineError> {
+        let now = self.now.max(now);
+        let due = self.quarantines.values().any(|q| {
+            q.active
+                != q.policy
+                    .quarantine
+                    .as_ref()
+                    .is_some_and(|s| s.active_at(now))
+        });
+        if !due {
+            self.now = now;
+            return Ok(Vec::new());
+        }
+        self.journaled(|e| e.set_clock(now))
+    }
+
+    fn set_clock(&mut self, now: SystemTime) -> Result<(), EngineError> {
+        self.now = now;
+        let mut namespaces = BTreeSet::new();
+        let mut cidrs: (Vec<IpNetwork>, Vec<IpNetwork>) = (Vec::new(), Vec::new());
+        for (key, q) in self.quarantines.iter_mut() {
+            let active = q
+                .policy
+                .quarantine
+                .as_ref()
+                .is_some_and(|s| s.active_at(now));
+            if active != q.active {
+                q.active = active;
+                namespaces.insert(key.namespace.clone());
+                let list = if active { &mut cidrs.1 } else { &mut cidrs.0 };
+                list.extend(q.policy.cidrs());
+            }
+        }
+        self.adjust_cidrs(&cidrs.0, &cidrs.1)?;
+        for ns in namespaces {
+            self.requarantine_namespace(&ns)?;
+        }
+        Ok(())
+    }
+
+    /// The CIDRs of a policy that have identities: an inactive (expired) Quarantine's have
+    /// none, so that it leaves no trace.
+    fn live_cidrs(&self, policy: &Policy) -> Vec<IpNetwork> {
+        match &policy.quarantine {
+            Some(spec) if !spec.active_at(self.now) => Vec::new(),
+            _ => policy.cidrs().collect(),
+        }
+    }
+
+    fn upsert_quarantine(&mut self, policy: Policy) -> Result<(), EngineError> {
+        if policy.quarantine.is_none() {
+            // The key no longer names a Quarantine.
+            self.delete_quarantine(&policy.key)?;
+            return self.upsert_policy(policy);
+        }
+        if self.policies.contains_key(&policy.key) {
+            self.delete_policy(&policy.key)?;
+        }
+        if self
+            .quarantines
+            .get(&policy.key)
+            .is_some_and(|q| q.policy == policy)
+        {
+            return Ok(());
+        }
+        let key = policy.key.clone();
+        let new_cidrs = self.live_cidrs(&policy);
+        let old = self.quarantines.remove(&key);
+        let old_cidrs: Vec<IpNetwork> = old
+            .as_ref()
+            .map(|q| self.live_cidrs(&q.policy))
+            .unwrap_or_default();
+        let slot = match &old {
+            Some(q) => {
+                self.release_quarantine_shapes(q);
+                q.slot
+            }
+            None => {
+                let (slot, moves) = self
+                    .policy_slots
+                    .insert(Arc::new(key.clone()), slot_hash(&key))?;
+                self.move_policies(moves);
+                slot
+            }
+        };
+        self.adjust_cidrs(&old_cidrs, &new_cidrs)?;
+        self.add_quarantine(policy, slot);
+        self.dirty_quarantine_groups();
+        self.requarantine_namespace(&key.namespace)
+    }
+
+    fn delete_quarantine(&mut self, key: &PolicyKey) -> Result<(), EngineError> {
+        let Some(q) = self.quarantines.remove(key) else {
+            return Ok(());
+        };
+        self.release_quarantine_shapes(&q);
+        let old_cidrs = self.live_cidrs(&q.policy);
+        self.note_renamed_slot(q.slot);
+        let moves = self.policy_slots.remove(key);
+        self.move_policies(moves);
+        self.adjust_cidrs(&old_cidrs, &[])?;
+        self.dirty_quarantine_groups();
+        self.requarantine_namespace(&key.namespace)
+    }
+
+    /// Interns the Quarantine's exception peers and records its entries: each exception in
+    /// its direction (priority 0), and the deny-all (priority 1) under the policy's default
+    /// rule id in both directions.
+    fn add_quarantine(&mut self, policy: Policy, slot: u32) {
+        let mut shapes: [Vec<(Shape, RuleId)>; 2] = Default::default();
+        for rule in &policy.rules {
+            let id = rule_id(slot, rule.direction, Some(rule.index));
+            for peer in &rule.peers {
+                for port in &rule.ports {
+                    let peer_ref = match peer {
+                        Peer::Any => PeerRef::Any,
+                        Peer::Pods(s) => PeerRef::Sel(self.intern(SelectionSpec::Pods(s.clone()))),
+                        Peer::Cidr(c) => PeerRef::Sel(self.intern(SelectionSpec::Cidr(c.clone()))),
+                        Peer::World => PeerRef::Sel(self.intern(SelectionSpec::World)),
+                        Peer::Cluster => PeerRef::Sel(self.intern(SelectionSpec::Cluster)),
+                        Peer::Host => PeerRef::Sel(self.intern(SelectionSpec::Host)),
+                    };
+                    if let PeerRef::Sel(p) = peer_ref {
+                        *self.quarantine_peer_sels.entry(p).or_default() += 1;
+                    }
+                    shapes[rule.direction as usize].push((
+                        Shape {
+                            peer: peer_ref,
+                            port: port.clone(),
+                            tier: rule.tier,
+                            priority: rule.priority,
+                            action: rule.action,
+                            audit: rule.audit,
+                        },
+                        id,
+                    ));
+                }
+            }
+        }
+        for d in Direction::ALL {
+            shapes[d as usize].push((
+                Shape {
+                    peer: PeerRef::Any,
+                    port: PortSpec::ANY,
+                    tier: Tier::Quarantine,
+                    priority: QUARANTINE_DENY_PRIORITY,
+                    action: Action::Deny,
+                    audit: false,
+                },
+                rule_id(slot, d, None),
+            ));
+        }
+        let active = policy
+            .quarantine
+            .as_ref()
+            .is_some_and(|s| s.active_at(self.now));
+        self.quarantines.insert(
+            policy.key.clone(),
+            QuarantineState {
+                policy,
+                slot,
+                shapes,
+                active,
+            },
+        );
+    }
+
+    fn release_quarantine_shapes(&mut self, q: &QuarantineState) {
+        for (shape, _) in q.shapes.iter().flatten() {
+            if let PeerRef::Sel(p) = shape.peer {
+                if let Some(c) = self.quarantine_peer_sels.get_mut(&p) {
+                    *c -= 1;
+                    if *c == 0 {
+                        self.quarantine_peer_sels.remove(&p);
+                    }
+                }
+                self.release(p);
+            }
+        }
+    }
+
+    fn dirty_quarantine_groups(&mut self) {
+        if self.journal.active {
+            self.journal
+                .dirty
+                .extend(self.quarantine_groups.iter().copied());
+        }
+    }
+
+    /// The active Quarantines selecting a pod, sorted by key.
+    fn quarantine_set_of(&self, st: &PodState) -> Vec<PolicyKey> {
+        let labels = self.pod_labels(st);
+        self.quarantines
+            .iter()
+            .filter(|(key, q)| {
+                q.active
+                    && key.namespace == st.pod.namespace
+                    && match q.policy.quarantine.as_ref().and_then(|s| s.pods.as_ref()) {
+                        Some(names) => names.contains(&st.pod.name),
+                        None => q.policy.subject.pods.matches(labels),
+                    }
+            })
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    fn requarantine_namespace(&mut self, ns: &str) -> Result<(), EngineError> {
+        let mut pods: Vec<PodRef> = self
+            .identities_by_ns
+            .get(ns)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.identities.get(id))
+            .flat_map(|s| s.pods.iter().cloned())
+            .collect();
+        pods.sort();
+        for pk in pods {
+            self.requarantine_pod(&pk)?;
+        }
+        Ok(())
+    }
+
+    /// Puts a pod's endpoint in the group its Quarantines call for (its identity's when none).
+    fn requarantine_pod(&mut self, pk: &PodRef) -> Result<(), EngineError> {
+        let Some(st) = self.pods.get(pk) else {
+            return Ok(());
+        };
+        let set = self.quarantine_set_of(st);
+        let current = st
+            .quarantine
+            .and_then(|g| match &self.identities.get(&g)?.kind {
+                IdentityKind::Quarantine(s) => Some(s.clone()),
+                _ => None,
+            });
+        let unchanged = match &current {
+            None => set.is_empty(),
+            Some(c) => **c == set,
+        };
+        if unchanged {
+            return Ok(());
+        }
+        self.touch_pod(pk);
+        let Some(st) = self.pods.get_mut(pk) else {
+            return Ok(());
+        };
+        let (node, endpoint, old_group) = (st.node, st.endpoint, st.group());
+        let old_quarantine = st.quarantine.take();
+        if let Some(ep) = endpoint {
+            self.detach_endpoint(node, old_group, ep);
+        }
+        if let Some(g) = old_quarantine {
+            self.quarantined_pods.remove(pk);
+            self.leave_quarantine_group(g, pk);
+        }
+        if !set.is_empty() {
+            let g = self.acquire_quarantine_group(Arc::new(set))?;
+            if let Some(s) = self.identities.get_mut(&g) {
+                s.pods.insert(pk.clone());
+            }
+            if let Some(st) = self.pods.get_mut(pk) {
+                st.quarantine = Some(g);
+            }
+            self.quarantined_pods.insert(pk.clone());
+        }
+        if let Some(ep) = endpoint {
+            let group = self.pods.get(pk).map_or(old_group, |st| st.group());
+            self.attach_endpoint(node, group, ep);
+        }
+        Ok(())
+    }
+
+    fn attach_endpoint(&mut self, node: NodeIdx, group: Identity, ep: u32) {
+        if let Some(s) = self.identities.get_mut(&group) {
+            s.endpoints.entry(node).or_default().insert(ep);
+        }
+        if self.journal.active {
+            self.journal.flags.insert((node, group));
+        }
+    }
+
+    fn acquire_quarantine_group(&mut self, set: QuarantineSet) -> Result<Identity, EngineError> {
+        if let Some(id) = self.quarantine_slots.get(&set) {
+            return Ok(id);
+        }
+        let hash = quarantine_set_hash(&set);
+        let (id, moves) = self.quarantine_slots.insert(set.clone(), hash)?;
+        self.move_quarantine_groups(moves);
+        self.create_identity(id, IdentityKind::Quarantine(set));
+        self.quarantine_groups.insert(id);
+        Ok(id)
+    }
+
+    /// Takes `pk` out of quarantine group `g` (its endpoint already detached); the last member
+    /// out releases the group.
+    fn leave_quarantine_group(&mut self, g: Identity, pk: &PodKey) {
+        let empty = match self.identities.get_mut(&g) {
+            Some(s) => {
+                s.pods.remove(pk);
+                s.pods.is_empty()
+            }
+            None => false,
+        };
+        if !empty {
+            return;
+        }
+        self.quarantine_groups.remove(&g);
+        if let Some(state) = self.destroy_identity(g)
+            && let IdentityKind::Quarantine(set) = &state.kind
+        {
+            let moves = self.quarantine_slots.remove(set);
+            self.move_quarantine_groups(moves);
+        }
+    }
+
+    /// Quarantine groups renumbered by a collision: their pods' endpoints move with them.
+    fn move_quarantine_groups(&mut self, moves: Vec<Move<QuarantineSet>>) {
+        let mut taken = Vec::new();
+        for m in moves {
+            self.quarantine_groups.remove(&m.from);
+            if let Some(state) = self.destroy_identity(m.from) {
+                taken.push((m, state));
+            }
+        }
+        for (m, old) in taken {
+            self.create_identity(m.to, old.kind.clone());
+            self.quarantine_groups.insert(m.to);
+            for pk in &old.pods {
+                self.touch_pod(pk);
+                let Some(st) = self.pods.get_mut(pk) else {
+                    continue;
+                };
+                st.quarantine = Some(m.to);
+                let (node, ep) = (st.node, st.endpoint);
+                if let Some(s) = self.identities.get_mut(&m.to) {
+                    s.pods.insert(pk.clone());
+                    if let Some(ep) = ep {
+                        s.endpoints.entry(node).or_default().insert(ep);
+                    }
+                }
+                if ep.is_some() && self.journal.active {
+                    self.journal.flags.insert((node, m.from));
+                    self.journal.flags.insert((node, m.to));
+                }
+            }
+        }
+    }
+
+    /// A quarantine group's policy: the entries of its Quarantines, and nothing else.
+    fn compute_quarantine_policy(&self, set: &[PolicyKey]) -> EndpointPolicy {
+        // Exceptions have no named ports (the loader refuses them), so no key is consulted.
+        let none = IdentityKey {
+            namespace: String::new(),
+            service_account: String::new(),
+            labels: BTreeMap::new(),
+            named_ports: Vec::new(),
+            cidr_class: Vec::new(),
+        };
+        let mut out = EndpointPolicy::default();
+        for d in Direction::ALL {
+            let mut entries = Vec::new();
+            for key in set {
+                let Some(q) = self.quarantines.get(key) else {
+                    continue;
+                };
+                for (shape, rule) in &q.shapes[d as usize] {
+                    self.expand(shape, *rule, d, &none, &mut entries);
+                }
+            }
+            dedup_entries(&mut entries);
+            out.direction_mut(d).entries = entries;
+        }
+        out
+    }
+
+    // -----------------------------------------------------------------------------------------
     // Per-identity policy.
 
     fn compute_policy(&self, id: Identity) -> EndpointPolicy {
@@ -1671,6 +2229,9 @@ impl PolicyEngine {
         let Some(st) = self.identities.get(&id) else {
             return out;
         };
+        if let IdentityKind::Quarantine(set) = &st.kind {
+            return self.compute_quarantine_policy(set);
+        }
         let IdentityKind::Pod(own_key) = &st.kind else {
             return out;
         };
@@ -1696,18 +2257,7 @@ impl PolicyEngine {
                     self.expand(shape, rule, d, own_key, &mut entries);
                 }
             }
-            entries.sort_unstable();
-            // Entries equal but for the rule id decide alike; resolve() would blame the lowest
-            // rule id, so keeping only that one changes no decision.
-            entries.dedup_by(|later, first| {
-                later.peer == first.peer
-                    && later.protocol == first.protocol
-                    && later.ports == first.ports
-                    && later.tier == first.tier
-                    && later.priority == first.priority
-                    && later.action == first.action
-                    && later.audit == first.audit
-            });
+            dedup_entries(&mut entries);
             *out.direction_mut(d) = DirectionPolicy {
                 isolated_by: isolated,
                 audit_isolated_by: if isolated.is_some() {
@@ -1948,15 +2498,18 @@ impl PolicyEngine {
         self.journal.ip_checks.extend(ips);
     }
 
-    /// The identity node `n`'s ipcache gives a pod address, if it carries it: the first pod (by
-    /// name) with that address that is local to the node or whose identity the node references.
-    fn pod_entry(&self, n: NodeIdx, ip: &IpAddr) -> Option<Identity> {
+    /// The identity (and quarantine flag) node `n`'s ipcache gives a pod address, if it carries
+    /// it: the first pod (by name) with that address that is local to the node, quarantined, or
+    /// whose identity the node references.
+    fn pod_entry(&self, n: NodeIdx, ip: &IpAddr) -> Option<(Identity, bool)> {
         let node = &self.nodes[n as usize];
         let world = node.peer_refs.contains_key(&identity::WORLD);
         self.pods_by_ip.get(ip)?.iter().find_map(|pk| {
             let st = self.pods.get(pk)?;
             let local = st.node == n && st.endpoint.is_some();
-            (local || world || node.peer_refs.contains_key(&st.identity)).then_some(st.identity)
+            let quarantined = st.quarantine.is_some();
+            (local || world || quarantined || node.peer_refs.contains_key(&st.identity))
+                .then_some((st.identity, quarantined))
         })
     }
 
@@ -1968,7 +2521,7 @@ impl PolicyEngine {
         ip: &IpAddr,
         j: &Journal,
         old_at: &FxHashMap<IpAddr, Vec<(&PodKey, &PodSnap)>>,
-    ) -> Option<Identity> {
+    ) -> Option<(Identity, bool)> {
         let node = &self.nodes[n as usize];
         let had = |peer: Identity| {
             j.peer_old
@@ -1977,8 +2530,8 @@ impl PolicyEngine {
                 .unwrap_or_else(|| node.peer_refs.contains_key(&peer))
         };
         let world = had(identity::WORLD);
-        let carried = |node_of: NodeIdx, id: Identity, endpoint: bool| {
-            node_of == n && endpoint || world || had(id)
+        let carried = |node_of: NodeIdx, id: Identity, endpoint: bool, quarantined: bool| {
+            node_of == n && endpoint || world || quarantined || had(id)
         };
         // Pods at the address before: untouched ones as they are (already in key order)…
         let untouched = self.pods_by_ip.get(ip).and_then(|set| {
@@ -1987,15 +2540,24 @@ impl PolicyEngine {
                     return None;
                 }
                 let st = self.pods.get(pk)?;
-                carried(st.node, st.identity, st.endpoint.is_some()).then_some((&**pk, st.identity))
+                let q = st.quarantine.is_some();
+                carried(st.node, st.identity, st.endpoint.is_some(), q)
+                    .then_some((&**pk, (st.identity, q)))
             })
         });
         // …and touched ones as they were; the first by key of both wins.
         let touched = old_at.get(ip).and_then(|snaps| {
             snaps
                 .iter()
-                .filter(|(_, s)| carried(s.node, s.identity, s.endpoint.is_some()))
-                .map(|(pk, s)| (*pk, s.identity))
+                .filter(|(_, s)| {
+                    carried(
+                        s.node,
+                        s.identity,
+                        s.endpoint.is_some(),
+                        s.quarantine.is_some(),
+                    )
+                })
+                .map(|(pk, s)| (*pk, (s.identity, s.quarantine.is_some())))
                 .min_by(|a, b| a.0.cmp(b.0))
         });
         match (untouched, touched) {
@@ -2005,14 +2567,26 @@ impl PolicyEngine {
     }
 
     /// The pod addresses node `n`'s ipcache carries, sorted.
-    fn pod_entries(&self, n: NodeIdx) -> Vec<(IpNetwork, Identity)> {
+    fn pod_entries(&self, n: NodeIdx) -> Vec<(IpNetwork, (Identity, bool))> {
         let node = &self.nodes[n as usize];
-        // Every (address, identity) the node carries; an address shared by pods of different
-        // identities (stale pod data) is settled by `pod_entry`.
-        let mut entries: Vec<(IpNetwork, Identity)> = Vec::new();
-        let push_pod = |st: &PodState, entries: &mut Vec<(IpNetwork, Identity)>| {
-            entries.extend(st.pod.ips.iter().map(|ip| (host_net(*ip), st.identity)));
+        // Every (address, identity, quarantined) the node carries; an address shared by pods
+        // of different identities (stale pod data) is settled by `pod_entry`.
+        type Entries = Vec<(IpNetwork, (Identity, bool))>;
+        let mut entries: Entries = Vec::new();
+        let push_pod = |st: &PodState, entries: &mut Entries| {
+            let q = st.quarantine.is_some();
+            entries.extend(
+                st.pod
+                    .ips
+                    .iter()
+                    .map(|ip| (host_net(*ip), (st.identity, q))),
+            );
         };
+        for pk in &self.quarantined_pods {
+            if let Some(st) = self.pods.get(pk) {
+                push_pod(st, &mut entries);
+            }
+        }
         if node.peer_refs.contains_key(&identity::WORLD) {
             for pks in self.pods_by_ip.values() {
                 for pk in pks {
@@ -2039,7 +2613,7 @@ impl PolicyEngine {
         }
         entries.sort_unstable();
         entries.dedup();
-        let mut out: Vec<(IpNetwork, Identity)> = Vec::with_capacity(entries.len());
+        let mut out: Entries = Vec::with_capacity(entries.len());
         let mut i = 0;
         while i < entries.len() {
             let net = entries[i].0;
@@ -2114,8 +2688,11 @@ impl PolicyEngine {
         }
         // Pods' new addresses must be (re)checked wherever they may now be carried.
         let mut ip_checks = std::mem::take(&mut j.ip_checks);
+        let all: Vec<NodeIdx> = (0..self.nodes.len() as NodeIdx).collect();
         for pk in j.pods.keys() {
             if let Some(st) = self.pods.get(pk) {
+                // Every node carries a quarantined pod's addresses.
+                let everywhere: &[NodeIdx] = if st.quarantine.is_some() { &all } else { &[] };
                 let on = std::iter::once(st.node)
                     .chain(
                         self.ref_nodes
@@ -2124,9 +2701,20 @@ impl PolicyEngine {
                             .flatten()
                             .copied(),
                     )
-                    .chain(self.world_nodes.iter().copied());
+                    .chain(self.world_nodes.iter().copied())
+                    .chain(everywhere.iter().copied());
                 for n in on {
                     ip_checks.extend(st.pod.ips.iter().map(|ip| (n, *ip)));
+                }
+            }
+        }
+        // A node that appears gets every quarantined pod's addresses.
+        for (n, existed) in &j.node_existed {
+            if !*existed && self.nodes[*n as usize].exists() {
+                for pk in &self.quarantined_pods {
+                    if let Some(st) = self.pods.get(pk) {
+                        ip_checks.extend(st.pod.ips.iter().map(|ip| (*n, *ip)));
+                    }
                 }
             }
         }
@@ -2233,14 +2821,16 @@ impl PolicyEngine {
                     }
                     let unchanged = o.identity == s.identity
                         && o.ips == s.pod.ips
-                        && o.workload == s.pod.workload;
+                        && o.workload == s.pod.workload
+                        && o.quarantine == s.quarantine;
                     if !unchanged {
                         delta.endpoints_changed.push(EndpointDelta {
                             id: nid,
                             identity: s.identity,
                             ips: s.pod.ips.clone(),
                             workload: s.pod.workload.clone(),
-                            policy: group_of(s.identity),
+                            policy: group_of(s.group()),
+                            quarantined: s.quarantine.is_some(),
                         });
                     }
                 }
@@ -2271,7 +2861,8 @@ impl PolicyEngine {
         }
         // ipcache: pod entries that may have changed, and CIDR identities that did.
         // (prefix, pod entry before, pod entry now); a prefix may come twice, with equal values.
-        let mut keys: Vec<(IpNetwork, Option<Identity>, Option<Identity>)> = Vec::new();
+        type Entry = Option<(Identity, bool)>;
+        let mut keys: Vec<(IpNetwork, Entry, Entry)> = Vec::new();
         let pod_key = |this: &Self, ip: IpAddr, keys: &mut Vec<_>, always: bool| {
             let net = host_net(ip);
             let new = if exists { this.pod_entry(n, &ip) } else { None };
@@ -2315,17 +2906,22 @@ impl PolicyEngine {
                 Some(v) => *v,
                 None => self.cidr_identity(&k),
             };
-            let old_eff = if existed { old_p.or(old_c) } else { None };
+            let old_eff = if existed {
+                old_p.or(old_c.map(|id| (id, false)))
+            } else {
+                None
+            };
             let new_eff = if exists {
-                new_p.or_else(|| self.cidr_identity(&k))
+                new_p.or_else(|| self.cidr_identity(&k).map(|id| (id, false)))
             } else {
                 None
             };
             match (old_eff, new_eff) {
                 (a, b) if a == b => {}
-                (_, Some(id)) => delta.ipcache_upserted.push(IpCacheEntry {
+                (_, Some((id, quarantined))) => delta.ipcache_upserted.push(IpCacheEntry {
                     cidr: k,
                     identity: id,
+                    quarantined,
                 }),
                 (Some(_), None) => delta.ipcache_removed.push(k),
                 (None, None) => {}
@@ -2380,9 +2976,26 @@ impl PolicyEngine {
 }
 
 /// The policy group of an identity's endpoints: every endpoint of an identity has the same
-/// policy, so the group is numbered after the identity.
+/// policy, so the group is numbered after the identity. A quarantine group's "identity" is its
+/// number already.
 fn group_of(identity: Identity) -> PolicyGroupId {
     identity
+}
+
+/// Sorts entries and drops those equal to an earlier one but for the rule id: they decide
+/// alike, and resolve() would blame the lowest rule id, so keeping only that one changes no
+/// decision.
+fn dedup_entries(entries: &mut Vec<PolicyEntry>) {
+    entries.sort_unstable();
+    entries.dedup_by(|later, first| {
+        later.peer == first.peer
+            && later.protocol == first.protocol
+            && later.ports == first.ports
+            && later.tier == first.tier
+            && later.priority == first.priority
+            && later.action == first.action
+            && later.audit == first.audit
+    });
 }
 
 /// Drops the pod's labels when its identity key keeps all of them; returns whether it did.

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::SystemTime;
 
 use ipnetwork::IpNetwork;
 use serde::Deserialize;
@@ -15,7 +16,7 @@ use serde::Deserialize;
 use crate::error::{FieldError, InputError};
 use crate::model::{
     CidrPeer, ContainerPort, Isolation, Labels, Namespace, NamespaceScope, Node, Object, Peer, Pod,
-    PodSelection, Policy, PolicyKey, PortSpec, Rule,
+    PodSelection, Policy, PolicyKey, PortSpec, QuarantineSpec, Rule,
 };
 use crate::ruleset::{Action, Direction, PortRange, Protocol, RuleKind, Tier};
 use crate::selector::{
@@ -190,7 +191,7 @@ fn parse_value(
     };
     match kind {
         "List" | "NamespaceList" | "PodList" | "NodeList" | "NetworkPolicyList"
-        | "ClusterNetworkPolicyList" | "ServicePolicyList" | "DeploymentList" => {
+        | "ClusterNetworkPolicyList" | "ServicePolicyList" | "QuarantineList" | "DeploymentList" => {
             match value.get("items").and_then(|i| i.as_sequence()) {
                 Some(items) => {
                     for (i, item) in items.iter().enumerate() {
@@ -260,10 +261,17 @@ fn parse_value(
                 out.push((id(kind, &p.key.namespace, &p.key.name, prefix), Object::Policy(p)));
             }
         }
+        "Quarantine" if expect("bulkhead.dev/v1alpha1", errors) => {
+            if let Some(d) = parse_typed::<QuarantineDoc>(value, prefix, errors)
+                && let Some(p) = convert_quarantine(&d, prefix, errors)
+            {
+                out.push((id(kind, &p.key.namespace, &p.key.name, prefix), Object::Policy(p)));
+            }
+        }
         "Namespace" | "Node" | "Pod" | "Deployment" | "NetworkPolicy" | "ClusterNetworkPolicy"
-        | "ServicePolicy" => {}
+        | "ServicePolicy" | "Quarantine" => {}
         other => warnings.push(format!(
-            "skipping {other} {:?}: bulkhead policy reads Namespace, Pod, Node, Deployment, NetworkPolicy, ClusterNetworkPolicy, ServicePolicy and List",
+            "skipping {other} {:?}: bulkhead policy reads Namespace, Pod, Node, Deployment, NetworkPolicy, ClusterNetworkPolicy, ServicePolicy, Quarantine and List",
             value
                 .get("metadata")
                 .and_then(|m| m.get("name"))
@@ -652,6 +660,42 @@ struct ServiceRefDoc {
     namespace: Option<String>,
     #[serde(default)]
     namespace_selector: Option<LabelSelectorSpec>,
+}
+
+#[derive(Deserialize)]
+struct QuarantineDoc {
+    #[serde(default)]
+    metadata: Meta,
+    #[serde(default)]
+    spec: QuarantineSpecDoc,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct QuarantineSpecDoc {
+    #[serde(default)]
+    pods: Option<Vec<String>>,
+    #[serde(default)]
+    pod_selector: Option<LabelSelectorSpec>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    allow: Option<Vec<QuarantineAllowDoc>>,
+    #[serde(default)]
+    expires_at: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct QuarantineAllowDoc {
+    #[serde(default)]
+    pod_selector: Option<LabelSelectorSpec>,
+    #[serde(default)]
+    namespace_selector: Option<LabelSelectorSpec>,
+    #[serde(default)]
+    ip_block: Option<IpBlockDoc>,
+    #[serde(default)]
+    ports: Option<Vec<NpPortDoc>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1206,6 +1250,7 @@ fn convert_network_policy(
             Isolation::None
         },
         rules,
+        quarantine: None,
     })
 }
 
@@ -1338,6 +1383,7 @@ fn convert_cluster_network_policy(
         ingress_isolation: Isolation::None,
         egress_isolation: Isolation::None,
         rules,
+        quarantine: None,
     })
 }
 
@@ -1707,6 +1753,7 @@ fn convert_service_policy(
         ingress_isolation: isolation[Direction::Ingress as usize],
         egress_isolation: isolation[Direction::Egress as usize],
         rules,
+        quarantine: None,
     })
 }
 
@@ -1797,6 +1844,232 @@ fn convert_service_peer(
         pods: pods?,
         service_account: s.service_account.clone(),
     }))
+}
+
+/// `bulkhead.dev/v1alpha1` Quarantine: see [`crate::model::Policy`] for what it becomes.
+fn convert_quarantine(
+    d: &QuarantineDoc,
+    prefix: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<Policy> {
+    let before = errors.len();
+    let name = meta_name(&d.metadata, prefix, true, errors);
+    let namespace = meta_namespace(&d.metadata, prefix, errors);
+    let ns = namespace.clone().unwrap_or_default();
+    let sp = format!("{prefix}spec");
+    let spec = &d.spec;
+    let (pods, selector) = match (&spec.pods, &spec.pod_selector) {
+        (Some(_), Some(_)) | (None, None) => {
+            errors.push(FieldError::new(
+                sp.clone(),
+                "set exactly one of pods (pod names) or podSelector to choose the pods to quarantine",
+            ));
+            (None, None)
+        }
+        (Some(names), None) => {
+            if names.is_empty() {
+                errors.push(FieldError::new(
+                    format!("{sp}.pods"),
+                    "pods is empty: name at least one pod of the namespace",
+                ));
+            }
+            for (i, n) in names.iter().enumerate() {
+                if let Some(problem) = dns_subdomain_problem(n) {
+                    errors.push(FieldError::new(format!("{sp}.pods[{i}]"), problem));
+                }
+            }
+            let mut names = names.clone();
+            names.sort();
+            names.dedup();
+            (Some(names), Some(Selector::everything()))
+        }
+        (None, Some(sel)) => (
+            None,
+            Selector::parse(sel, &format!("{sp}.podSelector"), errors),
+        ),
+    };
+    let reason = spec.reason.as_deref().map(str::trim).unwrap_or_default();
+    if reason.is_empty() {
+        errors.push(FieldError::new(
+            format!("{sp}.reason"),
+            "reason is required: say why the pods are quarantined",
+        ));
+    }
+    let expires_at = spec.expires_at.as_deref().and_then(|t| {
+        parse_rfc3339(t)
+            .map_err(|problem| {
+                errors.push(FieldError::new(
+                    format!("{sp}.expiresAt"),
+                    format!(
+                        "{t:?} is not an RFC 3339 time ({problem}): write e.g. 2026-12-01T00:00:00Z"
+                    ),
+                ))
+            })
+            .ok()
+    });
+    let allow = spec.allow.as_deref().unwrap_or_default();
+    too_many_rules(
+        allow.len(),
+        MAX_RULES_PER_DIRECTION,
+        &format!("{sp}.allow"),
+        errors,
+    );
+    let mut rules = Vec::new();
+    for (i, a) in allow.iter().enumerate() {
+        let ap = format!("{sp}.allow[{i}]");
+        let peer_doc = NpPeerDoc {
+            pod_selector: a.pod_selector.clone(),
+            namespace_selector: a.namespace_selector.clone(),
+            ip_block: a.ip_block.as_ref().map(|b| IpBlockDoc {
+                cidr: b.cidr.clone(),
+                except: b.except.clone(),
+            }),
+        };
+        let peer = convert_np_peer(&peer_doc, &ns, &ap, errors);
+        for (j, p) in a.ports.iter().flatten().enumerate() {
+            if let Some(IntOrString::Str(_)) = p.port {
+                errors.push(FieldError::new(
+                    format!("{ap}.ports[{j}].port"),
+                    "named ports cannot be used in quarantine exceptions: use the port number",
+                ));
+            }
+        }
+        let ports = convert_np_ports(a.ports.as_ref(), &format!("{ap}.ports"), true, errors);
+        let Some(peer) = peer else {
+            continue;
+        };
+        for direction in Direction::ALL {
+            rules.push(Rule {
+                direction,
+                index: i as u32,
+                peers: vec![peer.clone()],
+                ports: ports.clone(),
+                tier: Tier::Quarantine,
+                priority: 0,
+                action: Action::Allow,
+                audit: false,
+            });
+        }
+    }
+    if errors.len() > before {
+        return None;
+    }
+    Some(Policy {
+        key: PolicyKey {
+            kind: RuleKind::Quarantine,
+            namespace: ns.clone(),
+            name: name?,
+        },
+        subject: PodSelection {
+            namespaces: NamespaceScope::Named(namespace?),
+            pods: selector?,
+            service_account: None,
+        },
+        ingress_isolation: Isolation::Enforce,
+        egress_isolation: Isolation::Enforce,
+        rules,
+        quarantine: Some(QuarantineSpec {
+            pods,
+            reason: reason.to_string(),
+            expires_at,
+        }),
+    })
+}
+
+/// An RFC 3339 date-time (`2026-12-01T00:00:00Z`, `2026-12-01t01:30:00.5+01:30`).
+pub fn parse_rfc3339(s: &str) -> Result<SystemTime, String> {
+    let b = s.as_bytes();
+    let num = |from: usize, len: usize| -> Result<i64, String> {
+        let part = s
+            .get(from..from + len)
+            .filter(|p| p.bytes().all(|c| c.is_ascii_digit()))
+            .ok_or_else(|| format!("expected {len} digits at position {}", from + 1))?;
+        part.parse::<i64>().map_err(|e| e.to_string())
+    };
+    let sep = |at: usize, want: &[u8]| -> Result<(), String> {
+        match b.get(at) {
+            Some(c) if want.contains(c) => Ok(()),
+            _ => Err(format!(
+                "expected {:?} at position {}",
+                want.iter().map(|c| *c as char).collect::<String>(),
+                at + 1
+            )),
+        }
+    };
+    let year = num(0, 4)?;
+    sep(4, b"-")?;
+    let month = num(5, 2)?;
+    sep(7, b"-")?;
+    let day = num(8, 2)?;
+    sep(10, b"Tt ")?;
+    let hour = num(11, 2)?;
+    sep(13, b":")?;
+    let minute = num(14, 2)?;
+    sep(16, b":")?;
+    let second = num(17, 2)?;
+    let mut at = 19;
+    let mut nanos: u32 = 0;
+    if b.get(at) == Some(&b'.') {
+        at += 1;
+        let start = at;
+        while b.get(at).is_some_and(|c| c.is_ascii_digit()) {
+            at += 1;
+        }
+        if at == start {
+            return Err("expected digits after the decimal point".into());
+        }
+        let digits = &s[start..at.min(start + 9)];
+        let scale = 10u32.pow(9 - digits.len() as u32);
+        nanos = digits.parse::<u32>().map_err(|e| e.to_string())? * scale;
+    }
+    let offset = match b.get(at) {
+        Some(b'Z' | b'z') if at + 1 == b.len() => 0,
+        Some(c @ (b'+' | b'-')) if at + 6 == b.len() => {
+            let sign = if *c == b'+' { 1 } else { -1 };
+            let h = num(at + 1, 2)?;
+            sep(at + 3, b":")?;
+            let m = num(at + 4, 2)?;
+            if h > 23 || m > 59 {
+                return Err("the offset is out of range".into());
+            }
+            sign * (h * 3600 + m * 60)
+        }
+        _ => return Err("expected Z or an offset like +01:00 at the end".into()),
+    };
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return Err(format!("month {month} does not exist")),
+    };
+    if !(1..=days_in_month).contains(&day) {
+        return Err(format!("day {day} does not exist in month {month}"));
+    }
+    if hour > 23 || minute > 59 || second > 60 {
+        return Err("the time of day is out of range".into());
+    }
+    // Days since 1970-01-01 (proleptic Gregorian calendar; H. Hinnant's algorithm).
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second.min(59) - offset;
+    let since = |secs: i64| std::time::Duration::new(secs.unsigned_abs(), 0);
+    let t = if secs >= 0 {
+        SystemTime::UNIX_EPOCH.checked_add(since(secs))
+    } else {
+        SystemTime::UNIX_EPOCH.checked_sub(since(secs))
+    };
+    t.and_then(|t| t.checked_add(std::time::Duration::from_nanos(nanos as u64)))
+        .ok_or_else(|| "the time is out of range".into())
 }
 
 /// Label keys a set of policies' selectors look at (to warn about filtered labels).

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 use ipnetwork::IpNetwork;
 
@@ -183,6 +184,14 @@ pub struct Rule {
 }
 
 /// Any policy kind, normalized.
+///
+/// A Quarantine (`key.kind` [`RuleKind::Quarantine`], `quarantine` set) is a policy too: its
+/// subject is its namespace and pod selector (or, with [`QuarantineSpec::pods`], the named pods),
+/// its rules are the `allow` exceptions — each once per direction, same index, tier
+/// [`Tier::Quarantine`], priority 0, `Allow` — and its isolation (`Enforce` both ways) stands for
+/// the deny-all the engine adds below them: tier Quarantine, priority 1, every peer, protocol and
+/// port, blamed on the policy's default rule (index `None`). Unlike other kinds it applies to the
+/// selected *pods*, not to their identities: see [`crate::engine`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Policy {
     pub key: PolicyKey,
@@ -190,6 +199,27 @@ pub struct Policy {
     pub ingress_isolation: Isolation,
     pub egress_isolation: Isolation,
     pub rules: Vec<Rule>,
+    /// Set exactly for Quarantine policies.
+    pub quarantine: Option<QuarantineSpec>,
+}
+
+/// What a Quarantine has beyond a policy's fields.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QuarantineSpec {
+    /// Pods of the policy's namespace by name (sorted, no duplicates); `None`: the subject's pod
+    /// selector decides.
+    pub pods: Option<Vec<String>>,
+    /// Why (shown by explanations and flows); never empty.
+    pub reason: String,
+    /// From this instant on the quarantine is inactive (as if deleted).
+    pub expires_at: Option<SystemTime>,
+}
+
+impl QuarantineSpec {
+    /// Whether the quarantine is in force at `now`.
+    pub fn active_at(&self, now: SystemTime) -> bool {
+        self.expires_at.is_none_or(|t| now < t)
+    }
 }
 
 impl Policy {

@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use serde::Serialize;
 
 use crate::engine::PolicyEngine;
-use crate::model::{Object, PodKey};
+use crate::model::{Object, PodKey, PolicyKey};
 use crate::ruleset::{
     Decision, Direction, Endpoint, PacketTuple, Protocol, RULE_DEFAULT_ALLOW, RuleId, RuleKind,
     RuleSet, Verdict, decide,
@@ -237,8 +237,22 @@ impl<'a> Reachability<'a> {
         };
         let (egress, ingress) = match self.decisions(from, to, protocol, port)? {
             Some((e, i)) => (
-                explain_direction(&src, Direction::Egress, &e, &to.to_string(), &traffic),
-                explain_direction(&dst, Direction::Ingress, &i, &from.to_string(), &traffic),
+                explain_direction(
+                    self.engine,
+                    &src,
+                    Direction::Egress,
+                    &e,
+                    &to.to_string(),
+                    &traffic,
+                ),
+                explain_direction(
+                    self.engine,
+                    &dst,
+                    Direction::Ingress,
+                    &i,
+                    &from.to_string(),
+                    &traffic,
+                ),
             ),
             None => {
                 let no_family = |v: &str| DirectionExplanation {
@@ -278,6 +292,7 @@ fn policy_name(ruleset: &RuleSet, rule: RuleId) -> String {
 }
 
 fn explain_direction(
+    engine: &PolicyEngine,
     side: &Side<'_>,
     direction: Direction,
     d: &Decision,
@@ -292,7 +307,40 @@ fn explain_direction(
     };
     let policy = side.ruleset.policy_of(ep).direction(direction);
     let rule = (d.rule != RULE_DEFAULT_ALLOW).then(|| side.ruleset.describe(d.rule));
-    let reason = if d.verdict == Verdict::Allow && d.rule == RULE_DEFAULT_ALLOW {
+    let quarantine = side
+        .ruleset
+        .rules
+        .get(&d.rule)
+        .filter(|r| r.kind == RuleKind::Quarantine);
+    let reason = if let Some(q) = quarantine {
+        // "quarantined by Quarantine NS/NAME: REASON; …"
+        let key = PolicyKey {
+            kind: RuleKind::Quarantine,
+            namespace: q.namespace.clone(),
+            name: q.name.clone(),
+        };
+        let why = engine
+            .quarantine(&key)
+            .and_then(|p| p.quarantine.as_ref())
+            .map_or("(reason unknown)", |s| s.reason.as_str());
+        let head = format!(
+            "{name} is quarantined by Quarantine {}/{}: {why}",
+            q.namespace, q.name
+        );
+        match d.verdict {
+            Verdict::Allow => format!(
+                "{head}; allowed by its exception {}",
+                side.ruleset.describe(d.rule)
+            ),
+            Verdict::Deny => {
+                let admits = match direction {
+                    Direction::Ingress => format!("from {peer}"),
+                    Direction::Egress => format!("to {peer}"),
+                };
+                format!("{head}; {traffic} {admits} is not one of its exceptions")
+            }
+        }
+    } else if d.verdict == Verdict::Allow && d.rule == RULE_DEFAULT_ALLOW {
         if policy.isolated_by.is_none()
             && policy.audit_isolated_by.is_none()
             && policy.entries.is_empty()

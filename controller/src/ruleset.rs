@@ -261,6 +261,9 @@ pub struct Endpoint {
     /// Host-side interface, when the source knows it; otherwise the agent finds it by route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
+    /// Selected by an active Quarantine: its group holds only the quarantine's entries (tier
+    /// [`Tier::Quarantine`]), and the agent cuts its tracked connections and counts its drops
+    /// as quarantine drops. Its identity is unchanged.
     #[serde(default)]
     pub quarantined: bool,
     /// The endpoint's policy: a key of [`RuleSet::policies`].
@@ -277,6 +280,22 @@ impl Endpoint {
 pub struct IpCacheEntry {
     pub cidr: IpNetwork,
     pub identity: Identity,
+    /// The address belongs to a pod under an active Quarantine. Every node's rule set carries
+    /// the addresses of all quarantined pods (flagged), whether or not a local policy names
+    /// them, so that each node can drop their traffic early (XDP prefilter).
+    #[serde(default)]
+    pub quarantined: bool,
+}
+
+impl IpCacheEntry {
+    /// An entry of an address that is not quarantined.
+    pub fn new(cidr: IpNetwork, identity: Identity) -> IpCacheEntry {
+        IpCacheEntry {
+            cidr,
+            identity,
+            quarantined: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -392,7 +411,7 @@ impl RuleSet {
 ///
 /// A policy change reaches the endpoints through their groups: it is one `policies_changed`
 /// item per group, whatever the number of endpoints sharing it. Endpoints appear only when they
-/// come, go, or change identity, addresses, workload or group.
+/// come, go, or change identity, addresses, workload, group or quarantine flag.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeDelta {
     pub node: String,
@@ -420,7 +439,7 @@ pub struct NodeDelta {
     pub policies_changed: BTreeMap<PolicyGroupId, PolicyDelta>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ipcache_removed: Vec<IpNetwork>,
-    /// New entries, and entries whose identity changed.
+    /// New entries, and entries whose identity or quarantine flag changed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ipcache_upserted: Vec<IpCacheEntry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -487,6 +506,9 @@ pub struct EndpointDelta {
     pub workload: Option<String>,
     /// The endpoint's policy group after the change.
     pub policy: PolicyGroupId,
+    /// [`Endpoint::quarantined`] after the change.
+    #[serde(default)]
+    pub quarantined: bool,
 }
 
 /// Entry-level change of a policy group.
@@ -704,6 +726,7 @@ impl RuleSet {
                 e.ips = change.ips.clone();
                 e.workload = change.workload.clone();
                 e.policy = change.policy;
+                e.quarantined = change.quarantined;
             }
         }
         if !removed.is_empty() || !added.is_empty() {
@@ -713,17 +736,24 @@ impl RuleSet {
             self.endpoints.sort_by_key(|e| e.id);
         }
         if !delta.ipcache_removed.is_empty() || !delta.ipcache_upserted.is_empty() {
-            let mut cache: BTreeMap<IpNetwork, Identity> =
-                self.ipcache.iter().map(|e| (e.cidr, e.identity)).collect();
+            let mut cache: BTreeMap<IpNetwork, (Identity, bool)> = self
+                .ipcache
+                .iter()
+                .map(|e| (e.cidr, (e.identity, e.quarantined)))
+                .collect();
             for cidr in &delta.ipcache_removed {
                 cache.remove(cidr);
             }
             for e in &delta.ipcache_upserted {
-                cache.insert(e.cidr, e.identity);
+                cache.insert(e.cidr, (e.identity, e.quarantined));
             }
             self.ipcache = cache
                 .into_iter()
-                .map(|(cidr, identity)| IpCacheEntry { cidr, identity })
+                .map(|(cidr, (identity, quarantined))| IpCacheEntry {
+                    cidr,
+                    identity,
+                    quarantined,
+                })
                 .collect();
         }
         for rule in &delta.rules_removed {
