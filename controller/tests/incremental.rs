@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use bulkhead_controller::model::{ContainerPort, Namespace, Node};
 use bulkhead_controller::ruleset::{Protocol, RuleSet};
@@ -30,6 +31,20 @@ fn policy_pool() -> Vec<Vec<Object>> {
         vec![
             "apiVersion: bulkhead.dev/v1alpha1\nkind: ServicePolicy\nmetadata: {namespace: y, name: svc}\nspec:\n  subject: {serviceAccount: api}\n  ingress: [{from: [{service: {serviceAccount: api, namespaceSelector: {}}}], ports: [{protocol: TCP, port: 80, endPort: 90}]}]\n  egress: [{action: Deny, to: [{entity: world}]}]",
             "apiVersion: bulkhead.dev/v1alpha1\nkind: ServicePolicy\nmetadata: {namespace: y, name: svc}\nspec:\n  mode: Audit\n  subject: {podSelector: {matchLabels: {app: db}}}\n  ingress: [{from: [{entity: cluster}]}]",
+        ],
+        // Quarantines: by selector and by name, with pod, namespace and CIDR exceptions, and
+        // expiring while the clock ticks (see CLOCK_START).
+        vec![
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: x, name: q}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  reason: scan\n  allow: [{podSelector: {matchLabels: {app: db}}, ports: [{port: 80}]}]",
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: x, name: q}\nspec:\n  pods: [p0, p1]\n  reason: scan\n  allow: [{ipBlock: {cidr: 10.0.1.0/24}}, {namespaceSelector: {matchLabels: {team: a}}, podSelector: {matchLabels: {app: web}}}]\n  expiresAt: 2100-01-01T00:00:10Z",
+        ],
+        vec![
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: y, name: q2}\nspec:\n  pods: [p1]\n  reason: worm\n  expiresAt: 2100-01-01T00:00:20Z",
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: y, name: q2}\nspec:\n  podSelector: {matchExpressions: [{key: tier, operator: Exists}]}\n  reason: worm\n  allow: [{namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}]\n  expiresAt: 2100-01-01T00:00:05+00:00",
+        ],
+        vec![
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: x, name: q3}\nspec:\n  pods: [p1, p2]\n  reason: second opinion\n  allow: [{podSelector: {matchLabels: {app: db}}, ports: [{port: 80}]}]",
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: x, name: q3}\nspec:\n  pods: [p2]\n  reason: already over\n  expiresAt: 2000-01-01T00:00:00Z",
         ],
     ];
     docs.into_iter()
@@ -81,6 +96,15 @@ enum Step {
         node: usize,
         declared: bool,
     },
+    /// The clock moves to CLOCK_START + seconds (never back: the engine keeps the later time).
+    Tick {
+        seconds: u64,
+    },
+}
+
+/// The engine's clock starts here; the pool's quarantines expire 5, 10 and 20 s later.
+fn clock_start() -> SystemTime {
+    bulkhead_controller::load::parse_rfc3339("2100-01-01T00:00:00Z").expect("valid time")
 }
 
 const NS: [&str; 2] = ["x", "y"];
@@ -94,14 +118,16 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0..2usize, 0..4usize).prop_map(|(ns, name)| Step::DeletePod { ns, name }),
         1 => (0..2usize, proptest::option::of(0..2usize)).prop_map(|(ns, team)| Step::Namespace { ns, team }),
         1 => (0..2usize).prop_map(|ns| Step::DeleteNamespace { ns }),
-        3 => (0..5usize, 0..2usize).prop_map(|(index, variant)| Step::Policy { index, variant }),
-        1 => (0..5usize).prop_map(|index| Step::DeletePolicy { index }),
+        4 => (0..8usize, 0..2usize).prop_map(|(index, variant)| Step::Policy { index, variant }),
+        2 => (0..8usize).prop_map(|index| Step::DeletePolicy { index }),
         1 => (1..4usize, any::<bool>()).prop_map(|(node, declared)| Step::Node { node, declared }),
+        1 => (0..25u64).prop_map(|seconds| Step::Tick { seconds }),
     ]
 }
 
 fn to_change(step: &Step, pool: &[Vec<Object>]) -> Change {
     match step {
+        Step::Tick { .. } => unreachable!("ticks are not changes"),
         Step::Pod {
             ns,
             name,
@@ -250,12 +276,19 @@ fn check_sequence(steps: &[Step]) -> Result<(), TestCaseError> {
     let mut engine = PolicyEngine::empty(config.clone());
     let mut inputs = Inputs::default();
     let mut before: BTreeMap<String, RuleSet> = BTreeMap::new();
+    engine
+        .expire(clock_start())
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
     for (i, s) in steps.iter().enumerate() {
-        let change = to_change(s, &pool);
-        inputs.apply(&change);
-        let deltas = engine
-            .apply(change.clone())
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let deltas = match s {
+            Step::Tick { seconds } => engine.expire(clock_start() + Duration::from_secs(*seconds)),
+            _ => {
+                let change = to_change(s, &pool);
+                inputs.apply(&change);
+                engine.apply(change.clone())
+            }
+        }
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let after = engine.rulesets();
         // Deltas rebuild exactly the new rule sets; untouched nodes keep their version.
         let mut rebuilt = before.clone();
@@ -277,8 +310,12 @@ fn check_sequence(steps: &[Step]) -> Result<(), TestCaseError> {
             }
         }
         // Incremental state equals a full recompile.
-        let full = PolicyEngine::new(config.clone(), inputs.objects.values().cloned())
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let full = PolicyEngine::new_at(
+            config.clone(),
+            inputs.objects.values().cloned(),
+            engine.now(),
+        )
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let a: BTreeMap<String, RuleSet> = after
             .iter()
             .map(|(k, v)| (k.clone(), normalized(v.clone())))
