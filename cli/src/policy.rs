@@ -1,5 +1,9 @@
 //! `bulkhead policy evaluate | explain | compile`: the policy engine on manifest files.
 //!
+//! Quarantines in the input are honoured like in the controller: active ones (their
+//! `expiresAt`, if any, after the current time) override every other policy of the pods they
+//! select, and `explain` names them ("x/a is quarantined by Quarantine x/q1: REASON; …").
+//!
 //! Exit codes: 0 when every input document was valid, 1 when some were invalid (they are listed
 //! on stderr as `FILE: document N: field.path: reason`, and the valid ones are still used),
 //! 2 for usage errors (unknown pod or node, bad arguments).

@@ -207,3 +207,75 @@ spec:
         .expect("runs");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn evaluate_and_explain_honour_quarantines() {
+    let d = tempdir("quarantine");
+    let quarantine = "
+apiVersion: bulkhead.dev/v1alpha1
+kind: Quarantine
+metadata: {namespace: x, name: q1}
+spec:
+  pods: [a]
+  reason: port scan from a
+  allow: [{podSelector: {matchLabels: {pod: b}}, ports: [{port: 22, protocol: TCP}]}]
+---
+apiVersion: bulkhead.dev/v1alpha1
+kind: Quarantine
+metadata: {namespace: x, name: old}
+spec: {pods: [b], reason: long over, expiresAt: '2000-01-01T00:00:00Z'}
+";
+    let f = write(
+        &d,
+        "all.yaml",
+        &format!("{INVENTORY}\n---\n{POLICIES}\n---\n{quarantine}"),
+    );
+    let out = bulkhead()
+        .args(["policy", "evaluate", "-f"])
+        .arg(&f)
+        .args(["--port", "80", "-o", "json"])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    // x/a may no longer reach x/b:80, which allow-a admits; the expired quarantine of x/b is
+    // ignored.
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "x/a": {"x/a": false, "x/b": false},
+            "x/b": {"x/a": false, "x/b": false},
+        })
+    );
+    let out = bulkhead()
+        .args(["policy", "explain", "-f"])
+        .arg(&f)
+        .args(["--from", "x/a", "--to", "x/b", "--port", "80"])
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "egress  at x/a: denied — x/a is quarantined by Quarantine x/q1: port scan from a; 80/TCP to x/b is not one of its exceptions"
+        ),
+        "{text}"
+    );
+    let out = bulkhead()
+        .args(["policy", "explain", "-f"])
+        .arg(&f)
+        .args(["--from", "x/b", "--to", "x/a", "--port", "22", "-o", "json"])
+        .output()
+        .expect("runs");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["ingress"]["verdict"], "allow");
+    assert_eq!(
+        v["ingress"]["reason"],
+        "x/a is quarantined by Quarantine x/q1: port scan from a; allowed by its exception Quarantine x/q1 ingress[0]"
+    );
+    // default-deny isolates x/a, but the quarantine exception decides first.
+    assert_eq!(v["verdict"], "allow");
+}

@@ -24,9 +24,21 @@
 //! delta compares an address's entry now with the entry rebuilt from the journal (the touched
 //! pods' snapshots and the node's earlier peer references), so a change costs what it touches.
 //!
+//! # Quarantines
+//! A Quarantine selects pods, not identities: the endpoints of the pods it selects leave their
+//! identity's group for a quarantine group (one per set of active Quarantines selecting a pod,
+//! numbered from [`FIRST_QUARANTINE_GROUP`] by ordered slots, so the number depends only on the
+//! sets in use). That group holds only the quarantines' entries — exceptions at priority 0, the
+//! deny-all at [`QUARANTINE_DENY_PRIORITY`] under the Quarantine's default rule id (index
+//! `None`) — since nothing below the quarantine tier can be reached. Pods keep their identity,
+//! so no other endpoint's policy changes. Exceptions' CIDRs get identities like any policy
+//! CIDR while the Quarantine is active. Quarantines expire against the engine's clock, set by
+//! [`PolicyEngine::new_at`] and advanced by [`PolicyEngine::expire`].
+//!
 //! # What a node's ipcache holds
-//! Every CIDR identity; the addresses of the node's own endpoints; the addresses of every pod
-//! whose identity is a peer of some entry on the node; and, when an entry names the `world`
+//! Every CIDR identity; the addresses of the node's own endpoints; the addresses of every
+//! quarantined pod (flagged [`IpCacheEntry::quarantined`]), on every node; the addresses of
+//! every pod whose identity is a peer of some entry on the node; and, when an entry names the `world`
 //! entity, every pod address (so that pods are never mistaken for the world). Other pod addresses
 //! would only resolve to identities no entry on the node names, and CIDR identities are matched
 //! exactly like the pods they contain, so leaving them out cannot change a verdict.

@@ -188,9 +188,9 @@ pub struct Rule {
 /// A Quarantine (`key.kind` [`RuleKind::Quarantine`], `quarantine` set) is a policy too: its
 /// subject is its namespace and pod selector (or, with [`QuarantineSpec::pods`], the named pods),
 /// its rules are the `allow` exceptions — each once per direction, same index, tier
-/// [`Tier::Quarantine`], priority 0, `Allow` — and its isolation (`Enforce` both ways) stands for
-/// the deny-all the engine adds below them: tier Quarantine, priority 1, every peer, protocol and
-/// port, blamed on the policy's default rule (index `None`). Unlike other kinds it applies to the
+/// [`Tier::Quarantine`], priority 0, `Allow`. The engine always adds the deny-all below them
+/// (tier Quarantine, priority 1, every peer, protocol and port, blamed on the policy's default
+/// rule: index `None`); the loader marks it with `Enforce` isolation in both directions. Unlike other kinds it applies to the
 /// selected *pods*, not to their identities: see [`crate::engine`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Policy {

@@ -51,7 +51,7 @@
 //! ## Tiers (highest first)
 //! | tier | what | order inside the tier |
 //! |------|------|------|
-//! | `quarantine` | reserved for the Quarantine kind (a later issue) | exceptions 0, deny 1 |
+//! | `quarantine` | Quarantine (`bulkhead.dev/v1alpha1`): per endpoint, its `allow` exceptions (both directions) then a deny-all; identities unchanged | exceptions 0, deny-all 1: an exception beats the deny-all, nothing below is reached |
 //! | `admin` | ClusterNetworkPolicy `tier: Admin` | priority, then rule position; Pass skips to the next tier |
 //! | `application` | NetworkPolicy **and ServicePolicy**, together | all priority 0: **Deny beats Allow** |
 //! | `baseline` | ClusterNetworkPolicy `tier: Baseline` | as admin; only reached when the endpoint is not isolated |
