@@ -115,6 +115,7 @@ pub fn network_policy(
             Isolation::None
         },
         rules,
+        quarantine: None,
     }
 }
 

@@ -27,48 +27,55 @@ pub struct AgentArgs {
     command: AgentCommand,
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// This node's name (selects the rule set and names the pin directory).
+    #[arg(long, env = "BULKHEAD_NODE")]
+    node: String,
+    /// Rule-set file; `-` reads standard input once. Either this or --controller.
+    #[arg(
+        long,
+        required_unless_present = "controller",
+        conflicts_with = "controller"
+    )]
+    ruleset: Option<PathBuf>,
+    /// Controller to follow over gRPC (`host:port`): snapshot, then deltas, acked once
+    /// realized. While it is unreachable the last rule set stays enforced.
+    #[arg(long)]
+    controller: Option<String>,
+    #[command(flatten)]
+    tls: crate::certs::ClientTlsArgs,
+    /// bpffs directory for this node's maps and links.
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
+    /// Apply once and exit. The pinned programs keep enforcing after the agent is gone.
+    #[arg(long)]
+    once: bool,
+    /// Address of the HTTP endpoint serving `/metrics` (Prometheus), `/healthz` and
+    /// `/flows` (recent flow records as JSON).
+    #[arg(long, default_value = "127.0.0.1:9962")]
+    metrics_addr: std::net::SocketAddr,
+    /// Flow records kept in memory for `/flows` (oldest evicted first).
+    #[arg(long, default_value_t = 10_000)]
+    flow_buffer: usize,
+    /// Enforce on the interfaces of this named network namespace (`ip netns add`), e.g. a
+    /// lab node. Only the data-plane thread enters it: the controller connection and the
+    /// metrics endpoint stay in the agent's own namespace, and pins land on the host's
+    /// bpffs (under `ip netns exec`, which remounts /sys, they would vanish with the agent).
+    #[arg(long)]
+    netns: Option<String>,
+    /// Attach the XDP prefilter (drops traffic from quarantined addresses and denied CIDRs
+    /// before the stack sees it) to this uplink interface; repeatable.
+    #[arg(long)]
+    uplink: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum AgentCommand {
     /// Enforce the rule set in FILE (JSON, as `bulkhead policy compile` prints it: one RuleSet,
     /// or an object of them keyed by node name). The file is watched and re-applied when it
     /// changes; endpoints whose interface is missing are retried.
-    Run {
-        /// This node's name (selects the rule set and names the pin directory).
-        #[arg(long, env = "BULKHEAD_NODE")]
-        node: String,
-        /// Rule-set file; `-` reads standard input once. Either this or --controller.
-        #[arg(
-            long,
-            required_unless_present = "controller",
-            conflicts_with = "controller"
-        )]
-        ruleset: Option<PathBuf>,
-        /// Controller to follow over gRPC (`host:port`): snapshot, then deltas, acked once
-        /// realized. While it is unreachable the last rule set stays enforced.
-        #[arg(long)]
-        controller: Option<String>,
-        #[command(flatten)]
-        tls: crate::certs::ClientTlsArgs,
-        /// bpffs directory for this node's maps and links.
-        #[arg(long)]
-        pin_dir: Option<PathBuf>,
-        /// Apply once and exit. The pinned programs keep enforcing after the agent is gone.
-        #[arg(long)]
-        once: bool,
-        /// Address of the HTTP endpoint serving `/metrics` (Prometheus), `/healthz` and
-        /// `/flows` (recent flow records as JSON).
-        #[arg(long, default_value = "127.0.0.1:9962")]
-        metrics_addr: std::net::SocketAddr,
-        /// Flow records kept in memory for `/flows` (oldest evicted first).
-        #[arg(long, default_value_t = 10_000)]
-        flow_buffer: usize,
-        /// Enforce on the interfaces of this named network namespace (`ip netns add`), e.g. a
-        /// lab node. Only the data-plane thread enters it: the controller connection and the
-        /// metrics endpoint stay in the agent's own namespace, and pins land on the host's
-        /// bpffs (under `ip netns exec`, which remounts /sys, they would vanish with the agent).
-        #[arg(long)]
-        netns: Option<String>,
-    },
+    Run(Box<RunArgs>),
     /// Remove this node's pinned programs, links and maps: enforcement stops.
     Reset {
         #[arg(long, env = "BULKHEAD_NODE")]
@@ -123,17 +130,19 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             println!("removed {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
-        AgentCommand::Run {
-            node,
-            ruleset,
-            controller,
-            tls,
-            pin_dir,
-            once,
-            metrics_addr,
-            flow_buffer,
-            netns,
-        } => {
+        AgentCommand::Run(run) => {
+            let RunArgs {
+                node,
+                ruleset,
+                controller,
+                tls,
+                pin_dir,
+                once,
+                metrics_addr,
+                flow_buffer,
+                netns,
+                uplink,
+            } = *run;
             let dir = pin_dir.unwrap_or_else(|| default_pin_dir(&node));
             let source = match (ruleset, controller) {
                 (Some(path), _) => Source::File(path),
@@ -155,7 +164,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 .take_map("EVENTS")
                 .context("the eBPF object has no EVENTS map")?;
             let enforcer = Enforcer::new(dp).context("open the pinned maps")?;
-            let dataplane = DataplaneThread::start(enforcer, netns)?;
+            let dataplane = DataplaneThread::start(enforcer, netns, uplink)?;
             if once {
                 if !matches!(source, Source::File(_)) {
                     bail!("--once applies a rule-set file; it does not follow a controller");
@@ -338,7 +347,11 @@ struct DataplaneThread {
 }
 
 impl DataplaneThread {
-    fn start(mut enforcer: Enforcer, netns: Option<String>) -> anyhow::Result<DataplaneThread> {
+    fn start(
+        mut enforcer: Enforcer,
+        netns: Option<String>,
+        uplinks: Vec<String>,
+    ) -> anyhow::Result<DataplaneThread> {
         let (tx, rx) =
             std::sync::mpsc::channel::<(RuleSet, tokio::sync::oneshot::Sender<ApplyResult>)>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
@@ -358,6 +371,13 @@ impl DataplaneThread {
                     }
                 } else {
                     let _ = ready_tx.send(Ok(()));
+                }
+                // The prefilter is best effort: enforcement does not depend on it.
+                for uplink in &uplinks {
+                    match enforcer.dataplane().attach_prefilter(uplink) {
+                        Ok(()) => tracing::info!(uplink = %uplink, "XDP prefilter attached"),
+                        Err(e) => tracing::warn!(uplink = %uplink, error = %e, "XDP prefilter not attached"),
+                    }
                 }
                 for (rs, reply) in rx {
                     let result = enforcer
@@ -641,6 +661,8 @@ fn log_report(r: &bulkhead_agent::sync::ApplyReport) {
         endpoints_written = r.endpoints_written,
         endpoints_removed = r.endpoints_removed,
         policy_entries = r.policy_entries_written,
+        groups_written = r.groups_written,
+        connections_cut = r.connections_cut,
         apply_ms = r.duration.as_secs_f64() * 1e3,
         "rule set realized"
     );
@@ -648,6 +670,6 @@ fn log_report(r: &bulkhead_agent::sync::ApplyReport) {
         tracing::warn!(endpoint = %m, "interface not found yet; will retry");
     }
     for l in &r.locked_down {
-        tracing::error!(endpoint = %l, "endpoint locked down: its policy does not fit in the maps");
+        tracing::error!(endpoint = %l, "endpoint locked down: its policy group does not fit in the maps or is missing");
     }
 }

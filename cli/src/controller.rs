@@ -12,7 +12,10 @@ use std::{
 use anyhow::{Context, bail};
 use bulkhead_controller::{
     EngineConfig, PolicyEngine,
-    distribution::{AdminService, DistributionService, FlowStore, Hub, ManifestSource},
+    distribution::{
+        AdminService, DistributionService, FlowStore, Hub, ManifestSource,
+        quarantine::QuarantineControl,
+    },
 };
 use bulkhead_proto::v1::{admin_server::AdminServer, distribution_server::DistributionServer};
 use clap::Args;
@@ -44,6 +47,11 @@ pub struct ControllerArgs {
     /// Flow records kept in memory (oldest evicted first).
     #[arg(long, default_value_t = 100_000)]
     pub flow_store: usize,
+    /// Where quarantines made through the API are kept (as Quarantine manifests, so they
+    /// survive restarts) with their audit log. Default: `quarantines/` in the first manifest
+    /// directory.
+    #[arg(long)]
+    pub quarantine_dir: Option<PathBuf>,
     /// How often the manifests are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub reload_ms: u64,
@@ -185,7 +193,20 @@ async fn serve(
     tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> anyhow::Result<ExitCode> {
     let metrics = Arc::new(ControllerMetrics::new().context("register metrics")?);
-    let mut source = ManifestSource::new(args.manifests.clone());
+    let quarantine_dir = args.quarantine_dir.clone().or_else(|| {
+        args.manifests
+            .first()
+            .filter(|p| p.is_dir())
+            .map(|p| p.join("quarantines"))
+    });
+    let mut roots = args.manifests.clone();
+    if let Some(q) = &quarantine_dir {
+        std::fs::create_dir_all(q).with_context(|| format!("create {}", q.display()))?;
+        if !roots.iter().any(|r| q.starts_with(r)) {
+            roots.push(q.clone());
+        }
+    }
+    let mut source = ManifestSource::new(roots);
     let first = source.reload();
     for e in &first.errors {
         eprintln!("{e}");
@@ -196,6 +217,7 @@ async fn serve(
         .apply_batch(first.changes)
         .context("compile the initial manifests")?;
     let hub = Arc::new(Hub::new(engine));
+    let source = Arc::new(Mutex::new(source));
     tracing::info!(
         epoch = hub.epoch(),
         nodes = hub.node_states().len(),
@@ -206,13 +228,20 @@ async fn serve(
     // Manifests: re-read on change; each change reaches only the nodes it affects.
     {
         let hub = hub.clone();
+        let source = source.clone();
         let metrics = metrics.clone();
         let period = Duration::from_millis(args.reload_ms.max(50));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
-                let reload = source.reload();
+                let reload = match source.lock() {
+                    Ok(mut s) => s.reload(),
+                    Err(_) => {
+                        tracing::error!("manifest source lock poisoned; restart the controller");
+                        continue;
+                    }
+                };
                 for e in &reload.errors {
                     tracing::error!(error = %e, "invalid manifest; the objects it had stay in force");
                 }
@@ -322,6 +351,16 @@ async fn serve(
     });
 
     // gRPC.
+    let mut admin = AdminService::new(hub.clone());
+    if let Some(dir) = quarantine_dir {
+        tracing::info!(dir = %dir.display(), "quarantines kept in");
+        admin = admin.with_quarantine(Arc::new(QuarantineControl::new(
+            dir,
+            source.clone(),
+            hub.clone(),
+            flows.clone(),
+        )));
+    }
     let mut server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)));
@@ -334,7 +373,7 @@ async fn serve(
             hub.clone(),
             flows.clone(),
         )))
-        .add_service(AdminServer::new(AdminService::new(hub.clone())))
+        .add_service(AdminServer::new(admin))
         .serve_with_shutdown(args.listen, async {
             let _ = tokio::signal::ctrl_c().await;
         })

@@ -6,6 +6,7 @@ mod controller;
 mod demo;
 mod lab;
 mod policy;
+mod quarantine;
 
 use std::{io::IsTerminal, process::ExitCode};
 
@@ -46,6 +47,9 @@ enum Command {
     /// A real multi-node cluster of network namespaces on this machine: nodes with agents,
     /// pods with servers, one controller; probe it, change it live, take it down.
     Lab(lab::LabArgs),
+    /// Isolate a compromised pod now (`bulkhead quarantine NS/POD --reason …`), list
+    /// quarantines, release one. Through the controller's admin API.
+    Quarantine(quarantine::QuarantineArgs),
     /// Policy engine on Kubernetes YAML: reachability matrix (`evaluate`), why a connection is
     /// allowed or denied (`explain`), per-node rule sets for the agent (`compile`).
     Policy(policy::PolicyArgs),
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         Command::Controller(args) => controller::run(args),
         Command::Lab(args) => lab::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Quarantine(args) => quarantine::run(args),
         Command::Certs {
             command: CertsCommand::Generate(args),
         } => certs::run(args),

@@ -121,10 +121,12 @@ fn ruleset(version: u64, tcp: bool) -> RuleSet {
             IpCacheEntry {
                 cidr: format!("{CLIENT}/32").parse().expect("cidr"),
                 identity: 500,
+                quarantined: false,
             },
             IpCacheEntry {
                 cidr: format!("{SERVER}/32").parse().expect("cidr"),
                 identity: 501,
+                quarantined: false,
             },
         ],
         rules,

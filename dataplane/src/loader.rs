@@ -22,7 +22,8 @@ use aya::{
     },
 };
 use bulkhead_common::{
-    Config, Counter, EndpointAddrKey, EndpointInfo, IpCacheValue, PolicyKey, PolicyValue,
+    Config, Counter, CtKey, CtValue, EndpointAddrKey, EndpointInfo, IpCacheValue, PolicyKey,
+    PolicyValue,
 };
 
 pub const PROG_FROM_POD: &str = "bulkhead_from_pod";
@@ -360,6 +361,10 @@ impl Dataplane {
         &mut self,
     ) -> Result<LpmTrie<&mut MapData, [u8; 16], IpCacheValue>, LoadError> {
         self.map_mut("IPCACHE_V6")
+    }
+
+    pub fn conntrack(&mut self) -> Result<HashMap<&mut MapData, CtKey, CtValue>, LoadError> {
+        self.map_mut("CONNTRACK")
     }
 
     pub fn config(&mut self) -> Result<Array<&mut MapData, Config>, LoadError> {

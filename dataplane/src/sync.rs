@@ -65,6 +65,8 @@ pub struct ApplyReport {
     /// rule set lacks their group.
     pub locked_down: Vec<String>,
     pub policy_entries_written: usize,
+    /// Tracked connections cut because their endpoint became quarantined.
+    pub connections_cut: usize,
     pub duration: Duration,
 }
 
@@ -282,9 +284,17 @@ impl Enforcer {
 
         // 4. endpoints, each switched to its group's keys in one ENDPOINTS update.
         let mut seen: BTreeSet<u32> = BTreeSet::new();
+        let mut newly_quarantined: Vec<u32> = Vec::new();
         for p in &placed {
             seen.insert(p.index);
             let ep = p.endpoint;
+            let was_quarantined = self
+                .endpoints
+                .get(&p.index)
+                .is_some_and(|s| s.info.flags & endpoint_flags::QUARANTINED != 0);
+            if ep.quarantined && !was_quarantined {
+                newly_quarantined.push(ep.id);
+            }
             let group = self.groups.get(&ep.policy);
             if group.is_none() {
                 tracing::error!(
@@ -299,6 +309,13 @@ impl Enforcer {
             if self.write_endpoint(p.index, &p.ifname, ep, ruleset.policy_of(ep))? {
                 report.endpoints_written += 1;
             }
+        }
+
+        // A quarantined endpoint's tracked connections are cut at once, in both directions:
+        // with their entries gone, forward packets and replies alike are judged as new
+        // connections, and the quarantine denies them.
+        if !newly_quarantined.is_empty() {
+            report.connections_cut += self.cut_connections(&newly_quarantined)?;
         }
 
         // 5. endpoints that left the node (or whose interface went away).
@@ -556,6 +573,20 @@ impl Enforcer {
             },
         );
         Ok(true)
+    }
+
+    /// Deletes every conntrack entry of these endpoints; returns how many there were.
+    fn cut_connections(&mut self, endpoint_ids: &[u32]) -> Result<usize, SyncError> {
+        let mut ct = self.dataplane.conntrack()?;
+        let doomed: Vec<bulkhead_common::CtKey> = ct
+            .keys()
+            .flatten()
+            .filter(|k| endpoint_ids.contains(&(k.endpoint_id as u32)))
+            .collect();
+        for k in &doomed {
+            let _ = ct.remove(k);
+        }
+        Ok(doomed.len())
     }
 
     /// Removes the retired key sets whose policy id no endpoint names any more.

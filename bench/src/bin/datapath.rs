@@ -68,11 +68,13 @@ fn ruleset(n: u32) -> RuleSet {
         .map(|i| IpCacheEntry {
             cidr: format!("{}/32", peer_ip(i)).parse().expect("cidr"),
             identity: 1000 + i,
+            quarantined: false,
         })
         .collect();
     ipcache.push(IpCacheEntry {
         cidr: "10.0.0.2/32".parse().expect("cidr"),
         identity: 300,
+        quarantined: false,
     });
     RuleSet {
         node: "bench".into(),

@@ -74,6 +74,9 @@ enum LabCommand {
     /// Open a real connection from every pod to every pod and print the reachability matrix
     /// (the same format as `bulkhead policy evaluate`).
     Probe(probe::ProbeArgs),
+    /// Restart whatever lab process died (controller, agents, pod servers); enforcement never
+    /// stopped, and restarted agents resync.
+    Heal,
     /// Remove everything the lab made: processes, pins, namespaces, links, state.
     Down,
     /// (internal) The built-in server of one pod.
@@ -93,6 +96,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
         LabCommand::Delete { files } => apply(&args.state, &files, true),
         LabCommand::Exec { pod, command } => exec(&args.state, &pod, &command),
         LabCommand::Status => status(&args.state),
+        LabCommand::Heal => heal(&args.state),
         LabCommand::Probe(p) => probe::run(&args.state, p),
         LabCommand::Down => {
             let started = Instant::now();
@@ -509,6 +513,7 @@ fn start_agent(state: &LabState, node: &LabNode) -> anyhow::Result<u32> {
     spawn_detached(
         Command::new(exe()?)
             .args(["agent", "run", "--node", &node.name, "--netns", &node.netns])
+            .args(["--uplink", "fabric0"])
             .args(["--controller", &format!("127.0.0.1:{}", state.grpc_port)])
             .arg("--tls-cert")
             .arg(certs.join(format!("{}.pem", node.name)))
@@ -808,7 +813,9 @@ pub fn up(
         for p in &pods {
             create_pod(&state, p)?;
         }
-        let node_names: Vec<String> = state.nodes.iter().map(|n| n.name.clone()).collect();
+        let mut node_names: Vec<String> = state.nodes.iter().map(|n| n.name.clone()).collect();
+        // `bulkhead quarantine --lab` speaks to the controller as `admin`.
+        node_names.push("admin".into());
         crate::certs::generate(&state.certs_dir(), &node_names, &[])?;
         write_manifests(&state)?;
         state.controller_pid = Some(start_controller(&state)?);
@@ -967,6 +974,54 @@ fn print_status(state: &LabState) {
             p.netns
         );
     }
+}
+
+fn heal(dir: &Path) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let mut state = LabState::load(dir)?;
+    let mut restarted = Vec::new();
+    if !state.controller_pid.is_some_and(alive) {
+        state.controller_pid = Some(start_controller(&state)?);
+        restarted.push("controller".to_string());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http_get(state.http_port, "/healthz").is_none() {
+            if Instant::now() > deadline {
+                bail!(
+                    "the controller did not start; see {}",
+                    state.logs_dir().join("controller.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+    for i in 0..state.nodes.len() {
+        if !state.nodes[i].agent_pid.is_some_and(alive) {
+            let pid = start_agent(&state, &state.nodes[i])?;
+            state.nodes[i].agent_pid = Some(pid);
+            restarted.push(format!("agent {}", state.nodes[i].name));
+        }
+    }
+    for key in state.pods.keys().cloned().collect::<Vec<_>>() {
+        if !state.pods[&key].server_pid.is_some_and(alive) {
+            let pid = start_server(&state, &state.pods[&key])?;
+            if let Some(p) = state.pods.get_mut(&key) {
+                p.server_pid = Some(pid);
+            }
+            restarted.push(format!("server {key}"));
+        }
+    }
+    state.save()?;
+    wait_realized(&state, Duration::from_secs(30), false)?;
+    if restarted.is_empty() {
+        println!("nothing to heal: every lab process is running");
+    } else {
+        println!(
+            "restarted {} and realized in {:.1} s",
+            restarted.join(", "),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn status(dir: &Path) -> anyhow::Result<ExitCode> {

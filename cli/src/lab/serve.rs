@@ -1,8 +1,9 @@
 //! The built-in server of a lab pod: on each declared port it answers with the pod's name
-//! (TCP: on connect; UDP: to every datagram), so a probe knows whom it reached.
+//! (TCP: on connect, then echoes what it receives until the peer closes; UDP: to every
+//! datagram), so a probe knows whom it reached and a held connection can be watched.
 
 use std::{
-    io::Write,
+    io::{Read, Write},
     net::{TcpListener, UdpSocket},
     process::ExitCode,
     thread,
@@ -42,7 +43,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("listen on TCP {port}"))?;
                 handles.push(thread::spawn(move || {
                     for mut conn in listener.incoming().flatten() {
-                        let _ = conn.write_all(answer.as_bytes());
+                        let answer = answer.clone();
+                        thread::spawn(move || {
+                            if conn.write_all(answer.as_bytes()).is_err() {
+                                return;
+                            }
+                            let mut buf = [0u8; 4096];
+                            while let Ok(n) = conn.read(&mut buf) {
+                                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        });
                     }
                 }));
             }

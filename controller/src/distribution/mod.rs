@@ -4,6 +4,7 @@
 
 pub mod follower;
 pub mod hub;
+pub mod quarantine;
 pub mod service;
 pub mod source;
 #[cfg(test)]

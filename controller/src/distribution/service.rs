@@ -197,11 +197,27 @@ impl Distribution for DistributionService {
 #[derive(Clone)]
 pub struct AdminService {
     hub: Arc<Hub>,
+    quarantine: Option<Arc<super::quarantine::QuarantineControl>>,
 }
 
 impl AdminService {
     pub fn new(hub: Arc<Hub>) -> Self {
-        AdminService { hub }
+        AdminService {
+            hub,
+            quarantine: None,
+        }
+    }
+
+    /// Serve the quarantine calls too.
+    pub fn with_quarantine(mut self, q: Arc<super::quarantine::QuarantineControl>) -> Self {
+        self.quarantine = Some(q);
+        self
+    }
+
+    fn quarantines(&self) -> Result<Arc<super::quarantine::QuarantineControl>, Status> {
+        self.quarantine.clone().ok_or_else(|| {
+            Status::unimplemented("this controller has no quarantine directory (--quarantine-dir)")
+        })
     }
 }
 
@@ -249,6 +265,40 @@ impl Admin for AdminService {
         Ok(Response::new(NodeStatusResponse {
             nodes,
             epoch: self.hub.epoch(),
+        }))
+    }
+
+    async fn quarantine(
+        &self,
+        request: Request<pb::QuarantineRequest>,
+    ) -> Result<Response<pb::QuarantineResponse>, Status> {
+        let q = self.quarantines()?;
+        let r = request.into_inner();
+        let resp = tokio::task::spawn_blocking(move || q.quarantine(r))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(resp))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::QuarantineResponse>, Status> {
+        let q = self.quarantines()?;
+        let r = request.into_inner();
+        let resp = tokio::task::spawn_blocking(move || q.release(r))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(resp))
+    }
+
+    async fn list_quarantines(
+        &self,
+        _request: Request<pb::ListQuarantinesRequest>,
+    ) -> Result<Response<pb::ListQuarantinesResponse>, Status> {
+        let q = self.quarantines()?;
+        Ok(Response::new(pb::ListQuarantinesResponse {
+            quarantines: q.list(),
         }))
     }
 }

@@ -73,6 +73,7 @@ pub fn ruleset(version: u64, endpoints: Vec<Endpoint>, ipcache: Vec<(&str, u32)>
             .map(|(cidr, identity)| IpCacheEntry {
                 cidr: cidr.parse().expect("test cidr"),
                 identity,
+                quarantined: false,
             })
             .collect(),
         rules: BTreeMap::new(),
