@@ -224,8 +224,12 @@ impl Enforcer {
             .collect();
         let mut wanted: BTreeMap<IpNetwork, IpCacheValue> = BTreeMap::new();
         for entry in &ruleset.ipcache {
-            let q = entry.cidr.prefix() == if entry.cidr.is_ipv4() { 32 } else { 128 }
-                && quarantined.contains(&entry.cidr.ip());
+            // Quarantined pods anywhere in the cluster (the controller flags them in every
+            // node's ipcache) and local quarantined endpoints: the XDP prefilter drops their
+            // traffic on arrival.
+            let q = entry.quarantined
+                || (entry.cidr.prefix() == if entry.cidr.is_ipv4() { 32 } else { 128 }
+                    && quarantined.contains(&entry.cidr.ip()));
             wanted.insert(
                 entry.cidr,
                 IpCacheValue {
