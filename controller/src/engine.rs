@@ -43,6 +43,12 @@
 //! would only resolve to identities no entry on the node names, and CIDR identities are matched
 //! exactly like the pods they contain, so leaving them out cannot change a verdict.
 //!
+//! A quarantined address's entry also lists the peer identities its Quarantines' exceptions
+//! admit ([`IpCacheEntry::quarantine_allow`], for the XDP prefilter). The list belongs to the
+//! pod's quarantine group and depends on exactly what the group's policy depends on, so it is
+//! recomputed with it; when it changes, the group's pods' addresses are re-checked on every
+//! node, against the list the group had before the change (kept in the journal).
+//!
 //! # Placement
 //! A pod is placed on its `spec.nodeName`, or on [`EngineConfig::unscheduled_node`] when it has
 //! none. It is an endpoint when it has an address (host-network pods are ignored entirely, as
@@ -199,6 +205,9 @@ struct Contribution {
 }
 
 type Policies = Arc<EndpointPolicy>;
+/// What a node's ipcache gives a pod address: its identity, and its quarantine group when the
+/// pod is quarantined (whose exception identities the entry carries).
+type PodEntry = (Identity, Option<Identity>);
 /// Keys of the active Quarantines that select one pod, sorted.
 type QuarantineSet = Arc<Vec<PolicyKey>>;
 
@@ -243,6 +252,10 @@ struct IdentityState {
     policy: Policies,
     contribution: Arc<Contribution>,
     endpoints: FxHashMap<NodeIdx, BTreeSet<u32>>,
+    /// Quarantine groups only: the peer identities the group's exceptions admit (what the
+    /// ipcache entries of its pods carry as [`IpCacheEntry::quarantine_allow`]); empty for the
+    /// other kinds. Kept up to date with the group's policy.
+    quarantine_allow: Arc<Vec<Identity>>,
 }
 
 #[derive(Debug, Clone)]
@@ -334,6 +347,9 @@ struct Journal {
     group_old: FxHashMap<(NodeIdx, Identity), bool>,
     renamed_rules: FxHashSet<RuleId>,
     cidr_old: BTreeMap<IpNetwork, Option<Identity>>,
+    /// A quarantine group's exception identities before the change (groups whose list changed
+    /// or that went away).
+    allow_old: FxHashMap<Identity, Arc<Vec<Identity>>>,
     node_existed: FxHashMap<NodeIdx, bool>,
 }
 
@@ -734,7 +750,7 @@ impl PolicyEngine {
         let mut ipcache: Vec<IpCacheEntry> = Vec::with_capacity(pod_entries.len() + cache.len());
         // Merge two sorted lists; a pod address wins over a CIDR identity of the same prefix.
         let mut cidrs = cache.into_iter().peekable();
-        for (net, (id, quarantined)) in &pod_entries {
+        for (net, (id, group)) in &pod_entries {
             while let Some((c, cid)) = cidrs.peek() {
                 if c < net {
                     ipcache.push(IpCacheEntry::new(*c, *cid));
@@ -749,7 +765,8 @@ impl PolicyEngine {
             ipcache.push(IpCacheEntry {
                 cidr: *net,
                 identity: *id,
-                quarantined: *quarantined,
+                quarantined: group.is_some(),
+                quarantine_allow: group.map(|g| self.allow_of(g).to_vec()).unwrap_or_default(),
             });
         }
         ipcache.extend(cidrs.map(|(cidr, identity)| IpCacheEntry::new(cidr, identity)));
@@ -1405,6 +1422,7 @@ impl PolicyEngine {
                 policy: Arc::default(),
                 contribution: Arc::new(Contribution::default()),
                 endpoints: FxHashMap::default(),
+                quarantine_allow: Arc::default(),
             },
         );
         let mut candidates: Vec<SelId> = self.sel_global.iter().copied().collect();
@@ -1444,6 +1462,12 @@ impl PolicyEngine {
                 .old_policy
                 .entry(id)
                 .or_insert_with(|| state.policy.clone());
+            if matches!(state.kind, IdentityKind::Quarantine(_)) {
+                self.journal
+                    .allow_old
+                    .entry(id)
+                    .or_insert_with(|| state.quarantine_allow.clone());
+            }
         }
         if let IdentityKind::Pod(k) = &state.kind
             && let Some(set) = self.identities_by_ns.get_mut(&k.namespace)
@@ -2233,6 +2257,65 @@ impl PolicyEngine {
         out
     }
 
+    /// The peer identities a quarantine group's exceptions admit, in either direction and on
+    /// any port, sorted: the identities each exception's selection matches, or exactly
+    /// `[identity::ANY]` when an exception admits every pod. Depends on what the group's policy
+    /// depends on, so it is recomputed whenever that is.
+    fn compute_quarantine_allow(&self, set: &[PolicyKey]) -> Vec<Identity> {
+        let mut out = Vec::new();
+        for key in set {
+            let Some(q) = self.quarantines.get(key) else {
+                continue;
+            };
+            for (shape, _) in q.shapes.iter().flatten() {
+                if shape.action != Action::Allow {
+                    continue;
+                }
+                let PeerRef::Sel(s) = shape.peer else {
+                    return vec![identity::ANY];
+                };
+                let sel = self.sel(s);
+                if admits_every_pod(&sel.spec) {
+                    return vec![identity::ANY];
+                }
+                out.extend(sel.matched.iter().copied());
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Brings a quarantine group's exception identities up to date; when they change, its
+    /// pods' addresses are re-checked on every node (every node carries them).
+    fn refresh_quarantine_allow(&mut self, id: Identity) {
+        let Some(IdentityKind::Quarantine(set)) = self.identities.get(&id).map(|s| &s.kind) else {
+            return;
+        };
+        let new = self.compute_quarantine_allow(set);
+        let Some(st) = self.identities.get_mut(&id) else {
+            return;
+        };
+        if *st.quarantine_allow == new {
+            return;
+        }
+        let old = std::mem::replace(&mut st.quarantine_allow, Arc::new(new));
+        if !self.journal.active {
+            return;
+        }
+        self.journal.allow_old.entry(id).or_insert(old);
+        let nodes = self.nodes.len() as NodeIdx;
+        let ips: Vec<IpAddr> = st
+            .pods
+            .iter()
+            .filter_map(|pk| self.pods.get(pk))
+            .flat_map(|p| p.pod.ips.iter().copied())
+            .collect();
+        for n in 0..nodes {
+            self.journal.ip_checks.extend(ips.iter().map(|ip| (n, *ip)));
+        }
+    }
+
     // -----------------------------------------------------------------------------------------
     // Per-identity policy.
 
@@ -2366,6 +2449,7 @@ impl PolicyEngine {
     }
 
     fn install_policy(&mut self, id: Identity, new: EndpointPolicy) {
+        self.refresh_quarantine_allow(id);
         let Some(st) = self.identities.get_mut(&id) else {
             return;
         };
@@ -2510,10 +2594,10 @@ impl PolicyEngine {
         self.journal.ip_checks.extend(ips);
     }
 
-    /// The identity (and quarantine flag) node `n`'s ipcache gives a pod address, if it carries
-    /// it: the first pod (by name) with that address that is local to the node, quarantined, or
-    /// whose identity the node references.
-    fn pod_entry(&self, n: NodeIdx, ip: &IpAddr) -> Option<(Identity, bool)> {
+    /// The identity (and quarantine group) node `n`'s ipcache gives a pod address, if it
+    /// carries it: the first pod (by name) with that address that is local to the node,
+    /// quarantined, or whose identity the node references.
+    fn pod_entry(&self, n: NodeIdx, ip: &IpAddr) -> Option<PodEntry> {
         let node = &self.nodes[n as usize];
         let world = node.peer_refs.contains_key(&identity::WORLD);
         self.pods_by_ip.get(ip)?.iter().find_map(|pk| {
@@ -2521,8 +2605,24 @@ impl PolicyEngine {
             let local = st.node == n && st.endpoint.is_some();
             let quarantined = st.quarantine.is_some();
             (local || world || quarantined || node.peer_refs.contains_key(&st.identity))
-                .then_some((st.identity, quarantined))
+                .then_some((st.identity, st.quarantine))
         })
+    }
+
+    /// A quarantine group's exception identities now.
+    fn allow_of(&self, group: Identity) -> Arc<Vec<Identity>> {
+        self.identities
+            .get(&group)
+            .map(|s| s.quarantine_allow.clone())
+            .unwrap_or_default()
+    }
+
+    /// A quarantine group's exception identities before the change in the journal.
+    fn old_allow_of(&self, group: Identity, j: &Journal) -> Arc<Vec<Identity>> {
+        match j.allow_old.get(&group) {
+            Some(old) => old.clone(),
+            None => self.allow_of(group),
+        }
     }
 
     /// [`Self::pod_entry`] as it was before the change in the journal: from the pods' snapshots
@@ -2533,7 +2633,7 @@ impl PolicyEngine {
         ip: &IpAddr,
         j: &Journal,
         old_at: &FxHashMap<IpAddr, Vec<(&PodKey, &PodSnap)>>,
-    ) -> Option<(Identity, bool)> {
+    ) -> Option<PodEntry> {
         let node = &self.nodes[n as usize];
         let had = |peer: Identity| {
             j.peer_old
@@ -2552,9 +2652,13 @@ impl PolicyEngine {
                     return None;
                 }
                 let st = self.pods.get(pk)?;
-                let q = st.quarantine.is_some();
-                carried(st.node, st.identity, st.endpoint.is_some(), q)
-                    .then_some((&**pk, (st.identity, q)))
+                carried(
+                    st.node,
+                    st.identity,
+                    st.endpoint.is_some(),
+                    st.quarantine.is_some(),
+                )
+                .then_some((&**pk, (st.identity, st.quarantine)))
             })
         });
         // …and touched ones as they were; the first by key of both wins.
@@ -2569,7 +2673,7 @@ impl PolicyEngine {
                         s.quarantine.is_some(),
                     )
                 })
-                .map(|(pk, s)| (*pk, (s.identity, s.quarantine.is_some())))
+                .map(|(pk, s)| (*pk, (s.identity, s.quarantine)))
                 .min_by(|a, b| a.0.cmp(b.0))
         });
         match (untouched, touched) {
@@ -2579,19 +2683,18 @@ impl PolicyEngine {
     }
 
     /// The pod addresses node `n`'s ipcache carries, sorted.
-    fn pod_entries(&self, n: NodeIdx) -> Vec<(IpNetwork, (Identity, bool))> {
+    fn pod_entries(&self, n: NodeIdx) -> Vec<(IpNetwork, PodEntry)> {
         let node = &self.nodes[n as usize];
-        // Every (address, identity, quarantined) the node carries; an address shared by pods
-        // of different identities (stale pod data) is settled by `pod_entry`.
-        type Entries = Vec<(IpNetwork, (Identity, bool))>;
+        // Every (address, identity, quarantine group) the node carries; an address shared by
+        // pods of different identities or groups (stale pod data) is settled by `pod_entry`.
+        type Entries = Vec<(IpNetwork, PodEntry)>;
         let mut entries: Entries = Vec::new();
         let push_pod = |st: &PodState, entries: &mut Entries| {
-            let q = st.quarantine.is_some();
             entries.extend(
                 st.pod
                     .ips
                     .iter()
-                    .map(|ip| (host_net(*ip), (st.identity, q))),
+                    .map(|ip| (host_net(*ip), (st.identity, st.quarantine))),
             );
         };
         for pk in &self.quarantined_pods {
@@ -2873,13 +2976,20 @@ impl PolicyEngine {
         }
         // ipcache: pod entries that may have changed, and CIDR identities that did.
         // (prefix, pod entry before, pod entry now); a prefix may come twice, with equal values.
-        type Entry = Option<(Identity, bool)>;
+        // An entry is the identity and, for a quarantined address, its exception identities.
+        type Entry = Option<(Identity, Option<Arc<Vec<Identity>>>)>;
         let mut keys: Vec<(IpNetwork, Entry, Entry)> = Vec::new();
         let pod_key = |this: &Self, ip: IpAddr, keys: &mut Vec<_>, always: bool| {
             let net = host_net(ip);
-            let new = if exists { this.pod_entry(n, &ip) } else { None };
+            let new = if exists {
+                this.pod_entry(n, &ip)
+                    .map(|(id, g)| (id, g.map(|g| this.allow_of(g))))
+            } else {
+                None
+            };
             let old = if existed {
                 this.old_pod_entry(n, &ip, j, old_at)
+                    .map(|(id, g)| (id, g.map(|g| this.old_allow_of(g, j))))
             } else {
                 None
             };
@@ -2919,21 +3029,22 @@ impl PolicyEngine {
                 None => self.cidr_identity(&k),
             };
             let old_eff = if existed {
-                old_p.or(old_c.map(|id| (id, false)))
+                old_p.or(old_c.map(|id| (id, None)))
             } else {
                 None
             };
             let new_eff = if exists {
-                new_p.or_else(|| self.cidr_identity(&k).map(|id| (id, false)))
+                new_p.or_else(|| self.cidr_identity(&k).map(|id| (id, None)))
             } else {
                 None
             };
             match (old_eff, new_eff) {
                 (a, b) if a == b => {}
-                (_, Some((id, quarantined))) => delta.ipcache_upserted.push(IpCacheEntry {
+                (_, Some((id, allow))) => delta.ipcache_upserted.push(IpCacheEntry {
                     cidr: k,
                     identity: id,
-                    quarantined,
+                    quarantined: allow.is_some(),
+                    quarantine_allow: allow.map(|a| a.to_vec()).unwrap_or_default(),
                 }),
                 (Some(_), None) => delta.ipcache_removed.push(k),
                 (None, None) => {}
@@ -2992,6 +3103,22 @@ impl PolicyEngine {
 /// number already.
 fn group_of(identity: Identity) -> PolicyGroupId {
     identity
+}
+
+/// Whether a selection matches every pod identity, whatever the inventory. A quarantine
+/// exception with it would list every pod identity; its allow list is `[identity::ANY]` instead.
+/// That is coarser (the prefilter then lets the world through too), which is fine for an early
+/// drop: the quarantined endpoint's own node still enforces the exact exceptions.
+fn admits_every_pod(spec: &SelectionSpec) -> bool {
+    match spec {
+        SelectionSpec::Pods(PodSelection {
+            namespaces: NamespaceScope::Selected(ns),
+            pods,
+            service_account: None,
+        }) => ns.is_everything() && pods.is_everything(),
+        SelectionSpec::Cluster | SelectionSpec::AllPods => true,
+        _ => false,
+    }
 }
 
 /// Sorts entries and drops those equal to an earlier one but for the rule id: they decide

@@ -285,6 +285,19 @@ pub struct IpCacheEntry {
     /// them, so that each node can drop their traffic early (XDP prefilter).
     #[serde(default)]
     pub quarantined: bool,
+    /// For a quarantined address: the peer identities its active Quarantines' exceptions admit,
+    /// in either direction and on any port (pod-selector exceptions: the selected pods'
+    /// identities; ipBlock exceptions: the CIDR identities allocated for them, and the
+    /// identities of pods whose addresses they contain), sorted and free of duplicates. When an
+    /// exception admits every pod (e.g. `namespaceSelector: {}` without a pod restriction) the
+    /// list is exactly `[identity::ANY]`. Empty when the address is not quarantined or its
+    /// Quarantines have no exceptions.
+    ///
+    /// This is what a node's XDP prefilter lets through to and from a quarantined address
+    /// instead of dropping it early; ports and the exact verdict are enforced by the policy of
+    /// the quarantined endpoint on its own node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantine_allow: Vec<Identity>,
 }
 
 impl IpCacheEntry {
@@ -294,7 +307,16 @@ impl IpCacheEntry {
             cidr,
             identity,
             quarantined: false,
+            quarantine_allow: Vec::new(),
         }
+    }
+
+    /// Whether the prefilter lets traffic between this (quarantined) address and an address of
+    /// identity `peer` through: `peer` is in [`IpCacheEntry::quarantine_allow`], or the list
+    /// holds [`identity::ANY`].
+    pub fn quarantine_admits(&self, peer: Identity) -> bool {
+        self.quarantine_allow.last() == Some(&identity::ANY)
+            || self.quarantine_allow.binary_search(&peer).is_ok()
     }
 }
 
@@ -439,7 +461,8 @@ pub struct NodeDelta {
     pub policies_changed: BTreeMap<PolicyGroupId, PolicyDelta>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ipcache_removed: Vec<IpNetwork>,
-    /// New entries, and entries whose identity or quarantine flag changed.
+    /// New entries, and entries whose identity, quarantine flag or quarantine exceptions
+    /// ([`IpCacheEntry::quarantine_allow`]) changed, in full.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ipcache_upserted: Vec<IpCacheEntry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -736,25 +759,17 @@ impl RuleSet {
             self.endpoints.sort_by_key(|e| e.id);
         }
         if !delta.ipcache_removed.is_empty() || !delta.ipcache_upserted.is_empty() {
-            let mut cache: BTreeMap<IpNetwork, (Identity, bool)> = self
-                .ipcache
-                .iter()
-                .map(|e| (e.cidr, (e.identity, e.quarantined)))
+            let mut cache: BTreeMap<IpNetwork, IpCacheEntry> = std::mem::take(&mut self.ipcache)
+                .into_iter()
+                .map(|e| (e.cidr, e))
                 .collect();
             for cidr in &delta.ipcache_removed {
                 cache.remove(cidr);
             }
             for e in &delta.ipcache_upserted {
-                cache.insert(e.cidr, (e.identity, e.quarantined));
+                cache.insert(e.cidr, e.clone());
             }
-            self.ipcache = cache
-                .into_iter()
-                .map(|(cidr, (identity, quarantined))| IpCacheEntry {
-                    cidr,
-                    identity,
-                    quarantined,
-                })
-                .collect();
+            self.ipcache = cache.into_values().collect();
         }
         for rule in &delta.rules_removed {
             self.rules.remove(rule);
@@ -1026,6 +1041,43 @@ mod tests {
         applied.apply_delta(&parsed).expect("applies");
         assert_eq!(applied.policies[&300], changed);
         assert_eq!(applied.version, 4);
+    }
+
+    #[test]
+    fn quarantine_allow_lists_travel_in_deltas_and_default_to_empty() {
+        let net = |s: &str| -> IpNetwork { s.parse().expect("net") };
+        // Rule sets written before the field existed still parse; empty lists are left out.
+        let old = r#"{"cidr":"10.0.0.1/32","identity":300,"quarantined":true}"#;
+        let e: IpCacheEntry = serde_json::from_str(old).expect("parses");
+        assert!(e.quarantined && e.quarantine_allow.is_empty());
+        assert!(!e.quarantine_admits(301));
+        let plain =
+            serde_json::to_string(&IpCacheEntry::new(net("10.0.0.2/32"), 301)).expect("serializes");
+        assert!(!plain.contains("quarantine_allow"), "{plain}");
+        let mut rs = RuleSet {
+            node: "n1".into(),
+            version: 1,
+            ipcache: vec![e.clone(), IpCacheEntry::new(net("10.0.0.2/32"), 301)],
+            ..RuleSet::default()
+        };
+        let mut upserted = e;
+        upserted.quarantine_allow = vec![301, identity::FIRST_CIDR_IDENTITY];
+        let delta = NodeDelta {
+            node: "n1".into(),
+            from_version: 1,
+            version: 2,
+            ipcache_upserted: vec![upserted.clone()],
+            ..NodeDelta::default()
+        };
+        let text = serde_json::to_string(&delta).expect("serializes");
+        rs.apply_delta(&serde_json::from_str(&text).expect("parses"))
+            .expect("applies");
+        assert_eq!(rs.ipcache[0], upserted);
+        assert!(rs.ipcache[0].quarantine_admits(301));
+        assert!(!rs.ipcache[0].quarantine_admits(302));
+        let mut any = upserted;
+        any.quarantine_allow = vec![identity::ANY];
+        assert!(any.quarantine_admits(302));
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Incremental updates must equal a full recompile, and deltas must rebuild the rule sets.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use bulkhead_controller::model::{ContainerPort, Namespace, Node};
-use bulkhead_controller::ruleset::{Protocol, RuleSet};
+use bulkhead_controller::ruleset::{Action, Direction, Protocol, RuleSet, identity};
 use bulkhead_controller::{Change, EngineConfig, Object, Pod, PodKey, PolicyEngine, load_str};
 use proptest::prelude::*;
 
@@ -32,11 +33,14 @@ fn policy_pool() -> Vec<Vec<Object>> {
             "apiVersion: bulkhead.dev/v1alpha1\nkind: ServicePolicy\nmetadata: {namespace: y, name: svc}\nspec:\n  subject: {serviceAccount: api}\n  ingress: [{from: [{service: {serviceAccount: api, namespaceSelector: {}}}], ports: [{protocol: TCP, port: 80, endPort: 90}]}]\n  egress: [{action: Deny, to: [{entity: world}]}]",
             "apiVersion: bulkhead.dev/v1alpha1\nkind: ServicePolicy\nmetadata: {namespace: y, name: svc}\nspec:\n  mode: Audit\n  subject: {podSelector: {matchLabels: {app: db}}}\n  ingress: [{from: [{entity: cluster}]}]",
         ],
-        // Quarantines: by selector and by name, with pod, namespace and CIDR exceptions, and
-        // expiring while the clock ticks (see CLOCK_START).
+        // Quarantines: by selector and by name, with pod, namespace and CIDR exceptions (whose
+        // peers come and go as pods are created, relabeled, moved and deleted, and namespaces
+        // relabeled: their ipcache entries' allow lists follow), an exception admitting every
+        // pod (allow list [ANY]), and expiring while the clock ticks (see CLOCK_START).
         vec![
             "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: x, name: q}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  reason: scan\n  allow: [{podSelector: {matchLabels: {app: db}}, ports: [{port: 80}]}]",
             "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: x, name: q}\nspec:\n  pods: [p0, p1]\n  reason: scan\n  allow: [{ipBlock: {cidr: 10.0.1.0/24}}, {namespaceSelector: {matchLabels: {team: a}}, podSelector: {matchLabels: {app: web}}}]\n  expiresAt: 2100-01-01T00:00:10Z",
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: x, name: q}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  reason: scan\n  allow: [{namespaceSelector: {}, ports: [{port: 22}]}, {podSelector: {matchExpressions: [{key: tier, operator: Exists}]}}]",
         ],
         vec![
             "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: y, name: q2}\nspec:\n  pods: [p1]\n  reason: worm\n  expiresAt: 2100-01-01T00:00:20Z",
@@ -45,6 +49,7 @@ fn policy_pool() -> Vec<Vec<Object>> {
         vec![
             "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: x, name: q3}\nspec:\n  pods: [p1, p2]\n  reason: second opinion\n  allow: [{podSelector: {matchLabels: {app: db}}, ports: [{port: 80}]}]",
             "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: x, name: q3}\nspec:\n  pods: [p2]\n  reason: already over\n  expiresAt: 2000-01-01T00:00:00Z",
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: x, name: q3}\nspec:\n  pods: [p0, p3]\n  reason: forensics\n  allow: [{namespaceSelector: {matchLabels: {team: b}}, podSelector: {matchExpressions: [{key: tier, operator: Exists}]}}, {ipBlock: {cidr: 10.0.0.0/30, except: [10.0.0.2/32]}, ports: [{port: 443}]}]",
         ],
     ];
     docs.into_iter()
@@ -118,7 +123,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0..2usize, 0..4usize).prop_map(|(ns, name)| Step::DeletePod { ns, name }),
         1 => (0..2usize, proptest::option::of(0..2usize)).prop_map(|(ns, team)| Step::Namespace { ns, team }),
         1 => (0..2usize).prop_map(|ns| Step::DeleteNamespace { ns }),
-        4 => (0..8usize, 0..2usize).prop_map(|(index, variant)| Step::Policy { index, variant }),
+        4 => (0..8usize, 0..3usize).prop_map(|(index, variant)| Step::Policy { index, variant }),
         2 => (0..8usize).prop_map(|index| Step::DeletePolicy { index }),
         1 => (1..4usize, any::<bool>()).prop_map(|(node, declared)| Step::Node { node, declared }),
         1 => (0..25u64).prop_map(|seconds| Step::Tick { seconds }),
@@ -184,7 +189,7 @@ fn to_change(step: &Step, pool: &[Vec<Object>]) -> Change {
                 .collect(),
         }),
         Step::DeleteNamespace { ns } => Change::DeleteNamespace(NS[*ns].into()),
-        Step::Policy { index, variant } => match &pool[*index][*variant] {
+        Step::Policy { index, variant } => match &pool[*index][*variant % pool[*index].len()] {
             Object::Policy(p) => Change::UpsertPolicy(p.clone()),
             _ => unreachable!("the pool holds policies"),
         },
@@ -270,6 +275,59 @@ fn normalized(mut rs: RuleSet) -> RuleSet {
     rs
 }
 
+/// Every quarantined ipcache entry's allow list is sorted, and either `[ANY]` or exactly the
+/// peers of the exceptions (allow entries) in the policy group of a quarantined endpoint with
+/// that address and identity; unquarantined entries have none.
+fn check_quarantine_allow(rulesets: &BTreeMap<String, RuleSet>) -> Result<(), String> {
+    let mut candidates: BTreeMap<(IpAddr, u32), Vec<Vec<u32>>> = BTreeMap::new();
+    for rs in rulesets.values() {
+        for ep in rs.endpoints.iter().filter(|e| e.quarantined) {
+            let policy = rs.policy_of(ep);
+            let mut peers: Vec<u32> = Direction::ALL
+                .into_iter()
+                .flat_map(|d| policy.direction(d).entries.iter())
+                .filter(|e| e.action == Action::Allow)
+                .map(|e| e.peer)
+                .collect();
+            peers.sort_unstable();
+            peers.dedup();
+            for ip in &ep.ips {
+                candidates
+                    .entry((*ip, ep.identity))
+                    .or_default()
+                    .push(peers.clone());
+            }
+        }
+    }
+    for (node, rs) in rulesets {
+        for e in &rs.ipcache {
+            let list = &e.quarantine_allow;
+            if !e.quarantined {
+                if !list.is_empty() {
+                    return Err(format!("{node}: unquarantined {e:?} has an allow list"));
+                }
+                continue;
+            }
+            if !list.windows(2).all(|w| w[0] < w[1]) {
+                return Err(format!("{node}: {e:?}: allow list not sorted and unique"));
+            }
+            if *list == [identity::ANY] {
+                continue;
+            }
+            let Some(c) = candidates.get(&(e.cidr.ip(), e.identity)) else {
+                // The pod has no endpoint anywhere (every node full): nothing to compare with.
+                continue;
+            };
+            if !c.contains(list) {
+                return Err(format!(
+                    "{node}: {e:?}: allow list is none of the exception peers {c:?}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_sequence(steps: &[Step]) -> Result<(), TestCaseError> {
     let pool = policy_pool();
     let config = EngineConfig::default();
@@ -304,6 +362,8 @@ fn check_sequence(steps: &[Step]) -> Result<(), TestCaseError> {
             }
         }
         prop_assert_eq!(&rebuilt, &after, "step {}: {:?} deltas {:#?}", i, s, deltas);
+        check_quarantine_allow(&after)
+            .map_err(|e| TestCaseError::fail(format!("step {i}: {e}")))?;
         for d in &deltas {
             if let Some(old) = before.get(&d.node) {
                 prop_assert!(d.version > old.version, "version must grow");

@@ -610,3 +610,160 @@ fn expiry_deactivates_without_sleeping() {
     let early = PolicyEngine::new_at(EngineConfig::default(), objs, start()).expect("compiles");
     assert_eq!(early.quarantined_pods(), vec![pod("tools", "debug")]);
 }
+
+/// The quarantined address's entry on `rs`, by address.
+fn ipcache_entry<'a>(rs: &'a RuleSet, ip: &str) -> &'a bulkhead_controller::ruleset::IpCacheEntry {
+    rs.ipcache
+        .iter()
+        .find(|x| x.cidr.ip().to_string() == ip && x.cidr.prefix() == 32)
+        .unwrap_or_else(|| panic!("{} carries {ip}: {:?}", rs.node, rs.ipcache))
+}
+
+#[test]
+fn every_node_carries_the_exception_identities_of_quarantined_addresses() {
+    let mut e = engine();
+    let mut rebuilt = e.rulesets();
+    fn apply_to(
+        rebuilt: &mut std::collections::BTreeMap<String, RuleSet>,
+        deltas: &[bulkhead_controller::ruleset::NodeDelta],
+    ) {
+        for d in deltas {
+            rebuilt
+                .entry(d.node.clone())
+                .or_default()
+                .apply_delta(d)
+                .expect("delta applies");
+        }
+    }
+    let deltas = e.apply(quarantine_change(QUARANTINE)).expect("applies");
+    apply_to(&mut rebuilt, &deltas);
+    let forensics = e
+        .identity_of_pod(&pod("sec", "forensics"))
+        .expect("identity");
+    // The ipBlock exception's CIDR identity, the same on every node.
+    let cidr = ipcache_entry(&e.ruleset("n1").expect("n1"), "10.9.0.53").identity;
+    assert!(cidr >= identity::FIRST_CIDR_IDENTITY);
+    let mut both = vec![forensics, cidr];
+    both.sort();
+    for (name, rs) in e.rulesets() {
+        let q = ipcache_entry(&rs, "10.0.0.1");
+        assert!(q.quarantined, "{name}");
+        assert_eq!(q.quarantine_allow, both, "{name}");
+        assert!(q.quarantine_admits(forensics) && q.quarantine_admits(cidr));
+        let web = e.identity_of_pod(&pod("tools", "web")).expect("identity");
+        assert!(!q.quarantine_admits(web), "{name}");
+        // Nothing else carries a list.
+        assert!(
+            rs.ipcache
+                .iter()
+                .filter(|x| x.cidr != q.cidr)
+                .all(|x| x.quarantine_allow.is_empty()),
+            "{name}: {:?}",
+            rs.ipcache
+        );
+    }
+    // The new lists travel in the deltas, on every node.
+    for d in &deltas {
+        let up = d
+            .ipcache_upserted
+            .iter()
+            .find(|x| x.cidr.ip().to_string() == "10.0.0.1")
+            .unwrap_or_else(|| panic!("{}: {d:?}", d.node));
+        assert_eq!(up.quarantine_allow, both, "{}", d.node);
+    }
+
+    // forensics leaves the exception (relabeled): every node's list drops its identity.
+    let relabeled = "apiVersion: v1\nkind: Pod\nmetadata: {namespace: sec, name: forensics, labels: {app: idle}}\nspec: {nodeName: n3}\nstatus: {podIP: 10.0.0.4}\n";
+    let Some(Object::Pod(p)) = objects(relabeled).into_iter().next() else {
+        panic!("a pod");
+    };
+    let deltas = e.apply(Change::UpsertPod(p)).expect("applies");
+    apply_to(&mut rebuilt, &deltas);
+    let mut nodes: Vec<&str> = deltas.iter().map(|d| d.node.as_str()).collect();
+    nodes.sort();
+    assert_eq!(nodes, vec!["n1", "n2", "n3"]);
+    for d in &deltas {
+        let up = d
+            .ipcache_upserted
+            .iter()
+            .find(|x| x.cidr.ip().to_string() == "10.0.0.1")
+            .unwrap_or_else(|| panic!("{}: {d:?}", d.node));
+        assert!(up.quarantined);
+        assert_eq!(up.quarantine_allow, vec![cidr], "{}", d.node);
+    }
+    // A new pod matching it (a fresh identity, on a new node) joins every node's list.
+    let newcomer = "apiVersion: v1\nkind: Pod\nmetadata: {namespace: sec, name: forensics-2, labels: {app: forensics, shift: night}}\nspec: {nodeName: n4}\nstatus: {podIP: 10.0.0.5}\n";
+    let Some(Object::Pod(p)) = objects(newcomer).into_iter().next() else {
+        panic!("a pod");
+    };
+    apply_to(
+        &mut rebuilt,
+        &e.apply(Change::UpsertPod(p)).expect("applies"),
+    );
+    let f2 = e
+        .identity_of_pod(&pod("sec", "forensics-2"))
+        .expect("identity");
+    assert_ne!(f2, forensics);
+    let mut now = vec![f2, cidr];
+    now.sort();
+    let rulesets = e.rulesets();
+    assert_eq!(rulesets.len(), 4);
+    for (name, rs) in &rulesets {
+        assert_eq!(
+            ipcache_entry(rs, "10.0.0.1").quarantine_allow,
+            now,
+            "{name}"
+        );
+    }
+    assert_eq!(rebuilt, rulesets, "deltas rebuild the rule sets");
+    // A full compile agrees.
+    let mut objs: Vec<Object> = objects(INVENTORY)
+        .into_iter()
+        .filter(|o| !matches!(o, Object::Pod(p) if p.name == "forensics"))
+        .collect();
+    objs.extend(objects(QUARANTINE));
+    objs.extend(objects(relabeled));
+    objs.extend(objects(newcomer));
+    let full = PolicyEngine::new_at(EngineConfig::default(), objs, start()).expect("compiles");
+    for (name, rs) in full.rulesets() {
+        assert_eq!(strip_version(rs), strip_version(rulesets[&name].clone()));
+    }
+
+    // An exception admitting every pod: [ANY], whatever the pods.
+    let open = "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {name: q1, namespace: tools}\nspec:\n  pods: [debug]\n  reason: port scan from debug\n  allow: [{namespaceSelector: {}, ports: [{port: 22}]}]\n";
+    apply_to(
+        &mut rebuilt,
+        &e.apply(quarantine_change(open)).expect("applies"),
+    );
+    for (name, rs) in e.rulesets() {
+        let q = ipcache_entry(&rs, "10.0.0.1");
+        assert_eq!(q.quarantine_allow, vec![identity::ANY], "{name}");
+        assert!(q.quarantine_admits(identity::WORLD));
+    }
+    // No exceptions: flagged, empty list (left out of the JSON).
+    let closed = "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {name: q1, namespace: tools}\nspec: {pods: [debug], reason: port scan from debug}\n";
+    apply_to(
+        &mut rebuilt,
+        &e.apply(quarantine_change(closed)).expect("applies"),
+    );
+    for (name, rs) in e.rulesets() {
+        let q = ipcache_entry(&rs, "10.0.0.1");
+        assert!(q.quarantined && q.quarantine_allow.is_empty(), "{name}");
+        let json = serde_json::to_string(q).expect("serializes");
+        assert!(!json.contains("quarantine_allow"), "{json}");
+    }
+    // Released: no flag, no list.
+    apply_to(
+        &mut rebuilt,
+        &e.apply(Change::DeletePolicy(q1())).expect("releases"),
+    );
+    for (name, rs) in e.rulesets() {
+        assert!(
+            rs.ipcache
+                .iter()
+                .all(|x| !x.quarantined && x.quarantine_allow.is_empty()),
+            "{name}"
+        );
+    }
+    assert_eq!(rebuilt, e.rulesets(), "deltas rebuild the rule sets");
+}
