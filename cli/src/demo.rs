@@ -173,10 +173,72 @@ fn story(args: &DemoArgs, shop: &Path, policies: &Path) -> anyhow::Result<()> {
 
     step(
         6,
-        "And the policy engine explains any pair without sending a packet",
+        "tools/debug is compromised and scans the shop: quarantine it, now",
     );
     let exe = std::env::current_exe().context("find bulkhead")?;
-    let out = std::process::Command::new(exe)
+    let before = lab::probe_matrix(&state, 80, "TCP", Duration::from_millis(400))?;
+    let reach = |m: &BTreeMap<String, BTreeMap<String, bool>>, a: &str, b: &str| {
+        m.get(a).and_then(|r| r.get(b)).copied().unwrap_or(false)
+    };
+    println!(
+        "  before: tools/debug reaches shop/frontend:80: {}",
+        reach(&before, "tools/debug", "shop/frontend")
+    );
+    let out = std::process::Command::new(&exe)
+        .args([
+            "quarantine",
+            "tools/debug",
+            "--reason",
+            "port scan against the shop",
+            "--lab",
+        ])
+        .arg(&args.state)
+        .output()
+        .context("run bulkhead quarantine")?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("  {line}");
+    }
+    if !out.status.success() {
+        anyhow::bail!(
+            "quarantine failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let after = lab::probe_matrix(&state, 80, "TCP", Duration::from_millis(400))?;
+    println!(
+        "  after:  tools/debug reaches shop/frontend:80: {}; anything reaches tools/debug:80: {}",
+        reach(&after, "tools/debug", "shop/frontend"),
+        after
+            .iter()
+            .any(|(src, row)| src != "tools/debug" && row.get("tools/debug") == Some(&true))
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let quarantine_flows: Vec<serde_json::Value> = lab::http_get(state.http_port, "/api/flows")
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|f| {
+            f["rule"].as_str().is_some_and(|r| r.contains("Quarantine")) && f["protocol"] == 6
+        })
+        .take(3)
+        .collect();
+    for f in &quarantine_flows {
+        println!(
+            "  flow on {}: {} → {}:{} denied by {}",
+            f["node"].as_str().unwrap_or("?"),
+            f["src"].as_str().unwrap_or("?"),
+            f["dst"].as_str().unwrap_or("?"),
+            f["dst_port"],
+            f["rule"].as_str().unwrap_or("?")
+        );
+    }
+
+    step(
+        7,
+        "And the policy engine explains any pair without sending a packet",
+    );
+    let out = std::process::Command::new(&exe)
         .args(["policy", "explain", "-f"])
         .arg(shop)
         .arg("-f")

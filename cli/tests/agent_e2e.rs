@@ -122,11 +122,13 @@ fn ruleset(version: u64, tcp: bool) -> RuleSet {
                 cidr: format!("{CLIENT}/32").parse().expect("cidr"),
                 identity: 500,
                 quarantined: false,
+                quarantine_allow: Vec::new(),
             },
             IpCacheEntry {
                 cidr: format!("{SERVER}/32").parse().expect("cidr"),
                 identity: 501,
                 quarantined: false,
+                quarantine_allow: Vec::new(),
             },
         ],
         rules,

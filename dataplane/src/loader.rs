@@ -23,7 +23,7 @@ use aya::{
 };
 use bulkhead_common::{
     Config, Counter, CtKey, CtValue, EndpointAddrKey, EndpointInfo, IpCacheValue, PolicyKey,
-    PolicyValue,
+    PolicyValue, QuarantineAllowKey,
 };
 
 pub const PROG_FROM_POD: &str = "bulkhead_from_pod";
@@ -361,6 +361,12 @@ impl Dataplane {
         &mut self,
     ) -> Result<LpmTrie<&mut MapData, [u8; 16], IpCacheValue>, LoadError> {
         self.map_mut("IPCACHE_V6")
+    }
+
+    pub fn quarantine_allow(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, QuarantineAllowKey, u32>, LoadError> {
+        self.map_mut("QUARANTINE_ALLOW")
     }
 
     pub fn conntrack(&mut self) -> Result<HashMap<&mut MapData, CtKey, CtValue>, LoadError> {

@@ -17,7 +17,7 @@ use std::{
 use aya::maps::lpm_trie::Key;
 use bulkhead_common::{
     Config, EndpointAddrKey, EndpointInfo, IPCACHE_QUARANTINED, IpCacheValue, PolicyKey,
-    PolicyValue, endpoint_flags,
+    PolicyValue, QuarantineAllowKey, endpoint_flags,
 };
 use bulkhead_controller::ruleset::{Endpoint, EndpointPolicy, PolicyGroupId, RuleSet};
 use ipnetwork::IpNetwork;
@@ -124,6 +124,7 @@ pub struct Enforcer {
     /// Keys of replaced or dropped groups: removed once no endpoint names their policy id.
     retired: Vec<(u32, Vec<(u32, PolicyKey)>)>,
     ipcache: BTreeMap<IpNetwork, IpCacheValue>,
+    quarantine_allow: BTreeSet<QuarantineAllowKey>,
     next_policy_id: u32,
     generation: u32,
     realized_version: Option<u64>,
@@ -176,6 +177,7 @@ impl Enforcer {
             groups: HashMap::new(),
             retired: Vec::new(),
             ipcache: BTreeMap::new(),
+            quarantine_allow: BTreeSet::new(),
             next_policy_id: max_policy_id.wrapping_add(1).max(1),
             generation,
             realized_version: None,
@@ -243,6 +245,22 @@ impl Enforcer {
                 self.write_ipcache(net, Some(*value))?;
             }
         }
+        // The quarantines' exceptions, so the prefilter spares the forensic path.
+        let allow: BTreeSet<QuarantineAllowKey> = ruleset
+            .ipcache
+            .iter()
+            .filter(|e| e.quarantined && e.cidr.prefix() == if e.cidr.is_ipv4() { 32 } else { 128 })
+            .flat_map(|e| {
+                let addr = addr16(e.cidr.ip());
+                e.quarantine_allow
+                    .iter()
+                    .map(move |identity| QuarantineAllowKey {
+                        addr,
+                        identity: *identity,
+                    })
+            })
+            .collect();
+        self.write_quarantine_allow(&allow, first_apply)?;
 
         // 2. endpoints whose interface exists.
         let mut placed: Vec<Placed<'_>> = Vec::with_capacity(ruleset.endpoints.len());
@@ -577,6 +595,29 @@ impl Enforcer {
             },
         );
         Ok(true)
+    }
+
+    /// Makes `QUARANTINE_ALLOW` hold exactly `wanted` (after a restart, whatever an earlier
+    /// agent left is found in the pinned map).
+    fn write_quarantine_allow(
+        &mut self,
+        wanted: &BTreeSet<QuarantineAllowKey>,
+        first_apply: bool,
+    ) -> Result<(), SyncError> {
+        let mut m = self.dataplane.quarantine_allow()?;
+        let present: BTreeSet<QuarantineAllowKey> = if first_apply {
+            m.keys().flatten().collect()
+        } else {
+            self.quarantine_allow.clone()
+        };
+        for k in wanted.difference(&present) {
+            m.insert(*k, 1, 0).map_err(map_err("QUARANTINE_ALLOW"))?;
+        }
+        for k in present.difference(wanted) {
+            let _ = m.remove(k);
+        }
+        self.quarantine_allow = wanted.clone();
+        Ok(())
     }
 
     /// Deletes every conntrack entry of these endpoints; returns how many there were.

@@ -496,6 +496,7 @@ fn endpoints_of_a_group_share_its_keys_and_switch_together() {
                 cidr: "10.0.0.4/32".parse().expect("cidr"),
                 identity: 300,
                 quarantined: false,
+                quarantine_allow: Vec::new(),
             });
             rs
         };

@@ -30,8 +30,8 @@ use bulkhead_common::{
     COUNTER_SLOTS, CT_AUDIT, Config, Counter, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, DenySeen,
     EVENT_AUDIT, EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo,
     FlowEvent, IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS,
-    PROTO_OTHER, PolicyKey, PolicyValue, RULE_UNRELATED_ICMP_ERROR, VERDICT_ALLOW, VERDICT_DENY,
-    endpoint_flags, reason, stat,
+    PROTO_OTHER, PolicyKey, PolicyValue, QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR,
+    VERDICT_ALLOW, VERDICT_DENY, endpoint_flags, reason, stat,
 };
 use parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Packet, Parsed};
 
@@ -86,6 +86,10 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(1 << 22, 0);
+
+/// Exceptions of quarantines, for the prefilter: (quarantined address, peer identity).
+#[map]
+static QUARANTINE_ALLOW: HashMap<QuarantineAllowKey, u32> = HashMap::pinned(1 << 16, 0);
 
 /// Source CIDRs the XDP prefilter drops (value: rule id, for counters and debugging).
 #[map]
@@ -148,10 +152,15 @@ fn prefilter(ctx: &XdpContext) -> Option<bool> {
             return None;
         }
         let src: [u8; 4] = unsafe { *((start + 14 + 12) as *const [u8; 4]) };
+        let dst: [u8; 4] = unsafe { *((start + 14 + 16) as *const [u8; 4]) };
         if let Some(v) = IPCACHE_V4.get(Key::new(32, src))
             && v.flags & IPCACHE_QUARANTINED != 0
         {
-            return Some(true);
+            let peer = match IPCACHE_V4.get(Key::new(32, dst)) {
+                Some(d) => d.identity,
+                None => IDENTITY_WORLD,
+            };
+            return Some(!quarantine_allows(parse::v4_mapped(src), peer));
         }
         return Some(PREFILTER_V4.get(Key::new(32, src)).is_some());
     }
@@ -160,14 +169,34 @@ fn prefilter(ctx: &XdpContext) -> Option<bool> {
             return None;
         }
         let src: [u8; 16] = unsafe { *((start + 14 + 8) as *const [u8; 16]) };
+        let dst: [u8; 16] = unsafe { *((start + 14 + 24) as *const [u8; 16]) };
         if let Some(v) = IPCACHE_V6.get(Key::new(128, src))
             && v.flags & IPCACHE_QUARANTINED != 0
         {
-            return Some(true);
+            let peer = match IPCACHE_V6.get(Key::new(128, dst)) {
+                Some(d) => d.identity,
+                None => IDENTITY_WORLD,
+            };
+            return Some(!quarantine_allows(src, peer));
         }
         return Some(PREFILTER_V6.get(Key::new(128, src)).is_some());
     }
     None
+}
+
+/// Whether a quarantined source may still reach `peer` (one of its quarantine's exceptions).
+#[inline(always)]
+fn quarantine_allows(src: [u8; 16], peer: u32) -> bool {
+    let specific = QuarantineAllowKey {
+        addr: src,
+        identity: peer,
+    };
+    let any = QuarantineAllowKey {
+        addr: src,
+        identity: IDENTITY_ANY,
+    };
+    unsafe { QUARANTINE_ALLOW.get(&specific) }.is_some()
+        || unsafe { QUARANTINE_ALLOW.get(&any) }.is_some()
 }
 
 #[inline(always)]

@@ -69,12 +69,14 @@ fn ruleset(n: u32) -> RuleSet {
             cidr: format!("{}/32", peer_ip(i)).parse().expect("cidr"),
             identity: 1000 + i,
             quarantined: false,
+            quarantine_allow: Vec::new(),
         })
         .collect();
     ipcache.push(IpCacheEntry {
         cidr: "10.0.0.2/32".parse().expect("cidr"),
         identity: 300,
         quarantined: false,
+        quarantine_allow: Vec::new(),
     });
     RuleSet {
         node: "bench".into(),

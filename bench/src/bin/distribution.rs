@@ -156,8 +156,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cpu_before = cpu_seconds();
     let wall_before = Instant::now();
     let mut results: Vec<(&str, Vec<Duration>, usize)> = Vec::new();
-    for kind in ["policy edit", "pod relabel"] {
+    // Quarantines alternate: odd samples release the pod the even sample quarantined.
+    let mut quarantined: Option<bulkhead_controller::PolicyKey> = None;
+    for kind in ["policy edit", "pod relabel", "quarantine"] {
         let mut latencies = Vec::new();
+        let mut apply_times = Vec::new();
         let mut affected_total = 0;
         for i in 0..args.samples {
             let change = if kind == "policy edit" {
@@ -170,16 +173,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     }];
                 }
                 Change::UpsertPolicy(p)
-            } else {
+            } else if kind == "pod relabel" {
                 let mut p = pods[rng.below(pods.len())].clone();
                 p.labels.insert("canary".into(), format!("{}", i % 2));
                 Change::UpsertPod(p)
+            } else if let Some(key) = quarantined.take() {
+                Change::DeletePolicy(key)
+            } else {
+                // Every node learns the quarantined address (for its XDP prefilter): the widest
+                // delta there is.
+                let p = &pods[rng.below(pods.len())];
+                let yaml = format!(
+                    "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {{name: q, namespace: {}}}\nspec: {{pods: [{}], reason: bench}}\n",
+                    p.namespace, p.name
+                );
+                let loaded =
+                    bulkhead_controller::load_str(std::path::Path::new("bench.yaml"), &yaml);
+                anyhow::ensure!(
+                    loaded.errors.is_empty(),
+                    "quarantine manifest: {:?}",
+                    loaded.errors
+                );
+                let Some(Object::Policy(q)) = loaded.objects.into_iter().next() else {
+                    anyhow::bail!("the quarantine manifest yielded no policy");
+                };
+                quarantined = Some(q.key.clone());
+                Change::UpsertPolicy(q)
             };
+            let priority = kind == "quarantine";
             let t0 = Instant::now();
             let deltas = {
                 let hub = hub.clone();
-                tokio::task::spawn_blocking(move || hub.apply(vec![change], false)).await??
+                tokio::task::spawn_blocking(move || hub.apply(vec![change], priority)).await??
             };
+            apply_times.push(t0.elapsed());
             let mut waiting: HashMap<String, u64> =
                 deltas.iter().map(|d| (d.node.clone(), d.version)).collect();
             affected_total += waiting.len();
@@ -203,6 +230,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 latencies.push(last - t0);
             }
         }
+        let mut a = apply_times;
+        println!(
+            "{kind}: controller-side apply (engine + deltas + queueing) p50 {:.2} ms, p99 {:.2} ms",
+            percentile(&mut a, 0.5).as_secs_f64() * 1e3,
+            percentile(&mut a, 0.99).as_secs_f64() * 1e3
+        );
         results.push((kind, latencies, affected_total));
     }
     let wall = wall_before.elapsed().as_secs_f64();

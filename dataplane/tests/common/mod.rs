@@ -74,6 +74,7 @@ pub fn ruleset(version: u64, endpoints: Vec<Endpoint>, ipcache: Vec<(&str, u32)>
                 cidr: cidr.parse().expect("test cidr"),
                 identity,
                 quarantined: false,
+                quarantine_allow: Vec::new(),
             })
             .collect(),
         rules: BTreeMap::new(),

@@ -134,6 +134,15 @@ pub struct IpCacheValue {
 /// `IpCacheValue::flags`: the address belongs to a quarantined endpoint (XDP prefilter drops it).
 pub const IPCACHE_QUARANTINED: u32 = 1 << 0;
 
+/// Key of `QUARANTINE_ALLOW`: a quarantined address and a peer identity its quarantine's
+/// exceptions admit (the XDP prefilter lets that pair through). Identity `u32::MAX` admits all.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QuarantineAllowKey {
+    pub addr: [u8; 16],
+    pub identity: u32,
+}
+
 /// Address family markers in keys and events.
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -263,6 +272,7 @@ mod pod {
     unsafe impl aya::Pod for DenySeen {}
     unsafe impl aya::Pod for EndpointAddrKey {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for QuarantineAllowKey {}
 }
 
 #[cfg(test)]
