@@ -32,6 +32,17 @@ enum PolicyCommand {
     Explain(ExplainArgs),
     /// Print the compiled per-node rule sets (the agent's input) as JSON.
     Compile(CompileArgs),
+    /// Ask a running controller, per policy, on how many of the nodes it concerns the current
+    /// version is realized in the kernel.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    conn: crate::quarantine::Connection,
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: TextFormat,
 }
 
 #[derive(clap::Args)]
@@ -121,7 +132,59 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
         PolicyCommand::Evaluate(a) => evaluate(a),
         PolicyCommand::Explain(a) => explain(a),
         PolicyCommand::Compile(a) => compile(a),
+        PolicyCommand::Status(a) => status(a),
     }
+}
+
+fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    let resp = rt.block_on(async {
+        let mut c = crate::quarantine::client(&a.conn).await?;
+        let r = c
+            .policy_status(bulkhead_proto::v1::PolicyStatusRequest {})
+            .await?
+            .into_inner();
+        Ok::<_, anyhow::Error>(r)
+    })?;
+    let mut out = std::io::stdout().lock();
+    match a.output {
+        TextFormat::Json => {
+            let v: Vec<serde_json::Value> = resp
+                .policies
+                .iter()
+                .map(|p| {
+                    serde_json::json!({"kind": p.kind, "namespace": p.namespace, "name": p.name,
+                        "nodes": p.nodes, "realized": p.realized})
+                })
+                .collect();
+            serde_json::to_writer_pretty(&mut out, &v)?;
+            writeln!(out)?;
+        }
+        TextFormat::Text => {
+            writeln!(out, "{:<22} {:<40} {:>9}", "KIND", "POLICY", "REALIZED")?;
+            for p in &resp.policies {
+                let name = if p.namespace.is_empty() {
+                    p.name.clone()
+                } else {
+                    format!("{}/{}", p.namespace, p.name)
+                };
+                writeln!(
+                    out,
+                    "{:<22} {:<40} {:>4}/{:<4}",
+                    p.kind, name, p.realized, p.nodes
+                )?;
+            }
+        }
+    }
+    let all = resp.policies.iter().all(|p| p.realized == p.nodes);
+    Ok(if all {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }
 
 /// Loads the inputs and reports their problems on stderr; returns the exit code the problems

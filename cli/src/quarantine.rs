@@ -47,7 +47,7 @@ enum QuarantineCommand {
 }
 
 #[derive(Args, Clone)]
-struct Connection {
+pub struct Connection {
     /// Controller gRPC address.
     #[arg(long, default_value = "127.0.0.1:9960")]
     controller: String,
@@ -106,7 +106,7 @@ fn parse_allow(s: &str) -> anyhow::Result<pb::QuarantineAllow> {
     Ok(a)
 }
 
-async fn client(conn: &Connection) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+pub async fn client(conn: &Connection) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
     let (addr, tls) = match &conn.lab {
         Some(dir) => {
             let state = crate::lab::state::LabState::load(dir)?;

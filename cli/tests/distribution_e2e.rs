@@ -459,4 +459,31 @@ fn controller_and_agents_over_mtls() {
         policies.contains(r#""nodes":2"#) && policies.contains(r#""realized":2"#),
         "{policies}"
     );
+    // And the CLI says the same.
+    let certs = dir.join("certs");
+    let out = Command::new(bin())
+        .args([
+            "policy",
+            "status",
+            "--controller",
+            &format!("127.0.0.1:{}", c.grpc),
+        ])
+        .arg("--tls-cert")
+        .arg(certs.join("n1.pem"))
+        .arg("--tls-key")
+        .arg(certs.join("n1-key.pem"))
+        .arg("--ca")
+        .arg(certs.join("ca.pem"))
+        .output()
+        .expect("policy status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "policy status: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("dist/servers") && text.contains("2/2"),
+        "{text}"
+    );
 }

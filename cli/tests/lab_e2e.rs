@@ -390,3 +390,89 @@ fn lab_probe_agrees_with_policy_evaluate_and_down_leaves_nothing() {
     );
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// Dual-stack: the same agreement over IPv6, across two nodes.
+#[test]
+fn lab_ipv6_probe_agrees_with_policy_evaluate() {
+    if !check_privileged_test("lab_ipv6_probe_agrees_with_policy_evaluate") {
+        return;
+    }
+    let tmp = std::env::temp_dir().join(format!("bh-lab6-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("tmp");
+    let state = tmp.join("state");
+    let state_arg = state.to_string_lossy().to_string();
+    let _down = Down(state.clone());
+    let manifests = tmp.join("v6.yaml");
+    std::fs::write(
+        &manifests,
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: v6, labels: {app: a}}
+spec: {nodeName: node-1, containers: [{name: c, image: x, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: v6, labels: {app: b}}
+spec: {nodeName: node-2, containers: [{name: c, image: x, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: v6, labels: {app: c}}
+spec: {nodeName: node-1, containers: [{name: c, image: x, ports: [{containerPort: 80}]}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: only-a, namespace: v6}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: a}}}]}]
+"#,
+    )
+    .expect("write");
+    run_ok(
+        &[
+            "lab",
+            "--state",
+            &state_arg,
+            "up",
+            "--ipv6",
+            "--port-base",
+            "19720",
+        ],
+        &[&manifests],
+    );
+    let probed: Matrix = serde_json::from_str(&run_ok(
+        &[
+            "lab", "--state", &state_arg, "probe", "--port", "80", "--ipv6", "-o", "json",
+        ],
+        &[],
+    ))
+    .expect("probe json");
+    let expected: Matrix = serde_json::from_str(&run_ok(
+        &[
+            "policy",
+            "evaluate",
+            "--port",
+            "80",
+            "--protocol",
+            "TCP",
+            "-o",
+            "json",
+        ],
+        &[&manifests],
+    ))
+    .expect("evaluate json");
+    assert_eq!(
+        without_self(probed),
+        without_self(expected),
+        "IPv6 probe vs evaluate"
+    );
+    run_ok(&["lab", "--state", &state_arg, "down"], &[]);
+    assert!(
+        leftovers(&state).is_empty(),
+        "lab down left {:?}",
+        leftovers(&state)
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}

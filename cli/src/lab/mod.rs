@@ -318,6 +318,19 @@ fn ns_exec(ns: &str, argv: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Addresses in a lab are unique by construction: duplicate address detection would only keep
+/// new IPv6 addresses (link-local ones included) tentative, and the first connections failing.
+fn no_dad(ns: &Netns) -> anyhow::Result<()> {
+    for scope in ["all", "default"] {
+        ns.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{scope}.accept_dad=0"),
+        ])?;
+    }
+    Ok(())
+}
+
 fn create_fabric(state: &LabState) -> anyhow::Result<()> {
     let fabric = Netns::create(&fabric_ns(state))?.keep();
     fabric.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
@@ -329,6 +342,9 @@ fn create_node(state: &LabState, node: &LabNode) -> anyhow::Result<()> {
     let ipv6 = state.ipv6;
     let fabric = fabric_ns(state);
     let ns = Netns::create(&node.netns)?.keep();
+    if ipv6 {
+        no_dad(&ns)?;
+    }
     bulkhead_agent::netns::enable_forwarding(&ns)?;
     ns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])?;
     let fab_if = format!("fab-{}", node.index);
@@ -370,6 +386,9 @@ fn create_node(state: &LabState, node: &LabNode) -> anyhow::Result<()> {
 fn create_pod(state: &LabState, pod: &LabPod) -> anyhow::Result<()> {
     let node = state.node(&pod.node).context("pod on an unknown node")?;
     let pod_ns = Netns::create(&pod.netns)?.keep();
+    if state.ipv6 {
+        no_dad(&pod_ns)?;
+    }
     let node_ns = Netns::existing(&node.netns);
     let v4 = pod.ips.iter().find_map(|ip| match ip {
         IpAddr::V4(v) => Some(*v),
