@@ -72,6 +72,20 @@ fn program_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -
     move |source| LoadError::Program { name, source }
 }
 
+/// A program of the object by name, as its concrete type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoadError::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(program_err(name))
+}
+
 /// Mounts bpffs at `/sys/fs/bpf` unless it is mounted there already.
 pub fn ensure_bpffs() -> Result<(), LoadError> {
     let root = Path::new(BPFFS_ROOT);
@@ -151,24 +165,10 @@ impl Dataplane {
             .default_map_pin_directory(pin_dir.join("maps"))
             .load(crate::EBPF_OBJECT)?;
         for name in [PROG_FROM_POD, PROG_TO_POD, PROG_PARSE_ONLY] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(LoadError::Program {
-                    name,
-                    source: aya::programs::ProgramError::UnexpectedProgramType,
-                })?
-                .try_into()
-                .map_err(program_err(name))?;
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(program_err(name))?;
         }
-        let xdp: &mut Xdp = ebpf
-            .program_mut(PROG_PREFILTER)
-            .ok_or(LoadError::Program {
-                name: PROG_PREFILTER,
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(program_err(PROG_PREFILTER))?;
+        let xdp: &mut Xdp = program(&mut ebpf, PROG_PREFILTER)?;
         xdp.load().map_err(program_err(PROG_PREFILTER))?;
         Ok(Dataplane {
             ebpf,
@@ -198,15 +198,7 @@ impl Dataplane {
     fn attach_hook(&mut self, ifname: &str, hook: Hook) -> Result<(), LoadError> {
         let pin = self.link_pin(ifname, hook);
         let name = hook.program();
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(LoadError::Program {
-                name,
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(program_err(name))?;
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         let reused = match PinnedLink::from_pin(&pin) {
             Ok(old) => {
                 let fd = FdLink::from(old);
@@ -277,15 +269,7 @@ impl Dataplane {
             .pin_dir
             .join("links")
             .join(format!("{ifname}{LINK_XDP}"));
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(PROG_PREFILTER)
-            .ok_or(LoadError::Program {
-                name: PROG_PREFILTER,
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(program_err(PROG_PREFILTER))?;
+        let prog: &mut Xdp = program(&mut self.ebpf, PROG_PREFILTER)?;
         let id = match prog.attach(ifname, XdpMode::Driver) {
             Ok(id) => id,
             Err(_) => prog
@@ -315,15 +299,7 @@ impl Dataplane {
         ifindex: u32,
         repeat: u32,
     ) -> Result<(u32, Duration), LoadError> {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(program)
-            .ok_or(LoadError::Program {
-                name: program,
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            })?
-            .try_into()
-            .map_err(program_err(program))?;
+        let prog: &mut SchedClassifier = self::program(&mut self.ebpf, program)?;
         // struct __sk_buff up to and including `ifindex` (offset 40); the rest stays zero.
         let mut ctx = [0u8; 44];
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
