@@ -302,13 +302,7 @@ fn node_fabric_v6(index: u32) -> Ipv6Addr {
 }
 
 fn short_hash(s: &str) -> String {
-    // FNV-1a: stable across runs and versions, unlike std's hasher.
-    let mut h: u32 = 0x811c9dc5;
-    for b in s.bytes() {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x01000193);
-    }
-    format!("{h:08x}")
+    format!("{:08x}", state::fnv1a(s))
 }
 
 fn ns_exec(ns: &str, argv: &[&str]) -> anyhow::Result<()> {

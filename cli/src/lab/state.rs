@@ -10,17 +10,21 @@ use std::{
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-/// A short tag derived from the state directory: it prefixes the lab's namespaces and pin
-/// directories, so `lab down` finds them after a crash and two labs never touch each other.
-pub fn tag(dir: &Path) -> String {
-    let canonical = dir.to_string_lossy();
-    // FNV-1a: stable across runs and versions, unlike std's hasher.
+/// FNV-1a: stable across runs and versions, unlike std's hasher (names built from it must not
+/// change between the CLI that made a lab and the one that takes it down).
+pub fn fnv1a(s: &str) -> u32 {
     let mut h: u32 = 0x811c9dc5;
-    for b in canonical.bytes() {
+    for b in s.bytes() {
         h ^= b as u32;
         h = h.wrapping_mul(0x01000193);
     }
-    format!("{:04x}", h & 0xffff)
+    h
+}
+
+/// A short tag derived from the state directory: it prefixes the lab's namespaces and pin
+/// directories, so `lab down` finds them after a crash and two labs never touch each other.
+pub fn tag(dir: &Path) -> String {
+    format!("{:04x}", fnv1a(&dir.to_string_lossy()) & 0xffff)
 }
 
 /// Prefix of every network namespace of the lab in `dir`.
