@@ -16,10 +16,11 @@ use bulkhead_controller::{
         AdminService, DistributionService, FlowStore, Hub, ManifestSource,
         quarantine::QuarantineControl,
     },
+    flows::{Directory, ServiceGraph},
 };
 use bulkhead_proto::v1::{admin_server::AdminServer, distribution_server::DistributionServer};
 use clap::Args;
-use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 #[derive(Args)]
 pub struct ControllerArgs {
@@ -91,6 +92,11 @@ struct ControllerMetrics {
     flows_evicted: IntGauge,
     flows_accepted: IntGauge,
     flows_dropped_by_agents: IntGauge,
+    flows_by_verdict: IntCounterVec,
+    flows_by_namespace_pair: IntCounterVec,
+    drops_by_rule: IntCounterVec,
+    graph_nodes: IntGauge,
+    graph_edges: IntGauge,
 }
 
 impl ControllerMetrics {
@@ -128,6 +134,29 @@ impl ControllerMetrics {
                 "flows_dropped_by_agents_total",
                 "Flow records agents dropped before sending (backpressure)",
             )?,
+            flows_by_verdict: IntCounterVec::new(
+                Opts::new(
+                    "flows_total",
+                    "Flow records folded into the service graph, by verdict",
+                ),
+                &["verdict"],
+            )?,
+            flows_by_namespace_pair: IntCounterVec::new(
+                Opts::new(
+                    "namespace_pair_flows_total",
+                    "Connections counted in the graph, by source and destination namespace and verdict",
+                ),
+                &["src_namespace", "dst_namespace", "verdict"],
+            )?,
+            drops_by_rule: IntCounterVec::new(
+                Opts::new(
+                    "drops_by_rule_total",
+                    "Denied flows by the rule that denied them",
+                ),
+                &["rule"],
+            )?,
+            graph_nodes: g("graph_nodes", "Workloads in the service graph")?,
+            graph_edges: g("graph_edges", "Edges in the service graph")?,
             registry,
         };
         for c in [
@@ -143,6 +172,11 @@ impl ControllerMetrics {
             Box::new(m.flows_evicted.clone()),
             Box::new(m.flows_accepted.clone()),
             Box::new(m.flows_dropped_by_agents.clone()),
+            Box::new(m.flows_by_verdict.clone()),
+            Box::new(m.flows_by_namespace_pair.clone()),
+            Box::new(m.drops_by_rule.clone()),
+            Box::new(m.graph_nodes.clone()),
+            Box::new(m.graph_edges.clone()),
         ] {
             m.registry.register(c)?;
         }
@@ -268,11 +302,75 @@ async fn serve(
         });
     }
 
+    // Flow records into the service graph, incrementally (records are taken in arrival order;
+    // the store's running count says how many are new).
+    let graph = Arc::new(Mutex::new(ServiceGraph::default()));
+    {
+        let (graph, flows, hub, metrics) =
+            (graph.clone(), flows.clone(), hub.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let mut folded = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let (fresh, total) = match flows.lock() {
+                    Ok(f) => {
+                        let new = f.accepted.saturating_sub(folded) as usize;
+                        (f.recent(new.min(f.len())), f.accepted)
+                    }
+                    Err(_) => continue,
+                };
+                folded = total;
+                if fresh.is_empty() {
+                    continue;
+                }
+                let rulesets: Vec<_> = hub
+                    .node_states()
+                    .iter()
+                    .filter_map(|n| hub.ruleset(&n.node))
+                    .collect();
+                let directory = Directory::from_rulesets(&rulesets);
+                let Ok(mut g) = graph.lock() else { continue };
+                for (_, r) in fresh.iter().rev() {
+                    let before = (
+                        g.drops_by_rule.get(&r.rule).copied().unwrap_or(0),
+                        g.by_verdict.get(&r.verdict).copied().unwrap_or(0),
+                    );
+                    let pairs_before = g.by_namespace_pair.clone();
+                    g.add(&directory, r);
+                    if g.by_verdict.get(&r.verdict).copied().unwrap_or(0) > before.1 {
+                        metrics
+                            .flows_by_verdict
+                            .with_label_values(&[r.verdict.as_str()])
+                            .inc();
+                    }
+                    if g.drops_by_rule.get(&r.rule).copied().unwrap_or(0) > before.0 {
+                        metrics
+                            .drops_by_rule
+                            .with_label_values(&[r.rule.as_str()])
+                            .inc();
+                    }
+                    for (k, v) in &g.by_namespace_pair {
+                        if pairs_before.get(k) != Some(v) {
+                            metrics
+                                .flows_by_namespace_pair
+                                .with_label_values(&[k.0.as_str(), k.1.as_str(), k.2.as_str()])
+                                .inc();
+                        }
+                    }
+                }
+                let (n, e) = g.len();
+                metrics.graph_nodes.set(n as i64);
+                metrics.graph_edges.set(e as i64);
+            }
+        });
+    }
+
     // HTTP: metrics, health, JSON API.
     let listener = tokio::net::TcpListener::bind(args.http)
         .await
         .with_context(|| format!("bind HTTP address {}", args.http))?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /api/nodes, /api/policies, /api/flows");
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /api/nodes, /api/policies, /api/flows, /api/graph, /api/graph.dot");
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -322,11 +420,45 @@ async fn serve(
             }),
         )
         .route(
+            "/api/graph",
+            axum::routing::get({
+                let graph = graph.clone();
+                move || async move {
+                    axum::Json(graph.lock().map(|g| g.graph()).unwrap_or_default())
+                }
+            }),
+        )
+        .route(
+            "/api/graph.dot",
+            axum::routing::get({
+                let graph = graph.clone();
+                move || async move {
+                    graph.lock().map(|g| g.graph().to_dot()).unwrap_or_default()
+                }
+            }),
+        )
+        .route(
             "/api/flows",
             axum::routing::get({
                 let flows = flows.clone();
+                let hub = hub.clone();
                 move || async move {
-                    let recent = flows.lock().map(|f| f.recent(1000)).unwrap_or_default();
+                    let mut recent = flows.lock().map(|f| f.recent(1000)).unwrap_or_default();
+                    // Agents name only their own node's pods: name the rest here.
+                    let rulesets: Vec<_> = hub
+                        .node_states()
+                        .iter()
+                        .filter_map(|n| hub.ruleset(&n.node))
+                        .collect();
+                    let directory = Directory::from_rulesets(&rulesets);
+                    for (_, r) in &mut recent {
+                        if r.peer.is_empty() {
+                            let peer_ip = if r.direction == "ingress" { &r.src } else { &r.dst };
+                            if let Some(p) = directory.pod_of(peer_ip) {
+                                r.peer = p.to_string();
+                            }
+                        }
+                    }
                     axum::Json(
                         recent
                             .into_iter()

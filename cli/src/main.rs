@@ -4,6 +4,7 @@ mod agent;
 mod certs;
 mod controller;
 mod demo;
+mod flows;
 mod lab;
 mod policy;
 mod quarantine;
@@ -47,6 +48,10 @@ enum Command {
     /// A real multi-node cluster of network namespaces on this machine: nodes with agents,
     /// pods with servers, one controller; probe it, change it live, take it down.
     Lab(lab::LabArgs),
+    /// Recent flows from all agents, with the rule that decided each (`--follow` to stream).
+    Flows(flows::FlowsArgs),
+    /// The service graph: who talks to whom, on which port, allowed or denied, by which rule.
+    Graph(flows::GraphArgs),
     /// Isolate a compromised pod now (`bulkhead quarantine NS/POD --reason …`), list
     /// quarantines, release one. Through the controller's admin API.
     Quarantine(quarantine::QuarantineArgs),
@@ -77,6 +82,8 @@ fn main() -> ExitCode {
         Command::Lab(args) => lab::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Quarantine(args) => quarantine::run(args),
+        Command::Flows(args) => flows::flows(args),
+        Command::Graph(args) => flows::graph(args),
         Command::Certs {
             command: CertsCommand::Generate(args),
         } => certs::run(args),

@@ -377,6 +377,40 @@ fn lab_probe_agrees_with_policy_evaluate_and_down_leaves_nothing() {
         }
     }
 
+    // The probes above left flows: the graph shows denied edges naming their rules, and
+    // `bulkhead flows` names pods on other nodes too.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let graph: serde_json::Value =
+        serde_json::from_str(&run_ok(&["graph", "--lab", &state_arg, "-o", "json"], &[]))
+            .expect("graph json");
+    let denied_edge = graph["edges"].as_array().expect("edges").iter().any(|e| {
+        e["denied"].as_u64().unwrap_or(0) > 0
+            && e["rules"]
+                .as_object()
+                .is_some_and(|r| r.keys().any(|k| k.contains("NetworkPolicy x/")))
+    });
+    assert!(denied_edge, "no denied edge naming a policy of x: {graph}");
+    let flows = run_ok(
+        &[
+            "flows",
+            "--lab",
+            &state_arg,
+            "--verdict",
+            "denied",
+            "--namespace",
+            "x",
+            "-o",
+            "json",
+        ],
+        &[],
+    );
+    assert!(
+        flows
+            .lines()
+            .any(|l| l.contains(r#""peer":"y/"#) || l.contains(r#""peer":"z/"#)),
+        "denied flows name their peers: {flows}"
+    );
+
     let started = Instant::now();
     run_ok(&["lab", "--state", &state_arg, "down"], &[]);
     println!(

@@ -10,6 +10,7 @@
 pub mod distribution;
 pub mod engine;
 pub mod error;
+pub mod flows;
 pub mod identity;
 pub mod load;
 pub mod model;
