@@ -236,6 +236,19 @@ fn story(args: &DemoArgs, shop: &Path, policies: &Path) -> anyhow::Result<()> {
 
     step(
         7,
+        "The service graph, from every agent's flows (`bulkhead graph`; also /api/graph and DOT)",
+    );
+    let out = std::process::Command::new(&exe)
+        .args(["graph", "--lab"])
+        .arg(&args.state)
+        .output()
+        .context("run bulkhead graph")?;
+    for line in String::from_utf8_lossy(&out.stdout).lines().take(14) {
+        println!("  {line}");
+    }
+
+    step(
+        8,
         "And the policy engine explains any pair without sending a packet",
     );
     let out = std::process::Command::new(&exe)

@@ -107,6 +107,18 @@ fn matches(a: &FlowsArgs, f: &Value, floor_nanos: u64) -> bool {
     true
 }
 
+fn proto_name(p: &Value) -> String {
+    match p.as_u64().unwrap_or(0) {
+        6 => "TCP".to_string(),
+        17 => "UDP".to_string(),
+        132 => "SCTP".to_string(),
+        1 => "ICMP".to_string(),
+        58 => "ICMPv6".to_string(),
+        0 => String::new(),
+        n => format!("proto {n}"),
+    }
+}
+
 fn print_flow(f: &Value) {
     let t = f["time_unix_nanos"].as_u64().unwrap_or(0);
     let time = humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_nanos(t));
@@ -118,15 +130,7 @@ fn print_flow(f: &Value) {
     } else {
         (named(endpoint, s(f, "src")), named(peer, s(f, "dst")))
     };
-    let proto = match f["protocol"].as_u64().unwrap_or(0) {
-        6 => "TCP".to_string(),
-        17 => "UDP".to_string(),
-        132 => "SCTP".to_string(),
-        1 => "ICMP".to_string(),
-        58 => "ICMPv6".to_string(),
-        0 => String::new(),
-        n => format!("proto {n}"),
-    };
+    let proto = proto_name(&f["protocol"]);
     println!(
         "{time}  {:<8} {from} -> {to}:{} {proto:<6} {:<16} {}",
         s(f, "node"),
@@ -217,7 +221,7 @@ pub fn graph(a: GraphArgs) -> anyhow::Result<ExitCode> {
                     "{:<36} {:<36} {:>10} {:>8} {:>8}  {}",
                     s(e, "src"),
                     s(e, "dst"),
-                    format!("{}/{}", e["port"], e["protocol"]),
+                    format!("{}/{}", e["port"], proto_name(&e["protocol"])),
                     e["allowed"],
                     e["denied"],
                     rules.join("; ")
