@@ -116,7 +116,7 @@ fn story(args: &DemoArgs, shop: &Path, policies: &Path) -> anyhow::Result<()> {
 
     step(
         3,
-        "Least privilege goes in: default deny in `shop`, then only the paths the shop uses",
+        "Least privilege goes in: NetworkPolicies (default deny in `shop`, only the paths it uses) and ServicePolicies (the db admits the backend's service account; nothing in `shop` reaches the world)",
     );
     println!("  {}", policies.display());
     lab::apply(&args.state, &[policies.to_path_buf()], false)?;
