@@ -169,7 +169,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 if !matches!(source, Source::File(_)) {
                     bail!("--once applies a rule-set file; it does not follow a controller");
                 }
-                let (report, _) = dataplane.apply_blocking(rs)?;
+                let (report, _) = dataplane.apply_blocking(Arc::new(rs))?;
                 log_report(&report);
                 return Ok(if report.missing_interfaces.is_empty() {
                     ExitCode::SUCCESS
@@ -343,7 +343,7 @@ type ApplyResult = anyhow::Result<(ApplyReport, usize)>;
 /// one), so attaching, interface lookups and route lookups see that namespace, while the rest
 /// of the agent stays where it started.
 struct DataplaneThread {
-    tx: std::sync::mpsc::Sender<(RuleSet, tokio::sync::oneshot::Sender<ApplyResult>)>,
+    tx: std::sync::mpsc::Sender<(Arc<RuleSet>, tokio::sync::oneshot::Sender<ApplyResult>)>,
 }
 
 impl DataplaneThread {
@@ -353,7 +353,7 @@ impl DataplaneThread {
         uplinks: Vec<String>,
     ) -> anyhow::Result<DataplaneThread> {
         let (tx, rx) =
-            std::sync::mpsc::channel::<(RuleSet, tokio::sync::oneshot::Sender<ApplyResult>)>();
+            std::sync::mpsc::channel::<(Arc<RuleSet>, tokio::sync::oneshot::Sender<ApplyResult>)>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         std::thread::Builder::new()
             .name("dataplane".into())
@@ -392,7 +392,7 @@ impl DataplaneThread {
         Ok(DataplaneThread { tx })
     }
 
-    async fn apply(&self, rs: RuleSet) -> ApplyResult {
+    async fn apply(&self, rs: Arc<RuleSet>) -> ApplyResult {
         let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
         self.tx
             .send((rs, reply_tx))
@@ -400,7 +400,7 @@ impl DataplaneThread {
         reply_rx.await.context("the data-plane thread is gone")?
     }
 
-    fn apply_blocking(&self, rs: RuleSet) -> ApplyResult {
+    fn apply_blocking(&self, rs: Arc<RuleSet>) -> ApplyResult {
         let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
         self.tx
             .send((rs, reply_tx))
@@ -415,14 +415,14 @@ impl DataplaneThread {
 struct Realizer {
     dataplane: DataplaneThread,
     /// The rule set last realized (for retries of missing interfaces).
-    last: Mutex<Option<RuleSet>>,
+    last: Mutex<Option<Arc<RuleSet>>>,
     shared: Arc<Shared>,
     names: Arc<RwLock<Vec<(u32, String)>>>,
     context: Arc<RwLock<FlowContext>>,
 }
 
 impl Realizer {
-    async fn realize(&self, rs: &RuleSet) -> anyhow::Result<ApplyReport> {
+    async fn realize(&self, rs: &Arc<RuleSet>) -> anyhow::Result<ApplyReport> {
         let result = self.dataplane.apply(rs.clone()).await;
         let m = &self.shared.metrics;
         match result {
@@ -453,12 +453,8 @@ impl Realizer {
 }
 
 /// File mode: the rule-set file is watched; missing interfaces are retried.
-async fn follow_file(
-    r: &Realizer,
-    node: &str,
-    path: PathBuf,
-    mut rs: RuleSet,
-) -> anyhow::Result<()> {
+async fn follow_file(r: &Realizer, node: &str, path: PathBuf, rs: RuleSet) -> anyhow::Result<()> {
+    let mut rs = Arc::new(rs);
     let mut pending = true;
     let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen: Option<SystemTime> = mtime(&path);
@@ -470,7 +466,7 @@ async fn follow_file(
             seen = now;
             match load_file(&path, node) {
                 Ok(new) => {
-                    rs = new;
+                    rs = Arc::new(new);
                     pending = true;
                 }
                 // Keep enforcing what we have: a bad file never opens anything.

@@ -3,7 +3,7 @@
 //! passes a `realize` that writes the BPF maps; tests and the scale benchmark pass one that
 //! only records the rule set.
 
-use std::{future::Future, time::Instant};
+use std::{future::Future, sync::Arc, time::Instant};
 
 use bulkhead_proto::v1::{
     self as pb, AgentMessage, ControllerMessage, agent_message, controller_message,
@@ -33,11 +33,20 @@ pub enum FollowError {
     Realize { version: u64, reason: String },
 }
 
-/// What a follower has realized: survives reconnects, so a hello can say where it stands.
+/// Where a follower stands: survives reconnects, so a hello can say what it realized.
+///
+/// The rule set is kept behind an [`Arc`] and deltas are applied to it in place: a delta costs
+/// its own size, not a copy of the rule set (a realizer that keeps the `Arc` it was handed makes
+/// the next delta copy once, on write).
 #[derive(Debug, Clone, Default)]
 pub struct Follower {
     pub node: String,
-    current: Option<(u64, RuleSet)>,
+    /// The rule set being followed, with its epoch: the last one realized, or the one being
+    /// realized between [`Follower::next`] and [`Follower::commit`]. Dropped whenever what it
+    /// holds may not be what is enforced, so the next delta asks for a snapshot.
+    current: Option<(u64, Arc<RuleSet>)>,
+    /// The last version acked as realized (epoch, version): what a hello reports.
+    realized: Option<(u64, u64)>,
 }
 
 impl Follower {
@@ -45,29 +54,39 @@ impl Follower {
         Follower {
             node: node.to_string(),
             current: None,
+            realized: None,
         }
     }
 
     /// The rule set last realized, with its epoch.
-    pub fn current(&self) -> Option<&(u64, RuleSet)> {
-        self.current.as_ref()
+    pub fn current(&self) -> Option<(u64, &RuleSet)> {
+        match (&self.current, self.realized) {
+            (Some((epoch, rs)), Some((e, v))) if *epoch == e && rs.version == v => {
+                Some((*epoch, rs.as_ref()))
+            }
+            _ => None,
+        }
     }
 
     pub fn hello(&self) -> AgentMessage {
         AgentMessage {
             msg: Some(agent_message::Msg::Hello(pb::Hello {
                 node: self.node.clone(),
-                realized: self.current.as_ref().map(|(epoch, rs)| pb::Version {
-                    epoch: *epoch,
-                    version: rs.version,
-                }),
+                realized: self
+                    .realized
+                    .map(|(epoch, version)| pb::Version { epoch, version }),
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
             })),
         }
     }
 
-    /// The rule set a message asks to realize (not yet committed), with its epoch.
-    pub fn next(&self, msg: ControllerMessage) -> Result<Option<(u64, RuleSet)>, FollowError> {
+    /// The rule set a message asks to realize (not yet committed), with its epoch. A delta is
+    /// applied in place to the rule set being followed; until [`Follower::commit`] the hello
+    /// still reports the version realized before it.
+    pub fn next(
+        &mut self,
+        msg: ControllerMessage,
+    ) -> Result<Option<(u64, Arc<RuleSet>)>, FollowError> {
         match msg.msg {
             Some(controller_message::Msg::Snapshot(snap)) => {
                 let v = snap.version.unwrap_or_default();
@@ -83,6 +102,8 @@ impl Follower {
                         reason: format!("version {} but rule set {}", v.version, rs.version),
                     });
                 }
+                let rs = Arc::new(rs);
+                self.current = Some((v.epoch, rs.clone()));
                 Ok(Some((v.epoch, rs)))
             }
             Some(controller_message::Msg::Delta(d)) => {
@@ -91,7 +112,8 @@ impl Follower {
                 let Some((epoch, base)) = &self.current else {
                     return Err(FollowError::NoSnapshot);
                 };
-                if from.epoch != *epoch || to.epoch != *epoch || from.version != base.version {
+                let epoch = *epoch;
+                if from.epoch != epoch || to.epoch != epoch || from.version != base.version {
                     return Err(FollowError::Gap {
                         from: from.version,
                         to: to.version,
@@ -103,17 +125,28 @@ impl Follower {
                         what: "a delta",
                         reason: e.to_string(),
                     })?;
-                let mut next = base.clone();
-                next.apply_delta(&delta)
+                // Taken out while it changes: if the delta does not apply, nothing half-applied
+                // stays behind and the next session starts from a snapshot.
+                let (_, mut rs) = self.current.take().ok_or(FollowError::NoSnapshot)?;
+                Arc::make_mut(&mut rs)
+                    .apply_delta(&delta)
                     .map_err(|e| FollowError::Apply(e.to_string()))?;
-                Ok(Some((*epoch, next)))
+                self.current = Some((epoch, rs.clone()));
+                Ok(Some((epoch, rs)))
             }
             None => Ok(None),
         }
     }
 
-    pub fn commit(&mut self, epoch: u64, rs: RuleSet) {
-        self.current = Some((epoch, rs));
+    /// Records that `version` of `epoch` was realized.
+    pub fn commit(&mut self, epoch: u64, version: u64) {
+        self.realized = Some((epoch, version));
+    }
+
+    /// The rule set handed out by [`Follower::next`] could not be realized: what is enforced
+    /// is still the version last committed. Forget the rule set so only a snapshot continues.
+    pub fn abandon(&mut self) {
+        self.current = None;
     }
 }
 
@@ -129,7 +162,8 @@ fn ack(epoch: u64, version: u64, started: Instant, error: Option<String>) -> Age
 }
 
 /// One stream: hello, then realize and ack every version until the stream ends. `connected` is
-/// called once the stream is open.
+/// called once the stream is open. `realize` gets the complete new rule set; keeping the `Arc`
+/// beyond the call is allowed (the follower then copies the rule set before the next delta).
 pub async fn run_session<F, Fut>(
     channel: Channel,
     follower: &mut Follower,
@@ -137,7 +171,7 @@ pub async fn run_session<F, Fut>(
     connected: impl FnOnce(),
 ) -> Result<(), FollowError>
 where
-    F: FnMut(RuleSet) -> Fut,
+    F: FnMut(Arc<RuleSet>) -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
     let mut client = DistributionClient::new(channel);
@@ -152,15 +186,18 @@ where
         };
         let started = Instant::now();
         let version = rs.version;
-        let result = realize(rs.clone()).await;
+        let result = realize(rs).await;
         let error = result.as_ref().err().cloned();
         if tx.send(ack(epoch, version, started, error)).await.is_err() {
             return Err(FollowError::Closed);
         }
         match result {
-            Ok(()) => follower.commit(epoch, rs),
+            Ok(()) => follower.commit(epoch, version),
             // What is enforced is still the previous version: start over from a snapshot.
-            Err(reason) => return Err(FollowError::Realize { version, reason }),
+            Err(reason) => {
+                follower.abandon();
+                return Err(FollowError::Realize { version, reason });
+            }
         }
     }
     Err(FollowError::Closed)

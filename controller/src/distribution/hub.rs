@@ -38,6 +38,12 @@ pub struct Update {
 struct NodeEntry {
     ruleset: RuleSet,
     subscribers: HashMap<u64, mpsc::Sender<Update>>,
+}
+
+/// What a node's agents acknowledged. Kept under its own lock: acks arrive on the async
+/// runtime's threads while a change fans out, and must not wait for the whole fan-out.
+#[derive(Debug, Default)]
+struct AckState {
     acked: u64,
     last_error: String,
 }
@@ -87,6 +93,8 @@ pub struct HubCounters {
 pub struct Hub {
     epoch: u64,
     state: Mutex<HubState>,
+    /// Per node. Lock order: `state`, then `acks`.
+    acks: Mutex<HashMap<String, AckState>>,
     next_subscriber: AtomicU64,
     pub counters: HubCounters,
 }
@@ -132,6 +140,7 @@ impl Hub {
         Hub {
             epoch,
             state: Mutex::new(HubState { engine, nodes }),
+            acks: Mutex::new(HashMap::new()),
             next_subscriber: AtomicU64::new(1),
             counters: HubCounters::default(),
         }
@@ -155,14 +164,20 @@ impl Hub {
         self.counters
             .changes_applied
             .fetch_add(n, Ordering::Relaxed);
-        for delta in &deltas {
+        // Queue first, so agents start on their deltas while the hub brings its own copies up
+        // to date (under the same lock: a subscription sees either neither or both).
+        let mut stale = Vec::new();
+        for (i, delta) in deltas.iter().enumerate() {
             let entry = state.nodes.entry(delta.node.clone()).or_default();
             if entry.ruleset.version != delta.from_version {
                 // Cannot happen while the hub is the only writer; recover with the engine's view.
                 tracing::warn!(node = %delta.node, have = entry.ruleset.version, from = delta.from_version, "delta does not follow the hub's rule set; resynchronising");
+                stale.push(i);
+                continue;
             }
-            let applied = entry.ruleset.version == delta.from_version
-                && entry.ruleset.apply_delta(delta).is_ok();
+            if entry.subscribers.is_empty() {
+                continue;
+            }
             let json = serde_json::to_vec(delta).map_err(|e| HubError::Encode {
                 node: delta.node.clone(),
                 reason: e.to_string(),
@@ -174,15 +189,6 @@ impl Hub {
                 priority,
                 created,
             };
-            if !applied {
-                let fresh = state.engine.ruleset(&delta.node)?;
-                let entry = state.nodes.entry(delta.node.clone()).or_default();
-                entry.ruleset = fresh;
-                // Everyone following this node starts over from a snapshot.
-                entry.subscribers.clear();
-                continue;
-            }
-            let entry = state.nodes.entry(delta.node.clone()).or_default();
             entry
                 .subscribers
                 .retain(|_, tx| match tx.try_send(update.clone()) {
@@ -196,6 +202,22 @@ impl Hub {
                         false
                     }
                 });
+        }
+        let mut stale = stale.into_iter().peekable();
+        for (i, delta) in deltas.iter().enumerate() {
+            let skip = stale.next_if_eq(&i).is_some();
+            let Some(entry) = state.nodes.get_mut(&delta.node) else {
+                continue;
+            };
+            if !skip && entry.ruleset.apply_delta(delta).is_ok() {
+                continue;
+            }
+            let fresh = state.engine.ruleset(&delta.node)?;
+            let entry = state.nodes.entry(delta.node.clone()).or_default();
+            entry.ruleset = fresh;
+            // Everyone following this node starts over from a snapshot (after whatever was
+            // queued for it, which the snapshot supersedes).
+            entry.subscribers.clear();
         }
         Ok(deltas)
     }
@@ -239,9 +261,8 @@ impl Hub {
         if epoch != self.epoch {
             return;
         }
-        if let Ok(mut state) = self.lock()
-            && let Some(entry) = state.nodes.get_mut(node)
-        {
+        if let Ok(mut acks) = self.acks.lock() {
+            let entry = acks.entry(node.to_string()).or_default();
             match error {
                 None => {
                     entry.acked = entry.acked.max(version);
@@ -266,16 +287,22 @@ impl Hub {
         let Ok(state) = self.lock() else {
             return Vec::new();
         };
+        let Ok(acks) = self.acks.lock() else {
+            return Vec::new();
+        };
         state
             .nodes
             .iter()
-            .map(|(name, e)| NodeState {
-                node: name.clone(),
-                version: e.ruleset.version,
-                realized: e.acked,
-                connected: !e.subscribers.is_empty(),
-                last_error: e.last_error.clone(),
-                endpoints: e.ruleset.endpoints.len() as u32,
+            .map(|(name, e)| {
+                let ack = acks.get(name);
+                NodeState {
+                    node: name.clone(),
+                    version: e.ruleset.version,
+                    realized: ack.map_or(0, |a| a.acked),
+                    connected: !e.subscribers.is_empty(),
+                    last_error: ack.map(|a| a.last_error.clone()).unwrap_or_default(),
+                    endpoints: e.ruleset.endpoints.len() as u32,
+                }
             })
             .collect()
     }
@@ -286,10 +313,13 @@ impl Hub {
         let Ok(state) = self.lock() else {
             return Vec::new();
         };
+        let Ok(acks) = self.acks.lock() else {
+            return Vec::new();
+        };
         let mut by_policy: BTreeMap<(RuleKind, String, String), (BTreeSet<&str>, u32)> =
             BTreeMap::new();
         for (node, e) in &state.nodes {
-            let realized = e.acked >= e.ruleset.version;
+            let realized = acks.get(node).map_or(0, |a| a.acked) >= e.ruleset.version;
             let policies: BTreeSet<(RuleKind, String, String)> = e
                 .ruleset
                 .rules

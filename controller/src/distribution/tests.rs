@@ -123,7 +123,9 @@ fn spawn_agent(
                 |rs| {
                     let r = r.clone();
                     async move {
-                        r.lock().expect("lock").insert(node.to_string(), rs);
+                        r.lock()
+                            .expect("lock")
+                            .insert(node.to_string(), Arc::unwrap_or_clone(rs));
                         Ok(())
                     }
                 },
