@@ -275,7 +275,7 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(s.metrics_addr)
         .await
         .with_context(|| format!("bind metrics address {}", s.metrics_addr))?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /flows");
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /flows, /connections");
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -285,6 +285,22 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/connections",
+            axum::routing::get({
+                let (pin_dir, context) = (s.pin_dir.clone(), context.clone());
+                move || async move {
+                    let ctx = context.read().map(|c| c.clone()).unwrap_or_default();
+                    let pin_dir = pin_dir.clone();
+                    let conns = tokio::task::spawn_blocking(move || {
+                        bulkhead_agent::flows::connections(&pin_dir, &ctx)
+                    })
+                    .await
+                    .unwrap_or_default();
+                    axum::Json(conns)
+                }
+            }),
+        )
         .route(
             "/flows",
             axum::routing::get({

@@ -304,6 +304,27 @@ fn agent_process_enforces_restarts_and_reports() {
     let mut buf = [0u8; 2];
     held.write_all(b"ab").expect("write");
     held.read_exact(&mut buf).expect("echo before the deny");
+    // The agent reports the tracked connection with its counters, from conntrack.
+    let conns: serde_json::Value = serde_json::from_str(
+        http_get(&lab, "/connections")
+            .expect("GET /connections")
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or("[]"),
+    )
+    .expect("connections json");
+    assert!(
+        conns
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|c| c["dst_port"] == 8080
+                && c["endpoint"] == "test/server"
+                && c["peer"] == "test/client"
+                && c["packets_forward"].as_u64().unwrap_or(0) >= 2
+                && c["packets_reply"].as_u64().unwrap_or(0) >= 2),
+        "{conns}"
+    );
     write_ruleset(&lab.dir.join("ruleset.json"), &ruleset(2, false));
     wait_realized(&lab, 2);
     let after = held

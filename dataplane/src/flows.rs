@@ -242,3 +242,96 @@ impl RecentFlows {
         self.records.is_empty()
     }
 }
+
+/// One tracked connection with its counters, read from the kernel's conntrack table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Connection {
+    /// The endpoint that tracks it, `namespace/pod`.
+    pub endpoint: String,
+    /// The policy direction it was admitted in, from the endpoint's point of view.
+    pub direction: Direction,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub packets_forward: u64,
+    pub bytes_forward: u64,
+    pub packets_reply: u64,
+    pub bytes_reply: u64,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+    pub rule: String,
+    pub peer_identity: u32,
+    pub peer: Option<String>,
+}
+
+/// The kernel clock (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) as wall-clock time.
+fn wall_clock(ktime_ns: u64) -> SystemTime {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now_mono = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    SystemTime::now() - Duration::from_nanos(now_mono.saturating_sub(ktime_ns))
+}
+
+/// Every tracked connection of this node, with packets, bytes, first and last seen, read from
+/// the pinned conntrack map (so it needs no handle on the loaded object).
+pub fn connections(pin_dir: &std::path::Path, ctx: &FlowContext) -> Vec<Connection> {
+    use aya::maps::{HashMap as BpfHashMap, Map};
+    let Ok(data) = MapData::from_pin(pin_dir.join("maps").join("CONNTRACK")) else {
+        return Vec::new();
+    };
+    let Ok(map) = Map::from_map_data(data) else {
+        return Vec::new();
+    };
+    let Ok(ct) = BpfHashMap::<_, bulkhead_common::CtKey, bulkhead_common::CtValue>::try_from(map)
+    else {
+        return Vec::new();
+    };
+    ct.iter()
+        .flatten()
+        .map(|(k, v)| {
+            let family = if k.saddr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
+                FAMILY_V4
+            } else {
+                bulkhead_common::FAMILY_V6
+            };
+            let (src, dst) = (addr(family, k.saddr), addr(family, k.daddr));
+            let direction = if k.direction == DIR_INGRESS {
+                Direction::Ingress
+            } else {
+                Direction::Egress
+            };
+            let peer_ip = match direction {
+                Direction::Ingress => src,
+                Direction::Egress => dst,
+            };
+            Connection {
+                endpoint: ctx
+                    .endpoints
+                    .get(&(k.endpoint_id as u32))
+                    .cloned()
+                    .unwrap_or_else(|| format!("endpoint#{}", k.endpoint_id)),
+                direction,
+                src,
+                dst,
+                src_port: u16::from_be(k.sport_be),
+                dst_port: u16::from_be(k.dport_be),
+                protocol: k.protocol,
+                packets_forward: v.packets_fwd,
+                bytes_forward: v.bytes_fwd,
+                packets_reply: v.packets_rev,
+                bytes_reply: v.bytes_rev,
+                first_seen: wall_clock(v.created_ns),
+                last_seen: wall_clock(v.last_seen_ns),
+                rule: ctx.ruleset.describe(v.rule_id),
+                peer_identity: v.peer_identity,
+                peer: ctx.addresses.get(&peer_ip).cloned(),
+            }
+        })
+        .collect()
+}
