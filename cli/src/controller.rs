@@ -280,6 +280,13 @@ async fn serve(
                     tracing::error!(error = %e, "invalid manifest; the objects it had stay in force");
                 }
                 metrics.input_errors.inc_by(reload.errors.len() as u64);
+                match hub.expire(std::time::SystemTime::now()) {
+                    Ok(deltas) if !deltas.is_empty() => {
+                        tracing::warn!(nodes = deltas.len(), "quarantines expired and were lifted")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "could not lift expired quarantines"),
+                }
                 if reload.changes.is_empty() {
                     continue;
                 }

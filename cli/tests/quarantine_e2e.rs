@@ -302,6 +302,23 @@ fn quarantine_cuts_isolates_survives_restarts_and_releases_exactly() {
     let audit =
         std::fs::read_to_string(state.join("manifests/quarantines/audit.log")).expect("audit log");
     assert!(audit.contains(r#""action":"release""#), "{audit}");
+    // A quarantine with a time limit lifts itself.
+    run_ok(&[
+        "quarantine",
+        "app/victim",
+        "--reason",
+        "timed",
+        "--for",
+        "2s",
+        "--lab",
+        &s,
+    ]);
+    assert!(connect(peer, victim).is_none(), "quarantined for 2 s");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while connect(peer, victim).is_none() {
+        assert!(Instant::now() < deadline, "the quarantine did not expire");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     run_ok(&["lab", "--state", &s, "down"]);
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -157,13 +157,28 @@ impl Hub {
     /// Applies changes to the engine and queues each node's delta for its subscribers.
     /// Returns the deltas (nodes whose rule set did not change get none).
     pub fn apply(&self, changes: Vec<Change>, priority: bool) -> Result<Vec<NodeDelta>, HubError> {
-        let created = Instant::now();
-        let mut state = self.lock()?;
         let n = changes.len() as u64;
-        let deltas = state.engine.apply_batch(changes)?;
         self.counters
             .changes_applied
             .fetch_add(n, Ordering::Relaxed);
+        self.update(priority, |engine| engine.apply_batch(changes))
+    }
+
+    /// Lifts the quarantines whose time has come (`expiresAt`), with priority delivery. Cheap
+    /// when nothing is due; the controller calls it on every tick.
+    pub fn expire(&self, now: std::time::SystemTime) -> Result<Vec<NodeDelta>, HubError> {
+        self.update(true, |engine| engine.expire(now))
+    }
+
+    /// Runs one engine update and hands each resulting node delta to that node's followers.
+    fn update(
+        &self,
+        priority: bool,
+        change: impl FnOnce(&mut PolicyEngine) -> Result<Vec<NodeDelta>, crate::EngineError>,
+    ) -> Result<Vec<NodeDelta>, HubError> {
+        let created = Instant::now();
+        let mut state = self.lock()?;
+        let deltas = change(&mut state.engine)?;
         // Queue first, so agents start on their deltas while the hub brings its own copies up
         // to date (under the same lock: a subscription sees either neither or both).
         let mut stale = Vec::new();
