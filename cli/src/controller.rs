@@ -339,31 +339,24 @@ async fn serve(
                 let directory = Directory::from_rulesets(&rulesets);
                 let Ok(mut g) = graph.lock() else { continue };
                 for (_, r) in fresh.iter().rev() {
-                    let before = (
-                        g.drops_by_rule.get(&r.rule).copied().unwrap_or(0),
-                        g.by_verdict.get(&r.verdict).copied().unwrap_or(0),
-                    );
-                    let pairs_before = g.by_namespace_pair.clone();
-                    g.add(&directory, r);
-                    if g.by_verdict.get(&r.verdict).copied().unwrap_or(0) > before.1 {
+                    let counted = g.add(&directory, r);
+                    if counted.record {
                         metrics
                             .flows_by_verdict
                             .with_label_values(&[r.verdict.as_str()])
                             .inc();
                     }
-                    if g.drops_by_rule.get(&r.rule).copied().unwrap_or(0) > before.0 {
+                    if let Some((src, dst, verdict)) = &counted.pair {
+                        metrics
+                            .flows_by_namespace_pair
+                            .with_label_values(&[src.as_str(), dst.as_str(), verdict.as_str()])
+                            .inc();
+                    }
+                    if counted.drop {
                         metrics
                             .drops_by_rule
                             .with_label_values(&[r.rule.as_str()])
                             .inc();
-                    }
-                    for (k, v) in &g.by_namespace_pair {
-                        if pairs_before.get(k) != Some(v) {
-                            metrics
-                                .flows_by_namespace_pair
-                                .with_label_values(&[k.0.as_str(), k.1.as_str(), k.2.as_str()])
-                                .inc();
-                        }
                     }
                 }
                 let (n, e) = g.len();

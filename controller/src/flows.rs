@@ -109,6 +109,17 @@ pub struct GraphNode {
     pub workload: String,
 }
 
+/// What [`ServiceGraph::add`] counted for one record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counted {
+    /// The record was folded in (by verdict).
+    pub record: bool,
+    /// The connection was counted for this (source namespace, destination namespace, verdict).
+    pub pair: Option<(String, String, String)>,
+    /// It was a drop, counted for the record's rule.
+    pub drop: bool,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Graph {
     pub nodes: Vec<GraphNode>,
@@ -128,11 +139,14 @@ pub struct ServiceGraph {
 }
 
 impl ServiceGraph {
-    /// Folds one record in. Quarantine/release audit records (no addresses) are skipped.
-    pub fn add(&mut self, dir: &Directory, r: &pb::FlowRecord) {
+    /// Folds one record in and says what it counted. Quarantine/release audit records (no
+    /// addresses) are skipped.
+    pub fn add(&mut self, dir: &Directory, r: &pb::FlowRecord) -> Counted {
+        let mut counted = Counted::default();
         if r.src.is_empty() || r.dst.is_empty() {
-            return;
+            return counted;
         }
+        counted.record = true;
         *self.by_verdict.entry(r.verdict.clone()).or_default() += 1;
         let here = dir.by_pod.get(&r.endpoint).cloned();
         let (src, dst) = if r.direction == "ingress" {
@@ -145,7 +159,7 @@ impl ServiceGraph {
         // pod's ingress, or the source's egress when the destination is no pod. (Its source may
         // allow what its destination then denies; the denial is counted where it happens.)
         if allowed && r.direction == "egress" && dst.is_some() {
-            return;
+            return counted;
         }
         let src = src.unwrap_or_else(Workload::world);
         let dst = dst.unwrap_or_else(Workload::world);
@@ -167,17 +181,18 @@ impl ServiceGraph {
         e.first_seen_unix_nanos = e.first_seen_unix_nanos.min(r.time_unix_nanos);
         e.last_seen_unix_nanos = e.last_seen_unix_nanos.max(r.time_unix_nanos);
         *e.rules.entry(r.rule.clone()).or_default() += 1;
-        *self
-            .by_namespace_pair
-            .entry((
-                src.namespace.clone(),
-                dst.namespace.clone(),
-                r.verdict.clone(),
-            ))
-            .or_default() += 1;
+        let pair = (
+            src.namespace.clone(),
+            dst.namespace.clone(),
+            r.verdict.clone(),
+        );
+        *self.by_namespace_pair.entry(pair.clone()).or_default() += 1;
+        counted.pair = Some(pair);
         if !allowed && r.verdict != "audit-would-deny" {
             *self.drops_by_rule.entry(r.rule.clone()).or_default() += 1;
+            counted.drop = true;
         }
+        counted
     }
 
     pub fn graph(&self) -> Graph {
