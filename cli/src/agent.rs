@@ -540,7 +540,9 @@ async fn follow_controller(r: &Realizer, node: &str, endpoint: tonic::transport:
                                 if let Ok(mut l) = r.last.lock() {
                                     *l = Some(rs);
                                 }
-                                Ok(())
+                                Ok(bulkhead_controller::distribution::follower::Realized {
+                                    connections_cut: report.connections_cut as u64,
+                                })
                             }
                             Err(e) => Err(format!("{e:#}")),
                         }

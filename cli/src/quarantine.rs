@@ -178,6 +178,19 @@ fn print_info(q: &pb::QuarantineInfo) {
         },
         q.actor
     );
+    if !q.enforced_at.is_empty() {
+        let mut nodes: Vec<String> = q
+            .enforced_at
+            .iter()
+            .map(|(node, at)| format!("{node} at {at}"))
+            .collect();
+        nodes.sort();
+        println!(
+            "  enforced on {}; {} tracked connection(s) cut",
+            nodes.join(", "),
+            q.connections_cut
+        );
+    }
 }
 
 pub fn run(args: QuarantineArgs) -> anyhow::Result<ExitCode> {

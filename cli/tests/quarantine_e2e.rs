@@ -264,6 +264,19 @@ fn quarantine_cuts_isolates_survives_restarts_and_releases_exactly() {
         list.contains("app/victim") && list.contains("port scan from victim"),
         "{list}"
     );
+    // Its status: when each node had it in the kernel, and the connections it cut (at least
+    // the two held TCP connections and the UDP flow).
+    assert!(
+        list.contains("enforced on ") && list.contains("node-1 at") && list.contains("node-2 at"),
+        "{list}"
+    );
+    let cut: u64 = list
+        .split("; ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(cut >= 2, "connections cut: {list}");
     let audit =
         std::fs::read_to_string(state.join("manifests/quarantines/audit.log")).expect("audit log");
     assert!(

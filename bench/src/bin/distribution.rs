@@ -132,7 +132,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     &mut follower,
                     |rs| {
                         let _ = tx.send((rs.node.clone(), rs.version, Instant::now()));
-                        async { Ok(()) }
+                        async { Ok(Default::default()) }
                     },
                     || {},
                 )

@@ -150,13 +150,26 @@ impl Follower {
     }
 }
 
-fn ack(epoch: u64, version: u64, started: Instant, error: Option<String>) -> AgentMessage {
+/// What realizing a version did, reported in its ack.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Realized {
+    /// Tracked connections cut (endpoints that became quarantined).
+    pub connections_cut: u64,
+}
+
+fn ack(
+    epoch: u64,
+    version: u64,
+    started: Instant,
+    result: &Result<Realized, String>,
+) -> AgentMessage {
     AgentMessage {
         msg: Some(agent_message::Msg::Ack(pb::Ack {
             version: Some(pb::Version { epoch, version }),
-            ok: error.is_none(),
-            error: error.unwrap_or_default(),
+            ok: result.is_ok(),
+            error: result.as_ref().err().cloned().unwrap_or_default(),
             apply_micros: started.elapsed().as_micros() as u64,
+            connections_cut: result.as_ref().map_or(0, |r| r.connections_cut),
         })),
     }
 }
@@ -172,7 +185,7 @@ pub async fn run_session<F, Fut>(
 ) -> Result<(), FollowError>
 where
     F: FnMut(Arc<RuleSet>) -> Fut,
-    Fut: Future<Output = Result<(), String>>,
+    Fut: Future<Output = Result<Realized, String>>,
 {
     let mut client = DistributionClient::new(channel);
     let (tx, rx) = mpsc::channel::<AgentMessage>(16);
@@ -187,12 +200,15 @@ where
         let started = Instant::now();
         let version = rs.version;
         let result = realize(rs).await;
-        let error = result.as_ref().err().cloned();
-        if tx.send(ack(epoch, version, started, error)).await.is_err() {
+        if tx
+            .send(ack(epoch, version, started, &result))
+            .await
+            .is_err()
+        {
             return Err(FollowError::Closed);
         }
         match result {
-            Ok(()) => follower.commit(epoch, version),
+            Ok(_) => follower.commit(epoch, version),
             // What is enforced is still the previous version: start over from a snapshot.
             Err(reason) => {
                 follower.abandon();

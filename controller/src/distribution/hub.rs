@@ -46,7 +46,12 @@ struct NodeEntry {
 struct AckState {
     acked: u64,
     last_error: String,
+    /// Recent successful acks: (version, when, connections cut), oldest first.
+    log: std::collections::VecDeque<(u64, std::time::SystemTime, u64)>,
 }
+
+/// Successful acks remembered per node (for quarantine status).
+const ACK_LOG: usize = 256;
 
 struct HubState {
     engine: PolicyEngine,
@@ -272,7 +277,14 @@ impl Hub {
     }
 
     /// Records an agent's acknowledgement. Acks from another epoch are ignored.
-    pub fn ack(&self, node: &str, epoch: u64, version: u64, error: Option<String>) {
+    pub fn ack(
+        &self,
+        node: &str,
+        epoch: u64,
+        version: u64,
+        error: Option<String>,
+        connections_cut: u64,
+    ) {
         if epoch != self.epoch {
             return;
         }
@@ -282,10 +294,27 @@ impl Hub {
                 None => {
                     entry.acked = entry.acked.max(version);
                     entry.last_error.clear();
+                    if entry.log.len() == ACK_LOG {
+                        entry.log.pop_front();
+                    }
+                    entry
+                        .log
+                        .push_back((version, std::time::SystemTime::now(), connections_cut));
                 }
                 Some(e) => entry.last_error = e,
             }
         }
+    }
+
+    /// When `node` first acked `version` or later, and the connections that ack cut: the
+    /// moment a change was in that node's kernel.
+    pub fn enforced(&self, node: &str, version: u64) -> Option<(std::time::SystemTime, u64)> {
+        let acks = self.acks.lock().ok()?;
+        acks.get(node)?
+            .log
+            .iter()
+            .find(|(v, _, _)| *v >= version)
+            .map(|(_, t, cut)| (*t, *cut))
     }
 
     /// The controller's current rule set for a node.

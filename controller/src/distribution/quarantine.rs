@@ -50,6 +50,8 @@ pub struct QuarantineControl {
     source: Arc<Mutex<ManifestSource>>,
     hub: Arc<Hub>,
     flows: Arc<Mutex<FlowStore>>,
+    /// Per quarantined `namespace/pod`: the node versions that carried it (for its status).
+    carried_by: Mutex<BTreeMap<String, BTreeMap<String, u64>>>,
 }
 
 fn valid_name(s: &str) -> bool {
@@ -75,6 +77,7 @@ impl QuarantineControl {
             source,
             hub,
             flows,
+            carried_by: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -257,6 +260,9 @@ impl QuarantineControl {
                 return Err(e);
             }
         };
+        if let Ok(mut c) = self.carried_by.lock() {
+            c.insert(format!("{}/{}", r.namespace, r.pod), nodes.clone());
+        }
         let info = pb::QuarantineInfo {
             namespace: r.namespace,
             pod: r.pod,
@@ -265,6 +271,7 @@ impl QuarantineControl {
             created_at: rfc3339(now),
             expires_at: expires.map(rfc3339).unwrap_or_default(),
             actor: r.actor,
+            ..Default::default()
         };
         self.audit("quarantine", &info)?;
         Ok(pb::QuarantineResponse {
@@ -286,6 +293,9 @@ impl QuarantineControl {
         };
         std::fs::remove_file(&path).map_err(|e| self.io(e))?;
         let nodes = self.apply_now()?;
+        if let Ok(mut c) = self.carried_by.lock() {
+            c.remove(&format!("{}/{}", r.namespace, r.pod));
+        }
         info.actor = r.actor;
         self.audit("release", &info)?;
         Ok(pb::QuarantineResponse {
@@ -309,7 +319,28 @@ impl QuarantineControl {
             created_at: s(annotations.and_then(|a| a.get("bulkhead.dev/quarantined-at"))),
             expires_at: s(spec.get("expiresAt")),
             actor: s(annotations.and_then(|a| a.get("bulkhead.dev/quarantined-by"))),
+            ..Default::default()
         })
+    }
+
+    /// When each node had the quarantine in its kernel, and the connections it cut there.
+    fn fill_status(&self, q: &mut pb::QuarantineInfo) {
+        let key = format!("{}/{}", q.namespace, q.pod);
+        let Some(nodes) = self
+            .carried_by
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&key).cloned())
+        else {
+            return;
+        };
+        for (node, version) in nodes {
+            if let Some((at, cut)) = self.hub.enforced(&node, version) {
+                q.enforced_at
+                    .insert(node, humantime::format_rfc3339_millis(at).to_string());
+                q.connections_cut += cut;
+            }
+        }
     }
 
     pub fn list(&self) -> Vec<pb::QuarantineInfo> {
@@ -319,6 +350,10 @@ impl QuarantineControl {
             .flatten()
             .filter(|e| e.path().extension().is_some_and(|x| x == "yaml"))
             .filter_map(|e| self.read(&e.path()))
+            .map(|mut q| {
+                self.fill_status(&mut q);
+                q
+            })
             .collect();
         out.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
         out

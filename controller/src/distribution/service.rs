@@ -126,7 +126,7 @@ impl Distribution for DistributionService {
                         if let Some(e) = &err {
                             tracing::warn!(node = %node, version = v.version, error = %e, "agent could not realize a rule set");
                         }
-                        hub.ack(&node, v.epoch, v.version, err);
+                        hub.ack(&node, v.epoch, v.version, err, ack.connections_cut);
                     }
                 }
                 tracing::info!(node = %node, "agent disconnected");

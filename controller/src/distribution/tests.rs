@@ -126,7 +126,7 @@ fn spawn_agent(
                         r.lock()
                             .expect("lock")
                             .insert(node.to_string(), Arc::unwrap_or_clone(rs));
-                        Ok(())
+                        Ok(Default::default())
                     }
                 },
                 || {},
