@@ -6,6 +6,10 @@
 //! Topology (all in namespaces this test creates): `node` forwards between two pods wired like a
 //! CNI would, `client` 10.204.0.10 and `server` 10.204.0.20.
 
+mod common;
+
+use common::*;
+
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
@@ -29,6 +33,7 @@ use bulkhead_controller::ruleset::{
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 10);
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 20);
 const METRICS: &str = "127.0.0.1:19962";
+const METRICS_PORT: u16 = 19962;
 
 struct Lab {
     node: Netns,
@@ -162,25 +167,11 @@ fn start_agent(lab: &Lab) -> Child {
         .expect("start bulkhead agent")
 }
 
-/// GET over plain HTTP/1.0 (the agent serves metrics from its own namespace, not the node's).
-fn http_get(_lab: &Lab, path: &str) -> Option<String> {
-    let path = path.to_string();
-    (move || -> Option<String> {
-        let mut s =
-            TcpStream::connect_timeout(&METRICS.parse().ok()?, Duration::from_millis(500)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        Some(body)
-    })()
-}
-
-fn wait_realized(lab: &Lab, version: u64) {
+fn wait_realized(version: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let want = format!("bulkhead_agent_realized_version {version}");
     while Instant::now() < deadline {
-        if http_get(lab, "/metrics").is_some_and(|m| m.contains(&want)) {
+        if http_get(METRICS_PORT, "/metrics").is_some_and(|m| m.contains(&want)) {
             return;
         }
         thread::sleep(Duration::from_millis(100));
@@ -282,7 +273,7 @@ fn agent_process_enforces_restarts_and_reports() {
 
     write_ruleset(&lab.dir.join("ruleset.json"), &ruleset(1, true));
     lab.agent = Some(start_agent(&lab));
-    wait_realized(&lab, 1);
+    wait_realized(1);
 
     // Allowed and denied, per protocol; replies of allowed connections come back.
     assert!(tcp_echo(&lab.client, 8080), "TCP 8080 is admitted");
@@ -305,14 +296,9 @@ fn agent_process_enforces_restarts_and_reports() {
     held.write_all(b"ab").expect("write");
     held.read_exact(&mut buf).expect("echo before the deny");
     // The agent reports the tracked connection with its counters, from conntrack.
-    let conns: serde_json::Value = serde_json::from_str(
-        http_get(&lab, "/connections")
-            .expect("GET /connections")
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b)
-            .unwrap_or("[]"),
-    )
-    .expect("connections json");
+    let conns: serde_json::Value =
+        serde_json::from_str(&http_get(METRICS_PORT, "/connections").expect("GET /connections"))
+            .expect("connections json");
     assert!(
         conns
             .as_array()
@@ -326,7 +312,7 @@ fn agent_process_enforces_restarts_and_reports() {
         "{conns}"
     );
     write_ruleset(&lab.dir.join("ruleset.json"), &ruleset(2, false));
-    wait_realized(&lab, 2);
+    wait_realized(2);
     let after = held
         .write_all(b"cd")
         .and_then(|()| held.read_exact(&mut buf));
@@ -340,7 +326,7 @@ fn agent_process_enforces_restarts_and_reports() {
     );
 
     // Metrics and flow records name what happened.
-    let metrics = http_get(&lab, "/metrics").expect("scrape /metrics");
+    let metrics = http_get(METRICS_PORT, "/metrics").expect("scrape /metrics");
     assert!(
         metrics.contains(
             r#"bulkhead_agent_packets_total{endpoint="test/server",reason="denied_policy"}"#
@@ -352,7 +338,7 @@ fn agent_process_enforces_restarts_and_reports() {
         metrics.contains("bulkhead_agent_flow_records_total"),
         "{metrics}"
     );
-    let flows = http_get(&lab, "/flows").expect("GET /flows");
+    let flows = http_get(METRICS_PORT, "/flows").expect("GET /flows");
     assert!(
         flows.contains("NetworkPolicy test/server-ingress ingress default-deny"),
         "{flows}"
@@ -375,7 +361,7 @@ fn agent_process_enforces_restarts_and_reports() {
     // A restarted agent picks up the pinned state and the current file.
     write_ruleset(&lab.dir.join("ruleset.json"), &ruleset(3, true));
     lab.agent = Some(start_agent(&lab));
-    wait_realized(&lab, 3);
+    wait_realized(3);
     assert!(
         tcp_echo(&lab.client, 8080),
         "admitted again after the restart"

@@ -4,6 +4,10 @@
 //! restart; a killed controller leaves enforcement intact and the agents reconnect to its
 //! successor; a client without a certificate from the cluster CA is refused.
 
+mod common;
+
+use common::*;
+
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -60,10 +64,6 @@ fn pin_dir(dir: &Path, node: &str) -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/bulkhead-test/{tag}-{node}"))
 }
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_bulkhead")
-}
-
 const NAMESPACE: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -103,19 +103,6 @@ fn write_atomic(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write manifest");
     std::fs::rename(&tmp, path).expect("replace manifest");
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(500),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }
 
 /// Per node: (version, realized, connected) from the controller's API.

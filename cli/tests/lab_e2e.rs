@@ -4,18 +4,13 @@
 //! and the upstream conformance matrix); `lab down` leaves nothing behind; a bad manifest gives
 //! the policy engine's errors and creates nothing.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Instant,
-};
+mod common;
+
+use common::*;
+
+use std::{collections::BTreeMap, path::Path, process::Command, time::Instant};
 
 use bulkhead_agent::privileged::check_privileged_test;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_bulkhead")
-}
 
 type Matrix = BTreeMap<String, BTreeMap<String, bool>>;
 
@@ -231,17 +226,6 @@ fn pin_prefix(dir: &Path) -> String {
     format!("lab{}-", tag(dir))
 }
 
-struct Down(PathBuf);
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Command::new(bin())
-            .args(["lab", "--state"])
-            .arg(&self.0)
-            .arg("down")
-            .output();
-    }
-}
-
 #[test]
 fn lab_probe_agrees_with_policy_evaluate_and_down_leaves_nothing() {
     if !check_privileged_test("lab_probe_agrees_with_policy_evaluate_and_down_leaves_nothing") {
@@ -251,7 +235,7 @@ fn lab_probe_agrees_with_policy_evaluate_and_down_leaves_nothing() {
     std::fs::create_dir_all(&tmp).expect("tmp");
     let state = tmp.join("state");
     let state_arg = state.to_string_lossy().to_string();
-    let _down = Down(state.clone());
+    let _down = LabDown(state.clone());
     let pods = tmp.join("pods.yaml");
     std::fs::write(&pods, pods_yaml()).expect("write pods");
 
@@ -435,7 +419,7 @@ fn lab_ipv6_probe_agrees_with_policy_evaluate() {
     std::fs::create_dir_all(&tmp).expect("tmp");
     let state = tmp.join("state");
     let state_arg = state.to_string_lossy().to_string();
-    let _down = Down(state.clone());
+    let _down = LabDown(state.clone());
     let manifests = tmp.join("v6.yaml");
     std::fs::write(
         &manifests,

@@ -4,19 +4,19 @@
 //! peer still connects both ways; the quarantine survives killing the node's agent and the
 //! controller; release restores the previous reachability exactly.
 
+mod common;
+
+use common::*;
+
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
 use bulkhead_agent::privileged::check_privileged_test;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_bulkhead")
-}
 
 const MANIFESTS: &str = r#"
 apiVersion: v1
@@ -55,17 +55,6 @@ spec:
   nodeName: node-2
   containers: [{name: c, image: x, ports: [{containerPort: 80}]}]
 "#;
-
-struct Down(PathBuf);
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = Command::new(bin())
-            .args(["lab", "--state"])
-            .arg(&self.0)
-            .arg("down")
-            .output();
-    }
-}
 
 fn run_ok(args: &[&str]) -> String {
     let out = Command::new(bin())
@@ -186,7 +175,7 @@ fn quarantine_cuts_isolates_survives_restarts_and_releases_exactly() {
     std::fs::create_dir_all(&tmp).expect("tmp");
     let state = tmp.join("state");
     let s = state.to_string_lossy().to_string();
-    let _down = Down(state.clone());
+    let _down = LabDown(state.clone());
     let manifests = tmp.join("pods.yaml");
     std::fs::write(&manifests, MANIFESTS).expect("write");
     run_ok(&[
