@@ -4,6 +4,7 @@
 //! lab use, the `rust-src` component, and `bpf-linker` built against rustc's own LLVM. Both README
 //! commands run it first, so a fresh machine needs nothing else.
 
+mod chart;
 mod demo;
 
 use std::{
@@ -32,6 +33,8 @@ enum Task {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Only the Helm chart: install its tools, then lint, render, validate and scan it.
+    Chart,
     /// The main job: build Bulkhead and run the local demo.
     Demo {
         /// Leave the demo's namespaces and agent in place for exploration.
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Test { cargo_args } => setup().and_then(|()| test(&cargo_args)),
         Task::Demo { keep } => setup().and_then(|()| demo::demo(keep)),
+        Task::Chart => chart::setup().and_then(|()| chart::test()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -175,6 +179,7 @@ fn setup() -> anyhow::Result<()> {
     } else {
         install_bpf_linker()?;
     }
+    chart::setup()?;
     Ok(())
 }
 
@@ -269,5 +274,6 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         .current_dir(&root)
         .args(["test", "--workspace", "--exclude", "bulkhead-ebpf"])
         .args(extra))?;
+    chart::test()?;
     Ok(())
 }

