@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod flows;
 pub mod identity;
+pub mod kubernetes;
 pub mod load;
 pub mod model;
 pub mod reachability;

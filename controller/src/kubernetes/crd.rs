@@ -1,0 +1,300 @@
+//! Bulkhead's custom resources, `bulkhead.dev/v1alpha1` ServicePolicy and Quarantine, as Rust
+//! types. The CRDs in `charts/bulkhead/crds/` are generated from them (`bulkhead crds --out
+//! charts/bulkhead/crds`), and a test fails when the committed files drift.
+//!
+//! The schema holds what the API server can check on its own (enums, required fields, name
+//! patterns, port ranges, list sizes); the controller's loader ([`crate::load`]) still validates
+//! every object in full (selectors, CIDRs, exactly-one-of peers) and reports what it rejects in
+//! the object's `Invalid` condition. The field set mirrors the loader's: its spec documents deny
+//! unknown fields, so nothing here may name a field the loader does not read.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::load::MAX_RULES_PER_DIRECTION;
+
+/// The API group of Bulkhead's resources.
+pub const GROUP: &str = "bulkhead.dev";
+/// Their version.
+pub const VERSION: &str = "v1alpha1";
+
+/// A DNS subdomain (object, service-account and pod names).
+const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A DNS label (namespace names).
+const DNS_LABEL: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// Bulkhead's policy for service identities: the subject by service account and/or pod labels,
+/// peers by service identity, CIDR, or the entities `world`, `cluster` and `host`. Shares the
+/// application tier with NetworkPolicy; `Deny` rules beat `Allow` rules.
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[kube(
+    group = "bulkhead.dev",
+    version = "v1alpha1",
+    kind = "ServicePolicy",
+    namespaced,
+    status = "ServicePolicyStatus",
+    shortname = "sp",
+    category = "bulkhead",
+    doc = "Bulkhead's identity-based policy: who may talk to the pods of a service identity, and to whom they may talk.",
+    printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mode"}"#,
+    printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name": "Realized", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Realized\")].message"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePolicySpec {
+    /// `Enforce` (default) or `Audit`: report what would be denied, let it pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<PolicyMode>,
+    /// The pods the policy is about; both fields absent = every pod of the namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<ServiceSubject>,
+    /// Rules for traffic to the subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_RULES_PER_DIRECTION))]
+    pub ingress: Option<Vec<ServiceRule>>,
+    /// Rules for traffic from the subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_RULES_PER_DIRECTION))]
+    pub egress: Option<Vec<ServiceRule>>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+pub enum PolicyMode {
+    Enforce,
+    Audit,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSubject {
+    /// Pods running as this service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
+    pub service_account: Option<String>,
+    /// Pods with these labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRule {
+    /// `Allow` (default) or `Deny`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<RuleAction>,
+    /// Sources (ingress rules only); absent or empty = every source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Vec<ServicePeer>>,
+    /// Destinations (egress rules only); absent or empty = every destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Vec<ServicePeer>>,
+    /// Absent or empty = every port and protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PolicyPort>>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+pub enum RuleAction {
+    Allow,
+    Deny,
+}
+
+/// Exactly one of `service`, `cidr` (with optional `except`) or `entity`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePeer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
+    /// An IPv4 or IPv6 CIDR, e.g. `203.0.113.0/24`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub cidr: Option<String>,
+    /// CIDRs inside `cidr` that are not meant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub except: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity: Option<Entity>,
+}
+
+/// `world`: everything outside the cluster; `cluster`: every pod and the host; `host`: the node.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Entity {
+    World,
+    Cluster,
+    Host,
+}
+
+/// A service identity: pods of a namespace (default: the policy's own) running as
+/// `serviceAccount` and/or matching `podSelector`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
+    pub service_account: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    /// A named namespace (at most one of `namespace` and `namespaceSelector`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL))]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+}
+
+/// A port, a port range (`port`..`endPort`), a named container port, or (without `port`) every
+/// port of the protocol.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyPort {
+    /// Default TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<PortProtocol>,
+    /// A number (1-65535) or a container port name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<IntOrString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub end_port: Option<i32>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+pub enum PortProtocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+    #[serde(rename = "ICMP")]
+    Icmp,
+    #[serde(rename = "ICMPv6")]
+    Icmpv6,
+}
+
+/// What the controller reports about a ServicePolicy.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePolicyStatus {
+    /// The `metadata.generation` these conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted` (or `False` with reason `Invalid`) and `Realized` (on X of Y nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Nodes whose rule set the policy concerns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
+    /// Of those, nodes whose agent has the current version in its kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realized_nodes: Option<u32>,
+}
+
+/// Isolates pods of its namespace (by name or `podSelector`) at once: everything to and from
+/// them is denied except the `allow` exceptions, above every other policy tier; established
+/// connections are cut. Deleting it, or `expiresAt` passing, restores the previous policy.
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[kube(
+    group = "bulkhead.dev",
+    version = "v1alpha1",
+    kind = "Quarantine",
+    namespaced,
+    status = "QuarantineStatus",
+    shortname = "qr",
+    category = "bulkhead",
+    doc = "Isolates compromised pods: deny all but the listed exceptions, in both directions, above every other policy.",
+    printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".spec.reason"}"#,
+    printcolumn = r#"{"name": "Expires", "type": "date", "jsonPath": ".spec.expiresAt"}"#,
+    printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name": "Cut", "type": "integer", "jsonPath": ".status.connectionsCut"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantineSpec {
+    /// Pods of the namespace by name (exactly one of `pods` and `podSelector`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1), inner(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN)))]
+    pub pods: Option<Vec<String>>,
+    /// Pods of the namespace by labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    /// Why (shown in flows, explanations and the audit log).
+    #[schemars(length(min = 1), regex(pattern = r"\S"))]
+    pub reason: String,
+    /// Exceptions, allowed in both directions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_RULES_PER_DIRECTION))]
+    pub allow: Option<Vec<QuarantineAllow>>,
+    /// RFC 3339 time from which the quarantine no longer applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub expires_at: Option<String>,
+}
+
+/// One exception: a peer (pods by namespace/pod selector, or an ipBlock) and optional ports.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantineAllow {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_block: Option<IpBlock>,
+    /// Port numbers only (no named ports); absent = every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PolicyPort>>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IpBlock {
+    #[schemars(length(min = 1))]
+    pub cidr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub except: Option<Vec<String>>,
+}
+
+/// What the controller reports about a Quarantine.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantineStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted` (or `False` with reason `Invalid`) and `Realized` (on X of Y nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realized_nodes: Option<u32>,
+    /// Per node, when its agent had the quarantine in its kernel (RFC 3339).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub enforced_at: BTreeMap<String, String>,
+    /// Established connections the agents cut when they enforced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_cut: Option<u64>,
+}
+
+/// The generated CRDs: (file name, YAML), one per resource, in a fixed order.
+pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
+    let mut out = Vec::new();
+    for crd in [ServicePolicy::crd(), Quarantine::crd()] {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let yaml = serde_yaml::to_string(&crd)?;
+        out.push((
+            format!("{name}.yaml"),
+            format!(
+                "# Generated by `bulkhead crds --out charts/bulkhead/crds` from controller/src/kubernetes/crd.rs; do not edit.\n{yaml}"
+            ),
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,412 @@
+//! The Kubernetes objects the controller watches, converted to the engine's model by the same
+//! loader that reads manifest files, and the changes that bring the engine up to date.
+//!
+//! Every API object goes through [`crate::load_str`] as the JSON the API server sent (JSON is
+//! YAML), so validation and semantics are exactly those of the file source. Changes are
+//! computed by comparing converted objects, not API objects: a bump of `resourceVersion`, new
+//! `managedFields`, a status write or a label the model ignores converts to an equal object
+//! and changes nothing. An object that stops validating keeps its last good version in force
+//! (as a manifest file does), and is reported as invalid.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use kube::api::ApiResource;
+use serde_json::Value;
+
+use crate::distribution::source::{ObjectKey, diff, object_key};
+use crate::model::{PodKey, PolicyKey};
+use crate::ruleset::RuleKind;
+use crate::{Change, Object, load_str};
+
+/// The resources the Kubernetes source watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Namespace,
+    Node,
+    Pod,
+    NetworkPolicy,
+    ClusterNetworkPolicy,
+    ServicePolicy,
+    Quarantine,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 7] = [
+        Kind::Namespace,
+        Kind::Node,
+        Kind::Pod,
+        Kind::NetworkPolicy,
+        Kind::ClusterNetworkPolicy,
+        Kind::ServicePolicy,
+        Kind::Quarantine,
+    ];
+
+    pub fn group(self) -> &'static str {
+        match self {
+            Kind::Namespace | Kind::Node | Kind::Pod => "",
+            Kind::NetworkPolicy => "networking.k8s.io",
+            Kind::ClusterNetworkPolicy => "policy.networking.k8s.io",
+            Kind::ServicePolicy | Kind::Quarantine => super::crd::GROUP,
+        }
+    }
+
+    pub fn version(self) -> &'static str {
+        match self {
+            Kind::Namespace | Kind::Node | Kind::Pod | Kind::NetworkPolicy => "v1",
+            Kind::ClusterNetworkPolicy => "v1alpha2",
+            Kind::ServicePolicy | Kind::Quarantine => super::crd::VERSION,
+        }
+    }
+
+    pub fn api_version(self) -> String {
+        match self.group() {
+            "" => self.version().to_string(),
+            g => format!("{g}/{}", self.version()),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
+            Kind::Pod => "Pod",
+            Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            Kind::ServicePolicy => "ServicePolicy",
+            Kind::Quarantine => "Quarantine",
+        }
+    }
+
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Namespace => "namespaces",
+            Kind::Node => "nodes",
+            Kind::Pod => "pods",
+            Kind::NetworkPolicy => "networkpolicies",
+            Kind::ClusterNetworkPolicy => "clusternetworkpolicies",
+            Kind::ServicePolicy => "servicepolicies",
+            Kind::Quarantine => "quarantines",
+        }
+    }
+
+    pub fn namespaced(self) -> bool {
+        !matches!(
+            self,
+            Kind::Namespace | Kind::Node | Kind::ClusterNetworkPolicy
+        )
+    }
+
+    /// Policies get Events when they are invalid.
+    pub fn is_policy(self) -> bool {
+        matches!(
+            self,
+            Kind::NetworkPolicy
+                | Kind::ClusterNetworkPolicy
+                | Kind::ServicePolicy
+                | Kind::Quarantine
+        )
+    }
+
+    /// Bulkhead's own kinds, which carry a status.
+    pub fn has_status(self) -> bool {
+        matches!(self, Kind::ServicePolicy | Kind::Quarantine)
+    }
+
+    pub fn api_resource(self) -> ApiResource {
+        ApiResource {
+            group: self.group().into(),
+            version: self.version().into(),
+            api_version: self.api_version(),
+            kind: self.name().into(),
+            plural: self.plural().into(),
+        }
+    }
+
+    /// The engine's key for an object of this kind.
+    pub fn object_key(self, namespace: &str, name: &str) -> ObjectKey {
+        let policy = |kind, namespace: &str| {
+            ObjectKey::Policy(PolicyKey {
+                kind,
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            })
+        };
+        match self {
+            Kind::Namespace => ObjectKey::Namespace(name.to_string()),
+            Kind::Node => ObjectKey::Node(name.to_string()),
+            Kind::Pod => ObjectKey::Pod(PodKey {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            }),
+            Kind::NetworkPolicy => policy(RuleKind::NetworkPolicy, namespace),
+            Kind::ClusterNetworkPolicy => policy(RuleKind::ClusterNetworkPolicy, ""),
+            Kind::ServicePolicy => policy(RuleKind::ServicePolicy, namespace),
+            Kind::Quarantine => policy(RuleKind::Quarantine, namespace),
+        }
+    }
+}
+
+/// An API object's identity.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ApiKey {
+    pub kind: Kind,
+    /// Empty for cluster-scoped objects.
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind.name(), self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind.name(), self.namespace, self.name)
+        }
+    }
+}
+
+/// What the controller thinks of one policy object (for its status and Events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub uid: String,
+    pub generation: Option<i64>,
+    pub resource_version: String,
+    /// `None`: accepted; else why it was rejected (every problem, `; `-separated).
+    pub invalid: Option<String>,
+    /// A previous version is still in force (the object is invalid now, its last good version
+    /// is kept).
+    pub kept_last_good: bool,
+}
+
+/// What the controller holds of the cluster.
+#[derive(Debug, Default)]
+pub struct Inventory {
+    /// Converted objects as they are now (the last good version for invalid ones).
+    current: BTreeMap<ApiKey, Object>,
+    /// What the engine was last given, by the same keys.
+    applied: BTreeMap<ApiKey, Object>,
+    dirty: BTreeSet<ApiKey>,
+    /// Per policy object: accepted or why not.
+    verdicts: BTreeMap<ApiKey, Verdict>,
+    /// Objects of a kind listed since its watch (re)started, until the list is complete.
+    relisting: BTreeMap<Kind, BTreeMap<ApiKey, Value>>,
+    /// Kinds listed completely at least once.
+    synced: BTreeSet<Kind>,
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> &'a str {
+    let mut v = v;
+    for p in path {
+        match v.get(p) {
+            Some(x) => v = x,
+            None => return "",
+        }
+    }
+    v.as_str().unwrap_or("")
+}
+
+/// The key of an API object as the API server sent it.
+pub fn api_key(kind: Kind, object: &Value) -> ApiKey {
+    ApiKey {
+        kind,
+        namespace: if kind.namespaced() {
+            str_at(object, &["metadata", "namespace"]).to_string()
+        } else {
+            String::new()
+        },
+        name: str_at(object, &["metadata", "name"]).to_string(),
+    }
+}
+
+/// Pods that have finished give their addresses back: they are no endpoints any more.
+fn terminated(kind: Kind, object: &Value) -> bool {
+    kind == Kind::Pod && matches!(str_at(object, &["status", "phase"]), "Succeeded" | "Failed")
+}
+
+/// Converts one API object with the manifest loader. `Ok(None)`: the object is not part of
+/// the model (a finished pod). `Err`: why the loader rejects it.
+pub fn convert(kind: Kind, object: &Value) -> Result<Option<Object>, String> {
+    if terminated(kind, object) {
+        return Ok(None);
+    }
+    // List items carry no apiVersion/kind; the loader needs them.
+    let mut object = object.clone();
+    if let Some(map) = object.as_object_mut() {
+        map.insert("apiVersion".into(), Value::String(kind.api_version()));
+        map.insert("kind".into(), Value::String(kind.name().into()));
+    }
+    let text = serde_json::to_string(&object).map_err(|e| e.to_string())?;
+    let key = api_key(kind, &object);
+    let loaded = load_str(Path::new(&key.to_string()), &text);
+    if !loaded.errors.is_empty() {
+        let reasons: Vec<String> = loaded
+            .errors
+            .iter()
+            .map(|e| match e {
+                crate::InputError::Invalid { path, reason, .. } => format!("{path}: {reason}"),
+                other => other.to_string(),
+            })
+            .collect();
+        return Err(reasons.join("; "));
+    }
+    Ok(loaded.objects.into_iter().next())
+}
+
+/// Changes for the engine, quarantines apart (they go first, with priority delivery).
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub quarantines: Vec<Change>,
+    pub others: Vec<Change>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.quarantines.is_empty() && self.others.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.quarantines.len() + self.others.len()
+    }
+}
+
+impl Inventory {
+    /// An object was added or modified.
+    pub fn apply(&mut self, kind: Kind, object: &Value) {
+        let key = api_key(kind, object);
+        if key.name.is_empty() {
+            tracing::warn!(kind = kind.name(), "ignoring an object without a name");
+            return;
+        }
+        let converted = convert(kind, object);
+        if kind.is_policy() {
+            let verdict = Verdict {
+                uid: str_at(object, &["metadata", "uid"]).to_string(),
+                generation: object
+                    .get("metadata")
+                    .and_then(|m| m.get("generation"))
+                    .and_then(Value::as_i64),
+                resource_version: str_at(object, &["metadata", "resourceVersion"]).to_string(),
+                invalid: converted.as_ref().err().cloned(),
+                kept_last_good: converted.is_err() && self.current.contains_key(&key),
+            };
+            self.verdicts.insert(key.clone(), verdict);
+        }
+        match converted {
+            Ok(Some(o)) => {
+                if self.current.get(&key) != Some(&o) {
+                    self.current.insert(key.clone(), o);
+                    self.dirty.insert(key);
+                }
+            }
+            Ok(None) => {
+                if self.current.remove(&key).is_some() {
+                    self.dirty.insert(key);
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(object = %key, %reason, "invalid object; its last good version (if any) stays in force");
+            }
+        }
+    }
+
+    /// An object was deleted.
+    pub fn delete(&mut self, kind: Kind, object: &Value) {
+        let key = api_key(kind, object);
+        self.verdicts.remove(&key);
+        if self.current.remove(&key).is_some() {
+            self.dirty.insert(key);
+        }
+    }
+
+    /// The watch of `kind` (re)started: a complete list follows.
+    pub fn relist_start(&mut self, kind: Kind) {
+        self.relisting.insert(kind, BTreeMap::new());
+    }
+
+    pub fn relist_item(&mut self, kind: Kind, object: Value) {
+        let key = api_key(kind, &object);
+        self.relisting.entry(kind).or_default().insert(key, object);
+    }
+
+    /// The list is complete: what it did not name is gone (deleted while no watch ran).
+    pub fn relist_done(&mut self, kind: Kind) {
+        let listed = self.relisting.remove(&kind).unwrap_or_default();
+        let gone: Vec<ApiKey> = self
+            .current
+            .keys()
+            .chain(self.verdicts.keys())
+            .filter(|k| k.kind == kind && !listed.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.verdicts.remove(&key);
+            if self.current.remove(&key).is_some() {
+                self.dirty.insert(key);
+            }
+        }
+        for object in listed.values() {
+            self.apply(kind, object);
+        }
+        self.synced.insert(kind);
+    }
+
+    /// Counts `kind` as listed without objects (its API does not exist in this cluster).
+    pub fn mark_synced(&mut self, kind: Kind) {
+        self.synced.insert(kind);
+    }
+
+    pub fn synced(&self, kind: Kind) -> bool {
+        self.synced.contains(&kind)
+    }
+
+    pub fn all_synced(&self) -> bool {
+        Kind::ALL.iter().all(|k| self.synced.contains(k))
+    }
+
+    /// What changed for the engine since the last call (nothing for objects that converted
+    /// to what the engine already has).
+    pub fn take_changes(&mut self) -> Changes {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut changes = Changes::default();
+        let (mut old_q, mut new_q, mut old, mut new) = Default::default();
+        for key in dirty {
+            let (old_map, new_map): (
+                &mut BTreeMap<ObjectKey, Object>,
+                &mut BTreeMap<ObjectKey, Object>,
+            ) = if key.kind == Kind::Quarantine {
+                (&mut old_q, &mut new_q)
+            } else {
+                (&mut old, &mut new)
+            };
+            if let Some(o) = self.applied.get(&key) {
+                old_map.insert(object_key(o), o.clone());
+            }
+            match self.current.get(&key) {
+                Some(o) => {
+                    new_map.insert(object_key(o), o.clone());
+                    self.applied.insert(key, o.clone());
+                }
+                None => {
+                    self.applied.remove(&key);
+                }
+            }
+        }
+        changes.quarantines = diff(&old_q, &new_q);
+        changes.others = diff(&old, &new);
+        changes
+    }
+
+    /// Policy objects and what the controller thinks of them.
+    pub fn verdicts(&self) -> &BTreeMap<ApiKey, Verdict> {
+        &self.verdicts
+    }
+
+    pub fn len(&self) -> usize {
+        self.current.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.current.is_empty()
+    }
+}

@@ -1,0 +1,166 @@
+//! Bulkhead in a Kubernetes cluster: the API as the controller's source of inventory and
+//! policies ([`source::KubernetesSource`], feeding the same [`crate::distribution::Hub`] and
+//! incremental engine as the manifest source), Bulkhead's CRDs ([`crd`], generated into
+//! `charts/bulkhead/crds/`), their status and Events ([`status`]), and leader election with a
+//! Lease ([`leader`]) so that two replicas can run and only the leader serves rule sets.
+
+pub mod crd;
+pub mod inventory;
+pub mod leader;
+pub mod source;
+pub mod status;
+
+pub use crd::{Quarantine, ServicePolicy, crd_files};
+pub use inventory::{Inventory, Kind};
+pub use leader::{LeaderElector, Leadership, LeaseConfig};
+pub use source::{Gate, KubernetesSource, SourceOptions, SourceStats};
+
+use std::sync::{Arc, Mutex};
+
+pub use kube::Client;
+use tokio::sync::{Notify, oneshot};
+
+use crate::distribution::Hub;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    #[error(
+        "cannot reach the Kubernetes API (no in-cluster service account and no usable kubeconfig): {0}"
+    )]
+    Client(String),
+    #[error(
+        "leader election needs the lease's namespace and this replica's identity: pass --lease-namespace and --identity (or set POD_NAMESPACE and POD_NAME from the downward API)"
+    )]
+    LeaseIdentity,
+}
+
+impl KubernetesError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            KubernetesError::Client(_) => "client",
+            KubernetesError::LeaseIdentity => "lease_identity",
+        }
+    }
+}
+
+/// How `bulkhead controller --kubernetes` runs.
+#[derive(Debug, Clone, Default)]
+pub struct KubernetesOptions {
+    /// Campaign for the lease; without it this replica always serves.
+    pub leader_elect: bool,
+    pub lease_name: String,
+    pub lease_namespace: Option<String>,
+    /// This replica (its pod name); also the Events' reporting instance.
+    pub identity: Option<String>,
+}
+
+/// The Kubernetes source (and the leader elector) running in the background.
+pub struct Running {
+    pub gate: Arc<Gate>,
+    pub stats: Arc<SourceStats>,
+    source: tokio::task::JoinHandle<()>,
+    stop: Option<oneshot::Sender<()>>,
+    elector: Option<tokio::task::JoinHandle<Result<(), leader::LeaderError>>>,
+    lost: Arc<(Notify, Mutex<Option<String>>)>,
+}
+
+impl Running {
+    /// Completes when this replica lost the leadership it had (never without election).
+    pub async fn lost(&self) -> String {
+        loop {
+            if let Some(reason) = self.lost.1.lock().ok().and_then(|r| r.clone()) {
+                return reason;
+            }
+            self.lost.0.notified().await;
+        }
+    }
+
+    /// Stops watching and releases the lease if this replica holds it. Returns why leadership
+    /// was lost, if it was.
+    pub async fn shutdown(mut self) -> Option<String> {
+        self.source.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(elector) = self.elector.take() {
+            let _ = elector.await;
+        }
+        self.lost.1.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+/// Connects to the API (in-cluster config, else kubeconfig), starts the source feeding `hub`
+/// and, with `leader_elect`, the elector. Agents may be served once [`Gate::serving`] says so.
+pub async fn start(hub: Arc<Hub>, options: KubernetesOptions) -> Result<Running, KubernetesError> {
+    let client = Client::try_default()
+        .await
+        .map_err(|e| KubernetesError::Client(e.to_string()))?;
+    start_with_client(client, hub, options)
+}
+
+pub fn start_with_client(
+    client: Client,
+    hub: Arc<Hub>,
+    options: KubernetesOptions,
+) -> Result<Running, KubernetesError> {
+    let identity = options
+        .identity
+        .clone()
+        .filter(|i| !i.is_empty())
+        .unwrap_or_else(|| "bulkhead-controller".into());
+    let lost: Arc<(Notify, Mutex<Option<String>>)> = Arc::default();
+    let (leadership, stop, elector) = if options.leader_elect {
+        let (Some(namespace), Some(id)) = (
+            options.lease_namespace.clone().filter(|n| !n.is_empty()),
+            options.identity.clone().filter(|i| !i.is_empty()),
+        ) else {
+            return Err(KubernetesError::LeaseIdentity);
+        };
+        let elector = LeaderElector::new(
+            client.clone(),
+            LeaseConfig::new(&options.lease_name, &namespace, &id),
+        );
+        let leadership = elector.leadership();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let lost = lost.clone();
+        let task = tokio::spawn(async move {
+            let result = elector
+                .run(async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "leader election ended");
+                if let Ok(mut r) = lost.1.lock() {
+                    *r = Some(e.to_string());
+                }
+                lost.0.notify_waiters();
+                lost.0.notify_one();
+            }
+            result
+        });
+        (Some(leadership), Some(stop_tx), Some(task))
+    } else {
+        (None, None, None)
+    };
+    let gate = Arc::new(Gate::new(leadership));
+    let source = KubernetesSource::new(
+        client,
+        hub,
+        gate.clone(),
+        SourceOptions {
+            identity,
+            ..Default::default()
+        },
+    );
+    let stats = source.stats();
+    let source = tokio::spawn(source.run());
+    Ok(Running {
+        gate,
+        stats,
+        source,
+        stop,
+        elector,
+        lost,
+    })
+}

@@ -1,0 +1,550 @@
+//! The Kubernetes source: one watcher per kind (kube-runtime, list then watch, re-list after
+//! `410 Gone` or any watch error with backoff), every event converted by the manifest loader
+//! into the [`Inventory`], and what changed applied to the [`Hub`] — quarantines first, with
+//! priority delivery, exactly as `bulkhead quarantine` does. A status task writes each
+//! ServicePolicy's and Quarantine's status and publishes Events for rejected policies.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::{FutureExt, StreamExt, stream::BoxStream};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Client;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event};
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use super::inventory::{ApiKey, Changes, Inventory, Kind};
+use super::leader::Leadership;
+use super::status::{self, EVENT_NOTE_MAX, Enforcement, FIELD_MANAGER};
+use crate::distribution::Hub;
+use crate::ruleset::RuleKind;
+use crate::{Change, PolicyKey};
+
+/// Whether this controller may serve agents and write to the API: it has listed everything
+/// once, and it holds the leader lease (or runs without leader election).
+#[derive(Debug)]
+pub struct Gate {
+    synced: AtomicBool,
+    leadership: Option<Arc<Leadership>>,
+}
+
+impl Gate {
+    pub fn new(leadership: Option<Arc<Leadership>>) -> Gate {
+        Gate {
+            synced: AtomicBool::new(false),
+            leadership,
+        }
+    }
+
+    /// A gate that is always open (manifest source, no election).
+    pub fn open() -> Gate {
+        let g = Gate::new(None);
+        g.synced.store(true, Ordering::SeqCst);
+        g
+    }
+
+    pub fn set_synced(&self) {
+        self.synced.store(true, Ordering::SeqCst);
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::SeqCst)
+    }
+
+    /// This replica leads (or nobody is elected).
+    pub fn leads(&self) -> bool {
+        self.leadership.as_ref().is_none_or(|l| l.is_leader())
+    }
+
+    /// `Ok` when agents may be served; else why not, for a gRPC UNAVAILABLE.
+    pub fn serving(&self) -> Result<(), String> {
+        if let Some(l) = &self.leadership
+            && !l.is_leader()
+        {
+            let leader = l.leader();
+            return Err(format!(
+                "not the leader (leader: {})",
+                if leader.is_empty() {
+                    "none yet"
+                } else {
+                    &leader
+                }
+            ));
+        }
+        if !self.synced() {
+            return Err(
+                "not ready: the first list of the cluster's objects is not complete".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `/readyz`: 200 only where agents should connect.
+    pub fn ready(&self) -> bool {
+        self.serving().is_ok()
+    }
+}
+
+/// Counters of the source (tests and metrics read them).
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    /// Watch events handled.
+    pub events: AtomicU64,
+    /// Engine changes applied (each a real change of the model).
+    pub changes: AtomicU64,
+    /// Hub updates made (batches with at least one change).
+    pub applies: AtomicU64,
+    /// Watch errors (each followed by a retry, and after `410 Gone` by a re-list).
+    pub watch_errors: AtomicU64,
+    /// Status patches sent and refused.
+    pub status_writes: AtomicU64,
+    pub status_errors: AtomicU64,
+    /// Events published for invalid objects.
+    pub events_published: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// Who writes Events (the pod name in a cluster).
+    pub identity: String,
+    /// How often statuses are brought up to date when nothing else prompts it.
+    pub status_interval: Duration,
+    /// Watch each kind with these settings (page size, timeouts).
+    pub watcher: watcher::Config,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            identity: "bulkhead-controller".into(),
+            status_interval: Duration::from_secs(2),
+            watcher: watcher::Config::default(),
+        }
+    }
+}
+
+/// Quarantine key → node → the first rule-set version of that node carrying it.
+type Carried = BTreeMap<PolicyKey, BTreeMap<String, u64>>;
+
+/// Feeds the hub from the Kubernetes API.
+pub struct KubernetesSource {
+    client: Client,
+    hub: Arc<Hub>,
+    gate: Arc<Gate>,
+    options: SourceOptions,
+    inventory: Arc<Mutex<Inventory>>,
+    carried: Arc<Mutex<Carried>>,
+    pub stats: Arc<SourceStats>,
+    wake_status: Arc<Notify>,
+}
+
+fn is_not_found(e: &watcher::Error) -> bool {
+    let client_err = match e {
+        watcher::Error::InitialListFailed(c) | watcher::Error::WatchStartFailed(c) => c,
+        _ => return false,
+    };
+    matches!(client_err, kube::Error::Api(s) if s.code == 404)
+}
+
+fn watch(
+    client: Client,
+    kind: Kind,
+    config: watcher::Config,
+) -> BoxStream<'static, (Kind, Result<Event<DynamicObject>, watcher::Error>)> {
+    let ar = kind.api_resource();
+    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+    watcher::watcher(api, config)
+        .default_backoff()
+        .map(move |e| (kind, e))
+        .boxed()
+}
+
+impl KubernetesSource {
+    pub fn new(client: Client, hub: Arc<Hub>, gate: Arc<Gate>, options: SourceOptions) -> Self {
+        KubernetesSource {
+            client,
+            hub,
+            gate,
+            options,
+            inventory: Arc::default(),
+            carried: Arc::default(),
+            stats: Arc::default(),
+            wake_status: Arc::default(),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<SourceStats> {
+        self.stats.clone()
+    }
+
+    /// Watches until the task is dropped. Never fails: API errors are retried with backoff
+    /// and an invalid object only affects itself.
+    pub async fn run(self) {
+        let status_task = tokio::spawn(StatusWriter::new(&self).run());
+        let streams: Vec<_> = Kind::ALL
+            .iter()
+            .map(|k| watch(self.client.clone(), *k, self.options.watcher.clone()))
+            .collect();
+        let mut events = futures::stream::select_all(streams);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                next = events.next() => {
+                    let Some((kind, event)) = next else { break };
+                    self.handle(kind, event);
+                    // Take whatever else is ready, so a burst becomes one engine update.
+                    for _ in 0..4096 {
+                        match events.next().now_or_never() {
+                            Some(Some((kind, event))) => self.handle(kind, event),
+                            _ => break,
+                        }
+                    }
+                    self.flush().await;
+                }
+                _ = tick.tick() => {
+                    if self.gate.synced() {
+                        match self.hub.expire(SystemTime::now()) {
+                            Ok(d) if !d.is_empty() => tracing::warn!(nodes = d.len(), "quarantines expired and were lifted"),
+                            Ok(_) => {}
+                            Err(e) => tracing::error!(error = %e, "could not lift expired quarantines"),
+                        }
+                    }
+                }
+            }
+        }
+        status_task.abort();
+    }
+
+    fn handle(&self, kind: Kind, event: Result<Event<DynamicObject>, watcher::Error>) {
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        let Ok(mut inv) = self.inventory.lock() else {
+            return;
+        };
+        let value = |o: &DynamicObject| serde_json::to_value(o).unwrap_or(Value::Null);
+        match event {
+            Ok(Event::Init) => inv.relist_start(kind),
+            Ok(Event::InitApply(o)) => inv.relist_item(kind, value(&o)),
+            Ok(Event::InitDone) => {
+                tracing::debug!(kind = kind.name(), "listed");
+                inv.relist_done(kind)
+            }
+            Ok(Event::Apply(o)) => inv.apply(kind, &value(&o)),
+            Ok(Event::Delete(o)) => inv.delete(kind, &value(&o)),
+            Err(e) => {
+                self.stats.watch_errors.fetch_add(1, Ordering::Relaxed);
+                if is_not_found(&e) && kind != Kind::Pod && !inv.synced(kind) {
+                    // The API is not installed (e.g. no ClusterNetworkPolicy CRD): nothing of
+                    // that kind exists; keep watching in case it appears.
+                    tracing::warn!(
+                        kind = kind.name(),
+                        "the API of this kind is not served by the cluster; treating it as empty"
+                    );
+                    inv.mark_synced(kind);
+                } else {
+                    tracing::warn!(kind = kind.name(), error = %e, "watch failed; retrying (a fresh list follows)");
+                }
+            }
+        }
+    }
+
+    /// Applies what changed since the last flush, once every kind has been listed.
+    async fn flush(&self) {
+        let changes = {
+            let Ok(mut inv) = self.inventory.lock() else {
+                return;
+            };
+            if !inv.all_synced() {
+                return;
+            }
+            inv.take_changes()
+        };
+        if !changes.is_empty() {
+            self.apply(changes).await;
+        }
+        if !self.gate.synced() {
+            tracing::info!(
+                objects = self.inventory.lock().map(|i| i.len()).unwrap_or(0),
+                "listed the cluster; serving rule sets"
+            );
+            self.gate.set_synced();
+        }
+        self.wake_status.notify_one();
+    }
+
+    async fn apply(&self, changes: Changes) {
+        let n = changes.len() as u64;
+        let hub = self.hub.clone();
+        let carried = self.carried.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut nodes: BTreeSet<String> = BTreeSet::new();
+            if !changes.quarantines.is_empty() {
+                forget_released(&carried, &changes.quarantines);
+                // The same path as `bulkhead quarantine`: applied at once, priority delivery.
+                let deltas = hub.apply(changes.quarantines, true)?;
+                nodes.extend(deltas.into_iter().map(|d| d.node));
+            }
+            if !changes.others.is_empty() {
+                let deltas = hub.apply(changes.others, false)?;
+                nodes.extend(deltas.into_iter().map(|d| d.node));
+            }
+            record_carried(&hub, &carried, &nodes);
+            Ok::<usize, crate::distribution::hub::HubError>(nodes.len())
+        })
+        .await;
+        match result {
+            Ok(Ok(nodes)) => {
+                self.stats.changes.fetch_add(n, Ordering::Relaxed);
+                self.stats.applies.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(changes = n, nodes, "cluster changed; deltas sent");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "could not apply cluster changes; the previous rule sets stay in force")
+            }
+            Err(e) => tracing::error!(error = %e, "apply task failed"),
+        }
+    }
+}
+
+fn forget_released(carried: &Mutex<Carried>, changes: &[Change]) {
+    let Ok(mut c) = carried.lock() else { return };
+    for change in changes {
+        match change {
+            Change::DeletePolicy(k) => {
+                c.remove(k);
+            }
+            // A changed quarantine is enforced anew.
+            Change::UpsertPolicy(p) => {
+                c.remove(&p.key);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// For every node whose rule set just changed: the quarantines it carries now, and since
+/// which version (for "enforced on node at time").
+fn record_carried(hub: &Hub, carried: &Mutex<Carried>, nodes: &BTreeSet<String>) {
+    let Ok(mut c) = carried.lock() else { return };
+    for node in nodes {
+        let Some(rs) = hub.ruleset(node) else {
+            continue;
+        };
+        let here: BTreeSet<PolicyKey> = rs
+            .rules
+            .values()
+            .filter(|r| r.kind == RuleKind::Quarantine)
+            .map(|r| PolicyKey {
+                kind: RuleKind::Quarantine,
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+            })
+            .collect();
+        for (q, per_node) in c.iter_mut() {
+            if !here.contains(q) {
+                per_node.remove(node);
+            }
+        }
+        for q in here {
+            c.entry(q)
+                .or_default()
+                .entry(node.clone())
+                .or_insert(rs.version);
+        }
+    }
+}
+
+/// Writes statuses and Events; only while this replica leads.
+struct StatusWriter {
+    client: Client,
+    hub: Arc<Hub>,
+    gate: Arc<Gate>,
+    inventory: Arc<Mutex<Inventory>>,
+    carried: Arc<Mutex<Carried>>,
+    stats: Arc<SourceStats>,
+    wake: Arc<Notify>,
+    interval: Duration,
+    recorder: Recorder,
+    /// What was last written per object (uid, status), so unchanged statuses are not sent.
+    written: BTreeMap<ApiKey, (String, Value)>,
+    /// Invalid objects already reported by an Event: (key, uid, problem).
+    reported: BTreeSet<(ApiKey, String, String)>,
+}
+
+impl StatusWriter {
+    fn new(source: &KubernetesSource) -> StatusWriter {
+        StatusWriter {
+            client: source.client.clone(),
+            hub: source.hub.clone(),
+            gate: source.gate.clone(),
+            inventory: source.inventory.clone(),
+            carried: source.carried.clone(),
+            stats: source.stats.clone(),
+            wake: source.wake_status.clone(),
+            interval: source.options.status_interval,
+            recorder: Recorder::new(
+                source.client.clone(),
+                Reporter {
+                    controller: FIELD_MANAGER.into(),
+                    instance: Some(source.options.identity.clone()),
+                },
+            ),
+            written: BTreeMap::new(),
+            reported: BTreeSet::new(),
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+            if !self.gate.synced() || !self.gate.leads() {
+                // A follower writes nothing; when it leads it writes everything afresh.
+                self.written.clear();
+                self.reported.clear();
+                continue;
+            }
+            self.write_all().await;
+        }
+    }
+
+    async fn write_all(&mut self) {
+        let verdicts: Vec<_> = match self.inventory.lock() {
+            Ok(inv) => inv
+                .verdicts()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            Err(_) => return,
+        };
+        let realization: BTreeMap<(RuleKind, String, String), _> = self
+            .hub
+            .policy_status()
+            .into_iter()
+            .map(|p| ((p.kind.clone(), p.namespace.clone(), p.name.clone()), p))
+            .collect();
+        let carried = self.carried.lock().map(|c| c.clone()).unwrap_or_default();
+        let now = SystemTime::now();
+        let present: BTreeSet<&ApiKey> = verdicts.iter().map(|(k, _)| k).collect();
+        self.written.retain(|k, _| present.contains(k));
+        for (key, verdict) in &verdicts {
+            if let Some(problem) = &verdict.invalid {
+                let id = (key.clone(), verdict.uid.clone(), problem.clone());
+                if !self.reported.contains(&id) && self.publish_invalid(key, verdict, problem).await
+                {
+                    self.reported.insert(id);
+                }
+            }
+            if !key.kind.has_status() {
+                continue;
+            }
+            let rule_kind = match key.kind {
+                Kind::Quarantine => RuleKind::Quarantine,
+                _ => RuleKind::ServicePolicy,
+            };
+            let policy_key = PolicyKey {
+                kind: rule_kind.clone(),
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+            };
+            let mut enforcement = Enforcement::new();
+            if key.kind == Kind::Quarantine
+                && let Some(nodes) = carried.get(&policy_key)
+            {
+                for (node, version) in nodes {
+                    if let Some(at) = self.hub.enforced(node, *version) {
+                        enforcement.insert(node.clone(), at);
+                    }
+                }
+            }
+            let previous = self
+                .written
+                .get(key)
+                .filter(|(uid, _)| *uid == verdict.uid)
+                .map(|(_, s)| s);
+            let desired = status::desired_status(
+                key,
+                verdict,
+                realization.get(&(rule_kind, key.namespace.clone(), key.name.clone())),
+                &enforcement,
+                previous,
+                now,
+            );
+            if previous.is_some_and(|p| status::same_status(p, &desired)) {
+                continue;
+            }
+            let api: Api<DynamicObject> = Api::namespaced_with(
+                self.client.clone(),
+                &key.namespace,
+                &key.kind.api_resource(),
+            );
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            self.stats.status_writes.fetch_add(1, Ordering::Relaxed);
+            match api
+                .patch_status(
+                    &key.name,
+                    &params,
+                    &Patch::Apply(status::apply_body(key, &desired)),
+                )
+                .await
+            {
+                Ok(_) => {
+                    self.written
+                        .insert(key.clone(), (verdict.uid.clone(), desired));
+                }
+                Err(e) => {
+                    self.stats.status_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(object = %key, error = %e, "could not write the status; retrying");
+                }
+            }
+        }
+    }
+
+    async fn publish_invalid(
+        &self,
+        key: &ApiKey,
+        verdict: &super::inventory::Verdict,
+        problem: &str,
+    ) -> bool {
+        let reference = ObjectReference {
+            api_version: Some(key.kind.api_version()),
+            kind: Some(key.kind.name().into()),
+            name: Some(key.name.clone()),
+            namespace: (!key.namespace.is_empty()).then(|| key.namespace.clone()),
+            uid: (!verdict.uid.is_empty()).then(|| verdict.uid.clone()),
+            resource_version: (!verdict.resource_version.is_empty())
+                .then(|| verdict.resource_version.clone()),
+            field_path: None,
+        };
+        let note = if verdict.kept_last_good {
+            format!("{problem} (the previous version stays in force)")
+        } else {
+            format!("{problem} (not enforced)")
+        };
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: "Invalid".into(),
+            note: Some(status::truncate(&note, EVENT_NOTE_MAX)),
+            action: "Validate".into(),
+            secondary: None,
+        };
+        match self.recorder.publish(&event, &reference).await {
+            Ok(()) => {
+                self.stats.events_published.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(object = %key, error = %e, "could not publish an Event");
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! The controller's Kubernetes source against kube's tower-test mock API server, fed with
+//! recorded API objects (`tests/fixtures/k8s/`: list responses and watch event lines in the
+//! JSON an API server sends, with managedFields and resourceVersions).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bulkhead_controller::distribution::Hub;
+use bulkhead_controller::kubernetes::{Gate, KubernetesSource, SourceOptions, SourceStats};
+use bulkhead_controller::ruleset::{RuleKind, RuleSet};
+use bulkhead_controller::{EngineConfig, PolicyEngine};
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+type MockBody = BoxBody<Bytes, Infallible>;
+
+fn fixture(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/k8s")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn fixture_lines(name: &str) -> Vec<String> {
+    fixture(name).lines().map(str::to_string).collect()
+}
+
+fn full(body: impl Into<Bytes>) -> MockBody {
+    http_body_util::Full::new(body.into()).boxed()
+}
+
+/// A watch response body that stays open and yields what the test sends.
+fn live(rx: mpsc::UnboundedReceiver<String>) -> MockBody {
+    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+        .map(|line| Ok::<_, Infallible>(Frame::data(Bytes::from(format!("{line}\n")))));
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+enum WatchPlan {
+    /// These event lines, then the response ends (the watcher watches again).
+    Lines(Vec<String>),
+    /// Lines as the test sends them; open until the sender is dropped.
+    Live(mpsc::UnboundedReceiver<String>),
+}
+
+#[derive(Default)]
+struct Resource {
+    /// List responses in order; the last one is repeated.
+    lists: VecDeque<String>,
+    watches: VecDeque<WatchPlan>,
+    not_found: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Recorded {
+    method: String,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+#[derive(Default)]
+struct ApiServer {
+    resources: BTreeMap<&'static str, Resource>,
+    recorded: Vec<Recorded>,
+}
+
+/// Collection paths the source lists and watches.
+const PATHS: [(&str, &str); 7] = [
+    ("/api/v1/namespaces", "namespaces"),
+    ("/api/v1/nodes", "nodes"),
+    ("/api/v1/pods", "pods"),
+    (
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        "networkpolicies",
+    ),
+    (
+        "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies",
+        "clusternetworkpolicies",
+    ),
+    (
+        "/apis/bulkhead.dev/v1alpha1/servicepolicies",
+        "servicepolicies",
+    ),
+    ("/apis/bulkhead.dev/v1alpha1/quarantines", "quarantines"),
+];
+
+impl ApiServer {
+    /// Every resource listed from its `<plural>.list.json` fixture, watches held open.
+    fn from_fixtures() -> ApiServer {
+        let mut s = ApiServer::default();
+        for (_, plural) in PATHS {
+            s.resources.insert(
+                plural,
+                Resource {
+                    lists: VecDeque::from([fixture(&format!("{plural}.list.json"))]),
+                    ..Default::default()
+                },
+            );
+        }
+        s
+    }
+
+    fn resource(&mut self, plural: &str) -> &mut Resource {
+        self.resources.get_mut(plural).expect("known resource")
+    }
+
+    fn respond(&mut self, req: Request<Vec<u8>>) -> Response<MockBody> {
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let method = req.method().to_string();
+        if let Some((_, plural)) = PATHS.iter().find(|(p, _)| *p == path)
+            && method == "GET"
+        {
+            let r = self.resource(plural);
+            if r.not_found {
+                return Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .body(full(r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","details":{},"code":404}"#))
+                    .unwrap();
+            }
+            if query.contains("watch=true") {
+                let body = match r.watches.pop_front() {
+                    Some(WatchPlan::Lines(lines)) => {
+                        full(lines.into_iter().map(|l| l + "\n").collect::<String>())
+                    }
+                    Some(WatchPlan::Live(rx)) => live(rx),
+                    // Nothing more to say: keep the watch open.
+                    None => BodyExt::boxed(StreamBody::new(futures::stream::pending::<
+                        Result<Frame<Bytes>, Infallible>,
+                    >())),
+                };
+                return Response::builder().status(200).body(body).unwrap();
+            }
+            let list = if r.lists.len() > 1 {
+                r.lists.pop_front().unwrap()
+            } else {
+                r.lists.front().cloned().unwrap_or_default()
+            };
+            self.recorded.push(Recorded {
+                method,
+                path,
+                query,
+                content_type: String::new(),
+                body: Value::Null,
+            });
+            return Response::builder().status(200).body(full(list)).unwrap();
+        }
+        // Writes: status patches, Events. Recorded, and answered with the object sent.
+        let content_type = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body: Value = serde_json::from_slice(req.body()).unwrap_or(Value::Null);
+        self.recorded.push(Recorded {
+            method: method.clone(),
+            path,
+            query,
+            content_type,
+            body: body.clone(),
+        });
+        let status = if method == "POST" { 201 } else { 200 };
+        Response::builder()
+            .status(status)
+            .body(full(serde_json::to_vec(&body).unwrap()))
+            .unwrap()
+    }
+}
+
+struct Harness {
+    server: Arc<Mutex<ApiServer>>,
+    hub: Arc<Hub>,
+    gate: Arc<Gate>,
+    stats: Arc<SourceStats>,
+    task: tokio::task::JoinHandle<()>,
+    server_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.server_task.abort();
+    }
+}
+
+fn start(server: ApiServer) -> Harness {
+    let (service, mut handle) =
+        tower_test::mock::pair::<Request<kube::client::Body>, Response<MockBody>>();
+    let server = Arc::new(Mutex::new(server));
+    let server_task = tokio::spawn({
+        let server = server.clone();
+        async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let (parts, body) = req.into_parts();
+                let bytes = body.collect_bytes().await.unwrap_or_default().to_vec();
+                let req = Request::from_parts(parts, bytes);
+                let resp = server.lock().unwrap().respond(req);
+                send.send_response(resp);
+            }
+        }
+    });
+    let client = kube::Client::new(service, "default");
+    let hub = Arc::new(Hub::new(PolicyEngine::empty(EngineConfig::default())));
+    let gate = Arc::new(Gate::new(None));
+    let source = KubernetesSource::new(
+        client,
+        hub.clone(),
+        gate.clone(),
+        SourceOptions {
+            identity: "bulkhead-controller-0".into(),
+            status_interval: Duration::from_millis(100),
+            ..Default::default()
+        },
+    );
+    let stats = source.stats();
+    let task = tokio::spawn(source.run());
+    Harness {
+        server,
+        hub,
+        gate,
+        stats,
+        task,
+        server_task,
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+fn has_policy(rs: &RuleSet, kind: RuleKind, name: &str) -> bool {
+    rs.rules.values().any(|r| r.kind == kind && r.name == name)
+}
+
+impl Harness {
+    fn ruleset(&self, node: &str) -> RuleSet {
+        self.hub.ruleset(node).unwrap_or_default()
+    }
+
+    fn recorded(&self, method: &str, path_part: &str) -> Vec<Recorded> {
+        self.server
+            .lock()
+            .unwrap()
+            .recorded
+            .iter()
+            .filter(|r| r.method == method && r.path.contains(path_part))
+            .cloned()
+            .collect()
+    }
+
+    async fn wait_events(&self, at_least: u64) {
+        let stats = self.stats.clone();
+        eventually("the watch events were handled", || {
+            stats.events.load(Ordering::SeqCst) >= at_least
+        })
+        .await;
+        // Let the source finish the batch it is in.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn live_watch(server: &mut ApiServer, plural: &str) -> mpsc::UnboundedSender<String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    server
+        .resource(plural)
+        .watches
+        .push_back(WatchPlan::Live(rx));
+    tx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_policy_added_through_watch_reaches_the_rule_set_and_noise_does_not_recompute() {
+    let mut server = ApiServer::from_fixtures();
+    let np_watch = live_watch(&mut server, "networkpolicies");
+    let pod_watch = live_watch(&mut server, "pods");
+    let h = start(server);
+    let gate = h.gate.clone();
+    eventually("the first list completed", || gate.synced()).await;
+    assert!(gate.ready());
+
+    let before = h.ruleset("node-b");
+    assert_eq!(before.endpoints.len(), 2, "backend and db run on node-b");
+    assert!(!has_policy(&before, RuleKind::NetworkPolicy, "db-ingress"));
+    // The valid ServicePolicy of the list is in force.
+    assert!(has_policy(
+        &before,
+        RuleKind::ServicePolicy,
+        "db-admits-backend"
+    ));
+
+    let lines = fixture_lines("networkpolicy.watch.jsonl");
+    // ADDED through the watch.
+    let events = h.stats.events.load(Ordering::SeqCst);
+    np_watch.send(lines[0].clone()).unwrap();
+    let hub = h.hub.clone();
+    eventually("the NetworkPolicy reached node-b's rule set", || {
+        hub.ruleset("node-b")
+            .is_some_and(|rs| has_policy(&rs, RuleKind::NetworkPolicy, "db-ingress"))
+    })
+    .await;
+    h.wait_events(events + 1).await;
+    let with_np = h.ruleset("node-b");
+    assert!(with_np.version > before.version);
+    // node-a has no pod the policy selects or admits by selector: no NetworkPolicy rule there.
+    assert!(!has_policy(
+        &h.ruleset("node-a"),
+        RuleKind::NetworkPolicy,
+        "db-ingress"
+    ));
+
+    // MODIFIED with only metadata noise (resourceVersion, managedFields, an annotation).
+    let changes = h.stats.changes.load(Ordering::SeqCst);
+    let applied = h.hub.counters.changes_applied.load(Ordering::SeqCst);
+    let events = h.stats.events.load(Ordering::SeqCst);
+    np_watch.send(lines[1].clone()).unwrap();
+    // A pod whose status changes but not its identity (readiness flap, restart count).
+    pod_watch
+        .send(fixture_lines("pod.watch.jsonl")[0].clone())
+        .unwrap();
+    h.wait_events(events + 2).await;
+    assert_eq!(
+        h.stats.changes.load(Ordering::SeqCst),
+        changes,
+        "no recompute"
+    );
+    assert_eq!(
+        h.hub.counters.changes_applied.load(Ordering::SeqCst),
+        applied
+    );
+    assert_eq!(h.ruleset("node-b").version, with_np.version);
+
+    // A real change (the port) is applied.
+    np_watch.send(lines[2].clone()).unwrap();
+    let hub = h.hub.clone();
+    let v = with_np.version;
+    eventually("the changed NetworkPolicy was applied", || {
+        hub.ruleset("node-b").is_some_and(|rs| rs.version > v)
+    })
+    .await;
+    assert_eq!(h.stats.changes.load(Ordering::SeqCst), changes + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_service_policy_gets_an_event_and_an_invalid_condition_others_still_apply() {
+    let h = start(ApiServer::from_fixtures());
+    let gate = h.gate.clone();
+    eventually("the first list completed", || gate.synced()).await;
+    // The valid policy applies although the other one is invalid.
+    assert!(has_policy(
+        &h.ruleset("node-b"),
+        RuleKind::ServicePolicy,
+        "db-admits-backend"
+    ));
+    assert!(!has_policy(
+        &h.ruleset("node-b"),
+        RuleKind::ServicePolicy,
+        "broken"
+    ));
+
+    let server = h.server.clone();
+    eventually("both statuses were written and the Event published", || {
+        let s = server.lock().unwrap();
+        let patches = s
+            .recorded
+            .iter()
+            .filter(|r| r.method == "PATCH" && r.path.ends_with("/status"))
+            .count();
+        let events = s.recorded.iter().filter(|r| r.method == "POST").count();
+        patches >= 2 && events >= 1
+    })
+    .await;
+
+    // Status patches: server-side apply to the status subresource, as the API expects.
+    let patches = h.recorded("PATCH", "/status");
+    for p in &patches {
+        assert_eq!(p.content_type, "application/apply-patch+yaml");
+        assert!(
+            p.query.contains("fieldManager=bulkhead-controller"),
+            "{}",
+            p.query
+        );
+        assert!(p.query.contains("force=true"), "{}", p.query);
+        assert_eq!(p.body["apiVersion"], "bulkhead.dev/v1alpha1");
+        assert_eq!(p.body["kind"], "ServicePolicy");
+        assert_eq!(p.body["metadata"]["namespace"], "shop");
+        assert!(p.body.get("spec").is_none(), "only the status is applied");
+    }
+    let broken = patches
+        .iter()
+        .find(|p| {
+            p.path == "/apis/bulkhead.dev/v1alpha1/namespaces/shop/servicepolicies/broken/status"
+        })
+        .expect("a status patch for the invalid policy");
+    let cond = |body: &Value, t: &str| -> Value {
+        body["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == t)
+            .cloned()
+            .unwrap()
+    };
+    let accepted = cond(&broken.body, "Accepted");
+    assert_eq!(accepted["status"], "False");
+    assert_eq!(accepted["reason"], "Invalid");
+    let message = accepted["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.egress[0].to[0]") && message.contains("exactly one"),
+        "{message}"
+    );
+    assert_eq!(accepted["observedGeneration"], 3);
+    assert_eq!(broken.body["status"]["observedGeneration"], 3);
+    assert_eq!(cond(&broken.body, "Realized")["status"], "False");
+
+    let good = patches
+        .iter()
+        .find(|p| {
+            p.path
+                .ends_with("/servicepolicies/db-admits-backend/status")
+        })
+        .expect("a status patch for the valid policy");
+    assert_eq!(cond(&good.body, "Accepted")["status"], "True");
+    let realized = cond(&good.body, "Realized");
+    assert!(
+        realized["message"].as_str().unwrap().contains("of 1 nodes"),
+        "{realized}"
+    );
+    // No agent acked yet: pending.
+    assert_eq!(realized["status"], "False");
+    assert_eq!(realized["reason"], "Pending");
+
+    // The Event: a Warning about the invalid object, from the controller.
+    let events = h.recorded("POST", "/events");
+    assert_eq!(
+        events.len(),
+        1,
+        "one Event per problem, not one per status round"
+    );
+    let e = &events[0];
+    assert_eq!(e.path, "/apis/events.k8s.io/v1/namespaces/shop/events");
+    assert_eq!(e.body["type"], "Warning");
+    assert_eq!(e.body["reason"], "Invalid");
+    assert_eq!(e.body["regarding"]["kind"], "ServicePolicy");
+    assert_eq!(e.body["regarding"]["name"], "broken");
+    assert_eq!(e.body["regarding"]["uid"], "5e5e-0002");
+    assert_eq!(e.body["reportingController"], "bulkhead-controller");
+    assert_eq!(e.body["reportingInstance"], "bulkhead-controller-0");
+    assert!(e.body["note"].as_str().unwrap().contains("exactly one"));
+
+    // The agent acks: the valid policy's Realized condition turns True, the status is
+    // rewritten once (unchanged statuses are not re-sent).
+    let node = h.ruleset("node-b");
+    h.hub.ack("node-b", h.hub.epoch(), node.version, None, 0);
+    let server = h.server.clone();
+    eventually("Realized turned True", || {
+        server.lock().unwrap().recorded.iter().any(|r| {
+            r.path.ends_with("/db-admits-backend/status")
+                && cond(&r.body, "Realized")["status"] == "True"
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let n = h.recorded("PATCH", "/db-admits-backend/status").len();
+    assert_eq!(n, 2, "written when it changed, not on every round");
+    assert_eq!(h.recorded("POST", "/events").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_gone_410_relists_cleanly() {
+    let mut server = ApiServer::from_fixtures();
+    // The first NetworkPolicy watch says 410 Gone; the re-list has a policy created meanwhile.
+    let np = server.resource("networkpolicies");
+    np.watches
+        .push_back(WatchPlan::Lines(fixture_lines("gone.watch.jsonl")));
+    np.lists.push_back(fixture("networkpolicies.relist.json"));
+    // The pod watch breaks too; the re-list no longer has the backend pod: it was deleted
+    // while nobody watched.
+    let pods = server.resource("pods");
+    pods.watches
+        .push_back(WatchPlan::Lines(fixture_lines("gone.watch.jsonl")));
+    pods.lists.push_back(fixture("pods.relist.json"));
+    // No ClusterNetworkPolicy API in this cluster: the source goes on without it.
+    server.resource("clusternetworkpolicies").not_found = true;
+    let h = start(server);
+    let hub = h.hub.clone();
+    eventually(
+        "the re-list brought the NetworkPolicy and removed the backend pod",
+        || {
+            hub.ruleset("node-b").is_some_and(|rs| {
+                has_policy(&rs, RuleKind::NetworkPolicy, "db-ingress") && rs.endpoints.len() == 1
+            })
+        },
+    )
+    .await;
+    assert!(h.gate.synced());
+    let eps = h.ruleset("node-b").endpoints;
+    assert_eq!(eps[0].pod, "db-6b8d7f9c5-m4n5p");
+    assert_eq!(
+        eps[0].interface, None,
+        "pods are found by route, no interface name needed"
+    );
+    assert!(h.stats.watch_errors.load(Ordering::SeqCst) >= 2);
+    let np_lists = h
+        .recorded("GET", "/apis/networking.k8s.io/v1/networkpolicies")
+        .len();
+    assert_eq!(np_lists, 2, "listed once, and once more after 410 Gone");
+    // Nothing else was lost: frontend on node-a is still an endpoint.
+    assert_eq!(h.ruleset("node-a").endpoints.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantine_crd_is_enforced_with_priority_and_reports_where_and_when() {
+    let mut server = ApiServer::from_fixtures();
+    let q_watch = live_watch(&mut server, "quarantines");
+    let h = start(server);
+    let gate = h.gate.clone();
+    eventually("the first list completed", || gate.synced()).await;
+    let mut sub = h.hub.subscribe("node-a").unwrap();
+    let lines = fixture_lines("quarantine.watch.jsonl");
+    q_watch.send(lines[0].clone()).unwrap();
+    let update = tokio::time::timeout(Duration::from_secs(5), sub.updates.recv())
+        .await
+        .expect("node-a got the quarantine")
+        .unwrap();
+    assert!(update.priority, "quarantines are delivered with priority");
+    let rs = h.ruleset("node-a");
+    assert!(has_policy(&rs, RuleKind::Quarantine, "frontend-miner"));
+    assert!(rs.endpoints.iter().any(|e| e.quarantined));
+
+    // The agent has it in its kernel and cut 3 connections.
+    h.hub.ack("node-a", h.hub.epoch(), update.version, None, 3);
+    let server = h.server.clone();
+    eventually(
+        "the Quarantine's status says where and when it was enforced",
+        || {
+            server.lock().unwrap().recorded.iter().any(|r| {
+            r.path
+                == "/apis/bulkhead.dev/v1alpha1/namespaces/shop/quarantines/frontend-miner/status"
+                && r.body["status"]["connectionsCut"] == 3
+                && r.body["status"]["enforcedAt"]["node-a"].is_string()
+        })
+        },
+    )
+    .await;
+    let last = h.recorded("PATCH", "/quarantines/frontend-miner/status");
+    let last = last.last().unwrap();
+    assert_eq!(last.body["kind"], "Quarantine");
+    assert_eq!(last.content_type, "application/apply-patch+yaml");
+
+    // Deleted: released with priority, the rule set is as before.
+    q_watch.send(lines[1].clone()).unwrap();
+    let update = tokio::time::timeout(Duration::from_secs(5), sub.updates.recv())
+        .await
+        .expect("node-a got the release")
+        .unwrap();
+    assert!(update.priority);
+    assert!(!has_policy(
+        &h.ruleset("node-a"),
+        RuleKind::Quarantine,
+        "frontend-miner"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_stays_closed_until_everything_is_listed() {
+    let mut server = ApiServer::from_fixtures();
+    // Pods never list (the API keeps failing): nothing is served, no empty rule set goes out.
+    server.resource("pods").lists = VecDeque::from([String::from("not json")]);
+    let h = start(server);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!h.gate.synced());
+    assert!(h.gate.serving().unwrap_err().contains("not ready"));
+    assert!(h.hub.node_states().is_empty());
+}
