@@ -78,6 +78,18 @@ pub fn setup() -> anyhow::Result<()> {
         bail!("expected helm v4 from {wanted}, got {}", version.trim());
     }
 
+    step("setup: openssl (checks the chart-generated certificates)");
+    if output(Command::new("openssl").arg("version")).is_ok() {
+        println!("    present");
+    } else if is_root() {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", "openssl"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    } else {
+        bail!("openssl is missing; install it as root: apt-get install -y openssl");
+    }
+
     step("setup: kubernetes-validate and checkov (virtualenv)");
     let venv = tools_dir().join("venv");
     if !venv_bin("python").exists() {
@@ -290,6 +302,7 @@ pub fn test() -> anyhow::Result<()> {
         });
     }
     check_rendered_contract(&rendered)?;
+    check_rbac_covers_crds(&crds, &rendered)?;
 
     step(&format!(
         "test: kubernetes-validate --strict (Kubernetes {KUBERNETES_VERSION})"
@@ -299,10 +312,140 @@ pub fn test() -> anyhow::Result<()> {
     }
     validate_custom_resources(&rendered)?;
 
+    step("test: chart-generated certificates (openssl verify)");
+    verify_generated_certificates(&rendered)?;
+
     step("test: checkov (every finding fixed, or suppressed with its reason)");
     for r in &rendered {
         scan(r, &readme)?;
     }
+    scan_chart(&chart)?;
+    Ok(())
+}
+
+/// checkov's own Helm runner over the chart directory, as users of checkov run it. It renders
+/// the default values into the namespace `default`, so CKV_K8S_21 (default namespace) is
+/// skipped here and checked for real on the renderings above, which use the install namespace.
+fn scan_chart(chart: &Path) -> anyhow::Result<()> {
+    let path = format!(
+        "{}:{}",
+        tools_dir().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(venv_bin("checkov"))
+        .arg("--directory")
+        .arg(chart)
+        .args([
+            "--framework",
+            "helm",
+            "--skip-check",
+            "CKV_K8S_21",
+            "--compact",
+            "--quiet",
+            "--skip-download",
+        ])
+        .env("PATH", path)
+        .env("BC_SKIP_MAPPING", "TRUE")
+        .output()
+        .context("start checkov")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("Passed checks"))
+        .map(str::to_string);
+    match summary {
+        Some(summary) if out.status.success() => {
+            println!("    checkov --framework helm: {summary}");
+            Ok(())
+        }
+        _ => bail!(
+            "checkov --framework helm failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// The Secrets the chart generates (without cert-manager) must be what the binaries accept: one
+/// CA, a server certificate valid for `bulkhead-controller` (the name agents verify) and the
+/// Service's names, a client certificate for the agents, each key matching its certificate.
+/// (The real controller and `bulkhead quarantine list` were checked with them by hand too.)
+fn verify_generated_certificates(rendered: &[Rendered]) -> anyhow::Result<()> {
+    const EXTRACT: &str = r#"
+import base64, os, sys, yaml
+out = sys.argv[2]
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if doc and doc["kind"] == "Secret" and doc["metadata"]["name"].endswith("-tls"):
+        side = doc["metadata"]["name"].rsplit("-", 2)[-2]
+        for key, value in doc["data"].items():
+            with open(os.path.join(out, side + "-" + key), "wb") as f:
+                f.write(base64.b64decode(value))
+"#;
+    let mut checked = 0;
+    for r in rendered {
+        let text = fs::read_to_string(&r.manifests)?;
+        if !text.contains("kind: Secret") {
+            continue;
+        }
+        let dir = r.dir.join("tls");
+        fs::create_dir_all(&dir)?;
+        output(
+            Command::new(venv_bin("python"))
+                .args(["-c", EXTRACT])
+                .arg(&r.manifests)
+                .arg(&dir),
+        )?;
+        let file = |name: &str| dir.join(name);
+        if fs::read(file("controller-ca.crt"))? != fs::read(file("agent-ca.crt"))? {
+            bail!(
+                "{}: controller and agent Secrets carry different CAs",
+                r.name
+            );
+        }
+        // The address the agents dial, as rendered: `https://<service>.<ns>.svc.<domain>:<port>`.
+        let service = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("- --controller=https://"))
+            .and_then(|a| a.rsplit_once(':'))
+            .map(|(host, _)| host.to_string())
+            .context("no --controller=https://… argument in the agent DaemonSet")?;
+        for host in ["bulkhead-controller", service.as_str()] {
+            output(
+                Command::new("openssl")
+                    .args(["verify", "-purpose", "sslserver", "-verify_hostname", host])
+                    .arg("-CAfile")
+                    .arg(file("controller-ca.crt"))
+                    .arg(file("controller-tls.crt")),
+            )
+            .with_context(|| format!("{}: controller certificate for {host}", r.name))?;
+        }
+        output(
+            Command::new("openssl")
+                .args(["verify", "-purpose", "sslclient", "-CAfile"])
+                .arg(file("agent-ca.crt"))
+                .arg(file("agent-tls.crt")),
+        )
+        .with_context(|| format!("{}: agent certificate", r.name))?;
+        for side in ["controller", "agent"] {
+            let cert = output(
+                Command::new("openssl")
+                    .args(["x509", "-noout", "-pubkey", "-in"])
+                    .arg(file(&format!("{side}-tls.crt"))),
+            )?;
+            let key = output(
+                Command::new("openssl")
+                    .args(["pkey", "-pubout", "-in"])
+                    .arg(file(&format!("{side}-tls.key"))),
+            )?;
+            if cert != key {
+                bail!("{}: the {side} key does not match its certificate", r.name);
+            }
+        }
+        checked += 1;
+    }
+    println!(
+        "    {checked} rendering(s) with generated certificates: chain, names, usages, keys OK"
+    );
     Ok(())
 }
 
@@ -373,6 +516,50 @@ fn check_rendered_contract(rendered: &[Rendered]) -> anyhow::Result<()> {
             if text.contains(forbidden) {
                 bail!("{}: rendered manifests contain `{forbidden}`", r.name);
             }
+        }
+    }
+    Ok(())
+}
+
+/// Every Bulkhead CRD in `crds/` (generated from the Rust types) is readable by the controller,
+/// and its status writable when it has a status subresource: a new CRD without RBAC would
+/// leave the controller's watch failing with 403.
+fn check_rbac_covers_crds(crds: &[PathBuf], rendered: &[Rendered]) -> anyhow::Result<()> {
+    let Some(default) = rendered.iter().find(|r| r.name == "default") else {
+        bail!("no ci/default-values.yaml");
+    };
+    let manifests = fs::read_to_string(&default.manifests)?;
+    let role = manifests
+        .split("\n---")
+        .find(|d| d.contains("\nkind: ClusterRole\n"))
+        .context("no ClusterRole rendered")?;
+    for file in crds {
+        let text = fs::read_to_string(file)?;
+        for doc in text.split("\n---") {
+            let field = |name: &str| {
+                doc.lines()
+                    .find_map(|l| l.trim().strip_prefix(name))
+                    .map(|v| v.trim().trim_matches('"').to_string())
+            };
+            let (Some(group), Some(plural)) = (field("group:"), field("plural:")) else {
+                continue;
+            };
+            if group != "bulkhead.dev" {
+                continue;
+            }
+            let mut needed = vec![format!("\"{plural}\"")];
+            if doc.contains("subresources:") && doc.contains("status: {}") {
+                needed.push(format!("\"{plural}/status\""));
+            }
+            for n in needed {
+                if !role.contains(&n) {
+                    bail!(
+                        "{} defines {group} {plural}, but the controller's ClusterRole lacks {n}",
+                        file.display()
+                    );
+                }
+            }
+            println!("    RBAC covers {group} {plural}");
         }
     }
     Ok(())
