@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use bulkhead_controller::kubernetes::{Gate, KubernetesOptions, Running};
 use bulkhead_controller::{
     EngineConfig, PolicyEngine,
     distribution::{
@@ -25,8 +26,12 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 #[derive(Args)]
 pub struct ControllerArgs {
     /// Directories or files of Kubernetes YAML (Namespaces, Pods, Nodes, policies); re-read when
-    /// they change.
-    #[arg(long = "manifests", short = 'f', required = true)]
+    /// they change. Required unless --kubernetes.
+    #[arg(
+        long = "manifests",
+        short = 'f',
+        required_unless_present = "kubernetes"
+    )]
     pub manifests: Vec<PathBuf>,
     /// gRPC address for agents and admin clients.
     #[arg(long, default_value = "127.0.0.1:9960")]
@@ -56,6 +61,8 @@ pub struct ControllerArgs {
     /// How often the manifests are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub reload_ms: u64,
+    #[command(flatten)]
+    pub kube: KubernetesArgs,
 }
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
@@ -251,6 +258,10 @@ async fn serve(
         .apply_batch(first.changes)
         .context("compile the initial manifests")?;
     let hub = Arc::new(Hub::new(engine));
+    let kubernetes = start_kubernetes(&args.kube, hub.clone()).await?;
+    let gate = kubernetes
+        .as_ref()
+        .map_or_else(|| Arc::new(Gate::open()), |k| k.gate.clone());
     let source = Arc::new(Mutex::new(source));
     tracing::info!(
         epoch = hub.epoch(),
@@ -380,6 +391,7 @@ async fn serve(
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route("/readyz", readyz(gate.clone()))
         .route(
             "/api/nodes",
             axum::routing::get({
@@ -501,15 +513,107 @@ async fn serve(
     }
     tracing::info!(addr = %args.listen, tls = !args.insecure, "serving rule sets to agents");
     server
-        .add_service(DistributionServer::new(DistributionService::new(
-            hub.clone(),
-            flows.clone(),
-        )))
+        .add_service(DistributionServer::with_interceptor(
+            DistributionService::new(hub.clone(), flows.clone()),
+            serving_gate(gate.clone()),
+        ))
         .add_service(AdminServer::new(admin))
-        .serve_with_shutdown(args.listen, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .serve_with_shutdown(args.listen, shutdown_signal(kubernetes.as_ref()))
         .await
         .with_context(|| format!("gRPC server on {}", args.listen))?;
+    if let Some(k) = kubernetes
+        && let Some(reason) = k.shutdown().await
+    {
+        bail!(reason);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--kubernetes`: inventory and policies from the Kubernetes API, with leader election.
+#[derive(Args)]
+pub struct KubernetesArgs {
+    /// Watch the Kubernetes API (in-cluster service account, else kubeconfig) for Namespaces,
+    /// Pods, Nodes, NetworkPolicies, ClusterNetworkPolicies, ServicePolicies and Quarantines,
+    /// instead of reading manifests.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Run as one of several replicas: only the holder of the Lease serves agents (followers
+    /// answer UNAVAILABLE and `/readyz` 503).
+    #[arg(long, requires = "kubernetes")]
+    pub leader_elect: bool,
+    /// Name of the coordination.k8s.io/v1 Lease.
+    #[arg(long, default_value = "bulkhead-controller")]
+    pub lease_name: String,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// This replica's identity in the Lease and in Events (its pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+async fn start_kubernetes(args: &KubernetesArgs, hub: Arc<Hub>) -> anyhow::Result<Option<Running>> {
+    if !args.kubernetes {
+        return Ok(None);
+    }
+    let running = bulkhead_controller::kubernetes::start(
+        hub,
+        KubernetesOptions {
+            leader_elect: args.leader_elect,
+            lease_name: args.lease_name.clone(),
+            lease_namespace: args.lease_namespace.clone(),
+            identity: args.identity.clone(),
+        },
+    )
+    .await?;
+    tracing::info!(leader_elect = args.leader_elect, identity = ?args.identity, "watching the Kubernetes API");
+    Ok(Some(running))
+}
+
+/// `/readyz`: 200 where agents should connect (the leader, or the only controller, once it
+/// has listed the cluster); 503 with the reason elsewhere. The chart's Service routes by it.
+fn readyz(gate: Arc<Gate>) -> axum::routing::MethodRouter {
+    axum::routing::get(move || async move {
+        match gate.serving() {
+            Ok(()) => (axum::http::StatusCode::OK, "ok".to_string()),
+            Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why),
+        }
+    })
+}
+
+/// Agents' calls reach the distribution service only where rule sets are served; elsewhere
+/// they get UNAVAILABLE ("not the leader (leader: X)") and retry, reaching the leader.
+fn serving_gate(
+    gate: Arc<Gate>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req| match gate.serving() {
+        Ok(()) => Ok(req),
+        Err(why) => Err(tonic::Status::unavailable(why)),
+    }
+}
+
+/// Ctrl-C, SIGTERM (how Kubernetes stops a pod), or the loss of leadership.
+async fn shutdown_signal(kubernetes: Option<&Running>) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    let lost = async {
+        match kubernetes {
+            Some(k) => {
+                let reason = k.lost().await;
+                tracing::error!(%reason, "stopping");
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+        _ = lost => {}
+    }
 }

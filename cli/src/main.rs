@@ -3,6 +3,7 @@
 mod agent;
 mod certs;
 mod controller;
+mod crds;
 mod demo;
 mod flows;
 mod lab;
@@ -38,6 +39,9 @@ enum Command {
     /// Controller: compiles policies from manifests and serves per-node rule sets to agents
     /// over gRPC (mTLS), with metrics and a JSON API over HTTP.
     Controller(controller::ControllerArgs),
+    /// Bulkhead's CustomResourceDefinitions (ServicePolicy, Quarantine), generated from the
+    /// code: printed, or written one file per CRD with `--out charts/bulkhead/crds`.
+    Crds(crds::CrdsArgs),
     /// Certificates for mTLS between controller and agents (a throwaway CA, for labs).
     Certs {
         #[command(subcommand)]
@@ -79,6 +83,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(args) => agent::run(args),
         Command::Controller(args) => controller::run(args),
+        Command::Crds(args) => crds::run(args),
         Command::Lab(args) => lab::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Quarantine(args) => quarantine::run(args),
