@@ -177,6 +177,11 @@ pub struct Verdict {
     /// A previous version is still in force (the object is invalid now, its last good version
     /// is kept).
     pub kept_last_good: bool,
+    /// A quarantine's `expiresAt` (of the version in force).
+    pub expires_at: Option<std::time::SystemTime>,
+    /// The object's `status` as the API server has it (conditions keep their transition times
+    /// across controller restarts).
+    pub status: Option<Value>,
 }
 
 /// What the controller holds of the cluster.
@@ -289,6 +294,16 @@ impl Inventory {
                 resource_version: str_at(object, &["metadata", "resourceVersion"]).to_string(),
                 invalid: converted.as_ref().err().cloned(),
                 kept_last_good: converted.is_err() && self.current.contains_key(&key),
+                expires_at: match converted
+                    .as_ref()
+                    .ok()
+                    .and_then(Option::as_ref)
+                    .or(self.current.get(&key))
+                {
+                    Some(Object::Policy(p)) => p.quarantine.as_ref().and_then(|q| q.expires_at),
+                    _ => None,
+                },
+                status: object.get("status").filter(|s| !s.is_null()).cloned(),
             };
             self.verdicts.insert(key.clone(), verdict);
         }
@@ -408,5 +423,154 @@ impl Inventory {
 
     pub fn is_empty(&self) -> bool {
         self.current.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod(rv: &str, labels: Value, phase: &str, ip: &str) -> Value {
+        json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "uid": "p1", "resourceVersion": rv,
+                         "labels": labels,
+                         "managedFields": [{"manager": "kubelet", "operation": "Update",
+                                            "time": format!("2026-11-29T20:0{}:00Z", rv.len())}]},
+            "spec": {"nodeName": "node-a", "serviceAccountName": "web",
+                     "containers": [{"name": "web", "ports": [{"containerPort": 8080}]}]},
+            "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}],
+                       "conditions": [{"type": "Ready", "status": if rv == "2" { "False" } else { "True" }}]},
+        })
+    }
+
+    fn synced() -> Inventory {
+        let mut inv = Inventory::default();
+        for k in Kind::ALL {
+            inv.relist_start(k);
+            inv.relist_done(k);
+        }
+        inv
+    }
+
+    #[test]
+    fn only_changes_of_the_model_reach_the_engine() {
+        let mut inv = synced();
+        inv.apply(
+            Kind::Pod,
+            &pod("1", json!({"app": "web"}), "Running", "10.0.0.5"),
+        );
+        let c = inv.take_changes();
+        assert!(matches!(c.others.as_slice(), [Change::UpsertPod(p)] if p.name == "web-1"));
+        // resourceVersion, managedFields, readiness: nothing for the engine.
+        inv.apply(
+            Kind::Pod,
+            &pod("2", json!({"app": "web"}), "Running", "10.0.0.5"),
+        );
+        assert!(inv.take_changes().is_empty());
+        // A label is identity.
+        inv.apply(
+            Kind::Pod,
+            &pod(
+                "3",
+                json!({"app": "web", "tier": "front"}),
+                "Running",
+                "10.0.0.5",
+            ),
+        );
+        assert_eq!(inv.take_changes().len(), 1);
+        // A finished pod gives its address back.
+        inv.apply(
+            Kind::Pod,
+            &pod(
+                "4",
+                json!({"app": "web", "tier": "front"}),
+                "Succeeded",
+                "10.0.0.5",
+            ),
+        );
+        let c = inv.take_changes();
+        assert!(matches!(c.others.as_slice(), [Change::DeletePod(_)]));
+        // Added and deleted between two flushes: nothing at all.
+        inv.apply(
+            Kind::Pod,
+            &pod("5", json!({"app": "web"}), "Running", "10.0.0.6"),
+        );
+        inv.delete(
+            Kind::Pod,
+            &pod("6", json!({"app": "web"}), "Running", "10.0.0.6"),
+        );
+        assert!(inv.take_changes().is_empty());
+    }
+
+    #[test]
+    fn an_invalid_update_keeps_the_last_good_version_and_is_reported() {
+        let mut inv = synced();
+        let np = |port: Value, rv: &str| {
+            json!({"metadata": {"name": "db", "namespace": "shop", "uid": "n1", "generation": 1,
+                                "resourceVersion": rv},
+                   "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": port}]}]}})
+        };
+        inv.apply(Kind::NetworkPolicy, &np(json!(5432), "1"));
+        assert_eq!(inv.take_changes().len(), 1);
+        inv.apply(Kind::NetworkPolicy, &np(json!(70000), "2"));
+        assert!(inv.take_changes().is_empty(), "the last good version stays");
+        let key = api_key(Kind::NetworkPolicy, &np(json!(1), "3"));
+        let v = &inv.verdicts()[&key];
+        assert!(v.kept_last_good);
+        assert!(
+            v.invalid.as_deref().unwrap().contains("out of range"),
+            "{v:?}"
+        );
+        inv.apply(Kind::NetworkPolicy, &np(json!(5432), "4"));
+        assert!(inv.verdicts()[&key].invalid.is_none());
+        assert!(inv.take_changes().is_empty(), "back to what the engine has");
+    }
+
+    #[test]
+    fn nothing_is_applied_before_every_kind_was_listed_and_relists_delete_what_is_gone() {
+        let mut inv = Inventory::default();
+        inv.relist_start(Kind::Pod);
+        inv.relist_item(
+            Kind::Pod,
+            pod("1", json!({"app": "web"}), "Running", "10.0.0.5"),
+        );
+        inv.relist_done(Kind::Pod);
+        assert!(!inv.all_synced());
+        for k in Kind::ALL {
+            if k != Kind::Pod {
+                inv.relist_start(k);
+                inv.relist_done(k);
+            }
+        }
+        assert!(inv.all_synced());
+        assert_eq!(inv.take_changes().len(), 1);
+        // The watch broke; the new list no longer has the pod.
+        inv.relist_start(Kind::Pod);
+        assert!(
+            inv.take_changes().is_empty(),
+            "nothing changes until the list is complete"
+        );
+        inv.relist_done(Kind::Pod);
+        let c = inv.take_changes();
+        assert!(matches!(c.others.as_slice(), [Change::DeletePod(_)]));
+    }
+
+    #[test]
+    fn quarantines_are_kept_apart_for_priority_delivery() {
+        let mut inv = synced();
+        inv.apply(
+            Kind::Quarantine,
+            &json!({"metadata": {"name": "q", "namespace": "shop", "uid": "q1"},
+                    "spec": {"pods": ["web-1"], "reason": "miner"}}),
+        );
+        inv.apply(
+            Kind::Pod,
+            &pod("1", json!({"app": "web"}), "Running", "10.0.0.5"),
+        );
+        let c = inv.take_changes();
+        assert_eq!(c.quarantines.len(), 1);
+        assert_eq!(c.others.len(), 1);
     }
 }

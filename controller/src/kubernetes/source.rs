@@ -375,7 +375,11 @@ struct StatusWriter {
     written: BTreeMap<ApiKey, (String, Value)>,
     /// Invalid objects already reported by an Event: (key, uid, problem).
     reported: BTreeSet<(ApiKey, String, String)>,
+    last_full: std::time::Instant,
 }
+
+/// How often every status is applied again even if unchanged.
+const FULL_STATUS_PERIOD: Duration = Duration::from_secs(300);
 
 impl StatusWriter {
     fn new(source: &KubernetesSource) -> StatusWriter {
@@ -397,6 +401,7 @@ impl StatusWriter {
             ),
             written: BTreeMap::new(),
             reported: BTreeSet::new(),
+            last_full: std::time::Instant::now(),
         }
     }
 
@@ -435,6 +440,13 @@ impl StatusWriter {
         let now = SystemTime::now();
         let present: BTreeSet<&ApiKey> = verdicts.iter().map(|(k, _)| k).collect();
         self.written.retain(|k, _| present.contains(k));
+        self.reported.retain(|(k, _, _)| present.contains(k));
+        // Now and then everything is applied again (a no-op for the API server when nothing
+        // changed), in case someone else removed or overwrote a status.
+        let force = self.last_full.elapsed() >= FULL_STATUS_PERIOD;
+        if force {
+            self.last_full = std::time::Instant::now();
+        }
         for (key, verdict) in &verdicts {
             if let Some(problem) = &verdict.invalid {
                 let id = (key.clone(), verdict.uid.clone(), problem.clone());
@@ -469,7 +481,8 @@ impl StatusWriter {
                 .written
                 .get(key)
                 .filter(|(uid, _)| *uid == verdict.uid)
-                .map(|(_, s)| s);
+                .map(|(_, s)| s)
+                .or(verdict.status.as_ref());
             let desired = status::desired_status(
                 key,
                 verdict,
@@ -478,7 +491,7 @@ impl StatusWriter {
                 previous,
                 now,
             );
-            if previous.is_some_and(|p| status::same_status(p, &desired)) {
+            if !force && previous == Some(&desired) {
                 continue;
             }
             let api: Api<DynamicObject> = Api::namespaced_with(

@@ -104,7 +104,21 @@ pub fn desired_status(
     };
     let in_force = verdict.invalid.is_none() || verdict.kept_last_good;
     let (nodes, realized) = realization.map_or((0, 0), |r| (r.nodes, r.realized));
-    let realized_condition = if !in_force {
+    let expired = verdict.expires_at.filter(|t| *t <= now);
+    let realized_condition = if let Some(at) = expired {
+        condition(
+            "Realized",
+            false,
+            "Expired",
+            &format!(
+                "expired at {}: no longer enforced (delete the object, or move expiresAt to quarantine again)",
+                rfc3339(at)
+            ),
+            generation,
+            previous,
+            now,
+        )
+    } else if !in_force {
         condition(
             "Realized",
             false,
@@ -175,7 +189,151 @@ pub fn apply_body(key: &ApiKey, status: &Value) -> Value {
     })
 }
 
-/// Equal apart from transition times (which only change with a status).
-pub fn same_status(a: &Value, b: &Value) -> bool {
-    a == b
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    fn key(kind: Kind) -> ApiKey {
+        ApiKey {
+            kind,
+            namespace: "shop".into(),
+            name: "p".into(),
+        }
+    }
+
+    fn verdict(invalid: Option<&str>) -> Verdict {
+        Verdict {
+            uid: "u".into(),
+            generation: Some(2),
+            resource_version: "7".into(),
+            invalid: invalid.map(str::to_string),
+            kept_last_good: false,
+            expires_at: None,
+            status: None,
+        }
+    }
+
+    fn realization(nodes: u32, realized: u32) -> PolicyRealization {
+        PolicyRealization {
+            kind: crate::ruleset::RuleKind::ServicePolicy,
+            namespace: "shop".into(),
+            name: "p".into(),
+            nodes,
+            realized,
+        }
+    }
+
+    fn cond<'a>(status: &'a Value, t: &str) -> &'a Value {
+        status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == t)
+            .unwrap()
+    }
+
+    #[test]
+    fn transition_times_stay_while_a_condition_keeps_its_status() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let k = key(Kind::ServicePolicy);
+        let first = desired_status(
+            &k,
+            &verdict(None),
+            Some(&realization(3, 1)),
+            &Enforcement::new(),
+            None,
+            t0,
+        );
+        assert_eq!(cond(&first, "Realized")["reason"], "Pending");
+        assert_eq!(
+            cond(&first, "Realized")["message"],
+            "realized on 1 of 3 nodes"
+        );
+        // Later, one more node: message changes, status does not, so neither does the time.
+        let t1 = t0 + Duration::from_secs(60);
+        let second = desired_status(
+            &k,
+            &verdict(None),
+            Some(&realization(3, 2)),
+            &Enforcement::new(),
+            Some(&first),
+            t1,
+        );
+        assert_eq!(
+            cond(&second, "Realized")["lastTransitionTime"],
+            cond(&first, "Realized")["lastTransitionTime"]
+        );
+        // Every node: True, with a new transition time; Accepted kept its time throughout.
+        let third = desired_status(
+            &k,
+            &verdict(None),
+            Some(&realization(3, 3)),
+            &Enforcement::new(),
+            Some(&second),
+            t1,
+        );
+        assert_eq!(cond(&third, "Realized")["status"], "True");
+        assert_eq!(
+            cond(&third, "Realized")["lastTransitionTime"],
+            rfc3339(t1).as_str()
+        );
+        assert_eq!(
+            cond(&third, "Accepted")["lastTransitionTime"],
+            rfc3339(t0).as_str()
+        );
+        assert_eq!(third["observedGeneration"], 2);
+        assert_eq!(third["realizedNodes"], 3);
+    }
+
+    #[test]
+    fn invalid_objects_say_why_and_whether_an_older_version_is_in_force() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let k = key(Kind::ServicePolicy);
+        let mut v = verdict(Some("spec.mode: unknown mode \"Sometimes\""));
+        let s = desired_status(&k, &v, None, &Enforcement::new(), None, now);
+        assert_eq!(cond(&s, "Accepted")["status"], "False");
+        assert_eq!(cond(&s, "Accepted")["reason"], "Invalid");
+        assert_eq!(cond(&s, "Realized")["reason"], "Invalid");
+        v.kept_last_good = true;
+        let s = desired_status(
+            &k,
+            &v,
+            Some(&realization(1, 1)),
+            &Enforcement::new(),
+            None,
+            now,
+        );
+        assert!(
+            cond(&s, "Accepted")["message"]
+                .as_str()
+                .unwrap()
+                .contains("previous version stays in force")
+        );
+        assert_eq!(cond(&s, "Realized")["status"], "True");
+    }
+
+    #[test]
+    fn quarantine_status_names_nodes_times_and_cut_connections_and_expiry() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let k = key(Kind::Quarantine);
+        let mut enforcement = Enforcement::new();
+        enforcement.insert("node-a".into(), (now, 2));
+        enforcement.insert("node-b".into(), (now, 1));
+        let mut v = verdict(None);
+        let s = desired_status(&k, &v, Some(&realization(2, 2)), &enforcement, None, now);
+        assert_eq!(s["connectionsCut"], 3);
+        assert_eq!(s["enforcedAt"]["node-a"], "2027-01-15T08:00:00.000Z");
+        v.expires_at = Some(now - Duration::from_secs(1));
+        let s = desired_status(&k, &v, None, &enforcement, None, now);
+        assert_eq!(cond(&s, "Realized")["reason"], "Expired");
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        let s = "é".repeat(40);
+        let t = truncate(&s, 11);
+        assert!(t.len() <= 11 && t.ends_with("..."), "{t}");
+    }
 }
