@@ -25,9 +25,10 @@ const KUBECTL_LAYER_VERSION: &str = "2.2.2";
 /// Python tools, pinned so a fresh clone scans with the same rules as the last green run.
 const PYTHON_TOOLS: &[&str] = &["checkov==3.3.30", "kubernetes-validate==1.37.0"];
 
-/// Kubernetes version the rendered manifests are validated against (strict: unknown fields are
-/// errors). The chart needs >= 1.30 (`appArmorProfile` in the security context).
-const KUBERNETES_VERSION: &str = "1.35.0";
+/// Kubernetes versions the rendered manifests are validated against (strict: unknown fields are
+/// errors): the chart's floor (`kubeVersion` in Chart.yaml; 1.30 brought `appArmorProfile` to
+/// the security context) and a recent release.
+const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.35.0"];
 
 /// The namespace the test renders into, as the README installs it (`default` would itself be a
 /// finding, CKV_K8S_21).
@@ -305,28 +306,54 @@ pub fn test() -> anyhow::Result<()> {
     check_rbac_covers_crds(&crds, &rendered)?;
 
     step(&format!(
-        "test: kubernetes-validate --strict (Kubernetes {KUBERNETES_VERSION})"
+        "test: kubernetes-validate --strict (Kubernetes {})",
+        KUBERNETES_VERSIONS.join(", ")
     ));
+    let mut jobs: Vec<Check> = Vec::new();
     for r in &rendered {
-        validate(r)?;
+        for version in KUBERNETES_VERSIONS {
+            jobs.push(Box::new(move || validate(r, version)));
+        }
     }
+    in_parallel(jobs)?;
     validate_custom_resources(&rendered)?;
 
     step("test: chart-generated certificates (openssl verify)");
     verify_generated_certificates(&rendered)?;
 
     step("test: checkov (every finding fixed, or suppressed with its reason)");
+    let mut jobs: Vec<Check> = Vec::new();
     for r in &rendered {
-        scan(r, &readme)?;
+        let readme = readme.as_str();
+        jobs.push(Box::new(move || scan(r, readme)));
     }
-    scan_chart(&chart)?;
+    jobs.push(Box::new(|| scan_chart(&chart)));
+    in_parallel(jobs)
+}
+
+/// A check that reports one line when it passes.
+type Check<'a> = Box<dyn FnOnce() -> anyhow::Result<String> + Send + 'a>;
+
+/// Runs independent checks at once (checkov and kubernetes-validate spend most of their time
+/// starting Python) and reports them in order; the first failure is the error.
+fn in_parallel(jobs: Vec<Check>) -> anyhow::Result<()> {
+    let results: Vec<anyhow::Result<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs.into_iter().map(|job| s.spawn(job)).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a chart check panicked")))
+            .collect()
+    });
+    for result in results {
+        println!("    {}", result?);
+    }
     Ok(())
 }
 
 /// checkov's own Helm runner over the chart directory, as users of checkov run it. It renders
 /// the default values into the namespace `default`, so CKV_K8S_21 (default namespace) is
 /// skipped here and checked for real on the renderings above, which use the install namespace.
-fn scan_chart(chart: &Path) -> anyhow::Result<()> {
+fn scan_chart(chart: &Path) -> anyhow::Result<String> {
     let path = format!(
         "{}:{}",
         tools_dir().join("bin").display(),
@@ -354,10 +381,7 @@ fn scan_chart(chart: &Path) -> anyhow::Result<()> {
         .find(|l| l.starts_with("Passed checks"))
         .map(str::to_string);
     match summary {
-        Some(summary) if out.status.success() => {
-            println!("    checkov --framework helm: {summary}");
-            Ok(())
-        }
+        Some(summary) if out.status.success() => Ok(format!("checkov --framework helm: {summary}")),
         _ => bail!(
             "checkov --framework helm failed ({}):\n{stdout}\n{}",
             out.status,
@@ -567,14 +591,9 @@ fn check_rbac_covers_crds(crds: &[PathBuf], rendered: &[Rendered]) -> anyhow::Re
 
 /// `kubernetes-validate` prints ERROR for an invalid object and only WARNs for a kind it has no
 /// schema for; a WARN is accepted only for the known custom kinds, which are checked separately.
-fn validate(r: &Rendered) -> anyhow::Result<()> {
+fn validate(r: &Rendered, version: &str) -> anyhow::Result<String> {
     let out = Command::new(venv_bin("kubernetes-validate"))
-        .args([
-            "--strict",
-            "--quiet",
-            "--kubernetes-version",
-            KUBERNETES_VERSION,
-        ])
+        .args(["--strict", "--quiet", "--kubernetes-version", version])
         .arg(&r.manifests)
         .output()
         .context("start kubernetes-validate")?;
@@ -592,7 +611,7 @@ fn validate(r: &Rendered) -> anyhow::Result<()> {
     }
     if !out.status.success() || !unexpected.is_empty() {
         bail!(
-            "kubernetes-validate rejected {} ({}):\n{}",
+            "kubernetes-validate rejected {} for Kubernetes {version} ({}):\n{}",
             r.name,
             out.status,
             unexpected.join("\n")
@@ -604,12 +623,11 @@ fn validate(r: &Rendered) -> anyhow::Result<()> {
         .iter()
         .filter(|(a, k)| CUSTOM_KINDS.contains(&(a.as_str(), k.as_str())))
         .count();
-    println!(
-        "    {}: {} objects valid, {custom} custom resource(s) checked against their CRDs below",
+    Ok(format!(
+        "{} on {version}: {} objects valid, {custom} custom resource(s) checked against their CRDs below",
         r.name,
         all.len() - custom
-    );
-    Ok(())
+    ))
 }
 
 /// Custom resources (cert-manager, Prometheus Operator) checked against the openAPIV3Schema of
@@ -688,7 +706,7 @@ sys.exit(1 if failed else 0)
 
 /// Runs checkov on one rendered set. Suppressions live in the chart as `checkov.io/skip*`
 /// annotations with their reasons; each suppressed check must also be explained in the README.
-fn scan(r: &Rendered, readme: &str) -> anyhow::Result<()> {
+fn scan(r: &Rendered, readme: &str) -> anyhow::Result<String> {
     let text = fs::read_to_string(&r.manifests)?;
     let mut suppressed = BTreeSet::new();
     for line in text.lines() {
@@ -742,10 +760,9 @@ fn scan(r: &Rendered, readme: &str) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    println!(
-        "    {}: {summary} (suppressed: {})",
+    Ok(format!(
+        "{}: {summary} (suppressed: {})",
         r.name,
         suppressed.into_iter().collect::<Vec<_>>().join(", ")
-    );
-    Ok(())
+    ))
 }
