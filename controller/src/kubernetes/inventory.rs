@@ -229,18 +229,72 @@ fn terminated(kind: Kind, object: &Value) -> bool {
     kind == Kind::Pod && matches!(str_at(object, &["status", "phase"]), "Succeeded" | "Failed")
 }
 
+/// What the loader reads of an API object, and nothing else: `managedFields`, annotations,
+/// environment variables and the like never reach the YAML parser (they could only slow it
+/// down or trip it over characters YAML does not allow), and list items get the apiVersion and
+/// kind the API server leaves out.
+fn project(kind: Kind, object: &Value) -> Value {
+    let pick = |from: Option<&Value>, fields: &[&str]| -> Value {
+        let mut out = serde_json::Map::new();
+        for f in fields {
+            if let Some(v) = from.and_then(|o| o.get(*f)).filter(|v| !v.is_null()) {
+                out.insert((*f).to_string(), v.clone());
+            }
+        }
+        Value::Object(out)
+    };
+    let mut out = serde_json::Map::new();
+    out.insert("apiVersion".into(), Value::String(kind.api_version()));
+    out.insert("kind".into(), Value::String(kind.name().into()));
+    out.insert(
+        "metadata".into(),
+        pick(
+            object.get("metadata"),
+            &["name", "namespace", "labels", "ownerReferences"],
+        ),
+    );
+    match kind {
+        Kind::Namespace | Kind::Node => {}
+        Kind::Pod => {
+            let spec = object.get("spec");
+            let mut projected = pick(
+                spec,
+                &[
+                    "serviceAccountName",
+                    "serviceAccount",
+                    "nodeName",
+                    "hostNetwork",
+                ],
+            );
+            let containers: Vec<Value> = spec
+                .and_then(|s| s.get("containers"))
+                .and_then(Value::as_array)
+                .map(|cs| cs.iter().map(|c| pick(Some(c), &["ports"])).collect())
+                .unwrap_or_default();
+            projected["containers"] = Value::Array(containers);
+            out.insert("spec".into(), projected);
+            out.insert(
+                "status".into(),
+                pick(object.get("status"), &["podIP", "podIPs"]),
+            );
+        }
+        // Policies: the whole spec, validated by the loader as a manifest's would be.
+        _ => {
+            if let Some(spec) = object.get("spec") {
+                out.insert("spec".into(), spec.clone());
+            }
+        }
+    }
+    Value::Object(out)
+}
+
 /// Converts one API object with the manifest loader. `Ok(None)`: the object is not part of
 /// the model (a finished pod). `Err`: why the loader rejects it.
 pub fn convert(kind: Kind, object: &Value) -> Result<Option<Object>, String> {
     if terminated(kind, object) {
         return Ok(None);
     }
-    // List items carry no apiVersion/kind; the loader needs them.
-    let mut object = object.clone();
-    if let Some(map) = object.as_object_mut() {
-        map.insert("apiVersion".into(), Value::String(kind.api_version()));
-        map.insert("kind".into(), Value::String(kind.name().into()));
-    }
+    let object = project(kind, object);
     let text = serde_json::to_string(&object).map_err(|e| e.to_string())?;
     let key = api_key(kind, &object);
     let loaded = load_str(Path::new(&key.to_string()), &text);
@@ -572,5 +626,46 @@ mod tests {
         let c = inv.take_changes();
         assert_eq!(c.quarantines.len(), 1);
         assert_eq!(c.others.len(), 1);
+    }
+
+    #[test]
+    fn only_what_the_loader_reads_is_parsed_and_it_means_the_same() {
+        let mut p = pod("1", json!({"app": "web"}), "Running", "10.0.0.5");
+        p["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7f", "controller": true}]);
+        // Characters YAML refuses, where Kubernetes allows them (annotations, env values).
+        p["metadata"]["annotations"] = json!({"note": "bell \u{7} c1 \u{85} \u{FFFE}"});
+        p["spec"]["containers"][0]["env"] = json!([{"name": "X", "value": "\u{1}"}]);
+        let converted = convert(Kind::Pod, &p).unwrap().unwrap();
+        // The same object as the manifest loader makes of the plain pod.
+        let mut plain = p.clone();
+        plain["apiVersion"] = json!("v1");
+        plain["kind"] = json!("Pod");
+        plain["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("annotations");
+        plain["spec"]["containers"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("env");
+        let raw = load_str(
+            Path::new("raw"),
+            &{
+                let mut r = p.clone();
+                r["apiVersion"] = json!("v1");
+                r["kind"] = json!("Pod");
+                r
+            }
+            .to_string(),
+        );
+        // (The whole object would not even parse as YAML.)
+        assert!(!raw.errors.is_empty());
+        let loaded = load_str(Path::new("plain"), &plain.to_string());
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        assert_eq!(loaded.objects, vec![converted.clone()]);
+        match converted {
+            Object::Pod(p) => assert_eq!(p.workload.as_deref(), Some("ReplicaSet/web-7f")),
+            other => panic!("{other:?}"),
+        }
     }
 }
