@@ -62,6 +62,8 @@ pub struct ControllerArgs {
     #[arg(long, default_value_t = 300)]
     pub reload_ms: u64,
     #[command(flatten)]
+    pub web: crate::web::WebArgs,
+    #[command(flatten)]
     pub kube: KubernetesArgs,
 }
 
@@ -377,11 +379,29 @@ async fn serve(
         });
     }
 
+    // One quarantine control for the admin API and the web UI (it tracks each quarantine's status).
+    let quarantine = quarantine_dir.clone().map(|dir| {
+        Arc::new(QuarantineControl::new(
+            dir,
+            source.clone(),
+            hub.clone(),
+            flows.clone(),
+        ))
+    });
+    let web = crate::web::WebState::new(
+        args.http,
+        &args.web,
+        hub.clone(),
+        flows.clone(),
+        graph.clone(),
+        quarantine.clone(),
+    );
+
     // HTTP: metrics, health, JSON API.
     let listener = tokio::net::TcpListener::bind(args.http)
         .await
         .with_context(|| format!("bind HTTP address {}", args.http))?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /api/nodes, /api/policies, /api/flows, /api/graph, /api/graph.dot");
+    tracing::info!(addr = %listener.local_addr()?, "serving the web UI on /, /metrics, /healthz, /api/nodes, /api/policies, /api/flows, /api/graph, /api/graph.dot");
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -487,7 +507,8 @@ async fn serve(
                     )
                 }
             }),
-        );
+        )
+        .merge(crate::web::router(web));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP server stopped");
@@ -496,14 +517,9 @@ async fn serve(
 
     // gRPC.
     let mut admin = AdminService::new(hub.clone());
-    if let Some(dir) = quarantine_dir {
+    if let (Some(dir), Some(q)) = (quarantine_dir, quarantine) {
         tracing::info!(dir = %dir.display(), "quarantines kept in");
-        admin = admin.with_quarantine(Arc::new(QuarantineControl::new(
-            dir,
-            source.clone(),
-            hub.clone(),
-            flows.clone(),
-        )));
+        admin = admin.with_quarantine(q);
     }
     let mut server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

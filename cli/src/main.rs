@@ -9,6 +9,7 @@ mod flows;
 mod lab;
 mod policy;
 mod quarantine;
+mod web;
 
 use std::{io::IsTerminal, process::ExitCode};
 

@@ -6,6 +6,7 @@
 
 mod chart;
 mod demo;
+mod web;
 
 use std::{
     env, fs,
@@ -35,6 +36,8 @@ enum Task {
     },
     /// Only the Helm chart: install its tools, then lint, render, validate and scan it.
     Chart,
+    /// Rebuild the web UI bundle (npm ci + esbuild) into cli/assets/ui/, which is committed.
+    Ui,
     /// The main job: build Bulkhead and run the local demo.
     Demo {
         /// Leave the demo's namespaces and agent in place for exploration.
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Test { cargo_args } => setup().and_then(|()| test(&cargo_args)),
         Task::Demo { keep } => setup().and_then(|()| demo::demo(keep)),
+        Task::Ui => web::ui(),
         Task::Chart => chart::setup().and_then(|()| chart::test()),
     };
     match result {
@@ -179,6 +183,7 @@ fn setup() -> anyhow::Result<()> {
     } else {
         install_bpf_linker()?;
     }
+    web::setup()?;
     chart::setup()?;
     Ok(())
 }
@@ -235,6 +240,7 @@ fn install_bpf_linker() -> anyhow::Result<()> {
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
     let root = project_root();
+    web::test()?;
     step("test: rustfmt");
     run(Command::new("cargo")
         .current_dir(&root)

@@ -1,0 +1,1318 @@
+//! The controller's web UI: the live service map page (a committed bundle, embedded in the
+//! binary), the JSON it polls, and quarantine/release from the page.
+//!
+//! The page is built from `ui/` by `cargo xtask ui` into `cli/assets/ui/`, which is committed so
+//! that building Bulkhead needs no npm; `cargo xtask test` rebuilds it and fails on drift.
+//!
+//! Write actions (quarantine, release) change enforcement cluster-wide, so they are refused
+//! unless the HTTP listener is on loopback or `--web-actions` says otherwise, and a request must
+//! prove it is not a cross-site form or fetch: `Content-Type: application/json` plus the
+//! `X-Bulkhead-Action: 1` header (neither can be sent cross-site without a CORS preflight, which
+//! this server never grants), an `Origin`, when present, naming the host the request was sent
+//! to, and on a loopback listener a loopback `Host` (against DNS rebinding).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{Query, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use bulkhead_controller::{
+    distribution::{
+        FlowStore, Hub,
+        quarantine::{QuarantineControl, QuarantineError},
+    },
+    flows::ServiceGraph,
+    ruleset::RuleSet,
+};
+use bulkhead_proto::v1 as pb;
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+const INDEX_HTML: &str = include_str!("../assets/ui/index.html");
+const APP_JS: &str = include_str!("../assets/ui/app.js");
+const APP_CSS: &str = include_str!("../assets/ui/app.css");
+
+/// The header a write request must carry (a browser sends it cross-site only after a CORS
+/// preflight, which this server never grants).
+pub const ACTION_HEADER: &str = "x-bulkhead-action";
+
+#[derive(Args, Clone, Debug, Default)]
+pub struct WebArgs {
+    /// Allow quarantine and release from the web UI even though `--http` is not a loopback
+    /// address (anyone who can reach the port and send the UI's headers could then isolate
+    /// pods: put an authenticating proxy in front).
+    #[arg(long)]
+    pub web_actions: bool,
+}
+
+/// What the UI's handlers read and act on: the controller's own state, shared.
+#[derive(Clone)]
+pub struct WebState {
+    pub hub: Arc<Hub>,
+    pub flows: Arc<Mutex<FlowStore>>,
+    pub graph: Arc<Mutex<ServiceGraph>>,
+    pub quarantine: Option<Arc<QuarantineControl>>,
+    /// Whether quarantine/release are served, and if not, why.
+    pub actions: Result<(), String>,
+    /// On a loopback listener, write requests must name a loopback host (DNS rebinding).
+    pub loopback: bool,
+    /// How long a quarantine or release waits for the affected agents to ack it.
+    pub enforce_wait: Duration,
+}
+
+impl WebState {
+    pub fn new(
+        http: SocketAddr,
+        args: &WebArgs,
+        hub: Arc<Hub>,
+        flows: Arc<Mutex<FlowStore>>,
+        graph: Arc<Mutex<ServiceGraph>>,
+        quarantine: Option<Arc<QuarantineControl>>,
+    ) -> WebState {
+        let loopback = http.ip().is_loopback();
+        let actions = if quarantine.is_none() {
+            Err("this controller has no quarantine directory (--quarantine-dir)".into())
+        } else if loopback || args.web_actions {
+            Ok(())
+        } else {
+            Err(format!(
+                "write actions are off because the HTTP listener ({http}) is not on loopback; start the controller with --web-actions to allow them"
+            ))
+        };
+        WebState {
+            hub,
+            flows,
+            graph,
+            quarantine,
+            actions,
+            loopback,
+            enforce_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The page, its assets, and the UI's JSON API (merged into the controller's HTTP router).
+pub fn router(state: WebState) -> Router {
+    Router::new()
+        .route(
+            "/",
+            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        )
+        .route(
+            "/ui/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/ui/app.css",
+            get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
+        )
+        .route("/api/map", get(map))
+        .route("/api/flows/query", get(query_flows))
+        .route("/api/quarantines", get(list_quarantines))
+        .route("/api/quarantine", post(quarantine))
+        .route("/api/quarantine/release", post(release))
+        .with_state(state)
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// An error the page can show: `{"error": "..."}` with a 4xx/5xx status.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError(status, message.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<QuarantineError> for ApiError {
+    fn from(e: QuarantineError) -> ApiError {
+        let status = match e {
+            QuarantineError::Invalid(_) | QuarantineError::Rejected(_) => StatusCode::BAD_REQUEST,
+            QuarantineError::NotQuarantined(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+/// A pod as the UI shows it.
+#[derive(Debug, Clone, Serialize)]
+struct PodView {
+    /// `namespace/pod`
+    pod: String,
+    node: String,
+    ips: Vec<IpAddr>,
+    quarantined: bool,
+}
+
+/// Who is where, from every node's rule set: the UI's view of the cluster.
+#[derive(Default)]
+struct Cluster {
+    /// Workload id (`ns/Kind/name`) → its pods.
+    workloads: BTreeMap<String, (String, String, Vec<PodView>)>,
+    /// `namespace/pod` → workload id.
+    workload_of_pod: HashMap<String, String>,
+    /// Address → workload id.
+    workload_of_ip: HashMap<IpAddr, String>,
+    /// Address → `namespace/pod`.
+    pod_of_ip: HashMap<IpAddr, String>,
+    rulesets: HashMap<String, RuleSet>,
+}
+
+fn workload_id(namespace: &str, workload: &str) -> String {
+    if namespace.is_empty() {
+        workload.to_string()
+    } else {
+        format!("{namespace}/{workload}")
+    }
+}
+
+impl Cluster {
+    fn of(hub: &Hub) -> Cluster {
+        let mut c = Cluster::default();
+        for n in hub.node_states() {
+            let Some(rs) = hub.ruleset(&n.node) else {
+                continue;
+            };
+            for e in &rs.endpoints {
+                let workload = e
+                    .workload
+                    .clone()
+                    .unwrap_or_else(|| format!("Pod/{}", e.pod));
+                let id = workload_id(&e.namespace, &workload);
+                for ip in &e.ips {
+                    c.workload_of_ip.insert(*ip, id.clone());
+                    c.pod_of_ip.insert(*ip, e.name());
+                }
+                c.workload_of_pod.insert(e.name(), id.clone());
+                c.workloads
+                    .entry(id)
+                    .or_insert_with(|| (e.namespace.clone(), workload, Vec::new()))
+                    .2
+                    .push(PodView {
+                        pod: e.name(),
+                        node: rs.node.clone(),
+                        ips: e.ips.clone(),
+                        quarantined: e.quarantined,
+                    });
+            }
+            c.rulesets.insert(n.node.clone(), rs);
+        }
+        c
+    }
+
+    fn ip<'a>(map: &'a HashMap<IpAddr, String>, ip: &str) -> Option<&'a str> {
+        ip.parse::<IpAddr>()
+            .ok()
+            .and_then(|ip| map.get(&ip))
+            .map(String::as_str)
+    }
+
+    /// (source workload, destination workload, source pod, destination pod) of a record, the
+    /// way the service graph names them (`world` for addresses of no pod).
+    fn ends(&self, r: &pb::FlowRecord) -> (String, String, String, String) {
+        let here = self
+            .workload_of_pod
+            .get(&r.endpoint)
+            .cloned()
+            .unwrap_or_else(|| "world".into());
+        let peer_ip = if r.direction == "ingress" {
+            &r.src
+        } else {
+            &r.dst
+        };
+        let peer = Cluster::ip(&self.workload_of_ip, peer_ip)
+            .unwrap_or("world")
+            .to_string();
+        let peer_pod = if r.peer.is_empty() {
+            Cluster::ip(&self.pod_of_ip, peer_ip)
+                .unwrap_or_default()
+                .to_string()
+        } else {
+            r.peer.clone()
+        };
+        if r.direction == "ingress" {
+            (peer, here, peer_pod, r.endpoint.clone())
+        } else {
+            (here, peer, r.endpoint.clone(), peer_pod)
+        }
+    }
+}
+
+/// The deciding rule of a flow, structured: from the node's rule set when its id still names
+/// the rule the record describes, else parsed from the description
+/// (`Kind ns/name direction[i]`, `Kind ns/name direction default-deny`, `default (direction)`).
+fn decided_by(rs: Option<&RuleSet>, r: &pb::FlowRecord) -> Value {
+    if let Some(rule) = rs.and_then(|rs| rs.rules.get(&r.rule_id))
+        && rule.to_string() == r.rule
+    {
+        return json!({
+            "kind": format!("{:?}", rule.kind),
+            "namespace": rule.namespace,
+            "name": rule.name,
+            "direction": match rule.direction {
+                bulkhead_controller::ruleset::Direction::Ingress => "ingress",
+                bulkhead_controller::ruleset::Direction::Egress => "egress",
+            },
+            "index": rule.index,
+            "text": r.rule,
+        });
+    }
+    parse_rule(&r.rule)
+}
+
+fn parse_rule(text: &str) -> Value {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    if let [kind, object, dir, rest @ ..] = words.as_slice()
+        && kind.starts_with(|c: char| c.is_ascii_uppercase())
+    {
+        let (namespace, name) = object.split_once('/').unwrap_or(("", object));
+        let (direction, index) = match dir.split_once('[') {
+            Some((d, i)) => (d, i.trim_end_matches(']').parse::<u32>().ok()),
+            None => (*dir, None),
+        };
+        if matches!(direction, "ingress" | "egress")
+            && (index.is_some() && rest.is_empty() || rest == ["default-deny"])
+        {
+            return json!({
+                "kind": kind, "namespace": namespace, "name": name,
+                "direction": direction, "index": index, "text": text,
+            });
+        }
+    }
+    let kind = if text.starts_with("default") {
+        "Default"
+    } else {
+        ""
+    };
+    json!({ "kind": kind, "namespace": "", "name": "", "direction": "", "index": null, "text": text })
+}
+
+/// `/api/map`: everything the page draws, in one poll.
+async fn map(State(s): State<WebState>) -> Response {
+    let cluster = Cluster::of(&s.hub);
+    let graph = s.graph.lock().map(|g| g.graph()).unwrap_or_default();
+    let quarantines = s.quarantine.as_ref().map(|q| q.list()).unwrap_or_default();
+    let quarantined: BTreeSet<String> = quarantines
+        .iter()
+        .map(|q| format!("{}/{}", q.namespace, q.pod))
+        .collect();
+    let mut nodes: BTreeMap<String, Value> = BTreeMap::new();
+    for (id, (namespace, workload, pods)) in &cluster.workloads {
+        let q = pods
+            .iter()
+            .any(|p| p.quarantined || quarantined.contains(&p.pod));
+        nodes.insert(
+            id.clone(),
+            json!({
+                "id": id, "namespace": namespace, "workload": workload, "kind": "workload",
+                "pods": pods, "quarantined": q,
+            }),
+        );
+    }
+    for n in &graph.nodes {
+        nodes.entry(n.id.clone()).or_insert_with(|| {
+            let kind = if n.namespace.is_empty() {
+                n.workload.as_str()
+            } else {
+                "workload"
+            };
+            json!({
+                "id": n.id, "namespace": n.namespace, "workload": n.workload, "kind": kind,
+                "pods": [], "quarantined": false,
+            })
+        });
+    }
+    let namespaces: BTreeSet<&str> = nodes
+        .values()
+        .filter_map(|n| n["namespace"].as_str())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let agents: Vec<Value> = s
+        .hub
+        .node_states()
+        .into_iter()
+        .map(|n| json!({"node": n.node, "connected": n.connected, "version": n.version, "realized": n.realized}))
+        .collect();
+    axum::Json(json!({
+        "time_unix_ms": unix_ms(SystemTime::now()),
+        "actions": { "enabled": s.actions.is_ok(), "why": s.actions.as_ref().err() },
+        "namespaces": namespaces,
+        "nodes": nodes.into_values().collect::<Vec<_>>(),
+        "edges": graph.edges,
+        "quarantines": quarantines.iter().map(quarantine_json).collect::<Vec<_>>(),
+        "agents": agents,
+    }))
+    .into_response()
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Filters of `/api/flows/query`; every one given must match.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowQuery {
+    /// Flows from or to this workload (`ns/Kind/name`, or `world`).
+    workload: Option<String>,
+    /// Flows of one edge: source and destination workload (with `port`/`protocol`).
+    src: Option<String>,
+    dst: Option<String>,
+    port: Option<u32>,
+    protocol: Option<u32>,
+    /// Flows from or to this pod, `namespace/pod`.
+    pod: Option<String>,
+    /// Flows from or to this namespace.
+    namespace: Option<String>,
+    /// `allowed`, `denied`, `audit-would-deny` (or `audit`).
+    verdict: Option<String>,
+    /// At most this many records, newest first (default 100, at most 1000).
+    limit: Option<usize>,
+}
+
+/// `/api/flows/query`: recent flows filtered server-side, each with its two ends named as the
+/// service graph names them and its deciding rule structured.
+async fn query_flows(
+    State(s): State<WebState>,
+    query: Result<Query<FlowQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("bad query: {}", e.body_text().to_lowercase()),
+        )
+    })?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let records = s.flows.lock().map(|f| f.recent(20_000)).unwrap_or_default();
+    let cluster = Cluster::of(&s.hub);
+    let in_ns = |id: &str, ns: &str| id.split_once('/').is_some_and(|(n, _)| n == ns);
+    let mut out = Vec::new();
+    for (node, r) in records {
+        let audit = r.src.is_empty() || r.dst.is_empty();
+        let (src, dst, src_pod, dst_pod) = if audit {
+            let w = cluster
+                .workload_of_pod
+                .get(&r.endpoint)
+                .cloned()
+                .unwrap_or_default();
+            (w.clone(), w, r.endpoint.clone(), r.endpoint.clone())
+        } else {
+            cluster.ends(&r)
+        };
+        if let Some(w) = &q.workload
+            && &src != w
+            && &dst != w
+        {
+            continue;
+        }
+        if (q.src.is_some() || q.dst.is_some()) && audit {
+            continue;
+        }
+        if q.src.as_ref().is_some_and(|w| &src != w)
+            || q.dst.as_ref().is_some_and(|w| &dst != w)
+            || q.port.is_some_and(|p| r.dst_port != p)
+            || q.protocol.is_some_and(|p| r.protocol != p)
+        {
+            continue;
+        }
+        if let Some(p) = &q.pod
+            && &src_pod != p
+            && &dst_pod != p
+        {
+            continue;
+        }
+        if let Some(ns) = &q.namespace
+            && !in_ns(&src, ns)
+            && !in_ns(&dst, ns)
+        {
+            continue;
+        }
+        if let Some(v) = &q.verdict {
+            let want = if v == "audit" { "audit-would-deny" } else { v };
+            if r.verdict != want {
+                continue;
+            }
+        }
+        let decided = decided_by(cluster.rulesets.get(&node), &r);
+        out.push(json!({
+            "node": node, "endpoint": r.endpoint, "direction": r.direction,
+            "src": r.src, "dst": r.dst, "src_port": r.src_port, "dst_port": r.dst_port,
+            "protocol": r.protocol, "kind": r.kind, "verdict": r.verdict, "rule": r.rule,
+            "rule_id": r.rule_id, "decided_by": decided, "peer": r.peer, "reason": r.reason,
+            "packets": r.packets, "bytes": r.bytes, "time_unix_nanos": r.time_unix_nanos,
+            "src_workload": src, "dst_workload": dst, "src_pod": src_pod, "dst_pod": dst_pod,
+        }));
+        if out.len() >= limit {
+            break;
+        }
+    }
+    Ok(axum::Json(out).into_response())
+}
+
+fn quarantine_json(q: &pb::QuarantineInfo) -> Value {
+    json!({
+        "pod": format!("{}/{}", q.namespace, q.pod), "namespace": q.namespace, "name": q.name,
+        "reason": q.reason, "created_at": q.created_at, "expires_at": q.expires_at,
+        "actor": q.actor, "enforced_at": q.enforced_at, "connections_cut": q.connections_cut,
+    })
+}
+
+async fn list_quarantines(State(s): State<WebState>) -> Result<Response, ApiError> {
+    let q = s.quarantine.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "this controller has no quarantine directory (--quarantine-dir)",
+        )
+    })?;
+    let list = tokio::task::spawn_blocking(move || q.list())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(axum::Json(list.iter().map(quarantine_json).collect::<Vec<_>>()).into_response())
+}
+
+/// Is `host` (a `Host` header or an origin's authority, with or without a port) a loopback
+/// name?
+fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The checks every write request passes before it is read (see the module comment).
+fn check_write(s: &WebState, headers: &HeaderMap) -> Result<Arc<QuarantineControl>, ApiError> {
+    if let Err(why) = &s.actions {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, why.clone()));
+    }
+    let text = |h: header::HeaderName| {
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let content_type = text(header::CONTENT_TYPE);
+    if content_type.split(';').next().map(str::trim) != Some("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the request body as JSON with content-type: application/json",
+        ));
+    }
+    if headers.get(ACTION_HEADER).and_then(|v| v.to_str().ok()) != Some("1") {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "write requests need the header x-bulkhead-action: 1 (this refuses cross-site requests)",
+        ));
+    }
+    let host = text(header::HOST);
+    if s.loopback && !is_loopback_host(&host) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "write requests to a loopback listener must name a loopback host, not {host:?}"
+            ),
+        ));
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or_default();
+        let authority = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .unwrap_or_default();
+        if authority.is_empty() || !authority.eq_ignore_ascii_case(&host) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("cross-site request refused: origin {origin:?} is not this server"),
+            ));
+        }
+    }
+    s.quarantine.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "this controller has no quarantine directory (--quarantine-dir)",
+        )
+    })
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed request body: {}", e.to_string().to_lowercase()),
+        )
+    })
+}
+
+fn split_pod(s: &str) -> Result<(String, String), ApiError> {
+    match s.split_once('/') {
+        Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() && !pod.contains('/') => {
+            Ok((ns.to_string(), pod.to_string()))
+        }
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("name the pod as namespace/pod, not {s:?}"),
+        )),
+    }
+}
+
+/// Who acted, for the audit log: the page, and the browser it ran in.
+fn actor(headers: &HeaderMap) -> String {
+    let agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let browser = [
+        "Firefox/",
+        "Edg/",
+        "HeadlessChrome/",
+        "Chrome/",
+        "Safari/",
+        "curl/",
+    ]
+    .iter()
+    .find_map(|p| agent.split_whitespace().find(|t| t.starts_with(p)))
+    .or_else(|| agent.split_whitespace().next())
+    .unwrap_or("unknown client");
+    let browser: String = browser.chars().take(40).collect();
+    format!("web UI ({browser})")
+}
+
+/// `POST /api/quarantine` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuarantineBody {
+    /// `namespace/pod`
+    pod: String,
+    reason: String,
+    /// Exceptions, as `bulkhead quarantine --allow` takes them.
+    #[serde(default)]
+    allow: Vec<String>,
+    /// Lift it after this long (`30m`, `1h`).
+    #[serde(default, rename = "for")]
+    duration: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBody {
+    pod: String,
+}
+
+/// `ns=NAMESPACE[,label=value…][@PORT[/PROTO]]` or `CIDR[@PORT[/PROTO]]`, as the CLI's `--allow`.
+fn parse_allow(s: &str) -> Result<pb::QuarantineAllow, String> {
+    let (peer, port) = match s.split_once('@') {
+        Some((p, port)) => (p, Some(port)),
+        None => (s, None),
+    };
+    let mut a = pb::QuarantineAllow::default();
+    if peer.contains('/') && !peer.contains('=') {
+        peer.parse::<ipnetwork::IpNetwork>()
+            .map_err(|_| format!("allow {s:?}: not a CIDR"))?;
+        a.cidr = peer.to_string();
+    } else {
+        for kv in peer.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("allow {s:?}: expected ns=NAMESPACE[,label=value…]"))?;
+            if k == "ns" || k == "namespace" {
+                a.namespace = v.to_string();
+            } else {
+                a.labels.insert(k.to_string(), v.to_string());
+            }
+        }
+    }
+    if let Some(port) = port {
+        let (p, proto) = port.split_once('/').unwrap_or((port, "TCP"));
+        a.port = p
+            .parse()
+            .map_err(|_| format!("allow {s:?}: bad port {p:?}"))?;
+        a.protocol = proto.to_uppercase();
+    }
+    Ok(a)
+}
+
+/// Waits (bounded) until every node the change went to has acked it.
+async fn wait_enforced(hub: &Hub, nodes: &BTreeMap<String, u64>, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        let states = hub.node_states();
+        let done = nodes.iter().all(|(node, version)| {
+            states
+                .iter()
+                .any(|n| &n.node == node && n.realized >= *version)
+        });
+        if done {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn answer(
+    s: &WebState,
+    started: Instant,
+    resp: pb::QuarantineResponse,
+) -> Result<Response, ApiError> {
+    let nodes: BTreeMap<String, u64> = resp.nodes.into_iter().collect();
+    let enforced = wait_enforced(&s.hub, &nodes, s.enforce_wait).await;
+    Ok(axum::Json(json!({
+        "quarantine": resp.quarantine.as_ref().map(quarantine_json),
+        "nodes": nodes,
+        "enforced": enforced,
+        "elapsed_ms": started.elapsed().as_secs_f64() * 1e3,
+    }))
+    .into_response())
+}
+
+async fn quarantine(
+    State(s): State<WebState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let control = check_write(&s, &headers)?;
+    let b: QuarantineBody = parse_body(&body)?;
+    let (namespace, pod) = split_pod(&b.pod)?;
+    if b.reason.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "a quarantine needs a reason",
+        ));
+    }
+    let allow = b
+        .allow
+        .iter()
+        .filter(|a| !a.trim().is_empty())
+        .map(|a| parse_allow(a.trim()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let duration_seconds = match b.duration.as_deref().map(str::trim) {
+        None | Some("") => 0,
+        Some(d) => humantime::parse_duration(d)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("for {d:?}: {}", e.to_string().to_lowercase()),
+                )
+            })?
+            .as_secs()
+            .max(1),
+    };
+    if !Cluster::of(&s.hub).workload_of_pod.contains_key(&b.pod) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no pod {} in the cluster", b.pod),
+        ));
+    }
+    let request = pb::QuarantineRequest {
+        namespace,
+        pod,
+        reason: b.reason.trim().to_string(),
+        allow,
+        duration_seconds,
+        actor: actor(&headers),
+    };
+    let resp = tokio::task::spawn_blocking(move || control.quarantine(request))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    answer(&s, started, resp).await
+}
+
+async fn release(
+    State(s): State<WebState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let control = check_write(&s, &headers)?;
+    let b: ReleaseBody = parse_body(&body)?;
+    let (namespace, pod) = split_pod(&b.pod)?;
+    let request = pb::ReleaseRequest {
+        namespace,
+        pod,
+        actor: actor(&headers),
+    };
+    let resp = tokio::task::spawn_blocking(move || control.release(request))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    answer(&s, started, resp).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        path::PathBuf,
+        sync::atomic::{AtomicU32, Ordering},
+    };
+
+    use bulkhead_controller::{
+        EngineConfig, PolicyEngine, distribution::ManifestSource, flows::Directory,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const SHOP: &str = include_str!("../../examples/demo/shop.yaml");
+    const POLICIES: &str = include_str!("../../examples/demo/policies.yaml");
+
+    struct Fixture {
+        addr: SocketAddr,
+        dir: PathBuf,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn record(
+        endpoint: &str,
+        direction: &str,
+        src: &str,
+        dst: &str,
+        port: u32,
+        verdict: &str,
+        rule: &str,
+    ) -> pb::FlowRecord {
+        pb::FlowRecord {
+            time_unix_nanos: 1_700_000_000_000_000_000,
+            endpoint: endpoint.into(),
+            direction: direction.into(),
+            src: src.into(),
+            dst: dst.into(),
+            src_port: 40000,
+            dst_port: port,
+            protocol: 6,
+            kind: if verdict == "allowed" {
+                "new"
+            } else {
+                "denied"
+            }
+            .into(),
+            verdict: verdict.into(),
+            rule: rule.into(),
+            bytes: 60,
+            packets: 1,
+            ..Default::default()
+        }
+    }
+
+    /// A controller's state for the demo shop (no agents), with a few flows, served on a
+    /// loopback port by the UI's router alone.
+    async fn serve(http: &str, args: WebArgs, quarantine: bool) -> Fixture {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "bh-web-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("quarantines")).expect("temp dir");
+        std::fs::write(dir.join("shop.yaml"), SHOP).expect("write");
+        std::fs::write(dir.join("policies.yaml"), POLICIES).expect("write");
+        let mut source = ManifestSource::new(vec![dir.clone()]);
+        let reload = source.reload();
+        assert!(reload.errors.is_empty(), "{:?}", reload.errors);
+        let mut engine = PolicyEngine::empty(EngineConfig::default());
+        engine
+            .apply_batch(reload.changes)
+            .expect("compile the shop");
+        let hub = Arc::new(Hub::new(engine));
+        let flows = Arc::new(Mutex::new(FlowStore::new(100)));
+        let graph = Arc::new(Mutex::new(ServiceGraph::default()));
+        let rulesets: Vec<RuleSet> = hub
+            .node_states()
+            .iter()
+            .filter_map(|n| hub.ruleset(&n.node))
+            .collect();
+        let directory = Directory::from_rulesets(&rulesets);
+        let node = rulesets.first().map(|r| r.node.clone()).expect("a node");
+        for r in [
+            record(
+                "shop/backend",
+                "ingress",
+                "10.203.0.40",
+                "10.203.0.20",
+                8080,
+                "denied",
+                "NetworkPolicy shop/backend-api ingress default-deny",
+            ),
+            record(
+                "shop/backend",
+                "ingress",
+                "10.203.0.10",
+                "10.203.0.20",
+                8080,
+                "allowed",
+                "NetworkPolicy shop/backend-api ingress[0]",
+            ),
+            record(
+                "shop/frontend",
+                "egress",
+                "10.203.0.10",
+                "192.0.2.7",
+                443,
+                "denied",
+                "ServicePolicy shop/no-world egress[0]",
+            ),
+        ] {
+            graph.lock().expect("graph").add(&directory, &r);
+            flows.lock().expect("flows").push(&node, r);
+        }
+        let quarantine = quarantine.then(|| {
+            Arc::new(QuarantineControl::new(
+                dir.join("quarantines"),
+                Arc::new(Mutex::new(source)),
+                hub.clone(),
+                flows.clone(),
+            ))
+        });
+        let http: SocketAddr = http.parse().expect("address");
+        let mut state = WebState::new(http, &args, hub, flows, graph, quarantine);
+        state.enforce_wait = Duration::ZERO;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        Fixture { addr, dir }
+    }
+
+    /// (status, content type, body) of one HTTP/1.1 request.
+    async fn request(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req += &format!("Host: {addr}\r\n");
+        }
+        for (k, v) in headers {
+            req += &format!("{k}: {v}\r\n");
+        }
+        req += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
+        s.write_all(req.as_bytes()).await.expect("send");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status");
+        let content_type = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-type: ")
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        (status, content_type, body.to_string())
+    }
+
+    async fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
+        let (status, ct, body) = request(addr, "GET", path, &[], "").await;
+        assert!(ct.starts_with("application/json"), "{path}: {ct} {body}");
+        (status, serde_json::from_str(&body).expect("JSON"))
+    }
+
+    const JSON: (&str, &str) = ("Content-Type", "application/json");
+    const ACTION: (&str, &str) = ("X-Bulkhead-Action", "1");
+
+    #[tokio::test]
+    async fn the_page_and_its_assets_are_served_from_the_binary() {
+        let f = serve("127.0.0.1:9961", WebArgs::default(), true).await;
+        let (status, ct, body) = request(f.addr, "GET", "/", &[], "").await;
+        assert_eq!(status, 200);
+        assert!(ct.starts_with("text/html"), "{ct}");
+        assert!(body.contains("/ui/app.js") && body.contains("Bulkhead"));
+        let (status, ct, body) = request(f.addr, "GET", "/ui/app.js", &[], "").await;
+        assert_eq!((status, ct.starts_with("text/javascript")), (200, true));
+        assert!(
+            body.contains("cytoscape") || body.len() > 100_000,
+            "the bundle"
+        );
+        let (status, ct, _) = request(f.addr, "GET", "/ui/app.css", &[], "").await;
+        assert_eq!((status, ct.starts_with("text/css")), (200, true));
+    }
+
+    #[tokio::test]
+    async fn the_map_has_workloads_grouped_by_namespace_edges_and_world() {
+        let f = serve("127.0.0.1:9961", WebArgs::default(), true).await;
+        let (status, map) = get_json(f.addr, "/api/map").await;
+        assert_eq!(status, 200);
+        assert_eq!(map["namespaces"], json!(["shop", "tools"]));
+        let ids: Vec<&str> = map["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter_map(|n| n["id"].as_str())
+            .collect();
+        for id in [
+            "shop/Pod/frontend",
+            "shop/Pod/backend",
+            "shop/Pod/db",
+            "tools/Pod/debug",
+            "world",
+        ] {
+            assert!(ids.contains(&id), "{id} missing from {ids:?}");
+        }
+        let debug = map["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["id"] == "tools/Pod/debug"))
+            .expect("debug");
+        assert_eq!(debug["pods"][0]["pod"], "tools/debug");
+        assert_eq!(debug["pods"][0]["ips"], json!(["10.203.0.40"]));
+        let denied = map["edges"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["src"] == "tools/Pod/debug"))
+            .expect("the denied edge");
+        assert_eq!(
+            (denied["dst"].as_str(), denied["denied"].as_u64()),
+            (Some("shop/Pod/backend"), Some(1))
+        );
+        assert_eq!(map["actions"]["enabled"], true);
+    }
+
+    #[tokio::test]
+    async fn flows_are_filtered_server_side_and_name_the_deciding_rule() {
+        let f = serve("127.0.0.1:9961", WebArgs::default(), true).await;
+        let (_, edge) = get_json(
+            f.addr,
+            "/api/flows/query?src=tools/Pod/debug&dst=shop/Pod/backend&port=8080&protocol=6",
+        )
+        .await;
+        let edge = edge.as_array().expect("a list");
+        assert_eq!(edge.len(), 1, "{edge:?}");
+        assert_eq!(edge[0]["src_pod"], "tools/debug");
+        assert_eq!(edge[0]["dst_pod"], "shop/backend");
+        assert_eq!(
+            edge[0]["decided_by"],
+            json!({"kind": "NetworkPolicy", "namespace": "shop", "name": "backend-api",
+                   "direction": "ingress", "index": null,
+                   "text": "NetworkPolicy shop/backend-api ingress default-deny"})
+        );
+        let (_, backend) = get_json(f.addr, "/api/flows/query?workload=shop/Pod/backend").await;
+        assert_eq!(backend.as_array().map(Vec::len), Some(2));
+        let (_, allowed) = get_json(
+            f.addr,
+            "/api/flows/query?workload=shop/Pod/backend&verdict=allowed",
+        )
+        .await;
+        assert_eq!(allowed[0]["decided_by"]["index"], 0);
+        let (_, world) = get_json(f.addr, "/api/flows/query?dst=world").await;
+        assert_eq!(world[0]["src_workload"], "shop/Pod/frontend");
+        assert_eq!(world[0]["decided_by"]["kind"], "ServicePolicy");
+        let (_, tools) = get_json(f.addr, "/api/flows/query?namespace=tools&limit=5").await;
+        assert_eq!(tools.as_array().map(Vec::len), Some(1));
+        let (status, err) = get_json(f.addr, "/api/flows/query?port=eighty").await;
+        assert_eq!(status, 400);
+        assert!(
+            err["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("bad query")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn quarantine_and_release_from_the_page() {
+        let f = serve("127.0.0.1:9961", WebArgs::default(), true).await;
+        let body =
+            r#"{"pod":"tools/debug","reason":"port scan","allow":["ns=shop@22/TCP"],"for":"1h"}"#;
+        let (status, _, out) =
+            request(f.addr, "POST", "/api/quarantine", &[JSON, ACTION], body).await;
+        assert_eq!(status, 200, "{out}");
+        let out: Value = serde_json::from_str(&out).expect("JSON");
+        assert_eq!(out["quarantine"]["pod"], "tools/debug");
+        assert!(
+            out["quarantine"]["actor"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("web UI"))
+        );
+        assert!(
+            out["nodes"].as_object().is_some_and(|n| !n.is_empty()),
+            "{out}"
+        );
+        let written = std::fs::read_to_string(f.dir.join("quarantines/tools--debug.yaml"))
+            .expect("the Quarantine manifest");
+        assert!(written.contains("reason: port scan") && written.contains("expiresAt"));
+        let (_, list) = get_json(f.addr, "/api/quarantines").await;
+        assert_eq!(list[0]["pod"], "tools/debug");
+        let (_, map) = get_json(f.addr, "/api/map").await;
+        let debug = map["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["id"] == "tools/Pod/debug"))
+            .expect("debug");
+        assert_eq!(debug["quarantined"], true);
+        let (_, audit) = get_json(
+            f.addr,
+            "/api/flows/query?pod=tools/debug&verdict=quarantined",
+        )
+        .await;
+        assert_eq!(
+            audit.as_array().map(Vec::len),
+            Some(1),
+            "the audit record is a flow"
+        );
+
+        let release = r#"{"pod":"tools/debug"}"#;
+        let (status, _, out) = request(
+            f.addr,
+            "POST",
+            "/api/quarantine/release",
+            &[JSON, ACTION],
+            release,
+        )
+        .await;
+        assert_eq!(status, 200, "{out}");
+        let (_, list) = get_json(f.addr, "/api/quarantines").await;
+        assert_eq!(list, json!([]));
+        let (status, _, out) = request(
+            f.addr,
+            "POST",
+            "/api/quarantine/release",
+            &[JSON, ACTION],
+            release,
+        )
+        .await;
+        assert_eq!(status, 404, "{out}");
+        assert!(
+            out.contains("\"error\":\"pod tools/debug is not quarantined\""),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_write_requests_are_refused_with_a_json_error() {
+        let f = serve("127.0.0.1:9961", WebArgs::default(), true).await;
+        let good = r#"{"pod":"tools/debug","reason":"x"}"#;
+        // (headers, body, status, what the error says)
+        type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, u16, &'a str);
+        let cases: Vec<Case> = vec![
+            (vec![ACTION], good, 415, "content-type: application/json"),
+            (
+                vec![("Content-Type", "text/plain"), ACTION],
+                good,
+                415,
+                "application/json",
+            ),
+            (vec![JSON], good, 403, "x-bulkhead-action: 1"),
+            (
+                vec![JSON, ACTION, ("Origin", "http://evil.example")],
+                good,
+                403,
+                "cross-site",
+            ),
+            (
+                vec![JSON, ACTION, ("Origin", "null")],
+                good,
+                403,
+                "cross-site",
+            ),
+            (
+                vec![
+                    JSON,
+                    ACTION,
+                    ("Host", "evil.example:9961"),
+                    ("Origin", "http://evil.example:9961"),
+                ],
+                good,
+                403,
+                "loopback host",
+            ),
+            (
+                vec![JSON, ACTION],
+                "{not json",
+                400,
+                "malformed request body",
+            ),
+            (
+                vec![JSON, ACTION],
+                r#"{"pod":"tools/debug"}"#,
+                400,
+                "malformed request body",
+            ),
+            (
+                vec![JSON, ACTION],
+                r#"{"pod":"debug","reason":"x"}"#,
+                400,
+                "namespace/pod",
+            ),
+            (
+                vec![JSON, ACTION],
+                r#"{"pod":"tools/debug","reason":"  "}"#,
+                400,
+                "needs a reason",
+            ),
+            (
+                vec![JSON, ACTION],
+                r#"{"pod":"tools/nope","reason":"x"}"#,
+                404,
+                "no pod tools/nope",
+            ),
+            (
+                vec![JSON, ACTION],
+                r#"{"pod":"tools/debug","reason":"x","for":"soon"}"#,
+                400,
+                "for \"soon\"",
+            ),
+            (
+                vec![JSON, ACTION],
+                r#"{"pod":"tools/debug","reason":"x","allow":["10.0.0.0/99"]}"#,
+                400,
+                "not a cidr",
+            ),
+            (
+                vec![JSON, ACTION],
+                r#"{"pod":"Tools/Debug","reason":"x"}"#,
+                404,
+                "no pod",
+            ),
+        ];
+        for (headers, body, want, message) in cases {
+            let (status, ct, out) =
+                request(f.addr, "POST", "/api/quarantine", &headers, body).await;
+            assert_eq!(status, want, "{headers:?} {body}: {out}");
+            assert!(ct.starts_with("application/json"), "{ct}");
+            let v: Value = serde_json::from_str(&out).expect("a JSON error");
+            let e = v["error"].as_str().expect("an error message");
+            assert!(
+                e.to_lowercase().contains(&message.to_lowercase()),
+                "{body}: {e:?} lacks {message:?}"
+            );
+        }
+        // Same origin, loopback host: accepted (and nothing above changed anything).
+        let (_, list) = get_json(f.addr, "/api/quarantines").await;
+        assert_eq!(list, json!([]));
+        let origin = format!("http://{}", f.addr);
+        let (status, _, out) = request(
+            f.addr,
+            "POST",
+            "/api/quarantine",
+            &[JSON, ACTION, ("Origin", origin.as_str())],
+            good,
+        )
+        .await;
+        assert_eq!(status, 200, "{out}");
+    }
+
+    #[tokio::test]
+    async fn actions_are_off_on_a_public_listener_unless_asked_for() {
+        let f = serve("0.0.0.0:9961", WebArgs::default(), true).await;
+        let (_, map) = get_json(f.addr, "/api/map").await;
+        assert_eq!(map["actions"]["enabled"], false);
+        assert!(
+            map["actions"]["why"]
+                .as_str()
+                .is_some_and(|w| w.contains("--web-actions"))
+        );
+        let good = r#"{"pod":"tools/debug","reason":"x"}"#;
+        let (status, _, out) =
+            request(f.addr, "POST", "/api/quarantine", &[JSON, ACTION], good).await;
+        assert_eq!(status, 403, "{out}");
+        assert!(out.contains("--web-actions"), "{out}");
+
+        let f = serve("0.0.0.0:9961", WebArgs { web_actions: true }, true).await;
+        let (status, _, out) = request(
+            f.addr,
+            "POST",
+            "/api/quarantine",
+            &[JSON, ACTION, ("Host", "controller.example:9961")],
+            good,
+        )
+        .await;
+        assert_eq!(status, 200, "{out}");
+
+        let f = serve("127.0.0.1:9961", WebArgs::default(), false).await;
+        let (status, _, out) =
+            request(f.addr, "POST", "/api/quarantine", &[JSON, ACTION], good).await;
+        assert_eq!(status, 403, "{out}");
+        assert!(out.contains("quarantine directory"), "{out}");
+        let (status, _) = get_json(f.addr, "/api/quarantines").await;
+        assert_eq!(status, 501);
+    }
+
+    #[test]
+    fn rule_descriptions_are_parsed_into_kind_object_direction_and_index() {
+        let p = parse_rule("ClusterNetworkPolicy deny-all egress[3]");
+        assert_eq!(
+            (
+                p["kind"].as_str(),
+                p["namespace"].as_str(),
+                p["name"].as_str(),
+                p["index"].as_u64()
+            ),
+            (
+                Some("ClusterNetworkPolicy"),
+                Some(""),
+                Some("deny-all"),
+                Some(3)
+            )
+        );
+        let p = parse_rule("Quarantine tools/quarantine-debug ingress default-deny");
+        assert_eq!(
+            (p["kind"].as_str(), p["name"].as_str(), p["index"].is_null()),
+            (Some("Quarantine"), Some("quarantine-debug"), true)
+        );
+        assert_eq!(
+            parse_rule("default allow (no policy applies)")["kind"],
+            "Default"
+        );
+        assert_eq!(parse_rule("Quarantine tools/q: port scan")["kind"], "");
+        assert!(
+            is_loopback_host("127.0.0.1:9961")
+                && is_loopback_host("localhost")
+                && is_loopback_host("[::1]:80")
+        );
+        assert!(!is_loopback_host("evil.example:9961") && !is_loopback_host("10.0.0.1"));
+    }
+}

@@ -1,0 +1,181 @@
+// End-to-end check of the web UI in headless Chromium (Debian's /usr/bin/chromium driven by
+// playwright-core), against a controller with real traffic. Run by cli/tests/ui_e2e.rs:
+//
+//   node ui/e2e/ui.mjs --url http://127.0.0.1:PORT/ --expect ns/Pod/a,ns/Pod/b \
+//     --denied-from tools/Pod/debug --quarantine tools/debug --screenshot docs/ui.png
+//   node ui/e2e/ui.mjs --url http://127.0.0.1:PORT/ --release tools/debug
+//
+// Clicks happen where a person would click: on the canvas, at the rendered position of the edge
+// or node. Exits non-zero with a message on the first failed check; prints what it checked.
+import { chromium } from 'playwright-core';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+function arg(name, fallback = undefined) {
+  const i = process.argv.indexOf(`--${name}`);
+  return i > 0 ? process.argv[i + 1] : fallback;
+}
+
+const url = arg('url');
+if (!url) {
+  console.error('usage: ui.mjs --url URL [--expect ids] [--denied-from id] [--quarantine ns/pod] [--release ns/pod] [--screenshot file]');
+  process.exit(2);
+}
+const expected = (arg('expect', '') || '').split(',').filter(Boolean);
+const deniedFrom = arg('denied-from');
+const quarantinePod = arg('quarantine');
+const releasePod = arg('release');
+const screenshot = arg('screenshot');
+const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
+
+const step = (s) => console.log(`ui: ${s}`);
+function fail(s) { throw new Error(s); }
+
+async function waitFor(page, what, fn, arg, timeout = 20000) {
+  try {
+    return await page.waitForFunction(fn, arg, { timeout, polling: 200 });
+  } catch (e) {
+    fail(`timed out waiting for ${what}`);
+  }
+}
+
+// Clicks an element of the map where it is drawn.
+async function clickOnMap(page, id) {
+  const pos = await page.evaluate((id) => {
+    const { cy } = window.bulkhead;
+    const e = cy.getElementById(id);
+    if (e.empty()) return null;
+    const p = e.isEdge() ? e.renderedMidpoint() : e.renderedPosition();
+    const r = cy.container().getBoundingClientRect();
+    return { x: r.left + p.x, y: r.top + p.y };
+  }, id);
+  if (!pos) fail(`${id} is not on the map`);
+  await page.mouse.click(pos.x, pos.y);
+}
+
+const profile = mkdtempSync(join(tmpdir(), 'bulkhead-ui-chromium-'));
+// A fresh, empty profile (the user data dir) for every run.
+const browser = await chromium.launchPersistentContext(profile, {
+  executablePath,
+  headless: true,
+  args: [
+    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync',
+  ],
+  viewport: { width: 1600, height: 920 },
+  deviceScaleFactor: 1,
+});
+let failed = false;
+const page = browser.pages()[0] || await browser.newPage();
+try {
+  const pageErrors = [];
+  page.on('pageerror', (e) => pageErrors.push(String(e)));
+  page.on('console', (m) => { if (m.type() === 'error') pageErrors.push(m.text()); });
+  await page.goto(url, { waitUntil: 'load' });
+  await waitFor(page, 'the map to load', () => window.bulkhead && window.bulkhead.state.map);
+  step('page loaded, map polled');
+
+  if (releasePod) {
+    await page.getByRole('button', { name: 'Release' }).first().waitFor({ timeout: 10000 })
+      .catch(() => fail(`no Release button for ${releasePod} on the overview`));
+    await page.locator(`button[data-action="release"][data-pod="${releasePod}"]`).first().click();
+    await waitFor(page, `${releasePod} to be released`, async (pod) => {
+      const r = await fetch('/api/quarantines');
+      const list = await r.json();
+      return !list.some((q) => q.pod === pod);
+    }, releasePod);
+    await page.locator('#toast', { hasText: `released ${releasePod}` }).waitFor({ timeout: 5000 });
+    step(`released ${releasePod} from the overview's Release button`);
+  }
+
+  for (const id of expected) {
+    await waitFor(page, `workload ${id} on the map`, (id) => !window.bulkhead.cy.getElementById(id).empty(), id);
+  }
+  if (expected.length) step(`workloads on the map: ${expected.join(', ')}`);
+  const namespaces = await page.locator('#namespace-filter .chip').allTextContents();
+  step(`namespace filter offers: ${namespaces.join(', ')}`);
+
+  let deniedEdge = null;
+  if (deniedFrom) {
+    const handle = await waitFor(page, `a denied edge from ${deniedFrom}`, (src) => {
+      const e = window.bulkhead.cy.edges('[verdict = "denied"]').filter((e) => e.data('source') === src && !e.hasClass('filtered'));
+      return e.nonempty() ? e[0].id() : false;
+    }, deniedFrom);
+    deniedEdge = await handle.jsonValue();
+    step(`denied edge drawn: ${deniedEdge}`);
+
+    // Verdict filter: hiding denied hides it; showing brings it back.
+    await page.locator('#verdict-filter .chip.denied').click();
+    const hidden = await page.evaluate((id) => window.bulkhead.cy.getElementById(id).hasClass('filtered'), deniedEdge);
+    if (!hidden) fail('the verdict filter did not hide the denied edge');
+    await page.locator('#verdict-filter .chip.denied').click();
+    // Namespace filter: hiding the source's namespace hides its workloads.
+    const ns = deniedFrom.split('/')[0];
+    await page.locator(`#namespace-filter .chip[data-namespace="${ns}"]`).click();
+    const nsHidden = await page.evaluate((id) => window.bulkhead.cy.getElementById(id).hasClass('filtered'), deniedFrom);
+    if (!nsHidden) fail(`the namespace filter did not hide ${deniedFrom}`);
+    await page.locator(`#namespace-filter .chip[data-namespace="${ns}"]`).click();
+    await page.waitForTimeout(700); // the re-layout animation
+    step('verdict and namespace filters hide and show');
+
+    await clickOnMap(page, deniedEdge);
+    await page.locator('#panel-body .flows tbody tr').first().waitFor({ timeout: 10000 })
+      .catch(() => fail('clicking the denied edge showed no flows'));
+    const title = await page.locator('#panel-body h2').textContent();
+    const rules = await page.locator('#panel-body .flows .rule').allTextContents();
+    const verdicts = await page.locator('#panel-body .flows .badge').allTextContents();
+    if (!title.startsWith(`${deniedFrom} → `)) fail(`the panel shows ${title}, not the clicked edge`);
+    if (!verdicts.every((v) => v === 'denied')) fail(`the denied edge lists other verdicts: ${verdicts}`);
+    if (!rules.some((r) => /^(NetworkPolicy|ServicePolicy|ClusterNetworkPolicy|Quarantine) \S+\/\S+ (ingress|egress) (default-deny|rule \d+)$/.test(r))) {
+      fail(`no flow names its deciding rule (kind ns/name direction rule): ${JSON.stringify(rules)}`);
+    }
+    step(`clicked the denied edge: ${title}; ${rules.length} flow(s), decided by ${[...new Set(rules)].join('; ')}`);
+  }
+
+  if (quarantinePod) {
+    const [ns, pod] = quarantinePod.split('/');
+    const workload = await page.evaluate((p) => {
+      const n = window.bulkhead.state.map.nodes.find((n) => n.pods.some((x) => x.pod === p));
+      return n && n.id;
+    }, quarantinePod);
+    if (!workload) fail(`no workload on the map has the pod ${quarantinePod}`);
+    await clickOnMap(page, workload);
+    const button = page.locator(`button[data-action="quarantine"][data-pod="${quarantinePod}"]`);
+    await button.waitFor({ timeout: 10000 }).catch(() => fail(`clicking ${workload} offered no quarantine for ${quarantinePod}`));
+    await button.click();
+    await page.locator('form.quarantine input[name="reason"]').fill(`port scan against the shop (seen in the UI e2e test, ${ns}/${pod})`);
+    await page.locator('form.quarantine button[type="submit"]').click();
+    await page.locator('#toast', { hasText: `quarantined ${quarantinePod}` }).waitFor({ timeout: 15000 })
+      .catch(async () => fail(`no confirmation of the quarantine: ${await page.locator('#toast').textContent()}`));
+    await page.locator(`button[data-action="release"][data-pod="${quarantinePod}"]`).waitFor({ timeout: 10000 })
+      .catch(() => fail('the quarantined pod offers no release'));
+    await waitFor(page, `${workload} drawn as quarantined`, (id) => window.bulkhead.cy.getElementById(id).hasClass('quarantined'), workload);
+    const toastText = await page.locator('#toast').textContent();
+    step(`quarantined from the UI: ${toastText}`);
+  }
+
+  if (screenshot) {
+    if (deniedEdge) {
+      await page.waitForTimeout(1600); // let flows of the quarantine arrive and the map settle
+      await clickOnMap(page, deniedEdge);
+      await page.locator('#panel-body .flows tbody tr').first().waitFor({ timeout: 10000 });
+    }
+    await page.mouse.move(0, 0);
+    await page.locator('#toast.show').waitFor({ state: 'detached', timeout: 8000 }).catch(() => {});
+    await page.waitForTimeout(500);
+    await page.screenshot({ path: screenshot });
+    step(`screenshot saved to ${screenshot}`);
+  }
+  if (pageErrors.length) fail(`the page logged errors: ${pageErrors.join(' | ')}`);
+  step('all checks passed');
+} catch (e) {
+  failed = true;
+  console.error(`ui: FAILED: ${e.message}`);
+  const shot = join(tmpdir(), 'bulkhead-ui-failure.png');
+  await page.screenshot({ path: shot }).then(() => console.error(`ui: the page at that moment: ${shot}`), () => {});
+} finally {
+  await browser.close();
+  rmSync(profile, { recursive: true, force: true });
+}
+process.exit(failed ? 1 : 0);

@@ -1,0 +1,603 @@
+// Bulkhead's web UI: the live service map. Polls the controller's JSON API (`/api/map` every
+// 1.5 s, the selection's flows from `/api/flows/query`), draws namespaces as compound nodes and
+// workloads inside them with cytoscape (fcose layout), and quarantines or releases pods through
+// `POST /api/quarantine` and `/api/quarantine/release`.
+import cytoscape from 'cytoscape';
+import fcose from 'cytoscape-fcose';
+
+cytoscape.use(fcose);
+
+const POLL_MS = 1500;
+const VERDICTS = ['allowed', 'denied', 'audit'];
+const COLORS = { allowed: '#3fb950', denied: '#f85149', audit: '#d29922' };
+const PROTOCOLS = { 1: 'ICMP', 6: 'TCP', 17: 'UDP', 58: 'ICMPv6', 132: 'SCTP' };
+
+const state = {
+  map: null,
+  verdicts: new Set(VERDICTS),
+  hiddenNamespaces: new Set(),
+  knownNamespaces: new Set(),
+  selection: null, // {type: 'edge'|'node'|'namespace', id}
+  layoutKey: '',
+  firstLayout: true,
+  openForm: null, // pod whose quarantine form is open
+  podsKey: '',
+  flowsSeq: 0,
+};
+
+// ---------- small DOM helpers (no framework; text goes through textContent) ----------
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === 'class') e.className = v;
+    else if (k.startsWith('on')) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v === true ? '' : v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined || c === false) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+const $ = (sel) => document.querySelector(sel);
+
+function toast(text, error = false) {
+  const t = $('#toast');
+  t.textContent = text;
+  t.className = `show${error ? ' error' : ''}`;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { t.className = error ? 'error' : ''; }, error ? 6000 : 3500);
+}
+
+const proto = (p) => PROTOCOLS[p] || (p ? `proto ${p}` : '');
+const shortName = (workload) => workload.replace(/^(Pod|Deployment|StatefulSet|DaemonSet|ReplicaSet|Job|CronJob)\//, '');
+const kindOf = (workload) => (workload.includes('/') ? workload.split('/')[0] : '');
+
+function ago(nanos) {
+  if (!nanos) return '';
+  const s = Math.max(0, (Date.now() - nanos / 1e6) / 1000);
+  if (s < 60) return `${Math.round(s)} s ago`;
+  if (s < 3600) return `${Math.round(s / 60)} min ago`;
+  return `${Math.round(s / 3600)} h ago`;
+}
+
+function clock(nanos) {
+  const d = new Date(nanos / 1e6);
+  return d.toLocaleTimeString([], { hour12: false });
+}
+
+function fmtBytes(n) {
+  if (!n) return '0 B';
+  const u = ['B', 'KiB', 'MiB', 'GiB'];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(i ? 1 : 0)} ${u[i]}`;
+}
+
+// The deciding rule as the controller reports it: kind, namespace/name, direction, rule index.
+function ruleView(d, text) {
+  if (!d || !d.kind || d.kind === 'Default' || !d.name) {
+    return el('span', { class: 'rule' }, (d && d.text) || text || '');
+  }
+  const object = d.namespace ? `${d.namespace}/${d.name}` : d.name;
+  return el('span', { class: 'rule', title: d.text },
+    el('span', { class: 'kind' }, d.kind), ' ', object, ' ', d.direction, ' ',
+    el('span', { class: 'idx' }, d.index === null || d.index === undefined ? 'default-deny' : `rule ${d.index}`));
+}
+
+// ---------- the map ----------
+
+const style = [
+  { selector: 'node', style: {
+    'background-color': '#1a2433', 'border-width': 1.5, 'border-color': '#3a4a60',
+    label: 'data(label)', color: '#d7dee8', 'font-size': 11, 'text-wrap': 'wrap',
+    'text-valign': 'center', 'text-halign': 'center', shape: 'round-rectangle',
+    width: 'label', height: 'label', padding: '10px', 'font-family': 'DejaVu Sans, sans-serif',
+  } },
+  { selector: 'node[kind = "namespace"]', style: {
+    'background-color': '#58a6ff', 'background-opacity': 0.06, 'border-color': '#2f4a6e',
+    'border-style': 'dashed', 'border-width': 1.5, shape: 'round-rectangle',
+    label: 'data(label)', 'text-valign': 'top', 'text-halign': 'center', 'font-size': 12,
+    'font-weight': 'bold', color: '#79b8ff', 'text-margin-y': -4, padding: '18px',
+  } },
+  { selector: 'node[kind = "world"], node[kind = "host"]', style: {
+    shape: 'ellipse', 'background-color': '#2a2f3a', 'border-color': '#6e7681',
+    padding: '14px', 'font-weight': 'bold',
+  } },
+  { selector: 'node.quarantined', style: {
+    'border-color': '#ff7b72', 'border-style': 'dashed', 'border-width': 2.5,
+    'background-color': '#3a1618',
+  } },
+  { selector: 'edge', style: {
+    width: 'data(width)', 'line-color': 'data(color)', 'target-arrow-color': 'data(color)',
+    'target-arrow-shape': 'triangle', 'arrow-scale': 0.9, 'curve-style': 'bezier',
+    'control-point-step-size': 26, opacity: 0.85, label: '', 'font-size': 9,
+    color: '#aab6c5', 'text-background-color': '#0d1117', 'text-background-opacity': 0.85,
+    'text-background-padding': '2px', 'text-rotation': 'autorotate',
+    'font-family': 'DejaVu Sans, sans-serif',
+  } },
+  { selector: 'edge.labelled', style: { label: 'data(label)' } },
+  { selector: 'edge[verdict = "denied"]', style: { 'line-style': 'dashed', 'line-dash-pattern': [7, 4] } },
+  { selector: 'edge[verdict = "audit"]', style: { 'line-style': 'dotted' } },
+  { selector: '.filtered', style: { display: 'none' } },
+  { selector: ':selected', style: { 'overlay-color': '#58a6ff', 'overlay-opacity': 0.18, 'overlay-padding': 6 } },
+  { selector: 'node:selected', style: { 'border-color': '#58a6ff', 'border-width': 2.5 } },
+  { selector: 'edge:selected', style: { opacity: 1, 'z-index': 10 } },
+  { selector: '.faded', style: { opacity: 0.3 } },
+];
+
+const cy = cytoscape({
+  container: $('#map'),
+  style,
+  minZoom: 0.2,
+  maxZoom: 3,
+  boxSelectionEnabled: false,
+});
+// For the end-to-end test and for poking around from the console.
+window.bulkhead = { cy, state };
+
+function elementsOf(map) {
+  const out = [];
+  for (const ns of map.namespaces) {
+    out.push({ group: 'nodes', data: { id: `ns:${ns}`, label: ns, kind: 'namespace', namespace: ns } });
+  }
+  for (const n of map.nodes) {
+    const kind = kindOf(n.workload);
+    const label = n.kind === 'workload' ? `${shortName(n.workload)}\n${kind}${n.quarantined ? ' · quarantined' : ''}` : n.workload;
+    out.push({
+      group: 'nodes',
+      data: { id: n.id, label, kind: n.kind, namespace: n.namespace, parent: n.namespace ? `ns:${n.namespace}` : undefined },
+      classes: n.quarantined ? 'quarantined' : '',
+    });
+  }
+  // One drawn edge per (source, destination, verdict): the ports it covers in its label.
+  const drawn = new Map();
+  for (const e of map.edges) {
+    const counts = { allowed: e.allowed, denied: e.denied, audit: e.audit_would_deny };
+    for (const v of VERDICTS) {
+      const count = counts[v];
+      if (!count) continue;
+      const id = `${e.src}|${e.dst}|${v}`;
+      const d = drawn.get(id) || { id, source: e.src, target: e.dst, verdict: v, color: COLORS[v], count: 0, bytes: 0, ports: [] };
+      d.count += count;
+      d.bytes += e.bytes;
+      d.ports.push({ port: e.port, protocol: e.protocol, count });
+      drawn.set(id, d);
+    }
+  }
+  for (const d of drawn.values()) {
+    d.ports.sort((a, b) => a.protocol - b.protocol || a.port - b.port);
+    const byProto = new Map();
+    for (const p of d.ports) byProto.set(p.protocol, [...(byProto.get(p.protocol) || []), p.port || '*']);
+    const ports = [...byProto].map(([pr, list]) => `${list.join(', ')}/${proto(pr)}`).join(' · ');
+    d.label = `${ports}${d.count > 1 ? `  ×${d.count}` : ''}`;
+    d.width = Math.min(12, 1.5 + 1.4 * Math.log2(1 + d.count + d.bytes / 4096));
+    out.push({ group: 'edges', data: d });
+  }
+  return out;
+}
+
+// Port labels on every edge while the map is small, else on the selection's edges only.
+function labelEdges() {
+  cy.batch(() => {
+    const edges = cy.edges().not('.filtered');
+    const sel = state.selection && state.selection.type !== 'namespace' ? cy.getElementById(state.selection.id) : cy.collection();
+    const focus = sel.nonempty() ? (sel.isEdge() ? sel : sel.connectedEdges()) : cy.collection();
+    cy.edges().removeClass('labelled');
+    (edges.length <= 14 ? edges : focus).addClass('labelled');
+  });
+}
+
+function applyFilters() {
+  cy.batch(() => {
+    cy.elements().removeClass('filtered');
+    cy.nodes().forEach((n) => {
+      if (n.data('namespace') && state.hiddenNamespaces.has(n.data('namespace'))) n.addClass('filtered');
+    });
+    cy.edges().forEach((e) => {
+      if (!state.verdicts.has(e.data('verdict')) || e.source().hasClass('filtered') || e.target().hasClass('filtered')) {
+        e.addClass('filtered');
+      }
+    });
+    // world/host show only while a visible edge touches them.
+    cy.nodes('[kind = "world"], [kind = "host"]').forEach((n) => {
+      if (n.connectedEdges().filter((e) => !e.hasClass('filtered')).empty()) n.addClass('filtered');
+    });
+  });
+  labelEdges();
+}
+
+function runLayout() {
+  const visible = cy.elements().not('.filtered');
+  if (visible.empty()) return;
+  visible.layout({
+    name: 'fcose',
+    quality: 'proof',
+    randomize: state.firstLayout,
+    animate: !state.firstLayout,
+    animationDuration: 400,
+    fit: true,
+    padding: 40,
+    nodeDimensionsIncludeLabels: true,
+    nodeSeparation: 110,
+    idealEdgeLength: () => 120,
+    nodeRepulsion: () => 12000,
+    edgeElasticity: () => 0.3,
+    nestingFactor: 0.6,
+    gravity: 0.3,
+    tile: true,
+    tilingPaddingVertical: 30,
+    tilingPaddingHorizontal: 30,
+  }).run();
+  state.firstLayout = false;
+}
+
+function render(map) {
+  const wanted = elementsOf(map);
+  const ids = new Set(wanted.map((w) => w.data.id));
+  cy.batch(() => {
+    cy.elements().filter((e) => !ids.has(e.id())).remove();
+    // Nodes before edges, parents before children.
+    for (const w of wanted) {
+      const have = cy.getElementById(w.data.id);
+      if (have.empty()) {
+        cy.add(w);
+      } else {
+        const { parent, ...rest } = w.data;
+        have.data(rest);
+        if (w.group === 'nodes' && (have.data('parent') || undefined) !== parent) have.move({ parent: parent ?? null });
+        have.classes(w.classes || '');
+      }
+    }
+  });
+  renderNamespaceFilter(map.namespaces);
+  applyFilters();
+  highlight();
+  const key = cy.nodes().not('.filtered').map((n) => n.id()).sort().join(',');
+  if (key !== state.layoutKey) {
+    state.layoutKey = key;
+    runLayout();
+  }
+  const denied = map.edges.reduce((a, e) => a + e.denied, 0);
+  $('#stats').textContent = `${map.nodes.filter((n) => n.kind === 'workload').length} workloads · ${map.edges.length} edges · ${denied} denied · ${map.quarantines.length} quarantined`;
+  $('#map').classList.toggle('empty', map.nodes.length === 0);
+}
+
+function renderNamespaceFilter(namespaces) {
+  const box = $('#namespace-filter');
+  const key = namespaces.join(',');
+  if (box.dataset.key === key) return;
+  box.dataset.key = key;
+  box.replaceChildren(...namespaces.map((ns) => el('button', {
+    class: `chip ns${state.hiddenNamespaces.has(ns) ? '' : ' on'}`,
+    'data-namespace': ns,
+    'aria-pressed': String(!state.hiddenNamespaces.has(ns)),
+    onclick: (ev) => {
+      if (state.hiddenNamespaces.has(ns)) state.hiddenNamespaces.delete(ns); else state.hiddenNamespaces.add(ns);
+      ev.currentTarget.classList.toggle('on', !state.hiddenNamespaces.has(ns));
+      ev.currentTarget.setAttribute('aria-pressed', String(!state.hiddenNamespaces.has(ns)));
+      applyFilters();
+      state.layoutKey = '';
+      render(state.map);
+    },
+  }, ns)));
+}
+
+for (const b of document.querySelectorAll('#verdict-filter .chip')) {
+  b.addEventListener('click', () => {
+    const v = b.dataset.verdict;
+    if (state.verdicts.has(v)) state.verdicts.delete(v); else state.verdicts.add(v);
+    b.classList.toggle('on', state.verdicts.has(v));
+    b.setAttribute('aria-pressed', String(state.verdicts.has(v)));
+    applyFilters();
+    if (state.selection) refreshPanel(true);
+  });
+}
+$('#fit').addEventListener('click', () => cy.animate({ fit: { eles: cy.elements().not('.filtered'), padding: 40 } }, { duration: 300 }));
+
+cy.on('tap', 'edge', (ev) => select({ type: 'edge', id: ev.target.id() }));
+cy.on('tap', 'node', (ev) => {
+  const n = ev.target;
+  select(n.data('kind') === 'namespace' ? { type: 'namespace', id: n.data('namespace') } : { type: 'node', id: n.id() });
+});
+cy.on('tap', (ev) => { if (ev.target === cy) select(null); });
+
+// The selection and what touches it stay bright; the rest fades.
+function highlight() {
+  const sel = state.selection;
+  cy.batch(() => {
+    cy.elements().removeClass('faded');
+    if (sel && sel.type !== 'namespace') {
+      const target = cy.getElementById(sel.id);
+      if (target.nonempty()) {
+        const keep = target.isEdge() ? target.union(target.connectedNodes()) : target.closedNeighborhood();
+        cy.elements().not(keep).not(keep.ancestors()).not(':parent').addClass('faded');
+      }
+    }
+  });
+  labelEdges();
+}
+
+function select(sel) {
+  state.selection = sel;
+  state.openForm = null;
+  state.podsKey = '';
+  highlight();
+  refreshPanel(true);
+}
+
+// ---------- the side panel ----------
+
+function section(title, ...children) {
+  return [el('h3', {}, title), ...children];
+}
+
+function legend() {
+  return el('div', { class: 'legend' },
+    el('span', { class: 'line', style: `border-color: ${COLORS.allowed}` }), el('span', {}, 'allowed connections (width: traffic)'),
+    el('span', { class: 'line', style: `border-color: ${COLORS.denied}; border-top-style: dashed` }), el('span', {}, 'denied'),
+    el('span', { class: 'line', style: `border-color: ${COLORS.audit}; border-top-style: dotted` }), el('span', {}, 'audit: would be denied'),
+    el('span', { class: 'box ns' }), el('span', {}, 'namespace'),
+    el('span', { class: 'box' }), el('span', {}, 'workload (owner, else the pod)'),
+    el('span', { class: 'box world' }), el('span', {}, 'world / host: addresses of no pod'),
+    el('span', { class: 'box q' }), el('span', {}, 'quarantined'));
+}
+
+function actionsNote() {
+  const a = state.map && state.map.actions;
+  if (!a || a.enabled) return null;
+  return el('div', { class: 'note' }, `Quarantine is read-only here: ${a.why}`);
+}
+
+async function post(path, body) {
+  const res = await fetch(path, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json', 'X-Bulkhead-Action': '1' },
+    body: JSON.stringify(body),
+  });
+  const json = await res.json().catch(() => ({ error: `HTTP ${res.status}` }));
+  if (!res.ok) throw new Error(json.error || `HTTP ${res.status}`);
+  return json;
+}
+
+async function doQuarantine(pod, form) {
+  const data = new FormData(form);
+  const reason = String(data.get('reason') || '').trim();
+  if (!reason) { toast('say why: a quarantine needs a reason', true); return; }
+  const allow = String(data.get('allow') || '').split(/[\s;]+/).filter(Boolean);
+  const body = { pod, reason, allow };
+  if (data.get('for')) body.for = data.get('for');
+  form.querySelector('button[type=submit]').disabled = true;
+  try {
+    const r = await post('/api/quarantine', body);
+    const nodes = Object.keys(r.nodes).length;
+    toast(`quarantined ${pod}: ${r.enforced ? 'enforced' : 'sent'} on ${nodes} node(s) in ${r.elapsed_ms.toFixed(1)} ms`);
+    state.openForm = null;
+    state.podsKey = '';
+    await tick();
+  } catch (e) {
+    toast(`quarantine failed: ${e.message}`, true);
+    form.querySelector('button[type=submit]').disabled = false;
+  }
+}
+
+async function doRelease(pod, button) {
+  button.disabled = true;
+  try {
+    const r = await post('/api/quarantine/release', { pod });
+    toast(`released ${pod}: ${r.enforced ? 'enforced' : 'sent'} on ${Object.keys(r.nodes).length} node(s) in ${r.elapsed_ms.toFixed(1)} ms`);
+    state.podsKey = '';
+    await tick();
+  } catch (e) {
+    toast(`release failed: ${e.message}`, true);
+    button.disabled = false;
+  }
+}
+
+function quarantineForm(pod) {
+  const form = el('form', { class: 'quarantine', 'data-pod': pod, onsubmit: (ev) => { ev.preventDefault(); doQuarantine(pod, ev.currentTarget); } },
+    el('label', { for: 'q-reason' }, `Isolate ${pod}: it reaches and is reached by nothing but the exceptions`),
+    el('input', { id: 'q-reason', name: 'reason', placeholder: 'reason (required), e.g. port scan against the shop', required: true, autocomplete: 'off' }),
+    el('input', { name: 'allow', placeholder: 'exceptions (optional): ns=security,app=forensics@22/TCP 10.0.0.53/32@53/UDP', autocomplete: 'off' }),
+    el('div', { class: 'row' },
+      el('select', { name: 'for', 'aria-label': 'duration' },
+        el('option', { value: '' }, 'until released'),
+        el('option', { value: '15m' }, 'for 15 minutes'),
+        el('option', { value: '1h' }, 'for 1 hour'),
+        el('option', { value: '24h' }, 'for 24 hours')),
+      el('button', { type: 'submit', class: 'danger' }, 'Quarantine now'),
+      el('button', { type: 'button', class: 'ghost', onclick: () => { state.openForm = null; state.podsKey = ''; refreshPanel(false); } }, 'Cancel')));
+  setTimeout(() => form.querySelector('input').focus(), 0);
+  return form;
+}
+
+function podsList(pods) {
+  const enabled = state.map.actions.enabled;
+  const quarantines = new Map(state.map.quarantines.map((q) => [q.pod, q]));
+  return el('ul', { class: 'pods' }, pods.map((p) => {
+    const q = quarantines.get(p.pod);
+    const isQ = p.quarantined || !!q;
+    const action = isQ
+      ? el('button', { class: 'primary', 'data-action': 'release', 'data-pod': p.pod, disabled: !enabled || !q, onclick: (ev) => doRelease(p.pod, ev.currentTarget) }, 'Release')
+      : el('button', { class: 'danger', 'data-action': 'quarantine', 'data-pod': p.pod, disabled: !enabled, onclick: () => { state.openForm = p.pod; state.podsKey = ''; refreshPanel(false); } }, 'Quarantine…');
+    return [
+      el('li', { 'data-pod': p.pod },
+        el('div', {},
+          el('div', { class: 'name' }, p.pod, ' ', isQ ? el('span', { class: 'badge quarantined' }, 'quarantined') : null),
+          el('div', { class: 'meta' }, `${p.node} · ${p.ips.join(', ')}${q ? ` · ${q.reason}` : ''}`)),
+        action),
+      state.openForm === p.pod ? quarantineForm(p.pod) : null,
+    ];
+  }));
+}
+
+// The rules that decided these flows, with how often (most frequent first).
+function ruleSummary(flows) {
+  const by = new Map();
+  for (const f of flows) {
+    if (!f.src) continue;
+    const r = by.get(f.rule) || { n: 0, d: f.decided_by };
+    r.n += 1;
+    by.set(f.rule, r);
+  }
+  if (!by.size) return el('p', { class: 'hint' }, 'No recent flows.');
+  return el('ul', { class: 'rules' }, [...by].sort((a, b) => b[1].n - a[1].n).map(([text, r]) =>
+    el('li', {}, ruleView(r.d, text), el('span', { class: 'muted' }, `×${r.n}`))));
+}
+
+function flowsTable(flows) {
+  if (!flows.length) return el('p', { class: 'hint' }, 'No recent flows match.');
+  return el('table', { class: 'flows' },
+    el('thead', {}, el('tr', {}, el('th', {}, 'time'), el('th', {}, 'connection'), el('th', {}, 'verdict · decided by'))),
+    el('tbody', {}, flows.map((f) => {
+      if (!f.src) {
+        return el('tr', {}, el('td', { class: 'time' }, clock(f.time_unix_nanos)),
+          el('td', { class: 'path' }, f.endpoint),
+          el('td', {}, el('span', { class: `badge ${f.verdict}` }, f.verdict), ' ', el('span', { class: 'muted' }, f.reason), el('div', { class: 'rule' }, f.rule)));
+      }
+      const from = f.src_pod || f.src;
+      const to = f.dst_pod || f.dst;
+      return el('tr', {},
+        el('td', { class: 'time' }, clock(f.time_unix_nanos)),
+        el('td', { class: 'path' }, `${from} → ${to}:${f.dst_port}/${proto(f.protocol)}`,
+          el('div', { class: 'muted' }, `${f.node}, at ${f.endpoint}'s ${f.direction}`)),
+        el('td', {}, el('span', { class: `badge ${f.verdict}` }, f.verdict), el('div', {}, ruleView(f.decided_by, f.rule))));
+    })));
+}
+
+async function fetchFlows(params) {
+  const q = new URLSearchParams({ limit: '40', ...params });
+  const res = await fetch(`/api/flows/query?${q}`);
+  if (!res.ok) throw new Error((await res.json().catch(() => ({}))).error || `HTTP ${res.status}`);
+  return res.json();
+}
+
+function overview() {
+  const m = state.map;
+  const body = [
+    el('h2', {}, 'Service map'),
+    el('p', { class: 'hint' }, 'Who talks to whom, live from every agent\'s flows. Click a connection to see its recent flows and the rule that decided each; click a workload to see its pods and quarantine one.'),
+    actionsNote(),
+    ...section('Legend', legend()),
+  ];
+  if (m && m.quarantines.length) {
+    body.push(...section('Quarantined pods', el('ul', { class: 'pods' }, m.quarantines.map((q) => el('li', { 'data-pod': q.pod },
+      el('div', {}, el('div', { class: 'name' }, q.pod, ' ', el('span', { class: 'badge quarantined' }, 'quarantined')),
+        el('div', { class: 'meta' }, `${q.reason} · by ${q.actor} · since ${q.created_at}${q.expires_at ? ` · until ${q.expires_at}` : ''}${Object.keys(q.enforced_at).length ? ` · enforced on ${Object.keys(q.enforced_at).length} node(s), ${q.connections_cut} connection(s) cut` : ''}`)),
+      el('button', { class: 'primary', 'data-action': 'release', 'data-pod': q.pod, disabled: !m.actions.enabled, onclick: (ev) => doRelease(q.pod, ev.currentTarget) }, 'Release'))))));
+  }
+  if (m && m.agents.length) {
+    body.push(...section('Nodes', el('dl', { class: 'kv' }, m.agents.map((a) => [
+      el('dt', {}, a.node),
+      el('dd', {}, a.connected ? `agent connected, version ${a.realized}/${a.version} realized` : 'agent not connected'),
+    ]))));
+  }
+  return body;
+}
+
+async function refreshPanel(rebuild) {
+  const panel = $('#panel-body');
+  const sel = state.selection;
+  const m = state.map;
+  if (!m) return;
+  if (!sel) { panel.replaceChildren(...overview().filter(Boolean)); return; }
+  const seq = ++state.flowsSeq;
+  if (sel.type === 'edge') {
+    const e = cy.getElementById(sel.id);
+    if (e.empty()) { select(null); return; }
+    const d = e.data();
+    const verdict = d.verdict === 'audit' ? 'audit-would-deny' : d.verdict;
+    const graphEdges = m.edges.filter((x) => x.src === d.source && x.dst === d.target);
+    const edge = graphEdges.length ? graphEdges.reduce((a, x) => {
+      a.allowed += x.allowed; a.denied += x.denied; a.audit_would_deny += x.audit_would_deny; a.bytes += x.bytes;
+      a.first_seen_unix_nanos = Math.min(a.first_seen_unix_nanos, x.first_seen_unix_nanos);
+      a.last_seen_unix_nanos = Math.max(a.last_seen_unix_nanos, x.last_seen_unix_nanos);
+      return a;
+    }, { allowed: 0, denied: 0, audit_would_deny: 0, bytes: 0, first_seen_unix_nanos: Infinity, last_seen_unix_nanos: 0 }) : null;
+    const flows = await fetchFlows({ src: d.source, dst: d.target, verdict }).catch((err) => { toast(err.message, true); return []; });
+    if (seq !== state.flowsSeq) return;
+    const ends = [d.source, d.target].map((id) => m.nodes.find((n) => n.id === id)).filter((n) => n && n.pods.length);
+    const pods = ends.flatMap((n) => n.pods);
+    const podsKey = JSON.stringify([pods, state.openForm, m.quarantines.map((q) => q.pod)]);
+    const keepPods = !rebuild && state.openForm && podsKey === state.podsKey;
+    const oldPods = keepPods ? panel.querySelector('.pods-box') : null;
+    state.podsKey = podsKey;
+    panel.replaceChildren(...[
+      el('h2', {}, `${d.source} → ${d.target}`),
+      el('div', {}, el('span', { class: `badge ${verdict}` }, verdict), ' ', el('span', { class: 'muted' }, `ports ${d.label.replace(/ +×\d+$/, '')}`)),
+      edge && el('div', { class: 'counts' },
+        el('div', { class: 'count allowed' }, el('b', {}, edge.allowed), 'allowed'),
+        el('div', { class: 'count denied' }, el('b', {}, edge.denied), 'denied'),
+        el('div', { class: 'count audit' }, el('b', {}, edge.audit_would_deny), 'audit'),
+        el('div', { class: 'count' }, el('b', {}, fmtBytes(edge.bytes)), 'bytes')),
+      edge && el('dl', { class: 'kv' }, el('dt', {}, 'first seen'), el('dd', {}, ago(edge.first_seen_unix_nanos)), el('dt', {}, 'last seen'), el('dd', {}, ago(edge.last_seen_unix_nanos))),
+      ...section('Deciding rules', ruleSummary(flows)),
+      ...section('Recent flows', el('div', { class: 'flows-box' }, flowsTable(flows))),
+      ...(pods.length ? section('Pods at either end', actionsNote(), oldPods || el('div', { class: 'pods-box' }, podsList(pods))) : []),
+    ].filter(Boolean));
+    return;
+  }
+  if (sel.type === 'node') {
+    const n = m.nodes.find((x) => x.id === sel.id);
+    if (!n) { select(null); return; }
+    const params = { workload: n.id };
+    const flows = await fetchFlows(params).catch((err) => { toast(err.message, true); return []; });
+    if (seq !== state.flowsSeq) return;
+    const shown = flows.filter((f) => !f.src || state.verdicts.has(f.verdict === 'audit-would-deny' ? 'audit' : f.verdict));
+    const podsKey = JSON.stringify([n.pods, state.openForm, m.quarantines.map((q) => q.pod)]);
+    const keepPods = !rebuild && state.openForm && podsKey === state.podsKey;
+    const oldPods = keepPods ? panel.querySelector('.pods-box') : null;
+    state.podsKey = podsKey;
+    const edges = m.edges.filter((e) => e.src === n.id || e.dst === n.id);
+    panel.replaceChildren(...[
+      el('h2', {}, n.kind === 'workload' ? shortName(n.workload) : n.workload),
+      el('div', { class: 'muted' }, n.kind === 'workload' ? `${kindOf(n.workload)} in namespace ${n.namespace}` : 'addresses of no pod in the cluster', ' ', n.quarantined ? el('span', { class: 'badge quarantined' }, 'quarantined') : null),
+      el('div', { class: 'counts' },
+        el('div', { class: 'count allowed' }, el('b', {}, edges.reduce((a, e) => a + e.allowed, 0)), 'allowed'),
+        el('div', { class: 'count denied' }, el('b', {}, edges.reduce((a, e) => a + e.denied, 0)), 'denied'),
+        el('div', { class: 'count' }, el('b', {}, edges.length), 'edges')),
+      ...(n.pods.length ? section('Pods', actionsNote(), oldPods || el('div', { class: 'pods-box' }, podsList(n.pods))) : []),
+      ...section('Recent flows', el('div', { class: 'flows-box' }, flowsTable(shown))),
+    ].filter(Boolean));
+    return;
+  }
+  if (sel.type === 'namespace') {
+    const flows = await fetchFlows({ namespace: sel.id }).catch(() => []);
+    if (seq !== state.flowsSeq) return;
+    const shown = flows.filter((f) => state.verdicts.has(f.verdict === 'audit-would-deny' ? 'audit' : f.verdict));
+    const workloads = m.nodes.filter((x) => x.namespace === sel.id);
+    panel.replaceChildren(
+      el('h2', {}, `namespace ${sel.id}`),
+      el('div', { class: 'muted' }, `${workloads.length} workload(s), ${workloads.reduce((a, w) => a + w.pods.length, 0)} pod(s)`),
+      ...section('Recent flows', flowsTable(shown)));
+  }
+}
+
+// ---------- polling ----------
+
+async function tick() {
+  const live = $('#live');
+  try {
+    const res = await fetch('/api/map', { cache: 'no-store' });
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    state.map = await res.json();
+    render(state.map);
+    live.textContent = `live · ${new Date(state.map.time_unix_ms).toLocaleTimeString([], { hour12: false })}`;
+    live.className = 'live ok';
+    // Keep the panel current, but never under the user's fingers (an open quarantine form).
+    if (!state.openForm) await refreshPanel(false);
+  } catch (e) {
+    live.textContent = `controller unreachable (${e.message})`;
+    live.className = 'live bad';
+  }
+}
+
+async function loop() {
+  await tick();
+  setTimeout(loop, POLL_MS);
+}
+refreshPanel(true);
+loop();
