@@ -531,7 +531,7 @@ async fn serve(
     server
         .add_service(DistributionServer::with_interceptor(
             DistributionService::new(hub.clone(), flows.clone()),
-            serving_gate(gate.clone()),
+            gate.interceptor(),
         ))
         .add_service(AdminServer::new(admin))
         .serve_with_shutdown(args.listen, shutdown_signal(kubernetes.as_ref()))
@@ -595,17 +595,6 @@ fn readyz(gate: Arc<Gate>) -> axum::routing::MethodRouter {
             Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why),
         }
     })
-}
-
-/// Agents' calls reach the distribution service only where rule sets are served; elsewhere
-/// they get UNAVAILABLE ("not the leader (leader: X)") and retry, reaching the leader.
-fn serving_gate(
-    gate: Arc<Gate>,
-) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
-    move |req| match gate.serving() {
-        Ok(()) => Ok(req),
-        Err(why) => Err(tonic::Status::unavailable(why)),
-    }
 }
 
 /// Ctrl-C, SIGTERM (how Kubernetes stops a pod), or the loss of leadership.

@@ -333,3 +333,56 @@ async fn a_leader_that_sees_another_holder_reports_the_loss() {
     assert_eq!(err.metric_label(), "lost");
     server.await.unwrap();
 }
+
+/// A follower's distribution service answers agents with UNAVAILABLE naming the leader (they
+/// retry and reach the leader); once it leads, the same agent gets its snapshot.
+#[tokio::test]
+async fn only_the_leader_serves_agents() {
+    use std::sync::{Arc, Mutex};
+
+    use bulkhead_controller::distribution::{DistributionService, FlowStore, Hub};
+    use bulkhead_controller::kubernetes::Leadership;
+    use bulkhead_controller::{EngineConfig, PolicyEngine};
+    use bulkhead_proto::v1 as pb;
+    use pb::distribution_client::DistributionClient;
+    use pb::distribution_server::DistributionServer;
+
+    let hub = Arc::new(Hub::new(PolicyEngine::empty(EngineConfig::default())));
+    let flows = Arc::new(Mutex::new(FlowStore::new(16)));
+    let leadership = Arc::new(Leadership::default());
+    leadership.set(false, "bulkhead-controller-7d9f-a");
+    let gate = Arc::new(Gate::new(Some(leadership.clone())));
+    gate.set_synced();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(DistributionServer::with_interceptor(
+                DistributionService::new(hub.clone(), flows),
+                gate.interceptor(),
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let hello = || {
+        let follower = bulkhead_controller::distribution::follower::Follower::new("node-a");
+        tokio_stream::iter(vec![follower.hello()])
+    };
+    let mut client = DistributionClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let refused = client.sync(hello()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        refused.message(),
+        "not the leader (leader: bulkhead-controller-7d9f-a)"
+    );
+
+    leadership.set(true, "bulkhead-controller-7d9f-b");
+    let mut stream = client.sync(hello()).await.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a snapshot")
+        .unwrap();
+    assert!(first.is_some(), "the leader sends the node its rule set");
+    server.abort();
+}

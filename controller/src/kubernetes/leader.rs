@@ -38,7 +38,8 @@ impl Leadership {
         self.leader.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
-    fn set(&self, leading: bool, leader: &str) {
+    /// What the elector (or a test) observed: whether this replica leads, and who does.
+    pub fn set(&self, leading: bool, leader: &str) {
         if let Ok(mut l) = self.leader.lock() {
             *l = leader.to_string();
         }

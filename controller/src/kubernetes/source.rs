@@ -89,6 +89,20 @@ impl Gate {
     pub fn ready(&self) -> bool {
         self.serving().is_ok()
     }
+
+    /// A tonic interceptor for the distribution service: agents' calls pass only where rule
+    /// sets are served; elsewhere they get UNAVAILABLE ("not the leader (leader: X)") and
+    /// retry, reaching the leader through the Service (which routes by readiness).
+    pub fn interceptor(
+        self: &Arc<Self>,
+    ) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone + use<>
+    {
+        let gate = self.clone();
+        move |req| match gate.serving() {
+            Ok(()) => Ok(req),
+            Err(why) => Err(tonic::Status::unavailable(why)),
+        }
+    }
 }
 
 /// Counters of the source (tests and metrics read them).
