@@ -22,8 +22,8 @@ use aya::{
     },
 };
 use bulkhead_common::{
-    Config, Counter, CtKey, CtValue, EndpointAddrKey, EndpointInfo, IpCacheValue, PolicyKey,
-    PolicyValue, QuarantineAllowKey,
+    Config, Counter, CtKey, CtValue, ENDPOINT_SLOTS, EndpointAddrKey, EndpointInfo, IpCacheValue,
+    PolicyKey, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey,
 };
 
 pub const PROG_FROM_POD: &str = "bulkhead_from_pod";
@@ -313,8 +313,91 @@ impl Dataplane {
         Ok((result.return_value, result.duration))
     }
 
+    /// Runs the XDP prefilter once (or `repeat` times) on `packet` with BPF_PROG_TEST_RUN.
+    /// Returns the XDP action and the mean duration.
+    pub fn test_run_prefilter(
+        &mut self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Duration), LoadError> {
+        let prog: &mut Xdp = self::program(&mut self.ebpf, PROG_PREFILTER)?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat.max(1);
+        let result = prog.test_run(opts).map_err(program_err(PROG_PREFILTER))?;
+        Ok((result.return_value, result.duration))
+    }
+
+    /// Endpoints of interfaces with index `ENDPOINT_SLOTS` or above; see [`Self::set_endpoint`].
     pub fn endpoints(&mut self) -> Result<HashMap<&mut MapData, u32, EndpointInfo>, LoadError> {
         self.map_mut("ENDPOINTS")
+    }
+
+    /// Endpoints of interfaces with index below `ENDPOINT_SLOTS`, by index.
+    pub fn endpoint_slots(&mut self) -> Result<Array<&mut MapData, EndpointInfo>, LoadError> {
+        self.map_mut("ENDPOINT_SLOTS")
+    }
+
+    /// Writes the endpoint of interface `ifindex` in one map update (the slot array below
+    /// `ENDPOINT_SLOTS`, the hash above).
+    pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), LoadError> {
+        if ifindex < ENDPOINT_SLOTS {
+            self.endpoint_slots()?
+                .set(ifindex, info, 0)
+                .map_err(|source| LoadError::Map {
+                    name: "ENDPOINT_SLOTS",
+                    source,
+                })
+        } else {
+            self.endpoints()?
+                .insert(ifindex, info, 0)
+                .map_err(|source| LoadError::Map {
+                    name: "ENDPOINTS",
+                    source,
+                })
+        }
+    }
+
+    /// The endpoint of interface `ifindex`, if one is written.
+    pub fn endpoint(&mut self, ifindex: u32) -> Result<Option<EndpointInfo>, LoadError> {
+        if ifindex < ENDPOINT_SLOTS {
+            Ok(self
+                .endpoint_slots()?
+                .get(&ifindex, 0)
+                .ok()
+                .filter(|e| e.flags != 0))
+        } else {
+            Ok(self.endpoints()?.get(&ifindex, 0).ok())
+        }
+    }
+
+    /// Clears the endpoint of interface `ifindex` (absent is fine).
+    pub fn clear_endpoint(&mut self, ifindex: u32) -> Result<(), LoadError> {
+        if ifindex < ENDPOINT_SLOTS {
+            self.endpoint_slots()?
+                .set(ifindex, EndpointInfo::default(), 0)
+                .map_err(|source| LoadError::Map {
+                    name: "ENDPOINT_SLOTS",
+                    source,
+                })
+        } else {
+            let _ = self.endpoints()?.remove(&ifindex);
+            Ok(())
+        }
+    }
+
+    /// Every written endpoint, by interface index.
+    pub fn endpoint_list(&mut self) -> Result<Vec<(u32, EndpointInfo)>, LoadError> {
+        let mut out: Vec<(u32, EndpointInfo)> = self
+            .endpoint_slots()?
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.ok().filter(|e| e.flags != 0).map(|e| (i as u32, e)))
+            .collect();
+        out.extend(self.endpoints()?.iter().flatten());
+        Ok(out)
     }
 
     pub fn endpoint_addrs(
@@ -323,8 +406,41 @@ impl Dataplane {
         self.map_mut("ENDPOINT_ADDRS")
     }
 
-    pub fn policy(&mut self) -> Result<LpmTrie<&mut MapData, PolicyKey, PolicyValue>, LoadError> {
+    /// Port-range keys (aligned port-prefix blocks).
+    pub fn policy_ranges(
+        &mut self,
+    ) -> Result<LpmTrie<&mut MapData, PolicyKey, PolicyValue>, LoadError> {
         self.map_mut("POLICY")
+    }
+
+    pub fn policy_summary(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, PolicyKey, PolicySummary>, LoadError> {
+        self.map_mut("POLICY_SUMMARY")
+    }
+
+    pub fn policy_exact(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, PolicyKey, PolicyValue>, LoadError> {
+        self.map_mut("POLICY_EXACT")
+    }
+
+    pub fn ipcache_host_v4(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, [u8; 4], IpCacheValue>, LoadError> {
+        self.map_mut("IPCACHE_HOST_V4")
+    }
+
+    pub fn ipcache_host_v6(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, [u8; 16], IpCacheValue>, LoadError> {
+        self.map_mut("IPCACHE_HOST_V6")
+    }
+
+    pub fn prefilter_deny(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, PrefilterKey, PrefilterValue>, LoadError> {
+        self.map_mut("PREFILTER_DENY")
     }
 
     pub fn ipcache_v4(

@@ -1,19 +1,27 @@
-//! Turns a policy group (the compiled policy endpoints share) into `POLICY` LPM-trie entries.
-//! Every endpoint of a group points at the same policy id, so the keys exist once per group.
+//! Turns a policy group (the compiled policy endpoints share) into policy map keys. Every
+//! endpoint of a group points at the same policy id, so the keys exist once per group.
 //!
-//! The kernel does at most two lookups per packet — (peer identity, protocol, port) and
-//! (wildcard, protocol, port) — and takes the first hit. For that to equal the reference
-//! [`decide_direction`](bulkhead_controller::ruleset::decide_direction), every key's value is
-//! [`resolve`]d here from *all* entries that cover the key, and the wildcard entries' keys are
-//! copied under every specific identity that has entries of its own. The longest matching
-//! prefix is then always a key whose covering entries are exactly the entries that match the
-//! packet (port blocks are aligned prefixes, so two blocks that contain one port are nested).
+//! [`compile_direction`] produces logical entries, (identity, protocol, aligned port block) →
+//! value, where every key's value is [`resolve`]d from *all* entries that cover the key and the
+//! wildcard entries' keys are copied under every specific identity that has entries of its own.
+//! The longest matching block under the peer's identity (else under the wildcard) is then
+//! always a key whose covering entries are exactly the entries that match the packet (port
+//! blocks are aligned prefixes, so two blocks that contain one port are nested), and its value
+//! equals the reference [`decide_direction`](bulkhead_controller::ruleset::decide_direction).
+//!
+//! [`policy_tables`] splits them over three kernel maps so that a new connection costs hash
+//! lookups, not trie walks whose depth grows with the number of keys:
+//! * `POLICY_SUMMARY` (hash), one key per (identity, protocol): the protocol-wide value (else
+//!   the direction's default) and flags saying whether finer keys exist;
+//! * `POLICY_EXACT` (hash): single-port blocks;
+//! * `POLICY` (LPM trie): the remaining blocks, port ranges, the only keys that need a
+//!   longest-prefix match. Exact keys are looked up first, so the trie never needs them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use bulkhead_common::{
-    DIR_EGRESS, DIR_INGRESS, POLICY_KEY_FIXED_BITS, PROTO_OTHER, PolicyKey, PolicyValue,
-    VERDICT_ALLOW, VERDICT_DENY,
+    DIR_EGRESS, DIR_INGRESS, POLICY_KEY_FIXED_BITS, PROTO_OTHER, PolicyKey, PolicySummary,
+    PolicyValue, SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY,
 };
 use bulkhead_controller::ruleset::{
     Decision, Direction, DirectionPolicy, EndpointPolicy, PolicyEntry, PortRange, Protocol,
@@ -196,10 +204,78 @@ pub fn compile_direction(
     out
 }
 
-/// A software model of the kernel's lookup over compiled entries, for tests and `bulkhead agent
-/// explain`: at most two longest-prefix lookups, then the default.
-pub fn lookup(
+/// A group's keys as the kernel maps hold them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyTables {
+    pub summaries: Vec<(PolicyKey, PolicySummary)>,
+    pub exact: Vec<(PolicyKey, PolicyValue)>,
+    /// (prefix length, key, value) of the `POLICY` trie.
+    pub ranges: Vec<(u32, PolicyKey, PolicyValue)>,
+}
+
+impl PolicyTables {
+    pub fn len(&self) -> usize {
+        self.summaries.len() + self.exact.len() + self.ranges.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Splits compiled entries over the summary, exact and range maps. `defaults` are the
+/// directions' defaults (ingress, egress): a summary without a protocol-wide entry falls back to
+/// its direction's default.
+pub fn policy_tables(
     entries: &[PolicyMapEntry],
+    defaults: (PolicyValue, PolicyValue),
+) -> PolicyTables {
+    let mut summaries: BTreeMap<PolicyKey, PolicySummary> = BTreeMap::new();
+    let mut tables = PolicyTables::default();
+    for e in entries {
+        let skey = PolicyKey {
+            port_be: 0,
+            ..e.key
+        };
+        let summary = summaries.entry(skey).or_insert_with(|| PolicySummary {
+            fallback: if e.key.direction == DIR_INGRESS {
+                defaults.0
+            } else {
+                defaults.1
+            },
+            flags: 0,
+        });
+        match e.prefix_len - POLICY_KEY_FIXED_BITS {
+            0 => summary.fallback = e.value,
+            16 => {
+                summary.flags |= SUMMARY_HAS_EXACT;
+                tables.exact.push((e.key, e.value));
+            }
+            _ => {
+                summary.flags |= SUMMARY_HAS_RANGES;
+                tables.ranges.push((e.prefix_len, e.key, e.value));
+            }
+        }
+    }
+    tables.summaries = summaries.into_iter().collect();
+    tables
+}
+
+/// A group's kernel keys under `policy_id`: [`compile_policy`] split by [`policy_tables`].
+pub fn tables_of(policy_id: u32, policy: &EndpointPolicy) -> PolicyTables {
+    policy_tables(
+        &compile_policy(policy_id, policy),
+        (
+            default_value(&policy.ingress),
+            default_value(&policy.egress),
+        ),
+    )
+}
+
+/// A software model of the kernel's lookup (`lookup_policy` in `ebpf/src/main.rs`) over a
+/// group's tables, for tests and explanations.
+pub fn lookup(
+    tables: &PolicyTables,
     default: PolicyValue,
     policy_id: u32,
     direction: Direction,
@@ -212,26 +288,52 @@ pub fn lookup(
         Some(_) => protocol,
         None => PROTO_OTHER,
     };
-    let max_bits = if port.is_some() { 16 } else { 0 };
-    let port = port.unwrap_or(0);
-    for id in [peer, identity::ANY] {
-        let hit = entries
+    let mut key = PolicyKey {
+        policy_id,
+        identity: peer,
+        direction: dir,
+        protocol: proto,
+        port_be: 0,
+    };
+    let find = |key: &PolicyKey| {
+        tables
+            .summaries
             .iter()
-            .filter(|e| {
-                let bits = (e.prefix_len - POLICY_KEY_FIXED_BITS) as u8;
-                e.key.policy_id == policy_id
-                    && e.key.identity == id
-                    && e.key.direction == dir
-                    && e.key.protocol == proto
-                    && bits <= max_bits
-                    && mask(bits) & port == u16::from_be(e.key.port_be)
-            })
-            .max_by_key(|e| e.prefix_len);
-        if let Some(e) = hit {
-            return e.value;
+            .find(|(k, _)| k == key)
+            .map(|(_, s)| *s)
+    };
+    let summary = match find(&key) {
+        Some(s) => s,
+        None => {
+            key.identity = identity::ANY;
+            match find(&key) {
+                Some(s) => s,
+                None => return default,
+            }
+        }
+    };
+    if let Some(port) = port {
+        key.port_be = port.to_be();
+        if summary.flags & SUMMARY_HAS_EXACT != 0
+            && let Some((_, v)) = tables.exact.iter().find(|(k, _)| *k == key)
+        {
+            return *v;
+        }
+        if summary.flags & SUMMARY_HAS_RANGES != 0
+            && let Some((_, _, v)) = tables
+                .ranges
+                .iter()
+                .filter(|(len, k, _)| {
+                    let bits = (len - POLICY_KEY_FIXED_BITS) as u8;
+                    PolicyKey { port_be: 0, ..*k } == PolicyKey { port_be: 0, ..key }
+                        && mask(bits) & port == u16::from_be(k.port_be)
+                })
+                .max_by_key(|(len, _, _)| *len)
+        {
+            return *v;
         }
     }
-    default
+    summary.fallback
 }
 
 #[cfg(test)]
@@ -308,7 +410,7 @@ mod tests {
         }
     }
 
-    /// The compiled map plus the kernel's lookup order equals the reference on random policies.
+    /// The compiled tables plus the kernel's lookup order equal the reference on random policies.
     #[test]
     fn compiled_lookup_matches_reference() {
         let mut rng = StdRng::seed_from_u64(42);
@@ -316,6 +418,7 @@ mod tests {
             let policy = random_policy(&mut rng);
             let entries = compile_direction(9, Direction::Ingress, &policy);
             let default = default_value(&policy);
+            let tables = policy_tables(&entries, (default, PolicyValue::default()));
             for _ in 0..60 {
                 let peer = [300, 301, 302, 303][rng.random_range(0..4)];
                 let (proto, port) = match rng.random_range(0..4) {
@@ -333,7 +436,7 @@ mod tests {
                     port.filter(|_| Protocol::from_number(proto).is_some_and(|p| p.has_ports())),
                 ));
                 let got = lookup(
-                    &entries,
+                    &tables,
                     default,
                     9,
                     Direction::Ingress,

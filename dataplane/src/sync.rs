@@ -16,15 +16,19 @@ use std::{
 
 use aya::maps::lpm_trie::Key;
 use bulkhead_common::{
-    Config, EndpointAddrKey, EndpointInfo, IPCACHE_QUARANTINED, IpCacheValue, PolicyKey,
-    PolicyValue, QuarantineAllowKey, endpoint_flags,
+    Config, DIR_EGRESS, DIR_INGRESS, EndpointAddrKey, EndpointInfo, IPCACHE_QUARANTINED,
+    IpCacheValue, PolicyKey, PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey,
+    VERDICT_DENY, endpoint_flags,
 };
-use bulkhead_controller::ruleset::{Endpoint, EndpointPolicy, PolicyGroupId, RuleSet};
+use bulkhead_controller::ruleset::{Endpoint, EndpointPolicy, PolicyGroupId, RuleSet, identity};
 use ipnetwork::IpNetwork;
 
 use crate::{
     loader::{Dataplane, LoadError},
-    policy_map::{PolicyMapEntry, compile_policy, default_value},
+    policy_map::{
+        ALL_POLICY_PROTOCOLS, PolicyMapEntry, PolicyTables, compile_policy, default_value,
+        policy_tables,
+    },
 };
 
 /// `::ffff:a.b.c.d` for IPv4, the address itself for IPv6: the form addresses take in keys.
@@ -65,6 +69,8 @@ pub struct ApplyReport {
     /// rule set lacks their group.
     pub locked_down: Vec<String>,
     pub policy_entries_written: usize,
+    /// (local address, peer identity) pairs the XDP prefilter drops.
+    pub prefilter_pairs: usize,
     /// Tracked connections cut because their endpoint became quarantined.
     pub connections_cut: usize,
     pub duration: Duration,
@@ -81,7 +87,8 @@ struct EndpointState {
 #[derive(Debug, Clone, PartialEq)]
 struct GroupState {
     policy_id: u32,
-    keys: Vec<(u32, PolicyKey)>,
+    /// The keys written under `policy_id`.
+    tables: PolicyTables,
     /// The compiled content under policy id 0, to skip rewriting an unchanged group.
     fingerprint: Vec<PolicyMapEntry>,
     default_ingress: PolicyValue,
@@ -122,9 +129,12 @@ pub struct Enforcer {
     endpoints: HashMap<u32, EndpointState>,
     groups: HashMap<PolicyGroupId, GroupState>,
     /// Keys of replaced or dropped groups: removed once no endpoint names their policy id.
-    retired: Vec<(u32, Vec<(u32, PolicyKey)>)>,
+    retired: Vec<(u32, PolicyTables)>,
     ipcache: BTreeMap<IpNetwork, IpCacheValue>,
     quarantine_allow: BTreeSet<QuarantineAllowKey>,
+    prefilter: BTreeMap<PrefilterKey, PrefilterValue>,
+    /// The prefilter map was full once: said once, not on every apply.
+    prefilter_full_logged: bool,
     next_policy_id: u32,
     generation: u32,
     realized_version: Option<u64>,
@@ -148,22 +158,32 @@ struct Placed<'a> {
 impl Enforcer {
     /// Takes over a loaded data plane. Keys left by an earlier agent are found in the pinned
     /// maps and cleaned up after the first apply; until then they keep enforcing. Fresh policy
-    /// ids start above every id found in `ENDPOINTS` or `POLICY`, so new keys never mix with
-    /// leftovers.
+    /// ids start above every id found in `ENDPOINTS` or the policy maps, so new keys never mix
+    /// with leftovers.
     pub fn new(mut dataplane: Dataplane) -> Result<Self, SyncError> {
         let mut max_policy_id = 0;
-        {
-            let endpoints = dataplane.endpoints()?;
-            for item in endpoints.iter() {
-                let (_, info) = item.map_err(map_err("ENDPOINTS"))?;
-                max_policy_id = max_policy_id.max(info.policy_id);
-            }
+        for (_, info) in dataplane.endpoint_list()? {
+            max_policy_id = max_policy_id.max(info.policy_id);
         }
         {
-            let policy = dataplane.policy()?;
+            let policy = dataplane.policy_ranges()?;
             for key in policy.keys() {
                 let key = key.map_err(map_err("POLICY"))?;
                 max_policy_id = max_policy_id.max(key.data().policy_id);
+            }
+        }
+        {
+            let summary = dataplane.policy_summary()?;
+            for key in summary.keys() {
+                let key = key.map_err(map_err("POLICY_SUMMARY"))?;
+                max_policy_id = max_policy_id.max(key.policy_id);
+            }
+        }
+        {
+            let exact = dataplane.policy_exact()?;
+            for key in exact.keys() {
+                let key = key.map_err(map_err("POLICY_EXACT"))?;
+                max_policy_id = max_policy_id.max(key.policy_id);
             }
         }
         let generation = dataplane
@@ -178,6 +198,8 @@ impl Enforcer {
             retired: Vec::new(),
             ipcache: BTreeMap::new(),
             quarantine_allow: BTreeSet::new(),
+            prefilter: BTreeMap::new(),
+            prefilter_full_logged: false,
             next_policy_id: max_policy_id.wrapping_add(1).max(1),
             generation,
             realized_version: None,
@@ -188,13 +210,13 @@ impl Enforcer {
         &mut self.dataplane
     }
 
-    /// Policy keys this agent has in the `POLICY` map.
+    /// Policy keys this agent has in the policy maps (summary, exact and range keys).
     pub fn policy_key_count(&self) -> usize {
-        self.groups.values().map(|g| g.keys.len()).sum::<usize>()
-            + self.retired.iter().map(|(_, k)| k.len()).sum::<usize>()
+        self.groups.values().map(|g| g.tables.len()).sum::<usize>()
+            + self.retired.iter().map(|(_, t)| t.len()).sum::<usize>()
     }
 
-    /// Policy groups whose keys are in the `POLICY` map.
+    /// Policy groups whose keys are in the policy maps.
     pub fn policy_group_count(&self) -> usize {
         self.groups.len()
     }
@@ -300,7 +322,7 @@ impl Enforcer {
             if !used.contains(&p.endpoint.policy)
                 && let Some(old) = self.groups.remove(&p.endpoint.policy)
             {
-                self.retired.push((old.policy_id, old.keys));
+                self.retired.push((old.policy_id, old.tables));
             }
         }
 
@@ -340,6 +362,9 @@ impl Enforcer {
             report.connections_cut += self.cut_connections(&newly_quarantined)?;
         }
 
+        // The XDP prefilter's pairs follow the endpoints just written.
+        report.prefilter_pairs = self.write_prefilter(&placed, first_apply)?;
+
         // 5. endpoints that left the node (or whose interface went away).
         let gone: Vec<u32> = self
             .endpoints
@@ -361,7 +386,7 @@ impl Enforcer {
             .collect();
         for g in unused {
             if let Some(old) = self.groups.remove(&g) {
-                self.retired.push((old.policy_id, old.keys));
+                self.retired.push((old.policy_id, old.tables));
             }
         }
         self.remove_retired_keys()?;
@@ -400,6 +425,30 @@ impl Enforcer {
     ) -> Result<(), SyncError> {
         let (v4, prefix) = prefix_key(net);
         match (net.ip(), v4) {
+            // Single addresses go to the hash maps (one lookup, whatever their number); the
+            // tries keep the wider prefixes, consulted only for addresses without an entry.
+            (IpAddr::V4(ip), true) if prefix == 32 => {
+                let mut m = self.dataplane.ipcache_host_v4()?;
+                match value {
+                    Some(v) => m
+                        .insert(ip.octets(), v, 0)
+                        .map_err(map_err("IPCACHE_HOST_V4"))?,
+                    None => {
+                        let _ = m.remove(&ip.octets());
+                    }
+                }
+            }
+            (IpAddr::V6(ip), false) if prefix == 128 => {
+                let mut m = self.dataplane.ipcache_host_v6()?;
+                match value {
+                    Some(v) => m
+                        .insert(ip.octets(), v, 0)
+                        .map_err(map_err("IPCACHE_HOST_V6"))?,
+                    None => {
+                        let _ = m.remove(&ip.octets());
+                    }
+                }
+            }
             (IpAddr::V4(ip), true) => {
                 let mut m = self.dataplane.ipcache_v4()?;
                 let key = Key::new(prefix, ip.octets());
@@ -453,40 +502,61 @@ impl Enforcer {
         }
         let policy_id = self.next_policy_id;
         self.next_policy_id = self.next_policy_id.wrapping_add(1).max(1);
-        let mut written: Vec<(u32, PolicyKey)> = Vec::with_capacity(fingerprint.len());
-        let mut full = false;
-        {
-            let mut map = self.dataplane.policy()?;
-            for e in &fingerprint {
-                let key = PolicyKey { policy_id, ..e.key };
-                if let Err(err) = map.insert(&Key::new(e.prefix_len, key), e.value, 0) {
-                    tracing::error!(
-                        group, error = %err,
-                        "policy map is full: locking the group's endpoints down (deny all) until its policy fits"
-                    );
-                    full = true;
-                    break;
-                }
-                written.push((e.prefix_len, key));
-            }
-        }
-        if full {
+        let with_id: Vec<PolicyMapEntry> = fingerprint
+            .iter()
+            .map(|e| PolicyMapEntry {
+                key: PolicyKey { policy_id, ..e.key },
+                ..*e
+            })
+            .collect();
+        let mut tables = policy_tables(&with_id, (default_ingress, default_egress));
+        let mut locked = false;
+        if let Err(err) = self.write_tables(&tables) {
+            tracing::error!(
+                group, error = %err,
+                "policy map is full: locking the group's endpoints down (deny all) until its policy fits"
+            );
             // Deny-all needs no keys: free the space for groups that fit.
-            self.remove_keys(&written)?;
-            written.clear();
+            self.remove_keys(&tables)?;
+            tables = PolicyTables::default();
+            locked = true;
         }
         report.groups_written += 1;
-        report.policy_entries_written += written.len();
+        report.policy_entries_written += tables.len();
         let state = GroupState {
             policy_id,
-            keys: written,
+            tables,
             fingerprint,
             default_ingress,
             default_egress,
-            locked: full,
+            locked,
         };
         if let Some(old) = self.groups.insert(group, state) {
-            self.retired.push((old.policy_id, old.keys));
+            self.retired.push((old.policy_id, old.tables));
+        }
+        Ok(())
+    }
+
+    /// Writes a group's keys: ranges and exact ports first, summaries (which say that those
+    /// exist) last. Nothing names the policy id yet, so no packet sees them half-written.
+    fn write_tables(&mut self, tables: &PolicyTables) -> Result<(), SyncError> {
+        {
+            let mut m = self.dataplane.policy_ranges()?;
+            for (len, key, value) in &tables.ranges {
+                m.insert(&Key::new(*len, *key), *value, 0)
+                    .map_err(map_err("POLICY"))?;
+            }
+        }
+        {
+            let mut m = self.dataplane.policy_exact()?;
+            for (key, value) in &tables.exact {
+                m.insert(key, value, 0).map_err(map_err("POLICY_EXACT"))?;
+            }
+        }
+        let mut m = self.dataplane.policy_summary()?;
+        for (key, summary) in &tables.summaries {
+            m.insert(key, summary, 0)
+                .map_err(map_err("POLICY_SUMMARY"))?;
         }
         Ok(())
     }
@@ -562,10 +632,7 @@ impl Enforcer {
         }
 
         // The switch.
-        self.dataplane
-            .endpoints()?
-            .insert(index, info, 0)
-            .map_err(map_err("ENDPOINTS"))?;
+        self.dataplane.set_endpoint(index, info)?;
         let old = self.endpoints.remove(&index);
         if old.as_ref().is_none_or(|o| o.ifname != ifname) {
             self.dataplane.attach_endpoint(ifname)?;
@@ -641,16 +708,30 @@ impl Enforcer {
             .into_iter()
             .partition(|(id, _)| !named.contains(id));
         self.retired = keep;
-        for (_, keys) in done {
-            self.remove_keys(&keys)?;
+        for (_, tables) in done {
+            self.remove_keys(&tables)?;
         }
         Ok(())
     }
 
-    fn remove_keys(&mut self, keys: &[(u32, PolicyKey)]) -> Result<(), SyncError> {
-        let mut policy = self.dataplane.policy()?;
-        for (prefix, key) in keys {
-            let _ = policy.remove(&Key::new(*prefix, *key));
+    /// Removes a group's keys, summaries first (so the finer keys are never consulted without
+    /// them), then exact ports and ranges. Missing keys (a write that failed half-way) are fine.
+    fn remove_keys(&mut self, tables: &PolicyTables) -> Result<(), SyncError> {
+        {
+            let mut m = self.dataplane.policy_summary()?;
+            for (key, _) in &tables.summaries {
+                let _ = m.remove(key);
+            }
+        }
+        {
+            let mut m = self.dataplane.policy_exact()?;
+            for (key, _) in &tables.exact {
+                let _ = m.remove(key);
+            }
+        }
+        let mut m = self.dataplane.policy_ranges()?;
+        for (len, key, _) in &tables.ranges {
+            let _ = m.remove(&Key::new(*len, *key));
         }
         Ok(())
     }
@@ -661,7 +742,7 @@ impl Enforcer {
         };
         // Detach first so no packet meets a half-removed endpoint.
         self.dataplane.detach_endpoint(&old.ifname);
-        let _ = self.dataplane.endpoints()?.remove(&index);
+        self.dataplane.clear_endpoint(index)?;
         let mut m = self.dataplane.endpoint_addrs()?;
         for a in &old.addrs {
             let _ = m.remove(&EndpointAddrKey {
@@ -682,15 +763,15 @@ impl Enforcer {
             .map(|g| g.policy_id)
             .chain(self.retired.iter().map(|(id, _)| *id))
             .collect();
-        let stale_endpoints: Vec<u32> = {
-            let m = self.dataplane.endpoints()?;
-            m.keys()
-                .flatten()
-                .filter(|i| !current.contains(i))
-                .collect()
-        };
+        let stale_endpoints: Vec<u32> = self
+            .dataplane
+            .endpoint_list()?
+            .into_iter()
+            .map(|(i, _)| i)
+            .filter(|i| !current.contains(i))
+            .collect();
         for index in stale_endpoints {
-            let _ = self.dataplane.endpoints()?.remove(&index);
+            self.dataplane.clear_endpoint(index)?;
         }
         let attached: Vec<String> = self.dataplane.attached_interfaces();
         let ours: BTreeSet<&str> = self.endpoints.values().map(|s| s.ifname.as_str()).collect();
@@ -699,18 +780,133 @@ impl Enforcer {
                 self.dataplane.detach_endpoint(&ifname);
             }
         }
-        let stale_keys: Vec<Key<PolicyKey>> = {
-            let m = self.dataplane.policy()?;
+        let stale: Vec<PolicyKey> = {
+            let m = self.dataplane.policy_summary()?;
+            m.keys()
+                .flatten()
+                .filter(|k| !live_ids.contains(&k.policy_id))
+                .collect()
+        };
+        let mut m = self.dataplane.policy_summary()?;
+        for k in stale {
+            let _ = m.remove(&k);
+        }
+        let stale: Vec<PolicyKey> = {
+            let m = self.dataplane.policy_exact()?;
+            m.keys()
+                .flatten()
+                .filter(|k| !live_ids.contains(&k.policy_id))
+                .collect()
+        };
+        let mut m = self.dataplane.policy_exact()?;
+        for k in stale {
+            let _ = m.remove(&k);
+        }
+        let stale: Vec<Key<PolicyKey>> = {
+            let m = self.dataplane.policy_ranges()?;
             m.keys()
                 .flatten()
                 .filter(|k| !live_ids.contains(&k.data().policy_id))
                 .collect()
         };
-        let mut policy = self.dataplane.policy()?;
-        for k in stale_keys {
-            let _ = policy.remove(&k);
+        let mut m = self.dataplane.policy_ranges()?;
+        for k in stale {
+            let _ = m.remove(&k);
         }
         Ok(())
+    }
+
+    /// Makes `PREFILTER_DENY` hold a pair for every address of every placed endpoint and every
+    /// peer identity the endpoint can neither be reached from nor reach on any protocol or port
+    /// (see [`fully_denied`]). Returns the number of pairs. The prefilter is an early drop of
+    /// what TC would drop anyway: a pair that does not fit is left to TC, never an error.
+    fn write_prefilter(
+        &mut self,
+        placed: &[Placed<'_>],
+        first_apply: bool,
+    ) -> Result<usize, SyncError> {
+        let mut wanted: BTreeMap<PrefilterKey, PrefilterValue> = BTreeMap::new();
+        for p in placed {
+            let Some(state) = self.endpoints.get(&p.index) else {
+                continue;
+            };
+            if state.info.flags & endpoint_flags::LOCKDOWN != 0 {
+                continue;
+            }
+            let Some(group) = self.groups.get(&p.endpoint.policy) else {
+                continue;
+            };
+            let candidates: BTreeSet<u32> = group
+                .tables
+                .summaries
+                .iter()
+                .filter(|(k, _)| k.direction == DIR_INGRESS && k.identity != identity::ANY)
+                .map(|(k, _)| k.identity)
+                .collect();
+            for peer in candidates {
+                let Some(rule_id) = fully_denied(
+                    &group.tables,
+                    peer,
+                    (group.default_ingress, group.default_egress),
+                ) else {
+                    continue;
+                };
+                for addr in &state.addrs {
+                    wanted.insert(
+                        PrefilterKey {
+                            addr: *addr,
+                            identity: peer,
+                        },
+                        PrefilterValue {
+                            endpoint_id: state.endpoint_id,
+                            rule_id,
+                            local_identity: state.info.identity,
+                            _pad: 0,
+                            last_event_ns: 0,
+                        },
+                    );
+                }
+            }
+        }
+        let mut m = self.dataplane.prefilter_deny()?;
+        let present: BTreeMap<PrefilterKey, PrefilterValue> = if first_apply {
+            m.iter().flatten().collect()
+        } else {
+            self.prefilter.clone()
+        };
+        for k in present.keys().filter(|k| !wanted.contains_key(k)) {
+            let _ = m.remove(k);
+        }
+        let mut kept = BTreeMap::new();
+        for (k, v) in wanted {
+            let same = present.get(&k).is_some_and(|old| {
+                PrefilterValue {
+                    last_event_ns: 0,
+                    ..*old
+                } == v
+            });
+            if same {
+                kept.insert(k, v);
+                continue;
+            }
+            match m.insert(k, v, 0) {
+                Ok(()) => {
+                    kept.insert(k, v);
+                }
+                Err(err) => {
+                    if !self.prefilter_full_logged {
+                        tracing::warn!(
+                            error = %err,
+                            "the XDP prefilter's map is full: further denied pairs are dropped by TC instead"
+                        );
+                        self.prefilter_full_logged = true;
+                    }
+                }
+            }
+        }
+        let n = kept.len();
+        self.prefilter = kept;
+        Ok(n)
     }
 
     /// Replaces the global data-plane configuration (deny-event rate limit, generation).
@@ -718,4 +914,63 @@ impl Enforcer {
         let mut m = self.dataplane.config()?;
         m.set(0, config, 0).map_err(map_err("CONFIG"))
     }
+}
+
+/// Whether a group's policy denies `peer` everything in both directions, on every protocol and
+/// port, without audit: then no connection with it can be opened either way (and the replies of
+/// one opened before are cut at its next forward packet), so dropping its packets before TC
+/// changes nothing but where they are dropped. Returns the deciding rule. The check is
+/// conservative: a protocol's fallback counts even when its ports are all covered by finer keys.
+pub fn fully_denied(
+    tables: &PolicyTables,
+    peer: u32,
+    defaults: (PolicyValue, PolicyValue),
+) -> Option<u32> {
+    let mut rule = None;
+    for direction in [DIR_INGRESS, DIR_EGRESS] {
+        let default = if direction == DIR_INGRESS {
+            defaults.0
+        } else {
+            defaults.1
+        };
+        for protocol in ALL_POLICY_PROTOCOLS {
+            let summary_of = |identity: u32| {
+                tables.summaries.iter().find(|(k, _)| {
+                    k.identity == identity && k.direction == direction && k.protocol == protocol
+                })
+            };
+            let values: Vec<PolicyValue> =
+                match summary_of(peer).or_else(|| summary_of(identity::ANY)) {
+                    None => vec![default],
+                    Some((key, summary)) => {
+                        let same = |k: &PolicyKey| PolicyKey { port_be: 0, ..*k } == *key;
+                        std::iter::once(summary.fallback)
+                            .chain(
+                                tables
+                                    .exact
+                                    .iter()
+                                    .filter(|(k, _)| same(k))
+                                    .map(|(_, v)| *v),
+                            )
+                            .chain(
+                                tables
+                                    .ranges
+                                    .iter()
+                                    .filter(|(_, k, _)| same(k))
+                                    .map(|(_, _, v)| *v),
+                            )
+                            .collect()
+                    }
+                };
+            for v in values {
+                if v.verdict != VERDICT_DENY || v.audit_verdict != VERDICT_DENY {
+                    return None;
+                }
+                if direction == DIR_INGRESS {
+                    rule.get_or_insert(v.rule_id);
+                }
+            }
+        }
+    }
+    rule
 }

@@ -104,10 +104,13 @@ fn tcp_connection_allowed_then_dropped_after_one_map_write() {
         .expect("enter node")
         .expect("pod0 index");
     {
-        let mut endpoints = enforcer.dataplane().endpoints().expect("ENDPOINTS");
-        let mut info = endpoints.get(&ifindex, 0).expect("endpoint entry");
+        let dp = enforcer.dataplane();
+        let mut info = dp
+            .endpoint(ifindex)
+            .expect("read the endpoint")
+            .expect("endpoint entry");
         info.default_egress.verdict = VERDICT_DENY;
-        endpoints.insert(ifindex, info, 0).expect("write ENDPOINTS");
+        dp.set_endpoint(ifindex, info).expect("write the endpoint");
     }
     let denied = pod.run(|| echo_once(SERVER)).expect("enter pod");
     assert!(

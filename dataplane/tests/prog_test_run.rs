@@ -462,13 +462,28 @@ fn kernel_agrees_with_reference_decide() {
     });
 }
 
+/// Keys in the three policy maps (summaries, exact ports, port ranges).
 fn policy_map_keys(e: &mut Enforcer) -> usize {
-    e.dataplane()
-        .policy()
+    let d = e.dataplane();
+    let summaries = d
+        .policy_summary()
+        .expect("POLICY_SUMMARY")
+        .keys()
+        .filter(|k| k.is_ok())
+        .count();
+    let exact = d
+        .policy_exact()
+        .expect("POLICY_EXACT")
+        .keys()
+        .filter(|k| k.is_ok())
+        .count();
+    let ranges = d
+        .policy_ranges()
         .expect("POLICY")
         .keys()
         .filter(|k| k.is_ok())
-        .count()
+        .count();
+    summaries + exact + ranges
 }
 
 const EP2_V4: [u8; 4] = [10, 0, 0, 4];
@@ -508,7 +523,7 @@ fn endpoints_of_a_group_share_its_keys_and_switch_together() {
             (1, 2),
             "{report:?}"
         );
-        let one_group = bulkhead_agent::policy_map::compile_policy(1, &base_policy()).len();
+        let one_group = bulkhead_agent::policy_map::tables_of(1, &base_policy()).len();
         assert_eq!(e.policy_key_count(), one_group, "keys are written once");
         assert_eq!(policy_map_keys(e), one_group);
         for (ifx, dst) in [(ifx0, EP_V4), (ifx1, EP2_V4)] {
@@ -543,7 +558,7 @@ fn endpoints_of_a_group_share_its_keys_and_switch_together() {
             (1, 2),
             "{report:?}"
         );
-        let expected = bulkhead_agent::policy_map::compile_policy(1, &narrowed).len();
+        let expected = bulkhead_agent::policy_map::tables_of(1, &narrowed).len();
         assert_eq!(e.policy_key_count(), expected);
         assert_eq!(
             policy_map_keys(e),
@@ -686,7 +701,7 @@ fn a_restarted_agent_removes_keys_no_endpoint_uses() {
         );
         let rs = base_ruleset(2, base_endpoint(), base_policy());
         restarted.apply(&rs, &RouteResolver).expect("apply");
-        let one_group = bulkhead_agent::policy_map::compile_policy(1, &base_policy()).len();
+        let one_group = bulkhead_agent::policy_map::tables_of(1, &base_policy()).len();
         assert_eq!(restarted.policy_key_count(), one_group);
         assert_eq!(
             policy_map_keys(&mut restarted),
@@ -722,36 +737,30 @@ fn a_group_that_does_not_fit_locks_all_its_endpoints_down() {
         return;
     }
     with_dataplane("map-full", |e, ifx0| {
-        use aya::maps::lpm_trie::Key;
-        use bulkhead_common::{POLICY_KEY_FIXED_BITS, PolicyKey, PolicyValue};
+        use bulkhead_common::{PolicyKey, PolicySummary};
         let ifx1 = nix::net::if_::if_nametoindex("ep1").expect("ep1 index");
         // The first apply removes keys no endpoint uses: fill the map only after it.
         e.apply(&ruleset(1, vec![], vec![]), &RouteResolver)
             .expect("apply");
-        let filler = |i: u32| {
-            Key::new(
-                POLICY_KEY_FIXED_BITS + 16,
-                PolicyKey {
-                    policy_id: u32::MAX - 7,
-                    identity: i,
-                    direction: 0,
-                    protocol: 6,
-                    port_be: 80u16.to_be(),
-                },
-            )
+        let filler = |i: u32| PolicyKey {
+            policy_id: u32::MAX - 7,
+            identity: i,
+            direction: 0,
+            protocol: 6,
+            port_be: 0,
         };
         let mut filled = 0u32;
         {
-            let mut map = e.dataplane().policy().expect("POLICY");
+            let mut map = e.dataplane().policy_summary().expect("POLICY_SUMMARY");
             while filled < 4 << 20
                 && map
-                    .insert(&filler(filled), PolicyValue::default(), 0)
+                    .insert(filler(filled), PolicySummary::default(), 0)
                     .is_ok()
             {
                 filled += 1;
             }
         }
-        assert!(filled < 4 << 20, "the POLICY map never filled up");
+        assert!(filled < 4 << 20, "the POLICY_SUMMARY map never filled up");
 
         let second = endpoint(
             2,
@@ -783,7 +792,7 @@ fn a_group_that_does_not_fit_locks_all_its_endpoints_down() {
 
         // Room again: the group is retried and fits.
         {
-            let mut map = e.dataplane().policy().expect("POLICY");
+            let mut map = e.dataplane().policy_summary().expect("POLICY_SUMMARY");
             for i in 0..1000 {
                 let _ = map.remove(&filler(filled - 1 - i));
             }
@@ -797,5 +806,134 @@ fn a_group_that_does_not_fit_locks_all_its_endpoints_down() {
                 TC_ACT_OK
             );
         }
+    });
+}
+
+/// The XDP prefilter drops, on arrival, traffic from an identity a local endpoint can neither be
+/// reached from nor reach; an address with an identity of its own inside a denied CIDR, and an
+/// identity the endpoint may still reach (its replies must come back), pass to TC.
+#[test]
+fn the_prefilter_drops_identities_denied_both_ways() {
+    if !check_privileged_test("the_prefilter_drops_identities_denied_both_ways") {
+        return;
+    }
+    with_dataplane("prefilter", |e, ifx| {
+        const XDP_DROP: u32 = 1;
+        const XDP_PASS: u32 = 2;
+        let deny = |peer: u32, rule: u32| PolicyEntry {
+            peer,
+            protocol: None,
+            ports: PortRange::ALL,
+            tier: Tier::Admin,
+            priority: 0,
+            action: Action::Deny,
+            audit: false,
+            rule,
+        };
+        let policy = EndpointPolicy {
+            ingress: DirectionPolicy {
+                isolated_by: Some(1),
+                audit_isolated_by: None,
+                entries: vec![
+                    deny(900, 7),
+                    deny(901, 8),
+                    allow(301, Some(Protocol::Tcp), PortRange::single(80), 2),
+                    allow(302, Some(Protocol::Tcp), PortRange::single(80), 3),
+                ],
+            },
+            egress: DirectionPolicy {
+                isolated_by: Some(1),
+                audit_isolated_by: None,
+                entries: vec![
+                    deny(900, 9),
+                    allow(901, Some(Protocol::Tcp), PortRange::single(443), 4),
+                ],
+            },
+        };
+        let mut rs = ruleset(
+            1,
+            vec![base_endpoint()],
+            vec![
+                ("10.0.0.2/32", 300),
+                ("fd00::2/128", 300),
+                ("10.0.0.1/32", 301),
+                ("198.51.100.0/24", 900),
+                ("198.51.100.7/32", 302),
+                ("2001:db8::/32", 901),
+            ],
+        );
+        rs.policies.insert(base_endpoint().policy, policy);
+        let report = e.apply(&rs, &RouteResolver).expect("apply");
+        assert_eq!(
+            report.prefilter_pairs, 2,
+            "identity 900 against both of the endpoint's addresses: {report:?}"
+        );
+        let xdp = |e: &mut Enforcer, pkt: &[u8]| {
+            e.dataplane()
+                .test_run_prefilter(pkt, 1)
+                .expect("BPF_PROG_TEST_RUN of the prefilter")
+                .0
+        };
+        let cidr_src = [198, 51, 100, 9];
+        assert_eq!(xdp(e, &tcp4(cidr_src, EP_V4, 40000, 80)), XDP_DROP);
+        assert_eq!(xdp(e, &udp4(cidr_src, EP_V4, 40000, 53)), XDP_DROP);
+        assert_eq!(
+            run(e, PROG_TO_POD, &tcp4(cidr_src, EP_V4, 40000, 80), ifx),
+            TC_ACT_SHOT,
+            "TC agrees: the prefilter only drops earlier"
+        );
+        assert_eq!(
+            xdp(e, &tcp4([198, 51, 100, 7], EP_V4, 40000, 80)),
+            XDP_PASS,
+            "an address with its own identity inside the denied CIDR is judged as itself"
+        );
+        assert_eq!(
+            run(
+                e,
+                PROG_TO_POD,
+                &tcp4([198, 51, 100, 7], EP_V4, 40000, 80),
+                ifx
+            ),
+            TC_ACT_OK
+        );
+        assert_eq!(xdp(e, &tcp4(PEER_V4, EP_V4, 40000, 80)), XDP_PASS);
+        assert_eq!(
+            xdp(e, &tcp4(cidr_src, [10, 0, 0, 9], 40000, 80)),
+            XDP_PASS,
+            "not a local endpoint's address"
+        );
+        let v6_src = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+        assert_eq!(
+            xdp(e, &tcp6(v6_src, EP_V6, 40000, 80)),
+            XDP_PASS,
+            "the endpoint may reach 901 on 443, so 901's replies must reach TC"
+        );
+        assert_eq!(
+            run(e, PROG_TO_POD, &tcp6(v6_src, EP_V6, 40000, 80), ifx),
+            TC_ACT_SHOT
+        );
+
+        // The drops count against the endpoint.
+        let slot = 1 * bulkhead_common::reason::COUNT + bulkhead_common::reason::DROP_PREFILTER;
+        let dropped: u64 = e
+            .dataplane()
+            .counters()
+            .expect("COUNTERS")
+            .get(&slot, 0)
+            .expect("counter slot")
+            .iter()
+            .map(|c| c.packets)
+            .sum();
+        assert_eq!(dropped, 2, "two packets dropped by the prefilter");
+
+        // Lifting the deny lifts the early drop.
+        let mut lifted = rs.clone();
+        lifted.version = 2;
+        if let Some(p) = lifted.policies.get_mut(&base_endpoint().policy) {
+            p.ingress.entries.retain(|en| en.peer != 900);
+        }
+        let report = e.apply(&lifted, &RouteResolver).expect("apply");
+        assert_eq!(report.prefilter_pairs, 0, "{report:?}");
+        assert_eq!(xdp(e, &tcp4(cidr_src, EP_V4, 40001, 80)), XDP_PASS);
     });
 }

@@ -8,9 +8,9 @@
 //!   sources and denied CIDRs before the stack spends anything on them.
 //! * `bulkhead_parse_only` — parses like the TC programs and decides nothing: the benchmark floor.
 //!
-//! Per packet the work is a fixed number of map lookups (endpoint, ipcache, conntrack, at most
-//! two policy LPM lookups), whatever the number of rules: the agent resolves precedence when it
-//! writes the policy map.
+//! Per packet the work is a fixed number of map lookups (endpoint, ipcache, conntrack, and for a
+//! new connection at most three policy hash lookups plus one port-range LPM lookup where ranges
+//! exist), whatever the number of rules: the agent resolves precedence when it writes the maps.
 #![no_std]
 #![no_main]
 // Map keys are passed by reference on purpose: by value they would be copied onto the 512-byte
@@ -21,7 +21,7 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{TcContext, XdpContext},
@@ -30,7 +30,8 @@ use bulkhead_common::{
     COUNTER_SLOTS, CT_AUDIT, Config, Counter, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, DenySeen,
     EVENT_AUDIT, EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo,
     FlowEvent, IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS,
-    PROTO_OTHER, PolicyKey, PolicyValue, QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR,
+    PROTO_OTHER, PolicyKey, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue,
+    QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR, SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES,
     VERDICT_ALLOW, VERDICT_DENY, endpoint_flags, reason, stat,
 };
 use parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Packet, Parsed};
@@ -40,18 +41,64 @@ const IDENTITY_WORLD: u32 = 2;
 /// Wildcard peer identity in policy keys.
 const IDENTITY_ANY: u32 = u32::MAX;
 
+/// Endpoints by host-side interface index, for indexes below [`ENDPOINT_SLOTS`]; a slot whose
+/// flags are 0 holds no endpoint (real endpoints always enforce at least one direction).
+#[map]
+static ENDPOINT_SLOTS: Array<EndpointInfo> = Array::pinned(ENDPOINT_SLOTS_LEN, 0);
+
+/// Endpoints whose interface index is [`ENDPOINT_SLOTS`] or above.
 #[map]
 static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
+
+const ENDPOINT_SLOTS_LEN: u32 = bulkhead_common::ENDPOINT_SLOTS;
+
+/// The endpoint behind an interface, if it is one.
+#[inline(always)]
+fn endpoint_of(ifindex: u32) -> Option<&'static EndpointInfo> {
+    if ifindex < ENDPOINT_SLOTS_LEN {
+        match ENDPOINT_SLOTS.get(ifindex) {
+            Some(ep) if ep.flags != 0 => Some(ep),
+            _ => None,
+        }
+    } else {
+        // SAFETY: the value stays valid for this program run (RCU).
+        unsafe { ENDPOINTS.get(&ifindex) }
+    }
+}
 
 #[map]
 static ENDPOINT_ADDRS: HashMap<EndpointAddrKey, u32> = HashMap::pinned(MAX_ENDPOINTS * 4, 0);
 
+/// Hash maps are allocated per entry, not up front: their maximum sizes are ceilings.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Single addresses (pods, hosts): one hash lookup, whatever the number of entries.
+#[map]
+static IPCACHE_HOST_V4: HashMap<[u8; 4], IpCacheValue> =
+    HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC);
+
+#[map]
+static IPCACHE_HOST_V6: HashMap<[u8; 16], IpCacheValue> =
+    HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC);
+
+/// Wider prefixes (CIDR identities), consulted only for addresses without an entry of their own.
 #[map]
 static IPCACHE_V4: LpmTrie<[u8; 4], IpCacheValue> = LpmTrie::pinned(1 << 20, 0);
 
 #[map]
 static IPCACHE_V6: LpmTrie<[u8; 16], IpCacheValue> = LpmTrie::pinned(1 << 20, 0);
 
+/// (policy id, identity, direction, protocol): the protocol-wide decision and which finer maps
+/// have keys.
+#[map]
+static POLICY_SUMMARY: HashMap<PolicyKey, PolicySummary> =
+    HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC);
+
+/// (policy id, identity, direction, protocol, port): single-port keys.
+#[map]
+static POLICY_EXACT: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(1 << 21, BPF_F_NO_PREALLOC);
+
+/// Port ranges, as aligned port-prefix blocks (the only keys that need longest-prefix match).
 #[map]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(1 << 21, 0);
 
@@ -91,12 +138,12 @@ static EVENTS: RingBuf = RingBuf::pinned(1 << 22, 0);
 #[map]
 static QUARANTINE_ALLOW: HashMap<QuarantineAllowKey, u32> = HashMap::pinned(1 << 16, 0);
 
-/// Source CIDRs the XDP prefilter drops (value: rule id, for counters and debugging).
+/// (local endpoint address, peer identity) pairs whose every packet the endpoint's ingress
+/// policy denies: the XDP prefilter drops them on arrival. Keyed by identity, not by CIDR, so an
+/// address with an identity of its own inside a denied CIDR is judged as itself.
 #[map]
-static PREFILTER_V4: LpmTrie<[u8; 4], u32> = LpmTrie::pinned(1 << 16, 0);
-
-#[map]
-static PREFILTER_V6: LpmTrie<[u8; 16], u32> = LpmTrie::pinned(1 << 16, 0);
+static PREFILTER_DENY: HashMap<PrefilterKey, PrefilterValue> =
+    HashMap::pinned(1 << 16, BPF_F_NO_PREALLOC);
 
 #[classifier]
 pub fn bulkhead_from_pod(ctx: TcContext) -> i32 {
@@ -124,64 +171,210 @@ pub fn bulkhead_parse_only(ctx: TcContext) -> i32 {
 
 #[xdp]
 pub fn bulkhead_prefilter(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
     match prefilter(&ctx) {
-        Some(true) => {
-            count(
-                MAX_ENDPOINTS,
-                reason::DROP_PREFILTER,
-                (ctx.data_end() - ctx.data()) as u64,
-            );
+        Prefiltered::Pass => xdp_action::XDP_PASS,
+        Prefiltered::Quarantined => {
+            count(MAX_ENDPOINTS, reason::DROP_PREFILTER, bytes);
             xdp_action::XDP_DROP
         }
-        _ => xdp_action::XDP_PASS,
+        Prefiltered::Denied(endpoint_id) => {
+            count(endpoint_id, reason::DROP_PREFILTER, bytes);
+            xdp_action::XDP_DROP
+        }
     }
 }
 
-/// Whether the XDP prefilter drops the frame: a quarantined or denied source.
+enum Prefiltered {
+    Pass,
+    /// From a quarantined address to a peer outside its exceptions.
+    Quarantined,
+    /// To a local endpoint (its id) whose ingress policy denies every packet of the source's
+    /// identity.
+    Denied(u32),
+}
+
+/// An IPv4 address's ipcache entry: its own (hash) or its longest covering prefix (LPM).
 #[inline(always)]
-fn prefilter(ctx: &XdpContext) -> Option<bool> {
+fn ipcache_v4(addr: [u8; 4]) -> Option<IpCacheValue> {
+    if let Some(v) = unsafe { IPCACHE_HOST_V4.get(&addr) } {
+        return Some(*v);
+    }
+    IPCACHE_V4.get(Key::new(32, addr)).copied()
+}
+
+#[inline(always)]
+fn ipcache_v6(addr: [u8; 16]) -> Option<IpCacheValue> {
+    if let Some(v) = unsafe { IPCACHE_HOST_V6.get(&addr) } {
+        return Some(*v);
+    }
+    IPCACHE_V6.get(Key::new(128, addr)).copied()
+}
+
+#[inline(always)]
+fn identity_or_world(v: Option<IpCacheValue>) -> u32 {
+    match v {
+        Some(v) => v.identity,
+        None => IDENTITY_WORLD,
+    }
+}
+
+/// The stateless early drop: a quarantined source, or a (local endpoint, source identity) pair
+/// the endpoint's ingress policy denies outright.
+#[inline(always)]
+fn prefilter(ctx: &XdpContext) -> Prefiltered {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + 14 > end {
-        return None;
+        return Prefiltered::Pass;
     }
     // SAFETY: bounds checked above and below against data_end, as the verifier requires.
     let ethertype = u16::from_be(unsafe { *((start + 12) as *const u16) });
-    if ethertype == parse::ETH_P_IP {
+    let (src16, dst16, src_entry, family) = if ethertype == parse::ETH_P_IP {
         if start + 14 + 20 > end {
-            return None;
+            return Prefiltered::Pass;
         }
         let src: [u8; 4] = unsafe { *((start + 14 + 12) as *const [u8; 4]) };
         let dst: [u8; 4] = unsafe { *((start + 14 + 16) as *const [u8; 4]) };
-        if let Some(v) = IPCACHE_V4.get(Key::new(32, src))
+        let src_entry = ipcache_v4(src);
+        if let Some(v) = src_entry
             && v.flags & IPCACHE_QUARANTINED != 0
         {
-            let peer = match IPCACHE_V4.get(Key::new(32, dst)) {
-                Some(d) => d.identity,
-                None => IDENTITY_WORLD,
-            };
-            return Some(!quarantine_allows(parse::v4_mapped(src), peer));
+            let peer = identity_or_world(ipcache_v4(dst));
+            if quarantine_allows(parse::v4_mapped(src), peer) {
+                return Prefiltered::Pass;
+            }
+            return Prefiltered::Quarantined;
         }
-        return Some(PREFILTER_V4.get(Key::new(32, src)).is_some());
-    }
-    if ethertype == parse::ETH_P_IPV6 {
+        (
+            parse::v4_mapped(src),
+            parse::v4_mapped(dst),
+            src_entry,
+            bulkhead_common::FAMILY_V4,
+        )
+    } else if ethertype == parse::ETH_P_IPV6 {
         if start + 14 + 40 > end {
-            return None;
+            return Prefiltered::Pass;
         }
         let src: [u8; 16] = unsafe { *((start + 14 + 8) as *const [u8; 16]) };
         let dst: [u8; 16] = unsafe { *((start + 14 + 24) as *const [u8; 16]) };
-        if let Some(v) = IPCACHE_V6.get(Key::new(128, src))
+        let src_entry = ipcache_v6(src);
+        if let Some(v) = src_entry
             && v.flags & IPCACHE_QUARANTINED != 0
         {
-            let peer = match IPCACHE_V6.get(Key::new(128, dst)) {
-                Some(d) => d.identity,
-                None => IDENTITY_WORLD,
-            };
-            return Some(!quarantine_allows(src, peer));
+            let peer = identity_or_world(ipcache_v6(dst));
+            if quarantine_allows(src, peer) {
+                return Prefiltered::Pass;
+            }
+            return Prefiltered::Quarantined;
         }
-        return Some(PREFILTER_V6.get(Key::new(128, src)).is_some());
+        (src, dst, src_entry, bulkhead_common::FAMILY_V6)
+    } else {
+        return Prefiltered::Pass;
+    };
+    let key = PrefilterKey {
+        addr: dst16,
+        identity: identity_or_world(src_entry),
+    };
+    let Some(pair) = PREFILTER_DENY.get_ptr_mut(&key) else {
+        return Prefiltered::Pass;
+    };
+    // SAFETY: hash value pointer valid during this program run; a racing update of the
+    // rate-limit timestamp from another CPU can at worst let one extra event through.
+    let (endpoint_id, report) = unsafe {
+        let t = now_coarse();
+        let interval = match CONFIG.get(0) {
+            Some(c) if c.deny_event_interval_ns != 0 => c.deny_event_interval_ns as u64,
+            _ => 1_000_000_000,
+        };
+        let due = t.wrapping_sub((*pair).last_event_ns) >= interval;
+        if due {
+            (*pair).last_event_ns = t;
+        } else {
+            bump_stat(stat::EVENTS_RATE_LIMITED);
+        }
+        ((*pair).endpoint_id, due)
+    };
+    if report {
+        emit_prefiltered(ctx, pair, &src16, &dst16, key.identity, family);
     }
-    None
+    Prefiltered::Denied(endpoint_id)
+}
+
+/// A deny event for a prefiltered packet (ports when the header is at hand).
+#[inline(always)]
+fn emit_prefiltered(
+    ctx: &XdpContext,
+    pair: *const PrefilterValue,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    peer: u32,
+    family: u8,
+) {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    let (mut protocol, mut l4) = (0u8, 0usize);
+    if family == bulkhead_common::FAMILY_V4 {
+        if start + 14 + 20 <= end {
+            // SAFETY: bounds checked against data_end.
+            let (b0, frag, proto) = unsafe {
+                (
+                    *((start + 14) as *const u8),
+                    u16::from_be(*((start + 14 + 6) as *const u16)),
+                    *((start + 14 + 9) as *const u8),
+                )
+            };
+            protocol = proto;
+            // Ports only in the first fragment.
+            if frag & 0x1fff == 0 {
+                l4 = 14 + ((b0 & 0x0f) as usize) * 4;
+            }
+        }
+    } else if start + 14 + 40 <= end {
+        // SAFETY: bounds checked against data_end.
+        protocol = unsafe { *((start + 14 + 6) as *const u8) };
+        l4 = 14 + 40;
+    }
+    let (mut sport_be, mut dport_be) = (0u16, 0u16);
+    if (34..=14 + 60).contains(&l4)
+        && (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP || protocol == IPPROTO_SCTP)
+        && start + l4 + 4 <= end
+    {
+        // SAFETY: bounds checked against data_end.
+        unsafe {
+            sport_be = *((start + l4) as *const u16);
+            dport_be = *((start + l4 + 2) as *const u16);
+        }
+    }
+    let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
+        bump_stat(stat::EVENTS_LOST);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is a reserved, exclusively owned ring buffer record; every field is written
+    // before submit. `pair` is a live hash value pointer.
+    unsafe {
+        (*e).timestamp_ns = now();
+        (*e).saddr = *src;
+        (*e).daddr = *dst;
+        (*e).sport_be = sport_be;
+        (*e).dport_be = dport_be;
+        (*e).protocol = protocol;
+        (*e).family = family;
+        (*e).direction = DIR_INGRESS;
+        (*e).kind = EVENT_DENIED;
+        (*e).verdict = VERDICT_DENY;
+        (*e).reason = reason::DROP_PREFILTER as u8;
+        (*e)._pad = [0; 2];
+        (*e).endpoint_id = (*pair).endpoint_id;
+        (*e).ifindex = (*ctx.ctx).ingress_ifindex;
+        (*e).local_identity = (*pair).local_identity;
+        (*e).peer_identity = peer;
+        (*e).rule_id = (*pair).rule_id;
+        (*e).audit_rule_id = (*pair).rule_id;
+        (*e).bytes = (end - start) as u32;
+    }
+    entry.submit(0);
 }
 
 /// Whether a quarantined source may still reach `peer` (one of its quarantine's exceptions).
@@ -199,10 +392,19 @@ fn quarantine_allows(src: [u8; 16], peer: u32) -> bool {
         || unsafe { QUARANTINE_ALLOW.get(&any) }.is_some()
 }
 
+/// The monotonic clock, exact: for event timestamps.
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: a helper without arguments.
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// The same clock at tick resolution (a few ms), several times cheaper per packet: enough for
+/// conntrack's last-seen times and the one-second rate limit of deny events.
+#[inline(always)]
+fn now_coarse() -> u64 {
+    // SAFETY: a helper without arguments (kernel ≥ 5.11).
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]
@@ -227,15 +429,11 @@ fn bump_stat(index: u32) {
 
 #[inline(always)]
 fn identity_of(p: &Packet, addr: &[u8; 16]) -> u32 {
-    let found = if p.family == bulkhead_common::FAMILY_V4 {
-        IPCACHE_V4.get(Key::new(32, [addr[12], addr[13], addr[14], addr[15]]))
+    identity_or_world(if p.family == bulkhead_common::FAMILY_V4 {
+        ipcache_v4([addr[12], addr[13], addr[14], addr[15]])
     } else {
-        IPCACHE_V6.get(Key::new(128, *addr))
-    };
-    match found {
-        Some(v) => v.identity,
-        None => IDENTITY_WORLD,
-    }
+        ipcache_v6(*addr)
+    })
 }
 
 #[inline(always)]
@@ -246,38 +444,47 @@ fn policy_protocol(proto: u8) -> u8 {
     }
 }
 
-/// At most two LPM lookups: the peer's own identity, then the wildcard; else the default.
-/// The agent copies wildcard entries under every specific identity that has entries, so the
-/// first hit already accounts for every entry that covers the packet.
+/// The summary of (peer identity, protocol), else of (wildcard, protocol); then, only where the
+/// summary says such keys exist, the exact port and the port-range trie; else the summary's
+/// fallback, or the direction's default when neither summary exists. At most three hash
+/// lookups and one LPM lookup (in a trie of range keys only), whatever the number of rules.
+/// The agent copies wildcard entries under every specific identity that has entries of its
+/// own, and resolves every key's value from all entries that cover it, so the first hit is the
+/// answer.
 #[inline(always)]
 fn lookup_policy(ep: &EndpointInfo, dir: u8, peer: u32, p: &Packet) -> PolicyValue {
-    let prefix = if p.ports_known {
-        POLICY_KEY_FIXED_BITS + 16
-    } else {
-        POLICY_KEY_FIXED_BITS
+    let mut key = PolicyKey {
+        policy_id: ep.policy_id,
+        identity: peer,
+        direction: dir,
+        protocol: policy_protocol(p.protocol),
+        port_be: 0,
     };
-    let mut key = Key::new(
-        prefix,
-        PolicyKey {
-            policy_id: ep.policy_id,
-            identity: peer,
-            direction: dir,
-            protocol: policy_protocol(p.protocol),
-            port_be: if p.ports_known { p.dport_be } else { 0 },
-        },
-    );
-    if let Some(v) = POLICY.get(&key) {
-        return *v;
+    let summary = match unsafe { POLICY_SUMMARY.get(&key) } {
+        Some(s) => s,
+        None => {
+            key.identity = IDENTITY_ANY;
+            match unsafe { POLICY_SUMMARY.get(&key) } {
+                Some(s) => s,
+                None if dir == DIR_INGRESS => return ep.default_ingress,
+                None => return ep.default_egress,
+            }
+        }
+    };
+    if p.ports_known {
+        key.port_be = p.dport_be;
+        if summary.flags & SUMMARY_HAS_EXACT != 0
+            && let Some(v) = unsafe { POLICY_EXACT.get(&key) }
+        {
+            return *v;
+        }
+        if summary.flags & SUMMARY_HAS_RANGES != 0
+            && let Some(v) = POLICY.get(Key::new(POLICY_KEY_FIXED_BITS + 16, key))
+        {
+            return *v;
+        }
     }
-    key.data.identity = IDENTITY_ANY;
-    if let Some(v) = POLICY.get(&key) {
-        return *v;
-    }
-    if dir == DIR_INGRESS {
-        ep.default_ingress
-    } else {
-        ep.default_egress
-    }
+    summary.fallback
 }
 
 #[inline(always)]
@@ -386,7 +593,7 @@ fn emit_denied(skb: *mut __sk_buff, s: *mut Scratch, m: &EventMeta) {
     s.deny = ct_key(&s.packet, m.endpoint_id, m.direction, false);
     let key = &s.deny;
     let p = &s.packet;
-    let t = now();
+    let t = now_coarse();
     let interval = match CONFIG.get(0) {
         Some(c) if c.deny_event_interval_ns != 0 => c.deny_event_interval_ns as u64,
         _ => 1_000_000_000,
@@ -458,7 +665,7 @@ fn drop_packet(ep_id: u32, why: u32, bytes: u64) -> i32 {
 fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     // SAFETY: reading a field of the socket buffer context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(ep) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
+    let Some(ep) = endpoint_of(ifindex) else {
         // Not an endpoint interface (yet): the agent writes the endpoint before attaching and
         // detaches before removing it, so this is a foreign attachment; leave it alone.
         return TC_ACT_OK;
@@ -526,7 +733,7 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
         Some(c) => c.generation,
         None => 0,
     };
-    let t = now();
+    let t = now_coarse();
 
     // A forward packet of a tracked connection: re-checked when the policy changed since.
     s.fwd = ct_key(p, ep.endpoint_id, dir, false);

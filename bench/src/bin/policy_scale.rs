@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bulkhead_agent::policy_map::compile_policy;
+use bulkhead_agent::policy_map::tables_of;
 use bulkhead_bench::{Rng, one_namespace, small_namespaces};
 use bulkhead_controller::model::{PortSpec, Rule};
 use bulkhead_controller::ruleset::{PortRange, Protocol, RuleSet};
@@ -151,7 +151,7 @@ fn compile(
     let group_keys = |r: &RuleSet| -> BTreeMap<u32, usize> {
         r.policies
             .iter()
-            .map(|(g, p)| (*g, compile_policy(1, p).len()))
+            .map(|(g, p)| (*g, tables_of(1, p).len()))
             .collect()
     };
     let (map_keys, per_endpoint_keys): (Vec<usize>, Vec<usize>) = rulesets

@@ -66,6 +66,11 @@ pub mod reason {
     ];
 }
 
+/// Interface indexes below this find their endpoint in the `ENDPOINT_SLOTS` array (a bounds
+/// check and an offset, no hashing); higher ones, on nodes whose interface counter has run
+/// past it, in the `ENDPOINTS` hash.
+pub const ENDPOINT_SLOTS: u32 = 1 << 16;
+
 /// Highest number of endpoints one node enforces (endpoint ids are below it).
 pub const MAX_ENDPOINTS: u32 = 4096;
 /// Counter slots: one row of [`reason::COUNT`] per endpoint, plus row `MAX_ENDPOINTS` for
@@ -111,8 +116,9 @@ pub struct EndpointInfo {
     pub default_egress: PolicyValue,
 }
 
-/// Data part of the `POLICY` LPM trie key. The prefix covers the fixed fields
-/// ([`POLICY_KEY_FIXED_BITS`]) plus a prefix of the big-endian port.
+/// Key of the policy maps. In `POLICY_SUMMARY` the port is 0; in `POLICY_EXACT` it is the
+/// packet's destination port; in the `POLICY` LPM trie (port ranges only) the prefix covers the
+/// fixed fields ([`POLICY_KEY_FIXED_BITS`]) plus a prefix of the big-endian port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
@@ -123,7 +129,48 @@ pub struct PolicyKey {
     pub port_be: u16,
 }
 
-/// The identity value of `IPCACHE_V4` / `IPCACHE_V6` (keyed by address prefix).
+/// Value of `POLICY_SUMMARY`, keyed by (policy id, peer identity, direction, protocol, port 0):
+/// what the packet gets when no finer key matches, and which finer maps hold keys at all, so a
+/// new connection costs one hash lookup plus, only where such keys exist, one more.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicySummary {
+    /// The decision for ports no exact or range key covers (the protocol-wide entries, else
+    /// the direction's default).
+    pub fallback: PolicyValue,
+    pub flags: u32,
+}
+
+/// `PolicySummary::flags`: `POLICY_EXACT` has single-port keys for this (identity, protocol).
+pub const SUMMARY_HAS_EXACT: u32 = 1 << 0;
+/// `PolicySummary::flags`: the `POLICY` trie has port-range keys for this (identity, protocol).
+pub const SUMMARY_HAS_RANGES: u32 = 1 << 1;
+
+/// Key of `PREFILTER_DENY`: a local endpoint address and a peer identity whose traffic to it
+/// the endpoint's ingress policy denies on every protocol and port, so the XDP prefilter may
+/// drop it on arrival. Addresses are IPv6 or IPv4-mapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PrefilterKey {
+    pub addr: [u8; 16],
+    pub identity: u32,
+}
+
+/// Value of `PREFILTER_DENY`: whom to count the drop against and which rule decided it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefilterValue {
+    pub endpoint_id: u32,
+    pub rule_id: u32,
+    pub local_identity: u32,
+    pub _pad: u32,
+    /// Last time the prefilter reported a drop of this pair (rate limit for events).
+    pub last_event_ns: u64,
+}
+
+/// The identity of an address: value of `IPCACHE_HOST_V4` / `IPCACHE_HOST_V6` (hash maps keyed
+/// by single addresses, looked up first) and `IPCACHE_V4` / `IPCACHE_V6` (LPM tries keyed by
+/// wider prefixes, consulted when the address has no entry of its own).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IpCacheValue {
@@ -265,6 +312,9 @@ mod pod {
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for IpCacheValue {}
+    unsafe impl aya::Pod for PolicySummary {}
+    unsafe impl aya::Pod for PrefilterKey {}
+    unsafe impl aya::Pod for PrefilterValue {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for Config {}
@@ -285,6 +335,9 @@ mod tests {
         assert_eq!(size_of::<PolicyValue>(), 12);
         assert_eq!(size_of::<EndpointInfo>(), 16 + 24);
         assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<PolicySummary>(), 16);
+        assert_eq!(size_of::<PrefilterKey>(), 20);
+        assert_eq!(size_of::<PrefilterValue>(), 24);
         assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(size_of::<CtValue>(), 64);
         assert_eq!(size_of::<FlowEvent>(), 8 + 32 + 12 + 28);
