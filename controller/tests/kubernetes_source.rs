@@ -237,7 +237,7 @@ fn start(server: ApiServer) -> Harness {
 }
 
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
+    for _ in 0..600 {
         if f() {
             return;
         }
@@ -589,4 +589,50 @@ async fn the_gate_stays_closed_until_everything_is_listed() {
     assert!(!h.gate.synced());
     assert!(h.gate.serving().unwrap_err().contains("not ready"));
     assert!(h.hub.node_states().is_empty());
+}
+
+/// A restarted controller (or a new leader) finds the statuses already written: it keeps their
+/// transition times and does not write them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_already_on_the_objects_are_not_rewritten_after_a_restart() {
+    let first = start(ApiServer::from_fixtures());
+    let server = first.server.clone();
+    eventually("the first controller wrote the status", || {
+        server
+            .lock()
+            .unwrap()
+            .recorded
+            .iter()
+            .any(|r| r.path.ends_with("/db-admits-backend/status"))
+    })
+    .await;
+    let written = first.recorded("PATCH", "/db-admits-backend/status")[0].body["status"].clone();
+    drop(first);
+
+    // The API server now has that status on the object.
+    let mut list: Value = serde_json::from_str(&fixture("servicepolicies.list.json")).unwrap();
+    list["items"][0]["status"] = written.clone();
+    let mut api = ApiServer::from_fixtures();
+    api.resource("servicepolicies").lists = VecDeque::from([list.to_string()]);
+    let second = start(api);
+    let server = second.server.clone();
+    eventually(
+        "the second controller wrote the invalid policy's status",
+        || {
+            server
+                .lock()
+                .unwrap()
+                .recorded
+                .iter()
+                .any(|r| r.path.ends_with("/broken/status"))
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        second
+            .recorded("PATCH", "/db-admits-backend/status")
+            .is_empty(),
+        "an unchanged status is not written again"
+    );
 }

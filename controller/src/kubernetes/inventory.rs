@@ -198,6 +198,8 @@ pub struct Inventory {
     relisting: BTreeMap<Kind, BTreeMap<ApiKey, Value>>,
     /// Kinds listed completely at least once.
     synced: BTreeSet<Kind>,
+    /// A policy object's verdict changed since the last [`Inventory::take_changes`].
+    verdicts_changed: bool,
 }
 
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> &'a str {
@@ -224,9 +226,23 @@ pub fn api_key(kind: Kind, object: &Value) -> ApiKey {
     }
 }
 
-/// Pods that have finished give their addresses back: they are no endpoints any more.
-fn terminated(kind: Kind, object: &Value) -> bool {
-    kind == Kind::Pod && matches!(str_at(object, &["status", "phase"]), "Succeeded" | "Failed")
+/// Pods that have finished give their addresses back: they are no endpoints any more. Pods
+/// without an address yet (pending, sandbox not ready) are neither endpoints nor peers: they
+/// join the model with their first address, in one change instead of two.
+fn absent(kind: Kind, object: &Value) -> bool {
+    if kind != Kind::Pod {
+        return false;
+    }
+    let status = object.get("status");
+    let no_ip = status
+        .and_then(|s| s.get("podIP"))
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+        && status
+            .and_then(|s| s.get("podIPs"))
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty);
+    no_ip || matches!(str_at(object, &["status", "phase"]), "Succeeded" | "Failed")
 }
 
 /// What the loader reads of an API object, and nothing else: `managedFields`, annotations,
@@ -289,9 +305,9 @@ fn project(kind: Kind, object: &Value) -> Value {
 }
 
 /// Converts one API object with the manifest loader. `Ok(None)`: the object is not part of
-/// the model (a finished pod). `Err`: why the loader rejects it.
+/// the model (a finished pod, or one without an address yet). `Err`: why the loader rejects it.
 pub fn convert(kind: Kind, object: &Value) -> Result<Option<Object>, String> {
-    if terminated(kind, object) {
+    if absent(kind, object) {
         return Ok(None);
     }
     let object = project(kind, object);
@@ -317,6 +333,9 @@ pub fn convert(kind: Kind, object: &Value) -> Result<Option<Object>, String> {
 pub struct Changes {
     pub quarantines: Vec<Change>,
     pub others: Vec<Change>,
+    /// Some policy object's verdict (validity, generation, status) changed: statuses and
+    /// Events are due.
+    pub verdicts_changed: bool,
 }
 
 impl Changes {
@@ -359,7 +378,10 @@ impl Inventory {
                 },
                 status: object.get("status").filter(|s| !s.is_null()).cloned(),
             };
-            self.verdicts.insert(key.clone(), verdict);
+            if self.verdicts.get(&key) != Some(&verdict) {
+                self.verdicts.insert(key.clone(), verdict);
+                self.verdicts_changed = true;
+            }
         }
         match converted {
             Ok(Some(o)) => {
@@ -382,7 +404,7 @@ impl Inventory {
     /// An object was deleted.
     pub fn delete(&mut self, kind: Kind, object: &Value) {
         let key = api_key(kind, object);
-        self.verdicts.remove(&key);
+        self.verdicts_changed |= self.verdicts.remove(&key).is_some();
         if self.current.remove(&key).is_some() {
             self.dirty.insert(key);
         }
@@ -409,7 +431,7 @@ impl Inventory {
             .cloned()
             .collect();
         for key in gone {
-            self.verdicts.remove(&key);
+            self.verdicts_changed |= self.verdicts.remove(&key).is_some();
             if self.current.remove(&key).is_some() {
                 self.dirty.insert(key);
             }
@@ -437,7 +459,10 @@ impl Inventory {
     /// to what the engine already has).
     pub fn take_changes(&mut self) -> Changes {
         let dirty = std::mem::take(&mut self.dirty);
-        let mut changes = Changes::default();
+        let mut changes = Changes {
+            verdicts_changed: std::mem::take(&mut self.verdicts_changed),
+            ..Default::default()
+        };
         let (mut old_q, mut new_q, mut old, mut new) = Default::default();
         for key in dirty {
             let (old_map, new_map): (
@@ -546,6 +571,12 @@ mod tests {
         );
         let c = inv.take_changes();
         assert!(matches!(c.others.as_slice(), [Change::DeletePod(_)]));
+        // Scheduled but without an address yet: not in the model until it has one.
+        let mut pending = pod("7", json!({"app": "db"}), "Pending", "10.0.0.9");
+        pending["metadata"]["name"] = json!("db-0");
+        pending["status"] = json!({"phase": "Pending"});
+        inv.apply(Kind::Pod, &pending);
+        assert!(inv.take_changes().is_empty());
         // Added and deleted between two flushes: nothing at all.
         inv.apply(
             Kind::Pod,

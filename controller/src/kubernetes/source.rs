@@ -279,6 +279,9 @@ impl KubernetesSource {
             }
             inv.take_changes()
         };
+        // Statuses are due when the rule sets or a policy object changed (else the periodic
+        // round brings in the agents' acks).
+        let wake = !changes.is_empty() || changes.verdicts_changed || !self.gate.synced();
         if !changes.is_empty() {
             self.apply(changes).await;
         }
@@ -289,7 +292,9 @@ impl KubernetesSource {
             );
             self.gate.set_synced();
         }
-        self.wake_status.notify_one();
+        if wake {
+            self.wake_status.notify_one();
+        }
     }
 
     async fn apply(&self, changes: Changes) {
