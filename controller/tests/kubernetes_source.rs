@@ -73,6 +73,8 @@ struct Recorded {
 struct ApiServer {
     resources: BTreeMap<&'static str, Resource>,
     recorded: Vec<Recorded>,
+    /// The leader Lease, as created and updated by the controller.
+    lease: Option<Value>,
 }
 
 /// Collection paths the source lists and watches.
@@ -119,6 +121,9 @@ impl ApiServer {
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
         let method = req.method().to_string();
+        if path.contains("/leases") {
+            return self.lease(req);
+        }
         if let Some((_, plural)) = PATHS.iter().find(|(p, _)| *p == path)
             && method == "GET"
         {
@@ -195,7 +200,73 @@ impl Drop for Harness {
     }
 }
 
-fn start(server: ApiServer) -> Harness {
+impl ApiServer {
+    /// A Lease store with resourceVersion preconditions, like the API server's.
+    fn lease(&mut self, req: Request<Vec<u8>>) -> Response<MockBody> {
+        let method = req.method().to_string();
+        let body: Value = serde_json::from_slice(req.body()).unwrap_or(Value::Null);
+        self.recorded.push(Recorded {
+            method: method.clone(),
+            path: req.uri().path().to_string(),
+            query: String::new(),
+            content_type: req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+            body: body.clone(),
+        });
+        let reply = |code: u16, v: &Value| {
+            Response::builder()
+                .status(code)
+                .body(full(serde_json::to_vec(v).unwrap()))
+                .unwrap()
+        };
+        let not_found = serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": "NotFound", "code": 404});
+        let stored = |mut v: Value, lease: &mut Option<Value>| {
+            let rv = lease
+                .as_ref()
+                .and_then(|l| l["metadata"]["resourceVersion"].as_str())
+                .and_then(|r| r.parse::<u64>().ok())
+                .unwrap_or(0)
+                + 1;
+            v["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+            *lease = Some(v.clone());
+            v
+        };
+        match (method.as_str(), &self.lease) {
+            ("GET", None) => reply(404, &not_found),
+            ("GET", Some(l)) => reply(200, l),
+            ("POST", _) => {
+                let v = stored(body, &mut self.lease);
+                reply(201, &v)
+            }
+            ("PUT", _) => {
+                let v = stored(body, &mut self.lease);
+                reply(200, &v)
+            }
+            ("PATCH", Some(l)) => {
+                let mut merged = l.clone();
+                for (k, v) in body["spec"].as_object().cloned().unwrap_or_default() {
+                    merged["spec"][k] = v;
+                }
+                let v = stored(merged, &mut self.lease);
+                reply(200, &v)
+            }
+            _ => reply(404, &not_found),
+        }
+    }
+}
+
+fn mock_client(
+    server: ApiServer,
+) -> (
+    kube::Client,
+    Arc<Mutex<ApiServer>>,
+    tokio::task::JoinHandle<()>,
+) {
     let (service, mut handle) =
         tower_test::mock::pair::<Request<kube::client::Body>, Response<MockBody>>();
     let server = Arc::new(Mutex::new(server));
@@ -211,7 +282,11 @@ fn start(server: ApiServer) -> Harness {
             }
         }
     });
-    let client = kube::Client::new(service, "default");
+    (kube::Client::new(service, "default"), server, server_task)
+}
+
+fn start(server: ApiServer) -> Harness {
+    let (client, server, server_task) = mock_client(server);
     let hub = Arc::new(Hub::new(PolicyEngine::empty(EngineConfig::default())));
     let gate = Arc::new(Gate::new(None));
     let source = KubernetesSource::new(
@@ -635,4 +710,81 @@ async fn statuses_already_on_the_objects_are_not_rewritten_after_a_restart() {
             .is_empty(),
         "an unchanged status is not written again"
     );
+}
+
+/// What `bulkhead controller --kubernetes --leader-elect` runs: the elector takes the free
+/// Lease, the source lists the cluster, and only then is the replica ready; on shutdown it
+/// releases the Lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_elected_controller_becomes_ready_and_releases_its_lease() {
+    let (client, server, server_task) = mock_client(ApiServer::from_fixtures());
+    let hub = Arc::new(Hub::new(PolicyEngine::empty(EngineConfig::default())));
+    let running = bulkhead_controller::kubernetes::start_with_client(
+        client,
+        hub.clone(),
+        bulkhead_controller::kubernetes::KubernetesOptions {
+            leader_elect: true,
+            lease_name: "bulkhead-controller".into(),
+            lease_namespace: Some("bulkhead-system".into()),
+            identity: Some("bulkhead-controller-7d9f-a".into()),
+        },
+    )
+    .unwrap();
+    let gate = running.gate.clone();
+    eventually("the replica leads and has listed the cluster", || {
+        gate.ready()
+    })
+    .await;
+    assert!(has_policy(
+        &hub.ruleset("node-b").unwrap(),
+        RuleKind::ServicePolicy,
+        "db-admits-backend"
+    ));
+    let lease = server.lock().unwrap().lease.clone().unwrap();
+    assert_eq!(
+        lease["spec"]["holderIdentity"],
+        "bulkhead-controller-7d9f-a"
+    );
+    assert_eq!(
+        lease["metadata"]["namespace"], "bulkhead-system",
+        "the lease lives in --lease-namespace"
+    );
+
+    assert_eq!(running.shutdown().await, None, "leadership was not lost");
+    let lease = server.lock().unwrap().lease.clone().unwrap();
+    assert!(
+        lease["spec"]["holderIdentity"].is_null(),
+        "released: {lease}"
+    );
+    let patch = server
+        .lock()
+        .unwrap()
+        .recorded
+        .iter()
+        .rfind(|r| r.path.contains("/leases/"))
+        .cloned()
+        .unwrap();
+    assert_eq!(patch.method, "PATCH");
+    assert_eq!(patch.content_type, "application/merge-patch+json");
+    server_task.abort();
+}
+
+#[tokio::test]
+async fn leader_election_needs_a_namespace_and_an_identity() {
+    let (client, _server, server_task) = mock_client(ApiServer::from_fixtures());
+    let hub = Arc::new(Hub::new(PolicyEngine::empty(EngineConfig::default())));
+    let err = bulkhead_controller::kubernetes::start_with_client(
+        client,
+        hub,
+        bulkhead_controller::kubernetes::KubernetesOptions {
+            leader_elect: true,
+            lease_name: "bulkhead-controller".into(),
+            lease_namespace: None,
+            identity: Some("x".into()),
+        },
+    )
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("POD_NAMESPACE"), "{err}");
+    server_task.abort();
 }
