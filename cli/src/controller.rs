@@ -17,7 +17,7 @@ use bulkhead_controller::{
         AdminService, DistributionService, FlowStore, Hub, ManifestSource,
         quarantine::QuarantineControl,
     },
-    flows::{Directory, ServiceGraph},
+    flows::{Directory, FlowPipeline, ServiceGraph},
 };
 use bulkhead_proto::v1::{admin_server::AdminServer, distribution_server::DistributionServer};
 use clap::Args;
@@ -192,6 +192,29 @@ impl ControllerMetrics {
         Ok(m)
     }
 
+    /// Brings the flow counters up to the graph's (which counts every record as it is folded
+    /// in, so the ingest path never touches a label set).
+    fn sync_flow_counters(&self, graph: &Mutex<ServiceGraph>) {
+        let Ok(g) = graph.lock() else { return };
+        let catch_up = |c: IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        for (verdict, n) in g.by_verdict() {
+            catch_up(self.flows_by_verdict.with_label_values(&[verdict]), n);
+        }
+        for ((src, dst, verdict), n) in g.by_namespace_pair() {
+            catch_up(
+                self.flows_by_namespace_pair
+                    .with_label_values(&[src, dst, verdict]),
+                n,
+            );
+        }
+        for (rule, n) in g.drops_by_rule() {
+            catch_up(self.drops_by_rule.with_label_values(&[rule]), n);
+        }
+        let (nodes, edges) = g.len();
+        self.graph_nodes.set(nodes as i64);
+        self.graph_edges.set(edges as i64);
+    }
+
     fn render(&self, hub: &Hub, flows: &Mutex<FlowStore>) -> String {
         let nodes = hub.node_states();
         self.nodes.set(nodes.len() as i64);
@@ -322,62 +345,10 @@ async fn serve(
         });
     }
 
-    // Flow records into the service graph, incrementally (records are taken in arrival order;
-    // the store's running count says how many are new).
+    // Flow records are folded into the service graph as they arrive (the agents' streams go
+    // through the pipeline: graph, then store); /metrics reads the graph's counters.
     let graph = Arc::new(Mutex::new(ServiceGraph::default()));
-    {
-        let (graph, flows, hub, metrics) =
-            (graph.clone(), flows.clone(), hub.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let mut folded = 0u64;
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
-            loop {
-                tick.tick().await;
-                let (fresh, total) = match flows.lock() {
-                    Ok(f) => {
-                        let new = f.accepted.saturating_sub(folded) as usize;
-                        (f.recent(new.min(f.len())), f.accepted)
-                    }
-                    Err(_) => continue,
-                };
-                folded = total;
-                if fresh.is_empty() {
-                    continue;
-                }
-                let rulesets: Vec<_> = hub
-                    .node_states()
-                    .iter()
-                    .filter_map(|n| hub.ruleset(&n.node))
-                    .collect();
-                let directory = Directory::from_rulesets(&rulesets);
-                let Ok(mut g) = graph.lock() else { continue };
-                for (_, r) in fresh.iter().rev() {
-                    let counted = g.add(&directory, r);
-                    if counted.record {
-                        metrics
-                            .flows_by_verdict
-                            .with_label_values(&[r.verdict.as_str()])
-                            .inc();
-                    }
-                    if let Some((src, dst, verdict)) = &counted.pair {
-                        metrics
-                            .flows_by_namespace_pair
-                            .with_label_values(&[src.as_str(), dst.as_str(), verdict.as_str()])
-                            .inc();
-                    }
-                    if counted.drop {
-                        metrics
-                            .drops_by_rule
-                            .with_label_values(&[r.rule.as_str()])
-                            .inc();
-                    }
-                }
-                let (n, e) = g.len();
-                metrics.graph_nodes.set(n as i64);
-                metrics.graph_edges.set(e as i64);
-            }
-        });
-    }
+    let flow_pipeline = Arc::new(FlowPipeline::new(flows.clone(), graph.clone(), hub.clone()));
 
     // One quarantine control for the admin API and the web UI (it tracks each quarantine's status).
     let quarantine = quarantine_dir.clone().map(|dir| {
@@ -407,7 +378,11 @@ async fn serve(
             "/metrics",
             axum::routing::get({
                 let (hub, flows, metrics) = (hub.clone(), flows.clone(), metrics.clone());
-                move || async move { metrics.render(&hub, &flows) }
+                let graph = graph.clone();
+                move || async move {
+                    metrics.sync_flow_counters(&graph);
+                    metrics.render(&hub, &flows)
+                }
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok" }))
@@ -456,7 +431,12 @@ async fn serve(
             axum::routing::get({
                 let graph = graph.clone();
                 move || async move {
-                    axum::Json(graph.lock().map(|g| g.graph()).unwrap_or_default())
+                    // Written straight from the aggregate: no copy of the graph on the way.
+                    let body = graph
+                        .lock()
+                        .map(|g| g.to_json())
+                        .unwrap_or_else(|_| br#"{"nodes":[],"edges":[]}"#.to_vec());
+                    ([(axum::http::header::CONTENT_TYPE, "application/json")], body)
                 }
             }),
         )
@@ -516,7 +496,7 @@ async fn serve(
     });
 
     // gRPC.
-    let mut admin = AdminService::new(hub.clone());
+    let mut admin = AdminService::new(hub.clone()).with_flows(flow_pipeline.clone());
     if let (Some(dir), Some(q)) = (quarantine_dir, quarantine) {
         tracing::info!(dir = %dir.display(), "quarantines kept in");
         admin = admin.with_quarantine(q);
@@ -530,7 +510,7 @@ async fn serve(
     tracing::info!(addr = %args.listen, tls = !args.insecure, "serving rule sets to agents");
     server
         .add_service(DistributionServer::with_interceptor(
-            DistributionService::new(hub.clone(), flows.clone()),
+            DistributionService::with_flow_pipeline(hub.clone(), flow_pipeline.clone()),
             gate.interceptor(),
         ))
         .add_service(AdminServer::new(admin))

@@ -1,5 +1,5 @@
 //! `bulkhead flows` (like `hubble observe`) and `bulkhead graph`, against a running controller's
-//! HTTP API (or a lab's).
+//! HTTP API (or a lab's), or its gRPC admin API (`--controller`, mTLS; `--lab DIR --grpc`).
 
 use std::{
     path::PathBuf,
@@ -8,8 +8,12 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use bulkhead_controller::flows::{FlowFilter, Graph};
+use bulkhead_proto::v1::{self as pb, admin_client::AdminClient};
 use clap::{Args, ValueEnum};
 use serde_json::Value;
+
+use crate::certs::ClientTlsArgs;
 
 #[derive(Args, Clone)]
 pub struct Source {
@@ -19,9 +23,50 @@ pub struct Source {
     /// Use the controller of the lab in this state directory.
     #[arg(long)]
     lab: Option<PathBuf>,
+    /// Ask the controller's gRPC admin API at this address (`https://HOST:9960` or
+    /// `HOST:PORT`), with the client certificate given by --tls-cert/--tls-key/--ca.
+    #[arg(long, conflicts_with = "lab")]
+    controller: Option<String>,
+    /// With --lab: use the lab controller's gRPC admin API (and the lab's admin certificate)
+    /// instead of its HTTP API.
+    #[arg(long, requires = "lab")]
+    grpc: bool,
+    #[command(flatten)]
+    tls: ClientTlsArgs,
 }
 
+type Admin = AdminClient<tonic::transport::Channel>;
+
 impl Source {
+    fn uses_grpc(&self) -> bool {
+        self.controller.is_some() || self.grpc
+    }
+
+    async fn admin(&self) -> anyhow::Result<Admin> {
+        let (addr, tls) = match (&self.controller, &self.lab) {
+            (Some(addr), _) => (addr.clone(), self.tls.clone()),
+            (None, Some(dir)) => {
+                let state = crate::lab::state::LabState::load(dir)?;
+                let certs = state.certs_dir();
+                (
+                    format!("127.0.0.1:{}", state.grpc_port),
+                    ClientTlsArgs {
+                        tls_cert: Some(certs.join("admin.pem")),
+                        tls_key: Some(certs.join("admin-key.pem")),
+                        ca: Some(certs.join("ca.pem")),
+                        insecure: false,
+                    },
+                )
+            }
+            (None, None) => bail!("name the controller: --controller ADDRESS or --lab DIR"),
+        };
+        let channel = crate::certs::endpoint(&addr, &tls)?
+            .connect()
+            .await
+            .with_context(|| format!("connect to the controller at {addr}"))?;
+        Ok(AdminClient::new(channel).max_decoding_message_size(256 << 20))
+    }
+
     fn port(&self) -> anyhow::Result<u16> {
         match &self.lab {
             Some(dir) => Ok(crate::lab::state::LabState::load(dir)?.http_port),
@@ -140,6 +185,74 @@ fn print_flow(f: &Value) {
     );
 }
 
+/// One stored flow as `/api/flows` shows it.
+fn flow_json(f: pb::StoredFlow) -> Value {
+    let r = f.record.unwrap_or_default();
+    serde_json::json!({
+        "node": f.node, "endpoint": r.endpoint, "direction": r.direction,
+        "src": r.src, "dst": r.dst, "src_port": r.src_port,
+        "dst_port": r.dst_port, "protocol": r.protocol, "kind": r.kind,
+        "verdict": r.verdict, "rule": r.rule, "peer": r.peer,
+        "reason": r.reason, "time_unix_nanos": r.time_unix_nanos,
+    })
+}
+
+fn print_flows(output: FlowFormat, flows: Vec<pb::StoredFlow>) {
+    for f in flows {
+        let v = flow_json(f);
+        match output {
+            FlowFormat::Json => println!("{v}"),
+            FlowFormat::Table => print_flow(&v),
+        }
+    }
+}
+
+/// Through the admin API: the controller filters; `--follow` is a server stream.
+fn flows_grpc(a: FlowsArgs, floor: u64) -> anyhow::Result<ExitCode> {
+    let filter = FlowFilter {
+        namespace: a.namespace.clone(),
+        pod: a.pod.clone(),
+        verdict: a.verdict.clone(),
+        since_unix_nanos: floor,
+    }
+    .to_proto();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    rt.block_on(async move {
+        let mut client = a.source.admin().await?;
+        if !a.follow {
+            let resp = client
+                .get_flows(pb::GetFlowsRequest {
+                    filter: Some(filter),
+                    limit: 1000,
+                })
+                .await?
+                .into_inner();
+            print_flows(a.output, resp.flows);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut stream = client
+            .watch_flows(pb::WatchFlowsRequest {
+                filter: Some(filter),
+                backlog: 1000,
+            })
+            .await?
+            .into_inner();
+        while let Some(msg) = stream.message().await? {
+            if msg.missed > 0 {
+                eprintln!(
+                    "({} flow records were evicted from the controller's store before they could be shown)",
+                    msg.missed
+                );
+            }
+            print_flows(a.output, msg.flows);
+        }
+        bail!("the controller closed the flow stream")
+    })
+}
+
 pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
     let floor = a.since.map_or(0, |d| {
         SystemTime::now()
@@ -147,6 +260,9 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos() as u64)
     });
+    if a.source.uses_grpc() {
+        return flows_grpc(a, floor);
+    }
     let mut last_printed = floor;
     loop {
         let body = a.source.get("/api/flows")?;
@@ -199,13 +315,43 @@ pub struct GraphArgs {
     source: Source,
 }
 
+fn graph_grpc(source: &Source) -> anyhow::Result<Graph> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    rt.block_on(async {
+        let resp = source
+            .admin()
+            .await?
+            .get_graph(pb::GetGraphRequest::default())
+            .await?
+            .into_inner();
+        Ok(Graph::from(resp))
+    })
+}
+
 pub fn graph(a: GraphArgs) -> anyhow::Result<ExitCode> {
+    let grpc = if a.source.uses_grpc() {
+        Some(graph_grpc(&a.source)?)
+    } else {
+        None
+    };
     match a.output {
-        GraphFormat::Dot => print!("{}", a.source.get("/api/graph.dot")?),
-        GraphFormat::Json => println!("{}", a.source.get("/api/graph")?),
+        GraphFormat::Dot => match &grpc {
+            Some(g) => print!("{}", g.to_dot()),
+            None => print!("{}", a.source.get("/api/graph.dot")?),
+        },
+        GraphFormat::Json => match &grpc {
+            Some(g) => println!("{}", serde_json::to_string(g)?),
+            None => println!("{}", a.source.get("/api/graph")?),
+        },
         GraphFormat::Table => {
-            let g: Value = serde_json::from_str(&a.source.get("/api/graph")?)
-                .context("the controller's /api/graph is not JSON")?;
+            let g: Value = match &grpc {
+                Some(g) => serde_json::to_value(g)?,
+                None => serde_json::from_str(&a.source.get("/api/graph")?)
+                    .context("the controller's /api/graph is not JSON")?,
+            };
             println!(
                 "{:<36} {:<36} {:>10} {:>8} {:>8}  RULES",
                 "FROM", "TO", "PORT", "ALLOWED", "DENIED"

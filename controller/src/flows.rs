@@ -9,14 +9,22 @@
 //! was denied.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::BTreeMap,
     net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use bulkhead_proto::v1 as pb;
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::ruleset::RuleSet;
+use crate::{
+    distribution::{FlowStore, Hub},
+    ruleset::RuleSet,
+};
 
 /// Where an address belongs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -43,17 +51,28 @@ impl Workload {
     }
 }
 
-/// Addresses and pods of the cluster, from the rule sets of all nodes.
+/// Directories get distinct generations, so a graph can tell which one its cached translation
+/// of workload numbers belongs to.
+static DIRECTORY_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// Addresses and pods of the cluster, from the rule sets of all nodes. Workloads are numbered;
+/// lookups by address or pod name answer the number.
 #[derive(Debug, Default, Clone)]
 pub struct Directory {
-    by_ip: HashMap<IpAddr, Workload>,
-    by_pod: HashMap<String, Workload>,
-    pod_by_ip: HashMap<IpAddr, String>,
+    generation: u64,
+    workloads: Vec<Workload>,
+    by_ip: FxHashMap<IpAddr, u32>,
+    by_pod: FxHashMap<String, u32>,
+    pod_by_ip: FxHashMap<IpAddr, String>,
 }
 
 impl Directory {
     pub fn from_rulesets<'a>(rulesets: impl IntoIterator<Item = &'a RuleSet>) -> Directory {
-        let mut d = Directory::default();
+        let mut d = Directory {
+            generation: DIRECTORY_GENERATION.fetch_add(1, Ordering::Relaxed),
+            ..Default::default()
+        };
+        let mut numbers: FxHashMap<Workload, u32> = FxHashMap::default();
         for rs in rulesets {
             for e in &rs.endpoints {
                 let w = Workload {
@@ -63,11 +82,16 @@ impl Directory {
                         .clone()
                         .unwrap_or_else(|| format!("Pod/{}", e.pod)),
                 };
+                let n = *numbers.entry(w).or_insert_with_key(|w| {
+                    d.workloads.push(w.clone());
+                    d.workloads.len() as u32 - 1
+                });
+                let name = e.name();
                 for ip in &e.ips {
-                    d.by_ip.insert(*ip, w.clone());
-                    d.pod_by_ip.insert(*ip, e.name());
+                    d.by_ip.insert(*ip, n);
+                    d.pod_by_ip.insert(*ip, name.clone());
                 }
-                d.by_pod.insert(e.name(), w);
+                d.by_pod.insert(name, n);
             }
         }
         d
@@ -81,8 +105,33 @@ impl Directory {
             .map(String::as_str)
     }
 
-    fn of_ip(&self, ip: &str) -> Option<&Workload> {
-        ip.parse::<IpAddr>().ok().and_then(|ip| self.by_ip.get(&ip))
+    fn of_ip(&self, ip: &str) -> Option<u32> {
+        ip.parse::<IpAddr>()
+            .ok()
+            .and_then(|ip| self.by_ip.get(&ip).copied())
+    }
+
+    /// Workloads known (pods' owners, else pods).
+    pub fn workloads(&self) -> usize {
+        self.workloads.len()
+    }
+
+    /// Names the record's peer when the reporting agent could not (a pod of another node).
+    pub fn name_peer(&self, r: &mut pb::FlowRecord) {
+        if r.peer.is_empty()
+            && let Some(p) = self.pod_of(peer_address(r))
+        {
+            r.peer = p.to_string();
+        }
+    }
+}
+
+/// The address at the other end from the reporting endpoint.
+fn peer_address(r: &pb::FlowRecord) -> &str {
+    if r.direction == "ingress" {
+        &r.src
+    } else {
+        &r.dst
     }
 }
 
@@ -110,12 +159,12 @@ pub struct GraphNode {
 }
 
 /// What [`ServiceGraph::add`] counted for one record.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counted {
     /// The record was folded in (by verdict).
     pub record: bool,
-    /// The connection was counted for this (source namespace, destination namespace, verdict).
-    pub pair: Option<(String, String, String)>,
+    /// The connection was counted on an edge (and for its namespace pair).
+    pub connection: bool,
     /// It was a drop, counted for the record's rule.
     pub drop: bool,
 }
@@ -126,98 +175,721 @@ pub struct Graph {
     pub edges: Vec<Edge>,
 }
 
-/// The aggregated graph and the counters behind the controller's flow metrics.
+/// Strings numbered in order of first sight.
 #[derive(Debug, Default)]
+struct Interner {
+    names: Vec<String>,
+    numbers: FxHashMap<String, u32>,
+}
+
+impl Interner {
+    fn number(&mut self, s: &str) -> u32 {
+        if let Some(&n) = self.numbers.get(s) {
+            return n;
+        }
+        let n = self.names.len() as u32;
+        self.names.push(s.to_string());
+        self.numbers.insert(s.to_string(), n);
+        n
+    }
+
+    fn name(&self, n: u32) -> &str {
+        &self.names[n as usize]
+    }
+}
+
+/// Verdicts are numbered in this order before any other is seen.
+const VERDICT_ALLOWED: u32 = 0;
+const VERDICT_DENIED: u32 = 1;
+const VERDICT_AUDIT: u32 = 2;
+/// The workload number of `world`.
+const WORLD: u32 = 0;
+/// A directory workload not numbered in the graph yet.
+const UNNUMBERED: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct EdgeKey {
+    src: u32,
+    dst: u32,
+    port: u32,
+    protocol: u32,
+}
+
+#[derive(Debug, Default)]
+struct EdgeCounts {
+    allowed: u64,
+    denied: u64,
+    audit_would_deny: u64,
+    bytes: u64,
+    first_seen_unix_nanos: u64,
+    last_seen_unix_nanos: u64,
+    /// (rule number, count); an edge is decided by a handful of rules.
+    rules: Vec<(u32, u64)>,
+}
+
+/// The aggregated graph and the counters behind the controller's flow metrics.
+///
+/// Workloads, namespaces, rules and verdicts are numbered once, so folding a record in costs
+/// two hash lookups in the directory, one for the edge and a few for short strings, and
+/// allocates nothing unless it names something new.
+#[derive(Debug)]
 pub struct ServiceGraph {
-    edges: BTreeMap<(Workload, Workload, u32, u32), Edge>,
-    /// Records folded in, by verdict.
-    pub by_verdict: BTreeMap<String, u64>,
+    workloads: Vec<Workload>,
+    /// Namespace number of each workload.
+    workload_namespace: Vec<u32>,
+    /// Whether a workload is an end of some edge (a node of the graph).
+    in_graph: Vec<bool>,
+    nodes: usize,
+    workload_numbers: FxHashMap<Workload, u32>,
+    namespaces: Interner,
+    rules: Interner,
+    verdicts: Interner,
+    edges: FxHashMap<EdgeKey, EdgeCounts>,
+    /// The directory whose workload numbers `translation` maps to ours.
+    directory_generation: u64,
+    translation: Vec<u32>,
+    /// Records folded in, by verdict number.
+    by_verdict: Vec<u64>,
     /// Counted connections by (source namespace, destination namespace, verdict).
-    pub by_namespace_pair: BTreeMap<(String, String, String), u64>,
-    /// Denials by deciding rule.
-    pub drops_by_rule: BTreeMap<String, u64>,
+    by_namespace_pair: FxHashMap<(u32, u32, u32), u64>,
+    /// Denials by rule number.
+    drops_by_rule: Vec<u64>,
+    /// Records without addresses (quarantine audit records), not part of the graph.
+    pub skipped: u64,
+}
+
+impl Default for ServiceGraph {
+    fn default() -> Self {
+        let mut g = ServiceGraph {
+            workloads: Vec::new(),
+            workload_namespace: Vec::new(),
+            in_graph: Vec::new(),
+            nodes: 0,
+            workload_numbers: FxHashMap::default(),
+            namespaces: Interner::default(),
+            rules: Interner::default(),
+            verdicts: Interner::default(),
+            edges: FxHashMap::default(),
+            directory_generation: 0,
+            translation: Vec::new(),
+            by_verdict: Vec::new(),
+            by_namespace_pair: FxHashMap::default(),
+            drops_by_rule: Vec::new(),
+            skipped: 0,
+        };
+        let world = g.number(&Workload::world());
+        debug_assert_eq!(world, WORLD);
+        for v in ["allowed", "denied", "audit-would-deny"] {
+            g.verdicts.number(v);
+        }
+        g
+    }
+}
+
+fn bump(counts: &mut Vec<u64>, n: u32) {
+    let i = n as usize;
+    if i >= counts.len() {
+        counts.resize(i + 1, 0);
+    }
+    counts[i] += 1;
 }
 
 impl ServiceGraph {
+    fn number(&mut self, w: &Workload) -> u32 {
+        if let Some(&n) = self.workload_numbers.get(w) {
+            return n;
+        }
+        let n = self.workloads.len() as u32;
+        let ns = self.namespaces.number(&w.namespace);
+        self.workloads.push(w.clone());
+        self.workload_namespace.push(ns);
+        self.in_graph.push(false);
+        self.workload_numbers.insert(w.clone(), n);
+        n
+    }
+
+    /// Our number for the directory's workload `d`.
+    fn number_of_directory_workload(&mut self, dir: &Directory, d: u32) -> u32 {
+        if self.directory_generation != dir.generation {
+            self.directory_generation = dir.generation;
+            self.translation.clear();
+            self.translation.resize(dir.workloads.len(), UNNUMBERED);
+        }
+        let slot = self.translation[d as usize];
+        if slot != UNNUMBERED {
+            return slot;
+        }
+        let n = self.number(&dir.workloads[d as usize]);
+        self.translation[d as usize] = n;
+        n
+    }
+
+    fn verdict_number(&mut self, v: &str) -> u32 {
+        match v {
+            "allowed" => VERDICT_ALLOWED,
+            "denied" => VERDICT_DENIED,
+            "audit-would-deny" => VERDICT_AUDIT,
+            other => self.verdicts.number(other),
+        }
+    }
+
     /// Folds one record in and says what it counted. Quarantine/release audit records (no
     /// addresses) are skipped.
     pub fn add(&mut self, dir: &Directory, r: &pb::FlowRecord) -> Counted {
         let mut counted = Counted::default();
         if r.src.is_empty() || r.dst.is_empty() {
+            self.skipped += 1;
             return counted;
         }
         counted.record = true;
-        *self.by_verdict.entry(r.verdict.clone()).or_default() += 1;
-        let here = dir.by_pod.get(&r.endpoint).cloned();
-        let (src, dst) = if r.direction == "ingress" {
-            (dir.of_ip(&r.src).cloned(), here.clone())
-        } else {
-            (here.clone(), dir.of_ip(&r.dst).cloned())
-        };
-        let allowed = r.verdict == "allowed";
+        let verdict = self.verdict_number(&r.verdict);
+        bump(&mut self.by_verdict, verdict);
+        let ingress = r.direction == "ingress";
+        let here = dir.by_pod.get(r.endpoint.as_str()).copied();
+        let peer = dir.of_ip(peer_address(r));
+        let (src, dst) = if ingress { (peer, here) } else { (here, peer) };
+        let allowed = verdict == VERDICT_ALLOWED;
         // Count an allowed connection once, at its last enforcement point: the destination
         // pod's ingress, or the source's egress when the destination is no pod. (Its source may
         // allow what its destination then denies; the denial is counted where it happens.)
-        if allowed && r.direction == "egress" && dst.is_some() {
+        if allowed && !ingress && dst.is_some() {
             return counted;
         }
-        let src = src.unwrap_or_else(Workload::world);
-        let dst = dst.unwrap_or_else(Workload::world);
-        let key = (src.clone(), dst.clone(), r.dst_port, r.protocol);
-        let e = self.edges.entry(key).or_insert_with(|| Edge {
-            src: src.id(),
-            dst: dst.id(),
+        let src = src.map_or(WORLD, |d| self.number_of_directory_workload(dir, d));
+        let dst = dst.map_or(WORLD, |d| self.number_of_directory_workload(dir, d));
+        let key = EdgeKey {
+            src,
+            dst,
             port: r.dst_port,
             protocol: r.protocol,
+        };
+        let rule = self.rules.number(&r.rule);
+        let e = self.edges.entry(key).or_insert_with(|| EdgeCounts {
             first_seen_unix_nanos: r.time_unix_nanos,
             ..Default::default()
         });
-        match r.verdict.as_str() {
-            "allowed" => e.allowed += 1,
-            "audit-would-deny" => e.audit_would_deny += 1,
+        match verdict {
+            VERDICT_ALLOWED => e.allowed += 1,
+            VERDICT_AUDIT => e.audit_would_deny += 1,
             _ => e.denied += 1,
         }
         e.bytes += r.bytes;
         e.first_seen_unix_nanos = e.first_seen_unix_nanos.min(r.time_unix_nanos);
         e.last_seen_unix_nanos = e.last_seen_unix_nanos.max(r.time_unix_nanos);
-        *e.rules.entry(r.rule.clone()).or_default() += 1;
+        match e.rules.iter_mut().find(|(n, _)| *n == rule) {
+            Some((_, c)) => *c += 1,
+            None => e.rules.push((rule, 1)),
+        }
+        for w in [src, dst] {
+            if !self.in_graph[w as usize] {
+                self.in_graph[w as usize] = true;
+                self.nodes += 1;
+            }
+        }
         let pair = (
-            src.namespace.clone(),
-            dst.namespace.clone(),
-            r.verdict.clone(),
+            self.workload_namespace[src as usize],
+            self.workload_namespace[dst as usize],
+            verdict,
         );
-        *self.by_namespace_pair.entry(pair.clone()).or_default() += 1;
-        counted.pair = Some(pair);
-        if !allowed && r.verdict != "audit-would-deny" {
-            *self.drops_by_rule.entry(r.rule.clone()).or_default() += 1;
+        *self.by_namespace_pair.entry(pair).or_default() += 1;
+        counted.connection = true;
+        if !allowed && verdict != VERDICT_AUDIT {
+            bump(&mut self.drops_by_rule, rule);
             counted.drop = true;
         }
         counted
     }
 
+    /// Records folded in, by verdict.
+    pub fn by_verdict(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.by_verdict
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(v, c)| (self.verdicts.name(v as u32), *c))
+    }
+
+    /// Counted connections by (source namespace, destination namespace, verdict).
+    pub fn by_namespace_pair(&self) -> impl Iterator<Item = ((&str, &str, &str), u64)> {
+        self.by_namespace_pair.iter().map(|((s, d, v), c)| {
+            (
+                (
+                    self.namespaces.name(*s),
+                    self.namespaces.name(*d),
+                    self.verdicts.name(*v),
+                ),
+                *c,
+            )
+        })
+    }
+
+    /// Denials by the rule that denied them.
+    pub fn drops_by_rule(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.drops_by_rule
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(r, c)| (self.rules.name(r as u32), *c))
+    }
+
+    /// Records folded in (all verdicts).
+    pub fn records(&self) -> u64 {
+        self.by_verdict.iter().sum()
+    }
+
+    /// The graph, nodes sorted by id and edges by (source, destination, port, protocol).
     pub fn graph(&self) -> Graph {
-        let mut nodes: BTreeSet<(String, String, String)> = BTreeSet::new();
-        for (src, dst, _, _) in self.edges.keys() {
-            for w in [src, dst] {
-                nodes.insert((w.id(), w.namespace.clone(), w.name.clone()));
-            }
+        self.graph_where(|_, _| true)
+    }
+
+    /// The edges from or to `namespace` and the nodes they join.
+    pub fn graph_of_namespace(&self, namespace: &str) -> Graph {
+        self.graph_where(|src, dst| src.namespace == namespace || dst.namespace == namespace)
+    }
+
+    /// Nodes sorted by id, and the edges that `keep` keeps sorted by (source, destination,
+    /// port, protocol): what every rendering of the graph walks.
+    fn layout(&self, keep: impl Fn(&Workload, &Workload) -> bool) -> Layout<'_> {
+        let edges: Vec<(&EdgeKey, &EdgeCounts)> = self
+            .edges
+            .iter()
+            .filter(|(k, _)| {
+                keep(
+                    &self.workloads[k.src as usize],
+                    &self.workloads[k.dst as usize],
+                )
+            })
+            .collect();
+        let mut used = vec![false; self.workloads.len()];
+        for (k, _) in &edges {
+            used[k.src as usize] = true;
+            used[k.dst as usize] = true;
         }
-        Graph {
-            nodes: nodes
-                .into_iter()
-                .map(|(id, namespace, workload)| GraphNode {
-                    id,
-                    namespace,
-                    workload,
-                })
-                .collect(),
-            edges: self.edges.values().cloned().collect(),
+        let mut nodes: Vec<(String, u32)> = used
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| **u)
+            .map(|(w, _)| (self.workloads[w].id(), w as u32))
+            .collect();
+        nodes.sort_unstable();
+        // Rank of each workload in node order, so edges sort on integers.
+        let mut rank = vec![0u32; self.workloads.len()];
+        for (i, (_, w)) in nodes.iter().enumerate() {
+            rank[*w as usize] = i as u32;
+        }
+        // Sort on one precomputed integer per edge.
+        let key = |k: &EdgeKey| {
+            (rank[k.src as usize] as u128) << 96
+                | (rank[k.dst as usize] as u128) << 64
+                | (k.port as u128) << 32
+                | k.protocol as u128
+        };
+        let mut keyed: Vec<(u128, &EdgeKey, &EdgeCounts)> =
+            edges.iter().map(|(k, c)| (key(k), *k, *c)).collect();
+        keyed.sort_unstable_by_key(|e| e.0);
+        let edges = keyed.into_iter().map(|(_, k, c)| (k, c)).collect();
+        Layout {
+            graph: self,
+            nodes,
+            rank,
+            edges,
         }
     }
 
+    fn graph_where(&self, keep: impl Fn(&Workload, &Workload) -> bool) -> Graph {
+        let l = self.layout(keep);
+        let edges = l
+            .edges
+            .iter()
+            .map(|(k, c)| Edge {
+                src: l.id(k.src).to_string(),
+                dst: l.id(k.dst).to_string(),
+                port: k.port,
+                protocol: k.protocol,
+                allowed: c.allowed,
+                denied: c.denied,
+                audit_would_deny: c.audit_would_deny,
+                bytes: c.bytes,
+                first_seen_unix_nanos: c.first_seen_unix_nanos,
+                last_seen_unix_nanos: c.last_seen_unix_nanos,
+                rules: c
+                    .rules
+                    .iter()
+                    .map(|(r, n)| (self.rules.name(*r).to_string(), *n))
+                    .collect(),
+            })
+            .collect();
+        Graph {
+            nodes: l
+                .nodes
+                .into_iter()
+                .map(|(id, w)| {
+                    let w = &self.workloads[w as usize];
+                    GraphNode {
+                        id,
+                        namespace: w.namespace.clone(),
+                        workload: w.name.clone(),
+                    }
+                })
+                .collect(),
+            edges,
+        }
+    }
+
+    /// The JSON of [`ServiceGraph::graph`] (`/api/graph`), byte for byte, written straight
+    /// from the aggregate: no copy of the graph is made, and each id and rule is escaped once
+    /// however many edges name it.
+    pub fn to_json(&self) -> Vec<u8> {
+        let l = self.layout(|_, _| true);
+        let quoted = |s: &str| serde_json::to_vec(s).unwrap_or_else(|_| b"\"\"".to_vec());
+        let ids: Vec<Vec<u8>> = l.nodes.iter().map(|(id, _)| quoted(id)).collect();
+        let mut rules: Vec<Option<Vec<u8>>> = vec![None; self.rules.names.len()];
+        let mut out = Vec::with_capacity(64 + l.nodes.len() * 96 + l.edges.len() * 320);
+        out.extend_from_slice(b"{\"nodes\":[");
+        for (i, (_, w)) in l.nodes.iter().enumerate() {
+            let w = &self.workloads[*w as usize];
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"id\":");
+            out.extend_from_slice(&ids[i]);
+            out.extend_from_slice(b",\"namespace\":");
+            out.extend_from_slice(&quoted(&w.namespace));
+            out.extend_from_slice(b",\"workload\":");
+            out.extend_from_slice(&quoted(&w.name));
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"],\"edges\":[");
+        let mut sorted_rules: Vec<(&str, u64, u32)> = Vec::new();
+        for (i, (k, c)) in l.edges.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"src\":");
+            out.extend_from_slice(&ids[l.rank[k.src as usize] as usize]);
+            out.extend_from_slice(b",\"dst\":");
+            out.extend_from_slice(&ids[l.rank[k.dst as usize] as usize]);
+            for (name, n) in [
+                (&b",\"port\":"[..], k.port as u64),
+                (b",\"protocol\":", k.protocol as u64),
+                (b",\"allowed\":", c.allowed),
+                (b",\"denied\":", c.denied),
+                (b",\"audit_would_deny\":", c.audit_would_deny),
+                (b",\"bytes\":", c.bytes),
+                (b",\"first_seen_unix_nanos\":", c.first_seen_unix_nanos),
+                (b",\"last_seen_unix_nanos\":", c.last_seen_unix_nanos),
+            ] {
+                out.extend_from_slice(name);
+                put_u64(&mut out, n);
+            }
+            out.extend_from_slice(b",\"rules\":{");
+            sorted_rules.clear();
+            sorted_rules.extend(c.rules.iter().map(|(r, n)| (self.rules.name(*r), *n, *r)));
+            sorted_rules.sort_unstable();
+            for (j, (name, n, r)) in sorted_rules.iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                let q = rules[*r as usize].get_or_insert_with(|| quoted(name));
+                out.extend_from_slice(q);
+                out.push(b':');
+                put_u64(&mut out, *n);
+            }
+            out.extend_from_slice(b"}}");
+        }
+        out.extend_from_slice(b"]}");
+        out
+    }
+
+    /// The graph as the admin API sends it (from or to `namespace` only, unless empty).
+    pub fn to_proto(&self, namespace: &str) -> pb::GetGraphResponse {
+        let l = self.layout(|src, dst| {
+            namespace.is_empty() || src.namespace == namespace || dst.namespace == namespace
+        });
+        pb::GetGraphResponse {
+            nodes: l
+                .nodes
+                .iter()
+                .map(|(id, w)| {
+                    let w = &self.workloads[*w as usize];
+                    pb::GraphNode {
+                        id: id.clone(),
+                        namespace: w.namespace.clone(),
+                        workload: w.name.clone(),
+                    }
+                })
+                .collect(),
+            edges: l
+                .edges
+                .iter()
+                .map(|(k, c)| pb::GraphEdge {
+                    src: l.id(k.src).to_string(),
+                    dst: l.id(k.dst).to_string(),
+                    port: k.port,
+                    protocol: k.protocol,
+                    allowed: c.allowed,
+                    denied: c.denied,
+                    audit_would_deny: c.audit_would_deny,
+                    bytes: c.bytes,
+                    first_seen_unix_nanos: c.first_seen_unix_nanos,
+                    last_seen_unix_nanos: c.last_seen_unix_nanos,
+                    rules: l
+                        .sorted_rules(c)
+                        .into_iter()
+                        .map(|(rule, count)| pb::RuleCount {
+                            rule: rule.to_string(),
+                            count,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// (nodes, edges) of the graph.
     pub fn len(&self) -> (usize, usize) {
-        let g = self.graph();
-        (g.nodes.len(), g.edges.len())
+        (self.nodes, self.edges.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.edges.is_empty()
+    }
+}
+
+/// A graph ready to render: nodes in id order, edges in (source, destination, port,
+/// protocol) order, borrowed from the [`ServiceGraph`].
+struct Layout<'a> {
+    graph: &'a ServiceGraph,
+    /// (id, workload number)
+    nodes: Vec<(String, u32)>,
+    /// Position in `nodes` by workload number.
+    rank: Vec<u32>,
+    edges: Vec<(&'a EdgeKey, &'a EdgeCounts)>,
+}
+
+impl Layout<'_> {
+    fn id(&self, w: u32) -> &str {
+        &self.nodes[self.rank[w as usize] as usize].0
+    }
+
+    /// An edge's rules by name, as [`Edge::rules`] orders them.
+    fn sorted_rules(&self, c: &EdgeCounts) -> Vec<(&str, u64)> {
+        let mut rules: Vec<(&str, u64)> = c
+            .rules
+            .iter()
+            .map(|(r, n)| (self.graph.rules.name(*r), *n))
+            .collect();
+        rules.sort_unstable();
+        rules
+    }
+}
+
+/// Decimal digits of `n`, as JSON writes them.
+fn put_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+/// What `bulkhead flows` and the flow API filter on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowFilter {
+    /// From or to a pod of this namespace (the reporting endpoint or the named peer).
+    pub namespace: Option<String>,
+    /// From or to this pod, `namespace/pod`.
+    pub pod: Option<String>,
+    pub verdict: Option<String>,
+    /// Observed at or after this time.
+    pub since_unix_nanos: u64,
+}
+
+impl FlowFilter {
+    pub fn from_proto(f: Option<&pb::FlowFilter>) -> FlowFilter {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        f.map(|f| FlowFilter {
+            namespace: some(&f.namespace),
+            pod: some(&f.pod),
+            verdict: some(&f.verdict),
+            since_unix_nanos: f.since_unix_nanos,
+        })
+        .unwrap_or_default()
+    }
+
+    pub fn to_proto(&self) -> pb::FlowFilter {
+        pb::FlowFilter {
+            namespace: self.namespace.clone().unwrap_or_default(),
+            pod: self.pod.clone().unwrap_or_default(),
+            verdict: self.verdict.clone().unwrap_or_default(),
+            since_unix_nanos: self.since_unix_nanos,
+        }
+    }
+
+    /// Whether the record matches; `dir` names a peer the agent could not.
+    pub fn matches(&self, dir: &Directory, r: &pb::FlowRecord) -> bool {
+        if r.time_unix_nanos < self.since_unix_nanos {
+            return false;
+        }
+        if let Some(v) = &self.verdict
+            && &r.verdict != v
+        {
+            return false;
+        }
+        if self.pod.is_none() && self.namespace.is_none() {
+            return true;
+        }
+        let peer = if r.peer.is_empty() {
+            dir.pod_of(peer_address(r)).unwrap_or_default()
+        } else {
+            r.peer.as_str()
+        };
+        if let Some(p) = &self.pod
+            && &r.endpoint != p
+            && peer != p
+        {
+            return false;
+        }
+        if let Some(ns) = &self.namespace {
+            let in_ns = |x: &str| x.split_once('/').is_some_and(|(n, _)| n == ns);
+            if !in_ns(&r.endpoint) && !in_ns(peer) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// The controller's flow ingest path: each batch an agent reports is folded into the service
+/// graph as it arrives and then kept in the bounded store, so the graph never misses a record
+/// the store evicted, and nothing is copied on the way.
+pub struct FlowPipeline {
+    store: Arc<Mutex<FlowStore>>,
+    graph: Arc<Mutex<ServiceGraph>>,
+    hub: Option<Arc<Hub>>,
+    /// The directory and the hub generation it was built from.
+    directory: Mutex<(u64, Arc<Directory>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlowPipelineError {
+    #[error(
+        "the flow store or graph lock is poisoned (a previous update panicked); restart the controller"
+    )]
+    Poisoned,
+}
+
+impl FlowPipeline {
+    /// Names addresses from `hub`'s rule sets (rebuilt when they change).
+    pub fn new(
+        store: Arc<Mutex<FlowStore>>,
+        graph: Arc<Mutex<ServiceGraph>>,
+        hub: Arc<Hub>,
+    ) -> FlowPipeline {
+        FlowPipeline {
+            store,
+            graph,
+            hub: Some(hub),
+            directory: Mutex::new((0, Arc::new(Directory::default()))),
+        }
+    }
+
+    /// A pipeline with a fixed directory (tests, benchmarks without a policy engine).
+    pub fn with_directory(
+        store: Arc<Mutex<FlowStore>>,
+        graph: Arc<Mutex<ServiceGraph>>,
+        directory: Directory,
+    ) -> FlowPipeline {
+        FlowPipeline {
+            store,
+            graph,
+            hub: None,
+            directory: Mutex::new((0, Arc::new(directory))),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Mutex<FlowStore>> {
+        &self.store
+    }
+
+    pub fn graph(&self) -> &Arc<Mutex<ServiceGraph>> {
+        &self.graph
+    }
+
+    /// Who has which address, as of the hub's current rule sets.
+    pub fn directory(&self) -> Arc<Directory> {
+        let Ok(mut cached) = self.directory.lock() else {
+            return Arc::new(Directory::default());
+        };
+        if let Some(hub) = &self.hub {
+            let generation = hub.generation();
+            if cached.0 != generation
+                && let Some(d) = hub.with_rulesets(|rs| Directory::from_rulesets(rs))
+            {
+                *cached = (generation, Arc::new(d));
+            }
+        }
+        cached.1.clone()
+    }
+
+    /// One agent's batch: folded into the graph, then stored. Returns the records accepted.
+    pub fn ingest(
+        &self,
+        node: &str,
+        records: Vec<pb::FlowRecord>,
+        dropped_by_agent: u64,
+    ) -> Result<u64, FlowPipelineError> {
+        let directory = self.directory();
+        {
+            let mut graph = self.graph.lock().map_err(|_| FlowPipelineError::Poisoned)?;
+            for r in &records {
+                graph.add(&directory, r);
+            }
+        }
+        let n = records.len() as u64;
+        let mut store = self.store.lock().map_err(|_| FlowPipelineError::Poisoned)?;
+        store.dropped_by_agents += dropped_by_agent;
+        store.push_batch(node, records);
+        Ok(n)
+    }
+}
+
+impl From<pb::GetGraphResponse> for Graph {
+    fn from(g: pb::GetGraphResponse) -> Self {
+        Graph {
+            nodes: g
+                .nodes
+                .into_iter()
+                .map(|n| GraphNode {
+                    id: n.id,
+                    namespace: n.namespace,
+                    workload: n.workload,
+                })
+                .collect(),
+            edges: g
+                .edges
+                .into_iter()
+                .map(|e| Edge {
+                    src: e.src,
+                    dst: e.dst,
+                    port: e.port,
+                    protocol: e.protocol,
+                    allowed: e.allowed,
+                    denied: e.denied,
+                    audit_would_deny: e.audit_would_deny,
+                    bytes: e.bytes,
+                    first_seen_unix_nanos: e.first_seen_unix_nanos,
+                    last_seen_unix_nanos: e.last_seen_unix_nanos,
+                    rules: e.rules.into_iter().map(|r| (r.rule, r.count)).collect(),
+                })
+                .collect(),
+        }
     }
 }
 
@@ -396,8 +1068,20 @@ mod tests {
                 .contains_key("NetworkPolicy shop/api ingress default-deny")
         );
         assert!(edge("world", "shop/Deployment/web").is_some());
-        assert_eq!(g.drops_by_rule.values().sum::<u64>(), 1);
+        assert_eq!(g.drops_by_rule().map(|(_, c)| c).sum::<u64>(), 1);
+        assert_eq!(g.records(), 4);
+        assert_eq!(g.len(), (4, 3));
         assert_eq!(graph.nodes.len(), 4);
+        // The JSON written straight from the aggregate is the JSON of the graph, byte for byte.
+        assert_eq!(
+            g.to_json(),
+            serde_json::to_vec(&graph).expect("json"),
+            "{}",
+            String::from_utf8_lossy(&g.to_json())
+        );
+        let p = g.to_proto("tools");
+        assert_eq!((p.nodes.len(), p.edges.len()), (2, 1));
+        assert_eq!(Graph::from(g.to_proto("")).to_dot(), graph.to_dot());
         let dot = graph.to_dot();
         assert!(
             dot.contains("cluster_") && dot.contains("color=red"),

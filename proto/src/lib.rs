@@ -5,3 +5,6 @@
 pub mod v1 {
     tonic::include_proto!("bulkhead.v1");
 }
+
+/// The protobuf runtime the generated code uses (for clients that encode by hand).
+pub use prost;

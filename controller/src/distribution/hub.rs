@@ -101,6 +101,9 @@ pub struct Hub {
     /// Per node. Lock order: `state`, then `acks`.
     acks: Mutex<HashMap<String, AckState>>,
     next_subscriber: AtomicU64,
+    /// Bumped whenever some node's rule set changes (so the flow pipeline knows when to
+    /// rebuild its address directory, without copying rule sets to find out).
+    generation: AtomicU64,
     pub counters: HubCounters,
 }
 
@@ -147,6 +150,7 @@ impl Hub {
             state: Mutex::new(HubState { engine, nodes }),
             acks: Mutex::new(HashMap::new()),
             next_subscriber: AtomicU64::new(1),
+            generation: AtomicU64::new(1),
             counters: HubCounters::default(),
         }
     }
@@ -239,7 +243,24 @@ impl Hub {
             // queued for it, which the snapshot supersedes).
             entry.subscribers.clear();
         }
+        if !deltas.is_empty() {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
         Ok(deltas)
+    }
+
+    /// Changes whenever some node's rule set changed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Runs `f` over every node's current rule set, without copying them.
+    pub fn with_rulesets<R>(
+        &self,
+        f: impl FnOnce(&mut dyn Iterator<Item = &RuleSet>) -> R,
+    ) -> Option<R> {
+        let state = self.lock().ok()?;
+        Some(f(&mut state.nodes.values().map(|e| &e.ruleset)))
     }
 
     /// Starts following `node`: a snapshot of its current rule set and the queue of updates

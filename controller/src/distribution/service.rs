@@ -12,24 +12,30 @@ use bulkhead_proto::v1::{
     NodeStatusResponse, PolicyStatusRequest, PolicyStatusResponse, admin_server::Admin,
     agent_message, controller_message, distribution_server::Distribution,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::hub::Hub;
+use crate::flows::{Directory, FlowFilter, FlowPipeline, ServiceGraph};
 
 /// How long an agent has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Flow records the controller keeps (oldest evicted first, evictions counted).
+///
+/// Every record has a sequence number (the count of records accepted before it), so a reader
+/// can resume where it left off and knows how many it missed when the store moved past it.
 #[derive(Debug)]
 pub struct FlowStore {
     capacity: usize,
-    records: VecDeque<(String, pb::FlowRecord)>,
+    records: VecDeque<(Arc<str>, pb::FlowRecord)>,
     pub accepted: u64,
     pub evicted: u64,
     /// Records agents reported as dropped on their side.
     pub dropped_by_agents: u64,
+    /// Says `accepted` to watchers whenever records arrive.
+    arrivals: watch::Sender<u64>,
 }
 
 impl FlowStore {
@@ -40,20 +46,79 @@ impl FlowStore {
             accepted: 0,
             evicted: 0,
             dropped_by_agents: 0,
+            arrivals: watch::Sender::new(0),
         }
     }
 
     pub fn push(&mut self, node: &str, r: pb::FlowRecord) {
-        if self.records.len() == self.capacity {
-            self.records.pop_front();
-            self.evicted += 1;
+        self.push_batch(node, [r]);
+    }
+
+    /// Records of one node, in order.
+    pub fn push_batch(&mut self, node: &str, records: impl IntoIterator<Item = pb::FlowRecord>) {
+        let node: Arc<str> = Arc::from(node);
+        for r in records {
+            if self.records.len() == self.capacity {
+                self.records.pop_front();
+                self.evicted += 1;
+            }
+            self.accepted += 1;
+            self.records.push_back((node.clone(), r));
         }
-        self.accepted += 1;
-        self.records.push_back((node.to_string(), r));
+        self.arrivals.send_replace(self.accepted);
     }
 
     pub fn recent(&self, limit: usize) -> Vec<(String, pb::FlowRecord)> {
-        self.records.iter().rev().take(limit).cloned().collect()
+        self.records
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|(n, r)| (n.to_string(), r.clone()))
+            .collect()
+    }
+
+    /// Sequence number of the oldest record held.
+    pub fn first_sequence(&self) -> u64 {
+        self.accepted - self.records.len() as u64
+    }
+
+    /// Records from sequence number `from` on (node, record, sequence), and how many records
+    /// from `from` on were already evicted.
+    pub fn since(
+        &self,
+        from: u64,
+    ) -> (
+        u64,
+        impl DoubleEndedIterator<Item = (&str, &pb::FlowRecord, u64)>,
+    ) {
+        let first = self.first_sequence();
+        let missed = first.saturating_sub(from);
+        let skip = from.saturating_sub(first).min(self.records.len() as u64) as usize;
+        let iter = self
+            .records
+            .range(skip..)
+            .enumerate()
+            .map(move |(i, (n, r))| (&**n, r, first + (skip + i) as u64));
+        (missed, iter)
+    }
+
+    /// Wakes up whenever records arrive (carries the `accepted` count).
+    pub fn arrivals(&self) -> watch::Receiver<u64> {
+        self.arrivals.subscribe()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn stats(&self) -> pb::FlowStoreStats {
+        pb::FlowStoreStats {
+            accepted: self.accepted,
+            stored: self.records.len() as u64,
+            evicted: self.evicted,
+            dropped_by_agents: self.dropped_by_agents,
+            capacity: self.capacity as u64,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -68,12 +133,24 @@ impl FlowStore {
 #[derive(Clone)]
 pub struct DistributionService {
     hub: Arc<Hub>,
-    flows: Arc<Mutex<FlowStore>>,
+    flows: Arc<FlowPipeline>,
 }
 
 impl DistributionService {
+    /// Flow reports go into `flows` and into a service graph of their own.
     pub fn new(hub: Arc<Hub>, flows: Arc<Mutex<FlowStore>>) -> Self {
-        DistributionService { hub, flows }
+        let graph = Arc::new(Mutex::new(ServiceGraph::default()));
+        let pipeline = Arc::new(FlowPipeline::new(flows, graph, hub.clone()));
+        DistributionService::with_flow_pipeline(hub, pipeline)
+    }
+
+    /// Flow reports go through `pipeline` (store and graph shared with the rest of the
+    /// controller).
+    pub fn with_flow_pipeline(hub: Arc<Hub>, pipeline: Arc<FlowPipeline>) -> Self {
+        DistributionService {
+            hub,
+            flows: pipeline,
+        }
     }
 }
 
@@ -181,14 +258,10 @@ impl Distribution for DistributionService {
         let mut accepted = 0u64;
         while let Some(batch) = inbound.next().await {
             let batch = batch?;
-            let Ok(mut store) = self.flows.lock() else {
-                return Err(Status::internal("flow store lock poisoned"));
-            };
-            store.dropped_by_agents += batch.dropped;
-            for r in batch.records {
-                store.push(&batch.node, r);
-                accepted += 1;
-            }
+            accepted += self
+                .flows
+                .ingest(&batch.node, batch.records, batch.dropped)
+                .map_err(|e| Status::internal(e.to_string()))?;
         }
         Ok(Response::new(FlowReportSummary { accepted }))
     }
@@ -198,14 +271,33 @@ impl Distribution for DistributionService {
 pub struct AdminService {
     hub: Arc<Hub>,
     quarantine: Option<Arc<super::quarantine::QuarantineControl>>,
+    flows: Option<Arc<FlowPipeline>>,
 }
+
+/// Records per `WatchFlows` message at most.
+const WATCH_CHUNK: usize = 1024;
+/// `GetFlows` answers this many records when the request sets no limit.
+const DEFAULT_FLOW_LIMIT: usize = 1000;
 
 impl AdminService {
     pub fn new(hub: Arc<Hub>) -> Self {
         AdminService {
             hub,
             quarantine: None,
+            flows: None,
         }
+    }
+
+    /// Serve the flow and graph calls too, from the controller's flow pipeline.
+    pub fn with_flows(mut self, pipeline: Arc<FlowPipeline>) -> Self {
+        self.flows = Some(pipeline);
+        self
+    }
+
+    fn flow_pipeline(&self) -> Result<Arc<FlowPipeline>, Status> {
+        self.flows
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this controller keeps no flows"))
     }
 
     /// Serve the quarantine calls too.
@@ -221,8 +313,130 @@ impl AdminService {
     }
 }
 
+fn poisoned() -> Status {
+    Status::internal("the flow store or graph lock is poisoned; restart the controller")
+}
+
+/// A stored record as the API hands it out: its peer named when the agent could not.
+fn stored_flow(dir: &Directory, node: &str, r: &pb::FlowRecord, sequence: u64) -> pb::StoredFlow {
+    let mut record = r.clone();
+    dir.name_peer(&mut record);
+    pb::StoredFlow {
+        node: node.to_string(),
+        record: Some(record),
+        sequence,
+    }
+}
+
+/// The newest `limit` stored records that match, oldest first.
+fn newest_matching(
+    store: &FlowStore,
+    dir: &Directory,
+    filter: &FlowFilter,
+    limit: usize,
+) -> Vec<pb::StoredFlow> {
+    let (_, records) = store.since(0);
+    let mut out: Vec<pb::StoredFlow> = records
+        .rev()
+        .filter(|(_, r, _)| filter.matches(dir, r))
+        .take(limit)
+        .map(|(node, r, seq)| stored_flow(dir, node, r, seq))
+        .collect();
+    out.reverse();
+    out
+}
+
+type WatchFlowsStream = Pin<Box<dyn Stream<Item = Result<pb::WatchFlowsResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Admin for AdminService {
+    type WatchFlowsStream = WatchFlowsStream;
+
+    async fn get_graph(
+        &self,
+        request: Request<pb::GetGraphRequest>,
+    ) -> Result<Response<pb::GetGraphResponse>, Status> {
+        let pipeline = self.flow_pipeline()?;
+        let namespace = request.into_inner().namespace;
+        let resp = tokio::task::spawn_blocking(move || {
+            let g = pipeline.graph().lock().map_err(|_| poisoned())?;
+            Ok::<_, Status>(g.to_proto(&namespace))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(resp))
+    }
+
+    async fn get_flows(
+        &self,
+        request: Request<pb::GetFlowsRequest>,
+    ) -> Result<Response<pb::GetFlowsResponse>, Status> {
+        let pipeline = self.flow_pipeline()?;
+        let req = request.into_inner();
+        let filter = FlowFilter::from_proto(req.filter.as_ref());
+        let limit = match req.limit {
+            0 => DEFAULT_FLOW_LIMIT,
+            n => n as usize,
+        };
+        let dir = pipeline.directory();
+        let store = pipeline.store().lock().map_err(|_| poisoned())?;
+        Ok(Response::new(pb::GetFlowsResponse {
+            flows: newest_matching(&store, &dir, &filter, limit),
+            stats: Some(store.stats()),
+        }))
+    }
+
+    async fn watch_flows(
+        &self,
+        request: Request<pb::WatchFlowsRequest>,
+    ) -> Result<Response<Self::WatchFlowsStream>, Status> {
+        let pipeline = self.flow_pipeline()?;
+        let req = request.into_inner();
+        let filter = FlowFilter::from_proto(req.filter.as_ref());
+        let (mut arrivals, backlog, mut next) = {
+            let dir = pipeline.directory();
+            let store = pipeline.store().lock().map_err(|_| poisoned())?;
+            let mut arrivals = store.arrivals();
+            arrivals.borrow_and_update();
+            let backlog = newest_matching(&store, &dir, &filter, req.backlog as usize);
+            (arrivals, backlog, store.accepted)
+        };
+        let (tx, rx) = mpsc::channel::<Result<pb::WatchFlowsResponse, Status>>(4);
+        tokio::spawn(async move {
+            let mut pending = backlog;
+            let mut missed = 0;
+            loop {
+                while !pending.is_empty() || missed > 0 {
+                    let rest = pending.split_off(pending.len().min(WATCH_CHUNK));
+                    let msg = pb::WatchFlowsResponse {
+                        flows: std::mem::replace(&mut pending, rest),
+                        missed: std::mem::take(&mut missed),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    changed = arrivals.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+                let dir = pipeline.directory();
+                let Ok(store) = pipeline.store().lock() else {
+                    let _ = tx.send(Err(poisoned())).await;
+                    return;
+                };
+                let (gone, records) = store.since(next);
+                missed = gone;
+                pending = records
+                    .filter(|(_, r, _)| filter.matches(&dir, r))
+                    .map(|(node, r, seq)| stored_flow(&dir, node, r, seq))
+                    .collect();
+                next = store.accepted;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn policy_status(
         &self,
         _request: Request<PolicyStatusRequest>,
