@@ -158,6 +158,14 @@ pub struct KubernetesSource {
     wake_status: Arc<Notify>,
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn is_not_found(e: &watcher::Error) -> bool {
     let client_err = match e {
         watcher::Error::InitialListFailed(c) | watcher::Error::WatchStartFailed(c) => c,
@@ -200,7 +208,8 @@ impl KubernetesSource {
     /// Watches until the task is dropped. Never fails: API errors are retried with backoff
     /// and an invalid object only affects itself.
     pub async fn run(self) {
-        let status_task = tokio::spawn(StatusWriter::new(&self).run());
+        // Ends with this task, also when it is aborted.
+        let _status_task = AbortOnDrop(tokio::spawn(StatusWriter::new(&self).run()));
         let streams: Vec<_> = Kind::ALL
             .iter()
             .map(|k| watch(self.client.clone(), *k, self.options.watcher.clone()))
@@ -233,7 +242,6 @@ impl KubernetesSource {
                 }
             }
         }
-        status_task.abort();
     }
 
     fn handle(&self, kind: Kind, event: Result<Event<DynamicObject>, watcher::Error>) {
@@ -302,19 +310,29 @@ impl KubernetesSource {
         let hub = self.hub.clone();
         let carried = self.carried.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let mut nodes: BTreeSet<String> = BTreeSet::new();
+            let mut touched = 0;
             if !changes.quarantines.is_empty() {
                 forget_released(&carried, &changes.quarantines);
                 // The same path as `bulkhead quarantine`: applied at once, priority delivery.
-                let deltas = hub.apply(changes.quarantines, true)?;
-                nodes.extend(deltas.into_iter().map(|d| d.node));
+                let nodes: BTreeSet<String> = hub
+                    .apply(changes.quarantines, true)?
+                    .into_iter()
+                    .map(|d| d.node)
+                    .collect();
+                record_carried(&hub, &carried, &nodes);
+                touched += nodes.len();
             }
             if !changes.others.is_empty() {
-                let deltas = hub.apply(changes.others, false)?;
-                nodes.extend(deltas.into_iter().map(|d| d.node));
+                let nodes: BTreeSet<String> = hub
+                    .apply(changes.others, false)?
+                    .into_iter()
+                    .map(|d| d.node)
+                    .collect();
+                // Pods that moved into or out of a quarantine's selection.
+                record_carried(&hub, &carried, &nodes);
+                touched += nodes.len();
             }
-            record_carried(&hub, &carried, &nodes);
-            Ok::<usize, crate::distribution::hub::HubError>(nodes.len())
+            Ok::<usize, crate::distribution::hub::HubError>(touched)
         })
         .await;
         match result {
