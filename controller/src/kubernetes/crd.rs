@@ -188,6 +188,7 @@ pub struct ServicePolicyStatus {
     pub observed_generation: Option<i64>,
     /// `Accepted` (or `False` with reason `Invalid`) and `Realized` (on X of Y nodes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Nodes whose rule set the policy concerns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -270,6 +271,7 @@ pub struct QuarantineStatus {
     pub observed_generation: Option<i64>,
     /// `Accepted` (or `False` with reason `Invalid`) and `Realized` (on X of Y nodes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<u32>,
