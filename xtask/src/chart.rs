@@ -324,8 +324,9 @@ pub fn test() -> anyhow::Result<()> {
     in_parallel(jobs)?;
     validate_custom_resources(&rendered)?;
 
-    step("test: chart-generated certificates (openssl verify)");
+    step("test: chart-generated certificates (openssl verify; kept on upgrade)");
     verify_generated_certificates(&rendered)?;
+    check_certificates_reused(&rendered)?;
 
     step("test: checkov (every finding fixed, or suppressed with its reason)");
     let mut jobs: Vec<Check> = Vec::new();
@@ -394,6 +395,82 @@ fn scan_chart(chart: &Path) -> anyhow::Result<String> {
             String::from_utf8_lossy(&out.stderr)
         ),
     }
+}
+
+/// The `tls.crt` of each chart-generated Secret in a rendering, in document order.
+fn secret_certs(text: &str) -> Vec<String> {
+    text.split("\n---")
+        .filter(|d| d.contains("\nkind: Secret\n"))
+        .filter_map(|d| {
+            d.lines()
+                .find_map(|l| l.trim().strip_prefix("tls.crt: "))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// On upgrade the chart must reuse its Secrets (found with `lookup`) instead of minting new
+/// certificates. `helm template` has no cluster to look up, so this renders a copy of the chart
+/// whose two `lookup` calls read fixture files instead: the default rendering's Secrets (expect
+/// them back unchanged), then a pair with different CAs (expect fresh certificates).
+fn check_certificates_reused(rendered: &[Rendered]) -> anyhow::Result<()> {
+    let with_secrets: Vec<&Rendered> = rendered
+        .iter()
+        .filter(|r| secret_certs(&fs::read_to_string(&r.manifests).unwrap_or_default()).len() == 2)
+        .collect();
+    let [first, second, ..] = with_secrets.as_slice() else {
+        bail!("need two values sets that generate certificates to test their reuse");
+    };
+    let secrets = |r: &Rendered| -> anyhow::Result<Vec<String>> {
+        Ok(fs::read_to_string(&r.manifests)?
+            .split("\n---")
+            .filter(|d| d.contains("\nkind: Secret\n"))
+            .map(str::to_string)
+            .collect())
+    };
+    let (ours, theirs) = (secrets(first)?, secrets(second)?);
+    let copy = project_root().join("target/chart/lookup");
+    let _ = fs::remove_dir_all(&copy);
+    fs::create_dir_all(&copy)?;
+    run(Command::new("cp").arg("-r").arg(chart_dir()).arg(&copy))?;
+    let chart = copy.join("bulkhead");
+    let template = chart.join("templates/tls-secrets.yaml");
+    let mut text = fs::read_to_string(&template)?;
+    for (call, fixture) in [
+        ("lookup \"v1\" \"Secret\" $ns $controllerName", "controller"),
+        ("lookup \"v1\" \"Secret\" $ns $agentName", "agent"),
+    ] {
+        if !text.contains(call) {
+            bail!("tls-secrets.yaml no longer has `{call}`; update this test");
+        }
+        text = text.replace(
+            call,
+            &format!("fromYaml (.Files.Get \"lookup-{fixture}.yaml\")"),
+        );
+    }
+    fs::write(&template, text)?;
+    let render = |controller: &str, agent: &str| -> anyhow::Result<Vec<String>> {
+        fs::write(chart.join("lookup-controller.yaml"), controller)?;
+        fs::write(chart.join("lookup-agent.yaml"), agent)?;
+        let out = output(
+            Command::new(helm())
+                .args(["template", "bulkhead"])
+                .arg(&chart)
+                .args(["--namespace", RENDER_NAMESPACE, "--values"])
+                .arg(chart.join(format!("ci/{}-values.yaml", first.name))),
+        )?;
+        Ok(secret_certs(&out))
+    };
+    let before = secret_certs(&fs::read_to_string(&first.manifests)?);
+    if render(&ours[0], &ours[1])? != before {
+        bail!("an upgrade would replace the chart-generated certificates instead of keeping them");
+    }
+    let fresh = render(&ours[0], &theirs[1])?;
+    if fresh.iter().any(|c| before.contains(c)) {
+        bail!("Secrets with different CAs were kept instead of regenerated together");
+    }
+    println!("    kept on upgrade; regenerated together when the two Secrets disagree");
+    Ok(())
 }
 
 /// The Secrets the chart generates (without cert-manager) must be what the binaries accept: one
