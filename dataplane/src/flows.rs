@@ -294,7 +294,16 @@ pub fn connections(pin_dir: &std::path::Path, ctx: &FlowContext) -> Vec<Connecti
     };
     ct.iter()
         .flatten()
-        .map(|(k, v)| {
+        // Entries of an agent before canonical keys are dropped by the kernel on sight.
+        .filter(|(_, v)| v.flags & bulkhead_common::CT_CANONICAL != 0)
+        .map(|(mut k, v)| {
+            // Keys hold the tuple in canonical order: turn it back into the opener's.
+            let opened_egress = v.flags & bulkhead_common::CT_INITIATED_EGRESS != 0;
+            if (k.direction != DIR_INGRESS) != opened_egress {
+                std::mem::swap(&mut k.saddr, &mut k.daddr);
+                std::mem::swap(&mut k.sport_be, &mut k.dport_be);
+                k.direction ^= 1;
+            }
             let family = if k.saddr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
                 FAMILY_V4
             } else {

@@ -809,6 +809,77 @@ fn a_group_that_does_not_fit_locks_all_its_endpoints_down() {
     });
 }
 
+/// One conntrack entry serves both ends of a connection whichever way its ports are ordered,
+/// and an ICMP error passes only when it quotes a packet of a tracked connection.
+#[test]
+fn conntrack_finds_replies_in_either_port_order_and_relates_icmp_errors() {
+    if !check_privileged_test(
+        "conntrack_finds_replies_in_either_port_order_and_relates_icmp_errors",
+    ) {
+        return;
+    }
+    with_dataplane("ct-order", |e, ifx| {
+        let ep = base_endpoint();
+        let mut policy = base_policy();
+        // Egress: TCP 8080 to 301 only.
+        policy.egress = DirectionPolicy {
+            isolated_by: Some(9),
+            audit_isolated_by: None,
+            entries: vec![allow(301, Some(Protocol::Tcp), PortRange::single(8080), 10)],
+        };
+        e.apply(&base_ruleset(1, ep, policy), &RouteResolver)
+            .expect("apply");
+        // The pod opens a connection from a port below the server's (the tuple is stored as
+        // sent) and one from a port above it (stored reversed).
+        for client in [1000u16, 50000] {
+            assert_eq!(
+                run(e, PROG_FROM_POD, &tcp4(EP_V4, PEER_V4, client, 8080), ifx),
+                TC_ACT_OK
+            );
+            assert_eq!(
+                run(e, PROG_TO_POD, &tcp4(PEER_V4, EP_V4, 8080, client), ifx),
+                TC_ACT_OK,
+                "the reply to client port {client} passes although ingress admits only TCP 80"
+            );
+            assert_eq!(
+                run(e, PROG_TO_POD, &tcp4(PEER_V4, EP_V4, 8080, client + 1), ifx),
+                TC_ACT_SHOT,
+                "no connection from client port {}",
+                client + 1
+            );
+        }
+        // A router's ICMP error about the tracked connection reaches the pod; one about a
+        // connection nobody opened does not (ingress admits no ICMP from the world).
+        assert_eq!(
+            run(
+                e,
+                PROG_TO_POD,
+                &icmp4_frag_needed(WORLD_V4, EP_V4, (EP_V4, PEER_V4, 1000, 8080)),
+                ifx
+            ),
+            TC_ACT_OK
+        );
+        assert_eq!(
+            run(
+                e,
+                PROG_TO_POD,
+                &icmp4_frag_needed(WORLD_V4, EP_V4, (EP_V4, PEER_V4, 50000, 8080)),
+                ifx
+            ),
+            TC_ACT_OK
+        );
+        assert_eq!(
+            run(
+                e,
+                PROG_TO_POD,
+                &icmp4_frag_needed(WORLD_V4, EP_V4, (EP_V4, PEER_V4, 1002, 8080)),
+                ifx
+            ),
+            TC_ACT_SHOT
+        );
+    });
+}
+
 /// The XDP prefilter drops, on arrival, traffic from an identity a local endpoint can neither be
 /// reached from nor reach; an address with an identity of its own inside a denied CIDR, and an
 /// identity the endpoint may still reach (its replies must come back), pass to TC.

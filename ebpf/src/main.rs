@@ -27,12 +27,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use bulkhead_common::{
-    COUNTER_SLOTS, CT_AUDIT, Config, Counter, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, DenySeen,
-    EVENT_AUDIT, EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo,
-    FlowEvent, IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS,
-    PROTO_OTHER, PolicyKey, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue,
-    QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR, SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES,
-    VERDICT_ALLOW, VERDICT_DENY, endpoint_flags, reason, stat,
+    COUNTER_SLOTS, CT_AUDIT, CT_CANONICAL, CT_INITIATED_EGRESS, Config, Counter, CtKey, CtValue,
+    DIR_EGRESS, DIR_INGRESS, DenySeen, EVENT_AUDIT, EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED,
+    EndpointAddrKey, EndpointInfo, FlowEvent, IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS,
+    POLICY_KEY_FIXED_BITS, PROTO_OTHER, PolicyKey, PolicySummary, PolicyValue, PrefilterKey,
+    PrefilterValue, QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR, SUMMARY_HAS_EXACT,
+    SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY, ct_swapped, endpoint_flags, reason, stat,
 };
 use parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Packet, Parsed};
 
@@ -123,7 +123,6 @@ static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 pub struct Scratch {
     packet: Packet,
     fwd: CtKey,
-    rev: CtKey,
     deny: CtKey,
     ct: CtValue,
 }
@@ -487,9 +486,24 @@ fn lookup_policy(ep: &EndpointInfo, dir: u8, peer: u32, p: &Packet) -> PolicyVal
     summary.fallback
 }
 
+/// The packet's tuple as it travels, for the deny-event rate limiter.
 #[inline(always)]
-fn ct_key(p: &Packet, endpoint_id: u32, dir: u8, reverse: bool) -> CtKey {
-    if reverse {
+fn tuple_key(p: &Packet, endpoint_id: u32, dir: u8) -> CtKey {
+    CtKey {
+        saddr: p.saddr,
+        daddr: p.daddr,
+        sport_be: p.sport_be,
+        dport_be: p.dport_be,
+        endpoint_id: endpoint_id as u16,
+        protocol: p.protocol,
+        direction: dir,
+    }
+}
+
+/// The packet's connection's conntrack key: the same for forward packets and replies.
+#[inline(always)]
+fn ct_key(p: &Packet, endpoint_id: u32, dir: u8) -> CtKey {
+    if ct_swapped(&p.saddr, &p.daddr, p.sport_be, p.dport_be) {
         CtKey {
             saddr: p.daddr,
             daddr: p.saddr,
@@ -497,18 +511,10 @@ fn ct_key(p: &Packet, endpoint_id: u32, dir: u8, reverse: bool) -> CtKey {
             dport_be: p.sport_be,
             endpoint_id: endpoint_id as u16,
             protocol: p.protocol,
-            direction: dir,
+            direction: dir ^ 1,
         }
     } else {
-        CtKey {
-            saddr: p.saddr,
-            daddr: p.daddr,
-            sport_be: p.sport_be,
-            dport_be: p.dport_be,
-            endpoint_id: endpoint_id as u16,
-            protocol: p.protocol,
-            direction: dir,
-        }
+        tuple_key(p, endpoint_id, dir)
     }
 }
 
@@ -590,7 +596,7 @@ fn emit(skb: *mut __sk_buff, p: &Packet, m: &EventMeta) {
 fn emit_denied(skb: *mut __sk_buff, s: *mut Scratch, m: &EventMeta) {
     // SAFETY: per-CPU scratch, exclusively ours for this run.
     let s = unsafe { &mut *s };
-    s.deny = ct_key(&s.packet, m.endpoint_id, m.direction, false);
+    s.deny = tuple_key(&s.packet, m.endpoint_id, m.direction);
     let key = &s.deny;
     let p = &s.packet;
     let t = now_coarse();
@@ -622,7 +628,7 @@ fn emit_denied(skb: *mut __sk_buff, s: *mut Scratch, m: &EventMeta) {
 }
 
 /// Whether an ICMP error embeds a packet of a connection this endpoint tracks. Uses the
-/// scratch keys (both free by now: the tracked lookups missed).
+/// scratch key (free by now: the conntrack lookup missed, and an ICMP error is never tracked).
 #[inline(never)]
 fn icmp_error_related(skb: *mut __sk_buff, s: *mut Scratch, endpoint_id: u32, dir: u8) -> bool {
     let ctx = TcContext::new(skb);
@@ -631,28 +637,17 @@ fn icmp_error_related(skb: *mut __sk_buff, s: *mut Scratch, endpoint_id: u32, di
     if !parse::parse_icmp_inner(&ctx, &s.packet, &mut s.fwd) {
         return false;
     }
-    let opposite = if dir == DIR_INGRESS {
-        DIR_EGRESS
-    } else {
-        DIR_INGRESS
-    };
-    // The embedded packet went the other way: it is either the forward tuple of a connection
-    // tracked in the opposite direction, or the reverse of one tracked in this direction.
-    s.fwd.endpoint_id = endpoint_id as u16;
-    s.fwd.direction = opposite;
-    if unsafe { CONNTRACK.get(&s.fwd) }.is_some() {
-        return true;
+    // The embedded packet went the other way (the opposite policy direction); its connection's
+    // key is the same whichever side opened it.
+    let k = &mut s.fwd;
+    k.endpoint_id = endpoint_id as u16;
+    k.direction = dir ^ 1;
+    if ct_swapped(&k.saddr, &k.daddr, k.sport_be, k.dport_be) {
+        core::mem::swap(&mut k.saddr, &mut k.daddr);
+        core::mem::swap(&mut k.sport_be, &mut k.dport_be);
+        k.direction = dir;
     }
-    s.rev = CtKey {
-        saddr: s.fwd.daddr,
-        daddr: s.fwd.saddr,
-        sport_be: s.fwd.dport_be,
-        dport_be: s.fwd.sport_be,
-        endpoint_id: endpoint_id as u16,
-        protocol: s.fwd.protocol,
-        direction: dir,
-    };
-    unsafe { CONNTRACK.get(&s.rev) }.is_some()
+    unsafe { CONNTRACK.get(&s.fwd) }.is_some_and(|v| v.flags & CT_CANONICAL != 0)
 }
 
 #[inline(always)]
@@ -735,63 +730,61 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
     };
     let t = now_coarse();
 
-    // A forward packet of a tracked connection: re-checked when the policy changed since.
-    s.fwd = ct_key(p, ep.endpoint_id, dir, false);
+    // One lookup finds the connection whichever side's packet this is.
+    s.fwd = ct_key(p, ep.endpoint_id, dir);
     if let Some(ct) = CONNTRACK.get_ptr_mut(&s.fwd) {
         // SAFETY: LRU value pointer valid during this program run; racing updates of counters
         // from two CPUs may lose an increment, never corrupt memory.
-        unsafe {
-            if (*ct).generation == generation {
-                (*ct).last_seen_ns = t;
-                (*ct).packets_fwd += 1;
-                (*ct).bytes_fwd += bytes;
-                count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
-                return TC_ACT_OK;
-            }
-        }
-        let peer = identity_of(p, peer_addr);
-        let v = lookup_policy(ep, dir, peer, p);
-        if v.verdict == VERDICT_ALLOW {
+        let flags = unsafe { (*ct).flags };
+        if flags & CT_CANONICAL == 0 {
+            // Left by an agent before canonical keys: judged anew below.
+            let _ = CONNTRACK.remove(&s.fwd);
+        } else if (flags & CT_INITIATED_EGRESS != 0) != (dir == DIR_EGRESS) {
+            // A reply: the connection was admitted when it was opened.
             unsafe {
-                (*ct).generation = generation;
-                (*ct).rule_id = v.rule_id;
                 (*ct).last_seen_ns = t;
-                (*ct).packets_fwd += 1;
-                (*ct).bytes_fwd += bytes;
+                (*ct).packets_rev += 1;
+                (*ct).bytes_rev += bytes;
             }
             count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
             return TC_ACT_OK;
+        } else {
+            // A forward packet: re-checked when the policy changed since.
+            unsafe {
+                if (*ct).generation == generation {
+                    (*ct).last_seen_ns = t;
+                    (*ct).packets_fwd += 1;
+                    (*ct).bytes_fwd += bytes;
+                    count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
+                    return TC_ACT_OK;
+                }
+            }
+            let peer = identity_of(p, peer_addr);
+            let v = lookup_policy(ep, dir, peer, p);
+            if v.verdict == VERDICT_ALLOW {
+                unsafe {
+                    (*ct).generation = generation;
+                    (*ct).rule_id = v.rule_id;
+                    (*ct).last_seen_ns = t;
+                    (*ct).packets_fwd += 1;
+                    (*ct).bytes_fwd += bytes;
+                }
+                count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
+                return TC_ACT_OK;
+            }
+            let _ = CONNTRACK.remove(&s.fwd);
+            let m = EventMeta::new(
+                ep,
+                dir,
+                peer,
+                &v,
+                EVENT_REVOKED,
+                VERDICT_DENY,
+                reason::DROP_REVOKED,
+            );
+            emit(skb, p, &m);
+            return drop_packet(ep.endpoint_id, reason::DROP_REVOKED, bytes);
         }
-        let _ = CONNTRACK.remove(&s.fwd);
-        let m = EventMeta::new(
-            ep,
-            dir,
-            peer,
-            &v,
-            EVENT_REVOKED,
-            VERDICT_DENY,
-            reason::DROP_REVOKED,
-        );
-        emit(skb, p, &m);
-        return drop_packet(ep.endpoint_id, reason::DROP_REVOKED, bytes);
-    }
-
-    // A reply of a connection this endpoint accepted or opened (tracked under the opposite
-    // direction, with the tuple reversed).
-    let opposite = if dir == DIR_INGRESS {
-        DIR_EGRESS
-    } else {
-        DIR_INGRESS
-    };
-    s.rev = ct_key(p, ep.endpoint_id, opposite, true);
-    if let Some(ct) = CONNTRACK.get_ptr_mut(&s.rev) {
-        unsafe {
-            (*ct).last_seen_ns = t;
-            (*ct).packets_rev += 1;
-            (*ct).bytes_rev += bytes;
-        }
-        count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
-        return TC_ACT_OK;
     }
 
     let peer = identity_of(p, peer_addr);
@@ -844,7 +837,13 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
         generation,
         rule_id: v.rule_id,
         peer_identity: peer,
-        flags: if audit { CT_AUDIT } else { 0 },
+        flags: CT_CANONICAL
+            | if audit { CT_AUDIT } else { 0 }
+            | if dir == DIR_EGRESS {
+                CT_INITIATED_EGRESS
+            } else {
+                0
+            },
     };
     if CONNTRACK.insert(&s.fwd, &s.ct, 0).is_err() {
         bump_stat(stat::CT_INSERT_FAILED);

@@ -168,3 +168,27 @@ pub fn ipv4_fragment(
     p.extend_from_slice(payload);
     p
 }
+
+/// An ICMP "fragmentation needed" from `router` to `dst` that quotes the IPv4 header and first
+/// eight TCP bytes of a packet `inner_src:sport → inner_dst:dport`.
+pub fn icmp4_frag_needed(
+    router: [u8; 4],
+    dst: [u8; 4],
+    inner: ([u8; 4], [u8; 4], u16, u16),
+) -> Vec<u8> {
+    let (isrc, idst, sport, dport) = inner;
+    let mut quoted = Vec::new();
+    etherparse::PacketBuilder::ipv4(isrc, idst, 64)
+        .tcp(sport, dport, 1, 64240)
+        .write(&mut quoted, &[])
+        .expect("build quoted packet");
+    quoted.truncate(20 + 8);
+    let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(router, dst, 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ));
+    let mut out = Vec::new();
+    b.write(&mut out, &quoted).expect("build packet");
+    out
+}

@@ -194,8 +194,11 @@ pub struct QuarantineAllowKey {
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
-/// Connection-tracking key: a tuple as seen in the direction the connection was opened, for one
-/// endpoint and policy direction (so both ends of a same-node connection are tracked apart).
+/// Connection-tracking key, one per connection and endpoint (so both ends of a same-node
+/// connection are tracked apart), the same for its forward packets and its replies: the tuple is
+/// stored in a canonical order (see [`ct_swapped`]) and `direction` is the policy direction of a
+/// packet in that order. Which side opened the connection is in the value
+/// ([`CT_INITIATED_EGRESS`]), so one lookup tells a tracked forward packet from a reply.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -226,6 +229,28 @@ pub struct CtValue {
 
 /// `CtValue::flags`: admitted by an entry that audit-mode policy would deny.
 pub const CT_AUDIT: u32 = 1 << 0;
+/// `CtValue::flags`: the endpoint opened the connection (its first packet was egress).
+pub const CT_INITIATED_EGRESS: u32 = 1 << 1;
+/// `CtValue::flags`: keyed canonically. Entries without it (written by an agent before
+/// canonical keys) are dropped on sight and their packets judged anew.
+pub const CT_CANONICAL: u32 = 1 << 2;
+
+/// Whether a tuple is stored reversed in its conntrack key: a total order that is cheap in the
+/// common case (ports differ) and the same from either end of a connection.
+#[inline(always)]
+pub fn ct_swapped(saddr: &[u8; 16], daddr: &[u8; 16], sport_be: u16, dport_be: u16) -> bool {
+    if sport_be != dport_be {
+        return sport_be > dport_be;
+    }
+    let mut i = 0;
+    while i < 16 {
+        if saddr[i] != daddr[i] {
+            return saddr[i] > daddr[i];
+        }
+        i += 1;
+    }
+    false
+}
 
 /// Global configuration (array map, index 0).
 #[repr(C)]
