@@ -3,6 +3,30 @@
 //! incremental engine as the manifest source), Bulkhead's CRDs ([`crd`], generated into
 //! `charts/bulkhead/crds/`), their status and Events ([`status`]), and leader election with a
 //! Lease ([`leader`]) so that two replicas can run and only the leader serves rule sets.
+//!
+//! How `bulkhead controller --kubernetes [--leader-elect]` behaves:
+//! - One kube-runtime watcher per kind (Namespaces, Nodes, Pods, NetworkPolicies,
+//!   ClusterNetworkPolicies `policy.networking.k8s.io/v1alpha2`, ServicePolicies, Quarantines),
+//!   list then watch, re-listing after `410 Gone` or any error (with backoff). A kind whose API
+//!   the cluster does not serve (404, e.g. no ClusterNetworkPolicy CRD) counts as empty.
+//! - Every object is converted by the manifest loader ([`crate::load`]) from the JSON the API
+//!   server sent, reduced to the fields the loader reads ([`inventory`]), so the semantics and
+//!   the validation are those of the file source. The engine gets a change only when the
+//!   converted object changes: resourceVersion bumps, managedFields, annotations, readiness,
+//!   status writes change nothing. Pods join with their first address and leave when they
+//!   finish. An object that stops validating keeps its last good version in force.
+//! - Nothing is served until every kind has been listed once: agents are refused (gRPC
+//!   UNAVAILABLE) and `/readyz` answers 503, so no agent ever gets the empty rule set of a
+//!   controller that has not seen the cluster yet.
+//! - Quarantines are applied before anything else of a batch, with priority delivery (the path
+//!   `bulkhead quarantine` takes); `expiresAt` is honoured on a one-second tick.
+//! - The leader (or the only controller) writes each ServicePolicy's and Quarantine's status by
+//!   server-side apply (field manager `bulkhead-controller`): `Accepted` (or `Invalid` with
+//!   every problem), `Realized` on X of Y nodes, for quarantines `enforcedAt` per node and
+//!   `connectionsCut`; and a Warning Event (`Invalid`) once per problem of any policy object.
+//! - With `--leader-elect`, followers watch too (a take-over needs no warm-up) but neither
+//!   serve agents nor write to the API; a leader that loses its Lease exits, closing every
+//!   agent stream, and Kubernetes restarts it as a follower. SIGTERM releases the Lease.
 
 pub mod crd;
 pub mod inventory;
