@@ -985,7 +985,7 @@ fn the_prefilter_drops_identities_denied_both_ways() {
         );
 
         // The drops count against the endpoint.
-        let slot = 1 * bulkhead_common::reason::COUNT + bulkhead_common::reason::DROP_PREFILTER;
+        let slot = bulkhead_common::reason::COUNT + bulkhead_common::reason::DROP_PREFILTER; // endpoint 1
         let dropped: u64 = e
             .dataplane()
             .counters()
