@@ -356,7 +356,14 @@ impl Inventory {
             tracing::warn!(kind = kind.name(), "ignoring an object without a name");
             return;
         }
-        let converted = convert(kind, object);
+        // A loader bug must not take the controller down or poison the inventory's lock (which
+        // would stall every other object): it makes this one object invalid.
+        let converted = std::panic::catch_unwind(|| convert(kind, object)).unwrap_or_else(|_| {
+            Err(
+                "internal error while converting the object (please report it); it is ignored"
+                    .into(),
+            )
+        });
         if kind.is_policy() {
             let verdict = Verdict {
                 uid: str_at(object, &["metadata", "uid"]).to_string(),
