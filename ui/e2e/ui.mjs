@@ -103,6 +103,11 @@ try {
       return e.nonempty() ? e[0].id() : false;
     }, deniedFrom);
     deniedEdge = await handle.jsonValue();
+    // Drawn for real: on the canvas, with a size (an edge cytoscape culls has an empty box).
+    await waitFor(page, `${deniedEdge} drawn on the canvas`, (id) => {
+      const bb = window.bulkhead.cy.getElementById(id).renderedBoundingBox();
+      return bb.w > 0 || bb.h > 0;
+    }, deniedEdge);
     step(`denied edge drawn: ${deniedEdge}`);
 
     // Verdict filter: hiding denied hides it; showing brings it back.

@@ -90,12 +90,17 @@ function ruleView(d, text) {
 
 // ---------- the map ----------
 
+// Node boxes sized to their label (DejaVu Sans at 11 px: about 6.6 px a character).
+const labelLines = (n) => String(n.data('label') || '').split('\n');
+const labelWidth = (n) => Math.max(36, 6.6 * Math.max(...labelLines(n).map((l) => l.length)));
+const labelHeight = (n) => 14 * labelLines(n).length;
+
 const style = [
   { selector: 'node', style: {
     'background-color': '#1a2433', 'border-width': 1.5, 'border-color': '#3a4a60',
     label: 'data(label)', color: '#d7dee8', 'font-size': 11, 'text-wrap': 'wrap',
     'text-valign': 'center', 'text-halign': 'center', shape: 'round-rectangle',
-    width: 'label', height: 'label', padding: '10px', 'font-family': 'DejaVu Sans, sans-serif',
+    width: labelWidth, height: labelHeight, padding: '10px', 'font-family': 'DejaVu Sans, sans-serif',
   } },
   { selector: 'node[kind = "namespace"]', style: {
     'background-color': '#58a6ff', 'background-opacity': 0.06, 'border-color': '#2f4a6e',
@@ -114,12 +119,13 @@ const style = [
   { selector: 'edge', style: {
     width: 'data(width)', 'line-color': 'data(color)', 'target-arrow-color': 'data(color)',
     'target-arrow-shape': 'triangle', 'arrow-scale': 0.9, 'curve-style': 'bezier',
-    'control-point-step-size': 26, opacity: 0.85, label: '', 'font-size': 9,
-    color: '#aab6c5', 'text-background-color': '#0d1117', 'text-background-opacity': 0.85,
+    'control-point-step-size': 26, opacity: 0.85, label: 'data(label)', 'font-size': 9,
+    color: '#aab6c5', 'text-opacity': 0, 'text-background-color': '#0d1117', 'text-background-opacity': 0,
     'text-background-padding': '2px', 'text-rotation': 'autorotate',
     'font-family': 'DejaVu Sans, sans-serif',
   } },
-  { selector: 'edge.labelled', style: { label: 'data(label)' } },
+  // (An edge without a label gets no bounding box and is culled: hide labels, never drop them.)
+  { selector: 'edge.labelled', style: { 'text-opacity': 1, 'text-background-opacity': 0.85 } },
   { selector: 'edge[verdict = "denied"]', style: { 'line-style': 'dashed', 'line-dash-pattern': [7, 4] } },
   { selector: 'edge[verdict = "audit"]', style: { 'line-style': 'dotted' } },
   { selector: '.filtered', style: { display: 'none' } },
@@ -246,10 +252,11 @@ function render(map) {
       if (have.empty()) {
         cy.add(w);
       } else {
-        const { parent, ...rest } = w.data;
+        // id, source, target and parent are structure, not data: never rewrite them in place.
+        const { id, source, target, parent, ...rest } = w.data;
         have.data(rest);
         if (w.group === 'nodes' && (have.data('parent') || undefined) !== parent) have.move({ parent: parent ?? null });
-        have.classes(w.classes || '');
+        have.toggleClass('quarantined', w.classes === 'quarantined');
       }
     }
   });
@@ -462,7 +469,7 @@ function flowsTable(flows) {
       const to = f.dst_pod || f.dst;
       return el('tr', {},
         el('td', { class: 'time' }, clock(f.time_unix_nanos)),
-        el('td', { class: 'path' }, `${from} → ${to}:${f.dst_port}/${proto(f.protocol)}`,
+        el('td', { class: 'path' }, el('div', {}, from), el('div', {}, `→ ${to}:${f.dst_port}/${proto(f.protocol)}`),
           el('div', { class: 'muted' }, `${f.node}, at ${f.endpoint}'s ${f.direction}`)),
         el('td', {}, el('span', { class: `badge ${f.verdict}` }, f.verdict), el('div', {}, ruleView(f.decided_by, f.rule))));
     })));
