@@ -50,6 +50,8 @@ enum WatchPlan {
     Lines(Vec<String>),
     /// Lines as the test sends them; open until the sender is dropped.
     Live(mpsc::UnboundedReceiver<String>),
+    /// The API server fails the request (e.g. 500 while it restarts).
+    Fail(u16),
 }
 
 #[derive(Default)]
@@ -135,11 +137,20 @@ impl ApiServer {
                     .unwrap();
             }
             if query.contains("watch=true") {
+                if let Some(WatchPlan::Fail(code)) = r.watches.front() {
+                    let code = *code;
+                    r.watches.pop_front();
+                    return Response::builder()
+                        .status(code)
+                        .body(full(format!(r#"{{"kind":"Status","apiVersion":"v1","metadata":{{}},"status":"Failure","message":"etcdserver: leader changed","reason":"InternalError","code":{code}}}"#)))
+                        .unwrap();
+                }
                 let body = match r.watches.pop_front() {
                     Some(WatchPlan::Lines(lines)) => {
                         full(lines.into_iter().map(|l| l + "\n").collect::<String>())
                     }
                     Some(WatchPlan::Live(rx)) => live(rx),
+                    Some(WatchPlan::Fail(_)) => unreachable!("answered above"),
                     // Nothing more to say: keep the watch open.
                     None => BodyExt::boxed(StreamBody::new(futures::stream::pending::<
                         Result<Frame<Bytes>, Infallible>,
@@ -787,4 +798,30 @@ async fn leader_election_needs_a_namespace_and_an_identity() {
     .expect("refused");
     assert!(err.to_string().contains("POD_NAMESPACE"), "{err}");
     server_task.abort();
+}
+
+/// A watch the API server refuses (500) is started again after a backoff; what follows on
+/// the new watch is applied as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_watch_is_retried() {
+    let mut server = ApiServer::from_fixtures();
+    server
+        .resource("networkpolicies")
+        .watches
+        .push_back(WatchPlan::Fail(500));
+    let np_watch = live_watch(&mut server, "networkpolicies");
+    let h = start(server);
+    np_watch
+        .send(fixture_lines("networkpolicy.watch.jsonl")[0].clone())
+        .unwrap();
+    let hub = h.hub.clone();
+    eventually(
+        "the NetworkPolicy from the second watch was applied",
+        || {
+            hub.ruleset("node-b")
+                .is_some_and(|rs| has_policy(&rs, RuleKind::NetworkPolicy, "db-ingress"))
+        },
+    )
+    .await;
+    assert!(h.stats.watch_errors.load(Ordering::SeqCst) >= 1);
 }
