@@ -473,4 +473,72 @@ fn controller_and_agents_over_mtls() {
         text.contains("dist/servers") && text.contains("2/2"),
         "{text}"
     );
+
+    // Flows and the service graph through the admin API (mTLS): the connection n1's client is
+    // refused reaches the controller, named and attributed, and is a denied edge of the graph.
+    let admin_cli = |args: &[&str]| -> (bool, String) {
+        let out = Command::new(bin())
+            .args(args)
+            .args(["--controller", &format!("127.0.0.1:{}", c.grpc)])
+            .arg("--tls-cert")
+            .arg(certs.join("n1.pem"))
+            .arg("--tls-key")
+            .arg(certs.join("n1-key.pem"))
+            .arg("--ca")
+            .arg(certs.join("ca.pem"))
+            .output()
+            .expect("bulkhead");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let mut flows = String::new();
+    wait_until(
+        "a denied flow reaches the controller and `bulkhead flows --controller` shows it",
+        Duration::from_secs(30),
+        || {
+            let _ = connects(&client(&c, 0), s1, 8081);
+            let (ok, text) = admin_cli(&[
+                "flows",
+                "--verdict",
+                "denied",
+                "--pod",
+                "dist/server1",
+                "-o",
+                "json",
+            ]);
+            flows = text;
+            ok && flows
+                .lines()
+                .any(|l| l.contains(r#""peer":"dist/client1""#))
+        },
+    );
+    for line in flows.lines() {
+        let f: serde_json::Value = serde_json::from_str(line).expect("a JSON record per line");
+        assert_eq!(f["verdict"], "denied", "{line}");
+        assert_eq!(f["node"], "n1", "{line}");
+        assert!(
+            f["rule"]
+                .as_str()
+                .is_some_and(|r| r.contains("dist/servers")),
+            "{line}"
+        );
+    }
+    let (ok, graph) = admin_cli(&["graph", "-o", "json"]);
+    assert!(ok, "{graph}");
+    let graph: serde_json::Value = serde_json::from_str(&graph).expect("graph JSON");
+    assert!(
+        graph["edges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["src"] == "dist/Pod/client1"
+                && e["dst"] == "dist/Pod/server1"
+                && e["port"] == 8081
+                && e["denied"].as_u64().unwrap_or(0) >= 1),
+        "{graph}"
+    );
+    let (ok, table) = admin_cli(&["graph"]);
+    assert!(ok && table.contains("dist/Pod/client1"), "{table}");
 }
