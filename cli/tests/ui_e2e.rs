@@ -134,23 +134,37 @@ fn the_web_ui_shows_the_live_map_and_quarantines_a_pod() {
     for p in ["80", "8080", "5432"] {
         bulkhead(&state, &["probe", "--port", p]);
     }
+    // And `world`: the shop may not leave the cluster (ServicePolicy shop/no-world). The target
+    // is the lab node's own side of the pod's veth (169.254.1.1, in this test's namespaces),
+    // an address of no pod; whether the attempt fails does not matter, its flow does.
+    let _ = Command::new(bin())
+        .arg("lab")
+        .arg("--state")
+        .arg(&state)
+        .args(["exec", "shop/frontend", "--", "bash", "-c"])
+        .arg("timeout 2 bash -c 'exec 3<>/dev/tcp/169.254.1.1/80' || true")
+        .output();
     let http = PORT_BASE + 1;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let map: serde_json::Value = http_get(http, "/api/map")
             .and_then(|b| serde_json::from_str(&b).ok())
             .unwrap_or_default();
-        let denied = map["edges"].as_array().is_some_and(|edges| {
-            edges
-                .iter()
-                .any(|e| e["src"] == "tools/Pod/debug" && e["denied"].as_u64() > Some(0))
-        });
-        if denied {
+        let denied = |src: &str, dst: Option<&str>| {
+            map["edges"].as_array().is_some_and(|edges| {
+                edges.iter().any(|e| {
+                    e["src"] == src
+                        && dst.is_none_or(|d| e["dst"] == d)
+                        && e["denied"].as_u64() > Some(0)
+                })
+            })
+        };
+        if denied("tools/Pod/debug", None) && denied("shop/Pod/frontend", Some("world")) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "no denied edge from tools/debug reached the controller: {map}"
+            "no denied edges from tools/debug and to world reached the controller: {map}"
         );
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -167,7 +181,7 @@ fn the_web_ui_shows_the_live_map_and_quarantines_a_pod() {
         "--url",
         &url,
         "--expect",
-        "shop/Pod/frontend,shop/Pod/backend,shop/Pod/db,tools/Pod/debug",
+        "shop/Pod/frontend,shop/Pod/backend,shop/Pod/db,tools/Pod/debug,world",
         "--denied-from",
         "tools/Pod/debug",
         "--quarantine",

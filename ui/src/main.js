@@ -490,6 +490,21 @@ function overview() {
     actionsNote(),
     ...section('Legend', legend()),
   ];
+  if (m && m.nodes.length) {
+    // The map's workloads as a list too: reachable from the keyboard, and searchable.
+    const byNs = new Map();
+    for (const n of m.nodes) {
+      const ns = n.namespace || '(outside the cluster)';
+      byNs.set(ns, [...(byNs.get(ns) || []), n]);
+    }
+    body.push(...section('Workloads', el('dl', { class: 'workloads' }, [...byNs].map(([ns, list]) => [
+      el('dt', {}, ns),
+      el('dd', {}, list.map((n) => el('button', {
+        class: `link${n.quarantined ? ' quarantined' : ''}`, 'data-workload': n.id,
+        onclick: () => { cy.elements().unselect(); cy.getElementById(n.id).select(); select({ type: 'node', id: n.id }); },
+      }, n.kind === 'workload' ? shortName(n.workload) : n.workload))),
+    ]))));
+  }
   if (m && m.quarantines.length) {
     body.push(...section('Quarantined pods', el('ul', { class: 'pods' }, m.quarantines.map((q) => el('li', { 'data-pod': q.pod },
       el('div', {}, el('div', { class: 'name' }, q.pod, ' ', el('span', { class: 'badge quarantined' }, 'quarantined')),
