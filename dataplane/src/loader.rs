@@ -19,6 +19,7 @@ use aya::{
         LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
     },
 };
 use bulkhead_common::{
@@ -270,14 +271,31 @@ impl Dataplane {
             .join("links")
             .join(format!("{ifname}{LINK_XDP}"));
         let prog: &mut Xdp = program(&mut self.ebpf, PROG_PREFILTER)?;
-        let id = match prog.attach(ifname, XdpMode::Driver) {
-            Ok(id) => id,
-            Err(_) => prog
-                .attach(ifname, XdpMode::Skb)
-                .map_err(|e| LoadError::Interface {
-                    ifname: ifname.to_string(),
-                    reason: format!("attach XDP prefilter: {e}"),
-                })?,
+        // A restarted agent finds the link an earlier one pinned (the interface admits one XDP
+        // link): swap the program inside it, atomically, as for the TC links.
+        let reused = match PinnedLink::from_pin(&pin) {
+            Ok(old) => match XdpLink::try_from(FdLink::from(old)) {
+                Ok(link) => prog.attach_to_link(link).ok(),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        let id = match reused {
+            Some(id) => id,
+            None => {
+                // Dead or unusable: dropping the pin releases the old link.
+                let _ = fs::remove_file(&pin);
+                match prog.attach(ifname, XdpMode::Driver) {
+                    Ok(id) => id,
+                    Err(_) => {
+                        prog.attach(ifname, XdpMode::Skb)
+                            .map_err(|e| LoadError::Interface {
+                                ifname: ifname.to_string(),
+                                reason: format!("attach XDP prefilter: {e}"),
+                            })?
+                    }
+                }
+            }
         };
         let link = prog.take_link(id).map_err(program_err(PROG_PREFILTER))?;
         if let Ok(fd) = FdLink::try_from(link) {

@@ -15,7 +15,9 @@ pub fn missing_privileges() -> Option<String> {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Some("not running as root (CAP_BPF and CAP_NET_ADMIN are needed)".into());
+        return Some(
+            "not running as root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON are needed)".into(),
+        );
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Some("the kernel has no BTF (/sys/kernel/btf/vmlinux)".into());

@@ -880,6 +880,33 @@ fn conntrack_finds_replies_in_either_port_order_and_relates_icmp_errors() {
     });
 }
 
+/// A restarted agent re-attaches the XDP prefilter to the uplink an earlier one pinned it on:
+/// the program inside the pinned link is replaced, not attached a second time (which the
+/// kernel refuses while the first link holds the interface).
+#[test]
+fn a_restarted_agent_reattaches_the_prefilter() {
+    if !check_privileged_test("a_restarted_agent_reattaches_the_prefilter") {
+        return;
+    }
+    with_dataplane_pins("xdp-restart", |e, _ifx, pins| {
+        e.dataplane()
+            .attach_prefilter("ep1")
+            .expect("attach the prefilter");
+        for round in 0..2 {
+            let mut again = Dataplane::load(pins).expect("reload eBPF object");
+            again
+                .attach_prefilter("ep1")
+                .unwrap_or_else(|err| panic!("re-attach after restart {round}: {err}"));
+        }
+        let pin = pins.join("links").join("ep1__xdp");
+        assert!(
+            pin.exists(),
+            "the XDP link stays pinned at {}",
+            pin.display()
+        );
+    });
+}
+
 /// The XDP prefilter drops, on arrival, traffic from an identity a local endpoint can neither be
 /// reached from nor reach; an address with an identity of its own inside a denied CIDR, and an
 /// identity the endpoint may still reach (its replies must come back), pass to TC.
