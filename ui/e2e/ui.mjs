@@ -30,6 +30,8 @@ const screenshot = arg('screenshot');
 const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
 
 const step = (s) => console.log(`ui: ${s}`);
+// Every wait below is bounded; this bounds them all, whatever hangs.
+setTimeout(() => { console.error('ui: FAILED: the checks took longer than 180 s'); process.exit(1); }, 180000).unref();
 function fail(s) { throw new Error(s); }
 
 async function waitFor(page, what, fn, arg, timeout = 20000) {
@@ -166,6 +168,8 @@ try {
       await clickOnMap(page, deniedEdge);
       await page.locator('#panel-body .flows tbody tr').first().waitFor({ timeout: 10000 });
     }
+    await page.locator('#fit').click();
+    await page.waitForTimeout(400);
     await page.mouse.move(0, 0);
     await page.locator('#toast.show').waitFor({ state: 'detached', timeout: 8000 }).catch(() => {});
     await page.waitForTimeout(500);

@@ -21,7 +21,6 @@ const state = {
   layoutKey: '',
   firstLayout: true,
   openForm: null, // pod whose quarantine form is open
-  podsKey: '',
   flowsSeq: 0,
 };
 
@@ -55,14 +54,6 @@ function toast(text, error = false) {
 const proto = (p) => PROTOCOLS[p] || (p ? `proto ${p}` : '');
 const shortName = (workload) => workload.replace(/^(Pod|Deployment|StatefulSet|DaemonSet|ReplicaSet|Job|CronJob)\//, '');
 const kindOf = (workload) => (workload.includes('/') ? workload.split('/')[0] : '');
-
-function ago(nanos) {
-  if (!nanos) return '';
-  const s = Math.max(0, (Date.now() - nanos / 1e6) / 1000);
-  if (s < 60) return `${Math.round(s)} s ago`;
-  if (s < 3600) return `${Math.round(s / 60)} min ago`;
-  return `${Math.round(s / 3600)} h ago`;
-}
 
 function clock(nanos) {
   const d = new Date(nanos / 1e6);
@@ -219,7 +210,7 @@ function applyFilters() {
 function runLayout() {
   const visible = cy.elements().not('.filtered');
   if (visible.empty()) return;
-  visible.layout({
+  const layout = visible.layout({
     name: 'fcose',
     quality: 'proof',
     randomize: state.firstLayout,
@@ -237,7 +228,10 @@ function runLayout() {
     tile: true,
     tilingPaddingVertical: 30,
     tilingPaddingHorizontal: 30,
-  }).run();
+  });
+  // Whatever moved meanwhile (a filter, the window), end with the whole map in view.
+  layout.one('layoutstop', () => cy.fit(cy.elements().not('.filtered'), 40));
+  layout.run();
   state.firstLayout = false;
 }
 
@@ -331,7 +325,7 @@ function highlight() {
 function select(sel) {
   state.selection = sel;
   state.openForm = null;
-  state.podsKey = '';
+ 
   highlight();
   refreshPanel(true);
 }
@@ -383,7 +377,7 @@ async function doQuarantine(pod, form) {
     const nodes = Object.keys(r.nodes).length;
     toast(`quarantined ${pod}: ${r.enforced ? 'enforced' : 'sent'} on ${nodes} node(s) in ${r.elapsed_ms.toFixed(1)} ms`);
     state.openForm = null;
-    state.podsKey = '';
+   
     await tick();
   } catch (e) {
     toast(`quarantine failed: ${e.message}`, true);
@@ -396,7 +390,7 @@ async function doRelease(pod, button) {
   try {
     const r = await post('/api/quarantine/release', { pod });
     toast(`released ${pod}: ${r.enforced ? 'enforced' : 'sent'} on ${Object.keys(r.nodes).length} node(s) in ${r.elapsed_ms.toFixed(1)} ms`);
-    state.podsKey = '';
+   
     await tick();
   } catch (e) {
     toast(`release failed: ${e.message}`, true);
@@ -416,7 +410,7 @@ function quarantineForm(pod) {
         el('option', { value: '1h' }, 'for 1 hour'),
         el('option', { value: '24h' }, 'for 24 hours')),
       el('button', { type: 'submit', class: 'danger' }, 'Quarantine now'),
-      el('button', { type: 'button', class: 'ghost', onclick: () => { state.openForm = null; state.podsKey = ''; refreshPanel(false); } }, 'Cancel')));
+      el('button', { type: 'button', class: 'ghost', onclick: () => { state.openForm = null; refreshPanel(false); } }, 'Cancel')));
   setTimeout(() => form.querySelector('input').focus(), 0);
   return form;
 }
@@ -429,7 +423,7 @@ function podsList(pods) {
     const isQ = p.quarantined || !!q;
     const action = isQ
       ? el('button', { class: 'primary', 'data-action': 'release', 'data-pod': p.pod, disabled: !enabled || !q, onclick: (ev) => doRelease(p.pod, ev.currentTarget) }, 'Release')
-      : el('button', { class: 'danger', 'data-action': 'quarantine', 'data-pod': p.pod, disabled: !enabled, onclick: () => { state.openForm = p.pod; state.podsKey = ''; refreshPanel(false); } }, 'Quarantine…');
+      : el('button', { class: 'danger', 'data-action': 'quarantine', 'data-pod': p.pod, disabled: !enabled, onclick: () => { state.openForm = p.pod; refreshPanel(false); } }, 'Quarantine…');
     return [
       el('li', { 'data-pod': p.pod },
         el('div', {},
@@ -520,12 +514,23 @@ function overview() {
   return body;
 }
 
+// Replaces the panel's content only when what it shows changed (a poll that brings nothing
+// new leaves the text, its selection and its scroll position alone).
+function paint(key, rebuild, children) {
+  const k = JSON.stringify([key, state.openForm, [...state.verdicts], state.map.actions]);
+  if (!rebuild && k === state.panelKey) return;
+  state.panelKey = k;
+  $('#panel-body').replaceChildren(...children.filter(Boolean));
+}
+
 async function refreshPanel(rebuild) {
-  const panel = $('#panel-body');
   const sel = state.selection;
   const m = state.map;
   if (!m) return;
-  if (!sel) { panel.replaceChildren(...overview().filter(Boolean)); return; }
+  if (!sel) {
+    paint(['overview', m.nodes.map((n) => [n.id, n.quarantined]), m.quarantines, m.agents], rebuild, overview());
+    return;
+  }
   const seq = ++state.flowsSeq;
   if (sel.type === 'edge') {
     const e = cy.getElementById(sel.id);
@@ -543,11 +548,7 @@ async function refreshPanel(rebuild) {
     if (seq !== state.flowsSeq) return;
     const ends = [d.source, d.target].map((id) => m.nodes.find((n) => n.id === id)).filter((n) => n && n.pods.length);
     const pods = ends.flatMap((n) => n.pods);
-    const podsKey = JSON.stringify([pods, state.openForm, m.quarantines.map((q) => q.pod)]);
-    const keepPods = !rebuild && state.openForm && podsKey === state.podsKey;
-    const oldPods = keepPods ? panel.querySelector('.pods-box') : null;
-    state.podsKey = podsKey;
-    panel.replaceChildren(...[
+    paint(['edge', sel.id, edge, flows, pods, m.quarantines], rebuild, [
       el('h2', {}, `${d.source} → ${d.target}`),
       el('div', {}, el('span', { class: `badge ${verdict}` }, verdict), ' ', el('span', { class: 'muted' }, `ports ${d.label.replace(/ +×\d+$/, '')}`)),
       edge && el('div', { class: 'counts' },
@@ -555,11 +556,11 @@ async function refreshPanel(rebuild) {
         el('div', { class: 'count denied' }, el('b', {}, edge.denied), 'denied'),
         el('div', { class: 'count audit' }, el('b', {}, edge.audit_would_deny), 'audit'),
         el('div', { class: 'count' }, el('b', {}, fmtBytes(edge.bytes)), 'bytes')),
-      edge && el('dl', { class: 'kv' }, el('dt', {}, 'first seen'), el('dd', {}, ago(edge.first_seen_unix_nanos)), el('dt', {}, 'last seen'), el('dd', {}, ago(edge.last_seen_unix_nanos))),
+      edge && el('dl', { class: 'kv' }, el('dt', {}, 'first seen'), el('dd', {}, clock(edge.first_seen_unix_nanos)), el('dt', {}, 'last seen'), el('dd', {}, clock(edge.last_seen_unix_nanos))),
       ...section('Deciding rules', ruleSummary(flows)),
       ...section('Recent flows', el('div', { class: 'flows-box' }, flowsTable(flows))),
-      ...(pods.length ? section('Pods at either end', actionsNote(), oldPods || el('div', { class: 'pods-box' }, podsList(pods))) : []),
-    ].filter(Boolean));
+      ...(pods.length ? section('Pods at either end', actionsNote(), el('div', { class: 'pods-box' }, podsList(pods))) : []),
+    ]);
     return;
   }
   if (sel.type === 'node') {
@@ -569,21 +570,17 @@ async function refreshPanel(rebuild) {
     const flows = await fetchFlows(params).catch((err) => { toast(err.message, true); return []; });
     if (seq !== state.flowsSeq) return;
     const shown = flows.filter((f) => !f.src || state.verdicts.has(f.verdict === 'audit-would-deny' ? 'audit' : f.verdict));
-    const podsKey = JSON.stringify([n.pods, state.openForm, m.quarantines.map((q) => q.pod)]);
-    const keepPods = !rebuild && state.openForm && podsKey === state.podsKey;
-    const oldPods = keepPods ? panel.querySelector('.pods-box') : null;
-    state.podsKey = podsKey;
     const edges = m.edges.filter((e) => e.src === n.id || e.dst === n.id);
-    panel.replaceChildren(...[
+    paint(['node', n, edges, shown, m.quarantines], rebuild, [
       el('h2', {}, n.kind === 'workload' ? shortName(n.workload) : n.workload),
       el('div', { class: 'muted' }, n.kind === 'workload' ? `${kindOf(n.workload)} in namespace ${n.namespace}` : 'addresses of no pod in the cluster', ' ', n.quarantined ? el('span', { class: 'badge quarantined' }, 'quarantined') : null),
       el('div', { class: 'counts' },
         el('div', { class: 'count allowed' }, el('b', {}, edges.reduce((a, e) => a + e.allowed, 0)), 'allowed'),
         el('div', { class: 'count denied' }, el('b', {}, edges.reduce((a, e) => a + e.denied, 0)), 'denied'),
         el('div', { class: 'count' }, el('b', {}, edges.length), 'edges')),
-      ...(n.pods.length ? section('Pods', actionsNote(), oldPods || el('div', { class: 'pods-box' }, podsList(n.pods))) : []),
+      ...(n.pods.length ? section('Pods', actionsNote(), el('div', { class: 'pods-box' }, podsList(n.pods))) : []),
       ...section('Recent flows', el('div', { class: 'flows-box' }, flowsTable(shown))),
-    ].filter(Boolean));
+    ]);
     return;
   }
   if (sel.type === 'namespace') {
@@ -591,10 +588,10 @@ async function refreshPanel(rebuild) {
     if (seq !== state.flowsSeq) return;
     const shown = flows.filter((f) => state.verdicts.has(f.verdict === 'audit-would-deny' ? 'audit' : f.verdict));
     const workloads = m.nodes.filter((x) => x.namespace === sel.id);
-    panel.replaceChildren(
+    paint(['namespace', sel.id, workloads, shown], rebuild, [
       el('h2', {}, `namespace ${sel.id}`),
       el('div', { class: 'muted' }, `${workloads.length} workload(s), ${workloads.reduce((a, w) => a + w.pods.length, 0)} pod(s)`),
-      ...section('Recent flows', flowsTable(shown)));
+      ...section('Recent flows', flowsTable(shown))]);
   }
 }
 
