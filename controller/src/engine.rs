@@ -499,6 +499,9 @@ impl PolicyEngine {
         }
         // Pods: identities first (in sorted key order, which the ordered slots do not need but
         // which keeps the build reproducible), then placement.
+        // Later duplicates replace earlier ones: reversed, the stable sort puts the last
+        // occurrence of a key first, and dedup keeps the first of each run.
+        pods.reverse();
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         pods.dedup_by(|b, a| a.namespace == b.namespace && a.name == b.name);
         engine.pods.reserve(pods.len());
