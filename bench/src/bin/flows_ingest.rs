@@ -429,6 +429,60 @@ fn main() -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64()
     );
 
+    // Where the controller's time goes, one stage at a time on this thread (no gRPC, no
+    // HTTP/2): protobuf decoding, folding into a fresh graph, storing (with evictions).
+    {
+        let thread_cpu = || clock_nanos(libc::CLOCK_THREAD_CPUTIME_ID).unwrap_or(0);
+        let rounds = 8;
+        let mut decoded = Vec::new();
+        let c0 = thread_cpu();
+        for _ in 0..rounds {
+            decoded.clear();
+            for b in &pool {
+                decoded.push(pb::FlowBatch::decode(b.as_slice())?);
+            }
+        }
+        let decode = thread_cpu() - c0;
+        let directory = bulkhead_controller::flows::FlowPipeline::new(
+            Arc::new(Mutex::new(FlowStore::new(1))),
+            Arc::new(Mutex::new(ServiceGraph::default())),
+            hub.clone(),
+        )
+        .directory();
+        let mut g = ServiceGraph::default();
+        let c0 = thread_cpu();
+        for _ in 0..rounds {
+            for b in &decoded {
+                for r in &b.records {
+                    g.add(&directory, r);
+                }
+            }
+        }
+        let fold = thread_cpu() - c0;
+        let mut s = FlowStore::new(a.store);
+        let c0 = thread_cpu();
+        for _ in 0..rounds {
+            for b in &decoded {
+                s.push_batch("node-0000", b.records.iter().cloned());
+            }
+        }
+        let store_and_clone = thread_cpu() - c0;
+        let c0 = thread_cpu();
+        for _ in 0..rounds {
+            for b in &decoded {
+                std::hint::black_box(b.records.clone());
+            }
+        }
+        let clone_only = thread_cpu() - c0;
+        let n = (rounds * pool.len()) as f64 * per_batch as f64;
+        println!(
+            "stages, ns of CPU per record: protobuf decode {:.0}, fold into the graph {:.0}, store push + evict {:.0} (beyond allocating and freeing the record)",
+            decode as f64 / n,
+            fold as f64 / n,
+            store_and_clone.saturating_sub(clone_only) as f64 / n
+        );
+    }
+
     // The controller: its own runtime, so its CPU is measured apart from the agents'.
     let controller_cpu = Arc::new(ThreadCpu::default());
     let controller = runtime("controller", a.controller_threads, controller_cpu.clone())?;
