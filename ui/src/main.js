@@ -210,11 +210,13 @@ function applyFilters() {
 function runLayout() {
   const visible = cy.elements().not('.filtered');
   if (visible.empty()) return;
+  // Big maps: a faster layout, no animation.
+  const big = visible.nodes().length > 300;
   const layout = visible.layout({
     name: 'fcose',
-    quality: 'proof',
-    randomize: state.firstLayout,
-    animate: !state.firstLayout,
+    quality: big ? 'draft' : 'proof',
+    randomize: state.firstLayout || big,
+    animate: !state.firstLayout && !big,
     animationDuration: 400,
     fit: true,
     padding: 40,
