@@ -61,10 +61,18 @@ pub struct ControllerArgs {
     /// How often the manifests are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 300)]
     pub reload_ms: u64,
-    #[command(flatten)]
-    pub web: crate::web::WebArgs,
+    /// Common name of a client certificate that may act as the agent of any node (a certificate
+    /// shared by all agents, as a Helm install issues). Other agents' certificates must name
+    /// their own node.
+    #[arg(long = "any-node-client", default_value = "bulkhead-agent")]
+    pub any_node_clients: Vec<String>,
+    /// Common name of a client certificate that may quarantine and release pods.
+    #[arg(long = "admin-client", default_value = "admin")]
+    pub admin_clients: Vec<String>,
     #[command(flatten)]
     pub kube: KubernetesArgs,
+    #[command(flatten)]
+    pub web: crate::web::WebArgs,
 }
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
@@ -436,7 +444,10 @@ async fn serve(
                         .lock()
                         .map(|g| g.to_json())
                         .unwrap_or_else(|_| br#"{"nodes":[],"edges":[]}"#.to_vec());
-                    ([(axum::http::header::CONTENT_TYPE, "application/json")], body)
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        body,
+                    )
                 }
             }),
         )
@@ -444,9 +455,7 @@ async fn serve(
             "/api/graph.dot",
             axum::routing::get({
                 let graph = graph.clone();
-                move || async move {
-                    graph.lock().map(|g| g.graph().to_dot()).unwrap_or_default()
-                }
+                move || async move { graph.lock().map(|g| g.graph().to_dot()).unwrap_or_default() }
             }),
         )
         .route(
@@ -465,7 +474,11 @@ async fn serve(
                     let directory = Directory::from_rulesets(&rulesets);
                     for (_, r) in &mut recent {
                         if r.peer.is_empty() {
-                            let peer_ip = if r.direction == "ingress" { &r.src } else { &r.dst };
+                            let peer_ip = if r.direction == "ingress" {
+                                &r.src
+                            } else {
+                                &r.dst
+                            };
                             if let Some(p) = directory.pod_of(peer_ip) {
                                 r.peer = p.to_string();
                             }
@@ -496,7 +509,13 @@ async fn serve(
     });
 
     // gRPC.
-    let mut admin = AdminService::new(hub.clone()).with_flows(flow_pipeline.clone());
+    let clients = bulkhead_controller::distribution::ClientPolicy {
+        any_node: args.any_node_clients.clone(),
+        admins: args.admin_clients.clone(),
+    };
+    let mut admin = AdminService::new(hub.clone())
+        .with_flows(flow_pipeline.clone())
+        .with_client_policy(clients.clone());
     if let (Some(dir), Some(q)) = (quarantine_dir, quarantine) {
         tracing::info!(dir = %dir.display(), "quarantines kept in");
         admin = admin.with_quarantine(q);
@@ -510,7 +529,8 @@ async fn serve(
     tracing::info!(addr = %args.listen, tls = !args.insecure, "serving rule sets to agents");
     server
         .add_service(DistributionServer::with_interceptor(
-            DistributionService::with_flow_pipeline(hub.clone(), flow_pipeline.clone()),
+            DistributionService::with_flow_pipeline(hub.clone(), flow_pipeline.clone())
+                .with_client_policy(clients),
             gate.interceptor(),
         ))
         .add_service(AdminServer::new(admin))

@@ -244,6 +244,74 @@ fn admin_call(grpc: u16, tls: Option<tonic::transport::ClientTlsConfig>) -> Resu
     })
 }
 
+/// Opens a Sync stream as `node` and waits for the first message (the snapshot).
+fn sync_as(grpc: u16, tls: tonic::transport::ClientTlsConfig, node: &str) -> Result<(), String> {
+    use bulkhead_proto::v1::{AgentMessage, Hello, agent_message};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{grpc}"))
+            .map_err(|e| e.to_string())?
+            .tls_config(tls)
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        let mut client = bulkhead_proto::v1::distribution_client::DistributionClient::new(ch);
+        let hello = AgentMessage {
+            msg: Some(agent_message::Msg::Hello(Hello {
+                node: node.to_string(),
+                ..Default::default()
+            })),
+        };
+        let mut stream = client
+            .sync(tokio_stream::StreamExt::chain(
+                tokio_stream::iter(vec![hello]),
+                tokio_stream::pending(),
+            ))
+            .await
+            .map_err(|e| format!("{:?}: {}", e.code(), e.message()))?
+            .into_inner();
+        match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+            Ok(Ok(Some(_))) => Ok(()),
+            Ok(Ok(None)) => Err("stream closed".into()),
+            Ok(Err(e)) => Err(format!("{:?}: {}", e.code(), e.message())),
+            Err(_) => Err("no snapshot within 5 s".into()),
+        }
+    })
+}
+
+/// A Quarantine call with the given certificate (the pod need not exist: authorization comes
+/// first).
+fn quarantine_as(grpc: u16, tls: tonic::transport::ClientTlsConfig) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{grpc}"))
+            .map_err(|e| e.to_string())?
+            .tls_config(tls)
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        let mut client = bulkhead_proto::v1::admin_client::AdminClient::new(ch);
+        client
+            .quarantine(bulkhead_proto::v1::QuarantineRequest {
+                namespace: "test".into(),
+                pod: "client".into(),
+                reason: "e2e".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{:?}: {}", e.code(), e.message()))
+    })
+}
+
 fn tls(dir: &Path, name: &str, ca: &Path) -> tonic::transport::ClientTlsConfig {
     let read = |p: PathBuf| std::fs::read_to_string(p).expect("read pem");
     tonic::transport::ClientTlsConfig::new()
@@ -437,6 +505,28 @@ fn controller_and_agents_over_mtls() {
     assert!(
         anonymous.is_err(),
         "a client without a certificate must be refused"
+    );
+
+    // A node's certificate follows that node only, and cannot quarantine.
+    let certs_dir = dir.join("certs");
+    assert_eq!(
+        sync_as(c.grpc, tls(&certs_dir, "n1", &ca), "n1"),
+        Ok(()),
+        "n1's certificate follows n1"
+    );
+    let other = sync_as(c.grpc, tls(&certs_dir, "n1", &ca), "n2");
+    assert!(
+        other
+            .as_ref()
+            .is_err_and(|e| e.contains("PermissionDenied") && e.contains("may not act for node")),
+        "n1's certificate must not fetch n2's rule set: {other:?}"
+    );
+    let quarantine = quarantine_as(c.grpc, tls(&certs_dir, "n1", &ca));
+    assert!(
+        quarantine
+            .as_ref()
+            .is_err_and(|e| e.contains("PermissionDenied")),
+        "a node's certificate must not quarantine: {quarantine:?}"
     );
 
     // Policy realization is reported per policy.

@@ -2,6 +2,7 @@
 //! the [`hub::Hub`] keeps each node's rule set and its followers, [`service`] speaks the protocol,
 //! and [`source::ManifestSource`] feeds the engine from a directory of Kubernetes YAML.
 
+pub mod auth;
 pub mod follower;
 pub mod hub;
 pub mod quarantine;
@@ -10,6 +11,7 @@ pub mod source;
 #[cfg(test)]
 mod tests;
 
+pub use auth::ClientPolicy;
 pub use hub::Hub;
 pub use service::{AdminService, DistributionService, FlowStore};
 pub use source::ManifestSource;

@@ -16,7 +16,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::hub::Hub;
+use super::{
+    auth::{self, ClientPolicy},
+    hub::Hub,
+};
 use crate::flows::{Directory, FlowFilter, FlowPipeline, ServiceGraph};
 
 /// How long an agent has to say hello.
@@ -134,6 +137,7 @@ impl FlowStore {
 pub struct DistributionService {
     hub: Arc<Hub>,
     flows: Arc<FlowPipeline>,
+    clients: ClientPolicy,
 }
 
 impl DistributionService {
@@ -150,7 +154,24 @@ impl DistributionService {
         DistributionService {
             hub,
             flows: pipeline,
+            clients: ClientPolicy::default(),
         }
+    }
+
+    /// Which client certificates may act for which nodes (see [`ClientPolicy`]).
+    pub fn with_client_policy(mut self, clients: ClientPolicy) -> Self {
+        self.clients = clients;
+        self
+    }
+}
+
+/// Who the audit log names: the certificate's holder, with what the client said of itself when
+/// that differs (a person's name typed into the CLI is not proof of anything).
+fn actor(certificate: Option<String>, claimed: String) -> String {
+    match certificate {
+        Some(cn) if claimed.is_empty() || claimed == cn => cn,
+        Some(cn) => format!("{claimed} (certificate {cn})"),
+        None => claimed,
     }
 }
 
@@ -168,6 +189,7 @@ impl Distribution for DistributionService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
+        let caller = auth::caller(&request)?;
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => return Err(Status::deadline_exceeded("no hello within 10 s")),
@@ -186,6 +208,7 @@ impl Distribution for DistributionService {
         if node.is_empty() {
             return Err(Status::invalid_argument("hello names no node; pass --node"));
         }
+        self.clients.may_act_for_node(caller.as_deref(), &node)?;
         tracing::info!(node = %node, realized = ?hello.realized, "agent connected");
         let (out_tx, out_rx) = mpsc::channel::<Result<ControllerMessage, Status>>(16);
         let hub = self.hub.clone();
@@ -254,10 +277,13 @@ impl Distribution for DistributionService {
         &self,
         request: Request<Streaming<FlowBatch>>,
     ) -> Result<Response<FlowReportSummary>, Status> {
+        let caller = auth::caller(&request)?;
         let mut inbound = request.into_inner();
         let mut accepted = 0u64;
         while let Some(batch) = inbound.next().await {
             let batch = batch?;
+            self.clients
+                .may_act_for_node(caller.as_deref(), &batch.node)?;
             accepted += self
                 .flows
                 .ingest(&batch.node, batch.records, batch.dropped)
@@ -272,6 +298,7 @@ pub struct AdminService {
     hub: Arc<Hub>,
     quarantine: Option<Arc<super::quarantine::QuarantineControl>>,
     flows: Option<Arc<FlowPipeline>>,
+    clients: ClientPolicy,
 }
 
 /// Records per `WatchFlows` message at most.
@@ -285,7 +312,14 @@ impl AdminService {
             hub,
             quarantine: None,
             flows: None,
+            clients: ClientPolicy::default(),
         }
+    }
+
+    /// Which client certificates may quarantine and release (see [`ClientPolicy`]).
+    pub fn with_client_policy(mut self, clients: ClientPolicy) -> Self {
+        self.clients = clients;
+        self
     }
 
     /// Serve the flow and graph calls too, from the controller's flow pipeline.
@@ -486,8 +520,11 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::QuarantineRequest>,
     ) -> Result<Response<pb::QuarantineResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        self.clients.may_administer(caller.as_deref())?;
         let q = self.quarantines()?;
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        r.actor = actor(caller, r.actor);
         let resp = tokio::task::spawn_blocking(move || q.quarantine(r))
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
@@ -498,8 +535,11 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::QuarantineResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        self.clients.may_administer(caller.as_deref())?;
         let q = self.quarantines()?;
-        let r = request.into_inner();
+        let mut r = request.into_inner();
+        r.actor = actor(caller, r.actor);
         let resp = tokio::task::spawn_blocking(move || q.release(r))
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
