@@ -60,7 +60,11 @@ impl Source {
             }
             (None, None) => bail!("name the controller: --controller ADDRESS or --lab DIR"),
         };
+        // The graph of a large cluster is megabytes: let it come without waiting for window
+        // updates.
         let channel = crate::certs::endpoint(&addr, &tls)?
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(16 << 20))
             .connect()
             .await
             .with_context(|| format!("connect to the controller at {addr}"))?;

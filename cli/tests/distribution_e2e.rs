@@ -631,4 +631,56 @@ fn controller_and_agents_over_mtls() {
     );
     let (ok, table) = admin_cli(&["graph"]);
     assert!(ok && table.contains("dist/Pod/client1"), "{table}");
+
+    // `--follow` streams (Admin.WatchFlows): a new refusal is printed as it arrives (`--since
+    // 0s`: nothing from before the command started).
+    let mut follow = Command::new(bin())
+        .args([
+            "flows",
+            "--follow",
+            "--verdict",
+            "denied",
+            "-o",
+            "json",
+            "--since",
+            "1s",
+        ])
+        .args(["--controller", &format!("127.0.0.1:{}", c.grpc)])
+        .arg("--tls-cert")
+        .arg(certs.join("n1.pem"))
+        .arg("--tls-key")
+        .arg(certs.join("n1-key.pem"))
+        .arg("--ca")
+        .arg(certs.join("ca.pem"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("bulkhead flows --follow");
+    let stdout = follow.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut streamed = None;
+    while streamed.is_none() && Instant::now() < deadline {
+        let _ = connects(&client(&c, 0), s1, 8081);
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(700)) {
+            if line.contains(r#""peer":"dist/client1""#) {
+                streamed = Some(line);
+                break;
+            }
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let line = streamed.expect("`bulkhead flows --follow --controller` printed the refusal");
+    assert!(line.contains(r#""verdict":"denied""#), "{line}");
 }

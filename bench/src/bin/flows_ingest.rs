@@ -732,7 +732,10 @@ fn main() -> anyhow::Result<()> {
     }
     let mut grpc = Vec::new();
     agents_rt.block_on(async {
+        // Receive windows as `bulkhead graph --controller` sets them (the graph is megabytes).
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(16 << 20))
             .connect()
             .await?;
         let mut client =
