@@ -73,8 +73,9 @@ fn split_target(t: &str) -> anyhow::Result<(String, String)> {
     }
 }
 
-/// `ns=NAME[,k=v…][@PORT[/PROTO]]` or `CIDR[@PORT[/PROTO]]`.
-fn parse_allow(s: &str) -> anyhow::Result<pb::QuarantineAllow> {
+/// An exception to a quarantine, as `--allow` and the web UI take it:
+/// `ns=NAMESPACE[,label=value…][@PORT[/PROTO]]` or `CIDR[@PORT[/PROTO]]`.
+pub(crate) fn parse_allow(s: &str) -> Result<pb::QuarantineAllow, String> {
     let (peer, port) = match s.split_once('@') {
         Some((p, port)) => (p, Some(port)),
         None => (s, None),
@@ -82,13 +83,13 @@ fn parse_allow(s: &str) -> anyhow::Result<pb::QuarantineAllow> {
     let mut a = pb::QuarantineAllow::default();
     if peer.contains('/') && !peer.contains('=') {
         peer.parse::<ipnetwork::IpNetwork>()
-            .with_context(|| format!("--allow {s:?}: not a CIDR"))?;
+            .map_err(|_| format!("allow {s:?}: not a CIDR"))?;
         a.cidr = peer.to_string();
     } else {
         for kv in peer.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = kv
                 .split_once('=')
-                .with_context(|| format!("--allow {s:?}: expected ns=NAMESPACE[,label=value…]"))?;
+                .ok_or_else(|| format!("allow {s:?}: expected ns=NAMESPACE[,label=value…]"))?;
             if k == "ns" || k == "namespace" {
                 a.namespace = v.to_string();
             } else {
@@ -100,7 +101,7 @@ fn parse_allow(s: &str) -> anyhow::Result<pb::QuarantineAllow> {
         let (p, proto) = port.split_once('/').unwrap_or((port, "TCP"));
         a.port = p
             .parse()
-            .with_context(|| format!("--allow {s:?}: bad port {p:?}"))?;
+            .map_err(|_| format!("allow {s:?}: bad port {p:?}"))?;
         a.protocol = proto.to_uppercase();
     }
     Ok(a)
@@ -232,7 +233,11 @@ pub fn run(args: QuarantineArgs) -> anyhow::Result<ExitCode> {
                 let Some(reason) = args.reason else {
                     bail!("a quarantine needs --reason TEXT");
                 };
-                let allow = args.allow.iter().map(|a| parse_allow(a)).collect::<anyhow::Result<Vec<_>>>()?;
+                let allow = args
+                    .allow
+                    .iter()
+                    .map(|a| parse_allow(a).map_err(|e| anyhow::anyhow!(e)))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
                 let started = std::time::Instant::now();
                 let mut c = client(&args.conn).await?;
                 let resp = c

@@ -161,7 +161,7 @@ impl From<QuarantineError> for ApiError {
     fn from(e: QuarantineError) -> ApiError {
         let status = match e {
             QuarantineError::Invalid(_) | QuarantineError::Rejected(_) => StatusCode::BAD_REQUEST,
-            QuarantineError::NotQuarantined(_) => StatusCode::NOT_FOUND,
+            QuarantineError::NotQuarantined(_) | QuarantineError::NoPod(_) => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -637,39 +637,6 @@ struct ReleaseBody {
     pod: String,
 }
 
-/// `ns=NAMESPACE[,label=value…][@PORT[/PROTO]]` or `CIDR[@PORT[/PROTO]]`, as the CLI's `--allow`.
-fn parse_allow(s: &str) -> Result<pb::QuarantineAllow, String> {
-    let (peer, port) = match s.split_once('@') {
-        Some((p, port)) => (p, Some(port)),
-        None => (s, None),
-    };
-    let mut a = pb::QuarantineAllow::default();
-    if peer.contains('/') && !peer.contains('=') {
-        peer.parse::<ipnetwork::IpNetwork>()
-            .map_err(|_| format!("allow {s:?}: not a CIDR"))?;
-        a.cidr = peer.to_string();
-    } else {
-        for kv in peer.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| format!("allow {s:?}: expected ns=NAMESPACE[,label=value…]"))?;
-            if k == "ns" || k == "namespace" {
-                a.namespace = v.to_string();
-            } else {
-                a.labels.insert(k.to_string(), v.to_string());
-            }
-        }
-    }
-    if let Some(port) = port {
-        let (p, proto) = port.split_once('/').unwrap_or((port, "TCP"));
-        a.port = p
-            .parse()
-            .map_err(|_| format!("allow {s:?}: bad port {p:?}"))?;
-        a.protocol = proto.to_uppercase();
-    }
-    Ok(a)
-}
-
 /// Waits (bounded) until every node the change went to has acked it.
 async fn wait_enforced(hub: &Hub, nodes: &BTreeMap<String, u64>, wait: Duration) -> bool {
     let deadline = Instant::now() + wait;
@@ -725,7 +692,7 @@ async fn quarantine(
         .allow
         .iter()
         .filter(|a| !a.trim().is_empty())
-        .map(|a| parse_allow(a.trim()))
+        .map(|a| crate::quarantine::parse_allow(a.trim()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     let duration_seconds = match b.duration.as_deref().map(str::trim) {
@@ -740,12 +707,6 @@ async fn quarantine(
             .as_secs()
             .max(1),
     };
-    if !Cluster::of(&s.hub).workload_of_pod.contains_key(&b.pod) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no pod {} in the cluster", b.pod),
-        ));
-    }
     let request = pb::QuarantineRequest {
         namespace,
         pod,
@@ -1214,8 +1175,8 @@ mod tests {
             (
                 vec![JSON, ACTION],
                 r#"{"pod":"Tools/Debug","reason":"x"}"#,
-                404,
-                "no pod",
+                400,
+                "lower-case dns names",
             ),
         ];
         for (headers, body, want, message) in cases {

@@ -339,6 +339,13 @@ impl Hub {
     }
 
     /// The controller's current rule set for a node.
+    /// Whether the engine has this pod.
+    pub fn has_pod(&self, pod: &crate::PodKey) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|s| s.engine.identity_of_pod(pod).is_some())
+    }
+
     pub fn ruleset(&self, node: &str) -> Option<RuleSet> {
         self.lock().ok()?.nodes.get(node).map(|e| e.ruleset.clone())
     }

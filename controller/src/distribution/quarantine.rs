@@ -24,6 +24,8 @@ pub enum QuarantineError {
     Invalid(String),
     #[error("pod {0} is not quarantined")]
     NotQuarantined(String),
+    #[error("no pod {0} in the cluster")]
+    NoPod(String),
     #[error("cannot write the quarantine directory {dir}: {reason}")]
     Io { dir: PathBuf, reason: String },
     #[error("the quarantine manifest was rejected: {0}")]
@@ -38,7 +40,9 @@ impl From<QuarantineError> for tonic::Status {
             QuarantineError::Invalid(_) | QuarantineError::Rejected(_) => {
                 tonic::Status::invalid_argument(e.to_string())
             }
-            QuarantineError::NotQuarantined(_) => tonic::Status::not_found(e.to_string()),
+            QuarantineError::NotQuarantined(_) | QuarantineError::NoPod(_) => {
+                tonic::Status::not_found(e.to_string())
+            }
             _ => tonic::Status::internal(e.to_string()),
         }
     }
@@ -169,6 +173,13 @@ impl QuarantineControl {
             return Err(QuarantineError::Invalid(
                 "a quarantine needs a --reason".into(),
             ));
+        }
+        let key = crate::PodKey {
+            namespace: r.namespace.clone(),
+            name: r.pod.clone(),
+        };
+        if !self.hub.has_pod(&key) {
+            return Err(QuarantineError::NoPod(format!("{}/{}", r.namespace, r.pod)));
         }
         let now = SystemTime::now();
         let expires =
