@@ -303,6 +303,8 @@ pub struct AdminService {
 
 /// Records per `WatchFlows` message at most.
 const WATCH_CHUNK: usize = 1024;
+/// How long a watcher lets records gather after a wake-up before it reads them.
+const WATCH_COALESCE: Duration = Duration::from_millis(50);
 /// `GetFlows` answers this many records when the request sets no limit.
 const DEFAULT_FLOW_LIMIT: usize = 1000;
 
@@ -454,6 +456,9 @@ impl Admin for AdminService {
                     changed = arrivals.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
                 }
+                // Agents report thousands of batches a second on a busy cluster: a watcher takes
+                // what arrived in a short while at once rather than the store's lock per batch.
+                tokio::time::sleep(WATCH_COALESCE).await;
                 let dir = pipeline.directory();
                 let Ok(store) = pipeline.store().lock() else {
                     let _ = tx.send(Err(poisoned())).await;
