@@ -907,6 +907,54 @@ fn a_restarted_agent_reattaches_the_prefilter() {
     });
 }
 
+/// Deny events are rate-limited per flow: repeats of one refused flow within the interval are
+/// counted as suppressed, while another flow still gets its event.
+#[test]
+fn deny_events_are_rate_limited_per_flow() {
+    if !check_privileged_test("deny_events_are_rate_limited_per_flow") {
+        return;
+    }
+    with_dataplane("deny-rate", |e, ifx| {
+        // The limiter is per CPU: stay on one.
+        let mut one = nix::sched::CpuSet::new();
+        one.set(0).expect("cpu 0");
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("pin to cpu 0");
+        e.apply(
+            &base_ruleset(1, base_endpoint(), base_policy()),
+            &RouteResolver,
+        )
+        .expect("apply");
+        let limited = |e: &mut Enforcer| -> u64 {
+            e.dataplane()
+                .stats()
+                .expect("STATS")
+                .get(&bulkhead_common::stat::EVENTS_RATE_LIMITED, 0)
+                .expect("stat")
+                .iter()
+                .sum()
+        };
+        let before = limited(e);
+        for _ in 0..3 {
+            assert_eq!(
+                run(e, PROG_TO_POD, &tcp4(PEER_V4, EP_V4, 47000, 81), ifx),
+                TC_ACT_SHOT
+            );
+        }
+        assert_eq!(
+            limited(e) - before,
+            2,
+            "the 2nd and 3rd deny of one flow are suppressed"
+        );
+        for sport in [47001, 47002] {
+            assert_eq!(
+                run(e, PROG_TO_POD, &tcp4(PEER_V4, EP_V4, sport, 81), ifx),
+                TC_ACT_SHOT
+            );
+        }
+        assert_eq!(limited(e) - before, 2, "other flows get their first event");
+    });
+}
+
 /// The XDP prefilter drops, on arrival, traffic from an identity a local endpoint can neither be
 /// reached from nor reach; an address with an identity of its own inside a denied CIDR, and an
 /// identity the endpoint may still reach (its replies must come back), pass to TC.

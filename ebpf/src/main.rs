@@ -28,11 +28,12 @@ use aya_ebpf::{
 };
 use bulkhead_common::{
     COUNTER_SLOTS, CT_AUDIT, CT_CANONICAL, CT_INITIATED_EGRESS, Config, Counter, CtKey, CtValue,
-    DIR_EGRESS, DIR_INGRESS, DenySeen, EVENT_AUDIT, EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED,
-    EndpointAddrKey, EndpointInfo, FlowEvent, IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS,
-    POLICY_KEY_FIXED_BITS, PROTO_OTHER, PolicyKey, PolicySummary, PolicyValue, PrefilterKey,
-    PrefilterValue, QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR, SUMMARY_HAS_EXACT,
-    SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY, ct_swapped, endpoint_flags, reason, stat,
+    DENY_RECENT_SLOTS, DIR_EGRESS, DIR_INGRESS, DenyRecent, EVENT_AUDIT, EVENT_DENIED,
+    EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo, FlowEvent, IPCACHE_QUARANTINED,
+    IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS, PROTO_OTHER, PolicyKey, PolicySummary,
+    PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR,
+    SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY, ct_swapped, endpoint_flags,
+    reason, stat,
 };
 use parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Packet, Parsed};
 
@@ -105,8 +106,10 @@ static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(1 << 21, 0);
 #[map]
 static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(1 << 18, 0);
 
+/// The deny-event rate limiter (see [`DenyRecent`]); per CPU, so it is not pinned: a restarted
+/// agent starts with a clean table, which costs at most one extra event per flow.
 #[map]
-static DENY_SEEN: LruHashMap<CtKey, DenySeen> = LruHashMap::pinned(1 << 16, 0);
+static DENY_RECENT: PerCpuArray<DenyRecent> = PerCpuArray::with_max_entries(DENY_RECENT_SLOTS, 0);
 
 #[map]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
@@ -123,7 +126,6 @@ static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 pub struct Scratch {
     packet: Packet,
     fwd: CtKey,
-    deny: CtKey,
     ct: CtValue,
 }
 
@@ -486,7 +488,7 @@ fn lookup_policy(ep: &EndpointInfo, dir: u8, peer: u32, p: &Packet) -> PolicyVal
     summary.fallback
 }
 
-/// The packet's tuple as it travels, for the deny-event rate limiter.
+/// The packet's tuple as it travels.
 #[inline(always)]
 fn tuple_key(p: &Packet, endpoint_id: u32, dir: u8) -> CtKey {
     CtKey {
@@ -591,38 +593,57 @@ fn emit(skb: *mut __sk_buff, p: &Packet, m: &EventMeta) {
     entry.submit(0);
 }
 
+/// The low 32 bits of an address (all of an IPv4-mapped one), for the deny fingerprint.
+#[inline(always)]
+fn addr_lo(a: &[u8; 16]) -> u32 {
+    u32::from_ne_bytes([a[12], a[13], a[14], a[15]])
+}
+
 /// Deny events are rate-limited per flow so that a flood cannot starve the ring buffer.
 #[inline(never)]
 fn emit_denied(skb: *mut __sk_buff, s: *mut Scratch, m: &EventMeta) {
     // SAFETY: per-CPU scratch, exclusively ours for this run.
-    let s = unsafe { &mut *s };
-    s.deny = tuple_key(&s.packet, m.endpoint_id, m.direction);
-    let key = &s.deny;
+    let s = unsafe { &*s };
     let p = &s.packet;
+    let saddr_lo = addr_lo(&p.saddr);
+    let daddr_lo = addr_lo(&p.daddr);
+    let ports = ((p.sport_be as u32) << 16) | p.dport_be as u32;
+    let tag = ((m.endpoint_id & 0xffff) << 16) | ((p.protocol as u32) << 8) | m.direction as u32;
+    let hash = (ports ^ saddr_lo.rotate_left(7) ^ daddr_lo.rotate_left(19) ^ tag)
+        .wrapping_mul(0x9e37_79b1);
+    let Some(slot) = DENY_RECENT.get_ptr_mut(hash >> (32 - DENY_RECENT_SLOTS.trailing_zeros()))
+    else {
+        return;
+    };
     let t = now_coarse();
     let interval = match CONFIG.get(0) {
         Some(c) if c.deny_event_interval_ns != 0 => c.deny_event_interval_ns as u64,
         _ => 1_000_000_000,
     };
-    if let Some(seen) = DENY_SEEN.get_ptr_mut(key) {
-        // SAFETY: LRU value pointer valid during this program run.
-        unsafe {
-            if t.wrapping_sub((*seen).last_event_ns) < interval {
-                (*seen).suppressed += 1;
-                bump_stat(stat::EVENTS_RATE_LIMITED);
-                return;
-            }
-            (*seen).last_event_ns = t;
+    // SAFETY: a per-CPU slot, exclusively ours for this run.
+    unsafe {
+        let r = &mut *slot;
+        let same = r.saddr_lo == saddr_lo
+            && r.daddr_lo == daddr_lo
+            && r.ports == ports
+            && r.endpoint_id == m.endpoint_id as u16
+            && r.protocol == p.protocol
+            && r.direction == m.direction;
+        if same && r.last_event_ns != 0 && t.wrapping_sub(r.last_event_ns) < interval {
+            r.suppressed += 1;
+            bump_stat(stat::EVENTS_RATE_LIMITED);
+            return;
         }
-    } else {
-        let _ = DENY_SEEN.insert(
-            key,
-            &DenySeen {
-                last_event_ns: t,
-                suppressed: 0,
-            },
-            0,
-        );
+        *r = DenyRecent {
+            saddr_lo,
+            daddr_lo,
+            ports,
+            endpoint_id: m.endpoint_id as u16,
+            protocol: p.protocol,
+            direction: m.direction,
+            last_event_ns: t,
+            suppressed: 0,
+        };
     }
     emit(skb, p, m);
 }

@@ -294,10 +294,24 @@ pub struct FlowEvent {
     pub bytes: u32,
 }
 
-/// Rate-limit state for deny events, keyed by [`CtKey`].
+/// Slots per CPU of the deny-event rate limiter (a power of two).
+pub const DENY_RECENT_SLOTS: u32 = 1 << 12;
+
+/// A slot of the deny-event rate limiter: a per-CPU, direct-mapped table indexed by a hash of
+/// the flow, holding the flow's fingerprint (its ports and the low 32 bits of each address, the
+/// endpoint, protocol and direction) and when it last produced an event. A flow whose slot holds
+/// its fingerprint within the interval is suppressed; any other takes the slot. Unlike a shared
+/// LRU hash, a flood of distinct denied flows costs no locks and no allocation, and it cannot
+/// evict anything but other deny-event slots.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DenySeen {
+pub struct DenyRecent {
+    pub saddr_lo: u32,
+    pub daddr_lo: u32,
+    pub ports: u32,
+    pub endpoint_id: u16,
+    pub protocol: u8,
+    pub direction: u8,
     pub last_event_ns: u64,
     pub suppressed: u64,
 }
@@ -344,7 +358,7 @@ mod pod {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for FlowEvent {}
-    unsafe impl aya::Pod for DenySeen {}
+    unsafe impl aya::Pod for DenyRecent {}
     unsafe impl aya::Pod for EndpointAddrKey {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for QuarantineAllowKey {}
