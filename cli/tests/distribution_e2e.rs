@@ -221,8 +221,17 @@ fn connects(from: &Netns, to: Ipv4Addr, port: u16) -> bool {
     .unwrap_or(false)
 }
 
-/// A gRPC admin call with the given TLS material; Ok when the controller accepted us.
-fn admin_call(grpc: u16, tls: Option<tonic::transport::ClientTlsConfig>) -> Result<(), String> {
+/// Runs `call` on a channel to the controller's gRPC port with the given TLS material (none:
+/// plain https without a client certificate configured).
+fn with_channel<F, Fut>(
+    grpc: u16,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    call: F,
+) -> Result<(), String>
+where
+    F: FnOnce(tonic::transport::Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -235,6 +244,13 @@ fn admin_call(grpc: u16, tls: Option<tonic::transport::ClientTlsConfig>) -> Resu
             ep = ep.tls_config(t).map_err(|e| e.to_string())?;
         }
         let ch = ep.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+        call(ch).await
+    })
+}
+
+/// A gRPC admin call with the given TLS material; Ok when the controller accepted us.
+fn admin_call(grpc: u16, tls: Option<tonic::transport::ClientTlsConfig>) -> Result<(), String> {
+    with_channel(grpc, tls, |ch| async move {
         let mut client = bulkhead_proto::v1::admin_client::AdminClient::new(ch);
         client
             .node_status(bulkhead_proto::v1::NodeStatusRequest {})
@@ -247,22 +263,12 @@ fn admin_call(grpc: u16, tls: Option<tonic::transport::ClientTlsConfig>) -> Resu
 /// Opens a Sync stream as `node` and waits for the first message (the snapshot).
 fn sync_as(grpc: u16, tls: tonic::transport::ClientTlsConfig, node: &str) -> Result<(), String> {
     use bulkhead_proto::v1::{AgentMessage, Hello, agent_message};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async move {
-        let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{grpc}"))
-            .map_err(|e| e.to_string())?
-            .tls_config(tls)
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e:?}"))?;
+    let node = node.to_string();
+    with_channel(grpc, Some(tls), |ch| async move {
         let mut client = bulkhead_proto::v1::distribution_client::DistributionClient::new(ch);
         let hello = AgentMessage {
             msg: Some(agent_message::Msg::Hello(Hello {
-                node: node.to_string(),
+                node,
                 ..Default::default()
             })),
         };
@@ -286,18 +292,7 @@ fn sync_as(grpc: u16, tls: tonic::transport::ClientTlsConfig, node: &str) -> Res
 /// A Quarantine call with the given certificate (the pod need not exist: authorization comes
 /// first).
 fn quarantine_as(grpc: u16, tls: tonic::transport::ClientTlsConfig) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async move {
-        let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{grpc}"))
-            .map_err(|e| e.to_string())?
-            .tls_config(tls)
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e:?}"))?;
+    with_channel(grpc, Some(tls), |ch| async move {
         let mut client = bulkhead_proto::v1::admin_client::AdminClient::new(ch);
         client
             .quarantine(bulkhead_proto::v1::QuarantineRequest {

@@ -1071,6 +1071,39 @@ fn the_prefilter_drops_identities_denied_both_ways() {
             .map(|c| c.packets)
             .sum();
         assert_eq!(dropped, 2, "two packets dropped by the prefilter");
+        // And the first drop of each pair is reported, naming the rule that denies it.
+        let events = e.dataplane().take_map("EVENTS").expect("EVENTS map");
+        let mut ring = aya::maps::RingBuf::try_from(events).expect("ring buffer");
+        let mut reported = Vec::new();
+        while let Some(item) = ring.next() {
+            assert_eq!(item.len(), size_of::<bulkhead_common::FlowEvent>());
+            // SAFETY: the kernel wrote a FlowEvent (size checked); read unaligned.
+            let ev: bulkhead_common::FlowEvent =
+                unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            if ev.reason == bulkhead_common::reason::DROP_PREFILTER as u8 {
+                reported.push(ev);
+            }
+        }
+        assert_eq!(
+            reported.len(),
+            1,
+            "one event per pair within the interval: {reported:?}"
+        );
+        let ev = reported[0];
+        assert_eq!(
+            (
+                ev.endpoint_id,
+                ev.rule_id,
+                ev.peer_identity,
+                ev.local_identity
+            ),
+            (1, 7, 900, 300)
+        );
+        assert_eq!(
+            (u16::from_be(ev.sport_be), u16::from_be(ev.dport_be)),
+            (40000, 80)
+        );
+        assert_eq!(ev.protocol, 6);
 
         // Lifting the deny lifts the early drop.
         let mut lifted = rs.clone();

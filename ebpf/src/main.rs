@@ -284,10 +284,7 @@ fn prefilter(ctx: &XdpContext) -> Prefiltered {
     // rate-limit timestamp from another CPU can at worst let one extra event through.
     let (endpoint_id, report) = unsafe {
         let t = now_coarse();
-        let interval = match CONFIG.get(0) {
-            Some(c) if c.deny_event_interval_ns != 0 => c.deny_event_interval_ns as u64,
-            _ => 1_000_000_000,
-        };
+        let interval = deny_event_interval();
         let due = t.wrapping_sub((*pair).last_event_ns) >= interval;
         if due {
             (*pair).last_event_ns = t;
@@ -347,35 +344,37 @@ fn emit_prefiltered(
             dport_be = *((start + l4 + 2) as *const u16);
         }
     }
-    let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
-        bump_stat(stat::EVENTS_LOST);
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    let e = entry.as_mut_ptr();
-    // SAFETY: `e` is a reserved, exclusively owned ring buffer record; every field is written
-    // before submit. `pair` is a live hash value pointer.
-    unsafe {
-        (*e).timestamp_ns = now();
-        (*e).saddr = *src;
-        (*e).daddr = *dst;
-        (*e).sport_be = sport_be;
-        (*e).dport_be = dport_be;
-        (*e).protocol = protocol;
-        (*e).family = family;
-        (*e).direction = DIR_INGRESS;
-        (*e).kind = EVENT_DENIED;
-        (*e).verdict = VERDICT_DENY;
-        (*e).reason = reason::DROP_PREFILTER as u8;
-        (*e)._pad = [0; 2];
-        (*e).endpoint_id = (*pair).endpoint_id;
-        (*e).ifindex = (*ctx.ctx).ingress_ifindex;
-        (*e).local_identity = (*pair).local_identity;
-        (*e).peer_identity = peer;
-        (*e).rule_id = (*pair).rule_id;
-        (*e).audit_rule_id = (*pair).rule_id;
-        (*e).bytes = (end - start) as u32;
-    }
-    entry.submit(0);
+    // SAFETY: the per-CPU scratch slot is exclusively ours for this run (XDP runs alone on
+    // its CPU like TC); `pair` is a live hash value pointer.
+    let (p, m) = unsafe {
+        let p = &mut (*scratch).packet;
+        p.family = family;
+        p.protocol = protocol;
+        p.saddr = *src;
+        p.daddr = *dst;
+        p.sport_be = sport_be;
+        p.dport_be = dport_be;
+        (
+            &*p,
+            EventMeta {
+                endpoint_id: (*pair).endpoint_id,
+                local_identity: (*pair).local_identity,
+                peer_identity: peer,
+                rule_id: (*pair).rule_id,
+                audit_rule_id: (*pair).rule_id,
+                direction: DIR_INGRESS,
+                kind: EVENT_DENIED,
+                verdict: VERDICT_DENY,
+                reason: reason::DROP_PREFILTER as u8,
+            },
+        )
+    };
+    // SAFETY: reading a field of the XDP context.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    write_event(p, &m, ifindex, (end - start) as u32);
 }
 
 /// Whether a quarantined source may still reach `peer` (one of its quarantine's exceptions).
@@ -562,6 +561,14 @@ impl EventMeta {
 #[inline(never)]
 fn emit(skb: *mut __sk_buff, p: &Packet, m: &EventMeta) {
     let ctx = TcContext::new(skb);
+    // SAFETY: reading a field of the socket buffer context.
+    let ifindex = unsafe { (*skb).ifindex };
+    write_event(p, m, ifindex, ctx.len());
+}
+
+/// Fills and submits one ring buffer record; a full buffer is counted, never silent.
+#[inline(always)]
+fn write_event(p: &Packet, m: &EventMeta, ifindex: u32, bytes: u32) {
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
         bump_stat(stat::EVENTS_LOST);
         return;
@@ -583,14 +590,23 @@ fn emit(skb: *mut __sk_buff, p: &Packet, m: &EventMeta) {
         (*e).reason = m.reason;
         (*e)._pad = [0; 2];
         (*e).endpoint_id = m.endpoint_id;
-        (*e).ifindex = (*skb).ifindex;
+        (*e).ifindex = ifindex;
         (*e).local_identity = m.local_identity;
         (*e).peer_identity = m.peer_identity;
         (*e).rule_id = m.rule_id;
         (*e).audit_rule_id = m.audit_rule_id;
-        (*e).bytes = ctx.len();
+        (*e).bytes = bytes;
     }
     entry.submit(0);
+}
+
+/// The minimum gap between two deny events of one flow (one second unless configured).
+#[inline(always)]
+fn deny_event_interval() -> u64 {
+    match CONFIG.get(0) {
+        Some(c) if c.deny_event_interval_ns != 0 => c.deny_event_interval_ns as u64,
+        _ => 1_000_000_000,
+    }
 }
 
 /// The low 32 bits of an address (all of an IPv4-mapped one), for the deny fingerprint.
@@ -616,10 +632,7 @@ fn emit_denied(skb: *mut __sk_buff, s: *mut Scratch, m: &EventMeta) {
         return;
     };
     let t = now_coarse();
-    let interval = match CONFIG.get(0) {
-        Some(c) if c.deny_event_interval_ns != 0 => c.deny_event_interval_ns as u64,
-        _ => 1_000_000_000,
-    };
+    let interval = deny_event_interval();
     // SAFETY: a per-CPU slot, exclusively ours for this run.
     unsafe {
         let r = &mut *slot;
