@@ -86,10 +86,7 @@ pub fn setup() -> anyhow::Result<()> {
     if output(Command::new("openssl").arg("version")).is_ok() {
         println!("    present");
     } else if is_root() {
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends", "openssl"])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        crate::apt_install(&["openssl"])?;
     } else {
         bail!("openssl is missing; install it as root: apt-get install -y openssl");
     }
@@ -162,16 +159,7 @@ fn create_venv(venv: &Path) -> anyhow::Result<()> {
         bail!("`python3 -m venv` failed; install python3-venv (apt-get install -y python3-venv)");
     }
     let _ = fs::remove_dir_all(venv);
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "python3-venv",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    crate::apt_install(&["python3-venv"])?;
     run(Command::new("python3").args(["-m", "venv"]).arg(venv))
 }
 

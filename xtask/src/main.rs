@@ -130,6 +130,15 @@ fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_ok_and(|s| s.trim() == "0")
 }
 
+/// `apt-get install` of Debian packages, non-interactive, without recommends (as root).
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
 fn setup() -> anyhow::Result<()> {
     step("setup: Debian packages");
     let missing: Vec<&str> = DEBIAN_PACKAGES
@@ -149,11 +158,7 @@ fn setup() -> anyhow::Result<()> {
             missing.join(" ")
         );
     } else {
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        apt_install(&missing)?;
     }
 
     step("setup: rust-src (the eBPF crate builds core for the bpf target)");

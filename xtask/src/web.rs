@@ -46,16 +46,7 @@ pub fn setup() -> anyhow::Result<()> {
     } else if !crate::is_root() {
         bail!("missing Debian package chromium; install it as root: apt-get install -y chromium");
     } else {
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "chromium",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        crate::apt_install(&["chromium"])?;
     }
     if !npm_present() {
         // Building and running Bulkhead need no npm (the bundle is committed); testing the UI
