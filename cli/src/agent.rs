@@ -215,8 +215,18 @@ struct Serve {
 struct Shared {
     metrics: AgentMetrics,
     flows: Mutex<RecentFlows>,
-    /// Flow records not forwarded to the controller because its queue was full.
+    /// Flow records not forwarded to the controller (queue full, or the stream broke before
+    /// they left), not yet reported to it.
     flows_dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// Counts `n` flow records the controller will not get; the next batch reports them.
+    fn drop_flows(&self, n: u64) {
+        self.flows_dropped
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.flow_records_dropped.inc_by(n);
+    }
 }
 
 async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
@@ -257,9 +267,7 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
                     );
                 }
                 if forward_flows && flow_tx.try_send(r.clone()).is_err() {
-                    shared
-                        .flows_dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    shared.drop_flows(1);
                 }
                 if let Ok(mut f) = shared.flows.lock() {
                     f.push(r);
@@ -596,6 +604,8 @@ async fn flow_forwarder(
         });
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut batch: Vec<pb::FlowRecord> = Vec::new();
+        // Records handed to this stream; the controller's summary says how many it took.
+        let mut sent = 0u64;
         loop {
             tokio::select! {
                 r = rx.recv() => match r {
@@ -618,11 +628,30 @@ async fn flow_forwarder(
                 records: std::mem::take(&mut batch),
                 dropped,
             };
-            if btx.send(b).await.is_err() {
+            let n = b.records.len() as u64;
+            if let Err(unsent) = btx.send(b).await {
+                // The stream is gone: these never left, and their drop count goes with the
+                // next batch that does.
+                shared.drop_flows(unsent.0.records.len() as u64);
+                shared
+                    .flows_dropped
+                    .fetch_add(unsent.0.dropped, std::sync::atomic::Ordering::Relaxed);
                 break;
             }
+            sent += n;
         }
-        let _ = call.await;
+        drop(btx);
+        match call.await {
+            Ok(Ok(summary)) => {
+                let lost = sent.saturating_sub(summary.into_inner().accepted);
+                if lost > 0 {
+                    shared.drop_flows(lost);
+                }
+            }
+            // Sent, but whether they arrived is unknown: counted apart, not as dropped, so the
+            // controller's and the agent's figures never count a record twice.
+            _ => shared.metrics.flow_records_unconfirmed.inc_by(sent),
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

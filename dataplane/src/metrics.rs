@@ -29,6 +29,12 @@ pub struct AgentMetrics {
     pub flow_records: IntCounterVec,
     pub malformed_events: IntCounter,
     pub controller_connected: IntGauge,
+    /// Flow records not sent to the controller (queue full or stream down); the count travels
+    /// with the next batch that gets through.
+    pub flow_records_dropped: IntCounter,
+    /// Flow records sent on a stream that broke before the controller confirmed them: they may
+    /// or may not have arrived.
+    pub flow_records_unconfirmed: IntCounter,
 }
 
 impl AgentMetrics {
@@ -74,6 +80,14 @@ impl AgentMetrics {
             "malformed_events_total",
             "Ring-buffer records too short to decode",
         )?;
+        let flow_records_dropped = IntCounter::new(
+            "flow_records_dropped_total",
+            "Flow records not sent to the controller (queue full or controller away); reported to it with the next batch",
+        )?;
+        let flow_records_unconfirmed = IntCounter::new(
+            "flow_records_unconfirmed_total",
+            "Flow records sent on a stream that broke before the controller confirmed them",
+        )?;
         let controller_connected = IntGauge::new(
             "controller_connected",
             "1 while the controller stream is up; 0 means the last rule set stays enforced",
@@ -89,6 +103,8 @@ impl AgentMetrics {
             Box::new(flow_records.clone()),
             Box::new(malformed_events.clone()),
             Box::new(controller_connected.clone()),
+            Box::new(flow_records_dropped.clone()),
+            Box::new(flow_records_unconfirmed.clone()),
             Box::new(KernelCounters::new(pin_dir, names)?),
         ] {
             registry.register(c)?;
@@ -105,6 +121,8 @@ impl AgentMetrics {
             flow_records,
             malformed_events,
             controller_connected,
+            flow_records_dropped,
+            flow_records_unconfirmed,
         })
     }
 
