@@ -87,8 +87,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let result = story(&args, &shop, &policies);
     if args.keep && result.is_ok() {
+        let ui = lab::state::LabState::load(&args.state)
+            .map(|st| format!("http://127.0.0.1:{}/", st.http_port))
+            .unwrap_or_else(|_| "the controller's --http address".into());
         println!(
-            "\n--keep: the lab stays up. Try:\n  bulkhead lab --state {s} status\n  bulkhead lab --state {s} probe --port 8080\n  bulkhead lab --state {s} exec tools/debug -- ip addr\n  bulkhead lab --state {s} down",
+            "\n--keep: the lab stays up. Open the live service map at {ui}, or try:\n  bulkhead lab --state {s} status\n  bulkhead lab --state {s} probe --port 8080\n  bulkhead lab --state {s} exec tools/debug -- ip addr\n  bulkhead lab --state {s} down",
             s = args.state.display()
         );
     } else {
