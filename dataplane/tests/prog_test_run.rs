@@ -315,17 +315,23 @@ fn replies_pass_only_for_tracked_connections_and_new_denies_cut_them() {
         );
         // The reply of that connection leaves the pod although egress is closed.
         assert_eq!(
-            run(e, PROG_FROM_POD, &tcp4(EP_V4, PEER_V4, 80, 41000), ifx),
+            run(e, PROG_FROM_POD, &tcp4_ack(EP_V4, PEER_V4, 80, 41000), ifx),
             TC_ACT_OK
         );
         // A "reply" to a connection nobody opened is a new connection, and egress is closed.
         assert_eq!(
-            run(e, PROG_FROM_POD, &tcp4(EP_V4, PEER_V4, 80, 41001), ifx),
+            run(e, PROG_FROM_POD, &tcp4_ack(EP_V4, PEER_V4, 80, 41001), ifx),
+            TC_ACT_SHOT
+        );
+        // A SYN opens a connection and belongs to none: one that looks like the reply of the
+        // tracked connection is judged by policy as new, and egress is closed.
+        assert_eq!(
+            run(e, PROG_FROM_POD, &tcp4(EP_V4, PEER_V4, 80, 41000), ifx),
             TC_ACT_SHOT
         );
         // Further forward packets of the tracked connection pass.
         assert_eq!(
-            run(e, PROG_TO_POD, &tcp4(PEER_V4, EP_V4, 41000, 80), ifx),
+            run(e, PROG_TO_POD, &tcp4_ack(PEER_V4, EP_V4, 41000, 80), ifx),
             TC_ACT_OK
         );
 
@@ -334,11 +340,11 @@ fn replies_pass_only_for_tracked_connections_and_new_denies_cut_them() {
         e.apply(&base_ruleset(2, ep, policy), &RouteResolver)
             .expect("apply");
         assert_eq!(
-            run(e, PROG_TO_POD, &tcp4(PEER_V4, EP_V4, 41000, 80), ifx),
+            run(e, PROG_TO_POD, &tcp4_ack(PEER_V4, EP_V4, 41000, 80), ifx),
             TC_ACT_SHOT
         );
         assert_eq!(
-            run(e, PROG_FROM_POD, &tcp4(EP_V4, PEER_V4, 80, 41000), ifx),
+            run(e, PROG_FROM_POD, &tcp4_ack(EP_V4, PEER_V4, 80, 41000), ifx),
             TC_ACT_SHOT
         );
     });
@@ -837,12 +843,17 @@ fn conntrack_finds_replies_in_either_port_order_and_relates_icmp_errors() {
                 TC_ACT_OK
             );
             assert_eq!(
-                run(e, PROG_TO_POD, &tcp4(PEER_V4, EP_V4, 8080, client), ifx),
+                run(e, PROG_TO_POD, &tcp4_ack(PEER_V4, EP_V4, 8080, client), ifx),
                 TC_ACT_OK,
                 "the reply to client port {client} passes although ingress admits only TCP 80"
             );
             assert_eq!(
-                run(e, PROG_TO_POD, &tcp4(PEER_V4, EP_V4, 8080, client + 1), ifx),
+                run(
+                    e,
+                    PROG_TO_POD,
+                    &tcp4_ack(PEER_V4, EP_V4, 8080, client + 1),
+                    ifx
+                ),
                 TC_ACT_SHOT,
                 "no connection from client port {}",
                 client + 1

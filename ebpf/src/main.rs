@@ -764,9 +764,16 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
     };
     let t = now_coarse();
 
-    // One lookup finds the connection whichever side's packet this is.
+    // One lookup finds the connection whichever side's packet this is. A TCP SYN (without ACK)
+    // opens a connection and belongs to none: it goes straight to the policy, and a SYN the
+    // policy admits (re)starts the entry.
     s.fwd = ct_key(p, ep.endpoint_id, dir);
-    if let Some(ct) = CONNTRACK.get_ptr_mut(&s.fwd) {
+    let tracked = if p.tcp_syn {
+        None
+    } else {
+        CONNTRACK.get_ptr_mut(&s.fwd)
+    };
+    if let Some(ct) = tracked {
         // SAFETY: LRU value pointer valid during this program run; racing updates of counters
         // from two CPUs may lose an increment, never corrupt memory.
         let flags = unsafe { (*ct).flags };

@@ -32,6 +32,9 @@ pub struct Packet {
     pub dport_be: u16,
     /// False for non-first fragments and protocols without ports: only all-port rules match.
     pub ports_known: bool,
+    /// A TCP segment with SYN and without ACK: the opening of a connection, never part of an
+    /// established one (a retransmitted SYN is judged again, as a new connection).
+    pub tcp_syn: bool,
     /// ICMP/ICMPv6 error that embeds the header of another packet (at `l4_off + 8`).
     pub icmp_error: bool,
     /// IPv6 neighbour discovery (hop limit 255, RFC 4861) or multicast listener discovery: the
@@ -115,6 +118,7 @@ fn parse_ipv4(ctx: &TcContext, off: usize, p: &mut Packet) -> Parsed {
         sport_be: 0,
         dport_be: 0,
         ports_known: false,
+        tcp_syn: false,
         icmp_error: false,
         neighbor_discovery: false,
         hop_limit: hdr[8],
@@ -197,6 +201,7 @@ fn parse_ipv6(ctx: &TcContext, off: usize, p: &mut Packet) -> Parsed {
         sport_be: 0,
         dport_be: 0,
         ports_known: false,
+        tcp_syn: false,
         icmp_error: false,
         neighbor_discovery: false,
         hop_limit: hdr[7],
@@ -219,20 +224,22 @@ fn parse_l4(ctx: &TcContext, p: &mut Packet) -> bool {
     let off = p.l4_off as usize;
     match p.protocol {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            // TCP needs its fixed header, UDP its 8 bytes, SCTP its 12-byte common header.
-            let need_ok = match p.protocol {
-                IPPROTO_TCP => load::<[u8; 20]>(ctx, off).is_some(),
-                IPPROTO_UDP => load::<[u8; 8]>(ctx, off).is_some(),
-                _ => load::<[u8; 12]>(ctx, off).is_some(),
+            // TCP needs its fixed header, UDP its 8 bytes, SCTP its 12-byte common header; the
+            // ports lead all three.
+            let head: Option<[u8; 4]> = match p.protocol {
+                IPPROTO_TCP => load::<[u8; 20]>(ctx, off).map(|h| {
+                    // Flags byte: SYN 0x02, ACK 0x10.
+                    p.tcp_syn = h[13] & 0x12 == 0x02;
+                    [h[0], h[1], h[2], h[3]]
+                }),
+                IPPROTO_UDP => load::<[u8; 8]>(ctx, off).map(|h| [h[0], h[1], h[2], h[3]]),
+                _ => load::<[u8; 12]>(ctx, off).map(|h| [h[0], h[1], h[2], h[3]]),
             };
-            if !need_ok {
-                return false;
-            }
-            let Some(ports) = load::<[u16; 2]>(ctx, off) else {
+            let Some(h) = head else {
                 return false;
             };
-            p.sport_be = ports[0];
-            p.dport_be = ports[1];
+            p.sport_be = u16::from_ne_bytes([h[0], h[1]]);
+            p.dport_be = u16::from_ne_bytes([h[2], h[3]]);
             p.ports_known = true;
             true
         }

@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::Context;
 use bulkhead_agent::{
-    loader::{Dataplane, PROG_PARSE_ONLY, PROG_TO_POD},
+    loader::{Dataplane, PROG_FROM_POD, PROG_PARSE_ONLY, PROG_TO_POD},
     netns::Netns,
     privileged::missing_privileges,
     sync::{Enforcer, RouteResolver},
@@ -36,16 +36,23 @@ struct Args {
     rounds: usize,
 }
 
-fn tcp_syn(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+/// Ethernet + IPv4 + TCP with the given flags.
+fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut p = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
     p.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
     p.extend_from_slice(&src);
     p.extend_from_slice(&dst);
     p.extend_from_slice(&sport.to_be_bytes());
     p.extend_from_slice(&dport.to_be_bytes());
-    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xfa, 0xf0, 0, 0, 0, 0]);
+    p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
     p
 }
+
+/// Entries, then ns/packet: floor, new (deny), established, reply.
+type Row = (u32, f64, f64, f64, f64);
 
 fn peer_ip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(0x0a40_0000 + i)
@@ -130,7 +137,7 @@ fn main() -> anyhow::Result<()> {
     let pin_dir = pins.clone();
     let repeat = args.repeat;
     let rounds = args.rounds;
-    let result = ns.run(move || -> anyhow::Result<Vec<(u32, f64, f64, f64)>> {
+    let result = ns.run(move || -> anyhow::Result<Vec<Row>> {
         let dp = Dataplane::load(&pin_dir)?;
         let mut e = Enforcer::new(dp)?;
         let ifx = nix::net::if_::if_nametoindex("ep0")?;
@@ -144,16 +151,25 @@ fn main() -> anyhow::Result<()> {
             );
             // The peer in the middle of the identity range: a real match deep in the trie.
             let peer = peer_ip(n / 2).octets();
-            let denied = tcp_syn(peer, [10, 0, 0, 2], 40000, 81);
-            let allowed = tcp_syn(peer, [10, 0, 0, 2], 40001, 80);
+            // A refused connection attempt (every repetition is a new connection), and a
+            // connection opened once, then measured on its data (ACK) and on its replies.
+            let denied = tcp(peer, [10, 0, 0, 2], 40000, 81, SYN);
+            let open = tcp(peer, [10, 0, 0, 2], 40001, 80, SYN);
+            let allowed = tcp(peer, [10, 0, 0, 2], 40001, 80, ACK);
+            let reply = tcp([10, 0, 0, 2], peer, 80, 40001, ACK);
             let dpr = e.dataplane();
+            let (v, _) = dpr.test_run(PROG_TO_POD, &open, ifx, 1)?;
+            anyhow::ensure!(v == 0, "allowed connection was refused");
             let (v, _) = dpr.test_run(PROG_TO_POD, &allowed, ifx, 1)?;
             anyhow::ensure!(v == 0, "allowed packet was dropped");
+            let (v, _) = dpr.test_run(PROG_FROM_POD, &reply, ifx, 1)?;
+            anyhow::ensure!(v == 0, "reply was dropped");
             let (v, _) = dpr.test_run(PROG_TO_POD, &denied, ifx, 1)?;
             anyhow::ensure!(v == 2, "denied packet passed");
             let mut floor = Vec::new();
             let mut new = Vec::new();
             let mut est = Vec::new();
+            let mut rep = Vec::new();
             for _ in 0..rounds {
                 floor.push(
                     dpr.test_run(PROG_PARSE_ONLY, &allowed, ifx, repeat)?
@@ -170,8 +186,13 @@ fn main() -> anyhow::Result<()> {
                         .1
                         .as_nanos() as f64,
                 );
+                rep.push(
+                    dpr.test_run(PROG_FROM_POD, &reply, ifx, repeat)?
+                        .1
+                        .as_nanos() as f64,
+                );
             }
-            rows.push((n, median(floor), median(new), median(est)));
+            rows.push((n, median(floor), median(new), median(est), median(rep)));
         }
         Ok(rows)
     });
@@ -179,22 +200,24 @@ fn main() -> anyhow::Result<()> {
     let rows = result.context("enter namespace")??;
     println!("\nPer-packet cost, BPF_PROG_TEST_RUN × {repeat} (median of {rounds}), ns/packet");
     println!(
-        "{:>9} | {:>9} | {:>11} {:>6} | {:>11} {:>6}",
-        "entries", "floor", "new (deny)", "×floor", "established", "×floor"
+        "{:>9} | {:>9} | {:>11} {:>6} | {:>11} {:>6} | {:>9} {:>6}",
+        "entries", "floor", "new (deny)", "×floor", "established", "×floor", "reply", "×floor"
     );
-    for (n, f, nw, es) in &rows {
+    for (n, f, nw, es, rp) in &rows {
         println!(
-            "{n:>9} | {f:>9.1} | {nw:>11.1} {:>6.2} | {es:>11.1} {:>6.2}",
+            "{n:>9} | {f:>9.1} | {nw:>11.1} {:>6.2} | {es:>11.1} {:>6.2} | {rp:>9.1} {:>6.2}",
             nw / f,
-            es / f
+            es / f,
+            rp / f
         );
     }
     let first = rows.first().expect("rows");
     let last = rows.last().expect("rows");
     println!(
-        "flatness 100k vs 10 entries: new {:+.1}%, established {:+.1}%",
+        "flatness 100k vs 10 entries: new {:+.1}%, established {:+.1}%, reply {:+.1}%",
         (last.2 / first.2 - 1.0) * 100.0,
-        (last.3 / first.3 - 1.0) * 100.0
+        (last.3 / first.3 - 1.0) * 100.0,
+        (last.4 / first.4 - 1.0) * 100.0
     );
     Ok(())
 }

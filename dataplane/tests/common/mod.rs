@@ -92,6 +92,17 @@ pub fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     out
 }
 
+/// Ethernet + IPv4 + TCP ACK: a segment of a connection already open (a reply, or data).
+pub fn tcp4_ack(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1, 64240)
+        .ack(1);
+    let mut out = Vec::new();
+    b.write(&mut out, &[]).expect("build packet");
+    out
+}
+
 pub fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
         .ipv4(src, dst, 64)
