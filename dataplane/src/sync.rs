@@ -587,6 +587,16 @@ impl Enforcer {
                 )
             }
         };
+        // The first two addresses travel inline for anti-spoofing; more are looked up.
+        let addrs: Vec<[u8; 16]> = ep.ips.iter().map(|ip| addr16(*ip)).collect();
+        let mut inline = [[0u8; 16]; 2];
+        if let Some(first) = addrs.first() {
+            flags |= endpoint_flags::INLINE_ADDRS;
+            inline = [*first, *addrs.get(1).unwrap_or(first)];
+        }
+        if addrs.len() > 2 {
+            flags |= endpoint_flags::MORE_ADDRS;
+        }
         EndpointInfo {
             endpoint_id: ep.id,
             identity: ep.identity,
@@ -594,6 +604,7 @@ impl Enforcer {
             flags,
             default_ingress,
             default_egress,
+            addrs: inline,
         }
     }
 

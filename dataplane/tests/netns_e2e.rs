@@ -25,6 +25,21 @@ use common::*;
 
 const SERVER: &str = "10.201.0.1:8080";
 
+/// [`echo_once`] until it works or `tries` attempts failed: for the steps where the connection
+/// must work, so that a machine slow to resolve the first ARP does not fail the test; the steps
+/// where it must fail make one attempt.
+fn echo_eventually(addr: &str, tries: usize) -> std::io::Result<String> {
+    let mut last = echo_once(addr);
+    for _ in 1..tries {
+        if last.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        last = echo_once(addr);
+    }
+    last
+}
+
 fn echo_once(addr: &str) -> std::io::Result<String> {
     let addr: SocketAddr = addr.parse().expect("address");
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(800))?;
@@ -67,7 +82,7 @@ fn tcp_connection_allowed_then_dropped_after_one_map_write() {
     });
 
     // Before enforcement: the connection works.
-    let before = pod.run(|| echo_once(SERVER)).expect("enter pod");
+    let before = pod.run(|| echo_eventually(SERVER, 5)).expect("enter pod");
     assert_eq!(before.expect("connect without enforcement"), "ping");
 
     // Attach with a rule set that allows the pod's egress (no policy selects it).
@@ -95,7 +110,7 @@ fn tcp_connection_allowed_then_dropped_after_one_map_write() {
     .expect("enter node");
     let mut enforcer = enforcer_rx.recv().expect("enforcer");
 
-    let allowed = pod.run(|| echo_once(SERVER)).expect("enter pod");
+    let allowed = pod.run(|| echo_eventually(SERVER, 5)).expect("enter pod");
     assert_eq!(allowed.expect("connect with an allowing policy"), "ping");
 
     // One map write: the endpoint's default egress verdict becomes deny.

@@ -918,6 +918,74 @@ fn a_restarted_agent_reattaches_the_prefilter() {
     });
 }
 
+/// Anti-spoofing with one address, two (both inline in the endpoint) and more (the rest looked
+/// up): every own address may send, any other is dropped, IPv4 and IPv6 alike.
+#[test]
+fn anti_spoofing_admits_every_own_address_and_nothing_else() {
+    if !check_privileged_test("anti_spoofing_admits_every_own_address_and_nothing_else") {
+        return;
+    }
+    with_dataplane("spoof", |e, ifx| {
+        let own_v4 = [[10, 0, 0, 2], [10, 0, 0, 5], [10, 0, 0, 6]];
+        let v6_2 = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+        for count in 1..=4usize {
+            let mut ep = endpoint(
+                1,
+                "server",
+                300,
+                IpAddr::V4(Ipv4Addr::from(own_v4[0])),
+                "ep0",
+            );
+            for a in own_v4.iter().skip(1).take(count.saturating_sub(1)) {
+                ep.ips.push(IpAddr::V4(Ipv4Addr::from(*a)));
+            }
+            if count == 4 {
+                ep.ips.push(IpAddr::V6(Ipv6Addr::from(v6_2)));
+            }
+            let mut rs = base_ruleset(count as u64, ep.clone(), base_policy());
+            rs.endpoints = vec![ep.clone()];
+            e.apply(&rs, &RouteResolver).expect("apply");
+            for (i, a) in own_v4.iter().enumerate() {
+                let want = if i < count.min(3) {
+                    TC_ACT_OK
+                } else {
+                    TC_ACT_SHOT
+                };
+                assert_eq!(
+                    run(
+                        e,
+                        PROG_FROM_POD,
+                        &tcp4(*a, PEER_V4, 41000 + i as u16, 443),
+                        ifx
+                    ),
+                    want,
+                    "{count} address(es): source {a:?}"
+                );
+            }
+            assert_eq!(
+                run(
+                    e,
+                    PROG_FROM_POD,
+                    &tcp4([10, 0, 0, 99], PEER_V4, 41010, 443),
+                    ifx
+                ),
+                TC_ACT_SHOT,
+                "{count} address(es): a foreign source"
+            );
+            assert_eq!(
+                run(e, PROG_FROM_POD, &tcp6(v6_2, PEER_V6, 41011, 443), ifx),
+                if count == 4 { TC_ACT_OK } else { TC_ACT_SHOT },
+                "{count} address(es): IPv6 source"
+            );
+            assert_eq!(
+                run(e, PROG_FROM_POD, &tcp6([0; 16], PEER_V6, 41012, 443), ifx),
+                TC_ACT_SHOT,
+                "{count} address(es): the unspecified address"
+            );
+        }
+    });
+}
+
 /// Deny events are rate-limited per flow: repeats of one refused flow within the interval are
 /// counted as suppressed, while another flow still gets its event.
 #[test]

@@ -684,6 +684,39 @@ fn icmp_error_related(skb: *mut __sk_buff, s: *mut Scratch, endpoint_id: u32, di
     unsafe { CONNTRACK.get(&s.fwd) }.is_some_and(|v| v.flags & CT_CANONICAL != 0)
 }
 
+/// Whether two addresses are equal, compared as two u64 words.
+#[inline(always)]
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    // SAFETY: both live in `#[repr(C, align(8))]` structs (`Packet`, `EndpointInfo`) at
+    // offsets that are multiples of 8, so reading them as `[u64; 2]` is aligned.
+    let (a, b) = unsafe {
+        (
+            &*(a as *const [u8; 16] as *const [u64; 2]),
+            &*(b as *const [u8; 16] as *const [u64; 2]),
+        )
+    };
+    a[0] == b[0] && a[1] == b[1]
+}
+
+/// Anti-spoofing: the source is one of the endpoint's addresses (inline, else in
+/// `ENDPOINT_ADDRS` for an endpoint with more than two).
+#[inline(always)]
+fn sends_from_own_address(ep: &EndpointInfo, saddr: &[u8; 16]) -> bool {
+    if ep.flags & endpoint_flags::INLINE_ADDRS != 0
+        && (same_addr(saddr, &ep.addrs[0]) || same_addr(saddr, &ep.addrs[1]))
+    {
+        return true;
+    }
+    if ep.flags & endpoint_flags::MORE_ADDRS == 0 && ep.flags & endpoint_flags::INLINE_ADDRS != 0 {
+        return false;
+    }
+    let key = EndpointAddrKey {
+        endpoint_id: ep.endpoint_id,
+        addr: *saddr,
+    };
+    unsafe { ENDPOINT_ADDRS.get(&key) }.is_some()
+}
+
 #[inline(always)]
 fn drop_packet(ep_id: u32, why: u32, bytes: u64) -> i32 {
     count(ep_id, why, bytes);
@@ -723,14 +756,11 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
         count(ep.endpoint_id, reason::PASSED_NON_IP, bytes);
         return TC_ACT_OK;
     }
-    if dir == DIR_EGRESS && ep.flags & endpoint_flags::ANTI_SPOOF != 0 {
-        let key = EndpointAddrKey {
-            endpoint_id: ep.endpoint_id,
-            addr: s.packet.saddr,
-        };
-        if unsafe { ENDPOINT_ADDRS.get(&key) }.is_none() {
-            return drop_packet(ep.endpoint_id, reason::DROP_SPOOFED, bytes);
-        }
+    if dir == DIR_EGRESS
+        && ep.flags & endpoint_flags::ANTI_SPOOF != 0
+        && !sends_from_own_address(ep, &s.packet.saddr)
+    {
+        return drop_packet(ep.endpoint_id, reason::DROP_SPOOFED, bytes);
     }
     let enforced = if dir == DIR_INGRESS {
         ep.flags & endpoint_flags::ENFORCE_INGRESS != 0

@@ -21,13 +21,16 @@ const ETH_HLEN: usize = 14;
 /// IPv6 extension headers walked before giving up (RFC 8200 order needs at most six).
 const MAX_IPV6_EXT: usize = 8;
 
+/// The addresses come first in an 8-aligned struct, so they can be compared as two u64 words
+/// (see `same_addr`).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Default)]
 pub struct Packet {
-    pub family: u8,
-    pub protocol: u8,
     /// Addresses as IPv6 or IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
+    pub family: u8,
+    pub protocol: u8,
     pub sport_be: u16,
     pub dport_be: u16,
     /// False for non-first fragments and protocols without ports: only all-port rules match.

@@ -89,6 +89,12 @@ pub mod endpoint_flags {
     pub const LOCKDOWN: u32 = 1 << 3;
     /// Check that packets leaving the endpoint carry one of its addresses.
     pub const ANTI_SPOOF: u32 = 1 << 4;
+    /// `EndpointInfo::addrs` holds the endpoint's addresses (its only two, or its first two
+    /// with [`MORE_ADDRS`]).
+    pub const INLINE_ADDRS: u32 = 1 << 5;
+    /// The endpoint has more addresses than `EndpointInfo::addrs` holds: anti-spoofing looks
+    /// the others up in `ENDPOINT_ADDRS`.
+    pub const MORE_ADDRS: u32 = 1 << 6;
 }
 
 /// Per-direction default decision, applied when no policy key matches.
@@ -102,18 +108,22 @@ pub struct PolicyValue {
     pub _pad: [u8; 2],
 }
 
-/// Value of the `ENDPOINTS` map, keyed by the host-side interface index.
-#[repr(C)]
+/// Value of the `ENDPOINT_SLOTS` array and the `ENDPOINTS` map, keyed by the host-side
+/// interface index.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointInfo {
     pub endpoint_id: u32,
     pub identity: u32,
-    /// Id of the current policy generation of this endpoint in `POLICY`: the agent writes new
-    /// keys under a fresh id, then switches this field, then deletes the old keys.
+    /// Id of the current policy generation of this endpoint in the policy maps: the agent
+    /// writes new keys under a fresh id, then switches this field, then deletes the old keys.
     pub policy_id: u32,
     pub flags: u32,
     pub default_ingress: PolicyValue,
     pub default_egress: PolicyValue,
+    /// The endpoint's first two addresses (IPv6 or IPv4-mapped; a single address is repeated),
+    /// so that anti-spoofing needs no map lookup: 8-aligned, compared as u64 words.
+    pub addrs: [[u8; 16]; 2],
 }
 
 /// Key of the policy maps. In `POLICY_SUMMARY` the port is 0; in `POLICY_EXACT` it is the
@@ -372,7 +382,8 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<PolicyValue>(), 12);
-        assert_eq!(size_of::<EndpointInfo>(), 16 + 24);
+        assert_eq!(size_of::<EndpointInfo>(), 16 + 24 + 32);
+        assert_eq!(core::mem::offset_of!(EndpointInfo, addrs) % 8, 0);
         assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<PolicySummary>(), 16);
         assert_eq!(size_of::<PrefilterKey>(), 20);
