@@ -45,19 +45,7 @@ impl Source {
     async fn admin(&self) -> anyhow::Result<Admin> {
         let (addr, tls) = match (&self.controller, &self.lab) {
             (Some(addr), _) => (addr.clone(), self.tls.clone()),
-            (None, Some(dir)) => {
-                let state = crate::lab::state::LabState::load(dir)?;
-                let certs = state.certs_dir();
-                (
-                    format!("127.0.0.1:{}", state.grpc_port),
-                    ClientTlsArgs {
-                        tls_cert: Some(certs.join("admin.pem")),
-                        tls_key: Some(certs.join("admin-key.pem")),
-                        ca: Some(certs.join("ca.pem")),
-                        insecure: false,
-                    },
-                )
-            }
+            (None, Some(dir)) => crate::lab::state::LabState::load(dir)?.admin_connection(),
             (None, None) => bail!("name the controller: --controller ADDRESS or --lab DIR"),
         };
         // The graph of a large cluster is megabytes: let it come without waiting for window

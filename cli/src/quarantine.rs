@@ -109,19 +109,7 @@ pub(crate) fn parse_allow(s: &str) -> Result<pb::QuarantineAllow, String> {
 
 pub async fn client(conn: &Connection) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
     let (addr, tls) = match &conn.lab {
-        Some(dir) => {
-            let state = crate::lab::state::LabState::load(dir)?;
-            let certs = state.certs_dir();
-            (
-                format!("127.0.0.1:{}", state.grpc_port),
-                ClientTlsArgs {
-                    tls_cert: Some(certs.join("admin.pem")),
-                    tls_key: Some(certs.join("admin-key.pem")),
-                    ca: Some(certs.join("ca.pem")),
-                    insecure: false,
-                },
-            )
-        }
+        Some(dir) => crate::lab::state::LabState::load(dir)?.admin_connection(),
         None => (conn.controller.clone(), conn.tls.clone()),
     };
     let channel = crate::certs::endpoint(&addr, &tls)?

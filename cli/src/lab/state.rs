@@ -127,6 +127,20 @@ impl LabState {
         self.dir.join("certs")
     }
 
+    /// The controller's gRPC address and the lab's admin certificate, for admin clients.
+    pub fn admin_connection(&self) -> (String, crate::certs::ClientTlsArgs) {
+        let certs = self.certs_dir();
+        (
+            format!("127.0.0.1:{}", self.grpc_port),
+            crate::certs::ClientTlsArgs {
+                tls_cert: Some(certs.join("admin.pem")),
+                tls_key: Some(certs.join("admin-key.pem")),
+                ca: Some(certs.join("ca.pem")),
+                insecure: false,
+            },
+        )
+    }
+
     pub fn logs_dir(&self) -> PathBuf {
         self.dir.join("logs")
     }
