@@ -162,6 +162,7 @@ impl Dataplane {
             let path = pin_dir.join(sub);
             fs::create_dir_all(&path).map_err(|source| LoadError::PinDir { path, source })?;
         }
+        retire_incompatible_pins(&pin_dir.join("maps"));
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir.join("maps"))
             .load(crate::EBPF_OBJECT)?;
@@ -511,6 +512,35 @@ impl Dataplane {
             },
         })?;
         T::try_from(map).map_err(|source| LoadError::Map { name, source })
+    }
+}
+
+/// A map pinned by an agent whose object defined it differently (another key or value layout,
+/// another size) would be reused as it is and misread by the new programs: its pin is removed so
+/// the new map is created in its place. The old programs keep the old map until their links are
+/// switched to the new ones, which happens only after the first apply has filled the new maps.
+/// What is lost is the old map's content: tracked connections are judged anew.
+fn retire_incompatible_pins(maps_dir: &Path) {
+    let Ok(object) = aya_obj::Object::parse(crate::EBPF_OBJECT) else {
+        return;
+    };
+    for (name, def) in &object.maps {
+        let path = maps_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let compatible = aya::maps::MapInfo::from_pin(&path).is_ok_and(|info| {
+            info.key_size() == def.key_size()
+                && info.value_size() == def.value_size()
+                && info.max_entries() == def.max_entries()
+        });
+        if !compatible {
+            tracing::warn!(
+                map = %name, pin = %path.display(),
+                "a pinned map from another agent version has a different layout: replacing it (its entries are lost)"
+            );
+            let _ = fs::remove_file(&path);
+        }
     }
 }
 

@@ -986,6 +986,52 @@ fn anti_spoofing_admits_every_own_address_and_nothing_else() {
     });
 }
 
+/// A map pinned by an agent whose object defined it differently is replaced when the new agent
+/// loads (reused as it is, the new programs would misread it, or fail to load).
+#[test]
+fn a_pinned_map_of_another_layout_is_replaced_on_load() {
+    if !check_privileged_test("a_pinned_map_of_another_layout_is_replaced_on_load") {
+        return;
+    }
+    let pins = PinDir::new("old-layout");
+    let maps = pins.path().join("maps");
+    std::fs::create_dir_all(&maps).expect("pin directory");
+    bulkhead_agent::loader::ensure_bpffs().expect("bpffs");
+    // ENDPOINT_SLOTS as an older agent might have made it: 40-byte values.
+    let status = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(maps.join("ENDPOINT_SLOTS"))
+        .args([
+            "type",
+            "array",
+            "key",
+            "4",
+            "value",
+            "40",
+            "entries",
+            "65536",
+            "name",
+            "ENDPOINT_SLOTS",
+        ])
+        .status()
+        .expect("run bpftool");
+    assert!(status.success(), "bpftool map create");
+    let mut dp = Dataplane::load(pins.path()).expect("load over a pinned map of another layout");
+    let info = bulkhead_common::EndpointInfo {
+        endpoint_id: 3,
+        flags: bulkhead_common::endpoint_flags::ENFORCE_INGRESS,
+        ..Default::default()
+    };
+    dp.set_endpoint(7, info).expect("write an endpoint");
+    assert_eq!(dp.endpoint(7).expect("read"), Some(info));
+    let pinned = aya::maps::MapInfo::from_pin(maps.join("ENDPOINT_SLOTS")).expect("pinned map");
+    assert_eq!(
+        pinned.value_size() as usize,
+        size_of::<bulkhead_common::EndpointInfo>(),
+        "the pin now holds the new layout"
+    );
+}
+
 /// Deny events are rate-limited per flow: repeats of one refused flow within the interval are
 /// counted as suppressed, while another flow still gets its event.
 #[test]
