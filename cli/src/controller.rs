@@ -114,6 +114,7 @@ struct ControllerMetrics {
     drops_by_rule: IntCounterVec,
     graph_nodes: IntGauge,
     graph_edges: IntGauge,
+    kubernetes_source: IntCounterVec,
 }
 
 impl ControllerMetrics {
@@ -174,6 +175,13 @@ impl ControllerMetrics {
             )?,
             graph_nodes: g("graph_nodes", "Workloads in the service graph")?,
             graph_edges: g("graph_edges", "Edges in the service graph")?,
+            kubernetes_source: IntCounterVec::new(
+                Opts::new(
+                    "kubernetes_source_total",
+                    "What the Kubernetes source did: watch events handled, model changes applied, hub updates, watch errors (each retried; 410 Gone re-lists), status patches written and refused, Events published",
+                ),
+                &["what"],
+            )?,
             registry,
         };
         for c in [
@@ -194,10 +202,28 @@ impl ControllerMetrics {
             Box::new(m.drops_by_rule.clone()),
             Box::new(m.graph_nodes.clone()),
             Box::new(m.graph_edges.clone()),
+            Box::new(m.kubernetes_source.clone()),
         ] {
             m.registry.register(c)?;
         }
         Ok(m)
+    }
+
+    /// Brings the Kubernetes source's counters up to its own.
+    fn sync_kubernetes_counters(&self, stats: &bulkhead_controller::kubernetes::SourceStats) {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        for (what, n) in [
+            ("watch_events", load(&stats.events)),
+            ("changes", load(&stats.changes)),
+            ("applies", load(&stats.applies)),
+            ("watch_errors", load(&stats.watch_errors)),
+            ("status_writes", load(&stats.status_writes)),
+            ("status_errors", load(&stats.status_errors)),
+            ("events_published", load(&stats.events_published)),
+        ] {
+            let c = self.kubernetes_source.with_label_values(&[what]);
+            c.inc_by(n.saturating_sub(c.get()));
+        }
     }
 
     /// Brings the flow counters up to the graph's (which counts every record as it is folded
@@ -387,8 +413,12 @@ async fn serve(
             axum::routing::get({
                 let (hub, flows, metrics) = (hub.clone(), flows.clone(), metrics.clone());
                 let graph = graph.clone();
+                let kube_stats = kubernetes.as_ref().map(|k| k.stats.clone());
                 move || async move {
                     metrics.sync_flow_counters(&graph);
+                    if let Some(stats) = &kube_stats {
+                        metrics.sync_kubernetes_counters(stats);
+                    }
                     metrics.render(&hub, &flows)
                 }
             }),
