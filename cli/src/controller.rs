@@ -17,7 +17,7 @@ use bulkhead_controller::{
         AdminService, DistributionService, FlowStore, Hub, ManifestSource,
         quarantine::QuarantineControl,
     },
-    flows::{Directory, FlowPipeline, ServiceGraph},
+    flows::{FlowPipeline, ServiceGraph},
 };
 use bulkhead_proto::v1::{admin_server::AdminServer, distribution_server::DistributionServer};
 use clap::Args;
@@ -492,27 +492,14 @@ async fn serve(
             "/api/flows",
             axum::routing::get({
                 let flows = flows.clone();
-                let hub = hub.clone();
+                let pipeline = flow_pipeline.clone();
                 move || async move {
                     let mut recent = flows.lock().map(|f| f.recent(1000)).unwrap_or_default();
-                    // Agents name only their own node's pods: name the rest here.
-                    let rulesets: Vec<_> = hub
-                        .node_states()
-                        .iter()
-                        .filter_map(|n| hub.ruleset(&n.node))
-                        .collect();
-                    let directory = Directory::from_rulesets(&rulesets);
+                    // Agents name only their own node's pods: name the rest here, with the
+                    // pipeline's directory (rebuilt only when a rule set changes).
+                    let directory = pipeline.directory();
                     for (_, r) in &mut recent {
-                        if r.peer.is_empty() {
-                            let peer_ip = if r.direction == "ingress" {
-                                &r.src
-                            } else {
-                                &r.dst
-                            };
-                            if let Some(p) = directory.pod_of(peer_ip) {
-                                r.peer = p.to_string();
-                            }
-                        }
+                        directory.name_peer(r);
                     }
                     axum::Json(
                         recent
