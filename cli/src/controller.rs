@@ -53,6 +53,11 @@ pub struct ControllerArgs {
     /// Flow records kept in memory (oldest evicted first).
     #[arg(long, default_value_t = 100_000)]
     pub flow_store: usize,
+    /// Edges of the service graph not seen for this long are forgotten (and workloads with
+    /// them), so the graph follows the cluster instead of growing with every pod that ever ran.
+    /// `0s` keeps every edge.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub graph_ttl: Duration,
     /// Where quarantines made through the API are kept (as Quarantine manifests, so they
     /// survive restarts) with their audit log. Default: `quarantines/` in the first manifest
     /// directory.
@@ -383,6 +388,25 @@ async fn serve(
     // through the pipeline: graph, then store); /metrics reads the graph's counters.
     let graph = Arc::new(Mutex::new(ServiceGraph::default()));
     let flow_pipeline = Arc::new(FlowPipeline::new(flows.clone(), graph.clone(), hub.clone()));
+    if !args.graph_ttl.is_zero() {
+        let (graph, ttl) = (graph.clone(), args.graph_ttl);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(
+                (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(60)),
+            );
+            loop {
+                tick.tick().await;
+                let cutoff = std::time::SystemTime::now()
+                    .checked_sub(ttl)
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos() as u64);
+                let expired = graph.lock().map(|mut g| g.expire(cutoff)).unwrap_or(0);
+                if expired > 0 {
+                    tracing::info!(expired, ttl = ?ttl, "service graph: edges not seen within the TTL forgotten");
+                }
+            }
+        });
+    }
 
     // One quarantine control for the admin API and the web UI (it tracks each quarantine's status).
     let quarantine = quarantine_dir.clone().map(|dir| {

@@ -647,6 +647,24 @@ impl ServiceGraph {
     }
 
     /// (nodes, edges) of the graph.
+    /// Forgets the edges not seen since `cutoff_unix_nanos`; a workload leaves the graph with its
+    /// last edge. The counters behind the metrics keep counting. Returns how many edges went.
+    pub fn expire(&mut self, cutoff_unix_nanos: u64) -> usize {
+        let before = self.edges.len();
+        self.edges
+            .retain(|_, c| c.last_seen_unix_nanos >= cutoff_unix_nanos);
+        let removed = before - self.edges.len();
+        if removed > 0 {
+            self.in_graph.iter_mut().for_each(|b| *b = false);
+            for k in self.edges.keys() {
+                self.in_graph[k.src as usize] = true;
+                self.in_graph[k.dst as usize] = true;
+            }
+            self.nodes = self.in_graph.iter().filter(|b| **b).count();
+        }
+        removed
+    }
+
     pub fn len(&self) -> (usize, usize) {
         (self.nodes, self.edges.len())
     }
@@ -988,6 +1006,58 @@ mod tests {
             bytes: 60,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn edges_not_seen_since_the_cutoff_expire_with_their_lone_workloads() {
+        let rs = RuleSet {
+            node: "n1".into(),
+            endpoints: vec![
+                ep(1, "shop", "web-0", Some("Deployment/web"), "10.0.0.1"),
+                ep(2, "shop", "api-0", Some("Deployment/api"), "10.0.0.2"),
+                ep(3, "tools", "debug", None, "10.0.0.3"),
+            ],
+            ..Default::default()
+        };
+        let dir = Directory::from_rulesets([&rs]);
+        let mut g = ServiceGraph::default();
+        let at = |mut r: pb::FlowRecord, t: u64| {
+            r.time_unix_nanos = t;
+            r
+        };
+        let old = rec(
+            "shop/api-0",
+            "ingress",
+            "10.0.0.3",
+            "10.0.0.2",
+            "denied",
+            "d",
+        );
+        // A pod-to-pod connection counts where it arrives.
+        let new = rec(
+            "shop/api-0",
+            "ingress",
+            "10.0.0.1",
+            "10.0.0.2",
+            "allowed",
+            "a",
+        );
+        g.add(&dir, &at(old, 100));
+        g.add(&dir, &at(new.clone(), 100));
+        g.add(&dir, &at(new, 300));
+        assert_eq!(g.len(), (3, 2));
+        assert_eq!(g.expire(50), 0, "nothing is older than 50");
+        assert_eq!(g.expire(200), 1, "debug → api was last seen at 100");
+        assert_eq!(g.len(), (2, 1), "tools/debug left with its only edge");
+        let ids: Vec<String> = g.graph().nodes.into_iter().map(|n| n.id).collect();
+        assert!(!ids.iter().any(|id| id.contains("debug")), "{ids:?}");
+        assert_eq!(
+            g.by_verdict().map(|(_, n)| n).sum::<u64>(),
+            3,
+            "the metric counters keep every record"
+        );
+        assert_eq!(g.expire(400), 1);
+        assert_eq!(g.len(), (0, 0));
     }
 
     #[test]
