@@ -409,14 +409,33 @@ async fn serve(
     }
 
     // One quarantine control for the admin API and the web UI (it tracks each quarantine's status).
-    let quarantine = quarantine_dir.clone().map(|dir| {
-        Arc::new(QuarantineControl::new(
-            dir,
-            source.clone(),
-            hub.clone(),
-            flows.clone(),
-        ))
-    });
+    // In Kubernetes mode quarantines are Quarantine objects in the API, written with the
+    // source's client (its watch brings them to the hub); otherwise manifests in the directory.
+    let quarantine = match &kubernetes {
+        Some(k) => {
+            tracing::info!("quarantines kept as Quarantine objects in the Kubernetes API");
+            Some(Arc::new(QuarantineControl::kubernetes(
+                k.client.clone(),
+                tokio::runtime::Handle::current(),
+                args.kube
+                    .identity
+                    .as_deref()
+                    .filter(|i| !i.is_empty())
+                    .unwrap_or("bulkhead-controller"),
+                hub.clone(),
+                flows.clone(),
+            )))
+        }
+        None => quarantine_dir.clone().map(|dir| {
+            tracing::info!(dir = %dir.display(), "quarantines kept in");
+            Arc::new(QuarantineControl::new(
+                dir,
+                source.clone(),
+                hub.clone(),
+                flows.clone(),
+            ))
+        }),
+    };
     let web = crate::web::WebState::new(
         args.http,
         &args.web,
@@ -557,8 +576,7 @@ async fn serve(
     let mut admin = AdminService::new(hub.clone())
         .with_flows(flow_pipeline.clone())
         .with_client_policy(clients.clone());
-    if let (Some(dir), Some(q)) = (quarantine_dir, quarantine) {
-        tracing::info!(dir = %dir.display(), "quarantines kept in");
+    if let Some(q) = quarantine {
         admin = admin.with_quarantine(q);
     }
     let mut server = tonic::transport::Server::builder()

@@ -4,6 +4,13 @@
 //! and is the same object a Kubernetes user would create. The change is applied at once with
 //! priority delivery rather than at the next reload, and every quarantine and release is
 //! appended to `audit.log` (JSON lines) and recorded as a flow.
+//!
+//! In Kubernetes mode ([`QuarantineControl::kubernetes`]) there is no directory: the same
+//! object is written to the API by server-side apply (field manager `bulkhead-controller`) in
+//! the pod's namespace, and released by deleting it. The Kubernetes source's watch brings it to
+//! the hub (with priority delivery, like any Quarantine object); the call returns once the hub
+//! has it. The audit goes to the log (same JSON line, via tracing), the flow store and a
+//! Kubernetes Event on the object.
 
 use std::{
     collections::BTreeMap,
@@ -16,7 +23,17 @@ use std::{
 use bulkhead_proto::v1 as pb;
 use serde_yaml::Value;
 
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::{
+    Resource,
+    api::{Api, DeleteParams, ListParams, Patch, PatchParams},
+    runtime::events::{Event as KubeEvent, EventType},
+};
+
 use super::{FlowStore, Hub, ManifestSource};
+use crate::kubernetes::Quarantine;
+use crate::kubernetes::status::{EVENT_NOTE_MAX, FIELD_MANAGER, truncate};
+use crate::ruleset::RuleKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuarantineError {
@@ -32,6 +49,12 @@ pub enum QuarantineError {
     Rejected(String),
     #[error("cannot apply the quarantine: {0}")]
     Apply(String),
+    #[error("Kubernetes API: {0}")]
+    Kubernetes(String),
+    #[error(
+        "{0} was written to the Kubernetes API but not yet seen by the controller's watch; its enforcement is pending"
+    )]
+    NotSeen(String),
 }
 
 impl From<QuarantineError> for tonic::Status {
@@ -48,10 +71,34 @@ impl From<QuarantineError> for tonic::Status {
     }
 }
 
+/// Where quarantines are kept.
+enum Store {
+    /// Manifest files in a directory the manifest source reads.
+    Dir {
+        dir: PathBuf,
+        source: Arc<Mutex<ManifestSource>>,
+    },
+    /// Quarantine objects in the Kubernetes API, which the Kubernetes source watches.
+    Kubernetes(Box<KubeStore>),
+}
+
+struct KubeStore {
+    client: kube::Client,
+    /// The controller's runtime. The control's methods are synchronous and run on
+    /// `spawn_blocking` threads, which are not runtime workers, so `Handle::block_on` there
+    /// neither panics nor blocks a worker the API calls themselves need.
+    handle: tokio::runtime::Handle,
+    recorder: kube::runtime::events::Recorder,
+    /// How long to wait for the hub to reflect a write.
+    wait: Duration,
+}
+
+/// How often the hub is looked at while waiting for a write to reach it.
+const POLL: Duration = Duration::from_millis(20);
+
 /// What the quarantine API needs: where quarantines live, and the path into the engine.
 pub struct QuarantineControl {
-    dir: PathBuf,
-    source: Arc<Mutex<ManifestSource>>,
+    store: Store,
     hub: Arc<Hub>,
     flows: Arc<Mutex<FlowStore>>,
     /// Per quarantined `namespace/pod`: the node versions that carried it (for its status).
@@ -77,30 +124,77 @@ impl QuarantineControl {
         flows: Arc<Mutex<FlowStore>>,
     ) -> QuarantineControl {
         QuarantineControl {
-            dir,
-            source,
+            store: Store::Dir { dir, source },
             hub,
             flows,
             carried_by: Mutex::new(BTreeMap::new()),
         }
     }
 
+    /// Quarantines as `Quarantine` objects in the Kubernetes API (`--kubernetes`), through
+    /// `client` (the one the Kubernetes source watches with). `handle` is the controller's
+    /// runtime; `identity` is this replica in the Events it publishes. Build it inside the
+    /// runtime and call its methods from `spawn_blocking`, never from async code.
+    pub fn kubernetes(
+        client: kube::Client,
+        handle: tokio::runtime::Handle,
+        identity: &str,
+        hub: Arc<Hub>,
+        flows: Arc<Mutex<FlowStore>>,
+    ) -> QuarantineControl {
+        let recorder = kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(identity.to_string()),
+            },
+        );
+        QuarantineControl {
+            store: Store::Kubernetes(Box::new(KubeStore {
+                client,
+                handle,
+                recorder,
+                wait: Duration::from_secs(10),
+            })),
+            hub,
+            flows,
+            carried_by: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// How long a Kubernetes write waits for the hub to reflect it (default 10 s).
+    pub fn with_wait(mut self, wait: Duration) -> QuarantineControl {
+        if let Store::Kubernetes(k) = &mut self.store {
+            k.wait = wait;
+        }
+        self
+    }
+
+    fn dir(&self) -> &Path {
+        match &self.store {
+            Store::Dir { dir, .. } => dir,
+            Store::Kubernetes(_) => Path::new(""),
+        }
+    }
+
     fn file(&self, namespace: &str, pod: &str) -> PathBuf {
-        self.dir.join(format!("{namespace}--{pod}.yaml"))
+        self.dir().join(format!("{namespace}--{pod}.yaml"))
     }
 
     fn io(&self, e: impl std::fmt::Display) -> QuarantineError {
         QuarantineError::Io {
-            dir: self.dir.clone(),
+            dir: self.dir().to_path_buf(),
             reason: e.to_string(),
         }
     }
 
     /// Re-reads the manifests and applies what changed, with priority delivery.
     fn apply_now(&self) -> Result<BTreeMap<String, u64>, QuarantineError> {
+        let Store::Dir { source, .. } = &self.store else {
+            return Err(QuarantineError::Apply("no manifest source".into()));
+        };
         let reload = {
-            let mut source = self
-                .source
+            let mut source = source
                 .lock()
                 .map_err(|_| QuarantineError::Apply("manifest source lock poisoned".into()))?;
             source.reload()
@@ -126,12 +220,19 @@ impl QuarantineControl {
             "actor": info.actor,
             "expires_at": info.expires_at,
         });
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("audit.log"))
-            .map_err(|e| self.io(e))?;
-        writeln!(f, "{line}").map_err(|e| self.io(e))?;
+        match &self.store {
+            Store::Dir { dir, .. } => {
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("audit.log"))
+                    .map_err(|e| self.io(e))?;
+                writeln!(f, "{line}").map_err(|e| self.io(e))?;
+            }
+            // No audit file in a pod: the same line goes to the log, and an Event is published
+            // on the object (by the caller, which has its reference).
+            Store::Kubernetes(_) => tracing::info!(target: "bulkhead::audit", "{line}"),
+        }
         if let Ok(mut flows) = self.flows.lock() {
             flows.push(
                 "controller",
@@ -158,6 +259,38 @@ impl QuarantineControl {
         }
         tracing::warn!(action, namespace = %info.namespace, pod = %info.pod, reason = %info.reason, actor = %info.actor, "quarantine audit");
         Ok(())
+    }
+
+    /// Writes the manifest and applies it; on failure puts back what was there.
+    fn write_file(
+        &self,
+        namespace: &str,
+        pod: &str,
+        text: String,
+    ) -> Result<BTreeMap<String, u64>, QuarantineError> {
+        std::fs::create_dir_all(self.dir()).map_err(|e| self.io(e))?;
+        let path = self.file(namespace, pod);
+        let previous = std::fs::read_to_string(&path).ok();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).map_err(|e| self.io(e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| self.io(e))?;
+        let nodes = match self.apply_now() {
+            Ok(n) => n,
+            Err(e) => {
+                // Put back what was there: a rejected request changes nothing.
+                match previous {
+                    Some(p) => {
+                        let _ = std::fs::write(&path, p);
+                    }
+                    None => {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+                let _ = self.apply_now();
+                return Err(e);
+            }
+        };
+        Ok(nodes)
     }
 
     pub fn quarantine(
@@ -248,28 +381,14 @@ impl QuarantineControl {
         doc.insert("kind".into(), "Quarantine".into());
         doc.insert("metadata".into(), Value::Mapping(meta));
         doc.insert("spec".into(), Value::Mapping(spec));
-        let text = serde_yaml::to_string(&Value::Mapping(doc)).map_err(|e| self.io(e))?;
-        std::fs::create_dir_all(&self.dir).map_err(|e| self.io(e))?;
-        let path = self.file(&r.namespace, &r.pod);
-        let previous = std::fs::read_to_string(&path).ok();
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).map_err(|e| self.io(e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| self.io(e))?;
-        let nodes = match self.apply_now() {
-            Ok(n) => n,
-            Err(e) => {
-                // Put back what was there: a rejected request changes nothing.
-                match previous {
-                    Some(p) => {
-                        let _ = std::fs::write(&path, p);
-                    }
-                    None => {
-                        let _ = std::fs::remove_file(&path);
-                    }
-                }
-                let _ = self.apply_now();
-                return Err(e);
+        let doc = Value::Mapping(doc);
+        let text = serde_yaml::to_string(&doc).map_err(|e| self.io(e))?;
+        let (nodes, reference) = match &self.store {
+            Store::Kubernetes(k) => {
+                let (nodes, reference) = self.kube_apply(k, &r.namespace, &name, &text, &doc)?;
+                (nodes, Some(reference))
             }
+            Store::Dir { .. } => (self.write_file(&r.namespace, &r.pod, text)?, None),
         };
         if let Ok(mut c) = self.carried_by.lock() {
             c.insert(format!("{}/{}", r.namespace, r.pod), nodes.clone());
@@ -285,6 +404,9 @@ impl QuarantineControl {
             ..Default::default()
         };
         self.audit("quarantine", &info)?;
+        if let (Store::Kubernetes(k), Some(reference)) = (&self.store, reference) {
+            self.kube_event(k, &reference, "quarantine", &info);
+        }
         Ok(pb::QuarantineResponse {
             quarantine: Some(info),
             nodes: nodes.into_iter().collect(),
@@ -295,6 +417,9 @@ impl QuarantineControl {
         &self,
         r: pb::ReleaseRequest,
     ) -> Result<pb::QuarantineResponse, QuarantineError> {
+        if let Store::Kubernetes(k) = &self.store {
+            return self.kube_release(k, r);
+        }
         let path = self.file(&r.namespace, &r.pod);
         let Some(mut info) = self.read(&path) else {
             return Err(QuarantineError::NotQuarantined(format!(
@@ -355,12 +480,27 @@ impl QuarantineControl {
     }
 
     pub fn list(&self) -> Vec<pb::QuarantineInfo> {
-        let mut out: Vec<pb::QuarantineInfo> = std::fs::read_dir(&self.dir)
+        let found: Vec<pb::QuarantineInfo> = match &self.store {
+            Store::Dir { dir, .. } => std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "yaml"))
+                .filter_map(|e| self.read(&e.path()))
+                .collect(),
+            Store::Kubernetes(k) => {
+                let api: Api<Quarantine> = Api::all(k.client.clone());
+                match k.handle.block_on(api.list(&ListParams::default())) {
+                    Ok(list) => list.items.iter().map(info_of).collect(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot list Quarantine objects");
+                        Vec::new()
+                    }
+                }
+            }
+        };
+        let mut out: Vec<pb::QuarantineInfo> = found
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "yaml"))
-            .filter_map(|e| self.read(&e.path()))
             .map(|mut q| {
                 self.fill_status(&mut q);
                 q
@@ -368,5 +508,172 @@ impl QuarantineControl {
             .collect();
         out.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
         out
+    }
+}
+
+fn kube_err(e: kube::Error) -> QuarantineError {
+    QuarantineError::Kubernetes(e.to_string())
+}
+
+fn not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// What `list` shows of a Quarantine object (the same fields as the file case reads).
+fn info_of(q: &Quarantine) -> pb::QuarantineInfo {
+    let annotation = |k: &str| {
+        q.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(k))
+            .cloned()
+            .unwrap_or_default()
+    };
+    pb::QuarantineInfo {
+        namespace: q.metadata.namespace.clone().unwrap_or_default(),
+        pod: q
+            .spec
+            .pods
+            .as_ref()
+            .and_then(|p| p.first())
+            .cloned()
+            .unwrap_or_default(),
+        name: q.metadata.name.clone().unwrap_or_default(),
+        reason: q.spec.reason.clone(),
+        created_at: annotation("bulkhead.dev/quarantined-at"),
+        expires_at: q.spec.expires_at.clone().unwrap_or_default(),
+        actor: annotation("bulkhead.dev/quarantined-by"),
+        ..Default::default()
+    }
+}
+
+impl QuarantineControl {
+    /// Server-side apply of the Quarantine object, then waits until the hub has it.
+    fn kube_apply(
+        &self,
+        k: &KubeStore,
+        namespace: &str,
+        name: &str,
+        text: &str,
+        doc: &Value,
+    ) -> Result<(BTreeMap<String, u64>, ObjectReference), QuarantineError> {
+        // What the source's loader would refuse is refused here, before anything is written.
+        let loaded = crate::load::load_str(Path::new("quarantine request"), text);
+        if let Some(e) = loaded.errors.first() {
+            return Err(QuarantineError::Rejected(e.to_string()));
+        }
+        let body =
+            serde_json::to_value(doc).map_err(|e| QuarantineError::Invalid(e.to_string()))?;
+        let api: Api<Quarantine> = Api::namespaced(k.client.clone(), namespace);
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let object = k
+            .handle
+            .block_on(api.patch(name, &params, &Patch::Apply(&body)))
+            .map_err(kube_err)?;
+        let nodes = self.wait_for(k, namespace, name, true)?;
+        Ok((nodes, object.object_ref(&())))
+    }
+
+    fn kube_release(
+        &self,
+        k: &KubeStore,
+        r: pb::ReleaseRequest,
+    ) -> Result<pb::QuarantineResponse, QuarantineError> {
+        let who = format!("{}/{}", r.namespace, r.pod);
+        let name = format!("quarantine-{}", r.pod);
+        let api: Api<Quarantine> = Api::namespaced(k.client.clone(), &r.namespace);
+        let Some(object) = k.handle.block_on(api.get_opt(&name)).map_err(kube_err)? else {
+            return Err(QuarantineError::NotQuarantined(who));
+        };
+        match k
+            .handle
+            .block_on(api.delete(&name, &DeleteParams::default()))
+        {
+            Ok(_) => {}
+            Err(e) if not_found(&e) => return Err(QuarantineError::NotQuarantined(who)),
+            Err(e) => return Err(kube_err(e)),
+        }
+        let nodes = self.wait_for(k, &r.namespace, &name, false)?;
+        if let Ok(mut c) = self.carried_by.lock() {
+            c.remove(&who);
+        }
+        let mut info = info_of(&object);
+        info.actor = r.actor;
+        self.audit("release", &info)?;
+        self.kube_event(k, &object.object_ref(&()), "release", &info);
+        Ok(pb::QuarantineResponse {
+            quarantine: Some(info),
+            nodes: nodes.into_iter().collect(),
+        })
+    }
+
+    /// Polls the hub until the Quarantine `namespace/name` is (or no longer is) in a rule set,
+    /// then returns every node's current version, for callers to wait for enforcement.
+    fn wait_for(
+        &self,
+        k: &KubeStore,
+        namespace: &str,
+        name: &str,
+        present: bool,
+    ) -> Result<BTreeMap<String, u64>, QuarantineError> {
+        let deadline = std::time::Instant::now() + k.wait;
+        loop {
+            let seen = self.hub.policy_status().iter().any(|p| {
+                p.kind == RuleKind::Quarantine && p.namespace == namespace && p.name == name
+            });
+            if seen == present {
+                return Ok(self
+                    .hub
+                    .node_states()
+                    .into_iter()
+                    .map(|n| (n.node, n.version))
+                    .collect());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(QuarantineError::NotSeen(if present {
+                    format!("Quarantine {namespace}/{name}")
+                } else {
+                    format!("the deletion of Quarantine {namespace}/{name}")
+                }));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// A Normal Event on the Quarantine object; failing to publish it is only logged.
+    fn kube_event(
+        &self,
+        k: &KubeStore,
+        reference: &ObjectReference,
+        action: &str,
+        info: &pb::QuarantineInfo,
+    ) {
+        let (reason, verb) = if action == "quarantine" {
+            ("Quarantined", "Quarantine")
+        } else {
+            ("Released", "Release")
+        };
+        let note = format!(
+            "{} {}/{} by {}: {}",
+            if action == "quarantine" {
+                "quarantined"
+            } else {
+                "released"
+            },
+            info.namespace,
+            info.pod,
+            info.actor,
+            info.reason
+        );
+        let event = KubeEvent {
+            type_: EventType::Normal,
+            reason: reason.into(),
+            note: Some(truncate(&note, EVENT_NOTE_MAX)),
+            action: verb.into(),
+            secondary: None,
+        };
+        if let Err(e) = k.handle.block_on(k.recorder.publish(&event, reference)) {
+            tracing::warn!(namespace = %info.namespace, quarantine = %info.name, error = %e, "could not publish the quarantine Event");
+        }
     }
 }

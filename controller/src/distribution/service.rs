@@ -556,9 +556,11 @@ impl Admin for AdminService {
         _request: Request<pb::ListQuarantinesRequest>,
     ) -> Result<Response<pb::ListQuarantinesResponse>, Status> {
         let q = self.quarantines()?;
-        Ok(Response::new(pb::ListQuarantinesResponse {
-            quarantines: q.list(),
-        }))
+        // `list` may call the Kubernetes API synchronously: not on a runtime worker.
+        let quarantines = tokio::task::spawn_blocking(move || q.list())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ListQuarantinesResponse { quarantines }))
     }
 }
 

@@ -20,6 +20,9 @@
 //!   controller that has not seen the cluster yet.
 //! - Quarantines are applied before anything else of a batch, with priority delivery (the path
 //!   `bulkhead quarantine` takes); `expiresAt` is honoured on a one-second tick.
+//! - `bulkhead quarantine` and the web UI write Quarantine objects through the same client
+//!   ([`Running::client`], [`crate::distribution::quarantine::QuarantineControl::kubernetes`]):
+//!   server-side apply to quarantine, delete to release; this watch brings them to the hub.
 //! - The leader (or the only controller) writes each ServicePolicy's and Quarantine's status by
 //!   server-side apply (field manager `bulkhead-controller`): `Accepted` (or `Invalid` with
 //!   every problem), `Realized` on X of Y nodes, for quarantines `enforcedAt` per node and
@@ -82,6 +85,8 @@ pub struct KubernetesOptions {
 pub struct Running {
     pub gate: Arc<Gate>,
     pub stats: Arc<SourceStats>,
+    /// The client the source watches with (the quarantine API writes through it too).
+    pub client: Client,
     source: tokio::task::JoinHandle<()>,
     stop: Option<oneshot::Sender<()>>,
     elector: Option<tokio::task::JoinHandle<Result<(), leader::LeaderError>>>,
@@ -169,7 +174,7 @@ pub fn start_with_client(
     };
     let gate = Arc::new(Gate::new(leadership));
     let source = KubernetesSource::new(
-        client,
+        client.clone(),
         hub,
         gate.clone(),
         SourceOptions {
@@ -182,6 +187,7 @@ pub fn start_with_client(
     Ok(Running {
         gate,
         stats,
+        client,
         source,
         stop,
         elector,
