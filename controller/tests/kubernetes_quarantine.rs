@@ -5,8 +5,6 @@
 //! API's QuarantineList.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,39 +14,12 @@ use bulkhead_controller::kubernetes::{Gate, KubernetesSource, SourceOptions};
 use bulkhead_controller::ruleset::{RuleKind, RuleSet};
 use bulkhead_controller::{EngineConfig, PolicyEngine};
 use bulkhead_proto::v1 as pb;
-use bytes::Bytes;
-use futures::StreamExt;
 use http::{Request, Response};
-use http_body::Frame;
-use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-type MockBody = BoxBody<Bytes, Infallible>;
-
-fn fixture(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/k8s")
-        .join(name);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn full(body: impl Into<Bytes>) -> MockBody {
-    http_body_util::Full::new(body.into()).boxed()
-}
-
-fn pending() -> MockBody {
-    BodyExt::boxed(StreamBody::new(futures::stream::pending::<
-        Result<Frame<Bytes>, Infallible>,
-    >()))
-}
-
-/// A watch response body that stays open and yields what the server sends.
-fn live(rx: mpsc::UnboundedReceiver<String>) -> MockBody {
-    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
-        .map(|line| Ok::<_, Infallible>(Frame::data(Bytes::from(format!("{line}\n")))));
-    BodyExt::boxed(StreamBody::new(stream))
-}
+mod k8s_mock;
+use k8s_mock::{MockBody, Respond, fixture, full, live, mock_client, pending};
 
 const QUARANTINES: &str = "/apis/bulkhead.dev/v1alpha1/quarantines";
 const NAMESPACED_QUARANTINES: &str = "/apis/bulkhead.dev/v1alpha1/namespaces/";
@@ -216,31 +187,6 @@ impl ApiServer {
         // Other writes (status by server-side apply, Events): answered with what was sent.
         reply(if method == "POST" { 201 } else { 200 }, &body)
     }
-}
-
-fn mock_client(
-    server: ApiServer,
-) -> (
-    kube::Client,
-    Arc<Mutex<ApiServer>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (service, mut handle) =
-        tower_test::mock::pair::<Request<kube::client::Body>, Response<MockBody>>();
-    let server = Arc::new(Mutex::new(server));
-    let task = tokio::spawn({
-        let server = server.clone();
-        async move {
-            while let Some((req, send)) = handle.next_request().await {
-                let (parts, body) = req.into_parts();
-                let bytes = body.collect_bytes().await.unwrap_or_default().to_vec();
-                let req = Request::from_parts(parts, bytes);
-                let resp = server.lock().unwrap().respond(req);
-                send.send_response(resp);
-            }
-        }
-    });
-    (kube::Client::new(service, "default"), server, task)
 }
 
 struct Harness {
@@ -606,4 +552,10 @@ fn kube_client_of(h: &Harness) -> kube::Client {
         }
     });
     kube::Client::new(service, "default")
+}
+
+impl Respond for ApiServer {
+    fn respond(&mut self, req: Request<Vec<u8>>) -> Response<MockBody> {
+        ApiServer::respond(self, req)
+    }
 }

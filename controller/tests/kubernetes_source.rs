@@ -3,8 +3,6 @@
 //! JSON an API server sends, with managedFields and resourceVersions).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::convert::Infallible;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,36 +11,15 @@ use bulkhead_controller::distribution::Hub;
 use bulkhead_controller::kubernetes::{Gate, KubernetesSource, SourceOptions, SourceStats};
 use bulkhead_controller::ruleset::{RuleKind, RuleSet};
 use bulkhead_controller::{EngineConfig, PolicyEngine};
-use bytes::Bytes;
-use futures::StreamExt;
 use http::{Request, Response, StatusCode};
-use http_body::Frame;
-use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-type MockBody = BoxBody<Bytes, Infallible>;
-
-fn fixture(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/k8s")
-        .join(name);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
+mod k8s_mock;
+use k8s_mock::{MockBody, Respond, fixture, full, live, mock_client, pending};
 
 fn fixture_lines(name: &str) -> Vec<String> {
     fixture(name).lines().map(str::to_string).collect()
-}
-
-fn full(body: impl Into<Bytes>) -> MockBody {
-    http_body_util::Full::new(body.into()).boxed()
-}
-
-/// A watch response body that stays open and yields what the test sends.
-fn live(rx: mpsc::UnboundedReceiver<String>) -> MockBody {
-    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
-        .map(|line| Ok::<_, Infallible>(Frame::data(Bytes::from(format!("{line}\n")))));
-    BodyExt::boxed(StreamBody::new(stream))
 }
 
 enum WatchPlan {
@@ -152,9 +129,7 @@ impl ApiServer {
                     Some(WatchPlan::Live(rx)) => live(rx),
                     Some(WatchPlan::Fail(_)) => unreachable!("answered above"),
                     // Nothing more to say: keep the watch open.
-                    None => BodyExt::boxed(StreamBody::new(futures::stream::pending::<
-                        Result<Frame<Bytes>, Infallible>,
-                    >())),
+                    None => pending(),
                 };
                 return Response::builder().status(200).body(body).unwrap();
             }
@@ -269,31 +244,6 @@ impl ApiServer {
             _ => reply(404, &not_found),
         }
     }
-}
-
-fn mock_client(
-    server: ApiServer,
-) -> (
-    kube::Client,
-    Arc<Mutex<ApiServer>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (service, mut handle) =
-        tower_test::mock::pair::<Request<kube::client::Body>, Response<MockBody>>();
-    let server = Arc::new(Mutex::new(server));
-    let server_task = tokio::spawn({
-        let server = server.clone();
-        async move {
-            while let Some((req, send)) = handle.next_request().await {
-                let (parts, body) = req.into_parts();
-                let bytes = body.collect_bytes().await.unwrap_or_default().to_vec();
-                let req = Request::from_parts(parts, bytes);
-                let resp = server.lock().unwrap().respond(req);
-                send.send_response(resp);
-            }
-        }
-    });
-    (kube::Client::new(service, "default"), server, server_task)
 }
 
 fn start(server: ApiServer) -> Harness {
@@ -824,4 +774,10 @@ async fn a_failed_watch_is_retried() {
     )
     .await;
     assert!(h.stats.watch_errors.load(Ordering::SeqCst) >= 1);
+}
+
+impl Respond for ApiServer {
+    fn respond(&mut self, req: Request<Vec<u8>>) -> Response<MockBody> {
+        ApiServer::respond(self, req)
+    }
 }
