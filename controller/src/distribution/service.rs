@@ -347,6 +347,27 @@ impl AdminService {
             Status::unimplemented("this controller has no quarantine directory (--quarantine-dir)")
         })
     }
+
+    /// For quarantine and release: the caller's certificate must be an admin's; returns the
+    /// quarantine control and who the audit log names (see [`actor`]).
+    fn administrator<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(Arc<super::quarantine::QuarantineControl>, Option<String>), Status> {
+        let caller = auth::caller(request)?;
+        self.clients.may_administer(caller.as_deref())?;
+        Ok((self.quarantines()?, caller))
+    }
+}
+
+/// Runs a quarantine call off the runtime's workers (it writes files or calls the Kubernetes
+/// API synchronously).
+async fn off_runtime<R: Send + 'static>(
+    call: impl FnOnce() -> Result<R, super::quarantine::QuarantineError> + Send + 'static,
+) -> Result<R, Status> {
+    Ok(tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??)
 }
 
 fn poisoned() -> Status {
@@ -525,30 +546,20 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::QuarantineRequest>,
     ) -> Result<Response<pb::QuarantineResponse>, Status> {
-        let caller = auth::caller(&request)?;
-        self.clients.may_administer(caller.as_deref())?;
-        let q = self.quarantines()?;
+        let (q, caller) = self.administrator(&request)?;
         let mut r = request.into_inner();
         r.actor = actor(caller, r.actor);
-        let resp = tokio::task::spawn_blocking(move || q.quarantine(r))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
-        Ok(Response::new(resp))
+        Ok(Response::new(off_runtime(move || q.quarantine(r)).await?))
     }
 
     async fn release(
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::QuarantineResponse>, Status> {
-        let caller = auth::caller(&request)?;
-        self.clients.may_administer(caller.as_deref())?;
-        let q = self.quarantines()?;
+        let (q, caller) = self.administrator(&request)?;
         let mut r = request.into_inner();
         r.actor = actor(caller, r.actor);
-        let resp = tokio::task::spawn_blocking(move || q.release(r))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
-        Ok(Response::new(resp))
+        Ok(Response::new(off_runtime(move || q.release(r)).await?))
     }
 
     async fn list_quarantines(
@@ -557,9 +568,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListQuarantinesResponse>, Status> {
         let q = self.quarantines()?;
         // `list` may call the Kubernetes API synchronously: not on a runtime worker.
-        let quarantines = tokio::task::spawn_blocking(move || q.list())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let quarantines = off_runtime(move || Ok(q.list())).await?;
         Ok(Response::new(pb::ListQuarantinesResponse { quarantines }))
     }
 }
