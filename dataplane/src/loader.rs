@@ -31,6 +31,8 @@ pub const PROG_FROM_POD: &str = "bulkhead_from_pod";
 pub const PROG_TO_POD: &str = "bulkhead_to_pod";
 pub const PROG_PARSE_ONLY: &str = "bulkhead_parse_only";
 pub const PROG_PREFILTER: &str = "bulkhead_prefilter";
+/// Samples (jiffies, monotonic ns) for [`Dataplane::calibrate_clock`]; never attached.
+pub const PROG_CLOCK_PROBE: &str = "bulkhead_clock_probe";
 
 /// Pinned link names: `<ifname><suffix>` (bpffs refuses dots in names).
 const LINK_FROM_POD: &str = "__from-pod";
@@ -166,16 +168,72 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir.join("maps"))
             .load(crate::EBPF_OBJECT)?;
-        for name in [PROG_FROM_POD, PROG_TO_POD, PROG_PARSE_ONLY] {
+        for name in [
+            PROG_FROM_POD,
+            PROG_TO_POD,
+            PROG_PARSE_ONLY,
+            PROG_CLOCK_PROBE,
+        ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(program_err(name))?;
         }
         let xdp: &mut Xdp = program(&mut ebpf, PROG_PREFILTER)?;
         xdp.load().map_err(program_err(PROG_PREFILTER))?;
-        Ok(Dataplane {
+        let mut dp = Dataplane {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
-        })
+        };
+        match dp.calibrate_clock()? {
+            Some((tick, _)) => tracing::debug!(tick_ns = tick, "data-plane clock runs on jiffies"),
+            None => tracing::warn!(
+                "could not measure the kernel tick; the programs read the coarse clock through a helper call (a few ns more per packet)"
+            ),
+        }
+        Ok(dp)
+    }
+
+    /// Measures the kernel tick against the monotonic clock and writes it to `CONFIG` (keeping
+    /// the rest), so the programs' per-packet clock is an inlined jiffies read instead of a
+    /// helper call (see `Config::jiffy_ns`). Samples (jiffies, ns) with the probe program just
+    /// after two consecutive tick edges: at most two ticks (20 ms at HZ=100). Returns the tick
+    /// and offset written, or None (nothing written) when no two edges came within 200 ms.
+    pub fn calibrate_clock(&mut self) -> Result<Option<(u32, u64)>, LoadError> {
+        let deadline = std::time::Instant::now() + Duration::from_millis(200);
+        let mut prev = self.clock_sample()?;
+        let mut edges = Vec::with_capacity(2);
+        while edges.len() < 2 && std::time::Instant::now() < deadline {
+            let s = self.clock_sample()?;
+            if s.0 != prev.0 {
+                edges.push(s);
+            }
+            prev = s;
+        }
+        let clock = match edges[..] {
+            [a, b] => bulkhead_common::clock_from_samples(a, b),
+            _ => None,
+        };
+        if let Some((tick, offset)) = clock {
+            let mut config = self.config()?;
+            let mut cfg = config.get(&0, 0).unwrap_or_default();
+            cfg.jiffy_ns = tick;
+            cfg.clock_offset_ns = offset;
+            config.set(0, cfg, 0).map_err(|source| LoadError::Map {
+                name: "CONFIG",
+                source,
+            })?;
+        }
+        Ok(clock)
+    }
+
+    /// One (jiffies, monotonic ns) sample from the probe program.
+    fn clock_sample(&mut self) -> Result<(u64, u64), LoadError> {
+        self.test_run(PROG_CLOCK_PROBE, &[0u8; 64], 0, 1)?;
+        let m: Array<&mut MapData, [u64; 2]> = self.map_mut("CLOCK_SAMPLE")?;
+        let v = m.get(&0, 0).map_err(|source| LoadError::Map {
+            name: "CLOCK_SAMPLE",
+            source,
+        })?;
+        Ok((v[0], v[1]))
     }
 
     pub fn pin_dir(&self) -> &Path {

@@ -921,8 +921,16 @@ impl Enforcer {
     }
 
     /// Replaces the global data-plane configuration (deny-event rate limit, generation).
+    /// The clock fields (`jiffy_ns`, `clock_offset_ns`) are the loader's measurement and are
+    /// kept.
     pub fn set_config(&mut self, config: Config) -> Result<(), SyncError> {
         let mut m = self.dataplane.config()?;
+        let old = m.get(&0, 0).unwrap_or_default();
+        let config = Config {
+            jiffy_ns: old.jiffy_ns,
+            clock_offset_ns: old.clock_offset_ns,
+            ..config
+        };
         m.set(0, config, 0).map_err(map_err("CONFIG"))
     }
 }

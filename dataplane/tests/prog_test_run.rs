@@ -891,6 +891,142 @@ fn conntrack_finds_replies_in_either_port_order_and_relates_icmp_errors() {
     });
 }
 
+/// The monotonic clock, as the kernel's `ktime_get_ns` reads it.
+fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct we own.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) },
+        0
+    );
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Connections whose ports are equal are ordered by address (the other branch of the canonical
+/// order): the programs, which compare addresses as words, must store them under the key the
+/// agent computes with `ct_swapped`, in both families. The timestamps they write come from the
+/// jiffies clock the loader measured, and must read as the monotonic clock the agent converts
+/// to wall time.
+#[test]
+fn conntrack_keys_follow_the_agents_order_and_clock() {
+    if !check_privileged_test("conntrack_keys_follow_the_agents_order_and_clock") {
+        return;
+    }
+    with_dataplane("ct-keys", |e, ifx| {
+        let ep = base_endpoint();
+        let mut policy = base_policy();
+        // Egress enforced and empty: what the pod sends passes only as a reply.
+        policy.egress = DirectionPolicy {
+            isolated_by: Some(9),
+            audit_isolated_by: None,
+            entries: Vec::new(),
+        };
+        // Peers whose first differing byte from the pod's address is not the last one, with
+        // the last bytes ordered the other way: a word compare in the wrong byte order would
+        // store these connections reversed.
+        const PEER2_V4: [u8; 4] = [10, 0, 1, 1];
+        const PEER2_V6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1];
+        let mut rs = base_ruleset(1, ep, policy);
+        for net in ["10.0.1.1/32", "fd00::1:1/128"] {
+            rs.ipcache.push(bulkhead_controller::ruleset::IpCacheEntry {
+                cidr: net.parse().expect("cidr"),
+                identity: 301,
+                quarantined: false,
+                quarantine_allow: Vec::new(),
+            });
+        }
+        e.apply(&rs, &RouteResolver).expect("apply");
+        let cfg = e
+            .dataplane()
+            .config()
+            .expect("config")
+            .get(&0, 0)
+            .expect("config slot");
+        assert!(
+            bulkhead_common::TICK_NSEC_CANDIDATES.contains(&cfg.jiffy_ns),
+            "the loader measured the tick: {cfg:?}"
+        );
+        let before = monotonic_ns();
+        let v4 = |a: [u8; 4]| Ipv4Addr::from(a).to_ipv6_mapped().octets();
+        // (opening packet, its reply, a packet of no connection, peer address, local address)
+        type Case = (Vec<u8>, Vec<u8>, Vec<u8>, [u8; 16], [u8; 16]);
+        let cases: [Case; 4] = [
+            (
+                udp4(PEER2_V4, EP_V4, 5353, 5353),
+                udp4(EP_V4, PEER2_V4, 5353, 5353),
+                udp4(EP_V4, PEER2_V4, 5353, 5354),
+                v4(PEER2_V4),
+                v4(EP_V4),
+            ),
+            (
+                udp6(PEER2_V6, EP_V6, 5353, 5353),
+                udp6(EP_V6, PEER2_V6, 5353, 5353),
+                udp6(EP_V6, PEER2_V6, 5353, 5354),
+                PEER2_V6,
+                EP_V6,
+            ),
+            (
+                udp4(PEER_V4, EP_V4, 5353, 5353),
+                udp4(EP_V4, PEER_V4, 5353, 5353),
+                udp4(EP_V4, PEER_V4, 5353, 5354),
+                v4(PEER_V4),
+                v4(EP_V4),
+            ),
+            (
+                udp6(PEER_V6, EP_V6, 5353, 5353),
+                udp6(EP_V6, PEER_V6, 5353, 5353),
+                udp6(EP_V6, PEER_V6, 5353, 5354),
+                PEER_V6,
+                EP_V6,
+            ),
+        ];
+        for (open, reply, unrelated, peer, local) in cases {
+            assert_eq!(run(e, PROG_TO_POD, &open, ifx), TC_ACT_OK, "UDP from 301");
+            assert_eq!(run(e, PROG_FROM_POD, &reply, ifx), TC_ACT_OK, "its reply");
+            assert_eq!(
+                run(e, PROG_FROM_POD, &unrelated, ifx),
+                TC_ACT_SHOT,
+                "no connection to port 5354"
+            );
+            // Opened by ingress traffic peer → local; stored in the agent's canonical order.
+            let swapped =
+                bulkhead_common::ct_swapped(&peer, &local, 5353u16.to_be(), 5353u16.to_be());
+            let (saddr, daddr) = if swapped {
+                (local, peer)
+            } else {
+                (peer, local)
+            };
+            let key = bulkhead_common::CtKey {
+                saddr,
+                daddr,
+                sport_be: 5353u16.to_be(),
+                dport_be: 5353u16.to_be(),
+                endpoint_id: 1,
+                protocol: 17,
+                direction: if swapped { 1 } else { 0 },
+            };
+            let after = monotonic_ns();
+            let v = e
+                .dataplane()
+                .conntrack()
+                .expect("conntrack")
+                .get(&key, 0)
+                .expect("the connection is under the agent's key");
+            assert_eq!((v.packets_fwd, v.packets_rev), (1, 1));
+            let tick = cfg.jiffy_ns as u64;
+            for t in [v.created_ns, v.last_seen_ns] {
+                assert!(
+                    t + 2 * tick >= before && t <= after + tick,
+                    "conntrack time {t} is the monotonic clock ({before}..{after}, tick {tick})"
+                );
+            }
+        }
+    });
+}
+
 /// A restarted agent re-attaches the XDP prefilter to the uplink an earlier one pinned it on:
 /// the program inside the pinned link is replaced, not attached a second time (which the
 /// kernel refuses while the first link holds the interface).

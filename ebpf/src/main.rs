@@ -17,11 +17,12 @@
 // BPF stack, which the scratch map exists to avoid.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod addr;
 mod parse;
 
 use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{TcContext, XdpContext},
@@ -32,8 +33,8 @@ use bulkhead_common::{
     EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo, FlowEvent, IPCACHE_QUARANTINED,
     IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS, PROTO_OTHER, PolicyKey, PolicySummary,
     PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR,
-    SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY, ct_swapped, endpoint_flags,
-    reason, stat,
+    SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY, endpoint_flags, reason,
+    stat,
 };
 use parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Packet, Parsed};
 
@@ -75,8 +76,9 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Single addresses (pods, hosts): one hash lookup, whatever the number of entries.
 #[map]
-static IPCACHE_HOST_V4: HashMap<[u8; 4], IpCacheValue> =
-    HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC);
+/// Keyed by the address's four bytes read as one native u32 (the same bytes as the agent's
+/// `[u8; 4]` key).
+static IPCACHE_HOST_V4: HashMap<u32, IpCacheValue> = HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC);
 
 #[map]
 static IPCACHE_HOST_V6: HashMap<[u8; 16], IpCacheValue> =
@@ -113,6 +115,10 @@ static DENY_RECENT: PerCpuArray<DenyRecent> = PerCpuArray::with_max_entries(DENY
 
 #[map]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// (jiffies, monotonic ns), written by `bulkhead_clock_probe` for the agent's clock calibration.
+#[map]
+static CLOCK_SAMPLE: Array<[u64; 2]> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
@@ -170,6 +176,17 @@ pub fn bulkhead_parse_only(ctx: TcContext) -> i32 {
     }
 }
 
+/// Samples jiffies and the monotonic clock together, for the agent to measure the tick
+/// (`Config::jiffy_ns`). Run with BPF_PROG_TEST_RUN only, never attached.
+#[classifier]
+pub fn bulkhead_clock_probe(_ctx: TcContext) -> i32 {
+    if let Some(s) = CLOCK_SAMPLE.get_ptr_mut(0) {
+        // SAFETY: an array slot; helpers without arguments.
+        unsafe { *s = [bpf_jiffies64(), bpf_ktime_get_ns()] };
+    }
+    TC_ACT_OK
+}
+
 #[xdp]
 pub fn bulkhead_prefilter(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
@@ -197,11 +214,11 @@ enum Prefiltered {
 
 /// An IPv4 address's ipcache entry: its own (hash) or its longest covering prefix (LPM).
 #[inline(always)]
-fn ipcache_v4(addr: [u8; 4]) -> Option<IpCacheValue> {
+fn ipcache_v4(addr: u32) -> Option<IpCacheValue> {
     if let Some(v) = unsafe { IPCACHE_HOST_V4.get(&addr) } {
         return Some(*v);
     }
-    IPCACHE_V4.get(Key::new(32, addr)).copied()
+    IPCACHE_V4.get(Key::new(32, addr.to_ne_bytes())).copied()
 }
 
 #[inline(always)]
@@ -210,6 +227,12 @@ fn ipcache_v6(addr: [u8; 16]) -> Option<IpCacheValue> {
         return Some(*v);
     }
     IPCACHE_V6.get(Key::new(128, addr)).copied()
+}
+
+#[inline(always)]
+fn v4_mapped_bytes(a: u32) -> [u8; 16] {
+    // SAFETY: same size, and every bit pattern is a valid byte array.
+    unsafe { core::mem::transmute::<addr::Words, [u8; 16]>(addr::v4_mapped(a)) }
 }
 
 #[inline(always)]
@@ -235,21 +258,21 @@ fn prefilter(ctx: &XdpContext) -> Prefiltered {
         if start + 14 + 20 > end {
             return Prefiltered::Pass;
         }
-        let src: [u8; 4] = unsafe { *((start + 14 + 12) as *const [u8; 4]) };
-        let dst: [u8; 4] = unsafe { *((start + 14 + 16) as *const [u8; 4]) };
+        let src = u32::from_ne_bytes(unsafe { *((start + 14 + 12) as *const [u8; 4]) });
+        let dst = u32::from_ne_bytes(unsafe { *((start + 14 + 16) as *const [u8; 4]) });
         let src_entry = ipcache_v4(src);
         if let Some(v) = src_entry
             && v.flags & IPCACHE_QUARANTINED != 0
         {
             let peer = identity_or_world(ipcache_v4(dst));
-            if quarantine_allows(parse::v4_mapped(src), peer) {
+            if quarantine_allows(v4_mapped_bytes(src), peer) {
                 return Prefiltered::Pass;
             }
             return Prefiltered::Quarantined;
         }
         (
-            parse::v4_mapped(src),
-            parse::v4_mapped(dst),
+            v4_mapped_bytes(src),
+            v4_mapped_bytes(dst),
             src_entry,
             bulkhead_common::FAMILY_V4,
         )
@@ -282,9 +305,10 @@ fn prefilter(ctx: &XdpContext) -> Prefiltered {
     };
     // SAFETY: hash value pointer valid during this program run; a racing update of the
     // rate-limit timestamp from another CPU can at worst let one extra event through.
+    let cfg = config();
     let (endpoint_id, report) = unsafe {
-        let t = now_coarse();
-        let interval = deny_event_interval();
+        let t = now_coarse(&cfg);
+        let interval = deny_event_interval(&cfg);
         let due = t.wrapping_sub((*pair).last_event_ns) >= interval;
         if due {
             (*pair).last_event_ns = t;
@@ -353,8 +377,14 @@ fn emit_prefiltered(
         let p = &mut (*scratch).packet;
         p.family = family;
         p.protocol = protocol;
-        p.saddr = *src;
-        p.daddr = *dst;
+        addr::set(
+            &mut p.saddr,
+            core::mem::transmute::<[u8; 16], addr::Words>(*src),
+        );
+        addr::set(
+            &mut p.daddr,
+            core::mem::transmute::<[u8; 16], addr::Words>(*dst),
+        );
         p.sport_be = sport_be;
         p.dport_be = dport_be;
         (
@@ -399,12 +429,30 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// The same clock at tick resolution (a few ms), several times cheaper per packet: enough for
-/// conntrack's last-seen times and the one-second rate limit of deny events.
+/// The same clock at tick resolution (a few ms): enough for conntrack's last-seen times and the
+/// one-second rate limit of deny events. From jiffies once the agent has measured the tick
+/// (see `Config::jiffy_ns`): the verifier inlines `bpf_jiffies64` into one load, where a helper
+/// call costs a call and a return on every packet.
 #[inline(always)]
-fn now_coarse() -> u64 {
-    // SAFETY: a helper without arguments (kernel ≥ 5.11).
-    unsafe { bpf_ktime_get_coarse_ns() }
+fn now_coarse(cfg: &Config) -> u64 {
+    if cfg.jiffy_ns != 0 {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_jiffies64() }
+            .wrapping_mul(cfg.jiffy_ns as u64)
+            .wrapping_add(cfg.clock_offset_ns)
+    } else {
+        // SAFETY: a helper without arguments (kernel ≥ 5.11).
+        unsafe { bpf_ktime_get_coarse_ns() }
+    }
+}
+
+/// The global configuration, read once per packet (zeros until the agent writes it).
+#[inline(always)]
+fn config() -> Config {
+    match CONFIG.get(0) {
+        Some(c) => *c,
+        None => Config::default(),
+    }
 }
 
 #[inline(always)]
@@ -427,12 +475,14 @@ fn bump_stat(index: u32) {
     }
 }
 
+/// The identity of one of the packet's addresses (`Packet` is 8-aligned, so `a` is too).
 #[inline(always)]
-fn identity_of(p: &Packet, addr: &[u8; 16]) -> u32 {
+fn identity_of(p: &Packet, a: &[u8; 16]) -> u32 {
     identity_or_world(if p.family == bulkhead_common::FAMILY_V4 {
-        ipcache_v4([addr[12], addr[13], addr[14], addr[15]])
+        // SAFETY: `a` is an address field of the 8-aligned `Packet`.
+        ipcache_v4(addr::v4_of(unsafe { addr::get(a) }))
     } else {
-        ipcache_v6(*addr)
+        ipcache_v6(*a)
     })
 }
 
@@ -487,36 +537,37 @@ fn lookup_policy(ep: &EndpointInfo, dir: u8, peer: u32, p: &Packet) -> PolicyVal
     summary.fallback
 }
 
-/// The packet's tuple as it travels.
+/// Writes the packet's conntrack key into `k`: the same for forward packets and replies (the
+/// canonical order of `bulkhead_common::ct_swapped`), built with word moves in place.
 #[inline(always)]
-fn tuple_key(p: &Packet, endpoint_id: u32, dir: u8) -> CtKey {
-    CtKey {
-        saddr: p.saddr,
-        daddr: p.daddr,
-        sport_be: p.sport_be,
-        dport_be: p.dport_be,
-        endpoint_id: endpoint_id as u16,
-        protocol: p.protocol,
-        direction: dir,
-    }
-}
-
-/// The packet's connection's conntrack key: the same for forward packets and replies.
-#[inline(always)]
-fn ct_key(p: &Packet, endpoint_id: u32, dir: u8) -> CtKey {
-    if ct_swapped(&p.saddr, &p.daddr, p.sport_be, p.dport_be) {
-        CtKey {
-            saddr: p.daddr,
-            daddr: p.saddr,
-            sport_be: p.dport_be,
-            dport_be: p.sport_be,
-            endpoint_id: endpoint_id as u16,
-            protocol: p.protocol,
-            direction: dir ^ 1,
-        }
+fn set_ct_key(k: &mut CtKey, p: &Packet, endpoint_id: u32, dir: u8) {
+    // SAFETY: `Packet` and `CtKey` are 8-aligned with their addresses at offsets 0 and 16.
+    let (sa, da) = unsafe { (addr::get(&p.saddr), addr::get(&p.daddr)) };
+    let swapped = if p.sport_be != p.dport_be {
+        p.sport_be > p.dport_be
     } else {
-        tuple_key(p, endpoint_id, dir)
+        addr::greater(sa, da)
+    };
+    unsafe {
+        if swapped {
+            addr::set(&mut k.saddr, da);
+            addr::set(&mut k.daddr, sa);
+        } else {
+            addr::set(&mut k.saddr, sa);
+            addr::set(&mut k.daddr, da);
+        }
     }
+    if swapped {
+        k.sport_be = p.dport_be;
+        k.dport_be = p.sport_be;
+        k.direction = dir ^ 1;
+    } else {
+        k.sport_be = p.sport_be;
+        k.dport_be = p.dport_be;
+        k.direction = dir;
+    }
+    k.endpoint_id = endpoint_id as u16;
+    k.protocol = p.protocol;
 }
 
 /// What an event says besides the packet's tuple.
@@ -578,8 +629,9 @@ fn write_event(p: &Packet, m: &EventMeta, ifindex: u32, bytes: u32) {
     // every field is written before submit.
     unsafe {
         (*e).timestamp_ns = now();
-        (*e).saddr = p.saddr;
-        (*e).daddr = p.daddr;
+        // The record and `Packet` are 8-aligned, their addresses at 8-aligned offsets.
+        addr::set(&mut (*e).saddr, addr::get(&p.saddr));
+        addr::set(&mut (*e).daddr, addr::get(&p.daddr));
         (*e).sport_be = p.sport_be;
         (*e).dport_be = p.dport_be;
         (*e).protocol = p.protocol;
@@ -602,22 +654,24 @@ fn write_event(p: &Packet, m: &EventMeta, ifindex: u32, bytes: u32) {
 
 /// The minimum gap between two deny events of one flow (one second unless configured).
 #[inline(always)]
-fn deny_event_interval() -> u64 {
-    match CONFIG.get(0) {
-        Some(c) if c.deny_event_interval_ns != 0 => c.deny_event_interval_ns as u64,
-        _ => 1_000_000_000,
+fn deny_event_interval(cfg: &Config) -> u64 {
+    if cfg.deny_event_interval_ns != 0 {
+        cfg.deny_event_interval_ns as u64
+    } else {
+        1_000_000_000
     }
 }
 
-/// The low 32 bits of an address (all of an IPv4-mapped one), for the deny fingerprint.
+/// The last four bytes of an address (all of an IPv4-mapped one), for the deny fingerprint.
 #[inline(always)]
 fn addr_lo(a: &[u8; 16]) -> u32 {
-    u32::from_ne_bytes([a[12], a[13], a[14], a[15]])
+    // SAFETY: only called on the 8-aligned `Packet`'s addresses.
+    addr::v4_of(unsafe { addr::get(a) })
 }
 
 /// Deny events are rate-limited per flow so that a flood cannot starve the ring buffer.
-#[inline(never)]
-fn emit_denied(skb: *mut __sk_buff, s: *mut Scratch, m: &EventMeta) {
+#[inline(always)]
+fn emit_denied(skb: *mut __sk_buff, s: *mut Scratch, m: &EventMeta, cfg: &Config) {
     // SAFETY: per-CPU scratch, exclusively ours for this run.
     let s = unsafe { &*s };
     let p = &s.packet;
@@ -631,8 +685,8 @@ fn emit_denied(skb: *mut __sk_buff, s: *mut Scratch, m: &EventMeta) {
     else {
         return;
     };
-    let t = now_coarse();
-    let interval = deny_event_interval();
+    let t = now_coarse(cfg);
+    let interval = deny_event_interval(cfg);
     // SAFETY: a per-CPU slot, exclusively ours for this run.
     unsafe {
         let r = &mut *slot;
@@ -676,8 +730,18 @@ fn icmp_error_related(skb: *mut __sk_buff, s: *mut Scratch, endpoint_id: u32, di
     let k = &mut s.fwd;
     k.endpoint_id = endpoint_id as u16;
     k.direction = dir ^ 1;
-    if ct_swapped(&k.saddr, &k.daddr, k.sport_be, k.dport_be) {
-        core::mem::swap(&mut k.saddr, &mut k.daddr);
+    // SAFETY: `CtKey` is 8-aligned with its addresses at offsets 0 and 16.
+    let (sa, da) = unsafe { (addr::get(&k.saddr), addr::get(&k.daddr)) };
+    let swapped = if k.sport_be != k.dport_be {
+        k.sport_be > k.dport_be
+    } else {
+        addr::greater(sa, da)
+    };
+    if swapped {
+        unsafe {
+            addr::set(&mut k.saddr, da);
+            addr::set(&mut k.daddr, sa);
+        }
         core::mem::swap(&mut k.sport_be, &mut k.dport_be);
         k.direction = dir;
     }
@@ -689,12 +753,7 @@ fn icmp_error_related(skb: *mut __sk_buff, s: *mut Scratch, endpoint_id: u32, di
 fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
     // SAFETY: both live in `#[repr(C, align(8))]` structs (`Packet`, `EndpointInfo`) at
     // offsets that are multiples of 8, so reading them as `[u64; 2]` is aligned.
-    let (a, b) = unsafe {
-        (
-            &*(a as *const [u8; 16] as *const [u64; 2]),
-            &*(b as *const [u8; 16] as *const [u64; 2]),
-        )
-    };
+    let (a, b) = unsafe { (addr::get(a), addr::get(b)) };
     a[0] == b[0] && a[1] == b[1]
 }
 
@@ -775,7 +834,7 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
 }
 
 /// Conntrack and policy for a parsed packet of an enforced endpoint.
-#[inline(never)]
+#[inline(always)]
 fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i32 {
     let ctx = TcContext::new(skb);
     // SAFETY: per-CPU scratch, exclusively ours for this run.
@@ -788,19 +847,17 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
     } else {
         &p.daddr
     };
-    let generation = match CONFIG.get(0) {
-        Some(c) => c.generation,
-        None => 0,
-    };
-    let t = now_coarse();
+    let cfg = config();
+    let generation = cfg.generation;
+    let t = now_coarse(&cfg);
 
     // One lookup finds the connection whichever side's packet this is. A TCP SYN (without ACK)
     // opens a connection and belongs to none: it goes straight to the policy, and a SYN the
     // policy admits (re)starts the entry.
-    s.fwd = ct_key(p, ep.endpoint_id, dir);
     let tracked = if p.tcp_syn {
         None
     } else {
+        set_ct_key(&mut s.fwd, p, ep.endpoint_id, dir);
         CONNTRACK.get_ptr_mut(&s.fwd)
     };
     if let Some(ct) = tracked {
@@ -881,7 +938,7 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
             VERDICT_DENY,
             reason::DENIED_POLICY,
         );
-        emit_denied(skb, sp, &m);
+        emit_denied(skb, sp, &m, &cfg);
         return drop_packet(ep.endpoint_id, reason::DENIED_POLICY, bytes);
     }
 
@@ -894,7 +951,7 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
             reason::DENIED_POLICY
         };
         let m = EventMeta::new(ep, dir, peer, &v, EVENT_DENIED, VERDICT_DENY, why);
-        emit_denied(skb, sp, &m);
+        emit_denied(skb, sp, &m, &cfg);
         return drop_packet(ep.endpoint_id, why, bytes);
     }
     let audit = v.audit_verdict == VERDICT_DENY;
@@ -916,6 +973,9 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
                 0
             },
     };
+    if p.tcp_syn {
+        set_ct_key(&mut s.fwd, p, ep.endpoint_id, dir);
+    }
     if CONNTRACK.insert(&s.fwd, &s.ct, 0).is_err() {
         bump_stat(stat::CT_INSERT_FAILED);
     }

@@ -5,6 +5,8 @@
 use aya_ebpf::programs::TcContext;
 use bulkhead_common::{FAMILY_V4, FAMILY_V6};
 
+use crate::addr;
+
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const ETH_P_ARP: u16 = 0x0806;
@@ -48,6 +50,19 @@ pub struct Packet {
     pub l4_off: u32,
 }
 
+impl Packet {
+    /// Resets what the transport header fills in.
+    #[inline(always)]
+    fn clear_transport(&mut self) {
+        self.sport_be = 0;
+        self.dport_be = 0;
+        self.ports_known = false;
+        self.tcp_syn = false;
+        self.icmp_error = false;
+        self.neighbor_discovery = false;
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Parsed {
     /// An IP packet; the tuple is in the caller's `Packet`.
@@ -64,13 +79,6 @@ pub enum Parsed {
 #[inline(always)]
 fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
     ctx.load::<T>(off).ok()
-}
-
-#[inline(always)]
-pub fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
-    ]
 }
 
 #[inline(always)]
@@ -100,33 +108,32 @@ pub fn parse(ctx: &TcContext, out: &mut Packet) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, off: usize, p: &mut Packet) -> Parsed {
-    let Some(hdr) = load::<[u8; 20]>(ctx, off) else {
+    // Loaded as words so that fields are shifts of registers, not byte-by-byte copies.
+    let Some(hdr) = load::<[u32; 5]>(ctx, off) else {
         return Parsed::Malformed;
     };
-    if hdr[0] >> 4 != 4 {
+    let w0 = hdr[0].to_ne_bytes();
+    let w1 = hdr[1].to_ne_bytes();
+    let w2 = hdr[2].to_ne_bytes();
+    if w0[0] >> 4 != 4 {
         return Parsed::Malformed;
     }
-    let ihl = ((hdr[0] & 0x0f) as usize) * 4;
-    let total = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+    let ihl = ((w0[0] & 0x0f) as usize) * 4;
+    let total = u16::from_be_bytes([w0[2], w0[3]]) as usize;
     if ihl < 20 || total < ihl {
         return Parsed::Malformed;
     }
-    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
-    let frag_offset = frag & 0x1fff;
-    *p = Packet {
-        family: FAMILY_V4,
-        protocol: hdr[9],
-        saddr: v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]),
-        daddr: v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]),
-        sport_be: 0,
-        dport_be: 0,
-        ports_known: false,
-        tcp_syn: false,
-        icmp_error: false,
-        neighbor_discovery: false,
-        hop_limit: hdr[8],
-        l4_off: (off + ihl) as u32,
-    };
+    let frag_offset = u16::from_be_bytes([w1[2], w1[3]]) & 0x1fff;
+    // SAFETY: `Packet` is 8-aligned and its addresses sit at offsets 0 and 16.
+    unsafe {
+        addr::set(&mut p.saddr, addr::v4_mapped(hdr[3]));
+        addr::set(&mut p.daddr, addr::v4_mapped(hdr[4]));
+    }
+    p.family = FAMILY_V4;
+    p.protocol = w2[1];
+    p.hop_limit = w2[0];
+    p.l4_off = (off + ihl) as u32;
+    p.clear_transport();
     if frag_offset != 0 {
         // Non-first fragment: no transport header to read.
         return Parsed::Ip;
@@ -147,8 +154,8 @@ fn parse_ipv6(ctx: &TcContext, off: usize, p: &mut Packet) -> Parsed {
         return Parsed::Malformed;
     }
     let (Some(saddr), Some(daddr)) = (
-        load::<[u8; 16]>(ctx, off + 8),
-        load::<[u8; 16]>(ctx, off + 24),
+        load::<addr::Words>(ctx, off + 8),
+        load::<addr::Words>(ctx, off + 24),
     ) else {
         return Parsed::Malformed;
     };
@@ -196,20 +203,16 @@ fn parse_ipv6(ctx: &TcContext, off: usize, p: &mut Packet) -> Parsed {
     if !done {
         return Parsed::Unparseable;
     }
-    *p = Packet {
-        family: FAMILY_V6,
-        protocol: next,
-        saddr,
-        daddr,
-        sport_be: 0,
-        dport_be: 0,
-        ports_known: false,
-        tcp_syn: false,
-        icmp_error: false,
-        neighbor_discovery: false,
-        hop_limit: hdr[7],
-        l4_off: l4 as u32,
-    };
+    // SAFETY: `Packet` is 8-aligned and its addresses sit at offsets 0 and 16.
+    unsafe {
+        addr::set(&mut p.saddr, saddr);
+        addr::set(&mut p.daddr, daddr);
+    }
+    p.family = FAMILY_V6;
+    p.protocol = next;
+    p.hop_limit = hdr[7];
+    p.l4_off = l4 as u32;
+    p.clear_transport();
     if fragmented_tail {
         return Parsed::Ip;
     }
@@ -229,20 +232,21 @@ fn parse_l4(ctx: &TcContext, p: &mut Packet) -> bool {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
             // TCP needs its fixed header, UDP its 8 bytes, SCTP its 12-byte common header; the
             // ports lead all three.
-            let head: Option<[u8; 4]> = match p.protocol {
-                IPPROTO_TCP => load::<[u8; 20]>(ctx, off).map(|h| {
-                    // Flags byte: SYN 0x02, ACK 0x10.
-                    p.tcp_syn = h[13] & 0x12 == 0x02;
-                    [h[0], h[1], h[2], h[3]]
+            let ports: Option<u32> = match p.protocol {
+                IPPROTO_TCP => load::<[u32; 5]>(ctx, off).map(|h| {
+                    // Flags (byte 13): SYN 0x02, ACK 0x10.
+                    p.tcp_syn = h[3].to_ne_bytes()[1] & 0x12 == 0x02;
+                    h[0]
                 }),
-                IPPROTO_UDP => load::<[u8; 8]>(ctx, off).map(|h| [h[0], h[1], h[2], h[3]]),
-                _ => load::<[u8; 12]>(ctx, off).map(|h| [h[0], h[1], h[2], h[3]]),
+                IPPROTO_UDP => load::<[u32; 2]>(ctx, off).map(|h| h[0]),
+                _ => load::<[u32; 3]>(ctx, off).map(|h| h[0]),
             };
-            let Some(h) = head else {
+            let Some(ports) = ports else {
                 return false;
             };
-            p.sport_be = u16::from_ne_bytes([h[0], h[1]]);
-            p.dport_be = u16::from_ne_bytes([h[2], h[3]]);
+            let b = ports.to_ne_bytes();
+            p.sport_be = u16::from_ne_bytes([b[0], b[1]]);
+            p.dport_be = u16::from_ne_bytes([b[2], b[3]]);
             p.ports_known = true;
             true
         }
@@ -284,16 +288,20 @@ pub fn parse_icmp_inner(ctx: &TcContext, p: &Packet, out: &mut bulkhead_common::
     let l4;
     let proto;
     if p.family == FAMILY_V4 {
-        let Some(hdr) = load::<[u8; 20]>(ctx, off) else {
+        let Some(hdr) = load::<[u32; 5]>(ctx, off) else {
             return false;
         };
-        let ihl = ((hdr[0] & 0x0f) as usize) * 4;
-        if hdr[0] >> 4 != 4 || ihl < 20 {
+        let b0 = hdr[0].to_ne_bytes()[0];
+        let ihl = ((b0 & 0x0f) as usize) * 4;
+        if b0 >> 4 != 4 || ihl < 20 {
             return false;
         }
-        out.saddr = v4_mapped([hdr[12], hdr[13], hdr[14], hdr[15]]);
-        out.daddr = v4_mapped([hdr[16], hdr[17], hdr[18], hdr[19]]);
-        proto = hdr[9];
+        // SAFETY: `CtKey` is 8-aligned and its addresses sit at offsets 0 and 16.
+        unsafe {
+            addr::set(&mut out.saddr, addr::v4_mapped(hdr[3]));
+            addr::set(&mut out.daddr, addr::v4_mapped(hdr[4]));
+        }
+        proto = hdr[2].to_ne_bytes()[1];
         l4 = off + ihl;
     } else {
         let Some(hdr) = load::<[u8; 8]>(ctx, off) else {
@@ -303,13 +311,16 @@ pub fn parse_icmp_inner(ctx: &TcContext, p: &Packet, out: &mut bulkhead_common::
             return false;
         }
         let (Some(s), Some(d)) = (
-            load::<[u8; 16]>(ctx, off + 8),
-            load::<[u8; 16]>(ctx, off + 24),
+            load::<addr::Words>(ctx, off + 8),
+            load::<addr::Words>(ctx, off + 24),
         ) else {
             return false;
         };
-        out.saddr = s;
-        out.daddr = d;
+        // SAFETY: `CtKey` is 8-aligned and its addresses sit at offsets 0 and 16.
+        unsafe {
+            addr::set(&mut out.saddr, s);
+            addr::set(&mut out.daddr, d);
+        }
         proto = hdr[6];
         l4 = off + 40;
     }

@@ -34,6 +34,13 @@ struct Args {
     /// Measurements per cell; the median is reported.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Policy sizes to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [10u32, 1_000, 10_000, 100_000])]
+    entries: Vec<u32>,
+    /// Measure only this path, repeatedly, for `--rounds` rounds (for a profiler such as
+    /// `perf record -a`): floor, new, established or reply.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 const SYN: u8 = 0x02;
@@ -137,12 +144,14 @@ fn main() -> anyhow::Result<()> {
     let pin_dir = pins.clone();
     let repeat = args.repeat;
     let rounds = args.rounds;
+    let entries = args.entries.clone();
+    let only = args.only.clone();
     let result = ns.run(move || -> anyhow::Result<Vec<Row>> {
         let dp = Dataplane::load(&pin_dir)?;
         let mut e = Enforcer::new(dp)?;
         let ifx = nix::net::if_::if_nametoindex("ep0")?;
         let mut rows = Vec::new();
-        for n in [10u32, 1_000, 10_000, 100_000] {
+        for n in entries {
             let report = e.apply(&ruleset(n), &RouteResolver)?;
             eprintln!(
                 "{n:>7} entries: {} policy keys written in {:.0} ms",
@@ -166,6 +175,22 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(v == 0, "reply was dropped");
             let (v, _) = dpr.test_run(PROG_TO_POD, &denied, ifx, 1)?;
             anyhow::ensure!(v == 2, "denied packet passed");
+            if let Some(path) = &only {
+                let (prog, pkt) = match path.as_str() {
+                    "floor" => (PROG_PARSE_ONLY, &allowed),
+                    "new" => (PROG_TO_POD, &denied),
+                    "established" => (PROG_TO_POD, &allowed),
+                    "reply" => (PROG_FROM_POD, &reply),
+                    other => {
+                        anyhow::bail!("unknown path {other:?}: floor, new, established or reply")
+                    }
+                };
+                for _ in 0..rounds {
+                    let (_, d) = dpr.test_run(prog, pkt, ifx, repeat)?;
+                    eprintln!("{path}: {:.1} ns/packet", d.as_nanos() as f64);
+                }
+                continue;
+            }
             let mut floor = Vec::new();
             let mut new = Vec::new();
             let mut est = Vec::new();
@@ -198,6 +223,9 @@ fn main() -> anyhow::Result<()> {
     });
     let _ = bulkhead_agent::loader::remove_pins(&pins);
     let rows = result.context("enter namespace")??;
+    if rows.is_empty() {
+        return Ok(());
+    }
     println!("\nPer-packet cost, BPF_PROG_TEST_RUN × {repeat} (median of {rounds}), ns/packet");
     println!(
         "{:>9} | {:>9} | {:>11} {:>6} | {:>11} {:>6} | {:>9} {:>6}",

@@ -112,6 +112,15 @@ pub fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     out
 }
 
+pub fn udp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv6(src, dst, 64)
+        .udp(sport, dport);
+    let mut out = Vec::new();
+    b.write(&mut out, &[1, 2, 3, 4]).expect("build packet");
+    out
+}
+
 pub fn icmp4_echo(src: [u8; 4], dst: [u8; 4], id: u16) -> Vec<u8> {
     let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
         .ipv4(src, dst, 64)

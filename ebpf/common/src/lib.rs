@@ -209,7 +209,9 @@ pub const FAMILY_V6: u8 = 6;
 /// stored in a canonical order (see [`ct_swapped`]) and `direction` is the policy direction of a
 /// packet in that order. Which side opened the connection is in the value
 /// ([`CT_INITIATED_EGRESS`]), so one lookup tells a tracked forward packet from a reply.
-#[repr(C)]
+///
+/// 8-aligned so that the programs build and compare its addresses as u64 words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
     pub saddr: [u8; 16],
@@ -271,6 +273,42 @@ pub struct Config {
     pub generation: u32,
     /// Minimum gap between two deny events of one flow, in nanoseconds.
     pub deny_event_interval_ns: u32,
+    /// The programs' per-packet clock (conntrack last-seen, deny-event rate limit) is
+    /// `jiffies * jiffy_ns + clock_offset_ns`: the monotonic clock at the last tick, read
+    /// without a helper call (the verifier inlines `bpf_jiffies64`). The agent measures both
+    /// at load ([`clock_from_samples`]); while `jiffy_ns` is 0 the programs call
+    /// `bpf_ktime_get_coarse_ns` instead, which reads the same clock at the same resolution.
+    pub jiffy_ns: u32,
+    pub _pad: u32,
+    pub clock_offset_ns: u64,
+}
+
+/// Tick lengths of the kernel's possible `CONFIG_HZ` values (100, 250, 300, 1000), as the
+/// kernel rounds them (`TICK_NSEC`).
+pub const TICK_NSEC_CANDIDATES: [u32; 4] = [10_000_000, 4_000_000, 3_333_333, 1_000_000];
+
+/// The jiffies clock ([`Config::jiffy_ns`], [`Config::clock_offset_ns`]) from two samples of
+/// (jiffies, monotonic ns) each taken just after jiffies changed: the tick length is the
+/// nearest kernel tick length to their ratio, and the offset makes the later sample's tick map
+/// to its time. None when the samples make no sense (no tick between them, or a ratio no
+/// kernel tick length is within 5% of).
+pub fn clock_from_samples(a: (u64, u64), b: (u64, u64)) -> Option<(u32, u64)> {
+    let (ja, ta) = a;
+    let (jb, tb) = b;
+    if jb <= ja || tb <= ta {
+        return None;
+    }
+    let measured = (tb - ta) / (jb - ja);
+    let mut tick = TICK_NSEC_CANDIDATES[0];
+    for t in TICK_NSEC_CANDIDATES {
+        if (t as u64).abs_diff(measured) < (tick as u64).abs_diff(measured) {
+            tick = t;
+        }
+    }
+    if (tick as u64).abs_diff(measured) > tick as u64 / 20 {
+        return None;
+    }
+    Some((tick, tb.wrapping_sub(jb.wrapping_mul(tick as u64))))
 }
 
 /// Event kinds on the `EVENTS` ring buffer.
@@ -380,6 +418,33 @@ mod tests {
     use core::mem::size_of;
 
     #[test]
+    fn clock_from_tick_samples() {
+        // HZ=250: two edges 3 ticks apart, sampled a few microseconds late.
+        let a = (4_294_967_296, 1_000_003_000);
+        let b = (4_294_967_299, 1_012_002_500);
+        let (tick, offset) = clock_from_samples(a, b).expect("clock");
+        assert_eq!(tick, 4_000_000);
+        assert_eq!(
+            (4_294_967_299u64 * 4_000_000).wrapping_add(offset),
+            1_012_002_500
+        );
+        // HZ=1000, one tick.
+        assert_eq!(
+            clock_from_samples((10, 5_000_001_000), (11, 5_001_000_500)).map(|c| c.0),
+            Some(1_000_000)
+        );
+        // HZ=300.
+        assert_eq!(
+            clock_from_samples((10, 0), (13, 10_000_100)).map(|c| c.0),
+            Some(3_333_333)
+        );
+        // No tick, time going back, or a ratio no kernel has.
+        assert_eq!(clock_from_samples((10, 0), (10, 5)), None);
+        assert_eq!(clock_from_samples((10, 9), (11, 5)), None);
+        assert_eq!(clock_from_samples((10, 0), (11, 2_000_000)), None);
+    }
+
+    #[test]
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<PolicyValue>(), 12);
         assert_eq!(size_of::<EndpointInfo>(), 16 + 24 + 32);
@@ -389,6 +454,7 @@ mod tests {
         assert_eq!(size_of::<PrefilterKey>(), 20);
         assert_eq!(size_of::<PrefilterValue>(), 24);
         assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<CtValue>(), 64);
         assert_eq!(size_of::<FlowEvent>(), 8 + 32 + 12 + 28);
         assert_eq!(
