@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bulkhead_common::{
     DIR_EGRESS, DIR_INGRESS, POLICY_KEY_FIXED_BITS, PROTO_OTHER, PolicyKey, PolicySummary,
-    PolicyValue, SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY,
+    PolicyValue, SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY, port_bloom,
 };
 use bulkhead_controller::ruleset::{
     Decision, Direction, DirectionPolicy, EndpointPolicy, PolicyEntry, PortRange, Protocol,
@@ -244,11 +244,13 @@ pub fn policy_tables(
                 defaults.1
             },
             flags: 0,
+            exact_ports: 0,
         });
         match e.prefix_len - POLICY_KEY_FIXED_BITS {
             0 => summary.fallback = e.value,
             16 => {
                 summary.flags |= SUMMARY_HAS_EXACT;
+                summary.exact_ports |= port_bloom(e.key.port_be);
                 tables.exact.push((e.key, e.value));
             }
             _ => {
@@ -314,7 +316,9 @@ pub fn lookup(
     };
     if let Some(port) = port {
         key.port_be = port.to_be();
+        let bloom = port_bloom(key.port_be);
         if summary.flags & SUMMARY_HAS_EXACT != 0
+            && summary.exact_ports & bloom == bloom
             && let Some((_, v)) = tables.exact.iter().find(|(k, _)| *k == key)
         {
             return *v;

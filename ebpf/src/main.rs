@@ -33,8 +33,8 @@ use bulkhead_common::{
     EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo, FlowEvent, IPCACHE_QUARANTINED,
     IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS, PROTO_OTHER, PolicyKey, PolicySummary,
     PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR,
-    SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY, endpoint_flags, reason,
-    stat,
+    SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY, endpoint_flags, port_bloom,
+    reason, stat,
 };
 use parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Packet, Parsed};
 
@@ -496,7 +496,8 @@ fn policy_protocol(proto: u8) -> u8 {
 
 /// The summary of (peer identity, protocol), else of (wildcard, protocol); then, only where the
 /// summary says such keys exist, the exact port and the port-range trie; else the summary's
-/// fallback, or the direction's default when neither summary exists. At most three hash
+/// fallback, or the direction's default when neither summary exists. The exact lookup is
+/// skipped for ports the summary's Bloom filter rules out. At most three hash
 /// lookups and one LPM lookup (in a trie of range keys only), whatever the number of rules.
 /// The agent copies wildcard entries under every specific identity that has entries of its
 /// own, and resolves every key's value from all entries that cover it, so the first hit is the
@@ -523,7 +524,9 @@ fn lookup_policy(ep: &EndpointInfo, dir: u8, peer: u32, p: &Packet) -> PolicyVal
     };
     if p.ports_known {
         key.port_be = p.dport_be;
+        let bloom = port_bloom(key.port_be);
         if summary.flags & SUMMARY_HAS_EXACT != 0
+            && summary.exact_ports & bloom == bloom
             && let Some(v) = unsafe { POLICY_EXACT.get(&key) }
         {
             return *v;
