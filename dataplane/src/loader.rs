@@ -69,6 +69,8 @@ pub enum LoadError {
     },
     #[error("interface {ifname}: {reason}")]
     Interface { ifname: String, reason: String },
+    #[error("cannot map {name} into memory: {reason} (kernel >= 5.5 supports mmapable arrays)")]
+    Mmap { name: &'static str, reason: String },
 }
 
 fn program_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> LoadError {
@@ -121,6 +123,7 @@ fn is_bpffs(path: &Path) -> bool {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    dense_v4: crate::dense::DenseIpCache,
 }
 
 /// Which side of an endpoint's host veth a program is on.
@@ -179,9 +182,26 @@ impl Dataplane {
         }
         let xdp: &mut Xdp = program(&mut ebpf, PROG_PREFILTER)?;
         xdp.load().map_err(program_err(PROG_PREFILTER))?;
+        let dense_v4 = match ebpf.map("IPCACHE_DENSE_V4") {
+            Some(aya::maps::Map::Array(data)) => {
+                crate::dense::DenseIpCache::map(data).map_err(|e| LoadError::Mmap {
+                    name: "IPCACHE_DENSE_V4",
+                    reason: e.to_string(),
+                })?
+            }
+            _ => {
+                return Err(LoadError::Map {
+                    name: "IPCACHE_DENSE_V4",
+                    source: aya::maps::MapError::InvalidName {
+                        name: "IPCACHE_DENSE_V4".into(),
+                    },
+                });
+            }
+        };
         let mut dp = Dataplane {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
+            dense_v4,
         };
         match dp.calibrate_clock()? {
             Some((tick, _)) => tracing::debug!(tick_ns = tick, "data-plane clock runs on jiffies"),
@@ -506,6 +526,11 @@ impl Dataplane {
         &mut self,
     ) -> Result<HashMap<&mut MapData, [u8; 4], IpCacheValue>, LoadError> {
         self.map_mut("IPCACHE_HOST_V4")
+    }
+
+    /// The dense IPv4 identity array (see [`crate::dense`]).
+    pub fn dense_v4(&self) -> &crate::dense::DenseIpCache {
+        &self.dense_v4
     }
 
     pub fn ipcache_host_v6(

@@ -10,18 +10,18 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
 use aya::maps::lpm_trie::Key;
 use bulkhead_common::{
-    Config, DIR_EGRESS, DIR_INGRESS, EndpointAddrKey, EndpointInfo, IPCACHE_QUARANTINED,
-    IpCacheValue, PolicyKey, PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey,
-    VERDICT_DENY, endpoint_flags,
+    Config, DENSE_V4_SLOTS, DIR_EGRESS, DIR_INGRESS, EndpointAddrKey, EndpointInfo,
+    IPCACHE_QUARANTINED, IpCacheValue, PolicyKey, PolicyValue, PrefilterKey, PrefilterValue,
+    QuarantineAllowKey, VERDICT_DENY, endpoint_flags,
 };
 use bulkhead_controller::ruleset::{Endpoint, EndpointPolicy, PolicyGroupId, RuleSet, identity};
-use ipnetwork::IpNetwork;
+use ipnetwork::{IpNetwork, Ipv4Network};
 
 use crate::{
     loader::{Dataplane, LoadError},
@@ -138,6 +138,9 @@ pub struct Enforcer {
     next_policy_id: u32,
     generation: u32,
     realized_version: Option<u64>,
+    /// First address of the IPv4 window whose single addresses are in `IPCACHE_DENSE_V4`
+    /// (mirrors `Config::dense_v4_base` / `dense_v4_slots`).
+    dense_window: Option<u32>,
 }
 
 fn ifindex(ifname: &str) -> Option<u32> {
@@ -186,11 +189,12 @@ impl Enforcer {
                 max_policy_id = max_policy_id.max(key.policy_id);
             }
         }
-        let generation = dataplane
-            .config()?
-            .get(&0, 0)
-            .map(|c| c.generation)
-            .unwrap_or(0);
+        let config = dataplane.config()?.get(&0, 0).unwrap_or_default();
+        let generation = config.generation;
+        // An earlier agent's window stays in use (its slots keep enforcing) until this one
+        // decides otherwise.
+        let dense_window =
+            (config.dense_v4_slots == DENSE_V4_SLOTS).then_some(config.dense_v4_base);
         Ok(Enforcer {
             dataplane,
             endpoints: HashMap::new(),
@@ -203,6 +207,7 @@ impl Enforcer {
             next_policy_id: max_policy_id.wrapping_add(1).max(1),
             generation,
             realized_version: None,
+            dense_window,
         })
     }
 
@@ -267,6 +272,10 @@ impl Enforcer {
                 self.write_ipcache(net, Some(*value))?;
             }
         }
+        if first_apply {
+            self.clear_dense_leftovers(&wanted);
+        }
+        self.place_dense_window()?;
         // The quarantines' exceptions, so the prefilter spares the forensic path.
         let allow: BTreeSet<QuarantineAllowKey> = ruleset
             .ipcache
@@ -418,6 +427,121 @@ impl Enforcer {
         Ok(report)
     }
 
+    /// The `IPCACHE_DENSE_V4` slot of `ip`, when the window in use covers it.
+    fn dense_slot(&self, ip: Ipv4Addr) -> Option<u32> {
+        let base = self.dense_window?;
+        let slot = u32::from(ip).wrapping_sub(base);
+        (slot < DENSE_V4_SLOTS).then_some(slot)
+    }
+
+    /// Slots an earlier agent filled for addresses the rule set no longer has (a pod deleted
+    /// while no agent ran): cleared, so they fall back to the CIDR entries like any address
+    /// without an entry of its own.
+    fn clear_dense_leftovers(&mut self, wanted: &BTreeMap<IpNetwork, IpCacheValue>) {
+        let Some(base) = self.dense_window else {
+            return;
+        };
+        let dense = self.dataplane.dense_v4();
+        for (slot, _) in dense.entries() {
+            let ip = Ipv4Addr::from(base.wrapping_add(slot));
+            let net = IpNetwork::V4(Ipv4Network::from(ip));
+            if !wanted.contains_key(&net) {
+                dense.set(slot, None);
+            }
+        }
+    }
+
+    /// Moves the dense window to the aligned block of [`DENSE_V4_SLOTS`] addresses that holds
+    /// the most single IPv4 entries, when that block holds at least twice as many as the one
+    /// in use (so the window does not flap). The move never leaves an address unresolved:
+    /// the old window's entries are copied to the hash, the window is switched off, the array
+    /// is refilled for the new block, switched on, and only then are the new block's entries
+    /// removed from the hash.
+    fn place_dense_window(&mut self) -> Result<(), SyncError> {
+        let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
+        for net in self.ipcache.keys() {
+            if let IpNetwork::V4(n) = net
+                && n.prefix() == 32
+            {
+                *counts
+                    .entry(u32::from(n.ip()) & !(DENSE_V4_SLOTS - 1))
+                    .or_default() += 1;
+            }
+        }
+        let Some((&best, &best_count)) = counts
+            .iter()
+            .max_by_key(|(b, c)| (**c, std::cmp::Reverse(**b)))
+        else {
+            return Ok(());
+        };
+        let current = self
+            .dense_window
+            .map_or(0, |b| counts.get(&b).copied().unwrap_or(0));
+        if self.dense_window == Some(best) || best_count < 2 * current.max(1) {
+            return Ok(());
+        }
+        let singles: Vec<(Ipv4Addr, IpCacheValue)> = self
+            .ipcache
+            .iter()
+            .filter_map(|(net, v)| match net {
+                IpNetwork::V4(n) if n.prefix() == 32 => Some((n.ip(), *v)),
+                _ => None,
+            })
+            .collect();
+        // 1. the old window's entries into the hash.
+        {
+            let mut m = self.dataplane.ipcache_host_v4()?;
+            for (ip, v) in &singles {
+                if self
+                    .dense_window
+                    .is_some_and(|b| u32::from(*ip).wrapping_sub(b) < DENSE_V4_SLOTS)
+                {
+                    m.insert(ip.octets(), *v, 0)
+                        .map_err(map_err("IPCACHE_HOST_V4"))?;
+                }
+            }
+        }
+        // 2. window off: every single address now resolves through the hash.
+        self.update_config(|c| c.dense_v4_slots = 0)?;
+        // 3. the array refilled for the new block, 4. switched on.
+        self.dense_window = Some(best);
+        let dense = self.dataplane.dense_v4();
+        dense.clear();
+        for (ip, v) in &singles {
+            let slot = u32::from(*ip).wrapping_sub(best);
+            if slot < DENSE_V4_SLOTS {
+                dense.set(slot, Some(*v));
+            }
+        }
+        self.update_config(|c| {
+            c.dense_v4_base = best;
+            c.dense_v4_slots = DENSE_V4_SLOTS;
+        })?;
+        // 5. the new block's entries leave the hash.
+        let mut m = self.dataplane.ipcache_host_v4()?;
+        for (ip, _) in &singles {
+            if u32::from(*ip).wrapping_sub(best) < DENSE_V4_SLOTS {
+                let _ = m.remove(&ip.octets());
+            }
+        }
+        tracing::info!(
+            window = %Ipv4Network::new(Ipv4Addr::from(best), 32 - DENSE_V4_SLOTS.trailing_zeros() as u8)
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+            entries = best_count,
+            "IPv4 identities of this block are now read from the dense array"
+        );
+        Ok(())
+    }
+
+    /// Read-modify-write of the global configuration.
+    fn update_config(&mut self, f: impl FnOnce(&mut Config)) -> Result<(), SyncError> {
+        let mut m = self.dataplane.config()?;
+        let mut c = m.get(&0, 0).unwrap_or_default();
+        f(&mut c);
+        m.set(0, c, 0).map_err(map_err("CONFIG"))
+    }
+
     fn write_ipcache(
         &mut self,
         net: &IpNetwork,
@@ -427,6 +551,10 @@ impl Enforcer {
         match (net.ip(), v4) {
             // Single addresses go to the hash maps (one lookup, whatever their number); the
             // tries keep the wider prefixes, consulted only for addresses without an entry.
+            (IpAddr::V4(ip), true) if prefix == 32 && self.dense_slot(ip).is_some() => {
+                let slot = self.dense_slot(ip).unwrap_or_default();
+                self.dataplane.dense_v4().set(slot, value);
+            }
             (IpAddr::V4(ip), true) if prefix == 32 => {
                 let mut m = self.dataplane.ipcache_host_v4()?;
                 match value {
@@ -921,17 +1049,13 @@ impl Enforcer {
     }
 
     /// Replaces the global data-plane configuration (deny-event rate limit, generation).
-    /// The clock fields (`jiffy_ns`, `clock_offset_ns`) are the loader's measurement and are
-    /// kept.
+    /// Only those two fields: the clock is the loader's measurement and the dense window this
+    /// enforcer's.
     pub fn set_config(&mut self, config: Config) -> Result<(), SyncError> {
-        let mut m = self.dataplane.config()?;
-        let old = m.get(&0, 0).unwrap_or_default();
-        let config = Config {
-            jiffy_ns: old.jiffy_ns,
-            clock_offset_ns: old.clock_offset_ns,
-            ..config
-        };
-        m.set(0, config, 0).map_err(map_err("CONFIG"))
+        self.update_config(|c| {
+            c.generation = config.generation;
+            c.deny_event_interval_ns = config.deny_event_interval_ns;
+        })
     }
 }
 

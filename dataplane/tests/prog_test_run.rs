@@ -891,6 +891,140 @@ fn conntrack_finds_replies_in_either_port_order_and_relates_icmp_errors() {
     });
 }
 
+/// Single IPv4 addresses of the busiest /14 are read from the dense array, the others from the
+/// hash, and an address of the window without an entry of its own falls back to the CIDR entries;
+/// the window follows the addresses (moving them between array and hash with no verdict
+/// changing), a removed address's slot is cleared, and a restarted agent clears slots the rule
+/// set no longer has.
+#[test]
+fn ipv4_identities_live_in_a_dense_window_that_follows_the_pods() {
+    if !check_privileged_test("ipv4_identities_live_in_a_dense_window_that_follows_the_pods") {
+        return;
+    }
+    with_dataplane_pins("dense", |e, ifx, pins| {
+        const CIDR_ID: u32 = (1 << 24) + 5;
+        let mut policy = base_policy();
+        // TCP 81 from the 10.0.0.0/8 CIDR identity only.
+        policy.ingress.entries.push(allow(
+            CIDR_ID,
+            Some(Protocol::Tcp),
+            PortRange::single(81),
+            4,
+        ));
+        let rules = move |version: u64, far: &[u8]| {
+            let mut rs = base_ruleset(version, base_endpoint(), policy.clone());
+            let mut add = |net: String, identity: u32| {
+                rs.ipcache.push(bulkhead_controller::ruleset::IpCacheEntry {
+                    cidr: net.parse().expect("cidr"),
+                    identity,
+                    quarantined: false,
+                    quarantine_allow: Vec::new(),
+                })
+            };
+            add("10.0.0.0/8".into(), CIDR_ID);
+            for last in far {
+                add(format!("10.64.0.{last}/32"), 301);
+            }
+            rs
+        };
+        let verdict = |e: &mut Enforcer, src: [u8; 4], port: u16| {
+            run(e, PROG_TO_POD, &tcp4(src, EP_V4, 40000, port), ifx)
+        };
+        let window = |e: &mut Enforcer| {
+            let c = e
+                .dataplane()
+                .config()
+                .expect("config")
+                .get(&0, 0)
+                .expect("config slot");
+            (c.dense_v4_slots != 0).then(|| Ipv4Addr::from(c.dense_v4_base))
+        };
+        let in_hash = |e: &mut Enforcer, ip: [u8; 4]| {
+            e.dataplane()
+                .ipcache_host_v4()
+                .expect("hash")
+                .get(&ip, 0)
+                .is_ok()
+        };
+        let expect = |e: &mut Enforcer, far: &[u8]| {
+            assert_eq!(verdict(e, PEER_V4, 80), TC_ACT_OK, "10.0.0.1 is 301");
+            assert_eq!(
+                verdict(e, PEER_V4, 81),
+                TC_ACT_SHOT,
+                "10.0.0.1 is not the CIDR"
+            );
+            assert_eq!(
+                verdict(e, [10, 0, 0, 9], 81),
+                TC_ACT_OK,
+                "10.0.0.9 is the CIDR"
+            );
+            assert_eq!(verdict(e, [10, 0, 0, 9], 80), TC_ACT_SHOT);
+            for last in 1..=6u8 {
+                let listed = far.contains(&last);
+                assert_eq!(
+                    verdict(e, [10, 64, 0, last], 80),
+                    if listed { TC_ACT_OK } else { TC_ACT_SHOT },
+                    "10.64.0.{last} listed: {listed}"
+                );
+                assert_eq!(
+                    verdict(e, [10, 64, 0, last], 81),
+                    if listed { TC_ACT_SHOT } else { TC_ACT_OK },
+                    "10.64.0.{last} falls back to the CIDR: {}",
+                    !listed
+                );
+            }
+        };
+
+        // Two single addresses in 10.0.0.0/14, one in 10.64.0.0/14: the window takes the
+        // first block, and stays there with three in the other (less than twice two).
+        e.apply(&rules(1, &[1]), &RouteResolver).expect("apply");
+        assert_eq!(window(e), Some(Ipv4Addr::new(10, 0, 0, 0)));
+        expect(e, &[1]);
+        e.apply(&rules(2, &[1, 2, 3]), &RouteResolver)
+            .expect("apply");
+        assert_eq!(window(e), Some(Ipv4Addr::new(10, 0, 0, 0)));
+        assert!(!in_hash(e, PEER_V4) && in_hash(e, [10, 64, 0, 1]));
+        assert_eq!(
+            e.dataplane().dense_v4().get(1).map(|v| v.identity),
+            Some(301)
+        );
+        expect(e, &[1, 2, 3]);
+
+        // Five in 10.64.0.0/14: the window moves; 10.0.0.1 goes to the hash.
+        e.apply(&rules(3, &[1, 2, 3, 4, 5]), &RouteResolver)
+            .expect("apply");
+        assert_eq!(window(e), Some(Ipv4Addr::new(10, 64, 0, 0)));
+        assert!(in_hash(e, PEER_V4) && !in_hash(e, [10, 64, 0, 1]));
+        let slots: Vec<u32> = e
+            .dataplane()
+            .dense_v4()
+            .entries()
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(slots, [1, 2, 3, 4, 5], "only the new block's addresses");
+        expect(e, &[1, 2, 3, 4, 5]);
+
+        // A pod leaves: its slot is cleared and its address falls back to the CIDR.
+        e.apply(&rules(4, &[1, 2, 4, 5]), &RouteResolver)
+            .expect("apply");
+        assert_eq!(e.dataplane().dense_v4().get(3), None);
+        expect(e, &[1, 2, 4, 5]);
+
+        // A restarted agent keeps the window (and its verdicts) until its first apply, which
+        // clears the slot of a pod that left while no agent ran.
+        let dp = Dataplane::load(pins).expect("reload eBPF object");
+        let mut again = Enforcer::new(dp).expect("enforcer");
+        expect(&mut again, &[1, 2, 4, 5]);
+        again
+            .apply(&rules(5, &[1, 4, 5]), &RouteResolver)
+            .expect("apply after restart");
+        assert_eq!(window(&mut again), Some(Ipv4Addr::new(10, 64, 0, 0)));
+        assert_eq!(again.dataplane().dense_v4().get(2), None);
+        expect(&mut again, &[1, 4, 5]);
+    });
+}
+
 /// The monotonic clock, as the kernel's `ktime_get_ns` reads it.
 fn monotonic_ns() -> u64 {
     let mut t = libc::timespec {

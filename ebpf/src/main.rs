@@ -29,12 +29,12 @@ use aya_ebpf::{
 };
 use bulkhead_common::{
     COUNTER_SLOTS, CT_AUDIT, CT_CANONICAL, CT_INITIATED_EGRESS, Config, Counter, CtKey, CtValue,
-    DENY_RECENT_SLOTS, DIR_EGRESS, DIR_INGRESS, DenyRecent, EVENT_AUDIT, EVENT_DENIED,
-    EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo, FlowEvent, IPCACHE_QUARANTINED,
-    IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS, PROTO_OTHER, PolicyKey, PolicySummary,
-    PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR,
-    SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY, endpoint_flags, port_bloom,
-    reason, stat,
+    DENSE_V4_SLOTS, DENY_RECENT_SLOTS, DIR_EGRESS, DIR_INGRESS, DenyRecent, EVENT_AUDIT,
+    EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo, FlowEvent,
+    IPCACHE_DENSE_PRESENT, IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS,
+    PROTO_OTHER, PolicyKey, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue,
+    QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR, SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES,
+    VERDICT_ALLOW, VERDICT_DENY, endpoint_flags, port_bloom, reason, stat,
 };
 use parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Packet, Parsed};
 
@@ -83,6 +83,17 @@ static IPCACHE_HOST_V4: HashMap<u32, IpCacheValue> = HashMap::pinned(1 << 20, BP
 #[map]
 static IPCACHE_HOST_V6: HashMap<[u8; 16], IpCacheValue> =
     HashMap::pinned(1 << 20, BPF_F_NO_PREALLOC);
+
+/// Single IPv4 addresses of the window `Config::dense_v4_base` .. + `dense_v4_slots` (the pod
+/// CIDR, in practice), by offset: an inlined array read instead of a hash lookup. Each slot is
+/// an `IpCacheValue` read as one u64 (identity in the low half, flags in the high half, with
+/// `IPCACHE_DENSE_PRESENT` in a used slot), so the agent's single 8-byte writes through its
+/// memory mapping are never seen half done.
+#[map]
+static IPCACHE_DENSE_V4: Array<u64> = Array::pinned(DENSE_V4_SLOTS, BPF_F_MMAPABLE);
+
+/// Array maps user space may map into its memory.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Wider prefixes (CIDR identities), consulted only for addresses without an entry of their own.
 #[map]
@@ -214,8 +225,21 @@ enum Prefiltered {
 
 /// An IPv4 address's ipcache entry: its own (hash) or its longest covering prefix (LPM).
 #[inline(always)]
-fn ipcache_v4(addr: u32) -> Option<IpCacheValue> {
-    if let Some(v) = unsafe { IPCACHE_HOST_V4.get(&addr) } {
+fn ipcache_v4(addr: u32, cfg: &Config) -> Option<IpCacheValue> {
+    let slot = u32::from_be(addr).wrapping_sub(cfg.dense_v4_base);
+    if slot < cfg.dense_v4_slots {
+        if let Some(v) = IPCACHE_DENSE_V4.get(slot) {
+            // SAFETY: an array slot; one 8-byte load, so never half of an update.
+            let raw = unsafe { core::ptr::read_volatile(v) };
+            let flags = (raw >> 32) as u32;
+            if flags & IPCACHE_DENSE_PRESENT != 0 {
+                return Some(IpCacheValue {
+                    identity: raw as u32,
+                    flags,
+                });
+            }
+        }
+    } else if let Some(v) = unsafe { IPCACHE_HOST_V4.get(&addr) } {
         return Some(*v);
     }
     IPCACHE_V4.get(Key::new(32, addr.to_ne_bytes())).copied()
@@ -254,17 +278,18 @@ fn prefilter(ctx: &XdpContext) -> Prefiltered {
     }
     // SAFETY: bounds checked above and below against data_end, as the verifier requires.
     let ethertype = u16::from_be(unsafe { *((start + 12) as *const u16) });
+    let cfg = config();
     let (src16, dst16, src_entry, family) = if ethertype == parse::ETH_P_IP {
         if start + 14 + 20 > end {
             return Prefiltered::Pass;
         }
         let src = u32::from_ne_bytes(unsafe { *((start + 14 + 12) as *const [u8; 4]) });
         let dst = u32::from_ne_bytes(unsafe { *((start + 14 + 16) as *const [u8; 4]) });
-        let src_entry = ipcache_v4(src);
+        let src_entry = ipcache_v4(src, &cfg);
         if let Some(v) = src_entry
             && v.flags & IPCACHE_QUARANTINED != 0
         {
-            let peer = identity_or_world(ipcache_v4(dst));
+            let peer = identity_or_world(ipcache_v4(dst, &cfg));
             if quarantine_allows(v4_mapped_bytes(src), peer) {
                 return Prefiltered::Pass;
             }
@@ -305,7 +330,6 @@ fn prefilter(ctx: &XdpContext) -> Prefiltered {
     };
     // SAFETY: hash value pointer valid during this program run; a racing update of the
     // rate-limit timestamp from another CPU can at worst let one extra event through.
-    let cfg = config();
     let (endpoint_id, report) = unsafe {
         let t = now_coarse(&cfg);
         let interval = deny_event_interval(&cfg);
@@ -477,10 +501,10 @@ fn bump_stat(index: u32) {
 
 /// The identity of one of the packet's addresses (`Packet` is 8-aligned, so `a` is too).
 #[inline(always)]
-fn identity_of(p: &Packet, a: &[u8; 16]) -> u32 {
+fn identity_of(p: &Packet, a: &[u8; 16], cfg: &Config) -> u32 {
     identity_or_world(if p.family == bulkhead_common::FAMILY_V4 {
         // SAFETY: `a` is an address field of the 8-aligned `Packet`.
-        ipcache_v4(addr::v4_of(unsafe { addr::get(a) }))
+        ipcache_v4(addr::v4_of(unsafe { addr::get(a) }), cfg)
     } else {
         ipcache_v6(*a)
     })
@@ -890,7 +914,7 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
                     return TC_ACT_OK;
                 }
             }
-            let peer = identity_of(p, peer_addr);
+            let peer = identity_of(p, peer_addr, &cfg);
             let v = lookup_policy(ep, dir, peer, p);
             if v.verdict == VERDICT_ALLOW {
                 unsafe {
@@ -918,7 +942,7 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
         }
     }
 
-    let peer = identity_of(p, peer_addr);
+    let peer = identity_of(p, peer_addr, &cfg);
     // ICMP errors pass only when they relate to a tracked connection of this endpoint.
     if p.icmp_error {
         if icmp_error_related(skb, sp, ep.endpoint_id, dir) {

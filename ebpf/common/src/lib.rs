@@ -290,9 +290,24 @@ pub struct Config {
     /// at load ([`clock_from_samples`]); while `jiffy_ns` is 0 the programs call
     /// `bpf_ktime_get_coarse_ns` instead, which reads the same clock at the same resolution.
     pub jiffy_ns: u32,
-    pub _pad: u32,
+    /// First address (host byte order) of the IPv4 window whose single addresses live in the
+    /// `IPCACHE_DENSE_V4` array, slot = address − base.
+    pub dense_v4_base: u32,
     pub clock_offset_ns: u64,
+    /// Slots of the window in use: [`DENSE_V4_SLOTS`], or 0 while no window is in use (then
+    /// every single address is in `IPCACHE_HOST_V4`).
+    pub dense_v4_slots: u32,
+    pub _pad: u32,
 }
+
+/// Slots of `IPCACHE_DENSE_V4`: a /14 of IPv4 addresses (2 MiB of 8-byte values). Pod
+/// addresses come from the cluster's pod CIDR, so most of a node's peers fall in one window;
+/// their identity is then an array read the verifier inlines instead of a hash lookup.
+pub const DENSE_V4_SLOTS: u32 = 1 << 18;
+
+/// `IPCACHE_DENSE_V4` slot flag: the slot holds an entry (the others read as "no entry of its
+/// own": the LPM trie is consulted, as for an address missing from the hash).
+pub const IPCACHE_DENSE_PRESENT: u32 = 1 << 31;
 
 /// Tick lengths of the kernel's possible `CONFIG_HZ` values (100, 250, 300, 1000), as the
 /// kernel rounds them (`TICK_NSEC`).
@@ -480,7 +495,7 @@ mod tests {
         assert_eq!(size_of::<PrefilterKey>(), 20);
         assert_eq!(size_of::<PrefilterValue>(), 24);
         assert_eq!(size_of::<CtKey>(), 40);
-        assert_eq!(size_of::<Config>(), 24);
+        assert_eq!(size_of::<Config>(), 32);
         assert_eq!(size_of::<CtValue>(), 64);
         assert_eq!(size_of::<FlowEvent>(), 8 + 32 + 12 + 28);
         assert_eq!(
