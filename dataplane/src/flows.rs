@@ -282,18 +282,28 @@ fn wall_clock(ktime_ns: u64) -> SystemTime {
 /// the pinned conntrack map (so it needs no handle on the loaded object).
 pub fn connections(pin_dir: &std::path::Path, ctx: &FlowContext) -> Vec<Connection> {
     use aya::maps::{HashMap as BpfHashMap, Map};
-    let Ok(data) = MapData::from_pin(pin_dir.join("maps").join("CONNTRACK")) else {
-        return Vec::new();
-    };
-    let Ok(map) = Map::from_map_data(data) else {
-        return Vec::new();
-    };
-    let Ok(ct) = BpfHashMap::<_, bulkhead_common::CtKey, bulkhead_common::CtValue>::try_from(map)
-    else {
-        return Vec::new();
-    };
-    ct.iter()
-        .flatten()
+    use bulkhead_common::{CtKey, CtKeyV4, CtValue};
+    fn pinned<K: aya::Pod>(
+        pin_dir: &std::path::Path,
+        name: &str,
+    ) -> Option<BpfHashMap<MapData, K, CtValue>> {
+        let data = MapData::from_pin(pin_dir.join("maps").join(name)).ok()?;
+        BpfHashMap::try_from(Map::from_map_data(data).ok()?).ok()
+    }
+    // IPv4 connections under their 16-byte keys, widened to the common form.
+    let v4 = pinned::<CtKeyV4>(pin_dir, "CONNTRACK_V4")
+        .map(|m| {
+            m.iter()
+                .flatten()
+                .map(|(k, v)| (k.widen(), v))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let v6 = pinned::<CtKey>(pin_dir, "CONNTRACK")
+        .map(|m| m.iter().flatten().collect::<Vec<_>>())
+        .unwrap_or_default();
+    v4.into_iter()
+        .chain(v6)
         // Entries of an agent before canonical keys are dropped by the kernel on sight.
         .filter(|(_, v)| v.flags & bulkhead_common::CT_CANONICAL != 0)
         .map(|(mut k, v)| {

@@ -23,8 +23,9 @@ use aya::{
     },
 };
 use bulkhead_common::{
-    Config, Counter, CtKey, CtValue, ENDPOINT_SLOTS, EndpointAddrKey, EndpointInfo, IpCacheValue,
-    PolicyKey, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey,
+    Config, Counter, CtKey, CtKeyV4, CtValue, ENDPOINT_SLOTS, EndpointAddrKey, EndpointInfo,
+    IpCacheValue, PolicyKey, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue,
+    QuarantineAllowKey,
 };
 
 pub const PROG_FROM_POD: &str = "bulkhead_from_pod";
@@ -214,16 +215,18 @@ impl Dataplane {
 
     /// Measures the kernel tick against the monotonic clock and writes it to `CONFIG` (keeping
     /// the rest), so the programs' per-packet clock is an inlined jiffies read instead of a
-    /// helper call (see `Config::jiffy_ns`). Samples (jiffies, ns) with the probe program just
-    /// after two consecutive tick edges: at most two ticks (20 ms at HZ=100). Returns the tick
-    /// and offset written, or None (nothing written) when no two edges came within 200 ms.
+    /// helper call (see `Config::jiffy_ns`). Samples (jiffies, ns) with the probe program and
+    /// keeps two tick edges it saw closely (the sample before the edge less than 20 µs before
+    /// the one after, so a preempted sampler cannot skew them): a few ticks on an idle machine.
+    /// Returns the tick and offset written, or None (nothing written) when no two such edges
+    /// came within 500 ms.
     pub fn calibrate_clock(&mut self) -> Result<Option<(u32, u64)>, LoadError> {
-        let deadline = std::time::Instant::now() + Duration::from_millis(200);
+        let deadline = std::time::Instant::now() + Duration::from_millis(500);
         let mut prev = self.clock_sample()?;
         let mut edges = Vec::with_capacity(2);
         while edges.len() < 2 && std::time::Instant::now() < deadline {
             let s = self.clock_sample()?;
-            if s.0 != prev.0 {
+            if s.0 != prev.0 && s.1.saturating_sub(prev.1) < 20_000 {
                 edges.push(s);
             }
             prev = s;
@@ -563,8 +566,39 @@ impl Dataplane {
         self.map_mut("QUARANTINE_ALLOW")
     }
 
+    /// IPv6 connections (see [`Dataplane::conntrack_v4`] for IPv4).
     pub fn conntrack(&mut self) -> Result<HashMap<&mut MapData, CtKey, CtValue>, LoadError> {
         self.map_mut("CONNTRACK")
+    }
+
+    pub fn conntrack_v4(&mut self) -> Result<HashMap<&mut MapData, CtKeyV4, CtValue>, LoadError> {
+        self.map_mut("CONNTRACK_V4")
+    }
+
+    /// Moves IPv4 connections an agent before `CONNTRACK_V4` tracked in `CONNTRACK` to
+    /// `CONNTRACK_V4`, where the programs now look them up. Run once the new programs are
+    /// attached (so no old program adds more); returns how many moved.
+    pub fn move_ipv4_connections(&mut self) -> Result<usize, LoadError> {
+        let moving: Vec<(CtKey, CtKeyV4, CtValue)> = self
+            .conntrack()?
+            .iter()
+            .flatten()
+            .filter_map(|(k, v)| CtKeyV4::narrow(&k).map(|k4| (k, k4, v)))
+            .collect();
+        {
+            let mut v4 = self.conntrack_v4()?;
+            for (_, k4, v) in &moving {
+                // A connection the new programs tracked meanwhile keeps their entry.
+                if v4.get(k4, 0).is_err() {
+                    let _ = v4.insert(k4, v, 0);
+                }
+            }
+        }
+        let mut old = self.conntrack()?;
+        for (k, _, _) in &moving {
+            let _ = old.remove(k);
+        }
+        Ok(moving.len())
     }
 
     pub fn config(&mut self) -> Result<Array<&mut MapData, Config>, LoadError> {

@@ -267,7 +267,9 @@ impl Collector for KernelCounters {
             "POLICY",
             "IPCACHE_V4",
             "IPCACHE_V6",
+            "IPCACHE_DENSE_V4",
             "CONNTRACK",
+            "CONNTRACK_V4",
             "ENDPOINTS",
         ] {
             if let Some(max) = self.capacity(map) {

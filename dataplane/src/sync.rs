@@ -413,6 +413,12 @@ impl Enforcer {
 
         if first_apply {
             self.remove_foreign_state(&seen)?;
+            // The new programs are attached: IPv4 connections an older agent tracked under
+            // 40-byte keys move to where they now look.
+            let moved = self.dataplane.move_ipv4_connections()?;
+            if moved > 0 {
+                tracing::info!(moved, "moved IPv4 connections to CONNTRACK_V4");
+            }
         }
 
         // 8. tracked connections are re-checked on their next forward packet.
@@ -837,7 +843,16 @@ impl Enforcer {
         for k in &doomed {
             let _ = ct.remove(k);
         }
-        Ok(doomed.len())
+        let mut ct = self.dataplane.conntrack_v4()?;
+        let doomed_v4: Vec<bulkhead_common::CtKeyV4> = ct
+            .keys()
+            .flatten()
+            .filter(|k| endpoint_ids.contains(&(k.endpoint_id as u32)))
+            .collect();
+        for k in &doomed_v4 {
+            let _ = ct.remove(k);
+        }
+        Ok(doomed.len() + doomed_v4.len())
     }
 
     /// Removes the retired key sets whose policy id no endpoint names any more.

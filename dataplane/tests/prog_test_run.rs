@@ -1072,7 +1072,54 @@ fn conntrack_keys_follow_the_agents_order_and_clock() {
                 quarantine_allow: Vec::new(),
             });
         }
+        // An IPv4 connection the pod opened to 10.0.0.1:8080, tracked by an agent before
+        // CONNTRACK_V4 under a 40-byte key: the first apply moves it, and its reply (which
+        // ingress alone refuses) passes.
+        let v4 = |a: [u8; 4]| Ipv4Addr::from(a).to_ipv6_mapped().octets();
+        let (sport, dport) = (50000u16.to_be(), 8080u16.to_be());
+        let swapped = bulkhead_common::ct_swapped(&v4(EP_V4), &v4(PEER_V4), sport, dport);
+        let old_key = bulkhead_common::CtKey {
+            saddr: if swapped { v4(PEER_V4) } else { v4(EP_V4) },
+            daddr: if swapped { v4(EP_V4) } else { v4(PEER_V4) },
+            sport_be: if swapped { dport } else { sport },
+            dport_be: if swapped { sport } else { dport },
+            endpoint_id: 1,
+            protocol: 6,
+            direction: if swapped { 0 } else { 1 },
+        };
+        let old_value = bulkhead_common::CtValue {
+            packets_fwd: 3,
+            flags: bulkhead_common::CT_CANONICAL | bulkhead_common::CT_INITIATED_EGRESS,
+            ..Default::default()
+        };
+        e.dataplane()
+            .conntrack()
+            .expect("conntrack")
+            .insert(old_key, old_value, 0)
+            .expect("an old agent's entry");
         e.apply(&rs, &RouteResolver).expect("apply");
+        assert!(
+            e.dataplane()
+                .conntrack()
+                .expect("ct")
+                .get(&old_key, 0)
+                .is_err()
+        );
+        let k4 = bulkhead_common::CtKeyV4::narrow(&old_key).expect("an IPv4 key");
+        assert_eq!(
+            e.dataplane()
+                .conntrack_v4()
+                .expect("ct")
+                .get(&k4, 0)
+                .map(|v| v.packets_fwd)
+                .ok(),
+            Some(3)
+        );
+        assert_eq!(
+            run(e, PROG_TO_POD, &tcp4_ack(PEER_V4, EP_V4, 8080, 50000), ifx),
+            TC_ACT_OK,
+            "the moved connection's reply"
+        );
         let cfg = e
             .dataplane()
             .config()
@@ -1084,7 +1131,6 @@ fn conntrack_keys_follow_the_agents_order_and_clock() {
             "the loader measured the tick: {cfg:?}"
         );
         let before = monotonic_ns();
-        let v4 = |a: [u8; 4]| Ipv4Addr::from(a).to_ipv6_mapped().octets();
         // (opening packet, its reply, a packet of no connection, peer address, local address)
         type Case = (Vec<u8>, Vec<u8>, Vec<u8>, [u8; 16], [u8; 16]);
         let cases: [Case; 4] = [
@@ -1143,12 +1189,12 @@ fn conntrack_keys_follow_the_agents_order_and_clock() {
                 direction: if swapped { 1 } else { 0 },
             };
             let after = monotonic_ns();
-            let v = e
-                .dataplane()
-                .conntrack()
-                .expect("conntrack")
-                .get(&key, 0)
-                .expect("the connection is under the agent's key");
+            // IPv4 connections are in CONNTRACK_V4 under the narrow form of the same key.
+            let v = match bulkhead_common::CtKeyV4::narrow(&key) {
+                Some(k4) => e.dataplane().conntrack_v4().expect("conntrack").get(&k4, 0),
+                None => e.dataplane().conntrack().expect("conntrack").get(&key, 0),
+            }
+            .expect("the connection is under the agent's key");
             assert_eq!((v.packets_fwd, v.packets_rev), (1, 1));
             let tick = cfg.jiffy_ns as u64;
             for t in [v.created_ns, v.last_seen_ns] {

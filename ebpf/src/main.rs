@@ -28,8 +28,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use bulkhead_common::{
-    COUNTER_SLOTS, CT_AUDIT, CT_CANONICAL, CT_INITIATED_EGRESS, Config, Counter, CtKey, CtValue,
-    DENSE_V4_SLOTS, DENY_RECENT_SLOTS, DIR_EGRESS, DIR_INGRESS, DenyRecent, EVENT_AUDIT,
+    COUNTER_SLOTS, CT_AUDIT, CT_CANONICAL, CT_INITIATED_EGRESS, Config, Counter, CtKey, CtKeyV4,
+    CtValue, DENSE_V4_SLOTS, DENY_RECENT_SLOTS, DIR_EGRESS, DIR_INGRESS, DenyRecent, EVENT_AUDIT,
     EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo, FlowEvent,
     IPCACHE_DENSE_PRESENT, IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS,
     PROTO_OTHER, PolicyKey, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue,
@@ -116,8 +116,13 @@ static POLICY_EXACT: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(1 << 21, 
 #[map]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(1 << 21, 0);
 
+/// IPv6 connections (and IPv4 ones an agent before `CONNTRACK_V4` left; it moves them).
 #[map]
 static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(1 << 18, 0);
+
+/// IPv4 connections, under 16-byte keys.
+#[map]
+static CONNTRACK_V4: LruHashMap<CtKeyV4, CtValue> = LruHashMap::pinned(1 << 18, 0);
 
 /// The deny-event rate limiter (see [`DenyRecent`]); per CPU, so it is not pinned: a restarted
 /// agent starts with a clean table, which costs at most one extra event per flow.
@@ -143,7 +148,37 @@ static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
 pub struct Scratch {
     packet: Packet,
     fwd: CtKey,
+    fwd4: CtKeyV4,
     ct: CtValue,
+}
+
+/// The tracked connection under the scratch key of the packet's family (see [`set_ct_key`]).
+#[inline(always)]
+fn ct_get(s: &Scratch) -> Option<*mut CtValue> {
+    if s.packet.family == bulkhead_common::FAMILY_V4 {
+        CONNTRACK_V4.get_ptr_mut(&s.fwd4)
+    } else {
+        CONNTRACK.get_ptr_mut(&s.fwd)
+    }
+}
+
+#[inline(always)]
+fn ct_remove(s: &Scratch) {
+    let _ = if s.packet.family == bulkhead_common::FAMILY_V4 {
+        CONNTRACK_V4.remove(&s.fwd4)
+    } else {
+        CONNTRACK.remove(&s.fwd)
+    };
+}
+
+/// Tracks `s.ct` under the scratch key; false when the map refused it.
+#[inline(always)]
+fn ct_insert(s: &Scratch) -> bool {
+    if s.packet.family == bulkhead_common::FAMILY_V4 {
+        CONNTRACK_V4.insert(&s.fwd4, &s.ct, 0).is_ok()
+    } else {
+        CONNTRACK.insert(&s.fwd, &s.ct, 0).is_ok()
+    }
 }
 
 #[map]
@@ -564,12 +599,39 @@ fn lookup_policy(ep: &EndpointInfo, dir: u8, peer: u32, p: &Packet) -> PolicyVal
     summary.fallback
 }
 
-/// Writes the packet's conntrack key into `k`: the same for forward packets and replies (the
-/// canonical order of `bulkhead_common::ct_swapped`), built with word moves in place.
+/// Writes the packet's conntrack key into the scratch key of its family (`k4` for IPv4, `k6`
+/// otherwise): the same for forward packets and replies (the canonical order of
+/// `bulkhead_common::ct_swapped`), built with word moves in place.
 #[inline(always)]
-fn set_ct_key(k: &mut CtKey, p: &Packet, endpoint_id: u32, dir: u8) {
+fn set_ct_key(k6: &mut CtKey, k4: &mut CtKeyV4, p: &Packet, endpoint_id: u32, dir: u8) {
     // SAFETY: `Packet` and `CtKey` are 8-aligned with their addresses at offsets 0 and 16.
     let (sa, da) = unsafe { (addr::get(&p.saddr), addr::get(&p.daddr)) };
+    if p.family == bulkhead_common::FAMILY_V4 {
+        let (a, b) = (addr::v4_of(sa), addr::v4_of(da));
+        // IPv4-mapped addresses share their first twelve bytes: the byte order of the last
+        // four decides, as `ct_swapped` would.
+        let swapped = if p.sport_be != p.dport_be {
+            p.sport_be > p.dport_be
+        } else {
+            u32::from_be(a) > u32::from_be(b)
+        };
+        if swapped {
+            k4.saddr = b;
+            k4.daddr = a;
+            k4.sport_be = p.dport_be;
+            k4.dport_be = p.sport_be;
+            k4.direction = dir ^ 1;
+        } else {
+            k4.saddr = a;
+            k4.daddr = b;
+            k4.sport_be = p.sport_be;
+            k4.dport_be = p.dport_be;
+            k4.direction = dir;
+        }
+        k4.endpoint_id = endpoint_id as u16;
+        k4.protocol = p.protocol;
+        return;
+    }
     let swapped = if p.sport_be != p.dport_be {
         p.sport_be > p.dport_be
     } else {
@@ -577,24 +639,24 @@ fn set_ct_key(k: &mut CtKey, p: &Packet, endpoint_id: u32, dir: u8) {
     };
     unsafe {
         if swapped {
-            addr::set(&mut k.saddr, da);
-            addr::set(&mut k.daddr, sa);
+            addr::set(&mut k6.saddr, da);
+            addr::set(&mut k6.daddr, sa);
         } else {
-            addr::set(&mut k.saddr, sa);
-            addr::set(&mut k.daddr, da);
+            addr::set(&mut k6.saddr, sa);
+            addr::set(&mut k6.daddr, da);
         }
     }
     if swapped {
-        k.sport_be = p.dport_be;
-        k.dport_be = p.sport_be;
-        k.direction = dir ^ 1;
+        k6.sport_be = p.dport_be;
+        k6.dport_be = p.sport_be;
+        k6.direction = dir ^ 1;
     } else {
-        k.sport_be = p.sport_be;
-        k.dport_be = p.dport_be;
-        k.direction = dir;
+        k6.sport_be = p.sport_be;
+        k6.dport_be = p.dport_be;
+        k6.direction = dir;
     }
-    k.endpoint_id = endpoint_id as u16;
-    k.protocol = p.protocol;
+    k6.endpoint_id = endpoint_id as u16;
+    k6.protocol = p.protocol;
 }
 
 /// What an event says besides the packet's tuple.
@@ -772,7 +834,20 @@ fn icmp_error_related(skb: *mut __sk_buff, s: *mut Scratch, endpoint_id: u32, di
         core::mem::swap(&mut k.sport_be, &mut k.dport_be);
         k.direction = dir;
     }
-    unsafe { CONNTRACK.get(&s.fwd) }.is_some_and(|v| v.flags & CT_CANONICAL != 0)
+    if s.packet.family == bulkhead_common::FAMILY_V4 {
+        // SAFETY: as above.
+        let (sa, da) = unsafe { (addr::get(&k.saddr), addr::get(&k.daddr)) };
+        s.fwd4 = CtKeyV4 {
+            saddr: addr::v4_of(sa),
+            daddr: addr::v4_of(da),
+            sport_be: k.sport_be,
+            dport_be: k.dport_be,
+            endpoint_id: k.endpoint_id,
+            protocol: k.protocol,
+            direction: k.direction,
+        };
+    }
+    ct_get(s).is_some_and(|v| unsafe { (*v).flags } & CT_CANONICAL != 0)
 }
 
 /// Whether two addresses are equal, compared as two u64 words.
@@ -884,8 +959,8 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
     let tracked = if p.tcp_syn {
         None
     } else {
-        set_ct_key(&mut s.fwd, p, ep.endpoint_id, dir);
-        CONNTRACK.get_ptr_mut(&s.fwd)
+        set_ct_key(&mut s.fwd, &mut s.fwd4, p, ep.endpoint_id, dir);
+        ct_get(s)
     };
     if let Some(ct) = tracked {
         // SAFETY: LRU value pointer valid during this program run; racing updates of counters
@@ -893,7 +968,7 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
         let flags = unsafe { (*ct).flags };
         if flags & CT_CANONICAL == 0 {
             // Left by an agent before canonical keys: judged anew below.
-            let _ = CONNTRACK.remove(&s.fwd);
+            ct_remove(s);
         } else if (flags & CT_INITIATED_EGRESS != 0) != (dir == DIR_EGRESS) {
             // A reply: the connection was admitted when it was opened.
             unsafe {
@@ -927,7 +1002,7 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
                 count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
                 return TC_ACT_OK;
             }
-            let _ = CONNTRACK.remove(&s.fwd);
+            ct_remove(s);
             let m = EventMeta::new(
                 ep,
                 dir,
@@ -1001,9 +1076,9 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
             },
     };
     if p.tcp_syn {
-        set_ct_key(&mut s.fwd, p, ep.endpoint_id, dir);
+        set_ct_key(&mut s.fwd, &mut s.fwd4, p, ep.endpoint_id, dir);
     }
-    if CONNTRACK.insert(&s.fwd, &s.ct, 0).is_err() {
+    if !ct_insert(s) {
         bump_stat(stat::CT_INSERT_FAILED);
     }
     if audit {
