@@ -143,6 +143,18 @@ pub struct Enforcer {
     dense_window: Option<u32>,
 }
 
+/// Removes the keys of `map` that `doomed` picks; returns how many.
+fn remove_keys_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<&mut aya::maps::MapData, K, V>,
+    doomed: impl Fn(&K) -> bool,
+) -> usize {
+    let keys: Vec<K> = map.keys().flatten().filter(|k| doomed(k)).collect();
+    for k in &keys {
+        let _ = map.remove(k);
+    }
+    keys.len()
+}
+
 fn ifindex(ifname: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(ifname).ok()
 }
@@ -832,27 +844,12 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Deletes every conntrack entry of these endpoints; returns how many there were.
+    /// Deletes every conntrack entry of these endpoints (IPv4 and IPv6); returns how many
+    /// there were.
     fn cut_connections(&mut self, endpoint_ids: &[u32]) -> Result<usize, SyncError> {
-        let mut ct = self.dataplane.conntrack()?;
-        let doomed: Vec<bulkhead_common::CtKey> = ct
-            .keys()
-            .flatten()
-            .filter(|k| endpoint_ids.contains(&(k.endpoint_id as u32)))
-            .collect();
-        for k in &doomed {
-            let _ = ct.remove(k);
-        }
-        let mut ct = self.dataplane.conntrack_v4()?;
-        let doomed_v4: Vec<bulkhead_common::CtKeyV4> = ct
-            .keys()
-            .flatten()
-            .filter(|k| endpoint_ids.contains(&(k.endpoint_id as u32)))
-            .collect();
-        for k in &doomed_v4 {
-            let _ = ct.remove(k);
-        }
-        Ok(doomed.len() + doomed_v4.len())
+        let of = |endpoint_id: u16| endpoint_ids.contains(&(endpoint_id as u32));
+        let cut = remove_keys_where(&mut self.dataplane.conntrack()?, |k| of(k.endpoint_id));
+        Ok(cut + remove_keys_where(&mut self.dataplane.conntrack_v4()?, |k| of(k.endpoint_id)))
     }
 
     /// Removes the retired key sets whose policy id no endpoint names any more.
