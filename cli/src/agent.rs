@@ -147,7 +147,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             let source = match (ruleset, controller) {
                 (Some(path), _) => Source::File(path),
                 (None, Some(addr)) => {
-                    Source::Controller(Box::new(crate::certs::endpoint(&addr, &tls)?))
+                    let target = crate::certs::ControllerTarget { addr, tls };
+                    // Bad flags or unreadable certificates fail here, at start; later reads
+                    // (every reconnection) retry instead.
+                    target.endpoint()?;
+                    Source::Controller(Box::new(target))
                 }
                 (None, None) => bail!("pass --ruleset FILE or --controller ADDR"),
             };
@@ -198,7 +202,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
 
 enum Source {
     File(PathBuf),
-    Controller(Box<tonic::transport::Endpoint>),
+    /// The controller's address and our TLS files, read anew at every connection so that
+    /// rotated certificates (cert-manager renews them in place) are picked up without a
+    /// restart.
+    Controller(Box<crate::certs::ControllerTarget>),
 }
 
 struct Serve {
@@ -348,12 +355,11 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
                 _ = stop => {}
             }
         }
-        Source::Controller(endpoint) => {
-            let flows =
-                flow_forwarder((*endpoint).clone(), s.node.clone(), flow_rx, shared.clone());
+        Source::Controller(target) => {
+            let flows = flow_forwarder((*target).clone(), s.node.clone(), flow_rx, shared.clone());
             tokio::spawn(flows);
             tokio::select! {
-                _ = follow_controller(&realizer, &s.node, *endpoint) => {}
+                _ = follow_controller(&realizer, &s.node, *target) => {}
                 _ = stop => {}
             }
         }
@@ -510,7 +516,7 @@ async fn follow_file(r: &Realizer, node: &str, path: PathBuf, rs: RuleSet) -> an
 
 /// Controller mode: reconnects with backoff forever; enforcement never depends on the stream.
 /// Endpoints whose interface does not exist yet are retried every second.
-async fn follow_controller(r: &Realizer, node: &str, endpoint: tonic::transport::Endpoint) {
+async fn follow_controller(r: &Realizer, node: &str, target: crate::certs::ControllerTarget) {
     use bulkhead_controller::distribution::follower::{Follower, run_session};
     let mut follower = Follower::new(node);
     let mut backoff = Duration::from_millis(100);
@@ -533,7 +539,11 @@ async fn follow_controller(r: &Realizer, node: &str, endpoint: tonic::transport:
     let follow = async {
         loop {
             let started = std::time::Instant::now();
-            let result = match endpoint.connect().await {
+            let connected = match target.endpoint() {
+                Ok(endpoint) => endpoint.connect().await.map_err(anyhow::Error::from),
+                Err(e) => Err(e),
+            };
+            let result = match connected {
                 Ok(channel) => run_session(
                     channel,
                     &mut follower,
@@ -562,7 +572,7 @@ async fn follow_controller(r: &Realizer, node: &str, endpoint: tonic::transport:
                 )
                 .await
                 .map_err(anyhow::Error::from),
-                Err(e) => Err(anyhow::Error::from(e).context("connect to the controller")),
+                Err(e) => Err(e.context("connect to the controller")),
             };
             if let Err(e) = result {
                 tracing::warn!(error = %format!("{e:#}"), "controller stream lost; the last rule set stays enforced");
@@ -584,13 +594,17 @@ async fn follow_controller(r: &Realizer, node: &str, endpoint: tonic::transport:
 /// Flow records to the controller in batches; when the controller is away or slow, records are
 /// dropped and counted, never queued without bound.
 async fn flow_forwarder(
-    endpoint: tonic::transport::Endpoint,
+    target: crate::certs::ControllerTarget,
     node: String,
     mut rx: tokio::sync::mpsc::Receiver<FlowRecord>,
     shared: Arc<Shared>,
 ) {
     use bulkhead_proto::v1 as pb;
     loop {
+        let Ok(endpoint) = target.endpoint() else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
         let Ok(channel) = endpoint.connect().await else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;

@@ -87,7 +87,9 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         &args.client_ca,
         args.insecure,
     ) {
-        (Some(c), Some(k), Some(ca), false) => Some(crate::certs::server_tls(c, k, ca)?),
+        (Some(c), Some(k), Some(ca), false) => Some(std::sync::Arc::new(
+            crate::certs::ReloadingServerTls::new(c, k, ca)?,
+        )),
         (_, _, _, true) => None,
         _ => bail!(
             "mTLS is on by default: pass --tls-cert, --tls-key and --client-ca (see `bulkhead certs generate`), or --insecure"
@@ -295,7 +297,7 @@ impl ControllerMetrics {
 
 async fn serve(
     args: ControllerArgs,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<Arc<crate::certs::ReloadingServerTls>>,
 ) -> anyhow::Result<ExitCode> {
     let metrics = Arc::new(ControllerMetrics::new().context("register metrics")?);
     let quarantine_dir = args.quarantine_dir.clone().or_else(|| {
@@ -579,23 +581,31 @@ async fn serve(
     if let Some(q) = quarantine {
         admin = admin.with_quarantine(q);
     }
-    let mut server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)));
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).context("TLS configuration")?;
-    }
-    tracing::info!(addr = %args.listen, tls = !args.insecure, "serving rule sets to agents");
-    server
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .tcp_nodelay(true)
         .add_service(DistributionServer::with_interceptor(
             DistributionService::with_flow_pipeline(hub.clone(), flow_pipeline.clone())
                 .with_client_policy(clients),
             gate.interceptor(),
         ))
-        .add_service(AdminServer::new(admin))
-        .serve_with_shutdown(args.listen, shutdown_signal(kubernetes.as_ref()))
-        .await
-        .with_context(|| format!("gRPC server on {}", args.listen))?;
+        .add_service(AdminServer::new(admin));
+    tracing::info!(addr = %args.listen, tls = !args.insecure, "serving rule sets to agents");
+    let shutdown = shutdown_signal(kubernetes.as_ref());
+    match tls {
+        // Our own acceptor, so that certificates rotated on disk reach new connections.
+        Some(tls) => {
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("listen on {}", args.listen))?;
+            router
+                .serve_with_incoming_shutdown(crate::certs::tls_incoming(listener, tls), shutdown)
+                .await
+        }
+        None => router.serve_with_shutdown(args.listen, shutdown).await,
+    }
+    .with_context(|| format!("gRPC server on {}", args.listen))?;
     if let Some(k) = kubernetes
         && let Some(reason) = k.shutdown().await
     {

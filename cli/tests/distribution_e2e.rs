@@ -678,4 +678,46 @@ fn controller_and_agents_over_mtls() {
     let _ = follow.wait();
     let line = streamed.expect("`bulkhead flows --follow --controller` printed the refusal");
     assert!(line.contains(r#""verdict":"denied""#), "{line}");
+
+    // Certificate rotation in place (what cert-manager does to a mounted Secret): every file
+    // the controller and the agents were started with is replaced by a set from a new CA.
+    // Without a restart, the controller serves the new certificate and trusts the new CA on
+    // new connections (and no longer the old one); the agents read their files anew when they
+    // reconnect, so after a controller restart they come back with the rotated set.
+    let original = dir.join("original");
+    std::fs::create_dir_all(&original).expect("dir");
+    for f in ["ca.pem", "n1.pem", "n1-key.pem"] {
+        std::fs::copy(certs.join(f), original.join(f)).expect("keep the original set");
+    }
+    let status = Command::new(bin())
+        .args(["certs", "generate", "--nodes", "n1,n2", "--dir"])
+        .arg(dir.join("rotated"))
+        .status()
+        .expect("certs");
+    assert!(status.success());
+    for entry in std::fs::read_dir(dir.join("rotated")).expect("rotated") {
+        let entry = entry.expect("entry");
+        let text = std::fs::read_to_string(entry.path()).expect("pem");
+        write_atomic(&certs.join(entry.file_name()), &text);
+    }
+    let new_ca = certs.join("ca.pem");
+    wait_until(
+        "the running controller serves the rotated certificate to a rotated client",
+        Duration::from_secs(10),
+        || admin_call(c.grpc, Some(tls(&certs, "n1", &new_ca))).is_ok(),
+    );
+    let old = admin_call(c.grpc, Some(tls(&original, "n1", &original.join("ca.pem"))));
+    assert!(
+        old.is_err(),
+        "after rotation a client of the old CA is refused (and refuses the new certificate)"
+    );
+    let mut ctl = c.controller.take().expect("controller");
+    ctl.kill().expect("kill controller");
+    ctl.wait().expect("reap controller");
+    c.controller = Some(start_controller(&c));
+    wait_until(
+        "agents reconnect with their rotated certificates and realize",
+        Duration::from_secs(30),
+        || all_realized(&c),
+    );
 }
