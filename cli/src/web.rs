@@ -325,7 +325,22 @@ fn parse_rule(text: &str) -> Value {
 async fn map(State(s): State<WebState>) -> Response {
     let cluster = Cluster::of(&s.hub);
     let graph = s.graph.lock().map(|g| g.graph()).unwrap_or_default();
-    let quarantines = s.quarantine.as_ref().map(|q| q.list()).unwrap_or_default();
+    // `list` may call the Kubernetes API synchronously: off the runtime's workers. The map is
+    // still drawn when it fails (without quarantine marks); `/api/quarantines` reports the error.
+    let quarantines = match s.quarantine.clone() {
+        Some(q) => match tokio::task::spawn_blocking(move || q.list()).await {
+            Ok(Ok(list)) => list,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the map shows no quarantines: cannot list them");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the map shows no quarantines: the listing task failed");
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
     let quarantined: BTreeSet<String> = quarantines
         .iter()
         .map(|q| format!("{}/{}", q.namespace, q.pod))
@@ -502,7 +517,7 @@ async fn list_quarantines(State(s): State<WebState>) -> Result<Response, ApiErro
     })?;
     let list = tokio::task::spawn_blocking(move || q.list())
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(axum::Json(list.iter().map(quarantine_json).collect::<Vec<_>>()).into_response())
 }
 

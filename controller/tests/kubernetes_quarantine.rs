@@ -63,9 +63,13 @@ struct ApiServer {
     quarantines: BTreeMap<(String, String), Value>,
     /// What a list of Quarantines answers instead of the stored objects.
     quarantine_list: Option<String>,
+    /// A list of Quarantines is refused (RBAC without `list`).
+    quarantine_list_forbidden: bool,
     /// The open Quarantine watch, if the source has one.
     quarantine_watch: Option<mpsc::UnboundedSender<String>>,
     quarantine_watch_body: Option<mpsc::UnboundedReceiver<String>>,
+    /// While Some, watch events wait here instead of going out (a slow watch).
+    held: Option<Vec<String>>,
     resource_version: u64,
 }
 
@@ -92,9 +96,21 @@ impl ApiServer {
         }
     }
 
-    fn watch_event(&self, kind: &str, object: &Value) {
-        if let Some(tx) = &self.quarantine_watch {
-            let _ = tx.send(json!({"type": kind, "object": object}).to_string());
+    fn watch_event(&mut self, kind: &str, object: &Value) {
+        let event = json!({"type": kind, "object": object}).to_string();
+        if let Some(held) = &mut self.held {
+            held.push(event);
+        } else if let Some(tx) = &self.quarantine_watch {
+            let _ = tx.send(event);
+        }
+    }
+
+    /// Sends the held watch events and stops holding.
+    fn flush_watch(&mut self) {
+        for event in self.held.take().unwrap_or_default() {
+            if let Some(tx) = &self.quarantine_watch {
+                let _ = tx.send(event);
+            }
         }
     }
 
@@ -128,6 +144,14 @@ impl ApiServer {
                 return Response::builder().status(200).body(pending()).unwrap();
             }
             if *plural == "quarantines" {
+                if self.quarantine_list_forbidden {
+                    return reply(
+                        403,
+                        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                            "status": "Failure", "reason": "Forbidden", "code": 403,
+                            "message": "quarantines.bulkhead.dev is forbidden: cannot list"}),
+                    );
+                }
                 if let Some(list) = &self.quarantine_list {
                     return Response::builder()
                         .status(200)
@@ -235,6 +259,7 @@ impl Harness {
         tokio::task::spawn_blocking(move || control.list())
             .await
             .unwrap()
+            .expect("list")
     }
 }
 
@@ -444,6 +469,57 @@ async fn quarantine_applies_the_object_and_returns_once_the_hub_has_it_release_d
     assert_eq!(h.writes("DELETE", "/quarantines/").len(), 1);
 }
 
+/// Quarantining a pod again with a new reason and new exceptions returns only once the hub has
+/// the new version, not as soon as it sees a Quarantine of that name (which it already has).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requarantine_returns_once_the_hub_has_the_new_spec() {
+    let h = with_source().await;
+    let request = |reason: &str, port: u32| pb::QuarantineRequest {
+        namespace: "shop".into(),
+        pod: POD.into(),
+        reason: reason.into(),
+        actor: "alice".into(),
+        allow: vec![pb::QuarantineAllow {
+            namespace: "security".into(),
+            port,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    h.quarantine(request("first look", 22))
+        .await
+        .expect("quarantined");
+    let key = bulkhead_controller::PolicyKey {
+        kind: RuleKind::Quarantine,
+        namespace: "shop".into(),
+        name: NAME.into(),
+    };
+    let reason = |h: &Harness| {
+        h.hub
+            .quarantine(&key)
+            .and_then(|p| p.quarantine)
+            .map(|q| q.reason)
+    };
+    assert_eq!(reason(&h).as_deref(), Some("first look"));
+
+    // The watch is slow to deliver the update: the call must still be waiting.
+    h.server.lock().unwrap().held = Some(Vec::new());
+    let control = h.control.clone();
+    let again = tokio::task::spawn_blocking(move || control.quarantine(request("forensics", 2222)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !again.is_finished(),
+        "returned before the hub had the new version"
+    );
+    assert_eq!(reason(&h).as_deref(), Some("first look"));
+    h.server.lock().unwrap().flush_watch();
+    let resp = again.await.unwrap().expect("quarantined again");
+    assert_eq!(reason(&h).as_deref(), Some("forensics"));
+    let rules = h.hub.ruleset("node-a").unwrap();
+    assert!(has_quarantine(&rules, NAME));
+    assert_eq!(resp.quarantine.unwrap().reason, "forensics");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_maps_the_api_quarantine_list() {
     let h = without_source(ApiServer {
@@ -477,6 +553,22 @@ async fn list_maps_the_api_quarantine_list() {
             },
         ]
     );
+}
+
+/// An API error is an error, not an empty list that would read as "nothing is quarantined".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_the_api_refuses_is_an_error() {
+    let h = without_source(ApiServer {
+        quarantine_list_forbidden: true,
+        ..Default::default()
+    });
+    let control = h.control.clone();
+    let err = tokio::task::spawn_blocking(move || control.list())
+        .await
+        .unwrap()
+        .expect_err("a refused list");
+    assert!(matches!(err, QuarantineError::Kubernetes(_)), "{err:?}");
+    assert!(err.to_string().contains("forbidden"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

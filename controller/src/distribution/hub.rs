@@ -346,6 +346,14 @@ impl Hub {
             .is_ok_and(|s| s.engine.identity_of_pod(pod).is_some())
     }
 
+    /// The Quarantine `key` as the engine has it (active or expired).
+    pub fn quarantine(&self, key: &crate::PolicyKey) -> Option<crate::Policy> {
+        self.state
+            .lock()
+            .ok()
+            .and_then(|s| s.engine.quarantine(key).cloned())
+    }
+
     pub fn ruleset(&self, node: &str) -> Option<RuleSet> {
         self.lock().ok()?.nodes.get(node).map(|e| e.ruleset.clone())
     }

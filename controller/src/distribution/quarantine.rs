@@ -93,6 +93,17 @@ struct KubeStore {
     wait: Duration,
 }
 
+/// What [`QuarantineControl::wait_for`] waits for the hub to have.
+#[derive(Clone, Copy)]
+enum Want<'a> {
+    /// A Quarantine of that name in the rule sets.
+    Present,
+    /// That Quarantine, with exactly this content, in the engine and the rule sets.
+    Exactly(&'a crate::Policy),
+    /// No Quarantine of that name.
+    Absent,
+}
+
 /// How often the hub is looked at while waiting for a write to reach it.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -479,7 +490,10 @@ impl QuarantineControl {
         }
     }
 
-    pub fn list(&self) -> Vec<pb::QuarantineInfo> {
+    /// Every quarantine, sorted by pod. In Kubernetes mode an API error is an error, not an
+    /// empty list (which would read as "nothing is quarantined"). Synchronous: call it off the
+    /// async runtime's workers.
+    pub fn list(&self) -> Result<Vec<pb::QuarantineInfo>, QuarantineError> {
         let found: Vec<pb::QuarantineInfo> = match &self.store {
             Store::Dir { dir, .. } => std::fs::read_dir(dir)
                 .into_iter()
@@ -490,13 +504,11 @@ impl QuarantineControl {
                 .collect(),
             Store::Kubernetes(k) => {
                 let api: Api<Quarantine> = Api::all(k.client.clone());
-                match k.handle.block_on(api.list(&ListParams::default())) {
-                    Ok(list) => list.items.iter().map(info_of).collect(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot list Quarantine objects");
-                        Vec::new()
-                    }
-                }
+                let list = k
+                    .handle
+                    .block_on(api.list(&ListParams::default()))
+                    .map_err(kube_err)?;
+                list.items.iter().map(info_of).collect()
             }
         };
         let mut out: Vec<pb::QuarantineInfo> = found
@@ -507,7 +519,7 @@ impl QuarantineControl {
             })
             .collect();
         out.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
-        out
+        Ok(out)
     }
 }
 
@@ -570,7 +582,25 @@ impl QuarantineControl {
             .handle
             .block_on(api.patch(name, &params, &Patch::Apply(&body)))
             .map_err(kube_err)?;
-        let nodes = self.wait_for(k, namespace, name, true)?;
+        // What the source will hand the engine once its watch delivers this version (the
+        // object as the API server stored it, through the source's own conversion): waiting for
+        // exactly that, not merely for a Quarantine of this name, makes a re-quarantine with a
+        // new reason or new exceptions return only once those are in the rule sets.
+        let stored = serde_json::to_value(&object).map_err(|e| self.io(e))?;
+        let expected = match crate::kubernetes::inventory::convert(
+            crate::kubernetes::Kind::Quarantine,
+            &stored,
+        ) {
+            Ok(Some(crate::Object::Policy(p))) => Some(p),
+            Ok(_) => None,
+            Err(e) => return Err(QuarantineError::Rejected(e)),
+        };
+        let nodes = self.wait_for(
+            k,
+            namespace,
+            name,
+            expected.as_ref().map_or(Want::Present, Want::Exactly),
+        )?;
         Ok((nodes, object.object_ref(&())))
     }
 
@@ -593,7 +623,7 @@ impl QuarantineControl {
             Err(e) if not_found(&e) => return Err(QuarantineError::NotQuarantined(who)),
             Err(e) => return Err(kube_err(e)),
         }
-        let nodes = self.wait_for(k, &r.namespace, &name, false)?;
+        let nodes = self.wait_for(k, &r.namespace, &name, Want::Absent)?;
         if let Ok(mut c) = self.carried_by.lock() {
             c.remove(&who);
         }
@@ -614,14 +644,24 @@ impl QuarantineControl {
         k: &KubeStore,
         namespace: &str,
         name: &str,
-        present: bool,
+        want: Want<'_>,
     ) -> Result<BTreeMap<String, u64>, QuarantineError> {
         let deadline = std::time::Instant::now() + k.wait;
+        let key = crate::PolicyKey {
+            kind: RuleKind::Quarantine,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        let present = !matches!(want, Want::Absent);
         loop {
             let seen = self.hub.policy_status().iter().any(|p| {
                 p.kind == RuleKind::Quarantine && p.namespace == namespace && p.name == name
             });
-            if seen == present {
+            let current = match want {
+                Want::Exactly(p) => self.hub.quarantine(&key).as_ref() == Some(p),
+                _ => true,
+            };
+            if seen == present && current {
                 return Ok(self
                     .hub
                     .node_states()

@@ -568,7 +568,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListQuarantinesResponse>, Status> {
         let q = self.quarantines()?;
         // `list` may call the Kubernetes API synchronously: not on a runtime worker.
-        let quarantines = off_runtime(move || Ok(q.list())).await?;
+        let quarantines = off_runtime(move || q.list()).await?;
         Ok(Response::new(pb::ListQuarantinesResponse { quarantines }))
     }
 }
