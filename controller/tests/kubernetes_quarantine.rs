@@ -549,10 +549,40 @@ async fn list_maps_the_api_quarantine_list() {
                 created_at: "2026-11-29T21:00:00Z".into(),
                 expires_at: "2026-11-29T23:00:00Z".into(),
                 actor: "alice".into(),
+                // From the status the controller wrote on the object.
+                connections_cut: 3,
                 ..Default::default()
             },
         ]
     );
+}
+
+/// A Quarantine written with kubectl (this controller never carried it) shows where and when it
+/// took effect from the status the controller wrote on the object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_reports_enforcement_from_the_objects_status() {
+    let list = json!({"kind": "QuarantineList", "apiVersion": "bulkhead.dev/v1alpha1",
+    "metadata": {"resourceVersion": "9"},
+    "items": [{
+        "apiVersion": "bulkhead.dev/v1alpha1", "kind": "Quarantine",
+        "metadata": {"name": "by-hand", "namespace": "shop", "uid": "u1",
+            "resourceVersion": "8", "generation": 1},
+        "spec": {"pods": [POD], "reason": "kubectl"},
+        "status": {"enforcedAt": {"node-a": "2026-11-30T00:00:01.250Z"},
+            "connectionsCut": 3, "nodes": 2, "realizedNodes": 1}
+    }]});
+    let h = without_source(ApiServer {
+        quarantine_list: Some(list.to_string()),
+        ..Default::default()
+    });
+    let list = h.list().await;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].name, "by-hand");
+    assert_eq!(
+        list[0].enforced_at.get("node-a").map(String::as_str),
+        Some("2026-11-30T00:00:01.250Z")
+    );
+    assert_eq!(list[0].connections_cut, 3);
 }
 
 /// An API error is an error, not an empty list that would read as "nothing is quarantined".

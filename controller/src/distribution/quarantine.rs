@@ -481,12 +481,19 @@ impl QuarantineControl {
         else {
             return;
         };
+        // This controller placed it: the hub's acknowledgements are fresher than a status
+        // written on the last status interval, and replace it.
+        let mut enforced_at = std::collections::HashMap::new();
+        let mut cut = 0;
         for (node, version) in nodes {
-            if let Some((at, cut)) = self.hub.enforced(&node, version) {
-                q.enforced_at
-                    .insert(node, humantime::format_rfc3339_millis(at).to_string());
-                q.connections_cut += cut;
+            if let Some((at, c)) = self.hub.enforced(&node, version) {
+                enforced_at.insert(node, humantime::format_rfc3339_millis(at).to_string());
+                cut += c;
             }
+        }
+        if !enforced_at.is_empty() {
+            q.enforced_at = enforced_at;
+            q.connections_cut = cut;
         }
     }
 
@@ -555,7 +562,18 @@ fn info_of(q: &Quarantine) -> pb::QuarantineInfo {
         created_at: annotation("bulkhead.dev/quarantined-at"),
         expires_at: q.spec.expires_at.clone().unwrap_or_default(),
         actor: annotation("bulkhead.dev/quarantined-by"),
-        ..Default::default()
+        // Where and when it took effect, as the controller reported it in the object's status
+        // (also for Quarantines written with kubectl).
+        enforced_at: q
+            .status
+            .as_ref()
+            .map(|s| s.enforced_at.clone().into_iter().collect())
+            .unwrap_or_default(),
+        connections_cut: q
+            .status
+            .as_ref()
+            .and_then(|s| s.connections_cut)
+            .unwrap_or(0),
     }
 }
 
