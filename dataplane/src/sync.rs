@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant},
 };
 
@@ -21,7 +21,7 @@ use bulkhead_common::{
     QuarantineAllowKey, VERDICT_DENY, endpoint_flags,
 };
 use bulkhead_controller::ruleset::{Endpoint, EndpointPolicy, PolicyGroupId, RuleSet, identity};
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
 use crate::{
     loader::{Dataplane, LoadError},
@@ -285,7 +285,7 @@ impl Enforcer {
             }
         }
         if first_apply {
-            self.clear_dense_leftovers(&wanted);
+            self.clear_ipcache_leftovers(&wanted)?;
         }
         self.place_dense_window()?;
         // The quarantines' exceptions, so the prefilter spares the forensic path.
@@ -452,21 +452,50 @@ impl Enforcer {
         (slot < DENSE_V4_SLOTS).then_some(slot)
     }
 
-    /// Slots an earlier agent filled for addresses the rule set no longer has (a pod deleted
-    /// while no agent ran): cleared, so they fall back to the CIDR entries like any address
-    /// without an entry of its own.
-    fn clear_dense_leftovers(&mut self, wanted: &BTreeMap<IpNetwork, IpCacheValue>) {
-        let Some(base) = self.dense_window else {
-            return;
-        };
-        let dense = self.dataplane.dense_v4();
-        for (slot, _) in dense.entries() {
-            let ip = Ipv4Addr::from(base.wrapping_add(slot));
-            let net = IpNetwork::V4(Ipv4Network::from(ip));
-            if !wanted.contains_key(&net) {
-                dense.set(slot, None);
+    /// Entries an earlier agent wrote for addresses and prefixes the rule set no longer has (a
+    /// pod deleted, a CIDR policy removed while no agent ran): removed from the dense array, the
+    /// hashes and the tries, so such an address resolves as it now should (its CIDR, or the
+    /// world) rather than to an identity that has left. Run on the first apply, after the
+    /// rule set's own entries are written.
+    fn clear_ipcache_leftovers(
+        &mut self,
+        wanted: &BTreeMap<IpNetwork, IpCacheValue>,
+    ) -> Result<(), SyncError> {
+        let stale = |net: IpNetwork| !wanted.contains_key(&net);
+        if let Some(base) = self.dense_window {
+            let dense = self.dataplane.dense_v4();
+            for (slot, _) in dense.entries() {
+                let ip = Ipv4Addr::from(base.wrapping_add(slot));
+                if stale(IpNetwork::V4(Ipv4Network::from(ip))) {
+                    dense.set(slot, None);
+                }
             }
         }
+        remove_keys_where(&mut self.dataplane.ipcache_host_v4()?, |k| {
+            stale(IpNetwork::V4(Ipv4Network::from(Ipv4Addr::from(*k))))
+        });
+        remove_keys_where(&mut self.dataplane.ipcache_host_v6()?, |k| {
+            stale(IpNetwork::V6(Ipv6Network::from(Ipv6Addr::from(*k))))
+        });
+        {
+            let mut trie = self.dataplane.ipcache_v4()?;
+            let keys: Vec<Key<[u8; 4]>> = trie.keys().flatten().collect();
+            for k in keys {
+                let net = Ipv4Network::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8);
+                if net.is_ok_and(|n| stale(IpNetwork::V4(n))) {
+                    let _ = trie.remove(&k);
+                }
+            }
+        }
+        let mut trie = self.dataplane.ipcache_v6()?;
+        let keys: Vec<Key<[u8; 16]>> = trie.keys().flatten().collect();
+        for k in keys {
+            let net = Ipv6Network::new(Ipv6Addr::from(k.data()), k.prefix_len() as u8);
+            if net.is_ok_and(|n| stale(IpNetwork::V6(n))) {
+                let _ = trie.remove(&k);
+            }
+        }
+        Ok(())
     }
 
     /// Moves the dense window to the aligned block of [`DENSE_V4_SLOTS`] addresses that holds

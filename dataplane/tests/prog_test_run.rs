@@ -946,13 +946,22 @@ fn ipv4_identities_live_in_a_dense_window_that_follows_the_pods() {
                 .get(&ip, 0)
                 .is_ok()
         };
-        let expect = |e: &mut Enforcer, far: &[u8]| {
-            assert_eq!(verdict(e, PEER_V4, 80), TC_ACT_OK, "10.0.0.1 is 301");
+        let expect_peer = |e: &mut Enforcer, listed: bool| {
+            let (on_80, on_81) = if listed {
+                (TC_ACT_OK, TC_ACT_SHOT)
+            } else {
+                (TC_ACT_SHOT, TC_ACT_OK)
+            };
+            assert_eq!(verdict(e, PEER_V4, 80), on_80, "10.0.0.1 is 301: {listed}");
             assert_eq!(
                 verdict(e, PEER_V4, 81),
-                TC_ACT_SHOT,
-                "10.0.0.1 is not the CIDR"
+                on_81,
+                "10.0.0.1 is the CIDR: {}",
+                !listed
             );
+        };
+        let expect = |e: &mut Enforcer, far: &[u8]| {
+            expect_peer(e, true);
             assert_eq!(
                 verdict(e, [10, 0, 0, 9], 81),
                 TC_ACT_OK,
@@ -1012,16 +1021,28 @@ fn ipv4_identities_live_in_a_dense_window_that_follows_the_pods() {
         expect(e, &[1, 2, 4, 5]);
 
         // A restarted agent keeps the window (and its verdicts) until its first apply, which
-        // clears the slot of a pod that left while no agent ran.
+        // removes what pods that left while no agent ran left behind: 10.64.0.2's slot in the
+        // array and 10.0.0.1's entry in the hash.
         let dp = Dataplane::load(pins).expect("reload eBPF object");
         let mut again = Enforcer::new(dp).expect("enforcer");
         expect(&mut again, &[1, 2, 4, 5]);
+        let mut rs = rules(5, &[1, 4, 5]);
+        rs.ipcache.retain(|e| e.cidr.to_string() != "10.0.0.1/32");
         again
-            .apply(&rules(5, &[1, 4, 5]), &RouteResolver)
+            .apply(&rs, &RouteResolver)
             .expect("apply after restart");
         assert_eq!(window(&mut again), Some(Ipv4Addr::new(10, 64, 0, 0)));
         assert_eq!(again.dataplane().dense_v4().get(2), None);
-        expect(&mut again, &[1, 4, 5]);
+        assert!(!in_hash(&mut again, PEER_V4));
+        expect_peer(&mut again, false);
+        for last in 1..=6u8 {
+            let listed = [1, 4, 5].contains(&last);
+            assert_eq!(
+                verdict(&mut again, [10, 64, 0, last], 80),
+                if listed { TC_ACT_OK } else { TC_ACT_SHOT },
+                "10.64.0.{last} after the restart"
+            );
+        }
     });
 }
 
