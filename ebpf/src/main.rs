@@ -7,10 +7,16 @@
 //! * `bulkhead_prefilter` — XDP on the node's uplink: a stateless early drop of quarantined
 //!   sources and denied CIDRs before the stack spends anything on them.
 //! * `bulkhead_parse_only` — parses like the TC programs and decides nothing: the benchmark floor.
+//! * `bulkhead_clock_probe` — samples jiffies and the monotonic clock for the agent's
+//!   calibration of the per-packet clock; never attached.
 //!
-//! Per packet the work is a fixed number of map lookups (endpoint, ipcache, conntrack, and for a
-//! new connection at most three policy hash lookups plus one port-range LPM lookup where ranges
-//! exist), whatever the number of rules: the agent resolves precedence when it writes the maps.
+//! Per packet the work is a fixed number of map lookups (endpoint, conntrack, and for a new
+//! connection the peer's identity and at most three policy hash lookups plus one port-range LPM
+//! lookup where ranges exist), whatever the number of rules: the agent resolves precedence when it
+//! writes the maps. The endpoint, the identities of the pod CIDR's addresses, the configuration,
+//! counters and scratch space are arrays, which the verifier inlines; on these machines every
+//! call and return costs several nanoseconds, so the hot path calls only the hash lookups it
+//! cannot avoid (see bench/RESULTS.md).
 #![no_std]
 #![no_main]
 // Map keys are passed by reference on purpose: by value they would be copied onto the 512-byte

@@ -1,15 +1,19 @@
 //! Per-packet cost of the TC program with BPF_PROG_TEST_RUN, against a floor program that only
 //! parses headers, for 10 … 100k policy entries. Figures, not a test: run as root.
 //!
-//! `cargo run --release -p bulkhead-bench --bin datapath [-- --repeat 1000000]`
+//! `cargo run --release -p bulkhead-bench --bin datapath [-- --repeat 1000000 --rounds 9]`
 //!
 //! Paths measured, all through `bulkhead_to_pod` on an endpoint whose ingress policy holds N
 //! entries (one per peer identity, TCP port 80):
-//! * `new (deny)`: a connection attempt the policy refuses — parse, endpoint, ipcache, two
-//!   conntrack misses, the policy LPM lookups, the deny-event rate limiter, counters. Every
-//!   repetition takes the full new-connection path (an allowed SYN would be tracked after the
-//!   first repetition).
-//! * `established`: a packet of an allowed, tracked connection.
+//! * `new (deny)`: a connection attempt the policy refuses — parse, endpoint, the peer's
+//!   identity, the policy summary, the deny-event rate limiter, counters (a SYN skips conntrack).
+//!   Every repetition takes the full new-connection path (an allowed SYN would be tracked after
+//!   the first repetition).
+//! * `established`: a packet of an allowed, tracked connection (one conntrack lookup).
+//! * `reply`: the pod's answer on that connection, through `bulkhead_from_pod` (anti-spoofing,
+//!   then the same conntrack entry).
+//!
+//! `--only PATH --entries N` repeats one path, for a profiler (`perf record -a`).
 
 use std::net::{IpAddr, Ipv4Addr};
 
