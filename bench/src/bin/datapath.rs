@@ -45,6 +45,11 @@ struct Args {
     /// `perf record -a`): floor, new, established or reply.
     #[arg(long)]
     only: Option<String>,
+    /// After the table, at the last policy size: this many distinct connections, each one test
+    /// run (admitted SYN, refused SYN, and the floor on the same packets), so the admitted path
+    /// (conntrack insert, new-flow event) is measured too. 0 skips it.
+    #[arg(long, default_value_t = 15_000)]
+    admitted: u32,
 }
 
 const SYN: u8 = 0x02;
@@ -150,7 +155,12 @@ fn main() -> anyhow::Result<()> {
     let rounds = args.rounds;
     let entries = args.entries.clone();
     let only = args.only.clone();
-    let result = ns.run(move || -> anyhow::Result<Vec<Row>> {
+    let admitted = if args.only.is_some() {
+        0
+    } else {
+        args.admitted
+    };
+    let result = ns.run(move || -> anyhow::Result<(Vec<Row>, Option<Single>)> {
         let dp = Dataplane::load(&pin_dir)?;
         let mut e = Enforcer::new(dp)?;
         let ifx = nix::net::if_::if_nametoindex("ep0")?;
@@ -223,10 +233,14 @@ fn main() -> anyhow::Result<()> {
             }
             rows.push((n, median(floor), median(new), median(est), median(rep)));
         }
-        Ok(rows)
+        let single = match (admitted, rows.last()) {
+            (0, _) | (_, None) => None,
+            (count, Some(&(n, ..))) => Some(single_runs(&mut e, ifx, n, count)?),
+        };
+        Ok((rows, single))
     });
     let _ = bulkhead_agent::loader::remove_pins(&pins);
-    let rows = result.context("enter namespace")??;
+    let (rows, single) = result.context("enter namespace")??;
     if rows.is_empty() {
         return Ok(());
     }
@@ -246,10 +260,74 @@ fn main() -> anyhow::Result<()> {
     let first = rows.first().expect("rows");
     let last = rows.last().expect("rows");
     println!(
-        "flatness 100k vs 10 entries: new {:+.1}%, established {:+.1}%, reply {:+.1}%",
+        "flatness {} vs {} entries: new {:+.1}%, established {:+.1}%, reply {:+.1}%",
+        last.0,
+        first.0,
         (last.2 / first.2 - 1.0) * 100.0,
         (last.3 / first.3 - 1.0) * 100.0,
         (last.4 / first.4 - 1.0) * 100.0
     );
+    if let Some(s) = single {
+        println!(
+            "\nDistinct connections, one BPF_PROG_TEST_RUN each ({} of each, {} entries; median ns \
+             per run, which includes the test run's own clock reads, so compare differences):",
+            s.count, s.entries
+        );
+        println!(
+            "  floor {:.0} | refused SYN {:.0} (+{:.0}) | admitted SYN {:.0} (+{:.0}: conntrack \
+             insert and new-flow event) | events lost {}",
+            s.floor,
+            s.refused,
+            s.refused - s.floor,
+            s.admitted,
+            s.admitted - s.floor,
+            s.events_lost
+        );
+    }
     Ok(())
+}
+
+/// Median single-run costs over distinct connections.
+struct Single {
+    entries: u32,
+    count: u32,
+    floor: f64,
+    refused: f64,
+    admitted: f64,
+    events_lost: u64,
+}
+
+/// Each packet a connection of its own (source port `i`, peer in the middle of the identity
+/// range): admitted SYNs to port 80 insert a conntrack entry and write a new-flow event, refused
+/// ones to port 81 a rate-limited deny event; the ring buffer (4 MiB) holds every event of
+/// `count` ≤ 20,000 of each, so none is lost (which would be cheaper than delivering it).
+fn single_runs(e: &mut Enforcer, ifx: u32, n: u32, count: u32) -> anyhow::Result<Single> {
+    let peer = peer_ip(n / 2).octets();
+    let dp = e.dataplane();
+    let (mut floor, mut refused, mut admitted) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..count {
+        let sport = 1024 + (i % 60_000) as u16;
+        let open = tcp(peer, [10, 0, 0, 2], sport, 80, SYN);
+        let deny = tcp(peer, [10, 0, 0, 2], sport, 81, SYN);
+        floor.push(dp.test_run(PROG_PARSE_ONLY, &open, ifx, 1)?.1.as_nanos() as f64);
+        let (v, d) = dp.test_run(PROG_TO_POD, &deny, ifx, 1)?;
+        anyhow::ensure!(v == 2, "refused SYN passed");
+        refused.push(d.as_nanos() as f64);
+        let (v, d) = dp.test_run(PROG_TO_POD, &open, ifx, 1)?;
+        anyhow::ensure!(v == 0, "admitted SYN dropped");
+        admitted.push(d.as_nanos() as f64);
+    }
+    let events_lost = dp
+        .stats()?
+        .get(&bulkhead_common::stat::EVENTS_LOST, 0)
+        .map(|v| v.iter().sum())
+        .unwrap_or(0);
+    Ok(Single {
+        entries: n,
+        count,
+        floor: median(floor),
+        refused: median(refused),
+        admitted: median(admitted),
+        events_lost,
+    })
 }
