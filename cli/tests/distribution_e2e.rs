@@ -174,6 +174,17 @@ fn start_controller(c: &Cluster) -> Child {
         .expect("start controller")
 }
 
+/// Kills the controller, runs `while_down`, starts a new one and waits until every agent is
+/// back and has realized its rule set.
+fn restart_controller(c: &mut Cluster, what: &str, while_down: impl FnOnce(&Cluster)) {
+    let mut ctl = c.controller.take().expect("controller");
+    ctl.kill().expect("kill controller");
+    ctl.wait().expect("reap controller");
+    while_down(c);
+    c.controller = Some(start_controller(c));
+    wait_until(what, Duration::from_secs(30), || all_realized(c));
+}
+
 fn start_agent(c: &Cluster, n: &Node) -> Child {
     let certs = c.dir.join("certs");
     Command::new(bin())
@@ -466,17 +477,14 @@ fn controller_and_agents_over_mtls() {
     );
 
     // Kill the controller: enforcement stays. A new controller (new epoch) gets the agents back.
-    let mut ctl = c.controller.take().expect("controller");
-    ctl.kill().expect("kill controller");
-    ctl.wait().expect("reap controller");
-    assert!(!connects(&client(&c, 0), s1, 8081));
-    assert!(connects(&client(&c, 0), s1, 8080));
-    assert!(!connects(&client(&c, 1), s2, 8081));
-    c.controller = Some(start_controller(&c));
-    wait_until(
+    restart_controller(
+        &mut c,
         "agents reconnect to the new controller and realize",
-        Duration::from_secs(30),
-        || all_realized(&c),
+        |c| {
+            assert!(!connects(&client(c, 0), s1, 8081));
+            assert!(connects(&client(c, 0), s1, 8080));
+            assert!(!connects(&client(c, 1), s2, 8081));
+        },
     );
 
     // mTLS: a certificate from another CA, or none, is refused; ours is accepted.
@@ -711,13 +719,9 @@ fn controller_and_agents_over_mtls() {
         old.is_err(),
         "after rotation a client of the old CA is refused (and refuses the new certificate)"
     );
-    let mut ctl = c.controller.take().expect("controller");
-    ctl.kill().expect("kill controller");
-    ctl.wait().expect("reap controller");
-    c.controller = Some(start_controller(&c));
-    wait_until(
+    restart_controller(
+        &mut c,
         "agents reconnect with their rotated certificates and realize",
-        Duration::from_secs(30),
-        || all_realized(&c),
+        |_| {},
     );
 }
