@@ -155,6 +155,17 @@ fn remove_keys_where<K: aya::Pod, V: aya::Pod>(
     keys.len()
 }
 
+/// [`remove_keys_where`] for an LPM trie.
+fn remove_trie_keys_where<K: aya::Pod, V: aya::Pod>(
+    trie: &mut aya::maps::LpmTrie<&mut aya::maps::MapData, K, V>,
+    doomed: impl Fn(&Key<K>) -> bool,
+) {
+    let keys: Vec<Key<K>> = trie.keys().flatten().filter(|k| doomed(k)).collect();
+    for k in &keys {
+        let _ = trie.remove(k);
+    }
+}
+
 fn ifindex(ifname: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(ifname).ok()
 }
@@ -477,24 +488,14 @@ impl Enforcer {
         remove_keys_where(&mut self.dataplane.ipcache_host_v6()?, |k| {
             stale(IpNetwork::V6(Ipv6Network::from(Ipv6Addr::from(*k))))
         });
-        {
-            let mut trie = self.dataplane.ipcache_v4()?;
-            let keys: Vec<Key<[u8; 4]>> = trie.keys().flatten().collect();
-            for k in keys {
-                let net = Ipv4Network::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8);
-                if net.is_ok_and(|n| stale(IpNetwork::V4(n))) {
-                    let _ = trie.remove(&k);
-                }
-            }
-        }
-        let mut trie = self.dataplane.ipcache_v6()?;
-        let keys: Vec<Key<[u8; 16]>> = trie.keys().flatten().collect();
-        for k in keys {
-            let net = Ipv6Network::new(Ipv6Addr::from(k.data()), k.prefix_len() as u8);
-            if net.is_ok_and(|n| stale(IpNetwork::V6(n))) {
-                let _ = trie.remove(&k);
-            }
-        }
+        remove_trie_keys_where(&mut self.dataplane.ipcache_v4()?, |k| {
+            Ipv4Network::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
+                .is_ok_and(|n| stale(IpNetwork::V4(n)))
+        });
+        remove_trie_keys_where(&mut self.dataplane.ipcache_v6()?, |k| {
+            Ipv6Network::new(Ipv6Addr::from(k.data()), k.prefix_len() as u8)
+                .is_ok_and(|n| stale(IpNetwork::V6(n)))
+        });
         Ok(())
     }
 
@@ -960,39 +961,12 @@ impl Enforcer {
                 self.dataplane.detach_endpoint(&ifname);
             }
         }
-        let stale: Vec<PolicyKey> = {
-            let m = self.dataplane.policy_summary()?;
-            m.keys()
-                .flatten()
-                .filter(|k| !live_ids.contains(&k.policy_id))
-                .collect()
-        };
-        let mut m = self.dataplane.policy_summary()?;
-        for k in stale {
-            let _ = m.remove(&k);
-        }
-        let stale: Vec<PolicyKey> = {
-            let m = self.dataplane.policy_exact()?;
-            m.keys()
-                .flatten()
-                .filter(|k| !live_ids.contains(&k.policy_id))
-                .collect()
-        };
-        let mut m = self.dataplane.policy_exact()?;
-        for k in stale {
-            let _ = m.remove(&k);
-        }
-        let stale: Vec<Key<PolicyKey>> = {
-            let m = self.dataplane.policy_ranges()?;
-            m.keys()
-                .flatten()
-                .filter(|k| !live_ids.contains(&k.data().policy_id))
-                .collect()
-        };
-        let mut m = self.dataplane.policy_ranges()?;
-        for k in stale {
-            let _ = m.remove(&k);
-        }
+        let dead = |policy_id: u32| !live_ids.contains(&policy_id);
+        remove_keys_where(&mut self.dataplane.policy_summary()?, |k| dead(k.policy_id));
+        remove_keys_where(&mut self.dataplane.policy_exact()?, |k| dead(k.policy_id));
+        remove_trie_keys_where(&mut self.dataplane.policy_ranges()?, |k| {
+            dead(k.data().policy_id)
+        });
         Ok(())
     }
 
