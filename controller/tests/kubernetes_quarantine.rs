@@ -19,30 +19,10 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 mod k8s_mock;
-use k8s_mock::{MockBody, Respond, fixture, full, live, mock_client, pending};
+use k8s_mock::{MockBody, PATHS, Respond, fixture, full, live, mock_client, pending};
 
 const QUARANTINES: &str = "/apis/bulkhead.dev/v1alpha1/quarantines";
 const NAMESPACED_QUARANTINES: &str = "/apis/bulkhead.dev/v1alpha1/namespaces/";
-
-/// Collection paths the source lists and watches, with their list fixtures.
-const PATHS: [(&str, &str); 7] = [
-    ("/api/v1/namespaces", "namespaces"),
-    ("/api/v1/nodes", "nodes"),
-    ("/api/v1/pods", "pods"),
-    (
-        "/apis/networking.k8s.io/v1/networkpolicies",
-        "networkpolicies",
-    ),
-    (
-        "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies",
-        "clusternetworkpolicies",
-    ),
-    (
-        "/apis/bulkhead.dev/v1alpha1/servicepolicies",
-        "servicepolicies",
-    ),
-    (QUARANTINES, "quarantines"),
-];
 
 #[derive(Debug, Clone)]
 struct Recorded {

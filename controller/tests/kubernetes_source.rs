@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 mod k8s_mock;
-use k8s_mock::{MockBody, Respond, fixture, full, live, mock_client, pending};
+use k8s_mock::{MockBody, PATHS, Respond, fixture, full, live, mock_client, pending};
 
 fn fixture_lines(name: &str) -> Vec<String> {
     fixture(name).lines().map(str::to_string).collect()
@@ -55,26 +55,6 @@ struct ApiServer {
     /// The leader Lease, as created and updated by the controller.
     lease: Option<Value>,
 }
-
-/// Collection paths the source lists and watches.
-const PATHS: [(&str, &str); 7] = [
-    ("/api/v1/namespaces", "namespaces"),
-    ("/api/v1/nodes", "nodes"),
-    ("/api/v1/pods", "pods"),
-    (
-        "/apis/networking.k8s.io/v1/networkpolicies",
-        "networkpolicies",
-    ),
-    (
-        "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies",
-        "clusternetworkpolicies",
-    ),
-    (
-        "/apis/bulkhead.dev/v1alpha1/servicepolicies",
-        "servicepolicies",
-    ),
-    ("/apis/bulkhead.dev/v1alpha1/quarantines", "quarantines"),
-];
 
 impl ApiServer {
     /// Every resource listed from its `<plural>.list.json` fixture, watches held open.

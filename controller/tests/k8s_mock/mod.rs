@@ -68,3 +68,25 @@ pub fn mock_client<S: Respond>(
     });
     (kube::Client::new(service, "default"), server, task)
 }
+
+/// Collection paths the Kubernetes source lists and watches, with the plural naming their
+/// `<plural>.list.json` fixture.
+#[allow(dead_code)]
+pub const PATHS: [(&str, &str); 7] = [
+    ("/api/v1/namespaces", "namespaces"),
+    ("/api/v1/nodes", "nodes"),
+    ("/api/v1/pods", "pods"),
+    (
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        "networkpolicies",
+    ),
+    (
+        "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies",
+        "clusternetworkpolicies",
+    ),
+    (
+        "/apis/bulkhead.dev/v1alpha1/servicepolicies",
+        "servicepolicies",
+    ),
+    ("/apis/bulkhead.dev/v1alpha1/quarantines", "quarantines"),
+];
