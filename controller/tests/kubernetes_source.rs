@@ -284,12 +284,11 @@ impl Harness {
 
     async fn wait_events(&self, at_least: u64) {
         let stats = self.stats.clone();
+        // Handled, and the batch they were in applied with its counters.
         eventually("the watch events were handled", || {
-            stats.events.load(Ordering::SeqCst) >= at_least
+            stats.settled.load(Ordering::SeqCst) >= at_least
         })
         .await;
-        // Let the source finish the batch it is in.
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -364,13 +363,13 @@ async fn network_policy_added_through_watch_reaches_the_rule_set_and_noise_does_
     assert_eq!(h.ruleset("node-b").version, with_np.version);
 
     // A real change (the port) is applied.
+    let events = h.stats.events.load(Ordering::SeqCst);
     np_watch.send(lines[2].clone()).unwrap();
-    let hub = h.hub.clone();
-    let v = with_np.version;
-    eventually("the changed NetworkPolicy was applied", || {
-        hub.ruleset("node-b").is_some_and(|rs| rs.version > v)
-    })
-    .await;
+    h.wait_events(events + 1).await;
+    assert!(
+        h.ruleset("node-b").version > with_np.version,
+        "the changed NetworkPolicy was applied"
+    );
     assert_eq!(h.stats.changes.load(Ordering::SeqCst), changes + 1);
 }
 

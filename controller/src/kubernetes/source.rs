@@ -110,6 +110,9 @@ impl Gate {
 pub struct SourceStats {
     /// Watch events handled.
     pub events: AtomicU64,
+    /// Watch events whose batch has been fully applied (rule sets, hub, these counters): once
+    /// it reaches a value of `events`, everything those events caused has taken effect.
+    pub settled: AtomicU64,
     /// Engine changes applied (each a real change of the model).
     pub changes: AtomicU64,
     /// Hub updates made (batches with at least one change).
@@ -230,6 +233,8 @@ impl KubernetesSource {
                         }
                     }
                     self.flush().await;
+                    let handled = self.stats.events.load(Ordering::SeqCst);
+                    self.stats.settled.store(handled, Ordering::SeqCst);
                 }
                 _ = tick.tick() => {
                     if self.gate.synced() {
