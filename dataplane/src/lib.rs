@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod netns;
 pub mod policy_map;
 pub mod privileged;
+pub mod resolve;
 pub mod sync;
 
 /// The eBPF object built from `ebpf/` by this crate's build script.

@@ -23,6 +23,7 @@ use bulkhead_common::{
 use bulkhead_controller::ruleset::{Endpoint, EndpointPolicy, PolicyGroupId, RuleSet, identity};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
+pub use crate::resolve::{InterfaceResolver, RouteResolver};
 use crate::{
     loader::{Dataplane, LoadError},
     policy_map::{
@@ -96,31 +97,6 @@ struct GroupState {
     /// The keys did not fit: every endpoint of the group is locked down, and the next apply
     /// tries again.
     locked: bool,
-}
-
-/// Finds the host-side interface of an endpoint.
-pub trait InterfaceResolver {
-    fn interface(&self, endpoint: &Endpoint) -> Option<String>;
-}
-
-/// Uses the interface named in the rule set, else the route to the endpoint's first address.
-pub struct RouteResolver;
-
-impl InterfaceResolver for RouteResolver {
-    fn interface(&self, endpoint: &Endpoint) -> Option<String> {
-        if let Some(i) = &endpoint.interface {
-            return Some(i.clone());
-        }
-        let ip = endpoint.ips.first()?;
-        let out = std::process::Command::new("ip")
-            .args(["-j", "route", "get", &ip.to_string()])
-            .output()
-            .ok()?;
-        let routes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let dev = routes.get(0)?.get("dev")?.as_str()?;
-        // A route over the loopback means the address is local, not behind a veth.
-        (dev != "lo").then(|| dev.to_string())
-    }
 }
 
 pub struct Enforcer {
@@ -319,7 +295,10 @@ impl Enforcer {
         // 2. endpoints whose interface exists.
         let mut placed: Vec<Placed<'_>> = Vec::with_capacity(ruleset.endpoints.len());
         for ep in &ruleset.endpoints {
-            let Some(ifname) = resolver.interface(ep) else {
+            let Some(ifname) = resolver
+                .interface(ep)
+                .or_else(|| self.still_enforced_on(ep))
+            else {
                 report.missing_interfaces.push(ep.name());
                 continue;
             };
@@ -454,6 +433,19 @@ impl Enforcer {
         self.realized_version = Some(ruleset.version);
         report.duration = started.elapsed();
         Ok(report)
+    }
+
+    /// The interface `endpoint` is enforced on, when the resolver cannot say (a bridge whose
+    /// forwarding entry for the pod aged out, a lookup that failed) but that interface still
+    /// exists under the same index: enforcement is not dropped for want of an answer. An
+    /// interface that went away is not kept.
+    fn still_enforced_on(&self, endpoint: &Endpoint) -> Option<String> {
+        let first = addr16(*endpoint.ips.first()?);
+        let (index, state) = self
+            .endpoints
+            .iter()
+            .find(|(_, s)| s.endpoint_id == endpoint.id && s.addrs.contains(&first))?;
+        (ifindex(&state.ifname) == Some(*index)).then(|| state.ifname.clone())
     }
 
     /// The `IPCACHE_DENSE_V4` slot of `ip`, when the window in use covers it.

@@ -1,8 +1,10 @@
-//! Tier 3: real TCP connections between two network namespaces joined by a veth pair, with the
-//! programs attached on the node side of the pod's veth (as the agent does for a pod).
+//! Tier 3: real TCP connections between network namespaces, with the programs attached on the
+//! node side of each pod's veth (as the agent does for a pod).
 //!
-//! `node` namespace: `pod0` (10.201.0.1/24), a TCP echo server.
-//! `pod` namespace: `eth0` (10.201.0.2/24), the client.
+//! Routed: `node` namespace: `pod0` (10.201.0.1/24), a TCP echo server; `pod` namespace:
+//! `eth0` (10.201.0.2/24), the client.
+//! Bridged (as the `bridge` CNI plugin and flannel wire pods): two pods whose veths are ports of
+//! the node's `br0` (10.202.0.1/24); the rule set names no interface.
 //! Namespaces, links and pins are removed when the test ends, also when it fails.
 
 mod common;
@@ -17,10 +19,10 @@ use bulkhead_agent::{
     loader::Dataplane,
     netns::{Netns, veth_pair},
     privileged::check_privileged_test,
-    sync::{Enforcer, RouteResolver},
+    sync::{ApplyReport, Enforcer, RouteResolver},
 };
 use bulkhead_common::VERDICT_DENY;
-use bulkhead_controller::ruleset::identity;
+use bulkhead_controller::ruleset::{DirectionPolicy, EndpointPolicy, RuleSet, identity};
 use common::*;
 
 const SERVER: &str = "10.201.0.1:8080";
@@ -157,4 +159,163 @@ fn tcp_connection_allowed_then_dropped_after_one_map_write() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(after.expect("connect after the pins are gone"), "ping");
+}
+
+/// Applies `rs` from inside `node`, where the resolver's route, neighbour and bridge lookups
+/// must run.
+fn apply_in(node: &Netns, mut e: Enforcer, rs: RuleSet) -> (Enforcer, ApplyReport) {
+    node.run(move || {
+        let report = e.apply(&rs, &RouteResolver).expect("apply");
+        (e, report)
+    })
+    .expect("enter node")
+}
+
+fn index_in(node: &Netns, ifname: &'static str) -> u32 {
+    node.run(move || nix::net::if_::if_nametoindex(ifname))
+        .expect("enter node")
+        .expect("interface index")
+}
+
+#[test]
+fn pods_on_a_bridge_are_found_behind_their_ports_and_stay_enforced() {
+    if !check_privileged_test("pods_on_a_bridge_are_found_behind_their_ports_and_stay_enforced") {
+        return;
+    }
+    const SERVER_B: &str = "10.202.0.3:8080";
+    let tag = std::process::id() % 100000;
+    let pins = PinDir::new("bridge");
+    let node = Netns::create(&format!("bh-t3b-{tag}-node")).expect("node namespace");
+    let client = Netns::create(&format!("bh-t3b-{tag}-a")).expect("client namespace");
+    let server = Netns::create(&format!("bh-t3b-{tag}-b")).expect("server namespace");
+    node.exec(&["ip", "link", "add", "br0", "type", "bridge"])
+        .expect("bridge");
+    node.exec(&["ip", "addr", "add", "10.202.0.1/24", "dev", "br0"])
+        .expect("addr");
+    node.exec(&["ip", "link", "set", "br0", "up"]).expect("up");
+    for (port, pod, addr) in [
+        ("bpa", &client, "10.202.0.2/24"),
+        ("bpb", &server, "10.202.0.3/24"),
+    ] {
+        veth_pair(port, Some(&node), "eth0", Some(pod)).expect("veth pair");
+        node.exec(&["ip", "link", "set", port, "master", "br0", "up"])
+            .expect("port");
+        pod.exec(&["ip", "addr", "add", addr, "dev", "eth0"])
+            .expect("addr");
+        pod.exec(&["ip", "link", "set", "eth0", "up"]).expect("up");
+    }
+    let listener = server
+        .run(|| TcpListener::bind(SERVER_B))
+        .expect("enter server")
+        .expect("bind server");
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 4];
+            if conn.read_exact(&mut buf).is_ok() {
+                let _ = conn.write_all(&buf);
+            }
+        }
+    });
+    // The node has not talked to either pod: it does not know their MAC addresses.
+    let known = node
+        .exec(&["ip", "neigh", "show", "dev", "br0"])
+        .expect("neighbours");
+    assert!(!known.contains("10.202.0."), "{known}");
+
+    let mut a = endpoint(1, "client", 400, "10.202.0.2".parse().unwrap(), "unused");
+    let mut b = endpoint(2, "server", 401, "10.202.0.3".parse().unwrap(), "unused");
+    a.interface = None;
+    b.interface = None;
+    let ipcache = || {
+        vec![
+            ("10.202.0.2/32", 400),
+            ("10.202.0.3/32", 401),
+            ("10.202.0.1/32", identity::HOST),
+        ]
+    };
+    let open = ruleset(1, vec![a.clone(), b.clone()], ipcache());
+    // The server admits nobody.
+    let mut closed = ruleset(2, vec![a.clone(), b.clone()], ipcache());
+    closed.policies.insert(
+        b.policy,
+        EndpointPolicy {
+            ingress: DirectionPolicy {
+                isolated_by: Some(9),
+                ..DirectionPolicy::default()
+            },
+            egress: DirectionPolicy::default(),
+        },
+    );
+
+    let pin_path = pins.path().to_path_buf();
+    let e = node
+        .run(move || Enforcer::new(Dataplane::load(&pin_path).expect("load")).expect("enforcer"))
+        .expect("enter node");
+    // 1. Both pods are found behind their bridge ports, not on the bridge.
+    let (mut e, report) = apply_in(&node, e, open.clone());
+    assert!(report.missing_interfaces.is_empty(), "{report:?}");
+    assert_eq!(report.endpoints_written, 2, "{report:?}");
+    let (ia, ib) = (index_in(&node, "bpa"), index_in(&node, "bpb"));
+    let mut attached = e.dataplane().attached_interfaces();
+    attached.sort();
+    assert_eq!(attached, ["bpa", "bpb"]);
+    assert_eq!(e.dataplane().endpoint(ia).unwrap().unwrap().endpoint_id, 1);
+    assert_eq!(e.dataplane().endpoint(ib).unwrap().unwrap().endpoint_id, 2);
+    let ok = client
+        .run(|| echo_eventually(SERVER_B, 5))
+        .expect("enter client");
+    assert_eq!(
+        ok.expect("connect through the bridge, both allowed"),
+        "ping"
+    );
+
+    // 2. The node forgets the client (neighbour entry and the bridge's forwarding entry) and
+    //    the client no longer answers ARP: nobody can say where it is, and it stays enforced
+    //    on its port.
+    client
+        .exec(&["ip", "link", "set", "eth0", "arp", "off"])
+        .expect("arp off");
+    let mac = client
+        .exec(&["cat", "/sys/class/net/eth0/address"])
+        .expect("client mac");
+    node.exec(&["ip", "neigh", "flush", "dev", "br0"])
+        .expect("flush neighbours");
+    node.exec(&["bridge", "fdb", "del", mac.trim(), "dev", "bpa", "master"])
+        .expect("forget the client's MAC address");
+    let (mut e, report) = apply_in(&node, e, closed.clone());
+    assert_eq!(report.endpoints_removed, 0, "{report:?}");
+    assert!(report.missing_interfaces.is_empty(), "{report:?}");
+    assert_eq!(e.dataplane().endpoint(ia).unwrap().unwrap().endpoint_id, 1);
+
+    // The new policy holds on the server's port: the client (answering ARP again) is refused.
+    client
+        .exec(&["ip", "link", "set", "eth0", "arp", "on"])
+        .expect("arp on");
+    let refused = client.run(|| echo_once(SERVER_B)).expect("enter client");
+    assert!(refused.is_err(), "the server admits nobody: {refused:?}");
+    let mut reopened = open.clone();
+    reopened.version = 3;
+    let (e, _) = apply_in(&node, e, reopened);
+    let ok = client
+        .run(|| echo_eventually(SERVER_B, 5))
+        .expect("enter client");
+    assert_eq!(ok.expect("connect once the server admits again"), "ping");
+
+    // 3. The client's veth goes away with its pod: it is no longer enforced (nor kept).
+    node.exec(&["ip", "link", "del", "bpa"])
+        .expect("delete port");
+    let mut gone = open;
+    gone.version = 4;
+    let (mut e, report) = apply_in(&node, e, gone);
+    assert_eq!(report.endpoints_removed, 1, "{report:?}");
+    assert!(
+        report
+            .missing_interfaces
+            .iter()
+            .any(|m| m.contains("client")),
+        "{report:?}"
+    );
+    assert!(e.dataplane().endpoint(ia).unwrap().is_none());
+    drop(e);
+    drop(pins);
 }
