@@ -913,15 +913,28 @@ impl Enforcer {
         let Some(old) = self.endpoints.remove(&index) else {
             return Ok(());
         };
+        // An interface deleted and created again under the same name (a pod's sandbox
+        // recreated: CNIs derive the name from the pod) has a new index and is enforced under
+        // it already; its links are pinned under the name, and its addresses are keyed by the
+        // endpoint: those stay.
+        let name_in_use = self.endpoints.values().any(|s| s.ifname == old.ifname);
         // Detach first so no packet meets a half-removed endpoint.
-        self.dataplane.detach_endpoint(&old.ifname);
+        if !name_in_use {
+            self.dataplane.detach_endpoint(&old.ifname);
+        }
         self.dataplane.clear_endpoint(index)?;
         let mut m = self.dataplane.endpoint_addrs()?;
         for a in &old.addrs {
-            let _ = m.remove(&EndpointAddrKey {
-                endpoint_id: old.endpoint_id,
-                addr: *a,
-            });
+            let in_use = self
+                .endpoints
+                .values()
+                .any(|s| s.endpoint_id == old.endpoint_id && s.addrs.contains(a));
+            if !in_use {
+                let _ = m.remove(&EndpointAddrKey {
+                    endpoint_id: old.endpoint_id,
+                    addr: *a,
+                });
+            }
         }
         Ok(())
     }

@@ -146,6 +146,60 @@ fn tcp_connection_allowed_then_dropped_after_one_map_write() {
     assert!(sum(bulkhead_common::reason::ALLOWED_NEW) >= 1);
     assert!(sum(bulkhead_common::reason::DENIED_POLICY) >= 1);
 
+    // The pod's sandbox is recreated: its veth is deleted and created again under the same
+    // name, with a new index. The next rule set is enforced on the new veth, and dropping the
+    // old index does not take the new veth's links or addresses with it.
+    node.exec(&["ip", "link", "del", "pod0"])
+        .expect("delete the veth");
+    veth_pair("pod0", Some(&node), "eth0", Some(&pod)).expect("veth pair again");
+    node.exec(&["ip", "addr", "add", "10.201.0.1/24", "dev", "pod0"])
+        .expect("addr");
+    node.exec(&["ip", "link", "set", "pod0", "up"]).expect("up");
+    pod.exec(&["ip", "addr", "add", "10.201.0.2/24", "dev", "eth0"])
+        .expect("addr");
+    pod.exec(&["ip", "link", "set", "eth0", "up"]).expect("up");
+    let new_index = index_in(&node, "pod0");
+    assert_ne!(new_index, ifindex);
+    let recreated = |version: u64, egress_closed: bool| {
+        let ep = endpoint(
+            7,
+            "client",
+            400,
+            IpAddr::V4(Ipv4Addr::new(10, 201, 0, 2)),
+            "pod0",
+        );
+        let mut rs = ruleset(
+            version,
+            vec![ep],
+            vec![("10.201.0.2/32", 400), ("10.201.0.1/32", identity::HOST)],
+        );
+        if egress_closed {
+            rs.policies.insert(
+                400,
+                EndpointPolicy {
+                    ingress: DirectionPolicy::default(),
+                    egress: DirectionPolicy {
+                        isolated_by: Some(9),
+                        ..DirectionPolicy::default()
+                    },
+                },
+            );
+        }
+        rs
+    };
+    let (e, report) = apply_in(&node, enforcer, recreated(2, true));
+    assert_eq!(
+        (report.endpoints_written, report.endpoints_removed),
+        (1, 1),
+        "{report:?}"
+    );
+    let denied = pod.run(|| echo_once(SERVER)).expect("enter pod");
+    assert!(denied.is_err(), "egress closed on the new veth: {denied:?}");
+    let (mut enforcer, _) = apply_in(&node, e, recreated(3, false));
+    assert_eq!(enforcer.dataplane().attached_interfaces(), ["pod0"]);
+    let allowed = pod.run(|| echo_eventually(SERVER, 5)).expect("enter pod");
+    assert_eq!(allowed.expect("egress open again on the new veth"), "ping");
+
     // Taking the rule set back down detaches the programs: traffic flows again.
     drop(enforcer);
     drop(pins);
