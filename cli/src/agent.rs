@@ -373,7 +373,13 @@ type ApplyResult = anyhow::Result<(ApplyReport, usize)>;
 /// one), so attaching, interface lookups and route lookups see that namespace, while the rest
 /// of the agent stays where it started.
 struct DataplaneThread {
-    tx: std::sync::mpsc::Sender<(Arc<RuleSet>, tokio::sync::oneshot::Sender<ApplyResult>)>,
+    tx: std::sync::mpsc::Sender<Request>,
+}
+
+enum Request {
+    Apply(Arc<RuleSet>, tokio::sync::oneshot::Sender<ApplyResult>),
+    /// Whether an enforced endpoint's interface went away or was created again.
+    InterfacesChanged(tokio::sync::oneshot::Sender<bool>),
 }
 
 impl DataplaneThread {
@@ -382,8 +388,7 @@ impl DataplaneThread {
         netns: Option<String>,
         uplinks: Vec<String>,
     ) -> anyhow::Result<DataplaneThread> {
-        let (tx, rx) =
-            std::sync::mpsc::channel::<(Arc<RuleSet>, tokio::sync::oneshot::Sender<ApplyResult>)>();
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
         std::thread::Builder::new()
             .name("dataplane".into())
@@ -409,12 +414,19 @@ impl DataplaneThread {
                         Err(e) => tracing::warn!(uplink = %uplink, error = %e, "XDP prefilter not attached"),
                     }
                 }
-                for (rs, reply) in rx {
-                    let result = enforcer
-                        .apply(&rs, &RouteResolver)
-                        .map(|report| (report, enforcer.policy_key_count()))
-                        .map_err(anyhow::Error::from);
-                    let _ = reply.send(result);
+                for request in rx {
+                    match request {
+                        Request::Apply(rs, reply) => {
+                            let result = enforcer
+                                .apply(&rs, &RouteResolver)
+                                .map(|report| (report, enforcer.policy_key_count()))
+                                .map_err(anyhow::Error::from);
+                            let _ = reply.send(result);
+                        }
+                        Request::InterfacesChanged(reply) => {
+                            let _ = reply.send(enforcer.interfaces_changed());
+                        }
+                    }
                 }
             })
             .context("start the data-plane thread")?;
@@ -425,15 +437,24 @@ impl DataplaneThread {
     async fn apply(&self, rs: Arc<RuleSet>) -> ApplyResult {
         let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
         self.tx
-            .send((rs, reply_tx))
+            .send(Request::Apply(rs, reply_tx))
             .map_err(|_| anyhow::anyhow!("the data-plane thread is gone"))?;
         reply_rx.await.context("the data-plane thread is gone")?
+    }
+
+    /// False when the thread is gone (the next apply says so).
+    async fn interfaces_changed(&self) -> bool {
+        let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Request::InterfacesChanged(reply_tx)).is_err() {
+            return false;
+        }
+        reply_rx.await.unwrap_or(false)
     }
 
     fn apply_blocking(&self, rs: Arc<RuleSet>) -> ApplyResult {
         let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
         self.tx
-            .send((rs, reply_tx))
+            .send(Request::Apply(rs, reply_tx))
             .map_err(|_| anyhow::anyhow!("the data-plane thread is gone"))?;
         reply_rx
             .blocking_recv()
@@ -482,7 +503,8 @@ impl Realizer {
     }
 }
 
-/// File mode: the rule-set file is watched; missing interfaces are retried.
+/// File mode: the rule-set file is watched; missing interfaces are retried, and an interface
+/// that went away or was created again is caught on the next tick.
 async fn follow_file(r: &Realizer, node: &str, path: PathBuf, rs: RuleSet) -> anyhow::Result<()> {
     let mut rs = Arc::new(rs);
     let mut pending = true;
@@ -505,7 +527,7 @@ async fn follow_file(r: &Realizer, node: &str, path: PathBuf, rs: RuleSet) -> an
                 }
             }
         }
-        if pending {
+        if pending || r.dataplane.interfaces_changed().await {
             pending = match r.realize(&rs).await {
                 Ok(report) => !report.missing_interfaces.is_empty(),
                 Err(_) => false,
@@ -515,7 +537,9 @@ async fn follow_file(r: &Realizer, node: &str, path: PathBuf, rs: RuleSet) -> an
 }
 
 /// Controller mode: reconnects with backoff forever; enforcement never depends on the stream.
-/// Endpoints whose interface does not exist yet are retried every second.
+/// Endpoints whose interface does not exist yet are retried every second, and an enforced
+/// interface that went away or was created again (a pod's sandbox recreated under the same
+/// veth name) is applied again within a second.
 async fn follow_controller(r: &Realizer, node: &str, target: crate::certs::ControllerTarget) {
     use bulkhead_controller::distribution::follower::{Follower, run_session};
     let mut follower = Follower::new(node);
@@ -525,7 +549,9 @@ async fn follow_controller(r: &Realizer, node: &str, target: crate::certs::Contr
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            if missing.load(std::sync::atomic::Ordering::Relaxed)
+            let due = missing.load(std::sync::atomic::Ordering::Relaxed)
+                || r.dataplane.interfaces_changed().await;
+            if due
                 && let Some(rs) = r.last.lock().ok().and_then(|l| l.clone())
                 && let Ok(report) = r.realize(&rs).await
             {

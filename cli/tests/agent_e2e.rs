@@ -1,7 +1,8 @@
 //! Tier 3: the real `bulkhead agent` process enforcing a rule set file on pod veths in network
 //! namespaces: TCP, UDP and ICMP allowed and denied as the rule set says, replies of allowed
 //! connections pass, an established connection is cut by a new deny, killing and restarting the
-//! agent keeps enforcing, and metrics and flow records are served over HTTP.
+//! agent keeps enforcing, a pod's veth created again under the same name is enforced without a
+//! new rule set, and metrics and flow records are served over HTTP.
 //!
 //! Topology (all in namespaces this test creates): `node` forwards between two pods wired like a
 //! CNI would, `client` 10.204.0.10 and `server` 10.204.0.20.
@@ -367,4 +368,30 @@ fn agent_process_enforces_restarts_and_reports() {
         "admitted again after the restart"
     );
     assert!(!tcp_echo(&lab.client, 8081), "and 8081 still denied");
+
+    // The server's sandbox is recreated: its veth is deleted and created again under the same
+    // name. No rule set changes; the agent notices the new interface and enforces on it.
+    lab.node
+        .exec(&["ip", "link", "del", "bh-server"])
+        .expect("delete the server's veth");
+    wire_pod(&lab.node, &lab.server, "bh-server", SERVER).expect("wire the server again");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if tcp_echo(&lab.client, 8080) && !tcp_echo(&lab.client, 8081) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the recreated veth is not enforced (8081 must be denied, 8080 admitted)"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        udp_echo(&lab.client, 5353),
+        "UDP 5353 admitted on the new veth"
+    );
+    assert!(
+        !udp_echo(&lab.client, 5354),
+        "UDP 5354 denied on the new veth"
+    );
 }

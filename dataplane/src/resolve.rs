@@ -67,41 +67,61 @@ fn is_bridge(dev: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// The MAC address the bridge's neighbour table holds for `ip`, if resolved.
-fn neighbour_mac(bridge: &str, ip: IpAddr) -> Option<String> {
+/// What the bridge's neighbour table holds for `ip`.
+struct Neighbour {
+    /// None while unresolved (or after resolution failed).
+    mac: Option<String>,
+    /// Configured by hand (`permanent`, `noarp`): never removed here.
+    fixed: bool,
+}
+
+fn neighbour(bridge: &str, ip: IpAddr) -> Option<Neighbour> {
     let neighbours = json(
         "ip",
         &["-j", "neigh", "show", "to", &ip.to_string(), "dev", bridge],
     )?;
-    neighbours.as_array()?.iter().find_map(|n| {
-        let failed = n
-            .get("state")
-            .and_then(Value::as_array)
-            .is_some_and(|s| s.iter().any(|s| s == "FAILED" || s == "INCOMPLETE"));
-        if failed {
-            return None;
-        }
-        n.get("lladdr")?.as_str().map(str::to_lowercase)
+    let n = neighbours.as_array()?.first()?;
+    let states: Vec<&str> = n
+        .get("state")
+        .and_then(Value::as_array)
+        .map(|s| s.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let unresolved = states.iter().any(|s| *s == "FAILED" || *s == "INCOMPLETE");
+    Some(Neighbour {
+        mac: n
+            .get("lladdr")
+            .and_then(Value::as_str)
+            .filter(|_| !unresolved)
+            .map(str::to_lowercase),
+        fixed: states.iter().any(|s| *s == "PERMANENT" || *s == "NOARP"),
     })
 }
 
 /// The port of `bridge` behind which `ip` lives: the port the bridge learned the address's
-/// MAC address on. When the node does not know the address yet (the pod has not talked to it)
-/// or the bridge forgot the MAC address (its entries age out), the kernel is asked to resolve
-/// the address: the pod's answer comes in through its port, and the bridge learns it. None when
-/// the pod does not answer within 200 ms (the agent retries).
+/// MAC address on. When the node does not know the address yet (the pod has not talked to it),
+/// or knows a MAC address the bridge has no port for (the bridge's entries age out; a pod
+/// created again answers from a new MAC address), the kernel is asked to resolve the address
+/// afresh: the pod's answer comes in through its port, and the bridge learns it. None when the
+/// pod does not answer within 200 ms (the agent retries).
 fn bridge_port(bridge: &str, ip: IpAddr) -> Option<String> {
     let port = || {
-        let mac = neighbour_mac(bridge, ip)?;
+        let mac = neighbour(bridge, ip)?.mac?;
         fdb_port(bridge, &mac)
     };
     if let Some(found) = port() {
         return Some(found);
     }
-    // `use` (NTF_USE) makes the kernel resolve the entry as a packet to the address would: a
-    // broadcast request for an unknown address, a unicast probe for a known one.
+    let addr = ip.to_string();
+    // A learned entry may name a MAC address nobody answers from any more: forget it, so the
+    // request below is a broadcast rather than a probe of the old address.
+    if neighbour(bridge, ip).is_some_and(|n| n.mac.is_some() && !n.fixed) {
+        let _ = Command::new("ip")
+            .args(["neigh", "del", &addr, "dev", bridge])
+            .output();
+    }
+    // `use` (NTF_USE) makes the kernel resolve the entry as a packet to the address would.
     let _ = Command::new("ip")
-        .args(["neigh", "replace", &ip.to_string(), "dev", bridge, "use"])
+        .args(["neigh", "replace", &addr, "dev", bridge, "use"])
         .output();
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(10));

@@ -295,10 +295,15 @@ impl Enforcer {
         // 2. endpoints whose interface exists.
         let mut placed: Vec<Placed<'_>> = Vec::with_capacity(ruleset.endpoints.len());
         for ep in &ruleset.endpoints {
-            let Some(ifname) = resolver
-                .interface(ep)
-                .or_else(|| self.still_enforced_on(ep))
-            else {
+            // An endpoint already enforced on an interface that still exists under the same
+            // index stays there (unless the rule set names another): no lookup per apply. An
+            // interface that goes away or comes back under a new index is seen by
+            // `interfaces_changed`, and the apply that follows looks the endpoint up again.
+            let known = match &ep.interface {
+                Some(named) => Some(named.clone()),
+                None => self.still_enforced_on(ep),
+            };
+            let Some(ifname) = known.or_else(|| resolver.interface(ep)) else {
                 report.missing_interfaces.push(ep.name());
                 continue;
             };
@@ -435,10 +440,19 @@ impl Enforcer {
         Ok(report)
     }
 
-    /// The interface `endpoint` is enforced on, when the resolver cannot say (a bridge whose
-    /// forwarding entry for the pod aged out, a lookup that failed) but that interface still
-    /// exists under the same index: enforcement is not dropped for want of an answer. An
-    /// interface that went away is not kept.
+    /// Whether the interface of an enforced endpoint went away, or was created again under a
+    /// new index (a pod's sandbox recreated), since the last apply: applying the rule set
+    /// again attaches the new interface and drops the old one.
+    pub fn interfaces_changed(&self) -> bool {
+        self.endpoints
+            .iter()
+            .any(|(index, s)| ifindex(&s.ifname) != Some(*index))
+    }
+
+    /// The interface `endpoint` is enforced on, if that interface still exists under the same
+    /// index. Also when a lookup would have no answer (a bridge whose forwarding entry for the
+    /// pod aged out): enforcement is not dropped for want of an answer. An interface that went
+    /// away is not kept.
     fn still_enforced_on(&self, endpoint: &Endpoint) -> Option<String> {
         let first = addr16(*endpoint.ips.first()?);
         let (index, state) = self

@@ -355,11 +355,51 @@ fn pods_on_a_bridge_are_found_behind_their_ports_and_stay_enforced() {
         .expect("enter client");
     assert_eq!(ok.expect("connect once the server admits again"), "ping");
 
-    // 3. The client's veth goes away with its pod: it is no longer enforced (nor kept).
+    // 3. The server's sandbox is recreated: a new veth under the same name, a new MAC address,
+    //    while the node still holds the old one. The server is found behind its new port.
+    let old_mac = server
+        .exec(&["cat", "/sys/class/net/eth0/address"])
+        .expect("server mac");
+    node.exec(&["ip", "link", "del", "bpb"])
+        .expect("delete the server's port");
+    veth_pair("bpb", Some(&node), "eth0", Some(&server)).expect("veth pair again");
+    node.exec(&["ip", "link", "set", "bpb", "master", "br0", "up"])
+        .expect("port");
+    server
+        .exec(&["ip", "addr", "add", "10.202.0.3/24", "dev", "eth0"])
+        .expect("addr");
+    server
+        .exec(&["ip", "link", "set", "eth0", "up"])
+        .expect("up");
+    node.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        "10.202.0.3",
+        "lladdr",
+        old_mac.trim(),
+        "dev",
+        "br0",
+        "nud",
+        "reachable",
+    ])
+    .expect("the node still holds the old MAC address");
+    let mut recreated = closed;
+    recreated.version = 4;
+    let (mut e, report) = apply_in(&node, e, recreated);
+    assert!(report.missing_interfaces.is_empty(), "{report:?}");
+    assert_eq!(report.endpoints_removed, 1, "the old index: {report:?}");
+    let ib2 = index_in(&node, "bpb");
+    assert_ne!(ib2, ib);
+    assert_eq!(e.dataplane().endpoint(ib2).unwrap().unwrap().endpoint_id, 2);
+    let refused = client.run(|| echo_once(SERVER_B)).expect("enter client");
+    assert!(refused.is_err(), "enforced on the new port: {refused:?}");
+
+    // 4. The client's veth goes away with its pod: it is no longer enforced (nor kept).
     node.exec(&["ip", "link", "del", "bpa"])
         .expect("delete port");
     let mut gone = open;
-    gone.version = 4;
+    gone.version = 5;
     let (mut e, report) = apply_in(&node, e, gone);
     assert_eq!(report.endpoints_removed, 1, "{report:?}");
     assert!(
