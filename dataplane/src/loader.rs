@@ -218,15 +218,22 @@ impl Dataplane {
     /// helper call (see `Config::jiffy_ns`). Samples (jiffies, ns) with the probe program and
     /// keeps two tick edges it saw closely (the sample before the edge less than 20 µs before
     /// the one after, so a preempted sampler cannot skew them): a few ticks on an idle machine.
-    /// Returns the tick and offset written, or None (nothing written) when no two such edges
-    /// came within 500 ms.
+    /// On a machine so busy that the sampler is preempted around every edge, the bound loosens
+    /// after 500 ms (100 µs) and after 1 s (500 µs): the offset is then off by at most that,
+    /// which conntrack timeouts and rate limits in seconds do not notice. Returns the tick and
+    /// offset written, or None (nothing written) when no two such edges came within 2 s.
     pub fn calibrate_clock(&mut self) -> Result<Option<(u32, u64)>, LoadError> {
-        let deadline = std::time::Instant::now() + Duration::from_millis(500);
+        let started = std::time::Instant::now();
+        let bound_ns = |elapsed: Duration| match elapsed.as_millis() {
+            0..500 => 20_000,
+            500..1000 => 100_000,
+            _ => 500_000,
+        };
         let mut prev = self.clock_sample()?;
         let mut edges = Vec::with_capacity(2);
-        while edges.len() < 2 && std::time::Instant::now() < deadline {
+        while edges.len() < 2 && started.elapsed() < Duration::from_secs(2) {
             let s = self.clock_sample()?;
-            if s.0 != prev.0 && s.1.saturating_sub(prev.1) < 20_000 {
+            if s.0 != prev.0 && s.1.saturating_sub(prev.1) < bound_ns(started.elapsed()) {
                 edges.push(s);
             }
             prev = s;

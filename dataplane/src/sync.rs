@@ -83,6 +83,8 @@ struct EndpointState {
     endpoint_id: u32,
     info: EndpointInfo,
     addrs: Vec<[u8; 16]>,
+    /// Written, its programs not attached yet (within one apply).
+    needs_attach: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -343,6 +345,7 @@ impl Enforcer {
         }
 
         // 4. endpoints, each switched to its group's keys in one ENDPOINTS update.
+        let mut to_attach: Vec<(u32, String, String)> = Vec::new();
         let mut seen: BTreeSet<u32> = BTreeSet::new();
         let mut newly_quarantined: Vec<u32> = Vec::new();
         for p in &placed {
@@ -368,6 +371,27 @@ impl Enforcer {
             }
             if self.write_endpoint(p.index, &p.ifname, ep, ruleset.policy_of(ep))? {
                 report.endpoints_written += 1;
+                if self.endpoints.get(&p.index).is_some_and(|s| s.needs_attach) {
+                    to_attach.push((p.index, p.ifname.clone(), ep.name()));
+                }
+            }
+        }
+        // Programs on the interfaces that have none of ours yet (their endpoints are written:
+        // the programs know them from the first packet). An interface that cannot be attached
+        // (it went away meanwhile) counts as missing and is retried; the others go on.
+        for (index, ifname, name) in &to_attach {
+            match self.dataplane.attach_endpoint(ifname) {
+                Err(error) => {
+                    tracing::warn!(endpoint = %name, interface = %ifname, error = %error, "could not attach; will retry");
+                    self.remove_endpoint(*index)?;
+                    report.endpoints_written -= 1;
+                    report.missing_interfaces.push(format!("{name} ({ifname})"));
+                }
+                Ok(()) => {
+                    if let Some(state) = self.endpoints.get_mut(index) {
+                        state.needs_attach = false;
+                    }
+                }
             }
         }
 
@@ -827,9 +851,10 @@ impl Enforcer {
         // The switch.
         self.dataplane.set_endpoint(index, info)?;
         let old = self.endpoints.remove(&index);
-        if old.as_ref().is_none_or(|o| o.ifname != ifname) {
-            self.dataplane.attach_endpoint(ifname)?;
-        }
+        // Attached by the caller, with the other new interfaces.
+        let needs_attach = old
+            .as_ref()
+            .is_none_or(|o| o.ifname != ifname || o.needs_attach);
 
         // Addresses it no longer has go last (its old keys go with their group).
         if let Some(old) = old {
@@ -852,6 +877,7 @@ impl Enforcer {
                 endpoint_id: ep.id,
                 info,
                 addrs,
+                needs_attach,
             },
         );
         Ok(true)

@@ -413,3 +413,60 @@ fn pods_on_a_bridge_are_found_behind_their_ports_and_stay_enforced() {
     drop(e);
     drop(pins);
 }
+
+#[test]
+fn an_interface_that_cannot_be_attached_is_retried_and_the_others_are_enforced() {
+    if !check_privileged_test(
+        "an_interface_that_cannot_be_attached_is_retried_and_the_others_are_enforced",
+    ) {
+        return;
+    }
+    let tag = std::process::id() % 100000;
+    let pins = PinDir::new("attach");
+    let node = Netns::create(&format!("bh-t3c-{tag}-node")).expect("node namespace");
+    for i in ["ca1", "ca2"] {
+        node.exec(&[
+            "ip",
+            "link",
+            "add",
+            i,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{i}p"),
+        ])
+        .expect("veth");
+        node.exec(&["ip", "link", "set", i, "up"]).expect("up");
+    }
+    let a = endpoint(1, "a", 400, "10.203.0.2".parse().unwrap(), "ca1");
+    let b = endpoint(2, "b", 401, "10.203.0.3".parse().unwrap(), "ca2");
+    let rs = |version| ruleset(version, vec![a.clone(), b.clone()], vec![]);
+    // Something in the way of b's link pin: its attachment cannot be completed.
+    let blocker = pins.path().join("links").join("ca2__to-pod");
+    std::fs::create_dir_all(blocker.join("x")).expect("blocker");
+
+    let pin_path = pins.path().to_path_buf();
+    let e = node
+        .run(move || Enforcer::new(Dataplane::load(&pin_path).expect("load")).expect("enforcer"))
+        .expect("enter node");
+    let (mut e, report) = apply_in(&node, e, rs(1));
+    assert_eq!(report.endpoints_written, 1, "{report:?}");
+    assert_eq!(report.missing_interfaces, ["test/b (ca2)"], "{report:?}");
+    // b's other hook, attached before the failure, was released again.
+    assert!(!pins.path().join("links").join("ca2__from-pod").exists());
+    assert!(pins.path().join("links").join("ca1__from-pod").exists());
+    let (ia, ib) = (index_in(&node, "ca1"), index_in(&node, "ca2"));
+    assert!(e.dataplane().endpoint(ia).unwrap().is_some());
+    assert!(e.dataplane().endpoint(ib).unwrap().is_none());
+
+    // Out of the way: the retry attaches it.
+    std::fs::remove_dir_all(&blocker).expect("remove blocker");
+    let (mut e, report) = apply_in(&node, e, rs(2));
+    assert!(report.missing_interfaces.is_empty(), "{report:?}");
+    assert_eq!(report.endpoints_written, 1, "{report:?}");
+    assert_eq!(e.dataplane().attached_interfaces(), ["ca1", "ca2"]);
+    assert_eq!(e.dataplane().endpoint(ib).unwrap().unwrap().endpoint_id, 2);
+    drop(e);
+    drop(pins);
+}
