@@ -582,30 +582,38 @@ impl Dataplane {
         self.map_mut("CONNTRACK_V4")
     }
 
-    /// Moves IPv4 connections an agent before `CONNTRACK_V4` tracked in `CONNTRACK` to
-    /// `CONNTRACK_V4`, where the programs now look them up. Run once the new programs are
-    /// attached (so no old program adds more); returns how many moved.
-    pub fn move_ipv4_connections(&mut self) -> Result<usize, LoadError> {
-        let moving: Vec<(CtKey, CtKeyV4, CtValue)> = self
+    /// Copies IPv4 connections an agent before `CONNTRACK_V4` tracked in `CONNTRACK` to
+    /// `CONNTRACK_V4`, where the new programs look them up; a connection the new programs
+    /// track already keeps their entry. Run before the new programs are attached, so that they
+    /// know every connection from their first packet (the old programs, still attached, go on
+    /// with theirs). Returns the old keys.
+    pub fn copy_ipv4_connections(&mut self) -> Result<Vec<CtKey>, LoadError> {
+        let copying: Vec<(CtKey, CtKeyV4, CtValue)> = self
             .conntrack()?
             .iter()
             .flatten()
             .filter_map(|(k, v)| CtKeyV4::narrow(&k).map(|k4| (k, k4, v)))
             .collect();
-        {
-            let mut v4 = self.conntrack_v4()?;
-            for (_, k4, v) in &moving {
-                // A connection the new programs tracked meanwhile keeps their entry.
-                if v4.get(k4, 0).is_err() {
-                    let _ = v4.insert(k4, v, 0);
-                }
+        let mut v4 = self.conntrack_v4()?;
+        for (_, k4, v) in &copying {
+            if v4.get(k4, 0).is_err() {
+                let _ = v4.insert(k4, v, 0);
             }
         }
+        Ok(copying.into_iter().map(|(k, _, _)| k).collect())
+    }
+
+    /// Moves the IPv4 connections of `CONNTRACK` to `CONNTRACK_V4`: copies them (again: the old
+    /// programs may have opened some since [`Self::copy_ipv4_connections`]), then removes them
+    /// from `CONNTRACK`. Run once the new programs are attached (so no old program adds more);
+    /// returns how many moved.
+    pub fn move_ipv4_connections(&mut self) -> Result<usize, LoadError> {
+        let moved = self.copy_ipv4_connections()?;
         let mut old = self.conntrack()?;
-        for (k, _, _) in &moving {
+        for k in &moved {
             let _ = old.remove(k);
         }
-        Ok(moving.len())
+        Ok(moved.len())
     }
 
     pub fn config(&mut self) -> Result<Array<&mut MapData, Config>, LoadError> {

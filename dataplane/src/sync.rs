@@ -344,6 +344,12 @@ impl Enforcer {
             }
         }
 
+        // After a restart: IPv4 connections an older agent tracked under 40-byte keys are
+        // copied to where the new programs look, before the new programs replace the old.
+        if first_apply {
+            self.dataplane.copy_ipv4_connections()?;
+        }
+
         // 4. endpoints, each switched to its group's keys in one ENDPOINTS update.
         let mut to_attach: Vec<(u32, String, String)> = Vec::new();
         let mut seen: BTreeSet<u32> = BTreeSet::new();
@@ -444,8 +450,8 @@ impl Enforcer {
 
         if first_apply {
             self.remove_foreign_state(&seen)?;
-            // The new programs are attached: IPv4 connections an older agent tracked under
-            // 40-byte keys move to where they now look.
+            // The new programs are attached: the IPv4 connections of the 40-byte map leave it
+            // (those the old programs opened since the copy are copied first).
             let moved = self.dataplane.move_ipv4_connections()?;
             if moved > 0 {
                 tracing::info!(moved, "moved IPv4 connections to CONNTRACK_V4");

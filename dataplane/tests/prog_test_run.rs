@@ -1118,6 +1118,29 @@ fn conntrack_keys_follow_the_agents_order_and_clock() {
             .expect("conntrack")
             .insert(old_key, old_value, 0)
             .expect("an old agent's entry");
+        // The copy the first apply makes before it switches programs: the old entry stays for
+        // the old programs, the new map has it for the new ones.
+        assert_eq!(
+            e.dataplane().copy_ipv4_connections().expect("copy"),
+            [old_key]
+        );
+        assert!(
+            e.dataplane()
+                .conntrack()
+                .expect("ct")
+                .get(&old_key, 0)
+                .is_ok()
+        );
+        let k4 = bulkhead_common::CtKeyV4::narrow(&old_key).expect("an IPv4 key");
+        assert_eq!(
+            e.dataplane()
+                .conntrack_v4()
+                .expect("ct")
+                .get(&k4, 0)
+                .map(|v| v.packets_fwd)
+                .ok(),
+            Some(3)
+        );
         e.apply(&rs, &RouteResolver).expect("apply");
         assert!(
             e.dataplane()
@@ -1126,7 +1149,6 @@ fn conntrack_keys_follow_the_agents_order_and_clock() {
                 .get(&old_key, 0)
                 .is_err()
         );
-        let k4 = bulkhead_common::CtKeyV4::narrow(&old_key).expect("an IPv4 key");
         assert_eq!(
             e.dataplane()
                 .conntrack_v4()
