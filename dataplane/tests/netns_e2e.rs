@@ -3,8 +3,9 @@
 //!
 //! Routed: `node` namespace: `pod0` (10.201.0.1/24), a TCP echo server; `pod` namespace:
 //! `eth0` (10.201.0.2/24), the client.
-//! Bridged (as the `bridge` CNI plugin and flannel wire pods): two pods whose veths are ports of
-//! the node's `br0` (10.202.0.1/24); the rule set names no interface.
+//! Bridged (as the `bridge` CNI plugin and flannel wire pods): three pods whose veths are ports
+//! of the node's `br0` (10.202.0.1/24, fd02::1/64), one of them IPv6 only; the rule set names no
+//! interface.
 //! Namespaces, links and pins are removed when the test ends, also when it fails.
 
 mod common;
@@ -242,6 +243,17 @@ fn pods_on_a_bridge_are_found_behind_their_ports_and_stay_enforced() {
     let node = Netns::create(&format!("bh-t3b-{tag}-node")).expect("node namespace");
     let client = Netns::create(&format!("bh-t3b-{tag}-a")).expect("client namespace");
     let server = Netns::create(&format!("bh-t3b-{tag}-b")).expect("server namespace");
+    // A pod with an IPv6 address only: found through neighbour discovery instead of ARP.
+    let six = Netns::create(&format!("bh-t3b-{tag}-c")).expect("IPv6 pod namespace");
+    // Duplicate address detection would keep the link-local addresses tentative for a second
+    // or two, and neighbour discovery unanswered meanwhile (the agent would find the pod on a
+    // retry); addresses here are unique by construction.
+    for ns in [&node, &six] {
+        for scope in ["all", "default"] {
+            let key = format!("net.ipv6.conf.{scope}.accept_dad=0");
+            ns.exec(&["sysctl", "-qw", &key]).expect("no DAD");
+        }
+    }
     node.exec(&["ip", "link", "add", "br0", "type", "bridge"])
         .expect("bridge");
     node.exec(&["ip", "addr", "add", "10.202.0.1/24", "dev", "br0"])
@@ -258,6 +270,32 @@ fn pods_on_a_bridge_are_found_behind_their_ports_and_stay_enforced() {
             .expect("addr");
         pod.exec(&["ip", "link", "set", "eth0", "up"]).expect("up");
     }
+    node.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd02::1/64",
+        "dev",
+        "br0",
+        "nodad",
+    ])
+    .expect("node IPv6 address");
+    veth_pair("bpc", Some(&node), "eth0", Some(&six)).expect("veth pair");
+    node.exec(&["ip", "link", "set", "bpc", "master", "br0", "up"])
+        .expect("port");
+    six.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd02::3/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ])
+    .expect("addr");
+    six.exec(&["ip", "link", "set", "eth0", "up"]).expect("up");
     let listener = server
         .run(|| TcpListener::bind(SERVER_B))
         .expect("enter server")
@@ -278,18 +316,23 @@ fn pods_on_a_bridge_are_found_behind_their_ports_and_stay_enforced() {
 
     let mut a = endpoint(1, "client", 400, "10.202.0.2".parse().unwrap(), "unused");
     let mut b = endpoint(2, "server", 401, "10.202.0.3".parse().unwrap(), "unused");
+    let mut c = endpoint(3, "six", 402, "fd02::3".parse().unwrap(), "unused");
     a.interface = None;
     b.interface = None;
+    c.interface = None;
     let ipcache = || {
         vec![
             ("10.202.0.2/32", 400),
             ("10.202.0.3/32", 401),
+            ("fd02::3/128", 402),
             ("10.202.0.1/32", identity::HOST),
+            ("fd02::1/128", identity::HOST),
         ]
     };
-    let open = ruleset(1, vec![a.clone(), b.clone()], ipcache());
+    let pods = || vec![a.clone(), b.clone(), c.clone()];
+    let open = ruleset(1, pods(), ipcache());
     // The server admits nobody.
-    let mut closed = ruleset(2, vec![a.clone(), b.clone()], ipcache());
+    let mut closed = ruleset(2, pods(), ipcache());
     closed.policies.insert(
         b.policy,
         EndpointPolicy {
@@ -305,16 +348,23 @@ fn pods_on_a_bridge_are_found_behind_their_ports_and_stay_enforced() {
     let e = node
         .run(move || Enforcer::new(Dataplane::load(&pin_path).expect("load")).expect("enforcer"))
         .expect("enter node");
-    // 1. Both pods are found behind their bridge ports, not on the bridge.
+    // 1. The pods are found behind their bridge ports, not on the bridge.
     let (mut e, report) = apply_in(&node, e, open.clone());
     assert!(report.missing_interfaces.is_empty(), "{report:?}");
-    assert_eq!(report.endpoints_written, 2, "{report:?}");
-    let (ia, ib) = (index_in(&node, "bpa"), index_in(&node, "bpb"));
+    assert_eq!(report.endpoints_written, 3, "{report:?}");
+    let (ia, ib, ic) = (
+        index_in(&node, "bpa"),
+        index_in(&node, "bpb"),
+        index_in(&node, "bpc"),
+    );
     let mut attached = e.dataplane().attached_interfaces();
     attached.sort();
-    assert_eq!(attached, ["bpa", "bpb"]);
+    assert_eq!(attached, ["bpa", "bpb", "bpc"]);
     assert_eq!(e.dataplane().endpoint(ia).unwrap().unwrap().endpoint_id, 1);
     assert_eq!(e.dataplane().endpoint(ib).unwrap().unwrap().endpoint_id, 2);
+    assert_eq!(e.dataplane().endpoint(ic).unwrap().unwrap().endpoint_id, 3);
+    node.exec(&["ping", "-6", "-c", "1", "-W", "2", "fd02::3"])
+        .expect("ICMPv6 to the IPv6 pod through its enforced port");
     let ok = client
         .run(|| echo_eventually(SERVER_B, 5))
         .expect("enter client");
