@@ -1,6 +1,7 @@
 //! How long the agent takes to realize a rule set on a node with N pods: the first apply
 //! (attaching both TC programs to every pod's interface), then rule sets that change one pod
-//! (quarantined, then released), which is what a quarantine or a pod event costs the agent.
+//! (quarantined, then released), which is what a quarantine or a pod event costs the agent,
+//! and the first apply of a restarted agent (its programs swapped into the pinned links).
 //! Figures, not a test: run as root.
 //!
 //! `cargo run --release -p bulkhead-bench --bin apply [-- --pods 10,100,250 --rounds 21]`
@@ -88,8 +89,14 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// First apply, then the one-pod changes: (first, each change).
-fn measure(pods: u32, rounds: usize) -> anyhow::Result<(Duration, Vec<Duration>)> {
+/// First apply, each one-pod change, and the first apply of a restarted agent.
+struct Measured {
+    first: Duration,
+    changes: Vec<Duration>,
+    restart: Duration,
+}
+
+fn measure(pods: u32, rounds: usize) -> anyhow::Result<Measured> {
     let tag = std::process::id();
     let ns = Netns::create(&format!("bh-bench-apply-{tag}")).context("namespace")?;
     let mut batch = tempfile_in_tmp(&format!("bh-bench-apply-{tag}.batch"))?;
@@ -104,7 +111,7 @@ fn measure(pods: u32, rounds: usize) -> anyhow::Result<(Duration, Vec<Duration>)
     let _ = std::fs::remove_file(&batch.0);
     let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/bulkhead-bench-apply-{tag}"));
     let pin_dir = pins.clone();
-    let result = ns.run(move || -> anyhow::Result<(Duration, Vec<Duration>)> {
+    let result = ns.run(move || -> anyhow::Result<Measured> {
         let mut e = Enforcer::new(Dataplane::load(&pin_dir)?)?;
         let first = e.apply(&ruleset(1, pods, None), &RouteResolver)?;
         anyhow::ensure!(
@@ -118,7 +125,20 @@ fn measure(pods: u32, rounds: usize) -> anyhow::Result<(Duration, Vec<Duration>)
             anyhow::ensure!(report.endpoints_written == 1, "one pod changes: {report:?}");
             changes.push(report.duration);
         }
-        Ok((first.duration, changes))
+        // A restarted agent: the pinned links keep enforcing; its first apply swaps its
+        // programs into them (`bpf_link_update`) and rewrites every endpoint.
+        drop(e);
+        let mut e = Enforcer::new(Dataplane::load(&pin_dir)?)?;
+        let restart = e.apply(&ruleset(2 + rounds as u64, pods, None), &RouteResolver)?;
+        anyhow::ensure!(
+            restart.missing_interfaces.is_empty(),
+            "not every pod was found after the restart: {restart:?}"
+        );
+        Ok(Measured {
+            first: first.duration,
+            changes,
+            restart: restart.duration,
+        })
     })?;
     let _ = remove_pins(&pins);
     drop(ns);
@@ -140,20 +160,30 @@ fn main() -> anyhow::Result<()> {
         "agent apply on a node with N pods (ms; rule set names no interface: routes are looked up)"
     );
     println!(
-        "{:>6} | {:>12} | {:>18} | {:>18} | {:>10}",
-        "pods", "first apply", "one-pod change p50", "one-pod change max", "p50 / pod"
+        "{:>6} | {:>12} | {:>18} | {:>18} | {:>10} | {:>14}",
+        "pods",
+        "first apply",
+        "one-pod change p50",
+        "one-pod change max",
+        "p50 / pod",
+        "after restart"
     );
     for pods in args.pods {
-        let (first, mut changes) = measure(pods, args.rounds)?;
+        let Measured {
+            first,
+            mut changes,
+            restart,
+        } = measure(pods, args.rounds)?;
         changes.sort();
         let p50 = changes[changes.len() / 2];
         let max = *changes.last().expect("rounds > 0");
         println!(
-            "{pods:>6} | {:>12.1} | {:>18.2} | {:>18.2} | {:>10.4}",
+            "{pods:>6} | {:>12.1} | {:>18.2} | {:>18.2} | {:>10.4} | {:>14.1}",
             ms(first),
             ms(p50),
             ms(max),
-            ms(p50) / pods as f64
+            ms(p50) / pods as f64,
+            ms(restart)
         );
     }
     Ok(())
