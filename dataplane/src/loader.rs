@@ -677,18 +677,24 @@ fn retire_incompatible_pins(maps_dir: &Path) {
 }
 
 /// Removes everything pinned under `pin_dir` (links first, so programs detach, then maps).
+/// Whatever else sits there (a directory in the way of a pin, pins of another version) goes
+/// too; one entry that cannot be removed does not keep the rest, and the first error is
+/// returned.
 pub fn remove_pins(pin_dir: &Path) -> io::Result<()> {
     if !pin_dir.exists() {
         return Ok(());
     }
+    let mut first_error = None;
     for sub in ["links", "maps"] {
         let dir = pin_dir.join(sub);
-        if let Ok(entries) = fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                fs::remove_file(e.path())?;
-            }
+        if dir.exists()
+            && let Err(e) = fs::remove_dir_all(&dir)
+        {
+            first_error.get_or_insert(e);
         }
-        let _ = fs::remove_dir(&dir);
     }
-    fs::remove_dir(pin_dir)
+    if let Err(e) = fs::remove_dir_all(pin_dir) {
+        first_error.get_or_insert(e);
+    }
+    first_error.map_or(Ok(()), Err)
 }

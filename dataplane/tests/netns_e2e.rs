@@ -517,6 +517,11 @@ fn an_interface_that_cannot_be_attached_is_retried_and_the_others_are_enforced()
     assert_eq!(report.endpoints_written, 1, "{report:?}");
     assert_eq!(e.dataplane().attached_interfaces(), ["ca1", "ca2"]);
     assert_eq!(e.dataplane().endpoint(ib).unwrap().unwrap().endpoint_id, 2);
+
+    // Removing the pins takes whatever else is in the directory along.
+    std::fs::create_dir_all(pins.path().join("links").join("stray").join("x")).expect("stray");
+    let dir = pins.path().to_path_buf();
     drop(e);
     drop(pins);
+    assert!(!dir.exists(), "{} is left", dir.display());
 }
