@@ -83,8 +83,6 @@ struct EndpointState {
     endpoint_id: u32,
     info: EndpointInfo,
     addrs: Vec<[u8; 16]>,
-    /// Written, its programs not attached yet (within one apply).
-    needs_attach: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -375,9 +373,11 @@ impl Enforcer {
             if group.is_none_or(|g| g.locked) {
                 report.locked_down.push(ep.name());
             }
-            if self.write_endpoint(p.index, &p.ifname, ep, ruleset.policy_of(ep))? {
+            if let Some(attach) =
+                self.write_endpoint(p.index, &p.ifname, ep, ruleset.policy_of(ep))?
+            {
                 report.endpoints_written += 1;
-                if self.endpoints.get(&p.index).is_some_and(|s| s.needs_attach) {
+                if attach {
                     to_attach.push((p.index, p.ifname.clone(), ep.name()));
                 }
             }
@@ -386,18 +386,11 @@ impl Enforcer {
         // the programs know them from the first packet). An interface that cannot be attached
         // (it went away meanwhile) counts as missing and is retried; the others go on.
         for (index, ifname, name) in &to_attach {
-            match self.dataplane.attach_endpoint(ifname) {
-                Err(error) => {
-                    tracing::warn!(endpoint = %name, interface = %ifname, error = %error, "could not attach; will retry");
-                    self.remove_endpoint(*index)?;
-                    report.endpoints_written -= 1;
-                    report.missing_interfaces.push(format!("{name} ({ifname})"));
-                }
-                Ok(()) => {
-                    if let Some(state) = self.endpoints.get_mut(index) {
-                        state.needs_attach = false;
-                    }
-                }
+            if let Err(error) = self.dataplane.attach_endpoint(ifname) {
+                tracing::warn!(endpoint = %name, interface = %ifname, error = %error, "could not attach; will retry");
+                self.remove_endpoint(*index)?;
+                report.endpoints_written -= 1;
+                report.missing_interfaces.push(format!("{name} ({ifname})"));
             }
         }
 
@@ -820,14 +813,16 @@ impl Enforcer {
         }
     }
 
-    /// Points the endpoint at its group's current keys; returns whether anything was written.
+    /// Points the endpoint at its group's current keys. Returns None when nothing needed
+    /// writing, else whether the interface still needs the programs attached (the caller
+    /// attaches them, with the other new interfaces).
     fn write_endpoint(
         &mut self,
         index: u32,
         ifname: &str,
         ep: &Endpoint,
         policy: &EndpointPolicy,
-    ) -> Result<bool, SyncError> {
+    ) -> Result<Option<bool>, SyncError> {
         let info = self.endpoint_info(ep, policy);
         let addrs: Vec<[u8; 16]> = ep.ips.iter().map(|ip| addr16(*ip)).collect();
         if let Some(old) = self.endpoints.get(&index)
@@ -835,7 +830,7 @@ impl Enforcer {
             && old.addrs == addrs
             && old.ifname == ifname
         {
-            return Ok(false);
+            return Ok(None);
         }
 
         // Addresses the endpoint may send from.
@@ -857,10 +852,7 @@ impl Enforcer {
         // The switch.
         self.dataplane.set_endpoint(index, info)?;
         let old = self.endpoints.remove(&index);
-        // Attached by the caller, with the other new interfaces.
-        let needs_attach = old
-            .as_ref()
-            .is_none_or(|o| o.ifname != ifname || o.needs_attach);
+        let needs_attach = old.as_ref().is_none_or(|o| o.ifname != ifname);
 
         // Addresses it no longer has go last (its old keys go with their group).
         if let Some(old) = old {
@@ -883,10 +875,9 @@ impl Enforcer {
                 endpoint_id: ep.id,
                 info,
                 addrs,
-                needs_attach,
             },
         );
-        Ok(true)
+        Ok(Some(needs_attach))
     }
 
     /// Makes `QUARANTINE_ALLOW` hold exactly `wanted` (after a restart, whatever an earlier

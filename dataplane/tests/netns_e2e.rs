@@ -28,6 +28,34 @@ use common::*;
 
 const SERVER: &str = "10.201.0.1:8080";
 
+/// The routed pair: `pod0` (10.201.0.1/24) in `node`, `eth0` (10.201.0.2/24) in `pod`.
+fn wire_routed(node: &Netns, pod: &Netns) {
+    veth_pair("pod0", Some(node), "eth0", Some(pod)).expect("veth pair");
+    node.exec(&["ip", "addr", "add", "10.201.0.1/24", "dev", "pod0"])
+        .expect("addr");
+    node.exec(&["ip", "link", "set", "pod0", "up"]).expect("up");
+    pod.exec(&["ip", "addr", "add", "10.201.0.2/24", "dev", "eth0"])
+        .expect("addr");
+    pod.exec(&["ip", "link", "set", "eth0", "up"]).expect("up");
+}
+
+/// A TCP server in `ns` at `addr` that echoes the first 4 bytes of every connection, for as
+/// long as the test runs.
+fn echo_server(ns: &Netns, addr: &'static str) {
+    let listener = ns
+        .run(move || TcpListener::bind(addr))
+        .expect("enter namespace")
+        .expect("bind server");
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 4];
+            if conn.read_exact(&mut buf).is_ok() {
+                let _ = conn.write_all(&buf);
+            }
+        }
+    });
+}
+
 /// [`echo_once`] until it works or `tries` attempts failed: for the steps where the connection
 /// must work, so that a machine slow to resolve the first ARP does not fail the test; the steps
 /// where it must fail make one attempt.
@@ -62,27 +90,10 @@ fn tcp_connection_allowed_then_dropped_after_one_map_write() {
     let pins = PinDir::new("e2e");
     let node = Netns::create(&format!("bh-t3-{tag}-node")).expect("node namespace");
     let pod = Netns::create(&format!("bh-t3-{tag}-pod")).expect("pod namespace");
-    veth_pair("pod0", Some(&node), "eth0", Some(&pod)).expect("veth pair");
-    node.exec(&["ip", "addr", "add", "10.201.0.1/24", "dev", "pod0"])
-        .expect("addr");
-    node.exec(&["ip", "link", "set", "pod0", "up"]).expect("up");
-    pod.exec(&["ip", "addr", "add", "10.201.0.2/24", "dev", "eth0"])
-        .expect("addr");
-    pod.exec(&["ip", "link", "set", "eth0", "up"]).expect("up");
+    wire_routed(&node, &pod);
 
     // The echo server lives in the node namespace and answers every connection.
-    let listener = node
-        .run(|| TcpListener::bind(SERVER))
-        .expect("enter node")
-        .expect("bind server");
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            let mut buf = [0u8; 4];
-            if conn.read_exact(&mut buf).is_ok() {
-                let _ = conn.write_all(&buf);
-            }
-        }
-    });
+    echo_server(&node, SERVER);
 
     // Before enforcement: the connection works.
     let before = pod.run(|| echo_eventually(SERVER, 5)).expect("enter pod");
@@ -152,13 +163,7 @@ fn tcp_connection_allowed_then_dropped_after_one_map_write() {
     // old index does not take the new veth's links or addresses with it.
     node.exec(&["ip", "link", "del", "pod0"])
         .expect("delete the veth");
-    veth_pair("pod0", Some(&node), "eth0", Some(&pod)).expect("veth pair again");
-    node.exec(&["ip", "addr", "add", "10.201.0.1/24", "dev", "pod0"])
-        .expect("addr");
-    node.exec(&["ip", "link", "set", "pod0", "up"]).expect("up");
-    pod.exec(&["ip", "addr", "add", "10.201.0.2/24", "dev", "eth0"])
-        .expect("addr");
-    pod.exec(&["ip", "link", "set", "eth0", "up"]).expect("up");
+    wire_routed(&node, &pod);
     let new_index = index_in(&node, "pod0");
     assert_ne!(new_index, ifindex);
     let recreated = |version: u64, egress_closed: bool| {
@@ -296,18 +301,7 @@ fn pods_on_a_bridge_are_found_behind_their_ports_and_stay_enforced() {
     ])
     .expect("addr");
     six.exec(&["ip", "link", "set", "eth0", "up"]).expect("up");
-    let listener = server
-        .run(|| TcpListener::bind(SERVER_B))
-        .expect("enter server")
-        .expect("bind server");
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            let mut buf = [0u8; 4];
-            if conn.read_exact(&mut buf).is_ok() {
-                let _ = conn.write_all(&buf);
-            }
-        }
-    });
+    echo_server(&server, SERVER_B);
     // The node has not talked to either pod: it does not know their MAC addresses.
     let known = node
         .exec(&["ip", "neigh", "show", "dev", "br0"])
