@@ -412,15 +412,6 @@ fn sctp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
     out
 }
 
-fn icmp6_echo(src: [u8; 16], dst: [u8; 16], id: u16) -> Vec<u8> {
-    let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv6(src, dst, 64)
-        .icmpv6_echo_request(id, 1);
-    let mut out = Vec::new();
-    b.write(&mut out, &[0; 8]).expect("build packet");
-    out
-}
-
 /// Kernel verdicts equal the reference `decide()` on generated rule sets and packets: TCP, UDP,
 /// SCTP and ICMP echo over IPv4 and IPv6, in both directions, to and from pods, other pods and
 /// the world; and the same packets cut short inside their transport headers, which the

@@ -130,6 +130,15 @@ pub fn icmp4_echo(src: [u8; 4], dst: [u8; 4], id: u16) -> Vec<u8> {
     out
 }
 
+pub fn icmp6_echo(src: [u8; 16], dst: [u8; 16], id: u16) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv6(src, dst, 64)
+        .icmpv6_echo_request(id, 1);
+    let mut out = Vec::new();
+    b.write(&mut out, &[0; 8]).expect("build packet");
+    out
+}
+
 pub fn tcp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16) -> Vec<u8> {
     let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
         .ipv6(src, dst, 64)
