@@ -4,9 +4,11 @@
 //! - [`load`] reads Kubernetes YAML (with validation) into [`model::Object`]s;
 //! - [`engine::PolicyEngine`] compiles them and keeps per-node rule sets up to date
 //!   ([`engine::Change`] in, [`ruleset::NodeDelta`]s out);
+//! - [`conntrack`] is the reference model of the kernel's connection tracking;
 //! - [`reachability`] answers "may A talk to B, and why" from the compiled rule sets;
 //! - [`service_policy`] documents Bulkhead's own ServicePolicy kind and where it sits.
 
+pub mod conntrack;
 pub mod distribution;
 pub mod engine;
 pub mod error;

@@ -261,9 +261,13 @@ pub struct Connection {
     pub bytes_reply: u64,
     pub first_seen: SystemTime,
     pub last_seen: SystemTime,
+    /// The rule that admitted it, or for a revoked one the rule that revoked it.
     pub rule: String,
     pub peer_identity: u32,
     pub peer: Option<String>,
+    /// Revoked by a policy change or a quarantine: a tombstone that drops both sides' packets
+    /// until it idles out (or a new TCP SYN replaces it).
+    pub revoked: bool,
 }
 
 /// The kernel clock (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) as wall-clock time.
@@ -350,6 +354,7 @@ pub fn connections(pin_dir: &std::path::Path, ctx: &FlowContext) -> Vec<Connecti
                 rule: ctx.ruleset.describe(v.rule_id),
                 peer_identity: v.peer_identity,
                 peer: ctx.addresses.get(&peer_ip).cloned(),
+                revoked: v.flags & bulkhead_common::CT_REVOKED != 0,
             }
         })
         .collect()

@@ -16,9 +16,9 @@ use std::{
 
 use aya::maps::lpm_trie::Key;
 use bulkhead_common::{
-    Config, DENSE_V4_SLOTS, DIR_EGRESS, DIR_INGRESS, EndpointAddrKey, EndpointInfo,
-    IPCACHE_QUARANTINED, IpCacheValue, PolicyKey, PolicyValue, PrefilterKey, PrefilterValue,
-    QuarantineAllowKey, VERDICT_DENY, endpoint_flags,
+    CT_REVOKED, Config, CtValue, DENSE_V4_SLOTS, DIR_EGRESS, DIR_INGRESS, EndpointAddrKey,
+    EndpointInfo, IPCACHE_QUARANTINED, IpCacheValue, PolicyKey, PolicyValue, PrefilterKey,
+    PrefilterValue, QuarantineAllowKey, VERDICT_DENY, endpoint_flags,
 };
 use bulkhead_controller::ruleset::{Endpoint, EndpointPolicy, PolicyGroupId, RuleSet, identity};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
@@ -130,6 +130,30 @@ fn remove_keys_where<K: aya::Pod, V: aya::Pod>(
     }
     keys.len()
 }
+
+/// Turns the live connections of `map` that `doomed` picks into tombstones of `generation`
+/// (`CT_REVOKED`, see `ebpf/src/main.rs`); returns how many.
+fn revoke_where<K: aya::Pod>(
+    map: &mut aya::maps::HashMap<&mut aya::maps::MapData, K, CtValue>,
+    generation: u32,
+    doomed: impl Fn(&K) -> bool,
+) -> usize {
+    let live: Vec<(K, CtValue)> = map
+        .iter()
+        .flatten()
+        .filter(|(k, v)| doomed(k) && v.flags & CT_REVOKED == 0)
+        .collect();
+    for (k, mut v) in live.iter().copied() {
+        v.flags |= CT_REVOKED;
+        v.generation = generation;
+        // Only an existing entry: one the kernel evicted meanwhile stays gone.
+        let _ = map.insert(k, v, BPF_EXIST);
+    }
+    live.len()
+}
+
+/// `bpf_map_update_elem` flag: update only an existing entry.
+const BPF_EXIST: u64 = 2;
 
 /// [`remove_keys_where`] for an LPM trie.
 fn remove_trie_keys_where<K: aya::Pod, V: aya::Pod>(
@@ -395,10 +419,12 @@ impl Enforcer {
         }
 
         // A quarantined endpoint's tracked connections are cut at once, in both directions:
-        // with their entries gone, forward packets and replies alike are judged as new
-        // connections, and the quarantine denies them.
+        // they become tombstones of this rule set's generation, which drop both sides' packets
+        // and which neither side's later packets re-open (a new TCP SYN is judged as new; the
+        // quarantine denies it). Released later, the pod's old connections stay cut.
         if !newly_quarantined.is_empty() {
-            report.connections_cut += self.cut_connections(&newly_quarantined)?;
+            let generation = self.generation.wrapping_add(1);
+            report.connections_cut += self.cut_connections(&newly_quarantined, generation)?;
         }
 
         // The XDP prefilter's pairs follow the endpoints just written.
@@ -451,7 +477,7 @@ impl Enforcer {
             }
         }
 
-        // 8. tracked connections are re-checked on their next forward packet.
+        // 8. tracked connections are re-checked on their next packet (either side).
         self.generation = self.generation.wrapping_add(1);
         let mut config = self.dataplane.config()?;
         let mut cfg = config.get(&0, 0).unwrap_or_default();
@@ -903,12 +929,21 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Deletes every conntrack entry of these endpoints (IPv4 and IPv6); returns how many
-    /// there were.
-    fn cut_connections(&mut self, endpoint_ids: &[u32]) -> Result<usize, SyncError> {
+    /// Revokes every live conntrack entry of these endpoints (IPv4 and IPv6) as of
+    /// `generation`; returns how many there were.
+    fn cut_connections(
+        &mut self,
+        endpoint_ids: &[u32],
+        generation: u32,
+    ) -> Result<usize, SyncError> {
         let of = |endpoint_id: u16| endpoint_ids.contains(&(endpoint_id as u32));
-        let cut = remove_keys_where(&mut self.dataplane.conntrack()?, |k| of(k.endpoint_id));
-        Ok(cut + remove_keys_where(&mut self.dataplane.conntrack_v4()?, |k| of(k.endpoint_id)))
+        let cut = revoke_where(&mut self.dataplane.conntrack()?, generation, |k| {
+            of(k.endpoint_id)
+        });
+        Ok(cut
+            + revoke_where(&mut self.dataplane.conntrack_v4()?, generation, |k| {
+                of(k.endpoint_id)
+            }))
     }
 
     /// Removes the retired key sets whose policy id no endpoint names any more.

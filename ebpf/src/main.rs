@@ -34,13 +34,13 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use bulkhead_common::{
-    COUNTER_SLOTS, CT_AUDIT, CT_CANONICAL, CT_INITIATED_EGRESS, Config, Counter, CtKey, CtKeyV4,
-    CtValue, DENSE_V4_SLOTS, DENY_RECENT_SLOTS, DIR_EGRESS, DIR_INGRESS, DenyRecent, EVENT_AUDIT,
-    EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo, FlowEvent,
-    IPCACHE_DENSE_PRESENT, IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS,
-    PROTO_OTHER, PolicyKey, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue,
-    QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR, SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES,
-    VERDICT_ALLOW, VERDICT_DENY, endpoint_flags, port_bloom, reason, stat,
+    COUNTER_SLOTS, CT_AUDIT, CT_CANONICAL, CT_INITIATED_EGRESS, CT_REVOKED, Config, Counter, CtKey,
+    CtKeyV4, CtValue, DENSE_V4_SLOTS, DENY_RECENT_SLOTS, DIR_EGRESS, DIR_INGRESS, DenyRecent,
+    EVENT_AUDIT, EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo,
+    FlowEvent, IPCACHE_DENSE_PRESENT, IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS,
+    POLICY_KEY_FIXED_BITS, PROTO_OTHER, PolicyKey, PolicySummary, PolicyValue, PrefilterKey,
+    PrefilterValue, QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR, SUMMARY_HAS_EXACT,
+    SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY, endpoint_flags, port_bloom, reason, stat,
 };
 use parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Packet, Parsed};
 
@@ -566,9 +566,10 @@ fn policy_protocol(proto: u8) -> u8 {
 /// lookups and one LPM lookup (in a trie of range keys only), whatever the number of rules.
 /// The agent copies wildcard entries under every specific identity that has entries of its
 /// own, and resolves every key's value from all entries that cover it, so the first hit is the
-/// answer.
+/// answer. `port_be` is the destination port of the connection's opening packet: the packet's
+/// own, or a reply's source port when a reply re-checks its connection.
 #[inline(always)]
-fn lookup_policy(ep: &EndpointInfo, dir: u8, peer: u32, p: &Packet) -> PolicyValue {
+fn lookup_policy(ep: &EndpointInfo, dir: u8, peer: u32, p: &Packet, port_be: u16) -> PolicyValue {
     let mut key = PolicyKey {
         policy_id: ep.policy_id,
         identity: peer,
@@ -588,7 +589,7 @@ fn lookup_policy(ep: &EndpointInfo, dir: u8, peer: u32, p: &Packet) -> PolicyVal
         }
     };
     if p.ports_known {
-        key.port_be = p.dport_be;
+        key.port_be = port_be;
         let bloom = port_bloom(key.port_be);
         if summary.flags & SUMMARY_HAS_EXACT != 0
             && summary.exact_ports & bloom == bloom
@@ -853,7 +854,8 @@ fn icmp_error_related(skb: *mut __sk_buff, s: *mut Scratch, endpoint_id: u32, di
             direction: k.direction,
         };
     }
-    ct_get(s).is_some_and(|v| unsafe { (*v).flags } & CT_CANONICAL != 0)
+    // A tombstone is no connection: errors about a revoked one are unrelated.
+    ct_get(s).is_some_and(|v| unsafe { (*v).flags } & (CT_CANONICAL | CT_REVOKED) == CT_CANONICAL)
 }
 
 /// Whether two addresses are equal, compared as two u64 words.
@@ -942,90 +944,130 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
 }
 
 /// Conntrack and policy for a parsed packet of an enforced endpoint.
+///
+/// Connections: only what opens one creates an entry (a TCP SYN the policy admits; the first
+/// packet of a UDP, ICMP, SCTP or other flow). A TCP segment without SYN that finds no entry is
+/// judged by the policy of its own direction and not tracked, so no side can make the other's
+/// packets "replies" after the fact. When the policy changed since a connection was admitted,
+/// its next packet from either side re-checks it against the policy of the direction that
+/// opened it; a connection the policy no longer admits becomes a tombstone that drops both
+/// sides' packets until a new SYN (TCP) or, for connectionless protocols, a later policy that
+/// admits the opener again.
 #[inline(always)]
 fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i32 {
     let ctx = TcContext::new(skb);
     // SAFETY: per-CPU scratch, exclusively ours for this run.
     let s = unsafe { &mut *sp };
-    let p = &s.packet;
     let bytes = ctx.len() as u64;
-    // The peer's identity (an LPM lookup) is only needed once conntrack has not decided.
-    let peer_addr = if dir == DIR_INGRESS {
-        &p.saddr
-    } else {
-        &p.daddr
-    };
     let cfg = config();
     let generation = cfg.generation;
     let t = now_coarse(&cfg);
 
     // One lookup finds the connection whichever side's packet this is. A TCP SYN (without ACK)
     // opens a connection and belongs to none: it goes straight to the policy, and a SYN the
-    // policy admits (re)starts the entry.
-    let tracked = if p.tcp_syn {
+    // policy admits (re)starts the entry (a tombstone too).
+    let tracked = if s.packet.tcp_syn {
         None
     } else {
-        set_ct_key(&mut s.fwd, &mut s.fwd4, p, ep.endpoint_id, dir);
+        set_ct_key(&mut s.fwd, &mut s.fwd4, &s.packet, ep.endpoint_id, dir);
         ct_get(s)
     };
+    // The policy's verdict on this packet as the opening of a flow, when a tombstone's opener
+    // re-opens it below.
+    let mut reopened: Option<PolicyValue> = None;
     if let Some(ct) = tracked {
         // SAFETY: LRU value pointer valid during this program run; racing updates of counters
         // from two CPUs may lose an increment, never corrupt memory.
-        let flags = unsafe { (*ct).flags };
+        let (flags, admitted_in) = unsafe { ((*ct).flags, (*ct).generation) };
+        let forward = (flags & CT_INITIATED_EGRESS != 0) == (dir == DIR_EGRESS);
         if flags & CT_CANONICAL == 0 {
             // Left by an agent before canonical keys: judged anew below.
             ct_remove(s);
-        } else if (flags & CT_INITIATED_EGRESS != 0) != (dir == DIR_EGRESS) {
-            // A reply: the connection was admitted when it was opened.
+        } else if flags & CT_REVOKED != 0 {
+            // Revoked. Only the opener of a connectionless flow may re-open it, and only once
+            // the policy changed again and admits it; TCP needs a new SYN.
+            if admitted_in == generation || !forward || s.packet.protocol == IPPROTO_TCP {
+                unsafe { (*ct).last_seen_ns = t };
+                return drop_packet(ep.endpoint_id, reason::DROP_REVOKED, bytes);
+            }
+            let peer = peer_identity(&s.packet, dir, &cfg);
+            let v = lookup_policy(ep, dir, peer, &s.packet, s.packet.dport_be);
+            if v.verdict != VERDICT_ALLOW {
+                unsafe {
+                    (*ct).generation = generation;
+                    (*ct).rule_id = v.rule_id;
+                    (*ct).last_seen_ns = t;
+                }
+                return drop_packet(ep.endpoint_id, reason::DROP_REVOKED, bytes);
+            }
+            reopened = Some(v);
+        } else if admitted_in == generation {
             unsafe {
                 (*ct).last_seen_ns = t;
-                (*ct).packets_rev += 1;
-                (*ct).bytes_rev += bytes;
+                if forward {
+                    (*ct).packets_fwd += 1;
+                    (*ct).bytes_fwd += bytes;
+                } else {
+                    (*ct).packets_rev += 1;
+                    (*ct).bytes_rev += bytes;
+                }
             }
             count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
             return TC_ACT_OK;
         } else {
-            // A forward packet: re-checked when the policy changed since.
-            unsafe {
-                if (*ct).generation == generation {
-                    (*ct).last_seen_ns = t;
-                    (*ct).packets_fwd += 1;
-                    (*ct).bytes_fwd += bytes;
-                    count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
-                    return TC_ACT_OK;
-                }
-            }
-            let peer = identity_of(p, peer_addr, &cfg);
-            let v = lookup_policy(ep, dir, peer, p);
+            // The policy changed since: re-checked as the opening packet would be now, whichever
+            // side this packet comes from (a reply's tuple reversed).
+            let (opened_dir, port) = if forward {
+                (dir, s.packet.dport_be)
+            } else {
+                (dir ^ 1, s.packet.sport_be)
+            };
+            let peer = peer_identity(&s.packet, dir, &cfg);
+            let v = lookup_policy(ep, opened_dir, peer, &s.packet, port);
             if v.verdict == VERDICT_ALLOW {
                 unsafe {
                     (*ct).generation = generation;
                     (*ct).rule_id = v.rule_id;
                     (*ct).last_seen_ns = t;
-                    (*ct).packets_fwd += 1;
-                    (*ct).bytes_fwd += bytes;
+                    if forward {
+                        (*ct).packets_fwd += 1;
+                        (*ct).bytes_fwd += bytes;
+                    } else {
+                        (*ct).packets_rev += 1;
+                        (*ct).bytes_rev += bytes;
+                    }
                 }
                 count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
                 return TC_ACT_OK;
             }
-            ct_remove(s);
+            // Revoked: the entry stays as a tombstone, reported once, in the orientation of the
+            // connection's opening.
+            unsafe {
+                (*ct).flags = flags | CT_REVOKED;
+                (*ct).generation = generation;
+                (*ct).rule_id = v.rule_id;
+                (*ct).last_seen_ns = t;
+            }
+            if !forward {
+                reverse_tuple(&mut s.packet);
+            }
             let m = EventMeta::new(
                 ep,
-                dir,
+                opened_dir,
                 peer,
                 &v,
                 EVENT_REVOKED,
                 VERDICT_DENY,
                 reason::DROP_REVOKED,
             );
-            emit(skb, p, &m);
+            emit(skb, &s.packet, &m);
             return drop_packet(ep.endpoint_id, reason::DROP_REVOKED, bytes);
         }
     }
 
-    let peer = identity_of(p, peer_addr, &cfg);
+    let peer = peer_identity(&s.packet, dir, &cfg);
     // ICMP errors pass only when they relate to a tracked connection of this endpoint.
-    if p.icmp_error {
+    if s.packet.icmp_error {
         if icmp_error_related(skb, sp, ep.endpoint_id, dir) {
             count(ep.endpoint_id, reason::ALLOWED_TRACKED, bytes);
             return TC_ACT_OK;
@@ -1051,7 +1093,10 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
     }
 
     // A new connection: the policy decides, and an allowed one is tracked.
-    let v = lookup_policy(ep, dir, peer, p);
+    let v = match reopened {
+        Some(v) => v,
+        None => lookup_policy(ep, dir, peer, &s.packet, s.packet.dport_be),
+    };
     if v.verdict != VERDICT_ALLOW {
         let why = if ep.flags & endpoint_flags::QUARANTINED != 0 {
             reason::DROP_QUARANTINE
@@ -1061,6 +1106,12 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
         let m = EventMeta::new(ep, dir, peer, &v, EVENT_DENIED, VERDICT_DENY, why);
         emit_denied(skb, sp, &m, &cfg);
         return drop_packet(ep.endpoint_id, why, bytes);
+    }
+    if s.packet.protocol == IPPROTO_TCP && !s.packet.tcp_syn {
+        // Only a SYN opens a TCP connection: this segment passes as the policy of its own
+        // direction admits it, and leaves no state behind.
+        count(ep.endpoint_id, reason::ALLOWED_UNTRACKED, bytes);
+        return TC_ACT_OK;
     }
     let audit = v.audit_verdict == VERDICT_DENY;
     s.ct = CtValue {
@@ -1081,38 +1132,44 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
                 0
             },
     };
-    if p.tcp_syn {
-        set_ct_key(&mut s.fwd, &mut s.fwd4, p, ep.endpoint_id, dir);
+    if s.packet.tcp_syn {
+        set_ct_key(&mut s.fwd, &mut s.fwd4, &s.packet, ep.endpoint_id, dir);
     }
     if !ct_insert(s) {
         bump_stat(stat::CT_INSERT_FAILED);
     }
-    if audit {
-        let m = EventMeta::new(
-            ep,
-            dir,
-            peer,
-            &v,
-            EVENT_AUDIT,
-            VERDICT_ALLOW,
-            reason::AUDIT_WOULD_DENY,
-        );
-        emit(skb, p, &m);
-        count(ep.endpoint_id, reason::AUDIT_WOULD_DENY, bytes);
+    let (kind, verdict, why) = if audit {
+        (EVENT_AUDIT, VERDICT_ALLOW, reason::AUDIT_WOULD_DENY)
     } else {
-        let m = EventMeta::new(
-            ep,
-            dir,
-            peer,
-            &v,
-            EVENT_NEW_FLOW,
-            VERDICT_ALLOW,
-            reason::ALLOWED_NEW,
-        );
-        emit(skb, p, &m);
-        count(ep.endpoint_id, reason::ALLOWED_NEW, bytes);
-    }
+        (EVENT_NEW_FLOW, VERDICT_ALLOW, reason::ALLOWED_NEW)
+    };
+    let m = EventMeta::new(ep, dir, peer, &v, kind, verdict, why);
+    emit(skb, &s.packet, &m);
+    count(ep.endpoint_id, why, bytes);
     TC_ACT_OK
+}
+
+/// The identity of the packet's peer: its source on ingress, its destination on egress.
+#[inline(always)]
+fn peer_identity(p: &Packet, dir: u8, cfg: &Config) -> u32 {
+    let a = if dir == DIR_INGRESS {
+        &p.saddr
+    } else {
+        &p.daddr
+    };
+    identity_of(p, a, cfg)
+}
+
+/// Turns a parsed reply around, into the orientation of its connection's opening packet.
+#[inline(always)]
+fn reverse_tuple(p: &mut Packet) {
+    // SAFETY: `Packet` is 8-aligned with its addresses at offsets 0 and 16.
+    unsafe {
+        let (sa, da) = (addr::get(&p.saddr), addr::get(&p.daddr));
+        addr::set(&mut p.saddr, da);
+        addr::set(&mut p.daddr, sa);
+    }
+    core::mem::swap(&mut p.sport_be, &mut p.dport_be);
 }
 
 #[cfg(not(test))]

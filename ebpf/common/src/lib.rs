@@ -48,7 +48,11 @@ pub mod reason {
     pub const PASSED_NON_IP: u32 = 10;
     /// Dropped by the XDP prefilter.
     pub const DROP_PREFILTER: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// A TCP segment without SYN of no tracked connection, admitted by policy but not tracked:
+    /// only a SYN opens a TCP connection (connections older than the endpoint's enforcement,
+    /// or whose entry was evicted, keep working as far as the policy of each direction admits).
+    pub const ALLOWED_UNTRACKED: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "allowed_new",
@@ -63,6 +67,7 @@ pub mod reason {
         "drop_unparseable",
         "passed_non_ip",
         "drop_prefilter",
+        "allowed_untracked",
     ];
 }
 
@@ -313,6 +318,11 @@ pub const CT_INITIATED_EGRESS: u32 = 1 << 1;
 /// `CtValue::flags`: keyed canonically. Entries without it (written by an agent before
 /// canonical keys) are dropped on sight and their packets judged anew.
 pub const CT_CANONICAL: u32 = 1 << 2;
+/// `CtValue::flags`: revoked by a policy change (a tombstone). Every packet of the connection,
+/// from either side, is dropped while the entry lives: neither side's next packet may open it
+/// again in the other direction. A new TCP SYN the policy admits replaces it; for connectionless
+/// protocols the side that opened the flow re-opens it once a later policy admits it again.
+pub const CT_REVOKED: u32 = 1 << 3;
 
 /// Whether a tuple is stored reversed in its conntrack key: a total order that is cheap in the
 /// common case (ports differ) and the same from either end of a connection.
@@ -336,7 +346,8 @@ pub fn ct_swapped(saddr: &[u8; 16], daddr: &[u8; 16], sport_be: u16, dport_be: u
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// Bumped by the agent on every policy change; tracked connections admitted under an older
-    /// generation are re-checked on their next forward packet.
+    /// generation are re-checked on their next packet, from either side, against the policy of
+    /// the direction that opened them.
     pub generation: u32,
     /// Minimum gap between two deny events of one flow, in nanoseconds.
     pub deny_event_interval_ns: u32,
