@@ -4,13 +4,21 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use bulkhead_agent::loader::remove_pins;
-use bulkhead_controller::ruleset::{Endpoint, EndpointPolicy, IpCacheEntry, RuleSet};
+use bulkhead_agent::{
+    loader::{Dataplane, remove_pins},
+    netns::Netns,
+    sync::Enforcer,
+};
+use bulkhead_controller::ruleset::{
+    Action, DirectionPolicy, Endpoint, EndpointPolicy, IpCacheEntry, PolicyEntry, PortRange,
+    Protocol, RuleSet, Tier, identity,
+};
+use rand::{Rng, rngs::StdRng};
 
 /// A unique bpffs directory for one test, removed (links, then maps) on drop — also when the
 /// test panics.
@@ -220,4 +228,138 @@ pub fn icmp4_frag_needed(
     let mut out = Vec::new();
     b.write(&mut out, &quoted).expect("build packet");
     out
+}
+
+pub const EP_V4: [u8; 4] = [10, 0, 0, 2];
+pub const PEER_V4: [u8; 4] = [10, 0, 0, 1];
+pub const WORLD_V4: [u8; 4] = [192, 0, 2, 9];
+pub const EP_V6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+pub const PEER_V6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+pub fn allow(peer: u32, protocol: Option<Protocol>, ports: PortRange, rule: u32) -> PolicyEntry {
+    PolicyEntry {
+        peer,
+        protocol,
+        ports,
+        tier: Tier::Application,
+        priority: 0,
+        action: Action::Allow,
+        audit: false,
+        rule,
+    }
+}
+
+/// Runs `body` with a loaded data plane inside a fresh namespace that has an `ep0` and an `ep1`;
+/// `body` gets the pin directory too, to load the data plane again as a restarted agent would.
+pub fn with_dataplane_pins(
+    test: &str,
+    body: impl FnOnce(&mut Enforcer, u32, &std::path::Path) + Send + 'static,
+) {
+    let pins = PinDir::new(test);
+    let ns = Netns::create(&format!("bh-t2-{}-{test}", std::process::id() % 100000))
+        .expect("create test namespace");
+    // This kernel has no dummy driver; one end of a veth pair stands in for the pod's veth.
+    for (dev, peer) in [("ep0", "ep0p"), ("ep1", "ep1p")] {
+        ns.exec(&[
+            "ip", "link", "add", dev, "type", "veth", "peer", "name", peer,
+        ])
+        .expect("create veth pair");
+        ns.exec(&["ip", "link", "set", dev, "up"]).expect("link up");
+    }
+    let pin_path = pins.path().to_path_buf();
+    ns.run(move || {
+        let dp = Dataplane::load(&pin_path).expect("load eBPF object");
+        let mut enforcer = Enforcer::new(dp).expect("enforcer");
+        let ifindex = nix::net::if_::if_nametoindex("ep0").expect("ep0 index");
+        body(&mut enforcer, ifindex, &pin_path);
+    })
+    .expect("test body inside the namespace");
+}
+
+/// [`with_dataplane_pins`] for tests that need no restart.
+pub fn with_dataplane(test: &str, body: impl FnOnce(&mut Enforcer, u32) + Send + 'static) {
+    with_dataplane_pins(test, move |e, ifx, _| body(e, ifx));
+}
+
+pub fn base_endpoint() -> Endpoint {
+    let mut ep = endpoint(1, "server", 300, IpAddr::V4(Ipv4Addr::from(EP_V4)), "ep0");
+    ep.ips.push(IpAddr::V6(Ipv6Addr::from(EP_V6)));
+    ep
+}
+
+/// Ingress: TCP 80 and all UDP from identity 301, nothing else. Egress: no policy.
+pub fn base_policy() -> EndpointPolicy {
+    EndpointPolicy {
+        ingress: DirectionPolicy {
+            isolated_by: Some(1),
+            audit_isolated_by: None,
+            entries: vec![
+                allow(301, Some(Protocol::Tcp), PortRange::single(80), 2),
+                allow(301, Some(Protocol::Udp), PortRange::ALL, 3),
+            ],
+        },
+        egress: DirectionPolicy::default(),
+    }
+}
+
+pub fn base_ruleset(version: u64, ep: Endpoint, policy: EndpointPolicy) -> RuleSet {
+    let mut rs = ruleset(
+        version,
+        vec![ep.clone()],
+        vec![
+            ("10.0.0.2/32", 300),
+            ("10.0.0.1/32", 301),
+            ("fd00::2/128", 300),
+            ("fd00::1/128", 301),
+        ],
+    );
+    rs.policies.insert(ep.policy, policy);
+    rs
+}
+
+pub fn run(e: &mut Enforcer, prog: &'static str, pkt: &[u8], ifindex: u32) -> u32 {
+    e.dataplane()
+        .test_run(prog, pkt, ifindex, 1)
+        .expect("BPF_PROG_TEST_RUN")
+        .0
+}
+
+pub fn random_entry(rng: &mut StdRng, rule: u32) -> PolicyEntry {
+    let peers = [301, 302, identity::ANY, identity::WORLD];
+    let first = rng.random_range(1..120u16);
+    PolicyEntry {
+        peer: peers[rng.random_range(0..peers.len())],
+        protocol: [
+            None,
+            Some(Protocol::Tcp),
+            Some(Protocol::Udp),
+            Some(Protocol::Icmp),
+            Some(Protocol::Sctp),
+            Some(Protocol::Icmpv6),
+        ][rng.random_range(0..6)],
+        ports: match rng.random_range(0..3) {
+            0 => PortRange::ALL,
+            1 => PortRange::single(first),
+            _ => PortRange {
+                first,
+                last: first + rng.random_range(0..50),
+            },
+        },
+        tier: [Tier::Admin, Tier::Application, Tier::Baseline][rng.random_range(0..3)],
+        priority: rng.random_range(0..3),
+        action: [Action::Allow, Action::Deny, Action::Pass][rng.random_range(0..3)],
+        audit: rng.random_bool(0.15),
+        rule,
+    }
+}
+
+pub fn random_direction(rng: &mut StdRng, base_rule: u32) -> DirectionPolicy {
+    let n = rng.random_range(0..10);
+    DirectionPolicy {
+        isolated_by: rng.random_bool(0.6).then_some(base_rule),
+        audit_isolated_by: rng.random_bool(0.2).then_some(base_rule + 1),
+        entries: (0..n)
+            .map(|i| random_entry(rng, base_rule + 2 + i))
+            .collect(),
+    }
 }
