@@ -9,8 +9,13 @@ use std::{
     time::Duration,
 };
 
+/// The `bulkhead` binary under test: this build's, or the one `BULKHEAD_TEST_BIN` names (to run
+/// a scenario against another release, e.g. to show a fix by the same test failing before it).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_bulkhead")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("BULKHEAD_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_bulkhead").into())
+    })
 }
 
 /// The body of a plain HTTP/1.0 GET to 127.0.0.1:`port`, `None` when nobody answers.
