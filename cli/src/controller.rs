@@ -19,7 +19,7 @@ use bulkhead_controller::{
     },
     flows::{FlowPipeline, ServiceGraph},
 };
-use bulkhead_proto::v1::{admin_server::AdminServer, distribution_server::DistributionServer};
+use bulkhead_proto::v1::admin_server::AdminServer;
 use clap::Args;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
@@ -122,6 +122,10 @@ struct ControllerMetrics {
     graph_nodes: IntGauge,
     graph_edges: IntGauge,
     kubernetes_source: IntCounterVec,
+    flows_rejected: IntCounterVec,
+    graph_edges_refused: IntGauge,
+    acks_refused: IntGauge,
+    unknown_nodes: IntGauge,
 }
 
 impl ControllerMetrics {
@@ -189,6 +193,25 @@ impl ControllerMetrics {
                 ),
                 &["what"],
             )?,
+            flows_rejected: IntCounterVec::new(
+                Opts::new(
+                    "flow_records_rejected_total",
+                    "Flow records refused at ingest (an unknown verdict, kind or direction, an address that is no IP, a name or text over its limit), by reason; neither stored nor drawn",
+                ),
+                &["reason"],
+            )?,
+            graph_edges_refused: g(
+                "graph_edges_refused_total",
+                "Records not drawn because the service graph holds its maximum of edges",
+            )?,
+            acks_refused: g(
+                "acks_refused_total",
+                "Agent acks refused for naming a version their stream was not sent (the stream is closed)",
+            )?,
+            unknown_nodes: g(
+                "unknown_nodes_total",
+                "Agent streams (Sync and flow reports) refused for naming a node the inventory does not have",
+            )?,
             registry,
         };
         for c in [
@@ -207,6 +230,10 @@ impl ControllerMetrics {
             Box::new(m.flows_by_verdict.clone()),
             Box::new(m.flows_by_namespace_pair.clone()),
             Box::new(m.drops_by_rule.clone()),
+            Box::new(m.flows_rejected.clone()),
+            Box::new(m.graph_edges_refused.clone()),
+            Box::new(m.acks_refused.clone()),
+            Box::new(m.unknown_nodes.clone()),
             Box::new(m.graph_nodes.clone()),
             Box::new(m.graph_edges.clone()),
             Box::new(m.kubernetes_source.clone()),
@@ -235,9 +262,13 @@ impl ControllerMetrics {
 
     /// Brings the flow counters up to the graph's (which counts every record as it is folded
     /// in, so the ingest path never touches a label set).
-    fn sync_flow_counters(&self, graph: &Mutex<ServiceGraph>) {
-        let Ok(g) = graph.lock() else { return };
+    fn sync_flow_counters(&self, graph: &Mutex<ServiceGraph>, pipeline: &FlowPipeline) {
         let catch_up = |c: IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        for (why, n) in pipeline.rejected() {
+            catch_up(self.flows_rejected.with_label_values(&[why.label()]), n);
+        }
+        let Ok(g) = graph.lock() else { return };
+        self.graph_edges_refused.set(g.edges_refused as i64);
         for (verdict, n) in g.by_verdict() {
             catch_up(self.flows_by_verdict.with_label_values(&[verdict]), n);
         }
@@ -267,6 +298,10 @@ impl ControllerMetrics {
             .set(hub.counters.resyncs.load(Ordering::Relaxed) as i64);
         self.snapshots
             .set(hub.counters.snapshots.load(Ordering::Relaxed) as i64);
+        self.acks_refused
+            .set(hub.counters.acks_refused.load(Ordering::Relaxed) as i64);
+        self.unknown_nodes
+            .set(hub.counters.unknown_nodes.load(Ordering::Relaxed) as i64);
         self.policy_nodes.reset();
         self.policy_realized.reset();
         for p in hub.policy_status() {
@@ -457,10 +492,10 @@ async fn serve(
             "/metrics",
             axum::routing::get({
                 let (hub, flows, metrics) = (hub.clone(), flows.clone(), metrics.clone());
-                let graph = graph.clone();
+                let (graph, pipeline) = (graph.clone(), flow_pipeline.clone());
                 let kube_stats = kubernetes.as_ref().map(|k| k.stats.clone());
                 move || async move {
-                    metrics.sync_flow_counters(&graph);
+                    metrics.sync_flow_counters(&graph, &pipeline);
                     if let Some(stats) = &kube_stats {
                         metrics.sync_kubernetes_counters(stats);
                     }
@@ -585,9 +620,11 @@ async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .tcp_nodelay(true)
-        .add_service(DistributionServer::with_interceptor(
+        // With its message size limits (large rule sets travel in parts).
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             DistributionService::with_flow_pipeline(hub.clone(), flow_pipeline.clone())
-                .with_client_policy(clients),
+                .with_client_policy(clients)
+                .into_server(),
             gate.interceptor(),
         ))
         .add_service(AdminServer::new(admin));

@@ -26,6 +26,26 @@ use crate::{
     ruleset::RuleSet,
 };
 
+mod checks;
+
+pub use checks::{
+    DIRECTIONS, FlowRejection, KINDS, MAX_POD_REF_BYTES, MAX_REASON_BYTES, MAX_RULE_BYTES,
+    VERDICTS, check_record,
+};
+
+/// Distinct rule descriptions the graph and the `drops_by_rule` metric name; denials by further
+/// rules are counted under [`OTHER_RULES`]. What an agent reports is a claim: without this, every
+/// distinct string would stay in the controller's memory and in every scrape for good.
+pub const MAX_RULE_LABELS: usize = 1024;
+/// The label of the rules beyond [`MAX_RULE_LABELS`].
+pub const OTHER_RULES: &str = "other rules (more distinct rules than the controller labels)";
+/// Rules an edge names; denials and admissions by further rules on that edge are counted under
+/// [`OTHER_RULES`].
+pub const MAX_RULES_PER_EDGE: usize = 32;
+/// Edges the graph holds; a record for a new edge beyond this is counted by verdict but not
+/// drawn (and counted in [`ServiceGraph::edges_refused`]) until edges expire.
+pub const MAX_EDGES: usize = 250_000;
+
 /// Where an address belongs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Workload {
@@ -183,6 +203,16 @@ struct Interner {
 }
 
 impl Interner {
+    /// Like [`Interner::number`], but once `cap` names are held a new one gets `overflow`'s
+    /// number instead.
+    fn number_within(&mut self, s: &str, cap: usize, overflow: u32) -> u32 {
+        match self.numbers.get(s) {
+            Some(&n) => n,
+            None if self.names.len() >= cap => overflow,
+            None => self.number(s),
+        }
+    }
+
     fn number(&mut self, s: &str) -> u32 {
         if let Some(&n) = self.numbers.get(s) {
             return n;
@@ -202,6 +232,8 @@ impl Interner {
 const VERDICT_ALLOWED: u32 = 0;
 const VERDICT_DENIED: u32 = 1;
 const VERDICT_AUDIT: u32 = 2;
+/// The rule number of [`OTHER_RULES`].
+const RULE_OTHER: u32 = 0;
 /// The workload number of `world`.
 const WORLD: u32 = 0;
 /// A directory workload not numbered in the graph yet.
@@ -256,6 +288,8 @@ pub struct ServiceGraph {
     drops_by_rule: Vec<u64>,
     /// Records without addresses (quarantine audit records), not part of the graph.
     pub skipped: u64,
+    /// Records that would have made an edge beyond [`MAX_EDGES`].
+    pub edges_refused: u64,
 }
 
 impl Default for ServiceGraph {
@@ -276,9 +310,12 @@ impl Default for ServiceGraph {
             by_namespace_pair: FxHashMap::default(),
             drops_by_rule: Vec::new(),
             skipped: 0,
+            edges_refused: 0,
         };
         let world = g.number(&Workload::world());
         debug_assert_eq!(world, WORLD);
+        let other = g.rules.number(OTHER_RULES);
+        debug_assert_eq!(other, RULE_OTHER);
         for v in ["allowed", "denied", "audit-would-deny"] {
             g.verdicts.number(v);
         }
@@ -363,7 +400,14 @@ impl ServiceGraph {
             port: r.dst_port,
             protocol: r.protocol,
         };
-        let rule = self.rules.number(&r.rule);
+        // The first label is OTHER_RULES itself, hence the one extra.
+        let rule = self
+            .rules
+            .number_within(&r.rule, MAX_RULE_LABELS + 1, RULE_OTHER);
+        if self.edges.len() >= MAX_EDGES && !self.edges.contains_key(&key) {
+            self.edges_refused += 1;
+            return counted;
+        }
         let e = self.edges.entry(key).or_insert_with(|| EdgeCounts {
             first_seen_unix_nanos: r.time_unix_nanos,
             ..Default::default()
@@ -376,8 +420,18 @@ impl ServiceGraph {
         e.bytes += r.bytes;
         e.first_seen_unix_nanos = e.first_seen_unix_nanos.min(r.time_unix_nanos);
         e.last_seen_unix_nanos = e.last_seen_unix_nanos.max(r.time_unix_nanos);
-        match e.rules.iter_mut().find(|(n, _)| *n == rule) {
-            Some((_, c)) => *c += 1,
+        // An edge names its first rules; further ones are counted together, so records that
+        // vary only their rule cannot grow one edge without bound.
+        let slot = match e.rules.iter().position(|(n, _)| *n == rule) {
+            Some(i) => Some(i),
+            None if e.rules.len() >= MAX_RULES_PER_EDGE => {
+                e.rules.iter().position(|(n, _)| *n == RULE_OTHER)
+            }
+            None => None,
+        };
+        match slot {
+            Some(i) => e.rules[i].1 += 1,
+            None if e.rules.len() >= MAX_RULES_PER_EDGE => e.rules.push((RULE_OTHER, 1)),
             None => e.rules.push((rule, 1)),
         }
         for w in [src, dst] {
@@ -430,6 +484,16 @@ impl ServiceGraph {
             .enumerate()
             .filter(|(_, c)| **c > 0)
             .map(|(r, c)| (self.rules.name(r as u32), *c))
+    }
+
+    /// Distinct rule labels held (at most [`MAX_RULE_LABELS`] and [`OTHER_RULES`]).
+    pub fn rule_labels(&self) -> usize {
+        self.rules.names.len()
+    }
+
+    /// Distinct verdict labels held (the three known ones).
+    pub fn verdict_labels(&self) -> usize {
+        self.verdicts.names.len()
     }
 
     /// Records folded in (all verdicts).
@@ -793,6 +857,9 @@ pub struct FlowPipeline {
     hub: Option<Arc<Hub>>,
     /// The directory and the hub generation it was built from.
     directory: Mutex<(u64, Arc<Directory>)>,
+    /// Records refused by [`check_record`], by [`FlowRejection`] (in [`FlowRejection::ALL`]
+    /// order).
+    rejected: [AtomicU64; FlowRejection::ALL.len()],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -815,6 +882,7 @@ impl FlowPipeline {
             graph,
             hub: Some(hub),
             directory: Mutex::new((0, Arc::new(Directory::default()))),
+            rejected: Default::default(),
         }
     }
 
@@ -829,6 +897,7 @@ impl FlowPipeline {
             graph,
             hub: None,
             directory: Mutex::new((0, Arc::new(directory))),
+            rejected: Default::default(),
         }
     }
 
@@ -856,13 +925,31 @@ impl FlowPipeline {
         cached.1.clone()
     }
 
-    /// One agent's batch: folded into the graph, then stored. Returns the records accepted.
+    /// Records refused so far, by reason.
+    pub fn rejected(&self) -> impl Iterator<Item = (FlowRejection, u64)> + '_ {
+        FlowRejection::ALL
+            .iter()
+            .zip(&self.rejected)
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+    }
+
+    /// One agent's batch: records that fail [`check_record`] are counted and dropped; the rest
+    /// folded into the graph, then stored. Returns the records accepted.
     pub fn ingest(
         &self,
         node: &str,
-        records: Vec<pb::FlowRecord>,
+        mut records: Vec<pb::FlowRecord>,
         dropped_by_agent: u64,
     ) -> Result<u64, FlowPipelineError> {
+        records.retain(|r| match check_record(r) {
+            Ok(()) => true,
+            Err(why) => {
+                if let Some(i) = FlowRejection::ALL.iter().position(|w| *w == why) {
+                    self.rejected[i].fetch_add(1, Ordering::Relaxed);
+                }
+                false
+            }
+        });
         let directory = self.directory();
         {
             let mut graph = self.graph.lock().map_err(|_| FlowPipelineError::Poisoned)?;
@@ -967,195 +1054,4 @@ impl Graph {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ruleset::{Endpoint, RuleSet};
-
-    fn ep(id: u32, ns: &str, pod: &str, workload: Option<&str>, ip: &str) -> Endpoint {
-        Endpoint {
-            id,
-            namespace: ns.into(),
-            pod: pod.into(),
-            workload: workload.map(str::to_string),
-            identity: 300 + id,
-            ips: vec![ip.parse().expect("ip")],
-            interface: None,
-            quarantined: false,
-            policy: 300 + id,
-        }
-    }
-
-    fn rec(
-        endpoint: &str,
-        direction: &str,
-        src: &str,
-        dst: &str,
-        verdict: &str,
-        rule: &str,
-    ) -> pb::FlowRecord {
-        pb::FlowRecord {
-            endpoint: endpoint.into(),
-            direction: direction.into(),
-            src: src.into(),
-            dst: dst.into(),
-            dst_port: 80,
-            protocol: 6,
-            verdict: verdict.into(),
-            rule: rule.into(),
-            time_unix_nanos: 5,
-            bytes: 60,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn edges_not_seen_since_the_cutoff_expire_with_their_lone_workloads() {
-        let rs = RuleSet {
-            node: "n1".into(),
-            endpoints: vec![
-                ep(1, "shop", "web-0", Some("Deployment/web"), "10.0.0.1"),
-                ep(2, "shop", "api-0", Some("Deployment/api"), "10.0.0.2"),
-                ep(3, "tools", "debug", None, "10.0.0.3"),
-            ],
-            ..Default::default()
-        };
-        let dir = Directory::from_rulesets([&rs]);
-        let mut g = ServiceGraph::default();
-        let at = |mut r: pb::FlowRecord, t: u64| {
-            r.time_unix_nanos = t;
-            r
-        };
-        let old = rec(
-            "shop/api-0",
-            "ingress",
-            "10.0.0.3",
-            "10.0.0.2",
-            "denied",
-            "d",
-        );
-        // A pod-to-pod connection counts where it arrives.
-        let new = rec(
-            "shop/api-0",
-            "ingress",
-            "10.0.0.1",
-            "10.0.0.2",
-            "allowed",
-            "a",
-        );
-        g.add(&dir, &at(old, 100));
-        g.add(&dir, &at(new.clone(), 100));
-        g.add(&dir, &at(new, 300));
-        assert_eq!(g.len(), (3, 2));
-        assert_eq!(g.expire(50), 0, "nothing is older than 50");
-        assert_eq!(g.expire(200), 1, "debug → api was last seen at 100");
-        assert_eq!(g.len(), (2, 1), "tools/debug left with its only edge");
-        let ids: Vec<String> = g.graph().nodes.into_iter().map(|n| n.id).collect();
-        assert!(!ids.iter().any(|id| id.contains("debug")), "{ids:?}");
-        assert_eq!(
-            g.by_verdict().map(|(_, n)| n).sum::<u64>(),
-            3,
-            "the metric counters keep every record"
-        );
-        assert_eq!(g.expire(400), 1);
-        assert_eq!(g.len(), (0, 0));
-    }
-
-    #[test]
-    fn a_connection_counts_once_and_denials_name_their_rule() {
-        let rs = RuleSet {
-            node: "n1".into(),
-            endpoints: vec![
-                ep(1, "shop", "web-0", Some("Deployment/web"), "10.0.0.1"),
-                ep(2, "shop", "api-0", Some("Deployment/api"), "10.0.0.2"),
-                ep(3, "tools", "debug", None, "10.0.0.3"),
-            ],
-            ..Default::default()
-        };
-        let dir = Directory::from_rulesets([&rs]);
-        let mut g = ServiceGraph::default();
-        // web → api allowed, reported at both ends.
-        g.add(
-            &dir,
-            &rec(
-                "shop/web-0",
-                "egress",
-                "10.0.0.1",
-                "10.0.0.2",
-                "allowed",
-                "default allow",
-            ),
-        );
-        g.add(
-            &dir,
-            &rec(
-                "shop/api-0",
-                "ingress",
-                "10.0.0.1",
-                "10.0.0.2",
-                "allowed",
-                "NetworkPolicy shop/api ingress[0]",
-            ),
-        );
-        // debug → api denied at api's ingress.
-        g.add(
-            &dir,
-            &rec(
-                "shop/api-0",
-                "ingress",
-                "10.0.0.3",
-                "10.0.0.2",
-                "denied",
-                "NetworkPolicy shop/api ingress default-deny",
-            ),
-        );
-        // world → web allowed at web's ingress.
-        g.add(
-            &dir,
-            &rec(
-                "shop/web-0",
-                "ingress",
-                "192.0.2.7",
-                "10.0.0.1",
-                "allowed",
-                "default allow",
-            ),
-        );
-        let graph = g.graph();
-        let edge = |s: &str, d: &str| {
-            graph
-                .edges
-                .iter()
-                .find(|e| e.src == s && e.dst == d)
-                .cloned()
-        };
-        let web_api = edge("shop/Deployment/web", "shop/Deployment/api").expect("web → api");
-        assert_eq!((web_api.allowed, web_api.denied), (1, 0));
-        let debug_api = edge("tools/Pod/debug", "shop/Deployment/api").expect("debug → api");
-        assert_eq!((debug_api.allowed, debug_api.denied), (0, 1));
-        assert!(
-            debug_api
-                .rules
-                .contains_key("NetworkPolicy shop/api ingress default-deny")
-        );
-        assert!(edge("world", "shop/Deployment/web").is_some());
-        assert_eq!(g.drops_by_rule().map(|(_, c)| c).sum::<u64>(), 1);
-        assert_eq!(g.records(), 4);
-        assert_eq!(g.len(), (4, 3));
-        assert_eq!(graph.nodes.len(), 4);
-        // The JSON written straight from the aggregate is the JSON of the graph, byte for byte.
-        assert_eq!(
-            g.to_json(),
-            serde_json::to_vec(&graph).expect("json"),
-            "{}",
-            String::from_utf8_lossy(&g.to_json())
-        );
-        let p = g.to_proto("tools");
-        assert_eq!((p.nodes.len(), p.edges.len()), (2, 1));
-        assert_eq!(Graph::from(g.to_proto("")).to_dot(), graph.to_dot());
-        let dot = graph.to_dot();
-        assert!(
-            dot.contains("cluster_") && dot.contains("color=red"),
-            "{dot}"
-        );
-    }
-}
+mod tests;

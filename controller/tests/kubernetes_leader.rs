@@ -347,7 +347,13 @@ async fn only_the_leader_serves_agents() {
     use pb::distribution_client::DistributionClient;
     use pb::distribution_server::DistributionServer;
 
-    let hub = Arc::new(Hub::new(PolicyEngine::empty(EngineConfig::default())));
+    // Agents are served only for nodes of the inventory.
+    let node = bulkhead_controller::Object::Node(bulkhead_controller::model::Node {
+        name: "node-a".into(),
+        labels: Default::default(),
+    });
+    let engine = PolicyEngine::new(EngineConfig::default(), vec![node]).expect("engine");
+    let hub = Arc::new(Hub::new(engine));
     let flows = Arc::new(Mutex::new(FlowStore::new(16)));
     let leadership = Arc::new(Leadership::default());
     leadership.set(false, "bulkhead-controller-7d9f-a");

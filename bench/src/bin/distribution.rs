@@ -108,7 +108,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let service = DistributionService::new(hub.clone(), Arc::new(Mutex::new(FlowStore::new(1024))));
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(bulkhead_proto::v1::distribution_server::DistributionServer::new(service))
+            .add_service(service.into_server())
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 

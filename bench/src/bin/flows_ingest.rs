@@ -496,9 +496,10 @@ fn main() -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(pb::distribution_server::DistributionServer::new(
-                    DistributionService::with_flow_pipeline(hub.clone(), pipeline.clone()),
-                ))
+                .add_service(
+                    DistributionService::with_flow_pipeline(hub.clone(), pipeline.clone())
+                        .into_server(),
+                )
                 .add_service(
                     pb::admin_server::AdminServer::new(
                         AdminService::new(hub.clone()).with_flows(pipeline.clone()),

@@ -31,6 +31,8 @@ pub enum FollowError {
     Apply(String),
     #[error("version {version} could not be realized: {reason}; resynchronising")]
     Realize { version: u64, reason: String },
+    #[error("cannot put a large message from the controller together: {0}; resynchronising")]
+    Parts(#[from] super::parts::PartError),
 }
 
 /// Where a follower stands: survives reconnects, so a hello can say what it realized.
@@ -134,6 +136,11 @@ impl Follower {
                 self.current = Some((epoch, rs.clone()));
                 Ok(Some((epoch, rs)))
             }
+            // Parts are put together before they get here (see `parts::Reassembly`).
+            Some(controller_message::Msg::Part(_)) => Err(FollowError::Decode {
+                what: "a message",
+                reason: "a part of a larger message arrived unassembled".into(),
+            }),
             None => Ok(None),
         }
     }
@@ -187,13 +194,21 @@ where
     F: FnMut(Arc<RuleSet>) -> Fut,
     Fut: Future<Output = Result<Realized, String>>,
 {
-    let mut client = DistributionClient::new(channel);
+    let mut client = DistributionClient::new(channel)
+        .max_decoding_message_size(super::parts::AGENT_MESSAGE_BYTES)
+        .max_encoding_message_size(super::parts::SERVER_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<AgentMessage>(16);
     // The queue is empty and ours: this cannot fail.
     let _ = tx.try_send(follower.hello());
     let mut inbound = client.sync(ReceiverStream::new(rx)).await?.into_inner();
     connected();
+    // Large rule sets and deltas come in parts; a stream that breaks off halfway leaves
+    // nothing behind (the next session starts a fresh reassembly).
+    let mut parts = super::parts::Reassembly::default();
     while let Some(msg) = inbound.message().await? {
+        let Some(msg) = parts.push(msg)? else {
+            continue;
+        };
         let Some((epoch, rs)) = follower.next(msg)? else {
             continue;
         };

@@ -5,9 +5,9 @@
 //! holds up the others and never receives a gap.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Instant, SystemTime, UNIX_EPOCH},
@@ -93,6 +93,11 @@ pub struct HubCounters {
     pub resyncs: AtomicU64,
     pub snapshots: AtomicU64,
     pub changes_applied: AtomicU64,
+    /// Acks refused: for a version the stream was never sent (a forged or confused agent).
+    pub acks_refused: AtomicU64,
+    /// Sync calls and flow reports refused because they named a node the inventory does not
+    /// have.
+    pub unknown_nodes: AtomicU64,
 }
 
 pub struct Hub {
@@ -100,6 +105,10 @@ pub struct Hub {
     state: Mutex<HubState>,
     /// Per node. Lock order: `state`, then `acks`.
     acks: Mutex<HashMap<String, AckState>>,
+    /// The names of `state.nodes`, apart: every flow batch asks, and must not wait for a change
+    /// being compiled under `state`. Only grows, like `state.nodes`. Lock order: `state`, then
+    /// this.
+    known: RwLock<HashSet<String>>,
     next_subscriber: AtomicU64,
     /// Bumped whenever some node's rule set changes (so the flow pipeline knows when to
     /// rebuild its address directory, without copying rule sets to find out).
@@ -117,6 +126,10 @@ pub enum HubError {
         "the hub's state lock is poisoned (a previous change panicked); restart the controller"
     )]
     Poisoned,
+    #[error(
+        "node {0} is not in the controller's inventory; check the agent's --node against the cluster's Node names"
+    )]
+    UnknownNode(String),
 }
 
 impl Hub {
@@ -132,7 +145,7 @@ impl Hub {
     }
 
     pub fn with_epoch(engine: PolicyEngine, epoch: u64) -> Hub {
-        let nodes = engine
+        let nodes: BTreeMap<String, NodeEntry> = engine
             .rulesets()
             .into_iter()
             .map(|(name, ruleset)| {
@@ -147,6 +160,7 @@ impl Hub {
             .collect();
         Hub {
             epoch,
+            known: RwLock::new(nodes.keys().cloned().collect()),
             state: Mutex::new(HubState { engine, nodes }),
             acks: Mutex::new(HashMap::new()),
             next_subscriber: AtomicU64::new(1),
@@ -192,6 +206,11 @@ impl Hub {
         // to date (under the same lock: a subscription sees either neither or both).
         let mut stale = Vec::new();
         for (i, delta) in deltas.iter().enumerate() {
+            if !state.nodes.contains_key(&delta.node)
+                && let Ok(mut known) = self.known.write()
+            {
+                known.insert(delta.node.clone());
+            }
             let entry = state.nodes.entry(delta.node.clone()).or_default();
             if entry.ruleset.version != delta.from_version {
                 // Cannot happen while the hub is the only writer; recover with the engine's view.
@@ -263,13 +282,24 @@ impl Hub {
         Some(f(&mut state.nodes.values().map(|e| &e.ruleset)))
     }
 
+    /// Whether `node` has (or had) a rule set: a node of the inventory. Only such nodes may be
+    /// followed or report flows, so what agents call themselves never adds to the hub's state.
+    /// Does not wait for a change being compiled.
+    pub fn knows_node(&self, node: &str) -> bool {
+        self.known.read().is_ok_and(|k| k.contains(node))
+    }
+
     /// Starts following `node`: a snapshot of its current rule set and the queue of updates
-    /// after it, taken atomically so nothing falls between them.
+    /// after it, taken atomically so nothing falls between them. Refused for a node the
+    /// inventory never had.
     pub fn subscribe(&self, node: &str) -> Result<Subscription, HubError> {
         let mut state = self.lock()?;
+        let Some(entry) = state.nodes.get_mut(node) else {
+            self.counters.unknown_nodes.fetch_add(1, Ordering::Relaxed);
+            return Err(HubError::UnknownNode(node.to_string()));
+        };
         let id = self.next_subscriber.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
-        let entry = state.nodes.entry(node.to_string()).or_default();
         if entry.ruleset.node.is_empty() {
             entry.ruleset.node = node.to_string();
         }
@@ -297,7 +327,14 @@ impl Hub {
         }
     }
 
-    /// Records an agent's acknowledgement. Acks from another epoch are ignored.
+    /// Counts an ack refused by the stream it came on (see [`SentVersions`]).
+    pub fn refuse_ack(&self) {
+        self.counters.acks_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records an agent's acknowledgement. Acks from another epoch are ignored. The caller
+    /// checks that the version was sent to that agent ([`SentVersions`]): the hub believes what
+    /// it is told here.
     pub fn ack(
         &self,
         node: &str,
@@ -426,5 +463,66 @@ impl Hub {
                 },
             )
             .collect()
+    }
+}
+
+/// What one stream may ack: a version from the last one its agent acked (at first, the first one
+/// sent) up to the newest one sent. A version is recorded before it is sent, so an honest ack
+/// always falls inside; an ack for a version never sent on the stream (a future one, one sent to
+/// another stream before this one opened) falls outside and is refused. A new stream starts empty:
+/// a reconnect resets what may be acked. (A version skipped by a resynchronisation lies inside;
+/// acking it claims less than the stream was sent, never more.)
+#[derive(Debug, Default)]
+pub struct SentVersions {
+    /// (lowest that may be acked, newest sent).
+    range: Mutex<Option<(u64, u64)>>,
+}
+
+impl SentVersions {
+    pub fn sent(&self, version: u64) {
+        if let Ok(mut r) = self.range.lock() {
+            *r = Some(match *r {
+                None => (version, version),
+                Some((low, newest)) => (low, newest.max(version)),
+            });
+        }
+    }
+
+    /// Whether `version` may be acked on this stream; acking it retires every older one (an
+    /// agent acks in order). The same version may be acked twice: a resync snapshot of the
+    /// version a delta just brought is acked again.
+    pub fn take_ack(&self, version: u64) -> bool {
+        let Ok(mut r) = self.range.lock() else {
+            return false;
+        };
+        match r.as_mut() {
+            Some((low, newest)) if *low <= version && version <= *newest => {
+                *low = version;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod sent_versions_tests {
+    use super::SentVersions;
+
+    #[test]
+    fn only_versions_sent_and_not_yet_passed_may_be_acked() {
+        let s = SentVersions::default();
+        assert!(!s.take_ack(0), "nothing sent yet");
+        s.sent(5);
+        assert!(!s.take_ack(4) && !s.take_ack(6) && !s.take_ack(u64::MAX));
+        s.sent(6);
+        s.sent(7);
+        assert!(s.take_ack(6));
+        assert!(!s.take_ack(5), "older than an ack");
+        assert!(s.take_ack(6) && s.take_ack(7));
+        assert!(!s.take_ack(8));
+        // A resync snapshot of the version already sent.
+        s.sent(7);
+        assert!(s.take_ack(7));
     }
 }

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod follower;
 pub mod hub;
+pub mod parts;
 pub mod quarantine;
 pub mod service;
 pub mod source;

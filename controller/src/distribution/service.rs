@@ -12,13 +12,14 @@ use bulkhead_proto::v1::{
     NodeStatusResponse, PolicyStatusRequest, PolicyStatusResponse, admin_server::Admin,
     agent_message, controller_message, distribution_server::Distribution,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
     auth::{self, ClientPolicy},
-    hub::Hub,
+    hub::{Hub, HubError, SentVersions},
+    parts,
 };
 use crate::flows::{Directory, FlowFilter, FlowPipeline, ServiceGraph};
 
@@ -163,6 +164,14 @@ impl DistributionService {
         self.clients = clients;
         self
     }
+
+    /// The gRPC service with its message size limits set (see [`parts`]): what the controller
+    /// serves agents.
+    pub fn into_server(self) -> pb::distribution_server::DistributionServer<Self> {
+        pb::distribution_server::DistributionServer::new(self)
+            .max_decoding_message_size(parts::SERVER_MESSAGE_BYTES)
+            .max_encoding_message_size(parts::SERVER_MESSAGE_BYTES)
+    }
 }
 
 /// Who the audit log names: the certificate's holder, with what the client said of itself when
@@ -180,6 +189,53 @@ fn version(epoch: u64, version: u64) -> Option<pb::Version> {
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+/// The hub subscription a stream holds: ends when this is dropped, however the stream's task
+/// ends (even before it first ran), so a stream that is gone never shows its node connected.
+struct Following {
+    hub: Arc<Hub>,
+    node: String,
+    id: u64,
+}
+
+impl Following {
+    /// Follows the subscription `id` instead (after a resynchronisation).
+    fn replace(&mut self, id: u64) {
+        let old = std::mem::replace(&mut self.id, id);
+        self.hub.unsubscribe(&self.node, old);
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.hub.unsubscribe(&self.node, self.id);
+    }
+}
+
+/// Longest node name: a Kubernetes Node name is a DNS subdomain.
+const MAX_NODE_NAME: usize = 253;
+
+/// Refuses a node name no Kubernetes node can have before it is looked up or logged.
+fn check_node_name(node: &str) -> Result<(), Status> {
+    if node.len() > MAX_NODE_NAME {
+        return Err(Status::invalid_argument(format!(
+            "a {}-byte node name; node names are at most {MAX_NODE_NAME} bytes (pass the Kubernetes Node name)",
+            node.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Sends `msg` whole, or in parts when it is large (see [`parts`]).
+async fn send(
+    out: &mpsc::Sender<Result<ControllerMessage, Status>>,
+    msg: ControllerMessage,
+) -> Result<(), ()> {
+    for m in parts::split(msg, parts::PART_BYTES) {
+        out.send(Ok(m)).await.map_err(|_| ())?;
+    }
+    Ok(())
+}
 
 #[tonic::async_trait]
 impl Distribution for DistributionService {
@@ -208,66 +264,134 @@ impl Distribution for DistributionService {
         if node.is_empty() {
             return Err(Status::invalid_argument("hello names no node; pass --node"));
         }
+        check_node_name(&node)?;
         self.clients.may_act_for_node(caller.as_deref(), &node)?;
+        // Subscribed before the call answers: a node the inventory does not have is refused
+        // here, and leaves nothing behind.
+        let first = self.hub.subscribe(&node).map_err(|e| match e {
+            HubError::UnknownNode(_) => {
+                tracing::warn!(node = %node, "refused an agent for a node the inventory does not have");
+                Status::not_found(e.to_string())
+            }
+            e => Status::internal(e.to_string()),
+        })?;
         tracing::info!(node = %node, realized = ?hello.realized, "agent connected");
         let (out_tx, out_rx) = mpsc::channel::<Result<ControllerMessage, Status>>(16);
         let hub = self.hub.clone();
-        let epoch = hub.epoch();
+        let sent = Arc::new(SentVersions::default());
+        // Why the agent's side ended: it went away (None), or it broke the protocol. Dropped
+        // unsent when the agent only closed its half (it still reads what we send).
+        let (gone_tx, gone_rx) = oneshot::channel::<Option<Status>>();
 
-        // Acks from the agent.
+        // Acks from the agent, each checked against what this stream sent. The end of the
+        // inbound stream is the agent going away: the outbound side stops at once.
         {
             let hub = hub.clone();
             let node = node.clone();
+            let sent = sent.clone();
             tokio::spawn(async move {
-                while let Ok(Some(msg)) = inbound.message().await {
-                    if let Some(agent_message::Msg::Ack(ack)) = msg.msg {
-                        let v = ack.version.unwrap_or_default();
-                        let err = (!ack.ok).then_some(ack.error);
-                        if let Some(e) = &err {
-                            tracing::warn!(node = %node, version = v.version, error = %e, "agent could not realize a rule set");
+                let why = loop {
+                    let msg = match inbound.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => {
+                            tracing::debug!(node = %node, "agent closed its side of the stream");
+                            return;
                         }
-                        hub.ack(&node, v.epoch, v.version, err, ack.connections_cut);
+                        Err(e) => {
+                            tracing::debug!(node = %node, error = %e, "agent stream broke");
+                            break None;
+                        }
+                    };
+                    let Some(agent_message::Msg::Ack(ack)) = msg.msg else {
+                        continue;
+                    };
+                    let v = ack.version.unwrap_or_default();
+                    if v.epoch != hub.epoch() || !sent.take_ack(v.version) {
+                        hub.refuse_ack();
+                        tracing::warn!(node = %node, epoch = v.epoch, version = v.version, "refused an ack for a version this stream was not sent; closing it");
+                        break Some(Status::invalid_argument(format!(
+                            "ack for version {} of epoch {}, which this stream was not sent; acks name versions the controller sent",
+                            v.version, v.epoch
+                        )));
                     }
-                }
+                    let err = (!ack.ok).then_some(ack.error);
+                    if let Some(e) = &err {
+                        tracing::warn!(node = %node, version = v.version, error = %e, "agent could not realize a rule set");
+                    }
+                    hub.ack(&node, v.epoch, v.version, err, ack.connections_cut);
+                };
                 tracing::info!(node = %node, "agent disconnected");
+                let _ = gone_tx.send(why);
             });
         }
 
         // Snapshot, then deltas; a closed queue (the agent fell behind) means a fresh snapshot.
+        // Stops as soon as the agent is gone (its inbound stream ended, or nobody reads the
+        // outbound one); dropping `following` unsubscribes.
+        let epoch = hub.epoch();
+        let mut following = Following {
+            hub: hub.clone(),
+            node: node.clone(),
+            id: first.id,
+        };
         tokio::spawn(async move {
-            loop {
-                let mut sub = match hub.subscribe(&node) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = out_tx.send(Err(Status::internal(e.to_string()))).await;
-                        return;
-                    }
-                };
-                let snapshot = ControllerMessage {
-                    msg: Some(controller_message::Msg::Snapshot(pb::Snapshot {
-                        version: version(epoch, sub.snapshot.version),
-                        ruleset_json: std::mem::take(&mut sub.snapshot_json),
-                    })),
-                };
-                if out_tx.send(Ok(snapshot)).await.is_err() {
-                    hub.unsubscribe(&node, sub.id);
-                    return;
-                }
-                while let Some(u) = sub.updates.recv().await {
-                    let msg = ControllerMessage {
-                        msg: Some(controller_message::Msg::Delta(pb::Delta {
-                            from: version(epoch, u.from),
-                            version: version(epoch, u.version),
-                            delta_json: u.delta_json.as_ref().clone(),
-                            priority: u.priority,
+            let closed = out_tx.clone();
+            let follow = async {
+                let mut sub = first;
+                loop {
+                    sent.sent(sub.snapshot.version);
+                    let snapshot = ControllerMessage {
+                        msg: Some(controller_message::Msg::Snapshot(pb::Snapshot {
+                            version: version(epoch, sub.snapshot.version),
+                            ruleset_json: std::mem::take(&mut sub.snapshot_json),
                         })),
                     };
-                    if out_tx.send(Ok(msg)).await.is_err() {
-                        hub.unsubscribe(&node, sub.id);
+                    if send(&out_tx, snapshot).await.is_err() {
                         return;
                     }
+                    while let Some(u) = sub.updates.recv().await {
+                        sent.sent(u.version);
+                        let msg = ControllerMessage {
+                            msg: Some(controller_message::Msg::Delta(pb::Delta {
+                                from: version(epoch, u.from),
+                                version: version(epoch, u.version),
+                                delta_json: u.delta_json.as_ref().clone(),
+                                priority: u.priority,
+                            })),
+                        };
+                        if send(&out_tx, msg).await.is_err() {
+                            return;
+                        }
+                    }
+                    tracing::info!(node = %node, "agent fell behind; sending a fresh snapshot");
+                    sub = match hub.subscribe(&node) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            // The node left the inventory (or the hub broke): the agent
+                            // reconnects and is told which.
+                            let _ = out_tx.send(Err(Status::internal(e.to_string()))).await;
+                            return;
+                        }
+                    };
+                    following.replace(sub.id);
                 }
-                tracing::info!(node = %node, "agent fell behind; sending a fresh snapshot");
+            };
+            let gone = async {
+                match gone_rx.await {
+                    Ok(why) => why,
+                    // Half-closed: follow until nobody reads.
+                    Err(_) => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = follow => {}
+                () = closed.closed() => {}
+                why = gone => {
+                    if let Some(status) = why {
+                        // Best effort: an agent that reads nothing does not hold this task.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), closed.send(Err(status))).await;
+                    }
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
@@ -282,8 +406,20 @@ impl Distribution for DistributionService {
         let mut accepted = 0u64;
         while let Some(batch) = inbound.next().await {
             let batch = batch?;
+            check_node_name(&batch.node)?;
             self.clients
                 .may_act_for_node(caller.as_deref(), &batch.node)?;
+            // The node's name is stored with every record: only the inventory's names.
+            if !self.hub.knows_node(&batch.node) {
+                self.hub
+                    .counters
+                    .unknown_nodes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(node = %batch.node, "refused flow reports for a node the inventory does not have");
+                return Err(Status::not_found(
+                    HubError::UnknownNode(batch.node).to_string(),
+                ));
+            }
             accepted += self
                 .flows
                 .ingest(&batch.node, batch.records, batch.dropped)

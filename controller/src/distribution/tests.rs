@@ -182,7 +182,7 @@ proptest! {
             let addr = listener.local_addr().map_err(|e| e.to_string())?;
             tokio::spawn(
                 tonic::transport::Server::builder()
-                    .add_service(bulkhead_proto::v1::distribution_server::DistributionServer::new(service))
+                    .add_service(service.into_server())
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
             );
             let realized: Realized = Arc::default();
