@@ -18,7 +18,7 @@ use bulkhead_agent::{
     metrics::AgentMetrics,
     sync::{Enforcer, RouteResolver},
 };
-use bulkhead_controller::ruleset::RuleSet;
+use bulkhead_ruleset::RuleSet;
 use clap::{Args, Subcommand};
 
 #[derive(Args)]
@@ -541,7 +541,7 @@ async fn follow_file(r: &Realizer, node: &str, path: PathBuf, rs: RuleSet) -> an
 /// interface that went away or was created again (a pod's sandbox recreated under the same
 /// veth name) is applied again within a second.
 async fn follow_controller(r: &Realizer, node: &str, target: crate::certs::ControllerTarget) {
-    use bulkhead_controller::distribution::follower::{Follower, run_session};
+    use bulkhead_proto::follower::{Follower, run_session};
     let mut follower = Follower::new(node);
     let mut backoff = Duration::from_millis(100);
     let missing = std::sync::atomic::AtomicBool::new(false);
@@ -584,7 +584,7 @@ async fn follow_controller(r: &Realizer, node: &str, target: crate::certs::Contr
                                 if let Ok(mut l) = r.last.lock() {
                                     *l = Some(rs);
                                 }
-                                Ok(bulkhead_controller::distribution::follower::Realized {
+                                Ok(bulkhead_proto::follower::Realized {
                                     connections_cut: report.connections_cut as u64,
                                 })
                             }
@@ -706,8 +706,8 @@ fn to_proto(r: &FlowRecord) -> bulkhead_proto::v1::FlowRecord {
         time_unix_nanos: nanos,
         endpoint: r.endpoint.clone(),
         direction: match r.direction {
-            bulkhead_controller::ruleset::Direction::Ingress => "ingress".into(),
-            bulkhead_controller::ruleset::Direction::Egress => "egress".into(),
+            bulkhead_ruleset::Direction::Ingress => "ingress".into(),
+            bulkhead_ruleset::Direction::Egress => "egress".into(),
         },
         src: r.src.to_string(),
         dst: r.dst.to_string(),

@@ -78,8 +78,9 @@ use crate::ruleset::{
     RuleRef, RuleSet, Tier, identity,
 };
 
-/// Endpoint ids are below this (the data plane sizes its per-node tables by it).
-pub const MAX_ENDPOINT_ID: u32 = 4096;
+/// Endpoint ids are below this: the data plane's per-node tables are sized by it
+/// (`bulkhead_common::MAX_ENDPOINTS`, through the rule-set contract).
+pub const MAX_ENDPOINT_ID: u32 = crate::ruleset::MAX_ENDPOINTS;
 
 /// Priority of a Quarantine's deny-all entry; its exceptions have priority 0.
 pub const QUARANTINE_DENY_PRIORITY: u16 = 1;

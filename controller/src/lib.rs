@@ -4,11 +4,12 @@
 //! - [`load`] reads Kubernetes YAML (with validation) into [`model::Object`]s;
 //! - [`engine::PolicyEngine`] compiles them and keeps per-node rule sets up to date
 //!   ([`engine::Change`] in, [`ruleset::NodeDelta`]s out);
-//! - [`conntrack`] is the reference model of the kernel's connection tracking;
 //! - [`reachability`] answers "may A talk to B, and why" from the compiled rule sets;
 //! - [`service_policy`] documents Bulkhead's own ServicePolicy kind and where it sits.
+//!
+//! The rule-set contract (what a node's rule set is, precedence, the reference conntrack model)
+//! lives in `bulkhead-ruleset`, which the agent shares; it is re-exported here as [`ruleset`].
 
-pub mod conntrack;
 pub mod distribution;
 pub mod engine;
 pub mod error;
@@ -18,10 +19,10 @@ pub mod kubernetes;
 pub mod load;
 pub mod model;
 pub mod reachability;
-pub mod ruleset;
 pub mod selector;
 pub mod service_policy;
 
+pub use bulkhead_ruleset as ruleset;
 pub use engine::{Change, EngineConfig, PolicyEngine};
 pub use error::{EngineError, FieldError, InputError};
 pub use identity::LabelFilter;

@@ -15,11 +15,7 @@ use std::{
 
 use bulkhead_controller::{
     Change, EngineConfig, Object, PolicyEngine,
-    distribution::{
-        DistributionService, FlowStore, Hub,
-        follower::{Follower, run_session},
-        parts,
-    },
+    distribution::{DistributionService, FlowStore, Hub},
     flows::{FlowPipeline, ServiceGraph},
     load_str,
     model::{
@@ -29,6 +25,8 @@ use bulkhead_controller::{
     ruleset::{Action, Direction, RuleKind, RuleSet, Tier},
     selector::Selector,
 };
+use bulkhead_proto::follower::{Follower, run_session};
+use bulkhead_proto::parts;
 use bulkhead_proto::v1::{
     self as pb, AgentMessage, ControllerMessage, agent_message, controller_message,
     distribution_client::DistributionClient,

@@ -370,7 +370,7 @@ async fn only_the_leader_serves_agents() {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let hello = || {
-        let follower = bulkhead_controller::distribution::follower::Follower::new("node-a");
+        let follower = bulkhead_proto::follower::Follower::new("node-a");
         tokio_stream::iter(vec![follower.hello()])
     };
     let mut client = DistributionClient::connect(format!("http://{addr}"))

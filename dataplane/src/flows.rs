@@ -12,7 +12,7 @@ use bulkhead_common::{
     DIR_INGRESS, EVENT_AUDIT, EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, FAMILY_V4, FlowEvent,
     RULE_UNRELATED_ICMP_ERROR, VERDICT_ALLOW, reason,
 };
-use bulkhead_controller::ruleset::{Direction, RuleSet};
+use bulkhead_ruleset::{Direction, RuleSet};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 

@@ -7,7 +7,7 @@
 //! The longest matching block under the peer's identity (else under the wildcard) is then
 //! always a key whose covering entries are exactly the entries that match the packet (port
 //! blocks are aligned prefixes, so two blocks that contain one port are nested), and its value
-//! equals the reference [`decide_direction`](bulkhead_controller::ruleset::decide_direction).
+//! equals the reference [`decide_direction`](bulkhead_ruleset::decide_direction).
 //!
 //! [`policy_tables`] splits them over three kernel maps so that a new connection costs hash
 //! lookups, not trie walks whose depth grows with the number of keys:
@@ -23,7 +23,7 @@ use bulkhead_common::{
     DIR_EGRESS, DIR_INGRESS, POLICY_KEY_FIXED_BITS, PROTO_OTHER, PolicyKey, PolicySummary,
     PolicyValue, SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY, port_bloom,
 };
-use bulkhead_controller::ruleset::{
+use bulkhead_ruleset::{
     Decision, Direction, DirectionPolicy, EndpointPolicy, PolicyEntry, PortRange, Protocol,
     Verdict, identity, resolve,
 };
@@ -343,7 +343,7 @@ pub fn lookup(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bulkhead_controller::ruleset::{Action, Tier, decide_direction};
+    use bulkhead_ruleset::{Action, Tier, decide_direction};
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     #[test]

@@ -12,7 +12,7 @@
 
 use std::{net::IpAddr, process::Command, time::Duration};
 
-use bulkhead_controller::ruleset::Endpoint;
+use bulkhead_ruleset::Endpoint;
 use serde_json::Value;
 
 /// Finds the host-side interface of an endpoint.

@@ -20,7 +20,7 @@ use bulkhead_common::{
     EndpointInfo, IPCACHE_QUARANTINED, IpCacheValue, PolicyKey, PolicyValue, PrefilterKey,
     PrefilterValue, QuarantineAllowKey, VERDICT_DENY, endpoint_flags,
 };
-use bulkhead_controller::ruleset::{Endpoint, EndpointPolicy, PolicyGroupId, RuleSet, identity};
+use bulkhead_ruleset::{Endpoint, EndpointPolicy, PolicyGroupId, RuleSet, identity};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
 pub use crate::resolve::{InterfaceResolver, RouteResolver};

@@ -1,6 +1,6 @@
 //! Tier 2 for connection tracking: the real eBPF object under BPF_PROG_TEST_RUN, on packet
 //! sequences that open, reply to, revoke and re-open connections, compared with the reference
-//! model (`bulkhead_controller::conntrack`) verdict for verdict.
+//! model (`bulkhead_ruleset::conntrack`) verdict for verdict.
 //!
 //! Each test works in a network namespace of its own with an interface `ep0` standing for a
 //! pod's host-side veth, and pins under a bpffs directory of its own; both go away when the test
@@ -16,11 +16,9 @@ use bulkhead_agent::{
     sync::{Enforcer, RouteResolver},
 };
 use bulkhead_common::{FlowEvent, reason};
-use bulkhead_controller::{
+use bulkhead_ruleset::{
+    Direction, DirectionPolicy, EndpointPolicy, PolicyEntry, PortRange, Protocol, Verdict,
     conntrack::{ConnTracker, Judgement, TrackedPacket},
-    ruleset::{
-        Direction, DirectionPolicy, EndpointPolicy, PolicyEntry, PortRange, Protocol, Verdict,
-    },
 };
 use common::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -198,7 +196,7 @@ fn conntrack_keys_follow_the_agents_order_and_clock() {
         const PEER2_V6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1];
         let mut rs = base_ruleset(1, ep, policy);
         for net in ["10.0.1.1/32", "fd00::1:1/128"] {
-            rs.ipcache.push(bulkhead_controller::ruleset::IpCacheEntry {
+            rs.ipcache.push(bulkhead_ruleset::IpCacheEntry {
                 cidr: net.parse().expect("cidr"),
                 identity: 301,
                 quarantined: false,
@@ -699,11 +697,10 @@ fn kernel_conntrack_agrees_with_the_reference_model() {
                     egress: random_direction(&mut rng, 2000),
                 };
                 let mut rs = base_ruleset(generation, ep.clone(), policy);
-                rs.ipcache
-                    .push(bulkhead_controller::ruleset::IpCacheEntry::new(
-                        "10.0.0.3/32".parse().expect("cidr"),
-                        302,
-                    ));
+                rs.ipcache.push(bulkhead_ruleset::IpCacheEntry::new(
+                    "10.0.0.3/32".parse().expect("cidr"),
+                    302,
+                ));
                 e.apply(&rs, &RouteResolver).expect("apply");
                 if newly {
                     model.cut(ep.id, generation);

@@ -23,7 +23,7 @@ use bulkhead_agent::{
     sync::{ApplyReport, Enforcer, RouteResolver},
 };
 use bulkhead_common::VERDICT_DENY;
-use bulkhead_controller::ruleset::{DirectionPolicy, EndpointPolicy, RuleSet, identity};
+use bulkhead_ruleset::{DirectionPolicy, EndpointPolicy, RuleSet, identity};
 use common::*;
 
 const SERVER: &str = "10.201.0.1:8080";

@@ -14,7 +14,7 @@ use bulkhead_agent::{
     privileged::check_privileged_test,
     sync::{Enforcer, RouteResolver},
 };
-use bulkhead_controller::ruleset::{
+use bulkhead_ruleset::{
     Action, DirectionPolicy, EndpointPolicy, PacketTuple, PolicyEntry, PortRange, Protocol, Tier,
     Verdict, decide,
 };
@@ -334,9 +334,9 @@ fn kernel_agrees_with_reference_decide() {
                     dst_port,
                 };
                 let direction = if to_pod {
-                    bulkhead_controller::ruleset::Direction::Ingress
+                    bulkhead_ruleset::Direction::Ingress
                 } else {
-                    bulkhead_controller::ruleset::Direction::Egress
+                    bulkhead_ruleset::Direction::Egress
                 };
                 let prog = if to_pod { PROG_TO_POD } else { PROG_FROM_POD };
                 // One packet in seven is cut short inside its transport header: dropped,
@@ -425,7 +425,7 @@ fn endpoints_of_a_group_share_its_keys_and_switch_together() {
         let rs = |version: u64, policy: EndpointPolicy| {
             let mut rs = base_ruleset(version, base_endpoint(), policy);
             rs.endpoints.push(second.clone());
-            rs.ipcache.push(bulkhead_controller::ruleset::IpCacheEntry {
+            rs.ipcache.push(bulkhead_ruleset::IpCacheEntry {
                 cidr: "10.0.0.4/32".parse().expect("cidr"),
                 identity: 300,
                 quarantined: false,
@@ -548,12 +548,7 @@ fn an_endpoint_without_its_group_is_locked_down() {
             protocol: Some(Protocol::Tcp),
             dst_port: Some(443),
         };
-        let want = decide(
-            &rs,
-            &ep,
-            bulkhead_controller::ruleset::Direction::Egress,
-            &tuple,
-        );
+        let want = decide(&rs, &ep, bulkhead_ruleset::Direction::Egress, &tuple);
         assert_eq!(
             want.verdict,
             Verdict::Deny,
@@ -750,7 +745,7 @@ fn ipv4_identities_live_in_a_dense_window_that_follows_the_pods() {
         let rules = move |version: u64, far: &[u8]| {
             let mut rs = base_ruleset(version, base_endpoint(), policy.clone());
             let mut add = |net: String, identity: u32| {
-                rs.ipcache.push(bulkhead_controller::ruleset::IpCacheEntry {
+                rs.ipcache.push(bulkhead_ruleset::IpCacheEntry {
                     cidr: net.parse().expect("cidr"),
                     identity,
                     quarantined: false,

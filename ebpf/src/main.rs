@@ -45,9 +45,9 @@ use bulkhead_common::{
 use parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Packet, Parsed};
 
 /// Identity of addresses no ipcache entry covers.
-const IDENTITY_WORLD: u32 = 2;
+const IDENTITY_WORLD: u32 = bulkhead_common::identity::WORLD;
 /// Wildcard peer identity in policy keys.
-const IDENTITY_ANY: u32 = u32::MAX;
+const IDENTITY_ANY: u32 = bulkhead_common::identity::ANY;
 
 /// Endpoints by host-side interface index, for indexes below [`ENDPOINT_SLOTS`]; a slot whose
 /// flags are 0 holds no endpoint (real endpoints always enforce at least one direction).

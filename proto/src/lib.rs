@@ -1,6 +1,13 @@
 //! Bulkhead's wire protocol (gRPC): rule-set distribution from the controller to its agents,
 //! flow reports from the agents, and the controller's admin API. See
 //! `proto/bulkhead/v1/distribution.proto` for the protocol's rules.
+//!
+//! - [`parts`] cuts controller messages too large to send whole into parts and puts them back;
+//! - [`follower`] is the agent's side of the distribution protocol, without the kernel: the agent
+//!   binary, the controller's tests and the benchmarks follow a node's stream through it.
+
+pub mod follower;
+pub mod parts;
 
 pub mod v1 {
     tonic::include_proto!("bulkhead.v1");

@@ -17,13 +17,11 @@ use anyhow::Context;
 use bulkhead_bench::{Rng, small_namespaces};
 use bulkhead_controller::{
     Change, EngineConfig, Object, PolicyEngine,
-    distribution::{
-        DistributionService, FlowStore, Hub,
-        follower::{Follower, run_session},
-    },
+    distribution::{DistributionService, FlowStore, Hub},
     model::PortSpec,
     ruleset::{PortRange, Protocol},
 };
+use bulkhead_proto::follower::{Follower, run_session};
 use clap::Parser;
 use tokio::sync::mpsc;
 

@@ -15,13 +15,11 @@ use anyhow::Context;
 use bulkhead_bench::{node_name, one_namespace};
 use bulkhead_controller::{
     EngineConfig, PolicyEngine,
-    distribution::{
-        DistributionService, FlowStore, Hub,
-        follower::{Follower, run_session},
-        parts,
-    },
+    distribution::{DistributionService, FlowStore, Hub},
 };
 use bulkhead_proto::{
+    follower::{Follower, run_session},
+    parts,
     prost::Message,
     v1::{self as pb, ControllerMessage, controller_message},
 };

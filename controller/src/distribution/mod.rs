@@ -3,9 +3,7 @@
 //! and [`source::ManifestSource`] feeds the engine from a directory of Kubernetes YAML.
 
 pub mod auth;
-pub mod follower;
 pub mod hub;
-pub mod parts;
 pub mod quarantine;
 pub mod service;
 pub mod source;

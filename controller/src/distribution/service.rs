@@ -16,10 +16,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
+use bulkhead_proto::parts;
+
 use super::{
     auth::{self, ClientPolicy},
     hub::{Hub, HubError, SentVersions},
-    parts,
 };
 use crate::flows::{Directory, FlowFilter, FlowPipeline, ServiceGraph};
 

@@ -11,10 +11,9 @@ use std::{
 use proptest::prelude::*;
 use tokio::task::JoinHandle;
 
-use super::{
-    DistributionService, FlowStore, Hub,
-    follower::{Follower, run_session},
-};
+use bulkhead_proto::follower::{Follower, run_session};
+
+use super::{DistributionService, FlowStore, Hub};
 use crate::{Change, EngineConfig, PolicyEngine, load_str, ruleset::RuleSet};
 
 const NODES: [&str; 3] = ["n1", "n2", "n3"];

@@ -14,7 +14,7 @@ use bulkhead_agent::{
     netns::Netns,
     sync::Enforcer,
 };
-use bulkhead_controller::ruleset::{
+use bulkhead_ruleset::{
     Action, DirectionPolicy, Endpoint, EndpointPolicy, IpCacheEntry, PolicyEntry, PortRange,
     Protocol, RuleSet, Tier, identity,
 };

@@ -19,8 +19,30 @@ pub const PROTO_OTHER: u8 = 255;
 /// Bits of a [`PolicyKey`] that must always match: policy id, identity, direction, protocol.
 pub const POLICY_KEY_FIXED_BITS: u32 = 80;
 
+/// Reserved security identities, the same in the programs and the rule-set contract.
+/// Allocated identities start at [`identity::FIRST_ALLOCATED_IDENTITY`]; CIDR identities at
+/// [`identity::FIRST_CIDR_IDENTITY`].
+pub mod identity {
+    /// No identity is known for the address. Matches only wildcard entries.
+    pub const UNKNOWN: u32 = 0;
+    /// The node itself (host network namespace).
+    pub const HOST: u32 = 1;
+    /// Anything outside the cluster that no CIDR identity covers.
+    pub const WORLD: u32 = 2;
+    pub const FIRST_ALLOCATED_IDENTITY: u32 = 256;
+    pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
+    /// Wildcard peer of a policy entry (and of a policy map key): every peer identity.
+    pub const ANY: u32 = u32::MAX;
+}
+
+/// Rule id of the built-in "no policy applies: allowed" default.
+pub const RULE_DEFAULT_ALLOW: u32 = 0;
 /// Rule id reported for ICMP errors that relate to no tracked connection (dropped).
 pub const RULE_UNRELATED_ICMP_ERROR: u32 = 0xffff_fff0;
+/// Rule id blamed when an endpoint names a policy group its rule set does not have: such an
+/// endpoint is denied everything (fail closed). Rule ids the controller allocates stay below
+/// [`RULE_UNRELATED_ICMP_ERROR`].
+pub const RULE_MISSING_POLICY: u32 = 0xffff_fff1;
 
 /// Reasons a packet was handled the way it was; index into the per-endpoint counters.
 pub mod reason {

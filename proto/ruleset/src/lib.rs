@@ -22,6 +22,8 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
+pub mod conntrack;
+
 /// Numeric security identity of a set of endpoints (or of a CIDR).
 pub type Identity = u32;
 /// Id of a rule, resolvable through [`RuleSet::rules`].
@@ -29,28 +31,18 @@ pub type RuleId = u32;
 /// Id of a policy group, a key of [`RuleSet::policies`].
 pub type PolicyGroupId = u32;
 
-/// Reserved identities. Allocated identities start at [`identity::FIRST_ALLOCATED_IDENTITY`]; CIDR identities
-/// at [`identity::FIRST_CIDR_IDENTITY`].
+/// Reserved identities (defined once, in `bulkhead-common`, for the programs and this contract).
 pub mod identity {
-    use super::Identity;
-    /// No identity is known for the address. Matches only wildcard entries.
-    pub const UNKNOWN: Identity = 0;
-    /// The node itself (host network namespace).
-    pub const HOST: Identity = 1;
-    /// Anything outside the cluster that no CIDR identity covers.
-    pub const WORLD: Identity = 2;
-    pub const FIRST_ALLOCATED_IDENTITY: Identity = 256;
-    pub const FIRST_CIDR_IDENTITY: Identity = 1 << 24;
-    /// Wildcard peer in a [`super::PolicyEntry`]: the entry matches every peer identity.
-    pub const ANY: Identity = u32::MAX;
+    pub use bulkhead_common::identity::*;
 }
 
-/// Rule id of the built-in "no policy applies: allowed" default.
-pub const RULE_DEFAULT_ALLOW: RuleId = 0;
-/// Rule id blamed when an endpoint names a policy group its rule set does not have: such an
-/// endpoint is denied everything (fail closed). The controller never produces one; the id lies
-/// above every rule id it allocates.
-pub const RULE_MISSING_POLICY: RuleId = 0xffff_fff1;
+/// Reserved rule ids (defined in `bulkhead-common`): the built-in default allow, the rule blamed
+/// for an endpoint whose policy group is missing, and the one reported for unrelated ICMP errors.
+pub use bulkhead_common::{RULE_DEFAULT_ALLOW, RULE_MISSING_POLICY, RULE_UNRELATED_ICMP_ERROR};
+
+/// Most endpoints one node's rule set may hold; endpoint ids lie below it (the programs' map
+/// sizes).
+pub use bulkhead_common::MAX_ENDPOINTS;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

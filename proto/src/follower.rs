@@ -5,7 +5,7 @@
 
 use std::{future::Future, sync::Arc, time::Instant};
 
-use bulkhead_proto::v1::{
+use crate::v1::{
     self as pb, AgentMessage, ControllerMessage, agent_message, controller_message,
     distribution_client::DistributionClient,
 };
@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::ruleset::{NodeDelta, RuleSet};
+use bulkhead_ruleset::{NodeDelta, RuleSet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
@@ -32,7 +32,7 @@ pub enum FollowError {
     #[error("version {version} could not be realized: {reason}; resynchronising")]
     Realize { version: u64, reason: String },
     #[error("cannot put a large message from the controller together: {0}; resynchronising")]
-    Parts(#[from] super::parts::PartError),
+    Parts(#[from] crate::parts::PartError),
 }
 
 /// Where a follower stands: survives reconnects, so a hello can say what it realized.
@@ -195,8 +195,8 @@ where
     Fut: Future<Output = Result<Realized, String>>,
 {
     let mut client = DistributionClient::new(channel)
-        .max_decoding_message_size(super::parts::AGENT_MESSAGE_BYTES)
-        .max_encoding_message_size(super::parts::SERVER_MESSAGE_BYTES);
+        .max_decoding_message_size(crate::parts::AGENT_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::parts::SERVER_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<AgentMessage>(16);
     // The queue is empty and ours: this cannot fail.
     let _ = tx.try_send(follower.hello());
@@ -204,7 +204,7 @@ where
     connected();
     // Large rule sets and deltas come in parts; a stream that breaks off halfway leaves
     // nothing behind (the next session starts a fresh reassembly).
-    let mut parts = super::parts::Reassembly::default();
+    let mut parts = crate::parts::Reassembly::default();
     while let Some(msg) = inbound.message().await? {
         let Some(msg) = parts.push(msg)? else {
             continue;

@@ -19,9 +19,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use crate::ruleset::{
-    Decision, Direction, Endpoint, PacketTuple, Protocol, RuleSet, Verdict, decide,
-};
+use crate::{Decision, Direction, Endpoint, PacketTuple, Protocol, RuleSet, Verdict, decide};
 
 /// One packet as conntrack sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,7 +225,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::ruleset::{
+    use crate::{
         Action, DirectionPolicy, EndpointPolicy, IpCacheEntry, PolicyEntry, PortRange, Tier,
     };
 

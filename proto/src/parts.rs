@@ -7,7 +7,7 @@
 //! level of its protobuf encoding, and the agent puts them back together up to
 //! [`MAX_REASSEMBLED_BYTES`]. The limits are set explicitly on both ends.
 
-use bulkhead_proto::{
+use crate::{
     prost::Message,
     v1::{self as pb, ControllerMessage, controller_message},
 };
