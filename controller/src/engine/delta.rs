@@ -1,0 +1,354 @@
+//! The journal turned into per-node rule-set deltas.
+
+use super::*;
+
+impl PolicyEngine {
+    pub(super) fn build_deltas(&mut self) -> Vec<NodeDelta> {
+        let mut j = std::mem::take(&mut self.journal);
+        let mut nodes: Vec<NodeIdx> = Vec::new();
+        for snap in j.pods.values().flatten() {
+            nodes.push(snap.node);
+        }
+        for pk in j.pods.keys() {
+            if let Some(st) = self.pods.get(pk) {
+                nodes.push(st.node);
+            }
+        }
+        for id in &j.dp_changed {
+            if let Some(st) = self.identities.get(id) {
+                nodes.extend(st.endpoints.keys().copied());
+            }
+        }
+        nodes.extend(j.all_ips.iter().copied());
+        nodes.extend(j.node_existed.keys().copied());
+        // Per node, sorted: which groups and rules it had before the change.
+        let mut groups: Vec<(NodeIdx, Identity, bool)> = j
+            .group_old
+            .iter()
+            .map(|((n, id), had)| (*n, *id, *had))
+            .collect();
+        groups.sort_unstable();
+        let mut rules: Vec<(NodeIdx, RuleId, bool)> = j
+            .rule_old
+            .iter()
+            .map(|((n, r), was)| (*n, *r, *was))
+            .collect();
+        rules.sort_unstable();
+        nodes.extend(groups.iter().map(|g| g.0));
+        nodes.extend(rules.iter().map(|r| r.0));
+        // A group's change is the same on every node that has it: computed once.
+        let mut policy_deltas: FxHashMap<Identity, Option<PolicyDelta>> = FxHashMap::default();
+        for (_, id, had) in &groups {
+            if !*had || policy_deltas.contains_key(id) {
+                continue;
+            }
+            let change = match (j.old_policy.get(id), self.identities.get(id)) {
+                (Some(old), Some(st)) if !Arc::ptr_eq(old, &st.policy) => {
+                    let d = PolicyDelta::between(old, &st.policy);
+                    (!d.is_empty_against(old)).then_some(d)
+                }
+                _ => None,
+            };
+            policy_deltas.insert(*id, change);
+        }
+        // Pods' new addresses must be (re)checked wherever they may now be carried.
+        let mut ip_checks = std::mem::take(&mut j.ip_checks);
+        let all: Vec<NodeIdx> = (0..self.nodes.len() as NodeIdx).collect();
+        for pk in j.pods.keys() {
+            if let Some(st) = self.pods.get(pk) {
+                // Every node carries a quarantined pod's addresses.
+                let everywhere: &[NodeIdx] = if st.quarantine.is_some() { &all } else { &[] };
+                let on = std::iter::once(st.node)
+                    .chain(
+                        self.ref_nodes
+                            .get(&st.identity)
+                            .into_iter()
+                            .flatten()
+                            .copied(),
+                    )
+                    .chain(self.world_nodes.iter().copied())
+                    .chain(everywhere.iter().copied());
+                for n in on {
+                    ip_checks.extend(st.pod.ips.iter().map(|ip| (n, *ip)));
+                }
+            }
+        }
+        // A node that appears gets every quarantined pod's addresses.
+        for (n, existed) in &j.node_existed {
+            if !*existed && self.nodes[*n as usize].exists() {
+                for pk in &self.quarantined_pods {
+                    if let Some(st) = self.pods.get(pk) {
+                        ip_checks.extend(st.pod.ips.iter().map(|ip| (*n, *ip)));
+                    }
+                }
+            }
+        }
+        ip_checks.sort_unstable();
+        ip_checks.dedup();
+        nodes.extend(ip_checks.iter().map(|c| c.0));
+        let all_nodes = !j.cidr_old.is_empty() || !j.renamed_rules.is_empty();
+        if all_nodes {
+            nodes.extend(0..self.nodes.len() as NodeIdx);
+        }
+        nodes.sort_unstable();
+        nodes.dedup();
+        // Touched pods by the addresses they had.
+        let mut old_at: FxHashMap<IpAddr, Vec<(&PodKey, &PodSnap)>> = FxHashMap::default();
+        for (pk, snap) in &j.pods {
+            if let Some(s) = snap {
+                for ip in &s.ips {
+                    old_at.entry(*ip).or_default().push((pk, s));
+                }
+            }
+        }
+        fn of_node<T>(v: &[(NodeIdx, T)], n: NodeIdx) -> &[(NodeIdx, T)] {
+            &v[v.partition_point(|x| x.0 < n)..v.partition_point(|x| x.0 <= n)]
+        }
+        let groups: Vec<(NodeIdx, (Identity, bool))> = groups
+            .into_iter()
+            .map(|(n, id, had)| (n, (id, had)))
+            .collect();
+        let rules: Vec<(NodeIdx, (RuleId, bool))> =
+            rules.into_iter().map(|(n, r, was)| (n, (r, was))).collect();
+        let mut deltas = Vec::with_capacity(nodes.len());
+        for n in nodes {
+            let parts = NodeParts {
+                ip_checks: of_node(&ip_checks, n),
+                groups: of_node(&groups, n),
+                rules: of_node(&rules, n),
+                policy_deltas: &policy_deltas,
+                old_at: &old_at,
+            };
+            if let Some(d) = self.node_delta(n, &j, parts) {
+                deltas.push(d);
+            }
+        }
+        deltas
+    }
+
+    pub(super) fn node_delta(
+        &mut self,
+        n: NodeIdx,
+        j: &Journal,
+        parts: NodeParts<'_>,
+    ) -> Option<NodeDelta> {
+        let NodeParts {
+            ip_checks,
+            groups,
+            rules,
+            policy_deltas,
+            old_at,
+        } = parts;
+        let existed = j
+            .node_existed
+            .get(&n)
+            .copied()
+            .unwrap_or_else(|| self.nodes[n as usize].exists());
+        let exists = self.nodes[n as usize].exists();
+        if !existed && !exists {
+            return None;
+        }
+        let mut delta = NodeDelta {
+            node: self.nodes[n as usize].name.clone(),
+            from_version: if existed {
+                self.nodes[n as usize].version
+            } else {
+                0
+            },
+            ..NodeDelta::default()
+        };
+        // Endpoints of touched pods.
+        let mut touched: Vec<&PodKey> = j.pods.keys().collect();
+        touched.sort();
+        for pk in touched {
+            let old = j
+                .pods
+                .get(pk)
+                .and_then(|s| s.as_ref())
+                .filter(|s| s.node == n && s.endpoint.is_some());
+            let new = self
+                .pods
+                .get(pk)
+                .filter(|s| s.node == n && s.endpoint.is_some());
+            match (old, new) {
+                (None, None) => {}
+                (Some(o), None) => delta.endpoints_removed.extend(o.endpoint),
+                (None, Some(s)) => {
+                    if let Some(ep) = s.endpoint.and_then(|id| self.endpoint(id, pk)) {
+                        delta.endpoints_added.push(ep);
+                    }
+                }
+                (Some(o), Some(s)) => {
+                    let (Some(oid), Some(nid)) = (o.endpoint, s.endpoint) else {
+                        continue;
+                    };
+                    if oid != nid {
+                        delta.endpoints_removed.push(oid);
+                        if let Some(ep) = self.endpoint(nid, pk) {
+                            delta.endpoints_added.push(ep);
+                        }
+                        continue;
+                    }
+                    let unchanged = o.identity == s.identity
+                        && o.ips == s.pod.ips
+                        && o.workload == s.pod.workload
+                        && o.quarantine == s.quarantine;
+                    if !unchanged {
+                        delta.endpoints_changed.push(EndpointDelta {
+                            id: nid,
+                            identity: s.identity,
+                            ips: s.pod.ips.clone(),
+                            workload: s.pod.workload.clone(),
+                            policy: group_of(s.group()),
+                            quarantined: s.quarantine.is_some(),
+                        });
+                    }
+                }
+            }
+        }
+        delta.endpoints_removed.sort_unstable();
+        delta.endpoints_added.sort_by_key(|e| e.id);
+        delta.endpoints_changed.sort_by_key(|e| e.id);
+        // Policy groups: one per identity with endpoints on the node.
+        for &(_, (id, had)) in groups {
+            let has = self.nodes[n as usize].contrib.contains_key(&id);
+            match (had, has) {
+                (false, false) => {}
+                (true, false) => delta.policies_removed.push(group_of(id)),
+                (false, true) => {
+                    if let Some(st) = self.identities.get(&id) {
+                        delta
+                            .policies_added
+                            .insert(group_of(id), EndpointPolicy::clone(&st.policy));
+                    }
+                }
+                (true, true) => {
+                    if let Some(change) = policy_deltas.get(&id).and_then(Option::as_ref) {
+                        delta.policies_changed.insert(group_of(id), change.clone());
+                    }
+                }
+            }
+        }
+        // ipcache: pod entries that may have changed, and CIDR identities that did.
+        // (prefix, pod entry before, pod entry now); a prefix may come twice, with equal values.
+        // An entry is the identity and, for a quarantined address, its exception identities.
+        type Entry = Option<(Identity, Option<Arc<Vec<Identity>>>)>;
+        let mut keys: Vec<(IpNetwork, Entry, Entry)> = Vec::new();
+        let pod_key = |this: &Self, ip: IpAddr, keys: &mut Vec<_>, always: bool| {
+            let net = host_net(ip);
+            let new = if exists {
+                this.pod_entry(n, &ip)
+                    .map(|(id, g)| (id, g.map(|g| this.allow_of(g))))
+            } else {
+                None
+            };
+            let old = if existed {
+                this.old_pod_entry(n, &ip, j, old_at)
+                    .map(|(id, g)| (id, g.map(|g| this.old_allow_of(g, j))))
+            } else {
+                None
+            };
+            if always || new != old {
+                keys.push((net, old, new));
+            }
+        };
+        if j.all_ips.contains(&n) {
+            let mut all: Vec<IpAddr> = self.pods_by_ip.keys().copied().collect();
+            all.extend(old_at.keys().copied());
+            all.sort_unstable();
+            all.dedup();
+            for ip in all {
+                pod_key(self, ip, &mut keys, false);
+            }
+        } else {
+            for &(_, ip) in ip_checks {
+                pod_key(self, ip, &mut keys, false);
+            }
+        }
+        let mut cidr_keys: Vec<IpNetwork> = j.cidr_old.keys().copied().collect();
+        if !existed && exists {
+            cidr_keys.extend(self.cidr_refs.keys().copied());
+        }
+        for c in cidr_keys {
+            if c.prefix() == host_net(c.ip()).prefix() {
+                pod_key(self, c.ip(), &mut keys, true);
+            } else {
+                keys.push((c, None, None));
+            }
+        }
+        keys.sort_unstable_by_key(|k| k.0);
+        keys.dedup_by_key(|k| k.0);
+        for (k, old_p, new_p) in keys {
+            let old_c = match j.cidr_old.get(&k) {
+                Some(v) => *v,
+                None => self.cidr_identity(&k),
+            };
+            let old_eff = if existed {
+                old_p.or(old_c.map(|id| (id, None)))
+            } else {
+                None
+            };
+            let new_eff = if exists {
+                new_p.or_else(|| self.cidr_identity(&k).map(|id| (id, None)))
+            } else {
+                None
+            };
+            match (old_eff, new_eff) {
+                (a, b) if a == b => {}
+                (_, Some((id, allow))) => delta.ipcache_upserted.push(IpCacheEntry {
+                    cidr: k,
+                    identity: id,
+                    quarantined: allow.is_some(),
+                    quarantine_allow: allow.map(|a| a.to_vec()).unwrap_or_default(),
+                }),
+                (Some(_), None) => delta.ipcache_removed.push(k),
+                (None, None) => {}
+            }
+        }
+        // Rules.
+        for &(_, (r, was)) in rules {
+            let is = self.nodes[n as usize].rule_refs.contains_key(&r);
+            if is && (!was || j.renamed_rules.contains(&r)) {
+                if let Some(rr) = self.rule_ref(r) {
+                    delta.rules_upserted.insert(r, rr);
+                }
+            } else if !is && was {
+                delta.rules_removed.push(r);
+            }
+        }
+        if !j.renamed_rules.is_empty() {
+            let renamed: Vec<RuleId> = self.nodes[n as usize]
+                .rule_refs
+                .keys()
+                .filter(|r| {
+                    j.renamed_rules.contains(r) && rules.binary_search_by(|x| x.1.0.cmp(r)).is_err()
+                })
+                .copied()
+                .collect();
+            for r in renamed {
+                if let Some(rr) = self.rule_ref(r) {
+                    delta.rules_upserted.insert(r, rr);
+                }
+            }
+        }
+        delta.rules_removed.sort_unstable();
+        if existed && !exists {
+            let node = &mut self.nodes[n as usize];
+            node.version += 1;
+            return Some(NodeDelta {
+                node: node.name.clone(),
+                from_version: delta.from_version,
+                version: node.version,
+                node_removed: true,
+                ..NodeDelta::default()
+            });
+        }
+        if existed && delta.is_empty() {
+            return None;
+        }
+        let node = &mut self.nodes[n as usize];
+        node.version += 1;
+        delta.version = node.version;
+        Some(delta)
+    }
+}
