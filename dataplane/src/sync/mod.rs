@@ -23,6 +23,8 @@ use bulkhead_common::{
 use bulkhead_ruleset::{Endpoint, EndpointPolicy, PolicyGroupId, RuleSet, identity};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
+mod peers;
+
 pub use crate::resolve::{InterfaceResolver, RouteResolver};
 use crate::{
     loader::{Dataplane, LoadError},
@@ -511,202 +513,12 @@ impl Enforcer {
         (ifindex(&state.ifname) == Some(*index)).then(|| state.ifname.clone())
     }
 
-    /// The `IPCACHE_DENSE_V4` slot of `ip`, when the window in use covers it.
-    fn dense_slot(&self, ip: Ipv4Addr) -> Option<u32> {
-        let base = self.dense_window?;
-        let slot = u32::from(ip).wrapping_sub(base);
-        (slot < DENSE_V4_SLOTS).then_some(slot)
-    }
-
-    /// Entries an earlier agent wrote for addresses and prefixes the rule set no longer has (a
-    /// pod deleted, a CIDR policy removed while no agent ran): removed from the dense array, the
-    /// hashes and the tries, so such an address resolves as it now should (its CIDR, or the
-    /// world) rather than to an identity that has left. Run on the first apply, after the
-    /// rule set's own entries are written.
-    fn clear_ipcache_leftovers(
-        &mut self,
-        wanted: &BTreeMap<IpNetwork, IpCacheValue>,
-    ) -> Result<(), SyncError> {
-        let stale = |net: IpNetwork| !wanted.contains_key(&net);
-        if let Some(base) = self.dense_window {
-            let dense = self.dataplane.dense_v4();
-            for (slot, _) in dense.entries() {
-                let ip = Ipv4Addr::from(base.wrapping_add(slot));
-                if stale(IpNetwork::V4(Ipv4Network::from(ip))) {
-                    dense.set(slot, None);
-                }
-            }
-        }
-        remove_keys_where(&mut self.dataplane.ipcache_host_v4()?, |k| {
-            stale(IpNetwork::V4(Ipv4Network::from(Ipv4Addr::from(*k))))
-        });
-        remove_keys_where(&mut self.dataplane.ipcache_host_v6()?, |k| {
-            stale(IpNetwork::V6(Ipv6Network::from(Ipv6Addr::from(*k))))
-        });
-        remove_trie_keys_where(&mut self.dataplane.ipcache_v4()?, |k| {
-            Ipv4Network::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
-                .is_ok_and(|n| stale(IpNetwork::V4(n)))
-        });
-        remove_trie_keys_where(&mut self.dataplane.ipcache_v6()?, |k| {
-            Ipv6Network::new(Ipv6Addr::from(k.data()), k.prefix_len() as u8)
-                .is_ok_and(|n| stale(IpNetwork::V6(n)))
-        });
-        Ok(())
-    }
-
-    /// Moves the dense window to the aligned block of [`DENSE_V4_SLOTS`] addresses that holds
-    /// the most single IPv4 entries, when that block holds at least twice as many as the one
-    /// in use (so the window does not flap). The move never leaves an address unresolved:
-    /// the old window's entries are copied to the hash, the window is switched off, the array
-    /// is refilled for the new block, switched on, and only then are the new block's entries
-    /// removed from the hash.
-    fn place_dense_window(&mut self) -> Result<(), SyncError> {
-        let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
-        for net in self.ipcache.keys() {
-            if let IpNetwork::V4(n) = net
-                && n.prefix() == 32
-            {
-                *counts
-                    .entry(u32::from(n.ip()) & !(DENSE_V4_SLOTS - 1))
-                    .or_default() += 1;
-            }
-        }
-        let Some((&best, &best_count)) = counts
-            .iter()
-            .max_by_key(|(b, c)| (**c, std::cmp::Reverse(**b)))
-        else {
-            return Ok(());
-        };
-        let current = self
-            .dense_window
-            .map_or(0, |b| counts.get(&b).copied().unwrap_or(0));
-        if self.dense_window == Some(best) || best_count < 2 * current.max(1) {
-            return Ok(());
-        }
-        let singles: Vec<(Ipv4Addr, IpCacheValue)> = self
-            .ipcache
-            .iter()
-            .filter_map(|(net, v)| match net {
-                IpNetwork::V4(n) if n.prefix() == 32 => Some((n.ip(), *v)),
-                _ => None,
-            })
-            .collect();
-        // 1. the old window's entries into the hash.
-        {
-            let mut m = self.dataplane.ipcache_host_v4()?;
-            for (ip, v) in &singles {
-                if self
-                    .dense_window
-                    .is_some_and(|b| u32::from(*ip).wrapping_sub(b) < DENSE_V4_SLOTS)
-                {
-                    m.insert(ip.octets(), *v, 0)
-                        .map_err(map_err("IPCACHE_HOST_V4"))?;
-                }
-            }
-        }
-        // 2. window off: every single address now resolves through the hash.
-        self.update_config(|c| c.dense_v4_slots = 0)?;
-        // 3. the array refilled for the new block, 4. switched on.
-        self.dense_window = Some(best);
-        let dense = self.dataplane.dense_v4();
-        dense.clear();
-        for (ip, v) in &singles {
-            let slot = u32::from(*ip).wrapping_sub(best);
-            if slot < DENSE_V4_SLOTS {
-                dense.set(slot, Some(*v));
-            }
-        }
-        self.update_config(|c| {
-            c.dense_v4_base = best;
-            c.dense_v4_slots = DENSE_V4_SLOTS;
-        })?;
-        // 5. the new block's entries leave the hash.
-        let mut m = self.dataplane.ipcache_host_v4()?;
-        for (ip, _) in &singles {
-            if u32::from(*ip).wrapping_sub(best) < DENSE_V4_SLOTS {
-                let _ = m.remove(&ip.octets());
-            }
-        }
-        tracing::info!(
-            window = %Ipv4Network::new(Ipv4Addr::from(best), 32 - DENSE_V4_SLOTS.trailing_zeros() as u8)
-                .map(|n| n.to_string())
-                .unwrap_or_default(),
-            entries = best_count,
-            "IPv4 identities of this block are now read from the dense array"
-        );
-        Ok(())
-    }
-
     /// Read-modify-write of the global configuration.
     fn update_config(&mut self, f: impl FnOnce(&mut Config)) -> Result<(), SyncError> {
         let mut m = self.dataplane.config()?;
         let mut c = m.get(&0, 0).unwrap_or_default();
         f(&mut c);
         m.set(0, c, 0).map_err(map_err("CONFIG"))
-    }
-
-    fn write_ipcache(
-        &mut self,
-        net: &IpNetwork,
-        value: Option<IpCacheValue>,
-    ) -> Result<(), SyncError> {
-        let (v4, prefix) = prefix_key(net);
-        match (net.ip(), v4) {
-            // Single addresses go to the hash maps (one lookup, whatever their number); the
-            // tries keep the wider prefixes, consulted only for addresses without an entry.
-            (IpAddr::V4(ip), true) if prefix == 32 && self.dense_slot(ip).is_some() => {
-                let slot = self.dense_slot(ip).unwrap_or_default();
-                self.dataplane.dense_v4().set(slot, value);
-            }
-            (IpAddr::V4(ip), true) if prefix == 32 => {
-                let mut m = self.dataplane.ipcache_host_v4()?;
-                match value {
-                    Some(v) => m
-                        .insert(ip.octets(), v, 0)
-                        .map_err(map_err("IPCACHE_HOST_V4"))?,
-                    None => {
-                        let _ = m.remove(&ip.octets());
-                    }
-                }
-            }
-            (IpAddr::V6(ip), false) if prefix == 128 => {
-                let mut m = self.dataplane.ipcache_host_v6()?;
-                match value {
-                    Some(v) => m
-                        .insert(ip.octets(), v, 0)
-                        .map_err(map_err("IPCACHE_HOST_V6"))?,
-                    None => {
-                        let _ = m.remove(&ip.octets());
-                    }
-                }
-            }
-            (IpAddr::V4(ip), true) => {
-                let mut m = self.dataplane.ipcache_v4()?;
-                let key = Key::new(prefix, ip.octets());
-                match value {
-                    Some(v) => m.insert(&key, v, 0).map_err(map_err("IPCACHE_V4"))?,
-                    None => {
-                        let _ = m.remove(&key);
-                    }
-                }
-            }
-            (IpAddr::V6(ip), false) => {
-                let mut m = self.dataplane.ipcache_v6()?;
-                let key = Key::new(prefix, ip.octets());
-                match value {
-                    Some(v) => m.insert(&key, v, 0).map_err(map_err("IPCACHE_V6"))?,
-                    None => {
-                        let _ = m.remove(&key);
-                    }
-                }
-            }
-            _ => unreachable!("ipnetwork keeps address and family together"),
-        }
-        match value {
-            Some(v) => self.ipcache.insert(*net, v),
-            None => self.ipcache.remove(net),
-        };
-        Ok(())
     }
 
     /// Writes `policy`'s keys under a fresh policy id unless the group already has exactly these
@@ -906,29 +718,6 @@ impl Enforcer {
         Ok(Some(needs_attach))
     }
 
-    /// Makes `QUARANTINE_ALLOW` hold exactly `wanted` (after a restart, whatever an earlier
-    /// agent left is found in the pinned map).
-    fn write_quarantine_allow(
-        &mut self,
-        wanted: &BTreeSet<QuarantineAllowKey>,
-        first_apply: bool,
-    ) -> Result<(), SyncError> {
-        let mut m = self.dataplane.quarantine_allow()?;
-        let present: BTreeSet<QuarantineAllowKey> = if first_apply {
-            m.keys().flatten().collect()
-        } else {
-            self.quarantine_allow.clone()
-        };
-        for k in wanted.difference(&present) {
-            m.insert(*k, 1, 0).map_err(map_err("QUARANTINE_ALLOW"))?;
-        }
-        for k in present.difference(wanted) {
-            let _ = m.remove(k);
-        }
-        self.quarantine_allow = wanted.clone();
-        Ok(())
-    }
-
     /// Revokes every live conntrack entry of these endpoints (IPv4 and IPv6) as of
     /// `generation`; returns how many there were.
     fn cut_connections(
@@ -1045,99 +834,6 @@ impl Enforcer {
             dead(k.data().policy_id)
         });
         Ok(())
-    }
-
-    /// Makes `PREFILTER_DENY` hold a pair for every address of every placed endpoint and every
-    /// peer identity the endpoint can neither be reached from nor reach on any protocol or port
-    /// (see [`fully_denied`]). Returns the number of pairs. The prefilter is an early drop of
-    /// what TC would drop anyway: a pair that does not fit is left to TC, never an error.
-    fn write_prefilter(
-        &mut self,
-        placed: &[Placed<'_>],
-        first_apply: bool,
-    ) -> Result<usize, SyncError> {
-        let mut wanted: BTreeMap<PrefilterKey, PrefilterValue> = BTreeMap::new();
-        for p in placed {
-            let Some(state) = self.endpoints.get(&p.index) else {
-                continue;
-            };
-            if state.info.flags & endpoint_flags::LOCKDOWN != 0 {
-                continue;
-            }
-            let Some(group) = self.groups.get(&p.endpoint.policy) else {
-                continue;
-            };
-            let candidates: BTreeSet<u32> = group
-                .tables
-                .summaries
-                .iter()
-                .filter(|(k, _)| k.direction == DIR_INGRESS && k.identity != identity::ANY)
-                .map(|(k, _)| k.identity)
-                .collect();
-            for peer in candidates {
-                let Some(rule_id) = fully_denied(
-                    &group.tables,
-                    peer,
-                    (group.default_ingress, group.default_egress),
-                ) else {
-                    continue;
-                };
-                for addr in &state.addrs {
-                    wanted.insert(
-                        PrefilterKey {
-                            addr: *addr,
-                            identity: peer,
-                        },
-                        PrefilterValue {
-                            endpoint_id: state.endpoint_id,
-                            rule_id,
-                            local_identity: state.info.identity,
-                            _pad: 0,
-                            last_event_ns: 0,
-                        },
-                    );
-                }
-            }
-        }
-        let mut m = self.dataplane.prefilter_deny()?;
-        let present: BTreeMap<PrefilterKey, PrefilterValue> = if first_apply {
-            m.iter().flatten().collect()
-        } else {
-            self.prefilter.clone()
-        };
-        for k in present.keys().filter(|k| !wanted.contains_key(k)) {
-            let _ = m.remove(k);
-        }
-        let mut kept = BTreeMap::new();
-        for (k, v) in wanted {
-            let same = present.get(&k).is_some_and(|old| {
-                PrefilterValue {
-                    last_event_ns: 0,
-                    ..*old
-                } == v
-            });
-            if same {
-                kept.insert(k, v);
-                continue;
-            }
-            match m.insert(k, v, 0) {
-                Ok(()) => {
-                    kept.insert(k, v);
-                }
-                Err(err) => {
-                    if !self.prefilter_full_logged {
-                        tracing::warn!(
-                            error = %err,
-                            "the XDP prefilter's map is full: further denied pairs are dropped by TC instead"
-                        );
-                        self.prefilter_full_logged = true;
-                    }
-                }
-            }
-        }
-        let n = kept.len();
-        self.prefilter = kept;
-        Ok(n)
     }
 
     /// Replaces the global data-plane configuration (deny-event rate limit, generation).
