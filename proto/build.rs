@@ -7,6 +7,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto");
     tonic_prost_build::configure()
-        .compile_protos(&["proto/bulkhead/v1/distribution.proto"], &["proto"])?;
+        // Maps keep the contract's order (BTreeMap), so conversions need no sorting.
+        .btree_map(".bulkhead.v1.RuleSet")
+        .btree_map(".bulkhead.v1.NodeDelta")
+        .compile_protos(
+            &[
+                "proto/bulkhead/v1/distribution.proto",
+                "proto/bulkhead/v1/ruleset.proto",
+            ],
+            &["proto"],
+        )?;
     Ok(())
 }

@@ -92,12 +92,15 @@ impl Follower {
         match msg.msg {
             Some(controller_message::Msg::Snapshot(snap)) => {
                 let v = snap.version.unwrap_or_default();
-                let rs: RuleSet = serde_json::from_slice(&snap.ruleset_json).map_err(|e| {
-                    FollowError::Decode {
+                let rs = snap
+                    .ruleset
+                    .as_ref()
+                    .ok_or_else(|| "it holds no rule set".to_string())
+                    .and_then(|r| RuleSet::try_from(r).map_err(|e| e.to_string()))
+                    .map_err(|reason| FollowError::Decode {
                         what: "a snapshot",
-                        reason: e.to_string(),
-                    }
-                })?;
+                        reason,
+                    })?;
                 if rs.version != v.version {
                     return Err(FollowError::Decode {
                         what: "a snapshot",
@@ -122,10 +125,14 @@ impl Follower {
                         have: base.version,
                     });
                 }
-                let delta: NodeDelta =
-                    serde_json::from_slice(&d.delta_json).map_err(|e| FollowError::Decode {
+                let delta = d
+                    .delta
+                    .as_ref()
+                    .ok_or_else(|| "it holds no change".to_string())
+                    .and_then(|n| NodeDelta::try_from(n).map_err(|e| e.to_string()))
+                    .map_err(|reason| FollowError::Decode {
                         what: "a delta",
-                        reason: e.to_string(),
+                        reason,
                     })?;
                 // Taken out while it changes: if the delta does not apply, nothing half-applied
                 // stays behind and the next session starts from a snapshot.

@@ -159,7 +159,12 @@ mod tests {
                     epoch: 7,
                     version: 3,
                 }),
-                ruleset_json: (0..len).map(|i| (i as u8).wrapping_add(seed)).collect(),
+                ruleset: Some(pb::RuleSet {
+                    node: (0..len)
+                        .map(|i| char::from(b'a' + (i as u8).wrapping_add(seed) % 26))
+                        .collect(),
+                    ..Default::default()
+                }),
             })),
         }
     }

@@ -28,7 +28,8 @@ pub const SUBSCRIBER_QUEUE: usize = 256;
 pub struct Update {
     pub from: u64,
     pub version: u64,
-    pub delta_json: Arc<Vec<u8>>,
+    /// The delta as it goes on the wire, converted once for every agent of the node.
+    pub delta: Arc<bulkhead_proto::v1::NodeDelta>,
     pub priority: bool,
     /// When the change entered the hub (for propagation latency).
     pub created: Instant,
@@ -62,7 +63,6 @@ struct HubState {
 pub struct Subscription {
     pub id: u64,
     pub snapshot: RuleSet,
-    pub snapshot_json: Vec<u8>,
     pub updates: mpsc::Receiver<Update>,
 }
 
@@ -120,8 +120,6 @@ pub struct Hub {
 pub enum HubError {
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("cannot serialise the rule set for node {node}: {reason}")]
-    Encode { node: String, reason: String },
     #[error(
         "the hub's state lock is poisoned (a previous change panicked); restart the controller"
     )]
@@ -221,14 +219,10 @@ impl Hub {
             if entry.subscribers.is_empty() {
                 continue;
             }
-            let json = serde_json::to_vec(delta).map_err(|e| HubError::Encode {
-                node: delta.node.clone(),
-                reason: e.to_string(),
-            })?;
             let update = Update {
                 from: delta.from_version,
                 version: delta.version,
-                delta_json: Arc::new(json),
+                delta: Arc::new(delta.into()),
                 priority,
                 created,
             };
@@ -306,15 +300,10 @@ impl Hub {
         entry.subscribers.insert(id, tx);
         let snapshot = entry.ruleset.clone();
         drop(state);
-        let snapshot_json = serde_json::to_vec(&snapshot).map_err(|e| HubError::Encode {
-            node: node.to_string(),
-            reason: e.to_string(),
-        })?;
         self.counters.snapshots.fetch_add(1, Ordering::Relaxed);
         Ok(Subscription {
             id,
             snapshot,
-            snapshot_json,
             updates: rx,
         })
     }

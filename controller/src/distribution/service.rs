@@ -344,7 +344,7 @@ impl Distribution for DistributionService {
                     let snapshot = ControllerMessage {
                         msg: Some(controller_message::Msg::Snapshot(pb::Snapshot {
                             version: version(epoch, sub.snapshot.version),
-                            ruleset_json: std::mem::take(&mut sub.snapshot_json),
+                            ruleset: Some((&sub.snapshot).into()),
                         })),
                     };
                     if send(&out_tx, snapshot).await.is_err() {
@@ -356,7 +356,7 @@ impl Distribution for DistributionService {
                             msg: Some(controller_message::Msg::Delta(pb::Delta {
                                 from: version(epoch, u.from),
                                 version: version(epoch, u.version),
-                                delta_json: u.delta_json.as_ref().clone(),
+                                delta: Some(u.delta.as_ref().clone()),
                                 priority: u.priority,
                             })),
                         };
