@@ -304,15 +304,21 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
             "/connections",
             axum::routing::get({
                 let (pin_dir, context) = (s.pin_dir.clone(), context.clone());
-                move || async move {
+                move |q: axum::extract::Query<ConnectionsQuery>| async move {
                     let ctx = context.read().map(|c| c.clone()).unwrap_or_default();
                     let pin_dir = pin_dir.clone();
-                    let conns = tokio::task::spawn_blocking(move || {
-                        bulkhead_agent::flows::connections(&pin_dir, &ctx)
+                    let (offset, limit) = (
+                        q.offset.unwrap_or(0),
+                        q.limit
+                            .unwrap_or(DEFAULT_CONNECTIONS_PAGE)
+                            .clamp(1, bulkhead_agent::flows::MAX_CONNECTIONS_PAGE),
+                    );
+                    let (page, total) = tokio::task::spawn_blocking(move || {
+                        bulkhead_agent::flows::connections(&pin_dir, &ctx, offset, limit)
                     })
                     .await
                     .unwrap_or_default();
-                    axum::Json(conns)
+                    connections_page(page, total, offset, limit)
                 }
             }),
         )
@@ -731,6 +737,38 @@ fn to_proto(r: &FlowRecord) -> bulkhead_proto::v1::FlowRecord {
         packets: 1,
         bytes: r.bytes as u64,
     }
+}
+
+/// Connections one `/connections` page holds unless `limit` says otherwise.
+const DEFAULT_CONNECTIONS_PAGE: usize = 1_000;
+
+/// `/connections?offset=N&limit=M`: a page of the tracked connections.
+#[derive(serde::Deserialize)]
+struct ConnectionsQuery {
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+/// A page of connections as a JSON array, with the total in `X-Total-Count` and, when more
+/// follow, the next page in a `Link: <…>; rel="next"` header.
+fn connections_page(
+    page: Vec<bulkhead_agent::flows::Connection>,
+    total: usize,
+    offset: usize,
+    limit: usize,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut response = axum::Json(page).into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-total-count", total.into());
+    let next = offset.saturating_add(limit);
+    if next < total
+        && let Ok(link) =
+            format!("</connections?offset={next}&limit={limit}>; rel=\"next\"").parse()
+    {
+        headers.insert(axum::http::header::LINK, link);
+    }
+    response
 }
 
 #[derive(serde::Deserialize)]

@@ -282,9 +282,20 @@ fn wall_clock(ktime_ns: u64) -> SystemTime {
     SystemTime::now() - Duration::from_nanos(now_mono.saturating_sub(ktime_ns))
 }
 
-/// Every tracked connection of this node, with packets, bytes, first and last seen, read from
-/// the pinned conntrack map (so it needs no handle on the loaded object).
-pub fn connections(pin_dir: &std::path::Path, ctx: &FlowContext) -> Vec<Connection> {
+/// Most connections one page of [`connections`] holds.
+pub const MAX_CONNECTIONS_PAGE: usize = 10_000;
+
+/// One page of the tracked connections of this node (`offset` entries skipped, at most `limit`
+/// kept), with packets, bytes, first and last seen, and the total number; read from the pinned
+/// conntrack maps (so it needs no handle on the loaded object). Only the page is converted and
+/// held: a full table (half a million entries) costs a walk, not its size in memory. The table
+/// is live, so pages taken one after the other may overlap or miss connections that came or went.
+pub fn connections(
+    pin_dir: &std::path::Path,
+    ctx: &FlowContext,
+    offset: usize,
+    limit: usize,
+) -> (Vec<Connection>, usize) {
     use aya::maps::{HashMap as BpfHashMap, Map};
     use bulkhead_common::{CtKey, CtKeyV4, CtValue};
     fn pinned<K: aya::Pod>(
@@ -294,68 +305,76 @@ pub fn connections(pin_dir: &std::path::Path, ctx: &FlowContext) -> Vec<Connecti
         let data = MapData::from_pin(pin_dir.join("maps").join(name)).ok()?;
         BpfHashMap::try_from(Map::from_map_data(data).ok()?).ok()
     }
+    let limit = limit.min(MAX_CONNECTIONS_PAGE);
+    let v4 = pinned::<CtKeyV4>(pin_dir, "CONNTRACK_V4");
+    let v6 = pinned::<CtKey>(pin_dir, "CONNTRACK");
     // IPv4 connections under their 16-byte keys, widened to the common form.
-    let v4 = pinned::<CtKeyV4>(pin_dir, "CONNTRACK_V4")
-        .map(|m| {
-            m.iter()
-                .flatten()
-                .map(|(k, v)| (k.widen(), v))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    let v6 = pinned::<CtKey>(pin_dir, "CONNTRACK")
-        .map(|m| m.iter().flatten().collect::<Vec<_>>())
-        .unwrap_or_default();
-    v4.into_iter()
-        .chain(v6)
+    let all = v4
+        .iter()
+        .flat_map(|m| m.iter().flatten().map(|(k, v)| (k.widen(), v)))
+        .chain(v6.iter().flat_map(|m| m.iter().flatten()))
         // Entries of an agent before canonical keys are dropped by the kernel on sight.
-        .filter(|(_, v)| v.flags & bulkhead_common::CT_CANONICAL != 0)
-        .map(|(mut k, v)| {
-            // Keys hold the tuple in canonical order: turn it back into the opener's.
-            let opened_egress = v.flags & bulkhead_common::CT_INITIATED_EGRESS != 0;
-            if (k.direction != DIR_INGRESS) != opened_egress {
-                std::mem::swap(&mut k.saddr, &mut k.daddr);
-                std::mem::swap(&mut k.sport_be, &mut k.dport_be);
-                k.direction ^= 1;
-            }
-            let family = if k.saddr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
-                FAMILY_V4
-            } else {
-                bulkhead_common::FAMILY_V6
-            };
-            let (src, dst) = (addr(family, k.saddr), addr(family, k.daddr));
-            let direction = if k.direction == DIR_INGRESS {
-                Direction::Ingress
-            } else {
-                Direction::Egress
-            };
-            let peer_ip = match direction {
-                Direction::Ingress => src,
-                Direction::Egress => dst,
-            };
-            Connection {
-                endpoint: ctx
-                    .endpoints
-                    .get(&(k.endpoint_id as u32))
-                    .cloned()
-                    .unwrap_or_else(|| format!("endpoint#{}", k.endpoint_id)),
-                direction,
-                src,
-                dst,
-                src_port: u16::from_be(k.sport_be),
-                dst_port: u16::from_be(k.dport_be),
-                protocol: k.protocol,
-                packets_forward: v.packets_fwd,
-                bytes_forward: v.bytes_fwd,
-                packets_reply: v.packets_rev,
-                bytes_reply: v.bytes_rev,
-                first_seen: wall_clock(v.created_ns),
-                last_seen: wall_clock(v.last_seen_ns),
-                rule: ctx.ruleset.describe(v.rule_id),
-                peer_identity: v.peer_identity,
-                peer: ctx.addresses.get(&peer_ip).cloned(),
-                revoked: v.flags & bulkhead_common::CT_REVOKED != 0,
-            }
-        })
-        .collect()
+        .filter(|(_, v)| v.flags & bulkhead_common::CT_CANONICAL != 0);
+    let mut total = 0;
+    let mut page = Vec::new();
+    for (k, v) in all {
+        if total >= offset && page.len() < limit {
+            page.push(connection(k, v, ctx));
+        }
+        total += 1;
+    }
+    (page, total)
+}
+
+/// A conntrack entry as the agent reports it.
+fn connection(
+    mut k: bulkhead_common::CtKey,
+    v: bulkhead_common::CtValue,
+    ctx: &FlowContext,
+) -> Connection {
+    // Keys hold the tuple in canonical order: turn it back into the opener's.
+    let opened_egress = v.flags & bulkhead_common::CT_INITIATED_EGRESS != 0;
+    if (k.direction != DIR_INGRESS) != opened_egress {
+        std::mem::swap(&mut k.saddr, &mut k.daddr);
+        std::mem::swap(&mut k.sport_be, &mut k.dport_be);
+        k.direction ^= 1;
+    }
+    let family = if k.saddr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
+        FAMILY_V4
+    } else {
+        bulkhead_common::FAMILY_V6
+    };
+    let (src, dst) = (addr(family, k.saddr), addr(family, k.daddr));
+    let direction = if k.direction == DIR_INGRESS {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    let peer_ip = match direction {
+        Direction::Ingress => src,
+        Direction::Egress => dst,
+    };
+    Connection {
+        endpoint: ctx
+            .endpoints
+            .get(&(k.endpoint_id as u32))
+            .cloned()
+            .unwrap_or_else(|| format!("endpoint#{}", k.endpoint_id)),
+        direction,
+        src,
+        dst,
+        src_port: u16::from_be(k.sport_be),
+        dst_port: u16::from_be(k.dport_be),
+        protocol: k.protocol,
+        packets_forward: v.packets_fwd,
+        bytes_forward: v.bytes_fwd,
+        packets_reply: v.packets_rev,
+        bytes_reply: v.bytes_rev,
+        first_seen: wall_clock(v.created_ns),
+        last_seen: wall_clock(v.last_seen_ns),
+        rule: ctx.ruleset.describe(v.rule_id),
+        peer_identity: v.peer_identity,
+        peer: ctx.addresses.get(&peer_ip).cloned(),
+        revoked: v.flags & bulkhead_common::CT_REVOKED != 0,
+    }
 }

@@ -798,3 +798,55 @@ fn kernel_conntrack_agrees_with_the_reference_model() {
         eprintln!("kernel and model agreed on 6000 packets (seed {seed}): {seen:?}");
     });
 }
+
+/// The agent's `/connections` reads the pinned tables a page at a time: pages of a table cover
+/// it exactly, with its total, and a revoked connection says so and names the rule that
+/// revoked it.
+#[test]
+fn connections_are_listed_a_page_at_a_time() {
+    if !check_privileged_test("connections_are_listed_a_page_at_a_time") {
+        return;
+    }
+    with_dataplane_pins("ct-pages", |e, ifx, pins| {
+        let ep = base_endpoint();
+        let rs = base_ruleset(1, ep.clone(), base_policy());
+        e.apply(&rs, &RouteResolver).expect("apply");
+        for sport in 41000..41005u16 {
+            assert_eq!(
+                run(e, PROG_TO_POD, &tcp4(PEER_V4, EP_V4, sport, 80), ifx),
+                TC_ACT_OK
+            );
+        }
+        let ctx = bulkhead_agent::flows::FlowContext::new(&rs);
+        let (all, total) = bulkhead_agent::flows::connections(pins, &ctx, 0, 100);
+        assert_eq!((all.len(), total), (5, 5));
+        let mut paged = Vec::new();
+        for offset in (0..6).step_by(2) {
+            let (page, total) = bulkhead_agent::flows::connections(pins, &ctx, offset, 2);
+            assert_eq!(total, 5);
+            assert_eq!(page.len(), 2.min(5 - offset.min(5)), "offset {offset}");
+            paged.extend(page.into_iter().map(|c| c.src_port));
+        }
+        let mut ports: Vec<u16> = paged.clone();
+        ports.sort();
+        assert_eq!(ports, (41000..41005).collect::<Vec<_>>(), "{paged:?}");
+        assert!(
+            all.iter()
+                .all(|c| !c.revoked && c.endpoint == "test/server")
+        );
+
+        // TCP 80 no longer admitted: the next packet of one connection revokes it.
+        let mut closed = base_policy();
+        closed.ingress.entries.remove(0);
+        e.apply(&base_ruleset(2, ep, closed), &RouteResolver)
+            .expect("apply");
+        assert_eq!(
+            run(e, PROG_TO_POD, &tcp4_ack(PEER_V4, EP_V4, 41002, 80), ifx),
+            TC_ACT_SHOT
+        );
+        let (all, _) = bulkhead_agent::flows::connections(pins, &ctx, 0, 100);
+        let revoked: Vec<_> = all.iter().filter(|c| c.revoked).collect();
+        assert_eq!(revoked.len(), 1, "{all:?}");
+        assert_eq!((revoked[0].src_port, revoked[0].dst_port), (41002, 80));
+    });
+}
