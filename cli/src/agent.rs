@@ -337,8 +337,16 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
                 }
             }),
         );
+    let refused = shared.metrics.http_connections_refused.clone();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = crate::http_server::serve(
+            listener,
+            app,
+            crate::http_server::Limits::default(),
+            refused,
+        )
+        .await
+        {
             tracing::error!(error = %e, "metrics server stopped");
         }
     });

@@ -35,6 +35,8 @@ pub struct AgentMetrics {
     /// Flow records sent on a stream that broke before the controller confirmed them: they may
     /// or may not have arrived.
     pub flow_records_unconfirmed: IntCounter,
+    /// Connections to the agent's HTTP endpoint closed on accept: too many were open.
+    pub http_connections_refused: IntCounter,
 }
 
 impl AgentMetrics {
@@ -88,6 +90,10 @@ impl AgentMetrics {
             "flow_records_unconfirmed_total",
             "Flow records sent on a stream that broke before the controller confirmed them",
         )?;
+        let http_connections_refused = IntCounter::new(
+            "http_connections_refused_total",
+            "Connections to the agent's HTTP endpoint closed on accept because too many were open",
+        )?;
         let controller_connected = IntGauge::new(
             "controller_connected",
             "1 while the controller stream is up; 0 means the last rule set stays enforced",
@@ -105,6 +111,7 @@ impl AgentMetrics {
             Box::new(controller_connected.clone()),
             Box::new(flow_records_dropped.clone()),
             Box::new(flow_records_unconfirmed.clone()),
+            Box::new(http_connections_refused.clone()),
             Box::new(KernelCounters::new(pin_dir, names)?),
         ] {
             registry.register(c)?;
@@ -123,6 +130,7 @@ impl AgentMetrics {
             controller_connected,
             flow_records_dropped,
             flow_records_unconfirmed,
+            http_connections_refused,
         })
     }
 
