@@ -10,9 +10,8 @@ use common::*;
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpStream, UdpSocket},
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -55,52 +54,6 @@ spec:
   nodeName: node-2
   containers: [{name: c, image: x, ports: [{containerPort: 80}]}]
 "#;
-
-fn run_ok(args: &[&str]) -> String {
-    let out = Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run bulkhead");
-    assert!(
-        out.status.success(),
-        "bulkhead {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-struct Pod {
-    netns: String,
-    ip: IpAddr,
-}
-
-fn pods(state: &Path) -> std::collections::BTreeMap<String, Pod> {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(state.join("lab.json")).expect("lab.json"))
-            .expect("json");
-    v["pods"]
-        .as_object()
-        .expect("pods")
-        .iter()
-        .map(|(k, p)| {
-            (
-                k.clone(),
-                Pod {
-                    netns: p["netns"].as_str().expect("netns").to_string(),
-                    ip: p["ips"][0].as_str().expect("ip").parse().expect("ip"),
-                },
-            )
-        })
-        .collect()
-}
-
-/// Runs `f` on a thread inside the pod's network namespace.
-fn in_pod<T: Send + 'static>(pod: &Pod, f: impl FnOnce() -> T + Send + 'static) -> T {
-    bulkhead_agent::netns::Netns::existing(&pod.netns)
-        .run(f)
-        .expect("enter pod namespace")
-}
 
 fn connect(from: &Pod, to: &Pod) -> Option<TcpStream> {
     let addr = SocketAddr::new(to.ip, 80);

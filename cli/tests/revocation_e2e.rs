@@ -21,8 +21,6 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::Path,
-    process::Command,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -90,52 +88,6 @@ spec:
 const ALL_PORTS: &str =
     "[{protocol: TCP, port: 5432}, {protocol: UDP, port: 5353}, {protocol: TCP, port: 80}]";
 const WEB_ONLY: &str = "[{protocol: TCP, port: 80}]";
-
-fn run_ok(args: &[&str]) -> String {
-    let out = Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run bulkhead");
-    assert!(
-        out.status.success(),
-        "bulkhead {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-#[derive(Clone)]
-struct Pod {
-    netns: String,
-    ip: IpAddr,
-}
-
-fn pods(state: &Path) -> BTreeMap<String, Pod> {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(state.join("lab.json")).expect("lab.json"))
-            .expect("json");
-    v["pods"]
-        .as_object()
-        .expect("pods")
-        .iter()
-        .map(|(k, p)| {
-            (
-                k.clone(),
-                Pod {
-                    netns: p["netns"].as_str().expect("netns").to_string(),
-                    ip: p["ips"][0].as_str().expect("ip").parse().expect("ip"),
-                },
-            )
-        })
-        .collect()
-}
-
-fn in_pod<T: Send + 'static>(pod: &Pod, f: impl FnOnce() -> T + Send + 'static) -> T {
-    Netns::existing(&pod.netns)
-        .run(f)
-        .expect("enter pod namespace")
-}
 
 /// Starts `f` on a thread inside the pod's namespace; threads it starts stay there.
 fn spawn_in_pod(pod: &Pod, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {

@@ -44,3 +44,53 @@ impl Drop for LabDown {
             .output();
     }
 }
+
+/// Runs `bulkhead ARGS`, which must succeed; its standard output.
+pub fn run_ok(args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run bulkhead");
+    assert!(
+        out.status.success(),
+        "bulkhead {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A lab pod: its network namespace and first address.
+#[derive(Clone)]
+pub struct Pod {
+    pub netns: String,
+    pub ip: std::net::IpAddr,
+}
+
+/// The pods of the lab in this state directory, by `namespace/name`.
+pub fn pods(state: &std::path::Path) -> std::collections::BTreeMap<String, Pod> {
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("lab.json")).expect("lab.json"))
+            .expect("json");
+    v["pods"]
+        .as_object()
+        .expect("pods")
+        .iter()
+        .map(|(k, p)| {
+            (
+                k.clone(),
+                Pod {
+                    netns: p["netns"].as_str().expect("netns").to_string(),
+                    ip: p["ips"][0].as_str().expect("ip").parse().expect("ip"),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Runs `f` on a thread inside the pod's network namespace.
+pub fn in_pod<T: Send + 'static>(pod: &Pod, f: impl FnOnce() -> T + Send + 'static) -> T {
+    bulkhead_agent::netns::Netns::existing(&pod.netns)
+        .run(f)
+        .expect("enter pod namespace")
+}
