@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use bulkhead_controller::{
-    Object, load_paths, load_str,
+    Object,
     load::{MAX_DIR_DEPTH, MAX_FILE_BYTES, MAX_FLOW_DEPTH},
+    load_paths, load_str,
 };
 
 struct TempDir(PathBuf);
@@ -99,7 +100,9 @@ fn deeply_nested_flow_collections_are_refused_before_parsing() {
     let loaded = load_str(Path::new("nested.yaml"), &text);
     assert!(loaded.objects.is_empty());
     assert!(
-        loaded.errors[0].to_string().contains("nested deeper than 64"),
+        loaded.errors[0]
+            .to_string()
+            .contains("nested deeper than 64"),
         "{:?}",
         loaded.errors
     );
