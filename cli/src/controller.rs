@@ -18,6 +18,7 @@ use bulkhead_controller::{
         quarantine::QuarantineControl,
     },
     flows::{FlowPipeline, ServiceGraph},
+    supervise::{Backoff, TaskRestarts, spawn_supervised},
 };
 use bulkhead_proto::v1::admin_server::AdminServer;
 use clap::Args;
@@ -126,6 +127,7 @@ struct ControllerMetrics {
     graph_edges_refused: IntGauge,
     acks_refused: IntGauge,
     unknown_nodes: IntGauge,
+    task_restarts: IntCounterVec,
 }
 
 impl ControllerMetrics {
@@ -212,6 +214,13 @@ impl ControllerMetrics {
                 "unknown_nodes_total",
                 "Agent streams (Sync and flow reports) refused for naming a node the inventory does not have",
             )?,
+            task_restarts: IntCounterVec::new(
+                Opts::new(
+                    "task_restarts_total",
+                    "Background tasks (Kubernetes source and status writer, manifest reload, quarantine expiry, graph TTL) restarted after they panicked or stopped, by task",
+                ),
+                &["task"],
+            )?,
             registry,
         };
         for c in [
@@ -237,6 +246,7 @@ impl ControllerMetrics {
             Box::new(m.graph_nodes.clone()),
             Box::new(m.graph_edges.clone()),
             Box::new(m.kubernetes_source.clone()),
+            Box::new(m.task_restarts.clone()),
         ] {
             m.registry.register(c)?;
         }
@@ -256,6 +266,14 @@ impl ControllerMetrics {
             ("events_published", load(&stats.events_published)),
         ] {
             let c = self.kubernetes_source.with_label_values(&[what]);
+            c.inc_by(n.saturating_sub(c.get()));
+        }
+    }
+
+    /// Brings the restart counters up to the supervisor's.
+    fn sync_task_restarts(&self, restarts: &TaskRestarts) {
+        for (task, n) in restarts.all() {
+            let c = self.task_restarts.with_label_values(&[task]);
             c.inc_by(n.saturating_sub(c.get()));
         }
     }
@@ -335,6 +353,8 @@ async fn serve(
     tls: Option<Arc<crate::certs::ReloadingServerTls>>,
 ) -> anyhow::Result<ExitCode> {
     let metrics = Arc::new(ControllerMetrics::new().context("register metrics")?);
+    // The long-lived tasks run supervised: one that dies is logged, counted and restarted.
+    let restarts = Arc::new(TaskRestarts::default());
     let quarantine_dir = args.quarantine_dir.clone().or_else(|| {
         args.manifests
             .first()
@@ -359,7 +379,7 @@ async fn serve(
         .apply_batch(first.changes)
         .context("compile the initial manifests")?;
     let hub = Arc::new(Hub::new(engine));
-    let kubernetes = start_kubernetes(&args.kube, hub.clone()).await?;
+    let kubernetes = start_kubernetes(&args.kube, hub.clone(), restarts.clone()).await?;
     let gate = kubernetes
         .as_ref()
         .map_or_else(|| Arc::new(Gate::open()), |k| k.gate.clone());
@@ -377,72 +397,43 @@ async fn serve(
         let source = source.clone();
         let metrics = metrics.clone();
         let period = Duration::from_millis(args.reload_ms.max(50));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            loop {
-                tick.tick().await;
-                let reload = match source.lock() {
-                    Ok(mut s) => s.reload(),
-                    Err(_) => {
-                        tracing::error!("manifest source lock poisoned; restart the controller");
-                        continue;
-                    }
-                };
-                for e in &reload.errors {
-                    tracing::error!(error = %e, "invalid manifest; the objects it had stay in force");
-                }
-                metrics.input_errors.inc_by(reload.errors.len() as u64);
-                match hub.expire(std::time::SystemTime::now()) {
-                    Ok(deltas) if !deltas.is_empty() => {
-                        tracing::warn!(nodes = deltas.len(), "quarantines expired and were lifted")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "could not lift expired quarantines"),
-                }
-                if reload.changes.is_empty() {
-                    continue;
-                }
-                let n = reload.changes.len();
-                let hub = hub.clone();
-                let result =
-                    tokio::task::spawn_blocking(move || hub.apply(reload.changes, false)).await;
-                match result {
-                    Ok(Ok(deltas)) => tracing::info!(
-                        changes = n,
-                        nodes = deltas.len(),
-                        "manifests changed; deltas sent"
-                    ),
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "could not apply manifest changes; the previous rule sets stay in force")
-                    }
-                    Err(e) => tracing::error!(error = %e, "apply task failed"),
-                }
-            }
-        });
+        spawn_supervised(
+            "manifest_reload",
+            restarts.clone(),
+            Backoff::default(),
+            move || reload_manifests(hub.clone(), source.clone(), metrics.clone(), period),
+        );
     }
-
     // Flow records are folded into the service graph as they arrive (the agents' streams go
     // through the pipeline: graph, then store); /metrics reads the graph's counters.
     let graph = Arc::new(Mutex::new(ServiceGraph::default()));
     let flow_pipeline = Arc::new(FlowPipeline::new(flows.clone(), graph.clone(), hub.clone()));
     if !args.graph_ttl.is_zero() {
         let (graph, ttl) = (graph.clone(), args.graph_ttl);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(
-                (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(60)),
-            );
-            loop {
-                tick.tick().await;
-                let cutoff = std::time::SystemTime::now()
-                    .checked_sub(ttl)
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_nanos() as u64);
-                let expired = graph.lock().map(|mut g| g.expire(cutoff)).unwrap_or(0);
-                if expired > 0 {
-                    tracing::info!(expired, ttl = ?ttl, "service graph: edges not seen within the TTL forgotten");
+        spawn_supervised(
+            "graph_ttl",
+            restarts.clone(),
+            Backoff::default(),
+            move || {
+                let graph = graph.clone();
+                async move {
+                    let mut tick = tokio::time::interval(
+                        (ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(60)),
+                    );
+                    loop {
+                        tick.tick().await;
+                        let cutoff = std::time::SystemTime::now()
+                            .checked_sub(ttl)
+                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_nanos() as u64);
+                        let expired = graph.lock().map(|mut g| g.expire(cutoff)).unwrap_or(0);
+                        if expired > 0 {
+                            tracing::info!(expired, ttl = ?ttl, "service graph: edges not seen within the TTL forgotten");
+                        }
+                    }
                 }
-            }
-        });
+            },
+        );
     }
 
     // One quarantine control for the admin API and the web UI (it tracks each quarantine's status).
@@ -473,6 +464,19 @@ async fn serve(
             ))
         }),
     };
+    // Quarantines made through the API whose time has come leave the directory (and so the
+    // listing and the map) with an `expire` line in the audit log; the engine stopped enforcing
+    // them on the reload tick. In Kubernetes mode the status writer announces expiries.
+    if kubernetes.is_none()
+        && let Some(control) = quarantine.clone()
+    {
+        spawn_supervised(
+            "quarantine_expiry",
+            restarts.clone(),
+            Backoff::default(),
+            move || expire_quarantines(control.clone()),
+        );
+    }
     let web = crate::web::WebState::new(
         args.http,
         &args.web,
@@ -494,8 +498,10 @@ async fn serve(
                 let (hub, flows, metrics) = (hub.clone(), flows.clone(), metrics.clone());
                 let (graph, pipeline) = (graph.clone(), flow_pipeline.clone());
                 let kube_stats = kubernetes.as_ref().map(|k| k.stats.clone());
+                let restarts = restarts.clone();
                 move || async move {
                     metrics.sync_flow_counters(&graph, &pipeline);
+                    metrics.sync_task_restarts(&restarts);
                     if let Some(stats) = &kube_stats {
                         metrics.sync_kubernetes_counters(stats);
                     }
@@ -651,6 +657,81 @@ async fn serve(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Re-reads the manifests every `period` and applies what changed; lifts quarantines whose
+/// `expiresAt` passed. Runs until the controller stops (supervised).
+async fn reload_manifests(
+    hub: Arc<Hub>,
+    source: Arc<Mutex<ManifestSource>>,
+    metrics: Arc<ControllerMetrics>,
+    period: Duration,
+) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let reload = match source.lock() {
+            Ok(mut s) => s.reload(),
+            Err(_) => {
+                tracing::error!("manifest source lock poisoned; restart the controller");
+                continue;
+            }
+        };
+        for e in &reload.errors {
+            tracing::error!(error = %e, "invalid manifest; the objects it had stay in force");
+        }
+        metrics.input_errors.inc_by(reload.errors.len() as u64);
+        match hub.expire(std::time::SystemTime::now()) {
+            Ok(deltas) if !deltas.is_empty() => {
+                tracing::warn!(nodes = deltas.len(), "quarantines expired and were lifted")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "could not lift expired quarantines"),
+        }
+        if reload.changes.is_empty() {
+            continue;
+        }
+        let n = reload.changes.len();
+        let hub = hub.clone();
+        let result = tokio::task::spawn_blocking(move || hub.apply(reload.changes, false)).await;
+        match result {
+            Ok(Ok(deltas)) => tracing::info!(
+                changes = n,
+                nodes = deltas.len(),
+                "manifests changed; deltas sent"
+            ),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "could not apply manifest changes; the previous rule sets stay in force")
+            }
+            Err(e) => tracing::error!(error = %e, "apply task failed"),
+        }
+    }
+}
+
+/// Every second: removes the quarantines of the directory whose `expiresAt` passed, with their
+/// audit lines. Runs until the controller stops (supervised).
+async fn expire_quarantines(control: Arc<QuarantineControl>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let control = control.clone();
+        match tokio::task::spawn_blocking(move || control.expire_due(std::time::SystemTime::now()))
+            .await
+        {
+            Ok(Ok(expired)) => {
+                for q in expired {
+                    tracing::warn!(namespace = %q.namespace, pod = %q.pod, expires_at = %q.expires_at, "quarantine expired and was lifted");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "could not remove expired quarantines; retrying")
+            }
+            // A panic in the blocking task: let the supervisor count and restart this task.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => tracing::error!(error = %e, "the quarantine expiry task was cancelled"),
+        }
+    }
+}
+
 /// `--kubernetes`: inventory and policies from the Kubernetes API, with leader election.
 #[derive(Args)]
 pub struct KubernetesArgs {
@@ -674,7 +755,11 @@ pub struct KubernetesArgs {
     pub identity: Option<String>,
 }
 
-async fn start_kubernetes(args: &KubernetesArgs, hub: Arc<Hub>) -> anyhow::Result<Option<Running>> {
+async fn start_kubernetes(
+    args: &KubernetesArgs,
+    hub: Arc<Hub>,
+    restarts: Arc<TaskRestarts>,
+) -> anyhow::Result<Option<Running>> {
     if !args.kubernetes {
         return Ok(None);
     }
@@ -685,6 +770,7 @@ async fn start_kubernetes(args: &KubernetesArgs, hub: Arc<Hub>) -> anyhow::Resul
             lease_name: args.lease_name.clone(),
             lease_namespace: args.lease_namespace.clone(),
             identity: args.identity.clone(),
+            restarts,
         },
     )
     .await?;

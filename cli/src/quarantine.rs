@@ -21,8 +21,9 @@ pub struct QuarantineArgs {
     /// (`10.0.0.53/32[@53/UDP]`). Repeatable.
     #[arg(long)]
     allow: Vec<String>,
-    /// Lift the quarantine after this long (`30m`, `1h`, …); default: until released.
-    #[arg(long = "for", value_parser = humantime::parse_duration)]
+    /// Lift the quarantine after this long (`30m`, `1h`, …, at most 10 years); default: until
+    /// released.
+    #[arg(long = "for", value_parser = parse_for)]
     duration: Option<Duration>,
     #[command(flatten)]
     conn: Connection,
@@ -71,6 +72,20 @@ fn split_target(t: &str) -> anyhow::Result<(String, String)> {
         }
         _ => bail!("name the pod as NAMESPACE/POD, not {t:?}"),
     }
+}
+
+/// How long a quarantine lasts, as `--for` and the web UI's `for` take it: a duration (`30m`,
+/// `2h`, `7d`) of at most 10 years, the controller's limit
+/// ([`bulkhead_controller::distribution::quarantine::MAX_DURATION`]).
+pub(crate) fn parse_for(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("for {s:?}: {}", e.to_string().to_lowercase()))?;
+    if d > bulkhead_controller::distribution::quarantine::MAX_DURATION {
+        return Err(format!(
+            "for {s:?}: a quarantine can last at most 10 years; leave the duration out to quarantine until released"
+        ));
+    }
+    Ok(d)
 }
 
 /// An exception to a quarantine, as `--allow` and the web UI take it:

@@ -15,14 +15,13 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use axum::{
     Router,
-    body::Bytes,
     extract::{Query, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -101,6 +100,9 @@ impl WebState {
         }
     }
 }
+
+mod quarantine_api;
+use quarantine_api::{list_quarantines, quarantine, quarantine_json, release};
 
 /// The page, its assets, and the UI's JSON API (merged into the controller's HTTP router).
 pub fn router(state: WebState) -> Router {
@@ -500,264 +502,9 @@ async fn query_flows(
     Ok(axum::Json(out).into_response())
 }
 
-fn quarantine_json(q: &pb::QuarantineInfo) -> Value {
-    json!({
-        "pod": format!("{}/{}", q.namespace, q.pod), "namespace": q.namespace, "name": q.name,
-        "reason": q.reason, "created_at": q.created_at, "expires_at": q.expires_at,
-        "actor": q.actor, "enforced_at": q.enforced_at, "connections_cut": q.connections_cut,
-    })
-}
-
-async fn list_quarantines(State(s): State<WebState>) -> Result<Response, ApiError> {
-    let q = s.quarantine.clone().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "this controller has no quarantine directory (--quarantine-dir)",
-        )
-    })?;
-    let list = tokio::task::spawn_blocking(move || q.list())
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    Ok(axum::Json(list.iter().map(quarantine_json).collect::<Vec<_>>()).into_response())
-}
-
-/// Is `host` (a `Host` header or an origin's authority, with or without a port) a loopback
-/// name?
-fn is_loopback_host(host: &str) -> bool {
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        rest.split(']').next().unwrap_or_default()
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
-    };
-    name.eq_ignore_ascii_case("localhost")
-        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-/// The checks every write request passes before it is read (see the module comment).
-fn check_write(s: &WebState, headers: &HeaderMap) -> Result<Arc<QuarantineControl>, ApiError> {
-    if let Err(why) = &s.actions {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, why.clone()));
-    }
-    let text = |h: header::HeaderName| {
-        headers
-            .get(h)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let content_type = text(header::CONTENT_TYPE);
-    if content_type.split(';').next().map(str::trim) != Some("application/json") {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send the request body as JSON with content-type: application/json",
-        ));
-    }
-    if headers.get(ACTION_HEADER).and_then(|v| v.to_str().ok()) != Some("1") {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "write requests need the header x-bulkhead-action: 1 (this refuses cross-site requests)",
-        ));
-    }
-    let host = text(header::HOST);
-    if s.loopback && !is_loopback_host(&host) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!(
-                "write requests to a loopback listener must name a loopback host, not {host:?}"
-            ),
-        ));
-    }
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        let origin = origin.to_str().unwrap_or_default();
-        let authority = origin
-            .strip_prefix("http://")
-            .or_else(|| origin.strip_prefix("https://"))
-            .unwrap_or_default();
-        if authority.is_empty() || !authority.eq_ignore_ascii_case(&host) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                format!("cross-site request refused: origin {origin:?} is not this server"),
-            ));
-        }
-    }
-    s.quarantine.clone().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "this controller has no quarantine directory (--quarantine-dir)",
-        )
-    })
-}
-
-fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("malformed request body: {}", e.to_string().to_lowercase()),
-        )
-    })
-}
-
-fn split_pod(s: &str) -> Result<(String, String), ApiError> {
-    match s.split_once('/') {
-        Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() && !pod.contains('/') => {
-            Ok((ns.to_string(), pod.to_string()))
-        }
-        _ => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("name the pod as namespace/pod, not {s:?}"),
-        )),
-    }
-}
-
-/// Who acted, for the audit log: the page, and the browser it ran in.
-fn actor(headers: &HeaderMap) -> String {
-    let agent = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let browser = [
-        "Firefox/",
-        "Edg/",
-        "HeadlessChrome/",
-        "Chrome/",
-        "Safari/",
-        "curl/",
-    ]
-    .iter()
-    .find_map(|p| agent.split_whitespace().find(|t| t.starts_with(p)))
-    .or_else(|| agent.split_whitespace().next())
-    .unwrap_or("unknown client");
-    let browser: String = browser.chars().take(40).collect();
-    format!("web UI ({browser})")
-}
-
-/// `POST /api/quarantine` body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct QuarantineBody {
-    /// `namespace/pod`
-    pod: String,
-    reason: String,
-    /// Exceptions, as `bulkhead quarantine --allow` takes them.
-    #[serde(default)]
-    allow: Vec<String>,
-    /// Lift it after this long (`30m`, `1h`).
-    #[serde(default, rename = "for")]
-    duration: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReleaseBody {
-    pod: String,
-}
-
-/// Waits (bounded) until every node the change went to has acked it.
-async fn wait_enforced(hub: &Hub, nodes: &BTreeMap<String, u64>, wait: Duration) -> bool {
-    let deadline = Instant::now() + wait;
-    loop {
-        let states = hub.node_states();
-        let done = nodes.iter().all(|(node, version)| {
-            states
-                .iter()
-                .any(|n| &n.node == node && n.realized >= *version)
-        });
-        if done {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn answer(
-    s: &WebState,
-    started: Instant,
-    resp: pb::QuarantineResponse,
-) -> Result<Response, ApiError> {
-    let nodes: BTreeMap<String, u64> = resp.nodes.into_iter().collect();
-    let enforced = wait_enforced(&s.hub, &nodes, s.enforce_wait).await;
-    Ok(axum::Json(json!({
-        "quarantine": resp.quarantine.as_ref().map(quarantine_json),
-        "nodes": nodes,
-        "enforced": enforced,
-        "elapsed_ms": started.elapsed().as_secs_f64() * 1e3,
-    }))
-    .into_response())
-}
-
-async fn quarantine(
-    State(s): State<WebState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let control = check_write(&s, &headers)?;
-    let b: QuarantineBody = parse_body(&body)?;
-    let (namespace, pod) = split_pod(&b.pod)?;
-    if b.reason.trim().is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "a quarantine needs a reason",
-        ));
-    }
-    let allow = b
-        .allow
-        .iter()
-        .filter(|a| !a.trim().is_empty())
-        .map(|a| crate::quarantine::parse_allow(a.trim()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
-    let duration_seconds = match b.duration.as_deref().map(str::trim) {
-        None | Some("") => 0,
-        Some(d) => humantime::parse_duration(d)
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("for {d:?}: {}", e.to_string().to_lowercase()),
-                )
-            })?
-            .as_secs()
-            .max(1),
-    };
-    let request = pb::QuarantineRequest {
-        namespace,
-        pod,
-        reason: b.reason.trim().to_string(),
-        allow,
-        duration_seconds,
-        actor: actor(&headers),
-    };
-    let resp = tokio::task::spawn_blocking(move || control.quarantine(request))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    answer(&s, started, resp).await
-}
-
-async fn release(
-    State(s): State<WebState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let control = check_write(&s, &headers)?;
-    let b: ReleaseBody = parse_body(&body)?;
-    let (namespace, pod) = split_pod(&b.pod)?;
-    let request = pb::ReleaseRequest {
-        namespace,
-        pod,
-        actor: actor(&headers),
-    };
-    let resp = tokio::task::spawn_blocking(move || control.release(request))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    answer(&s, started, resp).await
-}
-
 #[cfg(test)]
 mod tests {
+    use super::quarantine_api::is_loopback_host;
     use std::{
         path::PathBuf,
         sync::atomic::{AtomicU32, Ordering},
@@ -1058,7 +805,7 @@ mod tests {
             out["nodes"].as_object().is_some_and(|n| !n.is_empty()),
             "{out}"
         );
-        let written = std::fs::read_to_string(f.dir.join("quarantines/tools--debug.yaml"))
+        let written = std::fs::read_to_string(f.dir.join("quarantines/tools/debug.yaml"))
             .expect("the Quarantine manifest");
         assert!(written.contains("reason: port scan") && written.contains("expiresAt"));
         let (_, list) = get_json(f.addr, "/api/quarantines").await;
@@ -1191,7 +938,33 @@ mod tests {
                 vec![JSON, ACTION],
                 r#"{"pod":"Tools/Debug","reason":"x"}"#,
                 400,
-                "lower-case dns names",
+                "is not a kubernetes namespace name",
+            ),
+            (
+                vec![JSON, ACTION],
+                r#"{"pod":"tools/..","reason":"x"}"#,
+                400,
+                "is not a kubernetes pod name",
+            ),
+            // Issue 21, finding 7: these were HTTP 500s (a panic formatting year 12026, an
+            // overflow adding the duration to the clock).
+            (
+                vec![JSON, ACTION],
+                r#"{"pod":"tools/debug","reason":"x","for":"10000y"}"#,
+                400,
+                "at most 10 years",
+            ),
+            (
+                vec![JSON, ACTION],
+                r#"{"pod":"tools/debug","reason":"x","for":"300000000000y"}"#,
+                400,
+                "at most 10 years",
+            ),
+            (
+                vec![JSON, ACTION],
+                r#"{"pod":"tools/debug","reason":"x","for":"soon"}"#,
+                400,
+                "for \"soon\"",
             ),
         ];
         for (headers, body, want, message) in cases {
@@ -1205,6 +978,20 @@ mod tests {
                 e.to_lowercase().contains(&message.to_lowercase()),
                 "{body}: {e:?} lacks {message:?}"
             );
+        }
+        // Issue 21, finding 5: a release names a Kubernetes pod too (it used to go straight
+        // into the path it deletes).
+        for pod in ["../tools/debug", "tools/..", "a--b/../c"] {
+            let body = json!({ "pod": pod }).to_string();
+            let (status, _, out) = request(
+                f.addr,
+                "POST",
+                "/api/quarantine/release",
+                &[JSON, ACTION],
+                &body,
+            )
+            .await;
+            assert_eq!(status, 400, "{pod}: {out}");
         }
         // Same origin, loopback host: accepted (and nothing above changed anything).
         let (_, list) = get_json(f.addr, "/api/quarantines").await;

@@ -21,6 +21,7 @@ pub mod model;
 pub mod reachability;
 pub mod selector;
 pub mod service_policy;
+pub mod supervise;
 
 pub use bulkhead_ruleset as ruleset;
 pub use engine::{Change, EngineConfig, PolicyEngine};

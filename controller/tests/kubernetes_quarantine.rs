@@ -502,8 +502,12 @@ async fn requarantine_returns_once_the_hub_has_the_new_spec() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_maps_the_api_quarantine_list() {
+    // The recorded object's expiry is long past now, and an expired quarantine is not listed
+    // (issue 21, finding 8; see below): moved a century on, so that it is listed here.
+    let recorded = fixture("quarantines.recorded.list.json")
+        .replace("\"2026-11-29T23:00:00Z\"", "\"2126-11-29T23:00:00Z\"");
     let h = without_source(ApiServer {
-        quarantine_list: Some(fixture("quarantines.recorded.list.json")),
+        quarantine_list: Some(recorded),
         ..Default::default()
     });
     let list = h.list().await;
@@ -527,13 +531,116 @@ async fn list_maps_the_api_quarantine_list() {
                 name: NAME.into(),
                 reason: "crypto miner".into(),
                 created_at: "2026-11-29T21:00:00Z".into(),
-                expires_at: "2026-11-29T23:00:00Z".into(),
+                expires_at: "2126-11-29T23:00:00Z".into(),
                 actor: "alice".into(),
                 // From the status the controller wrote on the object.
                 connections_cut: 3,
                 ..Default::default()
             },
         ]
+    );
+}
+
+/// Issue 21, finding 8: an expired Quarantine object stays in the API (its status says
+/// Expired) but is no longer listed, so neither `/api/quarantines` nor the map shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_leaves_out_quarantines_whose_expiry_passed() {
+    let item = |name: &str, expires: Option<&str>| {
+        let mut spec = json!({"pods": [name], "reason": "test"});
+        if let Some(t) = expires {
+            spec["expiresAt"] = json!(t);
+        }
+        json!({"apiVersion": "bulkhead.dev/v1alpha1", "kind": "Quarantine",
+            "metadata": {"name": format!("quarantine-{name}"), "namespace": "shop",
+                "uid": name, "resourceVersion": "8", "generation": 1},
+            "spec": spec})
+    };
+    let list = json!({"kind": "QuarantineList", "apiVersion": "bulkhead.dev/v1alpha1",
+    "metadata": {"resourceVersion": "9"},
+    "items": [
+        item("expired", Some("2020-01-01T00:00:00Z")),
+        item("before-1970", Some("0001-01-01T00:00:00Z")),
+        item("later", Some("2999-01-01T00:00:00Z")),
+        item("until-released", None),
+    ]});
+    let h = without_source(ApiServer {
+        quarantine_list: Some(list.to_string()),
+        ..Default::default()
+    });
+    let pods: Vec<String> = h.list().await.into_iter().map(|q| q.pod).collect();
+    assert_eq!(pods, ["later", "until-released"]);
+}
+
+/// Issue 21, finding 7: a Quarantine with `expiresAt: 0001-01-01T00:00:00Z` passes the CRD
+/// schema and the loader. Formatting it for its status panicked and the status writer never
+/// ran again: no status, no Event, for any policy. Now it gets its `Expired` status, one
+/// `Expired` Event (the audit of the expiry), and the objects after it get theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_that_expired_before_1970_gets_its_status_and_one_expiry_event() {
+    let h = with_source().await;
+    let object = |name: &str, expires: &str| {
+        json!({"apiVersion": "bulkhead.dev/v1alpha1", "kind": "Quarantine",
+            "metadata": {"name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                "resourceVersion": "9001", "generation": 1},
+            "spec": {"pods": [POD], "reason": "zero time", "expiresAt": expires}})
+    };
+    let status_of = |h: &Harness, name: &str| -> Option<Value> {
+        h.writes("PATCH", &format!("/quarantines/{name}/status"))
+            .last()
+            .map(|r| r.body["status"].clone())
+    };
+    {
+        let mut server = h.server.lock().unwrap();
+        server.watch_event("ADDED", &object("zero", "0001-01-01T00:00:00Z"));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while status_of(&h, "zero").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no status written for the Quarantine that expired before 1970"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let status = status_of(&h, "zero").unwrap();
+    let realized = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Realized")
+        .cloned()
+        .unwrap();
+    assert_eq!(realized["reason"], "Expired", "{status}");
+    assert!(
+        realized["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("expired at 0001-01-01T00:00:00Z"),
+        "{realized}"
+    );
+    // The writer lives on: a later object gets its status too.
+    {
+        let mut server = h.server.lock().unwrap();
+        server.watch_event("ADDED", &object("later", "2999-01-01T00:00:00Z"));
+    }
+    while status_of(&h, "later").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the status writer stopped after the Quarantine that expired before 1970"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Several more status rounds (every 100 ms here): the expiry was announced once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let expired_events: Vec<_> = h
+        .writes("POST", "/events")
+        .into_iter()
+        .filter(|r| r.body["reason"] == "Expired")
+        .collect();
+    assert_eq!(expired_events.len(), 1, "{expired_events:#?}");
+    assert_eq!(expired_events[0].body["regarding"]["name"], "zero");
+    assert!(
+        !has_quarantine(&h.hub.ruleset("node-a").unwrap(), "zero"),
+        "not enforced"
     );
 }
 

@@ -667,6 +667,7 @@ async fn a_leader_elected_controller_becomes_ready_and_releases_its_lease() {
             lease_name: "bulkhead-controller".into(),
             lease_namespace: Some("bulkhead-system".into()),
             identity: Some("bulkhead-controller-7d9f-a".into()),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -721,6 +722,7 @@ async fn leader_election_needs_a_namespace_and_an_identity() {
             lease_name: "bulkhead-controller".into(),
             lease_namespace: None,
             identity: Some("x".into()),
+            ..Default::default()
         },
     )
     .err()

@@ -5,12 +5,20 @@
 //! priority delivery rather than at the next reload, and every quarantine and release is
 //! appended to `audit.log` (JSON lines) and recorded as a flow.
 //!
+//! Files are `DIR/NAMESPACE/POD.yaml`: both parts are validated Kubernetes names (a namespace is
+//! a DNS label, a pod a DNS subdomain), on every path in (quarantine, release), so no two pods
+//! share a file and no request names a path outside the directory. A quarantine whose
+//! `expiresAt` has passed is lifted by [`QuarantineControl::expire_due`]: its file is removed and
+//! `audit.log` gets an `expire` line, so it no longer shows anywhere.
+//!
 //! In Kubernetes mode ([`QuarantineControl::kubernetes`]) there is no directory: the same
 //! object is written to the API by server-side apply (field manager `bulkhead-controller`) in
 //! the pod's namespace, and released by deleting it. The Kubernetes source's watch brings it to
 //! the hub (with priority delivery, like any Quarantine object); the call returns once the hub
 //! has it. The audit goes to the log (same JSON line, via tracing), the flow store and a
-//! Kubernetes Event on the object.
+//! Kubernetes Event on the object. An expired Quarantine object is left in place (its status says
+//! `Expired`; the status writer logs the `expire` audit line and publishes an Event once) and is
+//! no longer listed.
 
 use std::{
     collections::BTreeMap,
@@ -32,7 +40,7 @@ use kube::{
 
 use super::{FlowStore, Hub, ManifestSource};
 use crate::kubernetes::Quarantine;
-use crate::kubernetes::status::{EVENT_NOTE_MAX, FIELD_MANAGER, truncate};
+use crate::kubernetes::status::{EVENT_NOTE_MAX, FIELD_MANAGER, rfc3339, rfc3339_millis, truncate};
 use crate::ruleset::RuleKind;
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +112,17 @@ enum Want<'a> {
     Absent,
 }
 
+/// The longest quarantine with an end (`--for`, `"for"`): 10 years of 365.25 days. Longer
+/// ones are refused rather than overflowing the clock or the RFC 3339 years a manifest can hold;
+/// a quarantine without `--for` lasts until it is released.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
+/// A quarantine's object is `quarantine-POD`, and an object's name has at most 253 characters.
+const MAX_POD_NAME: usize = 253 - "quarantine-".len();
+
+/// Who the audit log names when a quarantine ends because its `expiresAt` passed.
+pub const EXPIRY_ACTOR: &str = "controller (expiresAt passed)";
+
 /// How often the hub is looked at while waiting for a write to reach it.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -114,17 +133,49 @@ pub struct QuarantineControl {
     flows: Arc<Mutex<FlowStore>>,
     /// Per quarantined `namespace/pod`: the node versions that carried it (for its status).
     carried_by: Mutex<BTreeMap<String, BTreeMap<String, u64>>>,
+    /// Held by quarantine, release and expiry while they change the directory, so that an
+    /// expiry never removes a file a concurrent re-quarantine just wrote.
+    writes: Mutex<()>,
 }
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+/// A DNS-1123 label, what a namespace's name must be: at most 63 of `a-z`, `0-9` and `-`,
+/// beginning and ending with an alphanumeric.
+fn dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+/// `namespace/pod` must be a namespace's and a pod's name as Kubernetes allows them (and short
+/// enough for the Quarantine object's name). Every path in checks this before a name reaches a
+/// file path or an API URL: neither name can hold `/`, and no dot-separated part is empty, so
+/// `..` is impossible.
+fn check_names(namespace: &str, pod: &str) -> Result<(), QuarantineError> {
+    if !dns_label(namespace) {
+        return Err(QuarantineError::Invalid(format!(
+            "namespace {namespace:?} is not a Kubernetes namespace name: use at most 63 lower-case alphanumerics or '-', beginning and ending with an alphanumeric"
+        )));
+    }
+    if let Some(problem) = crate::selector::dns_subdomain_problem(pod) {
+        return Err(QuarantineError::Invalid(format!(
+            "pod {pod:?} is not a Kubernetes pod name: {problem}"
+        )));
+    }
+    if pod.len() > MAX_POD_NAME {
+        return Err(QuarantineError::Invalid(format!(
+            "pod names over {MAX_POD_NAME} characters cannot be quarantined: the Quarantine object quarantine-POD would exceed 253 characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a quarantine with this `expiresAt` (as written in its object) has ended at `now`.
+/// A time before 1970 is a time in the past: such a quarantine has expired, as the engine
+/// treats it. One that does not parse has not (the loader refuses its object).
+fn expired(expires_at: &str, now: SystemTime) -> bool {
+    !expires_at.is_empty() && crate::load::parse_rfc3339(expires_at).is_ok_and(|t| t <= now)
 }
 
 impl QuarantineControl {
@@ -139,6 +190,7 @@ impl QuarantineControl {
             hub,
             flows,
             carried_by: Mutex::new(BTreeMap::new()),
+            writes: Mutex::new(()),
         }
     }
 
@@ -170,6 +222,7 @@ impl QuarantineControl {
             hub,
             flows,
             carried_by: Mutex::new(BTreeMap::new()),
+            writes: Mutex::new(()),
         }
     }
 
@@ -188,8 +241,81 @@ impl QuarantineControl {
         }
     }
 
+    /// Where the quarantine of `namespace/pod` is kept: `DIR/NAMESPACE/POD.yaml`. Only for
+    /// names [`check_names`] accepted: a namespace has no `/` or `.`, a pod no `/` and no empty
+    /// part, so each pod has its own file, inside the directory.
     fn file(&self, namespace: &str, pod: &str) -> PathBuf {
+        self.dir().join(namespace).join(format!("{pod}.yaml"))
+    }
+
+    /// Where controllers before this layout kept it: `DIR/NAMESPACE--POD.yaml`, a name two pods
+    /// can share (`a/b--c` and `a--b/c`). A controller upgraded in place still has such files:
+    /// the manifest source compiles them as before, [`Self::list`] shows them (it reads every
+    /// file's object, whatever its name), and [`Self::files_of`] counts one as this pod's only
+    /// if the object in it names this namespace and pod. It is deleted when that pod is
+    /// released or its quarantine expires, and replaced by the new file when it is quarantined
+    /// again.
+    fn legacy_file(&self, namespace: &str, pod: &str) -> PathBuf {
         self.dir().join(format!("{namespace}--{pod}.yaml"))
+    }
+
+    /// The files that hold the quarantine of `namespace/pod` (the current one and a legacy
+    /// one, if either exists and its object is that pod's), with what they hold.
+    fn files_of(&self, namespace: &str, pod: &str) -> Vec<(PathBuf, pb::QuarantineInfo)> {
+        [self.file(namespace, pod), self.legacy_file(namespace, pod)]
+            .into_iter()
+            .filter_map(|path| {
+                let info = self.read(&path)?;
+                (info.namespace == namespace && info.pod == pod).then_some((path, info))
+            })
+            .collect()
+    }
+
+    /// Every quarantine file in the directory: `NAMESPACE/POD.yaml`, and legacy
+    /// `NAMESPACE--POD.yaml` at the top.
+    fn all_files(&self) -> Vec<(PathBuf, pb::QuarantineInfo)> {
+        let yaml = |p: &Path| p.extension().is_some_and(|x| x == "yaml");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(self.dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = entry.path();
+            if path.is_dir() {
+                for inner in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                    let inner = inner.path();
+                    if yaml(&inner)
+                        && let Some(info) = self.read(&inner)
+                    {
+                        out.push((inner, info));
+                    }
+                }
+            } else if yaml(&path)
+                && let Some(info) = self.read(&path)
+            {
+                out.push((path, info));
+            }
+        }
+        out
+    }
+
+    /// Removes a quarantine file, and its namespace's directory once that is empty.
+    fn remove(&self, path: &Path) -> Result<(), QuarantineError> {
+        std::fs::remove_file(path).map_err(|e| self.io(e))?;
+        if let Some(parent) = path.parent()
+            && parent != self.dir()
+        {
+            // Fails, as it should, while other pods of the namespace are quarantined.
+            let _ = std::fs::remove_dir(parent);
+        }
+        Ok(())
+    }
+
+    fn lock_writes(&self) -> Result<std::sync::MutexGuard<'_, ()>, QuarantineError> {
+        self.writes
+            .lock()
+            .map_err(|_| QuarantineError::Apply("quarantine write lock poisoned".into()))
     }
 
     fn io(&self, e: impl std::fmt::Display) -> QuarantineError {
@@ -254,6 +380,7 @@ impl QuarantineControl {
                         .unwrap_or(0),
                     endpoint: format!("{}/{}", info.namespace, info.pod),
                     kind: action.to_string(),
+                    // A release and an expiry both lift it.
                     verdict: if action == "quarantine" {
                         "quarantined".into()
                     } else {
@@ -272,46 +399,66 @@ impl QuarantineControl {
         Ok(())
     }
 
-    /// Writes the manifest and applies it; on failure puts back what was there.
+    /// Writes the manifest (replacing a legacy file of the same pod) and applies it; on
+    /// failure puts back what was there.
     fn write_file(
         &self,
         namespace: &str,
         pod: &str,
         text: String,
     ) -> Result<BTreeMap<String, u64>, QuarantineError> {
-        std::fs::create_dir_all(self.dir()).map_err(|e| self.io(e))?;
         let path = self.file(namespace, pod);
-        let previous = std::fs::read_to_string(&path).ok();
-        let tmp = path.with_extension("tmp");
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| self.io(e))?;
+        }
+        // What was there, to put back if the manifest is refused: this pod's file and its
+        // legacy file (removed now, else the object would be defined twice).
+        let previous: Vec<(PathBuf, Option<String>)> = [path.clone()]
+            .into_iter()
+            .chain(
+                self.files_of(namespace, pod)
+                    .into_iter()
+                    .map(|(p, _)| p)
+                    .filter(|p| *p != path),
+            )
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).ok();
+                (p, text)
+            })
+            .collect();
+        let tmp = path.with_extension("yaml.tmp");
         std::fs::write(&tmp, text).map_err(|e| self.io(e))?;
         std::fs::rename(&tmp, &path).map_err(|e| self.io(e))?;
-        let nodes = match self.apply_now() {
-            Ok(n) => n,
+        for (p, _) in previous.iter().filter(|(p, _)| *p != path) {
+            std::fs::remove_file(p).map_err(|e| self.io(e))?;
+        }
+        match self.apply_now() {
+            Ok(nodes) => Ok(nodes),
             Err(e) => {
                 // Put back what was there: a rejected request changes nothing.
-                match previous {
-                    Some(p) => {
-                        let _ = std::fs::write(&path, p);
-                    }
-                    None => {
-                        let _ = std::fs::remove_file(&path);
-                    }
+                for (p, text) in &previous {
+                    let _ = match text {
+                        Some(t) => std::fs::write(p, t),
+                        None => std::fs::remove_file(p),
+                    };
                 }
                 let _ = self.apply_now();
-                return Err(e);
+                Err(e)
             }
-        };
-        Ok(nodes)
+        }
     }
 
     pub fn quarantine(
         &self,
         r: pb::QuarantineRequest,
     ) -> Result<pb::QuarantineResponse, QuarantineError> {
-        if !valid_name(&r.namespace) || !valid_name(&r.pod) {
-            return Err(QuarantineError::Invalid(
-                "name the pod as NAMESPACE/POD (lower-case DNS names)".into(),
-            ));
+        check_names(&r.namespace, &r.pod)?;
+        let duration = Duration::from_secs(r.duration_seconds);
+        if duration > MAX_DURATION {
+            return Err(QuarantineError::Invalid(format!(
+                "a quarantine can last at most 10 years, not {}: leave the duration out to quarantine until released",
+                humantime::format_duration(duration)
+            )));
         }
         if r.reason.trim().is_empty() {
             return Err(QuarantineError::Invalid(
@@ -326,8 +473,12 @@ impl QuarantineControl {
             return Err(QuarantineError::NoPod(format!("{}/{}", r.namespace, r.pod)));
         }
         let now = SystemTime::now();
-        let expires =
-            (r.duration_seconds > 0).then(|| now + Duration::from_secs(r.duration_seconds));
+        let expires = match r.duration_seconds {
+            0 => None,
+            _ => Some(now.checked_add(duration).ok_or_else(|| {
+                QuarantineError::Invalid("the quarantine would end past the clock's range".into())
+            })?),
+        };
         let name = format!("quarantine-{}", r.pod);
         let mut allow = Vec::new();
         for a in &r.allow {
@@ -399,7 +550,10 @@ impl QuarantineControl {
                 let (nodes, reference) = self.kube_apply(k, &r.namespace, &name, &text, &doc)?;
                 (nodes, Some(reference))
             }
-            Store::Dir { .. } => (self.write_file(&r.namespace, &r.pod, text)?, None),
+            Store::Dir { .. } => {
+                let _writes = self.lock_writes()?;
+                (self.write_file(&r.namespace, &r.pod, text)?, None)
+            }
         };
         if let Ok(mut c) = self.carried_by.lock() {
             c.insert(format!("{}/{}", r.namespace, r.pod), nodes.clone());
@@ -428,17 +582,21 @@ impl QuarantineControl {
         &self,
         r: pb::ReleaseRequest,
     ) -> Result<pb::QuarantineResponse, QuarantineError> {
+        check_names(&r.namespace, &r.pod)?;
         if let Store::Kubernetes(k) = &self.store {
             return self.kube_release(k, r);
         }
-        let path = self.file(&r.namespace, &r.pod);
-        let Some(mut info) = self.read(&path) else {
+        let _writes = self.lock_writes()?;
+        let files = self.files_of(&r.namespace, &r.pod);
+        let Some((_, mut info)) = files.first().cloned() else {
             return Err(QuarantineError::NotQuarantined(format!(
                 "{}/{}",
                 r.namespace, r.pod
             )));
         };
-        std::fs::remove_file(&path).map_err(|e| self.io(e))?;
+        for (path, _) in &files {
+            self.remove(path)?;
+        }
         let nodes = self.apply_now()?;
         if let Ok(mut c) = self.carried_by.lock() {
             c.remove(&format!("{}/{}", r.namespace, r.pod));
@@ -451,9 +609,54 @@ impl QuarantineControl {
         })
     }
 
+    /// Lifts the quarantines of the directory whose `expiresAt` is not after `now`: removes
+    /// their files, applies that, and writes an `expire` line to the audit log for each (the
+    /// engine has stopped enforcing them already, at the same time; this is what makes them
+    /// leave the listing, the map and the manifests). Returns what expired. Called every
+    /// second by the controller; synchronous, like the rest.
+    ///
+    /// In Kubernetes mode it does nothing: an expired Quarantine object stays (its status says
+    /// `Expired`), the leader's status writer logs the `expire` audit line and publishes an
+    /// Event once, and [`Self::list`] leaves it out.
+    pub fn expire_due(&self, now: SystemTime) -> Result<Vec<pb::QuarantineInfo>, QuarantineError> {
+        if matches!(self.store, Store::Kubernetes(_)) {
+            return Ok(Vec::new());
+        }
+        let _writes = self.lock_writes()?;
+        let due: Vec<(PathBuf, pb::QuarantineInfo)> = self
+            .all_files()
+            .into_iter()
+            .filter(|(_, info)| expired(&info.expires_at, now))
+            .collect();
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        for (path, _) in &due {
+            self.remove(path)?;
+        }
+        // The engine no longer enforces them, so a failure here (another manifest that does
+        // not load) leaves nothing in force; the files are gone and the next reload applies it.
+        if let Err(e) = self.apply_now() {
+            tracing::warn!(error = %e, "expired quarantines removed; applying that waits for the next reload");
+        }
+        let mut out = Vec::new();
+        for (_, mut info) in due {
+            if let Ok(mut c) = self.carried_by.lock() {
+                c.remove(&format!("{}/{}", info.namespace, info.pod));
+            }
+            info.actor = EXPIRY_ACTOR.into();
+            self.audit("expire", &info)?;
+            out.push(info);
+        }
+        Ok(out)
+    }
+
     fn read(&self, path: &Path) -> Option<pb::QuarantineInfo> {
         let text = std::fs::read_to_string(path).ok()?;
         let v: Value = serde_yaml::from_str(&text).ok()?;
+        if v.get("kind").and_then(Value::as_str) != Some("Quarantine") {
+            return None;
+        }
         let s = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_string();
         let meta = v.get("metadata")?;
         let spec = v.get("spec")?;
@@ -487,7 +690,7 @@ impl QuarantineControl {
         let mut cut = 0;
         for (node, version) in nodes {
             if let Some((at, c)) = self.hub.enforced(&node, version) {
-                enforced_at.insert(node, humantime::format_rfc3339_millis(at).to_string());
+                enforced_at.insert(node, rfc3339_millis(at));
                 cut += c;
             }
         }
@@ -497,18 +700,14 @@ impl QuarantineControl {
         }
     }
 
-    /// Every quarantine, sorted by pod. In Kubernetes mode an API error is an error, not an
-    /// empty list (which would read as "nothing is quarantined"). Synchronous: call it off the
-    /// async runtime's workers.
+    /// Every quarantine in force, sorted by pod: one whose `expiresAt` has passed is not
+    /// listed (the engine no longer enforces it), also in the second before
+    /// [`Self::expire_due`] removes its file. In Kubernetes mode an API error is an error, not
+    /// an empty list (which would read as "nothing is quarantined"). Synchronous: call it off
+    /// the async runtime's workers.
     pub fn list(&self) -> Result<Vec<pb::QuarantineInfo>, QuarantineError> {
         let found: Vec<pb::QuarantineInfo> = match &self.store {
-            Store::Dir { dir, .. } => std::fs::read_dir(dir)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|e| e.path().extension().is_some_and(|x| x == "yaml"))
-                .filter_map(|e| self.read(&e.path()))
-                .collect(),
+            Store::Dir { .. } => self.all_files().into_iter().map(|(_, q)| q).collect(),
             Store::Kubernetes(k) => {
                 let api: Api<Quarantine> = Api::all(k.client.clone());
                 let list = k
@@ -518,8 +717,10 @@ impl QuarantineControl {
                 list.items.iter().map(info_of).collect()
             }
         };
+        let now = SystemTime::now();
         let mut out: Vec<pb::QuarantineInfo> = found
             .into_iter()
+            .filter(|q| !expired(&q.expires_at, now))
             .map(|mut q| {
                 self.fill_status(&mut q);
                 q
@@ -735,3 +936,6 @@ impl QuarantineControl {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

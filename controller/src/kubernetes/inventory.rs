@@ -499,6 +499,11 @@ impl Inventory {
     }
 
     /// Policy objects and what the controller thinks of them.
+    /// The object as converted now (the last good version of an invalid one).
+    pub fn object(&self, key: &ApiKey) -> Option<&Object> {
+        self.current.get(key)
+    }
+
     pub fn verdicts(&self) -> &BTreeMap<ApiKey, Verdict> {
         &self.verdicts
     }

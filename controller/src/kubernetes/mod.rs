@@ -27,6 +27,9 @@
 //!   server-side apply (field manager `bulkhead-controller`): `Accepted` (or `Invalid` with
 //!   every problem), `Realized` on X of Y nodes, for quarantines `enforcedAt` per node and
 //!   `connectionsCut`; and a Warning Event (`Invalid`) once per problem of any policy object.
+//! - The source and its status writer run supervised ([`crate::supervise`]): a task that dies
+//!   is logged, counted (`task_restarts_total`) and restarted with backoff; the source keeps
+//!   its inventory across a restart and re-lists.
 //! - With `--leader-elect`, followers watch too (a take-over needs no warm-up) but neither
 //!   serve agents nor write to the API; a leader that loses its Lease exits, closing every
 //!   agent stream, and Kubernetes restarts it as a follower. SIGTERM releases the Lease.
@@ -79,6 +82,8 @@ pub struct KubernetesOptions {
     pub lease_namespace: Option<String>,
     /// This replica (its pod name); also the Events' reporting instance.
     pub identity: Option<String>,
+    /// Where restarts of the supervised tasks (source, status writer) are counted.
+    pub restarts: Arc<crate::supervise::TaskRestarts>,
 }
 
 /// The Kubernetes source (and the leader elector) running in the background.
@@ -179,11 +184,21 @@ pub fn start_with_client(
         gate.clone(),
         SourceOptions {
             identity,
+            restarts: options.restarts.clone(),
             ..Default::default()
         },
     );
     let stats = source.stats();
-    let source = tokio::spawn(source.run());
+    let source = Arc::new(source);
+    let source = crate::supervise::spawn_supervised(
+        source::SOURCE_TASK,
+        options.restarts.clone(),
+        crate::supervise::Backoff::default(),
+        move || {
+            let source = source.clone();
+            async move { source.watch().await }
+        },
+    );
     Ok(Running {
         gate,
         stats,

@@ -2,7 +2,10 @@
 //! `410 Gone` or any watch error with backoff), every event converted by the manifest loader
 //! into the [`Inventory`], and what changed applied to the [`Hub`] — quarantines first, with
 //! priority delivery, exactly as `bulkhead quarantine` does. A status task writes each
-//! ServicePolicy's and Quarantine's status and publishes Events for rejected policies.
+//! ServicePolicy's and Quarantine's status and publishes Events for rejected policies, and for
+//! each Quarantine whose `expiresAt` passed logs an `expire` audit line and publishes an
+//! `Expired` Event, once (when its `Realized` condition turns `Expired`). The status task runs
+//! supervised ([`crate::supervise`]): if it dies it is restarted with backoff and counted.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,7 +27,8 @@ use super::leader::Leadership;
 use super::status::{self, EVENT_NOTE_MAX, Enforcement, FIELD_MANAGER};
 use crate::distribution::Hub;
 use crate::ruleset::RuleKind;
-use crate::{Change, PolicyKey};
+use crate::supervise::{Backoff, TaskRestarts, spawn_supervised};
+use crate::{Change, Object, PolicyKey};
 
 /// Whether this controller may serve agents and write to the API: it has listed everything
 /// once, and it holds the leader lease (or runs without leader election).
@@ -134,6 +138,10 @@ pub struct SourceOptions {
     pub status_interval: Duration,
     /// Watch each kind with these settings (page size, timeouts).
     pub watcher: watcher::Config,
+    /// Where restarts of the source's supervised tasks are counted.
+    pub restarts: Arc<TaskRestarts>,
+    /// The waits between restarts of a supervised task that died.
+    pub backoff: Backoff,
 }
 
 impl Default for SourceOptions {
@@ -142,9 +150,15 @@ impl Default for SourceOptions {
             identity: "bulkhead-controller".into(),
             status_interval: Duration::from_secs(2),
             watcher: watcher::Config::default(),
+            restarts: Arc::default(),
+            backoff: Backoff::default(),
         }
     }
 }
+
+/// The supervised tasks' names, as `task_restarts_total` labels them.
+pub const STATUS_TASK: &str = "kubernetes_status";
+pub const SOURCE_TASK: &str = "kubernetes_source";
 
 /// Quarantine key → node → the first rule-set version of that node carrying it.
 type Carried = BTreeMap<PolicyKey, BTreeMap<String, u64>>;
@@ -211,8 +225,20 @@ impl KubernetesSource {
     /// Watches until the task is dropped. Never fails: API errors are retried with backoff
     /// and an invalid object only affects itself.
     pub async fn run(self) {
-        // Ends with this task, also when it is aborted.
-        let _status_task = AbortOnDrop(tokio::spawn(StatusWriter::new(&self).run()));
+        self.watch().await
+    }
+
+    /// [`Self::run`] on a shared source, so that a supervisor can start it again with the
+    /// inventory it had (the watches re-list, and the inventory diffs what changed meanwhile).
+    pub async fn watch(&self) {
+        // Ends with this task, also when it is aborted; restarted with backoff if it dies.
+        let writer = StatusWriter::new(self);
+        let _status_task = AbortOnDrop(spawn_supervised(
+            STATUS_TASK,
+            self.options.restarts.clone(),
+            self.options.backoff,
+            move || writer.clone().run(),
+        ));
         let streams: Vec<_> = Kind::ALL
             .iter()
             .map(|k| watch(self.client.clone(), *k, self.options.watcher.clone()))
@@ -403,6 +429,7 @@ fn record_carried(hub: &Hub, carried: &Mutex<Carried>, nodes: &BTreeSet<String>)
 }
 
 /// Writes statuses and Events; only while this replica leads.
+#[derive(Clone)]
 struct StatusWriter {
     client: Client,
     hub: Arc<Hub>,
@@ -525,6 +552,9 @@ impl StatusWriter {
                 .filter(|(uid, _)| *uid == verdict.uid)
                 .map(|(_, s)| s)
                 .or(verdict.status.as_ref());
+            let newly_expired = key.kind == Kind::Quarantine
+                && !status::has_expired(previous)
+                && verdict.expires_at.is_some_and(|t| t <= now);
             let desired = status::desired_status(
                 key,
                 verdict,
@@ -554,11 +584,71 @@ impl StatusWriter {
                 Ok(_) => {
                     self.written
                         .insert(key.clone(), (verdict.uid.clone(), desired));
+                    // Told once: from now on the object's status says Expired, also to the
+                    // next leader.
+                    if newly_expired {
+                        self.announce_expiry(key, verdict).await;
+                    }
                 }
                 Err(e) => {
                     self.stats.status_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(object = %key, error = %e, "could not write the status; retrying");
                 }
+            }
+        }
+    }
+
+    /// A Quarantine's `expiresAt` passed (the engine lifted it on its tick): the audit line
+    /// (`action: expire`, on the `bulkhead::audit` log target like the API's quarantines and
+    /// releases) and a Normal `Expired` Event on the object.
+    async fn announce_expiry(&self, key: &ApiKey, verdict: &super::inventory::Verdict) {
+        let (pods, reason) = match self
+            .inventory
+            .lock()
+            .ok()
+            .and_then(|i| i.object(key).cloned())
+        {
+            Some(Object::Policy(p)) => match p.quarantine {
+                Some(q) => (q.pods.unwrap_or_default().join(","), q.reason),
+                None => (String::new(), String::new()),
+            },
+            _ => (String::new(), String::new()),
+        };
+        let expires_at = verdict.expires_at.map(status::rfc3339).unwrap_or_default();
+        let line = serde_json::json!({
+            "time": status::rfc3339(SystemTime::now()),
+            "action": "expire",
+            "namespace": key.namespace,
+            "pod": pods,
+            "quarantine": key.name,
+            "reason": reason,
+            "actor": crate::distribution::quarantine::EXPIRY_ACTOR,
+            "expires_at": expires_at,
+        });
+        tracing::info!(target: "bulkhead::audit", "{line}");
+        tracing::warn!(action = "expire", namespace = %key.namespace, quarantine = %key.name, %expires_at, "quarantine audit");
+        let event = KubeEvent {
+            type_: EventType::Normal,
+            reason: "Expired".into(),
+            note: Some(status::truncate(
+                &format!(
+                    "expiresAt {expires_at} passed: the quarantine of {pods} is lifted ({reason})"
+                ),
+                EVENT_NOTE_MAX,
+            )),
+            action: "Expire".into(),
+            secondary: None,
+        };
+        match self
+            .recorder
+            .publish(&event, &reference(key, verdict))
+            .await
+        {
+            Ok(()) => {
+                self.stats.events_published.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(object = %key, error = %e, "could not publish the Expired Event")
             }
         }
     }
@@ -569,16 +659,7 @@ impl StatusWriter {
         verdict: &super::inventory::Verdict,
         problem: &str,
     ) -> bool {
-        let reference = ObjectReference {
-            api_version: Some(key.kind.api_version()),
-            kind: Some(key.kind.name().into()),
-            name: Some(key.name.clone()),
-            namespace: (!key.namespace.is_empty()).then(|| key.namespace.clone()),
-            uid: (!verdict.uid.is_empty()).then(|| verdict.uid.clone()),
-            resource_version: (!verdict.resource_version.is_empty())
-                .then(|| verdict.resource_version.clone()),
-            field_path: None,
-        };
+        let reference = reference(key, verdict);
         let note = if verdict.kept_last_good {
             format!("{problem} (the previous version stays in force)")
         } else {
@@ -601,5 +682,19 @@ impl StatusWriter {
                 false
             }
         }
+    }
+}
+
+/// The object an Event is about.
+fn reference(key: &ApiKey, verdict: &super::inventory::Verdict) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(key.kind.api_version()),
+        kind: Some(key.kind.name().into()),
+        name: Some(key.name.clone()),
+        namespace: (!key.namespace.is_empty()).then(|| key.namespace.clone()),
+        uid: (!verdict.uid.is_empty()).then(|| verdict.uid.clone()),
+        resource_version: (!verdict.resource_version.is_empty())
+            .then(|| verdict.resource_version.clone()),
+        field_path: None,
     }
 }

@@ -4,7 +4,7 @@
 //! `bulkhead-controller`, and a Warning Event for every policy object it rejects.
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
@@ -29,8 +29,62 @@ pub fn truncate(s: &str, max: usize) -> String {
     format!("{}...", &s[..end])
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+/// `t` in RFC 3339 (UTC, whole seconds), for any time a `SystemTime` can hold. humantime's
+/// formatter panics on times before 1970 (`expect`) and fails after 9999, and a user can write
+/// either: a Quarantine with `expiresAt: 0001-01-01T00:00:00Z` is valid, and expired. Years RFC
+/// 3339 cannot write (before 0000, after 9999) are clamped to its first or last second.
+pub fn rfc3339(t: SystemTime) -> String {
+    format_utc(t, false)
+}
+
+/// [`rfc3339`] with milliseconds.
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    format_utc(t, true)
+}
+
+fn format_utc(t: SystemTime, millis: bool) -> String {
+    /// 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z, in seconds since 1970.
+    const FIRST: i128 = -62_167_219_200;
+    const LAST: i128 = 253_402_300_799;
+    let (secs, nanos): (i128, u32) = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (i128::from(d.as_secs()), d.subsec_nanos()),
+        Err(before) => {
+            let d = before.duration();
+            match d.subsec_nanos() {
+                0 => (-i128::from(d.as_secs()), 0),
+                n => (-i128::from(d.as_secs()) - 1, 1_000_000_000 - n),
+            }
+        }
+    };
+    let (secs, nanos) = if secs < FIRST {
+        (FIRST, 0)
+    } else if secs > LAST {
+        (LAST, 999_999_999)
+    } else {
+        (secs, nanos)
+    };
+    // Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's civil_from_days).
+    let (days, second_of_day) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i128::from(month <= 2);
+    let (hour, minute, second) = (
+        second_of_day / 3600,
+        second_of_day % 3600 / 60,
+        second_of_day % 60,
+    );
+    let date = format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}");
+    if millis {
+        format!("{date}.{:03}Z", nanos / 1_000_000)
+    } else {
+        format!("{date}Z")
+    }
 }
 
 /// Where a quarantine is enforced: per node, when its agent had it in its kernel, and the
@@ -164,12 +218,7 @@ pub fn desired_status(
     if key.kind == Kind::Quarantine {
         let enforced: serde_json::Map<String, Value> = enforcement
             .iter()
-            .map(|(node, (at, _))| {
-                (
-                    node.clone(),
-                    Value::String(humantime::format_rfc3339_millis(*at).to_string()),
-                )
-            })
+            .map(|(node, (at, _))| (node.clone(), Value::String(rfc3339_millis(*at))))
             .collect();
         if !enforced.is_empty() {
             status["enforcedAt"] = Value::Object(enforced);
@@ -177,6 +226,20 @@ pub fn desired_status(
         status["connectionsCut"] = json!(enforcement.values().map(|(_, cut)| cut).sum::<u64>());
     }
     status
+}
+
+/// Whether a status (as written, or as the API server has it) already says the quarantine
+/// expired: its `Realized` condition has reason `Expired`.
+pub fn has_expired(status: Option<&Value>) -> bool {
+    status
+        .and_then(|s| s.get("conditions"))
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("type").and_then(Value::as_str) == Some("Realized")
+                    && c.get("reason").and_then(Value::as_str) == Some("Expired")
+            })
+        })
 }
 
 /// The server-side apply body for a status: only what the controller owns.
@@ -191,7 +254,7 @@ pub fn apply_body(key: &ApiKey, status: &Value) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
+    use std::time::Duration;
 
     use super::*;
 
@@ -328,6 +391,71 @@ mod tests {
         v.expires_at = Some(now - Duration::from_secs(1));
         let s = desired_status(&k, &v, None, &enforcement, None, now);
         assert_eq!(cond(&s, "Realized")["reason"], "Expired");
+    }
+
+    /// Issue 21, finding 7: `expiresAt: 0001-01-01T00:00:00Z` passes the CRD schema and the
+    /// loader; formatting it for the `Expired` condition panicked (humantime `expect`s a time
+    /// after 1970) and took the status writer down for good.
+    #[test]
+    fn a_quarantine_that_expired_before_1970_gets_a_status() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut v = verdict(None);
+        v.expires_at = Some(
+            crate::load::parse_rfc3339("0001-01-01T00:00:00Z").expect("a valid RFC 3339 time"),
+        );
+        let s = desired_status(
+            &key(Kind::Quarantine),
+            &v,
+            None,
+            &Enforcement::new(),
+            None,
+            now,
+        );
+        assert_eq!(cond(&s, "Realized")["reason"], "Expired");
+        assert!(
+            cond(&s, "Realized")["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("expired at 0001-01-01T00:00:00Z:"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn times_format_like_humantime_where_it_can_and_everywhere_else_too() {
+        // Where humantime formats at all (1970..=9999), the same text.
+        let mut secs: u64 = 0;
+        while secs < 253_402_300_800 {
+            let t = UNIX_EPOCH + Duration::new(secs, (secs % 1_000) as u32 * 1_000_123);
+            assert_eq!(
+                rfc3339(t),
+                humantime::format_rfc3339_seconds(t).to_string(),
+                "{secs}"
+            );
+            assert_eq!(
+                rfc3339_millis(t),
+                humantime::format_rfc3339_millis(t).to_string(),
+                "{secs}"
+            );
+            secs = secs * 3 / 2 + 86_399;
+        }
+        // Before 1970 and past 9999: round trips through the loader's parser, or clamped.
+        for text in [
+            "0001-01-01T00:00:00Z",
+            "0000-01-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "1600-02-29T12:30:00Z",
+            "9999-12-31T23:59:59Z",
+        ] {
+            let t = crate::load::parse_rfc3339(text).expect("valid");
+            assert_eq!(rfc3339(t), text);
+        }
+        let half_before = UNIX_EPOCH - Duration::from_millis(500);
+        assert_eq!(rfc3339_millis(half_before), "1969-12-31T23:59:59.500Z");
+        let far = UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        assert_eq!(rfc3339(far), "9999-12-31T23:59:59Z");
+        let long_ago = UNIX_EPOCH - Duration::from_secs(100_000_000_000);
+        assert_eq!(rfc3339(long_ago), "0000-01-01T00:00:00Z");
     }
 
     #[test]
