@@ -128,6 +128,8 @@ struct ControllerMetrics {
     acks_refused: IntGauge,
     unknown_nodes: IntGauge,
     task_restarts: IntCounterVec,
+    /// Connections to the HTTP endpoint closed on accept: too many were open.
+    http_connections_refused: IntCounter,
 }
 
 impl ControllerMetrics {
@@ -221,6 +223,10 @@ impl ControllerMetrics {
                 ),
                 &["task"],
             )?,
+            http_connections_refused: IntCounter::new(
+                "http_connections_refused_total",
+                "Connections to the HTTP endpoint (API, web UI, metrics) closed on accept because too many were open",
+            )?,
             registry,
         };
         for c in [
@@ -247,6 +253,7 @@ impl ControllerMetrics {
             Box::new(m.graph_edges.clone()),
             Box::new(m.kubernetes_source.clone()),
             Box::new(m.task_restarts.clone()),
+            Box::new(m.http_connections_refused.clone()),
         ] {
             m.registry.register(c)?;
         }
@@ -605,8 +612,15 @@ async fn serve(
             }),
         )
         .merge(crate::web::router(web));
+    let refused = metrics.http_connections_refused.clone();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        // Headers within 10 s, at most 512 connections: a slow or flooding client cannot hold
+        // the API (issue 21, finding 9).
+        let limits = crate::http_server::Limits {
+            max_connections: 512,
+            ..Default::default()
+        };
+        if let Err(e) = crate::http_server::serve(listener, app, limits, refused).await {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });

@@ -1,9 +1,10 @@
-//! Issue 21, findings 5, 7 and 8, over HTTP against a real `bulkhead controller` process (its
+//! Issue 21, findings 5, 7, 8 and 9, over HTTP against a real `bulkhead controller` process (its
 //! web UI's quarantine API, no agents; nothing here needs privileges):
 //! - quarantines of look-alike pods (`a/b--c`, `a--b/c`) are kept and released apart, and a
 //!   release names a Kubernetes pod;
 //! - a duration over 10 years is a 400, not a 500 from a panic;
-//! - an expired quarantine leaves `/api/quarantines` and the map, with an `expire` audit line.
+//! - an expired quarantine leaves `/api/quarantines` and the map, with an `expire` audit line;
+//! - a request whose headers never finish is closed.
 
 mod common;
 
@@ -276,4 +277,37 @@ fn an_expired_quarantine_leaves_the_listing_and_the_map_with_an_audit_line() {
             ("expire".into(), "tools/debug".into()),
         ]
     );
+}
+
+/// Finding 9: the controller's HTTP endpoint closes a request whose headers never finish (one
+/// stayed open over 90 s before), and still serves whole ones.
+#[test]
+fn a_half_sent_request_is_closed_by_the_controller() {
+    let c = start("half-sent");
+    let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], c.http))).expect("connect");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .expect("half a request");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            // hyper may answer 408 before closing.
+            Ok(_) => continue,
+            Err(e) => {
+                break !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                );
+            }
+        }
+    };
+    assert!(
+        closed,
+        "the half-sent request was still open after {:?}",
+        started.elapsed()
+    );
+    assert!(http_get(c.http, "/healthz").is_some_and(|b| b.trim() == "ok"));
 }
