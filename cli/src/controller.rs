@@ -330,8 +330,8 @@ impl ControllerMetrics {
         self.policy_nodes.reset();
         self.policy_realized.reset();
         for p in hub.policy_status() {
-            let kind = format!("{:?}", p.kind);
-            let labels = [kind.as_str(), p.namespace.as_str(), p.name.as_str()];
+            let kind = p.kind.as_str();
+            let labels = [kind, p.namespace.as_str(), p.name.as_str()];
             self.policy_nodes
                 .with_label_values(&labels)
                 .set(p.nodes as i64);
@@ -548,7 +548,7 @@ async fn serve(
                             .into_iter()
                             .map(|p| {
                                 serde_json::json!({
-                                    "kind": format!("{:?}", p.kind), "namespace": p.namespace,
+                                    "kind": p.kind.as_str(), "namespace": p.namespace,
                                     "name": p.name, "nodes": p.nodes, "realized": p.realized,
                                 })
                             })

@@ -66,12 +66,8 @@ fn actor() -> String {
 }
 
 fn split_target(t: &str) -> anyhow::Result<(String, String)> {
-    match t.split_once('/') {
-        Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() => {
-            Ok((ns.to_string(), pod.to_string()))
-        }
-        _ => bail!("name the pod as NAMESPACE/POD, not {t:?}"),
-    }
+    let pod: bulkhead_ruleset::PodKey = t.parse()?;
+    Ok((pod.namespace, pod.name))
 }
 
 /// How long a quarantine lasts, as `--for` and the web UI's `for` take it: a duration (`30m`,

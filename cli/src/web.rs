@@ -282,7 +282,7 @@ fn decided_by(rs: Option<&RuleSet>, r: &pb::FlowRecord) -> Value {
         && rule.to_string() == r.rule
     {
         return json!({
-            "kind": format!("{:?}", rule.kind),
+            "kind": rule.kind.as_str(),
             "namespace": rule.namespace,
             "name": rule.name,
             "direction": match rule.direction {

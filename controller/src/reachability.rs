@@ -41,15 +41,8 @@ impl ReachabilityError {
 
 /// Parses `namespace/pod`.
 pub fn parse_pod_key(s: &str) -> Result<PodKey, ReachabilityError> {
-    match s.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-            Ok(PodKey {
-                namespace: ns.to_string(),
-                name: name.to_string(),
-            })
-        }
-        _ => Err(ReachabilityError::BadPodName(s.to_string())),
-    }
+    s.parse()
+        .map_err(|_| ReachabilityError::BadPodName(s.to_string()))
 }
 
 /// First address of the synthetic range (RFC 2544 benchmarking space, never routed).

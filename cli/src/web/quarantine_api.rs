@@ -121,15 +121,10 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiErro
 }
 
 fn split_pod(s: &str) -> Result<(String, String), ApiError> {
-    match s.split_once('/') {
-        Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() && !pod.contains('/') => {
-            Ok((ns.to_string(), pod.to_string()))
-        }
-        _ => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("name the pod as namespace/pod, not {s:?}"),
-        )),
-    }
+    let pod: bulkhead_ruleset::PodKey = s.parse().map_err(|e: bulkhead_ruleset::BadPodKey| {
+        ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+    })?;
+    Ok((pod.namespace, pod.name))
 }
 
 /// Who acted, for the audit log: the page, and the browser it ran in.

@@ -643,7 +643,7 @@ impl Admin for AdminService {
             .policy_status()
             .into_iter()
             .map(|p| pb::PolicyRealization {
-                kind: format!("{:?}", p.kind),
+                kind: p.kind.to_string(),
                 namespace: p.namespace,
                 name: p.name,
                 nodes: p.nodes,

@@ -321,6 +321,87 @@ pub enum RuleKind {
     Default,
 }
 
+impl RuleKind {
+    pub const ALL: [RuleKind; 5] = [
+        RuleKind::NetworkPolicy,
+        RuleKind::ClusterNetworkPolicy,
+        RuleKind::ServicePolicy,
+        RuleKind::Quarantine,
+        RuleKind::Default,
+    ];
+
+    /// The kind's name as users see it (the Kubernetes kind, or `Default`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RuleKind::NetworkPolicy => "NetworkPolicy",
+            RuleKind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            RuleKind::ServicePolicy => "ServicePolicy",
+            RuleKind::Quarantine => "Quarantine",
+            RuleKind::Default => "Default",
+        }
+    }
+}
+
+impl std::fmt::Display for RuleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not a [`RuleKind`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown rule kind {0:?}: expected one of NetworkPolicy, ClusterNetworkPolicy, ServicePolicy, Quarantine, Default"
+)]
+pub struct UnknownRuleKind(pub String);
+
+impl std::str::FromStr for RuleKind {
+    type Err = UnknownRuleKind;
+
+    fn from_str(s: &str) -> Result<RuleKind, UnknownRuleKind> {
+        RuleKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| UnknownRuleKind(s.to_string()))
+    }
+}
+
+/// A pod, by namespace and name; written and parsed as `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PodKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Text that is not `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("name the pod as NAMESPACE/POD, not {0:?}")]
+pub struct BadPodKey(pub String);
+
+impl std::str::FromStr for PodKey {
+    type Err = BadPodKey;
+
+    /// `namespace/name`, both non-empty, one `/`. (Whether they are valid Kubernetes names is
+    /// for the caller to check where it matters.)
+    fn from_str(s: &str) -> Result<PodKey, BadPodKey> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(PodKey {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                })
+            }
+            _ => Err(BadPodKey(s.to_string())),
+        }
+    }
+}
+
 /// Where a rule id points back to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RuleRef {
@@ -349,8 +430,8 @@ impl std::fmt::Display for RuleRef {
             format!("{}/{}", self.namespace, self.name)
         };
         match self.index {
-            Some(i) => write!(f, "{:?} {object} {dir}[{i}]", self.kind),
-            None => write!(f, "{:?} {object} {dir} default-deny", self.kind),
+            Some(i) => write!(f, "{} {object} {dir}[{i}]", self.kind),
+            None => write!(f, "{} {object} {dir} default-deny", self.kind),
         }
     }
 }
@@ -905,6 +986,26 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_keys_and_rule_kinds_read_back_what_they_print() {
+        let pod: PodKey = "shop/web-0".parse().expect("a pod");
+        assert_eq!(
+            (pod.namespace.as_str(), pod.name.as_str()),
+            ("shop", "web-0")
+        );
+        assert_eq!(pod.to_string().parse::<PodKey>(), Ok(pod));
+        for bad in ["", "shop", "/web", "shop/", "a/b/c"] {
+            let err = bad.parse::<PodKey>().expect_err(bad);
+            assert!(err.to_string().contains("NAMESPACE/POD"), "{err}");
+        }
+        for kind in RuleKind::ALL {
+            assert_eq!(kind.to_string().parse::<RuleKind>(), Ok(kind.clone()));
+            // The names the API printed with `{:?}` before, unchanged.
+            assert_eq!(kind.to_string(), format!("{kind:?}"));
+        }
+        assert!("Networkpolicy".parse::<RuleKind>().is_err());
+    }
 
     fn entry(
         peer: Identity,
