@@ -612,6 +612,10 @@ async fn serve(
             }),
         )
         .merge(crate::web::router(web));
+    let app = app.layer(axum::middleware::from_fn_with_state(
+        crate::web::host_check::AllowedHosts::new(args.http, &args.web.http_hosts),
+        crate::web::host_check::check_host,
+    ));
     let refused = metrics.http_connections_refused.clone();
     tokio::spawn(async move {
         // Headers within 10 s, at most 512 connections: a slow or flooding client cannot hold

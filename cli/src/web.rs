@@ -53,6 +53,11 @@ pub struct WebArgs {
     /// pods: put an authenticating proxy in front).
     #[arg(long)]
     pub web_actions: bool,
+    /// A name (without port) the HTTP API answers to besides loopback names and the listener's
+    /// own address, e.g. the controller's Service name; repeatable. Other `Host`s get 421
+    /// (DNS rebinding); `/metrics` and `/healthz` answer to any.
+    #[arg(long = "http-host")]
+    pub http_hosts: Vec<String>,
 }
 
 /// What the UI's handlers read and act on: the controller's own state, shared.
@@ -101,6 +106,7 @@ impl WebState {
     }
 }
 
+pub mod host_check;
 mod quarantine_api;
 use quarantine_api::{list_quarantines, quarantine, quarantine_json, release};
 
@@ -1024,7 +1030,15 @@ mod tests {
         assert_eq!(status, 403, "{out}");
         assert!(out.contains("--web-actions"), "{out}");
 
-        let f = serve("0.0.0.0:9961", WebArgs { web_actions: true }, true).await;
+        let f = serve(
+            "0.0.0.0:9961",
+            WebArgs {
+                web_actions: true,
+                ..Default::default()
+            },
+            true,
+        )
+        .await;
         let (status, _, out) = request(
             f.addr,
             "POST",

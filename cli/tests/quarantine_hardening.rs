@@ -311,3 +311,37 @@ fn a_half_sent_request_is_closed_by_the_controller() {
     );
     assert!(http_get(c.http, "/healthz").is_some_and(|b| b.trim() == "ok"));
 }
+
+/// Finding 4 (DNS rebinding): the API answers only to loopback names, the listener's address
+/// and `--http-host` names; `/metrics` and `/healthz` to any host.
+#[test]
+fn the_api_answers_only_to_its_own_host_names() {
+    let c = start("host");
+    let status = |path: &str, host: &str| -> u16 {
+        let mut s =
+            TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], c.http))).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("send");
+        let mut response = String::new();
+        s.read_to_string(&mut response).expect("read");
+        response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status")
+    };
+    let port = c.http;
+    for path in ["/api/map", "/api/flows", "/api/quarantines", "/"] {
+        assert_eq!(status(path, "rebound.evil.example"), 421, "{path}");
+        assert_eq!(
+            status(path, &format!("rebound.evil.example:{port}")),
+            421,
+            "{path}"
+        );
+        assert_eq!(status(path, &format!("127.0.0.1:{port}")), 200, "{path}");
+        assert_eq!(status(path, &format!("localhost:{port}")), 200, "{path}");
+    }
+    assert_eq!(status("/metrics", "10.0.0.7:9961"), 200);
+    assert_eq!(status("/healthz", "10.0.0.7:9961"), 200);
+}
