@@ -246,8 +246,9 @@ pub(super) async fn quarantine(
     };
     let resp = tokio::task::spawn_blocking(move || control.quarantine(request))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    answer(&s, started, resp).await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+    s.map_changed();
+    answer(&s, started, resp??).await
 }
 
 pub(super) async fn release(
@@ -266,6 +267,7 @@ pub(super) async fn release(
     };
     let resp = tokio::task::spawn_blocking(move || control.release(request))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    answer(&s, started, resp).await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+    s.map_changed();
+    answer(&s, started, resp??).await
 }
