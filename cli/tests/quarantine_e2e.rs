@@ -124,23 +124,8 @@ fn quarantine_cuts_isolates_survives_restarts_and_releases_exactly() {
     if !check_privileged_test("quarantine_cuts_isolates_survives_restarts_and_releases_exactly") {
         return;
     }
-    let tmp = std::env::temp_dir().join(format!("bh-quarantine-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).expect("tmp");
-    let state = tmp.join("state");
-    let s = state.to_string_lossy().to_string();
-    let _down = LabDown(state.clone());
-    let manifests = tmp.join("pods.yaml");
-    std::fs::write(&manifests, MANIFESTS).expect("write");
-    run_ok(&[
-        "lab",
-        "--state",
-        &s,
-        "up",
-        "--port-base",
-        "19660",
-        "-f",
-        &manifests.to_string_lossy(),
-    ]);
+    let lab = TestLab::up("quarantine-e2e", MANIFESTS, 19660);
+    let (s, state) = (lab.arg(), lab.state.clone());
     let p = pods(&state);
     let (victim, peer, remote, forensics) = (
         &p["app/victim"],
@@ -274,6 +259,5 @@ fn quarantine_cuts_isolates_survives_restarts_and_releases_exactly() {
         assert!(Instant::now() < deadline, "the quarantine did not expire");
         std::thread::sleep(Duration::from_millis(200));
     }
-    run_ok(&["lab", "--state", &s, "down"]);
-    let _ = std::fs::remove_dir_all(&tmp);
+    drop(lab);
 }

@@ -552,23 +552,8 @@ fn revoked_connections_stay_cut_from_both_sides() {
     if !check_privileged_test("revoked_connections_stay_cut_from_both_sides") {
         return;
     }
-    let tmp = std::env::temp_dir().join(format!("bh-revocation-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).expect("tmp");
-    let state = tmp.join("state");
-    let s = state.to_string_lossy().to_string();
-    let _down = LabDown(state.clone());
-    let pods_file = tmp.join("pods.yaml");
-    std::fs::write(&pods_file, PODS).expect("write");
-    run_ok(&[
-        "lab",
-        "--state",
-        &s,
-        "up",
-        "--port-base",
-        "19800",
-        "-f",
-        &pods_file.to_string_lossy(),
-    ]);
+    let test_lab = TestLab::up("revocation-e2e", PODS, 19800);
+    let (s, state, tmp) = (test_lab.arg(), test_lab.state.clone(), test_lab.dir.clone());
     let lab = Lab {
         state: s.clone(),
         dir: tmp.clone(),
@@ -645,6 +630,5 @@ fn revoked_connections_stay_cut_from_both_sides() {
         missing.is_empty(),
         "revocations not reported once: {missing:?}"
     );
-    run_ok(&["lab", "--state", &s, "down"]);
-    let _ = std::fs::remove_dir_all(&tmp);
+    drop(test_lab);
 }

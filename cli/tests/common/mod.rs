@@ -94,3 +94,50 @@ pub fn in_pod<T: Send + 'static>(pod: &Pod, f: impl FnOnce() -> T + Send + 'stat
         .run(f)
         .expect("enter pod namespace")
 }
+
+/// A lab brought up for one test in a temporary directory of its own: taken down and the
+/// directory removed when dropped, also when the test fails.
+pub struct TestLab {
+    pub dir: PathBuf,
+    pub state: PathBuf,
+}
+
+impl TestLab {
+    /// `bulkhead lab up` with the objects in `manifests`, its ports from `port_base`.
+    pub fn up(test: &str, manifests: &str, port_base: u16) -> TestLab {
+        let dir = std::env::temp_dir().join(format!("bh-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp");
+        let state = dir.join("state");
+        // Whatever happens from here on, the lab goes down with `TestLab`.
+        let lab = TestLab { dir, state };
+        let file = lab.dir.join("pods.yaml");
+        std::fs::write(&file, manifests).expect("write");
+        run_ok(&[
+            "lab",
+            "--state",
+            &lab.arg(),
+            "up",
+            "--port-base",
+            &port_base.to_string(),
+            "-f",
+            &file.to_string_lossy(),
+        ]);
+        lab
+    }
+
+    /// The state directory as the CLI's `--state`/`--lab` argument.
+    pub fn arg(&self) -> String {
+        self.state.to_string_lossy().to_string()
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let _ = Command::new(bin())
+            .args(["lab", "--state"])
+            .arg(&self.state)
+            .arg("down")
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
