@@ -1,0 +1,224 @@
+use super::*;
+
+#[test]
+fn pod_keys_and_rule_kinds_read_back_what_they_print() {
+    let pod: PodKey = "shop/web-0".parse().expect("a pod");
+    assert_eq!(
+        (pod.namespace.as_str(), pod.name.as_str()),
+        ("shop", "web-0")
+    );
+    assert_eq!(pod.to_string().parse::<PodKey>(), Ok(pod));
+    for bad in ["", "shop", "/web", "shop/", "a/b/c"] {
+        let err = bad.parse::<PodKey>().expect_err(bad);
+        assert!(err.to_string().contains("NAMESPACE/POD"), "{err}");
+    }
+    for kind in RuleKind::ALL {
+        assert_eq!(kind.to_string().parse::<RuleKind>(), Ok(kind.clone()));
+        // The names the API printed with `{:?}` before, unchanged.
+        assert_eq!(kind.to_string(), format!("{kind:?}"));
+    }
+    assert!("Networkpolicy".parse::<RuleKind>().is_err());
+}
+
+fn entry(peer: Identity, tier: Tier, priority: u16, action: Action, rule: RuleId) -> PolicyEntry {
+    PolicyEntry {
+        peer,
+        protocol: Some(Protocol::Tcp),
+        ports: PortRange::single(80),
+        tier,
+        priority,
+        action,
+        audit: false,
+        rule,
+    }
+}
+
+#[test]
+fn admin_deny_beats_application_allow() {
+    let p = DirectionPolicy {
+        isolated_by: Some(9),
+        audit_isolated_by: None,
+        entries: vec![
+            entry(300, Tier::Application, 0, Action::Allow, 1),
+            entry(identity::ANY, Tier::Admin, 10, Action::Deny, 2),
+        ],
+    };
+    let d = decide_direction(&p, 300, Some(Protocol::Tcp), Some(80));
+    assert_eq!((d.verdict, d.rule), (Verdict::Deny, 2));
+}
+
+#[test]
+fn pass_skips_to_application_tier_and_isolation_denies() {
+    let p = DirectionPolicy {
+        isolated_by: Some(9),
+        audit_isolated_by: None,
+        entries: vec![
+            entry(300, Tier::Admin, 5, Action::Pass, 1),
+            entry(300, Tier::Admin, 6, Action::Allow, 2),
+            entry(300, Tier::Baseline, 0, Action::Allow, 3),
+        ],
+    };
+    let d = decide_direction(&p, 300, Some(Protocol::Tcp), Some(80));
+    assert_eq!((d.verdict, d.rule), (Verdict::Deny, 9));
+}
+
+#[test]
+fn baseline_applies_only_when_not_isolated() {
+    let mut p = DirectionPolicy {
+        isolated_by: None,
+        audit_isolated_by: None,
+        entries: vec![entry(300, Tier::Baseline, 0, Action::Deny, 3)],
+    };
+    let d = decide_direction(&p, 300, Some(Protocol::Tcp), Some(80));
+    assert_eq!((d.verdict, d.rule), (Verdict::Deny, 3));
+    p.entries
+        .push(entry(300, Tier::Application, 0, Action::Allow, 4));
+    let d = decide_direction(&p, 300, Some(Protocol::Tcp), Some(80));
+    assert_eq!((d.verdict, d.rule), (Verdict::Allow, 4));
+}
+
+#[test]
+fn deny_wins_at_equal_priority_and_audit_only_reports() {
+    let mut deny = entry(identity::ANY, Tier::Application, 0, Action::Deny, 5);
+    deny.audit = true;
+    let p = DirectionPolicy {
+        isolated_by: None,
+        audit_isolated_by: None,
+        entries: vec![entry(300, Tier::Application, 0, Action::Allow, 4), deny],
+    };
+    let d = decide_direction(&p, 300, Some(Protocol::Tcp), Some(80));
+    assert_eq!((d.verdict, d.rule), (Verdict::Allow, 4));
+    assert_eq!((d.audit_verdict, d.audit_rule), (Verdict::Deny, 5));
+    assert!(d.audit_would_deny());
+}
+
+#[test]
+fn rule_sets_and_deltas_survive_json() {
+    let policy = EndpointPolicy {
+        ingress: DirectionPolicy {
+            isolated_by: Some(9),
+            audit_isolated_by: None,
+            entries: vec![entry(301, Tier::Application, 0, Action::Allow, 4)],
+        },
+        egress: DirectionPolicy::default(),
+    };
+    let endpoint = Endpoint {
+        id: 1,
+        namespace: "x".into(),
+        pod: "a".into(),
+        workload: None,
+        identity: 300,
+        ips: vec!["10.0.0.1".parse().expect("ip")],
+        interface: None,
+        quarantined: false,
+        policy: 300,
+    };
+    let rs = RuleSet {
+        node: "n1".into(),
+        version: 3,
+        endpoints: vec![endpoint],
+        policies: [(300, policy.clone())].into_iter().collect(),
+        ipcache: vec![],
+        rules: BTreeMap::new(),
+    };
+    let text = serde_json::to_string(&rs).expect("serializes");
+    assert_eq!(serde_json::from_str::<RuleSet>(&text).expect("parses"), rs);
+    let mut changed = policy.clone();
+    changed.ingress.entries.clear();
+    let delta = NodeDelta {
+        node: "n1".into(),
+        from_version: 3,
+        version: 4,
+        policies_changed: [(300, PolicyDelta::between(&policy, &changed))]
+            .into_iter()
+            .collect(),
+        ..NodeDelta::default()
+    };
+    let text = serde_json::to_string(&delta).expect("serializes");
+    let parsed: NodeDelta = serde_json::from_str(&text).expect("parses");
+    assert_eq!(parsed, delta);
+    let mut applied = rs.clone();
+    applied.apply_delta(&parsed).expect("applies");
+    assert_eq!(applied.policies[&300], changed);
+    assert_eq!(applied.version, 4);
+}
+
+#[test]
+fn quarantine_allow_lists_travel_in_deltas_and_default_to_empty() {
+    let net = |s: &str| -> IpNetwork { s.parse().expect("net") };
+    // Rule sets written before the field existed still parse; empty lists are left out.
+    let old = r#"{"cidr":"10.0.0.1/32","identity":300,"quarantined":true}"#;
+    let e: IpCacheEntry = serde_json::from_str(old).expect("parses");
+    assert!(e.quarantined && e.quarantine_allow.is_empty());
+    assert!(!e.quarantine_admits(301));
+    let plain =
+        serde_json::to_string(&IpCacheEntry::new(net("10.0.0.2/32"), 301)).expect("serializes");
+    assert!(!plain.contains("quarantine_allow"), "{plain}");
+    let mut rs = RuleSet {
+        node: "n1".into(),
+        version: 1,
+        ipcache: vec![e.clone(), IpCacheEntry::new(net("10.0.0.2/32"), 301)],
+        ..RuleSet::default()
+    };
+    let mut upserted = e;
+    upserted.quarantine_allow = vec![301, identity::FIRST_CIDR_IDENTITY];
+    let delta = NodeDelta {
+        node: "n1".into(),
+        from_version: 1,
+        version: 2,
+        ipcache_upserted: vec![upserted.clone()],
+        ..NodeDelta::default()
+    };
+    let text = serde_json::to_string(&delta).expect("serializes");
+    rs.apply_delta(&serde_json::from_str(&text).expect("parses"))
+        .expect("applies");
+    assert_eq!(rs.ipcache[0], upserted);
+    assert!(rs.ipcache[0].quarantine_admits(301));
+    assert!(!rs.ipcache[0].quarantine_admits(302));
+    let mut any = upserted;
+    any.quarantine_allow = vec![identity::ANY];
+    assert!(any.quarantine_admits(302));
+}
+
+#[test]
+fn an_endpoint_without_its_group_is_denied_everything() {
+    let rs = RuleSet {
+        endpoints: vec![Endpoint {
+            id: 1,
+            namespace: "x".into(),
+            pod: "a".into(),
+            workload: None,
+            identity: 300,
+            ips: vec!["10.0.0.1".parse().expect("ip")],
+            interface: None,
+            quarantined: false,
+            policy: 42,
+        }],
+        ..RuleSet::default()
+    };
+    assert_eq!(rs.dangling_policies(), vec![(1, 42)]);
+    let packet = PacketTuple {
+        src: "10.0.0.1".parse().expect("ip"),
+        dst: "10.0.0.2".parse().expect("ip"),
+        protocol: Some(Protocol::Tcp),
+        dst_port: Some(80),
+    };
+    for d in Direction::ALL {
+        let decision = decide(&rs, &rs.endpoints[0], d, &packet);
+        assert_eq!(
+            (decision.verdict, decision.rule),
+            (Verdict::Deny, RULE_MISSING_POLICY)
+        );
+    }
+}
+
+#[test]
+fn fragments_match_only_all_port_entries() {
+    let mut all = entry(300, Tier::Application, 0, Action::Allow, 1);
+    all.ports = PortRange::ALL;
+    let one = entry(300, Tier::Application, 0, Action::Allow, 2);
+    assert!(all.matches(300, Some(Protocol::Tcp), None));
+    assert!(!one.matches(300, Some(Protocol::Tcp), None));
+    assert!(!one.matches(301, Some(Protocol::Tcp), Some(80)));
+    assert!(one.matches(300, Some(Protocol::Tcp), Some(80)));
+}
