@@ -30,18 +30,29 @@ impl AllowedHosts {
 
     /// Whether a request with this `Host` header is for us.
     pub fn admits(&self, host: &str) -> bool {
-        let name = if let Some(rest) = host.strip_prefix('[') {
-            rest.split(']').next().unwrap_or_default()
-        } else {
-            host.rsplit_once(':').map_or(host, |(h, _)| h)
-        };
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        name == "localhost"
-            || name
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-            || self.0.contains(&name)
+        is_loopback_host(host) || self.0.contains(&host_name(host))
     }
+}
+
+/// The name part of a `Host` header or an origin's authority (port and brackets off, lower
+/// case, without a trailing dot).
+fn host_name(host: &str) -> String {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Is `host` (a `Host` header or an origin's authority, with or without a port) a loopback
+/// name?
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = host_name(host);
+    name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Axum middleware: refuses requests for another host, except on `/metrics` and `/healthz`.

@@ -5,7 +5,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -44,17 +43,7 @@ pub(super) async fn list_quarantines(State(s): State<WebState>) -> Result<Respon
     Ok(axum::Json(list.iter().map(quarantine_json).collect::<Vec<_>>()).into_response())
 }
 
-/// Is `host` (a `Host` header or an origin's authority, with or without a port) a loopback
-/// name?
-pub(super) fn is_loopback_host(host: &str) -> bool {
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        rest.split(']').next().unwrap_or_default()
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
-    };
-    name.eq_ignore_ascii_case("localhost")
-        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
+use super::host_check::is_loopback_host;
 
 /// The checks every write request passes before it is read (see the module comment).
 fn check_write(s: &WebState, headers: &HeaderMap) -> Result<Arc<QuarantineControl>, ApiError> {

@@ -1,4 +1,4 @@
-use super::quarantine_api::is_loopback_host;
+use super::host_check::is_loopback_host;
 use std::{
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
