@@ -51,10 +51,25 @@ struct RunArgs {
     /// Apply once and exit. The pinned programs keep enforcing after the agent is gone.
     #[arg(long)]
     once: bool,
-    /// Address of the HTTP endpoint serving `/metrics` (Prometheus), `/healthz` and
-    /// `/flows` (recent flow records as JSON).
+    /// Address of the HTTP endpoint serving `/metrics` (Prometheus) and `/healthz`: counters
+    /// (per endpoint pod, reason, rule), no addresses or individual flows.
     #[arg(long, default_value = "127.0.0.1:9962")]
     metrics_addr: std::net::SocketAddr,
+    /// Address of the HTTP endpoint serving `/flows` (recent flow records) and `/connections`
+    /// (the connection-tracking tables): every pod's traffic on this node, unauthenticated, so
+    /// loopback only unless --http-unauthenticated.
+    #[arg(long = "http", default_value = "127.0.0.1:9964")]
+    http_addr: std::net::SocketAddr,
+    /// Serve `/flows` and `/connections` on a non-loopback --http address, to anyone who
+    /// reaches it.
+    #[arg(long)]
+    http_unauthenticated: bool,
+    /// A file holding this agent pod's service-account token (a projected token with the
+    /// controller's audience), sent to the controller on every connection and re-read at each,
+    /// so that a controller with --agent-token-review can tell which node a shared agent
+    /// certificate speaks for.
+    #[arg(long, requires = "controller")]
+    token_file: Option<PathBuf>,
     /// Flow records kept in memory for `/flows` (oldest evicted first).
     #[arg(long, default_value_t = 10_000)]
     flow_buffer: usize,
@@ -139,15 +154,27 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 pin_dir,
                 once,
                 metrics_addr,
+                http_addr,
+                http_unauthenticated,
+                token_file,
                 flow_buffer,
                 netns,
                 uplink,
             } = *run;
+            if !http_addr.ip().is_loopback() && !http_unauthenticated {
+                bail!(
+                    "--http {http_addr} would show every flow and connection of this node to anyone who reaches it: keep it on loopback (127.0.0.1), or pass --http-unauthenticated"
+                );
+            }
             let dir = pin_dir.unwrap_or_else(|| default_pin_dir(&node));
             let source = match (ruleset, controller) {
                 (Some(path), _) => Source::File(path),
                 (None, Some(addr)) => {
-                    let target = crate::certs::ControllerTarget { addr, tls };
+                    let target = crate::certs::ControllerTarget {
+                        addr,
+                        tls,
+                        token_file,
+                    };
                     // Bad flags or unreadable certificates fail here, at start; later reads
                     // (every reconnection) retry instead.
                     target.endpoint()?;
@@ -194,6 +221,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 dataplane,
                 events,
                 metrics_addr,
+                http_addr,
                 flow_buffer,
             }))
         }
@@ -216,6 +244,7 @@ struct Serve {
     dataplane: DataplaneThread,
     events: aya::maps::Map,
     metrics_addr: std::net::SocketAddr,
+    http_addr: std::net::SocketAddr,
     flow_buffer: usize,
 }
 
@@ -286,12 +315,13 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
         });
     }
 
-    // HTTP: /metrics, /healthz, /flows.
+    // HTTP: counters on the metrics address (Prometheus scrapes it, often from another host);
+    // flows and connections, which name every pod's peers, on a loopback one by default.
     let listener = tokio::net::TcpListener::bind(s.metrics_addr)
         .await
         .with_context(|| format!("bind metrics address {}", s.metrics_addr))?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /flows, /connections");
-    let app = axum::Router::new()
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz");
+    let metrics_app = axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get({
@@ -299,6 +329,25 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
                 move || async move { shared.metrics.render() }
             }),
         )
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    let refused = shared.metrics.http_connections_refused.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::http_server::serve(
+            listener,
+            metrics_app,
+            crate::http_server::Limits::default(),
+            refused,
+        )
+        .await
+        {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    let listener = tokio::net::TcpListener::bind(s.http_addr)
+        .await
+        .with_context(|| format!("bind HTTP address {}", s.http_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /flows, /connections");
+    let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .route(
             "/connections",
@@ -336,7 +385,12 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
                     axum::Json(flows)
                 }
             }),
-        );
+        )
+        // A page on another site cannot read them through a rebound DNS name.
+        .layer(axum::middleware::from_fn_with_state(
+            crate::web::host_check::AllowedHosts::new(s.http_addr, &[]),
+            crate::web::host_check::check_host,
+        ));
     let refused = shared.metrics.http_connections_refused.clone();
     tokio::spawn(async move {
         if let Err(e) = crate::http_server::serve(
@@ -347,7 +401,7 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
         )
         .await
         {
-            tracing::error!(error = %e, "metrics server stopped");
+            tracing::error!(error = %e, "flows server stopped");
         }
     });
 
@@ -555,7 +609,7 @@ async fn follow_file(r: &Realizer, node: &str, path: PathBuf, rs: RuleSet) -> an
 /// interface that went away or was created again (a pod's sandbox recreated under the same
 /// veth name) is applied again within a second.
 async fn follow_controller(r: &Realizer, node: &str, target: crate::certs::ControllerTarget) {
-    use bulkhead_proto::follower::{Follower, run_session};
+    use bulkhead_proto::follower::{Follower, run_session_with_token};
     let mut follower = Follower::new(node);
     let mut backoff = Duration::from_millis(100);
     let missing = std::sync::atomic::AtomicBool::new(false);
@@ -579,13 +633,18 @@ async fn follow_controller(r: &Realizer, node: &str, target: crate::certs::Contr
     let follow = async {
         loop {
             let started = std::time::Instant::now();
-            let connected = match target.endpoint() {
-                Ok(endpoint) => endpoint.connect().await.map_err(anyhow::Error::from),
-                Err(e) => Err(e),
+            let connected = match (target.endpoint(), target.token()) {
+                (Ok(endpoint), Ok(token)) => endpoint
+                    .connect()
+                    .await
+                    .map(|c| (c, token))
+                    .map_err(anyhow::Error::from),
+                (Err(e), _) | (_, Err(e)) => Err(e),
             };
             let result = match connected {
-                Ok(channel) => run_session(
+                Ok((channel, token)) => run_session_with_token(
                     channel,
+                    token.as_deref(),
                     &mut follower,
                     |rs| async {
                         let result = r.realize(&rs).await;
@@ -641,7 +700,7 @@ async fn flow_forwarder(
 ) {
     use bulkhead_proto::v1 as pb;
     loop {
-        let Ok(endpoint) = target.endpoint() else {
+        let (Ok(endpoint), Ok(token)) = (target.endpoint(), target.token()) else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
@@ -651,11 +710,13 @@ async fn flow_forwarder(
         };
         let mut client = pb::distribution_client::DistributionClient::new(channel);
         let (btx, brx) = tokio::sync::mpsc::channel::<pb::FlowBatch>(4);
-        let call = tokio::spawn(async move {
-            client
-                .report_flows(tokio_stream::wrappers::ReceiverStream::new(brx))
-                .await
-        });
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(brx));
+        if let Some(token) = &token
+            && let Ok(value) = bulkhead_proto::follower::bearer_value(token)
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        let call = tokio::spawn(async move { client.report_flows(request).await });
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut batch: Vec<pb::FlowRecord> = Vec::new();
         // Records handed to this stream; the controller's summary says how many it took.

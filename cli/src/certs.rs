@@ -291,9 +291,26 @@ pub struct ClientTlsArgs {
 pub struct ControllerTarget {
     pub addr: String,
     pub tls: ClientTlsArgs,
+    /// The agent pod's service-account token, read at each connection (projected tokens are
+    /// rotated by the kubelet).
+    pub token_file: Option<PathBuf>,
 }
 
 impl ControllerTarget {
+    /// The token to send, read now; `None` without `--token-file`.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("read the agent's token {}", path.display()))?;
+        let token = token.trim();
+        if token.is_empty() {
+            bail!("the agent's token {} is empty", path.display());
+        }
+        Ok(Some(token.to_string()))
+    }
+
     pub fn endpoint(&self) -> anyhow::Result<tonic::transport::Endpoint> {
         endpoint(&self.addr, &self.tls)
     }

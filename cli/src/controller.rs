@@ -37,9 +37,14 @@ pub struct ControllerArgs {
     /// gRPC address for agents and admin clients.
     #[arg(long, default_value = "127.0.0.1:9960")]
     pub listen: SocketAddr,
-    /// HTTP address for `/metrics`, `/healthz` and `/api/*`.
+    /// HTTP address of the web UI and the JSON API (`/api/*`: the map, flows, policies,
+    /// quarantine). Loopback by default; see --http-auth.
     #[arg(long, default_value = "127.0.0.1:9961")]
     pub http: SocketAddr,
+    /// HTTP address of `/metrics`, `/healthz` and `/readyz` (Prometheus and probes; counters
+    /// by node, policy and namespace pair, no addresses or individual flows).
+    #[arg(long, default_value = "127.0.0.1:9963")]
+    pub metrics: SocketAddr,
     /// Server certificate (PEM); with --tls-key and --client-ca, agents must present a
     /// certificate signed by that CA (mTLS).
     #[arg(long, requires_all = ["tls_key", "client_ca"])]
@@ -75,6 +80,17 @@ pub struct ControllerArgs {
     /// Common name of a client certificate that may quarantine and release pods.
     #[arg(long = "admin-client", default_value = "admin")]
     pub admin_clients: Vec<String>,
+    /// An agent with an --any-node-client certificate must also send its pod's
+    /// service-account token (`agent run --token-file`); the API server reviews it, and the
+    /// agent may act only for the node that pod runs on. Needs --kubernetes.
+    #[arg(long, requires_all = ["kubernetes", "agent_service_account"])]
+    pub agent_token_review: bool,
+    /// The agents' service account, `NAMESPACE/NAME`, whose tokens --agent-token-review accepts.
+    #[arg(long)]
+    pub agent_service_account: Option<String>,
+    /// The audience the agents' projected tokens are issued for.
+    #[arg(long, default_value = "bulkhead-controller")]
+    pub agent_token_audience: String,
     #[command(flatten)]
     pub kube: KubernetesArgs,
     #[command(flatten)]
@@ -96,11 +112,49 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             "mTLS is on by default: pass --tls-cert, --tls-key and --client-ca (see `bulkhead certs generate`), or --insecure"
         ),
     };
+    check_http_exposure(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start the async runtime")?;
     runtime.block_on(serve(args, tls))
+}
+
+/// The API shows every flow and workload and can quarantine: refuse to serve it beyond
+/// loopback without authentication unless told so, and refuse auth settings that cannot work.
+fn check_http_exposure(args: &ControllerArgs) -> anyhow::Result<()> {
+    use crate::web::auth::HttpAuthMode;
+    let web = &args.web;
+    match web.http_auth {
+        HttpAuthMode::None if !args.http.ip().is_loopback() && !web.http_unauthenticated => bail!(
+            "--http {} would serve every flow and workload to anyone who reaches it: pass --http-auth tokens (with --http-tokens) or --http-auth kubernetes, keep it on loopback, or pass --http-unauthenticated",
+            args.http
+        ),
+        HttpAuthMode::Tokens if web.http_tokens.is_none() => {
+            bail!("--http-auth tokens needs --http-tokens FILE (lines `ROLE NAME TOKEN`)")
+        }
+        HttpAuthMode::Kubernetes if !args.kube.kubernetes => {
+            bail!("--http-auth kubernetes reviews tokens with the Kubernetes API: add --kubernetes")
+        }
+        _ => {}
+    }
+    if web.http_tokens.is_some() && web.http_auth != HttpAuthMode::Tokens {
+        bail!("--http-tokens is read only with --http-auth tokens");
+    }
+    if let Some(sa) = &args.agent_service_account {
+        parse_service_account(sa)?;
+    }
+    Ok(())
+}
+
+/// `NAMESPACE/NAME`.
+fn parse_service_account(sa: &str) -> anyhow::Result<(String, String)> {
+    match sa.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => bail!("--agent-service-account {sa:?}: write it as NAMESPACE/NAME"),
+    }
 }
 
 struct ControllerMetrics {
@@ -484,6 +538,25 @@ async fn serve(
             move || expire_quarantines(control.clone()),
         );
     }
+    let auth = Arc::new(match (args.web.http_auth, &kubernetes) {
+        (crate::web::auth::HttpAuthMode::None, _) => crate::web::auth::WebAuth::Off,
+        (crate::web::auth::HttpAuthMode::Tokens, _) => {
+            crate::web::auth::WebAuth::Tokens(crate::web::auth::TokenFile::open(
+                args.web
+                    .http_tokens
+                    .as_deref()
+                    .context("--http-auth tokens needs --http-tokens")?,
+            )?)
+        }
+        (crate::web::auth::HttpAuthMode::Kubernetes, Some(k)) => {
+            crate::web::auth::WebAuth::Kubernetes(
+                bulkhead_controller::kubernetes::review::Reviewer::new(k.client.clone(), vec![]),
+            )
+        }
+        (crate::web::auth::HttpAuthMode::Kubernetes, None) => {
+            bail!("--http-auth kubernetes needs --kubernetes")
+        }
+    });
     let web = crate::web::WebState::new(
         args.http,
         &args.web,
@@ -491,14 +564,19 @@ async fn serve(
         flows.clone(),
         graph.clone(),
         quarantine.clone(),
+        auth.clone(),
     );
 
-    // HTTP: metrics, health, JSON API.
+    // HTTP: metrics and health on their own listener; the UI and the JSON API on another.
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics)
+        .await
+        .with_context(|| format!("bind metrics address {}", args.metrics))?;
+    tracing::info!(addr = %metrics_listener.local_addr()?, "serving /metrics, /healthz, /readyz");
     let listener = tokio::net::TcpListener::bind(args.http)
         .await
         .with_context(|| format!("bind HTTP address {}", args.http))?;
-    tracing::info!(addr = %listener.local_addr()?, "serving the web UI on /, /metrics, /healthz, /api/nodes, /api/policies, /api/flows, /api/graph, /api/graph.dot");
-    let app = axum::Router::new()
+    tracing::info!(addr = %listener.local_addr()?, auth = ?args.web.http_auth, "serving the web UI on / and the API on /api/nodes, /api/policies, /api/flows, /api/graph, /api/graph.dot, /api/map");
+    let metrics_app = axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get({
@@ -517,7 +595,8 @@ async fn serve(
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .route("/readyz", readyz(gate.clone()))
+        .route("/readyz", readyz(gate.clone()));
+    let app = axum::Router::new()
         .route(
             "/api/nodes",
             axum::routing::get({
@@ -611,11 +690,31 @@ async fn serve(
                 }
             }),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::web::auth::require,
+        ))
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route("/readyz", readyz(gate.clone()))
         .merge(crate::web::router(web));
     let app = app.layer(axum::middleware::from_fn_with_state(
         crate::web::host_check::AllowedHosts::new(args.http, &args.web.http_hosts),
         crate::web::host_check::check_host,
     ));
+    {
+        let refused = metrics.http_connections_refused.clone();
+        tokio::spawn(async move {
+            let limits = crate::http_server::Limits {
+                max_connections: 128,
+                ..Default::default()
+            };
+            if let Err(e) =
+                crate::http_server::serve(metrics_listener, metrics_app, limits, refused).await
+            {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     let refused = metrics.http_connections_refused.clone();
     tokio::spawn(async move {
         // Headers within 10 s, at most 512 connections: a slow or flooding client cannot hold
@@ -630,9 +729,30 @@ async fn serve(
     });
 
     // gRPC.
+    let agent_tokens = match (&kubernetes, args.agent_token_review) {
+        (Some(k), true) => {
+            let (namespace, name) = parse_service_account(
+                args.agent_service_account
+                    .as_deref()
+                    .context("--agent-token-review needs --agent-service-account")?,
+            )?;
+            tracing::info!(service_account = %format!("{namespace}/{name}"), audience = %args.agent_token_audience, "agents with a shared certificate must send their pod's token");
+            Some(Arc::new(
+                bulkhead_controller::kubernetes::review::AgentTokenReview::new(
+                    k.client.clone(),
+                    args.agent_token_audience.clone(),
+                    namespace,
+                    name,
+                ),
+            ))
+        }
+        (None, true) => bail!("--agent-token-review needs --kubernetes"),
+        (_, false) => None,
+    };
     let clients = bulkhead_controller::distribution::ClientPolicy {
         any_node: args.any_node_clients.clone(),
         admins: args.admin_clients.clone(),
+        agent_tokens,
     };
     let mut admin = AdminService::new(hub.clone())
         .with_flows(flow_pipeline.clone())

@@ -53,6 +53,20 @@ pub struct WebArgs {
     /// pods: put an authenticating proxy in front).
     #[arg(long)]
     pub web_actions: bool,
+    /// How `/api/*` requests are authenticated: `none` (loopback only, unless
+    /// --http-unauthenticated), `tokens` (bearer tokens of --http-tokens), or `kubernetes`
+    /// (bearer tokens reviewed by the API server, requests authorized by its RBAC; needs
+    /// --kubernetes).
+    #[arg(long, value_enum, default_value_t = auth::HttpAuthMode::None)]
+    pub http_auth: auth::HttpAuthMode,
+    /// With `--http-auth tokens`: a file of `ROLE NAME TOKEN` lines (`viewer` reads, `admin`
+    /// also quarantines and releases), re-read when it changes.
+    #[arg(long)]
+    pub http_tokens: Option<std::path::PathBuf>,
+    /// Serve `/api/*` without authentication on a non-loopback --http address: anyone who
+    /// reaches it reads every flow and workload.
+    #[arg(long)]
+    pub http_unauthenticated: bool,
     /// A name (without port) the HTTP API answers to besides loopback names and the listener's
     /// own address, e.g. the controller's Service name; repeatable. Other `Host`s get 421
     /// (DNS rebinding); `/metrics` and `/healthz` answer to any.
@@ -75,6 +89,8 @@ pub struct WebState {
     pub enforce_wait: Duration,
     /// The last `/api/map` answer (see [`map`]).
     map_cache: Arc<MapCache>,
+    /// Who may read and act (see [`auth`]).
+    pub auth: Arc<auth::WebAuth>,
 }
 
 /// `/api/map` costs seconds in a large cluster (3.3 s at 100k pods) and every open page polls
@@ -109,11 +125,12 @@ impl WebState {
         flows: Arc<Mutex<FlowStore>>,
         graph: Arc<Mutex<ServiceGraph>>,
         quarantine: Option<Arc<QuarantineControl>>,
+        auth: Arc<auth::WebAuth>,
     ) -> WebState {
         let loopback = http.ip().is_loopback();
         let actions = if quarantine.is_none() {
             Err("this controller has no quarantine directory (--quarantine-dir)".into())
-        } else if loopback || args.web_actions {
+        } else if loopback || args.web_actions || auth.enabled() {
             Ok(())
         } else {
             Err(format!(
@@ -129,10 +146,12 @@ impl WebState {
             loopback,
             enforce_wait: Duration::from_secs(5),
             map_cache: Arc::default(),
+            auth,
         }
     }
 }
 
+pub mod auth;
 pub mod host_check;
 mod quarantine_api;
 use quarantine_api::{list_quarantines, quarantine, quarantine_json, release};
@@ -140,6 +159,17 @@ use quarantine_api::{list_quarantines, quarantine, quarantine_json, release};
 /// The page, its assets, and the UI's JSON API (merged into the controller's HTTP router).
 pub fn router(state: WebState) -> Router {
     Router::new()
+        .route("/api/map", get(map))
+        .route("/api/flows/query", get(query_flows))
+        .route("/api/quarantines", get(list_quarantines))
+        .route("/api/quarantine", post(quarantine))
+        .route("/api/quarantine/release", post(release))
+        // Every route above needs a reader (and the writes an admin); the page below holds no
+        // data.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.auth.clone(),
+            auth::require,
+        ))
         .route(
             "/",
             get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
@@ -152,11 +182,6 @@ pub fn router(state: WebState) -> Router {
             "/ui/app.css",
             get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
         )
-        .route("/api/map", get(map))
-        .route("/api/flows/query", get(query_flows))
-        .route("/api/quarantines", get(list_quarantines))
-        .route("/api/quarantine", post(quarantine))
-        .route("/api/quarantine/release", post(release))
         .with_state(state)
 }
 
@@ -188,7 +213,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+        let mut response = (self.0, axum::Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"bulkhead\""),
+            );
+        }
+        response
     }
 }
 
@@ -357,7 +389,36 @@ fn parse_rule(text: &str) -> Value {
 }
 
 /// `/api/map`: everything the page draws, in one poll.
-async fn map(State(s): State<WebState>) -> Response {
+async fn map(State(s): State<WebState>, caller: Option<axum::Extension<auth::Caller>>) -> Response {
+    let response = cached_map(&s).await;
+    match caller {
+        Some(axum::Extension(c)) if response.status().is_success() => {
+            with_user(response, &c.name).await
+        }
+        _ => response,
+    }
+}
+
+/// The map answer with `"user": NAME` first (the cached body is shared by every caller).
+async fn with_user(response: Response, user: &str) -> Response {
+    let body = match axum::body::to_bytes(response.into_body(), usize::MAX).await {
+        Ok(b) => b,
+        Err(_) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "cannot draw the map").into_response();
+        }
+    };
+    let Some(rest) = body.strip_prefix(b"{") else {
+        return json_bytes(body);
+    };
+    let mut out = format!("{{\"user\":{},", Value::String(user.to_string())).into_bytes();
+    if rest.starts_with(b"}") {
+        out.pop();
+    }
+    out.extend_from_slice(rest);
+    json_bytes(out.into())
+}
+
+async fn cached_map(s: &WebState) -> Response {
     let mut last = s.map_cache.last.lock().await;
     let generation = s
         .map_cache
@@ -369,7 +430,7 @@ async fn map(State(s): State<WebState>) -> Response {
     {
         return json_bytes(body.clone());
     }
-    let body = match build_map(&s).await {
+    let body = match build_map(s).await {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, "cannot draw the map");

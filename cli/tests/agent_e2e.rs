@@ -35,6 +35,9 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 10);
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 20);
 const METRICS: &str = "127.0.0.1:19962";
 const METRICS_PORT: u16 = 19962;
+/// The agent's `/flows` and `/connections`.
+const FLOWS: &str = "127.0.0.1:19964";
+const FLOWS_PORT: u16 = 19964;
 
 struct Lab {
     node: Netns,
@@ -162,6 +165,7 @@ fn start_agent(lab: &Lab) -> Child {
         .arg("--pin-dir")
         .arg(&lab.pins)
         .args(["--metrics-addr", METRICS])
+        .args(["--http", FLOWS])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -298,7 +302,7 @@ fn agent_process_enforces_restarts_and_reports() {
     held.read_exact(&mut buf).expect("echo before the deny");
     // The agent reports the tracked connection with its counters, from conntrack.
     let conns: serde_json::Value =
-        serde_json::from_str(&http_get(METRICS_PORT, "/connections").expect("GET /connections"))
+        serde_json::from_str(&http_get(FLOWS_PORT, "/connections").expect("GET /connections"))
             .expect("connections json");
     assert!(
         conns
@@ -339,7 +343,7 @@ fn agent_process_enforces_restarts_and_reports() {
         metrics.contains("bulkhead_agent_flow_records_total"),
         "{metrics}"
     );
-    let flows = http_get(METRICS_PORT, "/flows").expect("GET /flows");
+    let flows = http_get(FLOWS_PORT, "/flows").expect("GET /flows");
     assert!(
         flows.contains("NetworkPolicy test/server-ingress ingress default-deny"),
         "{flows}"

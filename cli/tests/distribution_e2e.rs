@@ -162,6 +162,8 @@ fn start_controller(c: &Cluster) -> Child {
         .arg(c.dir.join("manifests"))
         .args(["--listen", &format!("127.0.0.1:{}", c.grpc)])
         .args(["--http", &format!("127.0.0.1:{}", c.http)])
+        // This run's ports: gRPC, HTTP, agents' metrics (2 and 3), then these.
+        .args(["--metrics", &format!("127.0.0.1:{}", c.grpc + 4)])
         .arg("--tls-cert")
         .arg(certs.join("controller.pem"))
         .arg("--tls-key")
@@ -199,6 +201,7 @@ fn start_agent(c: &Cluster, n: &Node) -> Child {
         .arg("--pin-dir")
         .arg(pin_dir(&c.dir, n.name))
         .args(["--metrics-addr", &format!("127.0.0.1:{}", n.metrics)])
+        .args(["--http", &format!("127.0.0.1:{}", n.metrics + 3)])
         .stdout(Stdio::null())
         .spawn()
         .expect("start agent")

@@ -58,6 +58,7 @@ struct Controller {
     child: Child,
     dir: PathBuf,
     http: u16,
+    metrics: u16,
 }
 
 impl Drop for Controller {
@@ -80,18 +81,24 @@ fn start(name: &str) -> Controller {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("manifests")).expect("temp dir");
     std::fs::write(dir.join("manifests/cluster.yaml"), MANIFESTS).expect("write manifests");
-    let (grpc, http) = (free_port(), free_port());
+    let (grpc, http, metrics) = (free_port(), free_port(), free_port());
     let child = Command::new(bin())
         .args(["controller", "--insecure", "-f"])
         .arg(dir.join("manifests"))
         .args(["--listen", &format!("127.0.0.1:{grpc}")])
         .args(["--http", &format!("127.0.0.1:{http}")])
+        .args(["--metrics", &format!("127.0.0.1:{metrics}")])
         .args(["--reload-ms", "100"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start the controller");
-    let c = Controller { child, dir, http };
+    let c = Controller {
+        child,
+        dir,
+        http,
+        metrics,
+    };
     wait_until("the controller answers", Duration::from_secs(30), || {
         http_get(c.http, "/healthz").is_some_and(|b| b.trim() == "ok")
     });
@@ -317,9 +324,8 @@ fn a_half_sent_request_is_closed_by_the_controller() {
 #[test]
 fn the_api_answers_only_to_its_own_host_names() {
     let c = start("host");
-    let status = |path: &str, host: &str| -> u16 {
-        let mut s =
-            TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], c.http))).expect("connect");
+    let status_on = |port: u16, path: &str, host: &str| -> u16 {
+        let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
         write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("send");
@@ -331,6 +337,7 @@ fn the_api_answers_only_to_its_own_host_names() {
             .and_then(|s| s.parse().ok())
             .expect("a status")
     };
+    let status = |path: &str, host: &str| status_on(c.http, path, host);
     let port = c.http;
     for path in ["/api/map", "/api/flows", "/api/quarantines", "/"] {
         assert_eq!(status(path, "rebound.evil.example"), 421, "{path}");
@@ -342,6 +349,62 @@ fn the_api_answers_only_to_its_own_host_names() {
         assert_eq!(status(path, &format!("127.0.0.1:{port}")), 200, "{path}");
         assert_eq!(status(path, &format!("localhost:{port}")), 200, "{path}");
     }
-    assert_eq!(status("/metrics", "10.0.0.7:9961"), 200);
+    // Metrics and probes have their own listener, which answers to any host (scrapers and
+    // the kubelet use addresses) and serves nothing else.
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(status_on(c.metrics, path, "10.0.0.7:9963"), 200, "{path}");
+    }
+    for path in ["/api/map", "/api/flows", "/"] {
+        assert_eq!(status_on(c.metrics, path, "127.0.0.1"), 404, "{path}");
+    }
+    assert_eq!(status("/metrics", &format!("127.0.0.1:{port}")), 404);
     assert_eq!(status("/healthz", "10.0.0.7:9961"), 200);
+}
+
+/// Finding 4: the API is not served beyond loopback without authentication unless asked
+/// for, and authentication settings that cannot work are refused at start, with what to do.
+#[test]
+fn an_unauthenticated_api_stays_on_loopback() {
+    let dir = std::env::temp_dir().join(format!("bh-qh-exposure-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("cluster.yaml"), MANIFESTS).expect("write manifests");
+    let refused = |extra: &[&str], want: &str| {
+        let out = Command::new(bin())
+            .args(["controller", "--insecure", "-f"])
+            .arg(&dir)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics", &format!("127.0.0.1:{}", free_port())])
+            .args(extra)
+            .output()
+            .expect("run the controller");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} started");
+        assert!(err.contains(want), "{extra:?}: {err}");
+    };
+    let public = format!("0.0.0.0:{}", free_port());
+    refused(&["--http", &public], "--http-auth");
+    refused(&["--http-auth", "tokens"], "--http-tokens");
+    refused(&["--http-auth", "kubernetes"], "--kubernetes");
+    let missing = dir.join("no-such-tokens").display().to_string();
+    refused(
+        &["--http-auth", "tokens", "--http-tokens", &missing],
+        "no-such-tokens",
+    );
+    refused(
+        &["--agent-token-review", "--agent-service-account", "a/b"],
+        "--kubernetes",
+    );
+    // The agent's flows and connections likewise (checked before anything is loaded).
+    let out = Command::new(bin())
+        .args(["agent", "run", "--node", "n1", "--ruleset"])
+        .arg(dir.join("cluster.yaml"))
+        .args(["--http", "0.0.0.0:19964"])
+        .output()
+        .expect("run the agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--http-unauthenticated"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

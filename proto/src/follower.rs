@@ -188,11 +188,38 @@ fn ack(
     }
 }
 
+/// `Bearer <token>` as a metadata value; a token that cannot be one (not visible ASCII) is
+/// refused before anything is sent.
+pub fn bearer_value(token: &str) -> Result<tonic::metadata::AsciiMetadataValue, tonic::Status> {
+    format!("Bearer {}", token.trim()).parse().map_err(|_| {
+        tonic::Status::invalid_argument(
+            "the agent's token is not printable ascii: check --token-file",
+        )
+    })
+}
+
 /// One stream: hello, then realize and ack every version until the stream ends. `connected` is
 /// called once the stream is open. `realize` gets the complete new rule set; keeping the `Arc`
 /// beyond the call is allowed (the follower then copies the rule set before the next delta).
 pub async fn run_session<F, Fut>(
     channel: Channel,
+    follower: &mut Follower,
+    realize: F,
+    connected: impl FnOnce(),
+) -> Result<(), FollowError>
+where
+    F: FnMut(Arc<RuleSet>) -> Fut,
+    Fut: Future<Output = Result<Realized, String>>,
+{
+    run_session_with_token(channel, None, follower, realize, connected).await
+}
+
+/// [`run_session`], sending `token` as `authorization: Bearer …` (an agent pod's
+/// service-account token, for a controller that checks which node a shared certificate's
+/// holder runs on).
+pub async fn run_session_with_token<F, Fut>(
+    channel: Channel,
+    token: Option<&str>,
     follower: &mut Follower,
     mut realize: F,
     connected: impl FnOnce(),
@@ -207,7 +234,13 @@ where
     let (tx, rx) = mpsc::channel::<AgentMessage>(16);
     // The queue is empty and ours: this cannot fail.
     let _ = tx.try_send(follower.hello());
-    let mut inbound = client.sync(ReceiverStream::new(rx)).await?.into_inner();
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", bearer_value(token)?);
+    }
+    let mut inbound = client.sync(request).await?.into_inner();
     connected();
     // Large rule sets and deltas come in parts; a stream that breaks off halfway leaves
     // nothing behind (the next session starts a fresh reassembly).

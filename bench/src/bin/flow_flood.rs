@@ -3,9 +3,9 @@
 //! and after each flood, what it accepted, and the size of one `/metrics` scrape.
 //!
 //! ```sh
-//! bulkhead controller --insecure -f MANIFESTS --listen 127.0.0.1:9960 --http 127.0.0.1:9961 &
+//! bulkhead controller --insecure -f MANIFESTS --listen 127.0.0.1:9960 --metrics 127.0.0.1:9963 &
 //! cargo run --release -p bulkhead-bench --bin flow_flood -- --node NODE --pid $! \
-//!     --controller 127.0.0.1:9960 --http 127.0.0.1:9961
+//!     --controller 127.0.0.1:9960 --metrics 127.0.0.1:9963
 //! ```
 
 use std::{
@@ -23,9 +23,9 @@ struct Args {
     /// The controller's gRPC address (plaintext: run it with --insecure).
     #[arg(long, default_value = "127.0.0.1:9960")]
     controller: SocketAddr,
-    /// The controller's HTTP address (for `/metrics`).
-    #[arg(long, default_value = "127.0.0.1:9961")]
-    http: SocketAddr,
+    /// The controller's metrics address (`--metrics`, for `/metrics`).
+    #[arg(long, default_value = "127.0.0.1:9963")]
+    metrics: SocketAddr,
     /// A node of the controller's inventory to report as.
     #[arg(long)]
     node: String,
@@ -117,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "{what:<42} RSS {:>7.1} MiB   /metrics {:>11} bytes",
             rss_mib(a.pid)?,
-            metrics_bytes(a.http)?
+            metrics_bytes(a.metrics)?
         );
         Ok(())
     };

@@ -47,8 +47,8 @@ enum LabCommand {
         /// Give pods IPv6 addresses too.
         #[arg(long)]
         ipv6: bool,
-        /// Ports on 127.0.0.1: controller gRPC at BASE, its HTTP at BASE+1, agent metrics at
-        /// BASE+10+i.
+        /// Ports on 127.0.0.1: controller gRPC at BASE, its HTTP (UI, API) at BASE+1, its
+        /// metrics at BASE+2, agent i's metrics at BASE+10+i and its flows at BASE+110+i.
         #[arg(long, default_value_t = 19960)]
         port_base: u16,
     },
@@ -510,6 +510,7 @@ fn start_controller(state: &LabState) -> anyhow::Result<u32> {
             .arg(state.manifests_dir())
             .args(["--listen", &format!("127.0.0.1:{}", state.grpc_port)])
             .args(["--http", &format!("127.0.0.1:{}", state.http_port)])
+            .args(["--metrics", &format!("127.0.0.1:{}", state.metrics_port())])
             .arg("--tls-cert")
             .arg(certs.join("controller.pem"))
             .arg("--tls-key")
@@ -539,7 +540,8 @@ fn start_agent(state: &LabState, node: &LabNode) -> anyhow::Result<u32> {
             .args([
                 "--metrics-addr",
                 &format!("127.0.0.1:{}", node.metrics_port),
-            ]),
+            ])
+            .args(["--http", &format!("127.0.0.1:{}", node.http_port())]),
         &state.logs_dir().join(format!("agent-{}.log", node.name)),
     )
 }
@@ -787,6 +789,9 @@ pub fn up(
     if !(1..=200).contains(&nodes) {
         bail!("--nodes must be between 1 and 200");
     }
+    if nodes > 100 {
+        bail!("a lab has at most 100 nodes (each takes two ports above --port-base)");
+    }
     if port_base > u16::MAX - 220 {
         bail!("--port-base leaves no room for the agents' ports");
     }
@@ -943,7 +948,7 @@ fn exec(dir: &Path, pod: &str, command: &[String]) -> anyhow::Result<ExitCode> {
 fn print_status(state: &LabState) {
     let versions = node_versions(state);
     println!(
-        "controller: pid {} {}  grpc 127.0.0.1:{}  http 127.0.0.1:{}",
+        "controller: pid {} {}  grpc 127.0.0.1:{}  http 127.0.0.1:{}  metrics 127.0.0.1:{}",
         state
             .controller_pid
             .map(|p| p.to_string())
@@ -954,12 +959,13 @@ fn print_status(state: &LabState) {
             "NOT RUNNING"
         },
         state.grpc_port,
-        state.http_port
+        state.http_port,
+        state.metrics_port()
     );
     for n in &state.nodes {
         let (v, r, c) = versions.get(&n.name).copied().unwrap_or((0, 0, false));
         println!(
-            "{:<8} agent pid {:<7} {:<11} version {v:<4} realized {r:<4} {}  metrics 127.0.0.1:{}",
+            "{:<8} agent pid {:<7} {:<11} version {v:<4} realized {r:<4} {}  metrics 127.0.0.1:{}  flows 127.0.0.1:{}",
             n.name,
             n.agent_pid.map(|p| p.to_string()).unwrap_or("-".into()),
             if n.agent_pid.is_some_and(alive) {
@@ -968,7 +974,8 @@ fn print_status(state: &LabState) {
                 "NOT RUNNING"
             },
             if c { "connected" } else { "disconnected" },
-            n.metrics_port
+            n.metrics_port,
+            n.http_port()
         );
     }
     for p in state.pods.values() {

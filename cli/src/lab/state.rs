@@ -95,7 +95,19 @@ pub struct LabState {
     pub next_host: BTreeMap<String, u32>,
 }
 
+impl LabNode {
+    /// The agent's `/flows` and `/connections` (100 above its metrics port).
+    pub fn http_port(&self) -> u16 {
+        self.metrics_port + 100
+    }
+}
+
 impl LabState {
+    /// The controller's `/metrics`, `/healthz`, `/readyz` (the port after its HTTP API's).
+    pub fn metrics_port(&self) -> u16 {
+        self.http_port + 1
+    }
+
     pub fn path(dir: &Path) -> PathBuf {
         dir.join("lab.json")
     }

@@ -20,7 +20,11 @@ use bulkhead_proto::v1 as pb;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ACTION_HEADER, ApiError, WebState};
+use super::{
+    ACTION_HEADER, ApiError, WebState,
+    auth::{Caller, Want},
+};
+use axum::Extension;
 
 pub(super) fn quarantine_json(q: &pb::QuarantineInfo) -> Value {
     json!({
@@ -117,7 +121,7 @@ fn split_pod(s: &str) -> Result<(String, String), ApiError> {
 }
 
 /// Who acted, for the audit log: the page, and the browser it ran in.
-fn actor(headers: &HeaderMap) -> String {
+fn actor(headers: &HeaderMap, caller: Option<&Caller>) -> String {
     let agent = headers
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
@@ -135,7 +139,11 @@ fn actor(headers: &HeaderMap) -> String {
     .or_else(|| agent.split_whitespace().next())
     .unwrap_or("unknown client");
     let browser: String = browser.chars().take(40).collect();
-    format!("web UI ({browser})")
+    match caller {
+        // The authenticated name, not anything the request claims.
+        Some(c) => format!("{} via web UI ({browser})", c.name),
+        None => format!("web UI ({browser})"),
+    }
 }
 
 /// `POST /api/quarantine` body.
@@ -197,13 +205,18 @@ async fn answer(
 
 pub(super) async fn quarantine(
     State(s): State<WebState>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let caller = caller.map(|Extension(c)| c);
     let control = check_write(&s, &headers)?;
     let b: QuarantineBody = parse_body(&body)?;
     let (namespace, pod) = split_pod(&b.pod)?;
+    s.auth
+        .authorize(caller.as_ref(), &Want::Quarantine(namespace.clone()))
+        .await?;
     if b.reason.trim().is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -231,7 +244,7 @@ pub(super) async fn quarantine(
         reason: b.reason.trim().to_string(),
         allow,
         duration_seconds,
-        actor: actor(&headers),
+        actor: actor(&headers, caller.as_ref()),
     };
     let resp = tokio::task::spawn_blocking(move || control.quarantine(request))
         .await
@@ -242,17 +255,22 @@ pub(super) async fn quarantine(
 
 pub(super) async fn release(
     State(s): State<WebState>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let caller = caller.map(|Extension(c)| c);
     let control = check_write(&s, &headers)?;
     let b: ReleaseBody = parse_body(&body)?;
     let (namespace, pod) = split_pod(&b.pod)?;
+    s.auth
+        .authorize(caller.as_ref(), &Want::Release(namespace.clone()))
+        .await?;
     let request = pb::ReleaseRequest {
         namespace,
         pod,
-        actor: actor(&headers),
+        actor: actor(&headers, caller.as_ref()),
     };
     let resp = tokio::task::spawn_blocking(move || control.release(request))
         .await

@@ -7,17 +7,39 @@
 //!   install shares between all agents): an agent of any node;
 //! * one of [`ClientPolicy::admins`] (default `admin`): may quarantine and release pods.
 //!
+//! With `--agent-token-review` a shared agent certificate is not enough: the agent also sends
+//! its pod's service-account token (`authorization: Bearer …`), and the node it speaks for must
+//! be the node that pod runs on ([`AgentTokenReview`]). So the one certificate every node holds
+//! no longer lets one node follow or report for another (issue 21, finding 12).
+//!
 //! Reading status, flows and the graph needs a certificate of the CA and nothing more. Without
 //! TLS (`--insecure`) there is no certificate and everything is allowed, as documented there.
 
-use tonic::{Request, Status};
+use std::sync::Arc;
 
-#[derive(Debug, Clone)]
+use tonic::{Request, Status, metadata::MetadataMap};
+
+use crate::kubernetes::review::{AgentTokenError, AgentTokenReview, ReviewError};
+
+#[derive(Clone)]
 pub struct ClientPolicy {
     /// Common names that may act as the agent of any node.
     pub any_node: Vec<String>,
     /// Common names that may quarantine and release.
     pub admins: Vec<String>,
+    /// When set, an [`any_node`](Self::any_node) certificate must come with a service-account
+    /// token of an agent pod on the node it speaks for.
+    pub agent_tokens: Option<Arc<AgentTokenReview>>,
+}
+
+impl std::fmt::Debug for ClientPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientPolicy")
+            .field("any_node", &self.any_node)
+            .field("admins", &self.admins)
+            .field("agent_tokens", &self.agent_tokens.is_some())
+            .finish()
+    }
 }
 
 impl Default for ClientPolicy {
@@ -25,8 +47,19 @@ impl Default for ClientPolicy {
         ClientPolicy {
             any_node: vec!["bulkhead-agent".into()],
             admins: vec!["admin".into()],
+            agent_tokens: None,
         }
     }
+}
+
+/// The bearer token of a request's `authorization` metadata, if any.
+pub fn bearer(metadata: &MetadataMap) -> Option<&str> {
+    let value = metadata.get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// The caller as its certificate names it: `Ok(None)` without TLS, an error when a certificate
@@ -63,6 +96,40 @@ impl ClientPolicy {
             Some(c) => Err(Status::permission_denied(format!(
                 "certificate {c:?} may not act for node {node:?}: agents use their node's certificate (common name = node name)"
             ))),
+        }
+    }
+
+    /// Whether `caller`, with the request's `metadata`, may follow or report for `node`: its
+    /// certificate names that node, or it is a shared agent certificate and (with
+    /// [`agent_tokens`](Self::agent_tokens)) the request's token is of an agent pod on `node`.
+    pub async fn authorize_node(
+        &self,
+        caller: Option<&str>,
+        metadata: &MetadataMap,
+        node: &str,
+    ) -> Result<(), Status> {
+        self.may_act_for_node(caller, node)?;
+        let (Some(c), Some(review)) = (caller, &self.agent_tokens) else {
+            return Ok(());
+        };
+        if c == node && !self.any_node.iter().any(|a| a == c) {
+            // The node's own certificate: it speaks for itself.
+            return Ok(());
+        }
+        let Some(token) = bearer(metadata) else {
+            return Err(Status::unauthenticated(format!(
+                "certificate {c:?} is shared by every agent: send the agent pod's service-account token (agent run --token-file) so the controller can tell which node it runs on"
+            )));
+        };
+        match review.node_of(token).await {
+            Ok(n) if n == node => Ok(()),
+            Ok(n) => Err(Status::permission_denied(format!(
+                "the token belongs to the agent on node {n:?}, which may not act for node {node:?}"
+            ))),
+            Err(AgentTokenError::Review(ReviewError::Unavailable(e))) => Err(Status::unavailable(
+                format!("cannot check the agent's token now: {e}"),
+            )),
+            Err(e) => Err(Status::unauthenticated(e.to_string())),
         }
     }
 

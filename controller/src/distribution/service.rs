@@ -247,6 +247,7 @@ impl Distribution for DistributionService {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let caller = auth::caller(&request)?;
+        let metadata = request.metadata().clone();
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => return Err(Status::deadline_exceeded("no hello within 10 s")),
@@ -266,7 +267,9 @@ impl Distribution for DistributionService {
             return Err(Status::invalid_argument("hello names no node; pass --node"));
         }
         check_node_name(&node)?;
-        self.clients.may_act_for_node(caller.as_deref(), &node)?;
+        self.clients
+            .authorize_node(caller.as_deref(), &metadata, &node)
+            .await?;
         // Subscribed before the call answers: a node the inventory does not have is refused
         // here, and leaves nothing behind.
         let first = self.hub.subscribe(&node).map_err(|e| match e {
@@ -403,13 +406,20 @@ impl Distribution for DistributionService {
         request: Request<Streaming<FlowBatch>>,
     ) -> Result<Response<FlowReportSummary>, Status> {
         let caller = auth::caller(&request)?;
+        let metadata = request.metadata().clone();
         let mut inbound = request.into_inner();
         let mut accepted = 0u64;
+        // The node this stream was allowed to report for (checked once, not per batch).
+        let mut authorized: Option<String> = None;
         while let Some(batch) = inbound.next().await {
             let batch = batch?;
             check_node_name(&batch.node)?;
-            self.clients
-                .may_act_for_node(caller.as_deref(), &batch.node)?;
+            if authorized.as_deref() != Some(batch.node.as_str()) {
+                self.clients
+                    .authorize_node(caller.as_deref(), &metadata, &batch.node)
+                    .await?;
+                authorized = Some(batch.node.clone());
+            }
             // The node's name is stored with every record: only the inventory's names.
             if !self.hub.knows_node(&batch.node) {
                 self.hub

@@ -37,6 +37,7 @@
 pub mod crd;
 pub mod inventory;
 pub mod leader;
+pub mod review;
 pub mod source;
 pub mod status;
 
