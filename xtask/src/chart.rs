@@ -385,6 +385,21 @@ fn scan_chart(chart: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// The annotation on chart-generated Secrets that records their certificates' end of validity.
+const NOT_AFTER: &str = "bulkhead.dev/not-after: ";
+
+/// The `bulkhead.dev/not-after` annotation of each chart-generated Secret, in document order.
+fn secret_not_after(text: &str) -> Vec<String> {
+    text.split("\n---")
+        .filter(|d| d.contains("\nkind: Secret\n"))
+        .filter_map(|d| {
+            d.lines()
+                .find_map(|l| l.trim().strip_prefix(NOT_AFTER))
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .collect()
+}
+
 /// The `tls.crt` of each chart-generated Secret in a rendering, in document order.
 fn secret_certs(text: &str) -> Vec<String> {
     text.split("\n---")
@@ -398,9 +413,12 @@ fn secret_certs(text: &str) -> Vec<String> {
 }
 
 /// On upgrade the chart must reuse its Secrets (found with `lookup`) instead of minting new
-/// certificates. `helm template` has no cluster to look up, so this renders a copy of the chart
-/// whose two `lookup` calls read fixture files instead: the default rendering's Secrets (expect
-/// them back unchanged), then a pair with different CAs (expect fresh certificates).
+/// certificates, until they come close to expiry. `helm template` has no cluster to look up, so
+/// this renders a copy of the chart whose two `lookup` calls read fixture files instead: the
+/// default rendering's Secrets (expect them back unchanged, `bulkhead.dev/not-after` included),
+/// the same with a `not-after` 60 days away (kept: more than `tls.renewBeforeDays`, 30, remain),
+/// 10 days away, missing (Secrets of an older chart) or unreadable (each: fresh certificates),
+/// and a pair with different CAs (fresh certificates).
 fn check_certificates_reused(rendered: &[Rendered]) -> anyhow::Result<()> {
     let with_secrets: Vec<&Rendered> = rendered
         .iter()
@@ -437,27 +455,84 @@ fn check_certificates_reused(rendered: &[Rendered]) -> anyhow::Result<()> {
         );
     }
     fs::write(&template, text)?;
-    let render = |controller: &str, agent: &str| -> anyhow::Result<Vec<String>> {
+    let render_text = |controller: &str, agent: &str| -> anyhow::Result<String> {
         fs::write(chart.join("lookup-controller.yaml"), controller)?;
         fs::write(chart.join("lookup-agent.yaml"), agent)?;
-        let out = output(
+        output(
             Command::new(helm())
                 .args(["template", "bulkhead"])
                 .arg(&chart)
                 .args(["--namespace", RENDER_NAMESPACE, "--values"])
                 .arg(chart.join(format!("ci/{}-values.yaml", first.name))),
-        )?;
-        Ok(secret_certs(&out))
+        )
     };
-    let before = secret_certs(&fs::read_to_string(&first.manifests)?);
-    if render(&ours[0], &ours[1])? != before {
+    let render = |controller: &str, agent: &str| -> anyhow::Result<Vec<String>> {
+        Ok(secret_certs(&render_text(controller, agent)?))
+    };
+    let before_text = fs::read_to_string(&first.manifests)?;
+    let before = secret_certs(&before_text);
+    let not_after = secret_not_after(&before_text);
+    if not_after.len() != 2 || not_after[0] != not_after[1] {
+        bail!("the generated Secrets lack a common `{NOT_AFTER}` annotation: {not_after:?}");
+    }
+    let kept = render_text(&ours[0], &ours[1])?;
+    if secret_certs(&kept) != before {
         bail!("an upgrade would replace the chart-generated certificates instead of keeping them");
+    }
+    if secret_not_after(&kept) != not_after {
+        bail!("an upgrade that keeps the certificates changed their `{NOT_AFTER}` annotation");
+    }
+    // The fixtures with their `not-after` replaced (or removed, for `None`).
+    let with_not_after = |value: Option<&str>| -> Vec<String> {
+        ours.iter()
+            .map(|doc| {
+                doc.lines()
+                    .filter_map(|l| match l.trim().strip_prefix(NOT_AFTER) {
+                        None => Some(l.to_string()),
+                        Some(_) => value.map(|v| {
+                            let indent = &l[..l.len() - l.trim_start().len()];
+                            format!("{indent}{NOT_AFTER}{v:?}")
+                        }),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect()
+    };
+    let days_from_now = |days: u32| -> anyhow::Result<String> {
+        Ok(output(Command::new("date").args([
+            "-u",
+            "-d",
+            &format!("+{days} days"),
+            "+%Y-%m-%dT%H:%M:%SZ",
+        ]))?
+        .trim()
+        .to_string())
+    };
+    let in_60_days = with_not_after(Some(&days_from_now(60)?));
+    if render(&in_60_days[0], &in_60_days[1])? != before {
+        bail!("certificates with 60 days left were regenerated (tls.renewBeforeDays is 30)");
+    }
+    for (what, value) in [
+        ("10 days left", Some(days_from_now(10)?)),
+        ("no `not-after` annotation", None),
+        ("an unreadable `not-after`", Some("soon".to_string())),
+    ] {
+        let fixtures = with_not_after(value.as_deref());
+        let fresh = render(&fixtures[0], &fixtures[1])?;
+        if fresh.iter().any(|c| before.contains(c)) {
+            bail!("Secrets with {what} were kept instead of regenerated");
+        }
     }
     let fresh = render(&ours[0], &theirs[1])?;
     if fresh.iter().any(|c| before.contains(c)) {
         bail!("Secrets with different CAs were kept instead of regenerated together");
     }
-    println!("    kept on upgrade; regenerated together when the two Secrets disagree");
+    println!(
+        "    kept on upgrade ({NOT_AFTER}{}); regenerated together when fewer than 30 days remain, \
+         without the annotation, or when the two Secrets disagree",
+        not_after[0]
+    );
     Ok(())
 }
 
@@ -583,7 +658,10 @@ fn kinds(text: &str) -> Vec<(String, String)> {
 }
 
 /// What the binaries and the README rely on, whatever the values: the certificates are mounted
-/// where the flags point, the agent never gets an API token, nothing runs privileged.
+/// where the flags point, the agent never gets an API token, nothing runs privileged; the
+/// controller's web API is on loopback or authenticated, the agent's flow endpoint on loopback,
+/// the agent's token file mounted where its flag points; no NetworkPolicy rule with an empty
+/// `from` (no peers, to some tools) where "anyone" was meant.
 fn check_rendered_contract(rendered: &[Rendered]) -> anyhow::Result<()> {
     for r in rendered {
         let text = fs::read_to_string(&r.manifests)?;
@@ -607,9 +685,57 @@ fn check_rendered_contract(rendered: &[Rendered]) -> anyhow::Result<()> {
             "privileged: true",
             "SYS_ADMIN",
             "allowPrivilegeEscalation: true",
+            "from: []",
+            "from: null",
         ] {
             if text.contains(forbidden) {
                 bail!("{}: rendered manifests contain `{forbidden}`", r.name);
+            }
+        }
+        for doc in text.split("\n---") {
+            let arg = |flag: &str| {
+                doc.lines()
+                    .find_map(|l| l.trim().strip_prefix(&format!("- --{flag}=")))
+                    .map(str::to_string)
+            };
+            if doc.contains("\nkind: Deployment\n") {
+                let http = arg("http").context("the controller has no --http")?;
+                if !http.starts_with("127.0.0.1:")
+                    && arg("http-auth").as_deref() != Some("kubernetes")
+                {
+                    bail!(
+                        "{}: the controller's web API listens on {http} without --http-auth=kubernetes",
+                        r.name
+                    );
+                }
+                if arg("metrics").is_none()
+                    || doc.contains("port: http\n") && !doc.contains("- name: http\n")
+                {
+                    bail!(
+                        "{}: the controller lacks --metrics, or a probe uses an undeclared http port",
+                        r.name
+                    );
+                }
+            }
+            if doc.contains("\nkind: DaemonSet\n") {
+                let http = arg("http").context("the agent has no --http")?;
+                if !http.starts_with("127.0.0.1:") {
+                    bail!(
+                        "{}: the agent's flow endpoint listens on {http}, not loopback",
+                        r.name
+                    );
+                }
+                if let Some(file) = arg("token-file") {
+                    let dir = file.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+                    if !doc.contains(&format!("mountPath: {dir}\n"))
+                        || !doc.contains("serviceAccountToken:")
+                    {
+                        bail!(
+                            "{}: --token-file={file} without a projected token mounted there",
+                            r.name
+                        );
+                    }
+                }
             }
         }
     }
@@ -623,7 +749,11 @@ fn check_args_parse(rendered: &[Rendered]) -> anyhow::Result<()> {
     run(Command::new("cargo")
         .current_dir(project_root())
         .args(["build", "--quiet", "-p", "bulkhead", "--bin", "bulkhead"]))?;
-    let bulkhead = project_root().join("target/debug/bulkhead");
+    // Where that build put it: `CARGO_TARGET_DIR` when set (relative to the root), else target/.
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|d| project_root().join(d))
+        .unwrap_or_else(|| project_root().join("target"));
+    let bulkhead = target_dir.join("debug/bulkhead");
     for r in rendered {
         let text = fs::read_to_string(&r.manifests)?;
         let mut lines = text.lines();
@@ -632,9 +762,12 @@ fn check_args_parse(rendered: &[Rendered]) -> anyhow::Result<()> {
             if line.trim() != "args:" {
                 continue;
             }
+            // The list's items, past the YAML comments between them.
             let args: Vec<String> = lines
                 .clone()
-                .map_while(|l| l.trim().strip_prefix("- "))
+                .map(str::trim)
+                .take_while(|l| l.starts_with("- ") || l.starts_with('#'))
+                .filter_map(|l| l.strip_prefix("- "))
                 .map(|a| {
                     a.trim_matches('"')
                         .replace("$(POD_NAMESPACE)", RENDER_NAMESPACE)
@@ -680,10 +813,15 @@ fn check_rbac_covers_crds(crds: &[PathBuf], rendered: &[Rendered]) -> anyhow::Re
         bail!("no ci/default-values.yaml");
     };
     let manifests = fs::read_to_string(&default.manifests)?;
+    // The controller's own ClusterRole (`<fullname>-controller`), not the flow-viewer role.
     let role = manifests
         .split("\n---")
-        .find(|d| d.contains("\nkind: ClusterRole\n"))
-        .context("no ClusterRole rendered")?;
+        .find(|d| {
+            d.contains("\nkind: ClusterRole\n")
+                && d.lines()
+                    .any(|l| l.starts_with("  name: ") && l.ends_with("-controller"))
+        })
+        .context("no controller ClusterRole rendered")?;
     for file in crds {
         let text = fs::read_to_string(file)?;
         for doc in text.split("\n---") {

@@ -118,4 +118,22 @@ checkov.io/skip-pull: CKV_K8S_15=a versioned image needs no pull on every start;
 {{- if and (gt (int .Values.controller.replicas) 1) (not .Values.controller.leaderElection.enabled) -}}
 {{- fail "controller.replicas > 1 needs controller.leaderElection.enabled: two controllers without a lease would both serve rule sets" -}}
 {{- end -}}
+{{- if ge (int .Values.tls.renewBeforeDays) (int .Values.tls.validityDays) -}}
+{{- fail "tls.renewBeforeDays must be less than tls.validityDays, or every helm upgrade would regenerate the certificates" -}}
 {{- end -}}
+{{- $ports := list (int .Values.controller.grpcPort) (int .Values.controller.httpPort) (int .Values.controller.metricsPort) -}}
+{{- if ne (len ($ports | uniq)) 3 -}}
+{{- fail "controller.grpcPort, controller.httpPort and controller.metricsPort must differ" -}}
+{{- end -}}
+{{- if eq (int .Values.agent.metrics.port) (int .Values.agent.http.port) -}}
+{{- fail "agent.metrics.port and agent.http.port must differ" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The controller verifies agents' service-account tokens (TokenReview). */}}
+{{- define "bulkhead.agentTokenReview" -}}
+{{- if and .Values.agent.enabled .Values.agent.tokenReview.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The audience of the agents' projected tokens: only the controller accepts them. */}}
+{{- define "bulkhead.agentTokenAudience" -}}bulkhead-controller{{- end -}}
