@@ -2,6 +2,11 @@
 // 1.5 s, the selection's flows from `/api/flows/query`), draws namespaces as compound nodes and
 // workloads inside them with cytoscape (fcose layout), and quarantines or releases pods through
 // `POST /api/quarantine` and `/api/quarantine/release`.
+//
+// When the controller requires authentication (`--http-auth tokens|kubernetes`), every `/api/*`
+// request carries `Authorization: Bearer <token>`; a 401 stops the polling and shows the sign-in
+// form. The token lives in sessionStorage (this tab only, gone when it closes): never in
+// localStorage, a cookie or the URL.
 import cytoscape from 'cytoscape';
 import fcose from 'cytoscape-fcose';
 
@@ -22,6 +27,10 @@ const state = {
   firstLayout: true,
   openForm: null, // pod whose quarantine form is open
   flowsSeq: 0,
+  // Bumped whenever the credentials change (sign-in, sign-out, a 401): answers to requests
+  // sent before are dropped, so no data of a signed-out session is drawn.
+  authGen: 0,
+  signInShown: false,
 };
 
 // ---------- small DOM helpers (no framework; text goes through textContent) ----------
@@ -66,6 +75,139 @@ function fmtBytes(n) {
   let i = 0;
   while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
   return `${n.toFixed(i ? 1 : 0)} ${u[i]}`;
+}
+
+// ---------- authentication and the API ----------
+
+const TOKEN_KEY = 'bulkhead.token';
+// Where the token is when sessionStorage is unavailable (a sandboxed or storage-less page).
+let memoryToken = '';
+
+function getToken() {
+  try { return sessionStorage.getItem(TOKEN_KEY) || ''; } catch { return memoryToken; }
+}
+
+function setToken(token) {
+  memoryToken = token;
+  try {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token); else sessionStorage.removeItem(TOKEN_KEY);
+  } catch { /* memoryToken holds it */ }
+}
+
+// A request the server refused for want of a valid token (HTTP 401).
+class AuthRequired extends Error {}
+
+// The headers every /api request carries: the token, when there is one.
+function authHeaders(headers = {}) {
+  const token = getToken();
+  return token ? { ...headers, Authorization: `Bearer ${token}` } : headers;
+}
+
+// fetch() of /api/*, with the token. A 401 stops the polling and shows the sign-in form (unless
+// the credentials changed while the request was out), then throws AuthRequired.
+async function api(path, init = {}) {
+  const gen = state.authGen;
+  const sentToken = !!getToken();
+  const res = await fetch(path, { ...init, headers: authHeaders(init.headers) });
+  if (res.status === 401) {
+    const json = await res.json().catch(() => ({}));
+    const message = json.error || 'HTTP 401';
+    if (gen === state.authGen) showSignIn(sentToken ? `the token was refused: ${message}` : '');
+    throw new AuthRequired(message);
+  }
+  return res;
+}
+
+// ---------- sign-in ----------
+
+function showSignIn(error = '') {
+  stopPolling();
+  state.authGen += 1;
+  state.flowsSeq += 1;
+  state.signInShown = true;
+  // Forget what the last session showed: the page holds no data while signed out.
+  state.map = null;
+  state.selection = null;
+  state.openForm = null;
+  state.panelKey = undefined;
+  state.layoutKey = '';
+  state.firstLayout = true;
+  cy.elements().remove();
+  $('#panel-body').replaceChildren();
+  $('#stats').textContent = '';
+  const nsBox = $('#namespace-filter');
+  nsBox.replaceChildren();
+  delete nsBox.dataset.key;
+  $('#user').hidden = true;
+  $('#user-name').textContent = '';
+  const live = $('#live');
+  live.textContent = 'sign-in required';
+  live.className = 'live bad';
+  document.body.classList.add('signed-out');
+  $('#signin').hidden = false;
+  signInError(error);
+  const input = $('#token');
+  input.value = '';
+  input.focus();
+}
+
+function signInError(text) {
+  const e = $('#signin-error');
+  e.textContent = text;
+  e.hidden = !text;
+}
+
+function hideSignIn() {
+  state.signInShown = false;
+  $('#signin').hidden = true;
+  signInError('');
+  document.body.classList.remove('signed-out');
+  cy.resize();
+}
+
+// Tries the token on /api/map before keeping it: a rejected one shows the server's error here.
+async function signIn(ev) {
+  ev.preventDefault();
+  const input = $('#token');
+  const button = $('#signin-submit');
+  const token = input.value.trim();
+  if (!token) { signInError('paste an access token'); input.focus(); return; }
+  // (An HTTP header carries printable ASCII only; tokens have no spaces.)
+  if (!/^[\x21-\x7e]+$/.test(token)) { signInError('that is not a token: a token is one word of printable ASCII characters'); input.select(); return; }
+  button.disabled = true;
+  try {
+    const res = await fetch('/api/map', { cache: 'no-store', headers: { Authorization: `Bearer ${token}` } });
+    if (!res.ok) {
+      const json = await res.json().catch(() => ({}));
+      signInError(json.error || `HTTP ${res.status}`);
+      input.select();
+      return;
+    }
+    setToken(token);
+    input.value = '';
+    state.authGen += 1;
+    hideSignIn();
+    startPolling();
+  } catch (e) {
+    signInError(`cannot reach the controller: ${e.message}`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function signOut() {
+  setToken('');
+  showSignIn();
+}
+
+$('#signin-form').addEventListener('submit', signIn);
+$('#sign-out').addEventListener('click', signOut);
+
+// "signed in as NAME" when the server authenticated the request.
+function showUser(map) {
+  const user = typeof map.user === 'string' && map.user ? map.user : '';
+  $('#user').hidden = !user;
+  $('#user-name').textContent = user;
 }
 
 // The deciding rule as the controller reports it: kind, namespace/name, direction, rule index.
@@ -356,7 +498,7 @@ function actionsNote() {
 }
 
 async function post(path, body) {
-  const res = await fetch(path, {
+  const res = await api(path, {
     method: 'POST',
     headers: { 'Content-Type': 'application/json', 'X-Bulkhead-Action': '1' },
     body: JSON.stringify(body),
@@ -473,7 +615,7 @@ function flowsTable(flows) {
 
 async function fetchFlows(params) {
   const q = new URLSearchParams({ limit: '40', ...params });
-  const res = await fetch(`/api/flows/query?${q}`);
+  const res = await api(`/api/flows/query?${q}`);
   if (!res.ok) throw new Error((await res.json().catch(() => ({}))).error || `HTTP ${res.status}`);
   return res.json();
 }
@@ -546,7 +688,7 @@ async function refreshPanel(rebuild) {
       a.last_seen_unix_nanos = Math.max(a.last_seen_unix_nanos, x.last_seen_unix_nanos);
       return a;
     }, { allowed: 0, denied: 0, audit_would_deny: 0, bytes: 0, first_seen_unix_nanos: Infinity, last_seen_unix_nanos: 0 }) : null;
-    const flows = await fetchFlows({ src: d.source, dst: d.target, verdict }).catch((err) => { toast(err.message, true); return []; });
+    const flows = await fetchFlows({ src: d.source, dst: d.target, verdict }).catch((err) => { if (!(err instanceof AuthRequired)) toast(err.message, true); return []; });
     if (seq !== state.flowsSeq) return;
     const ends = [d.source, d.target].map((id) => m.nodes.find((n) => n.id === id)).filter((n) => n && n.pods.length);
     const pods = ends.flatMap((n) => n.pods);
@@ -569,7 +711,7 @@ async function refreshPanel(rebuild) {
     const n = m.nodes.find((x) => x.id === sel.id);
     if (!n) { select(null); return; }
     const params = { workload: n.id };
-    const flows = await fetchFlows(params).catch((err) => { toast(err.message, true); return []; });
+    const flows = await fetchFlows(params).catch((err) => { if (!(err instanceof AuthRequired)) toast(err.message, true); return []; });
     if (seq !== state.flowsSeq) return;
     const shown = flows.filter((f) => !f.src || state.verdicts.has(f.verdict === 'audit-would-deny' ? 'audit' : f.verdict));
     const edges = m.edges.filter((e) => e.src === n.id || e.dst === n.id);
@@ -601,24 +743,46 @@ async function refreshPanel(rebuild) {
 
 async function tick() {
   const live = $('#live');
+  const gen = state.authGen;
   try {
-    const res = await fetch('/api/map', { cache: 'no-store' });
+    const res = await api('/api/map', { cache: 'no-store' });
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
-    state.map = await res.json();
+    const map = await res.json();
+    // Signed out (or in as someone else) meanwhile: this answer is not for the page any more.
+    if (gen !== state.authGen) return;
+    state.map = map;
+    showUser(map);
     render(state.map);
     live.textContent = `live · ${new Date(state.map.time_unix_ms).toLocaleTimeString([], { hour12: false })}`;
     live.className = 'live ok';
     // Keep the panel current, but never under the user's fingers (an open quarantine form).
     if (!state.openForm) await refreshPanel(false);
   } catch (e) {
+    if (e instanceof AuthRequired || gen !== state.authGen) return; // the sign-in form is up
     live.textContent = `controller unreachable (${e.message})`;
     live.className = 'live bad';
   }
 }
 
-async function loop() {
-  await tick();
-  setTimeout(loop, POLL_MS);
+// One polling loop at a time: a sign-in starts a new one, a 401 or a sign-out ends it.
+let pollTimer = null;
+let pollGen = 0;
+
+function stopPolling() {
+  pollGen += 1;
+  clearTimeout(pollTimer);
+  pollTimer = null;
 }
-refreshPanel(true);
-loop();
+
+function startPolling() {
+  stopPolling();
+  const gen = pollGen;
+  const loop = async () => {
+    await tick();
+    if (gen === pollGen) pollTimer = setTimeout(loop, POLL_MS);
+  };
+  refreshPanel(true);
+  loop();
+}
+
+startPolling();
