@@ -4,8 +4,9 @@ use serde::Deserialize;
 
 use super::MAX_RULES_PER_DIRECTION;
 use super::meta::{Meta, meta_name, meta_namespace};
-use super::peers::{NpPeerDoc, NpPortDoc, convert_np_peer, convert_np_ports, too_many_rules};
+use super::peers::{NpPeerDoc, convert_np_peer, convert_np_ports, too_many_rules};
 use crate::error::FieldError;
+use crate::kubernetes::crd::PolicyPort;
 use crate::model::{Isolation, NamespaceScope, Peer, PodSelection, Policy, PolicyKey, Rule};
 use crate::ruleset::{Action, Direction, RuleKind, Tier};
 use crate::selector::{LabelSelectorSpec, Selector};
@@ -36,7 +37,7 @@ struct NpIngressRuleDoc {
     #[serde(default)]
     from: Option<Vec<NpPeerDoc>>,
     #[serde(default)]
-    ports: Option<Vec<NpPortDoc>>,
+    ports: Option<Vec<PolicyPort>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -44,7 +45,7 @@ struct NpEgressRuleDoc {
     #[serde(default)]
     to: Option<Vec<NpPeerDoc>>,
     #[serde(default)]
-    ports: Option<Vec<NpPortDoc>>,
+    ports: Option<Vec<PolicyPort>>,
 }
 
 /// A NetworkPolicy: its subject isolated in the directions of `policyTypes`, allow rules.
@@ -100,7 +101,7 @@ pub(super) fn convert(
     let mut convert = |direction: Direction,
                        index: usize,
                        peers: Option<&Vec<NpPeerDoc>>,
-                       ports: Option<&Vec<NpPortDoc>>,
+                       ports: Option<&Vec<PolicyPort>>,
                        path: String,
                        peer_field: &str,
                        errors: &mut Vec<FieldError>| {

@@ -1,5 +1,7 @@
 //! Peers, ports, protocols and CIDRs: the NetworkPolicy shapes that ServicePolicy and Quarantine
-//! reuse, and the checks ClusterNetworkPolicy rules and container ports share with them.
+//! reuse, and the checks ClusterNetworkPolicy rules and container ports share with them. Ports
+//! and ipBlocks are read with the CRD's [`PolicyPort`] and [`IpBlock`], which are
+//! NetworkPolicy's `NetworkPolicyPort` and `IPBlock` shapes.
 
 use std::str::FromStr;
 
@@ -7,17 +9,12 @@ use ipnetwork::IpNetwork;
 use serde::Deserialize;
 
 use crate::error::FieldError;
+use crate::kubernetes::crd::{IntOrString, IpBlock, PolicyPort};
 use crate::model::{CidrPeer, NamespaceScope, Peer, PodSelection, PortSpec};
 use crate::ruleset::{PortRange, Protocol};
 use crate::selector::{LabelSelectorSpec, Selector};
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-pub(super) enum IntOrString {
-    Int(i64),
-    Str(String),
-}
-
+/// A NetworkPolicy peer (a Quarantine exception's peer has the same fields).
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct NpPeerDoc {
@@ -26,26 +23,7 @@ pub(super) struct NpPeerDoc {
     #[serde(default)]
     pub(super) namespace_selector: Option<LabelSelectorSpec>,
     #[serde(default)]
-    pub(super) ip_block: Option<IpBlockDoc>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct IpBlockDoc {
-    #[serde(default)]
-    pub(super) cidr: String,
-    #[serde(default)]
-    pub(super) except: Option<Vec<String>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct NpPortDoc {
-    #[serde(default)]
-    pub(super) protocol: Option<String>,
-    #[serde(default)]
-    pub(super) port: Option<IntOrString>,
-    #[serde(default)]
-    pub(super) end_port: Option<i64>,
+    pub(super) ip_block: Option<IpBlock>,
 }
 
 pub(super) fn parse_protocol(
@@ -168,7 +146,7 @@ pub(super) fn parse_cidr_peer(
 
 /// NetworkPolicy / ServicePolicy `ports` entries.
 pub(super) fn convert_np_ports(
-    ports: Option<&Vec<NpPortDoc>>,
+    ports: Option<&Vec<PolicyPort>>,
     path: &str,
     allow_icmp: bool,
     errors: &mut Vec<FieldError>,

@@ -4,52 +4,23 @@ use serde::Deserialize;
 
 use super::MAX_RULES_PER_DIRECTION;
 use super::meta::{Meta, meta_name, meta_namespace};
-use super::peers::{
-    IntOrString, IpBlockDoc, NpPeerDoc, NpPortDoc, convert_np_peer, convert_np_ports,
-    too_many_rules,
-};
+use super::peers::{NpPeerDoc, convert_np_peer, convert_np_ports, too_many_rules};
 use super::rfc3339::parse_rfc3339;
 use crate::error::FieldError;
+use crate::kubernetes::crd::{self, IntOrString};
 use crate::model::{
     Isolation, NamespaceScope, PodSelection, Policy, PolicyKey, QuarantineSpec, Rule,
 };
 use crate::ruleset::{Action, Direction, RuleKind, Tier};
-use crate::selector::{LabelSelectorSpec, Selector, dns_subdomain_problem};
+use crate::selector::{Selector, dns_subdomain_problem};
 
+/// A Quarantine document: its metadata, and the spec in the CRD's own type.
 #[derive(Deserialize)]
 pub(super) struct QuarantineDoc {
     #[serde(default)]
     metadata: Meta,
     #[serde(default)]
-    spec: QuarantineSpecDoc,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct QuarantineSpecDoc {
-    #[serde(default)]
-    pods: Option<Vec<String>>,
-    #[serde(default)]
-    pod_selector: Option<LabelSelectorSpec>,
-    #[serde(default)]
-    reason: Option<String>,
-    #[serde(default)]
-    allow: Option<Vec<QuarantineAllowDoc>>,
-    #[serde(default)]
-    expires_at: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct QuarantineAllowDoc {
-    #[serde(default)]
-    pod_selector: Option<LabelSelectorSpec>,
-    #[serde(default)]
-    namespace_selector: Option<LabelSelectorSpec>,
-    #[serde(default)]
-    ip_block: Option<IpBlockDoc>,
-    #[serde(default)]
-    ports: Option<Vec<NpPortDoc>>,
+    spec: crd::QuarantineSpec,
 }
 
 /// `bulkhead.dev/v1alpha1` Quarantine: see [`crate::model::Policy`] for what it becomes.
@@ -126,10 +97,7 @@ pub(super) fn convert(
         let peer_doc = NpPeerDoc {
             pod_selector: a.pod_selector.clone(),
             namespace_selector: a.namespace_selector.clone(),
-            ip_block: a.ip_block.as_ref().map(|b| IpBlockDoc {
-                cidr: b.cidr.clone(),
-                except: b.except.clone(),
-            }),
+            ip_block: a.ip_block.clone(),
         };
         let peer = convert_np_peer(&peer_doc, &ns, &ap, errors);
         for (j, p) in a.ports.iter().flatten().enumerate() {

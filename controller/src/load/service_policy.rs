@@ -4,79 +4,20 @@ use serde::Deserialize;
 
 use super::MAX_RULES_PER_DIRECTION;
 use super::meta::{Meta, dns_label_problem, meta_name, meta_namespace};
-use super::peers::{NpPortDoc, convert_np_ports, parse_cidr_peer, too_many_rules};
+use super::peers::{convert_np_ports, parse_cidr_peer, too_many_rules};
 use crate::error::FieldError;
+use crate::kubernetes::crd::{ServicePeer, ServicePolicySpec};
 use crate::model::{Isolation, NamespaceScope, Peer, PodSelection, Policy, PolicyKey, Rule};
 use crate::ruleset::{Action, Direction, RuleKind, Tier};
-use crate::selector::{LabelSelectorSpec, Selector, dns_subdomain_problem};
+use crate::selector::{Selector, dns_subdomain_problem};
 
+/// A ServicePolicy document: its metadata, and the spec in the CRD's own type.
 #[derive(Deserialize)]
 pub(super) struct ServicePolicyDoc {
     #[serde(default)]
     metadata: Meta,
     #[serde(default)]
-    spec: ServicePolicySpecDoc,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ServicePolicySpecDoc {
-    #[serde(default)]
-    mode: Option<String>,
-    #[serde(default)]
-    subject: ServiceSubjectDoc,
-    #[serde(default)]
-    ingress: Option<Vec<ServiceRuleDoc>>,
-    #[serde(default)]
-    egress: Option<Vec<ServiceRuleDoc>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ServiceSubjectDoc {
-    #[serde(default)]
-    service_account: Option<String>,
-    #[serde(default)]
-    pod_selector: Option<LabelSelectorSpec>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ServiceRuleDoc {
-    #[serde(default)]
-    action: Option<String>,
-    #[serde(default)]
-    from: Option<Vec<ServicePeerDoc>>,
-    #[serde(default)]
-    to: Option<Vec<ServicePeerDoc>>,
-    #[serde(default)]
-    ports: Option<Vec<NpPortDoc>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ServicePeerDoc {
-    #[serde(default)]
-    service: Option<ServiceRefDoc>,
-    #[serde(default)]
-    cidr: Option<String>,
-    #[serde(default)]
-    except: Option<Vec<String>>,
-    #[serde(default)]
-    entity: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ServiceRefDoc {
-    #[serde(default)]
-    service_account: Option<String>,
-    #[serde(default)]
-    pod_selector: Option<LabelSelectorSpec>,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    namespace_selector: Option<LabelSelectorSpec>,
+    spec: ServicePolicySpec,
 }
 
 /// A ServicePolicy: application-tier rules by service identity, enforced or audited.
@@ -102,11 +43,12 @@ pub(super) fn convert(
             false
         }
     };
-    let subject_pods = match &spec.subject.pod_selector {
+    let subject = spec.subject.clone().unwrap_or_default();
+    let subject_pods = match &subject.pod_selector {
         Some(s) => Selector::parse(s, &format!("{sp}.subject.podSelector"), errors),
         None => Some(Selector::everything()),
     };
-    if let Some(sa) = &spec.subject.service_account
+    if let Some(sa) = &subject.service_account
         && let Some(problem) = dns_subdomain_problem(sa)
     {
         errors.push(FieldError::new(
@@ -194,7 +136,7 @@ pub(super) fn convert(
         subject: PodSelection {
             namespaces: NamespaceScope::Named(ns),
             pods: subject_pods?,
-            service_account: spec.subject.service_account.clone(),
+            service_account: subject.service_account,
         },
         ingress_isolation: isolation[Direction::Ingress as usize],
         egress_isolation: isolation[Direction::Egress as usize],
@@ -204,7 +146,7 @@ pub(super) fn convert(
 }
 
 fn convert_service_peer(
-    p: &ServicePeerDoc,
+    p: &ServicePeer,
     namespace: &str,
     path: &str,
     errors: &mut Vec<FieldError>,
