@@ -83,6 +83,19 @@ pub fn load_str(file: &Path, text: &str) -> Loaded {
     loaded
 }
 
+/// Converts one document that is already a value, such as a Kubernetes API object: the same
+/// validation and the same objects as for that document in a manifest, without writing it out
+/// and parsing it back as YAML. Errors are the document's field errors.
+pub fn load_document(value: &serde_yaml::Value) -> Result<Vec<Object>, Vec<FieldError>> {
+    let (mut objects, mut errors, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
+    parse_value(value, "", &mut objects, &mut errors, &mut warnings);
+    if errors.is_empty() {
+        Ok(objects.into_iter().map(|(_, object)| object).collect())
+    } else {
+        Err(errors)
+    }
+}
+
 /// Where each object was first defined, to report duplicates.
 #[derive(Default)]
 struct Seen {
