@@ -92,7 +92,7 @@ pub(super) fn labels(meta: &Meta, prefix: &str, errors: &mut Vec<FieldError>) ->
     )
 }
 
-pub(super) fn check_labels(
+fn check_labels(
     labels: Option<&BTreeMap<String, String>>,
     path: &str,
     errors: &mut Vec<FieldError>,
