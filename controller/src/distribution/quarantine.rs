@@ -759,7 +759,7 @@ fn info_of(q: &Quarantine) -> pb::QuarantineInfo {
             .cloned()
             .unwrap_or_default(),
         name: q.metadata.name.clone().unwrap_or_default(),
-        reason: q.spec.reason.clone(),
+        reason: q.spec.reason.clone().unwrap_or_default(),
         created_at: annotation("bulkhead.dev/quarantined-at"),
         expires_at: q.spec.expires_at.clone().unwrap_or_default(),
         actor: annotation("bulkhead.dev/quarantined-by"),

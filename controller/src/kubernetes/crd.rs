@@ -3,20 +3,28 @@
 //! charts/bulkhead/crds`), and a test fails when the committed files drift.
 //!
 //! The schema holds what the API server can check on its own (enums, required fields, name
-//! patterns, port ranges, list sizes); the controller's loader ([`crate::load`]) still validates
-//! every object in full (selectors, CIDRs, exactly-one-of peers) and reports what it rejects in
-//! the object's `Invalid` condition. The field set mirrors the loader's: its spec documents deny
-//! unknown fields, so nothing here may name a field the loader does not read.
+//! patterns, port ranges, list sizes); the controller's loader ([`crate::load`]) reads these same
+//! spec types, validates every object in full (selectors, CIDRs, exactly-one-of peers) and
+//! reports what it rejects in the object's `Invalid` condition, or as a field error for a file.
+//!
+//! So that the loader can report every problem of an object at its field, with what to write
+//! instead, the Rust types are more lenient than the schema: enumerations (`mode`, `action`,
+//! `entity`, `protocol`) are strings, selectors are the loader's [`LabelSelectorSpec`], ports
+//! any integer, and required strings may be absent; `#[schemars(with = ...)]` and `!default`
+//! give the schema its strict form. The spec types deny unknown fields, like the loader always
+//! did; the schema does not say so, as the API server prunes them (so only an object stored
+//! under a newer CRD than this controller's can carry one).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::apimachinery::pkg::util::intstr;
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::load::MAX_RULES_PER_DIRECTION;
+use crate::selector::LabelSelectorSpec;
 
 /// The API group of Bulkhead's resources.
 pub const GROUP: &str = "bulkhead.dev";
@@ -46,11 +54,13 @@ const DNS_LABEL: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
     printcolumn = r#"{"name": "Realized", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Realized\")].message"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(!deny_unknown_fields)]
 pub struct ServicePolicySpec {
     /// `Enforce` (default) or `Audit`: report what would be denied, let it pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<PolicyMode>,
+    #[schemars(with = "Option<PolicyMode>")]
+    pub mode: Option<String>,
     /// The pods the policy is about; both fields absent = every pod of the namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<ServiceSubject>,
@@ -64,6 +74,8 @@ pub struct ServicePolicySpec {
     pub egress: Option<Vec<ServiceRule>>,
 }
 
+// The enumerations below describe string fields to the schema only (see the module doc); a
+// `///` comment on them would become a description in the generated CRDs.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
 pub enum PolicyMode {
     Enforce,
@@ -71,7 +83,8 @@ pub enum PolicyMode {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(!deny_unknown_fields)]
 pub struct ServiceSubject {
     /// Pods running as this service account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,15 +92,18 @@ pub struct ServiceSubject {
     pub service_account: Option<String>,
     /// Pods with these labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_selector: Option<LabelSelector>,
+    #[schemars(with = "Option<LabelSelector>")]
+    pub pod_selector: Option<LabelSelectorSpec>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(!deny_unknown_fields)]
 pub struct ServiceRule {
     /// `Allow` (default) or `Deny`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub action: Option<RuleAction>,
+    #[schemars(with = "Option<RuleAction>")]
+    pub action: Option<String>,
     /// Sources (ingress rules only); absent or empty = every source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<Vec<ServicePeer>>,
@@ -107,7 +123,8 @@ pub enum RuleAction {
 
 /// Exactly one of `service`, `cidr` (with optional `except`) or `entity`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(!deny_unknown_fields)]
 pub struct ServicePeer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceRef>,
@@ -119,7 +136,8 @@ pub struct ServicePeer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub except: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub entity: Option<Entity>,
+    #[schemars(with = "Option<Entity>")]
+    pub entity: Option<String>,
 }
 
 /// `world`: everything outside the cluster; `cluster`: every pod and the host; `host`: the node.
@@ -134,19 +152,22 @@ pub enum Entity {
 /// A service identity: pods of a namespace (default: the policy's own) running as
 /// `serviceAccount` and/or matching `podSelector`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(!deny_unknown_fields)]
 pub struct ServiceRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub service_account: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_selector: Option<LabelSelector>,
+    #[schemars(with = "Option<LabelSelector>")]
+    pub pod_selector: Option<LabelSelectorSpec>,
     /// A named namespace (at most one of `namespace` and `namespaceSelector`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL))]
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace_selector: Option<LabelSelector>,
+    #[schemars(with = "Option<LabelSelector>")]
+    pub namespace_selector: Option<LabelSelectorSpec>,
 }
 
 /// A port, a port range (`port`..`endPort`), a named container port, or (without `port`) every
@@ -156,13 +177,24 @@ pub struct ServiceRef {
 pub struct PolicyPort {
     /// Default TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<PortProtocol>,
+    #[schemars(with = "Option<PortProtocol>")]
+    pub protocol: Option<String>,
     /// A number (1-65535) or a container port name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<intstr::IntOrString>")]
     pub port: Option<IntOrString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 65535))]
-    pub end_port: Option<i32>,
+    #[schemars(with = "Option<i32>", range(min = 1, max = 65535))]
+    pub end_port: Option<i64>,
+}
+
+/// A port number or a container port name: Kubernetes' `IntOrString` (the schema's type), but
+/// with any integer, so that the loader reports an out-of-range number as one.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(i64),
+    Str(String),
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
@@ -217,7 +249,8 @@ pub struct ServicePolicyStatus {
     printcolumn = r#"{"name": "Cut", "type": "integer", "jsonPath": ".status.connectionsCut"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(!deny_unknown_fields)]
 pub struct QuarantineSpec {
     /// Pods of the namespace by name (exactly one of `pods` and `podSelector`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -225,10 +258,12 @@ pub struct QuarantineSpec {
     pub pods: Option<Vec<String>>,
     /// Pods of the namespace by labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_selector: Option<LabelSelector>,
+    #[schemars(with = "Option<LabelSelector>")]
+    pub pod_selector: Option<LabelSelectorSpec>,
     /// Why (shown in flows, explanations and the audit log).
-    #[schemars(length(min = 1), regex(pattern = r"\S"))]
-    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(!default, with = "String", length(min = 1), regex(pattern = r"\S"))]
+    pub reason: Option<String>,
     /// Exceptions, allowed in both directions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = MAX_RULES_PER_DIRECTION))]
@@ -241,12 +276,15 @@ pub struct QuarantineSpec {
 
 /// One exception: a peer (pods by namespace/pod selector, or an ipBlock) and optional ports.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(!deny_unknown_fields)]
 pub struct QuarantineAllow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_selector: Option<LabelSelector>,
+    #[schemars(with = "Option<LabelSelector>")]
+    pub pod_selector: Option<LabelSelectorSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace_selector: Option<LabelSelector>,
+    #[schemars(with = "Option<LabelSelector>")]
+    pub namespace_selector: Option<LabelSelectorSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_block: Option<IpBlock>,
     /// Port numbers only (no named ports); absent = every port.
@@ -257,7 +295,8 @@ pub struct QuarantineAllow {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IpBlock {
-    #[schemars(length(min = 1))]
+    #[serde(default)]
+    #[schemars(!default, length(min = 1))]
     pub cidr: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub except: Option<Vec<String>>,

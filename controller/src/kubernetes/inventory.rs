@@ -1,23 +1,24 @@
 //! The Kubernetes objects the controller watches, converted to the engine's model by the same
 //! loader that reads manifest files, and the changes that bring the engine up to date.
 //!
-//! Every API object goes through [`crate::load_str`] as the JSON the API server sent (JSON is
-//! YAML), so validation and semantics are exactly those of the file source. Changes are
+//! Every API object goes through the manifest loader ([`crate::load::load_document`]) as the
+//! JSON value the API server sent, so validation and semantics are exactly those of the file
+//! source. Changes are
 //! computed by comparing converted objects, not API objects: a bump of `resourceVersion`, new
 //! `managedFields`, a status write or a label the model ignores converts to an equal object
 //! and changes nothing. An object that stops validating keeps its last good version in force
 //! (as a manifest file does), and is reported as invalid.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use kube::api::ApiResource;
 use serde_json::Value;
 
 use crate::distribution::source::{ObjectKey, diff, object_key};
+use crate::load::load_document;
 use crate::model::{PodKey, PolicyKey};
 use crate::ruleset::RuleKind;
-use crate::{Change, Object, load_str};
+use crate::{Change, Object};
 
 /// The resources the Kubernetes source watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -246,9 +247,8 @@ fn absent(kind: Kind, object: &Value) -> bool {
 }
 
 /// What the loader reads of an API object, and nothing else: `managedFields`, annotations,
-/// environment variables and the like never reach the YAML parser (they could only slow it
-/// down or trip it over characters YAML does not allow), and list items get the apiVersion and
-/// kind the API server leaves out.
+/// environment variables and the like are not copied into the loader's document (they could
+/// only slow it down), and list items get the apiVersion and kind the API server leaves out.
 fn project(kind: Kind, object: &Value) -> Value {
     let pick = |from: Option<&Value>, fields: &[&str]| -> Value {
         let mut out = serde_json::Map::new();
@@ -304,28 +304,29 @@ fn project(kind: Kind, object: &Value) -> Value {
     Value::Object(out)
 }
 
-/// Converts one API object with the manifest loader. `Ok(None)`: the object is not part of
-/// the model (a finished pod, or one without an address yet). `Err`: why the loader rejects it.
+/// Converts one API object with the manifest loader ([`crate::load::load_document`], straight
+/// from the JSON value, no text in between). `Ok(None)`: the object is not part of the model (a
+/// finished pod, or one without an address yet). `Err`: why the loader rejects it.
 pub fn convert(kind: Kind, object: &Value) -> Result<Option<Object>, String> {
     if absent(kind, object) {
         return Ok(None);
     }
     let object = project(kind, object);
-    let text = serde_json::to_string(&object).map_err(|e| e.to_string())?;
-    let key = api_key(kind, &object);
-    let loaded = load_str(Path::new(&key.to_string()), &text);
-    if !loaded.errors.is_empty() {
-        let reasons: Vec<String> = loaded
-            .errors
-            .iter()
-            .map(|e| match e {
-                crate::InputError::Invalid { path, reason, .. } => format!("{path}: {reason}"),
-                other => other.to_string(),
-            })
-            .collect();
-        return Err(reasons.join("; "));
+    let document = serde_yaml::to_value(&object).map_err(|e| e.to_string())?;
+    match load_document(&document) {
+        Ok(objects) => Ok(objects.into_iter().next()),
+        Err(errors) => {
+            // Each as a manifest's error says it, less the file and document.
+            let reasons: Vec<String> = errors
+                .iter()
+                .map(|e| match e.path.as_str() {
+                    "" => format!("(document): {}", e.reason),
+                    path => format!("{path}: {}", e.reason),
+                })
+                .collect();
+            Err(reasons.join("; "))
+        }
     }
-    Ok(loaded.objects.into_iter().next())
 }
 
 /// Changes for the engine, quarantines apart (they go first, with priority delivery).
@@ -519,9 +520,12 @@ impl Inventory {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use serde_json::json;
 
     use super::*;
+    use crate::load_str;
 
     fn pod(rv: &str, labels: Value, phase: &str, ip: &str) -> Value {
         json!({
@@ -669,6 +673,31 @@ mod tests {
         let c = inv.take_changes();
         assert_eq!(c.quarantines.len(), 1);
         assert_eq!(c.others.len(), 1);
+    }
+
+    /// The loader gets the API server's JSON as a value, not as YAML text: a character YAML
+    /// refuses, in a field the loader reads, is just a character.
+    #[test]
+    fn fields_the_loader_reads_need_not_be_valid_yaml_text() {
+        let q = json!({"metadata": {"name": "q", "namespace": "shop", "uid": "q1"},
+                       "spec": {"pods": ["web-1"], "reason": "miner \u{FFFE}\u{85}x"}});
+        match convert(Kind::Quarantine, &q) {
+            Ok(Some(Object::Policy(p))) => assert_eq!(
+                p.quarantine.map(|q| q.reason).as_deref(),
+                Some("miner \u{FFFE}\u{85}x")
+            ),
+            other => panic!("{other:?}"),
+        }
+        let raw = load_str(
+            Path::new("raw"),
+            &json!({"apiVersion": "bulkhead.dev/v1alpha1", "kind": "Quarantine",
+                    "metadata": q["metadata"], "spec": q["spec"]})
+            .to_string(),
+        );
+        assert!(
+            !raw.errors.is_empty(),
+            "the same object as text is not YAML"
+        );
     }
 
     #[test]

@@ -1,0 +1,185 @@
+//! `networking.k8s.io/v1` NetworkPolicy.
+
+use serde::Deserialize;
+
+use super::MAX_RULES_PER_DIRECTION;
+use super::meta::{Meta, meta_name, meta_namespace};
+use super::peers::{NpPeerDoc, convert_np_peer, convert_np_ports, too_many_rules};
+use crate::error::FieldError;
+use crate::kubernetes::crd::PolicyPort;
+use crate::model::{Isolation, NamespaceScope, Peer, PodSelection, Policy, PolicyKey, Rule};
+use crate::ruleset::{Action, Direction, RuleKind, Tier};
+use crate::selector::{LabelSelectorSpec, Selector};
+
+#[derive(Deserialize)]
+pub(super) struct NetworkPolicyDoc {
+    #[serde(default)]
+    metadata: Meta,
+    #[serde(default)]
+    spec: NetworkPolicySpecDoc,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct NetworkPolicySpecDoc {
+    #[serde(default)]
+    pod_selector: LabelSelectorSpec,
+    #[serde(default)]
+    policy_types: Option<Vec<String>>,
+    #[serde(default)]
+    ingress: Option<Vec<NpIngressRuleDoc>>,
+    #[serde(default)]
+    egress: Option<Vec<NpEgressRuleDoc>>,
+}
+
+#[derive(Deserialize, Default)]
+struct NpIngressRuleDoc {
+    #[serde(default)]
+    from: Option<Vec<NpPeerDoc>>,
+    #[serde(default)]
+    ports: Option<Vec<PolicyPort>>,
+}
+
+#[derive(Deserialize, Default)]
+struct NpEgressRuleDoc {
+    #[serde(default)]
+    to: Option<Vec<NpPeerDoc>>,
+    #[serde(default)]
+    ports: Option<Vec<PolicyPort>>,
+}
+
+/// A NetworkPolicy: its subject isolated in the directions of `policyTypes`, allow rules.
+pub(super) fn convert(
+    d: &NetworkPolicyDoc,
+    prefix: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<Policy> {
+    let before = errors.len();
+    let name = meta_name(&d.metadata, prefix, true, errors);
+    let namespace = meta_namespace(&d.metadata, prefix, errors);
+    let spec = &d.spec;
+    let pod_selector = Selector::parse(
+        &spec.pod_selector,
+        &format!("{prefix}spec.podSelector"),
+        errors,
+    );
+    let ingress = spec.ingress.as_deref().unwrap_or_default();
+    let egress = spec.egress.as_deref().unwrap_or_default();
+    let (mut has_ingress, mut has_egress) = (false, false);
+    match &spec.policy_types {
+        Some(types) => {
+            for (i, t) in types.iter().enumerate() {
+                match t.as_str() {
+                    "Ingress" => has_ingress = true,
+                    "Egress" => has_egress = true,
+                    other => errors.push(FieldError::new(
+                        format!("{prefix}spec.policyTypes[{i}]"),
+                        format!("unknown policy type {other:?}: use Ingress or Egress"),
+                    )),
+                }
+            }
+        }
+        None => {
+            has_ingress = true;
+            has_egress = !egress.is_empty();
+        }
+    }
+    too_many_rules(
+        ingress.len(),
+        MAX_RULES_PER_DIRECTION,
+        &format!("{prefix}spec.ingress"),
+        errors,
+    );
+    too_many_rules(
+        egress.len(),
+        MAX_RULES_PER_DIRECTION,
+        &format!("{prefix}spec.egress"),
+        errors,
+    );
+    let ns = namespace.clone().unwrap_or_default();
+    let mut rules = Vec::new();
+    let mut convert = |direction: Direction,
+                       index: usize,
+                       peers: Option<&Vec<NpPeerDoc>>,
+                       ports: Option<&Vec<PolicyPort>>,
+                       path: String,
+                       peer_field: &str,
+                       errors: &mut Vec<FieldError>| {
+        let peers = match peers.filter(|p| !p.is_empty()) {
+            None => vec![Peer::Any],
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| {
+                    convert_np_peer(p, &ns, &format!("{path}.{peer_field}[{i}]"), errors)
+                })
+                .collect(),
+        };
+        let ports = convert_np_ports(ports, &format!("{path}.ports"), false, errors);
+        rules.push(Rule {
+            direction,
+            index: index as u32,
+            peers,
+            ports,
+            tier: Tier::Application,
+            priority: 0,
+            action: Action::Allow,
+            audit: false,
+        });
+    };
+    for (i, r) in ingress.iter().enumerate() {
+        convert(
+            Direction::Ingress,
+            i,
+            r.from.as_ref(),
+            r.ports.as_ref(),
+            format!("{prefix}spec.ingress[{i}]"),
+            "from",
+            errors,
+        );
+    }
+    for (i, r) in egress.iter().enumerate() {
+        convert(
+            Direction::Egress,
+            i,
+            r.to.as_ref(),
+            r.ports.as_ref(),
+            format!("{prefix}spec.egress[{i}]"),
+            "to",
+            errors,
+        );
+    }
+    if errors.len() > before {
+        return None;
+    }
+    // Rules of a direction the policy does not declare in policyTypes have no effect.
+    rules.retain(|r| match r.direction {
+        Direction::Ingress => has_ingress,
+        Direction::Egress => has_egress,
+    });
+    let namespace = namespace?;
+    Some(Policy {
+        key: PolicyKey {
+            kind: RuleKind::NetworkPolicy,
+            namespace: namespace.clone(),
+            name: name?,
+        },
+        subject: PodSelection {
+            namespaces: NamespaceScope::Named(namespace),
+            pods: pod_selector?,
+            service_account: None,
+        },
+        ingress_isolation: if has_ingress {
+            Isolation::Enforce
+        } else {
+            Isolation::None
+        },
+        egress_isolation: if has_egress {
+            Isolation::Enforce
+        } else {
+            Isolation::None
+        },
+        rules,
+        quarantine: None,
+    })
+}
