@@ -79,10 +79,47 @@ struct RunArgs {
     /// bpffs (under `ip netns exec`, which remounts /sys, they would vanish with the agent).
     #[arg(long)]
     netns: Option<String>,
-    /// Attach the XDP prefilter (drops traffic from quarantined addresses and denied CIDRs
-    /// before the stack sees it) to this uplink interface; repeatable.
+    /// Attach the prefilter (drops traffic from quarantined addresses, and from identities a
+    /// local pod's policy denies outright, as it arrives on the node) to this uplink
+    /// interface; repeatable.
     #[arg(long)]
     uplink: Vec<String>,
+    /// Where the prefilter runs on the uplinks: `tc` (TC ingress after GRO: no throughput
+    /// cost), `xdp` (before the stack: the cheapest drop under a flood, but native XDP on veth
+    /// and virtio_net turns GRO off and costs most of a TCP stream's throughput), or `off`.
+    #[arg(long, value_enum, default_value_t = PrefilterChoice::Tc)]
+    prefilter: PrefilterChoice,
+}
+
+/// `--prefilter`.
+#[derive(
+    clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefilterChoice {
+    Tc,
+    Xdp,
+    Off,
+}
+
+impl std::fmt::Display for PrefilterChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PrefilterChoice::Tc => "tc",
+            PrefilterChoice::Xdp => "xdp",
+            PrefilterChoice::Off => "off",
+        })
+    }
+}
+
+impl PrefilterChoice {
+    fn hook(self) -> Option<bulkhead_agent::loader::PrefilterHook> {
+        match self {
+            PrefilterChoice::Tc => Some(bulkhead_agent::loader::PrefilterHook::Tc),
+            PrefilterChoice::Xdp => Some(bulkhead_agent::loader::PrefilterHook::Xdp),
+            PrefilterChoice::Off => None,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -160,6 +197,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 flow_buffer,
                 netns,
                 uplink,
+                prefilter,
             } = *run;
             if !http_addr.ip().is_loopback() && !http_unauthenticated {
                 bail!(
@@ -195,7 +233,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 .take_map("EVENTS")
                 .context("the eBPF object has no EVENTS map")?;
             let enforcer = Enforcer::new(dp).context("open the pinned maps")?;
-            let dataplane = DataplaneThread::start(enforcer, netns, uplink)?;
+            let dataplane = DataplaneThread::start(enforcer, netns, uplink, prefilter.hook())?;
             if once {
                 if !matches!(source, Source::File(_)) {
                     bail!("--once applies a rule-set file; it does not follow a controller");
@@ -455,6 +493,7 @@ impl DataplaneThread {
         mut enforcer: Enforcer,
         netns: Option<String>,
         uplinks: Vec<String>,
+        prefilter: Option<bulkhead_agent::loader::PrefilterHook>,
     ) -> anyhow::Result<DataplaneThread> {
         let (tx, rx) = std::sync::mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
@@ -475,11 +514,21 @@ impl DataplaneThread {
                 } else {
                     let _ = ready_tx.send(Ok(()));
                 }
-                // The prefilter is best effort: enforcement does not depend on it.
-                for uplink in &uplinks {
-                    match enforcer.dataplane().attach_prefilter(uplink) {
-                        Ok(()) => tracing::info!(uplink = %uplink, "XDP prefilter attached"),
-                        Err(e) => tracing::warn!(uplink = %uplink, error = %e, "XDP prefilter not attached"),
+                // The prefilter is best effort: enforcement does not depend on it. Uplinks an
+                // earlier agent prefiltered that are no longer asked for (or all, with
+                // `--prefilter off`) lose it.
+                let dp = enforcer.dataplane();
+                for (ifname, hook) in dp.prefiltered_interfaces() {
+                    if prefilter.is_none() || !uplinks.contains(&ifname) {
+                        dp.detach_prefilter(&ifname);
+                        tracing::info!(uplink = %ifname, %hook, "prefilter detached");
+                    }
+                }
+                for uplink in uplinks.iter().filter(|_| prefilter.is_some()) {
+                    let hook = prefilter.unwrap_or_default();
+                    match dp.attach_prefilter(uplink, hook) {
+                        Ok(()) => tracing::info!(uplink = %uplink, %hook, "prefilter attached"),
+                        Err(e) => tracing::warn!(uplink = %uplink, %hook, error = %e, "prefilter not attached"),
                     }
                 }
                 for request in rx {

@@ -108,7 +108,14 @@ fn story(args: &DemoArgs, shop: &Path, policies: &Path) -> anyhow::Result<()> {
         1,
         "A shop on two lab nodes: every pod a network namespace, every node an agent, one controller",
     );
-    lab::up(&args.state, &[shop.to_path_buf()], 2, false, 19860)?;
+    lab::up(
+        &args.state,
+        &[shop.to_path_buf()],
+        2,
+        false,
+        19860,
+        crate::agent::PrefilterChoice::Tc,
+    )?;
     let state = LabState::load(&args.state)?;
 
     step(

@@ -32,13 +32,57 @@ pub const PROG_FROM_POD: &str = "bulkhead_from_pod";
 pub const PROG_TO_POD: &str = "bulkhead_to_pod";
 pub const PROG_PARSE_ONLY: &str = "bulkhead_parse_only";
 pub const PROG_PREFILTER: &str = "bulkhead_prefilter";
+/// The same prefilter as a TC classifier, for the uplink's tcx ingress.
+pub const PROG_PREFILTER_TC: &str = "bulkhead_prefilter_tc";
 /// Samples (jiffies, monotonic ns) for [`Dataplane::calibrate_clock`]; never attached.
 pub const PROG_CLOCK_PROBE: &str = "bulkhead_clock_probe";
+
+/// `XDP_DROP` and `TC_ACT_SHOT`: the prefilter's drop on each hook.
+const XDP_DROP: u32 = 1;
+const TC_ACT_SHOT: u32 = 2;
 
 /// Pinned link names: `<ifname><suffix>` (bpffs refuses dots in names).
 const LINK_FROM_POD: &str = "__from-pod";
 const LINK_TO_POD: &str = "__to-pod";
 const LINK_XDP: &str = "__xdp";
+const LINK_PREFILTER_TC: &str = "__prefilter-tc";
+
+/// Where the uplink prefilter runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefilterHook {
+    /// TC ingress (tcx), after GRO: an aggregated packet is checked once, so TCP throughput
+    /// is kept; dropped packets have cost an skb.
+    #[default]
+    Tc,
+    /// XDP, before the stack allocates anything: the cheapest drop, but on veth and
+    /// virtio_net native XDP turns GRO/TSO aggregation off for everything that arrives.
+    Xdp,
+}
+
+impl PrefilterHook {
+    fn suffix(self) -> &'static str {
+        match self {
+            PrefilterHook::Tc => LINK_PREFILTER_TC,
+            PrefilterHook::Xdp => LINK_XDP,
+        }
+    }
+
+    fn other(self) -> PrefilterHook {
+        match self {
+            PrefilterHook::Tc => PrefilterHook::Xdp,
+            PrefilterHook::Xdp => PrefilterHook::Tc,
+        }
+    }
+}
+
+impl std::fmt::Display for PrefilterHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PrefilterHook::Tc => "tc",
+            PrefilterHook::Xdp => "xdp",
+        })
+    }
+}
 
 /// bpffs root and the magic number `statfs` reports for it.
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -177,6 +221,7 @@ impl Dataplane {
             PROG_TO_POD,
             PROG_PARSE_ONLY,
             PROG_CLOCK_PROBE,
+            PROG_PREFILTER_TC,
         ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(program_err(name))?;
@@ -353,12 +398,88 @@ impl Dataplane {
         names
     }
 
-    /// Attaches the XDP prefilter to an uplink interface (native mode, else generic).
-    pub fn attach_prefilter(&mut self, ifname: &str) -> Result<(), LoadError> {
-        let pin = self
-            .pin_dir
+    /// Attaches the prefilter to an uplink interface at `hook`, and takes it off the other
+    /// hook (an agent restarted with another choice). On TC, an earlier agent's link is
+    /// updated in place like the endpoints'; on XDP, native mode, else generic.
+    pub fn attach_prefilter(&mut self, ifname: &str, hook: PrefilterHook) -> Result<(), LoadError> {
+        match hook {
+            PrefilterHook::Tc => self.attach_prefilter_tc(ifname)?,
+            PrefilterHook::Xdp => self.attach_prefilter_xdp(ifname)?,
+        }
+        let _ = fs::remove_file(self.prefilter_pin(ifname, hook.other()));
+        Ok(())
+    }
+
+    /// Takes the prefilter off an uplink, from both hooks (`--prefilter off`).
+    pub fn detach_prefilter(&mut self, ifname: &str) {
+        for hook in [PrefilterHook::Tc, PrefilterHook::Xdp] {
+            let _ = fs::remove_file(self.prefilter_pin(ifname, hook));
+        }
+    }
+
+    /// Uplinks that have a pinned prefilter link, with its hook.
+    pub fn prefiltered_interfaces(&self) -> Vec<(String, PrefilterHook)> {
+        let mut found: Vec<(String, PrefilterHook)> = fs::read_dir(self.pin_dir.join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                [PrefilterHook::Tc, PrefilterHook::Xdp]
+                    .into_iter()
+                    .find_map(|h| name.strip_suffix(h.suffix()).map(|n| (n.to_string(), h)))
+            })
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found
+    }
+
+    fn prefilter_pin(&self, ifname: &str, hook: PrefilterHook) -> PathBuf {
+        self.pin_dir
             .join("links")
-            .join(format!("{ifname}{LINK_XDP}"));
+            .join(format!("{ifname}{}", hook.suffix()))
+    }
+
+    fn attach_prefilter_tc(&mut self, ifname: &str) -> Result<(), LoadError> {
+        let pin = self.prefilter_pin(ifname, PrefilterHook::Tc);
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_PREFILTER_TC)?;
+        let reused = match PinnedLink::from_pin(&pin) {
+            Ok(old) => match SchedClassifierLink::try_from(FdLink::from(old)) {
+                Ok(link) => prog.attach_to_link(link).ok(),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        let id = match reused {
+            Some(id) => id,
+            None => {
+                let _ = fs::remove_file(&pin);
+                prog.attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| LoadError::Interface {
+                    ifname: ifname.to_string(),
+                    reason: format!("attach the TC prefilter: {e}"),
+                })?
+            }
+        };
+        let link = prog.take_link(id).map_err(program_err(PROG_PREFILTER_TC))?;
+        let fd: FdLink = link.try_into().map_err(|e| LoadError::Interface {
+            ifname: ifname.to_string(),
+            reason: format!("link of the TC prefilter is not an fd link: {e}"),
+        })?;
+        let _ = fs::remove_file(&pin);
+        fd.pin(&pin).map_err(|e| LoadError::Interface {
+            ifname: ifname.to_string(),
+            reason: format!("pin the TC prefilter link at {}: {e}", pin.display()),
+        })?;
+        Ok(())
+    }
+
+    fn attach_prefilter_xdp(&mut self, ifname: &str) -> Result<(), LoadError> {
+        let pin = self.prefilter_pin(ifname, PrefilterHook::Xdp);
         let prog: &mut Xdp = program(&mut self.ebpf, PROG_PREFILTER)?;
         // A restarted agent finds the link an earlier one pinned (the interface admits one XDP
         // link): swap the program inside it, atomically, as for the TC links.
@@ -418,6 +539,26 @@ impl Dataplane {
         opts.repeat = repeat.max(1);
         let result = prog.test_run(opts).map_err(program_err(program))?;
         Ok((result.return_value, result.duration))
+    }
+
+    /// Runs the prefilter of `hook` once (or `repeat` times) on `packet` with
+    /// BPF_PROG_TEST_RUN. Returns whether it dropped the packet and the mean duration.
+    pub fn test_run_prefilter_at(
+        &mut self,
+        hook: PrefilterHook,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(bool, Duration), LoadError> {
+        match hook {
+            PrefilterHook::Xdp => {
+                let (action, d) = self.test_run_prefilter(packet, repeat)?;
+                Ok((action == XDP_DROP, d))
+            }
+            PrefilterHook::Tc => {
+                let (action, d) = self.test_run(PROG_PREFILTER_TC, packet, 0, repeat)?;
+                Ok((action == TC_ACT_SHOT, d))
+            }
+        }
     }
 
     /// Runs the XDP prefilter once (or `repeat` times) on `packet` with BPF_PROG_TEST_RUN.

@@ -10,7 +10,7 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bulkhead_agent::{
-    loader::{Dataplane, PROG_FROM_POD, PROG_TO_POD},
+    loader::{Dataplane, PROG_FROM_POD, PROG_TO_POD, PrefilterHook},
     privileged::check_privileged_test,
     sync::{Enforcer, RouteResolver},
 };
@@ -877,30 +877,50 @@ fn ipv4_identities_live_in_a_dense_window_that_follows_the_pods() {
     });
 }
 
-/// A restarted agent re-attaches the XDP prefilter to the uplink an earlier one pinned it on:
-/// the program inside the pinned link is replaced, not attached a second time (which the
-/// kernel refuses while the first link holds the interface).
+/// A restarted agent re-attaches the prefilter to the uplink an earlier one pinned it on: the
+/// program inside the pinned link is replaced, not attached a second time (which the kernel
+/// refuses for XDP while the first link holds the interface), on either hook; an agent
+/// restarted with the other hook moves it; `--prefilter off` takes it away.
 #[test]
 fn a_restarted_agent_reattaches_the_prefilter() {
     if !check_privileged_test("a_restarted_agent_reattaches_the_prefilter") {
         return;
     }
     with_dataplane_pins("xdp-restart", |e, _ifx, pins| {
-        e.dataplane()
-            .attach_prefilter("ep1")
-            .expect("attach the prefilter");
-        for round in 0..2 {
-            let mut again = Dataplane::load(pins).expect("reload eBPF object");
-            again
-                .attach_prefilter("ep1")
-                .unwrap_or_else(|err| panic!("re-attach after restart {round}: {err}"));
+        let xdp = pins.join("links").join("ep1__xdp");
+        let tc = pins.join("links").join("ep1__prefilter-tc");
+        for hook in [PrefilterHook::Xdp, PrefilterHook::Tc, PrefilterHook::Xdp] {
+            e.dataplane()
+                .attach_prefilter("ep1", hook)
+                .unwrap_or_else(|err| panic!("attach the {hook} prefilter: {err}"));
+            for round in 0..2 {
+                let mut again = Dataplane::load(pins).expect("reload eBPF object");
+                again.attach_prefilter("ep1", hook).unwrap_or_else(|err| {
+                    panic!("re-attach at {hook} after restart {round}: {err}")
+                });
+                assert_eq!(
+                    again.prefiltered_interfaces(),
+                    vec![("ep1".to_string(), hook)]
+                );
+            }
+            let (kept, gone) = match hook {
+                PrefilterHook::Xdp => (&xdp, &tc),
+                PrefilterHook::Tc => (&tc, &xdp),
+            };
+            assert!(
+                kept.exists(),
+                "the {hook} link stays pinned at {}",
+                kept.display()
+            );
+            assert!(
+                !gone.exists(),
+                "the other hook's link is gone: {}",
+                gone.display()
+            );
         }
-        let pin = pins.join("links").join("ep1__xdp");
-        assert!(
-            pin.exists(),
-            "the XDP link stays pinned at {}",
-            pin.display()
-        );
+        e.dataplane().detach_prefilter("ep1");
+        assert!(!xdp.exists() && !tc.exists());
+        assert!(e.dataplane().prefiltered_interfaces().is_empty());
     });
 }
 
@@ -1066,17 +1086,31 @@ fn deny_events_are_rate_limited_per_flow() {
     });
 }
 
-/// The XDP prefilter drops, on arrival, traffic from an identity a local endpoint can neither be
-/// reached from nor reach; an address with an identity of its own inside a denied CIDR, and an
-/// identity the endpoint may still reach (its replies must come back), pass to TC.
+/// The prefilter (XDP) drops, on arrival, traffic from an identity a local endpoint can neither
+/// be reached from nor reach; an address with an identity of its own inside a denied CIDR, and
+/// an identity the endpoint may still reach (its replies must come back), pass to TC. A
+/// quarantined source is dropped unless its quarantine's exceptions admit the destination.
 #[test]
 fn the_prefilter_drops_identities_denied_both_ways() {
     if !check_privileged_test("the_prefilter_drops_identities_denied_both_ways") {
         return;
     }
-    with_dataplane("prefilter", |e, ifx| {
-        const XDP_DROP: u32 = 1;
-        const XDP_PASS: u32 = 2;
+    prefilter_drops(PrefilterHook::Xdp, "prefilter");
+}
+
+/// The same prefilter as a TC classifier (the default hook on the uplink): the same drops.
+#[test]
+fn the_tc_prefilter_drops_what_the_xdp_one_drops() {
+    if !check_privileged_test("the_tc_prefilter_drops_what_the_xdp_one_drops") {
+        return;
+    }
+    prefilter_drops(PrefilterHook::Tc, "prefilter-tc");
+}
+
+fn prefilter_drops(hook: PrefilterHook, test: &'static str) {
+    with_dataplane(test, move |e, ifx| {
+        const XDP_DROP: bool = true;
+        const XDP_PASS: bool = false;
         let deny = |peer: u32, rule: u32| PolicyEntry {
             peer,
             protocol: None,
@@ -1127,7 +1161,7 @@ fn the_prefilter_drops_identities_denied_both_ways() {
         );
         let xdp = |e: &mut Enforcer, pkt: &[u8]| {
             e.dataplane()
-                .test_run_prefilter(pkt, 1)
+                .test_run_prefilter_at(hook, pkt, 1)
                 .expect("BPF_PROG_TEST_RUN of the prefilter")
                 .0
         };
@@ -1225,5 +1259,27 @@ fn the_prefilter_drops_identities_denied_both_ways() {
         let report = e.apply(&lifted, &RouteResolver).expect("apply");
         assert_eq!(report.prefilter_pairs, 0, "{report:?}");
         assert_eq!(xdp(e, &tcp4(cidr_src, EP_V4, 40001, 80)), XDP_PASS);
+
+        // A quarantined pod elsewhere (10.0.0.1, identity 301): dropped on arrival, except
+        // towards what its quarantine admits (the local endpoint's identity, 300).
+        let mut quarantined = lifted.clone();
+        quarantined.version = 3;
+        for entry in &mut quarantined.ipcache {
+            if entry.cidr.to_string() == "10.0.0.1/32" {
+                entry.quarantined = true;
+                entry.quarantine_allow = vec![300];
+            }
+        }
+        e.apply(&quarantined, &RouteResolver).expect("apply");
+        assert_eq!(
+            xdp(e, &tcp4([10, 0, 0, 1], EP_V4, 40002, 80)),
+            XDP_PASS,
+            "the quarantine's exception admits the local endpoint"
+        );
+        assert_eq!(
+            xdp(e, &tcp4([10, 0, 0, 1], [10, 0, 0, 9], 40002, 80)),
+            XDP_DROP,
+            "anything else from a quarantined source is dropped on arrival"
+        );
     });
 }

@@ -239,10 +239,14 @@ pub fn bulkhead_clock_probe(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
+/// The prefilter at XDP: before the stack, one packet at a time (native XDP on veth and
+/// virtio_net turns GRO off, see the README).
 #[xdp]
 pub fn bulkhead_prefilter(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    match prefilter(&ctx) {
+    // SAFETY: reading a field of the XDP context.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    match prefilter(ctx.data(), ctx.data_end(), ifindex) {
         Prefiltered::Pass => xdp_action::XDP_PASS,
         Prefiltered::Quarantined => {
             count(MAX_ENDPOINTS, reason::DROP_PREFILTER, bytes);
@@ -251,6 +255,32 @@ pub fn bulkhead_prefilter(ctx: XdpContext) -> u32 {
         Prefiltered::Denied(endpoint_id) => {
             count(endpoint_id, reason::DROP_PREFILTER, bytes);
             xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// Ethernet + the longest IPv4 header + the ports: what the prefilter reads.
+const PREFILTER_HEADERS: u32 = 14 + 60 + 4;
+
+/// The same prefilter at TC ingress of the uplink (tcx): after GRO, so one check per
+/// aggregated packet and no cost to throughput; the packet has been allocated an skb.
+#[classifier]
+pub fn bulkhead_prefilter_tc(ctx: TcContext) -> i32 {
+    let bytes = ctx.len() as u64;
+    // The headers into the linear part (a no-op when they are there already); a packet too
+    // short for them keeps what it has and is read as far as it goes.
+    let _ = ctx.pull_data(PREFILTER_HEADERS.min(ctx.len()));
+    // SAFETY: reading a field of the socket buffer.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    match prefilter(ctx.data(), ctx.data_end(), ifindex) {
+        Prefiltered::Pass => TC_ACT_OK,
+        Prefiltered::Quarantined => {
+            count(MAX_ENDPOINTS, reason::DROP_PREFILTER, bytes);
+            TC_ACT_SHOT
+        }
+        Prefiltered::Denied(endpoint_id) => {
+            count(endpoint_id, reason::DROP_PREFILTER, bytes);
+            TC_ACT_SHOT
         }
     }
 }
@@ -309,11 +339,10 @@ fn identity_or_world(v: Option<IpCacheValue>) -> u32 {
 }
 
 /// The stateless early drop: a quarantined source, or a (local endpoint, source identity) pair
-/// the endpoint's ingress policy denies outright.
+/// the endpoint's ingress policy denies outright. `start..end` is the packet's linear data
+/// (XDP's, or TC's after a pull), from the Ethernet header.
 #[inline(always)]
-fn prefilter(ctx: &XdpContext) -> Prefiltered {
-    let start = ctx.data();
-    let end = ctx.data_end();
+fn prefilter(start: usize, end: usize, ifindex: u32) -> Prefiltered {
     if start + 14 > end {
         return Prefiltered::Pass;
     }
@@ -383,23 +412,33 @@ fn prefilter(ctx: &XdpContext) -> Prefiltered {
         ((*pair).endpoint_id, due)
     };
     if report {
-        emit_prefiltered(ctx, pair, &src16, &dst16, key.identity, family);
+        emit_prefiltered(
+            start,
+            end,
+            ifindex,
+            pair,
+            &src16,
+            &dst16,
+            key.identity,
+            family,
+        );
     }
     Prefiltered::Denied(endpoint_id)
 }
 
 /// A deny event for a prefiltered packet (ports when the header is at hand).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn emit_prefiltered(
-    ctx: &XdpContext,
+    start: usize,
+    end: usize,
+    ifindex: u32,
     pair: *const PrefilterValue,
     src: &[u8; 16],
     dst: &[u8; 16],
     peer: u32,
     family: u8,
 ) {
-    let start = ctx.data();
-    let end = ctx.data_end();
     let (mut protocol, mut l4) = (0u8, 0usize);
     if family == bulkhead_common::FAMILY_V4 {
         if start + 14 + 20 <= end {
@@ -467,8 +506,6 @@ fn emit_prefiltered(
             },
         )
     };
-    // SAFETY: reading a field of the XDP context.
-    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
     write_event(p, &m, ifindex, (end - start) as u32);
 }
 

@@ -51,6 +51,10 @@ enum LabCommand {
         /// metrics at BASE+2, agent i's metrics at BASE+10+i and its flows at BASE+110+i.
         #[arg(long, default_value_t = 19960)]
         port_base: u16,
+        /// Where each node's agent runs the prefilter on its uplink (`fabric0`): `tc`, `xdp`
+        /// or `off` (see `agent run --prefilter`).
+        #[arg(long, value_enum, default_value_t = crate::agent::PrefilterChoice::Tc)]
+        prefilter: crate::agent::PrefilterChoice,
     },
     /// Add or change objects in a running lab (policies, pod labels, new pods).
     Apply {
@@ -91,7 +95,8 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             nodes,
             ipv6,
             port_base,
-        } => up(&args.state, &files, nodes, ipv6, port_base),
+            prefilter,
+        } => up(&args.state, &files, nodes, ipv6, port_base, prefilter),
         LabCommand::Apply { files } => apply(&args.state, &files, false),
         LabCommand::Delete { files } => apply(&args.state, &files, true),
         LabCommand::Exec { pod, command } => exec(&args.state, &pod, &command),
@@ -528,6 +533,7 @@ fn start_agent(state: &LabState, node: &LabNode) -> anyhow::Result<u32> {
         Command::new(exe()?)
             .args(["agent", "run", "--node", &node.name, "--netns", &node.netns])
             .args(["--uplink", "fabric0"])
+            .args(["--prefilter", &state.prefilter.to_string()])
             .args(["--controller", &format!("127.0.0.1:{}", state.grpc_port)])
             .arg("--tls-cert")
             .arg(certs.join(format!("{}.pem", node.name)))
@@ -776,6 +782,7 @@ pub fn up(
     nodes: u32,
     ipv6: bool,
     port_base: u16,
+    prefilter: crate::agent::PrefilterChoice,
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     if let Ok(existing) = LabState::load(dir)
@@ -819,6 +826,7 @@ pub fn up(
         grpc_port: port_base,
         http_port: port_base + 1,
         next_host: BTreeMap::new(),
+        prefilter,
     };
     let result = (|| -> anyhow::Result<()> {
         place_pods(&mut state, &pod_docs)?;

@@ -93,6 +93,13 @@ pub struct LabState {
     pub http_port: u16,
     /// Next host number for pod addresses, per node.
     pub next_host: BTreeMap<String, u32>,
+    /// The agents' `--prefilter` (a lab written before the choice existed ran XDP).
+    #[serde(default = "xdp_before_the_choice")]
+    pub prefilter: crate::agent::PrefilterChoice,
+}
+
+fn xdp_before_the_choice() -> crate::agent::PrefilterChoice {
+    crate::agent::PrefilterChoice::Xdp
 }
 
 impl LabNode {

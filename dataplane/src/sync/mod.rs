@@ -14,16 +14,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::lpm_trie::Key;
 use bulkhead_common::{
-    CT_REVOKED, Config, CtValue, DENSE_V4_SLOTS, DIR_EGRESS, DIR_INGRESS, EndpointAddrKey,
-    EndpointInfo, IPCACHE_QUARANTINED, IpCacheValue, PolicyKey, PolicyValue, PrefilterKey,
-    PrefilterValue, QuarantineAllowKey, VERDICT_DENY, endpoint_flags,
+    Config, DENSE_V4_SLOTS, DIR_EGRESS, DIR_INGRESS, EndpointAddrKey, EndpointInfo,
+    IPCACHE_QUARANTINED, IpCacheValue, PolicyKey, PolicyValue, PrefilterKey, PrefilterValue,
+    QuarantineAllowKey, VERDICT_DENY, endpoint_flags,
 };
 use bulkhead_ruleset::{Endpoint, EndpointPolicy, PolicyGroupId, RuleSet, identity};
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
+mod maps;
 mod peers;
+#[cfg(test)]
+mod tests;
+
+use maps::{ENDPOINT_ADDRS, POLICY_EXACT, POLICY_RANGES, POLICY_SUMMARY};
+pub use maps::{HashTable, Maps, Table, Trie, TrieTable};
 
 pub use crate::resolve::{InterfaceResolver, RouteResolver};
 use crate::{
@@ -51,10 +56,6 @@ pub enum SyncError {
         map: &'static str,
         source: aya::maps::MapError,
     },
-}
-
-fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> SyncError {
-    move |source| SyncError::Map { map, source }
 }
 
 /// What one apply did.
@@ -101,8 +102,10 @@ struct GroupState {
     locked: bool,
 }
 
-pub struct Enforcer {
-    dataplane: Dataplane,
+/// Keeps the kernel's maps equal to the last rule set applied, through [`Maps`] (the pinned
+/// [`Dataplane`] in the agent, an in-memory stand-in in the unit tests).
+pub struct Enforcer<M: Maps = Dataplane> {
+    dataplane: M,
     /// By ifindex.
     endpoints: HashMap<u32, EndpointState>,
     groups: HashMap<PolicyGroupId, GroupState>,
@@ -121,55 +124,39 @@ pub struct Enforcer {
     dense_window: Option<u32>,
 }
 
-/// Removes the keys of `map` that `doomed` picks; returns how many.
-fn remove_keys_where<K: aya::Pod, V: aya::Pod>(
-    map: &mut aya::maps::HashMap<&mut aya::maps::MapData, K, V>,
+/// Removes the keys of `table` that `doomed` picks; returns how many.
+fn remove_keys_where<M: Maps, K: aya::Pod, V: aya::Pod>(
+    maps: &mut M,
+    table: HashTable<K, V>,
     doomed: impl Fn(&K) -> bool,
-) -> usize {
-    let keys: Vec<K> = map.keys().flatten().filter(|k| doomed(k)).collect();
-    for k in &keys {
-        let _ = map.remove(k);
-    }
-    keys.len()
-}
-
-/// Turns the live connections of `map` that `doomed` picks into tombstones of `generation`
-/// (`CT_REVOKED`, see `ebpf/src/main.rs`); returns how many.
-fn revoke_where<K: aya::Pod>(
-    map: &mut aya::maps::HashMap<&mut aya::maps::MapData, K, CtValue>,
-    generation: u32,
-    doomed: impl Fn(&K) -> bool,
-) -> usize {
-    let live: Vec<(K, CtValue)> = map
-        .iter()
-        .flatten()
-        .filter(|(k, v)| doomed(k) && v.flags & CT_REVOKED == 0)
+) -> Result<usize, SyncError> {
+    let keys: Vec<K> = maps
+        .entries(table)?
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| doomed(k))
         .collect();
-    for (k, mut v) in live.iter().copied() {
-        v.flags |= CT_REVOKED;
-        v.generation = generation;
-        // Only an existing entry: one the kernel evicted meanwhile stays gone.
-        let _ = map.insert(k, v, BPF_EXIST);
-    }
-    live.len()
-}
-
-/// `bpf_map_update_elem` flag: update only an existing entry.
-const BPF_EXIST: u64 = 2;
-
-/// [`remove_keys_where`] for an LPM trie.
-fn remove_trie_keys_where<K: aya::Pod, V: aya::Pod>(
-    trie: &mut aya::maps::LpmTrie<&mut aya::maps::MapData, K, V>,
-    doomed: impl Fn(&Key<K>) -> bool,
-) {
-    let keys: Vec<Key<K>> = trie.keys().flatten().filter(|k| doomed(k)).collect();
     for k in &keys {
-        let _ = trie.remove(k);
+        maps.remove(table, k);
     }
+    Ok(keys.len())
 }
 
-fn ifindex(ifname: &str) -> Option<u32> {
-    nix::net::if_::if_nametoindex(ifname).ok()
+/// [`remove_keys_where`] for an LPM trie (`doomed` gets the prefix length and the key).
+fn remove_trie_keys_where<M: Maps, K: aya::Pod, V: aya::Pod>(
+    maps: &mut M,
+    trie: TrieTable<K, V>,
+    doomed: impl Fn(u32, &K) -> bool,
+) -> Result<(), SyncError> {
+    let keys: Vec<(u32, K)> = maps
+        .trie_keys(trie)?
+        .into_iter()
+        .filter(|(len, k)| doomed(*len, k))
+        .collect();
+    for (len, k) in &keys {
+        maps.trie_remove(trie, *len, k);
+    }
+    Ok(())
 }
 
 fn prefix_key(net: &IpNetwork) -> (bool, u32) {
@@ -183,38 +170,26 @@ struct Placed<'a> {
     index: u32,
 }
 
-impl Enforcer {
+impl<M: Maps> Enforcer<M> {
     /// Takes over a loaded data plane. Keys left by an earlier agent are found in the pinned
     /// maps and cleaned up after the first apply; until then they keep enforcing. Fresh policy
     /// ids start above every id found in `ENDPOINTS` or the policy maps, so new keys never mix
     /// with leftovers.
-    pub fn new(mut dataplane: Dataplane) -> Result<Self, SyncError> {
+    pub fn new(mut dataplane: M) -> Result<Self, SyncError> {
         let mut max_policy_id = 0;
         for (_, info) in dataplane.endpoint_list()? {
             max_policy_id = max_policy_id.max(info.policy_id);
         }
-        {
-            let policy = dataplane.policy_ranges()?;
-            for key in policy.keys() {
-                let key = key.map_err(map_err("POLICY"))?;
-                max_policy_id = max_policy_id.max(key.data().policy_id);
-            }
+        for (_, key) in dataplane.trie_keys(POLICY_RANGES)? {
+            max_policy_id = max_policy_id.max(key.policy_id);
         }
-        {
-            let summary = dataplane.policy_summary()?;
-            for key in summary.keys() {
-                let key = key.map_err(map_err("POLICY_SUMMARY"))?;
-                max_policy_id = max_policy_id.max(key.policy_id);
-            }
+        for (key, _) in dataplane.entries(POLICY_SUMMARY)? {
+            max_policy_id = max_policy_id.max(key.policy_id);
         }
-        {
-            let exact = dataplane.policy_exact()?;
-            for key in exact.keys() {
-                let key = key.map_err(map_err("POLICY_EXACT"))?;
-                max_policy_id = max_policy_id.max(key.policy_id);
-            }
+        for (key, _) in dataplane.entries(POLICY_EXACT)? {
+            max_policy_id = max_policy_id.max(key.policy_id);
         }
-        let config = dataplane.config()?.get(&0, 0).unwrap_or_default();
+        let config = dataplane.config()?;
         let generation = config.generation;
         // An earlier agent's window stays in use (its slots keep enforcing) until this one
         // decides otherwise.
@@ -236,7 +211,7 @@ impl Enforcer {
         })
     }
 
-    pub fn dataplane(&mut self) -> &mut Dataplane {
+    pub fn dataplane(&mut self) -> &mut M {
         &mut self.dataplane
     }
 
@@ -333,7 +308,7 @@ impl Enforcer {
                 report.missing_interfaces.push(ep.name());
                 continue;
             };
-            let Some(index) = ifindex(&ifname) else {
+            let Some(index) = self.dataplane.ifindex(&ifname) else {
                 report
                     .missing_interfaces
                     .push(format!("{} ({ifname})", ep.name()));
@@ -412,7 +387,7 @@ impl Enforcer {
         // the programs know them from the first packet). An interface that cannot be attached
         // (it went away meanwhile) counts as missing and is retried; the others go on.
         for (index, ifname, name) in &to_attach {
-            if let Err(error) = self.dataplane.attach_endpoint(ifname) {
+            if let Err(error) = self.dataplane.attach(ifname) {
                 tracing::warn!(endpoint = %name, interface = %ifname, error = %error, "could not attach; will retry");
                 self.remove_endpoint(*index)?;
                 report.endpoints_written -= 1;
@@ -481,10 +456,8 @@ impl Enforcer {
 
         // 8. tracked connections are re-checked on their next packet (either side).
         self.generation = self.generation.wrapping_add(1);
-        let mut config = self.dataplane.config()?;
-        let mut cfg = config.get(&0, 0).unwrap_or_default();
-        cfg.generation = self.generation;
-        config.set(0, cfg, 0).map_err(map_err("CONFIG"))?;
+        let generation = self.generation;
+        self.update_config(|c| c.generation = generation)?;
 
         self.realized_version = Some(ruleset.version);
         report.duration = started.elapsed();
@@ -497,7 +470,7 @@ impl Enforcer {
     pub fn interfaces_changed(&self) -> bool {
         self.endpoints
             .iter()
-            .any(|(index, s)| ifindex(&s.ifname) != Some(*index))
+            .any(|(index, s)| self.dataplane.ifindex(&s.ifname) != Some(*index))
     }
 
     /// The interface `endpoint` is enforced on, if that interface still exists under the same
@@ -510,15 +483,14 @@ impl Enforcer {
             .endpoints
             .iter()
             .find(|(_, s)| s.endpoint_id == endpoint.id && s.addrs.contains(&first))?;
-        (ifindex(&state.ifname) == Some(*index)).then(|| state.ifname.clone())
+        (self.dataplane.ifindex(&state.ifname) == Some(*index)).then(|| state.ifname.clone())
     }
 
     /// Read-modify-write of the global configuration.
     fn update_config(&mut self, f: impl FnOnce(&mut Config)) -> Result<(), SyncError> {
-        let mut m = self.dataplane.config()?;
-        let mut c = m.get(&0, 0).unwrap_or_default();
+        let mut c = self.dataplane.config()?;
         f(&mut c);
-        m.set(0, c, 0).map_err(map_err("CONFIG"))
+        self.dataplane.set_config(c)
     }
 
     /// Writes `policy`'s keys under a fresh policy id unless the group already has exactly these
@@ -583,23 +555,15 @@ impl Enforcer {
     /// Writes a group's keys: ranges and exact ports first, summaries (which say that those
     /// exist) last. Nothing names the policy id yet, so no packet sees them half-written.
     fn write_tables(&mut self, tables: &PolicyTables) -> Result<(), SyncError> {
-        {
-            let mut m = self.dataplane.policy_ranges()?;
-            for (len, key, value) in &tables.ranges {
-                m.insert(&Key::new(*len, *key), *value, 0)
-                    .map_err(map_err("POLICY"))?;
-            }
+        for (len, key, value) in &tables.ranges {
+            self.dataplane
+                .trie_insert(POLICY_RANGES, *len, key, value)?;
         }
-        {
-            let mut m = self.dataplane.policy_exact()?;
-            for (key, value) in &tables.exact {
-                m.insert(key, value, 0).map_err(map_err("POLICY_EXACT"))?;
-            }
+        for (key, value) in &tables.exact {
+            self.dataplane.insert(POLICY_EXACT, key, value)?;
         }
-        let mut m = self.dataplane.policy_summary()?;
         for (key, summary) in &tables.summaries {
-            m.insert(key, summary, 0)
-                .map_err(map_err("POLICY_SUMMARY"))?;
+            self.dataplane.insert(POLICY_SUMMARY, key, summary)?;
         }
         Ok(())
     }
@@ -672,19 +636,12 @@ impl Enforcer {
         }
 
         // Addresses the endpoint may send from.
-        {
-            let mut m = self.dataplane.endpoint_addrs()?;
-            for a in &addrs {
-                m.insert(
-                    EndpointAddrKey {
-                        endpoint_id: ep.id,
-                        addr: *a,
-                    },
-                    1,
-                    0,
-                )
-                .map_err(map_err("ENDPOINT_ADDRS"))?;
-            }
+        for a in &addrs {
+            let key = EndpointAddrKey {
+                endpoint_id: ep.id,
+                addr: *a,
+            };
+            self.dataplane.insert(ENDPOINT_ADDRS, &key, &1)?;
         }
 
         // The switch.
@@ -694,16 +651,16 @@ impl Enforcer {
 
         // Addresses it no longer has go last (its old keys go with their group).
         if let Some(old) = old {
-            let mut m = self.dataplane.endpoint_addrs()?;
             for a in old
                 .addrs
                 .iter()
                 .filter(|a| old.endpoint_id != ep.id || !addrs.contains(a))
             {
-                let _ = m.remove(&EndpointAddrKey {
+                let key = EndpointAddrKey {
                     endpoint_id: old.endpoint_id,
                     addr: *a,
-                });
+                };
+                self.dataplane.remove(ENDPOINT_ADDRS, &key);
             }
         }
         self.endpoints.insert(
@@ -725,14 +682,7 @@ impl Enforcer {
         endpoint_ids: &[u32],
         generation: u32,
     ) -> Result<usize, SyncError> {
-        let of = |endpoint_id: u16| endpoint_ids.contains(&(endpoint_id as u32));
-        let cut = revoke_where(&mut self.dataplane.conntrack()?, generation, |k| {
-            of(k.endpoint_id)
-        });
-        Ok(cut
-            + revoke_where(&mut self.dataplane.conntrack_v4()?, generation, |k| {
-                of(k.endpoint_id)
-            }))
+        self.dataplane.revoke_connections(endpoint_ids, generation)
     }
 
     /// Removes the retired key sets whose policy id no endpoint names any more.
@@ -751,21 +701,14 @@ impl Enforcer {
     /// Removes a group's keys, summaries first (so the finer keys are never consulted without
     /// them), then exact ports and ranges. Missing keys (a write that failed half-way) are fine.
     fn remove_keys(&mut self, tables: &PolicyTables) -> Result<(), SyncError> {
-        {
-            let mut m = self.dataplane.policy_summary()?;
-            for (key, _) in &tables.summaries {
-                let _ = m.remove(key);
-            }
+        for (key, _) in &tables.summaries {
+            self.dataplane.remove(POLICY_SUMMARY, key);
         }
-        {
-            let mut m = self.dataplane.policy_exact()?;
-            for (key, _) in &tables.exact {
-                let _ = m.remove(key);
-            }
+        for (key, _) in &tables.exact {
+            self.dataplane.remove(POLICY_EXACT, key);
         }
-        let mut m = self.dataplane.policy_ranges()?;
         for (len, key, _) in &tables.ranges {
-            let _ = m.remove(&Key::new(*len, *key));
+            self.dataplane.trie_remove(POLICY_RANGES, *len, key);
         }
         Ok(())
     }
@@ -781,20 +724,20 @@ impl Enforcer {
         let name_in_use = self.endpoints.values().any(|s| s.ifname == old.ifname);
         // Detach first so no packet meets a half-removed endpoint.
         if !name_in_use {
-            self.dataplane.detach_endpoint(&old.ifname);
+            self.dataplane.detach(&old.ifname);
         }
         self.dataplane.clear_endpoint(index)?;
-        let mut m = self.dataplane.endpoint_addrs()?;
         for a in &old.addrs {
             let in_use = self
                 .endpoints
                 .values()
                 .any(|s| s.endpoint_id == old.endpoint_id && s.addrs.contains(a));
             if !in_use {
-                let _ = m.remove(&EndpointAddrKey {
+                let key = EndpointAddrKey {
                     endpoint_id: old.endpoint_id,
                     addr: *a,
-                });
+                };
+                self.dataplane.remove(ENDPOINT_ADDRS, &key);
             }
         }
         Ok(())
@@ -820,19 +763,17 @@ impl Enforcer {
         for index in stale_endpoints {
             self.dataplane.clear_endpoint(index)?;
         }
-        let attached: Vec<String> = self.dataplane.attached_interfaces();
+        let attached: Vec<String> = self.dataplane.attached();
         let ours: BTreeSet<&str> = self.endpoints.values().map(|s| s.ifname.as_str()).collect();
         for ifname in attached {
             if !ours.contains(ifname.as_str()) {
-                self.dataplane.detach_endpoint(&ifname);
+                self.dataplane.detach(&ifname);
             }
         }
         let dead = |policy_id: u32| !live_ids.contains(&policy_id);
-        remove_keys_where(&mut self.dataplane.policy_summary()?, |k| dead(k.policy_id));
-        remove_keys_where(&mut self.dataplane.policy_exact()?, |k| dead(k.policy_id));
-        remove_trie_keys_where(&mut self.dataplane.policy_ranges()?, |k| {
-            dead(k.data().policy_id)
-        });
+        remove_keys_where(&mut self.dataplane, POLICY_SUMMARY, |k| dead(k.policy_id))?;
+        remove_keys_where(&mut self.dataplane, POLICY_EXACT, |k| dead(k.policy_id))?;
+        remove_trie_keys_where(&mut self.dataplane, POLICY_RANGES, |_, k| dead(k.policy_id))?;
         Ok(())
     }
 

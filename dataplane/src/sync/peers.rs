@@ -2,8 +2,11 @@
 //! quarantines' exceptions and the XDP prefilter's pairs, kept equal to the rule set's.
 
 use super::*;
+use maps::{
+    IPCACHE_HOST_V4, IPCACHE_HOST_V6, IPCACHE_V4, IPCACHE_V6, PREFILTER_DENY, QUARANTINE_ALLOW,
+};
 
-impl Enforcer {
+impl<M: Maps> Enforcer<M> {
     /// The `IPCACHE_DENSE_V4` slot of `ip`, when the window in use covers it.
     pub(super) fn dense_slot(&self, ip: Ipv4Addr) -> Option<u32> {
         let base = self.dense_window?;
@@ -22,28 +25,25 @@ impl Enforcer {
     ) -> Result<(), SyncError> {
         let stale = |net: IpNetwork| !wanted.contains_key(&net);
         if let Some(base) = self.dense_window {
-            let dense = self.dataplane.dense_v4();
-            for (slot, _) in dense.entries() {
+            for (slot, _) in self.dataplane.dense_entries() {
                 let ip = Ipv4Addr::from(base.wrapping_add(slot));
                 if stale(IpNetwork::V4(Ipv4Network::from(ip))) {
-                    dense.set(slot, None);
+                    self.dataplane.dense_set(slot, None);
                 }
             }
         }
-        remove_keys_where(&mut self.dataplane.ipcache_host_v4()?, |k| {
+        remove_keys_where(&mut self.dataplane, IPCACHE_HOST_V4, |k| {
             stale(IpNetwork::V4(Ipv4Network::from(Ipv4Addr::from(*k))))
-        });
-        remove_keys_where(&mut self.dataplane.ipcache_host_v6()?, |k| {
+        })?;
+        remove_keys_where(&mut self.dataplane, IPCACHE_HOST_V6, |k| {
             stale(IpNetwork::V6(Ipv6Network::from(Ipv6Addr::from(*k))))
-        });
-        remove_trie_keys_where(&mut self.dataplane.ipcache_v4()?, |k| {
-            Ipv4Network::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
-                .is_ok_and(|n| stale(IpNetwork::V4(n)))
-        });
-        remove_trie_keys_where(&mut self.dataplane.ipcache_v6()?, |k| {
-            Ipv6Network::new(Ipv6Addr::from(k.data()), k.prefix_len() as u8)
-                .is_ok_and(|n| stale(IpNetwork::V6(n)))
-        });
+        })?;
+        remove_trie_keys_where(&mut self.dataplane, IPCACHE_V4, |len, k| {
+            Ipv4Network::new(Ipv4Addr::from(*k), len as u8).is_ok_and(|n| stale(IpNetwork::V4(n)))
+        })?;
+        remove_trie_keys_where(&mut self.dataplane, IPCACHE_V6, |len, k| {
+            Ipv6Network::new(Ipv6Addr::from(*k), len as u8).is_ok_and(|n| stale(IpNetwork::V6(n)))
+        })?;
         Ok(())
     }
 
@@ -85,28 +85,23 @@ impl Enforcer {
             })
             .collect();
         // 1. the old window's entries into the hash.
-        {
-            let mut m = self.dataplane.ipcache_host_v4()?;
-            for (ip, v) in &singles {
-                if self
-                    .dense_window
-                    .is_some_and(|b| u32::from(*ip).wrapping_sub(b) < DENSE_V4_SLOTS)
-                {
-                    m.insert(ip.octets(), *v, 0)
-                        .map_err(map_err("IPCACHE_HOST_V4"))?;
-                }
+        for (ip, v) in &singles {
+            if self
+                .dense_window
+                .is_some_and(|b| u32::from(*ip).wrapping_sub(b) < DENSE_V4_SLOTS)
+            {
+                self.dataplane.insert(IPCACHE_HOST_V4, &ip.octets(), v)?;
             }
         }
         // 2. window off: every single address now resolves through the hash.
         self.update_config(|c| c.dense_v4_slots = 0)?;
         // 3. the array refilled for the new block, 4. switched on.
         self.dense_window = Some(best);
-        let dense = self.dataplane.dense_v4();
-        dense.clear();
+        self.dataplane.dense_clear();
         for (ip, v) in &singles {
             let slot = u32::from(*ip).wrapping_sub(best);
             if slot < DENSE_V4_SLOTS {
-                dense.set(slot, Some(*v));
+                self.dataplane.dense_set(slot, Some(*v));
             }
         }
         self.update_config(|c| {
@@ -114,10 +109,9 @@ impl Enforcer {
             c.dense_v4_slots = DENSE_V4_SLOTS;
         })?;
         // 5. the new block's entries leave the hash.
-        let mut m = self.dataplane.ipcache_host_v4()?;
         for (ip, _) in &singles {
             if u32::from(*ip).wrapping_sub(best) < DENSE_V4_SLOTS {
-                let _ = m.remove(&ip.octets());
+                self.dataplane.remove(IPCACHE_HOST_V4, &ip.octets());
             }
         }
         tracing::info!(
@@ -136,55 +130,32 @@ impl Enforcer {
         value: Option<IpCacheValue>,
     ) -> Result<(), SyncError> {
         let (v4, prefix) = prefix_key(net);
+        let dense = match net.ip() {
+            IpAddr::V4(ip) if prefix == 32 => self.dense_slot(ip),
+            _ => None,
+        };
+        let m = &mut self.dataplane;
         match (net.ip(), v4) {
-            // Single addresses go to the hash maps (one lookup, whatever their number); the
-            // tries keep the wider prefixes, consulted only for addresses without an entry.
-            (IpAddr::V4(ip), true) if prefix == 32 && self.dense_slot(ip).is_some() => {
-                let slot = self.dense_slot(ip).unwrap_or_default();
-                self.dataplane.dense_v4().set(slot, value);
-            }
-            (IpAddr::V4(ip), true) if prefix == 32 => {
-                let mut m = self.dataplane.ipcache_host_v4()?;
-                match value {
-                    Some(v) => m
-                        .insert(ip.octets(), v, 0)
-                        .map_err(map_err("IPCACHE_HOST_V4"))?,
-                    None => {
-                        let _ = m.remove(&ip.octets());
-                    }
-                }
-            }
-            (IpAddr::V6(ip), false) if prefix == 128 => {
-                let mut m = self.dataplane.ipcache_host_v6()?;
-                match value {
-                    Some(v) => m
-                        .insert(ip.octets(), v, 0)
-                        .map_err(map_err("IPCACHE_HOST_V6"))?,
-                    None => {
-                        let _ = m.remove(&ip.octets());
-                    }
-                }
-            }
-            (IpAddr::V4(ip), true) => {
-                let mut m = self.dataplane.ipcache_v4()?;
-                let key = Key::new(prefix, ip.octets());
-                match value {
-                    Some(v) => m.insert(&key, v, 0).map_err(map_err("IPCACHE_V4"))?,
-                    None => {
-                        let _ = m.remove(&key);
-                    }
-                }
-            }
-            (IpAddr::V6(ip), false) => {
-                let mut m = self.dataplane.ipcache_v6()?;
-                let key = Key::new(prefix, ip.octets());
-                match value {
-                    Some(v) => m.insert(&key, v, 0).map_err(map_err("IPCACHE_V6"))?,
-                    None => {
-                        let _ = m.remove(&key);
-                    }
-                }
-            }
+            // Single addresses go to the dense window or the hash maps (one lookup, whatever
+            // their number); the tries keep the wider prefixes, consulted only for addresses
+            // without an entry.
+            (IpAddr::V4(_), true) if let Some(slot) = dense => m.dense_set(slot, value),
+            (IpAddr::V4(ip), true) if prefix == 32 => match value {
+                Some(v) => m.insert(IPCACHE_HOST_V4, &ip.octets(), &v)?,
+                None => m.remove(IPCACHE_HOST_V4, &ip.octets()),
+            },
+            (IpAddr::V6(ip), false) if prefix == 128 => match value {
+                Some(v) => m.insert(IPCACHE_HOST_V6, &ip.octets(), &v)?,
+                None => m.remove(IPCACHE_HOST_V6, &ip.octets()),
+            },
+            (IpAddr::V4(ip), true) => match value {
+                Some(v) => m.trie_insert(IPCACHE_V4, prefix, &ip.octets(), &v)?,
+                None => m.trie_remove(IPCACHE_V4, prefix, &ip.octets()),
+            },
+            (IpAddr::V6(ip), false) => match value {
+                Some(v) => m.trie_insert(IPCACHE_V6, prefix, &ip.octets(), &v)?,
+                None => m.trie_remove(IPCACHE_V6, prefix, &ip.octets()),
+            },
             _ => unreachable!("ipnetwork keeps address and family together"),
         }
         match value {
@@ -201,17 +172,20 @@ impl Enforcer {
         wanted: &BTreeSet<QuarantineAllowKey>,
         first_apply: bool,
     ) -> Result<(), SyncError> {
-        let mut m = self.dataplane.quarantine_allow()?;
         let present: BTreeSet<QuarantineAllowKey> = if first_apply {
-            m.keys().flatten().collect()
+            self.dataplane
+                .entries(QUARANTINE_ALLOW)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
         } else {
             self.quarantine_allow.clone()
         };
         for k in wanted.difference(&present) {
-            m.insert(*k, 1, 0).map_err(map_err("QUARANTINE_ALLOW"))?;
+            self.dataplane.insert(QUARANTINE_ALLOW, k, &1)?;
         }
         for k in present.difference(wanted) {
-            let _ = m.remove(k);
+            self.dataplane.remove(QUARANTINE_ALLOW, k);
         }
         self.quarantine_allow = wanted.clone();
         Ok(())
@@ -269,14 +243,14 @@ impl Enforcer {
                 }
             }
         }
-        let mut m = self.dataplane.prefilter_deny()?;
+        let m = &mut self.dataplane;
         let present: BTreeMap<PrefilterKey, PrefilterValue> = if first_apply {
-            m.iter().flatten().collect()
+            m.entries(PREFILTER_DENY)?.into_iter().collect()
         } else {
             self.prefilter.clone()
         };
         for k in present.keys().filter(|k| !wanted.contains_key(k)) {
-            let _ = m.remove(k);
+            m.remove(PREFILTER_DENY, k);
         }
         let mut kept = BTreeMap::new();
         for (k, v) in wanted {
@@ -290,7 +264,7 @@ impl Enforcer {
                 kept.insert(k, v);
                 continue;
             }
-            match m.insert(k, v, 0) {
+            match m.insert(PREFILTER_DENY, &k, &v) {
                 Ok(()) => {
                     kept.insert(k, v);
                 }

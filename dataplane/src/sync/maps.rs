@@ -1,0 +1,343 @@
+//! The operations the [`Enforcer`](super::Enforcer) performs on the kernel, behind one small
+//! trait: insert, remove and list keys of named maps, the `ENDPOINTS` switch, the global
+//! configuration, attaching programs, and cutting connections. [`Dataplane`] implements it on
+//! the pinned BPF maps; the unit tests implement it in memory (`fake.rs`) and check what the
+//! enforcer decides — which operations, in which order, what happens when a map is full or an
+//! interface cannot be attached — without root. The kernel tests keep covering the real maps.
+//!
+//! The decisions are not computed as a plan ahead of time because some depend on the kernel's
+//! answers (a policy map that is full locks its group down; an interface that went away is
+//! retried): the enforcer decides step by step, and every step goes through this trait.
+
+use std::marker::PhantomData;
+
+use aya::{
+    Pod,
+    maps::{HashMap, LpmTrie, MapData, lpm_trie::Key},
+};
+use bulkhead_common::{
+    CT_REVOKED, Config, CtValue, EndpointAddrKey, EndpointInfo, IpCacheValue, PolicyKey,
+    PolicySummary, PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey,
+};
+
+use super::SyncError;
+use crate::loader::Dataplane;
+
+/// A hash map the enforcer writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    /// Single IPv4 addresses → identity (outside the dense window).
+    IpcacheHostV4,
+    /// Single IPv6 addresses → identity.
+    IpcacheHostV6,
+    /// A policy's (identity, direction, protocol) summaries.
+    PolicySummary,
+    /// A policy's exact ports.
+    PolicyExact,
+    /// Addresses each endpoint may send from.
+    EndpointAddrs,
+    /// Quarantines' exceptions (address, peer identity).
+    QuarantineAllow,
+    /// The XDP prefilter's (local address, peer identity) pairs.
+    PrefilterDeny,
+}
+
+/// An LPM trie the enforcer writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Trie {
+    /// IPv4 prefixes → identity.
+    IpcacheV4,
+    /// IPv6 prefixes → identity.
+    IpcacheV6,
+    /// A policy's port ranges.
+    PolicyRanges,
+}
+
+impl Table {
+    /// The BPF map's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::IpcacheHostV4 => "IPCACHE_HOST_V4",
+            Table::IpcacheHostV6 => "IPCACHE_HOST_V6",
+            Table::PolicySummary => "POLICY_SUMMARY",
+            Table::PolicyExact => "POLICY_EXACT",
+            Table::EndpointAddrs => "ENDPOINT_ADDRS",
+            Table::QuarantineAllow => "QUARANTINE_ALLOW",
+            Table::PrefilterDeny => "PREFILTER_DENY",
+        }
+    }
+}
+
+impl Trie {
+    /// The BPF map's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Trie::IpcacheV4 => "IPCACHE_V4",
+            Trie::IpcacheV6 => "IPCACHE_V6",
+            Trie::PolicyRanges => "POLICY",
+        }
+    }
+}
+
+/// A hash map with its key and value types.
+pub struct HashTable<K, V>(pub Table, PhantomData<fn() -> (K, V)>);
+/// An LPM trie with its key and value types.
+pub struct TrieTable<K, V>(pub Trie, PhantomData<fn() -> (K, V)>);
+
+impl<K, V> Clone for HashTable<K, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<K, V> Copy for HashTable<K, V> {}
+impl<K, V> Clone for TrieTable<K, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<K, V> Copy for TrieTable<K, V> {}
+
+pub const IPCACHE_HOST_V4: HashTable<[u8; 4], IpCacheValue> =
+    HashTable(Table::IpcacheHostV4, PhantomData);
+pub const IPCACHE_HOST_V6: HashTable<[u8; 16], IpCacheValue> =
+    HashTable(Table::IpcacheHostV6, PhantomData);
+pub const POLICY_SUMMARY: HashTable<PolicyKey, PolicySummary> =
+    HashTable(Table::PolicySummary, PhantomData);
+pub const POLICY_EXACT: HashTable<PolicyKey, PolicyValue> =
+    HashTable(Table::PolicyExact, PhantomData);
+pub const ENDPOINT_ADDRS: HashTable<EndpointAddrKey, u32> =
+    HashTable(Table::EndpointAddrs, PhantomData);
+pub const QUARANTINE_ALLOW: HashTable<QuarantineAllowKey, u32> =
+    HashTable(Table::QuarantineAllow, PhantomData);
+pub const PREFILTER_DENY: HashTable<PrefilterKey, PrefilterValue> =
+    HashTable(Table::PrefilterDeny, PhantomData);
+pub const IPCACHE_V4: TrieTable<[u8; 4], IpCacheValue> = TrieTable(Trie::IpcacheV4, PhantomData);
+pub const IPCACHE_V6: TrieTable<[u8; 16], IpCacheValue> = TrieTable(Trie::IpcacheV6, PhantomData);
+pub const POLICY_RANGES: TrieTable<PolicyKey, PolicyValue> =
+    TrieTable(Trie::PolicyRanges, PhantomData);
+
+/// What the enforcer needs of the kernel. Removing a key that is not there is not an error
+/// (a write that failed half-way leaves some keys out).
+pub trait Maps {
+    fn insert<K: Pod, V: Pod>(
+        &mut self,
+        table: HashTable<K, V>,
+        key: &K,
+        value: &V,
+    ) -> Result<(), SyncError>;
+    fn remove<K: Pod, V: Pod>(&mut self, table: HashTable<K, V>, key: &K);
+    fn entries<K: Pod, V: Pod>(&mut self, table: HashTable<K, V>)
+    -> Result<Vec<(K, V)>, SyncError>;
+    fn trie_insert<K: Pod, V: Pod>(
+        &mut self,
+        trie: TrieTable<K, V>,
+        prefix_len: u32,
+        key: &K,
+        value: &V,
+    ) -> Result<(), SyncError>;
+    fn trie_remove<K: Pod, V: Pod>(&mut self, trie: TrieTable<K, V>, prefix_len: u32, key: &K);
+    /// Every (prefix length, key) of the trie.
+    fn trie_keys<K: Pod, V: Pod>(
+        &mut self,
+        trie: TrieTable<K, V>,
+    ) -> Result<Vec<(u32, K)>, SyncError>;
+    /// A slot of the dense IPv4 window (`IPCACHE_DENSE_V4`).
+    fn dense_set(&mut self, slot: u32, value: Option<IpCacheValue>);
+    fn dense_entries(&mut self) -> Vec<(u32, IpCacheValue)>;
+    fn dense_clear(&mut self);
+    fn config(&mut self) -> Result<Config, SyncError>;
+    fn set_config(&mut self, config: Config) -> Result<(), SyncError>;
+    /// Replaces an endpoint's `ENDPOINTS` value in one update: the switch.
+    fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), SyncError>;
+    fn clear_endpoint(&mut self, ifindex: u32) -> Result<(), SyncError>;
+    fn endpoint_list(&mut self) -> Result<Vec<(u32, EndpointInfo)>, SyncError>;
+    /// Attaches the endpoint programs to `ifname`.
+    fn attach(&mut self, ifname: &str) -> Result<(), SyncError>;
+    fn detach(&mut self, ifname: &str);
+    /// Interfaces our programs are attached to (pinned links).
+    fn attached(&self) -> Vec<String>;
+    /// The interface's index, if it exists.
+    fn ifindex(&self, ifname: &str) -> Option<u32>;
+    /// Turns the live tracked connections of these endpoints into tombstones of `generation`;
+    /// returns how many.
+    fn revoke_connections(
+        &mut self,
+        endpoint_ids: &[u32],
+        generation: u32,
+    ) -> Result<usize, SyncError>;
+    /// After a restart, before the new programs replace the old: IPv4 connections an older
+    /// agent tracked under 40-byte keys are copied to where the new programs look.
+    fn copy_ipv4_connections(&mut self) -> Result<(), SyncError>;
+    /// Once the new programs are attached: the copied connections leave the old map; returns
+    /// how many.
+    fn move_ipv4_connections(&mut self) -> Result<usize, SyncError>;
+}
+
+fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> SyncError {
+    move |source| SyncError::Map { map, source }
+}
+
+impl Dataplane {
+    fn table<K: Pod, V: Pod>(
+        &mut self,
+        table: HashTable<K, V>,
+    ) -> Result<HashMap<&mut MapData, K, V>, SyncError> {
+        Ok(self.map_mut(table.0.name())?)
+    }
+
+    fn trie<K: Pod, V: Pod>(
+        &mut self,
+        trie: TrieTable<K, V>,
+    ) -> Result<LpmTrie<&mut MapData, K, V>, SyncError> {
+        Ok(self.map_mut(trie.0.name())?)
+    }
+}
+
+/// `bpf_map_update_elem` flag: update only an existing entry.
+const BPF_EXIST: u64 = 2;
+
+/// Turns the live connections of `map` that `doomed` picks into tombstones of `generation`
+/// (`CT_REVOKED`, see `ebpf/src/main.rs`); returns how many.
+fn revoke_where<K: Pod>(
+    map: &mut HashMap<&mut MapData, K, CtValue>,
+    generation: u32,
+    doomed: impl Fn(&K) -> bool,
+) -> usize {
+    let live: Vec<(K, CtValue)> = map
+        .iter()
+        .flatten()
+        .filter(|(k, v)| doomed(k) && v.flags & CT_REVOKED == 0)
+        .collect();
+    for (k, mut v) in live.iter().copied() {
+        v.flags |= CT_REVOKED;
+        v.generation = generation;
+        // Only an existing entry: one the kernel evicted meanwhile stays gone.
+        let _ = map.insert(k, v, BPF_EXIST);
+    }
+    live.len()
+}
+
+impl Maps for Dataplane {
+    fn insert<K: Pod, V: Pod>(
+        &mut self,
+        table: HashTable<K, V>,
+        key: &K,
+        value: &V,
+    ) -> Result<(), SyncError> {
+        self.table(table)?
+            .insert(key, value, 0)
+            .map_err(map_error(table.0.name()))
+    }
+
+    fn remove<K: Pod, V: Pod>(&mut self, table: HashTable<K, V>, key: &K) {
+        if let Ok(mut m) = self.table(table) {
+            let _ = m.remove(key);
+        }
+    }
+
+    fn entries<K: Pod, V: Pod>(
+        &mut self,
+        table: HashTable<K, V>,
+    ) -> Result<Vec<(K, V)>, SyncError> {
+        Ok(self.table(table)?.iter().flatten().collect())
+    }
+
+    fn trie_insert<K: Pod, V: Pod>(
+        &mut self,
+        trie: TrieTable<K, V>,
+        prefix_len: u32,
+        key: &K,
+        value: &V,
+    ) -> Result<(), SyncError> {
+        self.trie(trie)?
+            .insert(&Key::new(prefix_len, *key), value, 0)
+            .map_err(map_error(trie.0.name()))
+    }
+
+    fn trie_remove<K: Pod, V: Pod>(&mut self, trie: TrieTable<K, V>, prefix_len: u32, key: &K) {
+        if let Ok(mut m) = self.trie(trie) {
+            let _ = m.remove(&Key::new(prefix_len, *key));
+        }
+    }
+
+    fn trie_keys<K: Pod, V: Pod>(
+        &mut self,
+        trie: TrieTable<K, V>,
+    ) -> Result<Vec<(u32, K)>, SyncError> {
+        Ok(self
+            .trie(trie)?
+            .keys()
+            .flatten()
+            .map(|k| (k.prefix_len(), k.data()))
+            .collect())
+    }
+
+    fn dense_set(&mut self, slot: u32, value: Option<IpCacheValue>) {
+        self.dense_v4().set(slot, value);
+    }
+
+    fn dense_entries(&mut self) -> Vec<(u32, IpCacheValue)> {
+        self.dense_v4().entries()
+    }
+
+    fn dense_clear(&mut self) {
+        self.dense_v4().clear();
+    }
+
+    fn config(&mut self) -> Result<Config, SyncError> {
+        Ok(Dataplane::config(self)?.get(&0, 0).unwrap_or_default())
+    }
+
+    fn set_config(&mut self, config: Config) -> Result<(), SyncError> {
+        Dataplane::config(self)?
+            .set(0, config, 0)
+            .map_err(map_error("CONFIG"))
+    }
+
+    fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), SyncError> {
+        Ok(Dataplane::set_endpoint(self, ifindex, info)?)
+    }
+
+    fn clear_endpoint(&mut self, ifindex: u32) -> Result<(), SyncError> {
+        Ok(Dataplane::clear_endpoint(self, ifindex)?)
+    }
+
+    fn endpoint_list(&mut self) -> Result<Vec<(u32, EndpointInfo)>, SyncError> {
+        Ok(Dataplane::endpoint_list(self)?)
+    }
+
+    fn attach(&mut self, ifname: &str) -> Result<(), SyncError> {
+        Ok(self.attach_endpoint(ifname)?)
+    }
+
+    fn detach(&mut self, ifname: &str) {
+        self.detach_endpoint(ifname);
+    }
+
+    fn attached(&self) -> Vec<String> {
+        self.attached_interfaces()
+    }
+
+    fn ifindex(&self, ifname: &str) -> Option<u32> {
+        nix::net::if_::if_nametoindex(ifname).ok()
+    }
+
+    fn revoke_connections(
+        &mut self,
+        endpoint_ids: &[u32],
+        generation: u32,
+    ) -> Result<usize, SyncError> {
+        let of = |endpoint_id: u16| endpoint_ids.contains(&(endpoint_id as u32));
+        let cut = revoke_where(&mut self.conntrack()?, generation, |k| of(k.endpoint_id));
+        Ok(cut + revoke_where(&mut self.conntrack_v4()?, generation, |k| of(k.endpoint_id)))
+    }
+
+    fn copy_ipv4_connections(&mut self) -> Result<(), SyncError> {
+        Dataplane::copy_ipv4_connections(self)?;
+        Ok(())
+    }
+
+    fn move_ipv4_connections(&mut self) -> Result<usize, SyncError> {
+        Ok(Dataplane::move_ipv4_connections(self)?)
+    }
+}
