@@ -30,7 +30,7 @@ use clap::Parser;
 
 #[derive(Parser)]
 struct Args {
-    /// Rounds; each measures every setup once.
+    /// Rounds; each measures every setup once (0: only the flood).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Seconds per iperf3 run.
@@ -50,6 +50,7 @@ struct Args {
     bulkhead: PathBuf,
 }
 
+/// No container ports: the lab would start its own servers on them.
 const PODS: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -63,12 +64,12 @@ spec: {nodeName: node-1, containers: [{name: c, image: x}]}
 apiVersion: v1
 kind: Pod
 metadata: {name: local, namespace: bench, labels: {app: server}}
-spec: {nodeName: node-1, containers: [{name: c, image: x, ports: [{containerPort: 5201}]}]}
+spec: {nodeName: node-1, containers: [{name: c, image: x}]}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: server, namespace: bench, labels: {app: server}}
-spec: {nodeName: node-2, containers: [{name: c, image: x, ports: [{containerPort: 5201}]}]}
+spec: {nodeName: node-2, containers: [{name: c, image: x}]}
 ---
 apiVersion: v1
 kind: Pod
@@ -346,15 +347,18 @@ fn measure(args: &Args, lab: &Lab) -> anyhow::Result<()> {
     let (client_ns, _) = lab.pod("bench/client")?;
     let (server_ns, server) = lab.pod("bench/server")?;
     let (local_ns, local) = lab.pod("bench/local")?;
-    let setups: Vec<(Hook, bool)> = [Hook::None, Hook::Tc, Hook::Xdp]
+    // Policy size outer, hook inner: the policy changes while agents run (a lab apply waits
+    // for them to realize it).
+    let setups: Vec<(Hook, bool)> = [false, true]
         .into_iter()
-        .flat_map(|h| [(h, false), (h, true)])
+        .flat_map(|big| [Hook::None, Hook::Tc, Hook::Xdp].map(|h| (h, big)))
         .collect();
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); setups.len()];
     let mut policy = false;
     for round in 0..args.rounds {
         for (i, (hook, big)) in setups.iter().enumerate() {
             if *big != policy {
+                lab.agents_at(Hook::Tc)?;
                 let f = lab.dir.join("big.yaml");
                 lab.run(&[
                     if *big { "apply" } else { "delete" },
@@ -389,6 +393,9 @@ fn measure(args: &Args, lab: &Lab) -> anyhow::Result<()> {
             );
             samples[i].push(s);
         }
+    }
+    if args.rounds == 0 {
+        return flood(args, lab);
     }
     println!();
     println!(
@@ -430,6 +437,7 @@ fn measure(args: &Args, lab: &Lab) -> anyhow::Result<()> {
         );
     }
     if policy {
+        lab.agents_at(Hook::Tc)?;
         lab.run(&["delete", "-f", &lab.dir.join("big.yaml").to_string_lossy()])?;
     }
     println!();
@@ -495,32 +503,55 @@ fn prefilter_drops(metrics_port: u16) -> anyhow::Result<u64> {
         .sum::<f64>() as u64)
 }
 
-/// UDP from node-1's own namespace with `source` (a quarantined pod's address, bound with
-/// IP_FREEBIND) to `target`, as fast as one thread sends, for `duration`. Returns how many left.
+/// UDP from node-1's own namespace with `source` (a quarantined pod's address, written into a
+/// raw IPv4 header: the kernel routes a raw packet by its destination, whatever its source) to
+/// `target`, as fast as one thread sends, for `duration`. Returns how many left.
 fn send_flood(
     node_ns: &str,
     source: Ipv4Addr,
     target: Ipv4Addr,
     duration: Duration,
 ) -> anyhow::Result<u64> {
-    let sock = Netns::existing(node_ns).run(move || -> std::io::Result<UdpSocket> {
-        let fd = nix::sys::socket::socket(
-            nix::sys::socket::AddressFamily::Inet,
-            nix::sys::socket::SockType::Datagram,
-            nix::sys::socket::SockFlag::empty(),
-            None,
-        )?;
-        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::IpFreebind, &true)?;
-        let local = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(source, 40000));
-        nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &local)?;
-        Ok(UdpSocket::from(fd))
-    })??;
-    let target = SocketAddr::from((target, 9));
-    let payload = [0u8; 64];
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = Netns::existing(node_ns)
+        .run(|| unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) })?;
+    ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a descriptor just returned by socket(2), owned from here on.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // IPv4 (20 bytes; the kernel fills in length and checksum) + UDP (8, checksum 0) + 36.
+    let mut packet = [0u8; 64];
+    packet[0] = 0x45;
+    packet[8] = 64; // TTL
+    packet[9] = libc::IPPROTO_UDP as u8;
+    packet[12..16].copy_from_slice(&source.octets());
+    packet[16..20].copy_from_slice(&target.octets());
+    packet[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    packet[22..24].copy_from_slice(&9u16.to_be_bytes());
+    packet[24..26].copy_from_slice(&44u16.to_be_bytes());
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(target.octets()),
+        },
+        sin_zero: [0; 8],
+    };
     let (started, mut sent) = (Instant::now(), 0u64);
     while started.elapsed() < duration {
         for _ in 0..256 {
-            if sock.send_to(&payload, target).is_ok() {
+            // SAFETY: a valid buffer and address of the sizes given.
+            let n = unsafe {
+                libc::sendto(
+                    raw,
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&to as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            if n > 0 {
                 sent += 1;
             }
         }
