@@ -28,37 +28,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-const CHROMIUM: &str = "/usr/bin/chromium";
 const VIEWER: &str = "vera-viewer";
 const ADMIN: &str = "ada-admin";
 const POD: &str = "tools/debug";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the cli crate lives in the repository")
-        .to_path_buf()
-}
-
-/// What the browser half needs: Chromium, Node.js and `npm ci` in `ui/` (all installed by
-/// `cargo xtask setup`).
-fn missing_browser_tools() -> Option<String> {
-    if !Path::new(CHROMIUM).exists() {
-        return Some(format!(
-            "{CHROMIUM} is missing (Debian package chromium; `cargo xtask setup`)"
-        ));
-    }
-    if Command::new("node").arg("--version").output().is_err() {
-        return Some("node is missing (Node.js ≥ 20)".into());
-    }
-    if !repo().join("ui/node_modules/playwright-core").exists() {
-        return Some(
-            "ui/node_modules/playwright-core is missing (`npm ci` in ui/, or `cargo xtask setup`)"
-                .into(),
-        );
-    }
-    None
-}
 
 /// A random token (32 hex digits) from the standard library's randomly keyed hasher.
 fn random_token() -> String {

@@ -22,34 +22,6 @@ use bulkhead_agent::privileged::check_privileged_test;
 
 /// This test's own loopback ports (controller gRPC at BASE, HTTP at BASE+1, agents above).
 const PORT_BASE: u16 = 19460;
-const CHROMIUM: &str = "/usr/bin/chromium";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the cli crate lives in the repository")
-        .to_path_buf()
-}
-
-/// What the browser half needs besides root: Chromium, Node.js and `npm ci` in `ui/` (all
-/// installed by `cargo xtask setup`).
-fn missing_browser_tools() -> Option<String> {
-    if !Path::new(CHROMIUM).exists() {
-        return Some(format!(
-            "{CHROMIUM} is missing (Debian package chromium; `cargo xtask setup`)"
-        ));
-    }
-    if Command::new("node").arg("--version").output().is_err() {
-        return Some("node is missing (Node.js ≥ 20)".into());
-    }
-    if !repo().join("ui/node_modules/playwright-core").exists() {
-        return Some(
-            "ui/node_modules/playwright-core is missing (`npm ci` in ui/, or `cargo xtask setup`)"
-                .into(),
-        );
-    }
-    None
-}
 
 fn bulkhead(state: &Path, args: &[&str]) -> String {
     let out = Command::new(bin())

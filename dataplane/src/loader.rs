@@ -332,9 +332,21 @@ impl Dataplane {
 
     fn attach_hook(&mut self, ifname: &str, hook: Hook) -> Result<(), LoadError> {
         let pin = self.link_pin(ifname, hook);
-        let name = hook.program();
+        self.attach_tcx(ifname, hook.program(), hook.attach_type(), &pin)
+    }
+
+    /// Attaches the TC program `name` to `ifname` at `attach_type` (tcx) and pins the link at
+    /// `pin`. A link an earlier agent pinned there is updated in place, atomically; a dead or
+    /// unusable one is dropped and the program attached anew.
+    fn attach_tcx(
+        &mut self,
+        ifname: &str,
+        name: &'static str,
+        attach_type: TcAttachType,
+        pin: &Path,
+    ) -> Result<(), LoadError> {
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        let reused = match PinnedLink::from_pin(&pin) {
+        let reused = match PinnedLink::from_pin(pin) {
             Ok(old) => {
                 let fd = FdLink::from(old);
                 match SchedClassifierLink::try_from(fd) {
@@ -347,11 +359,10 @@ impl Dataplane {
         let id = match reused {
             Some(id) => id,
             None => {
-                // The old link (if any) is dead or unusable: drop its pin and attach anew.
-                let _ = fs::remove_file(&pin);
+                let _ = fs::remove_file(pin);
                 prog.attach_with_options(
                     ifname,
-                    hook.attach_type(),
+                    attach_type,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
                 .map_err(|e| LoadError::Interface {
@@ -365,8 +376,8 @@ impl Dataplane {
             ifname: ifname.to_string(),
             reason: format!("link of {name} is not an fd link: {e}"),
         })?;
-        let _ = fs::remove_file(&pin);
-        fd.pin(&pin).map_err(|e| LoadError::Interface {
+        let _ = fs::remove_file(pin);
+        fd.pin(pin).map_err(|e| LoadError::Interface {
             ifname: ifname.to_string(),
             reason: format!("pin link at {}: {e}", pin.display()),
         })?;
@@ -442,40 +453,7 @@ impl Dataplane {
 
     fn attach_prefilter_tc(&mut self, ifname: &str) -> Result<(), LoadError> {
         let pin = self.prefilter_pin(ifname, PrefilterHook::Tc);
-        let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_PREFILTER_TC)?;
-        let reused = match PinnedLink::from_pin(&pin) {
-            Ok(old) => match SchedClassifierLink::try_from(FdLink::from(old)) {
-                Ok(link) => prog.attach_to_link(link).ok(),
-                Err(_) => None,
-            },
-            Err(_) => None,
-        };
-        let id = match reused {
-            Some(id) => id,
-            None => {
-                let _ = fs::remove_file(&pin);
-                prog.attach_with_options(
-                    ifname,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(|e| LoadError::Interface {
-                    ifname: ifname.to_string(),
-                    reason: format!("attach the TC prefilter: {e}"),
-                })?
-            }
-        };
-        let link = prog.take_link(id).map_err(program_err(PROG_PREFILTER_TC))?;
-        let fd: FdLink = link.try_into().map_err(|e| LoadError::Interface {
-            ifname: ifname.to_string(),
-            reason: format!("link of the TC prefilter is not an fd link: {e}"),
-        })?;
-        let _ = fs::remove_file(&pin);
-        fd.pin(&pin).map_err(|e| LoadError::Interface {
-            ifname: ifname.to_string(),
-            reason: format!("pin the TC prefilter link at {}: {e}", pin.display()),
-        })?;
-        Ok(())
+        self.attach_tcx(ifname, PROG_PREFILTER_TC, TcAttachType::Ingress, &pin)
     }
 
     fn attach_prefilter_xdp(&mut self, ifname: &str) -> Result<(), LoadError> {

@@ -141,3 +141,34 @@ impl Drop for TestLab {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The repository (the `cli` crate's parent).
+pub fn repo() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the cli crate lives in the repository")
+        .to_path_buf()
+}
+
+/// Debian's Chromium, which the browser tests drive.
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// What the browser tests need besides the binary: Chromium, Node.js and `npm ci` in `ui/`
+/// (all installed by `cargo xtask setup`); `Some(why)` when one is missing.
+pub fn missing_browser_tools() -> Option<String> {
+    if !std::path::Path::new(CHROMIUM).exists() {
+        return Some(format!(
+            "{CHROMIUM} is missing (Debian package chromium; `cargo xtask setup`)"
+        ));
+    }
+    if Command::new("node").arg("--version").output().is_err() {
+        return Some("node is missing (Node.js ≥ 20)".into());
+    }
+    if !repo().join("ui/node_modules/playwright-core").exists() {
+        return Some(
+            "ui/node_modules/playwright-core is missing (`npm ci` in ui/, or `cargo xtask setup`)"
+                .into(),
+        );
+    }
+    None
+}
