@@ -215,6 +215,11 @@ pub fn check_name(s: &str, max: usize, may_be_empty: bool) -> Result<(), BadName
     if s.len() > max {
         return Err(BadName::TooLong { len: s.len(), max });
     }
+    // The controller checks every name of every record agents report: ASCII without spaces,
+    // control characters or `/` (every Kubernetes name) passes on a look at its bytes.
+    if !s.bytes().any(|b| b <= b' ' || b == b'/' || b >= 0x7f) {
+        return Ok(());
+    }
     match s
         .chars()
         .find(|c| c.is_whitespace() || c.is_control() || *c == '/')
