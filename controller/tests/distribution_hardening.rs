@@ -118,8 +118,8 @@ fn flow(rule: &str) -> pb::FlowRecord {
             name: "db-0".into(),
         })),
         direction: pb::Direction::Ingress as i32,
-        src: vec![10, 9, 0, 1],
-        dst: vec![10, 9, 0, 2],
+        src: vec![10, 9, 0, 1].into(),
+        dst: vec![10, 9, 0, 2].into(),
         src_port: 40000,
         dst_port: 5432,
         protocol: 6,
@@ -166,7 +166,7 @@ async fn flow_report_floods_leave_the_controller_bounded() {
         bad_direction.direction = 5 + b as i32;
         records.push(bad_direction);
         let mut bad_address = flow("r");
-        bad_address.src = vec![10; 5 + b % 8];
+        bad_address.src = vec![10; 5 + b % 8].into();
         records.push(bad_address);
         let mut long_endpoint = flow("r");
         long_endpoint.endpoint = Some(pb::flow_record::Endpoint::Pod(pb::PodRef {

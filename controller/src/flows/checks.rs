@@ -176,7 +176,7 @@ mod tests {
             protocol in prop_oneof![Just(6u32), any::<u32>()],
         ) -> pb::FlowRecord {
             pb::FlowRecord {
-                endpoint, direction, src, dst, kind, verdict, rule, peer,
+                endpoint, direction, src: src.into(), dst: dst.into(), kind, verdict, rule, peer,
                 reason,
                 src_port, dst_port, protocol, time_unix_nanos: 1, bytes: 60,
                 ..Default::default()
@@ -305,8 +305,11 @@ mod tests {
             (|r| r.direction = 7, FlowRejection::Direction),
             (|r| r.kind = 0, FlowRejection::Kind),
             (|r| r.verdict = 9, FlowRejection::Verdict),
-            (|r| r.dst = vec![10, 0, 0, 3, 0], FlowRejection::Address),
-            (|r| r.src = Vec::new(), FlowRejection::Address),
+            (
+                |r| r.dst = vec![10, 0, 0, 3, 0].into(),
+                FlowRejection::Address,
+            ),
+            (|r| r.src = Vec::new().into(), FlowRejection::Address),
             (|r| r.src_port = 65536, FlowRejection::Range),
             (|r| r.protocol = 256, FlowRejection::Range),
             (|r| r.endpoint = None, FlowRejection::Name),
