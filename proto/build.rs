@@ -10,6 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Maps keep the contract's order (BTreeMap), so conversions need no sorting.
         .btree_map(".bulkhead.v1.RuleSet")
         .btree_map(".bulkhead.v1.NodeDelta")
+        // The controller decodes every flow record agents report: addresses as slices of the
+        // received message, not an allocation each.
+        .bytes(".bulkhead.v1.FlowRecord")
         .compile_protos(
             &[
                 "proto/bulkhead/v1/distribution.proto",

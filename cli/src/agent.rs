@@ -312,7 +312,7 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
         flows: Mutex::new(RecentFlows::new(s.flow_buffer)),
         flows_dropped: Default::default(),
     });
-    let (flow_tx, flow_rx) = tokio::sync::mpsc::channel::<FlowRecord>(8192);
+    let (flow_tx, flow_rx) = tokio::sync::mpsc::channel::<bulkhead_ruleset::FlowRecord>(8192);
     let forward_flows = matches!(s.source, Source::Controller(_));
 
     // Flow events: kernel ring buffer → flow records.
@@ -323,11 +323,7 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
         let context = context.clone();
         tokio::spawn(async move {
             let sink = |r: FlowRecord| {
-                let verdict = match r.verdict {
-                    FlowVerdict::Allowed => "allowed",
-                    FlowVerdict::Denied => "denied",
-                    FlowVerdict::AuditWouldDeny => "audit-would-deny",
-                };
+                let verdict = r.verdict.as_str();
                 shared
                     .metrics
                     .flow_records
@@ -337,10 +333,11 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
                     tracing::info!(
                         endpoint = %r.endpoint, direction = ?r.direction, verdict,
                         flow = %format!("{}:{} -> {}:{} proto {}", r.src, r.src_port, r.dst, r.dst_port, r.protocol),
-                        peer = r.peer.as_deref().unwrap_or("-"), rule = %r.rule, "flow"
+                        peer = %r.peer.as_ref().map_or_else(|| "-".to_string(), ToString::to_string),
+                        rule = %r.rule, "flow"
                     );
                 }
-                if forward_flows && flow_tx.try_send(r.clone()).is_err() {
+                if forward_flows && flow_tx.try_send(r.to_contract()).is_err() {
                     shared.drop_flows(1);
                 }
                 if let Ok(mut f) = shared.flows.lock() {
@@ -744,7 +741,7 @@ async fn follow_controller(r: &Realizer, node: &str, target: crate::certs::Contr
 async fn flow_forwarder(
     target: crate::certs::ControllerTarget,
     node: String,
-    mut rx: tokio::sync::mpsc::Receiver<FlowRecord>,
+    mut rx: tokio::sync::mpsc::Receiver<bulkhead_ruleset::FlowRecord>,
     shared: Arc<Shared>,
 ) {
     use bulkhead_proto::v1 as pb;
@@ -774,7 +771,7 @@ async fn flow_forwarder(
             tokio::select! {
                 r = rx.recv() => match r {
                     Some(rec) => {
-                        batch.push(to_proto(&rec));
+                        batch.push(pb::FlowRecord::from(rec));
                         if batch.len() < 512 { continue; }
                     }
                     None => return,
@@ -817,43 +814,6 @@ async fn flow_forwarder(
             _ => shared.metrics.flow_records_unconfirmed.inc_by(sent),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-fn to_proto(r: &FlowRecord) -> bulkhead_proto::v1::FlowRecord {
-    let nanos = r
-        .observed_at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    bulkhead_proto::v1::FlowRecord {
-        time_unix_nanos: nanos,
-        endpoint: r.endpoint.clone(),
-        direction: match r.direction {
-            bulkhead_ruleset::Direction::Ingress => "ingress".into(),
-            bulkhead_ruleset::Direction::Egress => "egress".into(),
-        },
-        src: r.src.to_string(),
-        dst: r.dst.to_string(),
-        src_port: r.src_port as u32,
-        dst_port: r.dst_port as u32,
-        protocol: r.protocol as u32,
-        kind: serde_json::to_value(r.kind)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
-        verdict: serde_json::to_value(r.verdict)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
-        rule: r.rule.clone(),
-        rule_id: r.rule_id,
-        local_identity: r.local_identity,
-        peer_identity: r.peer_identity,
-        peer: r.peer.clone().unwrap_or_default(),
-        reason: r.reason.to_string(),
-        packets: 1,
-        bytes: r.bytes as u64,
     }
 }
 

@@ -670,21 +670,13 @@ async fn serve(
                     // Agents name only their own node's pods: name the rest here, with the
                     // pipeline's directory (rebuilt only when a rule set changes).
                     let directory = pipeline.directory();
-                    for (_, r) in &mut recent {
-                        directory.name_peer(r);
+                    for (_, e) in &mut recent {
+                        directory.name_peer_of(e);
                     }
                     axum::Json(
                         recent
-                            .into_iter()
-                            .map(|(node, r)| {
-                                serde_json::json!({
-                                    "node": node, "endpoint": r.endpoint, "direction": r.direction,
-                                    "src": r.src, "dst": r.dst, "src_port": r.src_port,
-                                    "dst_port": r.dst_port, "protocol": r.protocol, "kind": r.kind,
-                                    "verdict": r.verdict, "rule": r.rule, "peer": r.peer,
-                                    "reason": r.reason, "time_unix_nanos": r.time_unix_nanos,
-                                })
-                            })
+                            .iter()
+                            .map(|(node, e)| bulkhead_controller::flows::flow_json(node, e))
                             .collect::<Vec<_>>(),
                     )
                 }

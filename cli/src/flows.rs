@@ -177,21 +177,21 @@ fn print_flow(f: &Value) {
     );
 }
 
-/// One stored flow as `/api/flows` shows it.
-fn flow_json(f: pb::StoredFlow) -> Value {
-    let r = f.record.unwrap_or_default();
-    serde_json::json!({
-        "node": f.node, "endpoint": r.endpoint, "direction": r.direction,
-        "src": r.src, "dst": r.dst, "src_port": r.src_port,
-        "dst_port": r.dst_port, "protocol": r.protocol, "kind": r.kind,
-        "verdict": r.verdict, "rule": r.rule, "peer": r.peer,
-        "reason": r.reason, "time_unix_nanos": r.time_unix_nanos,
-    })
+/// One stored flow as `/api/flows` shows it; `None` (said on stderr) for one this build
+/// cannot read.
+fn flow_json(f: pb::StoredFlow) -> Option<Value> {
+    let node = f.node.clone();
+    match f.into_entry() {
+        Ok(e) => Some(bulkhead_controller::flows::flow_json(&node, &e)),
+        Err(e) => {
+            eprintln!("(a flow the controller sent is left out: {e})");
+            None
+        }
+    }
 }
 
 fn print_flows(output: FlowFormat, flows: Vec<pb::StoredFlow>) {
-    for f in flows {
-        let v = flow_json(f);
+    for v in flows.into_iter().filter_map(flow_json) {
         match output {
             FlowFormat::Json => println!("{v}"),
             FlowFormat::Table => print_flow(&v),

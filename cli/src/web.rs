@@ -31,7 +31,7 @@ use bulkhead_controller::{
         quarantine::{QuarantineControl, QuarantineError},
     },
     flows::ServiceGraph,
-    ruleset::RuleSet,
+    ruleset::{Direction, FlowEntry, FlowRecord, FlowRule, PodKey},
 };
 use bulkhead_proto::v1 as pb;
 use clap::Args;
@@ -250,13 +250,12 @@ struct PodView {
 struct Cluster {
     /// Workload id (`ns/Kind/name`) → its pods.
     workloads: BTreeMap<String, (String, String, Vec<PodView>)>,
-    /// `namespace/pod` → workload id.
-    workload_of_pod: HashMap<String, String>,
+    /// Pod → workload id.
+    workload_of_pod: HashMap<PodKey, String>,
     /// Address → workload id.
     workload_of_ip: HashMap<IpAddr, String>,
-    /// Address → `namespace/pod`.
-    pod_of_ip: HashMap<IpAddr, String>,
-    rulesets: HashMap<String, RuleSet>,
+    /// Address → pod.
+    pod_of_ip: HashMap<IpAddr, PodKey>,
 }
 
 fn workload_id(namespace: &str, workload: &str) -> String {
@@ -280,11 +279,15 @@ impl Cluster {
                     .clone()
                     .unwrap_or_else(|| format!("Pod/{}", e.pod));
                 let id = workload_id(&e.namespace, &workload);
+                let pod = PodKey {
+                    namespace: e.namespace.clone(),
+                    name: e.pod.clone(),
+                };
                 for ip in &e.ips {
                     c.workload_of_ip.insert(*ip, id.clone());
-                    c.pod_of_ip.insert(*ip, e.name());
+                    c.pod_of_ip.insert(*ip, pod.clone());
                 }
-                c.workload_of_pod.insert(e.name(), id.clone());
+                c.workload_of_pod.insert(pod, id.clone());
                 c.workloads
                     .entry(id)
                     .or_insert_with(|| (e.namespace.clone(), workload, Vec::new()))
@@ -296,96 +299,57 @@ impl Cluster {
                         quarantined: e.quarantined,
                     });
             }
-            c.rulesets.insert(n.node.clone(), rs);
         }
         c
     }
 
-    fn ip<'a>(map: &'a HashMap<IpAddr, String>, ip: &str) -> Option<&'a str> {
-        ip.parse::<IpAddr>()
-            .ok()
-            .and_then(|ip| map.get(&ip))
-            .map(String::as_str)
-    }
-
     /// (source workload, destination workload, source pod, destination pod) of a record, the
     /// way the service graph names them (`world` for addresses of no pod).
-    fn ends(&self, r: &pb::FlowRecord) -> (String, String, String, String) {
-        let here = self
-            .workload_of_pod
-            .get(&r.endpoint)
+    fn ends(&self, r: &FlowRecord) -> (String, String, String, String) {
+        let here = r
+            .endpoint
+            .pod()
+            .and_then(|p| self.workload_of_pod.get(p))
             .cloned()
             .unwrap_or_else(|| "world".into());
-        let peer_ip = if r.direction == "ingress" {
-            &r.src
-        } else {
-            &r.dst
-        };
-        let peer = Cluster::ip(&self.workload_of_ip, peer_ip)
-            .unwrap_or("world")
-            .to_string();
-        let peer_pod = if r.peer.is_empty() {
-            Cluster::ip(&self.pod_of_ip, peer_ip)
-                .unwrap_or_default()
-                .to_string()
-        } else {
-            r.peer.clone()
-        };
-        if r.direction == "ingress" {
-            (peer, here, peer_pod, r.endpoint.clone())
-        } else {
-            (here, peer, r.endpoint.clone(), peer_pod)
+        let peer_ip = r.peer_address();
+        let peer = self
+            .workload_of_ip
+            .get(&peer_ip)
+            .cloned()
+            .unwrap_or_else(|| "world".into());
+        let peer_pod = r
+            .peer
+            .as_ref()
+            .or_else(|| self.pod_of_ip.get(&peer_ip))
+            .map(PodKey::to_string)
+            .unwrap_or_default();
+        let endpoint = r.endpoint.to_string();
+        match r.direction {
+            Direction::Ingress => (peer, here, peer_pod, endpoint),
+            Direction::Egress => (here, peer, endpoint, peer_pod),
         }
     }
 }
 
-/// The deciding rule of a flow, structured: from the node's rule set when its id still names
-/// the rule the record describes, else parsed from the description
-/// (`Kind ns/name direction[i]`, `Kind ns/name direction default-deny`, `default (direction)`).
-fn decided_by(rs: Option<&RuleSet>, r: &pb::FlowRecord) -> Value {
-    if let Some(rule) = rs.and_then(|rs| rs.rules.get(&r.rule_id))
-        && rule.to_string() == r.rule
-    {
-        return json!({
-            "kind": rule.kind.as_str(),
-            "namespace": rule.namespace,
-            "name": rule.name,
-            "direction": match rule.direction {
-                bulkhead_controller::ruleset::Direction::Ingress => "ingress",
-                bulkhead_controller::ruleset::Direction::Egress => "egress",
-            },
-            "index": rule.index,
-            "text": r.rule,
-        });
-    }
-    parse_rule(&r.rule)
-}
-
-fn parse_rule(text: &str) -> Value {
-    let words: Vec<&str> = text.split_whitespace().collect();
-    if let [kind, object, dir, rest @ ..] = words.as_slice()
-        && kind.starts_with(|c: char| c.is_ascii_uppercase())
-    {
-        let (namespace, name) = object.split_once('/').unwrap_or(("", object));
-        let (direction, index) = match dir.split_once('[') {
-            Some((d, i)) => (d, i.trim_end_matches(']').parse::<u32>().ok()),
-            None => (*dir, None),
-        };
-        if matches!(direction, "ingress" | "egress")
-            && (index.is_some() && rest.is_empty() || rest == ["default-deny"])
-        {
-            return json!({
-                "kind": kind, "namespace": namespace, "name": name,
-                "direction": direction, "index": index, "text": text,
-            });
+/// The deciding rule of a flow, structured: a rule of a policy with its parts; a default or
+/// another reserved case (and a quarantine action) with its text alone, `kind` `Default` for
+/// the default allow.
+fn decided_by(rule: Option<&FlowRule>, text: &str) -> Value {
+    match rule {
+        Some(FlowRule::Rule(r)) => json!({
+            "kind": r.kind.as_str(), "namespace": r.namespace, "name": r.name,
+            "direction": r.direction.as_str(), "index": r.index, "text": text,
+        }),
+        other => {
+            let kind = if other == Some(&FlowRule::DefaultAllow) {
+                "Default"
+            } else {
+                ""
+            };
+            json!({ "kind": kind, "namespace": "", "name": "", "direction": "", "index": null, "text": text })
         }
     }
-    let kind = if text.starts_with("default") {
-        "Default"
-    } else {
-        ""
-    };
-    json!({ "kind": kind, "namespace": "", "name": "", "direction": "", "index": null, "text": text })
 }
 
 /// `/api/map`: everything the page draws, in one poll.
@@ -574,18 +538,24 @@ async fn query_flows(
     let cluster = Cluster::of(&s.hub);
     let in_ns = |id: &str, ns: &str| id.split_once('/').is_some_and(|(n, _)| n == ns);
     let mut out = Vec::new();
-    for (node, r) in records {
-        let audit = r.src.is_empty() || r.dst.is_empty();
-        let (src, dst, src_pod, dst_pod) = if audit {
-            let w = cluster
-                .workload_of_pod
-                .get(&r.endpoint)
-                .cloned()
-                .unwrap_or_default();
-            (w.clone(), w, r.endpoint.clone(), r.endpoint.clone())
-        } else {
-            cluster.ends(&r)
+    for (node, e) in records {
+        let (src, dst, src_pod, dst_pod) = match &e {
+            FlowEntry::Quarantine(q) => {
+                let w = cluster
+                    .workload_of_pod
+                    .get(&q.pod)
+                    .cloned()
+                    .unwrap_or_default();
+                (w.clone(), w, q.pod.to_string(), q.pod.to_string())
+            }
+            FlowEntry::Flow(r) => cluster.ends(r),
         };
+        let (record, audit) = match &e {
+            FlowEntry::Flow(r) => (Some(r), false),
+            FlowEntry::Quarantine(_) => (None, true),
+        };
+        let (dst_port, protocol) =
+            record.map_or((0, 0), |r| (r.dst_port as u32, r.protocol as u32));
         if let Some(w) = &q.workload
             && &src != w
             && &dst != w
@@ -597,8 +567,8 @@ async fn query_flows(
         }
         if q.src.as_ref().is_some_and(|w| &src != w)
             || q.dst.as_ref().is_some_and(|w| &dst != w)
-            || q.port.is_some_and(|p| r.dst_port != p)
-            || q.protocol.is_some_and(|p| r.protocol != p)
+            || q.port.is_some_and(|p| dst_port != p)
+            || q.protocol.is_some_and(|p| protocol != p)
         {
             continue;
         }
@@ -616,19 +586,31 @@ async fn query_flows(
         }
         if let Some(v) = &q.verdict {
             let want = if v == "audit" { "audit-would-deny" } else { v };
-            if r.verdict != want {
+            if e.verdict_str() != want {
                 continue;
             }
         }
-        let decided = decided_by(cluster.rulesets.get(&node), &r);
-        out.push(json!({
-            "node": node, "endpoint": r.endpoint, "direction": r.direction,
-            "src": r.src, "dst": r.dst, "src_port": r.src_port, "dst_port": r.dst_port,
-            "protocol": r.protocol, "kind": r.kind, "verdict": r.verdict, "rule": r.rule,
-            "rule_id": r.rule_id, "decided_by": decided, "peer": r.peer, "reason": r.reason,
-            "packets": r.packets, "bytes": r.bytes, "time_unix_nanos": r.time_unix_nanos,
-            "src_workload": src, "dst_workload": dst, "src_pod": src_pod, "dst_pod": dst_pod,
-        }));
+        // The fields `/api/flows` shows, and more.
+        let mut flow = bulkhead_controller::flows::flow_json(&node, &e);
+        let decided = decided_by(
+            record.map(|r| &r.rule),
+            flow["rule"].as_str().unwrap_or_default(),
+        );
+        if let Value::Object(fields) = &mut flow {
+            for (k, v) in [
+                ("rule_id", json!(record.map_or(0, |r| r.rule_id))),
+                ("decided_by", decided),
+                ("packets", json!(record.map_or(0, |r| r.packets))),
+                ("bytes", json!(record.map_or(0, |r| r.bytes))),
+                ("src_workload", json!(src)),
+                ("dst_workload", json!(dst)),
+                ("src_pod", json!(src_pod)),
+                ("dst_pod", json!(dst_pod)),
+            ] {
+                fields.insert(k.to_string(), v);
+            }
+        }
+        out.push(flow);
         if out.len() >= limit {
             break;
         }

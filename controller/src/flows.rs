@@ -23,19 +23,18 @@ use serde::Serialize;
 
 use crate::{
     distribution::{FlowStore, Hub},
-    ruleset::RuleSet,
+    ruleset::{
+        Direction, EndpointRef, FlowEntry, FlowRecord, FlowRule, FlowVerdict, PodKey, RuleSet,
+    },
 };
 
 mod checks;
 
-pub use checks::{
-    DIRECTIONS, FlowRejection, KINDS, MAX_POD_REF_BYTES, MAX_REASON_BYTES, MAX_RULE_BYTES,
-    VERDICTS, check_record,
-};
+pub use checks::{FlowRejection, check_record};
 
-/// Distinct rule descriptions the graph and the `drops_by_rule` metric name; denials by further
-/// rules are counted under [`OTHER_RULES`]. What an agent reports is a claim: without this, every
-/// distinct string would stay in the controller's memory and in every scrape for good.
+/// Distinct rules the graph and the `drops_by_rule` metric name; denials by further rules are
+/// counted under [`OTHER_RULES`]. What an agent reports is a claim: without this, every
+/// distinct rule it makes up would stay in the controller's memory and in every scrape for good.
 pub const MAX_RULE_LABELS: usize = 1024;
 /// The label of the rules beyond [`MAX_RULE_LABELS`].
 pub const OTHER_RULES: &str = "other rules (more distinct rules than the controller labels)";
@@ -82,8 +81,8 @@ pub struct Directory {
     generation: u64,
     workloads: Vec<Workload>,
     by_ip: FxHashMap<IpAddr, u32>,
-    by_pod: FxHashMap<String, u32>,
-    pod_by_ip: FxHashMap<IpAddr, String>,
+    by_pod: FxHashMap<PodKey, u32>,
+    pod_by_ip: FxHashMap<IpAddr, PodKey>,
 }
 
 impl Directory {
@@ -106,29 +105,27 @@ impl Directory {
                     d.workloads.push(w.clone());
                     d.workloads.len() as u32 - 1
                 });
-                let name = e.name();
+                let pod = PodKey {
+                    namespace: e.namespace.clone(),
+                    name: e.pod.clone(),
+                };
                 for ip in &e.ips {
                     d.by_ip.insert(*ip, n);
-                    d.pod_by_ip.insert(*ip, name.clone());
+                    d.pod_by_ip.insert(*ip, pod.clone());
                 }
-                d.by_pod.insert(name, n);
+                d.by_pod.insert(pod, n);
             }
         }
         d
     }
 
-    /// `namespace/pod` of an address, when a pod has it.
-    pub fn pod_of(&self, ip: &str) -> Option<&str> {
-        ip.parse::<IpAddr>()
-            .ok()
-            .and_then(|ip| self.pod_by_ip.get(&ip))
-            .map(String::as_str)
+    /// The pod that has an address, if one has it.
+    pub fn pod_of(&self, ip: IpAddr) -> Option<&PodKey> {
+        self.pod_by_ip.get(&ip)
     }
 
-    fn of_ip(&self, ip: &str) -> Option<u32> {
-        ip.parse::<IpAddr>()
-            .ok()
-            .and_then(|ip| self.by_ip.get(&ip).copied())
+    fn of_ip(&self, ip: IpAddr) -> Option<u32> {
+        self.by_ip.get(&ip).copied()
     }
 
     /// Workloads known (pods' owners, else pods).
@@ -137,21 +134,19 @@ impl Directory {
     }
 
     /// Names the record's peer when the reporting agent could not (a pod of another node).
-    pub fn name_peer(&self, r: &mut pb::FlowRecord) {
-        if r.peer.is_empty()
-            && let Some(p) = self.pod_of(peer_address(r))
+    pub fn name_peer(&self, r: &mut FlowRecord) {
+        if r.peer.is_none()
+            && let Some(p) = self.pod_of(r.peer_address())
         {
-            r.peer = p.to_string();
+            r.peer = Some(p.clone());
         }
     }
-}
 
-/// The address at the other end from the reporting endpoint.
-fn peer_address(r: &pb::FlowRecord) -> &str {
-    if r.direction == "ingress" {
-        &r.src
-    } else {
-        &r.dst
+    /// [`Directory::name_peer`] for a flow (a quarantine action has no peer).
+    pub fn name_peer_of(&self, e: &mut FlowEntry) {
+        if let FlowEntry::Flow(r) = e {
+            self.name_peer(r);
+        }
     }
 }
 
@@ -195,6 +190,44 @@ pub struct Graph {
     pub edges: Vec<Edge>,
 }
 
+/// Rules numbered in order of first sight, by [`FlowRule::label_key`] (one number per text),
+/// each with its text (the label). Number [`RULE_OTHER`] is [`OTHER_RULES`].
+#[derive(Debug)]
+struct RuleLabels {
+    names: Vec<String>,
+    numbers: FxHashMap<FlowRule, u32>,
+}
+
+impl Default for RuleLabels {
+    fn default() -> Self {
+        RuleLabels {
+            names: vec![OTHER_RULES.to_string()],
+            numbers: FxHashMap::default(),
+        }
+    }
+}
+
+impl RuleLabels {
+    /// The rule's number; once `cap` labels are held a new rule gets [`RULE_OTHER`].
+    fn number_within(&mut self, rule: &FlowRule, cap: usize) -> u32 {
+        let key = rule.label_key();
+        if let Some(&n) = self.numbers.get(&*key) {
+            return n;
+        }
+        if self.names.len() >= cap {
+            return RULE_OTHER;
+        }
+        let n = self.names.len() as u32;
+        self.names.push(key.to_string());
+        self.numbers.insert(key.into_owned(), n);
+        n
+    }
+
+    fn name(&self, n: u32) -> &str {
+        &self.names[n as usize]
+    }
+}
+
 /// Strings numbered in order of first sight.
 #[derive(Debug, Default)]
 struct Interner {
@@ -203,16 +236,6 @@ struct Interner {
 }
 
 impl Interner {
-    /// Like [`Interner::number`], but once `cap` names are held a new one gets `overflow`'s
-    /// number instead.
-    fn number_within(&mut self, s: &str, cap: usize, overflow: u32) -> u32 {
-        match self.numbers.get(s) {
-            Some(&n) => n,
-            None if self.names.len() >= cap => overflow,
-            None => self.number(s),
-        }
-    }
-
     fn number(&mut self, s: &str) -> u32 {
         if let Some(&n) = self.numbers.get(s) {
             return n;
@@ -228,10 +251,6 @@ impl Interner {
     }
 }
 
-/// Verdicts are numbered in this order before any other is seen.
-const VERDICT_ALLOWED: u32 = 0;
-const VERDICT_DENIED: u32 = 1;
-const VERDICT_AUDIT: u32 = 2;
 /// The rule number of [`OTHER_RULES`].
 const RULE_OTHER: u32 = 0;
 /// The workload number of `world`.
@@ -261,9 +280,9 @@ struct EdgeCounts {
 
 /// The aggregated graph and the counters behind the controller's flow metrics.
 ///
-/// Workloads, namespaces, rules and verdicts are numbered once, so folding a record in costs
-/// two hash lookups in the directory, one for the edge and a few for short strings, and
-/// allocates nothing unless it names something new.
+/// Workloads, namespaces and rules are numbered once, so folding a record in costs two hash
+/// lookups in the directory, one for the edge and one for the rule, and allocates nothing
+/// unless it names something new.
 #[derive(Debug)]
 pub struct ServiceGraph {
     workloads: Vec<Workload>,
@@ -274,20 +293,17 @@ pub struct ServiceGraph {
     nodes: usize,
     workload_numbers: FxHashMap<Workload, u32>,
     namespaces: Interner,
-    rules: Interner,
-    verdicts: Interner,
+    rules: RuleLabels,
     edges: FxHashMap<EdgeKey, EdgeCounts>,
     /// The directory whose workload numbers `translation` maps to ours.
     directory_generation: u64,
     translation: Vec<u32>,
-    /// Records folded in, by verdict number.
-    by_verdict: Vec<u64>,
+    /// Records folded in, by verdict (in [`FlowVerdict::ALL`] order).
+    by_verdict: [u64; 3],
     /// Counted connections by (source namespace, destination namespace, verdict).
-    by_namespace_pair: FxHashMap<(u32, u32, u32), u64>,
+    by_namespace_pair: FxHashMap<(u32, u32, FlowVerdict), u64>,
     /// Denials by rule number.
     drops_by_rule: Vec<u64>,
-    /// Records without addresses (quarantine audit records), not part of the graph.
-    pub skipped: u64,
     /// Records that would have made an edge beyond [`MAX_EDGES`].
     pub edges_refused: u64,
 }
@@ -301,24 +317,17 @@ impl Default for ServiceGraph {
             nodes: 0,
             workload_numbers: FxHashMap::default(),
             namespaces: Interner::default(),
-            rules: Interner::default(),
-            verdicts: Interner::default(),
+            rules: RuleLabels::default(),
             edges: FxHashMap::default(),
             directory_generation: 0,
             translation: Vec::new(),
-            by_verdict: Vec::new(),
+            by_verdict: [0; 3],
             by_namespace_pair: FxHashMap::default(),
             drops_by_rule: Vec::new(),
-            skipped: 0,
             edges_refused: 0,
         };
         let world = g.number(&Workload::world());
         debug_assert_eq!(world, WORLD);
-        let other = g.rules.number(OTHER_RULES);
-        debug_assert_eq!(other, RULE_OTHER);
-        for v in ["allowed", "denied", "audit-would-deny"] {
-            g.verdicts.number(v);
-        }
         g
     }
 }
@@ -361,31 +370,22 @@ impl ServiceGraph {
         n
     }
 
-    fn verdict_number(&mut self, v: &str) -> u32 {
-        match v {
-            "allowed" => VERDICT_ALLOWED,
-            "denied" => VERDICT_DENIED,
-            "audit-would-deny" => VERDICT_AUDIT,
-            other => self.verdicts.number(other),
-        }
-    }
-
-    /// Folds one record in and says what it counted. Quarantine/release audit records (no
-    /// addresses) are skipped.
-    pub fn add(&mut self, dir: &Directory, r: &pb::FlowRecord) -> Counted {
-        let mut counted = Counted::default();
-        if r.src.is_empty() || r.dst.is_empty() {
-            self.skipped += 1;
-            return counted;
-        }
-        counted.record = true;
-        let verdict = self.verdict_number(&r.verdict);
-        bump(&mut self.by_verdict, verdict);
-        let ingress = r.direction == "ingress";
-        let here = dir.by_pod.get(r.endpoint.as_str()).copied();
-        let peer = dir.of_ip(peer_address(r));
+    /// Folds one record in and says what it counted.
+    pub fn add(&mut self, dir: &Directory, r: &FlowRecord) -> Counted {
+        let mut counted = Counted {
+            record: true,
+            ..Counted::default()
+        };
+        let verdict = r.verdict;
+        self.by_verdict[verdict as usize] += 1;
+        let ingress = r.direction == Direction::Ingress;
+        let here = match &r.endpoint {
+            EndpointRef::Pod(p) => dir.by_pod.get(p).copied(),
+            EndpointRef::Unnamed(_) => None,
+        };
+        let peer = dir.of_ip(r.peer_address());
         let (src, dst) = if ingress { (peer, here) } else { (here, peer) };
-        let allowed = verdict == VERDICT_ALLOWED;
+        let allowed = verdict == FlowVerdict::Allowed;
         // Count an allowed connection once, at its last enforcement point: the destination
         // pod's ingress, or the source's egress when the destination is no pod. (Its source may
         // allow what its destination then denies; the denial is counted where it happens.)
@@ -397,13 +397,11 @@ impl ServiceGraph {
         let key = EdgeKey {
             src,
             dst,
-            port: r.dst_port,
-            protocol: r.protocol,
+            port: r.dst_port as u32,
+            protocol: r.protocol as u32,
         };
         // The first label is OTHER_RULES itself, hence the one extra.
-        let rule = self
-            .rules
-            .number_within(&r.rule, MAX_RULE_LABELS + 1, RULE_OTHER);
+        let rule = self.rules.number_within(&r.rule, MAX_RULE_LABELS + 1);
         if self.edges.len() >= MAX_EDGES && !self.edges.contains_key(&key) {
             self.edges_refused += 1;
             return counted;
@@ -413,9 +411,9 @@ impl ServiceGraph {
             ..Default::default()
         });
         match verdict {
-            VERDICT_ALLOWED => e.allowed += 1,
-            VERDICT_AUDIT => e.audit_would_deny += 1,
-            _ => e.denied += 1,
+            FlowVerdict::Allowed => e.allowed += 1,
+            FlowVerdict::AuditWouldDeny => e.audit_would_deny += 1,
+            FlowVerdict::Denied => e.denied += 1,
         }
         e.bytes += r.bytes;
         e.first_seen_unix_nanos = e.first_seen_unix_nanos.min(r.time_unix_nanos);
@@ -447,7 +445,7 @@ impl ServiceGraph {
         );
         *self.by_namespace_pair.entry(pair).or_default() += 1;
         counted.connection = true;
-        if !allowed && verdict != VERDICT_AUDIT {
+        if verdict == FlowVerdict::Denied {
             bump(&mut self.drops_by_rule, rule);
             counted.drop = true;
         }
@@ -455,12 +453,12 @@ impl ServiceGraph {
     }
 
     /// Records folded in, by verdict.
-    pub fn by_verdict(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.by_verdict
+    pub fn by_verdict(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        FlowVerdict::ALL
             .iter()
-            .enumerate()
-            .filter(|(_, c)| **c > 0)
-            .map(|(v, c)| (self.verdicts.name(v as u32), *c))
+            .zip(self.by_verdict)
+            .filter(|(_, c)| *c > 0)
+            .map(|(v, c)| (v.as_str(), c))
     }
 
     /// Counted connections by (source namespace, destination namespace, verdict).
@@ -470,7 +468,7 @@ impl ServiceGraph {
                 (
                     self.namespaces.name(*s),
                     self.namespaces.name(*d),
-                    self.verdicts.name(*v),
+                    v.as_str(),
                 ),
                 *c,
             )
@@ -489,11 +487,6 @@ impl ServiceGraph {
     /// Distinct rule labels held (at most [`MAX_RULE_LABELS`] and [`OTHER_RULES`]).
     pub fn rule_labels(&self) -> usize {
         self.rules.names.len()
-    }
-
-    /// Distinct verdict labels held (the three known ones).
-    pub fn verdict_labels(&self) -> usize {
-        self.verdicts.names.len()
     }
 
     /// Records folded in (all verdicts).
@@ -814,37 +807,86 @@ impl FlowFilter {
         }
     }
 
-    /// Whether the record matches; `dir` names a peer the agent could not.
-    pub fn matches(&self, dir: &Directory, r: &pb::FlowRecord) -> bool {
-        if r.time_unix_nanos < self.since_unix_nanos {
+    /// Whether the record or quarantine action matches; `dir` names a peer the agent could
+    /// not.
+    pub fn matches(&self, dir: &Directory, e: &FlowEntry) -> bool {
+        if e.time_unix_nanos() < self.since_unix_nanos {
             return false;
         }
         if let Some(v) = &self.verdict
-            && &r.verdict != v
+            && e.verdict_str() != v
         {
             return false;
         }
         if self.pod.is_none() && self.namespace.is_none() {
             return true;
         }
-        let peer = if r.peer.is_empty() {
-            dir.pod_of(peer_address(r)).unwrap_or_default()
-        } else {
-            r.peer.as_str()
+        let (endpoint, peer) = match e {
+            FlowEntry::Flow(r) => (
+                &r.endpoint,
+                r.peer.as_ref().or_else(|| dir.pod_of(r.peer_address())),
+            ),
+            // A quarantine action concerns its pod alone.
+            FlowEntry::Quarantine(q) => {
+                return self.pod.as_ref().is_none_or(|p| pod_is(&q.pod, p))
+                    && self
+                        .namespace
+                        .as_ref()
+                        .is_none_or(|ns| q.pod.namespace == *ns);
+            }
         };
+        // The pod at either end, the namespace at either end, each on its own.
         if let Some(p) = &self.pod
-            && &r.endpoint != p
-            && peer != p
+            && !(endpoint_is(endpoint, p) || peer.is_some_and(|q| pod_is(q, p)))
         {
             return false;
         }
         if let Some(ns) = &self.namespace {
-            let in_ns = |x: &str| x.split_once('/').is_some_and(|(n, _)| n == ns);
-            if !in_ns(&r.endpoint) && !in_ns(peer) {
+            let in_ns = |pod: &PodKey| pod.namespace == *ns;
+            if !(endpoint.pod().is_some_and(in_ns) || peer.is_some_and(in_ns)) {
                 return false;
             }
         }
         true
+    }
+}
+
+/// Whether `text` is the pod's `namespace/name`.
+fn pod_is(pod: &PodKey, text: &str) -> bool {
+    text.len() == pod.namespace.len() + 1 + pod.name.len()
+        && text.starts_with(pod.namespace.as_str())
+        && text.as_bytes()[pod.namespace.len()] == b'/'
+        && text.ends_with(pod.name.as_str())
+}
+
+/// Whether `text` names the endpoint (`namespace/name`, or `endpoint#ID` for one the agent
+/// could not name).
+fn endpoint_is(e: &EndpointRef, text: &str) -> bool {
+    match e {
+        EndpointRef::Pod(p) => pod_is(p, text),
+        EndpointRef::Unnamed(id) => text.strip_prefix("endpoint#") == Some(id.to_string().as_str()),
+    }
+}
+
+/// A stored flow or quarantine action as `/api/flows` and `bulkhead flows -o json` show it:
+/// every part as text, and empty texts (and zeros) for what a quarantine action lacks.
+pub fn flow_json(node: &str, e: &FlowEntry) -> serde_json::Value {
+    match e {
+        FlowEntry::Flow(r) => serde_json::json!({
+            "node": node, "endpoint": r.endpoint.to_string(), "direction": r.direction.as_str(),
+            "src": r.src.to_string(), "dst": r.dst.to_string(), "src_port": r.src_port,
+            "dst_port": r.dst_port, "protocol": r.protocol, "kind": r.kind.as_str(),
+            "verdict": r.verdict.as_str(), "rule": r.rule.to_string(),
+            "peer": r.peer.as_ref().map(PodKey::to_string).unwrap_or_default(),
+            "reason": r.reason.as_str(), "time_unix_nanos": r.time_unix_nanos,
+        }),
+        FlowEntry::Quarantine(q) => serde_json::json!({
+            "node": node, "endpoint": q.pod.to_string(), "direction": "",
+            "src": "", "dst": "", "src_port": 0,
+            "dst_port": 0, "protocol": 0, "kind": q.action.as_str(),
+            "verdict": q.action.verdict(), "rule": q.rule_text(), "peer": "",
+            "reason": q.reason_text(), "time_unix_nanos": q.time_unix_nanos,
+        }),
     }
 }
 
@@ -933,23 +975,27 @@ impl FlowPipeline {
             .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
     }
 
-    /// One agent's batch: records that fail [`check_record`] are counted and dropped; the rest
-    /// folded into the graph, then stored. Returns the records accepted.
+    /// One agent's batch: records that fail [`check_record`] (that the contract cannot hold)
+    /// are counted and dropped; the rest folded into the graph, then stored. Returns the records
+    /// accepted.
     pub fn ingest(
         &self,
         node: &str,
-        mut records: Vec<pb::FlowRecord>,
+        records: Vec<pb::FlowRecord>,
         dropped_by_agent: u64,
     ) -> Result<u64, FlowPipelineError> {
-        records.retain(|r| match check_record(r) {
-            Ok(()) => true,
-            Err(why) => {
-                if let Some(i) = FlowRejection::ALL.iter().position(|w| *w == why) {
-                    self.rejected[i].fetch_add(1, Ordering::Relaxed);
+        let mut checked: Vec<FlowRecord> = Vec::with_capacity(records.len());
+        for r in records {
+            match check_record(r) {
+                Ok(r) => checked.push(r),
+                Err(why) => {
+                    if let Some(i) = FlowRejection::ALL.iter().position(|w| *w == why) {
+                        self.rejected[i].fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                false
             }
-        });
+        }
+        let records = checked;
         let directory = self.directory();
         {
             let mut graph = self.graph.lock().map_err(|_| FlowPipelineError::Poisoned)?;

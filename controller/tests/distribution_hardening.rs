@@ -22,7 +22,7 @@ use bulkhead_controller::{
         Isolation, Namespace, NamespaceScope, Node, Peer, Pod, PodSelection, Policy, PolicyKey,
         PortSpec, Rule,
     },
-    ruleset::{Action, Direction, RuleKind, RuleSet, Tier},
+    ruleset::{Action, Direction, FlowEntry, RuleKind, RuleSet, Tier},
     selector::Selector,
 };
 use bulkhead_proto::follower::{Follower, run_session};
@@ -109,29 +109,41 @@ fn node_state(hub: &Hub, node: &str) -> Option<(u64, u64, bool)> {
 // ---------------------------------------------------------------------------------------------
 // Finding 1: flow reports.
 
-fn flow(rule: String) -> pb::FlowRecord {
+/// A denied flow at `data/db-0`, decided by the policy `data/<rule>`'s first ingress rule.
+fn flow(rule: &str) -> pb::FlowRecord {
     pb::FlowRecord {
         time_unix_nanos: 1,
-        endpoint: "data/db-0".into(),
-        direction: "ingress".into(),
-        src: "10.9.0.1".into(),
-        dst: "10.9.0.2".into(),
+        endpoint: Some(pb::flow_record::Endpoint::Pod(pb::PodRef {
+            namespace: "data".into(),
+            name: "db-0".into(),
+        })),
+        direction: pb::Direction::Ingress as i32,
+        src: vec![10, 9, 0, 1].into(),
+        dst: vec![10, 9, 0, 2].into(),
         src_port: 40000,
         dst_port: 5432,
         protocol: 6,
-        kind: "denied".into(),
-        verdict: "denied".into(),
-        rule,
-        reason: "denied_policy".into(),
+        kind: pb::FlowKind::Denied as i32,
+        verdict: pb::FlowVerdict::Denied as i32,
+        rule: Some(pb::FlowRule {
+            rule: Some(pb::flow_rule::Rule::Policy(pb::RuleRef {
+                kind: pb::RuleKind::NetworkPolicy as i32,
+                namespace: "data".into(),
+                name: rule.into(),
+                direction: pb::Direction::Ingress as i32,
+                index: Some(0),
+            })),
+        }),
+        reason: pb::FlowReason::DeniedPolicy as i32,
         packets: 1,
         bytes: 60,
         ..Default::default()
     }
 }
 
-/// A node floods the controller with records of huge and made-up strings and with thousands of
-/// distinct rule names: the garbage is refused (and does not count as accepted), and what is
-/// kept per distinct string stays bounded.
+/// A node floods the controller with records of huge names, made-up enum values and bad
+/// addresses, and with thousands of distinct rules: the garbage is refused (counted by reason,
+/// and not as accepted), and what is kept per distinct rule stays bounded.
 #[tokio::test]
 async fn flow_report_floods_leave_the_controller_bounded() {
     let hub = small_hub();
@@ -142,29 +154,35 @@ async fn flow_report_floods_leave_the_controller_bounded() {
     let mut batches = Vec::new();
     for b in 0..BATCHES {
         let mut records = Vec::new();
-        // A 1 MB rule (the issue's repro used 3 MB with a raised client limit).
-        records.push(flow(format!("{b}{}", "x".repeat(1 << 20))));
-        let mut bad_verdict = flow("r".into());
-        bad_verdict.verdict = format!("verdict-{b}-{}", "v".repeat(1000));
+        // A 1 MB rule name (the issue's repro used 3 MB with a raised client limit).
+        records.push(flow(&format!("{b}{}", "x".repeat(1 << 20))));
+        let mut bad_verdict = flow("r");
+        bad_verdict.verdict = 1000 + b as i32;
         records.push(bad_verdict);
-        let mut bad_kind = flow("r".into());
-        bad_kind.kind = format!("kind-{b}");
+        let mut bad_kind = flow("r");
+        bad_kind.kind = 10 + b as i32;
         records.push(bad_kind);
-        let mut bad_direction = flow("r".into());
-        bad_direction.direction = format!("sideways-{b}");
+        let mut bad_direction = flow("r");
+        bad_direction.direction = 5 + b as i32;
         records.push(bad_direction);
-        let mut bad_address = flow("r".into());
-        bad_address.src = format!("not an address {b}");
+        let mut bad_address = flow("r");
+        bad_address.src = vec![10; 5 + b % 8].into();
         records.push(bad_address);
-        let mut long_endpoint = flow("r".into());
-        long_endpoint.endpoint = format!("shop/{}", "p".repeat(10_000));
+        let mut long_endpoint = flow("r");
+        long_endpoint.endpoint = Some(pb::flow_record::Endpoint::Pod(pb::PodRef {
+            namespace: "shop".into(),
+            name: "p".repeat(10_000),
+        }));
         records.push(long_endpoint);
-        let mut long_peer = flow("r".into());
-        long_peer.peer = "q".repeat(300);
+        let mut long_peer = flow("r");
+        long_peer.peer = Some(pb::PodRef {
+            namespace: "q".repeat(300),
+            name: "q".into(),
+        });
         records.push(long_peer);
-        // Valid records, each with a rule name never seen before: 2,000 in all.
+        // Valid records, each with a rule never seen before: 2,000 in all.
         for i in 0..VALID {
-            records.push(flow(format!("NetworkPolicy data/db ingress[{b}-{i}]")));
+            records.push(flow(&format!("db-{b}-{i}")));
         }
         batches.push(pb::FlowBatch {
             node: "n2".into(),
@@ -183,16 +201,32 @@ async fn flow_report_floods_leave_the_controller_bounded() {
         (BATCHES * VALID) as u64,
         "only well-formed records are accepted"
     );
+    let rejected: Vec<(&str, u64)> = pipeline
+        .rejected()
+        .map(|(why, n)| (why.label(), n))
+        .collect();
+    let b = BATCHES as u64;
+    assert_eq!(
+        rejected,
+        [
+            ("direction", b),
+            ("kind", b),
+            ("verdict", b),
+            ("address", b),
+            ("range", 0),
+            ("name", 2 * b),
+            ("text", b)
+        ]
+    );
     {
         let store = pipeline.store().lock().expect("store");
         let (_, records) = store.since(0);
-        for (_, r, _) in records {
-            assert!(
-                r.rule.len() <= 512,
-                "a {}-byte rule was stored",
-                r.rule.len()
-            );
-            assert!(["allowed", "denied", "audit-would-deny"].contains(&r.verdict.as_str()));
+        for (_, e, _) in records {
+            let FlowEntry::Flow(r) = e else {
+                panic!("{e:?} is no flow");
+            };
+            let rule = r.rule.to_string();
+            assert!(rule.len() <= 512, "a {}-byte rule was stored", rule.len());
         }
         assert_eq!(store.stats().stored, (BATCHES * VALID) as u64);
     }
@@ -228,7 +262,7 @@ async fn flow_reports_for_unknown_nodes_are_refused() {
     ] {
         let batch = pb::FlowBatch {
             node,
-            records: vec![flow("r".into())],
+            records: vec![flow("r")],
             dropped: 0,
         };
         let refused = client(addr)
@@ -420,7 +454,7 @@ async fn made_up_node_names_are_refused() {
     a.snapshot().await;
     let report = pb::FlowBatch {
         node: "n9".into(),
-        records: vec![flow("r".into())],
+        records: vec![flow("r")],
         dropped: 0,
     };
     let summary = client(addr)

@@ -10,43 +10,22 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use bulkhead_common::{
     DIR_INGRESS, EVENT_AUDIT, EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, FAMILY_V4, FlowEvent,
-    RULE_UNRELATED_ICMP_ERROR, VERDICT_ALLOW, reason,
+    VERDICT_ALLOW,
 };
-use bulkhead_ruleset::{Direction, RuleSet};
+use bulkhead_ruleset::{Direction, EndpointRef, FlowReason, FlowRule, PodKey, RuleSet};
+pub use bulkhead_ruleset::{FlowKind, FlowVerdict};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FlowVerdict {
-    Allowed,
-    Denied,
-    /// Allowed, but an audit-mode policy would have denied it.
-    AuditWouldDeny,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FlowKind {
-    /// First packet of a new connection.
-    New,
-    /// A packet the policy refused (rate-limited per flow).
-    Denied,
-    /// A tracked connection cut because the policy no longer admits it.
-    Revoked,
-    /// Admitted, reported because audit-mode policy would deny it.
-    Audit,
-}
-
-/// One flow record, as the agent reports it.
+/// One flow record, as the agent reports it (its JSON is what `/flows` serves).
 #[derive(Debug, Clone, Serialize)]
 pub struct FlowRecord {
     /// Nanoseconds since boot (kernel clock), as in the event.
     pub kernel_time_ns: u64,
     pub observed_at: SystemTime,
     pub node: String,
-    /// The endpoint at which the verdict was made, `namespace/pod`.
-    pub endpoint: String,
+    /// The endpoint at which the verdict was made.
+    pub endpoint: EndpointRef,
     pub direction: Direction,
     pub src: IpAddr,
     pub dst: IpAddr,
@@ -56,14 +35,45 @@ pub struct FlowRecord {
     pub kind: FlowKind,
     pub verdict: FlowVerdict,
     /// What decided: a policy rule, a default, or a built-in reason.
-    pub rule: String,
+    pub rule: FlowRule,
     pub rule_id: u32,
     pub local_identity: u32,
     pub peer_identity: u32,
-    /// The peer, `namespace/pod`, when it is an endpoint this node knows.
-    pub peer: Option<String>,
-    pub reason: &'static str,
+    /// The peer, when it is an endpoint this node knows.
+    pub peer: Option<PodKey>,
+    pub reason: FlowReason,
     pub bytes: u32,
+}
+
+impl FlowRecord {
+    /// The record as agents send it to the controller: one packet, observed at
+    /// [`FlowRecord::observed_at`].
+    pub fn to_contract(&self) -> bulkhead_ruleset::FlowRecord {
+        bulkhead_ruleset::FlowRecord {
+            time_unix_nanos: self
+                .observed_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
+            endpoint: self.endpoint.clone(),
+            direction: self.direction,
+            src: self.src,
+            dst: self.dst,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            protocol: self.protocol,
+            kind: self.kind,
+            verdict: self.verdict,
+            rule: self.rule.clone(),
+            rule_id: self.rule_id,
+            local_identity: self.local_identity,
+            peer_identity: self.peer_identity,
+            peer: self.peer.clone(),
+            reason: self.reason,
+            packets: 1,
+            bytes: self.bytes as u64,
+        }
+    }
 }
 
 fn addr(family: u8, bytes: [u8; 16]) -> IpAddr {
@@ -74,12 +84,19 @@ fn addr(family: u8, bytes: [u8; 16]) -> IpAddr {
     }
 }
 
+fn pod(e: &bulkhead_ruleset::Endpoint) -> PodKey {
+    PodKey {
+        namespace: e.namespace.clone(),
+        name: e.pod.clone(),
+    }
+}
+
 /// Names for endpoint ids, addresses and rule ids: built from the rule set in force.
 #[derive(Debug, Default, Clone)]
 pub struct FlowContext {
     pub node: String,
-    endpoints: HashMap<u32, String>,
-    addresses: HashMap<IpAddr, String>,
+    endpoints: HashMap<u32, PodKey>,
+    addresses: HashMap<IpAddr, PodKey>,
     ruleset: Arc<RuleSet>,
 }
 
@@ -87,13 +104,21 @@ impl FlowContext {
     pub fn new(ruleset: &RuleSet) -> FlowContext {
         FlowContext {
             node: ruleset.node.clone(),
-            endpoints: ruleset.endpoints.iter().map(|e| (e.id, e.name())).collect(),
+            endpoints: ruleset.endpoints.iter().map(|e| (e.id, pod(e))).collect(),
             addresses: ruleset
                 .endpoints
                 .iter()
-                .flat_map(|e| e.ips.iter().map(move |ip| (*ip, e.name())))
+                .flat_map(|e| e.ips.iter().map(move |ip| (*ip, pod(e))))
                 .collect(),
             ruleset: Arc::new(ruleset.clone()),
+        }
+    }
+
+    /// The endpoint of an id: its pod, or the id when the rule set does not have it.
+    fn endpoint(&self, id: u32) -> EndpointRef {
+        match self.endpoints.get(&id) {
+            Some(p) => EndpointRef::Pod(p.clone()),
+            None => EndpointRef::Unnamed(id),
         }
     }
 
@@ -128,20 +153,12 @@ impl FlowContext {
         } else {
             e.rule_id
         };
-        let rule = if rule_id == RULE_UNRELATED_ICMP_ERROR {
-            "ICMP error unrelated to any tracked connection".to_string()
-        } else {
-            self.ruleset.describe(rule_id)
-        };
+        let rule = self.ruleset.flow_rule(rule_id);
         FlowRecord {
             kernel_time_ns: e.timestamp_ns,
             observed_at: SystemTime::now(),
             node: self.node.clone(),
-            endpoint: self
-                .endpoints
-                .get(&e.endpoint_id)
-                .cloned()
-                .unwrap_or_else(|| format!("endpoint#{}", e.endpoint_id)),
+            endpoint: self.endpoint(e.endpoint_id),
             direction,
             src,
             dst,
@@ -155,10 +172,7 @@ impl FlowContext {
             local_identity: e.local_identity,
             peer_identity: e.peer_identity,
             peer: self.addresses.get(&peer_ip).cloned(),
-            reason: reason::NAMES
-                .get(e.reason as usize)
-                .copied()
-                .unwrap_or("unknown"),
+            reason: FlowReason::from_code(e.reason as u32),
             bytes: e.bytes,
         }
     }
@@ -246,8 +260,8 @@ impl RecentFlows {
 /// One tracked connection with its counters, read from the kernel's conntrack table.
 #[derive(Debug, Clone, Serialize)]
 pub struct Connection {
-    /// The endpoint that tracks it, `namespace/pod`.
-    pub endpoint: String,
+    /// The endpoint that tracks it.
+    pub endpoint: EndpointRef,
     /// The policy direction it was admitted in, from the endpoint's point of view.
     pub direction: Direction,
     pub src: IpAddr,
@@ -264,7 +278,7 @@ pub struct Connection {
     /// The rule that admitted it, or for a revoked one the rule that revoked it.
     pub rule: String,
     pub peer_identity: u32,
-    pub peer: Option<String>,
+    pub peer: Option<PodKey>,
     /// Revoked by a policy change or a quarantine: a tombstone that drops both sides' packets
     /// until it idles out (or a new TCP SYN replaces it).
     pub revoked: bool,
@@ -355,11 +369,7 @@ fn connection(
         Direction::Egress => dst,
     };
     Connection {
-        endpoint: ctx
-            .endpoints
-            .get(&(k.endpoint_id as u32))
-            .cloned()
-            .unwrap_or_else(|| format!("endpoint#{}", k.endpoint_id)),
+        endpoint: ctx.endpoint(k.endpoint_id as u32),
         direction,
         src,
         dst,
@@ -376,5 +386,162 @@ fn connection(
         peer_identity: v.peer_identity,
         peer: ctx.addresses.get(&peer_ip).cloned(),
         revoked: v.flags & bulkhead_common::CT_REVOKED != 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bulkhead_common::{EVENT_AUDIT, EVENT_DENIED, FAMILY_V4, VERDICT_DENY, reason};
+    use bulkhead_ruleset::{Endpoint, RuleKind, RuleRef};
+
+    use super::*;
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[10] = 0xff;
+        b[11] = 0xff;
+        b[12..].copy_from_slice(&a);
+        b
+    }
+
+    fn ruleset() -> RuleSet {
+        let ep = |id, pod: &str, ip: [u8; 4]| Endpoint {
+            id,
+            namespace: if id == 1 { "shop" } else { "tools" }.into(),
+            pod: pod.into(),
+            workload: None,
+            identity: 300 + id,
+            ips: vec![IpAddr::from(ip)],
+            interface: None,
+            quarantined: false,
+            policy: 300 + id,
+        };
+        RuleSet {
+            node: "n1".into(),
+            endpoints: vec![ep(1, "api-0", [10, 0, 0, 2]), ep(2, "debug", [10, 0, 0, 1])],
+            rules: [(
+                5,
+                RuleRef {
+                    kind: RuleKind::NetworkPolicy,
+                    namespace: "shop".into(),
+                    name: "api".into(),
+                    direction: Direction::Ingress,
+                    index: None,
+                },
+            )]
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    fn event() -> FlowEvent {
+        FlowEvent {
+            timestamp_ns: 7,
+            saddr: v4([10, 0, 0, 1]),
+            daddr: v4([10, 0, 0, 2]),
+            sport_be: 40000u16.to_be(),
+            dport_be: 80u16.to_be(),
+            protocol: 6,
+            family: FAMILY_V4,
+            direction: DIR_INGRESS,
+            kind: EVENT_DENIED,
+            verdict: VERDICT_DENY,
+            reason: reason::DENIED_POLICY as u8,
+            endpoint_id: 1,
+            local_identity: 301,
+            peer_identity: 302,
+            rule_id: 5,
+            audit_rule_id: 0,
+            bytes: 60,
+            ..Default::default()
+        }
+    }
+
+    /// `/flows` serves the JSON it served when records held strings, byte for byte.
+    #[test]
+    fn a_record_serialises_as_before() {
+        let ctx = FlowContext::new(&ruleset());
+        let r = ctx.record(&event());
+        let observed = serde_json::to_string(&r.observed_at).expect("json");
+        assert_eq!(
+            serde_json::to_string(&r).expect("json"),
+            format!(
+                "{{\"kernel_time_ns\":7,\"observed_at\":{observed},\"node\":\"n1\",\
+                 \"endpoint\":\"shop/api-0\",\"direction\":\"ingress\",\"src\":\"10.0.0.1\",\
+                 \"dst\":\"10.0.0.2\",\"src_port\":40000,\"dst_port\":80,\"protocol\":6,\
+                 \"kind\":\"denied\",\"verdict\":\"denied\",\
+                 \"rule\":\"NetworkPolicy shop/api ingress default-deny\",\"rule_id\":5,\
+                 \"local_identity\":301,\"peer_identity\":302,\"peer\":\"tools/debug\",\
+                 \"reason\":\"denied_policy\",\"bytes\":60}}"
+            )
+        );
+        // What goes to the controller: the same, typed, as one packet.
+        let c = r.to_contract();
+        assert_eq!(
+            c.endpoint,
+            EndpointRef::Pod("shop/api-0".parse().expect("pod"))
+        );
+        assert_eq!(c.peer, Some("tools/debug".parse().expect("pod")));
+        assert_eq!(
+            (c.kind, c.verdict, c.reason, c.packets, c.bytes),
+            (
+                FlowKind::Denied,
+                FlowVerdict::Denied,
+                FlowReason::DeniedPolicy,
+                1,
+                60
+            )
+        );
+        assert_eq!(
+            c.rule.to_string(),
+            "NetworkPolicy shop/api ingress default-deny"
+        );
+    }
+
+    /// What the agent cannot name keeps the texts it had: `endpoint#ID`, a `null` peer, the
+    /// reserved rules' descriptions, `unknown` reasons.
+    #[test]
+    fn what_the_rule_set_does_not_name_reads_as_before() {
+        let ctx = FlowContext::new(&ruleset());
+        let mut e = event();
+        e.endpoint_id = 9;
+        e.saddr = v4([192, 0, 2, 7]);
+        e.reason = 200;
+        e.rule_id = bulkhead_common::RULE_UNRELATED_ICMP_ERROR;
+        let v = serde_json::to_value(ctx.record(&e)).expect("json");
+        assert_eq!(v["endpoint"], "endpoint#9");
+        assert_eq!(v["peer"], serde_json::Value::Null);
+        assert_eq!(v["reason"], "unknown");
+        assert_eq!(v["rule"], "ICMP error unrelated to any tracked connection");
+        for (id, text) in [
+            (
+                bulkhead_common::RULE_DEFAULT_ALLOW,
+                "default allow (no policy applies)",
+            ),
+            (
+                bulkhead_common::RULE_MISSING_POLICY,
+                "policy group missing from the rule set: endpoint locked down",
+            ),
+            (77, "rule #77"),
+        ] {
+            e.rule_id = id;
+            assert_eq!(ctx.record(&e).rule.to_string(), text);
+        }
+        // An audit record names the rule that would have denied it.
+        let mut e = event();
+        e.kind = EVENT_AUDIT;
+        e.verdict = VERDICT_ALLOW;
+        e.rule_id = 0;
+        e.audit_rule_id = 5;
+        let r = ctx.record(&e);
+        assert_eq!(
+            (r.kind, r.verdict, r.rule_id),
+            (FlowKind::Audit, FlowVerdict::AuditWouldDeny, 5)
+        );
+        let v = serde_json::to_value(&r).expect("json");
+        assert_eq!(
+            (v["kind"].as_str(), v["verdict"].as_str()),
+            (Some("audit"), Some("audit-would-deny"))
+        );
     }
 }

@@ -33,21 +33,26 @@ pub enum ConvertError {
 
 type Result<T> = std::result::Result<T, ConvertError>;
 
-fn addr_bytes(ip: &IpAddr) -> Vec<u8> {
+pub(crate) fn addr_bytes(ip: &IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
     }
 }
 
-fn addr(field: &'static str, b: &[u8]) -> Result<IpAddr> {
+/// The address of 4 or 16 bytes.
+pub(crate) fn addr_of(b: &[u8]) -> Option<IpAddr> {
     if let Ok(a) = <[u8; 4]>::try_from(b) {
-        return Ok(IpAddr::V4(Ipv4Addr::from(a)));
+        return Some(IpAddr::V4(Ipv4Addr::from(a)));
     }
     if let Ok(a) = <[u8; 16]>::try_from(b) {
-        return Ok(IpAddr::V6(Ipv6Addr::from(a)));
+        return Some(IpAddr::V6(Ipv6Addr::from(a)));
     }
-    Err(ConvertError::Address {
+    None
+}
+
+fn addr(field: &'static str, b: &[u8]) -> Result<IpAddr> {
+    addr_of(b).ok_or(ConvertError::Address {
         field,
         len: b.len(),
     })
@@ -80,19 +85,24 @@ fn cidr_from(field: &'static str, c: &pb::Cidr) -> Result<IpNetwork> {
     })
 }
 
-fn direction_to(d: rs::Direction) -> pb::Direction {
+pub(crate) fn direction_to(d: rs::Direction) -> pb::Direction {
     match d {
         rs::Direction::Ingress => pb::Direction::Ingress,
         rs::Direction::Egress => pb::Direction::Egress,
     }
 }
 
-fn direction_from(field: &'static str, v: i32) -> Result<rs::Direction> {
+/// The direction of a known, specified value.
+pub(crate) fn direction_of(v: i32) -> Option<rs::Direction> {
     match pb::Direction::try_from(v) {
-        Ok(pb::Direction::Ingress) => Ok(rs::Direction::Ingress),
-        Ok(pb::Direction::Egress) => Ok(rs::Direction::Egress),
-        _ => Err(ConvertError::Enum { field, value: v }),
+        Ok(pb::Direction::Ingress) => Some(rs::Direction::Ingress),
+        Ok(pb::Direction::Egress) => Some(rs::Direction::Egress),
+        _ => None,
     }
+}
+
+fn direction_from(field: &'static str, v: i32) -> Result<rs::Direction> {
+    direction_of(v).ok_or(ConvertError::Enum { field, value: v })
 }
 
 fn protocol_to(p: Option<rs::Protocol>) -> pb::Protocol {
@@ -280,15 +290,19 @@ fn ipcache_from(e: &pb::IpCacheEntry) -> Result<rs::IpCacheEntry> {
     })
 }
 
-fn rule_to(r: &rs::RuleRef) -> pb::RuleRef {
+pub(crate) fn rule_kind_to(k: &rs::RuleKind) -> pb::RuleKind {
+    match k {
+        rs::RuleKind::NetworkPolicy => pb::RuleKind::NetworkPolicy,
+        rs::RuleKind::ClusterNetworkPolicy => pb::RuleKind::ClusterNetworkPolicy,
+        rs::RuleKind::ServicePolicy => pb::RuleKind::ServicePolicy,
+        rs::RuleKind::Quarantine => pb::RuleKind::Quarantine,
+        rs::RuleKind::Default => pb::RuleKind::Default,
+    }
+}
+
+pub(crate) fn rule_to(r: &rs::RuleRef) -> pb::RuleRef {
     pb::RuleRef {
-        kind: match r.kind {
-            rs::RuleKind::NetworkPolicy => pb::RuleKind::NetworkPolicy,
-            rs::RuleKind::ClusterNetworkPolicy => pb::RuleKind::ClusterNetworkPolicy,
-            rs::RuleKind::ServicePolicy => pb::RuleKind::ServicePolicy,
-            rs::RuleKind::Quarantine => pb::RuleKind::Quarantine,
-            rs::RuleKind::Default => pb::RuleKind::Default,
-        } as i32,
+        kind: rule_kind_to(&r.kind) as i32,
         namespace: r.namespace.clone(),
         name: r.name.clone(),
         direction: direction_to(r.direction) as i32,
@@ -296,21 +310,24 @@ fn rule_to(r: &rs::RuleRef) -> pb::RuleRef {
     }
 }
 
+/// The rule kind of a known, specified value.
+pub(crate) fn rule_kind_of(v: i32) -> Option<rs::RuleKind> {
+    match pb::RuleKind::try_from(v) {
+        Ok(pb::RuleKind::NetworkPolicy) => Some(rs::RuleKind::NetworkPolicy),
+        Ok(pb::RuleKind::ClusterNetworkPolicy) => Some(rs::RuleKind::ClusterNetworkPolicy),
+        Ok(pb::RuleKind::ServicePolicy) => Some(rs::RuleKind::ServicePolicy),
+        Ok(pb::RuleKind::Quarantine) => Some(rs::RuleKind::Quarantine),
+        Ok(pb::RuleKind::Default) => Some(rs::RuleKind::Default),
+        _ => None,
+    }
+}
+
 fn rule_from(r: &pb::RuleRef) -> Result<rs::RuleRef> {
     Ok(rs::RuleRef {
-        kind: match pb::RuleKind::try_from(r.kind) {
-            Ok(pb::RuleKind::NetworkPolicy) => rs::RuleKind::NetworkPolicy,
-            Ok(pb::RuleKind::ClusterNetworkPolicy) => rs::RuleKind::ClusterNetworkPolicy,
-            Ok(pb::RuleKind::ServicePolicy) => rs::RuleKind::ServicePolicy,
-            Ok(pb::RuleKind::Quarantine) => rs::RuleKind::Quarantine,
-            Ok(pb::RuleKind::Default) => rs::RuleKind::Default,
-            _ => {
-                return Err(ConvertError::Enum {
-                    field: "rule kind",
-                    value: r.kind,
-                });
-            }
-        },
+        kind: rule_kind_of(r.kind).ok_or(ConvertError::Enum {
+            field: "rule kind",
+            value: r.kind,
+        })?,
         namespace: r.namespace.clone(),
         name: r.name.clone(),
         direction: direction_from("rule direction", r.direction)?,

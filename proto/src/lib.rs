@@ -3,11 +3,14 @@
 //! `proto/bulkhead/v1/distribution.proto` for the protocol's rules.
 //!
 //! - [`convert`] turns the rule-set contract into its protobuf messages and back;
+//! - [`flows`] does the same for flow records (refusing, by field, what the contract cannot
+//!   hold);
 //! - [`parts`] cuts controller messages too large to send whole into parts and puts them back;
 //! - [`follower`] is the agent's side of the distribution protocol, without the kernel: the agent
 //!   binary, the controller's tests and the benchmarks follow a node's stream through it.
 
 pub mod convert;
+pub mod flows;
 pub mod follower;
 pub mod parts;
 

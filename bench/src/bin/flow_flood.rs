@@ -1,6 +1,6 @@
-//! Issue 21, finding 1: a node floods a running controller's `ReportFlows` with records of huge
-//! and made-up strings, then with many distinct rule names; prints the controller's RSS before
-//! and after each flood, what it accepted, and the size of one `/metrics` scrape.
+//! Issue 21, finding 1: a node floods a running controller's `ReportFlows` with records naming
+//! huge policies, then with many distinct rules; prints the controller's RSS before and after
+//! each flood, what it accepted, and the size of one `/metrics` scrape.
 //!
 //! ```sh
 //! bulkhead controller --insecure -f MANIFESTS --listen 127.0.0.1:9960 --metrics 127.0.0.1:9963 &
@@ -32,7 +32,7 @@ struct Args {
     /// The controller's process id (for its RSS).
     #[arg(long)]
     pid: u32,
-    /// Batches of one record with a huge rule (the issue's repro: 40 × 3 MB).
+    /// Batches of one record with a huge rule name (the issue's repro: 40 × 3 MB).
     #[arg(long, default_value_t = 40)]
     big_batches: usize,
     #[arg(long, default_value_t = 3_000_000)]
@@ -72,20 +72,33 @@ fn metrics_bytes(http: SocketAddr) -> anyhow::Result<usize> {
     Ok(body.len() - head - 4)
 }
 
-fn record(rule: String) -> pb::FlowRecord {
+/// A denied record at `flood/pod-0`, decided by the first ingress rule of the NetworkPolicy
+/// `flood/<policy>`.
+fn record(policy: String) -> pb::FlowRecord {
     pb::FlowRecord {
         time_unix_nanos: 1,
-        endpoint: "flood/pod-0".into(),
-        direction: "ingress".into(),
-        src: "192.0.2.1".into(),
-        dst: "192.0.2.2".into(),
+        endpoint: Some(pb::flow_record::Endpoint::Pod(pb::PodRef {
+            namespace: "flood".into(),
+            name: "pod-0".into(),
+        })),
+        direction: pb::Direction::Ingress as i32,
+        src: vec![192, 0, 2, 1].into(),
+        dst: vec![192, 0, 2, 2].into(),
         src_port: 40000,
         dst_port: 80,
         protocol: 6,
-        kind: "denied".into(),
-        verdict: "denied".into(),
-        rule,
-        reason: "denied_policy".into(),
+        kind: pb::FlowKind::Denied as i32,
+        verdict: pb::FlowVerdict::Denied as i32,
+        rule: Some(pb::FlowRule {
+            rule: Some(pb::flow_rule::Rule::Policy(pb::RuleRef {
+                kind: pb::RuleKind::NetworkPolicy as i32,
+                namespace: "flood".into(),
+                name: policy,
+                direction: pb::Direction::Ingress as i32,
+                index: Some(0),
+            })),
+        }),
+        reason: pb::FlowReason::DeniedPolicy as i32,
         packets: 1,
         bytes: 60,
         ..Default::default()
@@ -138,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
         .chunks(500)
         .map(|c| {
             c.iter()
-                .map(|i| record(format!("NetworkPolicy flood/made-up-{i:08} ingress[0]")))
+                .map(|i| record(format!("made-up-{i:08}")))
                 .collect()
         })
         .collect();

@@ -16,6 +16,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -28,8 +29,12 @@ use bulkhead_bench::{Rng, node_name, pod, pod_ip};
 use bulkhead_controller::{
     EngineConfig, Object, PolicyEngine,
     distribution::{AdminService, DistributionService, FlowStore, Hub},
-    flows::{FlowPipeline, ServiceGraph},
+    flows::{FlowPipeline, ServiceGraph, check_record},
     model::{Namespace, Node},
+    ruleset::{
+        Direction, EndpointRef, FlowKind, FlowReason, FlowRecord, FlowRule, FlowVerdict, PodKey,
+        RuleKind, RuleRef,
+    },
 };
 use bulkhead_proto::prost::{self, Message};
 use bulkhead_proto::v1 as pb;
@@ -202,7 +207,7 @@ struct Deployment {
     namespace: String,
     name: String,
     /// (pod name, address)
-    pods: Vec<(String, String)>,
+    pods: Vec<(String, IpAddr)>,
 }
 
 struct Cluster {
@@ -243,7 +248,7 @@ fn cluster(a: &Args) -> Cluster {
                 pod_ip(ip),
             );
             obj.workload = Some(format!("Deployment/{name}"));
-            pods.push((pod_name, pod_ip(ip).to_string()));
+            pods.push((pod_name, pod_ip(ip)));
             objects.push(Object::Pod(obj));
             ip += 1;
         }
@@ -284,31 +289,38 @@ fn batches(a: &Args, c: &Cluster, count: usize) -> (Vec<Arc<Vec<u8>>>, u64) {
                 ..
             } = &c.workloads[w];
             let (src_pod, src_ip) = &src_pods[rng.below(src_pods.len())];
+            let src_pod = PodKey {
+                namespace: src_ns.clone(),
+                name: src_pod.clone(),
+            };
             let roll = rng.below(100);
             let time = now + (b * a.batch + records.len()) as u64 * 1000;
-            let base = pb::FlowRecord {
+            let base = FlowRecord {
                 time_unix_nanos: time,
-                src: src_ip.clone(),
-                src_port: 32768 + rng.below(28000) as u32,
+                endpoint: EndpointRef::Pod(src_pod.clone()),
+                direction: Direction::Egress,
+                src: *src_ip,
+                dst: *src_ip,
+                src_port: 32768 + rng.below(28000) as u16,
+                dst_port: 443,
                 protocol: 6,
+                kind: FlowKind::New,
+                verdict: FlowVerdict::Allowed,
+                rule: FlowRule::DefaultAllow,
+                rule_id: 0,
+                local_identity: 256 + w as u32,
+                peer_identity: 2,
+                peer: None,
+                reason: FlowReason::AllowedNew,
                 packets: 1,
                 bytes: 60 + rng.below(1400) as u64,
-                local_identity: 256 + w as u32,
-                ..Default::default()
             };
             if roll < 3 {
                 // To the internet: allowed at the source's egress.
-                records.push(pb::FlowRecord {
-                    endpoint: format!("{src_ns}/{src_pod}"),
-                    direction: "egress".into(),
-                    dst: format!("203.0.113.{}", rng.below(250) + 1),
-                    dst_port: 443,
-                    kind: "new".into(),
-                    verdict: "allowed".into(),
-                    rule: "default allow".into(),
-                    peer_identity: 2,
+                records.push(pb::FlowRecord::from(FlowRecord {
+                    dst: IpAddr::V4(Ipv4Addr::new(203, 0, 113, rng.below(250) as u8 + 1)),
                     ..base
-                });
+                }));
                 continue;
             }
             let (peer, port) = talks[w][rng.below(a.peers)];
@@ -318,58 +330,61 @@ fn batches(a: &Args, c: &Cluster, count: usize) -> (Vec<Arc<Vec<u8>>>, u64) {
                 pods: dst_pods,
             } = &c.workloads[peer];
             let (dst_pod, dst_ip) = &dst_pods[rng.below(dst_pods.len())];
-            let (verdict, kind, rule, rule_id) = match roll {
+            let rule = |kind, name: String, index| {
+                FlowRule::Rule(RuleRef {
+                    kind,
+                    namespace: dst_ns.clone(),
+                    name,
+                    direction: Direction::Ingress,
+                    index,
+                })
+            };
+            let (verdict, kind, rule, rule_id, reason) = match roll {
                 3..=14 => (
-                    "denied",
-                    "denied",
-                    format!("NetworkPolicy {dst_ns}/default-deny ingress default-deny"),
+                    FlowVerdict::Denied,
+                    FlowKind::Denied,
+                    rule(RuleKind::NetworkPolicy, "default-deny".into(), None),
                     7,
+                    FlowReason::DeniedPolicy,
                 ),
                 15..=19 => (
-                    "audit-would-deny",
-                    "audit",
-                    format!("ServicePolicy {dst_ns}/{dst_name}-audit ingress default-deny"),
+                    FlowVerdict::AuditWouldDeny,
+                    FlowKind::Audit,
+                    rule(RuleKind::ServicePolicy, format!("{dst_name}-audit"), None),
                     9,
+                    FlowReason::AuditWouldDeny,
                 ),
                 _ => (
-                    "allowed",
-                    "new",
-                    format!("NetworkPolicy {dst_ns}/{dst_name} ingress[0]"),
+                    FlowVerdict::Allowed,
+                    FlowKind::New,
+                    rule(RuleKind::NetworkPolicy, dst_name.clone(), Some(0)),
                     8,
+                    FlowReason::AllowedNew,
                 ),
             };
-            let r = pb::FlowRecord {
-                dst: dst_ip.clone(),
-                dst_port: port,
-                kind: kind.into(),
-                verdict: verdict.into(),
+            let r = FlowRecord {
+                dst: *dst_ip,
+                dst_port: port as u16,
                 peer_identity: 256 + peer as u32,
-                rule_id,
                 ..base
             };
-            // The source's egress allowed it (reported by the source's agent) …
-            records.push(pb::FlowRecord {
-                endpoint: format!("{src_ns}/{src_pod}"),
-                direction: "egress".into(),
-                verdict: "allowed".into(),
-                kind: "new".into(),
-                rule: "default allow".into(),
-                // The agent names peers on its own node only.
-                peer: String::new(),
-                ..r.clone()
-            });
+            // The source's egress allowed it (reported by the source's agent; it names peers
+            // on its own node only) …
+            records.push(pb::FlowRecord::from(&r));
             // … and the destination's ingress decided.
-            records.push(pb::FlowRecord {
-                endpoint: format!("{dst_ns}/{dst_pod}"),
-                direction: "ingress".into(),
+            records.push(pb::FlowRecord::from(FlowRecord {
+                endpoint: EndpointRef::Pod(PodKey {
+                    namespace: dst_ns.clone(),
+                    name: dst_pod.clone(),
+                }),
+                direction: Direction::Ingress,
+                kind,
+                verdict,
                 rule,
-                reason: if verdict == "denied" {
-                    "policy".into()
-                } else {
-                    String::new()
-                },
+                rule_id,
+                reason,
                 ..r
-            });
+            }));
         }
         records.truncate(a.batch);
         total += records.len() as u64;
@@ -430,7 +445,8 @@ fn main() -> anyhow::Result<()> {
     );
 
     // Where the controller's time goes, one stage at a time on this thread (no gRPC, no
-    // HTTP/2): protobuf decoding, folding into a fresh graph, storing (with evictions).
+    // HTTP/2): protobuf decoding, the contract's checks (the conversion to typed records),
+    // folding into a fresh graph, storing (with evictions).
     {
         let thread_cpu = || clock_nanos(libc::CLOCK_THREAD_CPUTIME_ID).unwrap_or(0);
         let rounds = 8;
@@ -443,6 +459,31 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let decode = thread_cpu() - c0;
+        let mut checked: Vec<Vec<FlowRecord>> = Vec::new();
+        let c0 = thread_cpu();
+        for _ in 0..rounds {
+            checked = decoded
+                .iter()
+                .map(|b| {
+                    let mut out = Vec::with_capacity(b.records.len());
+                    out.extend(
+                        b.records
+                            .iter()
+                            .cloned()
+                            .filter_map(|r| check_record(r).ok()),
+                    );
+                    out
+                })
+                .collect();
+        }
+        let check_and_clone = thread_cpu() - c0;
+        let c0 = thread_cpu();
+        for _ in 0..rounds {
+            for b in &decoded {
+                std::hint::black_box(b.records.clone());
+            }
+        }
+        let clone_decoded = thread_cpu() - c0;
         let directory = bulkhead_controller::flows::FlowPipeline::new(
             Arc::new(Mutex::new(FlowStore::new(1))),
             Arc::new(Mutex::new(ServiceGraph::default())),
@@ -452,8 +493,8 @@ fn main() -> anyhow::Result<()> {
         let mut g = ServiceGraph::default();
         let c0 = thread_cpu();
         for _ in 0..rounds {
-            for b in &decoded {
-                for r in &b.records {
+            for b in &checked {
+                for r in b {
                     g.add(&directory, r);
                 }
             }
@@ -462,22 +503,23 @@ fn main() -> anyhow::Result<()> {
         let mut s = FlowStore::new(a.store);
         let c0 = thread_cpu();
         for _ in 0..rounds {
-            for b in &decoded {
-                s.push_batch("node-0000", b.records.iter().cloned());
+            for b in &checked {
+                s.push_batch("node-0000", b.iter().cloned());
             }
         }
         let store_and_clone = thread_cpu() - c0;
         let c0 = thread_cpu();
         for _ in 0..rounds {
-            for b in &decoded {
-                std::hint::black_box(b.records.clone());
+            for b in &checked {
+                std::hint::black_box(b.clone());
             }
         }
         let clone_only = thread_cpu() - c0;
         let n = (rounds * pool.len()) as f64 * per_batch as f64;
         println!(
-            "stages, ns of CPU per record: protobuf decode {:.0}, fold into the graph {:.0}, store push + evict {:.0} (beyond allocating and freeing the record)",
+            "stages, ns of CPU per record: protobuf decode {:.0}, contract checks {:.0} (beyond copying the decoded record), fold into the graph {:.0}, store push + evict {:.0} (beyond allocating and freeing the record)",
             decode as f64 / n,
+            check_and_clone.saturating_sub(clone_decoded) as f64 / n,
             fold as f64 / n,
             store_and_clone.saturating_sub(clone_only) as f64 / n
         );
@@ -648,10 +690,10 @@ fn main() -> anyhow::Result<()> {
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned"))?
         .stats();
-    let (folded, skipped, nodes, edges) = {
+    let (folded, nodes, edges) = {
         let g = graph.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         let (n, e) = g.len();
-        (g.records(), g.skipped, n, e)
+        (g.records(), n, e)
     };
     let generated = counts.generated.load(Ordering::Relaxed);
     let dropped = counts.dropped.load(Ordering::Relaxed);
@@ -691,14 +733,11 @@ fn main() -> anyhow::Result<()> {
         stats.stored, stats.capacity
     );
     println!("    evicted (oldest first, counted) {:>12}", stats.evicted);
+    println!("    folded into the graph           {folded:>12}");
     println!(
-        "    folded into the graph           {:>12}   (+ {skipped} without addresses)",
-        folded
-    );
-    println!(
-        "  unaccounted = generated − accepted − dropped-and-reported = {unaccounted}; accepted − stored − evicted = {}; accepted − folded − skipped = {}",
+        "  unaccounted = generated − accepted − dropped-and-reported = {unaccounted}; accepted − stored − evicted = {}; accepted − folded = {}",
         stats.accepted as i128 - stats.stored as i128 - stats.evicted as i128,
-        stats.accepted as i128 - folded as i128 - skipped as i128
+        stats.accepted as i128 - folded as i128
     );
 
     // Serving the graph.

@@ -5,7 +5,10 @@ use std::{
 };
 
 use bulkhead_controller::{
-    EngineConfig, PolicyEngine, distribution::ManifestSource, flows::Directory,
+    EngineConfig, PolicyEngine,
+    distribution::ManifestSource,
+    flows::Directory,
+    ruleset::{FlowKind, FlowReason, RuleKind, RuleRef, RuleSet},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -25,35 +28,55 @@ impl Drop for Fixture {
     }
 }
 
+/// The rule `index` of a policy (`None`: its default deny).
+fn policy(
+    kind: RuleKind,
+    namespace: &str,
+    name: &str,
+    direction: Direction,
+    index: Option<u32>,
+) -> FlowRule {
+    FlowRule::Rule(RuleRef {
+        kind,
+        namespace: namespace.into(),
+        name: name.into(),
+        direction,
+        index,
+    })
+}
+
 fn record(
     endpoint: &str,
     direction: &str,
     src: &str,
     dst: &str,
-    port: u32,
+    port: u16,
     verdict: &str,
-    rule: &str,
-) -> pb::FlowRecord {
-    pb::FlowRecord {
+    rule: FlowRule,
+) -> FlowRecord {
+    FlowRecord {
         time_unix_nanos: 1_700_000_000_000_000_000,
-        endpoint: endpoint.into(),
-        direction: direction.into(),
-        src: src.into(),
-        dst: dst.into(),
+        endpoint: endpoint.parse().expect("endpoint"),
+        direction: direction.parse().expect("direction"),
+        src: src.parse().expect("ip"),
+        dst: dst.parse().expect("ip"),
         src_port: 40000,
         dst_port: port,
         protocol: 6,
         kind: if verdict == "allowed" {
-            "new"
+            FlowKind::New
         } else {
-            "denied"
-        }
-        .into(),
-        verdict: verdict.into(),
-        rule: rule.into(),
-        bytes: 60,
+            FlowKind::Denied
+        },
+        verdict: verdict.parse().expect("verdict"),
+        rule,
+        rule_id: 0,
+        local_identity: 0,
+        peer_identity: 0,
+        peer: None,
+        reason: FlowReason::DeniedPolicy,
         packets: 1,
-        ..Default::default()
+        bytes: 60,
     }
 }
 
@@ -105,7 +128,13 @@ async fn serve_with_auth(
             "10.203.0.20",
             8080,
             "denied",
-            "NetworkPolicy shop/backend-api ingress default-deny",
+            policy(
+                RuleKind::NetworkPolicy,
+                "shop",
+                "backend-api",
+                Direction::Ingress,
+                None,
+            ),
         ),
         record(
             "shop/backend",
@@ -114,7 +143,13 @@ async fn serve_with_auth(
             "10.203.0.20",
             8080,
             "allowed",
-            "NetworkPolicy shop/backend-api ingress[0]",
+            policy(
+                RuleKind::NetworkPolicy,
+                "shop",
+                "backend-api",
+                Direction::Ingress,
+                Some(0),
+            ),
         ),
         record(
             "shop/frontend",
@@ -123,11 +158,17 @@ async fn serve_with_auth(
             "192.0.2.7",
             443,
             "denied",
-            "ServicePolicy shop/no-world egress[0]",
+            policy(
+                RuleKind::ServicePolicy,
+                "shop",
+                "no-world",
+                Direction::Egress,
+                Some(0),
+            ),
         ),
     ] {
         graph.lock().expect("graph").add(&directory, &r);
-        flows.lock().expect("flows").push(&node, r);
+        flows.lock().expect("flows").push_batch(&node, [r]);
     }
     let quarantine = quarantine.then(|| {
         Arc::new(QuarantineControl::new(
@@ -602,32 +643,59 @@ async fn actions_are_off_on_a_public_listener_unless_asked_for() {
 }
 
 #[test]
-fn rule_descriptions_are_parsed_into_kind_object_direction_and_index() {
-    let p = parse_rule("ClusterNetworkPolicy deny-all egress[3]");
+fn the_deciding_rule_is_structured_from_its_parts() {
+    let decided = |rule: Option<&FlowRule>| {
+        let text = rule.map_or("Quarantine tools/q: port scan".to_string(), |r| {
+            r.to_string()
+        });
+        decided_by(rule, &text)
+    };
+    let p = decided(Some(&policy(
+        RuleKind::ClusterNetworkPolicy,
+        "",
+        "deny-all",
+        Direction::Egress,
+        Some(3),
+    )));
     assert_eq!(
-        (
-            p["kind"].as_str(),
-            p["namespace"].as_str(),
-            p["name"].as_str(),
-            p["index"].as_u64()
-        ),
-        (
-            Some("ClusterNetworkPolicy"),
-            Some(""),
-            Some("deny-all"),
-            Some(3)
-        )
+        p,
+        json!({"kind": "ClusterNetworkPolicy", "namespace": "", "name": "deny-all",
+               "direction": "egress", "index": 3,
+               "text": "ClusterNetworkPolicy deny-all egress[3]"})
     );
-    let p = parse_rule("Quarantine tools/quarantine-debug ingress default-deny");
+    let p = decided(Some(&policy(
+        RuleKind::Quarantine,
+        "tools",
+        "quarantine-debug",
+        Direction::Ingress,
+        None,
+    )));
     assert_eq!(
         (p["kind"].as_str(), p["name"].as_str(), p["index"].is_null()),
         (Some("Quarantine"), Some("quarantine-debug"), true)
     );
     assert_eq!(
-        parse_rule("default allow (no policy applies)")["kind"],
-        "Default"
+        decided(Some(&FlowRule::DefaultAllow)),
+        json!({"kind": "Default", "namespace": "", "name": "", "direction": "", "index": null,
+               "text": "default allow (no policy applies)"})
     );
-    assert_eq!(parse_rule("Quarantine tools/q: port scan")["kind"], "");
+    for other in [
+        FlowRule::MissingPolicy,
+        FlowRule::UnrelatedIcmpError,
+        FlowRule::Unnamed(9),
+    ] {
+        let p = decided(Some(&other));
+        assert_eq!(
+            (p["kind"].as_str(), p["text"].as_str()),
+            (Some(""), Some(other.to_string().as_str()))
+        );
+    }
+    // A quarantine action has no deciding rule, only its text.
+    let p = decided(None);
+    assert_eq!(
+        (p["kind"].as_str(), p["text"].as_str()),
+        (Some(""), Some("Quarantine tools/q: port scan"))
+    );
     assert!(
         is_loopback_host("127.0.0.1:9961")
             && is_loopback_host("localhost")

@@ -41,7 +41,7 @@ use kube::{
 use super::{FlowStore, Hub, ManifestSource};
 use crate::kubernetes::Quarantine;
 use crate::kubernetes::status::{EVENT_NOTE_MAX, FIELD_MANAGER, rfc3339, rfc3339_millis, truncate};
-use crate::ruleset::RuleKind;
+use crate::ruleset::{FlowEntry, PodKey, QuarantineAction, QuarantineEvent, RuleKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuarantineError {
@@ -346,10 +346,14 @@ impl QuarantineControl {
         Ok(deltas.into_iter().map(|d| (d.node, d.version)).collect())
     }
 
-    fn audit(&self, action: &str, info: &pb::QuarantineInfo) -> Result<(), QuarantineError> {
+    fn audit(
+        &self,
+        action: QuarantineAction,
+        info: &pb::QuarantineInfo,
+    ) -> Result<(), QuarantineError> {
         let line = serde_json::json!({
             "time": rfc3339(SystemTime::now()),
-            "action": action,
+            "action": action.as_str(),
             "namespace": info.namespace,
             "pod": info.pod,
             "quarantine": info.name,
@@ -373,29 +377,23 @@ impl QuarantineControl {
         if let Ok(mut flows) = self.flows.lock() {
             flows.push(
                 "controller",
-                pb::FlowRecord {
+                FlowEntry::Quarantine(QuarantineEvent {
                     time_unix_nanos: SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)
                         .map(|d| d.as_nanos() as u64)
                         .unwrap_or(0),
-                    endpoint: format!("{}/{}", info.namespace, info.pod),
-                    kind: action.to_string(),
-                    // A release and an expiry both lift it.
-                    verdict: if action == "quarantine" {
-                        "quarantined".into()
-                    } else {
-                        "released".into()
+                    pod: PodKey {
+                        namespace: info.namespace.clone(),
+                        name: info.pod.clone(),
                     },
-                    rule: format!(
-                        "Quarantine {}/{}: {}",
-                        info.namespace, info.name, info.reason
-                    ),
-                    reason: format!("by {}", info.actor),
-                    ..Default::default()
-                },
+                    action,
+                    quarantine: info.name.clone(),
+                    reason: info.reason.clone(),
+                    actor: info.actor.clone(),
+                }),
             );
         }
-        tracing::warn!(action, namespace = %info.namespace, pod = %info.pod, reason = %info.reason, actor = %info.actor, "quarantine audit");
+        tracing::warn!(action = action.as_str(), namespace = %info.namespace, pod = %info.pod, reason = %info.reason, actor = %info.actor, "quarantine audit");
         Ok(())
     }
 
@@ -568,7 +566,7 @@ impl QuarantineControl {
             actor: r.actor,
             ..Default::default()
         };
-        self.audit("quarantine", &info)?;
+        self.audit(QuarantineAction::Quarantine, &info)?;
         if let (Store::Kubernetes(k), Some(reference)) = (&self.store, reference) {
             self.kube_event(k, &reference, "quarantine", &info);
         }
@@ -602,7 +600,7 @@ impl QuarantineControl {
             c.remove(&format!("{}/{}", r.namespace, r.pod));
         }
         info.actor = r.actor;
-        self.audit("release", &info)?;
+        self.audit(QuarantineAction::Release, &info)?;
         Ok(pb::QuarantineResponse {
             quarantine: Some(info),
             nodes: nodes.into_iter().collect(),
@@ -645,7 +643,7 @@ impl QuarantineControl {
                 c.remove(&format!("{}/{}", info.namespace, info.pod));
             }
             info.actor = EXPIRY_ACTOR.into();
-            self.audit("expire", &info)?;
+            self.audit(QuarantineAction::Expire, &info)?;
             out.push(info);
         }
         Ok(out)
@@ -848,7 +846,7 @@ impl QuarantineControl {
         }
         let mut info = info_of(&object);
         info.actor = r.actor;
-        self.audit("release", &info)?;
+        self.audit(QuarantineAction::Release, &info)?;
         self.kube_event(k, &object.object_ref(&()), "release", &info);
         Ok(pb::QuarantineResponse {
             quarantine: Some(info),

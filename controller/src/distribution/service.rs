@@ -22,19 +22,23 @@ use super::{
     auth::{self, ClientPolicy},
     hub::{Hub, HubError, SentVersions},
 };
-use crate::flows::{Directory, FlowFilter, FlowPipeline, ServiceGraph};
+use crate::{
+    flows::{Directory, FlowFilter, FlowPipeline, ServiceGraph},
+    ruleset::{FlowEntry, FlowRecord},
+};
 
 /// How long an agent has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Flow records the controller keeps (oldest evicted first, evictions counted).
+/// Flow records the controller keeps, and the quarantine actions it records among them (oldest
+/// evicted first, evictions counted).
 ///
 /// Every record has a sequence number (the count of records accepted before it), so a reader
 /// can resume where it left off and knows how many it missed when the store moved past it.
 #[derive(Debug)]
 pub struct FlowStore {
     capacity: usize,
-    records: VecDeque<(Arc<str>, pb::FlowRecord)>,
+    records: VecDeque<(Arc<str>, FlowEntry)>,
     pub accepted: u64,
     pub evicted: u64,
     /// Records agents reported as dropped on their side.
@@ -55,25 +59,29 @@ impl FlowStore {
         }
     }
 
-    pub fn push(&mut self, node: &str, r: pb::FlowRecord) {
-        self.push_batch(node, [r]);
+    pub fn push(&mut self, node: &str, e: FlowEntry) {
+        self.push_entries(node, [e]);
     }
 
     /// Records of one node, in order.
-    pub fn push_batch(&mut self, node: &str, records: impl IntoIterator<Item = pb::FlowRecord>) {
+    pub fn push_batch(&mut self, node: &str, records: impl IntoIterator<Item = FlowRecord>) {
+        self.push_entries(node, records.into_iter().map(FlowEntry::Flow));
+    }
+
+    fn push_entries(&mut self, node: &str, entries: impl IntoIterator<Item = FlowEntry>) {
         let node: Arc<str> = Arc::from(node);
-        for r in records {
+        for e in entries {
             if self.records.len() == self.capacity {
                 self.records.pop_front();
                 self.evicted += 1;
             }
             self.accepted += 1;
-            self.records.push_back((node.clone(), r));
+            self.records.push_back((node.clone(), e));
         }
         self.arrivals.send_replace(self.accepted);
     }
 
-    pub fn recent(&self, limit: usize) -> Vec<(String, pb::FlowRecord)> {
+    pub fn recent(&self, limit: usize) -> Vec<(String, FlowEntry)> {
         self.records
             .iter()
             .rev()
@@ -94,7 +102,7 @@ impl FlowStore {
         from: u64,
     ) -> (
         u64,
-        impl DoubleEndedIterator<Item = (&str, &pb::FlowRecord, u64)>,
+        impl DoubleEndedIterator<Item = (&str, &FlowEntry, u64)>,
     ) {
         let first = self.first_sequence();
         let missed = first.saturating_sub(from);
@@ -522,12 +530,18 @@ fn poisoned() -> Status {
 }
 
 /// A stored record as the API hands it out: its peer named when the agent could not.
-fn stored_flow(dir: &Directory, node: &str, r: &pb::FlowRecord, sequence: u64) -> pb::StoredFlow {
-    let mut record = r.clone();
-    dir.name_peer(&mut record);
+fn stored_flow(dir: &Directory, node: &str, e: &FlowEntry, sequence: u64) -> pb::StoredFlow {
+    let entry = match e {
+        FlowEntry::Flow(r) if r.peer.is_none() => {
+            let mut r = r.clone();
+            dir.name_peer(&mut r);
+            pb::stored_flow::Entry::Record(r.into())
+        }
+        e => e.into(),
+    };
     pb::StoredFlow {
         node: node.to_string(),
-        record: Some(record),
+        entry: Some(entry),
         sequence,
     }
 }
@@ -736,6 +750,9 @@ mod flow_api_tests {
         Change, EngineConfig, PolicyEngine,
         flows::{FlowPipeline, ServiceGraph},
         load_str,
+        ruleset::{
+            Direction, FlowEntry, FlowKind, FlowReason, FlowRecord, FlowRule, RuleKind, RuleRef,
+        },
     };
 
     const PODS: &str = "
@@ -753,19 +770,39 @@ status: {podIP: 10.9.0.2}
 ";
 
     fn record(endpoint: &str, direction: &str, dst: &str, verdict: &str, t: u64) -> pb::FlowRecord {
-        pb::FlowRecord {
+        pb::FlowRecord::from(FlowRecord {
             time_unix_nanos: t,
-            endpoint: endpoint.into(),
-            direction: direction.into(),
-            src: "10.9.0.1".into(),
-            dst: dst.into(),
+            endpoint: endpoint.parse().expect("endpoint"),
+            direction: direction.parse().expect("direction"),
+            src: "10.9.0.1".parse().expect("ip"),
+            dst: dst.parse().expect("ip"),
+            src_port: 0,
             dst_port: 5432,
             protocol: 6,
-            kind: "new".into(),
-            verdict: verdict.into(),
-            rule: format!("rule for {verdict}"),
+            kind: FlowKind::New,
+            verdict: verdict.parse().expect("verdict"),
+            rule: FlowRule::Rule(RuleRef {
+                kind: RuleKind::NetworkPolicy,
+                namespace: "data".into(),
+                name: format!("rule-for-{verdict}"),
+                direction: Direction::Ingress,
+                index: None,
+            }),
+            rule_id: 0,
+            local_identity: 0,
+            peer_identity: 0,
+            peer: None,
+            reason: FlowReason::DeniedPolicy,
+            packets: 0,
             bytes: 60,
-            ..Default::default()
+        })
+    }
+
+    /// The record of a stored flow.
+    fn flow_record(f: &pb::StoredFlow) -> FlowRecord {
+        match f.clone().into_entry().expect("a stored flow") {
+            FlowEntry::Flow(r) => r,
+            other => panic!("{other:?} is no flow record"),
         }
     }
 
@@ -860,8 +897,8 @@ status: {podIP: 10.9.0.2}
             (3, 3, 0, 5)
         );
         // The controller names the peer the agent could not (db-0 lives on another node).
-        let first = all.flows[0].record.clone().expect("record");
-        assert_eq!(first.peer, "data/db-0");
+        let first = flow_record(&all.flows[0]);
+        assert_eq!(first.peer, Some("data/db-0".parse().expect("pod")));
 
         let denied = admin
             .get_flows(pb::GetFlowsRequest {
@@ -905,7 +942,10 @@ status: {podIP: 10.9.0.2}
             .find(|e| e.dst == "data/Pod/db-0")
             .expect("web → db");
         assert_eq!((db.allowed, db.denied, db.port), (0, 1, 5432));
-        assert_eq!(db.rules[0].rule, "rule for denied");
+        assert_eq!(
+            db.rules[0].rule,
+            "NetworkPolicy data/rule-for-denied ingress default-deny"
+        );
         let data_only = admin
             .get_graph(pb::GetGraphRequest {
                 namespace: "data".into(),
@@ -963,10 +1003,7 @@ status: {podIP: 10.9.0.2}
         .await;
         let live = next(&mut watch).await;
         assert_eq!(live.flows.len(), 1);
-        assert_eq!(
-            live.flows[0].record.as_ref().map(|r| r.time_unix_nanos),
-            Some(3)
-        );
+        assert_eq!(flow_record(&live.flows[0]).time_unix_nanos, 3);
         // Ten records into a store of four, in one batch: the watcher sees the four the store
         // still holds and is told about the six it missed.
         let batch = (0..10)

@@ -1,7 +1,9 @@
 //! The service graph and the flow pipeline, on records as agents send them.
 
 use super::*;
-use crate::ruleset::{Endpoint, RuleSet};
+use crate::ruleset::{
+    Endpoint, FlowKind, FlowReason, QuarantineAction, QuarantineEvent, RuleKind, RuleRef, RuleSet,
+};
 
 fn ep(id: u32, ns: &str, pod: &str, workload: Option<&str>, ip: &str) -> Endpoint {
     Endpoint {
@@ -17,26 +19,48 @@ fn ep(id: u32, ns: &str, pod: &str, workload: Option<&str>, ip: &str) -> Endpoin
     }
 }
 
+/// A rule of a policy in namespace `ns`: `name` with `[index]` when given.
+fn rule(name: &str) -> FlowRule {
+    let (name, index) = match name.split_once('[') {
+        Some((n, i)) => (n, i.trim_end_matches(']').parse().ok()),
+        None => (name, None),
+    };
+    FlowRule::Rule(RuleRef {
+        kind: RuleKind::NetworkPolicy,
+        namespace: "shop".into(),
+        name: name.into(),
+        direction: Direction::Ingress,
+        index,
+    })
+}
+
 fn rec(
     endpoint: &str,
     direction: &str,
     src: &str,
     dst: &str,
     verdict: &str,
-    rule: &str,
-) -> pb::FlowRecord {
-    pb::FlowRecord {
-        endpoint: endpoint.into(),
-        direction: direction.into(),
-        src: src.into(),
-        dst: dst.into(),
+    rule: FlowRule,
+) -> FlowRecord {
+    FlowRecord {
+        time_unix_nanos: 5,
+        endpoint: endpoint.parse().expect("endpoint"),
+        direction: direction.parse().expect("direction"),
+        src: src.parse().expect("ip"),
+        dst: dst.parse().expect("ip"),
+        src_port: 0,
         dst_port: 80,
         protocol: 6,
-        verdict: verdict.into(),
-        rule: rule.into(),
-        time_unix_nanos: 5,
+        kind: FlowKind::New,
+        verdict: verdict.parse().expect("verdict"),
+        rule,
+        rule_id: 0,
+        local_identity: 0,
+        peer_identity: 0,
+        peer: None,
+        reason: FlowReason::AllowedNew,
+        packets: 0,
         bytes: 60,
-        ..Default::default()
     }
 }
 
@@ -47,8 +71,14 @@ fn rule_labels_beyond_the_cap_are_counted_as_other() {
     let dir = Directory::default();
     let extra = 500;
     for i in 0..MAX_RULE_LABELS + extra {
-        let mut r = rec("ns/p", "ingress", "192.0.2.1", "192.0.2.2", "denied", "");
-        r.rule = format!("rule {i}");
+        let r = rec(
+            "ns/p",
+            "ingress",
+            "192.0.2.1",
+            "192.0.2.2",
+            "denied",
+            FlowRule::Unnamed(i as u32),
+        );
         g.add(&dir, &r);
     }
     assert_eq!(g.rule_labels(), MAX_RULE_LABELS + 1);
@@ -60,19 +90,18 @@ fn rule_labels_beyond_the_cap_are_counted_as_other() {
         &drops[..3]
     );
     // A rule already labelled keeps its label after the cap is reached.
-    let mut r = rec(
+    let r = rec(
         "ns/p",
         "ingress",
         "192.0.2.1",
         "192.0.2.2",
         "denied",
-        "rule 7",
+        FlowRule::Unnamed(7),
     );
-    r.rule = "rule 7".into();
     g.add(&dir, &r);
     assert!(
         g.drops_by_rule()
-            .any(|(name, n)| name == "rule 7" && n == 2)
+            .any(|(name, n)| name == "rule #7" && n == 2)
     );
     // The one edge names its first rules and counts the rest together.
     let graph = g.to_proto("");
@@ -84,7 +113,7 @@ fn rule_labels_beyond_the_cap_are_counted_as_other() {
         count(OTHER_RULES),
         Some((MAX_RULE_LABELS + extra - MAX_RULES_PER_EDGE) as u64)
     );
-    assert_eq!(count("rule 7"), Some(2));
+    assert_eq!(count("rule #7"), Some(2));
 }
 
 #[test]
@@ -100,7 +129,7 @@ fn edges_not_seen_since_the_cutoff_expire_with_their_lone_workloads() {
     };
     let dir = Directory::from_rulesets([&rs]);
     let mut g = ServiceGraph::default();
-    let at = |mut r: pb::FlowRecord, t: u64| {
+    let at = |mut r: FlowRecord, t: u64| {
         r.time_unix_nanos = t;
         r
     };
@@ -110,7 +139,7 @@ fn edges_not_seen_since_the_cutoff_expire_with_their_lone_workloads() {
         "10.0.0.3",
         "10.0.0.2",
         "denied",
-        "d",
+        rule("d"),
     );
     // A pod-to-pod connection counts where it arrives.
     let new = rec(
@@ -119,7 +148,7 @@ fn edges_not_seen_since_the_cutoff_expire_with_their_lone_workloads() {
         "10.0.0.1",
         "10.0.0.2",
         "allowed",
-        "a",
+        rule("a[0]"),
     );
     g.add(&dir, &at(old, 100));
     g.add(&dir, &at(new.clone(), 100));
@@ -161,7 +190,7 @@ fn a_connection_counts_once_and_denials_name_their_rule() {
             "10.0.0.1",
             "10.0.0.2",
             "allowed",
-            "default allow",
+            FlowRule::DefaultAllow,
         ),
     );
     g.add(
@@ -172,7 +201,7 @@ fn a_connection_counts_once_and_denials_name_their_rule() {
             "10.0.0.1",
             "10.0.0.2",
             "allowed",
-            "NetworkPolicy shop/api ingress[0]",
+            rule("api[0]"),
         ),
     );
     // debug → api denied at api's ingress.
@@ -184,7 +213,7 @@ fn a_connection_counts_once_and_denials_name_their_rule() {
             "10.0.0.3",
             "10.0.0.2",
             "denied",
-            "NetworkPolicy shop/api ingress default-deny",
+            rule("api"),
         ),
     );
     // world → web allowed at web's ingress.
@@ -196,7 +225,7 @@ fn a_connection_counts_once_and_denials_name_their_rule() {
             "192.0.2.7",
             "10.0.0.1",
             "allowed",
-            "default allow",
+            FlowRule::DefaultAllow,
         ),
     );
     let graph = g.graph();
@@ -236,4 +265,158 @@ fn a_connection_counts_once_and_denials_name_their_rule() {
         dot.contains("cluster_") && dot.contains("color=red"),
         "{dot}"
     );
+}
+
+/// A `Default` rule prints only its direction: rules that print the same are one label, so an
+/// agent cannot fill the labels with variants of one text.
+#[test]
+fn rules_that_print_the_same_are_one_label() {
+    let mut g = ServiceGraph::default();
+    let dir = Directory::default();
+    for i in 0..100 {
+        let r = rec(
+            "ns/p",
+            "ingress",
+            "192.0.2.1",
+            "192.0.2.2",
+            "denied",
+            FlowRule::Rule(RuleRef {
+                kind: RuleKind::Default,
+                namespace: format!("ns-{i}"),
+                name: format!("p-{i}"),
+                direction: Direction::Ingress,
+                index: Some(i),
+            }),
+        );
+        g.add(&dir, &r);
+    }
+    let drops: Vec<(&str, u64)> = g.drops_by_rule().collect();
+    assert_eq!(drops, [("default (ingress)", 100)]);
+    assert_eq!(g.rule_labels(), 2, "the label and the overflow label");
+}
+
+fn quarantine_event(action: QuarantineAction) -> FlowEntry {
+    FlowEntry::Quarantine(QuarantineEvent {
+        time_unix_nanos: 9,
+        pod: "tools/debug".parse().expect("pod"),
+        action,
+        quarantine: "debug".into(),
+        reason: "port scan".into(),
+        actor: "web UI".into(),
+    })
+}
+
+/// `/api/flows` and `bulkhead flows -o json` show what they showed when records were texts.
+#[test]
+fn flows_and_quarantine_actions_read_as_before() {
+    let mut r = rec(
+        "shop/api-0",
+        "ingress",
+        "10.0.0.1",
+        "2001:db8::2",
+        "audit-would-deny",
+        rule("api"),
+    );
+    r.kind = FlowKind::Audit;
+    r.reason = FlowReason::AuditWouldDeny;
+    r.peer = Some("shop/web-0".parse().expect("pod"));
+    assert_eq!(
+        flow_json("n1", &FlowEntry::Flow(r.clone())).to_string(),
+        r#"{"direction":"ingress","dst":"2001:db8::2","dst_port":80,"endpoint":"shop/api-0","kind":"audit","node":"n1","peer":"shop/web-0","protocol":6,"reason":"audit_would_deny","rule":"NetworkPolicy shop/api ingress default-deny","src":"10.0.0.1","src_port":0,"time_unix_nanos":5,"verdict":"audit-would-deny"}"#
+    );
+    r.peer = None;
+    r.endpoint = EndpointRef::Unnamed(3);
+    let v = flow_json("n1", &FlowEntry::Flow(r));
+    assert_eq!(
+        (v["peer"].as_str(), v["endpoint"].as_str()),
+        (Some(""), Some("endpoint#3"))
+    );
+    assert_eq!(
+        flow_json(
+            "controller",
+            &quarantine_event(QuarantineAction::Quarantine)
+        )
+        .to_string(),
+        r#"{"direction":"","dst":"","dst_port":0,"endpoint":"tools/debug","kind":"quarantine","node":"controller","peer":"","protocol":0,"reason":"by web UI","rule":"Quarantine tools/debug: port scan","src":"","src_port":0,"time_unix_nanos":9,"verdict":"quarantined"}"#
+    );
+    for (action, verdict) in [
+        (QuarantineAction::Release, "released"),
+        (QuarantineAction::Expire, "released"),
+    ] {
+        let v = flow_json("controller", &quarantine_event(action));
+        assert_eq!(
+            (v["kind"].as_str(), v["verdict"].as_str()),
+            (Some(action.as_str()), Some(verdict))
+        );
+    }
+}
+
+/// The filter of `bulkhead flows`: a pod at either end, a namespace at either end, each on its
+/// own; peers named from the directory when the agent could not.
+#[test]
+fn filters_match_either_end() {
+    let rs = RuleSet {
+        node: "n1".into(),
+        endpoints: vec![
+            ep(1, "shop", "web-0", None, "10.0.0.1"),
+            ep(2, "data", "db-0", None, "10.0.0.2"),
+        ],
+        ..Default::default()
+    };
+    let dir = Directory::from_rulesets([&rs]);
+    // web-0 → db-0 seen at web's egress; the agent did not name db-0.
+    let flow = FlowEntry::Flow(rec(
+        "shop/web-0",
+        "egress",
+        "10.0.0.1",
+        "10.0.0.2",
+        "denied",
+        rule("x"),
+    ));
+    let filter = |ns: Option<&str>, pod: Option<&str>, verdict: Option<&str>| FlowFilter {
+        namespace: ns.map(str::to_string),
+        pod: pod.map(str::to_string),
+        verdict: verdict.map(str::to_string),
+        since_unix_nanos: 0,
+    };
+    let cases = [
+        (filter(None, None, None), true),
+        (filter(None, None, Some("denied")), true),
+        (filter(None, None, Some("allowed")), false),
+        (filter(Some("shop"), None, None), true),
+        (filter(Some("data"), None, None), true),
+        (filter(Some("tools"), None, None), false),
+        (filter(None, Some("shop/web-0"), None), true),
+        (filter(None, Some("data/db-0"), None), true),
+        (filter(None, Some("data/db"), None), false),
+        (filter(None, Some("shop/web-0x"), None), false),
+        (filter(None, Some("shop"), None), false),
+        // Each on its own: the pod at one end, the namespace at the other.
+        (filter(Some("data"), Some("shop/web-0"), None), true),
+    ];
+    for (f, want) in cases {
+        assert_eq!(f.matches(&dir, &flow), want, "{f:?}");
+    }
+    let since = FlowFilter {
+        since_unix_nanos: 6,
+        ..filter(None, None, None)
+    };
+    assert!(!since.matches(&dir, &flow), "observed at 5");
+    // An endpoint the agent could not name matches its own text only.
+    let unnamed = FlowEntry::Flow(rec(
+        "endpoint#4",
+        "ingress",
+        "192.0.2.1",
+        "192.0.2.2",
+        "denied",
+        rule("x"),
+    ));
+    assert!(filter(None, Some("endpoint#4"), None).matches(&dir, &unnamed));
+    assert!(!filter(None, Some("endpoint#5"), None).matches(&dir, &unnamed));
+    assert!(!filter(Some("endpoint#4"), None, None).matches(&dir, &unnamed));
+    // A quarantine action: its pod, its verdict.
+    let q = quarantine_event(QuarantineAction::Quarantine);
+    assert!(filter(Some("tools"), Some("tools/debug"), Some("quarantined")).matches(&dir, &q));
+    assert!(!filter(None, None, Some("released")).matches(&dir, &q));
+    assert!(!filter(Some("shop"), None, None).matches(&dir, &q));
 }

@@ -15,6 +15,9 @@
 //! that match one packet; the agent applies the very same function to every map key it writes, so
 //! the kernel and this reference cannot disagree about precedence, only about matching — which is
 //! what the differential tests check.
+//!
+//! The [`flow`] module holds the vocabulary of flow records (verdicts, kinds, reasons, the
+//! deciding rule), which agents report and the controller keeps.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -23,6 +26,12 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 pub mod conntrack;
+pub mod flow;
+
+pub use flow::{
+    EndpointRef, FlowEntry, FlowKind, FlowReason, FlowRecord, FlowRule, FlowVerdict,
+    QuarantineAction, QuarantineEvent,
+};
 
 /// Numeric security identity of a set of endpoints (or of a CIDR).
 pub type Identity = u32;
