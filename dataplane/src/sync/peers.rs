@@ -211,21 +211,7 @@ impl<M: Maps> Enforcer<M> {
             let Some(group) = self.groups.get(&p.endpoint.policy) else {
                 continue;
             };
-            let candidates: BTreeSet<u32> = group
-                .tables
-                .summaries
-                .iter()
-                .filter(|(k, _)| k.direction == DIR_INGRESS && k.identity != identity::ANY)
-                .map(|(k, _)| k.identity)
-                .collect();
-            for peer in candidates {
-                let Some(rule_id) = fully_denied(
-                    &group.tables,
-                    peer,
-                    (group.default_ingress, group.default_egress),
-                ) else {
-                    continue;
-                };
+            for &(peer, rule_id) in &group.denied {
                 for addr in &state.addrs {
                     wanted.insert(
                         PrefilterKey {

@@ -627,3 +627,41 @@ fn a_restarted_enforcer_picks_fresh_policy_ids_and_clears_leftovers() {
         "the earlier agent's keys are gone: {ids:?}"
     );
 }
+
+/// The prefilter's pairs come from the group's policy once, when its keys are written: a peer
+/// denied on every protocol and port both ways gets a pair for each of the endpoint's
+/// addresses; a peer with one allowed port, or the wildcard, gets none.
+#[test]
+fn peers_denied_outright_become_prefilter_pairs() {
+    let deny = |peer: u32, rule: u32| PolicyEntry {
+        peer,
+        protocol: None,
+        ports: PortRange::ALL,
+        tier: Tier::Admin,
+        priority: 0,
+        action: Action::Deny,
+        audit: false,
+        rule,
+    };
+    let mut rs = ruleset(1, 5432);
+    let db = rs.policies.get_mut(&2).expect("db's group");
+    db.ingress.entries.push(deny(900, 9));
+    db.egress = DirectionPolicy {
+        isolated_by: Some(1),
+        audit_isolated_by: None,
+        entries: vec![deny(900, 9)],
+    };
+    let mut e = enforcer();
+    let report = e.apply(&rs, &Named).expect("apply");
+    assert_eq!(report.prefilter_pairs, 1, "{report:?}");
+    let pairs = e
+        .dataplane()
+        .entries(super::maps::PREFILTER_DENY)
+        .expect("entries");
+    assert_eq!(pairs.len(), 1);
+    let (key, value) = pairs[0];
+    assert_eq!((key.identity, value.rule_id, value.endpoint_id), (900, 9, 2));
+    assert_eq!(key.addr, super::addr16(ip(2)));
+    // WEB may reach db on 5432: no pair for it, and none for the wildcard.
+    assert!(!pairs.iter().any(|(k, _)| k.identity == WEB));
+}
