@@ -660,7 +660,10 @@ fn peers_denied_outright_become_prefilter_pairs() {
         .expect("entries");
     assert_eq!(pairs.len(), 1);
     let (key, value) = pairs[0];
-    assert_eq!((key.identity, value.rule_id, value.endpoint_id), (900, 9, 2));
+    assert_eq!(
+        (key.identity, value.rule_id, value.endpoint_id),
+        (900, 9, 2)
+    );
     assert_eq!(key.addr, super::addr16(ip(2)));
     // WEB may reach db on 5432: no pair for it, and none for the wildcard.
     assert!(!pairs.iter().any(|(k, _)| k.identity == WEB));
