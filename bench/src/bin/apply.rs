@@ -36,13 +36,17 @@ struct Args {
     /// One-pod changes per size (alternately quarantine and release); median and max reported.
     #[arg(long, default_value_t = 21)]
     rounds: usize,
+    /// Addresses of pods on other nodes in every rule set's ipcache (/32 each, spread over
+    /// 100 identities): what a node of a large cluster carries besides its own pods.
+    #[arg(long, default_value_t = 0)]
+    remote_peers: u32,
 }
 
 fn pod_ip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(0x0a32_0000 + i + 2)
 }
 
-fn ruleset(version: u64, pods: u32, quarantined: Option<u32>) -> RuleSet {
+fn ruleset(version: u64, pods: u32, quarantined: Option<u32>, remote: u32) -> RuleSet {
     let endpoints = (0..pods)
         .map(|i| Endpoint {
             id: i + 1,
@@ -63,6 +67,15 @@ fn ruleset(version: u64, pods: u32, quarantined: Option<u32>) -> RuleSet {
             quarantined: quarantined == Some(i),
             quarantine_allow: Vec::new(),
         })
+        .chain((0..remote).map(|i| IpCacheEntry {
+            // 10.64.0.0/12: other nodes' pod CIDRs.
+            cidr: ipnetwork::IpNetwork::V4(
+                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0a40_0000 + i), 32).expect("cidr"),
+            ),
+            identity: 2000 + i % 100,
+            quarantined: false,
+            quarantine_allow: Vec::new(),
+        }))
         .collect();
     let policies = (0..10)
         .map(|g| {
@@ -96,7 +109,7 @@ struct Measured {
     restart: Duration,
 }
 
-fn measure(pods: u32, rounds: usize) -> anyhow::Result<Measured> {
+fn measure(pods: u32, rounds: usize, remote: u32) -> anyhow::Result<Measured> {
     let tag = std::process::id();
     let ns = Netns::create(&format!("bh-bench-apply-{tag}")).context("namespace")?;
     let mut batch = tempfile_in_tmp(&format!("bh-bench-apply-{tag}.batch"))?;
@@ -113,7 +126,7 @@ fn measure(pods: u32, rounds: usize) -> anyhow::Result<Measured> {
     let pin_dir = pins.clone();
     let result = ns.run(move || -> anyhow::Result<Measured> {
         let mut e = Enforcer::new(Dataplane::load(&pin_dir)?)?;
-        let first = e.apply(&ruleset(1, pods, None), &RouteResolver)?;
+        let first = e.apply(&ruleset(1, pods, None, remote), &RouteResolver)?;
         anyhow::ensure!(
             first.missing_interfaces.is_empty() && first.endpoints_written == pods as usize,
             "not every pod was found: {first:?}"
@@ -121,7 +134,10 @@ fn measure(pods: u32, rounds: usize) -> anyhow::Result<Measured> {
         let mut changes = Vec::with_capacity(rounds);
         for r in 0..rounds {
             let quarantined = (r % 2 == 0).then_some(pods / 2);
-            let report = e.apply(&ruleset(2 + r as u64, pods, quarantined), &RouteResolver)?;
+            let report = e.apply(
+                &ruleset(2 + r as u64, pods, quarantined, remote),
+                &RouteResolver,
+            )?;
             anyhow::ensure!(report.endpoints_written == 1, "one pod changes: {report:?}");
             changes.push(report.duration);
         }
@@ -129,7 +145,10 @@ fn measure(pods: u32, rounds: usize) -> anyhow::Result<Measured> {
         // programs into them (`bpf_link_update`) and rewrites every endpoint.
         drop(e);
         let mut e = Enforcer::new(Dataplane::load(&pin_dir)?)?;
-        let restart = e.apply(&ruleset(2 + rounds as u64, pods, None), &RouteResolver)?;
+        let restart = e.apply(
+            &ruleset(2 + rounds as u64, pods, None, remote),
+            &RouteResolver,
+        )?;
         anyhow::ensure!(
             restart.missing_interfaces.is_empty(),
             "not every pod was found after the restart: {restart:?}"
@@ -173,7 +192,7 @@ fn main() -> anyhow::Result<()> {
             first,
             mut changes,
             restart,
-        } = measure(pods, args.rounds)?;
+        } = measure(pods, args.rounds, args.remote_peers)?;
         changes.sort();
         let p50 = changes[changes.len() / 2];
         let max = *changes.last().expect("rounds > 0");
