@@ -203,6 +203,35 @@ async fn answer(
     .into_response())
 }
 
+/// A write request admitted: the checks every write passes, its body read, its pod named, and
+/// its caller allowed to do `want` in the pod's namespace.
+struct Admitted<T> {
+    control: Arc<QuarantineControl>,
+    body: T,
+    namespace: String,
+    pod: String,
+}
+
+async fn admit<T: serde::de::DeserializeOwned>(
+    s: &WebState,
+    caller: Option<&Caller>,
+    headers: &HeaderMap,
+    body: &Bytes,
+    pod_of: impl Fn(&T) -> &str,
+    want: impl Fn(String) -> Want,
+) -> Result<Admitted<T>, ApiError> {
+    let control = check_write(s, headers)?;
+    let body: T = parse_body(body)?;
+    let (namespace, pod) = split_pod(pod_of(&body))?;
+    s.auth.authorize(caller, &want(namespace.clone())).await?;
+    Ok(Admitted {
+        control,
+        body,
+        namespace,
+        pod,
+    })
+}
+
 pub(super) async fn quarantine(
     State(s): State<WebState>,
     caller: Option<Extension<Caller>>,
@@ -211,12 +240,20 @@ pub(super) async fn quarantine(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let caller = caller.map(|Extension(c)| c);
-    let control = check_write(&s, &headers)?;
-    let b: QuarantineBody = parse_body(&body)?;
-    let (namespace, pod) = split_pod(&b.pod)?;
-    s.auth
-        .authorize(caller.as_ref(), &Want::Quarantine(namespace.clone()))
-        .await?;
+    let Admitted {
+        control,
+        body: b,
+        namespace,
+        pod,
+    } = admit(
+        &s,
+        caller.as_ref(),
+        &headers,
+        &body,
+        |b: &QuarantineBody| &b.pod,
+        Want::Quarantine,
+    )
+    .await?;
     if b.reason.trim().is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -261,12 +298,20 @@ pub(super) async fn release(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let caller = caller.map(|Extension(c)| c);
-    let control = check_write(&s, &headers)?;
-    let b: ReleaseBody = parse_body(&body)?;
-    let (namespace, pod) = split_pod(&b.pod)?;
-    s.auth
-        .authorize(caller.as_ref(), &Want::Release(namespace.clone()))
-        .await?;
+    let Admitted {
+        control,
+        namespace,
+        pod,
+        ..
+    } = admit(
+        &s,
+        caller.as_ref(),
+        &headers,
+        &body,
+        |b: &ReleaseBody| &b.pod,
+        Want::Release,
+    )
+    .await?;
     let request = pb::ReleaseRequest {
         namespace,
         pod,
