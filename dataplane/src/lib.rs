@@ -1,6 +1,7 @@
 //! Bulkhead's node agent: loads the eBPF programs, pins them, attaches them to endpoint veths,
 //! writes compiled rule sets into the maps, and reads flow events.
 
+pub mod batch;
 pub mod dense;
 pub mod flows;
 pub mod loader;

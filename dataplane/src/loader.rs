@@ -8,6 +8,7 @@
 
 use std::{
     fs, io,
+    os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -169,6 +170,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     dense_v4: crate::dense::DenseIpCache,
+    /// Maps whose type the kernel offers no batch operations for: written key by key.
+    unbatched: std::collections::BTreeSet<(&'static str, crate::batch::Op)>,
 }
 
 /// Which side of an endpoint's host veth a program is on.
@@ -248,6 +251,7 @@ impl Dataplane {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             dense_v4,
+            unbatched: Default::default(),
         };
         match dp.calibrate_clock()? {
             Some((tick, _)) => tracing::debug!(tick_ns = tick, "data-plane clock runs on jiffies"),
@@ -750,6 +754,38 @@ impl Dataplane {
     /// Takes a map out of the object (for the ring buffer reader, which lives on its own task).
     pub fn take_map(&mut self, name: &'static str) -> Option<aya::maps::Map> {
         self.ebpf.take_map(name)
+    }
+
+    /// The file descriptor of a hash map or LPM trie, for the batch operations
+    /// ([`crate::batch`]); check the key and value types with [`Dataplane::map_mut`] first.
+    pub(crate) fn map_fd(&self, name: &'static str) -> Result<BorrowedFd<'_>, LoadError> {
+        use aya::maps::Map;
+        let invalid = |map: &'static str| LoadError::Map {
+            name: map,
+            source: aya::maps::MapError::InvalidName {
+                name: map.to_string(),
+            },
+        };
+        match self.ebpf.map(name).ok_or_else(|| invalid(name))? {
+            Map::HashMap(m) | Map::LruHashMap(m) | Map::LpmTrie(m) => Ok(m.fd().as_fd()),
+            _ => Err(invalid(name)),
+        }
+    }
+
+    /// Whether the kernel was found to lack this batch operation for this map.
+    pub fn unbatched(&self, name: &'static str, op: crate::batch::Op) -> bool {
+        self.unbatched.contains(&(name, op))
+    }
+
+    /// Remembers that the kernel has no batch operations for this map's type.
+    pub(crate) fn set_unbatched(&mut self, name: &'static str, op: crate::batch::Op) {
+        if self.unbatched.insert((name, op)) {
+            tracing::debug!(
+                map = name,
+                ?op,
+                "the kernel lacks this batch operation for this map: one call per key instead"
+            );
+        }
     }
 
     pub fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, LoadError>

@@ -1283,3 +1283,95 @@ fn prefilter_drops(hook: PrefilterHook, test: &'static str) {
         );
     });
 }
+
+/// Batched writes on the real maps (`BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` where the
+/// kernel has them): every key lands, removals skip keys that are not there, and a write that
+/// fills a map says exactly how many entries went in, so the enforcer's copy stays true.
+#[test]
+fn batched_map_writes_land_and_count_a_full_map() {
+    use bulkhead_agent::sync::{Maps, POLICY_RANGES, QUARANTINE_ALLOW};
+    use bulkhead_common::{PolicyKey, PolicyValue, QuarantineAllowKey};
+
+    if !check_privileged_test("batched_map_writes_land_and_count_a_full_map") {
+        return;
+    }
+    with_dataplane("batch", |e, _| {
+        let dp = e.dataplane();
+        let key = |i: u32| QuarantineAllowKey {
+            addr: {
+                let mut a = [0u8; 16];
+                a[12..].copy_from_slice(&i.to_be_bytes());
+                a
+            },
+            identity: 7,
+        };
+        let entries: Vec<_> = (0..50_000).map(|i| (key(i), i)).collect();
+        dp.insert_all(QUARANTINE_ALLOW, &entries)
+            .expect("50,000 keys fit");
+        let mut back = dp.entries(QUARANTINE_ALLOW).expect("read back");
+        back.sort_by_key(|(k, _)| u32::from_be_bytes(k.addr[12..].try_into().unwrap()));
+        assert_eq!(back.len(), 50_000);
+        assert!(
+            back.iter()
+                .zip(&entries)
+                .all(|(a, b)| a.0 == b.0 && a.1 == b.1)
+        );
+
+        // Half of them, with keys that are not in the map in between.
+        let doomed: Vec<_> = (0..25_000u32)
+            .flat_map(|i| [key(2 * i), key(1_000_000 + i)])
+            .collect();
+        dp.remove_all(QUARANTINE_ALLOW, &doomed);
+        let left = dp.entries(QUARANTINE_ALLOW).expect("read back");
+        assert_eq!(left.len(), 25_000);
+        assert!(
+            left.iter()
+                .all(|(k, _)| { u32::from_be_bytes(k.addr[12..].try_into().unwrap()) % 2 == 1 })
+        );
+
+        // The map holds 65,536: of 50,000 more, some go in, and the error says how many.
+        let more: Vec<_> = (0..50_000).map(|i| (key(2_000_000 + i), 1)).collect();
+        let partial = dp
+            .insert_all(QUARANTINE_ALLOW, &more)
+            .expect_err("the map is full before the end");
+        let now = dp.entries(QUARANTINE_ALLOW).expect("read back");
+        assert!(partial.written > 0 && partial.written < more.len());
+        assert_eq!(now.len(), 25_000 + partial.written, "{partial:?}");
+        let present: std::collections::HashSet<_> = now.iter().map(|(k, _)| k.addr).collect();
+        assert!(
+            more[..partial.written]
+                .iter()
+                .all(|(k, _)| present.contains(&k.addr))
+        );
+        assert!(
+            more[partial.written..]
+                .iter()
+                .all(|(k, _)| !present.contains(&k.addr))
+        );
+
+        // The LPM trie (batched where the kernel can, key by key where not) behaves alike.
+        let pkey = |i: u32| PolicyKey {
+            policy_id: 9,
+            identity: i,
+            direction: 0,
+            protocol: 6,
+            port_be: 80u16.to_be(),
+        };
+        let value = PolicyValue {
+            rule_id: 5,
+            verdict: 1,
+            ..Default::default()
+        };
+        let ranges: Vec<_> = (0..10_000).map(|i| (96, pkey(i), value)).collect();
+        dp.trie_insert_all(POLICY_RANGES, &ranges).expect("trie");
+        assert_eq!(dp.trie_keys(POLICY_RANGES).expect("keys").len(), 10_000);
+        let gone: Vec<_> = (0..5_000).map(|i| (96, pkey(2 * i))).collect();
+        dp.trie_remove_all(POLICY_RANGES, &gone);
+        let keys = dp.trie_keys(POLICY_RANGES).expect("keys");
+        assert_eq!(keys.len(), 5_000);
+        assert!(
+            keys.iter()
+                .all(|(len, k)| *len == 96 && k.identity % 2 == 1)
+        );
+    });
+}

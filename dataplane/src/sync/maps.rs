@@ -21,6 +21,7 @@ use bulkhead_common::{
 };
 
 use super::SyncError;
+use crate::batch;
 use crate::loader::Dataplane;
 
 /// A hash map the enforcer writes.
@@ -126,6 +127,25 @@ pub trait Maps {
         value: &V,
     ) -> Result<(), SyncError>;
     fn remove<K: Pod, V: Pod>(&mut self, table: HashTable<K, V>, key: &K);
+    /// Writes `entries` in order (the kernel's batch where it has one). On an error, the
+    /// entries before the one that failed are in the map, and the error says how many.
+    fn insert_all<K: Pod, V: Pod>(
+        &mut self,
+        table: HashTable<K, V>,
+        entries: &[(K, V)],
+    ) -> Result<(), PartialWrite> {
+        for (written, (k, v)) in entries.iter().enumerate() {
+            self.insert(table, k, v)
+                .map_err(|error| PartialWrite { written, error })?;
+        }
+        Ok(())
+    }
+    /// Removes `keys`, those that are not there included.
+    fn remove_all<K: Pod, V: Pod>(&mut self, table: HashTable<K, V>, keys: &[K]) {
+        for k in keys {
+            self.remove(table, k);
+        }
+    }
     fn entries<K: Pod, V: Pod>(&mut self, table: HashTable<K, V>)
     -> Result<Vec<(K, V)>, SyncError>;
     fn trie_insert<K: Pod, V: Pod>(
@@ -136,6 +156,24 @@ pub trait Maps {
         value: &V,
     ) -> Result<(), SyncError>;
     fn trie_remove<K: Pod, V: Pod>(&mut self, trie: TrieTable<K, V>, prefix_len: u32, key: &K);
+    /// Writes (prefix length, key, value) entries in order, like [`Maps::insert_all`].
+    fn trie_insert_all<K: Pod, V: Pod>(
+        &mut self,
+        trie: TrieTable<K, V>,
+        entries: &[(u32, K, V)],
+    ) -> Result<(), PartialWrite> {
+        for (written, (len, k, v)) in entries.iter().enumerate() {
+            self.trie_insert(trie, *len, k, v)
+                .map_err(|error| PartialWrite { written, error })?;
+        }
+        Ok(())
+    }
+    /// Removes (prefix length, key) entries, those that are not there included.
+    fn trie_remove_all<K: Pod, V: Pod>(&mut self, trie: TrieTable<K, V>, keys: &[(u32, K)]) {
+        for (len, k) in keys {
+            self.trie_remove(trie, *len, k);
+        }
+    }
     /// Every (prefix length, key) of the trie.
     fn trie_keys<K: Pod, V: Pod>(
         &mut self,
@@ -175,6 +213,119 @@ pub trait Maps {
 
 fn map_error(map: &'static str) -> impl Fn(aya::maps::MapError) -> SyncError {
     move |source| SyncError::Map { map, source }
+}
+
+/// A write of many entries that stopped at an error: the first `written` are in the map.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} (after {written} entries were written)")]
+pub struct PartialWrite {
+    pub written: usize,
+    #[source]
+    pub error: SyncError,
+}
+
+impl From<PartialWrite> for SyncError {
+    fn from(p: PartialWrite) -> SyncError {
+        p.error
+    }
+}
+
+fn batch_error(map: &'static str, call: &'static str, e: batch::BatchError) -> PartialWrite {
+    PartialWrite {
+        written: e.done,
+        error: SyncError::Map {
+            map,
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call,
+                io_error: e.error,
+            }),
+        },
+    }
+}
+
+/// Writes `entries` one call each into `map`; the error says how many went in.
+fn insert_each<K: Pod, V: Pod, E>(
+    name: &'static str,
+    entries: impl Iterator<Item = (K, V)>,
+    mut insert: impl FnMut(&K, &V) -> Result<(), E>,
+) -> Result<(), PartialWrite>
+where
+    aya::maps::MapError: From<E>,
+{
+    for (written, (k, v)) in entries.enumerate() {
+        insert(&k, &v).map_err(|e| PartialWrite {
+            written,
+            error: map_error(name)(e.into()),
+        })?;
+    }
+    Ok(())
+}
+
+impl Dataplane {
+    /// `BPF_MAP_UPDATE_BATCH` of `keys` → `values` into `map` (whose types the caller checked);
+    /// `Ok(false)` when the kernel has no batch for the map's type (nothing was written).
+    fn update_batch<K: Pod, V: Pod>(
+        &mut self,
+        map: &'static str,
+        keys: &[K],
+        values: &[V],
+    ) -> Result<bool, PartialWrite> {
+        if self.unbatched(map, batch::Op::Update) {
+            return Ok(false);
+        }
+        let fd = self.map_fd(map).map_err(|e| PartialWrite {
+            written: 0,
+            error: e.into(),
+        })?;
+        match batch::update(fd, keys, values, 0) {
+            Ok(()) => Ok(true),
+            Err(e) if e.unsupported() => {
+                self.set_unbatched(map, batch::Op::Update);
+                Ok(false)
+            }
+            Err(e) => Err(batch_error(map, "bpf_map_update_batch", e)),
+        }
+    }
+
+    /// Every entry of `map` (whose types the caller checked) by `BPF_MAP_LOOKUP_BATCH`; `None`
+    /// when the kernel has no batch for the map's type or the batch failed (the caller then
+    /// iterates key by key).
+    fn lookup_batch<K: Pod, V: Pod>(&mut self, map: &'static str) -> Option<Vec<(K, V)>> {
+        if self.unbatched(map, batch::Op::Lookup) {
+            return None;
+        }
+        match batch::lookup(self.map_fd(map).ok()?) {
+            Ok(all) => Some(all),
+            Err(e) => {
+                if e.unsupported() {
+                    self.set_unbatched(map, batch::Op::Lookup);
+                } else {
+                    tracing::debug!(map, error = %e.error, "batched read failed; reading key by key");
+                }
+                None
+            }
+        }
+    }
+
+    /// `BPF_MAP_DELETE_BATCH` of `keys`; `false` when the kernel has no batch for the map's type
+    /// or the batch failed otherwise (nothing or part removed: the caller removes key by key).
+    fn delete_batch<K: Pod>(&mut self, map: &'static str, keys: &[K]) -> bool {
+        if self.unbatched(map, batch::Op::Delete) {
+            return false;
+        }
+        let Ok(fd) = self.map_fd(map) else {
+            return false;
+        };
+        match batch::delete(fd, keys) {
+            Ok(_) => true,
+            Err(e) => {
+                if e.unsupported() {
+                    self.set_unbatched(map, batch::Op::Delete);
+                }
+                false
+            }
+        }
+    }
 }
 
 impl Dataplane {
@@ -235,11 +386,85 @@ impl Maps for Dataplane {
         }
     }
 
+    fn insert_all<K: Pod, V: Pod>(
+        &mut self,
+        table: HashTable<K, V>,
+        entries: &[(K, V)],
+    ) -> Result<(), PartialWrite> {
+        let nothing = |error| PartialWrite { written: 0, error };
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // Checks that K and V are the map's key and value.
+        self.table(table).map_err(nothing)?;
+        let keys: Vec<K> = entries.iter().map(|(k, _)| *k).collect();
+        let values: Vec<V> = entries.iter().map(|(_, v)| *v).collect();
+        if self.update_batch(table.0.name(), &keys, &values)? {
+            return Ok(());
+        }
+        let mut map = self.table(table).map_err(nothing)?;
+        insert_each(table.0.name(), entries.iter().copied(), |k, v| {
+            map.insert(k, v, 0)
+        })
+    }
+
+    fn remove_all<K: Pod, V: Pod>(&mut self, table: HashTable<K, V>, keys: &[K]) {
+        if keys.is_empty() || self.table(table).is_err() {
+            return;
+        }
+        if !self.delete_batch(table.0.name(), keys)
+            && let Ok(mut map) = self.table(table)
+        {
+            for k in keys {
+                let _ = map.remove(k);
+            }
+        }
+    }
+
     fn entries<K: Pod, V: Pod>(
         &mut self,
         table: HashTable<K, V>,
     ) -> Result<Vec<(K, V)>, SyncError> {
+        self.table(table)?;
+        if let Some(all) = self.lookup_batch(table.0.name()) {
+            return Ok(all);
+        }
         Ok(self.table(table)?.iter().flatten().collect())
+    }
+
+    fn trie_insert_all<K: Pod, V: Pod>(
+        &mut self,
+        trie: TrieTable<K, V>,
+        entries: &[(u32, K, V)],
+    ) -> Result<(), PartialWrite> {
+        let nothing = |error| PartialWrite { written: 0, error };
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.trie(trie).map_err(nothing)?;
+        let keys: Vec<Key<K>> = entries.iter().map(|(l, k, _)| Key::new(*l, *k)).collect();
+        let values: Vec<V> = entries.iter().map(|(_, _, v)| *v).collect();
+        if self.update_batch(trie.0.name(), &keys, &values)? {
+            return Ok(());
+        }
+        let mut map = self.trie(trie).map_err(nothing)?;
+        insert_each(trie.0.name(), keys.into_iter().zip(values), |k, v| {
+            map.insert(k, v, 0)
+        })
+    }
+
+    fn trie_remove_all<K: Pod, V: Pod>(&mut self, trie: TrieTable<K, V>, keys: &[(u32, K)]) {
+        if keys.is_empty() || self.trie(trie).is_err() {
+            return;
+        }
+        let keys: Vec<Key<K>> = keys.iter().map(|(l, k)| Key::new(*l, *k)).collect();
+        if !self.delete_batch(trie.0.name(), &keys)
+            && let Ok(mut map) = self.trie(trie)
+        {
+            for k in &keys {
+                let _ = map.remove(k);
+            }
+        }
     }
 
     fn trie_insert<K: Pod, V: Pod>(
@@ -264,6 +489,13 @@ impl Maps for Dataplane {
         &mut self,
         trie: TrieTable<K, V>,
     ) -> Result<Vec<(u32, K)>, SyncError> {
+        self.trie(trie)?;
+        if let Some(all) = self.lookup_batch::<Key<K>, V>(trie.0.name()) {
+            return Ok(all
+                .into_iter()
+                .map(|(k, _)| (k.prefix_len(), k.data()))
+                .collect());
+        }
         Ok(self
             .trie(trie)?
             .keys()

@@ -27,8 +27,12 @@ mod peers;
 #[cfg(test)]
 mod tests;
 
-use maps::{ENDPOINT_ADDRS, POLICY_EXACT, POLICY_RANGES, POLICY_SUMMARY};
-pub use maps::{HashTable, Maps, Table, Trie, TrieTable};
+/// The maps the enforcer writes, typed (also for the kernel tests and benchmarks).
+pub use maps::{
+    ENDPOINT_ADDRS, HashTable, IPCACHE_HOST_V4, IPCACHE_HOST_V6, IPCACHE_V4, IPCACHE_V6, Maps,
+    POLICY_EXACT, POLICY_RANGES, POLICY_SUMMARY, PREFILTER_DENY, PartialWrite, QUARANTINE_ALLOW,
+    Table, Trie, TrieTable,
+};
 
 pub use crate::resolve::{InterfaceResolver, RouteResolver};
 use crate::{
@@ -140,9 +144,7 @@ fn remove_keys_where<M: Maps, K: aya::Pod, V: aya::Pod>(
         .map(|(k, _)| k)
         .filter(|k| doomed(k))
         .collect();
-    for k in &keys {
-        maps.remove(table, k);
-    }
+    maps.remove_all(table, &keys);
     Ok(keys.len())
 }
 
@@ -157,10 +159,13 @@ fn remove_trie_keys_where<M: Maps, K: aya::Pod, V: aya::Pod>(
         .into_iter()
         .filter(|(len, k)| doomed(*len, k))
         .collect();
-    for (len, k) in &keys {
-        maps.trie_remove(trie, *len, k);
-    }
+    maps.trie_remove_all(trie, &keys);
     Ok(())
+}
+
+/// The keys of (key, value) entries.
+fn keys_of<K: Copy, V>(entries: &[(K, V)]) -> Vec<K> {
+    entries.iter().map(|(k, _)| *k).collect()
 }
 
 fn prefix_key(net: &IpNetwork) -> (bool, u32) {
@@ -271,11 +276,12 @@ impl<M: Maps> Enforcer<M> {
                 },
             );
         }
-        for (net, value) in &wanted {
-            if self.ipcache.get(net) != Some(value) {
-                self.write_ipcache(net, Some(*value))?;
-            }
-        }
+        let changed: Vec<(IpNetwork, Option<IpCacheValue>)> = wanted
+            .iter()
+            .filter(|(net, value)| self.ipcache.get(net) != Some(value))
+            .map(|(net, value)| (*net, Some(*value)))
+            .collect();
+        self.write_ipcache(changed)?;
         if first_apply {
             self.clear_ipcache_leftovers(&wanted)?;
         }
@@ -438,15 +444,13 @@ impl<M: Maps> Enforcer<M> {
         self.remove_retired_keys()?;
 
         // 7. stale ipcache entries.
-        let stale: Vec<IpNetwork> = self
+        let stale: Vec<(IpNetwork, Option<IpCacheValue>)> = self
             .ipcache
             .keys()
             .filter(|n| !wanted.contains_key(n))
-            .copied()
+            .map(|n| (*n, None))
             .collect();
-        for net in stale {
-            self.write_ipcache(&net, None)?;
-        }
+        self.write_ipcache(stale)?;
 
         if first_apply {
             self.remove_foreign_state(&seen)?;
@@ -561,16 +565,11 @@ impl<M: Maps> Enforcer<M> {
     /// Writes a group's keys: ranges and exact ports first, summaries (which say that those
     /// exist) last. Nothing names the policy id yet, so no packet sees them half-written.
     fn write_tables(&mut self, tables: &PolicyTables) -> Result<(), SyncError> {
-        for (len, key, value) in &tables.ranges {
-            self.dataplane
-                .trie_insert(POLICY_RANGES, *len, key, value)?;
-        }
-        for (key, value) in &tables.exact {
-            self.dataplane.insert(POLICY_EXACT, key, value)?;
-        }
-        for (key, summary) in &tables.summaries {
-            self.dataplane.insert(POLICY_SUMMARY, key, summary)?;
-        }
+        self.dataplane
+            .trie_insert_all(POLICY_RANGES, &tables.ranges)?;
+        self.dataplane.insert_all(POLICY_EXACT, &tables.exact)?;
+        self.dataplane
+            .insert_all(POLICY_SUMMARY, &tables.summaries)?;
         Ok(())
     }
 
@@ -707,15 +706,13 @@ impl<M: Maps> Enforcer<M> {
     /// Removes a group's keys, summaries first (so the finer keys are never consulted without
     /// them), then exact ports and ranges. Missing keys (a write that failed half-way) are fine.
     fn remove_keys(&mut self, tables: &PolicyTables) -> Result<(), SyncError> {
-        for (key, _) in &tables.summaries {
-            self.dataplane.remove(POLICY_SUMMARY, key);
-        }
-        for (key, _) in &tables.exact {
-            self.dataplane.remove(POLICY_EXACT, key);
-        }
-        for (len, key, _) in &tables.ranges {
-            self.dataplane.trie_remove(POLICY_RANGES, *len, key);
-        }
+        self.dataplane
+            .remove_all(POLICY_SUMMARY, &keys_of(&tables.summaries));
+        self.dataplane
+            .remove_all(POLICY_EXACT, &keys_of(&tables.exact));
+        let ranges: Vec<(u32, PolicyKey)> =
+            tables.ranges.iter().map(|(l, k, _)| (*l, *k)).collect();
+        self.dataplane.trie_remove_all(POLICY_RANGES, &ranges);
         Ok(())
     }
 

@@ -2,9 +2,36 @@
 //! quarantines' exceptions and the XDP prefilter's pairs, kept equal to the rule set's.
 
 use super::*;
+use maps::PartialWrite;
 use maps::{
     IPCACHE_HOST_V4, IPCACHE_HOST_V6, IPCACHE_V4, IPCACHE_V6, PREFILTER_DENY, QUARANTINE_ALLOW,
 };
+
+/// The ipcache entries of `puts` that reached the map; the first error is kept in `error`.
+fn settle<K>(
+    puts: &[(IpNetwork, u32, K, IpCacheValue)],
+    result: Result<(), PartialWrite>,
+    error: &mut Option<SyncError>,
+) -> Vec<(IpNetwork, IpCacheValue)> {
+    let written = match result {
+        Ok(()) => puts.len(),
+        Err(partial) => {
+            error.get_or_insert(partial.error);
+            partial.written.min(puts.len())
+        }
+    };
+    puts[..written].iter().map(|p| (p.0, p.3)).collect()
+}
+
+/// (key, value) of ipcache writes.
+fn pairs<K: Copy>(puts: &[(IpNetwork, u32, K, IpCacheValue)]) -> Vec<(K, IpCacheValue)> {
+    puts.iter().map(|p| (p.2, p.3)).collect()
+}
+
+/// (prefix length, key, value) of ipcache writes.
+fn triples<K: Copy>(puts: &[(IpNetwork, u32, K, IpCacheValue)]) -> Vec<(u32, K, IpCacheValue)> {
+    puts.iter().map(|p| (p.1, p.2, p.3)).collect()
+}
 
 impl<M: Maps> Enforcer<M> {
     /// The `IPCACHE_DENSE_V4` slot of `ip`, when the window in use covers it.
@@ -85,14 +112,15 @@ impl<M: Maps> Enforcer<M> {
             })
             .collect();
         // 1. the old window's entries into the hash.
-        for (ip, v) in &singles {
-            if self
-                .dense_window
-                .is_some_and(|b| u32::from(*ip).wrapping_sub(b) < DENSE_V4_SLOTS)
-            {
-                self.dataplane.insert(IPCACHE_HOST_V4, &ip.octets(), v)?;
-            }
-        }
+        let old_window: Vec<([u8; 4], IpCacheValue)> = singles
+            .iter()
+            .filter(|(ip, _)| {
+                self.dense_window
+                    .is_some_and(|b| u32::from(*ip).wrapping_sub(b) < DENSE_V4_SLOTS)
+            })
+            .map(|(ip, v)| (ip.octets(), *v))
+            .collect();
+        self.dataplane.insert_all(IPCACHE_HOST_V4, &old_window)?;
         // 2. window off: every single address now resolves through the hash.
         self.update_config(|c| c.dense_v4_slots = 0)?;
         // 3. the array refilled for the new block, 4. switched on.
@@ -109,11 +137,12 @@ impl<M: Maps> Enforcer<M> {
             c.dense_v4_slots = DENSE_V4_SLOTS;
         })?;
         // 5. the new block's entries leave the hash.
-        for (ip, _) in &singles {
-            if u32::from(*ip).wrapping_sub(best) < DENSE_V4_SLOTS {
-                self.dataplane.remove(IPCACHE_HOST_V4, &ip.octets());
-            }
-        }
+        let new_window: Vec<[u8; 4]> = singles
+            .iter()
+            .filter(|(ip, _)| u32::from(*ip).wrapping_sub(best) < DENSE_V4_SLOTS)
+            .map(|(ip, _)| ip.octets())
+            .collect();
+        self.dataplane.remove_all(IPCACHE_HOST_V4, &new_window);
         tracing::info!(
             window = %Ipv4Network::new(Ipv4Addr::from(best), 32 - DENSE_V4_SLOTS.trailing_zeros() as u8)
                 .map(|n| n.to_string())
@@ -124,45 +153,102 @@ impl<M: Maps> Enforcer<M> {
         Ok(())
     }
 
+    /// Writes ipcache changes (`None` removes): single IPv4 addresses in the dense window go
+    /// to its array, other single addresses to the hash maps, wider prefixes to the tries,
+    /// each map's writes in one batch. The in-memory copy follows what reached the kernel,
+    /// also when a map is full (then the error is returned after the rest was written).
     pub(super) fn write_ipcache(
         &mut self,
-        net: &IpNetwork,
-        value: Option<IpCacheValue>,
+        changes: Vec<(IpNetwork, Option<IpCacheValue>)>,
     ) -> Result<(), SyncError> {
-        let (v4, prefix) = prefix_key(net);
-        let dense = match net.ip() {
-            IpAddr::V4(ip) if prefix == 32 => self.dense_slot(ip),
-            _ => None,
-        };
-        let m = &mut self.dataplane;
-        match (net.ip(), v4) {
-            // Single addresses go to the dense window or the hash maps (one lookup, whatever
-            // their number); the tries keep the wider prefixes, consulted only for addresses
-            // without an entry.
-            (IpAddr::V4(_), true) if let Some(slot) = dense => m.dense_set(slot, value),
-            (IpAddr::V4(ip), true) if prefix == 32 => match value {
-                Some(v) => m.insert(IPCACHE_HOST_V4, &ip.octets(), &v)?,
-                None => m.remove(IPCACHE_HOST_V4, &ip.octets()),
-            },
-            (IpAddr::V6(ip), false) if prefix == 128 => match value {
-                Some(v) => m.insert(IPCACHE_HOST_V6, &ip.octets(), &v)?,
-                None => m.remove(IPCACHE_HOST_V6, &ip.octets()),
-            },
-            (IpAddr::V4(ip), true) => match value {
-                Some(v) => m.trie_insert(IPCACHE_V4, prefix, &ip.octets(), &v)?,
-                None => m.trie_remove(IPCACHE_V4, prefix, &ip.octets()),
-            },
-            (IpAddr::V6(ip), false) => match value {
-                Some(v) => m.trie_insert(IPCACHE_V6, prefix, &ip.octets(), &v)?,
-                None => m.trie_remove(IPCACHE_V6, prefix, &ip.octets()),
-            },
-            _ => unreachable!("ipnetwork keeps address and family together"),
+        #[derive(Default)]
+        struct Writes<K> {
+            put: Vec<(IpNetwork, u32, K, IpCacheValue)>,
+            del: Vec<(IpNetwork, u32, K)>,
         }
+        impl<K: Copy> Writes<K> {
+            fn add(&mut self, net: IpNetwork, len: u32, key: K, value: Option<IpCacheValue>) {
+                match value {
+                    Some(v) => self.put.push((net, len, key, v)),
+                    None => self.del.push((net, len, key)),
+                }
+            }
+        }
+        let (mut host4, mut host6) = (Writes::default(), Writes::default());
+        let (mut trie4, mut trie6) = (Writes::default(), Writes::default());
+        for (net, value) in changes {
+            let (_, prefix) = prefix_key(&net);
+            match net.ip() {
+                // Single addresses go to the dense window or the hash maps (one lookup,
+                // whatever their number); the tries keep the wider prefixes, consulted only
+                // for addresses without an entry.
+                IpAddr::V4(ip) if prefix == 32 => match self.dense_slot(ip) {
+                    Some(slot) => {
+                        self.dataplane.dense_set(slot, value);
+                        self.mirror_ipcache(net, value);
+                    }
+                    None => host4.add(net, prefix, ip.octets(), value),
+                },
+                IpAddr::V6(ip) if prefix == 128 => host6.add(net, prefix, ip.octets(), value),
+                IpAddr::V4(ip) => trie4.add(net, prefix, ip.octets(), value),
+                IpAddr::V6(ip) => trie6.add(net, prefix, ip.octets(), value),
+            }
+        }
+        // Removals never fail (a missing key is fine): every one leaves the copy.
+        let m = &mut self.dataplane;
+        m.remove_all(
+            IPCACHE_HOST_V4,
+            &host4.del.iter().map(|d| d.2).collect::<Vec<_>>(),
+        );
+        m.remove_all(
+            IPCACHE_HOST_V6,
+            &host6.del.iter().map(|d| d.2).collect::<Vec<_>>(),
+        );
+        m.trie_remove_all(
+            IPCACHE_V4,
+            &trie4.del.iter().map(|d| (d.1, d.2)).collect::<Vec<_>>(),
+        );
+        m.trie_remove_all(
+            IPCACHE_V6,
+            &trie6.del.iter().map(|d| (d.1, d.2)).collect::<Vec<_>>(),
+        );
+        for (net, ..) in host4.del.iter().chain(&trie4.del) {
+            self.ipcache.remove(net);
+        }
+        for (net, ..) in host6.del.iter().chain(&trie6.del) {
+            self.ipcache.remove(net);
+        }
+        let mut error = None;
+        let m = &mut self.dataplane;
+        let mut written = settle(
+            &host4.put,
+            m.insert_all(IPCACHE_HOST_V4, &pairs(&host4.put)),
+            &mut error,
+        );
+        written.extend(settle(
+            &trie4.put,
+            m.trie_insert_all(IPCACHE_V4, &triples(&trie4.put)),
+            &mut error,
+        ));
+        written.extend(settle(
+            &host6.put,
+            m.insert_all(IPCACHE_HOST_V6, &pairs(&host6.put)),
+            &mut error,
+        ));
+        written.extend(settle(
+            &trie6.put,
+            m.trie_insert_all(IPCACHE_V6, &triples(&trie6.put)),
+            &mut error,
+        ));
+        self.ipcache.extend(written);
+        error.map_or(Ok(()), Err)
+    }
+
+    fn mirror_ipcache(&mut self, net: IpNetwork, value: Option<IpCacheValue>) {
         match value {
-            Some(v) => self.ipcache.insert(*net, v),
-            None => self.ipcache.remove(net),
+            Some(v) => self.ipcache.insert(net, v),
+            None => self.ipcache.remove(&net),
         };
-        Ok(())
     }
 
     /// Makes `QUARANTINE_ALLOW` hold exactly `wanted` (after a restart, whatever an earlier

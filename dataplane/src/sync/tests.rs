@@ -668,3 +668,36 @@ fn peers_denied_outright_become_prefilter_pairs() {
     // WEB may reach db on 5432: no pair for it, and none for the wildcard.
     assert!(!pairs.iter().any(|(k, _)| k.identity == WEB));
 }
+
+/// An ipcache map that fills up part-way through a batch: the apply fails, the enforcer's copy
+/// holds exactly the entries that went in, and the next apply with room writes only the rest
+/// (none twice, none forgotten).
+#[test]
+fn an_ipcache_write_that_stops_part_way_is_resumed_where_it_stopped() {
+    let peer = |i: u16| IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i));
+    let mut rs = ruleset(1, 5432);
+    rs.ipcache.extend((1..=5).map(|i| IpCacheEntry {
+        cidr: peer(i).into(),
+        identity: WEB,
+        quarantined: false,
+        quarantine_allow: vec![],
+    }));
+    let mut maps = fake();
+    maps.capacity.insert(Table::IpcacheHostV6, 3);
+    let mut e = Enforcer::new(maps).expect("enforcer");
+    let err = e.apply(&rs, &Named).expect_err("the map is full");
+    assert!(err.to_string().contains("IPCACHE_HOST_V6"), "{err}");
+    let written = |log: &[Op]| {
+        log.iter()
+            .filter(|op| matches!(op, Op::Insert(Table::IpcacheHostV6, _)))
+            .count()
+    };
+    assert_eq!(written(&log(&mut e)), 3);
+    assert_eq!(e.dataplane().tables[&Table::IpcacheHostV6].len(), 3);
+
+    e.dataplane().capacity.clear();
+    rs.version = 2;
+    e.apply(&rs, &Named).expect("apply with room");
+    assert_eq!(written(&log(&mut e)), 2, "only what did not fit is written");
+    assert_eq!(e.dataplane().tables[&Table::IpcacheHostV6].len(), 5);
+}
