@@ -10,6 +10,7 @@ pub mod netns;
 pub mod policy_map;
 pub mod privileged;
 pub mod resolve;
+pub mod rtnl;
 pub mod sync;
 
 /// The eBPF object built from `ebpf/` by this crate's build script.

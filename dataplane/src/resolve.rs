@@ -8,12 +8,14 @@
 //! discovery, as sending it a packet would), and looks the MAC address up in the bridge's
 //! forwarding table. Nothing is sent when the neighbour entry is already known.
 //!
-//! The lookups run `ip` and `bridge` (iproute2) in the calling thread's network namespace.
+//! The lookups ask the kernel over rtnetlink ([`crate::rtnl`]) in the calling thread's network
+//! namespace; no `ip` or `bridge` process runs.
 
-use std::{net::IpAddr, process::Command, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use bulkhead_ruleset::Endpoint;
-use serde_json::Value;
+
+use crate::rtnl::Rtnl;
 
 /// Finds the host-side interface of an endpoint.
 pub trait InterfaceResolver {
@@ -30,71 +32,17 @@ impl InterfaceResolver for RouteResolver {
             return Some(i.clone());
         }
         let ip = *endpoint.ips.first()?;
-        let dev = route_device(ip)?;
-        if is_bridge(&dev) {
-            bridge_port(&dev, ip)
+        let mut rtnl = Rtnl::new()
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot open an rtnetlink socket"))
+            .ok()?;
+        let dev = rtnl.route_link(ip).ok()??;
+        let port = if rtnl.is_bridge(dev).unwrap_or(false) {
+            bridge_port(&mut rtnl, dev, ip)?
         } else {
-            Some(dev)
-        }
+            dev
+        };
+        nix::net::if_::if_indextoname(port).ok()?.into_string().ok()
     }
-}
-
-fn json(program: &str, args: &[&str]) -> Option<Value> {
-    let out = Command::new(program).args(args).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-/// The device of the route to `ip`; none when the address is local (routed over `lo`).
-fn route_device(ip: IpAddr) -> Option<String> {
-    let routes = json("ip", &["-j", "route", "get", &ip.to_string()])?;
-    let dev = routes.get(0)?.get("dev")?.as_str()?;
-    (dev != "lo").then(|| dev.to_string())
-}
-
-fn is_bridge(dev: &str) -> bool {
-    json("ip", &["-j", "-d", "link", "show", "dev", dev])
-        .and_then(|links| {
-            links
-                .get(0)?
-                .get("linkinfo")?
-                .get("info_kind")?
-                .as_str()
-                .map(|kind| kind == "bridge")
-        })
-        .unwrap_or(false)
-}
-
-/// What the bridge's neighbour table holds for `ip`.
-struct Neighbour {
-    /// None while unresolved (or after resolution failed).
-    mac: Option<String>,
-    /// Configured by hand (`permanent`, `noarp`): never removed here.
-    fixed: bool,
-}
-
-fn neighbour(bridge: &str, ip: IpAddr) -> Option<Neighbour> {
-    let neighbours = json(
-        "ip",
-        &["-j", "neigh", "show", "to", &ip.to_string(), "dev", bridge],
-    )?;
-    let n = neighbours.as_array()?.first()?;
-    let states: Vec<&str> = n
-        .get("state")
-        .and_then(Value::as_array)
-        .map(|s| s.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    let unresolved = states.iter().any(|s| *s == "FAILED" || *s == "INCOMPLETE");
-    Some(Neighbour {
-        mac: n
-            .get("lladdr")
-            .and_then(Value::as_str)
-            .filter(|_| !unresolved)
-            .map(str::to_lowercase),
-        fixed: states.iter().any(|s| *s == "PERMANENT" || *s == "NOARP"),
-    })
 }
 
 /// The port of `bridge` behind which `ip` lives: the port the bridge learned the address's
@@ -103,44 +51,31 @@ fn neighbour(bridge: &str, ip: IpAddr) -> Option<Neighbour> {
 /// created again answers from a new MAC address), the kernel is asked to resolve the address
 /// afresh: the pod's answer comes in through its port, and the bridge learns it. None when the
 /// pod does not answer within 200 ms (the agent retries).
-fn bridge_port(bridge: &str, ip: IpAddr) -> Option<String> {
-    let port = || {
-        let mac = neighbour(bridge, ip)?.mac?;
-        fdb_port(bridge, &mac)
+fn bridge_port(rtnl: &mut Rtnl, bridge: u32, ip: IpAddr) -> Option<u32> {
+    let port = |rtnl: &mut Rtnl| {
+        let mac = rtnl.neighbour(bridge, ip).ok()??.mac?;
+        rtnl.fdb_port(bridge, mac).ok()?
     };
-    if let Some(found) = port() {
+    if let Some(found) = port(rtnl) {
         return Some(found);
     }
-    let addr = ip.to_string();
     // A learned entry may name a MAC address nobody answers from any more: forget it, so the
     // request below is a broadcast rather than a probe of the old address.
-    if neighbour(bridge, ip).is_some_and(|n| n.mac.is_some() && !n.fixed) {
-        let _ = Command::new("ip")
-            .args(["neigh", "del", &addr, "dev", bridge])
-            .output();
+    if rtnl
+        .neighbour(bridge, ip)
+        .ok()
+        .flatten()
+        .is_some_and(|n| n.mac.is_some() && !n.fixed)
+    {
+        let _ = rtnl.neighbour_del(bridge, ip);
     }
-    // `use` (NTF_USE) makes the kernel resolve the entry as a packet to the address would.
-    let _ = Command::new("ip")
-        .args(["neigh", "replace", &addr, "dev", bridge, "use"])
-        .output();
+    // NTF_USE makes the kernel resolve the entry as a packet to the address would.
+    let _ = rtnl.neighbour_use(bridge, ip);
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(10));
-        if let Some(found) = port() {
+        if let Some(found) = port(rtnl) {
             return Some(found);
         }
     }
     None
-}
-
-/// The port `bridge` forwards `mac` to.
-fn fdb_port(bridge: &str, mac: &str) -> Option<String> {
-    let fdb = json("bridge", &["-j", "fdb", "show", "br", bridge])?;
-    fdb.as_array()?.iter().find_map(|entry| {
-        let learned_on_port = entry.get("master").and_then(Value::as_str) == Some(bridge)
-            && entry.get("mac").and_then(Value::as_str) == Some(mac);
-        if !learned_on_port {
-            return None;
-        }
-        entry.get("ifname")?.as_str().map(str::to_string)
-    })
 }
