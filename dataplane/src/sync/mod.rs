@@ -163,6 +163,46 @@ fn remove_trie_keys_where<M: Maps, K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
+/// Sorts (prefix, value) pairs by prefix; of a prefix listed more than once, the last counts
+/// (as a map built from the list would keep it).
+fn sort_last_wins(entries: &mut Vec<(IpNetwork, IpCacheValue)>) {
+    if entries.is_sorted_by(|a, b| a.0 < b.0) {
+        return;
+    }
+    // Stable: equal prefixes keep their order, and the last of each run is kept.
+    entries.sort_by_key(|(net, _)| *net);
+    let mut out: Vec<(IpNetwork, IpCacheValue)> = Vec::with_capacity(entries.len());
+    for (net, value) in entries.drain(..) {
+        match out.last_mut() {
+            Some(last) if last.0 == net => last.1 = value,
+            _ => out.push((net, value)),
+        }
+    }
+    *entries = out;
+}
+
+/// What to write to make `have` hold exactly `wanted` (sorted by prefix, no prefix twice):
+/// additions and changes, then removals (`None`), in one walk of both.
+type IpcacheChanges = Vec<(IpNetwork, Option<IpCacheValue>)>;
+fn diff_sorted(
+    wanted: &[(IpNetwork, IpCacheValue)],
+    have: &BTreeMap<IpNetwork, IpCacheValue>,
+) -> (IpcacheChanges, IpcacheChanges) {
+    let (mut changed, mut stale) = (Vec::new(), Vec::new());
+    let mut have = have.iter().peekable();
+    for (net, value) in wanted {
+        while let Some((h, _)) = have.next_if(|(h, _)| *h < net) {
+            stale.push((*h, None));
+        }
+        match have.next_if(|(h, _)| *h == net) {
+            Some((_, v)) if v == value => {}
+            _ => changed.push((*net, Some(*value))),
+        }
+    }
+    stale.extend(have.map(|(h, _)| (*h, None)));
+    (changed, stale)
+}
+
 /// The keys of (key, value) entries.
 fn keys_of<K: Copy, V>(entries: &[(K, V)]) -> Vec<K> {
     entries.iter().map(|(k, _)| *k).collect()
@@ -260,27 +300,28 @@ impl<M: Maps> Enforcer<M> {
             .filter(|e| e.quarantined)
             .flat_map(|e| e.ips.iter().copied())
             .collect();
-        let mut wanted: BTreeMap<IpNetwork, IpCacheValue> = BTreeMap::new();
-        for entry in &ruleset.ipcache {
-            // Quarantined pods anywhere in the cluster (the controller flags them in every
-            // node's ipcache) and local quarantined endpoints: the XDP prefilter drops their
-            // traffic on arrival.
-            let q = entry.quarantined
-                || (entry.cidr.prefix() == if entry.cidr.is_ipv4() { 32 } else { 128 }
-                    && quarantined.contains(&entry.cidr.ip()));
-            wanted.insert(
-                entry.cidr,
-                IpCacheValue {
+        let mut wanted: Vec<(IpNetwork, IpCacheValue)> = ruleset
+            .ipcache
+            .iter()
+            .map(|entry| {
+                // Quarantined pods anywhere in the cluster (the controller flags them in every
+                // node's ipcache) and local quarantined endpoints: the XDP prefilter drops
+                // their traffic on arrival.
+                let q = entry.quarantined
+                    || (entry.cidr.prefix() == if entry.cidr.is_ipv4() { 32 } else { 128 }
+                        && quarantined.contains(&entry.cidr.ip()));
+                let value = IpCacheValue {
                     identity: entry.identity,
                     flags: if q { IPCACHE_QUARANTINED } else { 0 },
-                },
-            );
-        }
-        let changed: Vec<(IpNetwork, Option<IpCacheValue>)> = wanted
-            .iter()
-            .filter(|(net, value)| self.ipcache.get(net) != Some(value))
-            .map(|(net, value)| (*net, Some(*value)))
+                };
+                (entry.cidr, value)
+            })
             .collect();
+        // The controller sends the ipcache sorted by prefix: sorting it again is one pass.
+        sort_last_wins(&mut wanted);
+        // One walk beside the entries in the maps: only what differs is written, whatever
+        // the ipcache's size (a one-pod change on a node with 100k remote peers).
+        let (changed, stale) = diff_sorted(&wanted, &self.ipcache);
         self.write_ipcache(changed)?;
         if first_apply {
             self.clear_ipcache_leftovers(&wanted)?;
@@ -444,12 +485,6 @@ impl<M: Maps> Enforcer<M> {
         self.remove_retired_keys()?;
 
         // 7. stale ipcache entries.
-        let stale: Vec<(IpNetwork, Option<IpCacheValue>)> = self
-            .ipcache
-            .keys()
-            .filter(|n| !wanted.contains_key(n))
-            .map(|n| (*n, None))
-            .collect();
         self.write_ipcache(stale)?;
 
         if first_apply {

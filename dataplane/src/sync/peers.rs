@@ -48,9 +48,9 @@ impl<M: Maps> Enforcer<M> {
     /// rule set's own entries are written.
     pub(super) fn clear_ipcache_leftovers(
         &mut self,
-        wanted: &BTreeMap<IpNetwork, IpCacheValue>,
+        wanted: &[(IpNetwork, IpCacheValue)],
     ) -> Result<(), SyncError> {
-        let stale = |net: IpNetwork| !wanted.contains_key(&net);
+        let stale = |net: IpNetwork| wanted.binary_search_by_key(&net, |(n, _)| *n).is_err();
         if let Some(base) = self.dense_window {
             for (slot, _) in self.dataplane.dense_entries() {
                 let ip = Ipv4Addr::from(base.wrapping_add(slot));
