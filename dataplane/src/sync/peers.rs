@@ -81,25 +81,36 @@ impl<M: Maps> Enforcer<M> {
     /// is refilled for the new block, switched on, and only then are the new block's entries
     /// removed from the hash.
     pub(super) fn place_dense_window(&mut self) -> Result<(), SyncError> {
-        let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
-        for net in self.ipcache.keys() {
-            if let IpNetwork::V4(n) = net
-                && n.prefix() == 32
-            {
-                *counts
-                    .entry(u32::from(n.ip()) & !(DENSE_V4_SLOTS - 1))
-                    .or_default() += 1;
+        // The copy is sorted by address: the single IPv4 addresses of one block are
+        // consecutive, so the fullest block is found in one pass, without a map of counts.
+        let mut best: Option<(u32, usize)> = None;
+        let mut current_block: Option<(u32, usize)> = None;
+        let mut in_window = 0;
+        let blocks = self.ipcache.keys().filter_map(|net| match net {
+            IpNetwork::V4(n) if n.prefix() == 32 => Some(u32::from(n.ip()) & !(DENSE_V4_SLOTS - 1)),
+            _ => None,
+        });
+        for block in blocks.map(Some).chain([None]) {
+            match (current_block, block) {
+                (Some((b, c)), Some(next)) if b == next => current_block = Some((b, c + 1)),
+                (ended, next) => {
+                    if let Some((b, c)) = ended {
+                        if Some(b) == self.dense_window {
+                            in_window = c;
+                        }
+                        // The fullest; of equally full blocks, the lowest.
+                        if best.is_none_or(|(_, bc)| c > bc) {
+                            best = Some((b, c));
+                        }
+                    }
+                    current_block = next.map(|b| (b, 1));
+                }
             }
         }
-        let Some((&best, &best_count)) = counts
-            .iter()
-            .max_by_key(|(b, c)| (**c, std::cmp::Reverse(**b)))
-        else {
+        let Some((best, best_count)) = best else {
             return Ok(());
         };
-        let current = self
-            .dense_window
-            .map_or(0, |b| counts.get(&b).copied().unwrap_or(0));
+        let current = in_window;
         if self.dense_window == Some(best) || best_count < 2 * current.max(1) {
             return Ok(());
         }
