@@ -466,9 +466,27 @@ fn flood(args: &Args, lab: &Lab) -> anyhow::Result<()> {
     let node2_metrics = j["nodes"][1]["metrics_port"]
         .as_u64()
         .context("metrics port")? as u16;
+    // What sending alone costs: the same flood to an address node-1 routes to a blackhole
+    // (the packet is built, routed and freed in node-1; nothing crosses the fabric).
+    let sink = Ipv4Addr::new(192, 0, 2, 1);
+    Netns::existing(&node1).exec(&["ip", "route", "replace", "blackhole", "192.0.2.1/32"])?;
+    let busy = CpuBusy::now()?;
+    let sent = send_flood(
+        &node1,
+        victim,
+        sink,
+        Duration::from_secs(args.flood_seconds),
+    )?;
+    let send_ns = busy.ns_since()? / sent.max(1) as f64;
+    let _ = Netns::existing(&node1).exec(&["ip", "route", "del", "blackhole", "192.0.2.1/32"]);
+    println!(
+        "sending alone (node-1 drops it): {:>10.0} packets/s, {send_ns:.0} ns of CPU per packet",
+        sent as f64 / args.flood_seconds as f64
+    );
     for hook in [Hook::Tc, Hook::Xdp] {
         lab.agents_at(hook)?;
         let before = prefilter_drops(node2_metrics)?;
+        let busy = CpuBusy::now()?;
         let sent = send_flood(
             &node1,
             victim,
@@ -478,17 +496,53 @@ fn flood(args: &Args, lab: &Lab) -> anyhow::Result<()> {
         // The counters are read at scrape time from the kernel: nothing to wait for but the
         // last packets in flight.
         std::thread::sleep(Duration::from_millis(200));
+        let cpu_ns = busy.ns_since()?;
         let dropped = prefilter_drops(node2_metrics)? - before;
         let secs = args.flood_seconds as f64;
+        // CPU per packet beyond sending it: the fabric and node-2 up to the drop.
+        let drop_ns = (cpu_ns / sent.max(1) as f64 - send_ns).max(1.0);
         println!(
-            "flood from a quarantined address, prefilter at {:<3}: sent {:>10.0} packets/s, node-2 dropped {:>10.0} packets/s ({:.0}% of sent)",
+            "flood from a quarantined address, prefilter at {:<3}: sent {:>10.0} packets/s, node-2 dropped {:>10.0} packets/s ({:.0}% of sent); {:.0} ns of CPU per packet beyond sending, one core drops {:.2} M packets/s",
             hook.name(),
             sent as f64 / secs,
             dropped as f64 / secs,
-            100.0 * dropped as f64 / sent.max(1) as f64
+            100.0 * dropped as f64 / sent.max(1) as f64,
+            drop_ns,
+            1e3 / drop_ns,
         );
     }
     Ok(())
+}
+
+/// The machine's busy CPU time (all CPUs, `/proc/stat`: everything but idle and iowait), to
+/// cost a flood per packet whichever CPU and context (the sender's system call, soft
+/// interrupts) did the work. Other load on the machine counts too: run it on a quiet machine.
+struct CpuBusy(u64);
+
+impl CpuBusy {
+    fn read() -> anyhow::Result<u64> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let cpu = stat.lines().next().context("/proc/stat is empty")?;
+        let fields: Vec<u64> = cpu
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        ensure!(fields.len() >= 5, "unexpected /proc/stat: {cpu}");
+        // user nice system idle iowait irq softirq steal ...
+        Ok(fields.iter().sum::<u64>() - fields[3] - fields[4])
+    }
+
+    fn now() -> anyhow::Result<CpuBusy> {
+        Ok(CpuBusy(CpuBusy::read()?))
+    }
+
+    /// Busy CPU nanoseconds since `now`.
+    fn ns_since(&self) -> anyhow::Result<f64> {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Ok((CpuBusy::read()? - self.0) as f64 * 1e9 / hz)
+    }
 }
 
 /// The sum of node-2's `drop_prefilter` packet counters.
