@@ -46,17 +46,19 @@ enum Task {
     },
 }
 
-/// Debian packages the project needs: `ip`/`tc` for namespaces and veths, `bpftool` to inspect
-/// programs, `iperf3`/`iptables`/`nftables` for the benchmarks' comparisons, `ping` for the
-/// ICMP end-to-end checks.
-const DEBIAN_PACKAGES: &[&str] = &[
-    "iproute2",
+/// Debian packages the demo needs: `ip` for the lab's namespaces and veths, `sysctl` (procps)
+/// for their forwarding settings.
+const DEMO_PACKAGES: &[&str] = &["iproute2", "procps"];
+
+/// Debian packages the tests and benchmarks need besides: `bpftool` to make maps of older
+/// layouts, `iperf3`/`iptables`/`nftables`/`ethtool` for the benchmarks' comparisons, `ping` for
+/// the ICMP end-to-end checks.
+const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     "iperf3",
     "iptables",
     "nftables",
     "ethtool",
-    "procps",
     "iputils-ping",
 ];
 
@@ -67,7 +69,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Setup => setup(),
         Task::Test { cargo_args } => setup().and_then(|()| test(&cargo_args)),
-        Task::Demo { keep } => setup().and_then(|()| demo::demo(keep)),
+        // Only what the demo uses: no browser, npm packages, helm or chart linters.
+        Task::Demo { keep } => setup_demo().and_then(|()| demo::demo(keep)),
         Task::Ui => web::ui(),
         Task::Chart => chart::setup().and_then(|()| chart::test()),
     };
@@ -139,9 +142,26 @@ pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// Everything the tests need: the demo's tools, the test packages, the web UI's browser and
+/// packages, the chart's tools.
 fn setup() -> anyhow::Result<()> {
-    step("setup: Debian packages");
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    setup_demo()?;
+    step("setup: Debian packages for the tests and benchmarks");
+    install_packages(TEST_PACKAGES)?;
+    web::setup()?;
+    chart::setup()?;
+    Ok(())
+}
+
+/// What building Bulkhead and running the demo need.
+fn setup_demo() -> anyhow::Result<()> {
+    step("setup: Debian packages for the lab");
+    install_packages(DEMO_PACKAGES)?;
+    setup_toolchain()
+}
+
+fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -160,7 +180,11 @@ fn setup() -> anyhow::Result<()> {
     } else {
         apt_install(&missing)?;
     }
+    Ok(())
+}
 
+/// rust-src and bpf-linker: building the eBPF programs.
+fn setup_toolchain() -> anyhow::Result<()> {
     step("setup: rust-src (the eBPF crate builds core for the bpf target)");
     let installed = output(Command::new("rustup").args([
         "component",
@@ -188,8 +212,6 @@ fn setup() -> anyhow::Result<()> {
     } else {
         install_bpf_linker()?;
     }
-    web::setup()?;
-    chart::setup()?;
     Ok(())
 }
 
