@@ -85,9 +85,8 @@ impl std::fmt::Display for PrefilterHook {
     }
 }
 
-/// bpffs root and the magic number `statfs` reports for it.
+/// bpffs root (`statfs` reports `BPF_FS_MAGIC` for it).
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -162,7 +161,8 @@ pub fn ensure_bpffs() -> Result<(), LoadError> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }
 
 /// The loaded programs and maps of one node.
