@@ -6,6 +6,7 @@
 
 mod chart;
 mod demo;
+mod image;
 mod web;
 
 use std::{
@@ -38,6 +39,16 @@ enum Task {
     Chart,
     /// Rebuild the web UI bundle (npm ci + esbuild) into cli/assets/ui/, which is committed.
     Ui,
+    /// The `bulkhead` image for linux/amd64 and linux/arm64, as OCI archives in target/image.
+    Image {
+        /// Only this architecture (amd64 or arm64).
+        #[arg(long)]
+        arch: Option<String>,
+        /// Write the image's files into this directory instead of archives (the Containerfile
+        /// builds its image from them).
+        #[arg(long)]
+        rootfs: Option<PathBuf>,
+    },
     /// The main job: build Bulkhead and run the local demo.
     Demo {
         /// Leave the demo's namespaces and agent in place for exploration.
@@ -72,6 +83,7 @@ fn main() -> ExitCode {
         // Only what the demo uses: no browser, npm packages, helm or chart linters.
         Task::Demo { keep } => setup_demo().and_then(|()| demo::demo(keep)),
         Task::Ui => web::ui(),
+        Task::Image { arch, rootfs } => image::image_task(arch.as_deref(), rootfs.as_deref()),
         Task::Chart => chart::setup().and_then(|()| chart::test()),
     };
     match result {
@@ -150,6 +162,7 @@ fn setup() -> anyhow::Result<()> {
     install_packages(TEST_PACKAGES)?;
     web::setup()?;
     chart::setup()?;
+    image::setup()?;
     Ok(())
 }
 
@@ -160,7 +173,7 @@ fn setup_demo() -> anyhow::Result<()> {
     setup_toolchain()
 }
 
-fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
+pub fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
@@ -184,7 +197,7 @@ fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
 }
 
 /// rust-src and bpf-linker: building the eBPF programs.
-fn setup_toolchain() -> anyhow::Result<()> {
+pub fn setup_toolchain() -> anyhow::Result<()> {
     step("setup: rust-src (the eBPF crate builds core for the bpf target)");
     let installed = output(Command::new("rustup").args([
         "component",
@@ -308,5 +321,8 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         .args(["test", "--workspace", "--exclude", "bulkhead-ebpf"])
         .args(extra))?;
     chart::test()?;
+    // The image for both architectures, and the arm64 binary run under qemu-user.
+    let images = image::build_images(&image::TARGETS)?;
+    image::test_arm64(&images)?;
     Ok(())
 }
