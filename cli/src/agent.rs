@@ -323,18 +323,19 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
         let context = context.clone();
         tokio::spawn(async move {
             let sink = |r: FlowRecord| {
-                let verdict = r.verdict.as_str();
+                let f = &r.flow;
+                let verdict = f.verdict.as_str();
                 shared
                     .metrics
                     .flow_records
                     .with_label_values(&[verdict])
                     .inc();
-                if r.verdict != FlowVerdict::Allowed {
+                if f.verdict != FlowVerdict::Allowed {
                     tracing::info!(
-                        endpoint = %r.endpoint, direction = ?r.direction, verdict,
-                        flow = %format!("{}:{} -> {}:{} proto {}", r.src, r.src_port, r.dst, r.dst_port, r.protocol),
-                        peer = %r.peer.as_ref().map_or_else(|| "-".to_string(), ToString::to_string),
-                        rule = %r.rule, "flow"
+                        endpoint = %f.endpoint, direction = ?f.direction, verdict,
+                        flow = %format!("{}:{} -> {}:{} proto {}", f.src, f.src_port, f.dst, f.dst_port, f.protocol),
+                        peer = %f.peer.as_ref().map_or_else(|| "-".to_string(), ToString::to_string),
+                        rule = %f.rule, "flow"
                     );
                 }
                 if forward_flows && flow_tx.try_send(r.to_contract()).is_err() {
