@@ -36,7 +36,7 @@ enum Task {
     },
     /// Only the Helm chart: install its tools, then lint, render, validate and scan it.
     Chart,
-    /// Rebuild the web UI bundle (npm ci + esbuild) into cli/assets/ui/, which is committed.
+    /// Rebuild the web UI bundle (npm ci + esbuild) into controller/assets/ui/, which is committed.
     Ui,
     /// The main job: build Bulkhead and run the local demo.
     Demo {
