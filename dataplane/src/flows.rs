@@ -395,7 +395,7 @@ fn connection(
 #[cfg(test)]
 mod tests {
     use bulkhead_common::{EVENT_AUDIT, EVENT_DENIED, FAMILY_V4, VERDICT_DENY, reason};
-    use bulkhead_ruleset::{Endpoint, FlowRule, RuleKind, RuleRef};
+    use bulkhead_ruleset::{Endpoint, RuleKind, RuleRef};
 
     use super::*;
 
