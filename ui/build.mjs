@@ -1,4 +1,4 @@
-// Builds the web UI into cli/assets/ui/ (committed; embedded in the `bulkhead` binary).
+// Builds the web UI into controller/assets/ui/ (committed; embedded in the `bulkhead` binary).
 // Reproducible: pinned versions (package-lock.json), no timestamps, no source paths in the
 // output. `cargo xtask ui` runs `npm ci` and this; `cargo xtask test` builds into a temporary
 // directory and fails if the result differs from the committed bundle.
@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const i = process.argv.indexOf('--out');
-const out = resolve(i > 0 ? process.argv[i + 1] : join(here, '..', 'cli', 'assets', 'ui'));
+const out = resolve(i > 0 ? process.argv[i + 1] : join(here, '..', 'controller', 'assets', 'ui'));
 mkdirSync(out, { recursive: true });
 
 await build({

@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::Context;
+use bulkhead_controller::server::api::{FlowLine, FlowQuery, FlowView};
 use clap::Args;
 
 use crate::lab::{self, state::LabState};
@@ -63,13 +64,24 @@ fn show_reachability(state: &LabState) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn denied_flows(state: &LabState) -> Vec<serde_json::Value> {
-    lab::http_get(state.http_port, "/api/flows")
-        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-        .and_then(|v| v.as_array().cloned())
+/// Flows from the lab controller's `/api/flows`, filtered there.
+fn api_flows(state: &LabState, query: FlowQuery) -> Vec<FlowLine> {
+    lab::http_get(state.http_port, &query.path())
+        .and_then(|b| serde_json::from_str::<Vec<FlowView>>(&b).ok())
         .unwrap_or_default()
         .into_iter()
-        .filter(|f| f["verdict"] == "denied" && f["protocol"] == 6)
+        .map(|f| f.line)
+        .collect()
+}
+
+fn denied_flows(state: &LabState) -> Vec<FlowLine> {
+    let query = FlowQuery {
+        verdict: Some("denied".into()),
+        ..FlowQuery::default()
+    };
+    api_flows(state, query)
+        .into_iter()
+        .filter(|f| f.protocol == 6)
         .collect()
 }
 
@@ -150,25 +162,16 @@ fn story(args: &DemoArgs, shop: &Path, policies: &Path) -> anyhow::Result<()> {
     let mut seen = std::collections::BTreeSet::new();
     for f in flows {
         let name = |named: &str, addr: &str| -> String {
-            f[named]
-                .as_str()
-                .filter(|p| !p.is_empty())
-                .unwrap_or_else(|| f[addr].as_str().unwrap_or("?"))
-                .to_string()
+            if named.is_empty() { addr } else { named }.to_string()
         };
-        let ingress = f["direction"] == "ingress";
-        let (from, to) = if ingress {
-            (name("peer", "src"), name("endpoint", "dst"))
+        let (from, to) = if f.direction == "ingress" {
+            (name(&f.peer, &f.src), name(&f.endpoint, &f.dst))
         } else {
-            (name("endpoint", "src"), name("peer", "dst"))
+            (name(&f.endpoint, &f.src), name(&f.peer, &f.dst))
         };
         let line = format!(
             "  {from} → {to}:{}  denied on {} at {}'s {}  by {}",
-            f["dst_port"],
-            f["node"].as_str().unwrap_or("?"),
-            f["endpoint"].as_str().unwrap_or("?"),
-            f["direction"].as_str().unwrap_or("?"),
-            f["rule"].as_str().unwrap_or("?"),
+            f.dst_port, f.node, f.endpoint, f.direction, f.rule,
         );
         if seen.insert(line.clone()) {
             println!("{line}");
@@ -223,24 +226,15 @@ fn story(args: &DemoArgs, shop: &Path, policies: &Path) -> anyhow::Result<()> {
             .any(|(src, row)| src != "tools/debug" && row.get("tools/debug") == Some(&true))
     );
     std::thread::sleep(Duration::from_millis(700));
-    let quarantine_flows: Vec<serde_json::Value> = lab::http_get(state.http_port, "/api/flows")
-        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
+    let quarantine_flows: Vec<FlowLine> = api_flows(&state, FlowQuery::default())
         .into_iter()
-        .filter(|f| {
-            f["rule"].as_str().is_some_and(|r| r.contains("Quarantine")) && f["protocol"] == 6
-        })
+        .filter(|f| f.rule.contains("Quarantine") && f.protocol == 6)
         .take(3)
         .collect();
     for f in &quarantine_flows {
         println!(
             "  flow on {}: {} → {}:{} denied by {}",
-            f["node"].as_str().unwrap_or("?"),
-            f["src"].as_str().unwrap_or("?"),
-            f["dst"].as_str().unwrap_or("?"),
-            f["dst_port"],
-            f["rule"].as_str().unwrap_or("?")
+            f.node, f.src, f.dst, f.dst_port, f.rule
         );
     }
 

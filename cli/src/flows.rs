@@ -8,10 +8,12 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use bulkhead_controller::flows::{FlowFilter, Graph};
+use bulkhead_controller::{
+    flows::{FlowFilter, Graph},
+    server::api::{FlowLine, FlowQuery, FlowView},
+};
 use bulkhead_proto::v1::{self as pb, admin_client::AdminClient};
 use clap::{Args, ValueEnum};
-use serde_json::Value;
 
 use crate::certs::ClientTlsArgs;
 
@@ -114,38 +116,8 @@ pub struct FlowsArgs {
     source: Source,
 }
 
-fn s(v: &Value, k: &str) -> String {
-    v[k].as_str().unwrap_or_default().to_string()
-}
-
-fn matches(a: &FlowsArgs, f: &Value, floor_nanos: u64) -> bool {
-    if f["time_unix_nanos"].as_u64().unwrap_or(0) < floor_nanos {
-        return false;
-    }
-    if let Some(v) = &a.verdict
-        && &s(f, "verdict") != v
-    {
-        return false;
-    }
-    let endpoint = s(f, "endpoint");
-    let peer = s(f, "peer");
-    if let Some(p) = &a.pod
-        && &endpoint != p
-        && &peer != p
-    {
-        return false;
-    }
-    if let Some(ns) = &a.namespace {
-        let in_ns = |x: &str| x.split_once('/').is_some_and(|(n, _)| n == ns);
-        if !in_ns(&endpoint) && !in_ns(&peer) {
-            return false;
-        }
-    }
-    true
-}
-
-fn proto_name(p: &Value) -> String {
-    match p.as_u64().unwrap_or(0) {
+fn proto_name(p: u64) -> String {
+    match p {
         6 => "TCP".to_string(),
         17 => "UDP".to_string(),
         132 => "SCTP".to_string(),
@@ -156,33 +128,40 @@ fn proto_name(p: &Value) -> String {
     }
 }
 
-fn print_flow(f: &Value) {
-    let t = f["time_unix_nanos"].as_u64().unwrap_or(0);
-    let time = humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_nanos(t));
-    let endpoint = s(f, "endpoint");
-    let peer = s(f, "peer");
-    let named = |name: String, addr: String| if name.is_empty() { addr } else { name };
-    let (from, to) = if s(f, "direction") == "ingress" {
-        (named(peer, s(f, "src")), named(endpoint, s(f, "dst")))
+fn print_flow(f: &FlowLine) {
+    let time = humantime::format_rfc3339_millis(
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(f.time_unix_nanos),
+    );
+    let named = |name: &str, addr: &str| if name.is_empty() { addr } else { name }.to_string();
+    let (from, to) = if f.direction == "ingress" {
+        (named(&f.peer, &f.src), named(&f.endpoint, &f.dst))
     } else {
-        (named(endpoint, s(f, "src")), named(peer, s(f, "dst")))
+        (named(&f.endpoint, &f.src), named(&f.peer, &f.dst))
     };
-    let proto = proto_name(&f["protocol"]);
+    let proto = proto_name(f.protocol.into());
     println!(
         "{time}  {:<8} {from} -> {to}:{} {proto:<6} {:<16} {}",
-        s(f, "node"),
-        f["dst_port"],
-        s(f, "verdict").to_uppercase(),
-        s(f, "rule")
+        f.node,
+        f.dst_port,
+        f.verdict.to_uppercase(),
+        f.rule
     );
+}
+
+fn print_line(output: FlowFormat, f: &FlowLine) -> anyhow::Result<()> {
+    match output {
+        FlowFormat::Json => println!("{}", serde_json::to_string(f)?),
+        FlowFormat::Table => print_flow(f),
+    }
+    Ok(())
 }
 
 /// One stored flow as `/api/flows` shows it; `None` (said on stderr) for one this build
 /// cannot read.
-fn flow_json(f: pb::StoredFlow) -> Option<Value> {
+fn flow_line(f: pb::StoredFlow) -> Option<FlowLine> {
     let node = f.node.clone();
     match f.into_entry() {
-        Ok(e) => Some(bulkhead_controller::flows::flow_json(&node, &e)),
+        Ok(e) => Some(FlowLine::of(&node, &e)),
         Err(e) => {
             eprintln!("(a flow the controller sent is left out: {e})");
             None
@@ -190,13 +169,11 @@ fn flow_json(f: pb::StoredFlow) -> Option<Value> {
     }
 }
 
-fn print_flows(output: FlowFormat, flows: Vec<pb::StoredFlow>) {
-    for v in flows.into_iter().filter_map(flow_json) {
-        match output {
-            FlowFormat::Json => println!("{v}"),
-            FlowFormat::Table => print_flow(&v),
-        }
+fn print_flows(output: FlowFormat, flows: Vec<pb::StoredFlow>) -> anyhow::Result<()> {
+    for f in flows.into_iter().filter_map(flow_line) {
+        print_line(output, &f)?;
     }
+    Ok(())
 }
 
 /// Through the admin API: the controller filters; `--follow` is a server stream.
@@ -222,7 +199,7 @@ fn flows_grpc(a: FlowsArgs, floor: u64) -> anyhow::Result<ExitCode> {
                 })
                 .await?
                 .into_inner();
-            print_flows(a.output, resp.flows);
+            print_flows(a.output, resp.flows)?;
             return Ok(ExitCode::SUCCESS);
         }
         let mut stream = client
@@ -239,7 +216,7 @@ fn flows_grpc(a: FlowsArgs, floor: u64) -> anyhow::Result<ExitCode> {
                     msg.missed
                 );
             }
-            print_flows(a.output, msg.flows);
+            print_flows(a.output, msg.flows)?;
         }
         bail!("the controller closed the flow stream")
     })
@@ -257,33 +234,30 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
     }
     let mut last_printed = floor;
     loop {
-        let body = a.source.get("/api/flows")?;
-        let mut records: Vec<Value> =
-            serde_json::from_str(&body).context("the controller's /api/flows is not JSON")?;
+        // The controller filters; the newest `MAX_LIMIT` that match come back.
+        let query = FlowQuery {
+            namespace: a.namespace.clone(),
+            pod: a.pod.clone(),
+            verdict: a.verdict.clone(),
+            since: (last_printed > 0).then_some(last_printed),
+            limit: Some(FlowQuery::MAX_LIMIT),
+            ..FlowQuery::default()
+        };
+        let path = query.path();
+        let mut records: Vec<FlowView> = serde_json::from_str(&a.source.get(&path)?)
+            .context("the controller's /api/flows is not a list of flows")?;
         // The API answers newest first; print oldest first.
         records.reverse();
-        let fresh: Vec<&Value> = records
+        let fresh: Vec<&FlowLine> = records
             .iter()
-            .filter(|f| {
-                f["time_unix_nanos"].as_u64().unwrap_or(0) > last_printed
-                    || (!a.follow && last_printed == floor)
-            })
-            .filter(|f| matches(&a, f, floor))
+            .map(|f| &f.line)
+            .filter(|f| f.time_unix_nanos > last_printed || (!a.follow && last_printed == floor))
             .collect();
-        if let Some(t) = fresh
-            .iter()
-            .filter_map(|f| f["time_unix_nanos"].as_u64())
-            .max()
-        {
+        if let Some(t) = fresh.iter().map(|f| f.time_unix_nanos).max() {
             last_printed = last_printed.max(t);
         }
-        match a.output {
-            FlowFormat::Json => {
-                for f in &fresh {
-                    println!("{f}");
-                }
-            }
-            FlowFormat::Table => fresh.iter().for_each(|f| print_flow(f)),
+        for f in fresh {
+            print_line(a.output, f)?;
         }
         if !a.follow {
             return Ok(ExitCode::SUCCESS);
@@ -324,44 +298,34 @@ fn graph_grpc(source: &Source) -> anyhow::Result<Graph> {
 }
 
 pub fn graph(a: GraphArgs) -> anyhow::Result<ExitCode> {
-    let grpc = if a.source.uses_grpc() {
-        Some(graph_grpc(&a.source)?)
+    if let (GraphFormat::Dot, false) = (a.output, a.source.uses_grpc()) {
+        print!("{}", a.source.get("/api/graph.dot")?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let g: Graph = if a.source.uses_grpc() {
+        graph_grpc(&a.source)?
     } else {
-        None
+        serde_json::from_str(&a.source.get("/api/graph")?)
+            .context("the controller's /api/graph is not a graph")?
     };
     match a.output {
-        GraphFormat::Dot => match &grpc {
-            Some(g) => print!("{}", g.to_dot()),
-            None => print!("{}", a.source.get("/api/graph.dot")?),
-        },
-        GraphFormat::Json => match &grpc {
-            Some(g) => println!("{}", serde_json::to_string(g)?),
-            None => println!("{}", a.source.get("/api/graph")?),
-        },
+        GraphFormat::Dot => print!("{}", g.to_dot()),
+        GraphFormat::Json => println!("{}", serde_json::to_string(&g)?),
         GraphFormat::Table => {
-            let g: Value = match &grpc {
-                Some(g) => serde_json::to_value(g)?,
-                None => serde_json::from_str(&a.source.get("/api/graph")?)
-                    .context("the controller's /api/graph is not JSON")?,
-            };
             println!(
                 "{:<36} {:<36} {:>10} {:>8} {:>8}  RULES",
                 "FROM", "TO", "PORT", "ALLOWED", "DENIED"
             );
-            for e in g["edges"].as_array().into_iter().flatten() {
-                let rules: Vec<String> = e["rules"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .map(|(r, n)| format!("{r} ({n})"))
-                    .collect();
+            for e in &g.edges {
+                let rules: Vec<String> =
+                    e.rules.iter().map(|(r, n)| format!("{r} ({n})")).collect();
                 println!(
                     "{:<36} {:<36} {:>10} {:>8} {:>8}  {}",
-                    s(e, "src"),
-                    s(e, "dst"),
-                    format!("{}/{}", e["port"], proto_name(&e["protocol"])),
-                    e["allowed"],
-                    e["denied"],
+                    e.src,
+                    e.dst,
+                    format!("{}/{}", e.port, proto_name(e.protocol.into())),
+                    e.allowed,
+                    e.denied,
                     rules.join("; ")
                 );
             }

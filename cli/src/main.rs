@@ -6,11 +6,9 @@ mod controller;
 mod crds;
 mod demo;
 mod flows;
-mod http_server;
 mod lab;
 mod policy;
 mod quarantine;
-mod web;
 
 use std::{io::IsTerminal, process::ExitCode};
 

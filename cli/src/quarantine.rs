@@ -7,6 +7,8 @@ use anyhow::{Context, bail};
 use bulkhead_proto::v1::{self as pb, admin_client::AdminClient};
 use clap::{Args, Subcommand};
 
+use bulkhead_controller::server::api::quarantine::{parse_allow, parse_for};
+
 use crate::certs::ClientTlsArgs;
 
 #[derive(Args)]
@@ -68,54 +70,6 @@ fn actor() -> String {
 fn split_target(t: &str) -> anyhow::Result<(String, String)> {
     let pod: bulkhead_ruleset::PodKey = t.parse()?;
     Ok((pod.namespace, pod.name))
-}
-
-/// How long a quarantine lasts, as `--for` and the web UI's `for` take it: a duration (`30m`,
-/// `2h`, `7d`) of at most 10 years, the controller's limit
-/// ([`bulkhead_controller::distribution::quarantine::MAX_DURATION`]).
-pub(crate) fn parse_for(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("for {s:?}: {}", e.to_string().to_lowercase()))?;
-    if d > bulkhead_controller::distribution::quarantine::MAX_DURATION {
-        return Err(format!(
-            "for {s:?}: a quarantine can last at most 10 years; leave the duration out to quarantine until released"
-        ));
-    }
-    Ok(d)
-}
-
-/// An exception to a quarantine, as `--allow` and the web UI take it:
-/// `ns=NAMESPACE[,label=value…][@PORT[/PROTO]]` or `CIDR[@PORT[/PROTO]]`.
-pub(crate) fn parse_allow(s: &str) -> Result<pb::QuarantineAllow, String> {
-    let (peer, port) = match s.split_once('@') {
-        Some((p, port)) => (p, Some(port)),
-        None => (s, None),
-    };
-    let mut a = pb::QuarantineAllow::default();
-    if peer.contains('/') && !peer.contains('=') {
-        peer.parse::<ipnetwork::IpNetwork>()
-            .map_err(|_| format!("allow {s:?}: not a CIDR"))?;
-        a.cidr = peer.to_string();
-    } else {
-        for kv in peer.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| format!("allow {s:?}: expected ns=NAMESPACE[,label=value…]"))?;
-            if k == "ns" || k == "namespace" {
-                a.namespace = v.to_string();
-            } else {
-                a.labels.insert(k.to_string(), v.to_string());
-            }
-        }
-    }
-    if let Some(port) = port {
-        let (p, proto) = port.split_once('/').unwrap_or((port, "TCP"));
-        a.port = p
-            .parse()
-            .map_err(|_| format!("allow {s:?}: bad port {p:?}"))?;
-        a.protocol = proto.to_uppercase();
-    }
-    Ok(a)
 }
 
 pub async fn client(conn: &Connection) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {

@@ -287,7 +287,7 @@ fn the_web_ui_signs_in_with_a_token_and_a_viewer_may_not_quarantine() {
     );
     assert!(
         page.body.contains("id=\"signin\""),
-        "the binary's page has no sign-in form (rebuild cli/assets/ui with `cargo xtask ui`)"
+        "the binary's page has no sign-in form (rebuild controller/assets/ui with `cargo xtask ui`)"
     );
     for asset in ["/ui/app.js", "/ui/app.css"] {
         let a = request(http, "GET", asset, &[], "");

@@ -19,7 +19,7 @@ use std::{
 
 use bulkhead_proto::v1 as pb;
 use rustc_hash::FxHashMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     distribution::{FlowStore, Hub},
@@ -150,7 +150,7 @@ impl Directory {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Edge {
     pub src: String,
     pub dst: String,
@@ -166,7 +166,7 @@ pub struct Edge {
     pub rules: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GraphNode {
     pub id: String,
     pub namespace: String,
@@ -184,7 +184,7 @@ pub struct Counted {
     pub drop: bool,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Graph {
     pub nodes: Vec<GraphNode>,
     pub edges: Vec<Edge>,
@@ -865,28 +865,6 @@ fn endpoint_is(e: &EndpointRef, text: &str) -> bool {
     match e {
         EndpointRef::Pod(p) => pod_is(p, text),
         EndpointRef::Unnamed(id) => text.strip_prefix("endpoint#") == Some(id.to_string().as_str()),
-    }
-}
-
-/// A stored flow or quarantine action as `/api/flows` and `bulkhead flows -o json` show it:
-/// every part as text, and empty texts (and zeros) for what a quarantine action lacks.
-pub fn flow_json(node: &str, e: &FlowEntry) -> serde_json::Value {
-    match e {
-        FlowEntry::Flow(r) => serde_json::json!({
-            "node": node, "endpoint": r.endpoint.to_string(), "direction": r.direction.as_str(),
-            "src": r.src.to_string(), "dst": r.dst.to_string(), "src_port": r.src_port,
-            "dst_port": r.dst_port, "protocol": r.protocol, "kind": r.kind.as_str(),
-            "verdict": r.verdict.as_str(), "rule": r.rule.to_string(),
-            "peer": r.peer.as_ref().map(PodKey::to_string).unwrap_or_default(),
-            "reason": r.reason.as_str(), "time_unix_nanos": r.time_unix_nanos,
-        }),
-        FlowEntry::Quarantine(q) => serde_json::json!({
-            "node": node, "endpoint": q.pod.to_string(), "direction": "",
-            "src": "", "dst": "", "src_port": 0,
-            "dst_port": 0, "protocol": 0, "kind": q.action.as_str(),
-            "verdict": q.action.verdict(), "rule": q.rule_text(), "peer": "",
-            "reason": q.reason_text(), "time_unix_nanos": q.time_unix_nanos,
-        }),
     }
 }
 

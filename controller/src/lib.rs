@@ -5,6 +5,7 @@
 //! - [`engine::PolicyEngine`] compiles them and keeps per-node rule sets up to date
 //!   ([`engine::Change`] in, [`ruleset::NodeDelta`]s out);
 //! - [`reachability`] answers "may A talk to B, and why" from the compiled rule sets;
+//! - [`server`] is the controller runtime: gRPC for agents, the HTTP API and web UI, metrics;
 //! - [`service_policy`] documents Bulkhead's own ServicePolicy kind and where it sits.
 //!
 //! The rule-set contract (what a node's rule set is, precedence, the reference conntrack model)
@@ -20,6 +21,7 @@ pub mod load;
 pub mod model;
 pub mod reachability;
 pub mod selector;
+pub mod server;
 pub mod service_policy;
 pub mod supervise;
 

@@ -12,67 +12,63 @@ use bulkhead_common::{
     DIR_INGRESS, EVENT_AUDIT, EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, FAMILY_V4, FlowEvent,
     VERDICT_ALLOW,
 };
-use bulkhead_ruleset::{Direction, EndpointRef, FlowReason, FlowRule, PodKey, RuleSet};
+use bulkhead_ruleset::{Direction, EndpointRef, FlowReason, PodKey, RuleSet};
 pub use bulkhead_ruleset::{FlowKind, FlowVerdict};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
-/// One flow record, as the agent reports it (its JSON is what `/flows` serves).
-#[derive(Debug, Clone, Serialize)]
+/// One flow record as this agent keeps it for `/flows`: the contract's record (what every agent
+/// reports to the controller, observed at its `time_unix_nanos`, as one packet) and what only
+/// this agent knows.
+#[derive(Debug, Clone)]
 pub struct FlowRecord {
     /// Nanoseconds since boot (kernel clock), as in the event.
     pub kernel_time_ns: u64,
-    pub observed_at: SystemTime,
+    /// The node that observed it.
     pub node: String,
-    /// The endpoint at which the verdict was made.
-    pub endpoint: EndpointRef,
-    pub direction: Direction,
-    pub src: IpAddr,
-    pub dst: IpAddr,
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub protocol: u8,
-    pub kind: FlowKind,
-    pub verdict: FlowVerdict,
-    /// What decided: a policy rule, a default, or a built-in reason.
-    pub rule: FlowRule,
-    pub rule_id: u32,
-    pub local_identity: u32,
-    pub peer_identity: u32,
-    /// The peer, when it is an endpoint this node knows.
-    pub peer: Option<PodKey>,
-    pub reason: FlowReason,
-    pub bytes: u32,
+    /// The record as agents send it to the controller.
+    pub flow: bulkhead_ruleset::FlowRecord,
 }
 
 impl FlowRecord {
-    /// The record as agents send it to the controller: one packet, observed at
-    /// [`FlowRecord::observed_at`].
+    /// When the agent read the event (the contract's `time_unix_nanos`).
+    pub fn observed_at(&self) -> SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_nanos(self.flow.time_unix_nanos)
+    }
+
+    /// The record as agents send it to the controller.
     pub fn to_contract(&self) -> bulkhead_ruleset::FlowRecord {
-        bulkhead_ruleset::FlowRecord {
-            time_unix_nanos: self
-                .observed_at
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0),
-            endpoint: self.endpoint.clone(),
-            direction: self.direction,
-            src: self.src,
-            dst: self.dst,
-            src_port: self.src_port,
-            dst_port: self.dst_port,
-            protocol: self.protocol,
-            kind: self.kind,
-            verdict: self.verdict,
-            rule: self.rule.clone(),
-            rule_id: self.rule_id,
-            local_identity: self.local_identity,
-            peer_identity: self.peer_identity,
-            peer: self.peer.clone(),
-            reason: self.reason,
-            packets: 1,
-            bytes: self.bytes as u64,
-        }
+        self.flow.clone()
+    }
+}
+
+/// `/flows` serves what it served before the record embedded the contract's, field for field
+/// and in the same order: `observed_at` as a `SystemTime`, no `time_unix_nanos` or `packets`.
+impl Serialize for FlowRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let f = &self.flow;
+        let mut out = s.serialize_struct("FlowRecord", 19)?;
+        out.serialize_field("kernel_time_ns", &self.kernel_time_ns)?;
+        out.serialize_field("observed_at", &self.observed_at())?;
+        out.serialize_field("node", &self.node)?;
+        out.serialize_field("endpoint", &f.endpoint)?;
+        out.serialize_field("direction", &f.direction)?;
+        out.serialize_field("src", &f.src)?;
+        out.serialize_field("dst", &f.dst)?;
+        out.serialize_field("src_port", &f.src_port)?;
+        out.serialize_field("dst_port", &f.dst_port)?;
+        out.serialize_field("protocol", &f.protocol)?;
+        out.serialize_field("kind", &f.kind)?;
+        out.serialize_field("verdict", &f.verdict)?;
+        out.serialize_field("rule", &f.rule)?;
+        out.serialize_field("rule_id", &f.rule_id)?;
+        out.serialize_field("local_identity", &f.local_identity)?;
+        out.serialize_field("peer_identity", &f.peer_identity)?;
+        out.serialize_field("peer", &f.peer)?;
+        out.serialize_field("reason", &f.reason)?;
+        out.serialize_field("bytes", &f.bytes)?;
+        out.end()
     }
 }
 
@@ -154,26 +150,33 @@ impl FlowContext {
             e.rule_id
         };
         let rule = self.ruleset.flow_rule(rule_id);
+        let observed_at = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
         FlowRecord {
             kernel_time_ns: e.timestamp_ns,
-            observed_at: SystemTime::now(),
             node: self.node.clone(),
-            endpoint: self.endpoint(e.endpoint_id),
-            direction,
-            src,
-            dst,
-            src_port: u16::from_be(e.sport_be),
-            dst_port: u16::from_be(e.dport_be),
-            protocol: e.protocol,
-            kind,
-            verdict,
-            rule,
-            rule_id,
-            local_identity: e.local_identity,
-            peer_identity: e.peer_identity,
-            peer: self.addresses.get(&peer_ip).cloned(),
-            reason: FlowReason::from_code(e.reason as u32),
-            bytes: e.bytes,
+            flow: bulkhead_ruleset::FlowRecord {
+                time_unix_nanos: observed_at,
+                endpoint: self.endpoint(e.endpoint_id),
+                direction,
+                src,
+                dst,
+                src_port: u16::from_be(e.sport_be),
+                dst_port: u16::from_be(e.dport_be),
+                protocol: e.protocol,
+                kind,
+                verdict,
+                rule,
+                rule_id,
+                local_identity: e.local_identity,
+                peer_identity: e.peer_identity,
+                peer: self.addresses.get(&peer_ip).cloned(),
+                reason: FlowReason::from_code(e.reason as u32),
+                packets: 1,
+                bytes: e.bytes as u64,
+            },
         }
     }
 }
@@ -243,7 +246,7 @@ impl RecentFlows {
         let now = SystemTime::now();
         self.records
             .iter()
-            .filter(|r| now.duration_since(r.observed_at).unwrap_or_default() <= max_age)
+            .filter(|r| now.duration_since(r.observed_at()).unwrap_or_default() <= max_age)
             .cloned()
             .collect()
     }
@@ -462,7 +465,7 @@ mod tests {
     fn a_record_serialises_as_before() {
         let ctx = FlowContext::new(&ruleset());
         let r = ctx.record(&event());
-        let observed = serde_json::to_string(&r.observed_at).expect("json");
+        let observed = serde_json::to_string(&r.observed_at()).expect("json");
         assert_eq!(
             serde_json::to_string(&r).expect("json"),
             format!(
@@ -525,7 +528,7 @@ mod tests {
             (77, "rule #77"),
         ] {
             e.rule_id = id;
-            assert_eq!(ctx.record(&e).rule.to_string(), text);
+            assert_eq!(ctx.record(&e).flow.rule.to_string(), text);
         }
         // An audit record names the rule that would have denied it.
         let mut e = event();
@@ -535,7 +538,7 @@ mod tests {
         e.audit_rule_id = 5;
         let r = ctx.record(&e);
         assert_eq!(
-            (r.kind, r.verdict, r.rule_id),
+            (r.flow.kind, r.flow.verdict, r.flow.rule_id),
             (FlowKind::Audit, FlowVerdict::AuditWouldDeny, 5)
         );
         let v = serde_json::to_value(&r).expect("json");

@@ -1,6 +1,8 @@
 //! Bulkhead's node agent: loads the eBPF programs, pins them, attaches them to endpoint veths,
-//! writes compiled rule sets into the maps, and reads flow events.
+//! writes compiled rule sets into the maps, and reads flow events; [`agent`] is the runtime
+//! that puts them together (`bulkhead agent run`).
 
+pub mod agent;
 pub mod batch;
 pub mod dense;
 pub mod flows;

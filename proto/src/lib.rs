@@ -2,6 +2,7 @@
 //! flow reports from the agents, and the controller's admin API. See
 //! `proto/bulkhead/v1/distribution.proto` for the protocol's rules.
 //!
+//! - [`client`] says where the controller is and how a client proves who it is (mTLS);
 //! - [`convert`] turns the rule-set contract into its protobuf messages and back;
 //! - [`flows`] does the same for flow records (refusing, by field, what the contract cannot
 //!   hold);
@@ -9,6 +10,7 @@
 //! - [`follower`] is the agent's side of the distribution protocol, without the kernel: the agent
 //!   binary, the controller's tests and the benchmarks follow a node's stream through it.
 
+pub mod client;
 pub mod convert;
 pub mod flows;
 pub mod follower;

@@ -1,5 +1,5 @@
 // Bulkhead's web UI: the live service map. Polls the controller's JSON API (`/api/map` every
-// 1.5 s, the selection's flows from `/api/flows/query`), draws namespaces as compound nodes and
+// 1.5 s, the selection's flows from `/api/flows`), draws namespaces as compound nodes and
 // workloads inside them with cytoscape (fcose layout), and quarantines or releases pods through
 // `POST /api/quarantine` and `/api/quarantine/release`.
 //
@@ -615,7 +615,7 @@ function flowsTable(flows) {
 
 async function fetchFlows(params) {
   const q = new URLSearchParams({ limit: '40', ...params });
-  const res = await api(`/api/flows/query?${q}`);
+  const res = await api(`/api/flows?${q}`);
   if (!res.ok) throw new Error((await res.json().catch(() => ({}))).error || `HTTP ${res.status}`);
   return res.json();
 }

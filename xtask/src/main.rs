@@ -37,7 +37,7 @@ enum Task {
     },
     /// Only the Helm chart: install its tools, then lint, render, validate and scan it.
     Chart,
-    /// Rebuild the web UI bundle (npm ci + esbuild) into cli/assets/ui/, which is committed.
+    /// Rebuild the web UI bundle (npm ci + esbuild) into controller/assets/ui/, which is committed.
     Ui,
     /// The `bulkhead` image for linux/amd64 and linux/arm64, as OCI archives in target/image.
     Image {

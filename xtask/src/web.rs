@@ -1,7 +1,7 @@
 //! The web UI's build: `ui/` (npm sources, package-lock.json) bundled by esbuild into
-//! `cli/assets/ui/`, which is committed so that building or running Bulkhead needs no npm.
+//! `controller/assets/ui/`, which is committed so that building or running Bulkhead needs no npm.
 //!
-//! * `cargo xtask ui` — `npm ci` and the build, into `cli/assets/ui/` (commit the result).
+//! * `cargo xtask ui` — `npm ci` and the build, into `controller/assets/ui/` (commit the result).
 //! * `setup()` — Debian's `chromium` (the UI's end-to-end test drives it) and `npm ci` in `ui/`
 //!   (esbuild for the drift check, playwright-core for the end-to-end test).
 //! * `test()` — rebuilds the bundle into `target/` and fails if it differs from the committed one.
@@ -77,9 +77,9 @@ fn build(out: &Path) -> anyhow::Result<()> {
 
 /// `cargo xtask ui`: rebuild the committed bundle.
 pub fn ui() -> anyhow::Result<()> {
-    crate::step("ui: npm ci + esbuild into cli/assets/ui/");
-    build(&project_root().join("cli/assets/ui"))?;
-    println!("    commit cli/assets/ui/ with the change to ui/");
+    crate::step("ui: npm ci + esbuild into controller/assets/ui/");
+    build(&project_root().join("controller/assets/ui"))?;
+    println!("    commit controller/assets/ui/ with the change to ui/");
     Ok(())
 }
 
@@ -92,7 +92,7 @@ pub fn test() -> anyhow::Result<()> {
     build(&fresh)?;
     let mut drifted = Vec::new();
     for f in BUNDLE {
-        let committed = fs::read(root.join("cli/assets/ui").join(f)).unwrap_or_default();
+        let committed = fs::read(root.join("controller/assets/ui").join(f)).unwrap_or_default();
         let built = fs::read(fresh.join(f)).with_context(|| format!("the build wrote no {f}"))?;
         if committed != built {
             drifted.push(*f);
@@ -100,10 +100,10 @@ pub fn test() -> anyhow::Result<()> {
     }
     if !drifted.is_empty() {
         bail!(
-            "cli/assets/ui/{{{}}} differ from a fresh build of ui/: run `cargo xtask ui` and commit cli/assets/ui/",
+            "controller/assets/ui/{{{}}} differ from a fresh build of ui/: run `cargo xtask ui` and commit controller/assets/ui/",
             drifted.join(",")
         );
     }
-    println!("    cli/assets/ui/ is up to date");
+    println!("    controller/assets/ui/ is up to date");
     Ok(())
 }

@@ -21,6 +21,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use bulkhead_agent::netns::{Netns, ip};
+use bulkhead_controller::server::api::NodeView;
 use clap::{Args, Subcommand};
 use serde_yaml::Value;
 
@@ -731,20 +732,10 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
 /// Per node: (version, realized, connected).
 pub fn node_versions(state: &LabState) -> BTreeMap<String, (u64, u64, bool)> {
     http_get(state.http_port, "/api/nodes")
-        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-        .and_then(|v| v.as_array().cloned())
+        .and_then(|b| serde_json::from_str::<Vec<NodeView>>(&b).ok())
         .unwrap_or_default()
         .into_iter()
-        .map(|n| {
-            (
-                n["node"].as_str().unwrap_or_default().to_string(),
-                (
-                    n["version"].as_u64().unwrap_or(0),
-                    n["realized"].as_u64().unwrap_or(0),
-                    n["connected"].as_bool().unwrap_or(false),
-                ),
-            )
-        })
+        .map(|n| (n.node, (n.version, n.realized, n.connected)))
         .collect()
 }
 

@@ -306,6 +306,15 @@ fn quarantine_event(action: QuarantineAction) -> FlowEntry {
     })
 }
 
+/// A flow as `bulkhead flows -o json` prints it.
+fn flow_text(node: &str, e: &FlowEntry) -> String {
+    serde_json::to_string(&crate::server::api::FlowLine::of(node, e)).expect("json")
+}
+
+fn flow_json(node: &str, e: &FlowEntry) -> serde_json::Value {
+    serde_json::from_str(&flow_text(node, e)).expect("json")
+}
+
 /// `/api/flows` and `bulkhead flows -o json` show what they showed when records were texts.
 #[test]
 fn flows_and_quarantine_actions_read_as_before() {
@@ -321,7 +330,7 @@ fn flows_and_quarantine_actions_read_as_before() {
     r.reason = FlowReason::AuditWouldDeny;
     r.peer = Some("shop/web-0".parse().expect("pod"));
     assert_eq!(
-        flow_json("n1", &FlowEntry::Flow(r.clone())).to_string(),
+        flow_text("n1", &FlowEntry::Flow(r.clone())),
         r#"{"direction":"ingress","dst":"2001:db8::2","dst_port":80,"endpoint":"shop/api-0","kind":"audit","node":"n1","peer":"shop/web-0","protocol":6,"reason":"audit_would_deny","rule":"NetworkPolicy shop/api ingress default-deny","src":"10.0.0.1","src_port":0,"time_unix_nanos":5,"verdict":"audit-would-deny"}"#
     );
     r.peer = None;
@@ -332,11 +341,10 @@ fn flows_and_quarantine_actions_read_as_before() {
         (Some(""), Some("endpoint#3"))
     );
     assert_eq!(
-        flow_json(
+        flow_text(
             "controller",
             &quarantine_event(QuarantineAction::Quarantine)
-        )
-        .to_string(),
+        ),
         r#"{"direction":"","dst":"","dst_port":0,"endpoint":"tools/debug","kind":"quarantine","node":"controller","peer":"","protocol":0,"reason":"by web UI","rule":"Quarantine tools/debug: port scan","src":"","src_port":0,"time_unix_nanos":9,"verdict":"quarantined"}"#
     );
     for (action, verdict) in [

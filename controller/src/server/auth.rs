@@ -21,19 +21,19 @@ use std::{
     time::SystemTime,
 };
 
+use crate::kubernetes::review::{ResourceAccess, ReviewError, Reviewed, Reviewer};
 use axum::{
     extract::{Request, State},
     http::{HeaderMap, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use bulkhead_controller::kubernetes::review::{ResourceAccess, ReviewError, Reviewed, Reviewer};
 use subtle::ConstantTimeEq;
 
-use super::ApiError;
+use super::api::ApiError;
 
 /// `--http-auth`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HttpAuthMode {
     /// No authentication: loopback only, unless --http-unauthenticated.
     #[default]
@@ -42,6 +42,39 @@ pub enum HttpAuthMode {
     Tokens,
     /// Bearer tokens reviewed by the Kubernetes API server, requests authorized by its RBAC.
     Kubernetes,
+}
+
+impl HttpAuthMode {
+    pub const ALL: [HttpAuthMode; 3] = [
+        HttpAuthMode::None,
+        HttpAuthMode::Tokens,
+        HttpAuthMode::Kubernetes,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpAuthMode::None => "none",
+            HttpAuthMode::Tokens => "tokens",
+            HttpAuthMode::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+impl std::fmt::Display for HttpAuthMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for HttpAuthMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<HttpAuthMode, String> {
+        HttpAuthMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is none of none, tokens, kubernetes"))
+    }
 }
 
 /// What a request wants to do.

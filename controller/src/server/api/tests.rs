@@ -1,21 +1,24 @@
-use super::host_check::is_loopback_host;
+use bulkhead_http::is_loopback_host;
 use std::{
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use bulkhead_controller::{
+use crate::{
     EngineConfig, PolicyEngine,
     distribution::ManifestSource,
     flows::Directory,
-    ruleset::{FlowKind, FlowReason, RuleKind, RuleRef, RuleSet},
+    ruleset::{Direction, FlowKind, FlowReason, FlowRecord, FlowRule, RuleKind, RuleRef, RuleSet},
+    server::HttpConfig,
 };
+use serde_json::{Value, json};
+use std::{collections::BTreeSet, time::SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
 
-const SHOP: &str = include_str!("../../../examples/demo/shop.yaml");
-const POLICIES: &str = include_str!("../../../examples/demo/policies.yaml");
+const SHOP: &str = include_str!("../../../../examples/demo/shop.yaml");
+const POLICIES: &str = include_str!("../../../../examples/demo/policies.yaml");
 
 struct Fixture {
     addr: SocketAddr,
@@ -82,14 +85,14 @@ fn record(
 
 /// A controller's state for the demo shop (no agents), with a few flows, served on a
 /// loopback port by the UI's router alone.
-async fn serve(http: &str, args: WebArgs, quarantine: bool) -> Fixture {
+async fn serve(http: &str, args: HttpConfig, quarantine: bool) -> Fixture {
     serve_with_auth(http, args, quarantine, |_| auth::WebAuth::Off).await
 }
 
 /// [`serve`] with the authentication `auth` makes (given the fixture's directory).
 async fn serve_with_auth(
     http: &str,
-    args: WebArgs,
+    args: HttpConfig,
     quarantine: bool,
     auth: impl FnOnce(&std::path::Path) -> auth::WebAuth,
 ) -> Fixture {
@@ -180,13 +183,15 @@ async fn serve_with_auth(
     });
     let http: SocketAddr = http.parse().expect("address");
     let auth = Arc::new(auth(&dir));
-    let mut state = WebState::new(http, &args, hub, flows, graph, quarantine, auth);
+    let mut state = ApiState::new(http, &args, hub, flows, graph, quarantine, auth);
     state.enforce_wait = Duration::ZERO;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("address");
-    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    tokio::spawn(async move {
+        axum::serve(listener, router(state).merge(crate::server::ui::router())).await
+    });
     Fixture { addr, dir }
 }
 
@@ -241,7 +246,7 @@ const ACTION: (&str, &str) = ("X-Bulkhead-Action", "1");
 /// the UI shows on the next request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_map_is_computed_once_for_a_burst_and_again_after_a_write() {
-    let f = serve("127.0.0.1:9961", WebArgs::default(), true).await;
+    let f = serve("127.0.0.1:9961", HttpConfig::default(), true).await;
     let burst: Vec<_> = (0..6)
         .map(|_| tokio::spawn(get_json(f.addr, "/api/map")))
         .collect();
@@ -286,7 +291,7 @@ async fn the_map_is_computed_once_for_a_burst_and_again_after_a_write() {
 
 #[tokio::test]
 async fn the_page_and_its_assets_are_served_from_the_binary() {
-    let f = serve("127.0.0.1:9961", WebArgs::default(), true).await;
+    let f = serve("127.0.0.1:9961", HttpConfig::default(), true).await;
     let (status, ct, body) = request(f.addr, "GET", "/", &[], "").await;
     assert_eq!(status, 200);
     assert!(ct.starts_with("text/html"), "{ct}");
@@ -303,7 +308,7 @@ async fn the_page_and_its_assets_are_served_from_the_binary() {
 
 #[tokio::test]
 async fn the_map_has_workloads_grouped_by_namespace_edges_and_world() {
-    let f = serve("127.0.0.1:9961", WebArgs::default(), true).await;
+    let f = serve("127.0.0.1:9961", HttpConfig::default(), true).await;
     let (status, map) = get_json(f.addr, "/api/map").await;
     assert_eq!(status, 200);
     assert_eq!(map["namespaces"], json!(["shop", "tools"]));
@@ -341,7 +346,7 @@ async fn the_map_has_workloads_grouped_by_namespace_edges_and_world() {
 
 #[tokio::test]
 async fn flows_are_filtered_server_side_and_name_the_deciding_rule() {
-    let f = serve("127.0.0.1:9961", WebArgs::default(), true).await;
+    let f = serve("127.0.0.1:9961", HttpConfig::default(), true).await;
     let (_, edge) = get_json(
         f.addr,
         "/api/flows/query?src=tools/Pod/debug&dst=shop/Pod/backend&port=8080&protocol=6",
@@ -380,9 +385,77 @@ async fn flows_are_filtered_server_side_and_name_the_deciding_rule() {
     );
 }
 
+/// One API for the page and the commands: every answer reads back as its type, and
+/// `/api/flows` (what `bulkhead flows` asks, with the filters it passes) is filtered by the
+/// server, newest first, peers named where the agent could not.
+#[tokio::test]
+async fn every_answer_reads_back_as_its_type_and_flows_filter_for_the_cli() {
+    let f = serve("127.0.0.1:9961", HttpConfig::default(), true).await;
+    let typed = |path: &'static str| async move {
+        let (status, _, body) = request(f.addr, "GET", path, &[], "").await;
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    };
+    let nodes: Vec<NodeView> = serde_json::from_str(&typed("/api/nodes").await).expect("nodes");
+    assert!(!nodes.is_empty() && nodes.iter().all(|n| !n.connected));
+    let policies: Vec<PolicyView> =
+        serde_json::from_str(&typed("/api/policies").await).expect("policies");
+    assert!(
+        policies.iter().any(|p| p.name == "backend-api"),
+        "{policies:?}"
+    );
+    let graph_body = typed("/api/graph").await;
+    let graph: Graph = serde_json::from_str(&graph_body).expect("graph");
+    assert_eq!(serde_json::to_string(&graph).expect("json"), graph_body);
+    let map: MapView = serde_json::from_str(&typed("/api/map").await).expect("map");
+    assert!(map.user.is_none() && map.actions.enabled && !map.nodes.is_empty());
+    let _: Vec<QuarantineView> =
+        serde_json::from_str(&typed("/api/quarantines").await).expect("quarantines");
+
+    let flows = |q: FlowQuery| async move {
+        let (status, _, body) = request(f.addr, "GET", &q.path(), &[], "").await;
+        assert_eq!(status, 200, "{}: {body}", q.path());
+        serde_json::from_str::<Vec<FlowView>>(&body).expect("flows")
+    };
+    let all = flows(FlowQuery::default()).await;
+    assert_eq!(all.len(), 3, "{all:?}");
+    // The agent did not name the peer of the denied record; the API does.
+    assert!(
+        all.iter()
+            .any(|v| v.line.verdict == "denied" && v.line.peer == "tools/debug"),
+        "{all:?}"
+    );
+    let denied = flows(FlowQuery {
+        verdict: Some("denied".into()),
+        ..FlowQuery::default()
+    })
+    .await;
+    assert_eq!(denied.len(), 2);
+    let debug = flows(FlowQuery {
+        pod: Some("tools/debug".into()),
+        ..FlowQuery::default()
+    })
+    .await;
+    assert_eq!(debug.len(), 1);
+    assert_eq!(debug[0].line.endpoint, "shop/backend");
+    let shop = flows(FlowQuery {
+        namespace: Some("shop".into()),
+        limit: Some(2),
+        ..FlowQuery::default()
+    })
+    .await;
+    assert_eq!(shop.len(), 2);
+    let later = flows(FlowQuery {
+        since: Some(1_700_000_000_000_000_001),
+        ..FlowQuery::default()
+    })
+    .await;
+    assert!(later.is_empty(), "{later:?}");
+}
+
 #[tokio::test]
 async fn quarantine_and_release_from_the_page() {
-    let f = serve("127.0.0.1:9961", WebArgs::default(), true).await;
+    let f = serve("127.0.0.1:9961", HttpConfig::default(), true).await;
     let body =
         r#"{"pod":"tools/debug","reason":"port scan","allow":["ns=shop@22/TCP"],"for":"1h"}"#;
     let (status, _, out) = request(f.addr, "POST", "/api/quarantine", &[JSON, ACTION], body).await;
@@ -449,7 +522,7 @@ async fn quarantine_and_release_from_the_page() {
 
 #[tokio::test]
 async fn bad_write_requests_are_refused_with_a_json_error() {
-    let f = serve("127.0.0.1:9961", WebArgs::default(), true).await;
+    let f = serve("127.0.0.1:9961", HttpConfig::default(), true).await;
     let good = r#"{"pod":"tools/debug","reason":"x"}"#;
     // (headers, body, status, what the error says)
     type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, u16, &'a str);
@@ -602,7 +675,7 @@ async fn bad_write_requests_are_refused_with_a_json_error() {
 
 #[tokio::test]
 async fn actions_are_off_on_a_public_listener_unless_asked_for() {
-    let f = serve("0.0.0.0:9961", WebArgs::default(), true).await;
+    let f = serve("0.0.0.0:9961", HttpConfig::default(), true).await;
     let (_, map) = get_json(f.addr, "/api/map").await;
     assert_eq!(map["actions"]["enabled"], false);
     assert!(
@@ -617,7 +690,7 @@ async fn actions_are_off_on_a_public_listener_unless_asked_for() {
 
     let f = serve(
         "0.0.0.0:9961",
-        WebArgs {
+        HttpConfig {
             web_actions: true,
             ..Default::default()
         },
@@ -634,12 +707,17 @@ async fn actions_are_off_on_a_public_listener_unless_asked_for() {
     .await;
     assert_eq!(status, 200, "{out}");
 
-    let f = serve("127.0.0.1:9961", WebArgs::default(), false).await;
+    let f = serve("127.0.0.1:9961", HttpConfig::default(), false).await;
     let (status, _, out) = request(f.addr, "POST", "/api/quarantine", &[JSON, ACTION], good).await;
     assert_eq!(status, 403, "{out}");
     assert!(out.contains("quarantine directory"), "{out}");
     let (status, _) = get_json(f.addr, "/api/quarantines").await;
     assert_eq!(status, 501);
+}
+
+/// The deciding rule as the API writes it.
+fn decided_by(rule: Option<&FlowRule>, text: &str) -> Value {
+    serde_json::to_value(DecidedBy::of(rule, text)).expect("json")
 }
 
 #[test]
@@ -727,7 +805,7 @@ fn bearer(token: &str) -> (&'static str, String) {
 /// admin can, even on a listener that is not loopback; the page needs no token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_guard_every_api_route_and_writes_need_an_admin() {
-    let f = serve_with_auth("0.0.0.0:9961", WebArgs::default(), true, token_auth).await;
+    let f = serve_with_auth("0.0.0.0:9961", HttpConfig::default(), true, token_auth).await;
     let host = ("Host", "127.0.0.1:9961".to_string());
     for path in ["/api/map", "/api/flows/query", "/api/quarantines"] {
         let (status, _, body) = request(f.addr, "GET", path, &[], "").await;
@@ -818,7 +896,7 @@ async fn tokens_guard_every_api_route_and_writes_need_an_admin() {
 /// the file is first read.
 #[tokio::test]
 async fn the_tokens_file_is_reread_and_validated() {
-    let f = serve_with_auth("127.0.0.1:9961", WebArgs::default(), false, token_auth).await;
+    let f = serve_with_auth("127.0.0.1:9961", HttpConfig::default(), false, token_auth).await;
     let v = bearer(VIEWER);
     let get = |h: (&'static str, String)| async move {
         request(f.addr, "GET", "/api/quarantines", &[(h.0, &h.1)], "")

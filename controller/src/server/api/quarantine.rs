@@ -1,4 +1,4 @@
-//! The web UI's quarantine endpoints: `GET /api/quarantines`, `POST /api/quarantine` and
+//! The API's quarantine endpoints: `GET /api/quarantines`, `POST /api/quarantine` and
 //! `POST /api/quarantine/release`, with the checks every write passes (see the module comment
 //! of [`super`]). Names and durations are checked here for a clear 400 and again by the
 //! [`QuarantineControl`] (names must be Kubernetes names; a quarantine lasts at most 10 years).
@@ -9,32 +9,26 @@ use std::{
     time::{Duration, Instant},
 };
 
+use axum::Extension;
 use axum::{
     body::Bytes,
     extract::State,
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use bulkhead_controller::distribution::{Hub, quarantine::QuarantineControl};
+use bulkhead_http::is_loopback_host;
 use bulkhead_proto::v1 as pb;
-use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::{
-    ACTION_HEADER, ApiError, WebState,
-    auth::{Caller, Want},
+    ACTION_HEADER, ApiError, ApiState, QuarantineAnswer, QuarantineBody, QuarantineView,
+    ReleaseBody,
 };
-use axum::Extension;
+use crate::{
+    distribution::{Hub, quarantine::QuarantineControl},
+    server::auth::{Caller, Want},
+};
 
-pub(super) fn quarantine_json(q: &pb::QuarantineInfo) -> Value {
-    json!({
-        "pod": format!("{}/{}", q.namespace, q.pod), "namespace": q.namespace, "name": q.name,
-        "reason": q.reason, "created_at": q.created_at, "expires_at": q.expires_at,
-        "actor": q.actor, "enforced_at": q.enforced_at, "connections_cut": q.connections_cut,
-    })
-}
-
-pub(super) async fn list_quarantines(State(s): State<WebState>) -> Result<Response, ApiError> {
+pub(super) async fn list_quarantines(State(s): State<ApiState>) -> Result<Response, ApiError> {
     let q = s.quarantine.clone().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
@@ -44,13 +38,11 @@ pub(super) async fn list_quarantines(State(s): State<WebState>) -> Result<Respon
     let list = tokio::task::spawn_blocking(move || q.list())
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    Ok(axum::Json(list.iter().map(quarantine_json).collect::<Vec<_>>()).into_response())
+    Ok(axum::Json(list.iter().map(QuarantineView::from).collect::<Vec<_>>()).into_response())
 }
 
-use super::host_check::is_loopback_host;
-
 /// The checks every write request passes before it is read (see the module comment).
-fn check_write(s: &WebState, headers: &HeaderMap) -> Result<Arc<QuarantineControl>, ApiError> {
+fn check_write(s: &ApiState, headers: &HeaderMap) -> Result<Arc<QuarantineControl>, ApiError> {
     if let Err(why) = &s.actions {
         return Err(ApiError::new(StatusCode::FORBIDDEN, why.clone()));
     }
@@ -146,27 +138,6 @@ fn actor(headers: &HeaderMap, caller: Option<&Caller>) -> String {
     }
 }
 
-/// `POST /api/quarantine` body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct QuarantineBody {
-    /// `namespace/pod`
-    pod: String,
-    reason: String,
-    /// Exceptions, as `bulkhead quarantine --allow` takes them.
-    #[serde(default)]
-    allow: Vec<String>,
-    /// Lift it after this long (`30m`, `1h`).
-    #[serde(default, rename = "for")]
-    duration: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReleaseBody {
-    pod: String,
-}
-
 /// Waits (bounded) until every node the change went to has acked it.
 async fn wait_enforced(hub: &Hub, nodes: &BTreeMap<String, u64>, wait: Duration) -> bool {
     let deadline = Instant::now() + wait;
@@ -188,18 +159,18 @@ async fn wait_enforced(hub: &Hub, nodes: &BTreeMap<String, u64>, wait: Duration)
 }
 
 async fn answer(
-    s: &WebState,
+    s: &ApiState,
     started: Instant,
     resp: pb::QuarantineResponse,
 ) -> Result<Response, ApiError> {
     let nodes: BTreeMap<String, u64> = resp.nodes.into_iter().collect();
     let enforced = wait_enforced(&s.hub, &nodes, s.enforce_wait).await;
-    Ok(axum::Json(json!({
-        "quarantine": resp.quarantine.as_ref().map(quarantine_json),
-        "nodes": nodes,
-        "enforced": enforced,
-        "elapsed_ms": started.elapsed().as_secs_f64() * 1e3,
-    }))
+    Ok(axum::Json(QuarantineAnswer {
+        quarantine: resp.quarantine.as_ref().map(QuarantineView::from),
+        nodes,
+        enforced,
+        elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+    })
     .into_response())
 }
 
@@ -213,7 +184,7 @@ struct Admitted<T> {
 }
 
 async fn admit<T: serde::de::DeserializeOwned>(
-    s: &WebState,
+    s: &ApiState,
     caller: Option<&Caller>,
     headers: &HeaderMap,
     body: &Bytes,
@@ -233,7 +204,7 @@ async fn admit<T: serde::de::DeserializeOwned>(
 }
 
 pub(super) async fn quarantine(
-    State(s): State<WebState>,
+    State(s): State<ApiState>,
     caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Bytes,
@@ -264,13 +235,13 @@ pub(super) async fn quarantine(
         .allow
         .iter()
         .filter(|a| !a.trim().is_empty())
-        .map(|a| crate::quarantine::parse_allow(a.trim()))
+        .map(|a| parse_allow(a.trim()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     // At most 10 years: longer ones overflowed the clock or the year (HTTP 500).
     let duration_seconds = match b.duration.as_deref().map(str::trim) {
         None | Some("") => 0,
-        Some(d) => crate::quarantine::parse_for(d)
+        Some(d) => parse_for(d)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?
             .as_secs()
             .max(1),
@@ -291,7 +262,7 @@ pub(super) async fn quarantine(
 }
 
 pub(super) async fn release(
-    State(s): State<WebState>,
+    State(s): State<ApiState>,
     caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Bytes,
@@ -322,4 +293,52 @@ pub(super) async fn release(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
     s.map_changed();
     answer(&s, started, resp??).await
+}
+
+/// How long a quarantine lasts, as `--for` and the web UI's `for` take it: a duration (`30m`,
+/// `2h`, `7d`) of at most 10 years, the controller's limit
+/// ([`crate::distribution::quarantine::MAX_DURATION`]).
+pub fn parse_for(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("for {s:?}: {}", e.to_string().to_lowercase()))?;
+    if d > crate::distribution::quarantine::MAX_DURATION {
+        return Err(format!(
+            "for {s:?}: a quarantine can last at most 10 years; leave the duration out to quarantine until released"
+        ));
+    }
+    Ok(d)
+}
+
+/// An exception to a quarantine, as `--allow` and the web UI take it:
+/// `ns=NAMESPACE[,label=value…][@PORT[/PROTO]]` or `CIDR[@PORT[/PROTO]]`.
+pub fn parse_allow(s: &str) -> Result<pb::QuarantineAllow, String> {
+    let (peer, port) = match s.split_once('@') {
+        Some((p, port)) => (p, Some(port)),
+        None => (s, None),
+    };
+    let mut a = pb::QuarantineAllow::default();
+    if peer.contains('/') && !peer.contains('=') {
+        peer.parse::<ipnetwork::IpNetwork>()
+            .map_err(|_| format!("allow {s:?}: not a CIDR"))?;
+        a.cidr = peer.to_string();
+    } else {
+        for kv in peer.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("allow {s:?}: expected ns=NAMESPACE[,label=value…]"))?;
+            if k == "ns" || k == "namespace" {
+                a.namespace = v.to_string();
+            } else {
+                a.labels.insert(k.to_string(), v.to_string());
+            }
+        }
+    }
+    if let Some(port) = port {
+        let (p, proto) = port.split_once('/').unwrap_or((port, "TCP"));
+        a.port = p
+            .parse()
+            .map_err(|_| format!("allow {s:?}: bad port {p:?}"))?;
+        a.protocol = proto.to_uppercase();
+    }
+    Ok(a)
 }

@@ -55,6 +55,18 @@ pub fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The body of an error answer: `{"error": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+impl ErrorBody {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| r#"{"error":""}"#.to_string())
+    }
+}
+
 /// Axum middleware: refuses requests for another host, except on `/metrics` and `/healthz`.
 pub async fn check_host(State(allowed): State<AllowedHosts>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
@@ -72,13 +84,13 @@ pub async fn check_host(State(allowed): State<AllowedHosts>, req: Request, next:
     (
         StatusCode::MISDIRECTED_REQUEST,
         [(header::CONTENT_TYPE, "application/json")],
-        serde_json::json!({
-            "error": format!(
+        ErrorBody {
+            error: format!(
                 "this controller does not answer to host {host:?}; use 127.0.0.1 (e.g. through kubectl port-forward) or start it with --http-host {}",
                 host.rsplit_once(':').map_or(host, |(h, _)| h)
-            )
-        })
-        .to_string(),
+            ),
+        }
+        .to_json(),
     )
         .into_response()
 }

@@ -1,0 +1,127 @@
+//! `GET /api/flows` (also `/api/flows/query`): recent flows filtered server-side
+//! ([`FlowQuery`]), newest first, each with its two ends named as the service graph names them
+//! and its deciding rule structured. The web UI's flow lists and `bulkhead flows` read it.
+
+use axum::{
+    extract::{Query, State},
+    http::StatusCode,
+};
+
+use super::{ApiError, ApiState, DecidedBy, FlowLine, FlowQuery, FlowView, map::Cluster};
+use crate::ruleset::FlowEntry;
+
+/// Records looked through for one answer, newest first.
+const SCANNED: usize = 20_000;
+
+pub(super) async fn flows(
+    State(s): State<ApiState>,
+    query: Result<Query<FlowQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<Vec<FlowView>>, ApiError> {
+    let Query(q) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("bad query: {}", e.body_text().to_lowercase()),
+        )
+    })?;
+    // Filtering and naming cost CPU in a large cluster: off the runtime's workers.
+    tokio::task::spawn_blocking(move || select(&s, &q))
+        .await
+        .map(axum::Json)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+fn select(s: &ApiState, q: &FlowQuery) -> Vec<FlowView> {
+    let limit = q
+        .limit
+        .unwrap_or(FlowQuery::MAX_LIMIT)
+        .clamp(1, FlowQuery::MAX_LIMIT);
+    let records = s
+        .flows
+        .lock()
+        .map(|f| f.recent(SCANNED))
+        .unwrap_or_default();
+    let cluster = Cluster::of(&s.hub);
+    let in_ns = |id: &str, ns: &str| id.split_once('/').is_some_and(|(n, _)| n == ns);
+    let mut out = Vec::new();
+    for (node, mut e) in records {
+        if q.since.is_some_and(|t| e.time_unix_nanos() < t) {
+            continue;
+        }
+        if let Some(v) = &q.verdict {
+            let want = if v == "audit" { "audit-would-deny" } else { v };
+            if e.verdict_str() != want {
+                continue;
+            }
+        }
+        // Agents name only their own node's pods: name the rest here.
+        if let FlowEntry::Flow(r) = &mut e
+            && r.peer.is_none()
+        {
+            r.peer = cluster.pod_of_ip.get(&r.peer_address()).cloned();
+        }
+        let (src, dst, src_pod, dst_pod) = match &e {
+            FlowEntry::Quarantine(q) => {
+                let w = cluster
+                    .workload_of_pod
+                    .get(&q.pod)
+                    .cloned()
+                    .unwrap_or_default();
+                (w.clone(), w, q.pod.to_string(), q.pod.to_string())
+            }
+            FlowEntry::Flow(r) => cluster.ends(r),
+        };
+        let record = match &e {
+            FlowEntry::Flow(r) => Some(r),
+            FlowEntry::Quarantine(_) => None,
+        };
+        let (dst_port, protocol) =
+            record.map_or((0, 0), |r| (r.dst_port as u32, r.protocol as u32));
+        if let Some(w) = &q.workload
+            && &src != w
+            && &dst != w
+        {
+            continue;
+        }
+        // An edge's flows: a quarantine action is on no edge.
+        if (q.src.is_some() || q.dst.is_some()) && record.is_none() {
+            continue;
+        }
+        if q.src.as_ref().is_some_and(|w| &src != w)
+            || q.dst.as_ref().is_some_and(|w| &dst != w)
+            || q.port.is_some_and(|p| dst_port != p)
+            || q.protocol.is_some_and(|p| protocol != p)
+        {
+            continue;
+        }
+        if let Some(p) = &q.pod
+            && &src_pod != p
+            && &dst_pod != p
+        {
+            continue;
+        }
+        // The namespace of either end's pod or workload.
+        if let Some(ns) = &q.namespace
+            && ![&src, &dst, &src_pod, &dst_pod]
+                .into_iter()
+                .any(|id| in_ns(id, ns))
+        {
+            continue;
+        }
+        let line = FlowLine::of(&node, &e);
+        out.push(FlowView {
+            rule_id: record.map_or(0, |r| r.rule_id),
+            decided_by: DecidedBy::of(record.map(|r| &r.rule), &line.rule),
+            packets: record.map_or(0, |r| r.packets),
+            bytes: record.map_or(0, |r| r.bytes),
+            src_workload: src,
+            dst_workload: dst,
+            src_pod,
+            dst_pod,
+            line,
+        });
+        if out.len() >= limit {
+            break;
+        }
+    }
+    out
+}
