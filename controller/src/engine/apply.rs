@@ -385,6 +385,6 @@ impl PolicyEngine {
 }
 
 /// Whether a number is a quarantine group's (they are numbered above every identity).
-fn is_quarantine_group(id: Identity) -> bool {
+pub(super) fn is_quarantine_group(id: Identity) -> bool {
     (FIRST_QUARANTINE_GROUP..FIRST_QUARANTINE_GROUP + (1 << 20)).contains(&id)
 }

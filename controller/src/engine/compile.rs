@@ -231,6 +231,9 @@ impl PolicyEngine {
     /// Brings a quarantine group's exception identities up to date; when they change, its
     /// pods' addresses are re-checked on every node (every node carries them).
     fn refresh_quarantine_allow(&mut self, id: Identity) {
+        if !is_quarantine_group(id) {
+            return;
+        }
         let Some(set) = self.identities.quarantine_set(id) else {
             return;
         };

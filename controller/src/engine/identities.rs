@@ -38,6 +38,7 @@ pub(super) struct IdentityChanges {
 }
 
 impl IdentityChanges {
+    #[inline]
     pub(super) fn is_empty(&self) -> bool {
         self.created.is_empty()
             && self.destroyed.is_empty()
@@ -80,40 +81,48 @@ impl Default for Identities {
 }
 
 impl Identities {
+    #[inline]
     pub(super) fn contains(&self, id: Identity) -> bool {
         self.states.contains_key(&id)
     }
 
+    #[inline]
     pub(super) fn kind(&self, id: Identity) -> Option<&IdentityKind> {
         self.states.get(&id).map(|s| &s.kind)
     }
 
     /// Every identity (reserved ones, pods', CIDRs' and quarantine groups').
+    #[inline]
     pub(super) fn all(&self) -> impl Iterator<Item = Identity> + '_ {
         self.states.keys().copied()
     }
 
     /// The pod identities of a namespace.
+    #[inline]
     pub(super) fn in_namespace(&self, ns: &str) -> impl Iterator<Item = Identity> + '_ {
         self.by_ns.get(ns).into_iter().flatten().copied()
     }
 
     /// Namespaces with pod identities, with them.
+    #[inline]
     pub(super) fn namespaces(&self) -> impl Iterator<Item = (&String, &FxHashSet<Identity>)> {
         self.by_ns.iter()
     }
 
     /// The pods holding an identity.
+    #[inline]
     pub(super) fn pods(&self, id: Identity) -> impl Iterator<Item = &PodRef> {
         self.states.get(&id).into_iter().flat_map(|s| s.pods.iter())
     }
 
     /// The quarantine groups in use.
+    #[inline]
     pub(super) fn quarantine_groups(&self) -> &BTreeSet<Identity> {
         &self.quarantine_groups
     }
 
     /// The set of Quarantines a quarantine group stands for.
+    #[inline]
     pub(super) fn quarantine_set(&self, group: Identity) -> Option<&QuarantineSet> {
         match self.kind(group)? {
             IdentityKind::Quarantine(set) => Some(set),
@@ -122,11 +131,13 @@ impl Identities {
     }
 
     /// Number of pod and CIDR identities (not the reserved ones, nor quarantine groups).
+    #[inline]
     pub(super) fn count(&self) -> usize {
         self.pod_slots.len() + self.cidr_slots.len()
     }
 
     /// The key of a pod identity (an empty key for any other).
+    #[inline]
     pub(super) fn pod_key(&self, id: Identity) -> Arc<IdentityKey> {
         match self.kind(id) {
             Some(IdentityKind::Pod(k)) => k.clone(),
@@ -163,6 +174,7 @@ impl Identities {
     }
 
     /// The identity of a CIDR a live policy names.
+    #[inline]
     pub(super) fn cidr_identity(&self, net: &IpNetwork) -> Option<Identity> {
         self.cidr_refs
             .contains_key(net)
@@ -171,6 +183,7 @@ impl Identities {
     }
 
     /// Every CIDR identity, by CIDR.
+    #[inline]
     pub(super) fn cidr_identities(&self) -> impl Iterator<Item = (IpNetwork, Identity)> + '_ {
         self.cidr_refs
             .keys()

@@ -45,6 +45,7 @@ impl Inventory {
     // Namespaces.
 
     /// Sets a namespace's labels; returns whether they changed.
+    #[inline]
     pub(super) fn set_namespace_labels(&mut self, ns: &str, labels: Labels) -> bool {
         if self.namespaces.get(ns) == Some(&labels) {
             return false;
@@ -54,6 +55,7 @@ impl Inventory {
     }
 
     /// A namespace's labels (just its name label when the Namespace is unknown).
+    #[inline]
     pub(super) fn namespace_labels(&self, ns: &str) -> std::borrow::Cow<'_, Labels> {
         match self.namespaces.get(ns) {
             Some(l) => std::borrow::Cow::Borrowed(l),
@@ -67,29 +69,35 @@ impl Inventory {
 
     // Pods.
 
+    #[inline]
     pub(super) fn pod(&self, pk: &PodKey) -> Option<&PodState> {
         self.pods.get(pk)
     }
 
+    #[inline]
     pub(super) fn pods(&self) -> impl Iterator<Item = (&PodRef, &PodState)> {
         self.pods.iter()
     }
 
+    #[inline]
     pub(super) fn reserve(&mut self, pods: usize) {
         self.pods.reserve(pods);
     }
 
     /// The pods with address `ip`, sorted by key.
+    #[inline]
     pub(super) fn pods_at(&self, ip: &IpAddr) -> &[PodRef] {
         self.pods_by_ip.get(ip).map_or(&[], |v| v.as_slice())
     }
 
     /// Every pod address, sorted.
+    #[inline]
     pub(super) fn addresses(&self) -> impl Iterator<Item = (&IpAddr, &Vec<PodRef>)> {
         self.pods_by_ip.iter()
     }
 
     /// The pods with an address in `net`.
+    #[inline]
     pub(super) fn pods_in(&self, net: &IpNetwork) -> impl Iterator<Item = &PodRef> {
         self.pods_by_ip
             .range(net.network()..=net.broadcast())
@@ -98,6 +106,7 @@ impl Inventory {
     }
 
     /// Adds a pod (not yet an endpoint) to its node and its addresses.
+    #[inline]
     pub(super) fn insert_pod(&mut self, pk: PodRef, st: PodState) {
         self.nodes[st.node as usize].pods += 1;
         for ip in &st.pod.ips {
@@ -136,6 +145,7 @@ impl Inventory {
     }
 
     /// Forgets an endpoint id reserved by [`Self::remove_pod`] that no pod took.
+    #[inline]
     pub(super) fn clear_reserved_endpoint(&mut self) {
         self.reserved_endpoint = None;
     }
@@ -249,6 +259,7 @@ impl Inventory {
     // Where groups are.
 
     /// Whether group `group` has an endpoint on node `n`.
+    #[inline]
     pub(super) fn has_endpoints(&self, group: Identity, n: NodeIdx) -> bool {
         self.group_endpoints
             .get(&group)
@@ -256,6 +267,7 @@ impl Inventory {
     }
 
     /// The nodes where group `group` has endpoints.
+    #[inline]
     pub(super) fn group_nodes(&self, group: Identity) -> impl Iterator<Item = NodeIdx> + '_ {
         self.group_endpoints
             .get(&group)
@@ -264,6 +276,7 @@ impl Inventory {
     }
 
     /// Every (node, group) with an endpoint.
+    #[inline]
     pub(super) fn placements(&self) -> Vec<Placed> {
         self.group_endpoints
             .iter()
@@ -287,39 +300,47 @@ impl Inventory {
         (idx, true)
     }
 
+    #[inline]
     pub(super) fn find_node(&self, name: &str) -> Option<NodeIdx> {
         self.node_by_name.get(name).copied()
     }
 
     /// Number of node indexes (including nodes that do not exist any more).
+    #[inline]
     pub(super) fn node_count(&self) -> usize {
         self.nodes.len()
     }
 
+    #[inline]
     pub(super) fn node_name(&self, n: NodeIdx) -> &str {
         &self.nodes[n as usize].name
     }
 
     /// Whether node `n` has a rule set: it is declared or has pods.
+    #[inline]
     pub(super) fn node_exists(&self, n: NodeIdx) -> bool {
         self.nodes[n as usize].exists()
     }
 
+    #[inline]
     pub(super) fn set_declared(&mut self, n: NodeIdx, declared: bool) {
         self.nodes[n as usize].declared = declared;
     }
 
+    #[inline]
     pub(super) fn version(&self, n: NodeIdx) -> u64 {
         self.nodes[n as usize].version
     }
 
     /// Moves node `n`'s rule set to its next version, and returns it.
+    #[inline]
     pub(super) fn bump_version(&mut self, n: NodeIdx) -> u64 {
         let node = &mut self.nodes[n as usize];
         node.version += 1;
         node.version
     }
 
+    #[inline]
     pub(super) fn set_versions(&mut self, version: u64) {
         for n in &mut self.nodes {
             n.version = version;
@@ -327,6 +348,7 @@ impl Inventory {
     }
 
     /// Node `n`'s endpoints by id.
+    #[inline]
     pub(super) fn endpoints(&self, n: NodeIdx) -> &BTreeMap<u32, PodRef> {
         &self.nodes[n as usize].endpoints
     }

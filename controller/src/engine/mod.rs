@@ -133,7 +133,7 @@ mod repository;
 mod selectors;
 mod span;
 
-use apply::View;
+use apply::{View, is_quarantine_group};
 use delta::Journal;
 use identities::{Identities, IdentityChanges};
 use inventory::{Inventory, Placed};

@@ -44,6 +44,7 @@ pub(super) struct Quarantines {
 }
 
 impl Quarantines {
+    #[inline]
     pub(super) fn new(now: SystemTime) -> Quarantines {
         Quarantines {
             now,
@@ -54,27 +55,33 @@ impl Quarantines {
         }
     }
 
+    #[inline]
     pub(super) fn now(&self) -> SystemTime {
         self.now
     }
 
+    #[inline]
     pub(super) fn is_empty(&self) -> bool {
         self.states.is_empty()
     }
 
+    #[inline]
     pub(super) fn contains(&self, key: &PolicyKey) -> bool {
         self.states.contains_key(key)
     }
 
+    #[inline]
     pub(super) fn policy(&self, key: &PolicyKey) -> Option<&Policy> {
         self.states.get(key).map(|q| &q.policy)
     }
 
+    #[inline]
     pub(super) fn is_active(&self, key: &PolicyKey) -> bool {
         self.states.get(key).is_some_and(|q| q.active)
     }
 
     /// The earliest `expiresAt` of an active Quarantine.
+    #[inline]
     pub(super) fn next_expiry(&self) -> Option<SystemTime> {
         self.states
             .values()
@@ -84,6 +91,7 @@ impl Quarantines {
     }
 
     /// Whether moving the clock to `now` would (de)activate a Quarantine.
+    #[inline]
     pub(super) fn due(&self, now: SystemTime) -> bool {
         self.states.values().any(|q| {
             q.active
@@ -95,6 +103,7 @@ impl Quarantines {
     }
 
     /// Moves the clock (never back) without looking at the Quarantines: only when none is due.
+    #[inline]
     pub(super) fn advance(&mut self, now: SystemTime) {
         self.now = self.now.max(now);
     }
@@ -125,6 +134,7 @@ impl Quarantines {
 
     /// The CIDRs of a policy that have identities: an inactive (expired) Quarantine's have
     /// none, so that it leaves no trace.
+    #[inline]
     pub(super) fn live_cidrs(&self, policy: &Policy) -> Vec<IpNetwork> {
         match &policy.quarantine {
             Some(spec) if !spec.active_at(self.now) => Vec::new(),
@@ -222,6 +232,7 @@ impl Quarantines {
     }
 
     /// Whether a Quarantine's exception uses selection `sel` as its peer.
+    #[inline]
     pub(super) fn uses_peer(&self, sel: SelId) -> bool {
         self.peer_sels.contains_key(&sel)
     }
@@ -244,14 +255,17 @@ impl Quarantines {
 
     // Quarantined pods.
 
+    #[inline]
     pub(super) fn pods(&self) -> &BTreeSet<PodRef> {
         &self.pods
     }
 
+    #[inline]
     pub(super) fn add_pod(&mut self, pk: &PodRef) {
         self.pods.insert(pk.clone());
     }
 
+    #[inline]
     pub(super) fn remove_pod(&mut self, pk: &PodKey) {
         self.pods.remove(pk);
     }
@@ -336,11 +350,13 @@ impl Quarantines {
     }
 
     /// A quarantine group's exception identities now.
+    #[inline]
     pub(super) fn allow_of(&self, group: Identity) -> Arc<Vec<Identity>> {
         self.allow.get(&group).cloned().unwrap_or_default()
     }
 
     /// Forgets a group that went away; returns its exception identities.
+    #[inline]
     pub(super) fn forget_group(&mut self, group: Identity) -> Arc<Vec<Identity>> {
         self.allow.remove(&group).unwrap_or_default()
     }

@@ -38,8 +38,9 @@ pub(super) struct Repository {
     slots: OrderedSlots<Arc<PolicyKey>>,
     /// By selection id: the merged rules of the policies with that subject.
     subjects: Vec<Option<Box<SubjectData>>>,
-    /// Subject selections whose shapes use a selection as peer, with use counts.
-    peer_users: FxHashMap<SelId, FxHashMap<SelId, u32>>,
+    /// By selection id: the subject selections whose shapes use it as peer, with use counts.
+    /// (Kept when they empty: selection ids are reused.)
+    peer_users: Vec<FxHashMap<SelId, u32>>,
     compiled: FxHashMap<Identity, Compiled>,
 }
 
@@ -49,7 +50,7 @@ impl Default for Repository {
             policies: BTreeMap::new(),
             slots: policy_slots(),
             subjects: Vec::new(),
-            peer_users: FxHashMap::default(),
+            peer_users: Vec::new(),
             compiled: FxHashMap::default(),
         }
     }
@@ -65,26 +66,31 @@ pub(super) struct Removed {
 }
 
 impl Repository {
+    #[inline]
     pub(super) fn contains(&self, key: &PolicyKey) -> bool {
         self.policies.contains_key(key)
     }
 
+    #[inline]
     pub(super) fn policy(&self, key: &PolicyKey) -> Option<&Policy> {
         self.policies.get(key).map(|s| &s.policy)
     }
 
     /// The subject selection of a policy.
+    #[inline]
     pub(super) fn subject_of(&self, key: &PolicyKey) -> Option<SelId> {
         self.policies.get(key).map(|s| s.subject)
     }
 
     // Rule-id slots.
 
+    #[inline]
     pub(super) fn slot(&self, key: &PolicyKey) -> Option<u32> {
         self.slots.get(key)
     }
 
     /// A slot for a new policy (or Quarantine); other policies may move to make room.
+    #[inline]
     pub(super) fn allocate_slot(
         &mut self,
         key: &PolicyKey,
@@ -93,11 +99,13 @@ impl Repository {
     }
 
     /// Frees a policy's slot; other policies may move into it.
+    #[inline]
     pub(super) fn free_slot(&mut self, key: &PolicyKey) -> SlotMoves {
         self.slots.remove(key)
     }
 
     /// What a rule id stands for.
+    #[inline]
     pub(super) fn rule_ref(&self, rule: RuleId) -> Option<RuleRef> {
         let key = self.slots.key_of(rule >> 10)?;
         let direction = if (rule >> 9) & 1 == 1 {
@@ -156,12 +164,11 @@ impl Repository {
         }
         for (direction, shape, id) in shapes {
             if let PeerRef::Sel(p) = shape.peer {
-                *self
-                    .peer_users
-                    .entry(p)
-                    .or_default()
-                    .entry(subject)
-                    .or_default() += 1;
+                let i = p as usize;
+                if self.peer_users.len() <= i {
+                    self.peer_users.resize_with(i + 1, FxHashMap::default);
+                }
+                *self.peer_users[i].entry(subject).or_default() += 1;
             }
             self.subject_mut(subject).shapes[direction as usize]
                 .entry(shape)
@@ -229,15 +236,12 @@ impl Repository {
                         }
                     }
                     if let PeerRef::Sel(p) = peer_ref {
-                        if let Some(users) = self.peer_users.get_mut(&p)
+                        if let Some(users) = self.peer_users.get_mut(p as usize)
                             && let Some(c) = users.get_mut(&subject)
                         {
                             *c -= 1;
                             if *c == 0 {
                                 users.remove(&subject);
-                                if users.is_empty() {
-                                    self.peer_users.remove(&p);
-                                }
                             }
                         }
                         releases.push(p);
@@ -280,11 +284,12 @@ impl Repository {
     /// How the policies depend on selection `sel`: whether it is a subject (its members'
     /// policies depend on who is in it), and the subject selections with a rule whose peer it
     /// is (their members' policies depend on it).
+    #[inline]
     pub(super) fn dependents(&self, sel: SelId) -> (bool, impl Iterator<Item = SelId> + '_) {
         (
             self.subject(sel).is_some(),
             self.peer_users
-                .get(&sel)
+                .get(sel as usize)
                 .into_iter()
                 .flatten()
                 .map(|u| *u.0),
@@ -339,27 +344,32 @@ impl Repository {
     }
 
     /// The compiled policy of an identity or quarantine group (empty until one is installed).
+    #[inline]
     pub(super) fn compiled(&self, id: Identity) -> Option<&Policies> {
         self.compiled.get(&id).map(|c| &c.policy)
     }
 
     /// What an identity's policy needs on a node where it has endpoints.
+    #[inline]
     pub(super) fn contribution(&self, id: Identity) -> Option<&Arc<Contribution>> {
         self.compiled.get(&id).map(|c| &c.contribution)
     }
 
     /// Starts an identity with the empty policy.
+    #[inline]
     pub(super) fn init(&mut self, id: Identity) {
         self.compiled.entry(id).or_default();
     }
 
     /// Forgets an identity that went away; returns the policy it had.
+    #[inline]
     pub(super) fn forget(&mut self, id: Identity) -> Option<Policies> {
         self.compiled.remove(&id).map(|c| c.policy)
     }
 
     /// Installs an identity's newly computed policy; returns the one it replaces when they
     /// differ (`None`: nothing changed, or the identity is unknown).
+    #[inline]
     pub(super) fn install(&mut self, id: Identity, new: EndpointPolicy) -> Option<Policies> {
         let c = self.compiled.get_mut(&id)?;
         if *c.policy == new {

@@ -48,6 +48,7 @@ pub(super) struct SelectorCache {
 }
 
 impl SelectorCache {
+    #[inline]
     fn sel(&self, id: SelId) -> &Selection {
         match self.selections.get(id as usize) {
             Some(Some(s)) => s,
@@ -55,6 +56,7 @@ impl SelectorCache {
         }
     }
 
+    #[inline]
     fn sel_mut(&mut self, id: SelId) -> &mut Selection {
         match self.selections.get_mut(id as usize) {
             Some(Some(s)) => s,
@@ -62,21 +64,25 @@ impl SelectorCache {
         }
     }
 
+    #[inline]
     pub(super) fn spec(&self, id: SelId) -> &Arc<SelectionSpec> {
         &self.sel(id).spec
     }
 
     /// The identities selection `id` matches.
+    #[inline]
     pub(super) fn matched(&self, id: SelId) -> &FxHashSet<Identity> {
         &self.sel(id).matched
     }
 
     /// The selection interned for `spec`, if any.
+    #[inline]
     pub(super) fn find(&self, spec: &SelectionSpec) -> Option<SelId> {
         self.by_spec.get(spec).copied()
     }
 
     /// The selections identity `id` is in.
+    #[inline]
     pub(super) fn selections_of(&self, id: Identity) -> impl Iterator<Item = SelId> + '_ {
         self.member_of.get(&id).into_iter().flatten().copied()
     }
@@ -141,12 +147,11 @@ impl SelectorCache {
         let Some(s) = self.selections[id as usize].take() else {
             return false;
         };
+        // An identity's set stays when it empties (it goes with the identity): a selection
+        // released and interned again, as an edited policy's are, then allocates nothing.
         for m in &s.matched {
             if let Some(set) = self.member_of.get_mut(m) {
                 set.remove(&id);
-                if set.is_empty() {
-                    self.member_of.remove(m);
-                }
             }
         }
         self.by_spec.remove(&s.spec);
@@ -254,9 +259,6 @@ impl SelectorCache {
             self.member_of.entry(id).or_default().insert(sel);
         } else if let Some(set) = self.member_of.get_mut(&id) {
             set.remove(&sel);
-            if set.is_empty() {
-                self.member_of.remove(&id);
-            }
         }
         changes.push(MemberChange {
             sel,

@@ -98,35 +98,41 @@ impl NodeSpan {
     }
 
     /// Whether node `n` has identity `id`'s policy group (some endpoint of it).
+    #[inline]
     pub(super) fn has_group(&self, n: NodeIdx, id: Identity) -> bool {
         self.node(n).is_some_and(|r| r.contrib.contains_key(&id))
     }
 
     /// The policy groups node `n` has.
+    #[inline]
     pub(super) fn groups(&self, n: NodeIdx) -> impl Iterator<Item = Identity> + '_ {
         self.node(n)
             .into_iter()
             .flat_map(|r| r.contrib.keys().copied())
     }
 
+    #[inline]
     pub(super) fn references_peer(&self, n: NodeIdx, peer: Identity) -> bool {
         self.node(n)
             .is_some_and(|r| r.peer_refs.contains_key(&peer))
     }
 
     /// The peer identities node `n` references.
+    #[inline]
     pub(super) fn peers(&self, n: NodeIdx) -> impl Iterator<Item = Identity> + '_ {
         self.node(n)
             .into_iter()
             .flat_map(|r| r.peer_refs.keys().copied())
     }
 
+    #[inline]
     pub(super) fn has_rule(&self, n: NodeIdx, rule: RuleId) -> bool {
         self.node(n)
             .is_some_and(|r| r.rule_refs.contains_key(&rule))
     }
 
     /// The rules node `n` references.
+    #[inline]
     pub(super) fn rules(&self, n: NodeIdx) -> impl Iterator<Item = RuleId> + '_ {
         self.node(n)
             .into_iter()
@@ -134,11 +140,13 @@ impl NodeSpan {
     }
 
     /// The nodes that reference `peer`.
+    #[inline]
     pub(super) fn nodes_referencing(&self, peer: Identity) -> impl Iterator<Item = NodeIdx> + '_ {
         self.ref_nodes.get(&peer).into_iter().flatten().copied()
     }
 
     /// The nodes that reference the `world`.
+    #[inline]
     pub(super) fn world_nodes(&self) -> impl Iterator<Item = NodeIdx> + '_ {
         self.world_nodes.iter().copied()
     }
