@@ -1,6 +1,50 @@
-//! The journal turned into per-node rule-set deltas.
+//! Deltas: the journal of one step (what each concern's change sets touched, and the state
+//! before it), turned at the end of the step into one [`NodeDelta`] per changed node, by
+//! comparing each touched thing's state before with its state now.
 
 use super::*;
+
+/// What one `apply` touched; empty (and inactive) between changes and during a full build.
+#[derive(Default)]
+pub(super) struct Journal {
+    pub active: bool,
+    /// Identities whose policy must be recomputed.
+    pub dirty: FxHashSet<Identity>,
+    pub old_policy: FxHashMap<Identity, Policies>,
+    pub pods: FxHashMap<PodKey, Option<PodSnap>>,
+    /// (node, group) pairs to re-span.
+    pub flags: FxHashSet<Placed>,
+    pub dp_changed: FxHashSet<Identity>,
+    /// (node, pod address) whose ipcache entry may have changed.
+    pub ip_checks: Vec<(NodeIdx, IpAddr)>,
+    /// Nodes where every pod address must be re-checked (their `world` reference flipped).
+    pub all_ips: FxHashSet<NodeIdx>,
+    /// Whether a node referenced a peer identity before the change.
+    pub peer_old: FxHashMap<(NodeIdx, Identity), bool>,
+    pub rule_old: FxHashMap<(NodeIdx, RuleId), bool>,
+    /// Whether a node had an identity's policy group before the change.
+    pub group_old: FxHashMap<(NodeIdx, Identity), bool>,
+    pub renamed_rules: FxHashSet<RuleId>,
+    pub cidr_old: BTreeMap<IpNetwork, Option<Identity>>,
+    /// A quarantine group's exception identities before the change (groups whose list changed
+    /// or that went away).
+    pub allow_old: FxHashMap<Identity, Arc<Vec<Identity>>>,
+    pub node_existed: FxHashMap<NodeIdx, bool>,
+}
+
+/// What [`PolicyEngine::node_delta`] needs of one node beyond the journal.
+pub(super) struct NodeParts<'a> {
+    /// Pod addresses whose entry may have changed here.
+    ip_checks: &'a [(NodeIdx, IpAddr)],
+    /// (identity, had its group before), this node's only.
+    groups: &'a [(NodeIdx, (Identity, bool))],
+    /// (rule, was referenced before), this node's only.
+    rules: &'a [(NodeIdx, (RuleId, bool))],
+    /// Change of each identity's policy (`None`: unchanged).
+    policy_deltas: &'a FxHashMap<Identity, Option<PolicyDelta>>,
+    /// Touched pods by the addresses they had before the change.
+    old_at: &'a FxHashMap<IpAddr, Vec<(&'a PodKey, &'a PodSnap)>>,
+}
 
 impl PolicyEngine {
     pub(super) fn build_deltas(&mut self) -> Vec<NodeDelta> {
@@ -10,14 +54,12 @@ impl PolicyEngine {
             nodes.push(snap.node);
         }
         for pk in j.pods.keys() {
-            if let Some(st) = self.pods.get(pk) {
+            if let Some(st) = self.inventory.pod(pk) {
                 nodes.push(st.node);
             }
         }
         for id in &j.dp_changed {
-            if let Some(st) = self.identities.get(id) {
-                nodes.extend(st.endpoints.keys().copied());
-            }
+            nodes.extend(self.inventory.group_nodes(*id));
         }
         nodes.extend(j.all_ips.iter().copied());
         nodes.extend(j.node_existed.keys().copied());
@@ -42,9 +84,9 @@ impl PolicyEngine {
             if !*had || policy_deltas.contains_key(id) {
                 continue;
             }
-            let change = match (j.old_policy.get(id), self.identities.get(id)) {
-                (Some(old), Some(st)) if !Arc::ptr_eq(old, &st.policy) => {
-                    let d = PolicyDelta::between(old, &st.policy);
+            let change = match (j.old_policy.get(id), self.repository.compiled(*id)) {
+                (Some(old), Some(now)) if !Arc::ptr_eq(old, now) => {
+                    let d = PolicyDelta::between(old, now);
                     (!d.is_empty_against(old)).then_some(d)
                 }
                 _ => None,
@@ -53,20 +95,14 @@ impl PolicyEngine {
         }
         // Pods' new addresses must be (re)checked wherever they may now be carried.
         let mut ip_checks = std::mem::take(&mut j.ip_checks);
-        let all: Vec<NodeIdx> = (0..self.nodes.len() as NodeIdx).collect();
+        let all: Vec<NodeIdx> = (0..self.inventory.node_count() as NodeIdx).collect();
         for pk in j.pods.keys() {
-            if let Some(st) = self.pods.get(pk) {
+            if let Some(st) = self.inventory.pod(pk) {
                 // Every node carries a quarantined pod's addresses.
                 let everywhere: &[NodeIdx] = if st.quarantine.is_some() { &all } else { &[] };
                 let on = std::iter::once(st.node)
-                    .chain(
-                        self.ref_nodes
-                            .get(&st.identity)
-                            .into_iter()
-                            .flatten()
-                            .copied(),
-                    )
-                    .chain(self.world_nodes.iter().copied())
+                    .chain(self.span.nodes_referencing(st.identity))
+                    .chain(self.span.world_nodes())
                     .chain(everywhere.iter().copied());
                 for n in on {
                     ip_checks.extend(st.pod.ips.iter().map(|ip| (n, *ip)));
@@ -75,9 +111,9 @@ impl PolicyEngine {
         }
         // A node that appears gets every quarantined pod's addresses.
         for (n, existed) in &j.node_existed {
-            if !*existed && self.nodes[*n as usize].exists() {
-                for pk in &self.quarantined_pods {
-                    if let Some(st) = self.pods.get(pk) {
+            if !*existed && self.inventory.node_exists(*n) {
+                for pk in self.quarantines.pods() {
+                    if let Some(st) = self.inventory.pod(pk) {
                         ip_checks.extend(st.pod.ips.iter().map(|ip| (*n, *ip)));
                     }
                 }
@@ -88,7 +124,7 @@ impl PolicyEngine {
         nodes.extend(ip_checks.iter().map(|c| c.0));
         let all_nodes = !j.cidr_old.is_empty() || !j.renamed_rules.is_empty();
         if all_nodes {
-            nodes.extend(0..self.nodes.len() as NodeIdx);
+            nodes.extend(0..self.inventory.node_count() as NodeIdx);
         }
         nodes.sort_unstable();
         nodes.dedup();
@@ -143,15 +179,15 @@ impl PolicyEngine {
             .node_existed
             .get(&n)
             .copied()
-            .unwrap_or_else(|| self.nodes[n as usize].exists());
-        let exists = self.nodes[n as usize].exists();
+            .unwrap_or_else(|| self.inventory.node_exists(n));
+        let exists = self.inventory.node_exists(n);
         if !existed && !exists {
             return None;
         }
         let mut delta = NodeDelta {
-            node: self.nodes[n as usize].name.clone(),
+            node: self.inventory.node_name(n).to_string(),
             from_version: if existed {
-                self.nodes[n as usize].version
+                self.inventory.version(n)
             } else {
                 0
             },
@@ -167,8 +203,8 @@ impl PolicyEngine {
                 .and_then(|s| s.as_ref())
                 .filter(|s| s.node == n && s.endpoint.is_some());
             let new = self
-                .pods
-                .get(pk)
+                .inventory
+                .pod(pk)
                 .filter(|s| s.node == n && s.endpoint.is_some());
             match (old, new) {
                 (None, None) => {}
@@ -211,15 +247,15 @@ impl PolicyEngine {
         delta.endpoints_changed.sort_by_key(|e| e.id);
         // Policy groups: one per identity with endpoints on the node.
         for &(_, (id, had)) in groups {
-            let has = self.nodes[n as usize].contrib.contains_key(&id);
+            let has = self.span.has_group(n, id);
             match (had, has) {
                 (false, false) => {}
                 (true, false) => delta.policies_removed.push(group_of(id)),
                 (false, true) => {
-                    if let Some(st) = self.identities.get(&id) {
+                    if let Some(policy) = self.repository.compiled(id) {
                         delta
                             .policies_added
-                            .insert(group_of(id), EndpointPolicy::clone(&st.policy));
+                            .insert(group_of(id), EndpointPolicy::clone(policy));
                     }
                 }
                 (true, true) => {
@@ -253,7 +289,7 @@ impl PolicyEngine {
             }
         };
         if j.all_ips.contains(&n) {
-            let mut all: Vec<IpAddr> = self.pods_by_ip.keys().copied().collect();
+            let mut all: Vec<IpAddr> = self.inventory.addresses().map(|(ip, _)| *ip).collect();
             all.extend(old_at.keys().copied());
             all.sort_unstable();
             all.dedup();
@@ -267,7 +303,7 @@ impl PolicyEngine {
         }
         let mut cidr_keys: Vec<IpNetwork> = j.cidr_old.keys().copied().collect();
         if !existed && exists {
-            cidr_keys.extend(self.cidr_refs.keys().copied());
+            cidr_keys.extend(self.identities.cidr_identities().map(|(c, _)| c));
         }
         for c in cidr_keys {
             if c.prefix() == host_net(c.ip()).prefix() {
@@ -281,7 +317,7 @@ impl PolicyEngine {
         for (k, old_p, new_p) in keys {
             let old_c = match j.cidr_old.get(&k) {
                 Some(v) => *v,
-                None => self.cidr_identity(&k),
+                None => self.identities.cidr_identity(&k),
             };
             let old_eff = if existed {
                 old_p.or(old_c.map(|id| (id, None)))
@@ -289,7 +325,7 @@ impl PolicyEngine {
                 None
             };
             let new_eff = if exists {
-                new_p.or_else(|| self.cidr_identity(&k).map(|id| (id, None)))
+                new_p.or_else(|| self.identities.cidr_identity(&k).map(|id| (id, None)))
             } else {
                 None
             };
@@ -307,7 +343,7 @@ impl PolicyEngine {
         }
         // Rules.
         for &(_, (r, was)) in rules {
-            let is = self.nodes[n as usize].rule_refs.contains_key(&r);
+            let is = self.span.has_rule(n, r);
             if is && (!was || j.renamed_rules.contains(&r)) {
                 if let Some(rr) = self.rule_ref(r) {
                     delta.rules_upserted.insert(r, rr);
@@ -317,13 +353,12 @@ impl PolicyEngine {
             }
         }
         if !j.renamed_rules.is_empty() {
-            let renamed: Vec<RuleId> = self.nodes[n as usize]
-                .rule_refs
-                .keys()
+            let renamed: Vec<RuleId> = self
+                .span
+                .rules(n)
                 .filter(|r| {
                     j.renamed_rules.contains(r) && rules.binary_search_by(|x| x.1.0.cmp(r)).is_err()
                 })
-                .copied()
                 .collect();
             for r in renamed {
                 if let Some(rr) = self.rule_ref(r) {
@@ -333,12 +368,11 @@ impl PolicyEngine {
         }
         delta.rules_removed.sort_unstable();
         if existed && !exists {
-            let node = &mut self.nodes[n as usize];
-            node.version += 1;
+            let version = self.inventory.bump_version(n);
             return Some(NodeDelta {
-                node: node.name.clone(),
+                node: delta.node,
                 from_version: delta.from_version,
-                version: node.version,
+                version,
                 node_removed: true,
                 ..NodeDelta::default()
             });
@@ -346,9 +380,7 @@ impl PolicyEngine {
         if existed && delta.is_empty() {
             return None;
         }
-        let node = &mut self.nodes[n as usize];
-        node.version += 1;
-        delta.version = node.version;
+        delta.version = self.inventory.bump_version(n);
         Some(delta)
     }
 }

@@ -55,13 +55,49 @@
 //! upstream policies ignore them). Endpoint ids are the lowest free id on the node, from 1 and
 //! below [`MAX_ENDPOINT_ID`], and stay fixed while the pod stays on the node.
 //!
-//! # Where things are
-//! This module holds the engine's state, its queries, and the entry points that apply changes
-//! and journal them; each concern's methods live in a module of its own: `inventory` (pods,
-//! nodes, namespaces, endpoint ids), `identities` (pod and CIDR identities and their slots),
-//! `selectors` (the selector cache), `repository` (policies, their contributions and each
-//! identity's compiled policy), `quarantine`, `span` (what each node's rule set must carry) and
-//! `delta` (the journal turned into per-node deltas).
+//! # The parts, what each owns and returns
+//! The engine is split by concern, the way Cilium's `pkg/policy` (repository, selector cache,
+//! map state) and Antrea's network-policy controller (internal policies, address groups,
+//! applied-to groups = spans) are. Each part is a struct with private fields; it changes only
+//! its own state and returns what changed, and never reads another part's fields (some take
+//! another part by shared reference to *read* it through its methods).
+//!
+//! | part | owns | returns |
+//! |---|---|---|
+//! | `Inventory` (`inventory`) | namespaces' labels, pods and their state, pods by address, nodes (declared, pod count, rule-set version, endpoint ids), each group's endpoints per node | placements: the (node, group) pairs whose presence on a node may have changed |
+//! | `Identities` (`identities`) | pod, CIDR and quarantine-group numbers in their ordered slots, the pods holding each, pod identities by namespace, CIDR use counts | `IdentityChanges`: numbers created, destroyed, renumbered (with the pods that moved), CIDRs' identities before, CIDRs that came or went |
+//! | `SelectorCache` (`selectors`) | interned selections, the identities each matches, and the reverse index | `MemberChanges`: (selection, identity, joined/left) |
+//! | `Repository` (`repository`) | policies and their rule-id slots (shared with Quarantines), the merged rules per subject selection, which subjects use a selection as peer, each identity's compiled policy and contribution | the subject whose members must be recomputed; the replaced policy when an install changed it; `dependents(selection)` |
+//! | `Quarantines` (`quarantine`) | the clock, each Quarantine's entries, the quarantined pods, each group's exception identities | `ClockChange` (Quarantines that expired or came back); a group's old exception list when it changed |
+//! | `NodeSpan` (`span`) | per node: each local group's contribution and reference counts of peers and rules; which nodes reference each peer and the `world` | `SpanChange`: whether the node had the group, peers and rules whose count went from or to zero |
+//! | `Journal` (`delta`) | what one step touched and the state before it | at the end of a step, one [`NodeDelta`] per changed node |
+//!
+//! [`PolicyEngine`] holds the parts and threads the change sets (`apply` for the inventory
+//! side, `compile` for the policy side; `ipcache` computes a node's pod entries from the parts
+//! and owns nothing). The selector cache evaluates selectors against a `View` of the
+//! inventory (namespace labels) and identities (kinds), its `Universe`. For one step:
+//!
+//! 1. **placement**: a pod change goes to the inventory (after a snapshot in the journal); a
+//!    namespace relabel re-evaluates namespace-scoped selections; a policy or Quarantine goes to
+//!    the repository or the quarantines, which intern their selections, and its CIDRs to the
+//!    identities;
+//! 2. **identities**: acquiring or releasing a pod identity, a CIDR identity or a quarantine
+//!    group returns `IdentityChanges`; destroyed numbers leave their selections and lose their
+//!    compiled policy (journaled as the old one), created ones join theirs, renumbered pods
+//!    move in the inventory (their groups re-placed);
+//! 3. **selector cache**: every `MemberChanges` is turned into dirty identities through the
+//!    repository's `dependents` (a subject's new member; every member of a subject whose rule
+//!    names the selection) and the quarantines (every group, when an exception names it);
+//! 4. **contributions**: at the end of the step each dirty identity's policy is computed from
+//!    the repository (or the quarantines) and the selector cache and installed; a change flags
+//!    the nodes where the group has endpoints;
+//! 5. **node spans**: each flagged (node, group) is re-spanned with the group's contribution;
+//!    the `SpanChange` journals the group's, peers' and rules' presence before, and the pod
+//!    addresses to re-check where a peer came or went;
+//! 6. **deltas**: the journal is turned into per-node deltas, each comparing the node's groups,
+//!    rules and ipcache entries before and now.
+//!
+//! A full build ([`PolicyEngine::new_at`]) runs the same parts in bulk with the journal off.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -86,13 +122,25 @@ use crate::ruleset::{
     RuleRef, RuleSet, Tier, identity,
 };
 
+mod apply;
+mod compile;
 mod delta;
 mod identities;
 mod inventory;
+mod ipcache;
 mod quarantine;
 mod repository;
 mod selectors;
 mod span;
+
+use apply::{View, is_quarantine_group};
+use delta::Journal;
+use identities::{Identities, IdentityChanges};
+use inventory::{Inventory, Placed};
+use quarantine::Quarantines;
+use repository::Repository;
+use selectors::{MemberChanges, SelectorCache, Universe};
+use span::NodeSpan;
 
 /// Endpoint ids are below this: the data plane's per-node tables are sized by it
 /// (`bulkhead_common::MAX_ENDPOINTS`, through the rule-set contract).
@@ -184,25 +232,6 @@ struct Shape {
     audit: bool,
 }
 
-#[derive(Debug, Default)]
-struct SubjectData {
-    refs: u32,
-    shapes: [FxHashMap<Shape, BTreeSet<RuleId>>; 2],
-    isolation: [BTreeSet<RuleId>; 2],
-    audit_isolation: [BTreeSet<RuleId>; 2],
-}
-
-#[derive(Debug)]
-struct Selection {
-    /// Shared with the key of `sel_by_spec`.
-    spec: Arc<SelectionSpec>,
-    refs: u32,
-    matched: FxHashSet<Identity>,
-    subject: Option<Box<SubjectData>>,
-    /// Subject selections whose shapes use this selection as peer, with use counts.
-    peer_users: FxHashMap<SelId, u32>,
-}
-
 #[derive(Debug, Clone)]
 enum IdentityKind {
     Pod(Arc<IdentityKey>),
@@ -251,29 +280,6 @@ fn quarantine_set_hash(set: &[PolicyKey]) -> u64 {
 }
 
 /// A Quarantine as the engine keeps it: its entries, ready to expand for the endpoints it
-/// selects.
-struct QuarantineState {
-    policy: Policy,
-    slot: u32,
-    /// Per direction: the exceptions and the deny-all, with their rule ids.
-    shapes: [Vec<(Shape, RuleId)>; 2],
-    /// Not expired at the engine's clock.
-    active: bool,
-}
-
-#[derive(Debug)]
-struct IdentityState {
-    kind: IdentityKind,
-    pods: FxHashSet<PodRef>,
-    member_of: FxHashSet<SelId>,
-    policy: Policies,
-    contribution: Arc<Contribution>,
-    endpoints: FxHashMap<NodeIdx, BTreeSet<u32>>,
-    /// Quarantine groups only: the peer identities the group's exceptions admit (what the
-    /// ipcache entries of its pods carry as [`IpCacheEntry::quarantine_allow`]); empty for the
-    /// other kinds. Kept up to date with the group's policy.
-    quarantine_allow: Arc<Vec<Identity>>,
-}
 
 #[derive(Debug, Clone)]
 struct PodState {
@@ -306,109 +312,19 @@ struct PodSnap {
     quarantine: Option<Identity>,
 }
 
-#[derive(Debug, Default)]
-struct NodeState {
-    name: String,
-    declared: bool,
-    pods: u32,
-    version: u64,
-    endpoints: BTreeMap<u32, PodRef>,
-    contrib: FxHashMap<Identity, Arc<Contribution>>,
-    peer_refs: FxHashMap<Identity, u32>,
-    rule_refs: FxHashMap<RuleId, u32>,
-}
-
-impl NodeState {
-    fn exists(&self) -> bool {
-        self.declared || self.pods > 0
-    }
-}
-
-/// What [`PolicyEngine::node_delta`] needs of one node beyond the journal.
-struct NodeParts<'a> {
-    /// Pod addresses whose entry may have changed here.
-    ip_checks: &'a [(NodeIdx, IpAddr)],
-    /// (identity, had its group before), this node's only.
-    groups: &'a [(NodeIdx, (Identity, bool))],
-    /// (rule, was referenced before), this node's only.
-    rules: &'a [(NodeIdx, (RuleId, bool))],
-    /// Change of each identity's policy (`None`: unchanged).
-    policy_deltas: &'a FxHashMap<Identity, Option<PolicyDelta>>,
-    /// Touched pods by the addresses they had before the change.
-    old_at: &'a FxHashMap<IpAddr, Vec<(&'a PodKey, &'a PodSnap)>>,
-}
-
-struct PolicyState {
-    policy: Policy,
-    slot: u32,
-    subject: SelId,
-}
-
-/// What one `apply` touched; empty (and inactive) between changes and during a full build.
-#[derive(Default)]
-struct Journal {
-    active: bool,
-    dirty: FxHashSet<Identity>,
-    old_policy: FxHashMap<Identity, Policies>,
-    pods: FxHashMap<PodKey, Option<PodSnap>>,
-    flags: FxHashSet<(NodeIdx, Identity)>,
-    dp_changed: FxHashSet<Identity>,
-    /// (node, pod address) whose ipcache entry may have changed.
-    ip_checks: Vec<(NodeIdx, IpAddr)>,
-    /// Nodes where every pod address must be re-checked (their `world` reference flipped).
-    all_ips: FxHashSet<NodeIdx>,
-    /// Whether a node referenced a peer identity before the change.
-    peer_old: FxHashMap<(NodeIdx, Identity), bool>,
-    rule_old: FxHashMap<(NodeIdx, RuleId), bool>,
-    /// Whether a node had an identity's policy group before the change.
-    group_old: FxHashMap<(NodeIdx, Identity), bool>,
-    renamed_rules: FxHashSet<RuleId>,
-    cidr_old: BTreeMap<IpNetwork, Option<Identity>>,
-    /// A quarantine group's exception identities before the change (groups whose list changed
-    /// or that went away).
-    allow_old: FxHashMap<Identity, Arc<Vec<Identity>>>,
-    node_existed: FxHashMap<NodeIdx, bool>,
-}
-
 /// The policy engine. Build it with [`PolicyEngine::new`] from a full inventory, read per-node
 /// rule sets with [`PolicyEngine::ruleset`], feed it changes with [`PolicyEngine::apply`].
+///
+/// It holds one part per concern and threads their change sets (see the module docs).
 pub struct PolicyEngine {
     config: EngineConfig,
-    namespaces: FxHashMap<String, Labels>,
-    pods: FxHashMap<PodRef, PodState>,
-    /// Pods by address, each list sorted by key (nearly always one pod: a list is far smaller
-    /// than a set).
-    pods_by_ip: BTreeMap<IpAddr, Vec<PodRef>>,
-    identities: FxHashMap<Identity, IdentityState>,
-    identities_by_ns: FxHashMap<String, FxHashSet<Identity>>,
-    pod_slots: OrderedSlots<Arc<IdentityKey>>,
-    cidr_slots: OrderedSlots<IpNetwork>,
-    cidr_refs: BTreeMap<IpNetwork, u32>,
-    policies: BTreeMap<PolicyKey, PolicyState>,
-    policy_slots: OrderedSlots<Arc<PolicyKey>>,
-    selections: Vec<Option<Selection>>,
-    free_selections: Vec<SelId>,
-    sel_by_spec: FxHashMap<Arc<SelectionSpec>, SelId>,
-    sel_by_ns: FxHashMap<String, FxHashSet<SelId>>,
-    sel_global: FxHashSet<SelId>,
-    nodes: Vec<NodeState>,
-    node_by_name: FxHashMap<String, NodeIdx>,
-    ref_nodes: FxHashMap<Identity, FxHashSet<NodeIdx>>,
-    world_nodes: FxHashSet<NodeIdx>,
+    inventory: Inventory,
+    identities: Identities,
+    selectors: SelectorCache,
+    repository: Repository,
+    quarantines: Quarantines,
+    span: NodeSpan,
     journal: Journal,
-    /// Endpoint id kept across a pod update: set when the old pod is detached, taken when the
-    /// new one is attached.
-    reserved_endpoint: Option<(PodKey, u32)>,
-    /// The engine's clock: quarantines expire against it (see [`PolicyEngine::expire`]).
-    now: SystemTime,
-    quarantines: BTreeMap<PolicyKey, QuarantineState>,
-    quarantine_slots: OrderedSlots<QuarantineSet>,
-    /// Quarantine groups in use (their identity states have kind `Quarantine`).
-    quarantine_groups: BTreeSet<Identity>,
-    /// Selections quarantines use as exception peers, with use counts.
-    quarantine_peer_sels: FxHashMap<SelId, u32>,
-    /// Pods in a quarantine group.
-    quarantined_pods: BTreeSet<PodRef>,
 }
 
 impl PolicyEngine {
@@ -416,36 +332,19 @@ impl PolicyEngine {
     pub fn empty(config: EngineConfig) -> PolicyEngine {
         let mut engine = PolicyEngine {
             config,
-            namespaces: FxHashMap::default(),
-            pods: FxHashMap::default(),
-            pods_by_ip: BTreeMap::new(),
-            identities: FxHashMap::default(),
-            identities_by_ns: FxHashMap::default(),
-            pod_slots: pod_identity_slots(),
-            cidr_slots: cidr_identity_slots(),
-            cidr_refs: BTreeMap::new(),
-            policies: BTreeMap::new(),
-            policy_slots: policy_slots(),
-            selections: Vec::new(),
-            free_selections: Vec::new(),
-            sel_by_spec: FxHashMap::default(),
-            sel_by_ns: FxHashMap::default(),
-            sel_global: FxHashSet::default(),
-            nodes: Vec::new(),
-            node_by_name: FxHashMap::default(),
-            ref_nodes: FxHashMap::default(),
-            world_nodes: FxHashSet::default(),
+            inventory: Inventory::default(),
+            identities: Identities::default(),
+            selectors: SelectorCache::default(),
+            repository: Repository::default(),
+            quarantines: Quarantines::new(SystemTime::now()),
+            span: NodeSpan::default(),
             journal: Journal::default(),
-            reserved_endpoint: None,
-            now: SystemTime::now(),
-            quarantines: BTreeMap::new(),
-            quarantine_slots: quarantine_group_slots(),
-            quarantine_groups: BTreeSet::new(),
-            quarantine_peer_sels: FxHashMap::default(),
-            quarantined_pods: BTreeSet::new(),
         };
-        engine.create_identity(identity::WORLD, IdentityKind::World);
-        engine.create_identity(identity::HOST, IdentityKind::Host);
+        // The reserved identities, which the identities start with.
+        let reserved: Vec<Identity> = engine.identities.all().collect();
+        for id in reserved {
+            engine.repository.init(id);
+        }
         engine
     }
 
@@ -460,25 +359,30 @@ impl PolicyEngine {
 
     /// [`PolicyEngine::new`] with the engine's clock at `now`: Quarantines whose `expiresAt`
     /// is not after `now` are inactive.
+    ///
+    /// The same parts as an incremental change, in bulk and with the journal off: policy slots
+    /// and CIDR identities, then policies and Quarantines (interning their selections), then
+    /// pods (identities, placement, quarantine groups), every identity's policy on all cores,
+    /// endpoints, and last the node spans.
     pub fn new_at(
         config: EngineConfig,
         objects: impl IntoIterator<Item = Object>,
         now: SystemTime,
     ) -> Result<PolicyEngine, EngineError> {
         let mut engine = PolicyEngine::empty(config);
-        engine.now = now;
+        engine.quarantines = Quarantines::new(now);
         let mut pods = Vec::new();
         let mut policies = BTreeMap::new();
         for o in objects {
             match o {
                 Object::Namespace(n) => {
                     engine
-                        .namespaces
-                        .insert(n.name.clone(), namespace_labels(&n));
+                        .inventory
+                        .set_namespace_labels(&n.name, namespace_labels(&n));
                 }
                 Object::Node(n) => {
                     let idx = engine.node_idx(&n.name);
-                    engine.nodes[idx as usize].declared = true;
+                    engine.inventory.set_declared(idx, true);
                 }
                 Object::Pod(p) => pods.push(p),
                 Object::Policy(p) => {
@@ -486,28 +390,17 @@ impl PolicyEngine {
                 }
             }
         }
+        let mut cidrs: BTreeMap<IpNetwork, u32> = BTreeMap::new();
         for p in policies.values() {
-            engine
-                .policy_slots
-                .insert(Arc::new(p.key.clone()), slot_hash(&p.key))?;
-            for c in engine.live_cidrs(p) {
-                *engine.cidr_refs.entry(c).or_default() += 1;
+            engine.repository.allocate_slot(&p.key)?;
+            for c in engine.quarantines.live_cidrs(p) {
+                *cidrs.entry(c).or_default() += 1;
             }
         }
-        let cidrs: Vec<IpNetwork> = engine.cidr_refs.keys().copied().collect();
-        for c in cidrs {
-            engine.cidr_slots.insert(c, cidr_hash(&c))?;
-        }
-        let cidr_ids: Vec<(IpNetwork, Identity)> = engine
-            .cidr_refs
-            .keys()
-            .filter_map(|c| engine.cidr_slots.get(c).map(|id| (*c, id)))
-            .collect();
-        for (c, id) in cidr_ids {
-            engine.create_identity(id, IdentityKind::Cidr(c));
-        }
+        let ch = engine.identities.add_cidrs(cidrs)?;
+        engine.identities_changed(ch);
         for (key, p) in policies {
-            let slot = engine.policy_slots.get(&key).unwrap_or_default();
+            let slot = engine.repository.slot(&key).unwrap_or_default();
             if p.quarantine.is_some() {
                 engine.add_quarantine(p, slot);
             } else {
@@ -521,16 +414,20 @@ impl PolicyEngine {
         pods.reverse();
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         pods.dedup_by(|b, a| a.namespace == b.namespace && a.name == b.name);
-        engine.pods.reserve(pods.len());
+        engine.inventory.reserve(pods.len());
         // Pods with addresses, in key order: the order endpoints are numbered in.
         let mut with_ips: Vec<PodRef> = Vec::with_capacity(pods.len());
         for mut pod in pods {
             if pod.host_network {
                 continue;
             }
-            let key = engine.identity_key(&pod);
+            let pk: PodRef = Arc::new(pod.key());
+            let key = engine
+                .identities
+                .key_of_pod(&pod, &engine.config.label_filter);
             let labels_in_key = strip_labels(&mut pod, &key);
-            let id = engine.acquire_pod_identity(key)?;
+            let (id, ch) = engine.identities.acquire_pod_identity(key, &pk)?;
+            engine.identities_changed(ch);
             let node = match &pod.node_name {
                 Some(name) => engine.node_idx(name),
                 None => {
@@ -538,18 +435,10 @@ impl PolicyEngine {
                     engine.node_idx(&name)
                 }
             };
-            let pk: PodRef = Arc::new(pod.key());
-            engine.nodes[node as usize].pods += 1;
-            if let Some(st) = engine.identities.get_mut(&id) {
-                st.pods.insert(pk.clone());
-            }
             if !pod.ips.is_empty() {
-                for ip in &pod.ips {
-                    sorted_insert(engine.pods_by_ip.entry(*ip).or_default(), &pk);
-                }
                 with_ips.push(pk.clone());
             }
-            engine.pods.insert(
+            engine.inventory.insert_pod(
                 pk,
                 PodState {
                     pod,
@@ -563,32 +452,25 @@ impl PolicyEngine {
         }
         // Quarantined pods join their quarantine groups (before endpoints are numbered).
         if !engine.quarantines.is_empty() {
-            let mut keys: Vec<PodRef> = engine.pods.keys().cloned().collect();
+            let mut keys: Vec<PodRef> = engine.inventory.pods().map(|(k, _)| k.clone()).collect();
             keys.sort();
             for pk in keys {
                 engine.requarantine_pod(&pk)?;
             }
         }
         // Every identity's policy, computed on all cores (each reads the engine only).
-        let ids: Vec<Identity> = engine.identities.keys().copied().collect();
+        let ids: Vec<Identity> = engine.identities.all().collect();
         for (id, policy) in engine.compute_policies(&ids) {
             engine.install_policy(id, policy);
         }
         // Endpoints, in pod order per node.
         for pk in with_ips {
-            engine.assign_endpoint(&pk);
+            engine.inventory.assign_endpoint(&pk);
         }
-        let locals: Vec<(NodeIdx, Identity)> = engine
-            .identities
-            .iter()
-            .flat_map(|(id, s)| s.endpoints.keys().map(move |n| (*n, *id)))
-            .collect();
-        for (n, id) in locals {
+        for (n, id) in engine.inventory.placements() {
             engine.update_contribution(n, id);
         }
-        for n in &mut engine.nodes {
-            n.version = 1;
-        }
+        engine.inventory.set_versions(1);
         Ok(engine)
     }
 
@@ -598,51 +480,48 @@ impl PolicyEngine {
 
     /// Names of the nodes that currently have a rule set, sorted.
     pub fn nodes(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|n| n.exists())
-            .map(|n| n.name.clone())
+        let mut v: Vec<String> = (0..self.inventory.node_count() as NodeIdx)
+            .filter(|n| self.inventory.node_exists(*n))
+            .map(|n| self.inventory.node_name(n).to_string())
             .collect();
         v.sort();
         v
     }
 
     pub fn version(&self, node: &str) -> Option<u64> {
-        self.node_by_name
-            .get(node)
-            .map(|i| &self.nodes[*i as usize])
-            .filter(|n| n.exists())
-            .map(|n| n.version)
+        self.inventory
+            .find_node(node)
+            .filter(|n| self.inventory.node_exists(*n))
+            .map(|n| self.inventory.version(n))
     }
 
     /// Number of identities in use (pod and CIDR identities, not the reserved ones).
     pub fn identity_count(&self) -> usize {
-        self.pod_slots.len() + self.cidr_slots.len()
+        self.identities.count()
     }
 
     /// The identity of a pod, if the pod is known.
     pub fn identity_of_pod(&self, pod: &PodKey) -> Option<Identity> {
-        self.pods.get(pod).map(|p| p.identity)
+        self.inventory.pod(pod).map(|p| p.identity)
     }
 
     /// The node a pod is placed on.
     pub fn node_of_pod(&self, pod: &PodKey) -> Option<&str> {
-        self.pods
-            .get(pod)
-            .map(|p| self.nodes[p.node as usize].name.as_str())
+        self.inventory
+            .pod(pod)
+            .map(|p| self.inventory.node_name(p.node))
     }
 
     /// A pod as the engine has it (the last version applied).
     pub fn pod(&self, pod: &PodKey) -> Option<Pod> {
-        self.pods.get(pod).map(|p| self.full_pod(p))
+        self.inventory.pod(pod).map(|p| self.full_pod(p))
     }
 
     /// The labels a pod's state stands for: its own, or its identity's when they are the same
     /// (then the state does not keep a copy).
     fn pod_labels<'a>(&'a self, st: &'a PodState) -> &'a Labels {
         if st.labels_in_key
-            && let Some(IdentityKind::Pod(key)) = self.identities.get(&st.identity).map(|s| &s.kind)
+            && let Some(IdentityKind::Pod(key)) = self.identities.kind(st.identity)
         {
             return &key.labels;
         }
@@ -685,87 +564,44 @@ impl PolicyEngine {
 
     /// Every pod, sorted by namespace and name.
     pub fn pod_keys(&self) -> Vec<PodKey> {
-        let mut v: Vec<PodKey> = self.pods.keys().map(|k| PodKey::clone(k)).collect();
+        let mut v: Vec<PodKey> = self
+            .inventory
+            .pods()
+            .map(|(k, _)| PodKey::clone(k))
+            .collect();
         v.sort();
         v
     }
 
     /// The policy an identity's direction compiles to (what every endpoint of it gets).
     pub fn identity_policy(&self, id: Identity, direction: Direction) -> Option<&DirectionPolicy> {
-        self.identities
-            .get(&id)
-            .map(|s| s.policy.direction(direction))
+        self.repository.compiled(id).map(|p| p.direction(direction))
     }
 
     /// Identity key of a pod identity.
     pub fn identity_key(&self, pod: &Pod) -> IdentityKey {
-        let mut named_ports: Vec<(String, Protocol, u16)> = pod
-            .ports
-            .iter()
-            .filter_map(|p| p.name.clone().map(|n| (n, p.protocol, p.port)))
-            .collect();
-        named_ports.sort();
-        named_ports.dedup();
-        let cidr_class = if pod.synthetic_ips {
-            Vec::new()
-        } else {
-            self.cidr_refs
-                .keys()
-                .filter(|c| pod.ips.iter().any(|ip| c.contains(*ip)))
-                .copied()
-                .collect()
-        };
-        IdentityKey {
-            namespace: pod.namespace.clone(),
-            service_account: pod.service_account.clone(),
-            labels: self.config.label_filter.apply(&pod.labels),
-            named_ports,
-            cidr_class,
-        }
+        self.identities.key_of_pod(pod, &self.config.label_filter)
     }
 
     /// What a rule id stands for.
     pub fn rule_ref(&self, rule: RuleId) -> Option<RuleRef> {
-        let key = self.policy_slots.key_of(rule >> 10)?;
-        let direction = if (rule >> 9) & 1 == 1 {
-            Direction::Egress
-        } else {
-            Direction::Ingress
-        };
-        let index = match rule & 0x1ff {
-            0 => None,
-            i => Some(i - 1),
-        };
-        Some(RuleRef {
-            kind: key.kind.clone(),
-            namespace: key.namespace.clone(),
-            name: key.name.clone(),
-            direction,
-            index,
-        })
+        self.repository.rule_ref(rule)
     }
 
     /// The current rule set of `node`.
     pub fn ruleset(&self, node: &str) -> Result<RuleSet, EngineError> {
-        let idx = *self
-            .node_by_name
-            .get(node)
+        let idx = self
+            .inventory
+            .find_node(node)
+            .filter(|n| self.inventory.node_exists(*n))
             .ok_or_else(|| EngineError::UnknownNode(node.to_string()))?;
-        let n = &self.nodes[idx as usize];
-        if !n.exists() {
-            return Err(EngineError::UnknownNode(node.to_string()));
-        }
-        let endpoints = n
-            .endpoints
+        let endpoints = self
+            .inventory
+            .endpoints(idx)
             .iter()
             .filter_map(|(id, pk)| self.endpoint(*id, pk))
             .collect();
-        let mut cache: BTreeMap<IpNetwork, Identity> = BTreeMap::new();
-        for c in self.cidr_refs.keys() {
-            if let Some(id) = self.cidr_slots.get(c) {
-                cache.insert(*c, id);
-            }
-        }
+        let cache: BTreeMap<IpNetwork, Identity> = self.identities.cidr_identities().collect();
         let pod_entries = self.pod_entries(idx);
         let mut ipcache: Vec<IpCacheEntry> = Vec::with_capacity(pod_entries.len() + cache.len());
         // Merge two sorted lists; a pod address wins over a CIDR identity of the same prefix.
@@ -790,24 +626,24 @@ impl PolicyEngine {
             });
         }
         ipcache.extend(cidrs.map(|(cidr, identity)| IpCacheEntry::new(cidr, identity)));
-        let rules = n
-            .rule_refs
-            .keys()
-            .filter_map(|r| self.rule_ref(*r).map(|rr| (*r, rr)))
+        let rules = self
+            .span
+            .rules(idx)
+            .filter_map(|r| self.rule_ref(r).map(|rr| (r, rr)))
             .collect();
         // One group per identity with endpoints here (those are the node's contributions).
-        let policies = n
-            .contrib
-            .keys()
+        let policies = self
+            .span
+            .groups(idx)
             .filter_map(|id| {
-                self.identities
-                    .get(id)
-                    .map(|s| (*id, EndpointPolicy::clone(&s.policy)))
+                self.repository
+                    .compiled(id)
+                    .map(|p| (id, EndpointPolicy::clone(p)))
             })
             .collect();
         Ok(RuleSet {
-            node: n.name.clone(),
-            version: n.version,
+            node: self.inventory.node_name(idx).to_string(),
+            version: self.inventory.version(idx),
             endpoints,
             policies,
             ipcache,
@@ -846,7 +682,7 @@ impl PolicyEngine {
     }
 
     fn endpoint(&self, id: u32, pk: &PodKey) -> Option<Endpoint> {
-        let st = self.pods.get(pk)?;
+        let st = self.inventory.pod(pk)?;
         Some(Endpoint {
             id,
             namespace: pk.namespace.clone(),
@@ -858,6 +694,62 @@ impl PolicyEngine {
             quarantined: st.quarantine.is_some(),
             policy: group_of(st.group()),
         })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Quarantines.
+
+    /// The engine's clock, against which Quarantines expire.
+    pub fn now(&self) -> SystemTime {
+        self.quarantines.now()
+    }
+
+    /// A Quarantine the engine has (active or expired).
+    pub fn quarantine(&self, key: &PolicyKey) -> Option<&Policy> {
+        self.quarantines.policy(key)
+    }
+
+    /// Whether the Quarantine `key` exists and has not expired at the engine's clock.
+    pub fn quarantine_active(&self, key: &PolicyKey) -> bool {
+        self.quarantines.is_active(key)
+    }
+
+    /// The active Quarantines that select `pod`, sorted (empty when it is not quarantined).
+    pub fn quarantines_of_pod(&self, pod: &PodKey) -> Vec<PolicyKey> {
+        self.inventory
+            .pod(pod)
+            .and_then(|st| st.quarantine)
+            .and_then(|g| self.identities.quarantine_set(g))
+            .map(|set| set.to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Every quarantined pod, sorted.
+    pub fn quarantined_pods(&self) -> Vec<PodKey> {
+        self.quarantines
+            .pods()
+            .iter()
+            .map(|pk| PodKey::clone(pk))
+            .collect()
+    }
+
+    /// The earliest `expiresAt` of an active Quarantine: when [`Self::expire`] next has work.
+    pub fn next_expiry(&self) -> Option<SystemTime> {
+        self.quarantines.next_expiry()
+    }
+
+    /// Advances the engine's clock to `now` (it never goes back) and deactivates the
+    /// Quarantines whose `expiresAt` is not after it, as if they had been deleted; returns the
+    /// deltas of the nodes that changed (none, and no version bump, when nothing expired). The
+    /// controller calls it periodically — or at [`Self::next_expiry`] — with
+    /// `SystemTime::now()`; tests pass any instant.
+    pub fn expire(&mut self, now: SystemTime) -> Result<Vec<NodeDelta>, EngineError> {
+        let now = self.quarantines.now().max(now);
+        if !self.quarantines.due(now) {
+            self.quarantines.advance(now);
+            return Ok(Vec::new());
+        }
+        self.journaled(|e| e.set_clock(now))
     }
 
     // -----------------------------------------------------------------------------------------
@@ -921,7 +813,11 @@ impl PolicyEngine {
             }
             Change::UpsertPod(pod) => {
                 let pk = pod.key();
-                if self.pods.get(&pk).is_some_and(|s| self.same_pod(s, &pod)) {
+                if self
+                    .inventory
+                    .pod(&pk)
+                    .is_some_and(|s| self.same_pod(s, &pod))
+                {
                     return Ok(());
                 }
                 self.remove_pod(&pk, Some(&pod))?;
@@ -933,12 +829,12 @@ impl PolicyEngine {
             Change::UpsertNode(node) => {
                 let idx = self.node_idx(&node.name);
                 self.note_node(idx);
-                self.nodes[idx as usize].declared = true;
+                self.inventory.set_declared(idx, true);
             }
             Change::DeleteNode(name) => {
-                if let Some(idx) = self.node_by_name.get(&name).copied() {
+                if let Some(idx) = self.inventory.find_node(&name) {
                     self.note_node(idx);
-                    self.nodes[idx as usize].declared = false;
+                    self.inventory.set_declared(idx, false);
                 }
             }
             Change::UpsertPolicy(policy) => self.upsert_policy(policy)?,
@@ -953,22 +849,6 @@ impl PolicyEngine {
 /// number already.
 fn group_of(identity: Identity) -> PolicyGroupId {
     identity
-}
-
-/// Whether a selection matches every pod identity, whatever the inventory. A quarantine
-/// exception with it would list every pod identity; its allow list is `[identity::ANY]` instead.
-/// That is coarser (the prefilter then lets the world through too), which is fine for an early
-/// drop: the quarantined endpoint's own node still enforces the exact exceptions.
-fn admits_every_pod(spec: &SelectionSpec) -> bool {
-    match spec {
-        SelectionSpec::Pods(PodSelection {
-            namespaces: NamespaceScope::Selected(ns),
-            pods,
-            service_account: None,
-        }) => ns.is_everything() && pods.is_everything(),
-        SelectionSpec::Cluster | SelectionSpec::AllPods => true,
-        _ => false,
-    }
 }
 
 /// Sorts entries and drops those equal to an earlier one but for the rule id: they decide
@@ -994,12 +874,6 @@ fn strip_labels(pod: &mut Pod, key: &IdentityKey) -> bool {
         pod.labels = Labels::new();
     }
     same
-}
-
-fn sorted_insert(list: &mut Vec<PodRef>, pk: &PodRef) {
-    if let Err(i) = list.binary_search_by(|k| (**k).cmp(pk)) {
-        list.insert(i, pk.clone());
-    }
 }
 
 /// Calls `f(x, false)` for each `x` only in `old` and `f(x, true)` for each only in `new`; both

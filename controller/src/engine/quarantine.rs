@@ -1,85 +1,118 @@
-//! Quarantines: their expiry clock, the quarantine groups pods move to, and those groups' policies and exceptions.
+//! Quarantines: the engine's clock they expire against, each Quarantine's entries (exceptions
+//! and deny-all, ready to expand), the pods in quarantine, and each quarantine group's
+//! exception identities (what the XDP prefilter admits for the group's addresses).
+//!
+//! A Quarantine applies to pods, not identities: the endpoints of the pods it selects leave
+//! their identity's policy group for a quarantine group — one per set of active Quarantines
+//! selecting a pod, numbered from [`FIRST_QUARANTINE_GROUP`] by the set (the numbers are
+//! allocated with the other identities). The group holds only the quarantines' entries: nothing
+//! below the quarantine tier could decide anyway, since the deny-all matches every packet.
+//! Identities never change, so no other endpoint's policy does.
 
 use super::*;
 
-impl PolicyEngine {
-    // -----------------------------------------------------------------------------------------
-    // Quarantines.
-    //
-    // A Quarantine applies to pods, not identities: the endpoints of the pods it selects leave
-    // their identity's policy group for a quarantine group — one per set of active Quarantines
-    // selecting a pod, numbered from FIRST_QUARANTINE_GROUP by the set (like identities, by
-    // ordered slots: the numbers depend only on the sets in use). The group holds only the
-    // quarantines' entries: nothing below the quarantine tier could decide anyway, since the
-    // deny-all matches every packet. Identities never change, so no other endpoint's policy does.
+/// A Quarantine as the engine keeps it: its entries, ready to expand for the endpoints it
+/// selects.
+struct QuarantineState {
+    policy: Policy,
+    slot: u32,
+    /// Per direction: the exceptions and the deny-all, with their rule ids.
+    shapes: [Vec<(Shape, RuleId)>; 2],
+    /// Not expired at the engine's clock.
+    active: bool,
+}
 
-    /// The engine's clock, against which Quarantines expire.
-    pub fn now(&self) -> SystemTime {
-        self.now
-    }
+/// What moving the clock changed: Quarantines that expired (or came back, when their expiry
+/// moved) and so leave or join their namespaces' pods.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct ClockChange {
+    pub namespaces: BTreeSet<String>,
+    /// CIDRs of the Quarantines that expired / that became active.
+    pub cidrs_out: Vec<IpNetwork>,
+    pub cidrs_in: Vec<IpNetwork>,
+}
 
-    /// A Quarantine the engine has (active or expired).
-    pub fn quarantine(&self, key: &PolicyKey) -> Option<&Policy> {
-        self.quarantines.get(key).map(|q| &q.policy)
-    }
+pub(super) struct Quarantines {
+    now: SystemTime,
+    states: BTreeMap<PolicyKey, QuarantineState>,
+    /// Selections the exceptions use as peers, with use counts.
+    peer_sels: FxHashMap<SelId, u32>,
+    /// Pods in a quarantine group.
+    pods: BTreeSet<PodRef>,
+    /// Each quarantine group's exception identities (absent: none).
+    allow: FxHashMap<Identity, Arc<Vec<Identity>>>,
+}
 
-    /// Whether the Quarantine `key` exists and has not expired at the engine's clock.
-    pub fn quarantine_active(&self, key: &PolicyKey) -> bool {
-        self.quarantines.get(key).is_some_and(|q| q.active)
-    }
-
-    /// The active Quarantines that select `pod`, sorted (empty when it is not quarantined).
-    pub fn quarantines_of_pod(&self, pod: &PodKey) -> Vec<PolicyKey> {
-        let group = self.pods.get(pod).and_then(|st| st.quarantine);
-        match group.and_then(|g| self.identities.get(&g)).map(|s| &s.kind) {
-            Some(IdentityKind::Quarantine(set)) => set.to_vec(),
-            _ => Vec::new(),
+impl Quarantines {
+    #[inline]
+    pub(super) fn new(now: SystemTime) -> Quarantines {
+        Quarantines {
+            now,
+            states: BTreeMap::new(),
+            peer_sels: FxHashMap::default(),
+            pods: BTreeSet::new(),
+            allow: FxHashMap::default(),
         }
     }
 
-    /// Every quarantined pod, sorted.
-    pub fn quarantined_pods(&self) -> Vec<PodKey> {
-        self.quarantined_pods
-            .iter()
-            .map(|pk| PodKey::clone(pk))
-            .collect()
+    #[inline]
+    pub(super) fn now(&self) -> SystemTime {
+        self.now
     }
 
-    /// The earliest `expiresAt` of an active Quarantine: when [`Self::expire`] next has work.
-    pub fn next_expiry(&self) -> Option<SystemTime> {
-        self.quarantines
+    #[inline]
+    pub(super) fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    #[inline]
+    pub(super) fn contains(&self, key: &PolicyKey) -> bool {
+        self.states.contains_key(key)
+    }
+
+    #[inline]
+    pub(super) fn policy(&self, key: &PolicyKey) -> Option<&Policy> {
+        self.states.get(key).map(|q| &q.policy)
+    }
+
+    #[inline]
+    pub(super) fn is_active(&self, key: &PolicyKey) -> bool {
+        self.states.get(key).is_some_and(|q| q.active)
+    }
+
+    /// The earliest `expiresAt` of an active Quarantine.
+    #[inline]
+    pub(super) fn next_expiry(&self) -> Option<SystemTime> {
+        self.states
             .values()
             .filter(|q| q.active)
             .filter_map(|q| q.policy.quarantine.as_ref()?.expires_at)
             .min()
     }
 
-    /// Advances the engine's clock to `now` (it never goes back) and deactivates the
-    /// Quarantines whose `expiresAt` is not after it, as if they had been deleted; returns the
-    /// deltas of the nodes that changed (none, and no version bump, when nothing expired). The
-    /// controller calls it periodically — or at [`Self::next_expiry`] — with
-    /// `SystemTime::now()`; tests pass any instant.
-    pub fn expire(&mut self, now: SystemTime) -> Result<Vec<NodeDelta>, EngineError> {
-        let now = self.now.max(now);
-        let due = self.quarantines.values().any(|q| {
+    /// Whether moving the clock to `now` would (de)activate a Quarantine.
+    #[inline]
+    pub(super) fn due(&self, now: SystemTime) -> bool {
+        self.states.values().any(|q| {
             q.active
                 != q.policy
                     .quarantine
                     .as_ref()
                     .is_some_and(|s| s.active_at(now))
-        });
-        if !due {
-            self.now = now;
-            return Ok(Vec::new());
-        }
-        self.journaled(|e| e.set_clock(now))
+        })
     }
 
-    pub(super) fn set_clock(&mut self, now: SystemTime) -> Result<(), EngineError> {
+    /// Moves the clock (never back) without looking at the Quarantines: only when none is due.
+    #[inline]
+    pub(super) fn advance(&mut self, now: SystemTime) {
+        self.now = self.now.max(now);
+    }
+
+    /// Moves the clock to `now` and (de)activates the Quarantines it makes due.
+    pub(super) fn set_clock(&mut self, now: SystemTime) -> ClockChange {
         self.now = now;
-        let mut namespaces = BTreeSet::new();
-        let mut cidrs: (Vec<IpNetwork>, Vec<IpNetwork>) = (Vec::new(), Vec::new());
-        for (key, q) in self.quarantines.iter_mut() {
+        let mut change = ClockChange::default();
+        for (key, q) in self.states.iter_mut() {
             let active = q
                 .policy
                 .quarantine
@@ -87,20 +120,21 @@ impl PolicyEngine {
                 .is_some_and(|s| s.active_at(now));
             if active != q.active {
                 q.active = active;
-                namespaces.insert(key.namespace.clone());
-                let list = if active { &mut cidrs.1 } else { &mut cidrs.0 };
+                change.namespaces.insert(key.namespace.clone());
+                let list = if active {
+                    &mut change.cidrs_in
+                } else {
+                    &mut change.cidrs_out
+                };
                 list.extend(q.policy.cidrs());
             }
         }
-        self.adjust_cidrs(&cidrs.0, &cidrs.1)?;
-        for ns in namespaces {
-            self.requarantine_namespace(&ns)?;
-        }
-        Ok(())
+        change
     }
 
     /// The CIDRs of a policy that have identities: an inactive (expired) Quarantine's have
     /// none, so that it leaves no trace.
+    #[inline]
     pub(super) fn live_cidrs(&self, policy: &Policy) -> Vec<IpNetwork> {
         match &policy.quarantine {
             Some(spec) if !spec.active_at(self.now) => Vec::new(),
@@ -108,81 +142,31 @@ impl PolicyEngine {
         }
     }
 
-    pub(super) fn upsert_quarantine(&mut self, policy: Policy) -> Result<(), EngineError> {
-        if policy.quarantine.is_none() {
-            // The key no longer names a Quarantine.
-            self.delete_quarantine(&policy.key)?;
-            return self.upsert_policy(policy);
-        }
-        if self.policies.contains_key(&policy.key) {
-            self.delete_policy(&policy.key)?;
-        }
-        if self
-            .quarantines
-            .get(&policy.key)
-            .is_some_and(|q| q.policy == policy)
-        {
-            return Ok(());
-        }
-        let key = policy.key.clone();
-        let new_cidrs = self.live_cidrs(&policy);
-        let old = self.quarantines.remove(&key);
-        let old_cidrs: Vec<IpNetwork> = old
-            .as_ref()
-            .map(|q| self.live_cidrs(&q.policy))
-            .unwrap_or_default();
-        let slot = match &old {
-            Some(q) => {
-                self.release_quarantine_shapes(q);
-                q.slot
-            }
-            None => {
-                let (slot, moves) = self
-                    .policy_slots
-                    .insert(Arc::new(key.clone()), slot_hash(&key))?;
-                self.move_policies(moves);
-                slot
-            }
-        };
-        self.adjust_cidrs(&old_cidrs, &new_cidrs)?;
-        self.add_quarantine(policy, slot);
-        self.dirty_quarantine_groups();
-        self.requarantine_namespace(&key.namespace)
-    }
-
-    pub(super) fn delete_quarantine(&mut self, key: &PolicyKey) -> Result<(), EngineError> {
-        let Some(q) = self.quarantines.remove(key) else {
-            return Ok(());
-        };
-        self.release_quarantine_shapes(&q);
-        let old_cidrs = self.live_cidrs(&q.policy);
-        self.note_renamed_slot(q.slot);
-        let moves = self.policy_slots.remove(key);
-        self.move_policies(moves);
-        self.adjust_cidrs(&old_cidrs, &[])?;
-        self.dirty_quarantine_groups();
-        self.requarantine_namespace(&key.namespace)
-    }
-
     /// Interns the Quarantine's exception peers and records its entries: each exception in
     /// its direction (priority 0), and the deny-all (priority 1) under the policy's default
     /// rule id in both directions.
-    pub(super) fn add_quarantine(&mut self, policy: Policy, slot: u32) {
+    pub(super) fn add(
+        &mut self,
+        policy: Policy,
+        slot: u32,
+        sels: &mut SelectorCache,
+        u: &impl Universe,
+    ) {
         let mut shapes: [Vec<(Shape, RuleId)>; 2] = Default::default();
         for rule in &policy.rules {
             let id = rule_id(slot, rule.direction, Some(rule.index));
             for peer in &rule.peers {
                 for port in &rule.ports {
+                    // Exceptions have no named ports (the loader refuses them).
                     let peer_ref = match peer {
                         Peer::Any => PeerRef::Any,
-                        Peer::Pods(s) => PeerRef::Sel(self.intern(SelectionSpec::Pods(s.clone()))),
-                        Peer::Cidr(c) => PeerRef::Sel(self.intern(SelectionSpec::Cidr(c.clone()))),
-                        Peer::World => PeerRef::Sel(self.intern(SelectionSpec::World)),
-                        Peer::Cluster => PeerRef::Sel(self.intern(SelectionSpec::Cluster)),
-                        Peer::Host => PeerRef::Sel(self.intern(SelectionSpec::Host)),
+                        _ => match repository::peer_spec(peer, port, rule.direction) {
+                            Some(spec) => PeerRef::Sel(sels.intern(spec, u)),
+                            None => PeerRef::Any,
+                        },
                     };
                     if let PeerRef::Sel(p) = peer_ref {
-                        *self.quarantine_peer_sels.entry(p).or_default() += 1;
+                        *self.peer_sels.entry(p).or_default() += 1;
                     }
                     shapes[rule.direction as usize].push((
                         Shape {
@@ -215,7 +199,7 @@ impl PolicyEngine {
             .quarantine
             .as_ref()
             .is_some_and(|s| s.active_at(self.now));
-        self.quarantines.insert(
+        self.states.insert(
             policy.key.clone(),
             QuarantineState {
                 policy,
@@ -226,38 +210,42 @@ impl PolicyEngine {
         );
     }
 
-    pub(super) fn release_quarantine_shapes(&mut self, q: &QuarantineState) {
+    /// Takes a Quarantine out, releasing its exceptions' selections; returns it and its slot.
+    pub(super) fn remove(
+        &mut self,
+        key: &PolicyKey,
+        sels: &mut SelectorCache,
+    ) -> Option<(Policy, u32)> {
+        let q = self.states.remove(key)?;
         for (shape, _) in q.shapes.iter().flatten() {
             if let PeerRef::Sel(p) = shape.peer {
-                if let Some(c) = self.quarantine_peer_sels.get_mut(&p) {
+                if let Some(c) = self.peer_sels.get_mut(&p) {
                     *c -= 1;
                     if *c == 0 {
-                        self.quarantine_peer_sels.remove(&p);
+                        self.peer_sels.remove(&p);
                     }
                 }
-                self.release(p);
+                sels.release(p);
             }
         }
+        Some((q.policy, q.slot))
     }
 
-    pub(super) fn dirty_quarantine_groups(&mut self) {
-        if self.journal.active {
-            self.journal
-                .dirty
-                .extend(self.quarantine_groups.iter().copied());
-        }
+    /// Whether a Quarantine's exception uses selection `sel` as its peer.
+    #[inline]
+    pub(super) fn uses_peer(&self, sel: SelId) -> bool {
+        self.peer_sels.contains_key(&sel)
     }
 
-    /// The active Quarantines selecting a pod, sorted by key.
-    pub(super) fn quarantine_set_of(&self, st: &PodState) -> Vec<PolicyKey> {
-        let labels = self.pod_labels(st);
-        self.quarantines
+    /// The active Quarantines selecting a pod (its namespace, name and labels), sorted by key.
+    pub(super) fn set_of(&self, namespace: &str, name: &str, labels: &Labels) -> Vec<PolicyKey> {
+        self.states
             .iter()
             .filter(|(key, q)| {
                 q.active
-                    && key.namespace == st.pod.namespace
+                    && key.namespace == namespace
                     && match q.policy.quarantine.as_ref().and_then(|s| s.pods.as_ref()) {
-                        Some(names) => names.contains(&st.pod.name),
+                        Some(names) => names.iter().any(|n| n == name),
                         None => q.policy.subject.pods.matches(labels),
                     }
             })
@@ -265,152 +253,32 @@ impl PolicyEngine {
             .collect()
     }
 
-    pub(super) fn requarantine_namespace(&mut self, ns: &str) -> Result<(), EngineError> {
-        let mut pods: Vec<PodRef> = self
-            .identities_by_ns
-            .get(ns)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| self.identities.get(id))
-            .flat_map(|s| s.pods.iter().cloned())
-            .collect();
-        pods.sort();
-        for pk in pods {
-            self.requarantine_pod(&pk)?;
-        }
-        Ok(())
+    // Quarantined pods.
+
+    #[inline]
+    pub(super) fn pods(&self) -> &BTreeSet<PodRef> {
+        &self.pods
     }
 
-    /// Puts a pod's endpoint in the group its Quarantines call for (its identity's when none).
-    pub(super) fn requarantine_pod(&mut self, pk: &PodRef) -> Result<(), EngineError> {
-        let Some(st) = self.pods.get(pk) else {
-            return Ok(());
-        };
-        let set = self.quarantine_set_of(st);
-        let current = st
-            .quarantine
-            .and_then(|g| match &self.identities.get(&g)?.kind {
-                IdentityKind::Quarantine(s) => Some(s.clone()),
-                _ => None,
-            });
-        let unchanged = match &current {
-            None => set.is_empty(),
-            Some(c) => **c == set,
-        };
-        if unchanged {
-            return Ok(());
-        }
-        self.touch_pod(pk);
-        let Some(st) = self.pods.get_mut(pk) else {
-            return Ok(());
-        };
-        let (node, endpoint, old_group) = (st.node, st.endpoint, st.group());
-        let old_quarantine = st.quarantine.take();
-        if let Some(ep) = endpoint {
-            self.detach_endpoint(node, old_group, ep);
-        }
-        if let Some(g) = old_quarantine {
-            self.quarantined_pods.remove(pk);
-            self.leave_quarantine_group(g, pk);
-        }
-        if !set.is_empty() {
-            let g = self.acquire_quarantine_group(Arc::new(set))?;
-            if let Some(s) = self.identities.get_mut(&g) {
-                s.pods.insert(pk.clone());
-            }
-            if let Some(st) = self.pods.get_mut(pk) {
-                st.quarantine = Some(g);
-            }
-            self.quarantined_pods.insert(pk.clone());
-        }
-        if let Some(ep) = endpoint {
-            let group = self.pods.get(pk).map_or(old_group, |st| st.group());
-            self.attach_endpoint(node, group, ep);
-        }
-        Ok(())
+    #[inline]
+    pub(super) fn add_pod(&mut self, pk: &PodRef) {
+        self.pods.insert(pk.clone());
     }
 
-    pub(super) fn attach_endpoint(&mut self, node: NodeIdx, group: Identity, ep: u32) {
-        if let Some(s) = self.identities.get_mut(&group) {
-            s.endpoints.entry(node).or_default().insert(ep);
-        }
-        if self.journal.active {
-            self.journal.flags.insert((node, group));
-        }
+    #[inline]
+    pub(super) fn remove_pod(&mut self, pk: &PodKey) {
+        self.pods.remove(pk);
     }
 
-    pub(super) fn acquire_quarantine_group(
-        &mut self,
-        set: QuarantineSet,
-    ) -> Result<Identity, EngineError> {
-        if let Some(id) = self.quarantine_slots.get(&set) {
-            return Ok(id);
-        }
-        let hash = quarantine_set_hash(&set);
-        let (id, moves) = self.quarantine_slots.insert(set.clone(), hash)?;
-        self.move_quarantine_groups(moves);
-        self.create_identity(id, IdentityKind::Quarantine(set));
-        self.quarantine_groups.insert(id);
-        Ok(id)
-    }
-
-    /// Takes `pk` out of quarantine group `g` (its endpoint already detached); the last member
-    /// out releases the group.
-    pub(super) fn leave_quarantine_group(&mut self, g: Identity, pk: &PodKey) {
-        let empty = match self.identities.get_mut(&g) {
-            Some(s) => {
-                s.pods.remove(pk);
-                s.pods.is_empty()
-            }
-            None => false,
-        };
-        if !empty {
-            return;
-        }
-        self.quarantine_groups.remove(&g);
-        if let Some(state) = self.destroy_identity(g)
-            && let IdentityKind::Quarantine(set) = &state.kind
-        {
-            let moves = self.quarantine_slots.remove(set);
-            self.move_quarantine_groups(moves);
-        }
-    }
-
-    /// Quarantine groups renumbered by a collision: their pods' endpoints move with them.
-    pub(super) fn move_quarantine_groups(&mut self, moves: Vec<Move<QuarantineSet>>) {
-        let mut taken = Vec::new();
-        for m in moves {
-            self.quarantine_groups.remove(&m.from);
-            if let Some(state) = self.destroy_identity(m.from) {
-                taken.push((m, state));
-            }
-        }
-        for (m, old) in taken {
-            self.create_identity(m.to, old.kind.clone());
-            self.quarantine_groups.insert(m.to);
-            for pk in &old.pods {
-                self.touch_pod(pk);
-                let Some(st) = self.pods.get_mut(pk) else {
-                    continue;
-                };
-                st.quarantine = Some(m.to);
-                let (node, ep) = (st.node, st.endpoint);
-                if let Some(s) = self.identities.get_mut(&m.to) {
-                    s.pods.insert(pk.clone());
-                    if let Some(ep) = ep {
-                        s.endpoints.entry(node).or_default().insert(ep);
-                    }
-                }
-                if ep.is_some() && self.journal.active {
-                    self.journal.flags.insert((node, m.from));
-                    self.journal.flags.insert((node, m.to));
-                }
-            }
-        }
-    }
+    // Groups' policies and exception identities.
 
     /// A quarantine group's policy: the entries of its Quarantines, and nothing else.
-    pub(super) fn compute_quarantine_policy(&self, set: &[PolicyKey]) -> EndpointPolicy {
+    pub(super) fn compute_policy(
+        &self,
+        set: &[PolicyKey],
+        sels: &SelectorCache,
+        ids: &Identities,
+    ) -> EndpointPolicy {
         // Exceptions have no named ports (the loader refuses them), so no key is consulted.
         let none = IdentityKey {
             namespace: String::new(),
@@ -423,11 +291,11 @@ impl PolicyEngine {
         for d in Direction::ALL {
             let mut entries = Vec::new();
             for key in set {
-                let Some(q) = self.quarantines.get(key) else {
+                let Some(q) = self.states.get(key) else {
                     continue;
                 };
                 for (shape, rule) in &q.shapes[d as usize] {
-                    self.expand(shape, *rule, d, &none, &mut entries);
+                    repository::expand(shape, *rule, d, &none, sels, ids, &mut entries);
                 }
             }
             dedup_entries(&mut entries);
@@ -440,10 +308,10 @@ impl PolicyEngine {
     /// any port, sorted: the identities each exception's selection matches, or exactly
     /// `[identity::ANY]` when an exception admits every pod. Depends on what the group's policy
     /// depends on, so it is recomputed whenever that is.
-    pub(super) fn compute_quarantine_allow(&self, set: &[PolicyKey]) -> Vec<Identity> {
+    fn compute_allow(&self, set: &[PolicyKey], sels: &SelectorCache) -> Vec<Identity> {
         let mut out = Vec::new();
         for key in set {
-            let Some(q) = self.quarantines.get(key) else {
+            let Some(q) = self.states.get(key) else {
                 continue;
             };
             for (shape, _) in q.shapes.iter().flatten() {
@@ -453,11 +321,10 @@ impl PolicyEngine {
                 let PeerRef::Sel(s) = shape.peer else {
                     return vec![identity::ANY];
                 };
-                let sel = self.sel(s);
-                if admits_every_pod(&sel.spec) {
+                if admits_every_pod(sels.spec(s)) {
                     return vec![identity::ANY];
                 }
-                out.extend(sel.matched.iter().copied());
+                out.extend(sels.matched(s).iter().copied());
             }
         }
         out.sort_unstable();
@@ -465,33 +332,48 @@ impl PolicyEngine {
         out
     }
 
-    /// Brings a quarantine group's exception identities up to date; when they change, its
-    /// pods' addresses are re-checked on every node (every node carries them).
-    pub(super) fn refresh_quarantine_allow(&mut self, id: Identity) {
-        let Some(IdentityKind::Quarantine(set)) = self.identities.get(&id).map(|s| &s.kind) else {
-            return;
-        };
-        let new = self.compute_quarantine_allow(set);
-        let Some(st) = self.identities.get_mut(&id) else {
-            return;
-        };
-        if *st.quarantine_allow == new {
-            return;
+    /// Brings group `group`'s exception identities up to date; returns the list it had when it
+    /// changed.
+    pub(super) fn refresh_allow(
+        &mut self,
+        group: Identity,
+        set: &[PolicyKey],
+        sels: &SelectorCache,
+    ) -> Option<Arc<Vec<Identity>>> {
+        let new = self.compute_allow(set, sels);
+        let current = self.allow.get(&group).map_or(&[] as &[Identity], |a| a);
+        if *current == *new {
+            return None;
         }
-        let old = std::mem::replace(&mut st.quarantine_allow, Arc::new(new));
-        if !self.journal.active {
-            return;
-        }
-        self.journal.allow_old.entry(id).or_insert(old);
-        let nodes = self.nodes.len() as NodeIdx;
-        let ips: Vec<IpAddr> = st
-            .pods
-            .iter()
-            .filter_map(|pk| self.pods.get(pk))
-            .flat_map(|p| p.pod.ips.iter().copied())
-            .collect();
-        for n in 0..nodes {
-            self.journal.ip_checks.extend(ips.iter().map(|ip| (n, *ip)));
-        }
+        let old = self.allow.insert(group, Arc::new(new));
+        Some(old.unwrap_or_default())
+    }
+
+    /// A quarantine group's exception identities now.
+    #[inline]
+    pub(super) fn allow_of(&self, group: Identity) -> Arc<Vec<Identity>> {
+        self.allow.get(&group).cloned().unwrap_or_default()
+    }
+
+    /// Forgets a group that went away; returns its exception identities.
+    #[inline]
+    pub(super) fn forget_group(&mut self, group: Identity) -> Arc<Vec<Identity>> {
+        self.allow.remove(&group).unwrap_or_default()
+    }
+}
+
+/// Whether a selection matches every pod identity, whatever the inventory. A quarantine
+/// exception with it would list every pod identity; its allow list is `[identity::ANY]` instead.
+/// That is coarser (the prefilter then lets the world through too), which is fine for an early
+/// drop: the quarantined endpoint's own node still enforces the exact exceptions.
+fn admits_every_pod(spec: &SelectionSpec) -> bool {
+    match spec {
+        SelectionSpec::Pods(PodSelection {
+            namespaces: NamespaceScope::Selected(ns),
+            pods,
+            service_account: None,
+        }) => ns.is_everything() && pods.is_everything(),
+        SelectionSpec::Cluster | SelectionSpec::AllPods => true,
+        _ => false,
     }
 }

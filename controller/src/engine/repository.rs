@@ -1,106 +1,151 @@
-//! The policy repository: NetworkPolicy, ClusterNetworkPolicy and ServicePolicy objects, their contributions to the identities they select, and each identity's compiled policy.
+//! The policy repository: NetworkPolicy, ClusterNetworkPolicy and ServicePolicy objects with
+//! their rule-id slots, what they contribute to the selections they apply to (merged by shape,
+//! so equal rules of many policies cost one entry), and each identity's compiled policy with
+//! its contribution (the peers and rules a node must carry for it).
+//!
+//! The repository interns and releases selections in the selector cache it is handed, and
+//! tells which identities' policies depend on a selection ([`Repository::dependents`]); it
+//! never decides on its own what to recompute. [`Repository::install`] returns the policy an
+//! identity had when a new one differs.
 
 use super::*;
 
-impl PolicyEngine {
-    pub(super) fn upsert_policy(&mut self, policy: Policy) -> Result<(), EngineError> {
-        if policy.quarantine.is_some() || self.quarantines.contains_key(&policy.key) {
-            return self.upsert_quarantine(policy);
+struct PolicyState {
+    policy: Policy,
+    slot: u32,
+    subject: SelId,
+}
+
+/// What the policies with one subject selection say, merged.
+#[derive(Debug, Default)]
+struct SubjectData {
+    refs: u32,
+    shapes: [FxHashMap<Shape, BTreeSet<RuleId>>; 2],
+    isolation: [BTreeSet<RuleId>; 2],
+    audit_isolation: [BTreeSet<RuleId>; 2],
+}
+
+/// An identity's (or quarantine group's) compiled policy and what it needs on a node.
+#[derive(Debug, Default)]
+struct Compiled {
+    policy: Policies,
+    contribution: Arc<Contribution>,
+}
+
+pub(super) struct Repository {
+    policies: BTreeMap<PolicyKey, PolicyState>,
+    /// Rule-id slots of every policy, Quarantines included (they share the rule-id space).
+    slots: OrderedSlots<Arc<PolicyKey>>,
+    /// By selection id: the merged rules of the policies with that subject.
+    subjects: Vec<Option<Box<SubjectData>>>,
+    /// By selection id: the subject selections whose shapes use it as peer, with use counts.
+    /// (Kept when they empty: selection ids are reused.)
+    peer_users: Vec<FxHashMap<SelId, u32>>,
+    compiled: FxHashMap<Identity, Compiled>,
+}
+
+impl Default for Repository {
+    fn default() -> Repository {
+        Repository {
+            policies: BTreeMap::new(),
+            slots: policy_slots(),
+            subjects: Vec::new(),
+            peer_users: Vec::new(),
+            compiled: FxHashMap::default(),
         }
-        if self
-            .policies
-            .get(&policy.key)
-            .is_some_and(|s| s.policy == policy)
-        {
-            return Ok(());
-        }
-        let key = policy.key.clone();
-        let new_cidrs: Vec<IpNetwork> = policy.cidrs().collect();
-        let old_cidrs: Vec<IpNetwork> = match self.policies.get(&key) {
-            Some(s) => s.policy.cidrs().collect(),
-            None => Vec::new(),
+    }
+}
+
+/// Policies renumbered by a slot collision.
+pub(super) type SlotMoves = Vec<Move<Arc<PolicyKey>>>;
+
+/// A policy taken out of the repository.
+pub(super) struct Removed {
+    pub policy: Policy,
+    pub slot: u32,
+}
+
+impl Repository {
+    #[inline]
+    pub(super) fn contains(&self, key: &PolicyKey) -> bool {
+        self.policies.contains_key(key)
+    }
+
+    #[inline]
+    pub(super) fn policy(&self, key: &PolicyKey) -> Option<&Policy> {
+        self.policies.get(key).map(|s| &s.policy)
+    }
+
+    /// The subject selection of a policy.
+    #[inline]
+    pub(super) fn subject_of(&self, key: &PolicyKey) -> Option<SelId> {
+        self.policies.get(key).map(|s| s.subject)
+    }
+
+    // Rule-id slots.
+
+    #[inline]
+    pub(super) fn slot(&self, key: &PolicyKey) -> Option<u32> {
+        self.slots.get(key)
+    }
+
+    /// A slot for a new policy (or Quarantine); other policies may move to make room.
+    #[inline]
+    pub(super) fn allocate_slot(
+        &mut self,
+        key: &PolicyKey,
+    ) -> Result<(u32, SlotMoves), EngineError> {
+        self.slots.insert(Arc::new(key.clone()), slot_hash(key))
+    }
+
+    /// Frees a policy's slot; other policies may move into it.
+    #[inline]
+    pub(super) fn free_slot(&mut self, key: &PolicyKey) -> SlotMoves {
+        self.slots.remove(key)
+    }
+
+    /// What a rule id stands for.
+    #[inline]
+    pub(super) fn rule_ref(&self, rule: RuleId) -> Option<RuleRef> {
+        let key = self.slots.key_of(rule >> 10)?;
+        let direction = if (rule >> 9) & 1 == 1 {
+            Direction::Egress
+        } else {
+            Direction::Ingress
         };
-        let slot = match self.policies.get(&key) {
-            Some(s) => s.slot,
-            None => {
-                let (slot, moves) = self
-                    .policy_slots
-                    .insert(Arc::new(key.clone()), slot_hash(&key))?;
-                self.move_policies(moves);
-                slot
-            }
+        let index = match rule & 0x1ff {
+            0 => None,
+            i => Some(i - 1),
         };
-        self.remove_policy_contributions(&key);
-        self.adjust_cidrs(&old_cidrs, &new_cidrs)?;
-        self.add_policy(policy, slot);
-        Ok(())
+        Some(RuleRef {
+            kind: key.kind.clone(),
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            direction,
+            index,
+        })
     }
 
-    pub(super) fn delete_policy(&mut self, key: &PolicyKey) -> Result<(), EngineError> {
-        if self.quarantines.contains_key(key) {
-            return self.delete_quarantine(key);
-        }
-        let Some(st) = self.policies.get(key) else {
-            return Ok(());
-        };
-        let old_cidrs: Vec<IpNetwork> = st.policy.cidrs().collect();
-        let slot = st.slot;
-        self.remove_policy_contributions(key);
-        self.policies.remove(key);
-        self.note_renamed_slot(slot);
-        let moves = self.policy_slots.remove(key);
-        self.move_policies(moves);
-        self.adjust_cidrs(&old_cidrs, &[])?;
-        Ok(())
-    }
+    // Policies.
 
-    pub(super) fn note_renamed_slot(&mut self, slot: u32) {
-        if !self.journal.active {
-            return;
-        }
-        for d in Direction::ALL {
-            for i in 0..=crate::load::MAX_RULES_PER_DIRECTION as u32 {
-                let idx = if i == 0 { None } else { Some(i - 1) };
-                self.journal.renamed_rules.insert(rule_id(slot, d, idx));
-            }
-        }
-    }
-
-    /// Policies renumbered by a slot collision: re-add them under their new rule ids.
-    pub(super) fn move_policies(&mut self, moves: Vec<Move<Arc<PolicyKey>>>) {
-        for m in moves {
-            self.note_renamed_slot(m.from);
-            self.note_renamed_slot(m.to);
-            if let Some(policy) = self.policies.get(&*m.key).map(|s| s.policy.clone()) {
-                self.remove_policy_contributions(&m.key);
-                self.add_policy(policy, m.to);
-            }
-            if let Some(q) = self.quarantines.remove(&*m.key) {
-                self.release_quarantine_shapes(&q);
-                self.add_quarantine(q.policy, m.to);
-                self.dirty_quarantine_groups();
-            }
-        }
-    }
-
-    pub(super) fn add_policy(&mut self, policy: Policy, slot: u32) {
-        let subject = self.intern(SelectionSpec::Pods(policy.subject.clone()));
+    /// Adds a policy under rule-id slot `slot`; returns its subject selection (whose members'
+    /// policies change).
+    pub(super) fn add(
+        &mut self,
+        policy: Policy,
+        slot: u32,
+        sels: &mut SelectorCache,
+        u: &impl Universe,
+    ) -> SelId {
+        let subject = sels.intern(SelectionSpec::Pods(policy.subject.clone()), u);
         let mut shapes: Vec<(Direction, Shape, RuleId)> = Vec::new();
         for rule in &policy.rules {
             let id = rule_id(slot, rule.direction, Some(rule.index));
             for peer in &rule.peers {
                 for port in &rule.ports {
-                    let named = matches!(port, PortSpec::Named { .. });
-                    let peer_ref = match peer {
-                        Peer::Any if named && rule.direction == Direction::Egress => {
-                            PeerRef::Sel(self.intern(SelectionSpec::AllPods))
-                        }
-                        Peer::Any => PeerRef::Any,
-                        Peer::Pods(s) => PeerRef::Sel(self.intern(SelectionSpec::Pods(s.clone()))),
-                        Peer::Cidr(c) => PeerRef::Sel(self.intern(SelectionSpec::Cidr(c.clone()))),
-                        Peer::World => PeerRef::Sel(self.intern(SelectionSpec::World)),
-                        Peer::Cluster => PeerRef::Sel(self.intern(SelectionSpec::Cluster)),
-                        Peer::Host => PeerRef::Sel(self.intern(SelectionSpec::Host)),
+                    let peer_ref = match peer_spec(peer, port, rule.direction) {
+                        Some(spec) => PeerRef::Sel(sels.intern(spec, u)),
+                        None => PeerRef::Any,
                     };
                     shapes.push((
                         rule.direction,
@@ -119,21 +164,18 @@ impl PolicyEngine {
         }
         for (direction, shape, id) in shapes {
             if let PeerRef::Sel(p) = shape.peer {
-                *self.sel_mut(p).peer_users.entry(subject).or_default() += 1;
+                let i = p as usize;
+                if self.peer_users.len() <= i {
+                    self.peer_users.resize_with(i + 1, FxHashMap::default);
+                }
+                *self.peer_users[i].entry(subject).or_default() += 1;
             }
-            let data = self
-                .sel_mut(subject)
-                .subject
-                .get_or_insert_with(Default::default);
-            data.shapes[direction as usize]
+            self.subject_mut(subject).shapes[direction as usize]
                 .entry(shape)
                 .or_default()
                 .insert(id);
         }
-        let data = self
-            .sel_mut(subject)
-            .subject
-            .get_or_insert_with(Default::default);
+        let data = self.subject_mut(subject);
         data.refs += 1;
         for d in Direction::ALL {
             let id = rule_id(slot, d, None);
@@ -147,7 +189,6 @@ impl PolicyEngine {
                 }
             }
         }
-        self.mark_subject_dirty(subject);
         self.policies.insert(
             policy.key.clone(),
             PolicyState {
@@ -156,36 +197,27 @@ impl PolicyEngine {
                 subject,
             },
         );
+        subject
     }
 
-    pub(super) fn remove_policy_contributions(&mut self, key: &PolicyKey) {
-        let Some(st) = self.policies.get(key) else {
-            return;
-        };
-        let (subject, slot) = (st.subject, st.slot);
-        let policy = st.policy.clone();
-        self.mark_subject_dirty(subject);
+    /// Takes a policy out (its slot stays allocated: free it with [`Self::free_slot`]).
+    /// The identities its subject selected before the call are the ones whose policy changes.
+    pub(super) fn remove(&mut self, key: &PolicyKey, sels: &mut SelectorCache) -> Option<Removed> {
+        let PolicyState {
+            policy,
+            slot,
+            subject,
+        } = self.policies.remove(key)?;
         let mut releases = Vec::new();
         for rule in &policy.rules {
             let id = rule_id(slot, rule.direction, Some(rule.index));
             for peer in &rule.peers {
                 for port in &rule.ports {
-                    let named = matches!(port, PortSpec::Named { .. });
-                    let spec = match peer {
-                        Peer::Any if named && rule.direction == Direction::Egress => {
-                            Some(SelectionSpec::AllPods)
-                        }
-                        Peer::Any => None,
-                        Peer::Pods(s) => Some(SelectionSpec::Pods(s.clone())),
-                        Peer::Cidr(c) => Some(SelectionSpec::Cidr(c.clone())),
-                        Peer::World => Some(SelectionSpec::World),
-                        Peer::Cluster => Some(SelectionSpec::Cluster),
-                        Peer::Host => Some(SelectionSpec::Host),
-                    };
-                    let peer_ref = match spec.and_then(|s| self.sel_by_spec.get(&s).copied()) {
-                        Some(p) => PeerRef::Sel(p),
-                        None => PeerRef::Any,
-                    };
+                    let peer_ref =
+                        match peer_spec(peer, port, rule.direction).and_then(|s| sels.find(&s)) {
+                            Some(p) => PeerRef::Sel(p),
+                            None => PeerRef::Any,
+                        };
                     let shape = Shape {
                         peer: peer_ref,
                         port: port.clone(),
@@ -194,7 +226,7 @@ impl PolicyEngine {
                         action: rule.action,
                         audit: rule.audit,
                     };
-                    if let Some(data) = self.sel_mut(subject).subject.as_mut() {
+                    if let Some(Some(data)) = self.subjects.get_mut(subject as usize) {
                         let map = &mut data.shapes[rule.direction as usize];
                         if let Some(set) = map.get_mut(&shape) {
                             set.remove(&id);
@@ -204,8 +236,9 @@ impl PolicyEngine {
                         }
                     }
                     if let PeerRef::Sel(p) = peer_ref {
-                        let users = &mut self.sel_mut(p).peer_users;
-                        if let Some(c) = users.get_mut(&subject) {
+                        if let Some(users) = self.peer_users.get_mut(p as usize)
+                            && let Some(c) = users.get_mut(&subject)
+                        {
                             *c -= 1;
                             if *c == 0 {
                                 users.remove(&subject);
@@ -217,10 +250,11 @@ impl PolicyEngine {
             }
         }
         for p in releases {
-            self.release(p);
+            sels.release(p);
         }
-        let s = self.sel_mut(subject);
-        if let Some(data) = s.subject.as_mut() {
+        if let Some(slot_data) = self.subjects.get_mut(subject as usize)
+            && let Some(data) = slot_data.as_mut()
+        {
             for d in Direction::ALL {
                 let id = rule_id(slot, d, None);
                 data.isolation[d as usize].remove(&id);
@@ -228,41 +262,58 @@ impl PolicyEngine {
             }
             data.refs -= 1;
             if data.refs == 0 {
-                s.subject = None;
+                *slot_data = None;
             }
         }
-        self.release(subject);
-        // The state itself is dropped or replaced by the caller.
+        sels.release(subject);
+        Some(Removed { policy, slot })
     }
 
-    pub(super) fn mark_subject_dirty(&mut self, subject: SelId) {
-        if self.journal.active {
-            let ids: Vec<Identity> = self.sel(subject).matched.iter().copied().collect();
-            self.journal.dirty.extend(ids);
+    fn subject_mut(&mut self, sel: SelId) -> &mut SubjectData {
+        let i = sel as usize;
+        if self.subjects.len() <= i {
+            self.subjects.resize_with(i + 1, || None);
         }
+        self.subjects[i].get_or_insert_with(Default::default)
     }
 
-    // -----------------------------------------------------------------------------------------
-    // Per-identity policy.
+    fn subject(&self, sel: SelId) -> Option<&SubjectData> {
+        self.subjects.get(sel as usize)?.as_deref()
+    }
 
-    pub(super) fn compute_policy(&self, id: Identity) -> EndpointPolicy {
+    /// How the policies depend on selection `sel`: whether it is a subject (its members'
+    /// policies depend on who is in it), and the subject selections with a rule whose peer it
+    /// is (their members' policies depend on it).
+    #[inline]
+    pub(super) fn dependents(&self, sel: SelId) -> (bool, impl Iterator<Item = SelId> + '_) {
+        (
+            self.subject(sel).is_some(),
+            self.peer_users
+                .get(sel as usize)
+                .into_iter()
+                .flatten()
+                .map(|u| *u.0),
+        )
+    }
+
+    // Compiled policies.
+
+    /// The policy of a pod identity, from the subjects it is in.
+    pub(super) fn compute(
+        &self,
+        id: Identity,
+        own_key: &IdentityKey,
+        sels: &SelectorCache,
+        ids: &Identities,
+    ) -> EndpointPolicy {
         let mut out = EndpointPolicy::default();
-        let Some(st) = self.identities.get(&id) else {
-            return out;
-        };
-        if let IdentityKind::Quarantine(set) = &st.kind {
-            return self.compute_quarantine_policy(set);
-        }
-        let IdentityKind::Pod(own_key) = &st.kind else {
-            return out;
-        };
         for d in Direction::ALL {
             let di = d as usize;
             let mut isolated: Option<RuleId> = None;
             let mut audit_isolated: Option<RuleId> = None;
             let mut entries: Vec<PolicyEntry> = Vec::new();
-            for sel in &st.member_of {
-                let Some(data) = self.sel(*sel).subject.as_ref() else {
+            for sel in sels.selections_of(id) {
+                let Some(data) = self.subject(sel) else {
                     continue;
                 };
                 if let Some(r) = data.isolation[di].first() {
@@ -275,7 +326,7 @@ impl PolicyEngine {
                     let Some(rule) = rules.first().copied() else {
                         continue;
                     };
-                    self.expand(shape, rule, d, own_key, &mut entries);
+                    expand(shape, rule, d, own_key, sels, ids, &mut entries);
                 }
             }
             dedup_entries(&mut entries);
@@ -292,104 +343,54 @@ impl PolicyEngine {
         out
     }
 
-    pub(super) fn expand(
-        &self,
-        shape: &Shape,
-        rule: RuleId,
-        direction: Direction,
-        own_key: &IdentityKey,
-        out: &mut Vec<PolicyEntry>,
-    ) {
-        let mut push = |peer: Identity, protocol: Option<Protocol>, ports: PortRange| {
-            out.push(PolicyEntry {
-                peer,
-                protocol,
-                ports,
-                tier: shape.tier,
-                priority: shape.priority,
-                action: shape.action,
-                audit: shape.audit,
-                rule,
-            })
-        };
-        let emit = |peer: Identity, push: &mut dyn FnMut(Identity, Option<Protocol>, PortRange)| {
-            match &shape.port {
-                PortSpec::Range { protocol, ports } => push(peer, *protocol, *ports),
-                PortSpec::Named { protocol, name } => {
-                    let target: Option<&IdentityKey> = match direction {
-                        Direction::Ingress => Some(own_key),
-                        Direction::Egress => match self.identities.get(&peer).map(|s| &s.kind) {
-                            Some(IdentityKind::Pod(k)) => Some(k),
-                            _ => None,
-                        },
-                    };
-                    if let Some(target) = target {
-                        for (proto, port) in target.named_port(name, *protocol) {
-                            push(peer, Some(proto), PortRange::single(port));
-                        }
-                    }
-                }
-            }
-        };
-        match shape.peer {
-            PeerRef::Any => emit(identity::ANY, &mut push),
-            PeerRef::Sel(s) => {
-                for m in &self.sel(s).matched {
-                    emit(*m, &mut push);
-                }
-            }
-        }
+    /// The compiled policy of an identity or quarantine group (empty until one is installed).
+    #[inline]
+    pub(super) fn compiled(&self, id: Identity) -> Option<&Policies> {
+        self.compiled.get(&id).map(|c| &c.policy)
     }
 
-    pub(super) fn compute_policies(&self, ids: &[Identity]) -> Vec<(Identity, EndpointPolicy)> {
-        let compute = |ids: &[Identity]| -> Vec<(Identity, EndpointPolicy)> {
-            ids.iter()
-                .map(|id| (*id, self.compute_policy(*id)))
-                .collect()
-        };
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(ids.len() / 1024 + 1);
-        if threads <= 1 {
-            return compute(ids);
-        }
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = ids
-                .chunks(ids.len().div_ceil(threads))
-                .map(|chunk| scope.spawn(move || compute(chunk)))
-                .collect();
-            workers
-                .into_iter()
-                // A worker only panics if `compute_policy` does, which it does not: re-raise.
-                .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect()
-        })
+    /// What an identity's policy needs on a node where it has endpoints.
+    #[inline]
+    pub(super) fn contribution(&self, id: Identity) -> Option<&Arc<Contribution>> {
+        self.compiled.get(&id).map(|c| &c.contribution)
     }
 
-    pub(super) fn refresh_policy(&mut self, id: Identity) {
-        if !self.identities.contains_key(&id) {
-            return;
-        }
-        let new = self.compute_policy(id);
-        self.install_policy(id, new);
+    /// Starts an identity with the empty policy.
+    #[inline]
+    pub(super) fn init(&mut self, id: Identity) {
+        self.compiled.entry(id).or_default();
     }
 
-    pub(super) fn install_policy(&mut self, id: Identity, new: EndpointPolicy) {
-        self.refresh_quarantine_allow(id);
-        let Some(st) = self.identities.get_mut(&id) else {
-            return;
-        };
-        if *st.policy == new {
-            return;
+    /// Forgets an identity that went away; returns the policy it had.
+    #[inline]
+    pub(super) fn forget(&mut self, id: Identity) -> Option<Policies> {
+        self.compiled.remove(&id).map(|c| c.policy)
+    }
+
+    /// Installs an identity's newly computed policy; returns the one it replaces when they
+    /// differ (`None`: nothing changed, or the identity is unknown).
+    #[inline]
+    pub(super) fn install(&mut self, id: Identity, new: EndpointPolicy) -> Option<Policies> {
+        let c = self.compiled.get_mut(&id)?;
+        if *c.policy == new {
+            return None;
         }
-        let mut peers: Vec<Identity> = [&new.ingress, &new.egress]
+        c.contribution = Arc::new(Contribution::of(&new));
+        Some(std::mem::replace(&mut c.policy, Arc::new(new)))
+    }
+}
+
+impl Contribution {
+    /// The peers (but `any`) and rules a policy's entries and isolation use, sorted.
+    fn of(policy: &EndpointPolicy) -> Contribution {
+        let mut peers: Vec<Identity> = [&policy.ingress, &policy.egress]
             .into_iter()
             .flat_map(|d| d.entries.iter().map(|e| e.peer))
             .filter(|p| *p != identity::ANY)
             .collect();
         peers.sort_unstable();
         peers.dedup();
-        let mut rules: Vec<RuleId> = [&new.ingress, &new.egress]
+        let mut rules: Vec<RuleId> = [&policy.ingress, &policy.egress]
             .into_iter()
             .flat_map(|d| {
                 d.entries
@@ -401,14 +402,124 @@ impl PolicyEngine {
             .collect();
         rules.sort_unstable();
         rules.dedup();
-        let old = std::mem::replace(&mut st.policy, Arc::new(new));
-        st.contribution = Arc::new(Contribution { peers, rules });
-        if self.journal.active {
-            self.journal.old_policy.entry(id).or_insert(old);
-            self.journal.dp_changed.insert(id);
-            for n in st.endpoints.keys() {
-                self.journal.flags.insert((*n, id));
+        Contribution { peers, rules }
+    }
+}
+
+/// The selection a rule's peer stands for (`None`: any peer). Egress to named ports of "any"
+/// peer can only reach pods (whose ports have names): every pod identity.
+pub(super) fn peer_spec(
+    peer: &Peer,
+    port: &PortSpec,
+    direction: Direction,
+) -> Option<SelectionSpec> {
+    match peer {
+        Peer::Any if matches!(port, PortSpec::Named { .. }) && direction == Direction::Egress => {
+            Some(SelectionSpec::AllPods)
+        }
+        Peer::Any => None,
+        Peer::Pods(s) => Some(SelectionSpec::Pods(s.clone())),
+        Peer::Cidr(c) => Some(SelectionSpec::Cidr(c.clone())),
+        Peer::World => Some(SelectionSpec::World),
+        Peer::Cluster => Some(SelectionSpec::Cluster),
+        Peer::Host => Some(SelectionSpec::Host),
+    }
+}
+
+/// A shape's entries: one per identity its peer selection matches (per named port's number).
+pub(super) fn expand(
+    shape: &Shape,
+    rule: RuleId,
+    direction: Direction,
+    own_key: &IdentityKey,
+    sels: &SelectorCache,
+    ids: &Identities,
+    out: &mut Vec<PolicyEntry>,
+) {
+    let mut push = |peer: Identity, protocol: Option<Protocol>, ports: PortRange| {
+        out.push(PolicyEntry {
+            peer,
+            protocol,
+            ports,
+            tier: shape.tier,
+            priority: shape.priority,
+            action: shape.action,
+            audit: shape.audit,
+            rule,
+        })
+    };
+    let emit =
+        |peer: Identity, push: &mut dyn FnMut(Identity, Option<Protocol>, PortRange)| match &shape
+            .port
+        {
+            PortSpec::Range { protocol, ports } => push(peer, *protocol, *ports),
+            PortSpec::Named { protocol, name } => {
+                let target: Option<&IdentityKey> = match direction {
+                    Direction::Ingress => Some(own_key),
+                    Direction::Egress => match ids.kind(peer) {
+                        Some(IdentityKind::Pod(k)) => Some(k),
+                        _ => None,
+                    },
+                };
+                if let Some(target) = target {
+                    for (proto, port) in target.named_port(name, *protocol) {
+                        push(peer, Some(proto), PortRange::single(port));
+                    }
+                }
+            }
+        };
+    match shape.peer {
+        PeerRef::Any => emit(identity::ANY, &mut push),
+        PeerRef::Sel(s) => {
+            for m in sels.matched(s) {
+                emit(*m, &mut push);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_reports_the_replaced_policy_only_when_it_differs() {
+        let mut repo = Repository::default();
+        assert!(
+            repo.install(300, EndpointPolicy::default()).is_none(),
+            "unknown"
+        );
+        repo.init(300);
+        assert!(
+            repo.install(300, EndpointPolicy::default()).is_none(),
+            "same"
+        );
+        let mut p = EndpointPolicy::default();
+        p.ingress.isolated_by = Some(rule_id(5, Direction::Ingress, None));
+        p.ingress.entries.push(PolicyEntry {
+            peer: 301,
+            protocol: Some(Protocol::Tcp),
+            ports: PortRange::single(80),
+            tier: Tier::Application,
+            priority: 0,
+            action: Action::Allow,
+            audit: false,
+            rule: rule_id(5, Direction::Ingress, Some(0)),
+        });
+        let old = repo.install(300, p.clone()).expect("a change");
+        assert_eq!(*old, EndpointPolicy::default());
+        assert_eq!(
+            **repo.contribution(300).unwrap(),
+            Contribution {
+                peers: vec![301],
+                rules: vec![
+                    rule_id(5, Direction::Ingress, None),
+                    rule_id(5, Direction::Ingress, Some(0))
+                ],
+            }
+        );
+        assert!(repo.install(300, p).is_none());
+        assert!(repo.forget(300).is_some());
+        assert!(repo.compiled(300).is_none());
     }
 }

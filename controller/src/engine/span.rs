@@ -1,272 +1,241 @@
-//! Per-node spans: which identities and addresses each node's rule set must carry.
+//! Node spans: what each node's rule set must carry. Per node, the contribution (peer
+//! identities and rules) of every policy group with endpoints there, and reference counts of
+//! the peers and rules those contributions use; across nodes, which nodes reference each peer
+//! identity (and the `world`), which decides where a pod's address must be in the ipcache.
+//! [`NodeSpan::update`] returns what flipped ([`SpanChange`]) for the journal.
 
 use super::*;
 
-impl PolicyEngine {
-    // -----------------------------------------------------------------------------------------
-    // Per-node bookkeeping.
+#[derive(Debug, Default)]
+struct NodeRefs {
+    contrib: FxHashMap<Identity, Arc<Contribution>>,
+    peer_refs: FxHashMap<Identity, u32>,
+    rule_refs: FxHashMap<RuleId, u32>,
+}
 
-    /// Brings node `n`'s reference counts in line with identity `id`'s current contribution
-    /// (or with its absence when `id` no longer has an endpoint on `n`).
-    pub(super) fn update_contribution(&mut self, n: NodeIdx, id: Identity) {
-        let new: Option<Arc<Contribution>> = self
-            .identities
-            .get(&id)
-            .filter(|s| s.endpoints.get(&n).is_some_and(|e| !e.is_empty()))
-            .map(|s| s.contribution.clone());
-        let active = self.journal.active;
+/// What one [`NodeSpan::update`] changed on its node.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct SpanChange {
+    /// Whether the node had the identity's policy group before.
+    pub had_group: bool,
+    /// Peers whose reference count went from or to zero: (peer, referenced now).
+    pub peers: Vec<(Identity, bool)>,
+    /// Rules whose reference count went from or to zero: (rule, referenced now).
+    pub rules: Vec<(RuleId, bool)>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct NodeSpan {
+    nodes: Vec<NodeRefs>,
+    /// The nodes that reference each peer identity.
+    ref_nodes: FxHashMap<Identity, FxHashSet<NodeIdx>>,
+    /// The nodes that reference the `world` (and so carry every pod address).
+    world_nodes: FxHashSet<NodeIdx>,
+}
+
+impl NodeSpan {
+    fn node(&self, n: NodeIdx) -> Option<&NodeRefs> {
+        self.nodes.get(n as usize)
+    }
+
+    /// Sets identity `id`'s contribution on node `n` (`None`: it has no endpoint there any
+    /// more) and brings the node's reference counts in line.
+    pub(super) fn update(
+        &mut self,
+        n: NodeIdx,
+        id: Identity,
+        new: Option<Arc<Contribution>>,
+    ) -> SpanChange {
+        if self.nodes.len() <= n as usize {
+            self.nodes.resize_with(n as usize + 1, NodeRefs::default);
+        }
         let node = &mut self.nodes[n as usize];
         let old = node.contrib.remove(&id);
-        if active {
-            self.journal
-                .group_old
-                .entry((n, id))
-                .or_insert(old.is_some());
-        }
+        let mut change = SpanChange {
+            had_group: old.is_some(),
+            ..SpanChange::default()
+        };
         if let Some(c) = &new {
             node.contrib.insert(id, c.clone());
         }
         if let (Some(a), Some(b)) = (&old, &new)
             && Arc::ptr_eq(a, b)
         {
-            return;
+            return change;
         }
         let empty = Contribution::default();
         let old_c = old.as_deref().unwrap_or(&empty);
         let new_c = new.as_deref().unwrap_or(&empty);
-        let mut flips = Vec::new();
         for_each_diff(&old_c.peers, &new_c.peers, |p, added| {
-            let c = node.peer_refs.entry(p).or_default();
-            if added {
-                *c += 1;
-                if *c == 1 {
-                    flips.push((p, true));
-                }
-            } else {
-                *c = c.saturating_sub(1);
-                if *c == 0 {
-                    node.peer_refs.remove(&p);
-                    flips.push((p, false));
-                }
+            if let Some(on) = count(&mut node.peer_refs, p, added) {
+                change.peers.push((p, on));
             }
         });
-        let rule_old = &mut self.journal.rule_old;
         for_each_diff(&old_c.rules, &new_c.rules, |r, added| {
-            let c = node.rule_refs.entry(r).or_default();
-            if added {
-                *c += 1;
-                if *c == 1 && active {
-                    rule_old.entry((n, r)).or_insert(false);
-                }
-            } else {
-                *c = c.saturating_sub(1);
-                if *c == 0 {
-                    node.rule_refs.remove(&r);
-                    if active {
-                        rule_old.entry((n, r)).or_insert(true);
-                    }
-                }
+            if let Some(on) = count(&mut node.rule_refs, r, added) {
+                change.rules.push((r, on));
             }
         });
-        for (p, on) in flips {
-            self.peer_flip(n, p, on);
-        }
-    }
-
-    pub(super) fn peer_flip(&mut self, n: NodeIdx, peer: Identity, on: bool) {
-        if self.journal.active {
-            self.journal.peer_old.entry((n, peer)).or_insert(!on);
-        }
-        let set = self.ref_nodes.entry(peer).or_default();
-        if on {
-            set.insert(n);
-        } else {
-            set.remove(&n);
-            if set.is_empty() {
-                self.ref_nodes.remove(&peer);
-            }
-        }
-        if peer == identity::WORLD {
+        for &(p, on) in &change.peers {
+            let set = self.ref_nodes.entry(p).or_default();
             if on {
-                self.world_nodes.insert(n);
+                set.insert(n);
             } else {
-                self.world_nodes.remove(&n);
-            }
-            if self.journal.active {
-                self.journal.all_ips.insert(n);
-            }
-            return;
-        }
-        if !self.journal.active {
-            return;
-        }
-        let Some(st) = self.identities.get(&peer) else {
-            return;
-        };
-        let ips = st
-            .pods
-            .iter()
-            .filter_map(|pk| self.pods.get(pk))
-            .flat_map(|p| p.pod.ips.iter().map(move |ip| (n, *ip)));
-        self.journal.ip_checks.extend(ips);
-    }
-
-    /// The identity (and quarantine group) node `n`'s ipcache gives a pod address, if it
-    /// carries it: the first pod (by name) with that address that is local to the node,
-    /// quarantined, or whose identity the node references.
-    pub(super) fn pod_entry(&self, n: NodeIdx, ip: &IpAddr) -> Option<PodEntry> {
-        let node = &self.nodes[n as usize];
-        let world = node.peer_refs.contains_key(&identity::WORLD);
-        self.pods_by_ip.get(ip)?.iter().find_map(|pk| {
-            let st = self.pods.get(pk)?;
-            let local = st.node == n && st.endpoint.is_some();
-            let quarantined = st.quarantine.is_some();
-            (local || world || quarantined || node.peer_refs.contains_key(&st.identity))
-                .then_some((st.identity, st.quarantine))
-        })
-    }
-
-    /// A quarantine group's exception identities now.
-    pub(super) fn allow_of(&self, group: Identity) -> Arc<Vec<Identity>> {
-        self.identities
-            .get(&group)
-            .map(|s| s.quarantine_allow.clone())
-            .unwrap_or_default()
-    }
-
-    /// A quarantine group's exception identities before the change in the journal.
-    pub(super) fn old_allow_of(&self, group: Identity, j: &Journal) -> Arc<Vec<Identity>> {
-        match j.allow_old.get(&group) {
-            Some(old) => old.clone(),
-            None => self.allow_of(group),
-        }
-    }
-
-    /// [`Self::pod_entry`] as it was before the change in the journal: from the pods' snapshots
-    /// and the node's earlier peer references.
-    pub(super) fn old_pod_entry(
-        &self,
-        n: NodeIdx,
-        ip: &IpAddr,
-        j: &Journal,
-        old_at: &FxHashMap<IpAddr, Vec<(&PodKey, &PodSnap)>>,
-    ) -> Option<PodEntry> {
-        let node = &self.nodes[n as usize];
-        let had = |peer: Identity| {
-            j.peer_old
-                .get(&(n, peer))
-                .copied()
-                .unwrap_or_else(|| node.peer_refs.contains_key(&peer))
-        };
-        let world = had(identity::WORLD);
-        let carried = |node_of: NodeIdx, id: Identity, endpoint: bool, quarantined: bool| {
-            node_of == n && endpoint || world || quarantined || had(id)
-        };
-        // Pods at the address before: untouched ones as they are (already in key order)…
-        let untouched = self.pods_by_ip.get(ip).and_then(|set| {
-            set.iter().find_map(|pk| {
-                if j.pods.contains_key(&**pk) {
-                    return None;
-                }
-                let st = self.pods.get(pk)?;
-                carried(
-                    st.node,
-                    st.identity,
-                    st.endpoint.is_some(),
-                    st.quarantine.is_some(),
-                )
-                .then_some((&**pk, (st.identity, st.quarantine)))
-            })
-        });
-        // …and touched ones as they were; the first by key of both wins.
-        let touched = old_at.get(ip).and_then(|snaps| {
-            snaps
-                .iter()
-                .filter(|(_, s)| {
-                    carried(
-                        s.node,
-                        s.identity,
-                        s.endpoint.is_some(),
-                        s.quarantine.is_some(),
-                    )
-                })
-                .map(|(pk, s)| (*pk, (s.identity, s.quarantine)))
-                .min_by(|a, b| a.0.cmp(b.0))
-        });
-        match (untouched, touched) {
-            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a.1 } else { b.1 }),
-            (a, b) => a.or(b).map(|x| x.1),
-        }
-    }
-
-    /// The pod addresses node `n`'s ipcache carries, sorted.
-    pub(super) fn pod_entries(&self, n: NodeIdx) -> Vec<(IpNetwork, PodEntry)> {
-        let node = &self.nodes[n as usize];
-        // Every (address, identity, quarantine group) the node carries; an address shared by
-        // pods of different identities or groups (stale pod data) is settled by `pod_entry`.
-        type Entries = Vec<(IpNetwork, PodEntry)>;
-        let mut entries: Entries = Vec::new();
-        let push_pod = |st: &PodState, entries: &mut Entries| {
-            entries.extend(
-                st.pod
-                    .ips
-                    .iter()
-                    .map(|ip| (host_net(*ip), (st.identity, st.quarantine))),
-            );
-        };
-        for pk in &self.quarantined_pods {
-            if let Some(st) = self.pods.get(pk) {
-                push_pod(st, &mut entries);
-            }
-        }
-        if node.peer_refs.contains_key(&identity::WORLD) {
-            for pks in self.pods_by_ip.values() {
-                for pk in pks {
-                    if let Some(st) = self.pods.get(pk) {
-                        push_pod(st, &mut entries);
-                    }
+                set.remove(&n);
+                if set.is_empty() {
+                    self.ref_nodes.remove(&p);
                 }
             }
-        } else {
-            for pk in node.endpoints.values() {
-                if let Some(st) = self.pods.get(pk) {
-                    push_pod(st, &mut entries);
-                }
-            }
-            for peer in node.peer_refs.keys() {
-                if let Some(ps) = self.identities.get(peer) {
-                    for pk in &ps.pods {
-                        if let Some(st) = self.pods.get(pk) {
-                            push_pod(st, &mut entries);
-                        }
-                    }
+            if p == identity::WORLD {
+                if on {
+                    self.world_nodes.insert(n);
+                } else {
+                    self.world_nodes.remove(&n);
                 }
             }
         }
-        entries.sort_unstable();
-        entries.dedup();
-        let mut out: Entries = Vec::with_capacity(entries.len());
-        let mut i = 0;
-        while i < entries.len() {
-            let net = entries[i].0;
-            let mut j = i + 1;
-            while j < entries.len() && entries[j].0 == net {
-                j += 1;
-            }
-            if j - i == 1 {
-                out.push(entries[i]);
-            } else if let Some(id) = self.pod_entry(n, &net.ip()) {
-                out.push((net, id));
-            }
-            i = j;
-        }
-        out
+        change
     }
 
-    pub(super) fn cidr_identity(&self, net: &IpNetwork) -> Option<Identity> {
-        self.cidr_refs
-            .contains_key(net)
-            .then(|| self.cidr_slots.get(net))
-            .flatten()
+    /// Whether node `n` has identity `id`'s policy group (some endpoint of it).
+    #[inline]
+    pub(super) fn has_group(&self, n: NodeIdx, id: Identity) -> bool {
+        self.node(n).is_some_and(|r| r.contrib.contains_key(&id))
+    }
+
+    /// The policy groups node `n` has.
+    #[inline]
+    pub(super) fn groups(&self, n: NodeIdx) -> impl Iterator<Item = Identity> + '_ {
+        self.node(n)
+            .into_iter()
+            .flat_map(|r| r.contrib.keys().copied())
+    }
+
+    #[inline]
+    pub(super) fn references_peer(&self, n: NodeIdx, peer: Identity) -> bool {
+        self.node(n)
+            .is_some_and(|r| r.peer_refs.contains_key(&peer))
+    }
+
+    /// The peer identities node `n` references.
+    #[inline]
+    pub(super) fn peers(&self, n: NodeIdx) -> impl Iterator<Item = Identity> + '_ {
+        self.node(n)
+            .into_iter()
+            .flat_map(|r| r.peer_refs.keys().copied())
+    }
+
+    #[inline]
+    pub(super) fn has_rule(&self, n: NodeIdx, rule: RuleId) -> bool {
+        self.node(n)
+            .is_some_and(|r| r.rule_refs.contains_key(&rule))
+    }
+
+    /// The rules node `n` references.
+    #[inline]
+    pub(super) fn rules(&self, n: NodeIdx) -> impl Iterator<Item = RuleId> + '_ {
+        self.node(n)
+            .into_iter()
+            .flat_map(|r| r.rule_refs.keys().copied())
+    }
+
+    /// The nodes that reference `peer`.
+    #[inline]
+    pub(super) fn nodes_referencing(&self, peer: Identity) -> impl Iterator<Item = NodeIdx> + '_ {
+        self.ref_nodes.get(&peer).into_iter().flatten().copied()
+    }
+
+    /// The nodes that reference the `world`.
+    #[inline]
+    pub(super) fn world_nodes(&self) -> impl Iterator<Item = NodeIdx> + '_ {
+        self.world_nodes.iter().copied()
+    }
+}
+
+/// Counts `key` in or out of `refs`; returns whether it is referenced now when that flipped.
+fn count<K: Eq + std::hash::Hash>(refs: &mut FxHashMap<K, u32>, key: K, add: bool) -> Option<bool> {
+    if add {
+        let c = refs.entry(key).or_default();
+        *c += 1;
+        (*c == 1).then_some(true)
+    } else {
+        let c = refs.get_mut(&key)?;
+        *c = c.saturating_sub(1);
+        if *c == 0 {
+            refs.remove(&key);
+            return Some(false);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contribution(peers: &[Identity], rules: &[RuleId]) -> Option<Arc<Contribution>> {
+        Some(Arc::new(Contribution {
+            peers: peers.to_vec(),
+            rules: rules.to_vec(),
+        }))
+    }
+
+    #[test]
+    fn shared_peers_and_rules_flip_only_at_the_first_and_last_reference() {
+        let mut span = NodeSpan::default();
+        let first = span.update(3, 300, contribution(&[400, 401], &[10]));
+        assert_eq!(
+            first,
+            SpanChange {
+                had_group: false,
+                peers: vec![(400, true), (401, true)],
+                rules: vec![(10, true)],
+            }
+        );
+        // A second group on the node using 401 and rule 10 flips only what is new.
+        let second = span.update(3, 301, contribution(&[401, 402], &[10, 11]));
+        assert_eq!(second.peers, vec![(402, true)]);
+        assert_eq!(second.rules, vec![(11, true)]);
+        assert_eq!(span.nodes_referencing(401).collect::<Vec<_>>(), [3]);
+        // The first group goes: 400 is no longer referenced, 401 and rule 10 still are.
+        let gone = span.update(3, 300, None);
+        assert_eq!(
+            gone,
+            SpanChange {
+                had_group: true,
+                peers: vec![(400, false)],
+                rules: vec![],
+            }
+        );
+        assert!(!span.has_group(3, 300));
+        assert!(span.references_peer(3, 401));
+        assert!(span.has_rule(3, 10));
+        assert_eq!(span.nodes_referencing(400).count(), 0);
+        // Other nodes are untouched.
+        assert!(!span.references_peer(0, 401));
+        assert_eq!(span.groups(3).collect::<Vec<_>>(), [301]);
+    }
+
+    #[test]
+    fn the_same_contribution_again_changes_nothing() {
+        let mut span = NodeSpan::default();
+        let c = contribution(&[identity::WORLD], &[1]);
+        span.update(0, 300, c.clone());
+        assert_eq!(span.world_nodes().collect::<Vec<_>>(), [0]);
+        let again = span.update(0, 300, c);
+        assert_eq!(
+            again,
+            SpanChange {
+                had_group: true,
+                ..SpanChange::default()
+            }
+        );
+        // An equal contribution in a new allocation moves no count either.
+        let equal = span.update(0, 300, contribution(&[identity::WORLD], &[1]));
+        assert!(equal.peers.is_empty() && equal.rules.is_empty());
+        span.update(0, 300, None);
+        assert_eq!(span.world_nodes().count(), 0);
+        assert_eq!(span.rules(0).count(), 0);
+        assert_eq!(span.peers(0).count(), 0);
     }
 }
