@@ -1,7 +1,8 @@
 //! How long ingest takes at scale: 100,000 pods read from one manifest, and listed from the
 //! Kubernetes API (kube's tower-test mock serving recorded pod JSON) until the controller is
 //! ready. Figures, not assertions (tests never assert on time); run them with
-//! `cargo test --release -p bulkhead-controller --test ingest_timing -- --ignored --nocapture`.
+//! `cargo test --release -p bulkhead-controller --test ingest_timing -- --ignored --nocapture`
+//! (`BULKHEAD_INGEST_PODS=N` for another count).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +17,12 @@ use serde_json::{Value, json};
 mod k8s_mock;
 use k8s_mock::{MockBody, PATHS, Respond, fixture, full, mock_client, pending};
 
-const PODS: usize = 100_000;
+fn pods() -> usize {
+    std::env::var("BULKHEAD_INGEST_PODS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000)
+}
 
 /// The recorded pod (managedFields, conditions, a container with ports) as pod `i`.
 fn pod(template: &Value, i: usize) -> Value {
@@ -41,9 +47,10 @@ fn template() -> Value {
 #[test]
 #[ignore = "a measurement: run with --release -- --ignored --nocapture"]
 fn manifest_load_of_100k_pods() {
+    let n = pods();
     let t = template();
     let mut text = String::new();
-    for i in 0..PODS {
+    for i in 0..n {
         let mut p = pod(&t, i);
         // What a manifest has: no managedFields, apiVersion and kind on every document.
         p["metadata"]
@@ -60,9 +67,9 @@ fn manifest_load_of_100k_pods() {
     let loaded = load_str(Path::new("pods.yaml"), &text);
     let took = started.elapsed();
     assert!(loaded.errors.is_empty(), "{:?}", &loaded.errors[..1]);
-    assert_eq!(loaded.objects.len(), PODS);
+    assert_eq!(loaded.objects.len(), n);
     println!(
-        "manifest load: {PODS} pods ({} MB of YAML) in {:.3} s",
+        "manifest load: {n} pods ({} MB of YAML) in {:.3} s",
         text.len() >> 20,
         took.as_secs_f64()
     );
@@ -94,8 +101,9 @@ impl Respond for PodServer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: run with --release -- --ignored --nocapture"]
 async fn kubernetes_list_of_100k_pods() {
+    let n = pods();
     let t = template();
-    let items: Vec<Value> = (0..PODS).map(|i| pod(&t, i)).collect();
+    let items: Vec<Value> = (0..n).map(|i| pod(&t, i)).collect();
     let list = json!({"kind": "PodList", "apiVersion": "v1",
                       "metadata": {"resourceVersion": "9"}, "items": items})
     .to_string();
@@ -117,22 +125,25 @@ async fn kubernetes_list_of_100k_pods() {
     let started = Instant::now();
     let task = tokio::spawn(source.run());
     while !gate.synced() {
-        assert!(started.elapsed() < Duration::from_secs(600), "never synced");
+        assert!(
+            started.elapsed() < Duration::from_secs(3600),
+            "never synced"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let took = started.elapsed();
     task.abort();
     assert_eq!(
         stats.changes.load(std::sync::atomic::Ordering::SeqCst),
-        PODS as u64
+        n as u64
     );
-    let last = format!("web-{}", PODS - 1);
+    let last = format!("web-{}", n - 1);
     assert!(hub.has_pod(&bulkhead_controller::PodKey {
-        namespace: format!("ns-{}", (PODS - 1) % 1000),
+        namespace: format!("ns-{}", (n - 1) % 1000),
         name: last,
     }));
     println!(
-        "kubernetes list: {PODS} pods ({} MB of JSON) to ready in {:.3} s",
+        "kubernetes list: {n} pods ({} MB of JSON) to ready in {:.3} s",
         bytes >> 20,
         took.as_secs_f64()
     );
