@@ -142,7 +142,14 @@ fn each_reason_is_reported_with_its_path() {
         (
             "  podSelector: {}\n  ingress: [{ports: [{port: [1]}]}]",
             "spec.ingress[0].ports[0].port",
-            "did not match any variant",
+            "invalid type: sequence, expected IntOrString",
+        ),
+        // Kubernetes' own types: a number beyond what the field holds is a type error at the
+        // field, not an overflow.
+        (
+            "  podSelector: {}\n  ingress: [{ports: [{port: 99999999999}]}]",
+            "spec.ingress[0].ports[0].port",
+            "expected a 32-bit integer",
         ),
     ];
     for (spec, path, reason) in cases {

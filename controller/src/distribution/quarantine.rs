@@ -29,7 +29,6 @@ use std::{
 };
 
 use bulkhead_proto::v1 as pb;
-use serde_yaml::Value;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
@@ -39,9 +38,13 @@ use kube::{
 };
 
 use super::{FlowStore, Hub, ManifestSource};
+use crate::InputError;
 use crate::kubernetes::Quarantine;
+use crate::kubernetes::crd::{IntOrString, IpBlock, PolicyPort, QuarantineAllow, QuarantineSpec};
 use crate::kubernetes::status::{EVENT_NOTE_MAX, FIELD_MANAGER, rfc3339, rfc3339_millis, truncate};
+use crate::load::{Fill, deserialize_at};
 use crate::ruleset::{FlowEntry, PodKey, QuarantineAction, QuarantineEvent, RuleKind};
+use crate::selector::LabelSelectorSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuarantineError {
@@ -478,77 +481,14 @@ impl QuarantineControl {
             })?),
         };
         let name = format!("quarantine-{}", r.pod);
-        let mut allow = Vec::new();
-        for a in &r.allow {
-            let mut peer = serde_yaml::Mapping::new();
-            if !a.cidr.is_empty() {
-                let mut block = serde_yaml::Mapping::new();
-                block.insert("cidr".into(), a.cidr.clone().into());
-                peer.insert("ipBlock".into(), Value::Mapping(block));
-            } else {
-                let mut ns = serde_yaml::Mapping::new();
-                if !a.namespace.is_empty() {
-                    let mut labels = serde_yaml::Mapping::new();
-                    labels.insert(
-                        "kubernetes.io/metadata.name".into(),
-                        a.namespace.clone().into(),
-                    );
-                    ns.insert("matchLabels".into(), Value::Mapping(labels));
-                }
-                peer.insert("namespaceSelector".into(), Value::Mapping(ns));
-                let mut pods = serde_yaml::Mapping::new();
-                if !a.labels.is_empty() {
-                    let labels: serde_yaml::Mapping = a
-                        .labels
-                        .iter()
-                        .map(|(k, v)| (Value::from(k.clone()), Value::from(v.clone())))
-                        .collect();
-                    pods.insert("matchLabels".into(), Value::Mapping(labels));
-                }
-                peer.insert("podSelector".into(), Value::Mapping(pods));
-            }
-            if a.port != 0 {
-                let mut port = serde_yaml::Mapping::new();
-                port.insert("port".into(), Value::from(a.port as u64));
-                let proto = if a.protocol.is_empty() {
-                    "TCP".to_string()
-                } else {
-                    a.protocol.to_uppercase()
-                };
-                port.insert("protocol".into(), proto.into());
-                peer.insert("ports".into(), Value::Sequence(vec![Value::Mapping(port)]));
-            }
-            allow.push(Value::Mapping(peer));
-        }
-        let mut spec = serde_yaml::Mapping::new();
-        spec.insert("pods".into(), Value::Sequence(vec![r.pod.clone().into()]));
-        spec.insert("reason".into(), r.reason.clone().into());
-        if !allow.is_empty() {
-            spec.insert("allow".into(), Value::Sequence(allow));
-        }
-        if let Some(t) = expires {
-            spec.insert("expiresAt".into(), rfc3339(t).into());
-        }
-        let mut meta = serde_yaml::Mapping::new();
-        meta.insert("name".into(), name.clone().into());
-        meta.insert("namespace".into(), r.namespace.clone().into());
-        let mut annotations = serde_yaml::Mapping::new();
-        annotations.insert("bulkhead.dev/quarantined-by".into(), r.actor.clone().into());
-        annotations.insert("bulkhead.dev/quarantined-at".into(), rfc3339(now).into());
-        meta.insert("annotations".into(), Value::Mapping(annotations));
-        let mut doc = serde_yaml::Mapping::new();
-        doc.insert("apiVersion".into(), "bulkhead.dev/v1alpha1".into());
-        doc.insert("kind".into(), "Quarantine".into());
-        doc.insert("metadata".into(), Value::Mapping(meta));
-        doc.insert("spec".into(), Value::Mapping(spec));
-        let doc = Value::Mapping(doc);
-        let text = serde_yaml::to_string(&doc).map_err(|e| self.io(e))?;
+        let object = quarantine_object(&r, &name, now, expires);
         let (nodes, reference) = match &self.store {
             Store::Kubernetes(k) => {
-                let (nodes, reference) = self.kube_apply(k, &r.namespace, &name, &text, &doc)?;
+                let (nodes, reference) = self.kube_apply(k, &r.namespace, &name, &object)?;
                 (nodes, Some(reference))
             }
             Store::Dir { .. } => {
+                let text = serde_yaml::to_string(&object).map_err(|e| self.io(e))?;
                 let _writes = self.lock_writes()?;
                 (self.write_file(&r.namespace, &r.pod, text)?, None)
             }
@@ -649,26 +589,15 @@ impl QuarantineControl {
         Ok(out)
     }
 
+    /// A quarantine file, read as the [`Quarantine`] it holds.
     fn read(&self, path: &Path) -> Option<pb::QuarantineInfo> {
         let text = std::fs::read_to_string(path).ok()?;
-        let v: Value = serde_yaml::from_str(&text).ok()?;
-        if v.get("kind").and_then(Value::as_str) != Some("Quarantine") {
+        let v: serde_yaml::Value = serde_yaml::from_str(&text).ok()?;
+        if v.get("kind").and_then(serde_yaml::Value::as_str) != Some("Quarantine") {
             return None;
         }
-        let s = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_string();
-        let meta = v.get("metadata")?;
-        let spec = v.get("spec")?;
-        let annotations = meta.get("annotations");
-        Some(pb::QuarantineInfo {
-            namespace: s(meta.get("namespace")),
-            pod: s(spec.get("pods").and_then(|p| p.get(0))),
-            name: s(meta.get("name")),
-            reason: s(spec.get("reason")),
-            created_at: s(annotations.and_then(|a| a.get("bulkhead.dev/quarantined-at"))),
-            expires_at: s(spec.get("expiresAt")),
-            actor: s(annotations.and_then(|a| a.get("bulkhead.dev/quarantined-by"))),
-            ..Default::default()
-        })
+        let q: Quarantine = deserialize_at(v, Quarantine::FILL, "").ok()?;
+        Some(info_of(&q))
     }
 
     /// When each node had the quarantine in its kernel, and the connections it cut there.
@@ -737,6 +666,78 @@ fn not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
+/// The Quarantine object a request asks for: the pod by name, the reason, the exceptions (pods
+/// of a namespace — any without one — by labels, or a CIDR; each with an optional port) and
+/// the end; annotated with who asked and when. The same object whether it is written to a file
+/// or applied to the Kubernetes API, and the same a user could write.
+pub fn quarantine_object(
+    r: &pb::QuarantineRequest,
+    name: &str,
+    now: SystemTime,
+    expires: Option<SystemTime>,
+) -> Quarantine {
+    let labels = |labels: BTreeMap<String, String>| LabelSelectorSpec {
+        match_labels: (!labels.is_empty()).then_some(labels),
+        match_expressions: None,
+    };
+    let allow: Vec<QuarantineAllow> = r
+        .allow
+        .iter()
+        .map(|a| {
+            let ports = (a.port != 0).then(|| {
+                vec![PolicyPort {
+                    protocol: Some(if a.protocol.is_empty() {
+                        "TCP".to_string()
+                    } else {
+                        a.protocol.to_uppercase()
+                    }),
+                    port: Some(IntOrString::Int(i64::from(a.port))),
+                    end_port: None,
+                }]
+            });
+            if a.cidr.is_empty() {
+                let namespace = (!a.namespace.is_empty()).then(|| {
+                    (
+                        "kubernetes.io/metadata.name".to_string(),
+                        a.namespace.clone(),
+                    )
+                });
+                QuarantineAllow {
+                    pod_selector: Some(labels(a.labels.clone().into_iter().collect())),
+                    namespace_selector: Some(labels(namespace.into_iter().collect())),
+                    ip_block: None,
+                    ports,
+                }
+            } else {
+                QuarantineAllow {
+                    ip_block: Some(IpBlock {
+                        cidr: a.cidr.clone(),
+                        except: None,
+                    }),
+                    ports,
+                    ..Default::default()
+                }
+            }
+        })
+        .collect();
+    let mut q = Quarantine::new(
+        name,
+        QuarantineSpec {
+            pods: Some(vec![r.pod.clone()]),
+            pod_selector: None,
+            reason: Some(r.reason.clone()),
+            allow: (!allow.is_empty()).then_some(allow),
+            expires_at: expires.map(rfc3339),
+        },
+    );
+    q.metadata.namespace = Some(r.namespace.clone());
+    q.metadata.annotations = Some(BTreeMap::from([
+        ("bulkhead.dev/quarantined-by".to_string(), r.actor.clone()),
+        ("bulkhead.dev/quarantined-at".to_string(), rfc3339(now)),
+    ]));
+    q
+}
+
 /// What `list` shows of a Quarantine object (the same fields as the file case reads).
 fn info_of(q: &Quarantine) -> pb::QuarantineInfo {
     let annotation = |k: &str| {
@@ -783,34 +784,35 @@ impl QuarantineControl {
         k: &KubeStore,
         namespace: &str,
         name: &str,
-        text: &str,
-        doc: &Value,
+        object: &Quarantine,
     ) -> Result<(BTreeMap<String, u64>, ObjectReference), QuarantineError> {
-        // What the source's loader would refuse is refused here, before anything is written.
-        let loaded = crate::load::load_str(Path::new("quarantine request"), text);
-        if let Some(e) = loaded.errors.first() {
-            return Err(QuarantineError::Rejected(e.to_string()));
+        // What the source's conversion would refuse is refused here, before anything is
+        // written.
+        if let Err(errors) = crate::load::convert(object) {
+            let first = errors
+                .into_iter()
+                .next()
+                .map(|e| InputError::invalid(Path::new("quarantine request"), 1, e).to_string());
+            return Err(QuarantineError::Rejected(first.unwrap_or_default()));
         }
-        let body =
-            serde_json::to_value(doc).map_err(|e| QuarantineError::Invalid(e.to_string()))?;
         let api: Api<Quarantine> = Api::namespaced(k.client.clone(), namespace);
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        let object = k
+        let stored = k
             .handle
-            .block_on(api.patch(name, &params, &Patch::Apply(&body)))
+            .block_on(api.patch(name, &params, &Patch::Apply(object)))
             .map_err(kube_err)?;
         // What the source will hand the engine once its watch delivers this version (the
         // object as the API server stored it, through the source's own conversion): waiting for
         // exactly that, not merely for a Quarantine of this name, makes a re-quarantine with a
         // new reason or new exceptions return only once those are in the rule sets.
-        let stored = serde_json::to_value(&object).map_err(|e| self.io(e))?;
-        let expected = match crate::kubernetes::inventory::convert(
-            crate::kubernetes::Kind::Quarantine,
-            &stored,
-        ) {
-            Ok(Some(crate::Object::Policy(p))) => Some(p),
+        let expected = match crate::load::convert(&stored) {
+            Ok(crate::Object::Policy(p)) => Some(p),
             Ok(_) => None,
-            Err(e) => return Err(QuarantineError::Rejected(e)),
+            Err(errors) => {
+                return Err(QuarantineError::Rejected(
+                    crate::kubernetes::watched::reasons(&errors),
+                ));
+            }
         };
         let nodes = self.wait_for(
             k,
@@ -818,7 +820,7 @@ impl QuarantineControl {
             name,
             expected.as_ref().map_or(Want::Present, Want::Exactly),
         )?;
-        Ok((nodes, object.object_ref(&())))
+        Ok((nodes, stored.object_ref(&())))
     }
 
     fn kube_release(

@@ -1,6 +1,12 @@
 //! Bulkhead's custom resources, `bulkhead.dev/v1alpha1` ServicePolicy and Quarantine, as Rust
 //! types. The CRDs in `charts/bulkhead/crds/` are generated from them (`bulkhead crds --out
-//! charts/bulkhead/crds`), and a test fails when the committed files drift.
+//! charts/bulkhead/crds`), and a test fails when the committed files drift. The one other
+//! custom resource Bulkhead reads, network-policy-api's ClusterNetworkPolicy, is typed here
+//! too ([`ClusterNetworkPolicy`]), without a schema: its CRD comes with network-policy-api.
+//!
+//! These types are the only definition of each kind: manifest files are deserialized into them
+//! and Kubernetes objects are watched as them, and one conversion ([`crate::load::ToModel`])
+//! turns them into the engine's model.
 //!
 //! The schema holds what the API server can check on its own (enums, required fields, name
 //! patterns, port ranges, list sizes); the controller's loader ([`crate::load`]) reads these same
@@ -322,6 +328,115 @@ pub struct QuarantineStatus {
     /// Established connections the agents cut when they enforced it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections_cut: Option<u64>,
+}
+
+/// `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy (network-policy-api): rules of the
+/// Admin and Baseline tiers, the fields Bulkhead reads. Not Bulkhead's own kind: unknown fields
+/// are ignored (as kubectl does without `--validate=strict`), and Bulkhead generates no CRD
+/// for it.
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[kube(
+    group = "policy.networking.k8s.io",
+    version = "v1alpha2",
+    kind = "ClusterNetworkPolicy",
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterNetworkPolicySpec {
+    /// `Admin` or `Baseline`.
+    #[serde(default)]
+    pub tier: String,
+    /// 0-1000; lower first.
+    pub priority: i64,
+    pub subject: CnpSubject,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<Vec<CnpRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<CnpRule>>,
+}
+
+/// Exactly one of `namespaces` and `pods`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct CnpSubject {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<LabelSelectorSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<CnpNamespacedPod>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CnpNamespacedPod {
+    #[serde(default)]
+    pub namespace_selector: LabelSelectorSpec,
+    #[serde(default)]
+    pub pod_selector: LabelSelectorSpec,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct CnpRule {
+    /// `Accept`, `Deny` or `Pass`.
+    #[serde(default)]
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Vec<CnpPeer>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Vec<CnpPeer>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocols: Option<Vec<CnpProtocol>>,
+}
+
+/// Exactly one field; Bulkhead supports `namespaces`, `pods` and `networks`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CnpPeer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<LabelSelectorSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<CnpNamespacedPod>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub networks: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<LabelSelectorSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain_names: Option<Vec<String>>,
+}
+
+/// Exactly one field.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CnpProtocol {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<CnpPortMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<CnpPortMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sctp: Option<CnpPortMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_named_port: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CnpPortMatch {
+    /// Absent: every port of the protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_port: Option<CnpPort>,
+}
+
+/// Exactly one of `number` and `range`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct CnpPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<CnpPortRange>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct CnpPortRange {
+    pub start: i64,
+    pub end: i64,
 }
 
 /// The generated CRDs: (file name, YAML), one per resource, in a fixed order.

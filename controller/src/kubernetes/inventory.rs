@@ -1,9 +1,9 @@
-//! The Kubernetes objects the controller watches, converted to the engine's model by the same
-//! loader that reads manifest files, and the changes that bring the engine up to date.
+//! The Kubernetes objects the controller watches, converted to the engine's model, and the
+//! changes that bring the engine up to date.
 //!
-//! Every API object goes through the manifest loader ([`crate::load::load_document`]) as the
-//! JSON value the API server sent, so validation and semantics are exactly those of the file
-//! source. Changes are
+//! Every API object arrives typed and converted ([`super::watched`]: the kind's own type, the
+//! conversion manifest files go through), so validation and semantics are exactly those of the
+//! file source; the inventory keeps the converted [`Entry`], not the API object. Changes are
 //! computed by comparing converted objects, not API objects: a bump of `resourceVersion`, new
 //! `managedFields`, a status write or a label the model ignores converts to an equal object
 //! and changes nothing. An object that stops validating keeps its last good version in force
@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use kube::api::ApiResource;
 use serde_json::Value;
 
+pub use super::watched::Entry;
 use crate::distribution::source::{ObjectKey, diff, object_key};
-use crate::load::load_document;
 use crate::model::{PodKey, PolicyKey};
 use crate::ruleset::RuleKind;
 use crate::{Change, Object};
@@ -196,137 +196,11 @@ pub struct Inventory {
     /// Per policy object: accepted or why not.
     verdicts: BTreeMap<ApiKey, Verdict>,
     /// Objects of a kind listed since its watch (re)started, until the list is complete.
-    relisting: BTreeMap<Kind, BTreeMap<ApiKey, Value>>,
+    relisting: BTreeMap<Kind, BTreeMap<ApiKey, Entry>>,
     /// Kinds listed completely at least once.
     synced: BTreeSet<Kind>,
     /// A policy object's verdict changed since the last [`Inventory::take_changes`].
     verdicts_changed: bool,
-}
-
-fn str_at<'a>(v: &'a Value, path: &[&str]) -> &'a str {
-    let mut v = v;
-    for p in path {
-        match v.get(p) {
-            Some(x) => v = x,
-            None => return "",
-        }
-    }
-    v.as_str().unwrap_or("")
-}
-
-/// The key of an API object as the API server sent it.
-pub fn api_key(kind: Kind, object: &Value) -> ApiKey {
-    ApiKey {
-        kind,
-        namespace: if kind.namespaced() {
-            str_at(object, &["metadata", "namespace"]).to_string()
-        } else {
-            String::new()
-        },
-        name: str_at(object, &["metadata", "name"]).to_string(),
-    }
-}
-
-/// Pods that have finished give their addresses back: they are no endpoints any more. Pods
-/// without an address yet (pending, sandbox not ready) are neither endpoints nor peers: they
-/// join the model with their first address, in one change instead of two.
-fn absent(kind: Kind, object: &Value) -> bool {
-    if kind != Kind::Pod {
-        return false;
-    }
-    let status = object.get("status");
-    let no_ip = status
-        .and_then(|s| s.get("podIP"))
-        .and_then(Value::as_str)
-        .is_none_or(str::is_empty)
-        && status
-            .and_then(|s| s.get("podIPs"))
-            .and_then(Value::as_array)
-            .is_none_or(Vec::is_empty);
-    no_ip || matches!(str_at(object, &["status", "phase"]), "Succeeded" | "Failed")
-}
-
-/// What the loader reads of an API object, and nothing else: `managedFields`, annotations,
-/// environment variables and the like are not copied into the loader's document (they could
-/// only slow it down), and list items get the apiVersion and kind the API server leaves out.
-fn project(kind: Kind, object: &Value) -> Value {
-    let pick = |from: Option<&Value>, fields: &[&str]| -> Value {
-        let mut out = serde_json::Map::new();
-        for f in fields {
-            if let Some(v) = from.and_then(|o| o.get(*f)).filter(|v| !v.is_null()) {
-                out.insert((*f).to_string(), v.clone());
-            }
-        }
-        Value::Object(out)
-    };
-    let mut out = serde_json::Map::new();
-    out.insert("apiVersion".into(), Value::String(kind.api_version()));
-    out.insert("kind".into(), Value::String(kind.name().into()));
-    out.insert(
-        "metadata".into(),
-        pick(
-            object.get("metadata"),
-            &["name", "namespace", "labels", "ownerReferences"],
-        ),
-    );
-    match kind {
-        Kind::Namespace | Kind::Node => {}
-        Kind::Pod => {
-            let spec = object.get("spec");
-            let mut projected = pick(
-                spec,
-                &[
-                    "serviceAccountName",
-                    "serviceAccount",
-                    "nodeName",
-                    "hostNetwork",
-                ],
-            );
-            let containers: Vec<Value> = spec
-                .and_then(|s| s.get("containers"))
-                .and_then(Value::as_array)
-                .map(|cs| cs.iter().map(|c| pick(Some(c), &["ports"])).collect())
-                .unwrap_or_default();
-            projected["containers"] = Value::Array(containers);
-            out.insert("spec".into(), projected);
-            out.insert(
-                "status".into(),
-                pick(object.get("status"), &["podIP", "podIPs"]),
-            );
-        }
-        // Policies: the whole spec, validated by the loader as a manifest's would be.
-        _ => {
-            if let Some(spec) = object.get("spec") {
-                out.insert("spec".into(), spec.clone());
-            }
-        }
-    }
-    Value::Object(out)
-}
-
-/// Converts one API object with the manifest loader ([`crate::load::load_document`], straight
-/// from the JSON value, no text in between). `Ok(None)`: the object is not part of the model (a
-/// finished pod, or one without an address yet). `Err`: why the loader rejects it.
-pub fn convert(kind: Kind, object: &Value) -> Result<Option<Object>, String> {
-    if absent(kind, object) {
-        return Ok(None);
-    }
-    let object = project(kind, object);
-    let document = serde_yaml::to_value(&object).map_err(|e| e.to_string())?;
-    match load_document(&document) {
-        Ok(objects) => Ok(objects.into_iter().next()),
-        Err(errors) => {
-            // Each as a manifest's error says it, less the file and document.
-            let reasons: Vec<String> = errors
-                .iter()
-                .map(|e| match e.path.as_str() {
-                    "" => format!("(document): {}", e.reason),
-                    path => format!("{path}: {}", e.reason),
-                })
-                .collect();
-            Err(reasons.join("; "))
-        }
-    }
 }
 
 /// Changes for the engine, quarantines apart (they go first, with priority delivery).
@@ -351,28 +225,24 @@ impl Changes {
 
 impl Inventory {
     /// An object was added or modified.
-    pub fn apply(&mut self, kind: Kind, object: &Value) {
-        let key = api_key(kind, object);
+    pub fn apply(&mut self, entry: Entry) {
+        let Entry {
+            key,
+            uid,
+            generation,
+            resource_version,
+            status,
+            converted,
+        } = entry;
         if key.name.is_empty() {
-            tracing::warn!(kind = kind.name(), "ignoring an object without a name");
+            tracing::warn!(kind = key.kind.name(), "ignoring an object without a name");
             return;
         }
-        // A loader bug must not take the controller down or poison the inventory's lock (which
-        // would stall every other object): it makes this one object invalid.
-        let converted = std::panic::catch_unwind(|| convert(kind, object)).unwrap_or_else(|_| {
-            Err(
-                "internal error while converting the object (please report it); it is ignored"
-                    .into(),
-            )
-        });
-        if kind.is_policy() {
+        if key.kind.is_policy() {
             let verdict = Verdict {
-                uid: str_at(object, &["metadata", "uid"]).to_string(),
-                generation: object
-                    .get("metadata")
-                    .and_then(|m| m.get("generation"))
-                    .and_then(Value::as_i64),
-                resource_version: str_at(object, &["metadata", "resourceVersion"]).to_string(),
+                uid,
+                generation,
+                resource_version,
                 invalid: converted.as_ref().err().cloned(),
                 kept_last_good: converted.is_err() && self.current.contains_key(&key),
                 expires_at: match converted
@@ -384,7 +254,7 @@ impl Inventory {
                     Some(Object::Policy(p)) => p.quarantine.as_ref().and_then(|q| q.expires_at),
                     _ => None,
                 },
-                status: object.get("status").filter(|s| !s.is_null()).cloned(),
+                status,
             };
             if self.verdicts.get(&key) != Some(&verdict) {
                 self.verdicts.insert(key.clone(), verdict);
@@ -410,11 +280,10 @@ impl Inventory {
     }
 
     /// An object was deleted.
-    pub fn delete(&mut self, kind: Kind, object: &Value) {
-        let key = api_key(kind, object);
-        self.verdicts_changed |= self.verdicts.remove(&key).is_some();
-        if self.current.remove(&key).is_some() {
-            self.dirty.insert(key);
+    pub fn delete(&mut self, key: &ApiKey) {
+        self.verdicts_changed |= self.verdicts.remove(key).is_some();
+        if self.current.remove(key).is_some() {
+            self.dirty.insert(key.clone());
         }
     }
 
@@ -423,9 +292,11 @@ impl Inventory {
         self.relisting.insert(kind, BTreeMap::new());
     }
 
-    pub fn relist_item(&mut self, kind: Kind, object: Value) {
-        let key = api_key(kind, &object);
-        self.relisting.entry(kind).or_default().insert(key, object);
+    pub fn relist_item(&mut self, entry: Entry) {
+        self.relisting
+            .entry(entry.key.kind)
+            .or_default()
+            .insert(entry.key.clone(), entry);
     }
 
     /// The list is complete: what it did not name is gone (deleted while no watch ran).
@@ -444,8 +315,8 @@ impl Inventory {
                 self.dirty.insert(key);
             }
         }
-        for object in listed.values() {
-            self.apply(kind, object);
+        for entry in listed.into_values() {
+            self.apply(entry);
         }
         self.synced.insert(kind);
     }
@@ -522,10 +393,25 @@ impl Inventory {
 mod tests {
     use std::path::Path;
 
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
     use serde_json::json;
 
     use super::*;
+    use crate::kubernetes::crd::Quarantine;
+    use crate::kubernetes::watched::{Checked, WatchedKind};
     use crate::load_str;
+
+    /// An API object as the watch delivers it.
+    fn entry<K: WatchedKind>(object: Value) -> Entry {
+        serde_json::from_value::<Checked<K>>(object)
+            .expect("a watched object always decodes")
+            .into_entry()
+    }
+
+    fn convert<K: WatchedKind>(object: &Value) -> Result<Option<Object>, String> {
+        entry::<K>(object.clone()).converted
+    }
 
     fn pod(rv: &str, labels: Value, phase: &str, ip: &str) -> Value {
         json!({
@@ -552,56 +438,53 @@ mod tests {
     #[test]
     fn only_changes_of_the_model_reach_the_engine() {
         let mut inv = synced();
-        inv.apply(
-            Kind::Pod,
-            &pod("1", json!({"app": "web"}), "Running", "10.0.0.5"),
-        );
+        inv.apply(entry::<Pod>(pod(
+            "1",
+            json!({"app": "web"}),
+            "Running",
+            "10.0.0.5",
+        )));
         let c = inv.take_changes();
         assert!(matches!(c.others.as_slice(), [Change::UpsertPod(p)] if p.name == "web-1"));
         // resourceVersion, managedFields, readiness: nothing for the engine.
-        inv.apply(
-            Kind::Pod,
-            &pod("2", json!({"app": "web"}), "Running", "10.0.0.5"),
-        );
+        inv.apply(entry::<Pod>(pod(
+            "2",
+            json!({"app": "web"}),
+            "Running",
+            "10.0.0.5",
+        )));
         assert!(inv.take_changes().is_empty());
         // A label is identity.
-        inv.apply(
-            Kind::Pod,
-            &pod(
-                "3",
-                json!({"app": "web", "tier": "front"}),
-                "Running",
-                "10.0.0.5",
-            ),
-        );
+        inv.apply(entry::<Pod>(pod(
+            "3",
+            json!({"app": "web", "tier": "front"}),
+            "Running",
+            "10.0.0.5",
+        )));
         assert_eq!(inv.take_changes().len(), 1);
         // A finished pod gives its address back.
-        inv.apply(
-            Kind::Pod,
-            &pod(
-                "4",
-                json!({"app": "web", "tier": "front"}),
-                "Succeeded",
-                "10.0.0.5",
-            ),
-        );
+        inv.apply(entry::<Pod>(pod(
+            "4",
+            json!({"app": "web", "tier": "front"}),
+            "Succeeded",
+            "10.0.0.5",
+        )));
         let c = inv.take_changes();
         assert!(matches!(c.others.as_slice(), [Change::DeletePod(_)]));
         // Scheduled but without an address yet: not in the model until it has one.
         let mut pending = pod("7", json!({"app": "db"}), "Pending", "10.0.0.9");
         pending["metadata"]["name"] = json!("db-0");
         pending["status"] = json!({"phase": "Pending"});
-        inv.apply(Kind::Pod, &pending);
+        inv.apply(entry::<Pod>(pending));
         assert!(inv.take_changes().is_empty());
         // Added and deleted between two flushes: nothing at all.
-        inv.apply(
-            Kind::Pod,
-            &pod("5", json!({"app": "web"}), "Running", "10.0.0.6"),
-        );
-        inv.delete(
-            Kind::Pod,
-            &pod("6", json!({"app": "web"}), "Running", "10.0.0.6"),
-        );
+        inv.apply(entry::<Pod>(pod(
+            "5",
+            json!({"app": "web"}),
+            "Running",
+            "10.0.0.6",
+        )));
+        inv.delete(&entry::<Pod>(pod("6", json!({"app": "web"}), "Running", "10.0.0.6")).key);
         assert!(inv.take_changes().is_empty());
     }
 
@@ -613,18 +496,22 @@ mod tests {
                                 "resourceVersion": rv},
                    "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": port}]}]}})
         };
-        inv.apply(Kind::NetworkPolicy, &np(json!(5432), "1"));
+        inv.apply(entry::<NetworkPolicy>(np(json!(5432), "1")));
         assert_eq!(inv.take_changes().len(), 1);
-        inv.apply(Kind::NetworkPolicy, &np(json!(70000), "2"));
+        inv.apply(entry::<NetworkPolicy>(np(json!(70000), "2")));
         assert!(inv.take_changes().is_empty(), "the last good version stays");
-        let key = api_key(Kind::NetworkPolicy, &np(json!(1), "3"));
+        let key = ApiKey {
+            kind: Kind::NetworkPolicy,
+            namespace: "shop".into(),
+            name: "db".into(),
+        };
         let v = &inv.verdicts()[&key];
         assert!(v.kept_last_good);
         assert!(
             v.invalid.as_deref().unwrap().contains("out of range"),
             "{v:?}"
         );
-        inv.apply(Kind::NetworkPolicy, &np(json!(5432), "4"));
+        inv.apply(entry::<NetworkPolicy>(np(json!(5432), "4")));
         assert!(inv.verdicts()[&key].invalid.is_none());
         assert!(inv.take_changes().is_empty(), "back to what the engine has");
     }
@@ -633,10 +520,12 @@ mod tests {
     fn nothing_is_applied_before_every_kind_was_listed_and_relists_delete_what_is_gone() {
         let mut inv = Inventory::default();
         inv.relist_start(Kind::Pod);
-        inv.relist_item(
-            Kind::Pod,
-            pod("1", json!({"app": "web"}), "Running", "10.0.0.5"),
-        );
+        inv.relist_item(entry::<Pod>(pod(
+            "1",
+            json!({"app": "web"}),
+            "Running",
+            "10.0.0.5",
+        )));
         inv.relist_done(Kind::Pod);
         assert!(!inv.all_synced());
         for k in Kind::ALL {
@@ -661,15 +550,16 @@ mod tests {
     #[test]
     fn quarantines_are_kept_apart_for_priority_delivery() {
         let mut inv = synced();
-        inv.apply(
-            Kind::Quarantine,
-            &json!({"metadata": {"name": "q", "namespace": "shop", "uid": "q1"},
+        inv.apply(entry::<Quarantine>(
+            json!({"metadata": {"name": "q", "namespace": "shop", "uid": "q1"},
                     "spec": {"pods": ["web-1"], "reason": "miner"}}),
-        );
-        inv.apply(
-            Kind::Pod,
-            &pod("1", json!({"app": "web"}), "Running", "10.0.0.5"),
-        );
+        ));
+        inv.apply(entry::<Pod>(pod(
+            "1",
+            json!({"app": "web"}),
+            "Running",
+            "10.0.0.5",
+        )));
         let c = inv.take_changes();
         assert_eq!(c.quarantines.len(), 1);
         assert_eq!(c.others.len(), 1);
@@ -681,7 +571,7 @@ mod tests {
     fn fields_the_loader_reads_need_not_be_valid_yaml_text() {
         let q = json!({"metadata": {"name": "q", "namespace": "shop", "uid": "q1"},
                        "spec": {"pods": ["web-1"], "reason": "miner \u{FFFE}\u{85}x"}});
-        match convert(Kind::Quarantine, &q) {
+        match convert::<Quarantine>(&q) {
             Ok(Some(Object::Policy(p))) => assert_eq!(
                 p.quarantine.map(|q| q.reason).as_deref(),
                 Some("miner \u{FFFE}\u{85}x")
@@ -707,7 +597,7 @@ mod tests {
         // Characters YAML refuses, where Kubernetes allows them (annotations, env values).
         p["metadata"]["annotations"] = json!({"note": "bell \u{7} c1 \u{85} \u{FFFE}"});
         p["spec"]["containers"][0]["env"] = json!([{"name": "X", "value": "\u{1}"}]);
-        let converted = convert(Kind::Pod, &p).unwrap().unwrap();
+        let converted = convert::<Pod>(&p).unwrap().unwrap();
         // The same object as the manifest loader makes of the plain pod.
         let mut plain = p.clone();
         plain["apiVersion"] = json!("v1");
@@ -739,5 +629,55 @@ mod tests {
             Object::Pod(p) => assert_eq!(p.workload.as_deref(), Some("ReplicaSet/web-7f")),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A field that does not fit the kind's type makes that one object invalid, at the field's
+    /// path; it neither fails the list it came in nor panics, and a good version stays.
+    #[test]
+    fn a_typed_object_with_a_malformed_field_is_reported_not_fatal() {
+        let mut inv = synced();
+        inv.apply(entry::<Pod>(pod(
+            "1",
+            json!({"app": "web"}),
+            "Running",
+            "10.0.0.5",
+        )));
+        assert_eq!(inv.take_changes().len(), 1);
+        let mut bad = pod("2", json!({"app": "web"}), "Running", "10.0.0.5");
+        bad["spec"]["containers"][0]["ports"][0]["containerPort"] = json!("http");
+        let e = entry::<Pod>(bad);
+        assert_eq!(e.key.name, "web-1");
+        assert_eq!(e.resource_version, "2");
+        let reason = e.converted.clone().unwrap_err();
+        assert!(
+            reason.starts_with("spec.containers[0].ports[0].containerPort: invalid type"),
+            "{reason}"
+        );
+        inv.apply(e);
+        assert!(inv.take_changes().is_empty(), "the last good version stays");
+        // A Quarantine stored under a newer CRD (a field this controller does not know):
+        // invalid, reported at the field, with its metadata for the Event.
+        let q = entry::<Quarantine>(json!({
+            "metadata": {"name": "q", "namespace": "shop", "uid": "q1", "generation": 3},
+            "spec": {"pods": ["web-1"], "reason": "miner", "ttl": "1h"},
+            "status": {"conditions": []}}));
+        assert_eq!(q.uid, "q1");
+        assert_eq!(q.generation, Some(3));
+        assert_eq!(q.status, Some(json!({"conditions": []})));
+        let reason = q.converted.clone().unwrap_err();
+        assert!(reason.contains("unknown field `ttl`"), "{reason}");
+        inv.apply(q);
+        let key = ApiKey {
+            kind: Kind::Quarantine,
+            namespace: "shop".into(),
+            name: "q".into(),
+        };
+        assert!(inv.verdicts()[&key].invalid.is_some());
+        assert!(!inv.verdicts()[&key].kept_last_good);
+        // Not even an object: an invalid entry without a name, ignored.
+        let e = entry::<Pod>(json!("garbage"));
+        assert!(e.converted.is_err() && e.key.name.is_empty());
+        inv.apply(e);
+        assert!(inv.take_changes().is_empty());
     }
 }

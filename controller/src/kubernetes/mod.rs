@@ -9,9 +9,10 @@
 //!   ClusterNetworkPolicies `policy.networking.k8s.io/v1alpha2`, ServicePolicies, Quarantines),
 //!   list then watch, re-listing after `410 Gone` or any error (with backoff). A kind whose API
 //!   the cluster does not serve (404, e.g. no ClusterNetworkPolicy CRD) counts as empty.
-//! - Every object is converted by the manifest loader ([`crate::load`]) from the JSON the API
-//!   server sent, reduced to the fields the loader reads ([`inventory`]), so the semantics and
-//!   the validation are those of the file source. The engine gets a change only when the
+//! - Every object is watched as its kind's own type (k8s-openapi's, or [`crd`]'s) and converted
+//!   as it arrives by the manifest loader's conversion ([`crate::load::ToModel`], see
+//!   [`watched`]), so the semantics and the validation are those of the file source; the
+//!   inventory keeps the converted object, not the API object. The engine gets a change only when the
 //!   converted object changes: resourceVersion bumps, managedFields, annotations, readiness,
 //!   status writes change nothing. Pods join with their first address and leave when they
 //!   finish. An object that stops validating keeps its last good version in force.
@@ -40,6 +41,7 @@ pub mod leader;
 pub mod review;
 pub mod source;
 pub mod status;
+pub mod watched;
 
 pub use crd::{Quarantine, ServicePolicy, crd_files};
 pub use inventory::{Inventory, Kind};

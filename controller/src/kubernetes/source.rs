@@ -1,6 +1,6 @@
 //! The Kubernetes source: one watcher per kind (kube-runtime, list then watch, re-list after
-//! `410 Gone` or any watch error with backoff), every event converted by the manifest loader
-//! into the [`Inventory`], and what changed applied to the [`Hub`] — quarantines first, with
+//! `410 Gone` or any watch error with backoff) of the kind's own type, every object converted
+//! as it arrives ([`super::watched`], the manifest loader's conversion) into the [`Inventory`], and what changed applied to the [`Hub`] — quarantines first, with
 //! priority delivery, exactly as `bulkhead quarantine` does. A status task writes each
 //! ServicePolicy's and Quarantine's status and publishes Events for rejected policies, and for
 //! each Quarantine whose `expiresAt` passed logs an `expire` audit line and publishes an
@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use futures::{FutureExt, StreamExt, stream::BoxStream};
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{Namespace, Node, ObjectReference, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
@@ -22,9 +23,11 @@ use kube::runtime::watcher::{self, Event};
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use super::inventory::{ApiKey, Changes, Inventory, Kind};
+use super::crd::{ClusterNetworkPolicy, Quarantine, ServicePolicy};
+use super::inventory::{ApiKey, Changes, Entry, Inventory, Kind};
 use super::leader::Leadership;
 use super::status::{self, EVENT_NOTE_MAX, Enforcement, FIELD_MANAGER};
+use super::watched::{Checked, WatchedKind};
 use crate::distribution::Hub;
 use crate::ruleset::RuleKind;
 use crate::supervise::{Backoff, TaskRestarts, spawn_supervised};
@@ -191,17 +194,43 @@ fn is_not_found(e: &watcher::Error) -> bool {
     matches!(client_err, kube::Error::Api(s) if s.code == 404)
 }
 
-fn watch(
-    client: Client,
-    kind: Kind,
-    config: watcher::Config,
-) -> BoxStream<'static, (Kind, Result<Event<DynamicObject>, watcher::Error>)> {
-    let ar = kind.api_resource();
-    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+type EntryEvents = BoxStream<'static, (Kind, Result<Event<Entry>, watcher::Error>)>;
+
+/// Watches `K` (typed: each object is converted as it is decoded, see [`Checked`]).
+fn watch<K: WatchedKind>(client: Client, config: watcher::Config) -> EntryEvents {
+    let api: Api<Checked<K>> = Api::all(client);
     watcher::watcher(api, config)
         .default_backoff()
-        .map(move |e| (kind, e))
+        .map(|e| {
+            let event = e.map(|event| match event {
+                Event::Apply(o) => Event::Apply(o.into_entry()),
+                Event::Delete(o) => Event::Delete(o.into_entry()),
+                Event::Init => Event::Init,
+                Event::InitApply(o) => Event::InitApply(o.into_entry()),
+                Event::InitDone => Event::InitDone,
+            });
+            (K::KIND, event)
+        })
         .boxed()
+}
+
+/// One watch per kind the source reads.
+fn watch_all(client: &Client, config: &watcher::Config) -> Vec<EntryEvents> {
+    Kind::ALL
+        .iter()
+        .map(|kind| {
+            let (client, config) = (client.clone(), config.clone());
+            match kind {
+                Kind::Namespace => watch::<Namespace>(client, config),
+                Kind::Node => watch::<Node>(client, config),
+                Kind::Pod => watch::<Pod>(client, config),
+                Kind::NetworkPolicy => watch::<NetworkPolicy>(client, config),
+                Kind::ClusterNetworkPolicy => watch::<ClusterNetworkPolicy>(client, config),
+                Kind::ServicePolicy => watch::<ServicePolicy>(client, config),
+                Kind::Quarantine => watch::<Quarantine>(client, config),
+            }
+        })
+        .collect()
 }
 
 impl KubernetesSource {
@@ -239,11 +268,8 @@ impl KubernetesSource {
             self.options.backoff,
             move || writer.clone().run(),
         ));
-        let streams: Vec<_> = Kind::ALL
-            .iter()
-            .map(|k| watch(self.client.clone(), *k, self.options.watcher.clone()))
-            .collect();
-        let mut events = futures::stream::select_all(streams);
+        let mut events =
+            futures::stream::select_all(watch_all(&self.client, &self.options.watcher));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -275,21 +301,20 @@ impl KubernetesSource {
         }
     }
 
-    fn handle(&self, kind: Kind, event: Result<Event<DynamicObject>, watcher::Error>) {
+    fn handle(&self, kind: Kind, event: Result<Event<Entry>, watcher::Error>) {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         let Ok(mut inv) = self.inventory.lock() else {
             return;
         };
-        let value = |o: &DynamicObject| serde_json::to_value(o).unwrap_or(Value::Null);
         match event {
             Ok(Event::Init) => inv.relist_start(kind),
-            Ok(Event::InitApply(o)) => inv.relist_item(kind, value(&o)),
+            Ok(Event::InitApply(entry)) => inv.relist_item(entry),
             Ok(Event::InitDone) => {
                 tracing::debug!(kind = kind.name(), "listed");
                 inv.relist_done(kind)
             }
-            Ok(Event::Apply(o)) => inv.apply(kind, &value(&o)),
-            Ok(Event::Delete(o)) => inv.delete(kind, &value(&o)),
+            Ok(Event::Apply(entry)) => inv.apply(entry),
+            Ok(Event::Delete(entry)) => inv.delete(&entry.key),
             Err(e) => {
                 self.stats.watch_errors.fetch_add(1, Ordering::Relaxed);
                 if is_not_found(&e) && kind != Kind::Pod && !inv.synced(kind) {

@@ -1,113 +1,15 @@
-//! `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy: the Admin and Baseline tiers.
+//! `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy ([`ClusterNetworkPolicy`]): the
+//! Admin and Baseline tiers.
 
-use serde::Deserialize;
-
-use super::meta::{Meta, meta_name};
+use super::meta::meta_name;
 use super::peers::{parse_cidr, port_name_problem, port_number, too_many_rules};
 use crate::error::FieldError;
+use crate::kubernetes::crd::{ClusterNetworkPolicy, CnpNamespacedPod, CnpPort, CnpRule};
 use crate::model::{
     CidrPeer, Isolation, NamespaceScope, Peer, PodSelection, Policy, PolicyKey, PortSpec, Rule,
 };
 use crate::ruleset::{Action, Direction, PortRange, Protocol, RuleKind, Tier};
-use crate::selector::{LabelSelectorSpec, Selector};
-
-#[derive(Deserialize)]
-pub(super) struct CnpDoc {
-    #[serde(default)]
-    metadata: Meta,
-    spec: CnpSpecDoc,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct CnpSpecDoc {
-    #[serde(default)]
-    tier: String,
-    priority: i64,
-    subject: CnpSubjectDoc,
-    #[serde(default)]
-    ingress: Option<Vec<CnpRuleDoc>>,
-    #[serde(default)]
-    egress: Option<Vec<CnpRuleDoc>>,
-}
-
-#[derive(Deserialize, Default)]
-struct CnpSubjectDoc {
-    #[serde(default)]
-    namespaces: Option<LabelSelectorSpec>,
-    #[serde(default)]
-    pods: Option<NamespacedPodDoc>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct NamespacedPodDoc {
-    #[serde(default)]
-    namespace_selector: LabelSelectorSpec,
-    #[serde(default)]
-    pod_selector: LabelSelectorSpec,
-}
-
-#[derive(Deserialize)]
-struct CnpRuleDoc {
-    #[serde(default)]
-    action: String,
-    #[serde(default)]
-    from: Option<Vec<CnpPeerDoc>>,
-    #[serde(default)]
-    to: Option<Vec<CnpPeerDoc>>,
-    #[serde(default)]
-    protocols: Option<Vec<CnpProtocolDoc>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct CnpPeerDoc {
-    #[serde(default)]
-    namespaces: Option<LabelSelectorSpec>,
-    #[serde(default)]
-    pods: Option<NamespacedPodDoc>,
-    #[serde(default)]
-    networks: Option<Vec<String>>,
-    #[serde(default)]
-    nodes: Option<LabelSelectorSpec>,
-    #[serde(default)]
-    domain_names: Option<Vec<String>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct CnpProtocolDoc {
-    #[serde(default)]
-    tcp: Option<CnpPortMatchDoc>,
-    #[serde(default)]
-    udp: Option<CnpPortMatchDoc>,
-    #[serde(default)]
-    sctp: Option<CnpPortMatchDoc>,
-    #[serde(default)]
-    destination_named_port: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct CnpPortMatchDoc {
-    #[serde(default)]
-    destination_port: Option<CnpPortDoc>,
-}
-
-#[derive(Deserialize, Default)]
-struct CnpPortDoc {
-    #[serde(default)]
-    number: Option<i64>,
-    #[serde(default)]
-    range: Option<CnpRangeDoc>,
-}
-
-#[derive(Deserialize)]
-struct CnpRangeDoc {
-    start: i64,
-    end: i64,
-}
+use crate::selector::Selector;
 
 /// Upstream allows at most 25 rules per direction and 25 peers per rule.
 const CNP_MAX_ITEMS: usize = 25;
@@ -115,7 +17,11 @@ const CNP_MAX_ITEMS: usize = 25;
 pub const CNP_PRIORITY_STRIDE: u16 = 32;
 
 /// A ClusterNetworkPolicy: rules of the Admin or Baseline tier, ordered by priority and position.
-pub(super) fn convert(d: &CnpDoc, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Policy> {
+pub(super) fn convert(
+    d: &ClusterNetworkPolicy,
+    prefix: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<Policy> {
     let before = errors.len();
     let name = meta_name(&d.metadata, prefix, false, errors);
     let spec = &d.spec;
@@ -189,7 +95,7 @@ pub(super) fn convert(d: &CnpDoc, prefix: &str, errors: &mut Vec<FieldError>) ->
 }
 
 fn namespaced_pod(
-    p: &NamespacedPodDoc,
+    p: &CnpNamespacedPod,
     path: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<PodSelection> {
@@ -207,7 +113,7 @@ fn namespaced_pod(
 }
 
 fn convert_cnp_rule(
-    r: &CnpRuleDoc,
+    r: &CnpRule,
     direction: Direction,
     index: usize,
     tier: Option<Tier>,
@@ -382,11 +288,11 @@ fn convert_cnp_rule(
                 let dp = format!("{pp}.{field}.destinationPort");
                 let range = match &m.destination_port {
                     None => Some(PortRange::ALL),
-                    Some(CnpPortDoc {
+                    Some(CnpPort {
                         number: Some(n),
                         range: None,
                     }) => port_number(*n, &format!("{dp}.number"), errors).map(PortRange::single),
-                    Some(CnpPortDoc {
+                    Some(CnpPort {
                         number: None,
                         range: Some(r),
                     }) => {

@@ -1,153 +1,86 @@
-//! The inventory kinds: `v1` Namespace, Node and Pod, and `apps/v1` Deployment (expanded into
-//! its replicas' pods).
+//! The inventory kinds, as k8s-openapi defines them: `v1` Namespace, Node and Pod, and
+//! `apps/v1` Deployment (expanded into its replicas' pods).
 
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use serde::Deserialize;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{
+    Namespace as NamespaceObject, Node as NodeObject, Pod as PodObject, PodSpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::meta::{Meta, labels, meta_name, meta_namespace};
+use super::meta::{labels, meta_name, meta_namespace};
 use super::peers::{parse_protocol, port_name_problem, port_number};
 use crate::error::FieldError;
 use crate::model::{ContainerPort, Labels, Namespace, Node, Pod};
 
-/// A Namespace or a Node: only the metadata matters.
-#[derive(Deserialize)]
-pub(super) struct NamespaceDoc {
-    #[serde(default)]
-    metadata: Meta,
-}
-
-#[derive(Deserialize)]
-pub(super) struct PodDoc {
-    #[serde(default)]
-    metadata: Meta,
-    #[serde(default)]
-    spec: PodSpecDoc,
-    #[serde(default)]
-    status: PodStatusDoc,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct PodSpecDoc {
-    #[serde(default)]
-    service_account_name: Option<String>,
-    #[serde(default)]
-    service_account: Option<String>,
-    #[serde(default)]
-    node_name: Option<String>,
-    #[serde(default)]
-    host_network: Option<bool>,
-    #[serde(default)]
-    containers: Vec<ContainerDoc>,
-}
-
-#[derive(Deserialize, Default)]
-struct ContainerDoc {
-    #[serde(default)]
-    ports: Vec<ContainerPortDoc>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ContainerPortDoc {
-    #[serde(default)]
-    name: Option<String>,
-    container_port: i64,
-    #[serde(default)]
-    protocol: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct PodStatusDoc {
-    #[serde(default, rename = "podIP")]
-    pod_ip: Option<String>,
-    #[serde(default, rename = "podIPs")]
-    pod_ips: Option<Vec<PodIpDoc>>,
-}
-
-#[derive(Deserialize)]
-struct PodIpDoc {
-    ip: String,
-}
-
-#[derive(Deserialize)]
-pub(super) struct DeploymentDoc {
-    #[serde(default)]
-    metadata: Meta,
-    #[serde(default)]
-    spec: DeploymentSpecDoc,
-}
-
-#[derive(Deserialize, Default)]
-struct DeploymentSpecDoc {
-    #[serde(default)]
-    replicas: Option<i64>,
-    #[serde(default)]
-    template: PodTemplateDoc,
-}
-
-#[derive(Deserialize, Default)]
-struct PodTemplateDoc {
-    #[serde(default)]
-    metadata: Meta,
-    #[serde(default)]
-    spec: PodSpecDoc,
-}
-
 /// A `v1` Namespace.
 pub(super) fn convert_namespace(
-    d: &NamespaceDoc,
+    d: &NamespaceObject,
     prefix: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<Namespace> {
-    name_and_labels(d, prefix, errors).map(|(name, labels)| Namespace { name, labels })
+    name_and_labels(&d.metadata, prefix, errors).map(|(name, labels)| Namespace { name, labels })
 }
 
 /// A `v1` Node (only its name and labels matter).
 pub(super) fn convert_node(
-    d: &NamespaceDoc,
+    d: &NodeObject,
     prefix: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<Node> {
-    name_and_labels(d, prefix, errors).map(|(name, labels)| Node { name, labels })
+    name_and_labels(&d.metadata, prefix, errors).map(|(name, labels)| Node { name, labels })
 }
 
 /// The name and, if the name is valid, the labels of a cluster-scoped object.
 fn name_and_labels(
-    d: &NamespaceDoc,
+    meta: &ObjectMeta,
     prefix: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<(String, Labels)> {
-    let name = meta_name(&d.metadata, prefix, false, errors)?;
-    let labels = labels(&d.metadata, prefix, errors)?;
+    let name = meta_name(meta, prefix, false, errors)?;
+    let labels = labels(meta, prefix, errors)?;
     Some((name, labels))
 }
 
 /// A `v1` Pod.
-pub(super) fn convert_pod(d: &PodDoc, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Pod> {
+pub(super) fn convert_pod(
+    d: &PodObject,
+    prefix: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<Pod> {
     let before = errors.len();
     let name = meta_name(&d.metadata, prefix, true, errors);
     let namespace = meta_namespace(&d.metadata, prefix, errors);
     let labels = labels(&d.metadata, prefix, errors);
-    let ports = container_ports(&d.spec, &format!("{prefix}spec"), errors);
+    let spec = d.spec.as_ref();
+    let ports = container_ports(spec, &format!("{prefix}spec"), errors);
     let mut ips = Vec::new();
-    let mut raw: Vec<(String, String)> = Vec::new();
-    if let Some(list) = &d.status.pod_ips {
-        for (i, ip) in list.iter().enumerate() {
-            raw.push((format!("{prefix}status.podIPs[{i}].ip"), ip.ip.clone()));
-        }
-    }
-    if let Some(ip) = &d.status.pod_ip {
-        raw.push((format!("{prefix}status.podIP"), ip.clone()));
-    }
-    for (path, s) in raw {
-        match IpAddr::from_str(&s) {
+    let status = d.status.as_ref();
+    let listed = status
+        .and_then(|s| s.pod_ips.as_deref())
+        .unwrap_or_default();
+    let raw = listed
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| (Some(i), ip.ip.as_str()))
+        .chain(
+            status
+                .and_then(|s| s.pod_ip.as_deref())
+                .map(|ip| (None, ip)),
+        );
+    for (i, s) in raw {
+        match IpAddr::from_str(s) {
             Ok(ip) if !ips.contains(&ip) => ips.push(ip),
             Ok(_) => {}
-            Err(_) => errors.push(FieldError::new(path, format!("{s:?} is not an IP address"))),
+            Err(_) => errors.push(FieldError::new(
+                match i {
+                    Some(i) => format!("{prefix}status.podIPs[{i}].ip"),
+                    None => format!("{prefix}status.podIP"),
+                },
+                format!("{s:?} is not an IP address"),
+            )),
         }
     }
     if errors.len() > before {
@@ -162,35 +95,43 @@ pub(super) fn convert_pod(d: &PodDoc, prefix: &str, errors: &mut Vec<FieldError>
         namespace: namespace?,
         name: name?,
         labels: labels?,
-        service_account: service_account(&d.spec),
-        node_name: d.spec.node_name.clone().filter(|n| !n.is_empty()),
+        service_account: service_account(spec),
+        node_name: spec
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty()),
         ips,
         synthetic_ips: false,
         ports,
         workload,
-        host_network: d.spec.host_network.unwrap_or(false),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
     })
 }
 
-fn service_account(spec: &PodSpecDoc) -> String {
-    spec.service_account_name
-        .clone()
-        .or_else(|| spec.service_account.clone())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".into())
+fn service_account(spec: Option<&PodSpec>) -> String {
+    spec.and_then(|s| {
+        s.service_account_name
+            .clone()
+            .or_else(|| s.service_account.clone())
+    })
+    .filter(|s| !s.is_empty())
+    .unwrap_or_else(|| "default".into())
 }
 
 fn container_ports(
-    spec: &PodSpecDoc,
+    spec: Option<&PodSpec>,
     path: &str,
     errors: &mut Vec<FieldError>,
 ) -> Vec<ContainerPort> {
     let mut out = Vec::new();
-    for (c, container) in spec.containers.iter().enumerate() {
-        for (i, p) in container.ports.iter().enumerate() {
+    let containers = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
+    for (c, container) in containers.iter().enumerate() {
+        for (i, p) in container.ports.iter().flatten().enumerate() {
             let pp = format!("{path}.containers[{c}].ports[{i}]");
-            let Some(port) = port_number(p.container_port, &format!("{pp}.containerPort"), errors)
-            else {
+            let Some(port) = port_number(
+                i64::from(p.container_port),
+                &format!("{pp}.containerPort"),
+                errors,
+            ) else {
                 continue;
             };
             let Some(protocol) = parse_protocol(
@@ -221,24 +162,24 @@ fn container_ports(
 
 /// An `apps/v1` Deployment: one pod per replica, named `<deployment>-<i>`, without IPs.
 pub(super) fn convert_deployment(
-    d: &DeploymentDoc,
+    d: &Deployment,
     prefix: &str,
     errors: &mut Vec<FieldError>,
 ) -> Vec<Pod> {
     let before = errors.len();
     let name = meta_name(&d.metadata, prefix, true, errors);
     let namespace = meta_namespace(&d.metadata, prefix, errors);
+    let template = d.spec.as_ref().map(|s| &s.template);
     let labels = labels(
-        &d.spec.template.metadata,
+        template
+            .and_then(|t| t.metadata.as_ref())
+            .unwrap_or(&ObjectMeta::default()),
         &format!("{prefix}spec.template."),
         errors,
     );
-    let ports = container_ports(
-        &d.spec.template.spec,
-        &format!("{prefix}spec.template.spec"),
-        errors,
-    );
-    let replicas = d.spec.replicas.unwrap_or(1);
+    let pod_spec = template.and_then(|t| t.spec.as_ref());
+    let ports = container_ports(pod_spec, &format!("{prefix}spec.template.spec"), errors);
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     if !(0..=10_000).contains(&replicas) {
         errors.push(FieldError::new(
             format!("{prefix}spec.replicas"),
@@ -256,13 +197,13 @@ pub(super) fn convert_deployment(
             namespace: namespace.clone(),
             name: format!("{name}-{i}"),
             labels: labels.clone(),
-            service_account: service_account(&d.spec.template.spec),
-            node_name: d.spec.template.spec.node_name.clone(),
+            service_account: service_account(pod_spec),
+            node_name: pod_spec.and_then(|s| s.node_name.clone()),
             ips: Vec::new(),
             synthetic_ips: false,
             ports: ports.clone(),
             workload: Some(format!("Deployment/{name}")),
-            host_network: d.spec.template.spec.host_network.unwrap_or(false),
+            host_network: pod_spec.and_then(|s| s.host_network).unwrap_or(false),
         })
         .collect()
 }

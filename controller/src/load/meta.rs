@@ -1,38 +1,16 @@
-//! Object metadata shared by every kind: names, namespaces, labels and owner references.
+//! Object metadata shared by every kind (Kubernetes' own `ObjectMeta`): names, namespaces and
+//! labels, checked.
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::error::FieldError;
 use crate::model::Labels;
 use crate::selector::{dns_subdomain_problem, validate_label_key, validate_label_value};
 
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct Meta {
-    #[serde(default)]
-    pub(super) name: Option<String>,
-    #[serde(default)]
-    pub(super) namespace: Option<String>,
-    #[serde(default)]
-    pub(super) labels: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    pub(super) owner_references: Option<Vec<OwnerReference>>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct OwnerReference {
-    #[serde(default)]
-    pub(super) kind: String,
-    #[serde(default)]
-    pub(super) name: String,
-    #[serde(default)]
-    pub(super) controller: Option<bool>,
-}
-
 pub(super) fn meta_name(
-    meta: &Meta,
+    meta: &ObjectMeta,
     prefix: &str,
     _namespaced: bool,
     errors: &mut Vec<FieldError>,
@@ -56,7 +34,7 @@ pub(super) fn meta_name(
 }
 
 pub(super) fn meta_namespace(
-    meta: &Meta,
+    meta: &ObjectMeta,
     prefix: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<String> {
@@ -84,7 +62,11 @@ pub(super) fn dns_label_problem(name: &str) -> Option<String> {
     })
 }
 
-pub(super) fn labels(meta: &Meta, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Labels> {
+pub(super) fn labels(
+    meta: &ObjectMeta,
+    prefix: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<Labels> {
     check_labels(
         meta.labels.as_ref(),
         &format!("{prefix}metadata.labels"),

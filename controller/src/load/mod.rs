@@ -4,19 +4,26 @@
 //! Bad input never aborts the load: every invalid document becomes one or more [`InputError`]s
 //! (file, document number starting at 1, field path, reason) and the valid documents are kept.
 //!
-//! This module reads the documents and dispatches them by kind; each kind's shape (only the
-//! fields Bulkhead reads; unknown fields are ignored like kubectl does without
-//! `--validate=strict`, except in Bulkhead's own kinds) and its conversion live in a module of
-//! their own: `inventory` (Namespace, Node, Pod, Deployment), `network_policy`,
+//! This module reads the documents and dispatches them by kind. Each document is deserialized
+//! into its kind's one Rust type — k8s-openapi's for Kubernetes' kinds, [`crate::kubernetes::crd`]'s
+//! for custom resources; unknown fields are ignored like kubectl does without
+//! `--validate=strict`, except in Bulkhead's own kinds — and converted by [`ToModel`], the same
+//! conversion the Kubernetes source applies to the objects it watches. The conversions live in
+//! a module per kind: `inventory` (Namespace, Node, Pod, Deployment), `network_policy`,
 //! `cluster_network_policy`, `service_policy` and `quarantine`, with what they share in `meta`
 //! (names, namespaces, labels) and `peers` (peers, ports, protocols, CIDRs).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::error::{FieldError, InputError};
+use crate::kubernetes::crd::{ClusterNetworkPolicy, Quarantine, ServicePolicy};
 use crate::model::{Object, Peer, Policy};
 
 mod cluster_network_policy;
@@ -83,17 +90,154 @@ pub fn load_str(file: &Path, text: &str) -> Loaded {
     loaded
 }
 
-/// Converts one document that is already a value, such as a Kubernetes API object: the same
-/// validation and the same objects as for that document in a manifest, without writing it out
-/// and parsing it back as YAML. Errors are the document's field errors.
-pub fn load_document(value: &serde_yaml::Value) -> Result<Vec<Object>, Vec<FieldError>> {
-    let (mut objects, mut errors, mut warnings) = (Vec::new(), Vec::new(), Vec::new());
-    parse_value(value, "", &mut objects, &mut errors, &mut warnings);
-    if errors.is_empty() {
-        Ok(objects.into_iter().map(|(_, object)| object).collect())
-    } else {
-        Err(errors)
+/// A typed Kubernetes object the engine's model has a meaning for. This is the one conversion
+/// of each kind: manifest documents are deserialized into these types and converted with it,
+/// and so are the objects the Kubernetes source watches.
+pub trait ToModel {
+    /// The model object, or `None` with the problems in `errors` (each at its field's path,
+    /// after `prefix`: where the object sits in its document, e.g. `items[2].`).
+    fn to_model(&self, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Object>;
+}
+
+impl ToModel for Namespace {
+    fn to_model(&self, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Object> {
+        inventory::convert_namespace(self, prefix, errors).map(Object::Namespace)
     }
+}
+
+impl ToModel for Node {
+    fn to_model(&self, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Object> {
+        inventory::convert_node(self, prefix, errors).map(Object::Node)
+    }
+}
+
+impl ToModel for Pod {
+    fn to_model(&self, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Object> {
+        inventory::convert_pod(self, prefix, errors).map(Object::Pod)
+    }
+}
+
+impl ToModel for NetworkPolicy {
+    fn to_model(&self, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Object> {
+        network_policy::convert(self, prefix, errors).map(Object::Policy)
+    }
+}
+
+impl ToModel for ClusterNetworkPolicy {
+    fn to_model(&self, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Object> {
+        cluster_network_policy::convert(self, prefix, errors).map(Object::Policy)
+    }
+}
+
+impl ToModel for ServicePolicy {
+    fn to_model(&self, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Object> {
+        service_policy::convert(self, prefix, errors).map(Object::Policy)
+    }
+}
+
+impl ToModel for Quarantine {
+    fn to_model(&self, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Object> {
+        quarantine::convert(self, prefix, errors).map(Object::Policy)
+    }
+}
+
+/// Converts one typed object (a watched API object, a quarantine being made): the same
+/// validation and the same model object as for that object in a manifest. Errors are its
+/// field errors.
+pub fn convert<K: ToModel>(object: &K) -> Result<Object, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    match object.to_model("", &mut errors) {
+        Some(o) if errors.is_empty() => Ok(o),
+        _ => Err(errors),
+    }
+}
+
+/// Deserializes `value` into `K`, reporting a value that does not fit at the field's path
+/// (after `prefix`). `fill` names top-level fields that the type requires but a document may
+/// leave out (a custom resource's `metadata` and `spec`): they are read as empty objects, so
+/// that what is missing inside them is reported at its own field.
+pub fn deserialize_at<K: DeserializeOwned, D: DeserializeValue>(
+    mut value: D,
+    fill: &[&str],
+    prefix: &str,
+) -> Result<K, FieldError> {
+    for field in fill {
+        value.fill_missing(field);
+    }
+    value.deserialize_into::<K>().map_err(|(path, reason)| {
+        let path = if path == "." { String::new() } else { path };
+        FieldError::new(format!("{prefix}{path}"), reason)
+    })
+}
+
+/// A value a typed object is deserialized from: a YAML document, or the JSON an API server
+/// sent.
+pub trait DeserializeValue: Sized {
+    /// Sets `field` to an empty mapping if this is a mapping without it (or with it null).
+    fn fill_missing(&mut self, field: &str);
+    /// Deserializes into `K`: on failure the path of the field that did not fit and why.
+    fn deserialize_into<K: DeserializeOwned>(self) -> Result<K, (String, String)>;
+}
+
+impl DeserializeValue for serde_yaml::Value {
+    fn fill_missing(&mut self, field: &str) {
+        if let Some(m) = self.as_mapping_mut()
+            && m.get(field).is_none_or(serde_yaml::Value::is_null)
+        {
+            m.insert(field.into(), serde_yaml::Mapping::new().into());
+        }
+    }
+
+    fn deserialize_into<K: DeserializeOwned>(self) -> Result<K, (String, String)> {
+        serde_path_to_error::deserialize(self)
+            .map_err(|e| (e.path().to_string(), e.into_inner().to_string()))
+    }
+}
+
+impl DeserializeValue for serde_json::Value {
+    fn fill_missing(&mut self, field: &str) {
+        if let Some(m) = self.as_object_mut()
+            && m.get(field).is_none_or(serde_json::Value::is_null)
+        {
+            m.insert(field.into(), serde_json::Value::Object(Default::default()));
+        }
+    }
+
+    fn deserialize_into<K: DeserializeOwned>(self) -> Result<K, (String, String)> {
+        serde_path_to_error::deserialize(self)
+            .map_err(|e| (e.path().to_string(), e.into_inner().to_string()))
+    }
+}
+
+/// The top-level fields a document of `K` may leave out (see [`deserialize_at`]).
+pub trait Fill {
+    const FILL: &'static [&'static str];
+}
+
+impl Fill for Namespace {
+    const FILL: &'static [&'static str] = &[];
+}
+impl Fill for Node {
+    const FILL: &'static [&'static str] = &[];
+}
+impl Fill for Pod {
+    const FILL: &'static [&'static str] = &[];
+}
+impl Fill for NetworkPolicy {
+    const FILL: &'static [&'static str] = &[];
+}
+impl Fill for Deployment {
+    const FILL: &'static [&'static str] = &[];
+}
+/// (Its spec is required: `priority` and `subject` have no default.)
+impl Fill for ClusterNetworkPolicy {
+    const FILL: &'static [&'static str] = &["metadata"];
+}
+impl Fill for ServicePolicy {
+    const FILL: &'static [&'static str] = &["metadata", "spec"];
+}
+impl Fill for Quarantine {
+    const FILL: &'static [&'static str] = &["metadata", "spec"];
 }
 
 /// Where each object was first defined, to report duplicates.
@@ -210,45 +354,27 @@ fn parse_value(
                 )),
             }
         }
-        "Namespace" if expect("v1", errors) => {
-            if let Some(ns) = parse_kind(value, prefix, errors, inventory::convert_namespace) {
-                out.push((id(kind, "", &ns.name, prefix), Object::Namespace(ns)));
-            }
-        }
-        "Node" if expect("v1", errors) => {
-            if let Some(node) = parse_kind(value, prefix, errors, inventory::convert_node) {
-                out.push((id(kind, "", &node.name, prefix), Object::Node(node)));
-            }
-        }
-        "Pod" if expect("v1", errors) => {
-            if let Some(pod) = parse_kind(value, prefix, errors, inventory::convert_pod) {
-                out.push((id(kind, &pod.namespace, &pod.name, prefix), Object::Pod(pod)));
-            }
-        }
+        "Namespace" if expect("v1", errors) => typed::<Namespace>(value, kind, prefix, out, errors),
+        "Node" if expect("v1", errors) => typed::<Node>(value, kind, prefix, out, errors),
+        "Pod" if expect("v1", errors) => typed::<Pod>(value, kind, prefix, out, errors),
         "Deployment" if expect("apps/v1", errors) => {
-            for pod in parse_kind(value, prefix, errors, inventory::convert_deployment) {
-                out.push((id("Pod", &pod.namespace, &pod.name, prefix), Object::Pod(pod)));
+            if let Some(d) = parse_typed::<Deployment>(value, prefix, errors) {
+                for pod in inventory::convert_deployment(&d, prefix, errors) {
+                    out.push((id("Pod", &pod.namespace, &pod.name, prefix), Object::Pod(pod)));
+                }
             }
         }
         "NetworkPolicy" if expect("networking.k8s.io/v1", errors) => {
-            if let Some(p) = parse_kind(value, prefix, errors, network_policy::convert) {
-                out.push((id(kind, &p.key.namespace, &p.key.name, prefix), Object::Policy(p)));
-            }
+            typed::<NetworkPolicy>(value, kind, prefix, out, errors)
         }
         "ClusterNetworkPolicy" if expect("policy.networking.k8s.io/v1alpha2", errors) => {
-            if let Some(p) = parse_kind(value, prefix, errors, cluster_network_policy::convert) {
-                out.push((id(kind, "", &p.key.name, prefix), Object::Policy(p)));
-            }
+            typed::<ClusterNetworkPolicy>(value, kind, prefix, out, errors)
         }
         "ServicePolicy" if expect("bulkhead.dev/v1alpha1", errors) => {
-            if let Some(p) = parse_kind(value, prefix, errors, service_policy::convert) {
-                out.push((id(kind, &p.key.namespace, &p.key.name, prefix), Object::Policy(p)));
-            }
+            typed::<ServicePolicy>(value, kind, prefix, out, errors)
         }
         "Quarantine" if expect("bulkhead.dev/v1alpha1", errors) => {
-            if let Some(p) = parse_kind(value, prefix, errors, quarantine::convert) {
-                out.push((id(kind, &p.key.namespace, &p.key.name, prefix), Object::Policy(p)));
-            }
+            typed::<Quarantine>(value, kind, prefix, out, errors)
         }
         "Namespace" | "Node" | "Pod" | "Deployment" | "NetworkPolicy" | "ClusterNetworkPolicy"
         | "ServicePolicy" | "Quarantine" => {}
@@ -272,39 +398,50 @@ fn id(kind: &str, ns: &str, name: &str, prefix: &str) -> ObjectId {
     )
 }
 
-/// Deserializes a document (or List item) into its kind's shape `T` and converts that; a value
-/// that does not fit the shape is one error at the field's path (and converts to nothing).
-fn parse_kind<T: for<'de> Deserialize<'de>, R: Default>(
+/// Deserializes a document (or List item) into its kind's type and converts that.
+fn typed<K: ToModel + DeserializeOwned + Fill>(
     value: &serde_yaml::Value,
+    kind: &str,
     prefix: &str,
+    out: &mut Vec<(ObjectId, Object)>,
     errors: &mut Vec<FieldError>,
-    convert: impl FnOnce(&T, &str, &mut Vec<FieldError>) -> R,
-) -> R {
-    match parse_typed::<T>(value, prefix, errors) {
-        Some(doc) => convert(&doc, prefix, errors),
-        None => R::default(),
-    }
+) {
+    let Some(object) = parse_typed::<K>(value, prefix, errors) else {
+        return;
+    };
+    let Some(object) = object.to_model(prefix, errors) else {
+        return;
+    };
+    let (namespace, name) = match &object {
+        Object::Namespace(n) => ("", n.name.as_str()),
+        Object::Node(n) => ("", n.name.as_str()),
+        Object::Pod(p) => (p.namespace.as_str(), p.name.as_str()),
+        Object::Policy(p) => (p.key.namespace.as_str(), p.key.name.as_str()),
+    };
+    out.push((id(kind, namespace, name, prefix), object));
 }
 
-/// Deserializes a document (or List item) into its kind's shape; a mismatch is one error at the
+/// Deserializes a document (or List item) into its kind's type; a mismatch is one error at the
 /// field's path.
-fn parse_typed<T: for<'de> Deserialize<'de>>(
+fn parse_typed<K: DeserializeOwned + Fill>(
     value: &serde_yaml::Value,
     prefix: &str,
     errors: &mut Vec<FieldError>,
-) -> Option<T> {
-    match serde_path_to_error::deserialize::<_, T>(value.clone()) {
-        Ok(t) => Some(t),
-        Err(e) => {
+) -> Option<K> {
+    let complete = K::FILL
+        .iter()
+        .all(|f| value.get(f).is_some_and(|v| !v.is_null()));
+    let typed = if complete {
+        // Read in place: a document is not copied to be deserialized.
+        serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
-            errors.push(FieldError::new(
-                format!("{prefix}{path}"),
-                e.into_inner().to_string(),
-            ));
-            None
-        }
-    }
+            FieldError::new(format!("{prefix}{path}"), e.into_inner().to_string())
+        })
+    } else {
+        deserialize_at::<K, _>(value.clone(), K::FILL, prefix)
+    };
+    typed.map_err(|e| errors.push(e)).ok()
 }
 
 /// Label keys a set of policies' selectors look at (to warn about filtered labels).

@@ -1,72 +1,39 @@
-//! `networking.k8s.io/v1` NetworkPolicy.
+//! `networking.k8s.io/v1` NetworkPolicy, as k8s-openapi defines it.
 
-use serde::Deserialize;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 
 use super::MAX_RULES_PER_DIRECTION;
-use super::meta::{Meta, meta_name, meta_namespace};
-use super::peers::{NpPeerDoc, convert_np_peer, convert_np_ports, too_many_rules};
+use super::meta::{meta_name, meta_namespace};
+use super::peers::{
+    NpPeer, convert_np_peer, convert_np_ports, policy_port, selector_spec, too_many_rules,
+};
 use crate::error::FieldError;
-use crate::kubernetes::crd::PolicyPort;
 use crate::model::{Isolation, NamespaceScope, Peer, PodSelection, Policy, PolicyKey, Rule};
 use crate::ruleset::{Action, Direction, RuleKind, Tier};
-use crate::selector::{LabelSelectorSpec, Selector};
-
-#[derive(Deserialize)]
-pub(super) struct NetworkPolicyDoc {
-    #[serde(default)]
-    metadata: Meta,
-    #[serde(default)]
-    spec: NetworkPolicySpecDoc,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct NetworkPolicySpecDoc {
-    #[serde(default)]
-    pod_selector: LabelSelectorSpec,
-    #[serde(default)]
-    policy_types: Option<Vec<String>>,
-    #[serde(default)]
-    ingress: Option<Vec<NpIngressRuleDoc>>,
-    #[serde(default)]
-    egress: Option<Vec<NpEgressRuleDoc>>,
-}
-
-#[derive(Deserialize, Default)]
-struct NpIngressRuleDoc {
-    #[serde(default)]
-    from: Option<Vec<NpPeerDoc>>,
-    #[serde(default)]
-    ports: Option<Vec<PolicyPort>>,
-}
-
-#[derive(Deserialize, Default)]
-struct NpEgressRuleDoc {
-    #[serde(default)]
-    to: Option<Vec<NpPeerDoc>>,
-    #[serde(default)]
-    ports: Option<Vec<PolicyPort>>,
-}
+use crate::selector::Selector;
 
 /// A NetworkPolicy: its subject isolated in the directions of `policyTypes`, allow rules.
 pub(super) fn convert(
-    d: &NetworkPolicyDoc,
+    d: &NetworkPolicy,
     prefix: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<Policy> {
     let before = errors.len();
     let name = meta_name(&d.metadata, prefix, true, errors);
     let namespace = meta_namespace(&d.metadata, prefix, errors);
-    let spec = &d.spec;
+    let spec = d.spec.as_ref();
     let pod_selector = Selector::parse(
-        &spec.pod_selector,
+        &spec
+            .and_then(|s| s.pod_selector.as_ref())
+            .map(selector_spec)
+            .unwrap_or_default(),
         &format!("{prefix}spec.podSelector"),
         errors,
     );
-    let ingress = spec.ingress.as_deref().unwrap_or_default();
-    let egress = spec.egress.as_deref().unwrap_or_default();
+    let ingress = spec.and_then(|s| s.ingress.as_deref()).unwrap_or_default();
+    let egress = spec.and_then(|s| s.egress.as_deref()).unwrap_or_default();
     let (mut has_ingress, mut has_egress) = (false, false);
-    match &spec.policy_types {
+    match spec.and_then(|s| s.policy_types.as_ref()) {
         Some(types) => {
             for (i, t) in types.iter().enumerate() {
                 match t.as_str() {
@@ -100,22 +67,31 @@ pub(super) fn convert(
     let mut rules = Vec::new();
     let mut convert = |direction: Direction,
                        index: usize,
-                       peers: Option<&Vec<NpPeerDoc>>,
-                       ports: Option<&Vec<PolicyPort>>,
+                       peers: Option<&Vec<NetworkPolicyPeer>>,
+                       ports: Option<&Vec<NetworkPolicyPort>>,
                        path: String,
                        peer_field: &str,
                        errors: &mut Vec<FieldError>| {
         let peers = match peers.filter(|p| !p.is_empty()) {
             None => vec![Peer::Any],
-            Some(list) => list
-                .iter()
-                .enumerate()
-                .filter_map(|(i, p)| {
-                    convert_np_peer(p, &ns, &format!("{path}.{peer_field}[{i}]"), errors)
-                })
-                .collect(),
+            Some(list) => {
+                list.iter()
+                    .enumerate()
+                    .filter_map(|(i, p)| {
+                        let peer = NpPeer {
+                            pod_selector: p.pod_selector.as_ref().map(selector_spec),
+                            namespace_selector: p.namespace_selector.as_ref().map(selector_spec),
+                            ip_block: p.ip_block.as_ref().map(|b| {
+                                (b.cidr.as_str(), b.except.as_deref().unwrap_or_default())
+                            }),
+                        };
+                        convert_np_peer(&peer, &ns, &format!("{path}.{peer_field}[{i}]"), errors)
+                    })
+                    .collect()
+            }
         };
-        let ports = convert_np_ports(ports, &format!("{path}.ports"), false, errors);
+        let ports: Option<Vec<_>> = ports.map(|list| list.iter().map(policy_port).collect());
+        let ports = convert_np_ports(ports.as_ref(), &format!("{path}.ports"), false, errors);
         rules.push(Rule {
             direction,
             index: index as u32,

@@ -1,29 +1,56 @@
 //! Peers, ports, protocols and CIDRs: the NetworkPolicy shapes that ServicePolicy and Quarantine
 //! reuse, and the checks ClusterNetworkPolicy rules and container ports share with them. Ports
-//! and ipBlocks are read with the CRD's [`PolicyPort`] and [`IpBlock`], which are
-//! NetworkPolicy's `NetworkPolicyPort` and `IPBlock` shapes.
+//! are checked in the CRD's [`PolicyPort`] (NetworkPolicy's `NetworkPolicyPort` with any
+//! integer, so that an out-of-range number is reported as one); a NetworkPolicy's ports and
+//! selectors are read into those shapes by [`policy_port`] and [`selector_spec`].
 
 use std::str::FromStr;
 
 use ipnetwork::IpNetwork;
-use serde::Deserialize;
+use k8s_openapi::api::networking::v1::NetworkPolicyPort;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr;
 
 use crate::error::FieldError;
-use crate::kubernetes::crd::{IntOrString, IpBlock, PolicyPort};
+use crate::kubernetes::crd::{IntOrString, PolicyPort};
 use crate::model::{CidrPeer, NamespaceScope, Peer, PodSelection, PortSpec};
 use crate::ruleset::{PortRange, Protocol};
-use crate::selector::{LabelSelectorSpec, Selector};
+use crate::selector::{LabelSelectorRequirementSpec, LabelSelectorSpec, Selector};
 
-/// A NetworkPolicy peer (a Quarantine exception's peer has the same fields).
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct NpPeerDoc {
-    #[serde(default)]
+/// A NetworkPolicy peer (a Quarantine exception's peer has the same fields): selectors, or an
+/// ipBlock's CIDR and exceptions.
+pub(super) struct NpPeer<'a> {
     pub(super) pod_selector: Option<LabelSelectorSpec>,
-    #[serde(default)]
     pub(super) namespace_selector: Option<LabelSelectorSpec>,
-    #[serde(default)]
-    pub(super) ip_block: Option<IpBlock>,
+    pub(super) ip_block: Option<(&'a str, &'a [String])>,
+}
+
+/// Kubernetes' `LabelSelector` in the shape [`Selector::parse`] checks.
+pub(super) fn selector_spec(s: &LabelSelector) -> LabelSelectorSpec {
+    LabelSelectorSpec {
+        match_labels: s.match_labels.clone(),
+        match_expressions: s.match_expressions.as_ref().map(|list| {
+            list.iter()
+                .map(|r| LabelSelectorRequirementSpec {
+                    key: r.key.clone(),
+                    operator: r.operator.clone(),
+                    values: r.values.clone(),
+                })
+                .collect()
+        }),
+    }
+}
+
+/// A NetworkPolicy port in the CRD's [`PolicyPort`] shape, which the port checks read.
+pub(super) fn policy_port(p: &NetworkPolicyPort) -> PolicyPort {
+    PolicyPort {
+        protocol: p.protocol.clone(),
+        port: p.port.as_ref().map(|port| match port {
+            intstr::IntOrString::Int(n) => IntOrString::Int(i64::from(*n)),
+            intstr::IntOrString::String(name) => IntOrString::Str(name.clone()),
+        }),
+        end_port: p.end_port.map(i64::from),
+    }
 }
 
 pub(super) fn parse_protocol(
@@ -244,7 +271,7 @@ pub(super) fn too_many_rules(
 }
 
 pub(super) fn convert_np_peer(
-    p: &NpPeerDoc,
+    p: &NpPeer,
     namespace: &str,
     path: &str,
     errors: &mut Vec<FieldError>,
@@ -264,9 +291,9 @@ pub(super) fn convert_np_peer(
             ));
             None
         }
-        (None, None, Some(block)) => parse_cidr_peer(
-            &block.cidr,
-            block.except.as_deref().unwrap_or_default(),
+        (None, None, Some((cidr, except))) => parse_cidr_peer(
+            cidr,
+            except,
             &format!("{path}.ipBlock.cidr"),
             &format!("{path}.ipBlock.except"),
             errors,

@@ -1,31 +1,20 @@
 //! `bulkhead.dev/v1alpha1` Quarantine: isolating pods above every other tier.
 
-use serde::Deserialize;
-
 use super::MAX_RULES_PER_DIRECTION;
-use super::meta::{Meta, meta_name, meta_namespace};
-use super::peers::{NpPeerDoc, convert_np_peer, convert_np_ports, too_many_rules};
+use super::meta::{meta_name, meta_namespace};
+use super::peers::{NpPeer, convert_np_peer, convert_np_ports, too_many_rules};
 use super::rfc3339::parse_rfc3339;
 use crate::error::FieldError;
-use crate::kubernetes::crd::{self, IntOrString};
+use crate::kubernetes::crd::{IntOrString, Quarantine};
 use crate::model::{
     Isolation, NamespaceScope, PodSelection, Policy, PolicyKey, QuarantineSpec, Rule,
 };
 use crate::ruleset::{Action, Direction, RuleKind, Tier};
 use crate::selector::{Selector, dns_subdomain_problem};
 
-/// A Quarantine document: its metadata, and the spec in the CRD's own type.
-#[derive(Deserialize)]
-pub(super) struct QuarantineDoc {
-    #[serde(default)]
-    metadata: Meta,
-    #[serde(default)]
-    spec: crd::QuarantineSpec,
-}
-
 /// `bulkhead.dev/v1alpha1` Quarantine: see [`crate::model::Policy`] for what it becomes.
 pub(super) fn convert(
-    d: &QuarantineDoc,
+    d: &Quarantine,
     prefix: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<Policy> {
@@ -94,10 +83,13 @@ pub(super) fn convert(
     let mut rules = Vec::new();
     for (i, a) in allow.iter().enumerate() {
         let ap = format!("{sp}.allow[{i}]");
-        let peer_doc = NpPeerDoc {
+        let peer_doc = NpPeer {
             pod_selector: a.pod_selector.clone(),
             namespace_selector: a.namespace_selector.clone(),
-            ip_block: a.ip_block.clone(),
+            ip_block: a
+                .ip_block
+                .as_ref()
+                .map(|b| (b.cidr.as_str(), b.except.as_deref().unwrap_or_default())),
         };
         let peer = convert_np_peer(&peer_doc, &ns, &ap, errors);
         for (j, p) in a.ports.iter().flatten().enumerate() {

@@ -1,28 +1,17 @@
 //! `bulkhead.dev/v1alpha1` ServicePolicy: policy by service identity.
 
-use serde::Deserialize;
-
 use super::MAX_RULES_PER_DIRECTION;
-use super::meta::{Meta, dns_label_problem, meta_name, meta_namespace};
+use super::meta::{dns_label_problem, meta_name, meta_namespace};
 use super::peers::{convert_np_ports, parse_cidr_peer, too_many_rules};
 use crate::error::FieldError;
-use crate::kubernetes::crd::{ServicePeer, ServicePolicySpec};
+use crate::kubernetes::crd::{ServicePeer, ServicePolicy};
 use crate::model::{Isolation, NamespaceScope, Peer, PodSelection, Policy, PolicyKey, Rule};
 use crate::ruleset::{Action, Direction, RuleKind, Tier};
 use crate::selector::{Selector, dns_subdomain_problem};
 
-/// A ServicePolicy document: its metadata, and the spec in the CRD's own type.
-#[derive(Deserialize)]
-pub(super) struct ServicePolicyDoc {
-    #[serde(default)]
-    metadata: Meta,
-    #[serde(default)]
-    spec: ServicePolicySpec,
-}
-
 /// A ServicePolicy: application-tier rules by service identity, enforced or audited.
 pub(super) fn convert(
-    d: &ServicePolicyDoc,
+    d: &ServicePolicy,
     prefix: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<Policy> {

@@ -382,3 +382,61 @@ fn files_of_the_old_layout_are_still_listed_released_and_replaced() {
     assert_eq!(listed(&f), ["tools/debug"]);
     assert!(f.hub.quarantine(&key("tools", "debug")).is_some());
 }
+
+/// A quarantine request becomes a typed Quarantine object, converted by the same conversion as
+/// a manifest: the model object is the one the equivalent hand-written manifest gives, and the
+/// file written from the object reads back to it too.
+#[test]
+fn a_request_round_trips_into_the_same_model_object_as_the_manifest() {
+    let mut r = request("shop", "web-1", 3600);
+    r.reason = "crypto miner".into();
+    r.allow = vec![
+        pb::QuarantineAllow {
+            namespace: "monitoring".into(),
+            labels: [("app".to_string(), "prometheus".to_string())].into(),
+            port: 9090,
+            ..Default::default()
+        },
+        pb::QuarantineAllow {
+            cidr: "10.0.0.0/8".into(),
+            port: 53,
+            protocol: "udp".into(),
+            ..Default::default()
+        },
+        pb::QuarantineAllow::default(),
+    ];
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let object = super::quarantine_object(&r, "quarantine-web-1", now, Some(now + MAX_DURATION));
+    let from_request = crate::load::convert(&object).expect("a valid quarantine");
+    let manifest = format!(
+        "apiVersion: bulkhead.dev/v1alpha1
+kind: Quarantine
+metadata: {{name: quarantine-web-1, namespace: shop}}
+spec:
+  pods: [web-1]
+  reason: crypto miner
+  expiresAt: {}
+  allow:
+  - namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: monitoring}}}}
+    podSelector: {{matchLabels: {{app: prometheus}}}}
+    ports: [{{port: 9090, protocol: TCP}}]
+  - ipBlock: {{cidr: 10.0.0.0/8}}
+    ports: [{{port: 53, protocol: UDP}}]
+  - namespaceSelector: {{}}
+    podSelector: {{}}
+",
+        crate::kubernetes::status::rfc3339(now + MAX_DURATION)
+    );
+    let loaded = crate::load_str(Path::new("q.yaml"), &manifest);
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    assert_eq!(loaded.objects, vec![from_request.clone()]);
+    // What the directory store writes is that object, and it loads to the same.
+    let text = serde_yaml::to_string(&object).expect("yaml");
+    let written = crate::load_str(Path::new("written.yaml"), &text);
+    assert!(written.errors.is_empty(), "{:?}", written.errors);
+    assert_eq!(written.objects, vec![from_request]);
+    assert!(
+        text.contains("bulkhead.dev/quarantined-by: tester"),
+        "{text}"
+    );
+}
