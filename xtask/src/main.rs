@@ -5,6 +5,7 @@
 //! commands run it first, so a fresh machine needs nothing else.
 
 mod chart;
+mod container;
 mod demo;
 mod image;
 mod web;
@@ -49,6 +50,9 @@ enum Task {
         #[arg(long)]
         rootfs: Option<PathBuf>,
     },
+    /// Only the container test: the amd64 image run with podman as the chart configures it.
+    #[command(hide = true)]
+    ContainerTest,
     /// The main job: build Bulkhead and run the local demo.
     Demo {
         /// Leave the demo's namespaces and agent in place for exploration.
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
         Task::Ui => web::ui(),
         Task::Image { arch, rootfs } => image::image_task(arch.as_deref(), rootfs.as_deref()),
         Task::Chart => chart::setup().and_then(|()| chart::test()),
+        Task::ContainerTest => container_test(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -163,7 +168,18 @@ fn setup() -> anyhow::Result<()> {
     web::setup()?;
     chart::setup()?;
     image::setup()?;
+    container::setup()?;
     Ok(())
+}
+
+/// `cargo xtask container-test`: what the container test needs, the amd64 image, the test.
+fn container_test() -> anyhow::Result<()> {
+    setup_demo()?;
+    image::setup()?;
+    chart::setup_helm()?;
+    container::setup()?;
+    let images = image::build_images(&[image::AMD64])?;
+    container::test(&images)
 }
 
 /// What building Bulkhead and running the demo need.
@@ -324,5 +340,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     // The image for both architectures, and the arm64 binary run under qemu-user.
     let images = image::build_images(&image::TARGETS)?;
     image::test_arm64(&images)?;
+    // The amd64 image in podman, configured as the chart configures it.
+    container::test(&images)?;
     Ok(())
 }

@@ -278,8 +278,22 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
         names,
         context,
     };
+    // Ctrl-C, or SIGTERM: how Kubernetes and container runtimes stop a container. As the
+    // container's PID 1 the agent has no default action for SIGTERM, so without this it was
+    // killed only after the whole grace period.
     let stop = async {
-        let _ = tokio::signal::ctrl_c().await;
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
         tracing::info!("stopping; the pinned programs keep enforcing the last rule set");
     };
     match s.source {
