@@ -466,10 +466,28 @@ fn flood(args: &Args, lab: &Lab) -> anyhow::Result<()> {
     let node2_metrics = j["nodes"][1]["metrics_port"]
         .as_u64()
         .context("metrics port")? as u16;
-    // What sending alone costs: the same flood to an address node-1 routes to a blackhole
-    // (the packet is built, routed and freed in node-1; nothing crosses the fabric).
+    // What sending alone costs: the same flood to an address node-1 routes into a veth whose
+    // peer is down (built, routed, handed to the device and freed there; nothing crosses the
+    // fabric). A blackhole route would refuse the send instead.
     let sink = Ipv4Addr::new(192, 0, 2, 1);
-    Netns::existing(&node1).exec(&["ip", "route", "replace", "blackhole", "192.0.2.1/32"])?;
+    let n1 = Netns::existing(&node1);
+    n1.exec(&[
+        "ip", "link", "add", "bhsink0", "type", "veth", "peer", "name", "bhsink1",
+    ])?;
+    n1.exec(&["ip", "link", "set", "bhsink0", "up"])?;
+    n1.exec(&["ip", "route", "replace", "192.0.2.1/32", "dev", "bhsink0"])?;
+    n1.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        "192.0.2.1",
+        "lladdr",
+        "02:00:00:00:00:01",
+        "dev",
+        "bhsink0",
+        "nud",
+        "permanent",
+    ])?;
     let busy = CpuBusy::now()?;
     let sent = send_flood(
         &node1,
@@ -478,7 +496,8 @@ fn flood(args: &Args, lab: &Lab) -> anyhow::Result<()> {
         Duration::from_secs(args.flood_seconds),
     )?;
     let send_ns = busy.ns_since()? / sent.max(1) as f64;
-    let _ = Netns::existing(&node1).exec(&["ip", "route", "del", "blackhole", "192.0.2.1/32"]);
+    let _ = n1.exec(&["ip", "link", "del", "bhsink0"]);
+    ensure!(sent > 0, "the sink refused every packet");
     println!(
         "sending alone (node-1 drops it): {:>10.0} packets/s, {send_ns:.0} ns of CPU per packet",
         sent as f64 / args.flood_seconds as f64
