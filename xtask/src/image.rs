@@ -124,45 +124,45 @@ impl Target {
             .join("target")
             .join(self.triple)
             .join("release/bulkhead");
-        check_static(&binary)?;
+        check_static(&binary, self)?;
         Ok(binary)
     }
 }
 
 /// The image has no dynamic loader: a binary with an ELF interpreter (`PT_INTERP`) cannot run
-/// in it.
-fn check_static(binary: &Path) -> anyhow::Result<()> {
-    const PT_INTERP: u32 = 3;
-    let elf = fs::read(binary).with_context(|| format!("read {}", binary.display()))?;
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| {
-        elf.get(o..o + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+/// in it. The binary must also be for the target's machine (a linker that silently picked the
+/// host's would give an image that cannot start).
+fn check_static(binary: &Path, target: Target) -> anyhow::Result<()> {
+    use object::{
+        Endianness,
+        elf::{EM_AARCH64, EM_X86_64, PT_INTERP},
+        read::elf::{ElfFile64, FileHeader, ProgramHeader},
     };
-    let u64_at = |o: usize| {
-        elf.get(o..o + 8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
+    let data = fs::read(binary).with_context(|| format!("read {}", binary.display()))?;
+    let elf = ElfFile64::<Endianness>::parse(&*data)
+        .with_context(|| format!("{} is not a 64-bit ELF file", binary.display()))?;
+    let endian = elf.endian();
+    let machine = elf.elf_header().e_machine(endian);
+    let want = match target.arch() {
+        Arch::ARM64 => EM_AARCH64,
+        _ => EM_X86_64,
     };
-    // 64-bit little-endian ELF (both targets): e_phoff at 0x20, e_phentsize/e_phnum at 0x36.
-    if elf.get(..6) != Some(b"\x7fELF\x02\x01") {
+    if machine != want {
         bail!(
-            "{} is not a 64-bit little-endian ELF file",
-            binary.display()
+            "{} is for ELF machine {machine}, not {} ({want})",
+            binary.display(),
+            target.name
         );
     }
-    let (Some(phoff), Some(entsize), Some(count)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
-        bail!("{}: truncated ELF header", binary.display());
-    };
-    for i in 0..usize::from(count) {
-        let at = usize::try_from(phoff)? + i * usize::from(entsize);
-        if u32_at(at) == Some(PT_INTERP) {
-            bail!(
-                "{} is dynamically linked (it has an ELF interpreter); the image needs a static binary",
-                binary.display()
-            );
-        }
+    if elf
+        .elf_program_headers()
+        .iter()
+        .any(|ph| ph.p_type(endian) == PT_INTERP)
+    {
+        bail!(
+            "{} is dynamically linked (it has an ELF interpreter); the image needs a static binary",
+            binary.display()
+        );
     }
     Ok(())
 }
@@ -541,4 +541,31 @@ pub fn test_arm64(images: &[(Target, PathBuf)]) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test binary itself is a dynamically linked executable for the host's machine: the
+    /// check refuses it for its interpreter on the host's architecture and for its machine on
+    /// the other one; a file that is no ELF at all is refused too.
+    #[test]
+    fn check_static_refuses_interpreters_and_other_machines() {
+        let exe = std::env::current_exe().unwrap();
+        let (host, other) = if cfg!(target_arch = "aarch64") {
+            (ARM64, AMD64)
+        } else {
+            (AMD64, ARM64)
+        };
+        let e = check_static(&exe, host).unwrap_err().to_string();
+        assert!(e.contains("dynamically linked"), "{e}");
+        let e = check_static(&exe, other).unwrap_err().to_string();
+        assert!(e.contains("ELF machine"), "{e}");
+        let not_elf = std::env::temp_dir().join(format!("bulkhead-not-elf-{}", std::process::id()));
+        fs::write(&not_elf, b"#!/bin/sh\n").unwrap();
+        let e = check_static(&not_elf, host).unwrap_err().to_string();
+        fs::remove_file(&not_elf).unwrap();
+        assert!(e.contains("not a 64-bit ELF"), "{e}");
+    }
 }
