@@ -20,6 +20,7 @@ pub mod kubernetes;
 pub mod load;
 pub mod model;
 pub mod reachability;
+pub mod recommend;
 pub mod selector;
 pub mod server;
 pub mod service_policy;

@@ -562,6 +562,17 @@ impl PolicyEngine {
             && *self.pod_labels(st) == pod.labels
     }
 
+    /// Every pod as the engine has it, sorted by namespace and name.
+    pub fn pods(&self) -> Vec<Pod> {
+        let mut v: Vec<Pod> = self
+            .inventory
+            .pods()
+            .map(|(_, st)| self.full_pod(st))
+            .collect();
+        v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        v
+    }
+
     /// Every pod, sorted by namespace and name.
     pub fn pod_keys(&self) -> Vec<PodKey> {
         let mut v: Vec<PodKey> = self

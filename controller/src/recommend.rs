@@ -1,0 +1,540 @@
+//! Least-privilege policies learned from observed traffic (`bulkhead policy recommend`).
+//!
+//! The input is flow records (what the data plane admitted, at either end of a connection) and
+//! the pods as the controller knows them now. Connections are folded by workload (a pod's
+//! owner, else the pod): (source, destination, port, protocol) with how often and when they were
+//! seen. Each *covered* workload (a pod of it lies in one of the chosen namespaces) gets one
+//! Kubernetes NetworkPolicy that isolates it in both directions and admits exactly what was
+//! seen: its ingress from each observed source, its egress to each observed destination, on the
+//! observed ports. Applied as enforced, every connection observed as admitted keeps working, and
+//! every other connection of a covered workload is denied.
+//!
+//! * Selectors use a workload's *stable* labels: the labels all its pods share, after the
+//!   identity label filter (never `pod-template-hash` and the like). A workload whose pods share
+//!   none cannot be selected and is reported instead of guessed at.
+//! * Peers in another namespace are selected by `kubernetes.io/metadata.name` plus their pod
+//!   labels; addresses of no pod (`world`, the node) become `/32` (`/128`) ipBlocks.
+//! * ICMP cannot be named in a NetworkPolicy port; such connections are counted, not admitted.
+//! * Deterministic: the output depends only on the records and the pods (sorted maps
+//!   throughout), so the same window gives byte-identical YAML, and new traffic changes only the
+//!   rules it touches. Each policy says what it was learned from in annotations (per rule:
+//!   connections, first and last seen).
+//! * A recommendation is `learning` while edges keep appearing (one was first seen within the
+//!   learning window before `now`), else `stable`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::{Duration, UNIX_EPOCH},
+};
+
+use k8s_openapi::{
+    api::networking::v1::{
+        IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule,
+        NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::LabelSelector, apis::meta::v1::ObjectMeta, util::intstr::IntOrString,
+    },
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    identity::LabelFilter,
+    model::{Labels, NAMESPACE_NAME_LABEL, Pod},
+    ruleset::{Direction, FlowRecord, FlowVerdict, PodKey, Protocol},
+};
+
+/// The annotation saying whether a recommendation is still learning.
+pub const STATUS_ANNOTATION: &str = "bulkhead.dev/recommendation";
+/// The annotation prefix of what a rule was learned from (`…/ingress.0`, `…/egress.2`).
+pub const LEARNED_ANNOTATION: &str = "bulkhead.dev/learned-from";
+/// The label every recommended policy carries.
+pub const RECOMMENDED_LABEL: &str = "bulkhead.dev/recommended";
+
+#[derive(Debug, Clone)]
+pub struct RecommendOptions {
+    /// Namespaces whose workloads get a policy; empty: every namespace of an observed pod.
+    pub namespaces: BTreeSet<String>,
+    /// Edges first seen within this long before `now` make the recommendation `learning`.
+    pub learning_window: Duration,
+    pub now_unix_nanos: u64,
+    pub label_filter: LabelFilter,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecommendationStatus {
+    /// New edges appeared within the learning window: traffic not yet seen may still come.
+    Learning,
+    /// No new edge within the learning window.
+    Stable,
+}
+
+impl RecommendationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecommendationStatus::Learning => "learning",
+            RecommendationStatus::Stable => "stable",
+        }
+    }
+}
+
+/// A workload: its namespace and its owner (`Deployment/web`), else `Pod/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct WorkloadRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for WorkloadRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+fn workload_of(pod: &Pod) -> WorkloadRef {
+    WorkloadRef {
+        namespace: pod.namespace.clone(),
+        name: pod
+            .workload
+            .clone()
+            .unwrap_or_else(|| format!("Pod/{}", pod.name)),
+    }
+}
+
+/// One end of an observed connection.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum End {
+    Workload(WorkloadRef),
+    /// An address of no pod (outside the cluster, or a node).
+    Address(IpAddr),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Workload(w) => write!(f, "{w}"),
+            End::Address(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Edge {
+    protocol: Protocol,
+    port: u16,
+}
+
+/// How often and when an edge was seen. A connection between two pods is reported at both ends;
+/// it counts once (the larger of the two ends' counts).
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    ingress_reports: u64,
+    egress_reports: u64,
+    first: u64,
+    last: u64,
+}
+
+impl Seen {
+    fn add(&mut self, direction: Direction, time: u64) {
+        match direction {
+            Direction::Ingress => self.ingress_reports += 1,
+            Direction::Egress => self.egress_reports += 1,
+        }
+        self.first = if self.first == 0 {
+            time
+        } else {
+            self.first.min(time)
+        };
+        self.last = self.last.max(time);
+    }
+
+    fn merge(&mut self, o: &Seen) {
+        self.ingress_reports += o.ingress_reports;
+        self.egress_reports += o.egress_reports;
+        self.first = match (self.first, o.first) {
+            (0, f) | (f, 0) => f,
+            (a, b) => a.min(b),
+        };
+        self.last = self.last.max(o.last);
+    }
+
+    fn connections(&self) -> u64 {
+        self.ingress_reports.max(self.egress_reports)
+    }
+}
+
+/// A recommended policy, with the workload it is for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecommendedPolicy {
+    pub workload: WorkloadRef,
+    pub status: RecommendationStatus,
+    pub policy: NetworkPolicy,
+}
+
+/// What `recommend` learned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Recommendation {
+    pub status: RecommendationStatus,
+    pub policies: Vec<RecommendedPolicy>,
+    /// Admitted flow records the recommendation was learned from.
+    pub records: u64,
+    /// Distinct edges (source, destination, port, protocol) observed.
+    pub edges: usize,
+    /// Records of pods the controller no longer knows (deleted since): not learned from.
+    pub unknown_pods: u64,
+    /// ICMP edges, which a NetworkPolicy cannot name: not admitted by the recommendation.
+    pub icmp_edges: usize,
+    /// Workloads that got no policy, and why (no stable label their pods share).
+    pub not_covered: Vec<(WorkloadRef, String)>,
+    /// Workloads whose selector also selects pods of other workloads (they share all its
+    /// labels): the policy applies to those too.
+    pub broad_selectors: Vec<(WorkloadRef, Vec<WorkloadRef>)>,
+}
+
+impl Recommendation {
+    /// The policies as Kubernetes YAML, one document each.
+    pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
+        let mut out = String::new();
+        for p in &self.policies {
+            out.push_str("---\n");
+            out.push_str(&serde_yaml::to_string(&p.policy)?);
+        }
+        Ok(out)
+    }
+}
+
+fn rfc3339(nanos: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_nanos(nanos)).to_string()
+}
+
+/// A DNS-1123 name for the policy of a workload (`Deployment/web` → `web-deployment`), at most
+/// 63 characters.
+fn policy_name(w: &WorkloadRef) -> String {
+    let (kind, name) = w.name.split_once('/').unwrap_or(("pod", &w.name));
+    let mut s: String = format!("{name}-{}", kind.to_ascii_lowercase())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    s.truncate(63);
+    s.trim_matches('-').to_string()
+}
+
+/// What the recommendation knows of the cluster's workloads now.
+struct Workloads {
+    /// The labels every pod of each workload shares (after the filter).
+    labels: BTreeMap<WorkloadRef, Labels>,
+    /// The workload of each pod.
+    by_pod: BTreeMap<PodKey, WorkloadRef>,
+    /// The real addresses of each workload's pods.
+    addresses: BTreeMap<WorkloadRef, BTreeSet<IpAddr>>,
+}
+
+fn workloads(pods: &[Pod], filter: &LabelFilter) -> Workloads {
+    let mut common: BTreeMap<WorkloadRef, Labels> = BTreeMap::new();
+    let mut by_pod = BTreeMap::new();
+    let mut addresses: BTreeMap<WorkloadRef, BTreeSet<IpAddr>> = BTreeMap::new();
+    for p in pods.iter().filter(|p| !p.host_network) {
+        let w = workload_of(p);
+        let labels = filter.apply(&p.labels);
+        by_pod.insert(p.key(), w.clone());
+        if !p.synthetic_ips {
+            addresses
+                .entry(w.clone())
+                .or_default()
+                .extend(p.ips.iter().copied());
+        }
+        match common.get_mut(&w) {
+            Some(c) => c.retain(|k, v| labels.get(k) == Some(v)),
+            None => {
+                common.insert(w, labels);
+            }
+        }
+    }
+    Workloads {
+        labels: common,
+        by_pod,
+        addresses,
+    }
+}
+
+fn selector(labels: &Labels) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(labels.clone().into_iter().collect()),
+        match_expressions: None,
+    }
+}
+
+fn host_block(a: IpAddr) -> IPBlock {
+    IPBlock {
+        cidr: match a {
+            IpAddr::V4(_) => format!("{a}/32"),
+            IpAddr::V6(_) => format!("{a}/128"),
+        },
+        except: None,
+    }
+}
+
+/// Learns least-privilege NetworkPolicies from `records` (any order) for the workloads of
+/// `pods` (the cluster's pods now).
+pub fn recommend<'a>(
+    records: impl IntoIterator<Item = &'a FlowRecord>,
+    pods: &[Pod],
+    opts: &RecommendOptions,
+) -> Recommendation {
+    let Workloads {
+        labels,
+        by_pod,
+        addresses,
+    } = workloads(pods, &opts.label_filter);
+    let mut edges: BTreeMap<(End, End, Edge), Seen> = BTreeMap::new();
+    let mut records_used = 0u64;
+    let mut unknown_pods = 0u64;
+    for r in records {
+        if !matches!(
+            r.verdict,
+            FlowVerdict::Allowed | FlowVerdict::AuditWouldDeny
+        ) {
+            continue;
+        }
+        let Some(protocol) = Protocol::from_number(r.protocol) else {
+            continue;
+        };
+        let Some(local) = r.endpoint.pod() else {
+            continue;
+        };
+        let Some(local) = by_pod.get(local) else {
+            unknown_pods += 1;
+            continue;
+        };
+        let peer = match &r.peer {
+            Some(p) => match by_pod.get(p) {
+                Some(w) => End::Workload(w.clone()),
+                None => {
+                    unknown_pods += 1;
+                    continue;
+                }
+            },
+            // An address of no pod: outside the cluster, or a node.
+            None => End::Address(r.peer_address()),
+        };
+        let local = End::Workload(local.clone());
+        let (src, dst) = match r.direction {
+            Direction::Ingress => (peer, local),
+            Direction::Egress => (local, peer),
+        };
+        let port = match protocol {
+            Protocol::Icmp | Protocol::Icmpv6 => 0,
+            _ => r.dst_port,
+        };
+        records_used += 1;
+        edges
+            .entry((src, dst, Edge { protocol, port }))
+            .or_default()
+            .add(r.direction, r.time_unix_nanos);
+    }
+
+    let covered =
+        |w: &WorkloadRef| opts.namespaces.is_empty() || opts.namespaces.contains(&w.namespace);
+    let learning_since = opts
+        .now_unix_nanos
+        .saturating_sub(opts.learning_window.as_nanos() as u64);
+    let mut icmp_edges = 0;
+    // Per covered workload: (ingress peers, egress peers), each peer → edge → seen.
+    type Peers = BTreeMap<End, BTreeMap<Edge, Seen>>;
+    let mut per_workload: BTreeMap<WorkloadRef, (Peers, Peers)> = BTreeMap::new();
+    for w in labels.keys().filter(|w| covered(w)) {
+        per_workload.entry(w.clone()).or_default();
+    }
+    for ((src, dst, edge), seen) in &edges {
+        if matches!(edge.protocol, Protocol::Icmp | Protocol::Icmpv6) {
+            icmp_edges += 1;
+            continue;
+        }
+        if let End::Workload(w) = dst
+            && let Some((ingress, _)) = per_workload.get_mut(w)
+        {
+            ingress
+                .entry(src.clone())
+                .or_default()
+                .entry(*edge)
+                .or_default()
+                .merge(seen);
+        }
+        if let End::Workload(w) = src
+            && let Some((_, egress)) = per_workload.get_mut(w)
+        {
+            egress
+                .entry(dst.clone())
+                .or_default()
+                .entry(*edge)
+                .or_default()
+                .merge(seen);
+        }
+    }
+
+    let mut not_covered = Vec::new();
+    let mut broad_selectors = Vec::new();
+    let mut policies = Vec::new();
+    // The peers standing for an end: its pods by label, or addresses as ipBlocks (an address
+    // of no pod; a workload whose pods share no stable label, by its pods' addresses now).
+    let peers_of = |end: &End, own_ns: &str| -> Vec<NetworkPolicyPeer> {
+        let block = |a: &IpAddr| NetworkPolicyPeer {
+            ip_block: Some(host_block(*a)),
+            ..Default::default()
+        };
+        match end {
+            End::Address(a) => vec![block(a)],
+            End::Workload(w) => match labels.get(w).filter(|l| !l.is_empty()) {
+                Some(l) => vec![NetworkPolicyPeer {
+                    pod_selector: Some(selector(l)),
+                    namespace_selector: (w.namespace != own_ns).then(|| {
+                        selector(&Labels::from([(
+                            NAMESPACE_NAME_LABEL.to_string(),
+                            w.namespace.clone(),
+                        )]))
+                    }),
+                    ip_block: None,
+                }],
+                None => addresses.get(w).into_iter().flatten().map(block).collect(),
+            },
+        }
+    };
+    let ports_of = |edges: &BTreeMap<Edge, Seen>| -> Vec<NetworkPolicyPort> {
+        edges
+            .keys()
+            .map(|e| NetworkPolicyPort {
+                protocol: Some(format!("{:?}", e.protocol).to_uppercase()),
+                port: Some(IntOrString::Int(i32::from(e.port))),
+                end_port: None,
+            })
+            .collect()
+    };
+    let learned = |peer: &End, edges: &BTreeMap<Edge, Seen>, dir: &str| -> String {
+        let mut total = Seen::default();
+        edges.values().for_each(|s| total.merge(s));
+        let ports: Vec<String> = edges
+            .keys()
+            .map(|e| format!("{:?}/{}", e.protocol, e.port).to_uppercase())
+            .collect();
+        format!(
+            "{dir} {peer} {}: {} connections, first seen {}, last seen {}",
+            ports.join(","),
+            total.connections(),
+            rfc3339(total.first),
+            rfc3339(total.last)
+        )
+    };
+    for (w, (ingress, egress)) in per_workload {
+        let Some(own) = labels.get(&w).filter(|l| !l.is_empty()) else {
+            not_covered.push((
+                w.clone(),
+                "its pods share no stable label to select them by".to_string(),
+            ));
+            continue;
+        };
+        let others: Vec<WorkloadRef> = labels
+            .iter()
+            .filter(|(o, l)| {
+                **o != w
+                    && o.namespace == w.namespace
+                    && own.iter().all(|(k, v)| l.get(k) == Some(v))
+            })
+            .map(|(o, _)| o.clone())
+            .collect();
+        if !others.is_empty() {
+            broad_selectors.push((w.clone(), others));
+        }
+        let mut annotations = BTreeMap::new();
+        let mut newest_first = 0u64;
+        let mut ingress_rules = Vec::new();
+        for (peer, edges) in &ingress {
+            let from = peers_of(peer, &w.namespace);
+            if from.is_empty() {
+                continue;
+            }
+            annotations.insert(
+                format!("{LEARNED_ANNOTATION}.ingress.{}", ingress_rules.len()),
+                learned(peer, edges, "from"),
+            );
+            ingress_rules.push(NetworkPolicyIngressRule {
+                from: Some(from),
+                ports: Some(ports_of(edges)),
+            });
+            newest_first = newest_first.max(edges.values().map(|s| s.first).max().unwrap_or(0));
+        }
+        let mut egress_rules = Vec::new();
+        for (peer, edges) in &egress {
+            let to = peers_of(peer, &w.namespace);
+            if to.is_empty() {
+                continue;
+            }
+            annotations.insert(
+                format!("{LEARNED_ANNOTATION}.egress.{}", egress_rules.len()),
+                learned(peer, edges, "to"),
+            );
+            egress_rules.push(NetworkPolicyEgressRule {
+                to: Some(to),
+                ports: Some(ports_of(edges)),
+            });
+            newest_first = newest_first.max(edges.values().map(|s| s.first).max().unwrap_or(0));
+        }
+        let status = if newest_first >= learning_since && newest_first > 0 {
+            RecommendationStatus::Learning
+        } else {
+            RecommendationStatus::Stable
+        };
+        annotations.insert(STATUS_ANNOTATION.to_string(), status.as_str().to_string());
+        let policy = NetworkPolicy {
+            metadata: ObjectMeta {
+                name: Some(policy_name(&w)),
+                namespace: Some(w.namespace.clone()),
+                labels: Some(BTreeMap::from([(
+                    RECOMMENDED_LABEL.to_string(),
+                    "true".to_string(),
+                )])),
+                annotations: Some(annotations),
+                ..Default::default()
+            },
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(selector(own)),
+                policy_types: Some(vec!["Ingress".to_string(), "Egress".to_string()]),
+                ingress: Some(ingress_rules),
+                egress: Some(egress_rules),
+            }),
+        };
+        policies.push(RecommendedPolicy {
+            workload: w,
+            status,
+            policy,
+        });
+    }
+    let status = if policies
+        .iter()
+        .any(|p| p.status == RecommendationStatus::Learning)
+    {
+        RecommendationStatus::Learning
+    } else {
+        RecommendationStatus::Stable
+    };
+    Recommendation {
+        status,
+        policies,
+        records: records_used,
+        edges: edges.len(),
+        unknown_pods,
+        icmp_edges,
+        not_covered,
+        broad_selectors,
+    }
+}
+
+#[cfg(test)]
+mod tests;
