@@ -235,17 +235,21 @@ struct Workloads {
     by_pod: BTreeMap<PodKey, WorkloadRef>,
     /// The real addresses of each workload's pods.
     addresses: BTreeMap<WorkloadRef, BTreeSet<IpAddr>>,
+    /// The pod of each real address (an agent names only its own node's pods).
+    pod_at: BTreeMap<IpAddr, PodKey>,
 }
 
 fn workloads(pods: &[Pod], filter: &LabelFilter) -> Workloads {
     let mut common: BTreeMap<WorkloadRef, Labels> = BTreeMap::new();
     let mut by_pod = BTreeMap::new();
     let mut addresses: BTreeMap<WorkloadRef, BTreeSet<IpAddr>> = BTreeMap::new();
+    let mut pod_at = BTreeMap::new();
     for p in pods.iter().filter(|p| !p.host_network) {
         let w = workload_of(p);
         let labels = filter.apply(&p.labels);
         by_pod.insert(p.key(), w.clone());
         if !p.synthetic_ips {
+            pod_at.extend(p.ips.iter().map(|ip| (*ip, p.key())));
             addresses
                 .entry(w.clone())
                 .or_default()
@@ -262,6 +266,7 @@ fn workloads(pods: &[Pod], filter: &LabelFilter) -> Workloads {
         labels: common,
         by_pod,
         addresses,
+        pod_at,
     }
 }
 
@@ -293,6 +298,7 @@ pub fn recommend<'a>(
         labels,
         by_pod,
         addresses,
+        pod_at,
     } = workloads(pods, &opts.label_filter);
     let mut edges: BTreeMap<(End, End, Edge), Seen> = BTreeMap::new();
     let mut records_used = 0u64;
@@ -314,7 +320,7 @@ pub fn recommend<'a>(
             unknown_pods += 1;
             continue;
         };
-        let peer = match &r.peer {
+        let peer = match r.peer.as_ref().or_else(|| pod_at.get(&r.peer_address())) {
             Some(p) => match by_pod.get(p) {
                 Some(w) => End::Workload(w.clone()),
                 None => {

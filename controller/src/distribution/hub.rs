@@ -372,6 +372,16 @@ impl Hub {
             .is_ok_and(|s| s.engine.identity_of_pod(pod).is_some())
     }
 
+    /// Every pod as the engine has it, and the engine's identity label filter (for
+    /// recommendations).
+    pub fn pods(&self) -> Option<(Vec<crate::Pod>, crate::identity::LabelFilter)> {
+        let state = self.lock().ok()?;
+        Some((
+            state.engine.pods(),
+            state.engine.config().label_filter.clone(),
+        ))
+    }
+
     /// The Quarantine `key` as the engine has it (active or expired).
     pub fn quarantine(&self, key: &crate::PolicyKey) -> Option<crate::Policy> {
         self.state

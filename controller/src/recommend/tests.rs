@@ -447,3 +447,17 @@ fn what_cannot_be_expressed_is_reported() {
         });
     assert!(by_address, "{}", r.to_yaml().unwrap());
 }
+
+/// An agent names only the pods of its own node: a peer it left unnamed is found by address.
+#[test]
+fn unnamed_peers_are_found_by_address() {
+    let cluster = pods(&objects(&cluster()));
+    let opts = options(T0 + 60 * MINUTE);
+    let named = recommend(&observed(), &cluster, &opts).to_yaml().unwrap();
+    let mut unnamed = observed();
+    unnamed.iter_mut().for_each(|r| r.peer = None);
+    assert_eq!(
+        recommend(&unnamed, &cluster, &opts).to_yaml().unwrap(),
+        named
+    );
+}

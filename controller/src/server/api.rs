@@ -12,6 +12,7 @@
 //! | `GET /api/flows?FILTERS` (also `/api/flows/query`) | [`FlowView`]s, filtered by [`FlowQuery`] |
 //! | `GET /api/map` | [`MapView`]: everything the page draws |
 //! | `GET /api/quarantines` | [`QuarantineView`]s |
+//! | `GET /api/recommend?namespaces=a,b&since=NANOS` | a [`crate::recommend::Recommendation`] (see [`recommend`]) |
 //! | `POST /api/quarantine` ([`QuarantineBody`]), `POST /api/quarantine/release` ([`ReleaseBody`]) | [`QuarantineAnswer`] |
 //!
 //! Errors are [`ErrorBody`]s with a 4xx/5xx status.
@@ -52,6 +53,7 @@ use crate::{
 mod flows;
 mod map;
 pub mod quarantine;
+pub mod recommend;
 pub mod types;
 
 pub use types::*;
@@ -149,6 +151,7 @@ pub fn router(state: ApiState) -> Router {
         // The web UI's former path of the same answer.
         .route("/api/flows/query", get(flows::flows))
         .route("/api/map", get(map::map))
+        .route("/api/recommend", get(recommend::recommend))
         .route("/api/quarantines", get(quarantine::list_quarantines))
         .route("/api/quarantine", post(quarantine::quarantine))
         .route("/api/quarantine/release", post(quarantine::release))

@@ -942,3 +942,34 @@ async fn the_tokens_file_is_reread_and_validated() {
         assert!(format!("{e:#}").contains(want), "{text:?}: {e:#}");
     }
 }
+
+/// `/api/recommend` learns from the admitted records the controller holds (the denied ones
+/// teach nothing): the backend admits the frontend on 8080 and nothing else; every shop workload
+/// is isolated both ways. A bad query is a 400 naming the problem.
+#[tokio::test]
+async fn recommend_learns_from_admitted_records_only() {
+    let f = serve("127.0.0.1:9961", HttpConfig::default(), false).await;
+    let (status, body) = get_json(f.addr, "/api/recommend?namespaces=shop").await;
+    assert_eq!(status, 200, "{body}");
+    let r: crate::recommend::Recommendation = serde_json::from_value(body).expect("typed");
+    let names: Vec<String> = r.policies.iter().map(|p| p.workload.to_string()).collect();
+    assert_eq!(names, ["shop/Pod/backend", "shop/Pod/db", "shop/Pod/frontend"]);
+    assert_eq!(r.records, 1, "one admitted record");
+    let backend = r.policies[0].policy.spec.as_ref().expect("spec");
+    let ingress = backend.ingress.as_ref().expect("ingress");
+    assert_eq!(ingress.len(), 1);
+    let peer = &ingress[0].from.as_ref().expect("from")[0];
+    assert_eq!(
+        peer.pod_selector.as_ref().and_then(|s| s.match_labels.clone()),
+        Some([("app".to_string(), "frontend".to_string())].into())
+    );
+    assert_eq!(backend.egress.as_ref().map(Vec::len), Some(0));
+    let yaml = r.to_yaml().expect("yaml");
+    assert_eq!(yaml.matches("kind: NetworkPolicy").count(), 3, "{yaml}");
+
+    let (status, _) = get_json(f.addr, "/api/recommend?namespaces=nowhere").await;
+    assert_eq!(status, 200);
+    let (status, err) = get_json(f.addr, "/api/recommend?since=yesterday").await;
+    assert_eq!(status, 400);
+    assert!(err["error"].as_str().unwrap_or("").contains("since"), "{err}");
+}
