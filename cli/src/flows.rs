@@ -40,7 +40,7 @@ pub struct Source {
 type Admin = AdminClient<tonic::transport::Channel>;
 
 impl Source {
-    fn uses_grpc(&self) -> bool {
+    pub(crate) fn uses_grpc(&self) -> bool {
         self.controller.is_some() || self.grpc
     }
 
@@ -80,7 +80,7 @@ impl Source {
         }
     }
 
-    fn get(&self, path: &str) -> anyhow::Result<String> {
+    pub(crate) fn get(&self, path: &str) -> anyhow::Result<String> {
         let port = self.port()?;
         crate::lab::http_get(port, path)
             .with_context(|| format!("no answer from the controller on 127.0.0.1:{port}{path}"))

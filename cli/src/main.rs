@@ -9,6 +9,7 @@ mod flows;
 mod lab;
 mod policy;
 mod quarantine;
+mod recommend;
 
 use std::{io::IsTerminal, process::ExitCode};
 

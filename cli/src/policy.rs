@@ -35,6 +35,8 @@ enum PolicyCommand {
     /// Ask a running controller, per policy, on how many of the nodes it concerns the current
     /// version is realized in the kernel.
     Status(StatusArgs),
+    /// Least-privilege NetworkPolicies learned from the traffic a controller saw, as YAML.
+    Recommend(crate::recommend::RecommendArgs),
 }
 
 #[derive(clap::Args)]
@@ -133,6 +135,7 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
         PolicyCommand::Explain(a) => explain(a),
         PolicyCommand::Compile(a) => compile(a),
         PolicyCommand::Status(a) => status(a),
+        PolicyCommand::Recommend(a) => crate::recommend::recommend(a),
     }
 }
 

@@ -430,10 +430,11 @@ pub fn recommend<'a>(
             .keys()
             .map(|e| format!("{:?}/{}", e.protocol, e.port).to_uppercase())
             .collect();
+        let n = total.connections();
         format!(
-            "{dir} {peer} {}: {} connections, first seen {}, last seen {}",
+            "{dir} {peer} {}: {n} connection{}, first seen {}, last seen {}",
             ports.join(","),
-            total.connections(),
+            if n == 1 { "" } else { "s" },
             rfc3339(total.first),
             rfc3339(total.last)
         )

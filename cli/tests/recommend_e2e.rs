@@ -1,0 +1,166 @@
+//! Tier 3: recommended policies in the lab, from real traffic. Pods of two namespaces on two
+//! nodes talk in a pattern (web → api:8080, api → db:5432, debug → web:80); `bulkhead policy
+//! recommend` learns NetworkPolicies from the flows the controller received; applied as
+//! enforced, `lab probe` (real connections) shows every observed connection admitted and every
+//! other connection between the covered pods, on the pattern's ports, denied.
+
+mod common;
+
+use common::*;
+
+use std::{
+    collections::BTreeMap,
+    io::Read,
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use bulkhead_agent::privileged::check_privileged_test;
+
+const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: tools}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web, pod-template-hash: 5d8f}}
+spec:
+  nodeName: node-1
+  containers: [{name: c, image: x, ports: [{containerPort: 80}, {containerPort: 8080}, {containerPort: 5432}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: shop, labels: {app: api}}
+spec:
+  nodeName: node-2
+  containers: [{name: c, image: x, ports: [{containerPort: 80}, {containerPort: 8080}, {containerPort: 5432}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec:
+  nodeName: node-1
+  containers: [{name: c, image: x, ports: [{containerPort: 80}, {containerPort: 8080}, {containerPort: 5432}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: debug, namespace: tools, labels: {run: debug}}
+spec:
+  nodeName: node-2
+  containers: [{name: c, image: x, ports: [{containerPort: 80}, {containerPort: 8080}, {containerPort: 5432}]}]
+"#;
+
+/// The observed pattern: (source, destination, port).
+const PATTERN: [(&str, &str, u16); 3] = [
+    ("shop/web", "shop/api", 8080),
+    ("shop/api", "shop/db", 5432),
+    ("tools/debug", "shop/web", 80),
+];
+
+fn connects(from: &Pod, to: &Pod, port: u16) -> bool {
+    let addr = SocketAddr::new(to.ip, port);
+    in_pod(from, move || {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(700)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(700)));
+        let mut banner = [0u8; 64];
+        s.read(&mut banner).is_ok_and(|n| n > 0)
+    })
+}
+
+type Matrix = BTreeMap<String, BTreeMap<String, bool>>;
+
+fn probe(state: &str, port: u16) -> Matrix {
+    serde_json::from_str(&run_ok(&[
+        "lab",
+        "--state",
+        state,
+        "probe",
+        "--port",
+        &port.to_string(),
+        "-o",
+        "json",
+    ]))
+    .expect("probe json")
+}
+
+#[test]
+fn recommended_policies_admit_exactly_the_observed_traffic() {
+    if !check_privileged_test("recommended_policies_admit_exactly_the_observed_traffic") {
+        return;
+    }
+    let lab = TestLab::up("recommend-e2e", MANIFESTS, 19600);
+    let s = lab.arg();
+    let p = pods(&lab.state);
+
+    // The pattern, as real connections (nothing enforced yet: all are admitted).
+    for (from, to, port) in PATTERN {
+        assert!(connects(&p[from], &p[to], port), "{from} → {to}:{port}");
+    }
+
+    // The controller learns the edges as the agents' flow records arrive.
+    let recommend = |output: &str| {
+        run_ok(&[
+            "policy",
+            "recommend",
+            "--lab",
+            &s,
+            "-n",
+            "shop",
+            "-n",
+            "tools",
+            "-o",
+            output,
+        ])
+    };
+    let started = Instant::now();
+    let learned = loop {
+        let r: serde_json::Value = serde_json::from_str(&recommend("json")).expect("json");
+        if r["edges"].as_u64() >= Some(PATTERN.len() as u64) {
+            break r;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the controller did not learn the pattern's edges: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(learned["edges"], PATTERN.len(), "{learned}");
+    assert_eq!(learned["status"], "learning", "the edges are new");
+    let yaml = recommend("yaml");
+    println!("{yaml}");
+    assert_eq!(yaml.matches("kind: NetworkPolicy").count(), 4, "{yaml}");
+    assert!(!yaml.contains("pod-template-hash"), "{yaml}");
+
+    // Applied as enforced.
+    let file = lab.dir.join("recommended.yaml");
+    std::fs::write(&file, &yaml).expect("write");
+    run_ok(&["lab", "--state", &s, "apply", "-f", &file.to_string_lossy()]);
+    for port in [80, 8080, 5432] {
+        let m = probe(&s, port);
+        for (src, row) in &m {
+            for (dst, &admitted) in row {
+                if src == dst {
+                    continue;
+                }
+                let observed = PATTERN.contains(&(src.as_str(), dst.as_str(), port));
+                assert_eq!(
+                    admitted, observed,
+                    "{src} → {dst}:{port}: observed {observed}, admitted {admitted}\n{yaml}"
+                );
+            }
+        }
+    }
+    for (from, to, port) in PATTERN {
+        assert!(
+            connects(&p[from], &p[to], port),
+            "{from} → {to}:{port} still works"
+        );
+    }
+}
