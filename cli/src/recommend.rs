@@ -1,5 +1,5 @@
-//! `bulkhead policy recommend`: least-privilege NetworkPolicies learned from the traffic a
-//! controller saw (its `/api/recommend`), printed as multi-document Kubernetes YAML.
+//! `bulkhead policy recommend`: least-privilege NetworkPolicies (or ServicePolicies) learned
+//! from the traffic a controller saw (its `/api/recommend`), printed as multi-document YAML.
 
 use std::{
     io::Write,
@@ -8,7 +8,10 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use bulkhead_controller::{recommend::Recommendation, server::api::recommend::RecommendQuery};
+use bulkhead_controller::{
+    recommend::{RecommendKind, Recommendation},
+    server::api::recommend::RecommendQuery,
+};
 
 use crate::flows::Source;
 
@@ -18,8 +21,19 @@ pub enum RecommendFormat {
     Json,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum KindArg {
+    /// Kubernetes NetworkPolicies, one per workload, by its stable labels.
+    Networkpolicy,
+    /// Bulkhead ServicePolicies, one per service account.
+    Servicepolicy,
+}
+
 #[derive(clap::Args)]
 pub struct RecommendArgs {
+    /// What to write the policies as.
+    #[arg(long, value_enum, default_value = "networkpolicy")]
+    kind: KindArg,
     /// Namespaces whose workloads get a policy (repeatable); default: every namespace of an
     /// observed pod.
     #[arg(short = 'n', long = "namespace", value_name = "NS")]
@@ -58,6 +72,10 @@ pub fn recommend(a: RecommendArgs) -> anyhow::Result<ExitCode> {
         namespaces: (!a.namespaces.is_empty()).then(|| a.namespaces.join(",")),
         since,
         learning_seconds: Some(a.learning.as_secs()),
+        kind: Some(match a.kind {
+            KindArg::Networkpolicy => RecommendKind::NetworkPolicy,
+            KindArg::Servicepolicy => RecommendKind::ServicePolicy,
+        }),
     };
     let body = a.source.get(&query.path())?;
     let r: Recommendation = serde_json::from_str(&body).with_context(|| {

@@ -41,6 +41,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     identity::LabelFilter,
+    kubernetes::crd::{
+        IntOrString as PortValue, PolicyPort, ServicePeer, ServicePolicy, ServicePolicySpec,
+        ServiceRef, ServiceRule, ServiceSubject,
+    },
     model::{Labels, NAMESPACE_NAME_LABEL, Pod},
     ruleset::{Direction, FlowRecord, FlowVerdict, PodKey, Protocol},
 };
@@ -52,8 +56,21 @@ pub const LEARNED_ANNOTATION: &str = "bulkhead.dev/learned-from";
 /// The label every recommended policy carries.
 pub const RECOMMENDED_LABEL: &str = "bulkhead.dev/recommended";
 
+/// What a recommendation is written as.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecommendKind {
+    /// Kubernetes NetworkPolicies, one per workload, selected by its stable labels.
+    #[default]
+    NetworkPolicy,
+    /// Bulkhead ServicePolicies, one per service identity (namespace and service account),
+    /// peers by service account; ICMP can be named.
+    ServicePolicy,
+}
+
 #[derive(Debug, Clone)]
 pub struct RecommendOptions {
+    pub kind: RecommendKind,
     /// Namespaces whose workloads get a policy; empty: every namespace of an observed pod.
     pub namespaces: BTreeSet<String>,
     /// Edges first seen within this long before `now` make the recommendation `learning`.
@@ -93,13 +110,18 @@ impl std::fmt::Display for WorkloadRef {
     }
 }
 
-fn workload_of(pod: &Pod) -> WorkloadRef {
+/// The group a pod is recommended for: its workload, or for ServicePolicies its service
+/// identity (`ServiceAccount/<name>`).
+fn workload_of(pod: &Pod, kind: RecommendKind) -> WorkloadRef {
     WorkloadRef {
         namespace: pod.namespace.clone(),
-        name: pod
-            .workload
-            .clone()
-            .unwrap_or_else(|| format!("Pod/{}", pod.name)),
+        name: match kind {
+            RecommendKind::NetworkPolicy => pod
+                .workload
+                .clone()
+                .unwrap_or_else(|| format!("Pod/{}", pod.name)),
+            RecommendKind::ServicePolicy => format!("ServiceAccount/{}", pod.service_account),
+        },
     }
 }
 
@@ -165,12 +187,40 @@ impl Seen {
     }
 }
 
-/// A recommended policy, with the workload it is for.
+/// Edges of one peer, with how they were seen.
+type EdgesSeen = BTreeMap<Edge, Seen>;
+/// The peers of a workload in one direction.
+type Peers = BTreeMap<End, EdgesSeen>;
+
+/// A recommended policy object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RecommendedObject {
+    NetworkPolicy(NetworkPolicy),
+    ServicePolicy(ServicePolicy),
+}
+
+/// A recommended policy, with the workload (or service identity) it is for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecommendedPolicy {
     pub workload: WorkloadRef,
     pub status: RecommendationStatus,
-    pub policy: NetworkPolicy,
+    pub policy: RecommendedObject,
+}
+
+impl RecommendedPolicy {
+    pub fn network_policy(&self) -> Option<&NetworkPolicy> {
+        match &self.policy {
+            RecommendedObject::NetworkPolicy(p) => Some(p),
+            RecommendedObject::ServicePolicy(_) => None,
+        }
+    }
+
+    pub fn service_policy(&self) -> Option<&ServicePolicy> {
+        match &self.policy {
+            RecommendedObject::ServicePolicy(p) => Some(p),
+            RecommendedObject::NetworkPolicy(_) => None,
+        }
+    }
 }
 
 /// What `recommend` learned.
@@ -199,7 +249,10 @@ impl Recommendation {
         let mut out = String::new();
         for p in &self.policies {
             out.push_str("---\n");
-            out.push_str(&serde_yaml::to_string(&p.policy)?);
+            out.push_str(&match &p.policy {
+                RecommendedObject::NetworkPolicy(o) => serde_yaml::to_string(o)?,
+                RecommendedObject::ServicePolicy(o) => serde_yaml::to_string(o)?,
+            });
         }
         Ok(out)
     }
@@ -239,13 +292,13 @@ struct Workloads {
     pod_at: BTreeMap<IpAddr, PodKey>,
 }
 
-fn workloads(pods: &[Pod], filter: &LabelFilter) -> Workloads {
+fn workloads(pods: &[Pod], filter: &LabelFilter, kind: RecommendKind) -> Workloads {
     let mut common: BTreeMap<WorkloadRef, Labels> = BTreeMap::new();
     let mut by_pod = BTreeMap::new();
     let mut addresses: BTreeMap<WorkloadRef, BTreeSet<IpAddr>> = BTreeMap::new();
     let mut pod_at = BTreeMap::new();
     for p in pods.iter().filter(|p| !p.host_network) {
-        let w = workload_of(p);
+        let w = workload_of(p, kind);
         let labels = filter.apply(&p.labels);
         by_pod.insert(p.key(), w.clone());
         if !p.synthetic_ips {
@@ -299,7 +352,7 @@ pub fn recommend<'a>(
         by_pod,
         addresses,
         pod_at,
-    } = workloads(pods, &opts.label_filter);
+    } = workloads(pods, &opts.label_filter, opts.kind);
     let mut edges: BTreeMap<(End, End, Edge), Seen> = BTreeMap::new();
     let mut records_used = 0u64;
     let mut unknown_pods = 0u64;
@@ -354,13 +407,14 @@ pub fn recommend<'a>(
         .saturating_sub(opts.learning_window.as_nanos() as u64);
     let mut icmp_edges = 0;
     // Per covered workload: (ingress peers, egress peers), each peer → edge → seen.
-    type Peers = BTreeMap<End, BTreeMap<Edge, Seen>>;
     let mut per_workload: BTreeMap<WorkloadRef, (Peers, Peers)> = BTreeMap::new();
     for w in labels.keys().filter(|w| covered(w)) {
         per_workload.entry(w.clone()).or_default();
     }
     for ((src, dst, edge), seen) in &edges {
-        if matches!(edge.protocol, Protocol::Icmp | Protocol::Icmpv6) {
+        if opts.kind == RecommendKind::NetworkPolicy
+            && matches!(edge.protocol, Protocol::Icmp | Protocol::Icmpv6)
+        {
             icmp_edges += 1;
             continue;
         }
@@ -439,7 +493,23 @@ pub fn recommend<'a>(
             rfc3339(total.last)
         )
     };
+    let status_of = |newest_first: u64| {
+        if newest_first >= learning_since && newest_first > 0 {
+            RecommendationStatus::Learning
+        } else {
+            RecommendationStatus::Stable
+        }
+    };
     for (w, (ingress, egress)) in per_workload {
+        if opts.kind == RecommendKind::ServicePolicy {
+            let (policy, newest_first) = service_policy(&w, &ingress, &egress, &learned, status_of);
+            policies.push(RecommendedPolicy {
+                workload: w,
+                status: status_of(newest_first),
+                policy: RecommendedObject::ServicePolicy(policy),
+            });
+            continue;
+        }
         let Some(own) = labels.get(&w).filter(|l| !l.is_empty()) else {
             not_covered.push((
                 w.clone(),
@@ -493,11 +563,7 @@ pub fn recommend<'a>(
             });
             newest_first = newest_first.max(edges.values().map(|s| s.first).max().unwrap_or(0));
         }
-        let status = if newest_first >= learning_since && newest_first > 0 {
-            RecommendationStatus::Learning
-        } else {
-            RecommendationStatus::Stable
-        };
+        let status = status_of(newest_first);
         annotations.insert(STATUS_ANNOTATION.to_string(), status.as_str().to_string());
         let policy = NetworkPolicy {
             metadata: ObjectMeta {
@@ -520,7 +586,7 @@ pub fn recommend<'a>(
         policies.push(RecommendedPolicy {
             workload: w,
             status,
-            policy,
+            policy: RecommendedObject::NetworkPolicy(policy),
         });
     }
     let status = if policies
@@ -541,6 +607,133 @@ pub fn recommend<'a>(
         not_covered,
         broad_selectors,
     }
+}
+
+/// The ServicePolicy of one service identity (`w.name` is `ServiceAccount/<name>`): its subject
+/// is the service account; peers are service accounts (of another namespace by name) or
+/// addresses. A direction with nothing observed gets a Deny of everything (`cluster` and
+/// `world`): a ServicePolicy isolates only with an Allow rule. Returns the policy and the
+/// newest first-seen time of its edges.
+fn service_policy(
+    w: &WorkloadRef,
+    ingress: &Peers,
+    egress: &Peers,
+    learned: &dyn Fn(&End, &EdgesSeen, &str) -> String,
+    status_of: impl Fn(u64) -> RecommendationStatus,
+) -> (ServicePolicy, u64) {
+    let account = |w: &WorkloadRef| {
+        w.name
+            .strip_prefix("ServiceAccount/")
+            .unwrap_or(&w.name)
+            .to_string()
+    };
+    let peer = |end: &End| match end {
+        End::Address(a) => ServicePeer {
+            cidr: Some(host_block(*a).cidr),
+            ..Default::default()
+        },
+        End::Workload(p) => ServicePeer {
+            service: Some(ServiceRef {
+                service_account: Some(account(p)),
+                namespace: (p.namespace != w.namespace).then(|| p.namespace.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    };
+    let ports = |edges: &BTreeMap<Edge, Seen>| -> Vec<PolicyPort> {
+        edges
+            .keys()
+            .map(|e| match e.protocol {
+                Protocol::Icmp => PolicyPort {
+                    protocol: Some("ICMP".into()),
+                    ..Default::default()
+                },
+                Protocol::Icmpv6 => PolicyPort {
+                    protocol: Some("ICMPv6".into()),
+                    ..Default::default()
+                },
+                p => PolicyPort {
+                    protocol: Some(format!("{p:?}").to_uppercase()),
+                    port: Some(PortValue::Int(i64::from(e.port))),
+                    end_port: None,
+                },
+            })
+            .collect()
+    };
+    let everything = || {
+        ["cluster", "world"]
+            .map(|e| ServicePeer {
+                entity: Some(e.to_string()),
+                ..Default::default()
+            })
+            .to_vec()
+    };
+    let mut annotations = BTreeMap::new();
+    let mut newest_first = 0u64;
+    let mut rules = |peers: &Peers, ingress: bool| {
+        let (dir, word) = if ingress {
+            ("ingress", "from")
+        } else {
+            ("egress", "to")
+        };
+        let mut out = Vec::new();
+        for (i, (end, edges)) in peers.iter().enumerate() {
+            annotations.insert(
+                format!("{LEARNED_ANNOTATION}.{dir}.{i}"),
+                learned(end, edges, word),
+            );
+            newest_first = newest_first.max(edges.values().map(|s| s.first).max().unwrap_or(0));
+            let mut rule = ServiceRule {
+                ports: Some(ports(edges)),
+                ..Default::default()
+            };
+            if ingress {
+                rule.from = Some(vec![peer(end)]);
+            } else {
+                rule.to = Some(vec![peer(end)]);
+            }
+            out.push(rule);
+        }
+        if out.is_empty() {
+            let mut deny = ServiceRule {
+                action: Some("Deny".into()),
+                ..Default::default()
+            };
+            if ingress {
+                deny.from = Some(everything());
+            } else {
+                deny.to = Some(everything());
+            }
+            out.push(deny);
+        }
+        out
+    };
+    let ingress_rules = rules(ingress, true);
+    let egress_rules = rules(egress, false);
+    annotations.insert(
+        STATUS_ANNOTATION.to_string(),
+        status_of(newest_first).as_str().to_string(),
+    );
+    let mut policy = ServicePolicy::new(
+        &policy_name(w),
+        ServicePolicySpec {
+            mode: None,
+            subject: Some(ServiceSubject {
+                service_account: Some(account(w)),
+                pod_selector: None,
+            }),
+            ingress: Some(ingress_rules),
+            egress: Some(egress_rules),
+        },
+    );
+    policy.metadata.namespace = Some(w.namespace.clone());
+    policy.metadata.labels = Some(BTreeMap::from([(
+        RECOMMENDED_LABEL.to_string(),
+        "true".to_string(),
+    )]));
+    policy.metadata.annotations = Some(annotations);
+    (policy, newest_first)
 }
 
 #[cfg(test)]

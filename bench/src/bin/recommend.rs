@@ -15,7 +15,7 @@ use bulkhead_bench::{Rng, labels, node_name, pod, pod_ip};
 use bulkhead_controller::{
     identity::LabelFilter,
     model::Pod,
-    recommend::{RecommendOptions, recommend},
+    recommend::{RecommendKind, RecommendOptions, recommend},
     ruleset::{
         Direction, EndpointRef, FlowKind, FlowReason, FlowRecord, FlowRule, FlowVerdict, PodKey,
     },
@@ -134,6 +134,7 @@ fn main() {
         records.len()
     );
     let opts = RecommendOptions {
+        kind: RecommendKind::NetworkPolicy,
         namespaces: Default::default(),
         learning_window: Duration::from_secs(600),
         now_unix_nanos: T0 + 3_600_000_000_000,

@@ -223,6 +223,7 @@ fn observed() -> Vec<FlowRecord> {
 
 fn options(now: u64) -> RecommendOptions {
     RecommendOptions {
+        kind: RecommendKind::NetworkPolicy,
         namespaces: BTreeSet::from(["shop".to_string()]),
         learning_window: Duration::from_secs(600),
         now_unix_nanos: now,
@@ -303,10 +304,10 @@ fn selectors_use_stable_labels_and_rules_say_what_they_learned_from() {
         .find(|p| p.workload.name == "ReplicaSet/api-77c4")
         .unwrap();
     assert_eq!(
-        api.policy.metadata.name.as_deref(),
+        api.network_policy().unwrap().metadata.name.as_deref(),
         Some("api-77c4-replicaset")
     );
-    let spec = api.policy.spec.as_ref().unwrap();
+    let spec = api.network_policy().unwrap().spec.as_ref().unwrap();
     assert_eq!(
         spec.pod_selector.as_ref().unwrap().match_labels,
         Some(BTreeMap::from([
@@ -314,7 +315,13 @@ fn selectors_use_stable_labels_and_rules_say_what_they_learned_from() {
             ("tier".to_string(), "backend".to_string())
         ]))
     );
-    let notes = api.policy.metadata.annotations.as_ref().unwrap();
+    let notes = api
+        .network_policy()
+        .unwrap()
+        .metadata
+        .annotations
+        .as_ref()
+        .unwrap();
     assert_eq!(
         notes[&format!("{LEARNED_ANNOTATION}.ingress.0")],
         "from shop/ReplicaSet/web-5d8f TCP/8080: 3 connections, first seen 2026-12-07T10:01:00Z, last seen 2026-12-07T10:03:00Z"
@@ -361,7 +368,8 @@ fn deterministic_and_a_new_edge_is_a_minimal_diff() {
     let before = recommend(&observed(), &cluster, &opts);
     for (old, new) in before.policies.iter().zip(&c.policies) {
         assert_eq!(old.workload, new.workload);
-        let changed = old.policy != new.policy;
+        let yaml = |p: &RecommendedPolicy| serde_json::to_string(&p.policy).unwrap();
+        let changed = yaml(old) != yaml(new);
         let touched =
             ["ReplicaSet/web-5d8f", "StatefulSet/db"].contains(&new.workload.name.as_str());
         assert_eq!(changed, touched, "{}", new.workload);
@@ -431,7 +439,8 @@ fn what_cannot_be_expressed_is_reported() {
         .find(|p| p.workload.name == "ReplicaSet/api-77c4")
         .unwrap();
     let by_address = api
-        .policy
+        .network_policy()
+        .unwrap()
         .spec
         .as_ref()
         .unwrap()
@@ -460,4 +469,81 @@ fn unnamed_peers_are_found_by_address() {
         recommend(&unnamed, &cluster, &opts).to_yaml().unwrap(),
         named
     );
+}
+
+/// ServicePolicies, one per service identity, peers by service account: applied as enforced
+/// they admit exactly the observed connections (ICMP included, which a ServicePolicy can name),
+/// and a service identity with nothing observed in a direction is closed in it.
+#[test]
+fn service_policies_admit_exactly_what_was_observed() {
+    // Each workload runs as its own service account.
+    let yaml = cluster().replace(
+        "spec: {nodeName: node-1,",
+        "spec: {nodeName: node-1, serviceAccountName: SA,",
+    );
+    let mut with_accounts = String::new();
+    for doc in yaml.split("---\n") {
+        let sa = ["web", "api", "db", "debug", "coredns"]
+            .into_iter()
+            .find(|n| doc.contains(&format!("name: {n}")))
+            .unwrap_or("default");
+        with_accounts.push_str("---\n");
+        with_accounts.push_str(&doc.replace(
+            "serviceAccountName: SA",
+            &format!("serviceAccountName: {sa}"),
+        ));
+    }
+    let objs = objects(&with_accounts);
+    let mut records = observed();
+    records.extend(both_ends(WEB_A, API, Protocol::Icmp, 0, T0));
+    let mut opts = options(T0 + 60 * MINUTE);
+    opts.kind = RecommendKind::ServicePolicy;
+    let r = recommend(&records, &pods(&objs), &opts);
+    let names: Vec<String> = r.policies.iter().map(|p| p.workload.to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "shop/ServiceAccount/api",
+            "shop/ServiceAccount/db",
+            "shop/ServiceAccount/web"
+        ]
+    );
+    assert_eq!(r.icmp_edges, 0);
+    let out = r.to_yaml().unwrap();
+    assert_eq!(out.matches("kind: ServicePolicy").count(), 3, "{out}");
+    let mut all = objects(&with_accounts);
+    all.extend(objects(&out));
+    let engine = PolicyEngine::new(EngineConfig::default(), all).unwrap();
+    let reach = Reachability::new(&engine);
+    let may = |a: (&str, &str), b: (&str, &str), proto: Protocol, port: u16| {
+        reach.allowed(&key(a.0), &key(b.0), proto, port).unwrap()
+    };
+    for (a, b, proto, port) in [
+        (WEB_A, API, Protocol::Tcp, 8080),
+        (WEB_B, API, Protocol::Tcp, 8080),
+        (WEB_A, API, Protocol::Icmp, 0),
+        (API, DB, Protocol::Tcp, 5432),
+        (DB, DNS, Protocol::Udp, 53),
+        (DEBUG, WEB_A, Protocol::Tcp, 80),
+    ] {
+        assert!(
+            may(a, b, proto, port),
+            "{a:?} → {b:?} {proto:?}/{port}\n{out}"
+        );
+    }
+    for (a, b, proto, port) in [
+        (WEB_A, DB, Protocol::Tcp, 5432),
+        (API, WEB_A, Protocol::Tcp, 80),
+        (DB, API, Protocol::Tcp, 8080),
+        (DEBUG, API, Protocol::Tcp, 8080),
+        (DEBUG, DB, Protocol::Tcp, 5432),
+        (DB, WEB_A, Protocol::Icmp, 0),
+    ] {
+        assert!(
+            !may(a, b, proto, port),
+            "{a:?} → {b:?} {proto:?}/{port}\n{out}"
+        );
+    }
+    // The db initiates nothing but DNS; nothing observed reaches the web but debug's.
+    assert!(out.contains("serviceAccount: debug"), "{out}");
 }

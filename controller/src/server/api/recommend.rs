@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiState};
 use crate::{
-    recommend::{RecommendOptions, Recommendation, recommend as learn},
+    recommend::{RecommendKind, RecommendOptions, Recommendation, recommend as learn},
     ruleset::{FlowEntry, FlowRecord},
 };
 
@@ -29,6 +29,8 @@ pub struct RecommendQuery {
     pub since: Option<u64>,
     /// Edges first seen within this many seconds before now keep a recommendation `learning`.
     pub learning_seconds: Option<u64>,
+    /// `networkpolicy` (default) or `servicepolicy`.
+    pub kind: Option<RecommendKind>,
 }
 
 impl RecommendQuery {
@@ -46,6 +48,11 @@ impl RecommendQuery {
         }
         if let Some(l) = self.learning_seconds {
             q.push(format!("learning_seconds={l}"));
+        }
+        match self.kind {
+            Some(RecommendKind::ServicePolicy) => q.push("kind=servicepolicy".into()),
+            Some(RecommendKind::NetworkPolicy) => q.push("kind=networkpolicy".into()),
+            None => {}
         }
         format!("/api/recommend?{}", q.join("&"))
     }
@@ -96,6 +103,7 @@ pub(super) async fn recommend(
             .unwrap_or_default()
             .as_nanos() as u64;
         let opts = RecommendOptions {
+            kind: q.kind.unwrap_or_default(),
             namespaces,
             learning_window: q
                 .learning_seconds

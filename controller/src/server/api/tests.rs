@@ -953,14 +953,22 @@ async fn recommend_learns_from_admitted_records_only() {
     assert_eq!(status, 200, "{body}");
     let r: crate::recommend::Recommendation = serde_json::from_value(body).expect("typed");
     let names: Vec<String> = r.policies.iter().map(|p| p.workload.to_string()).collect();
-    assert_eq!(names, ["shop/Pod/backend", "shop/Pod/db", "shop/Pod/frontend"]);
+    assert_eq!(
+        names,
+        ["shop/Pod/backend", "shop/Pod/db", "shop/Pod/frontend"]
+    );
     assert_eq!(r.records, 1, "one admitted record");
-    let backend = r.policies[0].policy.spec.as_ref().expect("spec");
+    let backend = r.policies[0]
+        .network_policy()
+        .and_then(|p| p.spec.as_ref())
+        .expect("spec");
     let ingress = backend.ingress.as_ref().expect("ingress");
     assert_eq!(ingress.len(), 1);
     let peer = &ingress[0].from.as_ref().expect("from")[0];
     assert_eq!(
-        peer.pod_selector.as_ref().and_then(|s| s.match_labels.clone()),
+        peer.pod_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone()),
         Some([("app".to_string(), "frontend".to_string())].into())
     );
     assert_eq!(backend.egress.as_ref().map(Vec::len), Some(0));
@@ -971,5 +979,8 @@ async fn recommend_learns_from_admitted_records_only() {
     assert_eq!(status, 200);
     let (status, err) = get_json(f.addr, "/api/recommend?since=yesterday").await;
     assert_eq!(status, 400);
-    assert!(err["error"].as_str().unwrap_or("").contains("since"), "{err}");
+    assert!(
+        err["error"].as_str().unwrap_or("").contains("since"),
+        "{err}"
+    );
 }
