@@ -397,8 +397,16 @@ pub fn tags() -> anyhow::Result<(String, String, Vec<String>)> {
     Ok((version, commit, tags))
 }
 
-/// Builds both architectures and writes the archives; returns the per-architecture archives.
-pub fn build_images(targets: &[Target]) -> anyhow::Result<Vec<(Target, PathBuf)>> {
+/// The archives one build wrote.
+pub struct Built {
+    /// Per architecture: `bulkhead-<version>-<arch>.oci.tar`.
+    pub images: Vec<(Target, PathBuf)>,
+    /// With more than one architecture: `bulkhead-<version>.oci.tar`, all under one index.
+    pub index: Option<PathBuf>,
+}
+
+/// Builds the architectures and writes the archives.
+pub fn build_images(targets: &[Target]) -> anyhow::Result<Built> {
     let (version, commit, tags) = tags()?;
     let out_dir = project_root().join("target/image");
     fs::create_dir_all(&out_dir)?;
@@ -409,6 +417,7 @@ pub fn build_images(targets: &[Target]) -> anyhow::Result<Vec<(Target, PathBuf)>
         images.push(image(*target, &binary, &version, &commit)?);
     }
     let mut written = Vec::new();
+    let mut index_path = None;
     for img in &images {
         let path = out_dir.join(format!("bulkhead-{version}-{}.oci.tar", img.target.name));
         let blobs: Vec<&Blob> = img.blobs.iter().collect();
@@ -461,8 +470,12 @@ pub fn build_images(targets: &[Target]) -> anyhow::Result<Vec<(Target, PathBuf)>
                 .join(", linux/"),
             tags.join(", ")
         );
+        index_path = Some(path);
     }
-    Ok(written)
+    Ok(Built {
+        images: written,
+        index: index_path,
+    })
 }
 
 pub fn image_task(arch: Option<&str>, rootfs: Option<&Path>) -> anyhow::Result<()> {

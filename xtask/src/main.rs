@@ -178,8 +178,8 @@ fn container_test() -> anyhow::Result<()> {
     image::setup()?;
     chart::setup_helm()?;
     container::setup()?;
-    let images = image::build_images(&[image::AMD64])?;
-    container::test(&images)
+    let built = image::build_images(&[image::AMD64])?;
+    container::test(&built)
 }
 
 /// What building Bulkhead and running the demo need.
@@ -338,9 +338,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         .args(extra))?;
     chart::test()?;
     // The image for both architectures, and the arm64 binary run under qemu-user.
-    let images = image::build_images(&image::TARGETS)?;
-    image::test_arm64(&images)?;
-    // The amd64 image in podman, configured as the chart configures it.
-    container::test(&images)?;
+    let built = image::build_images(&image::TARGETS)?;
+    image::test_arm64(&built.images)?;
+    // The images pushed to a registry and pulled from it; the amd64 image in podman, configured
+    // as the chart configures it.
+    container::test(&built)?;
     Ok(())
 }

@@ -43,13 +43,19 @@ use std::{
 
 use anyhow::{Context, anyhow, bail};
 
-use crate::{describe, image::Target, output, project_root, step};
+use crate::{describe, image::Built, output, project_root, step};
 
 mod mapping;
 mod pods;
+mod registry;
 mod rendered;
 
-use self::{mapping::*, pods::*, rendered::*};
+use self::{
+    mapping::*,
+    pods::*,
+    registry::{Registry, expected_platforms},
+    rendered::*,
+};
 
 /// Set in CI: a privileged test that cannot run fails instead of skipping.
 const REQUIRE_PRIVILEGED_ENV: &str = "BULKHEAD_REQUIRE_PRIVILEGED";
@@ -57,8 +63,6 @@ const REQUIRE_PRIVILEGED_ENV: &str = "BULKHEAD_REQUIRE_PRIVILEGED";
 /// its cleanup runs on failure.
 const FAIL_AT_ENV: &str = "BULKHEAD_CONTAINER_TEST_FAIL_AT";
 
-/// The image name the chart is rendered with (`image.repository`).
-const REPOSITORY: &str = "localhost/bulkhead";
 /// The namespace the chart is rendered into, as the README installs it.
 const RELEASE_NAMESPACE: &str = "bulkhead-system";
 /// Ports the test pods' servers listen on: the policy admits the client on the first only.
@@ -71,8 +75,9 @@ const DENIED_PORT: u16 = 8081;
 pub const PACKAGES: &[&str] = &["podman", "runc", "curl"];
 
 pub fn setup() -> anyhow::Result<()> {
-    step("setup: podman, runc and curl (the container test)");
-    crate::install_packages(PACKAGES)
+    step("setup: podman, runc, curl, a registry and skopeo (the container test)");
+    crate::install_packages(PACKAGES)?;
+    crate::install_packages(registry::PACKAGES)
 }
 
 /// Why podman cannot run containers here, if it cannot.
@@ -94,13 +99,11 @@ fn podman_unusable(names: &Names) -> Option<String> {
 
 /// The container test: skipped only where podman cannot run (failed instead with
 /// `BULKHEAD_REQUIRE_PRIVILEGED=1`).
-pub fn test(images: &[(Target, PathBuf)]) -> anyhow::Result<()> {
-    step("test: the amd64 image in podman, configured as the chart configures it");
-    let archive = images
-        .iter()
-        .find(|(t, _)| t.name == "amd64")
-        .map(|(_, p)| p.clone())
-        .context("no amd64 image was built")?;
+pub fn test(built: &Built) -> anyhow::Result<()> {
+    step("test: the image pushed to a registry, pulled by podman, run as the chart configures it");
+    if !built.images.iter().any(|(t, _)| t.name == "amd64") {
+        bail!("no amd64 image was built");
+    }
     let names = Names::new();
     fs::create_dir_all(names.storage())?;
     if let Some(why) = podman_unusable(&names) {
@@ -112,7 +115,7 @@ pub fn test(images: &[(Target, PathBuf)]) -> anyhow::Result<()> {
         return Ok(());
     }
     let started = Instant::now();
-    let result = run_test(&names, &archive);
+    let result = run_test(&names, built);
     // The guard inside has dropped: whatever happened, nothing may be left.
     let left = names.leftovers();
     println!(
@@ -260,14 +263,14 @@ fn probe_all(
     Ok(())
 }
 
-fn run_test(names: &Names, archive: &Path) -> anyhow::Result<()> {
+fn run_test(names: &Names, built: &Built) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut guard = Cleanup {
         names,
         stop_servers: stop.clone(),
         servers: None,
     };
-    let result = run_checks(names, archive, &mut guard);
+    let result = run_checks(names, built, &mut guard);
     if result.is_err() {
         for c in [&names.controller_container, &names.agent_container] {
             // The container's stderr comes on podman's stderr.
@@ -284,7 +287,7 @@ fn run_test(names: &Names, archive: &Path) -> anyhow::Result<()> {
     result
 }
 
-fn run_checks(names: &Names, archive: &Path, guard: &mut Cleanup) -> anyhow::Result<()> {
+fn run_checks(names: &Names, built: &Built, guard: &mut Cleanup) -> anyhow::Result<()> {
     let root = project_root();
     let binary = root
         .join("target")
@@ -350,10 +353,37 @@ fn run_checks(names: &Names, archive: &Path, guard: &mut Cleanup) -> anyhow::Res
         fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
     }
 
-    // The chart, rendered with the built tag and the local image name; the agent's host ports
-    // are free ones, so that parallel runs and other agents on this host do not collide.
-    let (_, _, tags) = crate::image::tags()?;
-    let tag = tags.last().context("no image tag")?; // <version>-<commit>
+    // The image as the README ships it: the archive pushed to a registry with skopeo (both
+    // architectures under one index when both were built), the chart rendered with that
+    // registry as `image.repository` and its default tag (the `appVersion`), the image pulled
+    // from there by podman as a node's runtime pulls it. The agent's host ports are free ones,
+    // so that parallel runs and other agents on this host do not collide.
+    let (version, _, _) = crate::image::tags()?;
+    let registry = Registry::start(&names.dir.join("registry"))?;
+    let t = Instant::now();
+    let amd64 = built
+        .images
+        .iter()
+        .find(|(t, _)| t.name == "amd64")
+        .map(|(_, p)| p.as_path())
+        .context("no amd64 image was built")?;
+    let reference = match &built.index {
+        Some(index) => registry.push(index, true, &version)?,
+        None => registry.push(amd64, false, &version)?,
+    };
+    let platforms = registry.platforms(&reference)?;
+    let targets: Vec<_> = built.images.iter().map(|(t, _)| *t).collect();
+    if platforms != expected_platforms(&targets) {
+        bail!(
+            "the registry serves {reference} for {platforms:?}, not for {:?}",
+            expected_platforms(&targets)
+        );
+    }
+    println!(
+        "    pushed {reference} in {:.1} s: {}",
+        t.elapsed().as_secs_f64(),
+        platforms.join(", ")
+    );
     let (metrics_port, http_port) = (free_port()?, free_port()?);
     let rendered = output(Command::new(crate::chart::helm()).args([
         "template",
@@ -362,40 +392,67 @@ fn run_checks(names: &Names, archive: &Path, guard: &mut Cleanup) -> anyhow::Res
         "--namespace",
         RELEASE_NAMESPACE,
         "--set",
-        &format!("image.repository={REPOSITORY}"),
-        "--set",
-        &format!("image.tag={tag}"),
+        &format!("image.repository={}", registry.repository()),
         "--set",
         &format!("agent.metrics.port={metrics_port}"),
         "--set",
         &format!("agent.http.port={http_port}"),
     ]))?;
     let (agent_pod, mut controller_pod) = workloads(&rendered)?;
+    for c in agent_pod
+        .containers
+        .iter()
+        .chain(&controller_pod.containers)
+    {
+        if c.image != reference {
+            bail!(
+                "the chart renders container {} with image {}, not the pushed {reference}",
+                c.name,
+                c.image
+            );
+        }
+    }
 
-    // The image.
+    // `podman load` of the per-architecture archive names the image as the README says, and
+    // the pull from the registry gives the very same image (one image id).
     let t = Instant::now();
-    let loaded = output(podman(names).args(["load", "--input", &archive.display().to_string()]))?;
+    let loaded = output(podman(names).args(["load", "--input", &amd64.display().to_string()]))?;
+    let loaded_as = format!("localhost/{}", crate::image::archive_name(&version));
+    let pulled = output(podman(names).args(["pull", "--quiet", "--tls-verify=false", &reference]))?;
     let images: serde_json::Value =
         serde_json::from_str(&output(podman(names).args(["images", "--format", "json"]))?)?;
-    let [image] = images.as_array().map(|a| &a[..]).unwrap_or_default() else {
-        bail!("expected one image in the test's storage after `podman load`: {images}");
+    // `podman images` lists an image once per name: one distinct id is one image.
+    let rows = images.as_array().map(|a| &a[..]).unwrap_or_default();
+    let ids: std::collections::BTreeSet<&str> =
+        rows.iter().filter_map(|i| i["Id"].as_str()).collect();
+    let (Some(image), 1) = (rows.first(), ids.len()) else {
+        bail!(
+            "expected one image after `podman load` and `podman pull` of the same build: {images}"
+        );
     };
     let id = image["Id"].as_str().context("podman images: no Id")?;
-    // The archive names its image itself; the suite's build is then tagged with its commit, the
-    // tag the chart is rendered with.
-    let (version, _, _) = crate::image::tags()?;
-    let loaded_as = format!("localhost/{}", crate::image::archive_name(&version));
     let names_of = image["Names"].as_array().cloned().unwrap_or_default();
-    if !names_of.iter().any(|n| n == loaded_as.as_str()) {
-        bail!("`podman load` named the image {names_of:?}, not {loaded_as}");
+    for want in [&loaded_as, &reference] {
+        if !names_of.iter().any(|n| n == want.as_str()) {
+            bail!("the image is named {names_of:?}, not {want}");
+        }
     }
-    let want = format!("{REPOSITORY}:{tag}");
-    output(podman(names).args(["tag", id, &want]))?;
+    if pulled.trim() != id {
+        bail!(
+            "`podman pull {reference}` gave image {}, `podman load` {id}",
+            pulled.trim()
+        );
+    }
     println!(
-        "    podman load: {:.1} s ({}), image {} as {want}",
-        t.elapsed().as_secs_f64(),
+        "    podman load ({}) and pull from the registry: {:.1} s, one image {} named {}",
         loaded.trim().replace('\n', "; "),
-        &id[..12.min(id.len())]
+        t.elapsed().as_secs_f64(),
+        &id[..12.min(id.len())],
+        names_of
+            .iter()
+            .filter_map(|n| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     let seccomp = runtime_default_seccomp(names)?;
