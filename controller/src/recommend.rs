@@ -37,6 +37,7 @@ use k8s_openapi::{
         apis::meta::v1::LabelSelector, apis::meta::v1::ObjectMeta, util::intstr::IntOrString,
     },
 };
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -125,24 +126,16 @@ fn workload_of(pod: &Pod, kind: RecommendKind) -> WorkloadRef {
     }
 }
 
-/// One end of an observed connection.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+/// One end of an observed connection. Workloads are numbered in the order of their names, so
+/// ordering by number is ordering by name (the output's order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum End {
-    Workload(WorkloadRef),
+    Workload(u32),
     /// An address of no pod (outside the cluster, or a node).
     Address(IpAddr),
 }
 
-impl std::fmt::Display for End {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            End::Workload(w) => write!(f, "{w}"),
-            End::Address(a) => write!(f, "{a}"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct Edge {
     protocol: Protocol,
     port: u16,
@@ -280,47 +273,67 @@ fn policy_name(w: &WorkloadRef) -> String {
     s.trim_matches('-').to_string()
 }
 
-/// What the recommendation knows of the cluster's workloads now.
+/// What the recommendation knows of the cluster's workloads now. Workload `i` is `names[i]`;
+/// names are sorted.
 struct Workloads {
+    names: Vec<WorkloadRef>,
     /// The labels every pod of each workload shares (after the filter).
-    labels: BTreeMap<WorkloadRef, Labels>,
-    /// The workload of each pod.
-    by_pod: BTreeMap<PodKey, WorkloadRef>,
+    labels: Vec<Labels>,
     /// The real addresses of each workload's pods.
-    addresses: BTreeMap<WorkloadRef, BTreeSet<IpAddr>>,
-    /// The pod of each real address (an agent names only its own node's pods).
-    pod_at: BTreeMap<IpAddr, PodKey>,
+    addresses: Vec<BTreeSet<IpAddr>>,
+    /// The workload of each pod.
+    by_pod: FxHashMap<PodKey, u32>,
+    /// The workload of each real pod address (an agent names only its own node's pods).
+    at: FxHashMap<IpAddr, u32>,
+}
+
+impl Workloads {
+    fn describe(&self, end: &End) -> String {
+        match end {
+            End::Workload(w) => self.names[*w as usize].to_string(),
+            End::Address(a) => a.to_string(),
+        }
+    }
 }
 
 fn workloads(pods: &[Pod], filter: &LabelFilter, kind: RecommendKind) -> Workloads {
-    let mut common: BTreeMap<WorkloadRef, Labels> = BTreeMap::new();
-    let mut by_pod = BTreeMap::new();
-    let mut addresses: BTreeMap<WorkloadRef, BTreeSet<IpAddr>> = BTreeMap::new();
-    let mut pod_at = BTreeMap::new();
+    let mut common: BTreeMap<WorkloadRef, (Labels, BTreeSet<IpAddr>)> = BTreeMap::new();
     for p in pods.iter().filter(|p| !p.host_network) {
-        let w = workload_of(p, kind);
         let labels = filter.apply(&p.labels);
-        by_pod.insert(p.key(), w.clone());
-        if !p.synthetic_ips {
-            pod_at.extend(p.ips.iter().map(|ip| (*ip, p.key())));
-            addresses
-                .entry(w.clone())
-                .or_default()
-                .extend(p.ips.iter().copied());
-        }
-        match common.get_mut(&w) {
-            Some(c) => c.retain(|k, v| labels.get(k) == Some(v)),
-            None => {
-                common.insert(w, labels);
+        let entry = match common.entry(workload_of(p, kind)) {
+            std::collections::btree_map::Entry::Occupied(e) => {
+                let e = e.into_mut();
+                e.0.retain(|k, v| labels.get(k) == Some(v));
+                e
             }
+            std::collections::btree_map::Entry::Vacant(e) => e.insert((labels, BTreeSet::new())),
+        };
+        if !p.synthetic_ips {
+            entry.1.extend(p.ips.iter().copied());
         }
     }
-    Workloads {
-        labels: common,
-        by_pod,
-        addresses,
-        pod_at,
+    let mut w = Workloads {
+        names: Vec::with_capacity(common.len()),
+        labels: Vec::with_capacity(common.len()),
+        addresses: Vec::with_capacity(common.len()),
+        by_pod: FxHashMap::default(),
+        at: FxHashMap::default(),
+    };
+    let mut index: FxHashMap<WorkloadRef, u32> = FxHashMap::default();
+    for (name, (labels, addresses)) in common {
+        index.insert(name.clone(), w.names.len() as u32);
+        w.names.push(name);
+        w.labels.push(labels);
+        w.addresses.push(addresses);
     }
+    for p in pods.iter().filter(|p| !p.host_network) {
+        let i = index[&workload_of(p, kind)];
+        w.by_pod.insert(p.key(), i);
+        if !p.synthetic_ips {
+            w.at.extend(p.ips.iter().map(|ip| (*ip, i)));
+        }
+    }
+    w
 }
 
 fn selector(labels: &Labels) -> LabelSelector {
@@ -347,13 +360,8 @@ pub fn recommend<'a>(
     pods: &[Pod],
     opts: &RecommendOptions,
 ) -> Recommendation {
-    let Workloads {
-        labels,
-        by_pod,
-        addresses,
-        pod_at,
-    } = workloads(pods, &opts.label_filter, opts.kind);
-    let mut edges: BTreeMap<(End, End, Edge), Seen> = BTreeMap::new();
+    let wl = workloads(pods, &opts.label_filter, opts.kind);
+    let mut edges: FxHashMap<(End, End, Edge), Seen> = FxHashMap::default();
     let mut records_used = 0u64;
     let mut unknown_pods = 0u64;
     for r in records {
@@ -369,22 +377,25 @@ pub fn recommend<'a>(
         let Some(local) = r.endpoint.pod() else {
             continue;
         };
-        let Some(local) = by_pod.get(local) else {
+        let Some(&local) = wl.by_pod.get(local) else {
             unknown_pods += 1;
             continue;
         };
-        let peer = match r.peer.as_ref().or_else(|| pod_at.get(&r.peer_address())) {
-            Some(p) => match by_pod.get(p) {
-                Some(w) => End::Workload(w.clone()),
+        let peer = match &r.peer {
+            Some(p) => match wl.by_pod.get(p) {
+                Some(&w) => End::Workload(w),
                 None => {
                     unknown_pods += 1;
                     continue;
                 }
             },
-            // An address of no pod: outside the cluster, or a node.
-            None => End::Address(r.peer_address()),
+            None => match wl.at.get(&r.peer_address()) {
+                Some(&w) => End::Workload(w),
+                // An address of no pod: outside the cluster, or a node.
+                None => End::Address(r.peer_address()),
+            },
         };
-        let local = End::Workload(local.clone());
+        let local = End::Workload(local);
         let (src, dst) = match r.direction {
             Direction::Ingress => (peer, local),
             Direction::Egress => (local, peer),
@@ -402,14 +413,19 @@ pub fn recommend<'a>(
 
     let covered =
         |w: &WorkloadRef| opts.namespaces.is_empty() || opts.namespaces.contains(&w.namespace);
+    // Sorted, so that the rules come out in the order of their peers.
+    let mut edges: Vec<((End, End, Edge), Seen)> = edges.into_iter().collect();
+    edges.sort_unstable_by_key(|(k, _)| *k);
     let learning_since = opts
         .now_unix_nanos
         .saturating_sub(opts.learning_window.as_nanos() as u64);
     let mut icmp_edges = 0;
     // Per covered workload: (ingress peers, egress peers), each peer → edge → seen.
-    let mut per_workload: BTreeMap<WorkloadRef, (Peers, Peers)> = BTreeMap::new();
-    for w in labels.keys().filter(|w| covered(w)) {
-        per_workload.entry(w.clone()).or_default();
+    let mut per_workload: BTreeMap<u32, (Peers, Peers)> = BTreeMap::new();
+    for (i, w) in wl.names.iter().enumerate() {
+        if covered(w) {
+            per_workload.entry(i as u32).or_default();
+        }
     }
     for ((src, dst, edge), seen) in &edges {
         if opts.kind == RecommendKind::NetworkPolicy
@@ -422,7 +438,7 @@ pub fn recommend<'a>(
             && let Some((ingress, _)) = per_workload.get_mut(w)
         {
             ingress
-                .entry(src.clone())
+                .entry(*src)
                 .or_default()
                 .entry(*edge)
                 .or_default()
@@ -432,7 +448,7 @@ pub fn recommend<'a>(
             && let Some((_, egress)) = per_workload.get_mut(w)
         {
             egress
-                .entry(dst.clone())
+                .entry(*dst)
                 .or_default()
                 .entry(*edge)
                 .or_default()
@@ -450,21 +466,25 @@ pub fn recommend<'a>(
             ip_block: Some(host_block(*a)),
             ..Default::default()
         };
-        match end {
-            End::Address(a) => vec![block(a)],
-            End::Workload(w) => match labels.get(w).filter(|l| !l.is_empty()) {
-                Some(l) => vec![NetworkPolicyPeer {
-                    pod_selector: Some(selector(l)),
-                    namespace_selector: (w.namespace != own_ns).then(|| {
-                        selector(&Labels::from([(
-                            NAMESPACE_NAME_LABEL.to_string(),
-                            w.namespace.clone(),
-                        )]))
-                    }),
-                    ip_block: None,
-                }],
-                None => addresses.get(w).into_iter().flatten().map(block).collect(),
-            },
+        match *end {
+            End::Address(a) => vec![block(&a)],
+            End::Workload(i) => {
+                let (w, l) = (&wl.names[i as usize], &wl.labels[i as usize]);
+                if l.is_empty() {
+                    wl.addresses[i as usize].iter().map(block).collect()
+                } else {
+                    vec![NetworkPolicyPeer {
+                        pod_selector: Some(selector(l)),
+                        namespace_selector: (w.namespace != own_ns).then(|| {
+                            selector(&Labels::from([(
+                                NAMESPACE_NAME_LABEL.to_string(),
+                                w.namespace.clone(),
+                            )]))
+                        }),
+                        ip_block: None,
+                    }]
+                }
+            }
         }
     };
     let ports_of = |edges: &BTreeMap<Edge, Seen>| -> Vec<NetworkPolicyPort> {
@@ -486,7 +506,8 @@ pub fn recommend<'a>(
             .collect();
         let n = total.connections();
         format!(
-            "{dir} {peer} {}: {n} connection{}, first seen {}, last seen {}",
+            "{dir} {} {}: {n} connection{}, first seen {}, last seen {}",
+            wl.describe(peer),
             ports.join(","),
             if n == 1 { "" } else { "s" },
             rfc3339(total.first),
@@ -500,9 +521,16 @@ pub fn recommend<'a>(
             RecommendationStatus::Stable
         }
     };
-    for (w, (ingress, egress)) in per_workload {
+    // The workloads of each namespace, for the check that a selector selects only its own.
+    let mut by_namespace: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    for (i, w) in wl.names.iter().enumerate() {
+        by_namespace.entry(&w.namespace).or_default().push(i as u32);
+    }
+    for (i, (ingress, egress)) in per_workload {
+        let w = wl.names[i as usize].clone();
         if opts.kind == RecommendKind::ServicePolicy {
-            let (policy, newest_first) = service_policy(&w, &ingress, &egress, &learned, status_of);
+            let (policy, newest_first) =
+                service_policy(&w, &wl, &ingress, &egress, &learned, status_of);
             policies.push(RecommendedPolicy {
                 workload: w,
                 status: status_of(newest_first),
@@ -510,21 +538,21 @@ pub fn recommend<'a>(
             });
             continue;
         }
-        let Some(own) = labels.get(&w).filter(|l| !l.is_empty()) else {
+        let own = &wl.labels[i as usize];
+        if own.is_empty() {
             not_covered.push((
                 w.clone(),
                 "its pods share no stable label to select them by".to_string(),
             ));
             continue;
-        };
-        let others: Vec<WorkloadRef> = labels
+        }
+        let others: Vec<WorkloadRef> = by_namespace[w.namespace.as_str()]
             .iter()
-            .filter(|(o, l)| {
-                **o != w
-                    && o.namespace == w.namespace
-                    && own.iter().all(|(k, v)| l.get(k) == Some(v))
+            .filter(|&&o| {
+                let l = &wl.labels[o as usize];
+                o != i && own.iter().all(|(k, v)| l.get(k) == Some(v))
             })
-            .map(|(o, _)| o.clone())
+            .map(|&o| wl.names[o as usize].clone())
             .collect();
         if !others.is_empty() {
             broad_selectors.push((w.clone(), others));
@@ -616,6 +644,7 @@ pub fn recommend<'a>(
 /// newest first-seen time of its edges.
 fn service_policy(
     w: &WorkloadRef,
+    wl: &Workloads,
     ingress: &Peers,
     egress: &Peers,
     learned: &dyn Fn(&End, &EdgesSeen, &str) -> String,
@@ -627,15 +656,16 @@ fn service_policy(
             .unwrap_or(&w.name)
             .to_string()
     };
-    let peer = |end: &End| match end {
+    let peer = |end: &End| match *end {
         End::Address(a) => ServicePeer {
-            cidr: Some(host_block(*a).cidr),
+            cidr: Some(host_block(a).cidr),
             ..Default::default()
         },
         End::Workload(p) => ServicePeer {
             service: Some(ServiceRef {
-                service_account: Some(account(p)),
-                namespace: (p.namespace != w.namespace).then(|| p.namespace.clone()),
+                service_account: Some(account(&wl.names[p as usize])),
+                namespace: (wl.names[p as usize].namespace != w.namespace)
+                    .then(|| wl.names[p as usize].namespace.clone()),
                 ..Default::default()
             }),
             ..Default::default()
