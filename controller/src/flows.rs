@@ -29,6 +29,7 @@ use crate::{
 };
 
 mod checks;
+pub mod history;
 
 pub use checks::{FlowRejection, check_record};
 
@@ -945,6 +946,55 @@ impl FlowPipeline {
         cached.1.clone()
     }
 
+    /// At start, reads the history back: the records seen at or after `graph_since` are folded
+    /// into the graph, and the newest records (as many as the store holds) fill the store, so
+    /// the graph and `/api/flows` look as they did before the restart. Returns the records
+    /// folded into the graph and those put in the store.
+    pub fn restore_from(
+        &self,
+        history: &history::FlowHistory,
+        graph_since: u64,
+    ) -> Result<(u64, u64), history::HistoryError> {
+        let directory = self.directory();
+        let mut folded = 0;
+        {
+            let query = history::HistoryQuery {
+                filter: FlowFilter {
+                    since_unix_nanos: graph_since,
+                    ..FlowFilter::default()
+                },
+                ..Default::default()
+            };
+            let mut graph = self
+                .graph
+                .lock()
+                .map_err(|_| history::HistoryError::Poisoned)?;
+            for r in history.query(query)? {
+                if let FlowEntry::Flow(f) = r?.entry {
+                    graph.add(&directory, &f);
+                    folded += 1;
+                }
+            }
+        }
+        let mut store = self
+            .store
+            .lock()
+            .map_err(|_| history::HistoryError::Poisoned)?;
+        let newest = history::HistoryQuery {
+            newest_first: true,
+            ..Default::default()
+        };
+        let mut recent = Vec::new();
+        for r in history.query(newest)?.take(store.capacity()) {
+            recent.push(r?);
+        }
+        let restored = recent.len() as u64;
+        for r in recent.into_iter().rev() {
+            store.restore(&r.node, r.entry);
+        }
+        Ok((folded, restored))
+    }
+
     /// Records refused so far, by reason.
     pub fn rejected(&self) -> impl Iterator<Item = (FlowRejection, u64)> + '_ {
         FlowRejection::ALL
@@ -984,6 +1034,9 @@ impl FlowPipeline {
         let n = records.len() as u64;
         let mut store = self.store.lock().map_err(|_| FlowPipelineError::Poisoned)?;
         store.dropped_by_agents += dropped_by_agent;
+        if store.history().is_some() {
+            store.set_directory(directory);
+        }
         store.push_batch(node, records);
         Ok(n)
     }
