@@ -188,7 +188,7 @@ fn main() -> anyhow::Result<()> {
         history.flush()?;
         let st = history.stats();
         println!(
-            "ingest path, store push per record (CPU of the ingesting thread): history off {off_ns:.0} ns, on {on_ns:.0} ns (+{:.0} ns: the copy handed to the writer); pushed as fast as one thread can: {} written, {} dropped because the writer was behind (counted, still in memory)",
+            "ingest path, store push per record (CPU of the ingesting thread): history off {off_ns:.0} ns, on {on_ns:.0} ns (+{:.0} ns: the records shared with the writer and handed over); pushed as fast as one thread can: {} written, {} dropped because the writer was behind (counted, still in memory)",
             on_ns - off_ns,
             st.written,
             st.dropped_backlog
@@ -208,8 +208,8 @@ fn main() -> anyhow::Result<()> {
     let mut since_flush = 0;
     while n < a.records {
         let size = (a.batch as u64).min(a.records - n);
-        let entries: Vec<FlowEntry> = (n..n + size)
-            .map(|i| FlowEntry::Flow(record(i, a.pods, start + i * step)))
+        let entries: Vec<Arc<FlowEntry>> = (n..n + size)
+            .map(|i| Arc::new(FlowEntry::Flow(record(i, a.pods, start + i * step))))
             .collect();
         history.offer(node.clone(), n, entries, None);
         n += size;

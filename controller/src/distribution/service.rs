@@ -38,7 +38,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct FlowStore {
     capacity: usize,
-    records: VecDeque<(Arc<str>, FlowEntry)>,
+    /// Shared with the history's writer (which would otherwise need a copy of each).
+    records: VecDeque<(Arc<str>, Arc<FlowEntry>)>,
     pub accepted: u64,
     pub evicted: u64,
     /// Records agents reported as dropped on their side.
@@ -108,6 +109,7 @@ impl FlowStore {
         let first = self.accepted;
         let mut kept = (to_history && self.history.is_some()).then(Vec::new);
         for e in entries {
+            let e = Arc::new(e);
             if self.records.len() == self.capacity {
                 self.records.pop_front();
                 self.evicted += 1;
@@ -129,7 +131,7 @@ impl FlowStore {
             .iter()
             .rev()
             .take(limit)
-            .map(|(n, r)| (n.to_string(), r.clone()))
+            .map(|(n, r)| (n.to_string(), FlowEntry::clone(r)))
             .collect()
     }
 
@@ -154,7 +156,7 @@ impl FlowStore {
             .records
             .range(skip..)
             .enumerate()
-            .map(move |(i, (n, r))| (&**n, r, first + (skip + i) as u64));
+            .map(move |(i, (n, r))| (&**n, &**r, first + (skip + i) as u64));
         (missed, iter)
     }
 

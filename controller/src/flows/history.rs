@@ -149,7 +149,7 @@ pub struct HistoryStats {
 struct Batch {
     node: Arc<str>,
     first_sequence: u64,
-    entries: Vec<FlowEntry>,
+    entries: Vec<Arc<FlowEntry>>,
     directory: Option<Arc<Directory>>,
 }
 
@@ -264,12 +264,13 @@ impl FlowHistory {
 
     /// Hands a batch to the writer; never waits. When the writer is behind, the batch is not
     /// kept in the history (counted in [`HistoryStats::dropped_backlog`]). `directory` names
-    /// the peers the agent could not name, as of now.
+    /// the peers the agent could not name, as of now. The entries are shared with the store in
+    /// memory, not copied.
     pub fn offer(
         &self,
         node: Arc<str>,
         first_sequence: u64,
-        entries: Vec<FlowEntry>,
+        entries: Vec<Arc<FlowEntry>>,
         directory: Option<Arc<Directory>>,
     ) {
         if entries.is_empty() {
@@ -501,11 +502,19 @@ impl Writer {
                 None
             }
             Msg::Batch(b) => {
-                for (i, mut e) in b.entries.into_iter().enumerate() {
-                    if let Some(d) = &b.directory {
-                        d.name_peer_of(&mut e);
+                for (i, e) in b.entries.into_iter().enumerate() {
+                    let sequence = b.first_sequence + i as u64;
+                    // A copy only for a peer to name.
+                    if let (Some(d), FlowEntry::Flow(r)) = (&b.directory, &*e)
+                        && r.peer.is_none()
+                        && let Some(peer) = d.pod_of(r.peer_address())
+                    {
+                        let mut named = r.clone();
+                        named.peer = Some(peer.clone());
+                        self.chunk.add(&b.node, sequence, &FlowEntry::Flow(named));
+                    } else {
+                        self.chunk.add(&b.node, sequence, &e);
                     }
-                    self.chunk.add(&b.node, b.first_sequence + i as u64, &e);
                 }
                 None
             }

@@ -283,13 +283,13 @@ fn retention_drops_records_older_than_the_maximum_age_and_counts_them() {
     let history = Arc::new(FlowHistory::open(HistoryConfig::new(&tmp.0)).expect("open"));
     let node: Arc<str> = Arc::from("n1");
     let entry = |t| {
-        FlowEntry::Flow(record(
+        Arc::new(FlowEntry::Flow(record(
             "shop/api-0",
             "10.0.0.1",
             "10.0.0.2",
             FlowVerdict::Allowed,
             t,
-        ))
+        )))
     };
     // Eight days ago (one chunk), then now (another).
     history.offer(
@@ -323,7 +323,7 @@ fn retention_keeps_the_store_within_its_size_dropping_the_oldest_first() {
     let mut written = 0u64;
     // Varied records (addresses, ports, pods) so that compression leaves them sizeable.
     for chunk in 0..40u64 {
-        let entries: Vec<FlowEntry> = (0..1000u64)
+        let entries: Vec<Arc<FlowEntry>> = (0..1000u64)
             .map(|i| {
                 let n = chunk * 1000 + i;
                 let mut r = record(
@@ -335,7 +335,7 @@ fn retention_keeps_the_store_within_its_size_dropping_the_oldest_first() {
                 );
                 r.src_port = (n.wrapping_mul(40503) % 65536) as u16;
                 r.bytes = n.wrapping_mul(2654435761);
-                FlowEntry::Flow(r)
+                Arc::new(FlowEntry::Flow(r))
             })
             .collect();
         written += entries.len() as u64;
@@ -458,7 +458,7 @@ fn a_damaged_chunk_is_an_error_and_the_rest_is_read() {
             FlowVerdict::Allowed,
             now + i,
         );
-        history.offer(node.clone(), i, vec![FlowEntry::Flow(r)], None);
+        history.offer(node.clone(), i, vec![Arc::new(FlowEntry::Flow(r))], None);
         history.flush().expect("flush");
     }
     Connection::open(history.path())
