@@ -891,6 +891,21 @@ pub enum FlowPipelineError {
     Poisoned,
 }
 
+/// A record read back at start; a damaged chunk is skipped with a warning (the rest of the
+/// history is still worth having), any other error stops the start.
+fn readable(
+    r: Result<history::HistoryRecord, history::HistoryError>,
+) -> Result<Option<history::HistoryRecord>, history::HistoryError> {
+    match r {
+        Ok(r) => Ok(Some(r)),
+        Err(e @ history::HistoryError::Chunk(_)) => {
+            tracing::warn!(error = %e, "flow history: a damaged chunk was skipped");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 impl FlowPipeline {
     /// Names addresses from `hub`'s rule sets (rebuilt when they change).
     pub fn new(
@@ -970,7 +985,7 @@ impl FlowPipeline {
                 .lock()
                 .map_err(|_| history::HistoryError::Poisoned)?;
             for r in history.query(query)? {
-                if let FlowEntry::Flow(f) = r?.entry {
+                if let Some(FlowEntry::Flow(f)) = readable(r)?.map(|r| r.entry) {
                     graph.add(&directory, &f);
                     folded += 1;
                 }
@@ -985,8 +1000,11 @@ impl FlowPipeline {
             ..Default::default()
         };
         let mut recent = Vec::new();
-        for r in history.query(newest)?.take(store.capacity()) {
-            recent.push(r?);
+        for r in history.query(newest)? {
+            if recent.len() == store.capacity() {
+                break;
+            }
+            recent.extend(readable(r)?);
         }
         let restored = recent.len() as u64;
         for r in recent.into_iter().rev() {

@@ -478,4 +478,8 @@ fn a_damaged_chunk_is_an_error_and_the_rest_is_read() {
         .map(|r| r.entry.time_unix_nanos())
         .collect();
     assert_eq!(ok, [now, now + 2]);
+    // At start the damaged chunk is skipped: the rest is read back.
+    let history = Arc::new(history);
+    let p = pipeline(&history, directory());
+    assert_eq!(p.restore_from(&history, 0).expect("restore"), (2, 2));
 }
