@@ -2,7 +2,9 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use bulkhead_controller::server::{HttpConfig, KubernetesConfig, ServerConfig, auth::HttpAuthMode};
+use bulkhead_controller::server::{
+    FlowHistoryConfig, HttpConfig, KubernetesConfig, ServerConfig, auth::HttpAuthMode,
+};
 use clap::Args;
 
 #[derive(Args)]
@@ -45,6 +47,22 @@ pub struct ControllerArgs {
     /// `0s` keeps every edge.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub graph_ttl: Duration,
+    /// Directory of the flow history: every flow record and quarantine action, kept on disk
+    /// (SQLite, files 0600 in a 0700 directory) so that `bulkhead flows --since 24h` answers
+    /// after a restart. Default: `flow-history/` in the first manifest directory; with
+    /// --kubernetes the history is off unless this is given. A directory or database the
+    /// controller cannot use stops it at start.
+    #[arg(long, conflicts_with = "no_flow_history")]
+    pub flow_history: Option<PathBuf>,
+    /// Keep no flow history on disk.
+    #[arg(long)]
+    pub no_flow_history: bool,
+    /// Flow history older than this is dropped.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub flow_history_max_age: Duration,
+    /// The flow history is kept under this many MiB (the oldest records are dropped first).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub flow_history_max_mib: u64,
     /// Where quarantines made through the API are kept (as Quarantine manifests, so they
     /// survive restarts) with their audit log. Default: `quarantines/` in the first manifest
     /// directory.
@@ -96,6 +114,12 @@ impl From<ControllerArgs> for ServerConfig {
             insecure: a.insecure,
             flow_store: a.flow_store,
             graph_ttl: a.graph_ttl,
+            flow_history: FlowHistoryConfig {
+                enabled: !a.no_flow_history,
+                dir: a.flow_history,
+                max_age: a.flow_history_max_age,
+                max_bytes: a.flow_history_max_mib.saturating_mul(1 << 20),
+            },
             quarantine_dir: a.quarantine_dir,
             reload_ms: a.reload_ms,
             any_node_clients: a.any_node_clients,

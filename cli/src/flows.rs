@@ -107,13 +107,40 @@ pub struct FlowsArgs {
     /// Only this verdict: allowed, denied, audit-would-deny.
     #[arg(long)]
     verdict: Option<String>,
-    /// Only flows seen within this long (`30s`, `5m`, …).
+    /// Only flows seen within this long (`30s`, `5m`, `24h`, …). Without --follow the answer
+    /// comes from the controller's flow history on disk, so it reaches back past a restart.
     #[arg(long, value_parser = humantime::parse_duration)]
     since: Option<Duration>,
+    /// Only flows seen at or before this time: RFC 3339 (`2026-12-07T10:00:00Z`) or a while
+    /// ago (`2h`). Reads the flow history.
+    #[arg(long, value_parser = parse_time, conflicts_with = "follow")]
+    until: Option<u64>,
+    /// Forensics: the flows of --pod in the --since (default 24h) before its latest quarantine,
+    /// from the flow history.
+    #[arg(long, requires = "pod", conflicts_with_all = ["follow", "until"])]
+    before_quarantine: bool,
+    /// At most this many flows, the newest (from the flow history at most 10,000, else 1,000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: FlowFormat,
     #[command(flatten)]
     source: Source,
+}
+
+/// RFC 3339, or a duration before now; nanoseconds since the Unix epoch.
+fn parse_time(s: &str) -> Result<u64, String> {
+    let t = match humantime::parse_duration(s) {
+        Ok(ago) => SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("{s:?} reaches before the Unix epoch"))?,
+        Err(_) => humantime::parse_rfc3339_weak(s).map_err(|e| {
+            format!("{s:?}: expected an RFC 3339 time (2026-12-07T10:00:00Z) or a duration ago (2h): {e}")
+        })?,
+    };
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .map_err(|_| format!("{s:?} is before the Unix epoch"))
 }
 
 fn proto_name(p: u64) -> String {
@@ -222,36 +249,128 @@ fn flows_grpc(a: FlowsArgs, floor: u64) -> anyhow::Result<ExitCode> {
     })
 }
 
+fn nanos_ago(d: Duration) -> u64 {
+    SystemTime::now()
+        .checked_sub(d)
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// How long a query of the flow history may take to answer.
+const HISTORY_WAIT: Duration = Duration::from_secs(120);
+
+/// `/api/flows` with `query`: the flows, newest first.
+fn get_flows(source: &Source, query: &FlowQuery) -> anyhow::Result<Vec<FlowView>> {
+    let path = query.path();
+    let body = if query.history == Some(true) {
+        let port = source.port()?;
+        crate::lab::http_get_within(port, &path, HISTORY_WAIT)
+            .with_context(|| format!("no answer from the controller on 127.0.0.1:{port}{path}"))?
+    } else {
+        source.get(&path)?
+    };
+    match serde_json::from_str(&body) {
+        Ok(flows) => Ok(flows),
+        Err(e) => {
+            match serde_json::from_str::<bulkhead_controller::server::api::ErrorBody>(&body) {
+                Ok(err) => bail!("the controller says: {}", err.error),
+                Err(_) => Err(e).context("the controller's /api/flows is not a list of flows"),
+            }
+        }
+    }
+}
+
+/// The time of `pod`'s latest quarantine in the flow history.
+fn latest_quarantine(source: &Source, pod: &str) -> anyhow::Result<u64> {
+    let query = FlowQuery {
+        pod: Some(pod.to_string()),
+        verdict: Some("quarantined".into()),
+        history: Some(true),
+        limit: Some(1),
+        ..FlowQuery::default()
+    };
+    get_flows(source, &query)?
+        .first()
+        .map(|f| f.line.time_unix_nanos)
+        .with_context(|| format!("the flow history has no quarantine of {pod}"))
+}
+
 pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
-    let floor = a.since.map_or(0, |d| {
-        SystemTime::now()
-            .checked_sub(d)
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos() as u64)
-    });
+    let floor = a.since.map_or(0, nanos_ago);
     if a.source.uses_grpc() {
+        if a.until.is_some() || a.before_quarantine {
+            bail!(
+                "--until and --before-quarantine read the flow history through the HTTP API: leave out --controller/--grpc"
+            );
+        }
         return flows_grpc(a, floor);
     }
-    let mut last_printed = floor;
+    // A time range without --follow is a question for the history on disk.
+    let mut history = !a.follow && (a.since.is_some() || a.until.is_some() || a.before_quarantine);
+    let (mut since, mut until) = (floor, a.until);
+    if a.before_quarantine {
+        let pod = a
+            .pod
+            .as_deref()
+            .context("--before-quarantine needs --pod")?;
+        let t = latest_quarantine(&a.source, pod)?;
+        let window = a.since.unwrap_or(Duration::from_secs(24 * 3600));
+        since = t.saturating_sub(window.as_nanos() as u64);
+        until = Some(t);
+        eprintln!(
+            "({pod} was quarantined at {}; its flows from {} on)",
+            humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_nanos(t)),
+            humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_nanos(since)),
+        );
+    }
+    let limit = |history: bool| {
+        let most = if history {
+            FlowQuery::MAX_HISTORY_LIMIT
+        } else {
+            FlowQuery::MAX_LIMIT
+        };
+        a.limit.map_or(most, |l| (l as usize).min(most))
+    };
+    let mut last_printed = since;
     loop {
-        // The controller filters; the newest `MAX_LIMIT` that match come back.
+        let limit = limit(history);
+        // The controller filters; the newest `limit` that match come back.
         let query = FlowQuery {
             namespace: a.namespace.clone(),
             pod: a.pod.clone(),
             verdict: a.verdict.clone(),
             since: (last_printed > 0).then_some(last_printed),
-            limit: Some(FlowQuery::MAX_LIMIT),
+            until,
+            history: history.then_some(true),
+            limit: Some(limit),
             ..FlowQuery::default()
         };
-        let path = query.path();
-        let mut records: Vec<FlowView> = serde_json::from_str(&a.source.get(&path)?)
-            .context("the controller's /api/flows is not a list of flows")?;
+        let mut records = match get_flows(&a.source, &query) {
+            // `--since` alone still answers, from memory, where no history is kept.
+            Err(e)
+                if history
+                    && until.is_none()
+                    && e.to_string().contains("keeps no flow history") =>
+            {
+                eprintln!(
+                    "(the controller keeps no flow history: these are the records it holds in memory)"
+                );
+                history = false;
+                continue;
+            }
+            r => r?,
+        };
+        if !a.follow && records.len() >= limit {
+            eprintln!(
+                "(the newest {limit} matching flows; narrow the time range or the filters, or pass --limit)"
+            );
+        }
         // The API answers newest first; print oldest first.
         records.reverse();
         let fresh: Vec<&FlowLine> = records
             .iter()
             .map(|f| &f.line)
-            .filter(|f| f.time_unix_nanos > last_printed || (!a.follow && last_printed == floor))
+            .filter(|f| f.time_unix_nanos > last_printed || (!a.follow && last_printed == since))
             .collect();
         if let Some(t) = fresh.iter().map(|f| f.time_unix_nanos).max() {
             last_printed = last_printed.max(t);

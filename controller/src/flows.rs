@@ -29,6 +29,7 @@ use crate::{
 };
 
 mod checks;
+pub mod history;
 
 pub use checks::{FlowRejection, check_record};
 
@@ -890,6 +891,21 @@ pub enum FlowPipelineError {
     Poisoned,
 }
 
+/// A record read back at start; a damaged chunk is skipped with a warning (the rest of the
+/// history is still worth having), any other error stops the start.
+fn readable(
+    r: Result<history::HistoryRecord, history::HistoryError>,
+) -> Result<Option<history::HistoryRecord>, history::HistoryError> {
+    match r {
+        Ok(r) => Ok(Some(r)),
+        Err(e @ history::HistoryError::Chunk(_)) => {
+            tracing::warn!(error = %e, "flow history: a damaged chunk was skipped");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 impl FlowPipeline {
     /// Names addresses from `hub`'s rule sets (rebuilt when they change).
     pub fn new(
@@ -945,6 +961,58 @@ impl FlowPipeline {
         cached.1.clone()
     }
 
+    /// At start, reads the history back: the records seen at or after `graph_since` are folded
+    /// into the graph, and the newest records (as many as the store holds) fill the store, so
+    /// the graph and `/api/flows` look as they did before the restart. Returns the records
+    /// folded into the graph and those put in the store.
+    pub fn restore_from(
+        &self,
+        history: &history::FlowHistory,
+        graph_since: u64,
+    ) -> Result<(u64, u64), history::HistoryError> {
+        let directory = self.directory();
+        let mut folded = 0;
+        {
+            let query = history::HistoryQuery {
+                filter: FlowFilter {
+                    since_unix_nanos: graph_since,
+                    ..FlowFilter::default()
+                },
+                ..Default::default()
+            };
+            let mut graph = self
+                .graph
+                .lock()
+                .map_err(|_| history::HistoryError::Poisoned)?;
+            for r in history.query(query)? {
+                if let Some(FlowEntry::Flow(f)) = readable(r)?.map(|r| r.entry) {
+                    graph.add(&directory, &f);
+                    folded += 1;
+                }
+            }
+        }
+        let mut store = self
+            .store
+            .lock()
+            .map_err(|_| history::HistoryError::Poisoned)?;
+        let newest = history::HistoryQuery {
+            newest_first: true,
+            ..Default::default()
+        };
+        let mut recent = Vec::new();
+        for r in history.query(newest)? {
+            if recent.len() == store.capacity() {
+                break;
+            }
+            recent.extend(readable(r)?);
+        }
+        let restored = recent.len() as u64;
+        for r in recent.into_iter().rev() {
+            store.restore(&r.node, r.entry);
+        }
+        Ok((folded, restored))
+    }
+
     /// Records refused so far, by reason.
     pub fn rejected(&self) -> impl Iterator<Item = (FlowRejection, u64)> + '_ {
         FlowRejection::ALL
@@ -984,6 +1052,9 @@ impl FlowPipeline {
         let n = records.len() as u64;
         let mut store = self.store.lock().map_err(|_| FlowPipelineError::Poisoned)?;
         store.dropped_by_agents += dropped_by_agent;
+        if store.history().is_some() {
+            store.set_directory(directory);
+        }
         store.push_batch(node, records);
         Ok(n)
     }

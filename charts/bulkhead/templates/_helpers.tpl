@@ -118,6 +118,9 @@ checkov.io/skip-pull: CKV_K8S_15=a versioned image needs no pull on every start;
 {{- if and (gt (int .Values.controller.replicas) 1) (not .Values.controller.leaderElection.enabled) -}}
 {{- fail "controller.replicas > 1 needs controller.leaderElection.enabled: two controllers without a lease would both serve rule sets" -}}
 {{- end -}}
+{{- if and .Values.controller.flowHistory.enabled .Values.controller.flowHistory.existingClaim (gt (int .Values.controller.replicas) 1) -}}
+{{- fail "controller.flowHistory.existingClaim needs controller.replicas: 1 (replicas cannot share one ReadWriteOnce store); leave it empty for an emptyDir per replica" -}}
+{{- end -}}
 {{- if ge (int .Values.tls.renewBeforeDays) (int .Values.tls.validityDays) -}}
 {{- fail "tls.renewBeforeDays must be less than tls.validityDays, or every helm upgrade would regenerate the certificates" -}}
 {{- end -}}

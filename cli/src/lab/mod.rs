@@ -716,13 +716,19 @@ pub fn probe_matrix(
 }
 
 pub fn http_get(port: u16, path: &str) -> Option<String> {
+    http_get_within(port, path, Duration::from_secs(2))
+}
+
+/// [`http_get`], waiting up to `timeout` for the answer (a query of the flow history reads
+/// many records).
+pub fn http_get_within(port: u16, path: &str, timeout: Duration) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(
         &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_millis(300),
     )
     .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;

@@ -23,7 +23,7 @@ use super::{
     hub::{Hub, HubError, SentVersions},
 };
 use crate::{
-    flows::{Directory, FlowFilter, FlowPipeline, ServiceGraph},
+    flows::{Directory, FlowFilter, FlowPipeline, ServiceGraph, history::FlowHistory},
     ruleset::{FlowEntry, FlowRecord},
 };
 
@@ -38,13 +38,18 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct FlowStore {
     capacity: usize,
-    records: VecDeque<(Arc<str>, FlowEntry)>,
+    /// Shared with the history's writer (which would otherwise need a copy of each).
+    records: VecDeque<(Arc<str>, Arc<FlowEntry>)>,
     pub accepted: u64,
     pub evicted: u64,
     /// Records agents reported as dropped on their side.
     pub dropped_by_agents: u64,
     /// Says `accepted` to watchers whenever records arrive.
     arrivals: watch::Sender<u64>,
+    /// Where every accepted record is also kept on disk, when on.
+    history: Option<Arc<FlowHistory>>,
+    /// Names peers the agents could not for the history (the pipeline's latest).
+    directory: Option<Arc<Directory>>,
 }
 
 impl FlowStore {
@@ -56,7 +61,30 @@ impl FlowStore {
             evicted: 0,
             dropped_by_agents: 0,
             arrivals: watch::Sender::new(0),
+            history: None,
+            directory: None,
         }
+    }
+
+    /// Also keeps every record pushed from now on in `history` (handed to its writer; never
+    /// waits for the disk).
+    pub fn with_history(mut self, history: Arc<FlowHistory>) -> FlowStore {
+        self.history = Some(history);
+        self
+    }
+
+    pub fn history(&self) -> Option<&Arc<FlowHistory>> {
+        self.history.as_ref()
+    }
+
+    /// The directory the history names peers with (the pipeline sets it per batch).
+    pub fn set_directory(&mut self, directory: Arc<Directory>) {
+        self.directory = Some(directory);
+    }
+
+    /// A record read back from the history at start: held like any other, not written again.
+    pub fn restore(&mut self, node: &str, e: FlowEntry) {
+        self.push_to_memory(Arc::from(node), [e], false);
     }
 
     pub fn push(&mut self, node: &str, e: FlowEntry) {
@@ -69,14 +97,31 @@ impl FlowStore {
     }
 
     fn push_entries(&mut self, node: &str, entries: impl IntoIterator<Item = FlowEntry>) {
-        let node: Arc<str> = Arc::from(node);
+        self.push_to_memory(Arc::from(node), entries, true);
+    }
+
+    fn push_to_memory(
+        &mut self,
+        node: Arc<str>,
+        entries: impl IntoIterator<Item = FlowEntry>,
+        to_history: bool,
+    ) {
+        let first = self.accepted;
+        let mut kept = (to_history && self.history.is_some()).then(Vec::new);
         for e in entries {
+            let e = Arc::new(e);
             if self.records.len() == self.capacity {
                 self.records.pop_front();
                 self.evicted += 1;
             }
             self.accepted += 1;
+            if let Some(k) = &mut kept {
+                k.push(e.clone());
+            }
             self.records.push_back((node.clone(), e));
+        }
+        if let (Some(h), Some(k)) = (&self.history, kept) {
+            h.offer(node, first, k, self.directory.clone());
         }
         self.arrivals.send_replace(self.accepted);
     }
@@ -86,7 +131,7 @@ impl FlowStore {
             .iter()
             .rev()
             .take(limit)
-            .map(|(n, r)| (n.to_string(), r.clone()))
+            .map(|(n, r)| (n.to_string(), FlowEntry::clone(r)))
             .collect()
     }
 
@@ -111,7 +156,7 @@ impl FlowStore {
             .records
             .range(skip..)
             .enumerate()
-            .map(move |(i, (n, r))| (&**n, r, first + (skip + i) as u64));
+            .map(move |(i, (n, r))| (&**n, &**r, first + (skip + i) as u64));
         (missed, iter)
     }
 

@@ -25,6 +25,9 @@ pub(super) struct ControllerMetrics {
     flows_evicted: IntGauge,
     flows_accepted: IntGauge,
     flows_dropped_by_agents: IntGauge,
+    history_written: IntGauge,
+    history_dropped: IntGaugeVec,
+    history_bytes: IntGauge,
     flows_by_verdict: IntCounterVec,
     flows_by_namespace_pair: IntCounterVec,
     drops_by_rule: IntCounterVec,
@@ -74,6 +77,21 @@ impl ControllerMetrics {
             flows_dropped_by_agents: g(
                 "flows_dropped_by_agents_total",
                 "Flow records agents dropped before sending (backpressure)",
+            )?,
+            history_written: g(
+                "flow_history_records_written_total",
+                "Flow records written to the flow history on disk",
+            )?,
+            history_dropped: IntGaugeVec::new(
+                Opts::new(
+                    "flow_history_records_dropped_total",
+                    "Flow records not in the flow history: backlog (the writer was behind), write_error, age and size (dropped by retention, oldest first)",
+                ),
+                &["reason"],
+            )?,
+            history_bytes: g(
+                "flow_history_bytes",
+                "Bytes of the flow history database in use",
             )?,
             flows_by_verdict: IntCounterVec::new(
                 Opts::new(
@@ -150,6 +168,9 @@ impl ControllerMetrics {
             Box::new(m.flows_evicted.clone()),
             Box::new(m.flows_accepted.clone()),
             Box::new(m.flows_dropped_by_agents.clone()),
+            Box::new(m.history_written.clone()),
+            Box::new(m.history_dropped.clone()),
+            Box::new(m.history_bytes.clone()),
             Box::new(m.flows_by_verdict.clone()),
             Box::new(m.flows_by_namespace_pair.clone()),
             Box::new(m.drops_by_rule.clone()),
@@ -252,6 +273,21 @@ impl ControllerMetrics {
             self.flows_evicted.set(f.evicted as i64);
             self.flows_accepted.set(f.accepted as i64);
             self.flows_dropped_by_agents.set(f.dropped_by_agents as i64);
+            if let Some(h) = f.history() {
+                let st = h.stats();
+                self.history_written.set(st.written as i64);
+                for (reason, n) in [
+                    ("backlog", st.dropped_backlog),
+                    ("write_error", st.dropped_write_errors),
+                    ("age", st.expired_age),
+                    ("size", st.expired_size),
+                ] {
+                    self.history_dropped
+                        .with_label_values(&[reason])
+                        .set(n as i64);
+                }
+                self.history_bytes.set(st.bytes as i64);
+            }
         }
         let mut buf = String::new();
         if let Err(e) =

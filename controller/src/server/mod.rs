@@ -24,7 +24,10 @@ use crate::{
         AdminService, DistributionService, FlowStore, Hub, ManifestSource,
         quarantine::QuarantineControl,
     },
-    flows::{FlowPipeline, ServiceGraph},
+    flows::{
+        FlowPipeline, ServiceGraph,
+        history::{FlowHistory, HistoryConfig, now_unix_nanos},
+    },
     kubernetes::Gate,
     supervise::{Backoff, TaskRestarts, spawn_supervised},
 };
@@ -59,6 +62,8 @@ pub struct ServerConfig {
     pub flow_store: usize,
     /// Edges of the service graph not seen for this long are forgotten (zero: never).
     pub graph_ttl: Duration,
+    /// The flow history on disk.
+    pub flow_history: FlowHistoryConfig,
     /// Where quarantines made through the API are kept (default: `quarantines/` in the first
     /// manifest directory).
     pub quarantine_dir: Option<PathBuf>,
@@ -76,6 +81,29 @@ pub struct ServerConfig {
     pub agent_token_audience: String,
     pub kube: KubernetesConfig,
     pub web: HttpConfig,
+}
+
+/// Where and how much flow history the controller keeps on disk.
+#[derive(Clone, Debug)]
+pub struct FlowHistoryConfig {
+    /// Keep a flow history at all.
+    pub enabled: bool,
+    /// Its directory (default: `flow-history/` in the first manifest directory; in Kubernetes
+    /// mode it must be given).
+    pub dir: Option<PathBuf>,
+    pub max_age: Duration,
+    pub max_bytes: u64,
+}
+
+impl Default for FlowHistoryConfig {
+    fn default() -> Self {
+        FlowHistoryConfig {
+            enabled: true,
+            dir: None,
+            max_age: HistoryConfig::DEFAULT_MAX_AGE,
+            max_bytes: HistoryConfig::DEFAULT_MAX_BYTES,
+        }
+    }
 }
 
 /// Inventory and policies from the Kubernetes API, with leader election.
@@ -159,6 +187,32 @@ fn check_http_exposure(args: &ServerConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens the flow history (`None` when it is off). A store that cannot be used stops the
+/// start with an error that says why: history is not given up silently.
+fn open_flow_history(args: &ServerConfig) -> anyhow::Result<Option<Arc<FlowHistory>>> {
+    let h = &args.flow_history;
+    if !h.enabled {
+        tracing::info!("flow history off (--no-flow-history)");
+        return Ok(None);
+    }
+    let dir = h.dir.clone().or_else(|| {
+        args.manifests
+            .first()
+            .filter(|p| p.is_dir())
+            .map(|p| p.join("flow-history"))
+    });
+    let Some(dir) = dir else {
+        tracing::warn!("flow history off: pass --flow-history DIR to keep flow records on disk");
+        return Ok(None);
+    };
+    let config = HistoryConfig {
+        max_age: h.max_age,
+        max_bytes: h.max_bytes,
+        ..HistoryConfig::new(dir)
+    };
+    Ok(Some(Arc::new(FlowHistory::open(config)?)))
+}
+
 /// `NAMESPACE/NAME`.
 fn parse_service_account(sa: &str) -> anyhow::Result<(String, String)> {
     match sa.split_once('/') {
@@ -210,7 +264,12 @@ async fn serve(
         nodes = hub.node_states().len(),
         "policy engine ready"
     );
-    let flows = Arc::new(Mutex::new(FlowStore::new(args.flow_store)));
+    let history = open_flow_history(&args)?;
+    let mut store = FlowStore::new(args.flow_store);
+    if let Some(h) = &history {
+        store = store.with_history(h.clone());
+    }
+    let flows = Arc::new(Mutex::new(store));
 
     // Manifests: re-read on change; each change reaches only the nodes it affects.
     {
@@ -229,6 +288,19 @@ async fn serve(
     // through the pipeline: graph, then store); /metrics reads the graph's counters.
     let graph = Arc::new(Mutex::new(ServiceGraph::default()));
     let flow_pipeline = Arc::new(FlowPipeline::new(flows.clone(), graph.clone(), hub.clone()));
+    if let Some(h) = &history {
+        // The graph and the recent flows as they were: before any agent reports.
+        let since = if args.graph_ttl.is_zero() {
+            0
+        } else {
+            now_unix_nanos().saturating_sub(args.graph_ttl.as_nanos() as u64)
+        };
+        let started = std::time::Instant::now();
+        let (folded, restored) =
+            tokio::task::block_in_place(|| flow_pipeline.restore_from(h, since))
+                .context("read the flow history back")?;
+        tracing::info!(graph_records = folded, store_records = restored, took = ?started.elapsed(), "service graph and recent flows rebuilt from the flow history");
+    }
     if !args.graph_ttl.is_zero() {
         let (graph, ttl) = (graph.clone(), args.graph_ttl);
         spawn_supervised(
@@ -445,6 +517,10 @@ async fn serve(
         None => router.serve_with_shutdown(args.listen, shutdown).await,
     }
     .with_context(|| format!("gRPC server on {}", args.listen))?;
+    if let Some(h) = &history {
+        // What the writer holds reaches the disk before the process ends.
+        tokio::task::block_in_place(|| h.close());
+    }
     if let Some(k) = kubernetes
         && let Some(reason) = k.shutdown().await
     {

@@ -1,6 +1,8 @@
 //! `GET /api/flows` (also `/api/flows/query`): recent flows filtered server-side
 //! ([`FlowQuery`]), newest first, each with its two ends named as the service graph names them
 //! and its deciding rule structured. The web UI's flow lists and `bulkhead flows` read it.
+//! With `history=true` the records come from the flow history on disk (a time range, within
+//! its retention) instead of those held in memory.
 
 use axum::{
     extract::{Query, State},
@@ -8,7 +10,13 @@ use axum::{
 };
 
 use super::{ApiError, ApiState, DecidedBy, FlowLine, FlowQuery, FlowView, map::Cluster};
-use crate::ruleset::FlowEntry;
+use crate::{
+    flows::{
+        FlowFilter,
+        history::{FlowHistory, HistoryQuery},
+    },
+    ruleset::FlowEntry,
+};
 
 /// Records looked through for one answer, newest first.
 const SCANNED: usize = 20_000;
@@ -23,28 +31,93 @@ pub(super) async fn flows(
             format!("bad query: {}", e.body_text().to_lowercase()),
         )
     })?;
+    let history = if q.history == Some(true) {
+        let h = s.flows.lock().ok().and_then(|f| f.history().cloned());
+        Some(h.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "this controller keeps no flow history (it runs with --no-flow-history, or with --kubernetes and no --flow-history)",
+            )
+        })?)
+    } else {
+        None
+    };
     // Filtering and naming cost CPU in a large cluster: off the runtime's workers.
-    tokio::task::spawn_blocking(move || select(&s, &q))
-        .await
-        .map(axum::Json)
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    tokio::task::spawn_blocking(move || match history {
+        Some(h) => from_history(&s, &q, &h),
+        None => {
+            let records = s
+                .flows
+                .lock()
+                .map(|f| f.recent(SCANNED))
+                .unwrap_or_default();
+            Ok(select(&s, &q, records.into_iter()))
+        }
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map(axum::Json)
 }
 
-fn select(s: &ApiState, q: &FlowQuery) -> Vec<FlowView> {
-    let limit = q
-        .limit
-        .unwrap_or(FlowQuery::MAX_LIMIT)
-        .clamp(1, FlowQuery::MAX_LIMIT);
-    let records = s
-        .flows
-        .lock()
-        .map(|f| f.recent(SCANNED))
-        .unwrap_or_default();
+/// The newest matching records of the history in the query's time range.
+fn from_history(s: &ApiState, q: &FlowQuery, h: &FlowHistory) -> Result<Vec<FlowView>, ApiError> {
+    // The pod, namespace and verdict filters are the history's own (records there have their
+    // peers named); the rest is checked as for the records in memory.
+    let verdict = q.verdict.as_ref().map(|v| match v.as_str() {
+        "audit" => "audit-would-deny".to_string(),
+        v => v.to_string(),
+    });
+    let query = HistoryQuery {
+        filter: FlowFilter {
+            namespace: q.namespace.clone(),
+            pod: q.pod.clone(),
+            verdict,
+            since_unix_nanos: q.since.unwrap_or(0),
+        },
+        until_unix_nanos: q.until,
+        newest_first: true,
+    };
+    let failed = |e: crate::flows::history::HistoryError| {
+        tracing::error!(error = %e, "reading the flow history");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    };
+    let records = h.query(query).map_err(failed)?;
+    let mut error = None;
+    let out = select(
+        s,
+        q,
+        records.map_while(|r| match r {
+            Ok(r) => Some((r.node, r.entry)),
+            Err(e) => {
+                error = Some(e);
+                None
+            }
+        }),
+    );
+    match error {
+        Some(e) => Err(failed(e)),
+        None => Ok(out),
+    }
+}
+
+fn select(
+    s: &ApiState,
+    q: &FlowQuery,
+    records: impl Iterator<Item = (String, FlowEntry)>,
+) -> Vec<FlowView> {
+    let most = if q.history == Some(true) {
+        FlowQuery::MAX_HISTORY_LIMIT
+    } else {
+        FlowQuery::MAX_LIMIT
+    };
+    let limit = q.limit.unwrap_or(most).clamp(1, most);
     let cluster = Cluster::of(&s.hub);
     let in_ns = |id: &str, ns: &str| id.split_once('/').is_some_and(|(n, _)| n == ns);
     let mut out = Vec::new();
     for (node, mut e) in records {
-        if q.since.is_some_and(|t| e.time_unix_nanos() < t) {
+        if q.since.is_some_and(|t| e.time_unix_nanos() < t)
+            || q.until.is_some_and(|t| e.time_unix_nanos() > t)
+        {
             continue;
         }
         if let Some(v) = &q.verdict {

@@ -214,7 +214,15 @@ pub struct FlowQuery {
     /// Observed at or after this time, in nanoseconds since the Unix epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since: Option<u64>,
-    /// At most this many records (default and most: [`FlowQuery::MAX_LIMIT`]).
+    /// Observed at or before this time, in nanoseconds since the Unix epoch (with `history`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
+    /// Answer from the flow history on disk (every record kept, within its retention) rather
+    /// than the records held in memory; `since` then bounds how far back it looks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<bool>,
+    /// At most this many records (default and most: [`FlowQuery::MAX_LIMIT`], from the history
+    /// [`FlowQuery::MAX_HISTORY_LIMIT`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
 }
@@ -222,6 +230,8 @@ pub struct FlowQuery {
 impl FlowQuery {
     /// The most records one answer holds.
     pub const MAX_LIMIT: usize = 1000;
+    /// The most records one answer from the history holds.
+    pub const MAX_HISTORY_LIMIT: usize = 10_000;
 
     /// The query as a path: `/api/flows?namespace=shop&limit=10`.
     pub fn path(&self) -> String {
@@ -248,12 +258,16 @@ impl FlowQuery {
             ("port", self.port.map(u64::from)),
             ("protocol", self.protocol.map(u64::from)),
             ("since", self.since),
+            ("until", self.until),
             ("limit", self.limit.map(|l| l as u64)),
         ];
         for (k, v) in numbers {
             if let Some(v) = v {
                 put(k, &v.to_string());
             }
+        }
+        if let Some(h) = self.history {
+            put("history", if h { "true" } else { "false" });
         }
         out
     }

@@ -1,0 +1,485 @@
+//! The flow history: written, reopened, queried, retained, refused when unusable.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    sync::{Arc, Mutex},
+};
+
+use super::*;
+use crate::{
+    distribution::FlowStore,
+    flows::{FlowPipeline, ServiceGraph},
+    ruleset::{
+        Direction, Endpoint, FlowKind, FlowReason, FlowRecord, FlowRule, FlowVerdict,
+        QuarantineAction, QuarantineEvent, RuleSet,
+    },
+};
+
+const HOUR: u64 = 3600 * 1_000_000_000;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "bulkhead-history-{name}-{}-{}",
+            std::process::id(),
+            now_unix_nanos()
+        ));
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn endpoint(id: u32, ns: &str, pod: &str, workload: Option<&str>, ip: &str) -> Endpoint {
+    Endpoint {
+        id,
+        namespace: ns.into(),
+        pod: pod.into(),
+        workload: workload.map(str::to_string),
+        identity: 300 + id,
+        ips: vec![ip.parse().expect("ip")],
+        interface: None,
+        quarantined: false,
+        policy: 300 + id,
+    }
+}
+
+fn directory() -> Directory {
+    Directory::from_rulesets([&RuleSet {
+        node: "n1".into(),
+        endpoints: vec![
+            endpoint(1, "shop", "web-0", Some("Deployment/web"), "10.0.0.1"),
+            endpoint(2, "shop", "api-0", Some("Deployment/api"), "10.0.0.2"),
+            endpoint(3, "tools", "debug", None, "10.0.0.3"),
+        ],
+        ..Default::default()
+    }])
+}
+
+/// A record reported by `endpoint` at `t`: ingress from `src`.
+fn record(endpoint: &str, src: &str, dst: &str, verdict: FlowVerdict, t: u64) -> FlowRecord {
+    FlowRecord {
+        time_unix_nanos: t,
+        endpoint: endpoint.parse().expect("endpoint"),
+        direction: Direction::Ingress,
+        src: src.parse().expect("ip"),
+        dst: dst.parse().expect("ip"),
+        src_port: 40000 + (t % 20000) as u16,
+        dst_port: 80,
+        protocol: 6,
+        kind: FlowKind::New,
+        verdict,
+        rule: FlowRule::DefaultAllow,
+        rule_id: 0,
+        local_identity: 0,
+        peer_identity: 0,
+        peer: None,
+        reason: FlowReason::AllowedNew,
+        packets: 1,
+        bytes: 60,
+    }
+}
+
+fn pipeline(history: &Arc<FlowHistory>, dir: Directory) -> FlowPipeline {
+    FlowPipeline::with_directory(
+        Arc::new(Mutex::new(
+            FlowStore::new(1000).with_history(history.clone()),
+        )),
+        Arc::new(Mutex::new(ServiceGraph::default())),
+        dir,
+    )
+}
+
+fn all(h: &FlowHistory, query: HistoryQuery) -> Vec<HistoryRecord> {
+    h.query(query)
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("records")
+}
+
+fn times(records: &[HistoryRecord]) -> Vec<u64> {
+    records.iter().map(|r| r.entry.time_unix_nanos()).collect()
+}
+
+fn in_range(since: u64, until: Option<u64>) -> HistoryQuery {
+    HistoryQuery {
+        filter: FlowFilter {
+            since_unix_nanos: since,
+            ..FlowFilter::default()
+        },
+        until_unix_nanos: until,
+        newest_first: false,
+    }
+}
+
+#[test]
+fn records_survive_a_restart_and_are_found_by_time_and_filters() {
+    let tmp = TempDir::new("restart");
+    let now = now_unix_nanos();
+    let t = |hours_ago: u64| now - hours_ago * HOUR;
+    let history = Arc::new(FlowHistory::open(HistoryConfig::new(&tmp.0)).expect("open"));
+    let before = pipeline(&history, directory());
+    // tools/debug (10.0.0.3, on another node: the agent does not name it) probes shop/api-0
+    // over 30 hours; shop/web-0 talks to shop/api-0 meanwhile.
+    let mut expected_debug = Vec::new();
+    for h in (0..30).rev() {
+        let probe = record(
+            "shop/api-0",
+            "10.0.0.3",
+            "10.0.0.2",
+            FlowVerdict::Denied,
+            t(h) + 1,
+        );
+        let web = record(
+            "shop/api-0",
+            "10.0.0.1",
+            "10.0.0.2",
+            FlowVerdict::Allowed,
+            t(h) + 2,
+        );
+        expected_debug.push(t(h) + 1);
+        before
+            .ingest("n1", vec![(&probe).into(), (&web).into()], 0)
+            .expect("ingest");
+    }
+    let quarantined_at = t(0) + 3;
+    before.store().lock().expect("store").push(
+        "controller",
+        FlowEntry::Quarantine(QuarantineEvent {
+            time_unix_nanos: quarantined_at,
+            pod: "tools/debug".parse().expect("pod"),
+            action: QuarantineAction::Quarantine,
+            quarantine: "debug".into(),
+            reason: "port scan".into(),
+            actor: "test".into(),
+        }),
+    );
+    history.flush().expect("flush");
+    assert_eq!(history.stats().written, 61);
+    let graph_before = before.graph().lock().expect("graph").to_json();
+    // The history names the peers the agents could not, as the API does when it shows them.
+    let named = directory();
+    let store_before: Vec<(String, FlowEntry)> = before
+        .store()
+        .lock()
+        .expect("store")
+        .recent(1000)
+        .into_iter()
+        .map(|(n, mut e)| {
+            named.name_peer_of(&mut e);
+            (n, e)
+        })
+        .collect();
+    assert_eq!(before.graph().lock().expect("graph").len(), (3, 2));
+
+    // The controller stops: the store, the graph and the history go; the files stay.
+    drop(before);
+    drop(Arc::into_inner(history).expect("the only handle"));
+
+    let history = Arc::new(FlowHistory::open(HistoryConfig::new(&tmp.0)).expect("reopen"));
+    let after = pipeline(&history, directory());
+    let (folded, restored) = after.restore_from(&history, 0).expect("restore");
+    assert_eq!((folded, restored), (60, 61));
+    assert_eq!(
+        String::from_utf8_lossy(&after.graph().lock().expect("graph").to_json()),
+        String::from_utf8_lossy(&graph_before),
+        "the graph is rebuilt as it was"
+    );
+    assert_eq!(
+        after.store().lock().expect("store").recent(1000),
+        store_before,
+        "the recent flows are back, in order"
+    );
+    // Read back, they are not written again.
+    history.flush().expect("flush");
+    assert_eq!(history.stats().written, 0);
+
+    // The last 24 hours, oldest first; newest first is the same reversed.
+    let day = all(&history, in_range(t(24), None));
+    assert_eq!(
+        day.len(),
+        2 * 25 + 1,
+        "hours 24..0, two records each, and the quarantine"
+    );
+    let mut sorted = times(&day);
+    sorted.sort_unstable();
+    assert_eq!(times(&day), sorted);
+    let mut newest = all(
+        &history,
+        HistoryQuery {
+            newest_first: true,
+            ..in_range(t(24), None)
+        },
+    );
+    newest.reverse();
+    assert_eq!(newest, day);
+
+    // Forensics: what tools/debug did in the 24 hours before its quarantine, with no
+    // directory to name it (its pod is gone): the history named it when it was written.
+    let empty = Directory::default();
+    let debug = all(
+        &history,
+        HistoryQuery {
+            filter: FlowFilter {
+                pod: Some("tools/debug".into()),
+                since_unix_nanos: quarantined_at - 24 * HOUR,
+                ..FlowFilter::default()
+            },
+            until_unix_nanos: Some(quarantined_at),
+            newest_first: false,
+        },
+    );
+    let want: Vec<u64> = expected_debug
+        .iter()
+        .copied()
+        .filter(|&x| x >= quarantined_at - 24 * HOUR)
+        .chain([quarantined_at])
+        .collect();
+    assert_eq!(times(&debug), want);
+    for r in &debug {
+        assert!(
+            FlowFilter {
+                pod: Some("tools/debug".into()),
+                ..FlowFilter::default()
+            }
+            .matches(&empty, &r.entry)
+        );
+    }
+    // Verdict and namespace filters, and a range that ends before the newest hour.
+    let denied = all(
+        &history,
+        HistoryQuery {
+            filter: FlowFilter {
+                verdict: Some("denied".into()),
+                namespace: Some("shop".into()),
+                since_unix_nanos: t(10),
+                ..FlowFilter::default()
+            },
+            until_unix_nanos: Some(t(5) + 1),
+            newest_first: false,
+        },
+    );
+    assert_eq!(
+        times(&denied),
+        (5..=10).rev().map(|h| t(h) + 1).collect::<Vec<_>>()
+    );
+    assert!(
+        denied
+            .iter()
+            .all(|r| r.node == "n1" && r.entry.verdict_str() == "denied")
+    );
+}
+
+#[test]
+fn retention_drops_records_older_than_the_maximum_age_and_counts_them() {
+    let tmp = TempDir::new("age");
+    let now = now_unix_nanos();
+    let history = Arc::new(FlowHistory::open(HistoryConfig::new(&tmp.0)).expect("open"));
+    let node: Arc<str> = Arc::from("n1");
+    let entry = |t| {
+        Arc::new(FlowEntry::Flow(record(
+            "shop/api-0",
+            "10.0.0.1",
+            "10.0.0.2",
+            FlowVerdict::Allowed,
+            t,
+        )))
+    };
+    // Eight days ago (one chunk), then now (another).
+    history.offer(
+        node.clone(),
+        0,
+        (0..5).map(|i| entry(now - 8 * 24 * HOUR + i)).collect(),
+        None,
+    );
+    history.flush().expect("flush");
+    history.offer(node, 5, (0..3).map(|i| entry(now + i)).collect(), None);
+    history.flush().expect("flush");
+    let stats = history.stats();
+    assert_eq!((stats.written, stats.expired_age), (8, 5), "{stats:?}");
+    assert_eq!(
+        times(&all(&history, in_range(0, None))),
+        [now, now + 1, now + 2]
+    );
+}
+
+#[test]
+fn retention_keeps_the_store_within_its_size_dropping_the_oldest_first() {
+    let tmp = TempDir::new("size");
+    let max_bytes = 256 << 10;
+    let history = FlowHistory::open(HistoryConfig {
+        max_bytes,
+        ..HistoryConfig::new(&tmp.0)
+    })
+    .expect("open");
+    let now = now_unix_nanos();
+    let node: Arc<str> = Arc::from("n1");
+    let mut written = 0u64;
+    // Varied records (addresses, ports, pods) so that compression leaves them sizeable.
+    for chunk in 0..40u64 {
+        let entries: Vec<Arc<FlowEntry>> = (0..1000u64)
+            .map(|i| {
+                let n = chunk * 1000 + i;
+                let mut r = record(
+                    &format!("ns-{}/pod-{}", n % 97, n.wrapping_mul(2654435761) % 100_003),
+                    &format!("10.{}.{}.{}", n % 251, (n / 251) % 251, n % 13),
+                    "10.0.0.2",
+                    FlowVerdict::Allowed,
+                    now - HOUR + n,
+                );
+                r.src_port = (n.wrapping_mul(40503) % 65536) as u16;
+                r.bytes = n.wrapping_mul(2654435761);
+                Arc::new(FlowEntry::Flow(r))
+            })
+            .collect();
+        written += entries.len() as u64;
+        history.offer(node.clone(), written, entries, None);
+        history.flush().expect("flush");
+    }
+    let stats = history.stats();
+    assert_eq!(stats.written, written);
+    assert!(stats.expired_size > 0, "{stats:?}");
+    assert!(stats.bytes <= max_bytes, "{stats:?}");
+    let file = fs::metadata(tmp.0.join(DATABASE_FILE)).expect("file").len();
+    assert!(
+        file <= max_bytes + (64 << 10),
+        "the file shrinks with retention: {file} bytes"
+    );
+    let left = all(&history, in_range(0, None));
+    assert_eq!(left.len() as u64 + stats.expired_size, written);
+    // What is left is the newest, without a gap.
+    let first = now - HOUR + stats.expired_size;
+    assert_eq!(
+        times(&left),
+        (first..now - HOUR + written).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_writer_that_falls_behind_drops_from_the_history_not_from_memory() {
+    let tmp = TempDir::new("backlog");
+    let history = Arc::new(
+        FlowHistory::open(HistoryConfig {
+            queue_batches: 2,
+            ..HistoryConfig::new(&tmp.0)
+        })
+        .expect("open"),
+    );
+    let p = pipeline(&history, directory());
+    let now = now_unix_nanos();
+    let release = history.pause();
+    for i in 0..5 {
+        let r = record(
+            "shop/api-0",
+            "10.0.0.1",
+            "10.0.0.2",
+            FlowVerdict::Allowed,
+            now + i,
+        );
+        p.ingest("n1", vec![(&r).into(), (&r).into()], 0)
+            .expect("ingest never waits for the disk");
+    }
+    drop(release);
+    history.flush().expect("flush");
+    let stats = history.stats();
+    assert_eq!(
+        (stats.written, stats.dropped_backlog),
+        (4, 6),
+        "two batches queued, three dropped: {stats:?}"
+    );
+    assert_eq!(p.store().lock().expect("store").len(), 10);
+    assert_eq!(p.graph().lock().expect("graph").records(), 10);
+}
+
+#[test]
+fn the_store_is_the_controllers_alone() {
+    let tmp = TempDir::new("modes");
+    let dir = tmp.0.join("history");
+    let history = FlowHistory::open(HistoryConfig::new(&dir)).expect("open");
+    let mode = |p: &Path| fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(history.path()), 0o600);
+    drop(history);
+    // A file left with wider permissions is narrowed at the next start.
+    fs::set_permissions(dir.join(DATABASE_FILE), fs::Permissions::from_mode(0o644)).expect("chmod");
+    let history = FlowHistory::open(HistoryConfig::new(&dir)).expect("reopen");
+    assert_eq!(mode(history.path()), 0o600);
+}
+
+#[test]
+fn a_damaged_or_unusable_store_is_refused_at_start_with_what_to_do() {
+    let tmp = TempDir::new("damaged");
+    fs::create_dir_all(&tmp.0).expect("dir");
+    fs::write(
+        tmp.0.join(DATABASE_FILE),
+        "this is not a database, but a file someone put here ".repeat(100),
+    )
+    .expect("write");
+    let e = FlowHistory::open(HistoryConfig::new(&tmp.0)).expect_err("damaged");
+    assert!(matches!(e, HistoryError::Damaged { .. }), "{e:?}");
+    assert!(e.to_string().contains("move it away"), "{e}");
+
+    // A directory that cannot be made (a file is in the way).
+    let e = FlowHistory::open(HistoryConfig::new(tmp.0.join(DATABASE_FILE).join("sub")))
+        .expect_err("not a directory");
+    assert!(matches!(e, HistoryError::Directory { .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("cannot create or use the directory"),
+        "{e}"
+    );
+
+    // A history written by a newer controller.
+    let newer = TempDir::new("newer");
+    drop(FlowHistory::open(HistoryConfig::new(&newer.0)).expect("open"));
+    Connection::open(newer.0.join(DATABASE_FILE))
+        .and_then(|c| c.pragma_update(None, "user_version", FORMAT + 1))
+        .expect("bump the format");
+    let e = FlowHistory::open(HistoryConfig::new(&newer.0)).expect_err("newer");
+    assert!(matches!(e, HistoryError::NewerFormat { .. }), "{e:?}");
+}
+
+#[test]
+fn a_damaged_chunk_is_an_error_and_the_rest_is_read() {
+    let tmp = TempDir::new("chunk");
+    let now = now_unix_nanos();
+    let history = FlowHistory::open(HistoryConfig::new(&tmp.0)).expect("open");
+    let node: Arc<str> = Arc::from("n1");
+    for i in 0..3 {
+        let r = record(
+            "shop/api-0",
+            "10.0.0.1",
+            "10.0.0.2",
+            FlowVerdict::Allowed,
+            now + i,
+        );
+        history.offer(node.clone(), i, vec![Arc::new(FlowEntry::Flow(r))], None);
+        history.flush().expect("flush");
+    }
+    Connection::open(history.path())
+        .and_then(|c| c.execute("UPDATE chunks SET data = x'00ff00ff' WHERE id = 2", []))
+        .expect("damage a chunk");
+    let read: Vec<Result<HistoryRecord, HistoryError>> =
+        history.query(in_range(0, None)).expect("query").collect();
+    assert_eq!(read.len(), 3);
+    assert!(
+        matches!(read[1], Err(HistoryError::Chunk(_))),
+        "{:?}",
+        read[1]
+    );
+    let ok: Vec<u64> = read
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|r| r.entry.time_unix_nanos())
+        .collect();
+    assert_eq!(ok, [now, now + 2]);
+    // At start the damaged chunk is skipped: the rest is read back.
+    let history = Arc::new(history);
+    let p = pipeline(&history, directory());
+    assert_eq!(p.restore_from(&history, 0).expect("restore"), (2, 2));
+}
