@@ -100,10 +100,15 @@ pub fn recommend(a: RecommendArgs) -> anyhow::Result<ExitCode> {
 /// stays clean for `kubectl apply -f -`).
 fn summary(r: &Recommendation) {
     eprintln!(
-        "# {} polic{} learned from {} admitted flow records ({} edges); status: {}",
+        "# {} polic{} learned from {} admitted flow records {} ({} edges); status: {}",
         r.policies.len(),
         if r.policies.len() == 1 { "y" } else { "ies" },
         r.records,
+        if r.from_history {
+            "of the flow history"
+        } else {
+            "held in memory (the controller keeps no flow history)"
+        },
         r.edges,
         match r.status {
             bulkhead_controller::recommend::RecommendationStatus::Learning =>

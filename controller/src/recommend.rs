@@ -223,6 +223,9 @@ pub struct Recommendation {
     pub policies: Vec<RecommendedPolicy>,
     /// Admitted flow records the recommendation was learned from.
     pub records: u64,
+    /// Whether they came from the flow history on disk (else the records held in memory).
+    #[serde(default)]
+    pub from_history: bool,
     /// Distinct edges (source, destination, port, protocol) observed.
     pub edges: usize,
     /// Records of pods the controller no longer knows (deleted since): not learned from.
@@ -355,8 +358,8 @@ fn host_block(a: IpAddr) -> IPBlock {
 
 /// Learns least-privilege NetworkPolicies from `records` (any order) for the workloads of
 /// `pods` (the cluster's pods now).
-pub fn recommend<'a>(
-    records: impl IntoIterator<Item = &'a FlowRecord>,
+pub fn recommend<R: std::borrow::Borrow<FlowRecord>>(
+    records: impl IntoIterator<Item = R>,
     pods: &[Pod],
     opts: &RecommendOptions,
 ) -> Recommendation {
@@ -365,6 +368,7 @@ pub fn recommend<'a>(
     let mut records_used = 0u64;
     let mut unknown_pods = 0u64;
     for r in records {
+        let r = r.borrow();
         if !matches!(
             r.verdict,
             FlowVerdict::Allowed | FlowVerdict::AuditWouldDeny
@@ -629,6 +633,7 @@ pub fn recommend<'a>(
         status,
         policies,
         records: records_used,
+        from_history: false,
         edges: edges.len(),
         unknown_pods,
         icmp_edges,

@@ -237,7 +237,7 @@ fn options(now: u64) -> RecommendOptions {
 #[test]
 fn applied_it_admits_exactly_what_was_observed() {
     let objs = objects(&cluster());
-    let r = recommend(&observed(), &pods(&objs), &options(T0 + 60 * MINUTE));
+    let r = recommend(observed(), &pods(&objs), &options(T0 + 60 * MINUTE));
     assert_eq!(r.policies.len(), 3, "web, api, db: {:?}", r.policies);
     assert!(r.not_covered.is_empty() && r.broad_selectors.is_empty());
     assert_eq!(r.unknown_pods, 0);
@@ -291,7 +291,7 @@ fn applied_it_admits_exactly_what_was_observed() {
 #[test]
 fn selectors_use_stable_labels_and_rules_say_what_they_learned_from() {
     let cluster = objects(&cluster());
-    let r = recommend(&observed(), &pods(&cluster), &options(T0 + 60 * MINUTE));
+    let r = recommend(observed(), &pods(&cluster), &options(T0 + 60 * MINUTE));
     let yaml = r.to_yaml().unwrap();
     assert!(!yaml.contains("pod-template-hash"), "{yaml}");
     assert!(
@@ -365,7 +365,7 @@ fn deterministic_and_a_new_edge_is_a_minimal_diff() {
     let mut more = records;
     more.extend(both_ends(WEB_A, DB, Protocol::Tcp, 5432, T0 + 30 * MINUTE));
     let c = recommend(&more, &cluster, &opts);
-    let before = recommend(&observed(), &cluster, &opts);
+    let before = recommend(observed(), &cluster, &opts);
     for (old, new) in before.policies.iter().zip(&c.policies) {
         assert_eq!(old.workload, new.workload);
         let yaml = |p: &RecommendedPolicy| serde_json::to_string(&p.policy).unwrap();
@@ -462,7 +462,7 @@ fn what_cannot_be_expressed_is_reported() {
 fn unnamed_peers_are_found_by_address() {
     let cluster = pods(&objects(&cluster()));
     let opts = options(T0 + 60 * MINUTE);
-    let named = recommend(&observed(), &cluster, &opts).to_yaml().unwrap();
+    let named = recommend(observed(), &cluster, &opts).to_yaml().unwrap();
     let mut unnamed = observed();
     unnamed.iter_mut().for_each(|r| r.peer = None);
     assert_eq!(

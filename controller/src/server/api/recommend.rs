@@ -1,6 +1,7 @@
-//! `GET /api/recommend?namespaces=a,b&since=NANOS&learning_seconds=S`: least-privilege
-//! NetworkPolicies learned from the flow records the controller holds, for the workloads of the
-//! named namespaces ([`crate::recommend`]). `bulkhead policy recommend` prints them as YAML.
+//! `GET /api/recommend?namespaces=a,b&since=NANOS&learning_seconds=S&kind=K`: least-privilege
+//! policies learned from the flow records of the controller's flow history (or, without one,
+//! the records it holds in memory), for the workloads of the named namespaces
+//! ([`crate::recommend`]). `bulkhead policy recommend` prints them as YAML.
 
 use std::{
     collections::BTreeSet,
@@ -15,6 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiState};
 use crate::{
+    flows::{
+        FlowFilter,
+        history::{HistoryQuery, HistoryRecord},
+    },
     recommend::{RecommendKind, RecommendOptions, Recommendation, recommend as learn},
     ruleset::{FlowEntry, FlowRecord},
 };
@@ -76,22 +81,25 @@ pub(super) async fn recommend(
         .filter(|n| !n.is_empty())
         .map(String::from)
         .collect();
-    // Folding every record costs CPU: off the runtime's workers.
+    // Folding every record costs CPU (and reading the history, disk): off the runtime's
+    // workers.
     tokio::task::spawn_blocking(move || {
         let since = q.since.unwrap_or(0);
-        let records: Vec<FlowRecord> = s
-            .flows
-            .lock()
-            .map(|f| {
-                f.since(0)
-                    .1
-                    .filter_map(|(_, e, _)| match e {
-                        FlowEntry::Flow(r) if r.time_unix_nanos >= since => Some(r.clone()),
-                        _ => None,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let history = s.flows.lock().ok().and_then(|f| f.history().cloned());
+        let in_memory = || -> Vec<FlowRecord> {
+            s.flows
+                .lock()
+                .map(|f| {
+                    f.since(0)
+                        .1
+                        .filter_map(|(_, e, _)| match e {
+                            FlowEntry::Flow(r) if r.time_unix_nanos >= since => Some(r.clone()),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         let (pods, label_filter) = s.hub.pods().ok_or_else(|| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -111,7 +119,43 @@ pub(super) async fn recommend(
             now_unix_nanos: now,
             label_filter,
         };
-        Ok(axum::Json(learn(&records, &pods, &opts)))
+        // The history on disk when the controller keeps one (it reaches back days), else the
+        // records held in memory. A damaged chunk of the history is skipped (logged).
+        let recommendation = match history {
+            Some(h) => {
+                let query = HistoryQuery {
+                    filter: FlowFilter {
+                        since_unix_nanos: since,
+                        ..FlowFilter::default()
+                    },
+                    until_unix_nanos: None,
+                    newest_first: false,
+                };
+                let records = h.query(query).map_err(|e| {
+                    tracing::error!(error = %e, "reading the flow history");
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+                })?;
+                let mut r = learn(
+                    records.filter_map(|r| match r {
+                        Ok(HistoryRecord {
+                            entry: FlowEntry::Flow(f),
+                            ..
+                        }) => Some(f),
+                        Ok(_) => None,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "skipping a damaged flow history chunk");
+                            None
+                        }
+                    }),
+                    &pods,
+                    &opts,
+                );
+                r.from_history = true;
+                r
+            }
+            None => learn(in_memory(), &pods, &opts),
+        };
+        Ok(axum::Json(recommendation))
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?

@@ -1203,3 +1203,113 @@ async fn flow_history_answers_over_http_and_survives_a_restart() {
         "{err}"
     );
 }
+
+/// With a flow history, `/api/recommend` learns from it: an edge seen 30 hours ago, long pushed
+/// out of the in-memory store (100 records here) by newer traffic, is still learned, also after
+/// the controller restarted; `since` bounds the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recommend_learns_from_the_flow_history_across_a_restart() {
+    use crate::flows::history::now_unix_nanos;
+    const HOUR: u64 = 3600 * 1_000_000_000;
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "bh-recommend-history-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("manifests")).expect("temp dir");
+    std::fs::write(dir.join("manifests/shop.yaml"), SHOP).expect("write");
+    let _cleanup = Fixture {
+        addr: "127.0.0.1:0".parse().expect("address"),
+        dir: dir.clone(),
+    };
+    let allowed = |endpoint: &str, direction: &str, src: &str, dst: &str, port: u16, t: u64| {
+        let mut r = record(
+            endpoint,
+            direction,
+            src,
+            dst,
+            port,
+            "allowed",
+            FlowRule::DefaultAllow,
+        );
+        r.time_unix_nanos = t;
+        bulkhead_proto::v1::FlowRecord::from(&r)
+    };
+    let now = now_unix_nanos();
+    let (_, history, pipeline, server) = serve_with_history(&dir, false).await;
+    // 30 h ago: the backend used the database. Since then, 300 frontend → backend connections.
+    pipeline
+        .ingest(
+            "demo-node",
+            vec![allowed(
+                "shop/db",
+                "ingress",
+                "10.203.0.20",
+                "10.203.0.30",
+                5432,
+                now - 30 * HOUR,
+            )],
+            0,
+        )
+        .expect("ingest");
+    for i in 0..300 {
+        pipeline
+            .ingest(
+                "demo-node",
+                vec![allowed(
+                    "shop/backend",
+                    "ingress",
+                    "10.203.0.10",
+                    "10.203.0.20",
+                    8080,
+                    now - HOUR + i,
+                )],
+                0,
+            )
+            .expect("ingest");
+    }
+    history.flush().expect("flush");
+    server.abort();
+    drop(pipeline);
+    drop(history);
+
+    let (addr, _history, _pipeline, _server) = serve_with_history(&dir, true).await;
+    let learn = |since: u64| async move {
+        let (status, body) = get_json(
+            addr,
+            &format!("/api/recommend?namespaces=shop&since={since}"),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_value::<crate::recommend::Recommendation>(body).expect("typed")
+    };
+    let ingress_peers = |r: &crate::recommend::Recommendation, workload: &str| -> Vec<String> {
+        let p = r
+            .policies
+            .iter()
+            .find(|p| p.workload.name == workload)
+            .and_then(|p| p.network_policy())
+            .and_then(|p| p.spec.clone())
+            .expect("policy");
+        p.ingress
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|rule| rule.from.clone().unwrap_or_default())
+            .filter_map(|peer| peer.pod_selector.and_then(|s| s.match_labels))
+            .map(|l| l["app"].clone())
+            .collect()
+    };
+    let day2 = learn(now - 48 * HOUR).await;
+    assert!(day2.from_history);
+    assert_eq!(day2.records, 301, "every admitted record of the window");
+    assert_eq!(ingress_peers(&day2, "Pod/db"), ["backend"]);
+    assert_eq!(ingress_peers(&day2, "Pod/backend"), ["frontend"]);
+    let day1 = learn(now - 24 * HOUR).await;
+    assert_eq!(day1.records, 300);
+    assert!(
+        ingress_peers(&day1, "Pod/db").is_empty(),
+        "older than the window"
+    );
+}
