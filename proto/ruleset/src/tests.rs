@@ -228,13 +228,16 @@ mod ipcache_delta {
 
     use super::*;
 
-    /// What applying an ipcache change meant before the in-place path: removals, then upserts,
-    /// through a map.
+    /// What applying an ipcache change meant before the in-place path: nothing when the delta
+    /// has no ipcache change, else removals, then upserts, through a map.
     fn through_a_map(
         list: &[IpCacheEntry],
         removed: &[IpNetwork],
         upserted: &[IpCacheEntry],
     ) -> Vec<IpCacheEntry> {
+        if removed.is_empty() && upserted.is_empty() {
+            return list.to_vec();
+        }
         let mut m: BTreeMap<IpNetwork, IpCacheEntry> =
             list.iter().map(|e| (e.cidr, e.clone())).collect();
         for c in removed {
@@ -280,7 +283,13 @@ mod ipcache_delta {
             removed in prop::collection::vec(net(), 0..40),
             upserted in prop::collection::vec(entry(), 0..40),
         ) {
-            let list = if sort { through_a_map(&list, &[], &[]) } else { list };
+            let list = if sort {
+                let sorted: std::collections::BTreeMap<IpNetwork, IpCacheEntry> =
+                    list.into_iter().map(|e| (e.cidr, e)).collect();
+                sorted.into_values().collect()
+            } else {
+                list
+            };
             let mut rs = RuleSet {
                 node: "n".into(),
                 version: 1,
