@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The controller decodes every flow record agents report: addresses as slices of the
         // received message, not an allocation each.
         .bytes(".bulkhead.v1.FlowRecord")
+        // Parts slice encodings shared between streams (see `fanout`), never copy them.
+        .bytes(".bulkhead.v1.Part")
         .compile_protos(
             &[
                 "proto/bulkhead/v1/distribution.proto",

@@ -66,7 +66,7 @@ fn u16_of(field: &'static str, value: u32) -> Result<u16> {
     })
 }
 
-fn cidr_to(net: &IpNetwork) -> pb::Cidr {
+pub(crate) fn cidr_to(net: &IpNetwork) -> pb::Cidr {
     pb::Cidr {
         addr: addr_bytes(&net.ip()),
         prefix: net.prefix() as u32,
@@ -223,7 +223,7 @@ fn direction_policy_from(d: Option<&pb::DirectionPolicy>) -> Result<rs::Directio
     })
 }
 
-fn policy_to(p: &rs::EndpointPolicy) -> pb::EndpointPolicy {
+pub(crate) fn policy_to(p: &rs::EndpointPolicy) -> pb::EndpointPolicy {
     pb::EndpointPolicy {
         ingress: Some(direction_policy_to(&p.ingress)),
         egress: Some(direction_policy_to(&p.egress)),
@@ -237,7 +237,7 @@ fn policy_from(p: &pb::EndpointPolicy) -> Result<rs::EndpointPolicy> {
     })
 }
 
-fn endpoint_to(e: &rs::Endpoint) -> pb::Endpoint {
+pub(crate) fn endpoint_to(e: &rs::Endpoint) -> pb::Endpoint {
     pb::Endpoint {
         id: e.id,
         namespace: e.namespace.clone(),
@@ -269,7 +269,7 @@ fn endpoint_from(e: &pb::Endpoint) -> Result<rs::Endpoint> {
     })
 }
 
-fn ipcache_to(e: &rs::IpCacheEntry) -> pb::IpCacheEntry {
+pub(crate) fn ipcache_to(e: &rs::IpCacheEntry) -> pb::IpCacheEntry {
     pb::IpCacheEntry {
         cidr: Some(cidr_to(&e.cidr)),
         identity: e.identity,
@@ -395,7 +395,7 @@ fn direction_delta_from(d: Option<&pb::DirectionDelta>) -> Result<rs::DirectionD
     })
 }
 
-fn policy_delta_to(p: &rs::PolicyDelta) -> pb::PolicyDelta {
+pub(crate) fn policy_delta_to(p: &rs::PolicyDelta) -> pb::PolicyDelta {
     pb::PolicyDelta {
         ingress: Some(direction_delta_to(&p.ingress)),
         egress: Some(direction_delta_to(&p.egress)),
@@ -409,7 +409,7 @@ fn policy_delta_from(p: &pb::PolicyDelta) -> Result<rs::PolicyDelta> {
     })
 }
 
-fn endpoint_delta_to(e: &rs::EndpointDelta) -> pb::EndpointDelta {
+pub(crate) fn endpoint_delta_to(e: &rs::EndpointDelta) -> pb::EndpointDelta {
     pb::EndpointDelta {
         id: e.id,
         identity: e.identity,
@@ -508,7 +508,7 @@ impl TryFrom<&pb::NodeDelta> for rs::NodeDelta {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
@@ -688,7 +688,7 @@ mod tests {
             })
     }
 
-    fn node_delta() -> impl Strategy<Value = rs::NodeDelta> {
+    pub(crate) fn node_delta() -> impl Strategy<Value = rs::NodeDelta> {
         let changed = (
             any::<u32>(),
             any::<u32>(),

@@ -6,12 +6,14 @@
 //! - [`convert`] turns the rule-set contract into its protobuf messages and back;
 //! - [`flows`] does the same for flow records (refusing, by field, what the contract cannot
 //!   hold);
+//! - [`fanout`] encodes the deltas of one change for many nodes, what they share encoded once;
 //! - [`parts`] cuts controller messages too large to send whole into parts and puts them back;
 //! - [`follower`] is the agent's side of the distribution protocol, without the kernel: the agent
 //!   binary, the controller's tests and the benchmarks follow a node's stream through it.
 
 pub mod client;
 pub mod convert;
+pub mod fanout;
 pub mod flows;
 pub mod follower;
 pub mod parts;

@@ -48,7 +48,7 @@ pub fn split(msg: ControllerMessage, part_bytes: usize) -> impl Iterator<Item = 
         let part = pb::Part {
             total,
             offset: offset as u64,
-            data: bytes[offset..end].to_vec(),
+            data: prost::bytes::Bytes::copy_from_slice(&bytes[offset..end]),
         };
         offset = end;
         Some(ControllerMessage {
@@ -214,7 +214,7 @@ mod tests {
             msg: Some(controller_message::Msg::Part(pb::Part {
                 total: u64::MAX,
                 offset: 0,
-                data: vec![0; 10],
+                data: vec![0; 10].into(),
             })),
         };
         assert!(matches!(r.push(part), Err(PartError::TooLarge { .. })));

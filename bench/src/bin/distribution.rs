@@ -1,9 +1,14 @@
 //! Rule-set distribution at scale: one controller (the real hub and gRPC service) and 1,000
-//! simulated agents (lightweight gRPC clients in this process that follow their node's stream
-//! and ack as they receive) on loopback, over Antrea's 100k-pod scenario. Measures the time
-//! from a policy edit, and from a pod relabel, to the last affected agent's ack.
+//! simulated agents (lightweight gRPC clients that follow their node's stream and ack as they
+//! receive) on loopback, over Antrea's 100k-pod scenario. Measures the time from a policy edit,
+//! a pod relabel and a quarantine to the last affected agent having it.
 //!
 //! `cargo run --release -p bulkhead-bench --bin distribution [-- --samples 200]`
+//!
+//! The simulated agents run in a child process (this binary again, with `--agents-for`), so the
+//! controller's CPU and memory are measured apart from theirs; `--agents-in-process` runs them
+//! beside the controller as earlier versions of this benchmark did. Times cross the two
+//! processes as CLOCK_MONOTONIC readings, which every process on the machine shares.
 //!
 //! Plaintext gRPC on loopback: mTLS costs a handshake per connection, not per delta.
 
@@ -35,6 +40,50 @@ struct Args {
     namespaces: usize,
     #[arg(long, default_value_t = 1_000)]
     nodes: usize,
+    /// Run the simulated agents in this process (as before agents had their own process); the
+    /// process figures then include them.
+    #[arg(long)]
+    agents_in_process: bool,
+    /// Internal: be the agents' process. Follows the nodes named on stdin (one a line) from the
+    /// controller at this address and prints `node version monotonic-ns` per realized rule set.
+    #[arg(long, hide = true)]
+    agents_for: Option<String>,
+}
+
+/// CLOCK_MONOTONIC now: comparable between the controller's and the agents' processes.
+fn monotonic() -> Duration {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: clock_gettime fills the struct we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// (CPU seconds, RSS KiB, peak RSS KiB) of another process, from /proc.
+fn process_usage(pid: u32) -> (f64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the state.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = (ticks(11) + ticks(12)) as f64 / hz;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (cpu, field("VmRSS:"), field("VmHWM:"))
 }
 
 fn rss_kib(field: &str) -> u64 {
@@ -62,15 +111,136 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// (node, version, when the agent had it)
-type Seen = (String, u64, Instant);
+/// The hub's CPU time in the engine, the fan-out and its own copies, in nanoseconds so far.
+fn hub_parts(hub: &Hub) -> [u64; 3] {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &hub.counters;
+    [
+        c.engine_nanos.load(Relaxed),
+        c.fanout_nanos.load(Relaxed),
+        c.copies_nanos.load(Relaxed),
+    ]
+}
+
+/// (node, version, when the agent had it, as a CLOCK_MONOTONIC reading)
+type Seen = (String, u64, Duration);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    match args.agents_for.clone() {
+        Some(addr) => rt.block_on(agents_process(addr)),
+        None => rt.block_on(run(args)),
+    }
+}
+
+/// One simulated agent per node: the agent's own protocol follower (decode, continuity check,
+/// delta applied to the full rule set, then ack), reporting each rule set it realizes.
+fn spawn_agents(
+    addr: &str,
+    nodes: Vec<String>,
+    tx: mpsc::UnboundedSender<Seen>,
+) -> anyhow::Result<()> {
+    for node in nodes {
+        let tx = tx.clone();
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
+        tokio::spawn(async move {
+            let mut follower = Follower::new(&node);
+            loop {
+                let Ok(channel) = endpoint.connect().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let _ = run_session(
+                    channel,
+                    &mut follower,
+                    |rs| {
+                        let _ = tx.send((rs.node.clone(), rs.version, monotonic()));
+                        async { Ok(Default::default()) }
+                    },
+                    || {},
+                )
+                .await;
+            }
+        });
+    }
+    Ok(())
+}
+
+/// The agents' process: nodes from stdin, what they realized to stdout.
+async fn agents_process(addr: String) -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+    let nodes: Vec<String> = std::io::stdin()
+        .lock()
+        .lines()
+        .collect::<Result<_, _>>()
+        .context("node names on stdin")?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Seen>();
+    spawn_agents(&addr, nodes, tx)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    while let Some((node, version, at)) = rx.recv().await {
+        writeln!(out, "{node} {version} {}", at.as_nanos())?;
+        // Flush when nothing else is waiting: batches under load, prompt when idle.
+        if rx.is_empty() {
+            out.flush()?;
+        }
+    }
+    Ok(())
+}
+
+/// The agents' process, stopped when the benchmark ends (or fails).
+struct AgentsProcess(std::process::Child);
+
+impl Drop for AgentsProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the agents' process for `nodes`; what they realize arrives on `tx`.
+fn agents_child(
+    addr: &str,
+    nodes: &[String],
+    tx: mpsc::UnboundedSender<Seen>,
+) -> anyhow::Result<AgentsProcess> {
+    use std::io::{BufRead, Write};
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .args(["--agents-for", addr])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("start the agents' process")?;
+    let mut child = AgentsProcess(child);
+    let mut stdin = child.0.stdin.take().context("agents' stdin")?;
+    for n in nodes {
+        writeln!(stdin, "{n}")?;
+    }
+    drop(stdin);
+    let stdout = child.0.stdout.take().context("agents' stdout")?;
+    std::thread::Builder::new()
+        .name("bench-agents-reader".into())
+        .spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let mut f = line.split(' ');
+                let (Some(node), Some(version), Some(at)) = (f.next(), f.next(), f.next()) else {
+                    continue;
+                };
+                let (Ok(version), Ok(at)) = (version.parse::<u64>(), at.parse::<u64>()) else {
+                    continue;
+                };
+                if tx
+                    .send((node.to_string(), version, Duration::from_nanos(at)))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })?;
+    Ok(child)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -97,9 +267,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
         .collect();
     let started = Instant::now();
+    let cpu_started = cpu_seconds();
     let engine = PolicyEngine::new(EngineConfig::default(), objects).context("compile")?;
+    let engine_built = started.elapsed().as_secs_f64();
     let hub = Arc::new(Hub::new(engine));
-    println!("compiled in {:.2} s", started.elapsed().as_secs_f64());
+    println!(
+        "compiled in {:.2} s (the engine {:.2} s, every node's rule set for the hub {:.2} s; CPU {:.2} s)",
+        started.elapsed().as_secs_f64(),
+        engine_built,
+        started.elapsed().as_secs_f64() - engine_built,
+        cpu_seconds() - cpu_started
+    );
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -110,44 +288,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 
-    // 1,000 agents, each following its node and reporting what it received.
+    // One agent per node, each following its node and reporting what it received.
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
     let nodes = hub.node_states();
+    let names: Vec<String> = nodes.iter().map(|n| n.node.clone()).collect();
     let connect_started = Instant::now();
-    for n in &nodes {
-        let node = n.node.clone();
-        let tx = seen_tx.clone();
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
-        tokio::spawn(async move {
-            let mut follower = Follower::new(&node);
-            loop {
-                let Ok(channel) = endpoint.connect().await else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let _ = run_session(
-                    channel,
-                    &mut follower,
-                    |rs| {
-                        let _ = tx.send((rs.node.clone(), rs.version, Instant::now()));
-                        async { Ok(Default::default()) }
-                    },
-                    || {},
-                )
-                .await;
-            }
-        });
-    }
+    let child = if args.agents_in_process {
+        spawn_agents(&addr.to_string(), names, seen_tx)?;
+        None
+    } else {
+        Some(agents_child(&addr.to_string(), &names, seen_tx)?)
+    };
     let mut have: HashMap<String, u64> = HashMap::new();
     while have.len() < nodes.len() {
         let (node, version, _) = seen_rx.recv().await.context("agents")?;
         have.insert(node, version);
     }
     println!(
-        "{} agents connected and realized their snapshots in {:.2} s",
+        "{} agents connected and realized their snapshots in {:.2} s ({})",
         nodes.len(),
-        connect_started.elapsed().as_secs_f64()
+        connect_started.elapsed().as_secs_f64(),
+        if child.is_some() {
+            "agents in their own process"
+        } else {
+            "agents in the controller's process"
+        }
     );
+    let agents_before = child.as_ref().map(|c| process_usage(c.0.id()));
 
     let mut rng = Rng::new(11);
     let rss_before = rss_kib("VmRSS:");
@@ -159,6 +326,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for kind in ["policy edit", "pod relabel", "quarantine"] {
         let mut latencies = Vec::new();
         let mut apply_times = Vec::new();
+        let parts_before = hub_parts(&hub);
         let mut affected_total = 0;
         for i in 0..args.samples {
             let change = if kind == "policy edit" {
@@ -200,6 +368,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             };
             let priority = kind == "quarantine";
             let t0 = Instant::now();
+            let t0_mono = monotonic();
             let deltas = {
                 let hub = hub.clone();
                 tokio::task::spawn_blocking(move || hub.apply(vec![change], priority)).await??
@@ -208,7 +377,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut waiting: HashMap<String, u64> =
                 deltas.iter().map(|d| (d.node.clone(), d.version)).collect();
             affected_total += waiting.len();
-            let mut last = t0;
+            let mut last = t0_mono;
             let deadline = Instant::now() + Duration::from_secs(10);
             while !waiting.is_empty() {
                 let Ok(Some((node, version, at))) =
@@ -225,7 +394,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
             if !deltas.is_empty() {
-                latencies.push(last - t0);
+                latencies.push(last.saturating_sub(t0_mono));
             }
         }
         let mut a = apply_times;
@@ -233,6 +402,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "{kind}: controller-side apply (engine + deltas + queueing) p50 {:.2} ms, p99 {:.2} ms",
             percentile(&mut a, 0.5).as_secs_f64() * 1e3,
             percentile(&mut a, 0.99).as_secs_f64() * 1e3
+        );
+        let parts = hub_parts(&hub);
+        let per_change = |i: usize| (parts[i] - parts_before[i]) as f64 / 1e6 / args.samples as f64;
+        println!(
+            "{kind}: CPU per change (mean), the engine {:.2} ms, encoding and queueing the deltas {:.2} ms, the hub's own rule-set copies {:.2} ms",
+            per_change(0),
+            per_change(1),
+            per_change(2)
         );
         results.push((kind, latencies, affected_total));
     }
@@ -260,14 +437,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
             p99.as_secs_f64() * 1e3 / 200.0
         );
     }
-    println!(
-        "\nprocess (controller + 1,000 agents): RSS {} MiB (peak {} MiB; {} MiB before the changes); CPU {:.2} s over {:.2} s wall ({:.0}% of one core)",
-        rss_kib("VmRSS:") / 1024,
-        rss_kib("VmHWM:") / 1024,
-        rss_before / 1024,
-        cpu,
-        wall,
-        cpu / wall * 100.0
-    );
+    let rss = rss_kib("VmRSS:");
+    let peak = rss_kib("VmHWM:");
+    match (&child, agents_before) {
+        (Some(c), Some((agents_cpu_before, agents_rss_before, _))) => {
+            let (agents_cpu, agents_rss, agents_peak) = process_usage(c.0.id());
+            println!(
+                "\ncontroller process (hub, engine, gRPC service; the benchmark's driver and its copy of the scenario): RSS {} MiB (peak {} MiB; {} MiB before the changes); CPU {:.2} s over {:.2} s wall ({:.0}% of one core)",
+                rss / 1024,
+                peak / 1024,
+                rss_before / 1024,
+                cpu,
+                wall,
+                cpu / wall * 100.0
+            );
+            println!(
+                "agents' process ({} simulated agents): RSS {} MiB (peak {} MiB; {} MiB before the changes); CPU {:.2} s over the same wall ({:.0}% of one core)",
+                nodes.len(),
+                agents_rss / 1024,
+                agents_peak / 1024,
+                agents_rss_before / 1024,
+                agents_cpu - agents_cpu_before,
+                (agents_cpu - agents_cpu_before) / wall * 100.0
+            );
+        }
+        _ => println!(
+            "\nprocess (controller + {} agents): RSS {} MiB (peak {} MiB; {} MiB before the changes); CPU {:.2} s over {:.2} s wall ({:.0}% of one core)",
+            nodes.len(),
+            rss / 1024,
+            peak / 1024,
+            rss_before / 1024,
+            cpu,
+            wall,
+            cpu / wall * 100.0
+        ),
+    }
     Ok(())
 }

@@ -291,6 +291,17 @@ async fn send(
     Ok(())
 }
 
+/// A message the hub encoded, as the parts that carry it.
+async fn send_encoded(
+    out: &mpsc::Sender<Result<ControllerMessage, Status>>,
+    msg: &bulkhead_proto::fanout::EncodedMessage,
+) -> Result<(), ()> {
+    for m in msg.parts(parts::PART_BYTES) {
+        out.send(Ok(m)).await.map_err(|_| ())?;
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl Distribution for DistributionService {
     type SyncStream = SyncStream;
@@ -408,15 +419,9 @@ impl Distribution for DistributionService {
                     }
                     while let Some(u) = sub.updates.recv().await {
                         sent.sent(u.version);
-                        let msg = ControllerMessage {
-                            msg: Some(controller_message::Msg::Delta(pb::Delta {
-                                from: version(epoch, u.from),
-                                version: version(epoch, u.version),
-                                delta: Some(u.delta.as_ref().clone()),
-                                priority: u.priority,
-                            })),
-                        };
-                        if send(&out_tx, msg).await.is_err() {
+                        // Already encoded by the hub (shared with the node's other streams and,
+                        // in part, with other nodes'): sent as parts, never re-encoded here.
+                        if send_encoded(&out_tx, &u.message).await.is_err() {
                             return;
                         }
                     }

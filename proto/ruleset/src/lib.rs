@@ -765,15 +765,12 @@ impl RuleSet {
             self.rules.clear();
             return Ok(());
         }
-        let by_id: BTreeMap<u32, usize> = self
-            .endpoints
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.id, i))
-            .collect();
-        for change in &delta.endpoints_changed {
-            if !by_id.contains_key(&change.id) {
-                return Err(DeltaError::UnknownEndpoint(change.id));
+        if !delta.endpoints_changed.is_empty() {
+            let ids: BTreeSet<u32> = self.endpoints.iter().map(|e| e.id).collect();
+            for change in &delta.endpoints_changed {
+                if !ids.contains(&change.id) {
+                    return Err(DeltaError::UnknownEndpoint(change.id));
+                }
             }
         }
         for group in delta.policies_changed.keys() {
@@ -791,7 +788,13 @@ impl RuleSet {
         let added: BTreeMap<u32, &Endpoint> =
             delta.endpoints_added.iter().map(|e| (e.id, e)).collect();
         let removed: BTreeSet<u32> = delta.endpoints_removed.iter().copied().collect();
-        for e in &self.endpoints {
+        // Only a removed group or an endpoint's changed group can leave an endpoint already
+        // here without its group: a delta with neither (a quarantined address in the ipcache,
+        // a policy group's entries changing) need not read every endpoint. (A rule set already
+        // holding such an endpoint, which the controller never sends, keeps denying it
+        // everything.)
+        let may_dangle = !delta.policies_removed.is_empty() || !delta.endpoints_changed.is_empty();
+        for e in self.endpoints.iter().filter(|_| may_dangle) {
             if removed.contains(&e.id) || added.contains_key(&e.id) {
                 continue;
             }
@@ -812,7 +815,9 @@ impl RuleSet {
             }
         }
 
-        self.node = delta.node.clone();
+        if self.node != delta.node {
+            self.node = delta.node.clone();
+        }
         self.version = delta.version;
         for group in &delta.policies_removed {
             self.policies.remove(group);
@@ -840,19 +845,7 @@ impl RuleSet {
             self.endpoints.extend(added.into_values().cloned());
             self.endpoints.sort_by_key(|e| e.id);
         }
-        if !delta.ipcache_removed.is_empty() || !delta.ipcache_upserted.is_empty() {
-            let mut cache: BTreeMap<IpNetwork, IpCacheEntry> = std::mem::take(&mut self.ipcache)
-                .into_iter()
-                .map(|e| (e.cidr, e))
-                .collect();
-            for cidr in &delta.ipcache_removed {
-                cache.remove(cidr);
-            }
-            for e in &delta.ipcache_upserted {
-                cache.insert(e.cidr, e.clone());
-            }
-            self.ipcache = cache.into_values().collect();
-        }
+        self.apply_ipcache(&delta.ipcache_removed, &delta.ipcache_upserted);
         for rule in &delta.rules_removed {
             self.rules.remove(rule);
         }
@@ -860,6 +853,45 @@ impl RuleSet {
             self.rules.insert(*id, rule.clone());
         }
         Ok(())
+    }
+
+    /// The ipcache with `removed` taken out, then `upserted` put in (an upserted prefix wins
+    /// over a removed one), sorted by prefix with one entry each.
+    ///
+    /// A delta usually touches a few entries of a list of hundreds (a quarantine adds one address
+    /// to every node's): those are found by binary search in the sorted list and changed in
+    /// place, not by rebuilding the whole list. A list that is not sorted with unique prefixes
+    /// (never one the controller sends), or a large change, is rebuilt through a map.
+    fn apply_ipcache(&mut self, removed: &[IpNetwork], upserted: &[IpCacheEntry]) {
+        if removed.is_empty() && upserted.is_empty() {
+            return;
+        }
+        let small = removed.len() + upserted.len() <= 32;
+        if small && self.ipcache.is_sorted_by(|a, b| a.cidr < b.cidr) {
+            for cidr in removed {
+                if let Ok(i) = self.ipcache.binary_search_by(|e| e.cidr.cmp(cidr)) {
+                    self.ipcache.remove(i);
+                }
+            }
+            for e in upserted {
+                match self.ipcache.binary_search_by(|x| x.cidr.cmp(&e.cidr)) {
+                    Ok(i) => self.ipcache[i] = e.clone(),
+                    Err(i) => self.ipcache.insert(i, e.clone()),
+                }
+            }
+            return;
+        }
+        let mut cache: BTreeMap<IpNetwork, IpCacheEntry> = std::mem::take(&mut self.ipcache)
+            .into_iter()
+            .map(|e| (e.cidr, e))
+            .collect();
+        for cidr in removed {
+            cache.remove(cidr);
+        }
+        for e in upserted {
+            cache.insert(e.cidr, e.clone());
+        }
+        self.ipcache = cache.into_values().collect();
     }
 }
 

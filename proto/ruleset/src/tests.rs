@@ -222,3 +222,165 @@ fn fragments_match_only_all_port_entries() {
     assert!(!one.matches(301, Some(Protocol::Tcp), Some(80)));
     assert!(one.matches(300, Some(Protocol::Tcp), Some(80)));
 }
+
+mod ipcache_delta {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// What applying an ipcache change meant before the in-place path: nothing when the delta
+    /// has no ipcache change, else removals, then upserts, through a map.
+    fn through_a_map(
+        list: &[IpCacheEntry],
+        removed: &[IpNetwork],
+        upserted: &[IpCacheEntry],
+    ) -> Vec<IpCacheEntry> {
+        if removed.is_empty() && upserted.is_empty() {
+            return list.to_vec();
+        }
+        let mut m: BTreeMap<IpNetwork, IpCacheEntry> =
+            list.iter().map(|e| (e.cidr, e.clone())).collect();
+        for c in removed {
+            m.remove(c);
+        }
+        for e in upserted {
+            m.insert(e.cidr, e.clone());
+        }
+        m.into_values().collect()
+    }
+
+    fn net() -> impl Strategy<Value = IpNetwork> {
+        // Few distinct prefixes, so removals and upserts hit existing entries often.
+        (0u8..24, prop::sample::select(vec![24u8, 32])).prop_map(|(last, prefix)| {
+            IpNetwork::new(std::net::IpAddr::from([10, 0, 0, last * 8]), prefix)
+                .expect("valid prefix")
+        })
+    }
+
+    fn entry() -> impl Strategy<Value = IpCacheEntry> {
+        (
+            net(),
+            0u32..5,
+            any::<bool>(),
+            prop::collection::vec(0u32..4, 0..2),
+        )
+            .prop_map(
+                |(cidr, identity, quarantined, quarantine_allow)| IpCacheEntry {
+                    cidr,
+                    identity,
+                    quarantined,
+                    quarantine_allow,
+                },
+            )
+    }
+
+    proptest! {
+        /// Sorted or not, small change or large: the same list as rebuilding it through a map.
+        #[test]
+        fn an_ipcache_change_gives_what_the_map_gives(
+            list in prop::collection::vec(entry(), 0..40),
+            sort in any::<bool>(),
+            removed in prop::collection::vec(net(), 0..40),
+            upserted in prop::collection::vec(entry(), 0..40),
+        ) {
+            let list = if sort {
+                let sorted: std::collections::BTreeMap<IpNetwork, IpCacheEntry> =
+                    list.into_iter().map(|e| (e.cidr, e)).collect();
+                sorted.into_values().collect()
+            } else {
+                list
+            };
+            let mut rs = RuleSet {
+                node: "n".into(),
+                version: 1,
+                ipcache: list.clone(),
+                ..Default::default()
+            };
+            let delta = NodeDelta {
+                node: "n".into(),
+                from_version: 1,
+                version: 2,
+                ipcache_removed: removed.clone(),
+                ipcache_upserted: upserted.clone(),
+                ..Default::default()
+            };
+            rs.apply_delta(&delta).expect("applies");
+            prop_assert_eq!(rs.ipcache, through_a_map(&list, &removed, &upserted));
+        }
+    }
+}
+
+#[test]
+fn a_delta_that_would_leave_an_endpoint_without_its_group_is_refused() {
+    let endpoint = |id: u32, policy: PolicyGroupId| Endpoint {
+        id,
+        namespace: "x".into(),
+        pod: format!("p{id}"),
+        workload: None,
+        identity: 300,
+        ips: vec![format!("10.0.0.{id}").parse().expect("ip")],
+        interface: None,
+        quarantined: false,
+        policy,
+    };
+    let rs = RuleSet {
+        node: "n1".into(),
+        version: 1,
+        endpoints: vec![endpoint(1, 7), endpoint(2, 8)],
+        policies: [
+            (7, EndpointPolicy::default()),
+            (8, EndpointPolicy::default()),
+        ]
+        .into(),
+        ..RuleSet::default()
+    };
+    let delta = |f: &dyn Fn(&mut NodeDelta)| {
+        let mut d = NodeDelta {
+            node: "n1".into(),
+            from_version: 1,
+            version: 2,
+            ..NodeDelta::default()
+        };
+        f(&mut d);
+        d
+    };
+    let refused = [
+        delta(&|d| d.policies_removed = vec![8]),
+        delta(&|d| {
+            d.endpoints_changed = vec![EndpointDelta {
+                id: 1,
+                identity: 300,
+                ips: vec![],
+                workload: None,
+                policy: 9,
+                quarantined: false,
+            }]
+        }),
+        delta(&|d| d.endpoints_added = vec![endpoint(3, 9)]),
+    ];
+    for d in refused {
+        let mut r = rs.clone();
+        assert!(
+            matches!(
+                r.apply_delta(&d),
+                Err(DeltaError::DanglingPolicyGroup { .. })
+            ),
+            "{d:?}"
+        );
+        assert_eq!(r, rs, "a refused delta changes nothing");
+    }
+    // Removing the group with its last endpoint, or only touching the ipcache, is fine.
+    let mut r = rs.clone();
+    r.apply_delta(&delta(&|d| {
+        d.policies_removed = vec![8];
+        d.endpoints_removed = vec![2];
+    }))
+    .expect("applies");
+    assert_eq!(r.endpoints, vec![endpoint(1, 7)]);
+    let mut r = rs.clone();
+    r.apply_delta(&delta(&|d| {
+        d.ipcache_upserted = vec![IpCacheEntry::new("10.0.0.9/32".parse().expect("net"), 5)]
+    }))
+    .expect("applies");
+    assert_eq!(r.ipcache.len(), 1);
+}
