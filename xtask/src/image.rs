@@ -55,6 +55,8 @@ pub struct Target {
     pub cc: &'static str,
     /// rustc flags for the `bulkhead` crate only (`cargo rustc`), not its dependencies.
     pub rustc_args: &'static [&'static str],
+    /// More build environment for this target (C dependencies' build scripts).
+    pub build_env: &'static [(&'static str, &'static str)],
 }
 
 /// Not a static PIE: rustc links those with `-static-pie`, which Debian's `musl-gcc` specs do
@@ -68,15 +70,23 @@ pub const AMD64: Target = Target {
     triple: "x86_64-unknown-linux-musl",
     cc: "musl-gcc",
     rustc_args: &["-C", "relocation-model=static"],
+    build_env: &[],
 };
 
 /// Debian has no aarch64 musl compiler; its glibc cross compiler builds ring's C (which needs
 /// no libc) and drives the link, for which rustc brings musl's own start files and libc.
+/// SQLite's C (the flow history) does use libc, compiled against glibc's headers: with large
+/// file support on (`_FILE_OFFSET_BITS=64`, SQLite's default) they rename `open`, `pread`,
+/// `stat`… to `open64`, `pread64`, `stat64`…, which musl (1.2.4 on) does not have, and the link
+/// fails. `SQLITE_DISABLE_LFS` leaves the plain names; on a 64-bit target `off_t` is 64 bits
+/// anyway, so nothing is lost (and on aarch64 glibc's and musl's `struct stat`, `struct flock`
+/// and `O_*` flags are the kernel's generic ones).
 pub const ARM64: Target = Target {
     name: "arm64",
     triple: "aarch64-unknown-linux-musl",
     cc: "aarch64-linux-gnu-gcc",
     rustc_args: &[],
+    build_env: &[("LIBSQLITE3_FLAGS", "-DSQLITE_DISABLE_LFS")],
 };
 
 pub const TARGETS: [Target; 2] = [AMD64, ARM64];
@@ -119,6 +129,7 @@ impl Target {
         for (k, v) in self.env() {
             cmd.env(k, v);
         }
+        cmd.envs(self.build_env.iter().copied());
         run(&mut cmd)?;
         let binary = root
             .join("target")
