@@ -93,6 +93,21 @@ pub enum FlowFormat {
     Json,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum StagedVerdictArg {
+    Allowed,
+    Denied,
+}
+
+impl StagedVerdictArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            StagedVerdictArg::Allowed => "allowed",
+            StagedVerdictArg::Denied => "denied",
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct FlowsArgs {
     /// Keep printing new flows as they arrive.
@@ -107,6 +122,10 @@ pub struct FlowsArgs {
     /// Only this verdict: allowed, denied, audit-would-deny.
     #[arg(long)]
     verdict: Option<String>,
+    /// Only flows whose verdict with the staged policies in force is this: `denied` lists
+    /// what promoting them would break (and what is denied already).
+    #[arg(long, value_enum)]
+    staged_verdict: Option<StagedVerdictArg>,
     /// Only flows seen within this long (`30s`, `5m`, `24h`, …). Without --follow the answer
     /// comes from the controller's flow history on disk, so it reaches back past a restart.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -166,8 +185,16 @@ fn print_flow(f: &FlowLine) {
         (named(&f.endpoint, &f.src), named(&f.peer, &f.dst))
     };
     let proto = proto_name(f.protocol.into());
+    let staged = if f.staged_verdict.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "  (staged: would be {} by {})",
+            f.staged_verdict, f.staged_rule
+        )
+    };
     println!(
-        "{time}  {:<8} {from} -> {to}:{} {proto:<6} {:<16} {}",
+        "{time}  {:<8} {from} -> {to}:{} {proto:<6} {:<16} {}{staged}",
         f.node,
         f.dst_port,
         f.verdict.to_uppercase(),
@@ -209,6 +236,7 @@ fn flows_grpc(a: FlowsArgs, floor: u64) -> anyhow::Result<ExitCode> {
         namespace: a.namespace.clone(),
         pod: a.pod.clone(),
         verdict: a.verdict.clone(),
+        staged_verdict: a.staged_verdict.map(|v| v.as_str().to_string()),
         since_unix_nanos: floor,
     }
     .to_proto();
@@ -339,6 +367,7 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
             namespace: a.namespace.clone(),
             pod: a.pod.clone(),
             verdict: a.verdict.clone(),
+            staged_verdict: a.staged_verdict.map(|v| v.as_str().to_string()),
             since: (last_printed > 0).then_some(last_printed),
             until,
             history: history.then_some(true),

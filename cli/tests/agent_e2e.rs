@@ -28,7 +28,7 @@ use bulkhead_agent::{
 };
 use bulkhead_controller::ruleset::{
     Action, Direction, DirectionPolicy, Endpoint, EndpointPolicy, IpCacheEntry, PolicyEntry,
-    PortRange, Protocol, RuleKind, RuleRef, RuleSet, Tier,
+    PortRange, Protocol, RuleKind, RuleRef, RuleSet, Stage, Tier,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 10);
@@ -67,7 +67,7 @@ fn allow(peer: u32, protocol: Protocol, ports: PortRange, rule: u32) -> PolicyEn
         tier: Tier::Application,
         priority: 0,
         action: Action::Allow,
-        audit: false,
+        stage: Stage::Enforced,
         rule,
     }
 }
@@ -110,7 +110,7 @@ fn ruleset(version: u64, tcp: bool) -> RuleSet {
         EndpointPolicy {
             ingress: DirectionPolicy {
                 isolated_by: Some(9),
-                audit_isolated_by: None,
+                staged_isolated_by: Some(9),
                 entries,
             },
             egress: DirectionPolicy::default(),

@@ -783,6 +783,9 @@ pub struct FlowFilter {
     /// From or to this pod, `namespace/pod`.
     pub pod: Option<String>,
     pub verdict: Option<String>,
+    /// `allowed` or `denied`: the verdict with the staged policies in force (quarantine
+    /// actions never match).
+    pub staged_verdict: Option<String>,
     /// Observed at or after this time.
     pub since_unix_nanos: u64,
 }
@@ -794,6 +797,7 @@ impl FlowFilter {
             namespace: some(&f.namespace),
             pod: some(&f.pod),
             verdict: some(&f.verdict),
+            staged_verdict: some(&f.staged_verdict),
             since_unix_nanos: f.since_unix_nanos,
         })
         .unwrap_or_default()
@@ -804,6 +808,7 @@ impl FlowFilter {
             namespace: self.namespace.clone().unwrap_or_default(),
             pod: self.pod.clone().unwrap_or_default(),
             verdict: self.verdict.clone().unwrap_or_default(),
+            staged_verdict: self.staged_verdict.clone().unwrap_or_default(),
             since_unix_nanos: self.since_unix_nanos,
         }
     }
@@ -816,6 +821,11 @@ impl FlowFilter {
         }
         if let Some(v) = &self.verdict
             && e.verdict_str() != v
+        {
+            return false;
+        }
+        if let Some(v) = &self.staged_verdict
+            && !matches!(e, FlowEntry::Flow(r) if r.staged_verdict().as_str() == v)
         {
             return false;
         }

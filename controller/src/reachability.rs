@@ -86,9 +86,13 @@ pub struct DirectionExplanation {
     pub rule: Option<String>,
     pub rule_id: RuleId,
     pub reason: String,
-    /// Set when audit-mode policies would have decided differently.
+    /// Set when the staged view (staged policies and audit-mode ServicePolicies in force)
+    /// decides differently: what it would do, by which rule.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit: Option<String>,
+    /// The staged view's verdict (the same as `verdict` when no staged policy changes it).
+    pub staged_verdict: Verdict,
+    pub staged_rule_id: RuleId,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -254,6 +258,8 @@ impl<'a> Reachability<'a> {
                     rule_id: RULE_DEFAULT_ALLOW,
                     reason: format!("{from} and {to} have no address family in common{v}"),
                     audit: None,
+                    staged_verdict: Verdict::Deny,
+                    staged_rule_id: RULE_DEFAULT_ALLOW,
                 };
                 (no_family(""), no_family(""))
             }
@@ -335,7 +341,7 @@ fn explain_direction(
         }
     } else if d.verdict == Verdict::Allow && d.rule == RULE_DEFAULT_ALLOW {
         if policy.isolated_by.is_none()
-            && policy.audit_isolated_by.is_none()
+            && policy.staged_isolated_by.is_none()
             && policy.entries.is_empty()
         {
             format!("no policy selects {name} for {dir}: allowed by default")
@@ -365,12 +371,12 @@ fn explain_direction(
             Verdict::Allow => "allowed",
             Verdict::Deny => "denied",
         };
-        let by = if Some(d.audit_rule) == policy.audit_isolated_by {
+        let by = if Some(d.audit_rule) == policy.staged_isolated_by {
             format!("isolation by {}", policy_name(side.ruleset, d.audit_rule))
         } else {
             side.ruleset.describe(d.audit_rule)
         };
-        format!("audit mode: would be {verb} by {by}")
+        format!("staged: would be {verb} by {by}")
     });
     DirectionExplanation {
         verdict: d.verdict,
@@ -378,5 +384,7 @@ fn explain_direction(
         rule_id: d.rule,
         reason,
         audit,
+        staged_verdict: d.audit_verdict,
+        staged_rule_id: d.audit_rule,
     }
 }

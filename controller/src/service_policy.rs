@@ -45,7 +45,7 @@
 //!   A policy with only `Deny` rules does not isolate: it removes traffic from whatever else
 //!   allows it.
 //! - `Audit` mode compiles the same entries with `audit: true` (and the isolation into
-//!   `audit_isolated_by`): the data plane enforces nothing from them and reports what they would
+//!   `staged_isolated_by`): the data plane enforces nothing from them and reports what they would
 //!   have done (`Decision::audit_verdict`).
 //!
 //! ## Tiers (highest first)

@@ -18,7 +18,9 @@ fn committed_crds_match_the_code() {
         files.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         [
             "servicepolicies.bulkhead.dev.yaml",
-            "quarantines.bulkhead.dev.yaml"
+            "quarantines.bulkhead.dev.yaml",
+            "stagednetworkpolicies.bulkhead.dev.yaml",
+            "stagedclusternetworkpolicies.bulkhead.dev.yaml",
         ]
     );
     for (name, yaml) in &files {

@@ -10,9 +10,9 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use bulkhead_common::{
     DIR_INGRESS, EVENT_AUDIT, EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, FAMILY_V4, FlowEvent,
-    VERDICT_ALLOW,
+    VERDICT_ALLOW, VERDICT_DENY,
 };
-use bulkhead_ruleset::{Direction, EndpointRef, FlowReason, PodKey, RuleSet};
+use bulkhead_ruleset::{Direction, EndpointRef, FlowReason, PodKey, RuleSet, StagedOutcome};
 pub use bulkhead_ruleset::{FlowKind, FlowVerdict};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
@@ -118,6 +118,31 @@ impl FlowContext {
         }
     }
 
+    /// The staged view's outcome, when it differs from the enforced one (in verdict or rule).
+    /// Revocations and events of programs that do not report it carry none.
+    fn staged(&self, e: &FlowEvent, verdict: FlowVerdict) -> Option<StagedOutcome> {
+        let staged = match e.audit_verdict {
+            VERDICT_ALLOW => FlowVerdict::Allowed,
+            VERDICT_DENY => FlowVerdict::Denied,
+            _ => return None,
+        };
+        if e.kind == EVENT_REVOKED {
+            return None;
+        }
+        let enforced = match verdict {
+            FlowVerdict::AuditWouldDeny => FlowVerdict::Allowed,
+            v => v,
+        };
+        if staged == enforced && e.audit_rule_id == e.rule_id {
+            return None;
+        }
+        Some(StagedOutcome {
+            verdict: staged,
+            rule: self.ruleset.flow_rule(e.audit_rule_id),
+            rule_id: e.audit_rule_id,
+        })
+    }
+
     pub fn record(&self, e: &FlowEvent) -> FlowRecord {
         let src = addr(e.family, e.saddr);
         let dst = addr(e.family, e.daddr);
@@ -150,6 +175,7 @@ impl FlowContext {
             e.rule_id
         };
         let rule = self.ruleset.flow_rule(rule_id);
+        let staged = self.staged(e, verdict);
         let observed_at = SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -176,6 +202,7 @@ impl FlowContext {
                 reason: FlowReason::from_code(e.reason as u32),
                 packets: 1,
                 bytes: e.bytes as u64,
+                staged,
             },
         }
     }
@@ -545,6 +572,57 @@ mod tests {
         assert_eq!(
             (v["kind"].as_str(), v["verdict"].as_str()),
             (Some("audit"), Some("audit-would-deny"))
+        );
+    }
+
+    /// Each record carries the staged view's verdict and rule where they differ from what was
+    /// enforced, and nothing where they agree (or the program did not say).
+    #[test]
+    fn a_record_carries_the_staged_outcome_where_it_differs() {
+        let mut rs = ruleset();
+        rs.rules.insert(
+            6,
+            RuleRef {
+                kind: RuleKind::StagedNetworkPolicy,
+                namespace: "shop".into(),
+                name: "api".into(),
+                direction: Direction::Ingress,
+                index: Some(0),
+            },
+        );
+        let ctx = FlowContext::new(&rs);
+        // Denied now; the staged edit of shop/api would admit it.
+        let mut e = event();
+        e.audit_verdict = VERDICT_ALLOW;
+        e.audit_rule_id = 6;
+        let r = ctx.record(&e).flow;
+        let staged = r.staged.clone().expect("differs");
+        assert_eq!((staged.verdict, staged.rule_id), (FlowVerdict::Allowed, 6));
+        assert_eq!(
+            staged.rule.to_string(),
+            "StagedNetworkPolicy shop/api ingress[0]"
+        );
+        assert_eq!(r.staged_verdict(), FlowVerdict::Allowed);
+        // The same verdict by the same rule: nothing to say.
+        e.audit_verdict = VERDICT_DENY;
+        e.audit_rule_id = 5;
+        assert_eq!(ctx.record(&e).flow.staged, None);
+        // A program that does not report the staged verdict: nothing either.
+        e.audit_verdict = 0;
+        e.audit_rule_id = 6;
+        assert_eq!(ctx.record(&e).flow.staged, None);
+        // Allowed, would be denied: the audit record, with the staged outcome too.
+        let mut e = event();
+        e.kind = EVENT_AUDIT;
+        e.verdict = VERDICT_ALLOW;
+        e.rule_id = 0;
+        e.audit_verdict = VERDICT_DENY;
+        e.audit_rule_id = 6;
+        let r = ctx.record(&e).flow;
+        assert_eq!(r.verdict, FlowVerdict::AuditWouldDeny);
+        assert_eq!(
+            r.staged.map(|s| (s.verdict, s.rule_id)),
+            Some((FlowVerdict::Denied, 6))
         );
     }
 }

@@ -343,7 +343,7 @@ pub fn lookup(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bulkhead_ruleset::{Action, Tier, decide_direction};
+    use bulkhead_ruleset::{Action, Stage, Tier, decide_direction};
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
     #[test]
@@ -402,14 +402,15 @@ mod tests {
                     ][rng.random_range(0..4)],
                     priority: rng.random_range(0..3),
                     action: [Action::Allow, Action::Deny, Action::Pass][rng.random_range(0..3)],
-                    audit: rng.random_bool(0.2),
+                    stage: [Stage::Enforced, Stage::Staged, Stage::Superseded]
+                        [rng.random_range(0..3)],
                     rule: i as u32 + 1,
                 }
             })
             .collect();
         DirectionPolicy {
             isolated_by: rng.random_bool(0.5).then_some(100),
-            audit_isolated_by: rng.random_bool(0.3).then_some(101),
+            staged_isolated_by: rng.random_bool(0.3).then_some(101),
             entries,
         }
     }

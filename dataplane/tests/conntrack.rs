@@ -34,7 +34,7 @@ fn replies_pass_only_for_tracked_connections_and_new_denies_cut_them() {
         // Egress isolated with no rules: the pod may not open anything itself.
         policy.egress = DirectionPolicy {
             isolated_by: Some(9),
-            audit_isolated_by: None,
+            staged_isolated_by: Some(9),
             entries: vec![],
         };
         e.apply(&base_ruleset(1, ep.clone(), policy.clone()), &RouteResolver)
@@ -96,7 +96,7 @@ fn conntrack_finds_replies_in_either_port_order_and_relates_icmp_errors() {
         // Egress: TCP 8080 to 301 only.
         policy.egress = DirectionPolicy {
             isolated_by: Some(9),
-            audit_isolated_by: None,
+            staged_isolated_by: Some(9),
             entries: vec![allow(301, Some(Protocol::Tcp), PortRange::single(8080), 10)],
         };
         e.apply(&base_ruleset(1, ep, policy), &RouteResolver)
@@ -411,7 +411,7 @@ fn tracked_v4(e: &mut Enforcer) -> usize {
 fn isolated(rule: u32, entries: Vec<PolicyEntry>) -> DirectionPolicy {
     DirectionPolicy {
         isolated_by: Some(rule),
-        audit_isolated_by: None,
+        staged_isolated_by: Some(rule),
         entries,
     }
 }

@@ -15,8 +15,8 @@ use bulkhead_agent::{
     sync::{Enforcer, RouteResolver},
 };
 use bulkhead_ruleset::{
-    Action, DirectionPolicy, EndpointPolicy, PacketTuple, PolicyEntry, PortRange, Protocol, Tier,
-    Verdict, decide,
+    Action, DirectionPolicy, EndpointPolicy, PacketTuple, PolicyEntry, PortRange, Protocol, Stage,
+    Tier, Verdict, decide,
 };
 use common::*;
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -1118,13 +1118,13 @@ fn prefilter_drops(hook: PrefilterHook, test: &'static str) {
             tier: Tier::Admin,
             priority: 0,
             action: Action::Deny,
-            audit: false,
+            stage: Stage::Enforced,
             rule,
         };
         let policy = EndpointPolicy {
             ingress: DirectionPolicy {
                 isolated_by: Some(1),
-                audit_isolated_by: None,
+                staged_isolated_by: Some(1),
                 entries: vec![
                     deny(900, 7),
                     deny(901, 8),
@@ -1134,7 +1134,7 @@ fn prefilter_drops(hook: PrefilterHook, test: &'static str) {
             },
             egress: DirectionPolicy {
                 isolated_by: Some(1),
-                audit_isolated_by: None,
+                staged_isolated_by: Some(1),
                 entries: vec![
                     deny(900, 9),
                     allow(901, Some(Protocol::Tcp), PortRange::single(443), 4),

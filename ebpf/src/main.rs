@@ -499,6 +499,7 @@ fn emit_prefiltered(
                 peer_identity: peer,
                 rule_id: (*pair).rule_id,
                 audit_rule_id: (*pair).rule_id,
+                audit_verdict: VERDICT_DENY,
                 direction: DIR_INGRESS,
                 kind: EVENT_DENIED,
                 verdict: VERDICT_DENY,
@@ -710,6 +711,7 @@ struct EventMeta {
     peer_identity: u32,
     rule_id: u32,
     audit_rule_id: u32,
+    audit_verdict: u8,
     direction: u8,
     kind: u8,
     verdict: u8,
@@ -733,6 +735,7 @@ impl EventMeta {
             peer_identity: peer,
             rule_id: v.rule_id,
             audit_rule_id: v.audit_rule_id,
+            audit_verdict: v.audit_verdict,
             direction: dir,
             kind,
             verdict,
@@ -773,7 +776,8 @@ fn write_event(p: &Packet, m: &EventMeta, ifindex: u32, bytes: u32) {
         (*e).kind = m.kind;
         (*e).verdict = m.verdict;
         (*e).reason = m.reason;
-        (*e)._pad = [0; 2];
+        (*e).audit_verdict = m.audit_verdict;
+        (*e)._pad = 0;
         (*e).endpoint_id = m.endpoint_id;
         (*e).ifindex = ifindex;
         (*e).local_identity = m.local_identity;

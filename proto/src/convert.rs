@@ -151,7 +151,11 @@ fn entry_to(e: &rs::PolicyEntry) -> pb::PolicyEntry {
             rs::Action::Deny => pb::Action::Deny,
             rs::Action::Pass => pb::Action::Pass,
         } as i32,
-        audit: e.audit,
+        stage: match e.stage {
+            rs::Stage::Enforced => pb::Stage::Enforced,
+            rs::Stage::Staged => pb::Stage::Staged,
+            rs::Stage::Superseded => pb::Stage::Superseded,
+        } as i32,
         rule: e.rule,
     }
 }
@@ -194,7 +198,17 @@ fn entry_from(e: &pb::PolicyEntry) -> Result<rs::PolicyEntry> {
                 });
             }
         },
-        audit: e.audit,
+        stage: match pb::Stage::try_from(e.stage) {
+            Ok(pb::Stage::Enforced) => rs::Stage::Enforced,
+            Ok(pb::Stage::Staged) => rs::Stage::Staged,
+            Ok(pb::Stage::Superseded) => rs::Stage::Superseded,
+            _ => {
+                return Err(ConvertError::Enum {
+                    field: "policy entry stage",
+                    value: e.stage,
+                });
+            }
+        },
         rule: e.rule,
     })
 }
@@ -206,7 +220,7 @@ fn entries_from(list: &[pb::PolicyEntry]) -> Result<Vec<rs::PolicyEntry>> {
 fn direction_policy_to(d: &rs::DirectionPolicy) -> pb::DirectionPolicy {
     pb::DirectionPolicy {
         isolated_by: d.isolated_by,
-        audit_isolated_by: d.audit_isolated_by,
+        staged_isolated_by: d.staged_isolated_by,
         entries: d.entries.iter().map(entry_to).collect(),
     }
 }
@@ -218,7 +232,7 @@ fn direction_policy_from(d: Option<&pb::DirectionPolicy>) -> Result<rs::Directio
     };
     Ok(rs::DirectionPolicy {
         isolated_by: d.isolated_by,
-        audit_isolated_by: d.audit_isolated_by,
+        staged_isolated_by: d.staged_isolated_by,
         entries: entries_from(&d.entries)?,
     })
 }
@@ -297,6 +311,8 @@ pub(crate) fn rule_kind_to(k: &rs::RuleKind) -> pb::RuleKind {
         rs::RuleKind::ServicePolicy => pb::RuleKind::ServicePolicy,
         rs::RuleKind::Quarantine => pb::RuleKind::Quarantine,
         rs::RuleKind::Default => pb::RuleKind::Default,
+        rs::RuleKind::StagedNetworkPolicy => pb::RuleKind::StagedNetworkPolicy,
+        rs::RuleKind::StagedClusterNetworkPolicy => pb::RuleKind::StagedClusterNetworkPolicy,
     }
 }
 
@@ -318,6 +334,10 @@ pub(crate) fn rule_kind_of(v: i32) -> Option<rs::RuleKind> {
         Ok(pb::RuleKind::ServicePolicy) => Some(rs::RuleKind::ServicePolicy),
         Ok(pb::RuleKind::Quarantine) => Some(rs::RuleKind::Quarantine),
         Ok(pb::RuleKind::Default) => Some(rs::RuleKind::Default),
+        Ok(pb::RuleKind::StagedNetworkPolicy) => Some(rs::RuleKind::StagedNetworkPolicy),
+        Ok(pb::RuleKind::StagedClusterNetworkPolicy) => {
+            Some(rs::RuleKind::StagedClusterNetworkPolicy)
+        }
         _ => None,
     }
 }
@@ -377,7 +397,7 @@ impl TryFrom<&pb::RuleSet> for rs::RuleSet {
 fn direction_delta_to(d: &rs::DirectionDelta) -> pb::DirectionDelta {
     pb::DirectionDelta {
         isolated_by: d.isolated_by,
-        audit_isolated_by: d.audit_isolated_by,
+        staged_isolated_by: d.staged_isolated_by,
         removed: d.removed.iter().map(entry_to).collect(),
         added: d.added.iter().map(entry_to).collect(),
     }
@@ -389,7 +409,7 @@ fn direction_delta_from(d: Option<&pb::DirectionDelta>) -> Result<rs::DirectionD
     })?;
     Ok(rs::DirectionDelta {
         isolated_by: d.isolated_by,
-        audit_isolated_by: d.audit_isolated_by,
+        staged_isolated_by: d.staged_isolated_by,
         removed: entries_from(&d.removed)?,
         added: entries_from(&d.added)?,
     })
@@ -541,11 +561,15 @@ pub(crate) mod tests {
             ]),
             any::<u16>(),
             prop::sample::select(vec![rs::Action::Allow, rs::Action::Deny, rs::Action::Pass]),
-            any::<bool>(),
+            prop::sample::select(vec![
+                rs::Stage::Enforced,
+                rs::Stage::Staged,
+                rs::Stage::Superseded,
+            ]),
             any::<u32>(),
         )
             .prop_map(
-                |(peer, protocol, a, b, tier, priority, action, audit, rule)| rs::PolicyEntry {
+                |(peer, protocol, a, b, tier, priority, action, stage, rule)| rs::PolicyEntry {
                     peer,
                     protocol,
                     ports: rs::PortRange {
@@ -555,7 +579,7 @@ pub(crate) mod tests {
                     tier,
                     priority,
                     action,
-                    audit,
+                    stage,
                     rule,
                 },
             )
@@ -568,9 +592,9 @@ pub(crate) mod tests {
             prop::collection::vec(entry(), 0..4),
         )
             .prop_map(
-                |(isolated_by, audit_isolated_by, entries)| rs::DirectionPolicy {
+                |(isolated_by, staged_isolated_by, entries)| rs::DirectionPolicy {
                     isolated_by,
-                    audit_isolated_by,
+                    staged_isolated_by,
                     entries,
                 },
             )
@@ -629,13 +653,7 @@ pub(crate) mod tests {
 
     fn rule() -> impl Strategy<Value = rs::RuleRef> {
         (
-            prop::sample::select(vec![
-                rs::RuleKind::NetworkPolicy,
-                rs::RuleKind::ClusterNetworkPolicy,
-                rs::RuleKind::ServicePolicy,
-                rs::RuleKind::Quarantine,
-                rs::RuleKind::Default,
-            ]),
+            prop::sample::select(rs::RuleKind::ALL.to_vec()),
             "[a-z]{0,8}",
             "[a-z]{1,8}",
             prop::sample::select(rs::Direction::ALL.to_vec()),
@@ -678,10 +696,10 @@ pub(crate) mod tests {
             prop::collection::vec(entry(), 0..3),
             prop::collection::vec(entry(), 0..3),
         )
-            .prop_map(|(isolated_by, audit_isolated_by, removed, added)| {
+            .prop_map(|(isolated_by, staged_isolated_by, removed, added)| {
                 rs::DirectionDelta {
                     isolated_by,
-                    audit_isolated_by,
+                    staged_isolated_by,
                     removed,
                     added,
                 }
@@ -808,7 +826,7 @@ pub(crate) mod tests {
             tier: rs::Tier::Application,
             priority: 0,
             action: rs::Action::Allow,
-            audit: false,
+            stage: rs::Stage::Enforced,
             rule: 3,
         })
     }

@@ -425,7 +425,7 @@ mod tests {
                         tier: rs::Tier::Application,
                         priority: 0,
                         action: rs::Action::Allow,
-                        audit: false,
+                        stage: rs::Stage::Enforced,
                         rule: 7 << 10,
                     })
                     .collect(),

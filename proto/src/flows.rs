@@ -38,6 +38,8 @@ pub enum FlowField {
     Action,
     /// A stored flow's record or event.
     Entry,
+    /// The staged view's outcome.
+    Staged,
 }
 
 impl FlowField {
@@ -58,6 +60,7 @@ impl FlowField {
             FlowField::Pod => "pod",
             FlowField::Action => "action",
             FlowField::Entry => "entry",
+            FlowField::Staged => "staged",
         }
     }
 }
@@ -282,6 +285,29 @@ fn address(field: FlowField, b: &[u8]) -> Result<std::net::IpAddr> {
     }
 }
 
+fn staged_to(o: &rs::StagedOutcome) -> pb::StagedOutcome {
+    pb::StagedOutcome {
+        verdict: verdict_to(o.verdict) as i32,
+        rule: Some(flow_rule_to(&o.rule)),
+        rule_id: o.rule_id,
+    }
+}
+
+fn staged_from(o: pb::StagedOutcome) -> Result<rs::StagedOutcome> {
+    let verdict = match verdict_from(o.verdict) {
+        Ok(v @ (rs::FlowVerdict::Allowed | rs::FlowVerdict::Denied)) => v,
+        _ => return refuse(FlowField::Staged, FlowProblem::Enum(o.verdict)),
+    };
+    Ok(rs::StagedOutcome {
+        verdict,
+        rule: flow_rule_from(o.rule).map_err(|e| FlowRecordError {
+            field: FlowField::Staged,
+            problem: e.problem,
+        })?,
+        rule_id: o.rule_id,
+    })
+}
+
 impl From<&rs::FlowRecord> for pb::FlowRecord {
     fn from(r: &rs::FlowRecord) -> pb::FlowRecord {
         pb::FlowRecord {
@@ -303,6 +329,7 @@ impl From<&rs::FlowRecord> for pb::FlowRecord {
             reason: reason_to(r.reason) as i32,
             packets: r.packets,
             bytes: r.bytes,
+            staged: r.staged.as_ref().map(staged_to),
         }
     }
 }
@@ -345,6 +372,7 @@ impl From<rs::FlowRecord> for pb::FlowRecord {
             reason: reason_to(r.reason) as i32,
             packets: r.packets,
             bytes: r.bytes,
+            staged: r.staged.map(|o| staged_to(&o)),
         }
     }
 }
@@ -382,6 +410,7 @@ impl TryFrom<pb::FlowRecord> for rs::FlowRecord {
             reason: reason_from(r.reason)?,
             packets: r.packets,
             bytes: r.bytes,
+            staged: r.staged.map(staged_from).transpose()?,
         })
     }
 }

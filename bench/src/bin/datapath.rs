@@ -26,7 +26,7 @@ use bulkhead_agent::{
 };
 use bulkhead_controller::ruleset::{
     Action, DirectionPolicy, Endpoint, EndpointPolicy, IpCacheEntry, PolicyEntry, PortRange,
-    Protocol, RuleSet, Tier,
+    Protocol, RuleSet, Stage, Tier,
 };
 use clap::Parser;
 
@@ -83,7 +83,7 @@ fn ruleset(n: u32) -> RuleSet {
             tier: Tier::Application,
             priority: 0,
             action: Action::Allow,
-            audit: false,
+            stage: Stage::Enforced,
             rule: i + 10,
         })
         .collect();
@@ -120,7 +120,7 @@ fn ruleset(n: u32) -> RuleSet {
             EndpointPolicy {
                 ingress: DirectionPolicy {
                     isolated_by: Some(1),
-                    audit_isolated_by: None,
+                    staged_isolated_by: Some(1),
                     entries,
                 },
                 egress: DirectionPolicy::default(),

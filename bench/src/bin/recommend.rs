@@ -117,6 +117,7 @@ fn main() {
                     reason: FlowReason::AllowedNew,
                     packets: 1,
                     bytes: 60,
+                    staged: None,
                 };
                 // The reporting agent names only its own node's pods.
                 records.push(rec(src_pod, Direction::Egress, None));

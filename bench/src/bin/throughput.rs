@@ -57,7 +57,7 @@ use bulkhead_agent::{
 use bulkhead_common::reason;
 use bulkhead_controller::ruleset::{
     Action, DirectionPolicy, Endpoint, EndpointPolicy, IpCacheEntry, PolicyEntry, PortRange,
-    Protocol, RuleSet, Tier,
+    Protocol, RuleSet, Stage, Tier,
 };
 use clap::Parser;
 
@@ -415,7 +415,7 @@ fn pod_ruleset(entries: u32) -> RuleSet {
             tier: Tier::Application,
             priority: 0,
             action: Action::Allow,
-            audit: false,
+            stage: Stage::Enforced,
             rule: 10 + i,
         })
         .collect();
@@ -446,7 +446,7 @@ fn pod_ruleset(entries: u32) -> RuleSet {
             EndpointPolicy {
                 ingress: DirectionPolicy {
                     isolated_by: Some(1),
-                    audit_isolated_by: None,
+                    staged_isolated_by: Some(1),
                     entries: policy,
                 },
                 egress: DirectionPolicy::default(),

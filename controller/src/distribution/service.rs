@@ -845,6 +845,7 @@ status: {podIP: 10.9.0.2}
             reason: FlowReason::DeniedPolicy,
             packets: 0,
             bytes: 60,
+            staged: None,
         })
     }
 

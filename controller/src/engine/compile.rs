@@ -28,7 +28,24 @@ impl PolicyEngine {
         };
         self.adjust_cidrs(&old_cidrs, &new_cidrs)?;
         self.add_policy(policy, slot);
+        self.refresh_replaced(&key);
         Ok(())
+    }
+
+    /// After a staged policy came or went: the enforced policy of the same name goes back in
+    /// with its entries in the right view (superseded while the staged one exists).
+    fn refresh_replaced(&mut self, key: &PolicyKey) {
+        let Some(kind) = key.kind.promoted() else {
+            return;
+        };
+        let enforced = PolicyKey {
+            kind,
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+        };
+        if let Some(old) = self.remove_policy(&enforced) {
+            self.add_policy(old.policy, old.slot);
+        }
     }
 
     pub(super) fn delete_policy(&mut self, key: &PolicyKey) -> Result<(), EngineError> {
@@ -43,6 +60,7 @@ impl PolicyEngine {
         let moves = self.repository.free_slot(key);
         self.move_policies(moves);
         self.adjust_cidrs(&old_cidrs, &[])?;
+        self.refresh_replaced(key);
         Ok(())
     }
 

@@ -119,7 +119,7 @@ use crate::model::{
 use crate::ruleset::{
     Action, Direction, DirectionPolicy, Endpoint, EndpointDelta, EndpointPolicy, Identity,
     IpCacheEntry, NodeDelta, PolicyDelta, PolicyEntry, PolicyGroupId, PortRange, Protocol, RuleId,
-    RuleRef, RuleSet, Tier, identity,
+    RuleRef, RuleSet, Stage, Tier, identity,
 };
 
 mod apply;
@@ -229,7 +229,7 @@ struct Shape {
     tier: Tier,
     priority: u16,
     action: Action,
-    audit: bool,
+    stage: Stage,
 }
 
 #[derive(Debug, Clone)]
@@ -399,7 +399,12 @@ impl PolicyEngine {
         }
         let ch = engine.identities.add_cidrs(cidrs)?;
         engine.identities_changed(ch);
-        for (key, p) in policies {
+        // Staged policies first: an enforced policy that one of them replaces goes in as
+        // superseded.
+        let (staged, enforced): (Vec<_>, Vec<_>) = policies
+            .into_iter()
+            .partition(|(k, _)| k.kind.promoted().is_some());
+        for (key, p) in staged.into_iter().chain(enforced) {
             let slot = engine.repository.slot(&key).unwrap_or_default();
             if p.quarantine.is_some() {
                 engine.add_quarantine(p, slot);
@@ -874,7 +879,7 @@ fn dedup_entries(entries: &mut Vec<PolicyEntry>) {
             && later.tier == first.tier
             && later.priority == first.priority
             && later.action == first.action
-            && later.audit == first.audit
+            && later.stage == first.stage
     });
 }
 
@@ -932,14 +937,7 @@ fn is_within(inner: &IpNetwork, outer: &IpNetwork) -> bool {
 
 /// FNV of `"{kind:?}\0{namespace}\0{name}"`, written piece by piece (no formatting).
 fn slot_hash(key: &PolicyKey) -> u64 {
-    use crate::ruleset::RuleKind;
-    let kind = match key.kind {
-        RuleKind::NetworkPolicy => "NetworkPolicy",
-        RuleKind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
-        RuleKind::ServicePolicy => "ServicePolicy",
-        RuleKind::Quarantine => "Quarantine",
-        RuleKind::Default => "Default",
-    };
+    let kind = key.kind.as_str();
     let mut h = crate::identity::Fnv::default();
     for part in [kind, "\0", &key.namespace, "\0", &key.name] {
         h.write(part.as_bytes());
@@ -961,13 +959,7 @@ mod tests {
     /// Rule ids derive from this hash: it must stay what it was when it was a formatted string.
     #[test]
     fn slot_hash_is_the_hash_of_the_formatted_key() {
-        for kind in [
-            RuleKind::NetworkPolicy,
-            RuleKind::ClusterNetworkPolicy,
-            RuleKind::ServicePolicy,
-            RuleKind::Quarantine,
-            RuleKind::Default,
-        ] {
+        for kind in RuleKind::ALL {
             let key = PolicyKey {
                 kind: kind.clone(),
                 namespace: "team-a".into(),

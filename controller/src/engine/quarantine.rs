@@ -175,7 +175,11 @@ impl Quarantines {
                             tier: rule.tier,
                             priority: rule.priority,
                             action: rule.action,
-                            audit: rule.audit,
+                            stage: if rule.audit {
+                                Stage::Staged
+                            } else {
+                                Stage::Enforced
+                            },
                         },
                         id,
                     ));
@@ -190,7 +194,7 @@ impl Quarantines {
                     tier: Tier::Quarantine,
                     priority: QUARANTINE_DENY_PRIORITY,
                     action: Action::Deny,
-                    audit: false,
+                    stage: Stage::Enforced,
                 },
                 rule_id(slot, d, None),
             ));

@@ -14,6 +14,9 @@ struct PolicyState {
     policy: Policy,
     slot: u32,
     subject: SelId,
+    /// A staged policy of the same name replaces this one in the staged view (its entries
+    /// went in as [`Stage::Superseded`]).
+    superseded: bool,
 }
 
 /// What the policies with one subject selection say, merged.
@@ -21,8 +24,12 @@ struct PolicyState {
 struct SubjectData {
     refs: u32,
     shapes: [FxHashMap<Shape, BTreeSet<RuleId>>; 2],
+    /// Isolating rules by the stage of their policy: in force and in the staged view…
     isolation: [BTreeSet<RuleId>; 2],
-    audit_isolation: [BTreeSet<RuleId>; 2],
+    /// … only in the staged view (staged policies) …
+    staged_isolation: [BTreeSet<RuleId>; 2],
+    /// … only in force (policies a staged one replaces).
+    superseded_isolation: [BTreeSet<RuleId>; 2],
 }
 
 /// An identity's (or quarantine group's) compiled policy and what it needs on a node.
@@ -128,8 +135,19 @@ impl Repository {
 
     // Policies.
 
+    /// The staged policy that replaces `key` in the staged view, when there is one.
+    pub(super) fn staged_replacement(&self, key: &PolicyKey) -> Option<PolicyKey> {
+        let staged = PolicyKey {
+            kind: key.kind.staged()?,
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+        };
+        self.policies.contains_key(&staged).then_some(staged)
+    }
+
     /// Adds a policy under rule-id slot `slot`; returns its subject selection (whose members'
-    /// policies change).
+    /// policies change). An enforced policy with a staged replacement present goes in as
+    /// superseded: adding or removing a staged policy must re-add the one it replaces.
     pub(super) fn add(
         &mut self,
         policy: Policy,
@@ -138,6 +156,7 @@ impl Repository {
         u: &impl Universe,
     ) -> SelId {
         let subject = sels.intern(SelectionSpec::Pods(policy.subject.clone()), u);
+        let superseded = self.staged_replacement(&policy.key).is_some();
         let mut shapes: Vec<(Direction, Shape, RuleId)> = Vec::new();
         for rule in &policy.rules {
             let id = rule_id(slot, rule.direction, Some(rule.index));
@@ -155,7 +174,7 @@ impl Repository {
                             tier: rule.tier,
                             priority: rule.priority,
                             action: rule.action,
-                            audit: rule.audit,
+                            stage: rule_stage(rule, superseded),
                         },
                         id,
                     ));
@@ -181,11 +200,14 @@ impl Repository {
             let id = rule_id(slot, d, None);
             match policy.isolation(d) {
                 Isolation::None => {}
+                Isolation::Enforce if superseded => {
+                    data.superseded_isolation[d as usize].insert(id);
+                }
                 Isolation::Enforce => {
                     data.isolation[d as usize].insert(id);
                 }
                 Isolation::Audit => {
-                    data.audit_isolation[d as usize].insert(id);
+                    data.staged_isolation[d as usize].insert(id);
                 }
             }
         }
@@ -195,6 +217,7 @@ impl Repository {
                 policy,
                 slot,
                 subject,
+                superseded,
             },
         );
         subject
@@ -207,6 +230,7 @@ impl Repository {
             policy,
             slot,
             subject,
+            superseded,
         } = self.policies.remove(key)?;
         let mut releases = Vec::new();
         for rule in &policy.rules {
@@ -224,7 +248,7 @@ impl Repository {
                         tier: rule.tier,
                         priority: rule.priority,
                         action: rule.action,
-                        audit: rule.audit,
+                        stage: rule_stage(rule, superseded),
                     };
                     if let Some(Some(data)) = self.subjects.get_mut(subject as usize) {
                         let map = &mut data.shapes[rule.direction as usize];
@@ -258,7 +282,8 @@ impl Repository {
             for d in Direction::ALL {
                 let id = rule_id(slot, d, None);
                 data.isolation[d as usize].remove(&id);
-                data.audit_isolation[d as usize].remove(&id);
+                data.staged_isolation[d as usize].remove(&id);
+                data.superseded_isolation[d as usize].remove(&id);
             }
             data.refs -= 1;
             if data.refs == 0 {
@@ -310,18 +335,21 @@ impl Repository {
         for d in Direction::ALL {
             let di = d as usize;
             let mut isolated: Option<RuleId> = None;
-            let mut audit_isolated: Option<RuleId> = None;
+            let mut staged_isolated: Option<RuleId> = None;
             let mut entries: Vec<PolicyEntry> = Vec::new();
+            let lowest = |acc: &mut Option<RuleId>, set: &BTreeSet<RuleId>| {
+                if let Some(r) = set.first() {
+                    *acc = Some(acc.map_or(*r, |x| x.min(*r)));
+                }
+            };
             for sel in sels.selections_of(id) {
                 let Some(data) = self.subject(sel) else {
                     continue;
                 };
-                if let Some(r) = data.isolation[di].first() {
-                    isolated = Some(isolated.map_or(*r, |x| x.min(*r)));
-                }
-                if let Some(r) = data.audit_isolation[di].first() {
-                    audit_isolated = Some(audit_isolated.map_or(*r, |x| x.min(*r)));
-                }
+                lowest(&mut isolated, &data.isolation[di]);
+                lowest(&mut isolated, &data.superseded_isolation[di]);
+                lowest(&mut staged_isolated, &data.isolation[di]);
+                lowest(&mut staged_isolated, &data.staged_isolation[di]);
                 for (shape, rules) in &data.shapes[di] {
                     let Some(rule) = rules.first().copied() else {
                         continue;
@@ -332,11 +360,7 @@ impl Repository {
             dedup_entries(&mut entries);
             *out.direction_mut(d) = DirectionPolicy {
                 isolated_by: isolated,
-                audit_isolated_by: if isolated.is_some() {
-                    None
-                } else {
-                    audit_isolated
-                },
+                staged_isolated_by: staged_isolated,
                 entries,
             };
         }
@@ -397,12 +421,22 @@ impl Contribution {
                     .iter()
                     .map(|e| e.rule)
                     .chain(d.isolated_by)
-                    .chain(d.audit_isolated_by)
+                    .chain(d.staged_isolated_by)
             })
             .collect();
         rules.sort_unstable();
         rules.dedup();
         Contribution { peers, rules }
+    }
+}
+
+/// The stage of a rule's entries: a staged policy's rules (and an audit-mode ServicePolicy's)
+/// are staged; an enforced policy's rules are superseded while a staged one replaces it.
+fn rule_stage(rule: &crate::model::Rule, superseded: bool) -> Stage {
+    match (rule.audit, superseded) {
+        (true, _) => Stage::Staged,
+        (false, true) => Stage::Superseded,
+        (false, false) => Stage::Enforced,
     }
 }
 
@@ -444,7 +478,7 @@ pub(super) fn expand(
             tier: shape.tier,
             priority: shape.priority,
             action: shape.action,
-            audit: shape.audit,
+            stage: shape.stage,
             rule,
         })
     };
@@ -503,7 +537,7 @@ mod tests {
             tier: Tier::Application,
             priority: 0,
             action: Action::Allow,
-            audit: false,
+            stage: Stage::Enforced,
             rule: rule_id(5, Direction::Ingress, Some(0)),
         });
         let old = repo.install(300, p.clone()).expect("a change");

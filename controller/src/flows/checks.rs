@@ -66,7 +66,9 @@ impl FlowRejection {
             FlowField::Src | FlowField::Dst => FlowRejection::Address,
             FlowField::SrcPort | FlowField::DstPort | FlowField::Protocol => FlowRejection::Range,
             FlowField::Endpoint | FlowField::Peer | FlowField::Pod => FlowRejection::Name,
-            FlowField::Rule | FlowField::Reason | FlowField::Entry => FlowRejection::Text,
+            FlowField::Rule | FlowField::Reason | FlowField::Entry | FlowField::Staged => {
+                FlowRejection::Text
+            }
         }
     }
 }
@@ -251,6 +253,7 @@ mod tests {
             reason: FlowReason::DeniedPolicy,
             packets: 1,
             bytes: 60,
+            staged: None,
         })
     }
 

@@ -61,6 +61,7 @@ fn rec(
         reason: FlowReason::AllowedNew,
         packets: 0,
         bytes: 60,
+        staged: None,
     }
 }
 
@@ -385,6 +386,7 @@ fn filters_match_either_end() {
         namespace: ns.map(str::to_string),
         pod: pod.map(str::to_string),
         verdict: verdict.map(str::to_string),
+        staged_verdict: None,
         since_unix_nanos: 0,
     };
     let cases = [
@@ -410,6 +412,24 @@ fn filters_match_either_end() {
         ..filter(None, None, None)
     };
     assert!(!since.matches(&dir, &flow), "observed at 5");
+    // The staged verdict: the enforced one when the staged view agrees, else the staged one.
+    let staged = |v: &str| FlowFilter {
+        staged_verdict: Some(v.to_string()),
+        ..filter(None, None, None)
+    };
+    assert!(staged("denied").matches(&dir, &flow));
+    assert!(!staged("allowed").matches(&dir, &flow));
+    let FlowEntry::Flow(mut would_allow) = flow.clone() else {
+        unreachable!()
+    };
+    would_allow.staged = Some(bulkhead_ruleset::StagedOutcome {
+        verdict: FlowVerdict::Allowed,
+        rule: rule("y"),
+        rule_id: 7,
+    });
+    let would_allow = FlowEntry::Flow(would_allow);
+    assert!(staged("allowed").matches(&dir, &would_allow));
+    assert!(!staged("denied").matches(&dir, &would_allow));
     // An endpoint the agent could not name matches its own text only.
     let unnamed = FlowEntry::Flow(rec(
         "endpoint#4",

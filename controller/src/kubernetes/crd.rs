@@ -330,6 +330,45 @@ pub struct QuarantineStatus {
     pub connections_cut: Option<u64>,
 }
 
+/// A NetworkPolicy that is *staged*: the data plane computes, for every flow, what the verdict
+/// would be with it in force (replacing the NetworkPolicy of the same name, if there is one)
+/// and reports it, but never enforces it. Its own kind, so that no CNI that reads
+/// NetworkPolicies can enforce it; `bulkhead policy promote` turns it into the NetworkPolicy.
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[kube(
+    group = "bulkhead.dev",
+    version = "v1alpha1",
+    kind = "StagedNetworkPolicy",
+    namespaced,
+    shortname = "snp",
+    category = "bulkhead",
+    doc = "A NetworkPolicy staged by Bulkhead: reported as what it would allow and deny, never enforced."
+)]
+pub struct StagedNetworkPolicySpec {
+    /// Exactly a `networking.k8s.io/v1` NetworkPolicy's spec.
+    #[serde(flatten)]
+    pub policy: k8s_openapi::api::networking::v1::NetworkPolicySpec,
+}
+
+/// A ClusterNetworkPolicy that is *staged* (as [`StagedNetworkPolicy`] for NetworkPolicy): its
+/// spec is exactly a `policy.networking.k8s.io` ClusterNetworkPolicy's. The CRD stores the spec
+/// as it is (network-policy-api owns that schema); the controller validates it in full and
+/// reports what it rejects.
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[kube(
+    group = "bulkhead.dev",
+    version = "v1alpha1",
+    kind = "StagedClusterNetworkPolicy",
+    shortname = "scnp",
+    category = "bulkhead",
+    schema = "disabled",
+    doc = "A ClusterNetworkPolicy staged by Bulkhead: reported as what it would allow and deny, never enforced."
+)]
+pub struct StagedClusterNetworkPolicySpec {
+    #[serde(flatten)]
+    pub policy: ClusterNetworkPolicySpec,
+}
+
 /// `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy (network-policy-api): rules of the
 /// Admin and Baseline tiers, the fields Bulkhead reads. Not Bulkhead's own kind: unknown fields
 /// are ignored (as kubectl does without `--validate=strict`), and Bulkhead generates no CRD
@@ -442,7 +481,18 @@ pub struct CnpPortRange {
 /// The generated CRDs: (file name, YAML), one per resource, in a fixed order.
 pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
     let mut out = Vec::new();
-    for crd in [ServicePolicy::crd(), Quarantine::crd()] {
+    let mut staged_cnp = StagedClusterNetworkPolicy::crd();
+    // Generated without a schema (the spec is network-policy-api's, validated by the
+    // controller); an apiextensions.k8s.io/v1 CRD must have one: keep the spec as it is.
+    for v in &mut staged_cnp.spec.versions {
+        v.schema = Some(preserved_spec_schema());
+    }
+    for crd in [
+        ServicePolicy::crd(),
+        Quarantine::crd(),
+        StagedNetworkPolicy::crd(),
+        staged_cnp,
+    ] {
         let name = crd.metadata.name.clone().unwrap_or_default();
         let yaml = serde_yaml::to_string(&crd)?;
         out.push((
@@ -453,4 +503,25 @@ pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
         ));
     }
     Ok(out)
+}
+
+/// An object whose `spec` is stored as it is.
+fn preserved_spec_schema()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceValidation {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+        CustomResourceValidation, JSONSchemaProps,
+    };
+    let spec = JSONSchemaProps {
+        type_: Some("object".into()),
+        x_kubernetes_preserve_unknown_fields: Some(true),
+        ..Default::default()
+    };
+    CustomResourceValidation {
+        open_api_v3_schema: Some(JSONSchemaProps {
+            type_: Some("object".into()),
+            required: Some(vec!["spec".into()]),
+            properties: Some([("spec".to_string(), spec)].into_iter().collect()),
+            ..Default::default()
+        }),
+    }
 }

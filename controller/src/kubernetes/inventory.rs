@@ -30,10 +30,12 @@ pub enum Kind {
     ClusterNetworkPolicy,
     ServicePolicy,
     Quarantine,
+    StagedNetworkPolicy,
+    StagedClusterNetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -41,6 +43,8 @@ impl Kind {
         Kind::ClusterNetworkPolicy,
         Kind::ServicePolicy,
         Kind::Quarantine,
+        Kind::StagedNetworkPolicy,
+        Kind::StagedClusterNetworkPolicy,
     ];
 
     pub fn group(self) -> &'static str {
@@ -48,7 +52,10 @@ impl Kind {
             Kind::Namespace | Kind::Node | Kind::Pod => "",
             Kind::NetworkPolicy => "networking.k8s.io",
             Kind::ClusterNetworkPolicy => "policy.networking.k8s.io",
-            Kind::ServicePolicy | Kind::Quarantine => super::crd::GROUP,
+            Kind::ServicePolicy
+            | Kind::Quarantine
+            | Kind::StagedNetworkPolicy
+            | Kind::StagedClusterNetworkPolicy => super::crd::GROUP,
         }
     }
 
@@ -56,7 +63,10 @@ impl Kind {
         match self {
             Kind::Namespace | Kind::Node | Kind::Pod | Kind::NetworkPolicy => "v1",
             Kind::ClusterNetworkPolicy => "v1alpha2",
-            Kind::ServicePolicy | Kind::Quarantine => super::crd::VERSION,
+            Kind::ServicePolicy
+            | Kind::Quarantine
+            | Kind::StagedNetworkPolicy
+            | Kind::StagedClusterNetworkPolicy => super::crd::VERSION,
         }
     }
 
@@ -76,6 +86,8 @@ impl Kind {
             Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
             Kind::ServicePolicy => "ServicePolicy",
             Kind::Quarantine => "Quarantine",
+            Kind::StagedNetworkPolicy => "StagedNetworkPolicy",
+            Kind::StagedClusterNetworkPolicy => "StagedClusterNetworkPolicy",
         }
     }
 
@@ -88,13 +100,18 @@ impl Kind {
             Kind::ClusterNetworkPolicy => "clusternetworkpolicies",
             Kind::ServicePolicy => "servicepolicies",
             Kind::Quarantine => "quarantines",
+            Kind::StagedNetworkPolicy => "stagednetworkpolicies",
+            Kind::StagedClusterNetworkPolicy => "stagedclusternetworkpolicies",
         }
     }
 
     pub fn namespaced(self) -> bool {
         !matches!(
             self,
-            Kind::Namespace | Kind::Node | Kind::ClusterNetworkPolicy
+            Kind::Namespace
+                | Kind::Node
+                | Kind::ClusterNetworkPolicy
+                | Kind::StagedClusterNetworkPolicy
         )
     }
 
@@ -106,6 +123,8 @@ impl Kind {
                 | Kind::ClusterNetworkPolicy
                 | Kind::ServicePolicy
                 | Kind::Quarantine
+                | Kind::StagedNetworkPolicy
+                | Kind::StagedClusterNetworkPolicy
         )
     }
 
@@ -144,6 +163,8 @@ impl Kind {
             Kind::ClusterNetworkPolicy => policy(RuleKind::ClusterNetworkPolicy, ""),
             Kind::ServicePolicy => policy(RuleKind::ServicePolicy, namespace),
             Kind::Quarantine => policy(RuleKind::Quarantine, namespace),
+            Kind::StagedNetworkPolicy => policy(RuleKind::StagedNetworkPolicy, namespace),
+            Kind::StagedClusterNetworkPolicy => policy(RuleKind::StagedClusterNetworkPolicy, ""),
         }
     }
 }

@@ -23,7 +23,10 @@ use kube::runtime::watcher::{self, Event};
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use super::crd::{ClusterNetworkPolicy, Quarantine, ServicePolicy};
+use super::crd::{
+    ClusterNetworkPolicy, Quarantine, ServicePolicy, StagedClusterNetworkPolicy,
+    StagedNetworkPolicy,
+};
 use super::inventory::{ApiKey, Changes, Entry, Inventory, Kind};
 use super::leader::Leadership;
 use super::status::{self, EVENT_NOTE_MAX, Enforcement, FIELD_MANAGER};
@@ -228,6 +231,10 @@ fn watch_all(client: &Client, config: &watcher::Config) -> Vec<EntryEvents> {
                 Kind::ClusterNetworkPolicy => watch::<ClusterNetworkPolicy>(client, config),
                 Kind::ServicePolicy => watch::<ServicePolicy>(client, config),
                 Kind::Quarantine => watch::<Quarantine>(client, config),
+                Kind::StagedNetworkPolicy => watch::<StagedNetworkPolicy>(client, config),
+                Kind::StagedClusterNetworkPolicy => {
+                    watch::<StagedClusterNetworkPolicy>(client, config)
+                }
             }
         })
         .collect()

@@ -22,7 +22,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-use super::crd::{ClusterNetworkPolicy, Quarantine, ServicePolicy};
+use super::crd::{
+    ClusterNetworkPolicy, Quarantine, ServicePolicy, StagedClusterNetworkPolicy,
+    StagedNetworkPolicy,
+};
 use super::inventory::{ApiKey, Kind};
 use crate::error::FieldError;
 use crate::load::{Fill, ToModel, deserialize_at};
@@ -74,6 +77,14 @@ impl WatchedKind for ClusterNetworkPolicy {
 
 impl WatchedKind for ServicePolicy {
     const KIND: Kind = Kind::ServicePolicy;
+}
+
+impl WatchedKind for StagedNetworkPolicy {
+    const KIND: Kind = Kind::StagedNetworkPolicy;
+}
+
+impl WatchedKind for StagedClusterNetworkPolicy {
+    const KIND: Kind = Kind::StagedClusterNetworkPolicy;
 }
 
 impl WatchedKind for Quarantine {

@@ -23,7 +23,10 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{FieldError, InputError};
-use crate::kubernetes::crd::{ClusterNetworkPolicy, Quarantine, ServicePolicy};
+use crate::kubernetes::crd::{
+    ClusterNetworkPolicy, Quarantine, ServicePolicy, StagedClusterNetworkPolicy,
+    StagedNetworkPolicy,
+};
 use crate::model::{Object, Peer, Policy};
 
 mod cluster_network_policy;
@@ -35,11 +38,13 @@ mod peers;
 mod quarantine;
 mod rfc3339;
 mod service_policy;
+mod staged;
 
 pub use cluster_network_policy::CNP_PRIORITY_STRIDE;
 pub use files::{MAX_DIR_DEPTH, MAX_FILE_BYTES, MAX_FILES, MAX_FLOW_DEPTH};
 use files::{Walk, flow_depth, read_manifest};
 pub use rfc3339::parse_rfc3339;
+pub use staged::stage;
 
 /// Most rules one policy may have per direction (rule ids reserve 9 bits for the position).
 pub const MAX_RULES_PER_DIRECTION: usize = 510;
@@ -132,6 +137,18 @@ impl ToModel for ClusterNetworkPolicy {
 impl ToModel for ServicePolicy {
     fn to_model(&self, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Object> {
         service_policy::convert(self, prefix, errors).map(Object::Policy)
+    }
+}
+
+impl ToModel for StagedNetworkPolicy {
+    fn to_model(&self, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Object> {
+        staged::convert_network_policy(self, prefix, errors).map(Object::Policy)
+    }
+}
+
+impl ToModel for StagedClusterNetworkPolicy {
+    fn to_model(&self, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Object> {
+        staged::convert_cluster_network_policy(self, prefix, errors).map(Object::Policy)
     }
 }
 
@@ -239,6 +256,13 @@ impl Fill for ServicePolicy {
 impl Fill for Quarantine {
     const FILL: &'static [&'static str] = &["metadata", "spec"];
 }
+impl Fill for StagedNetworkPolicy {
+    const FILL: &'static [&'static str] = &["metadata", "spec"];
+}
+/// (As ClusterNetworkPolicy: its spec is required.)
+impl Fill for StagedClusterNetworkPolicy {
+    const FILL: &'static [&'static str] = &["metadata"];
+}
 
 /// Where each object was first defined, to report duplicates.
 #[derive(Default)]
@@ -341,7 +365,8 @@ fn parse_value(
     };
     match kind {
         "List" | "NamespaceList" | "PodList" | "NodeList" | "NetworkPolicyList"
-        | "ClusterNetworkPolicyList" | "ServicePolicyList" | "QuarantineList" | "DeploymentList" => {
+        | "ClusterNetworkPolicyList" | "ServicePolicyList" | "QuarantineList" | "DeploymentList"
+        | "StagedNetworkPolicyList" | "StagedClusterNetworkPolicyList" => {
             match value.get("items").and_then(|i| i.as_sequence()) {
                 Some(items) => {
                     for (i, item) in items.iter().enumerate() {
@@ -376,10 +401,16 @@ fn parse_value(
         "Quarantine" if expect("bulkhead.dev/v1alpha1", errors) => {
             typed::<Quarantine>(value, kind, prefix, out, errors)
         }
+        "StagedNetworkPolicy" if expect("bulkhead.dev/v1alpha1", errors) => {
+            typed::<StagedNetworkPolicy>(value, kind, prefix, out, errors)
+        }
+        "StagedClusterNetworkPolicy" if expect("bulkhead.dev/v1alpha1", errors) => {
+            typed::<StagedClusterNetworkPolicy>(value, kind, prefix, out, errors)
+        }
         "Namespace" | "Node" | "Pod" | "Deployment" | "NetworkPolicy" | "ClusterNetworkPolicy"
-        | "ServicePolicy" | "Quarantine" => {}
+        | "ServicePolicy" | "Quarantine" | "StagedNetworkPolicy" | "StagedClusterNetworkPolicy" => {}
         other => warnings.push(format!(
-            "skipping {other} {:?}: bulkhead policy reads Namespace, Pod, Node, Deployment, NetworkPolicy, ClusterNetworkPolicy, ServicePolicy, Quarantine and List",
+            "skipping {other} {:?}: bulkhead policy reads Namespace, Pod, Node, Deployment, NetworkPolicy, ClusterNetworkPolicy, ServicePolicy, Quarantine, StagedNetworkPolicy, StagedClusterNetworkPolicy and List",
             value
                 .get("metadata")
                 .and_then(|m| m.get("name"))

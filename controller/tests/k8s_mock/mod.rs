@@ -72,7 +72,7 @@ pub fn mock_client<S: Respond>(
 /// Collection paths the Kubernetes source lists and watches, with the plural naming their
 /// `<plural>.list.json` fixture.
 #[allow(dead_code)]
-pub const PATHS: [(&str, &str); 7] = [
+pub const PATHS: [(&str, &str); 9] = [
     ("/api/v1/namespaces", "namespaces"),
     ("/api/v1/nodes", "nodes"),
     ("/api/v1/pods", "pods"),
@@ -89,4 +89,12 @@ pub const PATHS: [(&str, &str); 7] = [
         "servicepolicies",
     ),
     ("/apis/bulkhead.dev/v1alpha1/quarantines", "quarantines"),
+    (
+        "/apis/bulkhead.dev/v1alpha1/stagednetworkpolicies",
+        "stagednetworkpolicies",
+    ),
+    (
+        "/apis/bulkhead.dev/v1alpha1/stagedclusternetworkpolicies",
+        "stagedclusternetworkpolicies",
+    ),
 ];

@@ -13,7 +13,7 @@ use aya::Pod;
 use bulkhead_common::{Config, EndpointInfo, IpCacheValue, endpoint_flags};
 use bulkhead_ruleset::{
     Action, DirectionPolicy, Endpoint, EndpointPolicy, IpCacheEntry, PolicyEntry, PortRange,
-    Protocol, RuleSet, Tier,
+    Protocol, RuleSet, Stage, Tier,
 };
 
 use super::{Enforcer, HashTable, InterfaceResolver, Maps, SyncError, Table, Trie, TrieTable};
@@ -296,7 +296,7 @@ fn db_policy(port: u16, rule: u32) -> EndpointPolicy {
     EndpointPolicy {
         ingress: DirectionPolicy {
             isolated_by: Some(rule + 1000),
-            audit_isolated_by: None,
+            staged_isolated_by: Some(rule + 1000),
             entries: vec![PolicyEntry {
                 peer: WEB,
                 protocol: Some(Protocol::Tcp),
@@ -304,7 +304,7 @@ fn db_policy(port: u16, rule: u32) -> EndpointPolicy {
                 tier: Tier::Application,
                 priority: 0,
                 action: Action::Allow,
-                audit: false,
+                stage: Stage::Enforced,
                 rule,
             }],
         },
@@ -640,7 +640,7 @@ fn peers_denied_outright_become_prefilter_pairs() {
         tier: Tier::Admin,
         priority: 0,
         action: Action::Deny,
-        audit: false,
+        stage: Stage::Enforced,
         rule,
     };
     let mut rs = ruleset(1, 5432);
@@ -648,7 +648,7 @@ fn peers_denied_outright_become_prefilter_pairs() {
     db.ingress.entries.push(deny(900, 9));
     db.egress = DirectionPolicy {
         isolated_by: Some(1),
-        audit_isolated_by: None,
+        staged_isolated_by: Some(1),
         entries: vec![deny(900, 9)],
     };
     let mut e = enforcer();

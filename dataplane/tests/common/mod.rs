@@ -16,7 +16,7 @@ use bulkhead_agent::{
 };
 use bulkhead_ruleset::{
     Action, DirectionPolicy, Endpoint, EndpointPolicy, IpCacheEntry, PolicyEntry, PortRange,
-    Protocol, RuleSet, Tier, identity,
+    Protocol, RuleSet, Stage, Tier, identity,
 };
 use rand::{Rng, rngs::StdRng};
 
@@ -244,7 +244,7 @@ pub fn allow(peer: u32, protocol: Option<Protocol>, ports: PortRange, rule: u32)
         tier: Tier::Application,
         priority: 0,
         action: Action::Allow,
-        audit: false,
+        stage: Stage::Enforced,
         rule,
     }
 }
@@ -292,7 +292,7 @@ pub fn base_policy() -> EndpointPolicy {
     EndpointPolicy {
         ingress: DirectionPolicy {
             isolated_by: Some(1),
-            audit_isolated_by: None,
+            staged_isolated_by: Some(1),
             entries: vec![
                 allow(301, Some(Protocol::Tcp), PortRange::single(80), 2),
                 allow(301, Some(Protocol::Udp), PortRange::ALL, 3),
@@ -348,7 +348,12 @@ pub fn random_entry(rng: &mut StdRng, rule: u32) -> PolicyEntry {
         tier: [Tier::Admin, Tier::Application, Tier::Baseline][rng.random_range(0..3)],
         priority: rng.random_range(0..3),
         action: [Action::Allow, Action::Deny, Action::Pass][rng.random_range(0..3)],
-        audit: rng.random_bool(0.15),
+        stage: [
+            Stage::Enforced,
+            Stage::Enforced,
+            Stage::Staged,
+            Stage::Superseded,
+        ][rng.random_range(0..4)],
         rule,
     }
 }
@@ -357,7 +362,7 @@ pub fn random_direction(rng: &mut StdRng, base_rule: u32) -> DirectionPolicy {
     let n = rng.random_range(0..10);
     DirectionPolicy {
         isolated_by: rng.random_bool(0.6).then_some(base_rule),
-        audit_isolated_by: rng.random_bool(0.2).then_some(base_rule + 1),
+        staged_isolated_by: rng.random_bool(0.2).then_some(base_rule + 1),
         entries: (0..n)
             .map(|i| random_entry(rng, base_rule + 2 + i))
             .collect(),

@@ -447,7 +447,10 @@ pub struct FlowEvent {
     pub kind: u8,
     pub verdict: u8,
     pub reason: u8,
-    pub _pad: [u8; 2],
+    /// The staged view's verdict ([`VERDICT_ALLOW`] / [`VERDICT_DENY`]; 0 from programs that
+    /// predate it), decided by `audit_rule_id`.
+    pub audit_verdict: u8,
+    pub _pad: u8,
     pub endpoint_id: u32,
     pub ifindex: u32,
     pub local_identity: u32,

@@ -226,7 +226,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        Action, DirectionPolicy, EndpointPolicy, IpCacheEntry, PolicyEntry, PortRange, Tier,
+        Action, DirectionPolicy, EndpointPolicy, IpCacheEntry, PolicyEntry, PortRange, Stage, Tier,
     };
 
     const EP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
@@ -240,7 +240,7 @@ mod tests {
             tier: Tier::Application,
             priority: 0,
             action: Action::Allow,
-            audit: false,
+            stage: Stage::Enforced,
             rule,
         }
     }
@@ -272,12 +272,12 @@ mod tests {
         let policy = EndpointPolicy {
             ingress: DirectionPolicy {
                 isolated_by: Some(90),
-                audit_isolated_by: None,
+                staged_isolated_by: Some(90),
                 entries: ingress,
             },
             egress: DirectionPolicy {
                 isolated_by: Some(91),
-                audit_isolated_by: None,
+                staged_isolated_by: Some(91),
                 entries: egress,
             },
         };

@@ -403,9 +403,31 @@ pub struct FlowRecord {
     pub reason: FlowReason,
     pub packets: u64,
     pub bytes: u64,
+    /// What the staged view (every staged policy in force, each replacing the enforced policy
+    /// of its name) makes of the flow, when its verdict or deciding rule differs from the
+    /// enforced one; `None` when they agree.
+    pub staged: Option<StagedOutcome>,
+}
+
+/// The staged view's verdict of a flow and the rule that decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedOutcome {
+    /// [`FlowVerdict::Allowed`] or [`FlowVerdict::Denied`].
+    pub verdict: FlowVerdict,
+    pub rule: FlowRule,
+    pub rule_id: RuleId,
 }
 
 impl FlowRecord {
+    /// The verdict with the staged policies in force.
+    pub fn staged_verdict(&self) -> FlowVerdict {
+        match (&self.staged, self.verdict) {
+            (Some(s), _) => s.verdict,
+            (None, FlowVerdict::AuditWouldDeny) => FlowVerdict::Denied,
+            (None, v) => v,
+        }
+    }
+
     /// The address at the other end from the reporting endpoint.
     pub fn peer_address(&self) -> IpAddr {
         match self.direction {

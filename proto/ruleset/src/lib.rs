@@ -30,7 +30,7 @@ pub mod flow;
 
 pub use flow::{
     EndpointRef, FlowEntry, FlowKind, FlowReason, FlowRecord, FlowRule, FlowVerdict,
-    QuarantineAction, QuarantineEvent,
+    QuarantineAction, QuarantineEvent, StagedOutcome,
 };
 
 /// Numeric security identity of a set of endpoints (or of a CIDR).
@@ -176,9 +176,40 @@ pub struct PolicyEntry {
     /// quarantine deny 1.
     pub priority: u16,
     pub action: Action,
-    /// Audit-mode entry: reported as what it would do, never enforced.
-    pub audit: bool,
+    /// Which view of the policy the entry belongs to (enforced, staged only, or superseded).
+    pub stage: Stage,
     pub rule: RuleId,
+}
+
+/// The views of an endpoint's policy an entry belongs to. The data plane enforces the
+/// *enforced* view and reports, for every flow, the verdict of the *staged* view: the policies
+/// in force with every staged policy (a `StagedNetworkPolicy`, a `StagedClusterNetworkPolicy`,
+/// an audit-mode ServicePolicy) in force too, and each staged policy replacing the enforced one
+/// of the same name.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// In force, and in the staged view.
+    #[default]
+    Enforced,
+    /// Only in the staged view: reported as what it would do, never enforced.
+    Staged,
+    /// In force, but not in the staged view: a staged policy of the same name replaces it.
+    Superseded,
+}
+
+impl Stage {
+    /// Whether the entry counts in the enforced view.
+    pub fn enforced(self) -> bool {
+        self != Stage::Staged
+    }
+
+    /// Whether the entry counts in the staged view.
+    pub fn staged(self) -> bool {
+        self != Stage::Superseded
+    }
 }
 
 impl PolicyEntry {
@@ -206,8 +237,10 @@ pub struct DirectionPolicy {
     /// Set when an enforcing application-tier policy selects the endpoint for this direction:
     /// the rule id to blame for default-deny drops.
     pub isolated_by: Option<RuleId>,
-    /// Set when only audit-mode policies isolate the endpoint for this direction.
-    pub audit_isolated_by: Option<RuleId>,
+    /// The same with the staged view's policies: the rule id to blame for what the staged view
+    /// denies by default (`None`: the staged view does not isolate this direction). Not relative
+    /// to `isolated_by`: a staged policy that replaces the only isolating one makes it `None`.
+    pub staged_isolated_by: Option<RuleId>,
     pub entries: Vec<PolicyEntry>,
 }
 
@@ -238,12 +271,12 @@ impl EndpointPolicy {
 static MISSING_POLICY: EndpointPolicy = EndpointPolicy {
     ingress: DirectionPolicy {
         isolated_by: Some(RULE_MISSING_POLICY),
-        audit_isolated_by: None,
+        staged_isolated_by: Some(RULE_MISSING_POLICY),
         entries: Vec::new(),
     },
     egress: DirectionPolicy {
         isolated_by: Some(RULE_MISSING_POLICY),
-        audit_isolated_by: None,
+        staged_isolated_by: Some(RULE_MISSING_POLICY),
         entries: Vec::new(),
     },
 };
@@ -328,16 +361,41 @@ pub enum RuleKind {
     ServicePolicy,
     Quarantine,
     Default,
+    /// `bulkhead.dev/v1alpha1` StagedNetworkPolicy: a NetworkPolicy reported, never enforced.
+    StagedNetworkPolicy,
+    /// `bulkhead.dev/v1alpha1` StagedClusterNetworkPolicy.
+    StagedClusterNetworkPolicy,
 }
 
 impl RuleKind {
-    pub const ALL: [RuleKind; 5] = [
+    pub const ALL: [RuleKind; 7] = [
         RuleKind::NetworkPolicy,
         RuleKind::ClusterNetworkPolicy,
         RuleKind::ServicePolicy,
         RuleKind::Quarantine,
         RuleKind::Default,
+        RuleKind::StagedNetworkPolicy,
+        RuleKind::StagedClusterNetworkPolicy,
     ];
+
+    /// The kind a staged kind becomes when promoted (and whose object of the same name it
+    /// replaces in the staged view); `None` for kinds that are not staged ones.
+    pub fn promoted(&self) -> Option<RuleKind> {
+        match self {
+            RuleKind::StagedNetworkPolicy => Some(RuleKind::NetworkPolicy),
+            RuleKind::StagedClusterNetworkPolicy => Some(RuleKind::ClusterNetworkPolicy),
+            _ => None,
+        }
+    }
+
+    /// The staged kind of an enforced one, when it has one.
+    pub fn staged(&self) -> Option<RuleKind> {
+        match self {
+            RuleKind::NetworkPolicy => Some(RuleKind::StagedNetworkPolicy),
+            RuleKind::ClusterNetworkPolicy => Some(RuleKind::StagedClusterNetworkPolicy),
+            _ => None,
+        }
+    }
 
     /// The kind's name as users see it (the Kubernetes kind, or `Default`).
     pub fn as_str(&self) -> &'static str {
@@ -347,6 +405,8 @@ impl RuleKind {
             RuleKind::ServicePolicy => "ServicePolicy",
             RuleKind::Quarantine => "Quarantine",
             RuleKind::Default => "Default",
+            RuleKind::StagedNetworkPolicy => "StagedNetworkPolicy",
+            RuleKind::StagedClusterNetworkPolicy => "StagedClusterNetworkPolicy",
         }
     }
 }
@@ -360,7 +420,7 @@ impl std::fmt::Display for RuleKind {
 /// A name that is not a [`RuleKind`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown rule kind {0:?}: expected one of NetworkPolicy, ClusterNetworkPolicy, ServicePolicy, Quarantine, Default"
+    "unknown rule kind {0:?}: expected one of NetworkPolicy, ClusterNetworkPolicy, ServicePolicy, Quarantine, Default, StagedNetworkPolicy, StagedClusterNetworkPolicy"
 )]
 pub struct UnknownRuleKind(pub String);
 
@@ -649,7 +709,7 @@ pub struct DirectionDelta {
     /// The value after the change.
     pub isolated_by: Option<RuleId>,
     /// The value after the change.
-    pub audit_isolated_by: Option<RuleId>,
+    pub staged_isolated_by: Option<RuleId>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<PolicyEntry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -689,7 +749,7 @@ impl DirectionDelta {
         }
         DirectionDelta {
             isolated_by: new.isolated_by,
-            audit_isolated_by: new.audit_isolated_by,
+            staged_isolated_by: new.staged_isolated_by,
             removed,
             added,
         }
@@ -699,12 +759,12 @@ impl DirectionDelta {
         self.removed.is_empty()
             && self.added.is_empty()
             && self.isolated_by == old.isolated_by
-            && self.audit_isolated_by == old.audit_isolated_by
+            && self.staged_isolated_by == old.staged_isolated_by
     }
 
     fn apply(&self, policy: &mut DirectionPolicy) {
         policy.isolated_by = self.isolated_by;
-        policy.audit_isolated_by = self.audit_isolated_by;
+        policy.staged_isolated_by = self.staged_isolated_by;
         if !self.removed.is_empty() {
             let removed: BTreeSet<&PolicyEntry> = self.removed.iter().collect();
             policy.entries.retain(|e| !removed.contains(e));
@@ -902,18 +962,19 @@ pub enum Verdict {
     Deny,
 }
 
-/// The outcome of [`resolve`]: the enforced verdict, and what audit-mode policies would have done.
+/// The outcome of [`resolve`]: the enforced verdict, and the verdict of the staged view (what the
+/// staged policies would make of it; the same as the enforced one when none applies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Decision {
     pub verdict: Verdict,
     pub rule: RuleId,
-    /// The verdict with audit-mode policies treated as enforced.
+    /// The verdict of the staged view ([`Stage`]).
     pub audit_verdict: Verdict,
     pub audit_rule: RuleId,
 }
 
 impl Decision {
-    /// Allowed, but audit-mode policies would have denied it.
+    /// Allowed, but the staged view would deny it.
     pub fn audit_would_deny(&self) -> bool {
         self.verdict == Verdict::Allow && self.audit_verdict == Verdict::Deny
     }
@@ -924,12 +985,9 @@ impl Decision {
 /// allow beats pass. `Pass` skips the rest of its tier. In the application tier an isolated
 /// endpoint denies what no entry admits; otherwise the baseline tier decides, else allow.
 pub fn resolve(policy: &DirectionPolicy, matching: &[&PolicyEntry]) -> Decision {
-    let (verdict, rule) = resolve_one(matching, false, policy.isolated_by);
-    let (audit_verdict, audit_rule) = resolve_one(
-        matching,
-        true,
-        policy.isolated_by.or(policy.audit_isolated_by),
-    );
+    let (verdict, rule) = resolve_one(matching, Stage::enforced, policy.isolated_by);
+    let (audit_verdict, audit_rule) =
+        resolve_one(matching, Stage::staged, policy.staged_isolated_by);
     Decision {
         verdict,
         rule,
@@ -940,7 +998,7 @@ pub fn resolve(policy: &DirectionPolicy, matching: &[&PolicyEntry]) -> Decision 
 
 fn resolve_one(
     matching: &[&PolicyEntry],
-    include_audit: bool,
+    in_view: fn(Stage) -> bool,
     isolated_by: Option<RuleId>,
 ) -> (Verdict, RuleId) {
     for tier in [
@@ -951,7 +1009,7 @@ fn resolve_one(
     ] {
         let best = matching
             .iter()
-            .filter(|e| e.tier == tier && (include_audit || !e.audit))
+            .filter(|e| e.tier == tier && in_view(e.stage))
             .min_by_key(|e| (e.priority, action_rank(e.action), e.rule));
         match best {
             Some(e) if e.action == Action::Allow => return (Verdict::Allow, e.rule),

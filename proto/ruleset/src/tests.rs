@@ -28,7 +28,7 @@ fn entry(peer: Identity, tier: Tier, priority: u16, action: Action, rule: RuleId
         tier,
         priority,
         action,
-        audit: false,
+        stage: Stage::Enforced,
         rule,
     }
 }
@@ -37,7 +37,7 @@ fn entry(peer: Identity, tier: Tier, priority: u16, action: Action, rule: RuleId
 fn admin_deny_beats_application_allow() {
     let p = DirectionPolicy {
         isolated_by: Some(9),
-        audit_isolated_by: None,
+        staged_isolated_by: Some(9),
         entries: vec![
             entry(300, Tier::Application, 0, Action::Allow, 1),
             entry(identity::ANY, Tier::Admin, 10, Action::Deny, 2),
@@ -51,7 +51,7 @@ fn admin_deny_beats_application_allow() {
 fn pass_skips_to_application_tier_and_isolation_denies() {
     let p = DirectionPolicy {
         isolated_by: Some(9),
-        audit_isolated_by: None,
+        staged_isolated_by: Some(9),
         entries: vec![
             entry(300, Tier::Admin, 5, Action::Pass, 1),
             entry(300, Tier::Admin, 6, Action::Allow, 2),
@@ -66,7 +66,7 @@ fn pass_skips_to_application_tier_and_isolation_denies() {
 fn baseline_applies_only_when_not_isolated() {
     let mut p = DirectionPolicy {
         isolated_by: None,
-        audit_isolated_by: None,
+        staged_isolated_by: None,
         entries: vec![entry(300, Tier::Baseline, 0, Action::Deny, 3)],
     };
     let d = decide_direction(&p, 300, Some(Protocol::Tcp), Some(80));
@@ -80,10 +80,10 @@ fn baseline_applies_only_when_not_isolated() {
 #[test]
 fn deny_wins_at_equal_priority_and_audit_only_reports() {
     let mut deny = entry(identity::ANY, Tier::Application, 0, Action::Deny, 5);
-    deny.audit = true;
+    deny.stage = Stage::Staged;
     let p = DirectionPolicy {
         isolated_by: None,
-        audit_isolated_by: None,
+        staged_isolated_by: None,
         entries: vec![entry(300, Tier::Application, 0, Action::Allow, 4), deny],
     };
     let d = decide_direction(&p, 300, Some(Protocol::Tcp), Some(80));
@@ -93,11 +93,56 @@ fn deny_wins_at_equal_priority_and_audit_only_reports() {
 }
 
 #[test]
+fn a_staged_policy_replaces_the_enforced_one_of_its_name_only_in_the_staged_view() {
+    // Enforced: NetworkPolicy 1 isolates and admits port 80 (superseded by a staged version
+    // of itself that admits nothing on 80, and isolates with rule 7).
+    let mut old = entry(300, Tier::Application, 0, Action::Allow, 4);
+    old.stage = Stage::Superseded;
+    let p = DirectionPolicy {
+        isolated_by: Some(6),
+        staged_isolated_by: Some(7),
+        entries: vec![old],
+    };
+    let d = decide_direction(&p, 300, Some(Protocol::Tcp), Some(80));
+    assert_eq!((d.verdict, d.rule), (Verdict::Allow, 4));
+    assert_eq!((d.audit_verdict, d.audit_rule), (Verdict::Deny, 7));
+    assert!(d.audit_would_deny());
+
+    // A staged view without isolation (the staged replacement selects other pods): what
+    // enforcement denies by default, the staged view allows, and says so.
+    let p = DirectionPolicy {
+        isolated_by: Some(6),
+        staged_isolated_by: None,
+        entries: vec![],
+    };
+    let d = decide_direction(&p, 300, Some(Protocol::Tcp), Some(80));
+    assert_eq!((d.verdict, d.rule), (Verdict::Deny, 6));
+    assert_eq!(
+        (d.audit_verdict, d.audit_rule),
+        (Verdict::Allow, RULE_DEFAULT_ALLOW)
+    );
+    assert!(!d.audit_would_deny());
+
+    // A staged entry never decides the enforced verdict; a superseded one never the staged.
+    for (stage, enforced, staged) in [
+        (Stage::Enforced, true, true),
+        (Stage::Staged, false, true),
+        (Stage::Superseded, true, false),
+    ] {
+        assert_eq!(
+            (stage.enforced(), stage.staged()),
+            (enforced, staged),
+            "{stage:?}"
+        );
+    }
+}
+
+#[test]
 fn rule_sets_and_deltas_survive_json() {
     let policy = EndpointPolicy {
         ingress: DirectionPolicy {
             isolated_by: Some(9),
-            audit_isolated_by: None,
+            staged_isolated_by: Some(9),
             entries: vec![entry(301, Tier::Application, 0, Action::Allow, 4)],
         },
         egress: DirectionPolicy::default(),

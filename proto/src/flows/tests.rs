@@ -74,10 +74,16 @@ prop_compose! {
             any::<u64>(),
             any::<u64>(),
         ),
+        staged in prop::option::of((
+            prop::sample::select(vec![rs::FlowVerdict::Allowed, rs::FlowVerdict::Denied]),
+            rule(),
+            any::<u32>(),
+        ).prop_map(|(verdict, rule, rule_id)| rs::StagedOutcome { verdict, rule, rule_id })),
     ) -> rs::FlowRecord {
         rs::FlowRecord {
             time_unix_nanos, endpoint, direction, src, dst, src_port, dst_port, protocol, kind,
             verdict, rule, rule_id, local_identity, peer_identity, peer, reason, packets, bytes,
+            staged,
         }
     }
 }
@@ -366,9 +372,9 @@ fn garbage_records_are_refused_by_field() {
             "unknown value 0",
         ),
         (
-            Box::new(policy(|p| p.kind = 6)),
+            Box::new(policy(|p| p.kind = 8)),
             FlowField::Rule,
-            "unknown value 6",
+            "unknown value 8",
         ),
         (
             Box::new(policy(|p| p.direction = 9)),
@@ -414,6 +420,28 @@ fn garbage_records_are_refused_by_field() {
             Box::new(|r| r.reason = 0),
             FlowField::Reason,
             "unknown value 0",
+        ),
+        (
+            Box::new(|r| {
+                r.staged = Some(pb::StagedOutcome {
+                    verdict: pb::FlowVerdict::AuditWouldDeny as i32,
+                    rule: None,
+                    rule_id: 0,
+                })
+            }),
+            FlowField::Staged,
+            "unknown value 3",
+        ),
+        (
+            Box::new(|r| {
+                r.staged = Some(pb::StagedOutcome {
+                    verdict: pb::FlowVerdict::Denied as i32,
+                    rule: None,
+                    rule_id: 0,
+                })
+            }),
+            FlowField::Staged,
+            "missing",
         ),
         (
             Box::new(|r| r.reason = 15),

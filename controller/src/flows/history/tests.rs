@@ -83,6 +83,7 @@ fn record(endpoint: &str, src: &str, dst: &str, verdict: FlowVerdict, t: u64) ->
         reason: FlowReason::AllowedNew,
         packets: 1,
         bytes: 60,
+        staged: None,
     }
 }
 

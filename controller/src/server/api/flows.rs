@@ -72,6 +72,7 @@ fn from_history(s: &ApiState, q: &FlowQuery, h: &FlowHistory) -> Result<Vec<Flow
             namespace: q.namespace.clone(),
             pod: q.pod.clone(),
             verdict,
+            staged_verdict: q.staged_verdict.clone(),
             since_unix_nanos: q.since.unwrap_or(0),
         },
         until_unix_nanos: q.until,
@@ -125,6 +126,11 @@ fn select(
             if e.verdict_str() != want {
                 continue;
             }
+        }
+        if let Some(v) = &q.staged_verdict
+            && !matches!(&e, FlowEntry::Flow(r) if r.staged_verdict().as_str() == v)
+        {
+            continue;
         }
         // Agents name only their own node's pods: name the rest here.
         if let FlowEntry::Flow(r) = &mut e

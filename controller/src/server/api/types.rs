@@ -96,6 +96,13 @@ pub struct FlowLine {
     pub time_unix_nanos: u64,
     /// `allowed`, `denied`, `audit-would-deny`, or a quarantine action's.
     pub verdict: String,
+    /// What the staged policies would make of it, when that differs from what was enforced:
+    /// `allowed` or `denied` …
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub staged_verdict: String,
+    /// … by this rule.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub staged_rule: String,
 }
 
 impl FlowLine {
@@ -116,6 +123,16 @@ impl FlowLine {
                 src_port: r.src_port,
                 time_unix_nanos: r.time_unix_nanos,
                 verdict: r.verdict.as_str().into(),
+                staged_verdict: r
+                    .staged
+                    .as_ref()
+                    .map(|s| s.verdict.as_str().into())
+                    .unwrap_or_default(),
+                staged_rule: r
+                    .staged
+                    .as_ref()
+                    .map(|s| s.rule.to_string())
+                    .unwrap_or_default(),
             },
             FlowEntry::Quarantine(q) => FlowLine {
                 endpoint: q.pod.to_string(),
@@ -211,6 +228,10 @@ pub struct FlowQuery {
     /// `allowed`, `denied`, `audit-would-deny` (or `audit`), or a quarantine action's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verdict: Option<String>,
+    /// `allowed` or `denied`: the verdict with the staged policies in force (`denied` lists
+    /// what promoting them would break, with what is denied already).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staged_verdict: Option<String>,
     /// Observed at or after this time, in nanoseconds since the Unix epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since: Option<u64>,
@@ -248,6 +269,7 @@ impl FlowQuery {
             ("pod", &self.pod),
             ("namespace", &self.namespace),
             ("verdict", &self.verdict),
+            ("staged_verdict", &self.staged_verdict),
         ];
         for (k, v) in text {
             if let Some(v) = v {
