@@ -8,6 +8,7 @@ mod demo;
 mod flows;
 mod lab;
 mod policy;
+mod promote;
 mod quarantine;
 mod recommend;
 

@@ -37,6 +37,9 @@ enum PolicyCommand {
     Status(StatusArgs),
     /// Least-privilege NetworkPolicies learned from the traffic a controller saw, as YAML.
     Recommend(crate::recommend::RecommendArgs),
+    /// Enforce a staged policy: a StagedNetworkPolicy (or StagedClusterNetworkPolicy) becomes
+    /// the policy of its name, an audit-mode ServicePolicy an enforcing one, in one change.
+    Promote(crate::promote::PromoteArgs),
 }
 
 #[derive(clap::Args)]
@@ -136,6 +139,7 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
         PolicyCommand::Compile(a) => compile(a),
         PolicyCommand::Status(a) => status(a),
         PolicyCommand::Recommend(a) => crate::recommend::recommend(a),
+        PolicyCommand::Promote(a) => crate::promote::promote(a),
     }
 }
 

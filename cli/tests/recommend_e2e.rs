@@ -10,8 +10,6 @@ use common::*;
 
 use std::{
     collections::BTreeMap,
-    io::Read,
-    net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -61,18 +59,6 @@ const PATTERN: [(&str, &str, u16); 3] = [
     ("shop/api", "shop/db", 5432),
     ("tools/debug", "shop/web", 80),
 ];
-
-fn connects(from: &Pod, to: &Pod, port: u16) -> bool {
-    let addr = SocketAddr::new(to.ip, port);
-    in_pod(from, move || {
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(700)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_millis(700)));
-        let mut banner = [0u8; 64];
-        s.read(&mut banner).is_ok_and(|n| n > 0)
-    })
-}
 
 type Matrix = BTreeMap<String, BTreeMap<String, bool>>;
 

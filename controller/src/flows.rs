@@ -305,6 +305,10 @@ pub struct ServiceGraph {
     by_namespace_pair: FxHashMap<(u32, u32, FlowVerdict), u64>,
     /// Denials by rule number.
     drops_by_rule: Vec<u64>,
+    /// Flows allowed now that the staged view denies, by the staged policy that would deny
+    /// them (`Kind namespace/name`; at most [`MAX_RULE_LABELS`], further ones under
+    /// [`OTHER_RULES`]).
+    staged_denies: FxHashMap<String, u64>,
     /// Records that would have made an edge beyond [`MAX_EDGES`].
     pub edges_refused: u64,
 }
@@ -325,6 +329,7 @@ impl Default for ServiceGraph {
             by_verdict: [0; 3],
             by_namespace_pair: FxHashMap::default(),
             drops_by_rule: Vec::new(),
+            staged_denies: FxHashMap::default(),
             edges_refused: 0,
         };
         let world = g.number(&Workload::world());
@@ -379,6 +384,9 @@ impl ServiceGraph {
         };
         let verdict = r.verdict;
         self.by_verdict[verdict as usize] += 1;
+        if verdict != FlowVerdict::Denied && r.staged_verdict() == FlowVerdict::Denied {
+            self.count_staged_deny(r);
+        }
         let ingress = r.direction == Direction::Ingress;
         let here = match &r.endpoint {
             EndpointRef::Pod(p) => dir.by_pod.get(p).copied(),
@@ -451,6 +459,30 @@ impl ServiceGraph {
             counted.drop = true;
         }
         counted
+    }
+
+    fn count_staged_deny(&mut self, r: &FlowRecord) {
+        let rule = r.staged.as_ref().map_or(&r.rule, |s| &s.rule);
+        let policy = match rule {
+            FlowRule::Rule(rule) if rule.namespace.is_empty() => {
+                format!("{} {}", rule.kind, rule.name)
+            }
+            FlowRule::Rule(rule) => format!("{} {}/{}", rule.kind, rule.namespace, rule.name),
+            _ => OTHER_RULES.to_string(),
+        };
+        let policy = if self.staged_denies.contains_key(&policy)
+            || self.staged_denies.len() < MAX_RULE_LABELS
+        {
+            policy
+        } else {
+            OTHER_RULES.to_string()
+        };
+        *self.staged_denies.entry(policy).or_default() += 1;
+    }
+
+    /// Flows allowed now that the staged policies would deny, by the staged policy.
+    pub fn staged_denies(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.staged_denies.iter().map(|(p, c)| (p.as_str(), *c))
     }
 
     /// Records folded in, by verdict.

@@ -934,6 +934,73 @@ pub fn apply(dir: &Path, files: &[PathBuf], delete: bool) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
+/// `bulkhead policy promote --lab`: the staged object (the first of `candidates` the lab has)
+/// is replaced by its enforced form in one write of the lab's manifest.
+pub fn promote(
+    dir: &Path,
+    candidates: &[crate::promote::StagedTarget],
+) -> anyhow::Result<ExitCode> {
+    let mut state = LabState::load(dir)?;
+    let found: Vec<(String, &crate::promote::StagedTarget)> = candidates
+        .iter()
+        .flat_map(|t| {
+            state
+                .objects
+                .iter()
+                .filter(|(_, d)| crate::promote::is_target(d, t))
+                .map(move |(k, _)| (k.clone(), t))
+        })
+        .collect();
+    let (key, target) = match found.as_slice() {
+        [one] => one.clone(),
+        [] => bail!(
+            "the lab has no {} {}",
+            candidates
+                .iter()
+                .map(|c| c.kind)
+                .collect::<Vec<_>>()
+                .join(" or "),
+            candidates
+                .first()
+                .map(|c| if c.namespace.is_empty() {
+                    c.name.clone()
+                } else {
+                    format!("{}/{}", c.namespace, c.name)
+                })
+                .unwrap_or_default()
+        ),
+        _ => bail!(
+            "both a StagedNetworkPolicy and a ServicePolicy have this name: say which with --kind"
+        ),
+    };
+    let staged = state.objects[&key].clone();
+    let enforced = crate::promote::promoted(&staged)?;
+    crate::promote::validate(&enforced)?;
+    state.objects.remove(&key);
+    let enforced_key = object_key(&enforced);
+    let replaced = state
+        .objects
+        .insert(enforced_key.clone(), enforced)
+        .is_some();
+    state.save()?;
+    let started = Instant::now();
+    write_manifests(&state)?;
+    wait_realized(&state, Duration::from_secs(20), true)?;
+    let what = enforced_key.replace("/default/", "/");
+    println!(
+        "promoted {} {}: {what} {} realized on all nodes in {:.0} ms",
+        target.kind,
+        key.split_once('/').map_or(key.as_str(), |(_, rest)| rest),
+        if replaced {
+            "replaced and"
+        } else {
+            "created and"
+        },
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn exec(dir: &Path, pod: &str, command: &[String]) -> anyhow::Result<ExitCode> {
     let state = LabState::load(dir)?;
     let p = state

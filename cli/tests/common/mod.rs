@@ -88,6 +88,22 @@ pub fn pods(state: &std::path::Path) -> std::collections::BTreeMap<String, Pod> 
         .collect()
 }
 
+/// Whether a TCP connection from `from` to `to:port` opens and the lab server's banner arrives
+/// (a real connection, from inside the pod's network namespace).
+pub fn connects(from: &Pod, to: &Pod, port: u16) -> bool {
+    use std::io::Read;
+    let addr = std::net::SocketAddr::new(to.ip, port);
+    in_pod(from, move || {
+        let timeout = std::time::Duration::from_millis(700);
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(timeout));
+        let mut banner = [0u8; 64];
+        s.read(&mut banner).is_ok_and(|n| n > 0)
+    })
+}
+
 /// Runs `f` on a thread inside the pod's network namespace.
 pub fn in_pod<T: Send + 'static>(pod: &Pod, f: impl FnOnce() -> T + Send + 'static) -> T {
     bulkhead_agent::netns::Netns::existing(&pod.netns)

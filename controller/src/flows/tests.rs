@@ -448,3 +448,64 @@ fn filters_match_either_end() {
     assert!(!filter(None, None, Some("released")).matches(&dir, &q));
     assert!(!filter(Some("shop"), None, None).matches(&dir, &q));
 }
+
+#[test]
+fn flows_the_staged_policies_would_deny_are_counted_by_staged_policy() {
+    let mut g = ServiceGraph::default();
+    let dir = Directory::default();
+    let staged = |name: &str, verdict: FlowVerdict| bulkhead_ruleset::StagedOutcome {
+        verdict,
+        rule: FlowRule::Rule(RuleRef {
+            kind: RuleKind::StagedNetworkPolicy,
+            namespace: "shop".into(),
+            name: name.into(),
+            direction: Direction::Ingress,
+            index: None,
+        }),
+        rule_id: 9,
+    };
+    let with = |verdict: &str, outcome: Option<bulkhead_ruleset::StagedOutcome>| {
+        let mut r = rec(
+            "shop/api-0",
+            "ingress",
+            "10.0.0.1",
+            "10.0.0.2",
+            verdict,
+            rule("x"),
+        );
+        r.staged = outcome;
+        r
+    };
+    // Would deny: an allowed record the staged view denies (twice), and an audit record.
+    g.add(
+        &dir,
+        &with("allowed", Some(staged("db", FlowVerdict::Denied))),
+    );
+    g.add(
+        &dir,
+        &with("allowed", Some(staged("db", FlowVerdict::Denied))),
+    );
+    let mut audit = with("audit-would-deny", Some(staged("web", FlowVerdict::Denied)));
+    audit.rule = staged("web", FlowVerdict::Denied).rule;
+    g.add(&dir, &audit);
+    // Not counted: denied now (whatever the staged view says), or allowed by both.
+    g.add(
+        &dir,
+        &with("denied", Some(staged("db", FlowVerdict::Denied))),
+    );
+    g.add(
+        &dir,
+        &with("denied", Some(staged("db", FlowVerdict::Allowed))),
+    );
+    g.add(&dir, &with("allowed", None));
+    let mut counts: Vec<(String, u64)> =
+        g.staged_denies().map(|(p, n)| (p.to_string(), n)).collect();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [
+            ("StagedNetworkPolicy shop/db".to_string(), 2),
+            ("StagedNetworkPolicy shop/web".to_string(), 1)
+        ]
+    );
+}

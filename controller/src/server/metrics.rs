@@ -31,6 +31,7 @@ pub(super) struct ControllerMetrics {
     flows_by_verdict: IntCounterVec,
     flows_by_namespace_pair: IntCounterVec,
     drops_by_rule: IntCounterVec,
+    staged_would_deny: IntCounterVec,
     graph_nodes: IntGauge,
     graph_edges: IntGauge,
     kubernetes_source: IntCounterVec,
@@ -114,6 +115,13 @@ impl ControllerMetrics {
                 ),
                 &["rule"],
             )?,
+            staged_would_deny: IntCounterVec::new(
+                Opts::new(
+                    "staged_would_deny_total",
+                    "Flows allowed now that the staged policies would deny, by the staged policy whose rule would deny them",
+                ),
+                &["policy"],
+            )?,
             graph_nodes: g("graph_nodes", "Workloads in the service graph")?,
             graph_edges: g("graph_edges", "Edges in the service graph")?,
             kubernetes_source: IntCounterVec::new(
@@ -174,6 +182,7 @@ impl ControllerMetrics {
             Box::new(m.flows_by_verdict.clone()),
             Box::new(m.flows_by_namespace_pair.clone()),
             Box::new(m.drops_by_rule.clone()),
+            Box::new(m.staged_would_deny.clone()),
             Box::new(m.flows_rejected.clone()),
             Box::new(m.graph_edges_refused.clone()),
             Box::new(m.acks_refused.clone()),
@@ -235,6 +244,9 @@ impl ControllerMetrics {
         }
         for (rule, n) in g.drops_by_rule() {
             catch_up(self.drops_by_rule.with_label_values(&[rule]), n);
+        }
+        for (policy, n) in g.staged_denies() {
+            catch_up(self.staged_would_deny.with_label_values(&[policy]), n);
         }
         let (nodes, edges) = g.len();
         self.graph_nodes.set(nodes as i64);
