@@ -102,7 +102,7 @@ fn a_staged_edit_reports_what_it_would_break_and_promote_enforces_exactly_that()
     ) {
         return;
     }
-    let lab = TestLab::up("staged-e2e", MANIFESTS, 19540);
+    let lab = TestLab::up("staged-e2e", MANIFESTS, 19400);
     let s = lab.arg();
     let p = pods(&lab.state);
     let (web, api, db) = (&p["shop/web"], &p["shop/api"], &p["shop/db"]);
@@ -149,7 +149,7 @@ fn a_staged_edit_reports_what_it_would_break_and_promote_enforces_exactly_that()
     );
     // Counted per staged policy on the controller's /metrics (port base + 2).
     wait_for("the would-deny counter", || {
-        http_get(19542, "/metrics").is_some_and(|m| {
+        http_get(19402, "/metrics").is_some_and(|m| {
             m.lines().any(|l| {
                 l.starts_with(
                     "bulkhead_controller_staged_would_deny_total{policy=\"StagedNetworkPolicy shop/db-ingress\"} ",
