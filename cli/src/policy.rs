@@ -37,6 +37,9 @@ enum PolicyCommand {
     Status(StatusArgs),
     /// Least-privilege NetworkPolicies learned from the traffic a controller saw, as YAML.
     Recommend(crate::recommend::RecommendArgs),
+    /// What a proposed change (policies added, changed or deleted) would do to the recorded
+    /// traffic: every edge whose verdict or deciding rule changes.
+    Impact(crate::impact::ImpactArgs),
 }
 
 #[derive(clap::Args)]
@@ -136,6 +139,7 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
         PolicyCommand::Compile(a) => compile(a),
         PolicyCommand::Status(a) => status(a),
         PolicyCommand::Recommend(a) => crate::recommend::recommend(a),
+        PolicyCommand::Impact(a) => crate::impact::impact(a),
     }
 }
 
