@@ -43,7 +43,7 @@ use crate::{
     model::{Object, Policy, PolicyKey},
     ruleset::{
         Decision, Direction, EndpointRef, FlowReason, FlowRecord, FlowVerdict, Identity, PodKey,
-        Protocol, RuleKind, RuleSet, Verdict, decide_direction,
+        Protocol, RuleId, RuleKind, RuleSet, Verdict, decide_direction,
     },
 };
 
@@ -579,7 +579,8 @@ impl WhatIf {
         })
     }
 
-    /// Decides every edge before and after; the edges that change.
+    /// Decides every edge before and after; the edges that change. The edges are shared out
+    /// over the available cores (each engine is only read).
     pub fn replay(&self, edges: &Edges) -> Impact {
         let mut impact = Impact {
             proposal: self.summary.clone(),
@@ -588,35 +589,93 @@ impl WhatIf {
             not_replayed: edges.not_replayed,
             ..Impact::default()
         };
+        let list: Vec<(&EdgeKey, &EdgeStats)> = edges.edges.iter().collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(list.len() / 20_000 + 1);
+        let chunk = list.len().div_ceil(threads).max(1);
+        let parts: Vec<(Vec<EdgeImpact>, u64)> = std::thread::scope(|s| {
+            let workers: Vec<_> = list
+                .chunks(chunk)
+                .map(|part| s.spawn(move || self.replay_part(part)))
+                .collect();
+            workers
+                .into_iter()
+                // A worker only panics if deciding does, which it does not: re-raise if so.
+                .map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        });
+        for (changed, unknown) in parts {
+            impact.changed.extend(changed);
+            impact.unknown_pods += unknown;
+        }
+        impact.breaks = impact.changed.iter().filter(|e| e.breaks).count() as u64;
+        impact.changed.sort_by(|x, y| {
+            (!x.breaks, x.change, std::cmp::Reverse(x.allowed + x.denied))
+                .cmp(&(!y.breaks, y.change, std::cmp::Reverse(y.allowed + y.denied)))
+                .then_with(|| {
+                    (&x.src, &x.dst, &x.protocol, x.port, x.direction).cmp(&(
+                        &y.src,
+                        &y.dst,
+                        &y.protocol,
+                        y.port,
+                        y.direction,
+                    ))
+                })
+        });
+        impact
+    }
+
+    /// [`WhatIf::replay`] of some edges: the changed ones, and the records of edges whose pod
+    /// has no endpoint.
+    fn replay_part(&self, edges: &[(&EdgeKey, &EdgeStats)]) -> (Vec<EdgeImpact>, u64) {
+        let (mut changed, mut unknown) = (Vec::new(), 0);
         let mut before_cache = FxHashMap::default();
         let mut after_cache = FxHashMap::default();
-        for (key, stats) in &edges.edges {
+        // Rule ids may differ between the two compilations: compare what they name. A rule id
+        // names the same rule on every node of one engine, so each is named once.
+        let mut before_names: FxHashMap<RuleId, String> = FxHashMap::default();
+        let mut after_names: FxHashMap<RuleId, String> = FxHashMap::default();
+        fn name<'n>(names: &'n mut FxHashMap<RuleId, String>, rs: &RuleSet, id: RuleId) -> &'n str {
+            names
+                .entry(id)
+                .or_insert_with(|| rs.flow_rule(id).to_string())
+        }
+        for &(key, stats) in edges {
             let (Some((b, brs)), Some((a, ars))) = (
                 self.before.decide(key, stats, &mut before_cache),
                 self.after.decide(key, stats, &mut after_cache),
             ) else {
-                impact.unknown_pods += stats.allowed + stats.denied;
+                unknown += stats.allowed + stats.denied;
                 continue;
             };
-            // Rule ids may differ between the two compilations: compare what they name.
-            let (before, after) = (Judgement::of(&b, brs), Judgement::of(&a, ars));
-            if before == after {
+            let same_rule =
+                name(&mut before_names, brs, b.rule) == name(&mut after_names, ars, a.rule);
+            let same_audit = match (b.audit_would_deny(), a.audit_would_deny()) {
+                (false, false) => true,
+                (true, true) => {
+                    name(&mut before_names, brs, b.audit_rule)
+                        == name(&mut after_names, ars, a.audit_rule)
+                }
+                _ => false,
+            };
+            if b.verdict == a.verdict && same_rule && same_audit {
                 continue;
             }
+            let (before, after) = (Judgement::of(&b, brs), Judgement::of(&a, ars));
             let change = match (b.verdict, a.verdict) {
                 (Verdict::Allow, Verdict::Deny) => EdgeChange::NewlyDenied,
                 (Verdict::Deny, Verdict::Allow) => EdgeChange::NewlyAllowed,
-                _ if before.rule != after.rule => EdgeChange::Rule,
+                _ if !same_rule => EdgeChange::Rule,
                 _ => EdgeChange::Audit,
             };
             let breaks = change == EdgeChange::NewlyDenied && stats.allowed > 0;
-            impact.breaks += u64::from(breaks);
             let at = key.endpoint.to_string();
             let (src, dst) = match key.direction {
                 Direction::Ingress => (key.peer.to_string(), at.clone()),
                 Direction::Egress => (at.clone(), key.peer.to_string()),
             };
-            impact.changed.push(EdgeImpact {
+            changed.push(EdgeImpact {
                 change,
                 src,
                 dst,
@@ -633,20 +692,7 @@ impl WhatIf {
                 breaks,
             });
         }
-        impact.changed.sort_by(|x, y| {
-            (!x.breaks, x.change, std::cmp::Reverse(x.allowed + x.denied))
-                .cmp(&(!y.breaks, y.change, std::cmp::Reverse(y.allowed + y.denied)))
-                .then_with(|| {
-                    (&x.src, &x.dst, &x.protocol, x.port, x.direction).cmp(&(
-                        &y.src,
-                        &y.dst,
-                        &y.protocol,
-                        y.port,
-                        y.direction,
-                    ))
-                })
-        });
-        impact
+        (changed, unknown)
     }
 }
 
