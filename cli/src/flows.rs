@@ -61,7 +61,7 @@ impl Source {
         Ok(AdminClient::new(channel).max_decoding_message_size(256 << 20))
     }
 
-    fn port(&self) -> anyhow::Result<u16> {
+    pub(crate) fn port(&self) -> anyhow::Result<u16> {
         match &self.lab {
             Some(dir) => Ok(crate::lab::state::LabState::load(dir)?.http_port),
             None => {

@@ -6,6 +6,7 @@ mod controller;
 mod crds;
 mod demo;
 mod flows;
+mod impact;
 mod lab;
 mod policy;
 mod promote;

@@ -40,6 +40,9 @@ enum PolicyCommand {
     /// Enforce a staged policy: a StagedNetworkPolicy (or StagedClusterNetworkPolicy) becomes
     /// the policy of its name, an audit-mode ServicePolicy an enforcing one, in one change.
     Promote(crate::promote::PromoteArgs),
+    /// What a proposed change (policies added, changed or deleted) would do to the recorded
+    /// traffic: every edge whose verdict or deciding rule changes.
+    Impact(crate::impact::ImpactArgs),
 }
 
 #[derive(clap::Args)]
@@ -140,6 +143,7 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
         PolicyCommand::Status(a) => status(a),
         PolicyCommand::Recommend(a) => crate::recommend::recommend(a),
         PolicyCommand::Promote(a) => crate::promote::promote(a),
+        PolicyCommand::Impact(a) => crate::impact::impact(a),
     }
 }
 

@@ -16,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod flows;
 pub mod identity;
+pub mod impact;
 pub mod kubernetes;
 pub mod load;
 pub mod model;

@@ -421,6 +421,23 @@ impl Hub {
         ))
     }
 
+    /// The engine's inputs, its configuration and its clock: what a what-if
+    /// ([`crate::impact`]) compiles its own copies from, so the live engine is only read.
+    pub fn objects(
+        &self,
+    ) -> Option<(
+        Vec<crate::Object>,
+        crate::EngineConfig,
+        std::time::SystemTime,
+    )> {
+        let state = self.lock().ok()?;
+        Some((
+            state.engine.objects(),
+            state.engine.config().clone(),
+            state.engine.now(),
+        ))
+    }
+
     /// The Quarantine `key` as the engine has it (active or expired).
     pub fn quarantine(&self, key: &crate::PolicyKey) -> Option<crate::Policy> {
         self.state

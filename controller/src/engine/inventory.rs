@@ -67,6 +67,16 @@ impl Inventory {
         }
     }
 
+    /// Every namespace with labels (the name label included).
+    pub(super) fn namespaces(&self) -> impl Iterator<Item = (&String, &Labels)> {
+        self.namespaces.iter()
+    }
+
+    /// Whether node `n` was declared by a Node object.
+    pub(super) fn declared(&self, n: NodeIdx) -> bool {
+        self.nodes[n as usize].declared
+    }
+
     // Pods.
 
     #[inline]

@@ -589,6 +589,42 @@ impl PolicyEngine {
         v
     }
 
+    /// The engine's inputs as objects (namespaces, declared nodes, pods, policies and
+    /// Quarantines): [`PolicyEngine::new_at`] with them and [`PolicyEngine::now`] compiles the
+    /// same rule sets, so a what-if can compile a changed copy without touching this engine.
+    /// Node labels are not kept (nothing reads them) and come back empty.
+    pub fn objects(&self) -> Vec<Object> {
+        let mut out: Vec<Object> = self
+            .inventory
+            .namespaces()
+            .map(|(name, labels)| {
+                Object::Namespace(Namespace {
+                    name: name.clone(),
+                    labels: labels.clone(),
+                })
+            })
+            .collect();
+        out.extend(
+            (0..self.inventory.node_count() as NodeIdx)
+                .filter(|n| self.inventory.declared(*n))
+                .map(|n| {
+                    Object::Node(Node {
+                        name: self.inventory.node_name(n).to_string(),
+                        labels: Labels::new(),
+                    })
+                }),
+        );
+        out.extend(self.pods().into_iter().map(Object::Pod));
+        out.extend(
+            self.repository
+                .policies()
+                .chain(self.quarantines.policies())
+                .cloned()
+                .map(Object::Policy),
+        );
+        out
+    }
+
     /// The policy an identity's direction compiles to (what every endpoint of it gets).
     pub fn identity_policy(&self, id: Identity, direction: Direction) -> Option<&DirectionPolicy> {
         self.repository.compiled(id).map(|p| p.direction(direction))

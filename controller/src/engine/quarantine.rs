@@ -75,6 +75,11 @@ impl Quarantines {
         self.states.get(key).map(|q| &q.policy)
     }
 
+    /// Every Quarantine the engine has (active or expired).
+    pub(super) fn policies(&self) -> impl Iterator<Item = &Policy> {
+        self.states.values().map(|q| &q.policy)
+    }
+
     #[inline]
     pub(super) fn is_active(&self, key: &PolicyKey) -> bool {
         self.states.get(key).is_some_and(|q| q.active)

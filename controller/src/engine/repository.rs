@@ -83,6 +83,11 @@ impl Repository {
         self.policies.get(key).map(|s| &s.policy)
     }
 
+    /// Every policy (Quarantines are kept apart).
+    pub(super) fn policies(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.values().map(|s| &s.policy)
+    }
+
     /// The subject selection of a policy.
     #[inline]
     pub(super) fn subject_of(&self, key: &PolicyKey) -> Option<SelId> {

@@ -13,6 +13,7 @@
 //! | `GET /api/map` | [`MapView`]: everything the page draws |
 //! | `GET /api/quarantines` | [`QuarantineView`]s |
 //! | `GET /api/recommend?namespaces=a,b&since=NANOS` | a [`crate::recommend::Recommendation`] (see [`recommend`]) |
+//! | `POST /api/impact?since=NANOS&until=NANOS&delete=KIND/NS/NAME` (YAML proposal) | a [`crate::impact::Impact`] (see [`impact`]); reads only |
 //! | `POST /api/quarantine` ([`QuarantineBody`]), `POST /api/quarantine/release` ([`ReleaseBody`]) | [`QuarantineAnswer`] |
 //!
 //! Errors are [`ErrorBody`]s with a 4xx/5xx status.
@@ -51,6 +52,7 @@ use crate::{
 };
 
 mod flows;
+pub mod impact;
 mod map;
 pub mod quarantine;
 pub mod recommend;
@@ -152,6 +154,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/flows/query", get(flows::flows))
         .route("/api/map", get(map::map))
         .route("/api/recommend", get(recommend::recommend))
+        .route(
+            "/api/impact",
+            post(impact::impact)
+                .layer(axum::extract::DefaultBodyLimit::max(impact::MAX_BODY_BYTES)),
+        )
         .route("/api/quarantines", get(quarantine::list_quarantines))
         .route("/api/quarantine", post(quarantine::quarantine))
         .route("/api/quarantine/release", post(quarantine::release))
@@ -234,5 +241,7 @@ impl From<QuarantineError> for ApiError {
     }
 }
 
+#[cfg(test)]
+mod impact_tests;
 #[cfg(test)]
 mod tests;

@@ -20,8 +20,8 @@ use super::*;
 const SHOP: &str = include_str!("../../../../examples/demo/shop.yaml");
 const POLICIES: &str = include_str!("../../../../examples/demo/policies.yaml");
 
-struct Fixture {
-    addr: SocketAddr,
+pub(super) struct Fixture {
+    pub(super) addr: SocketAddr,
     dir: PathBuf,
 }
 
@@ -86,12 +86,12 @@ fn record(
 
 /// A controller's state for the demo shop (no agents), with a few flows, served on a
 /// loopback port by the UI's router alone.
-async fn serve(http: &str, args: HttpConfig, quarantine: bool) -> Fixture {
+pub(super) async fn serve(http: &str, args: HttpConfig, quarantine: bool) -> Fixture {
     serve_with_auth(http, args, quarantine, |_| auth::WebAuth::Off).await
 }
 
 /// [`serve`] with the authentication `auth` makes (given the fixture's directory).
-async fn serve_with_auth(
+pub(super) async fn serve_with_auth(
     http: &str,
     args: HttpConfig,
     quarantine: bool,
@@ -197,7 +197,7 @@ async fn serve_with_auth(
 }
 
 /// (status, content type, body) of one HTTP/1.1 request.
-async fn request(
+pub(super) async fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -783,11 +783,11 @@ fn the_deciding_rule_is_structured_from_its_parts() {
     assert!(!is_loopback_host("evil.example:9961") && !is_loopback_host("10.0.0.1"));
 }
 
-const VIEWER: &str = "viewer-token-0123456789abcdef";
+pub(super) const VIEWER: &str = "viewer-token-0123456789abcdef";
 const ADMIN: &str = "admin-token-0123456789abcdef";
 
 /// A tokens file with one viewer (`vera`) and one admin (`adam`) in the fixture's directory.
-fn token_auth(dir: &std::path::Path) -> auth::WebAuth {
+pub(super) fn token_auth(dir: &std::path::Path) -> auth::WebAuth {
     let path = dir.join("tokens");
     std::fs::write(
         &path,
@@ -797,7 +797,7 @@ fn token_auth(dir: &std::path::Path) -> auth::WebAuth {
     auth::WebAuth::Tokens(auth::TokenFile::open(&path).expect("tokens"))
 }
 
-fn bearer(token: &str) -> (&'static str, String) {
+pub(super) fn bearer(token: &str) -> (&'static str, String) {
     ("Authorization", format!("Bearer {token}"))
 }
 
