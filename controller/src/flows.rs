@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     distribution::{FlowStore, Hub},
     ruleset::{
-        Direction, EndpointRef, FlowEntry, FlowRecord, FlowRule, FlowVerdict, PodKey, RuleSet,
+        Direction, Endpoint, EndpointRef, FlowEntry, FlowRecord, FlowRule, FlowVerdict, PodKey,
+        RuleSet,
     },
 };
 
@@ -88,34 +89,37 @@ pub struct Directory {
 
 impl Directory {
     pub fn from_rulesets<'a>(rulesets: impl IntoIterator<Item = &'a RuleSet>) -> Directory {
+        Directory::from_endpoints(rulesets.into_iter().flat_map(|rs| &rs.endpoints))
+    }
+
+    /// The directory of these endpoints (every node's, as their rule sets list them).
+    pub fn from_endpoints<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>) -> Directory {
         let mut d = Directory {
             generation: DIRECTORY_GENERATION.fetch_add(1, Ordering::Relaxed),
             ..Default::default()
         };
         let mut numbers: FxHashMap<Workload, u32> = FxHashMap::default();
-        for rs in rulesets {
-            for e in &rs.endpoints {
-                let w = Workload {
-                    namespace: e.namespace.clone(),
-                    name: e
-                        .workload
-                        .clone()
-                        .unwrap_or_else(|| format!("Pod/{}", e.pod)),
-                };
-                let n = *numbers.entry(w).or_insert_with_key(|w| {
-                    d.workloads.push(w.clone());
-                    d.workloads.len() as u32 - 1
-                });
-                let pod = PodKey {
-                    namespace: e.namespace.clone(),
-                    name: e.pod.clone(),
-                };
-                for ip in &e.ips {
-                    d.by_ip.insert(*ip, n);
-                    d.pod_by_ip.insert(*ip, pod.clone());
-                }
-                d.by_pod.insert(pod, n);
+        for e in endpoints {
+            let w = Workload {
+                namespace: e.namespace.clone(),
+                name: e
+                    .workload
+                    .clone()
+                    .unwrap_or_else(|| format!("Pod/{}", e.pod)),
+            };
+            let n = *numbers.entry(w).or_insert_with_key(|w| {
+                d.workloads.push(w.clone());
+                d.workloads.len() as u32 - 1
+            });
+            let pod = PodKey {
+                namespace: e.namespace.clone(),
+                name: e.pod.clone(),
+            };
+            for ip in &e.ips {
+                d.by_ip.insert(*ip, n);
+                d.pod_by_ip.insert(*ip, pod.clone());
             }
+            d.by_pod.insert(pod, n);
         }
         d
     }
@@ -995,8 +999,9 @@ impl FlowPipeline {
         if let Some(hub) = &self.hub {
             let generation = hub.generation();
             if cached.0 != generation
-                && let Some(d) = hub.with_rulesets(|rs| Directory::from_rulesets(rs))
+                && let Some(endpoints) = hub.endpoints()
             {
+                let d = Directory::from_endpoints(&endpoints);
                 *cached = (generation, Arc::new(d));
             }
         }

@@ -1,5 +1,9 @@
-//! The distribution hub: per node, the current rule set, its version, and the agents that follow
-//! it. Changes go into the engine once; each resulting node delta is serialised once and handed
+//! The distribution hub: per node, the version last handed out and the agents that follow it.
+//! The rule sets themselves are the engine's: a snapshot is materialized from the engine when an
+//! agent subscribes (under the same lock as the fan-out, so nothing falls between the snapshot
+//! and the deltas queued after it). The hub keeps no copy of them: at 5,000 nodes the copies
+//! cost hundreds of MiB, a second build of every rule set at start and, per quarantine, an
+//! update of all 5,000 of them. Changes go into the engine once; each resulting node delta is serialised once and handed
 //! to that node's subscribers through bounded queues. A subscriber whose queue is full is cut
 //! loose (its queue closed) and resynchronises with a snapshot, so a slow or dead agent never
 //! holds up the others and never receives a gap.
@@ -17,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     Change, EngineError, PolicyEngine,
-    ruleset::{NodeDelta, RuleKind, RuleSet},
+    ruleset::{Endpoint, NodeDelta, RuleKind, RuleRef, RuleSet},
 };
 
 /// CPU time the calling thread has used, in nanoseconds (0 where the clock is unavailable).
@@ -54,8 +58,13 @@ pub struct Update {
 
 #[derive(Debug, Default)]
 struct NodeEntry {
-    ruleset: RuleSet,
-    subscribers: HashMap<u64, mpsc::Sender<Update>>,
+    /// The version of the last delta queued for the node (the engine's version of its rule
+    /// set, while the engine produces deltas in order): a delta that does not start from it
+    /// makes the node's followers resynchronise.
+    version: u64,
+    /// Under a lock of its own: subscribing and unsubscribing take the hub's state for reading
+    /// only, so agents connecting at once materialize their snapshots in parallel.
+    subscribers: Mutex<HashMap<u64, mpsc::Sender<Update>>>,
 }
 
 /// What a node's agents acknowledged. Kept under its own lock: acks arrive on the async
@@ -127,7 +136,8 @@ pub struct HubCounters {
 
 pub struct Hub {
     epoch: u64,
-    state: Mutex<HubState>,
+    /// Written by changes; read (in parallel) by subscriptions and status queries.
+    state: RwLock<HubState>,
     /// Per node. Lock order: `state`, then `acks`.
     acks: Mutex<HashMap<String, AckState>>,
     /// The names of `state.nodes`, apart: every flow batch asks, and must not wait for a change
@@ -169,13 +179,14 @@ impl Hub {
 
     pub fn with_epoch(engine: PolicyEngine, epoch: u64) -> Hub {
         let nodes: BTreeMap<String, NodeEntry> = engine
-            .rulesets()
+            .nodes()
             .into_iter()
-            .map(|(name, ruleset)| {
+            .map(|name| {
+                let version = engine.version(&name).unwrap_or_default();
                 (
                     name,
                     NodeEntry {
-                        ruleset,
+                        version,
                         ..Default::default()
                     },
                 )
@@ -184,7 +195,7 @@ impl Hub {
         Hub {
             epoch,
             known: RwLock::new(nodes.keys().cloned().collect()),
-            state: Mutex::new(HubState { engine, nodes }),
+            state: RwLock::new(HubState { engine, nodes }),
             acks: Mutex::new(HashMap::new()),
             next_subscriber: AtomicU64::new(1),
             generation: AtomicU64::new(1),
@@ -196,8 +207,12 @@ impl Hub {
         self.epoch
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HubState>, HubError> {
-        self.state.lock().map_err(|_| HubError::Poisoned)
+    fn lock(&self) -> Result<std::sync::RwLockReadGuard<'_, HubState>, HubError> {
+        self.state.read().map_err(|_| HubError::Poisoned)
+    }
+
+    fn lock_mut(&self) -> Result<std::sync::RwLockWriteGuard<'_, HubState>, HubError> {
+        self.state.write().map_err(|_| HubError::Poisoned)
     }
 
     /// Applies changes to the engine and queues each node's delta for its subscribers.
@@ -223,31 +238,45 @@ impl Hub {
         change: impl FnOnce(&mut PolicyEngine) -> Result<Vec<NodeDelta>, crate::EngineError>,
     ) -> Result<Vec<NodeDelta>, HubError> {
         let created = Instant::now();
-        let mut state = self.lock()?;
+        let mut state = self.lock_mut()?;
         let cpu_started = thread_cpu_nanos();
         let deltas = change(&mut state.engine)?;
         let engine_done = thread_cpu_nanos();
         self.counters
             .engine_nanos
             .fetch_add(engine_done.saturating_sub(cpu_started), Ordering::Relaxed);
-        // Queue first, so agents start on their deltas while the hub brings its own copies up
-        // to date (under the same lock: a subscription sees either neither or both).
-        let mut stale = Vec::new();
+        // Under the same lock as subscriptions: one sees either the engine before the change and
+        // this delta queued after its snapshot, or the engine after it and no delta.
         let mut encoder = bulkhead_proto::fanout::FanoutEncoder::new(self.epoch);
-        for (i, delta) in deltas.iter().enumerate() {
+        for delta in &deltas {
             if !state.nodes.contains_key(&delta.node)
                 && let Ok(mut known) = self.known.write()
             {
                 known.insert(delta.node.clone());
             }
             let entry = state.nodes.entry(delta.node.clone()).or_default();
-            if entry.ruleset.version != delta.from_version {
-                // Cannot happen while the hub is the only writer; recover with the engine's view.
-                tracing::warn!(node = %delta.node, have = entry.ruleset.version, from = delta.from_version, "delta does not follow the hub's rule set; resynchronising");
-                stale.push(i);
+            if entry.version != delta.from_version {
+                // A node that vanished and came back starts again from version 0; its followers
+                // start over from a snapshot of the engine's view (after whatever was queued
+                // for them, which the snapshot supersedes).
+                tracing::warn!(node = %delta.node, have = entry.version, from = delta.from_version, "delta does not follow the node's last version; resynchronising");
+                entry.version = delta.version;
+                let subscribers = entry
+                    .subscribers
+                    .get_mut()
+                    .map_err(|_| HubError::Poisoned)?;
+                self.counters
+                    .resyncs
+                    .fetch_add(subscribers.len() as u64, Ordering::Relaxed);
+                subscribers.clear();
                 continue;
             }
-            if entry.subscribers.is_empty() {
+            entry.version = delta.version;
+            let subscribers = entry
+                .subscribers
+                .get_mut()
+                .map_err(|_| HubError::Poisoned)?;
+            if subscribers.is_empty() {
                 continue;
             }
             let update = Update {
@@ -257,43 +286,27 @@ impl Hub {
                 priority,
                 created,
             };
-            entry
-                .subscribers
-                .retain(|_, tx| match tx.try_send(update.clone()) {
-                    Ok(()) => {
-                        self.counters.deltas_sent.fetch_add(1, Ordering::Relaxed);
-                        true
-                    }
-                    Err(_) => {
-                        // Full or gone: closing the queue makes the stream resynchronise.
-                        self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
-                        false
-                    }
-                });
+            subscribers.retain(|_, tx| match tx.try_send(update.clone()) {
+                Ok(()) => {
+                    self.counters.deltas_sent.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(_) => {
+                    // Full or gone: closing the queue makes the stream resynchronise.
+                    self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+            });
         }
         let fanout_done = thread_cpu_nanos();
         self.counters
             .fanout_nanos
             .fetch_add(fanout_done.saturating_sub(engine_done), Ordering::Relaxed);
-        let mut stale = stale.into_iter().peekable();
-        for (i, delta) in deltas.iter().enumerate() {
-            let skip = stale.next_if_eq(&i).is_some();
-            let Some(entry) = state.nodes.get_mut(&delta.node) else {
-                continue;
-            };
-            if !skip && entry.ruleset.apply_delta(delta).is_ok() {
-                continue;
-            }
-            let fresh = state.engine.ruleset(&delta.node)?;
-            let entry = state.nodes.entry(delta.node.clone()).or_default();
-            entry.ruleset = fresh;
-            // Everyone following this node starts over from a snapshot (after whatever was
-            // queued for it, which the snapshot supersedes).
-            entry.subscribers.clear();
-        }
         if !deltas.is_empty() {
             self.generation.fetch_add(1, Ordering::Release);
         }
+        // No copies to bring up to date any more (the counter stays, at 0, for the metrics and
+        // the benchmark that print it).
         self.counters.copies_nanos.fetch_add(
             thread_cpu_nanos().saturating_sub(fanout_done),
             Ordering::Relaxed,
@@ -306,13 +319,41 @@ impl Hub {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Runs `f` over every node's current rule set, without copying them.
-    pub fn with_rulesets<R>(
-        &self,
-        f: impl FnOnce(&mut dyn Iterator<Item = &RuleSet>) -> R,
-    ) -> Option<R> {
+    /// Every node's endpoints, as their rule sets list them (for the flow pipeline's address
+    /// directory), node by node in name order. The state lock is taken per node, not for the
+    /// whole walk (250,000 endpoints at fleet scale): a change waiting to be applied, a
+    /// quarantine, waits for one node's endpoints at most.
+    pub fn endpoints(&self) -> Option<Vec<Endpoint>> {
+        let mut nodes: Vec<String> = self.known.read().ok()?.iter().cloned().collect();
+        nodes.sort_unstable();
+        let mut all = Vec::new();
+        for node in &nodes {
+            all.extend(self.lock().ok()?.engine.endpoints(node));
+        }
+        Some(all)
+    }
+
+    /// The endpoints of one node's current rule set.
+    pub fn node_endpoints(&self, node: &str) -> Option<Vec<Endpoint>> {
         let state = self.lock().ok()?;
-        Some(f(&mut state.nodes.values().map(|e| &e.ruleset)))
+        state
+            .nodes
+            .contains_key(node)
+            .then(|| state.engine.endpoints(node))
+    }
+
+    /// The version of one node's current rule set and the rules it names (its `rules`),
+    /// without the rest of it.
+    pub fn node_rules(&self, node: &str) -> Option<(u64, Vec<RuleRef>)> {
+        let state = self.lock().ok()?;
+        let version = state.nodes.get(node)?.version;
+        let rules = state
+            .engine
+            .node_rules(node)
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        Some((version, rules))
     }
 
     /// Whether `node` has (or had) a rule set: a node of the inventory. Only such nodes may be
@@ -326,18 +367,20 @@ impl Hub {
     /// after it, taken atomically so nothing falls between them. Refused for a node the
     /// inventory never had.
     pub fn subscribe(&self, node: &str) -> Result<Subscription, HubError> {
-        let mut state = self.lock()?;
-        let Some(entry) = state.nodes.get_mut(node) else {
+        // For reading: a change (which writes) comes wholly before or after this.
+        let state = self.lock()?;
+        let Some(entry) = state.nodes.get(node) else {
             self.counters.unknown_nodes.fetch_add(1, Ordering::Relaxed);
             return Err(HubError::UnknownNode(node.to_string()));
         };
         let id = self.next_subscriber.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
-        if entry.ruleset.node.is_empty() {
-            entry.ruleset.node = node.to_string();
-        }
-        entry.subscribers.insert(id, tx);
-        let snapshot = entry.ruleset.clone();
+        entry
+            .subscribers
+            .lock()
+            .map_err(|_| HubError::Poisoned)?
+            .insert(id, tx);
+        let snapshot = current_ruleset(&state, node);
         drop(state);
         self.counters.snapshots.fetch_add(1, Ordering::Relaxed);
         Ok(Subscription {
@@ -348,10 +391,11 @@ impl Hub {
     }
 
     pub fn unsubscribe(&self, node: &str, id: u64) {
-        if let Ok(mut state) = self.lock()
-            && let Some(entry) = state.nodes.get_mut(node)
+        if let Ok(state) = self.lock()
+            && let Some(entry) = state.nodes.get(node)
+            && let Ok(mut subscribers) = entry.subscribers.lock()
         {
-            entry.subscribers.remove(&id);
+            subscribers.remove(&id);
         }
     }
 
@@ -375,7 +419,13 @@ impl Hub {
             return;
         }
         if let Ok(mut acks) = self.acks.lock() {
-            let entry = acks.entry(node.to_string()).or_default();
+            // Every node acks every change: no new key (an allocation) once it acked once.
+            if !acks.contains_key(node) {
+                acks.insert(node.to_string(), AckState::default());
+            }
+            let Some(entry) = acks.get_mut(node) else {
+                return;
+            };
             match error {
                 None => {
                     entry.acked = entry.acked.max(version);
@@ -406,8 +456,7 @@ impl Hub {
     /// The controller's current rule set for a node.
     /// Whether the engine has this pod.
     pub fn has_pod(&self, pod: &crate::PodKey) -> bool {
-        self.state
-            .lock()
+        self.lock()
             .is_ok_and(|s| s.engine.identity_of_pod(pod).is_some())
     }
 
@@ -440,14 +489,17 @@ impl Hub {
 
     /// The Quarantine `key` as the engine has it (active or expired).
     pub fn quarantine(&self, key: &crate::PolicyKey) -> Option<crate::Policy> {
-        self.state
-            .lock()
+        self.lock()
             .ok()
             .and_then(|s| s.engine.quarantine(key).cloned())
     }
 
     pub fn ruleset(&self, node: &str) -> Option<RuleSet> {
-        self.lock().ok()?.nodes.get(node).map(|e| e.ruleset.clone())
+        let state = self.lock().ok()?;
+        state
+            .nodes
+            .contains_key(node)
+            .then(|| current_ruleset(&state, node))
     }
 
     /// The engine's own (full) view of a node's rule set.
@@ -469,11 +521,11 @@ impl Hub {
                 let ack = acks.get(name);
                 NodeState {
                     node: name.clone(),
-                    version: e.ruleset.version,
+                    version: e.version,
                     realized: ack.map_or(0, |a| a.acked),
-                    connected: !e.subscribers.is_empty(),
+                    connected: e.subscribers.lock().is_ok_and(|s| !s.is_empty()),
                     last_error: ack.map(|a| a.last_error.clone()).unwrap_or_default(),
-                    endpoints: e.ruleset.endpoints.len() as u32,
+                    endpoints: state.engine.endpoint_count(name) as u32,
                 }
             })
             .collect()
@@ -491,13 +543,14 @@ impl Hub {
         let mut by_policy: BTreeMap<(RuleKind, String, String), (BTreeSet<&str>, u32)> =
             BTreeMap::new();
         for (node, e) in &state.nodes {
-            let realized = acks.get(node).map_or(0, |a| a.acked) >= e.ruleset.version;
-            let policies: BTreeSet<(RuleKind, String, String)> = e
-                .ruleset
-                .rules
-                .values()
+            let realized = acks.get(node).map_or(0, |a| a.acked) >= e.version;
+            let policies: BTreeSet<(RuleKind, String, String)> = state
+                .engine
+                .node_rules(node)
+                .into_iter()
+                .map(|(_, r)| r)
                 .filter(|r| r.kind != RuleKind::Default)
-                .map(|r| (r.kind.clone(), r.namespace.clone(), r.name.clone()))
+                .map(|r| (r.kind, r.namespace, r.name))
                 .collect();
             for p in policies {
                 let slot = by_policy.entry(p).or_default();
@@ -519,6 +572,16 @@ impl Hub {
             )
             .collect()
     }
+}
+
+/// The rule set of a node the hub has: the engine's, or, for a node the engine no longer has
+/// (no pods and no longer declared), an empty one at the last version handed out.
+fn current_ruleset(state: &HubState, node: &str) -> RuleSet {
+    state.engine.ruleset(node).unwrap_or_else(|_| RuleSet {
+        node: node.to_string(),
+        version: state.nodes.get(node).map_or(0, |e| e.version),
+        ..RuleSet::default()
+    })
 }
 
 /// What one stream may ack: a version from the last one its agent acked (at first, the first one

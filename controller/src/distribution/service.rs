@@ -20,7 +20,7 @@ use bulkhead_proto::parts;
 
 use super::{
     auth::{self, ClientPolicy},
-    hub::{Hub, HubError, SentVersions},
+    hub::{Hub, HubError, SentVersions, Subscription},
 };
 use crate::{
     flows::{Directory, FlowFilter, FlowPipeline, ServiceGraph, history::FlowHistory},
@@ -266,6 +266,113 @@ impl Drop for Following {
     }
 }
 
+/// What a `Sync` call answers: the node's snapshot, then the deltas the hub queues for it, each
+/// as the parts that carry it; a fresh snapshot when the hub cut the subscription loose (the
+/// agent fell behind). Ends, with the status to tell, when the agent's side broke the
+/// protocol or went away. Polled by the HTTP/2 stream's own task only when the stream can take
+/// more, so an agent that does not read fills its hub queue and is cut loose, as before.
+struct FollowStream {
+    sub: Subscription,
+    following: Following,
+    sent: Arc<SentVersions>,
+    /// Why the agent's side ended; `None` once it only closed its half (it still reads).
+    gone: Option<oneshot::Receiver<Option<Status>>>,
+    /// Parts of the message being sent.
+    pending: VecDeque<ControllerMessage>,
+    done: bool,
+}
+
+impl FollowStream {
+    fn new(
+        first: Subscription,
+        following: Following,
+        sent: Arc<SentVersions>,
+        gone: oneshot::Receiver<Option<Status>>,
+    ) -> FollowStream {
+        let mut s = FollowStream {
+            sub: first,
+            following,
+            sent,
+            gone: Some(gone),
+            pending: VecDeque::new(),
+            done: false,
+        };
+        s.queue_snapshot();
+        s
+    }
+
+    fn queue_snapshot(&mut self) {
+        let epoch = self.following.hub.epoch();
+        // The snapshot is sent once: what the subscription holds afterwards is not needed.
+        let snapshot = std::mem::take(&mut self.sub.snapshot);
+        self.sent.sent(snapshot.version);
+        let msg = ControllerMessage {
+            msg: Some(controller_message::Msg::Snapshot(pb::Snapshot {
+                version: version(epoch, snapshot.version),
+                ruleset: Some((&snapshot).into()),
+            })),
+        };
+        self.pending.extend(parts::split(msg, parts::PART_BYTES));
+    }
+}
+
+impl Stream for FollowStream {
+    type Item = Result<ControllerMessage, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::{future::Future, task::Poll};
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Some(gone) = this.gone.as_mut()
+            && let Poll::Ready(why) = Pin::new(gone).poll(cx)
+        {
+            this.gone = None;
+            // The agent went away, or broke the protocol (then it is told why). A dropped
+            // sender is a half-close: follow until nobody reads.
+            if let Ok(why) = why {
+                this.done = true;
+                return Poll::Ready(why.map(Err));
+            }
+        }
+        loop {
+            if let Some(m) = this.pending.pop_front() {
+                return Poll::Ready(Some(Ok(m)));
+            }
+            match this.sub.updates.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(u)) => {
+                    this.sent.sent(u.version);
+                    // Already encoded by the hub (shared with the node's other streams and, in
+                    // part, with other nodes'): sent as parts, never re-encoded here.
+                    this.pending.extend(u.message.parts(parts::PART_BYTES));
+                }
+                Poll::Ready(None) => {
+                    let node = &this.following.node;
+                    tracing::info!(node = %node, "agent fell behind; sending a fresh snapshot");
+                    match this.following.hub.subscribe(node) {
+                        Ok(sub) => {
+                            this.following.replace(sub.id);
+                            this.sub = sub;
+                            this.queue_snapshot();
+                        }
+                        Err(e) => {
+                            // The node left the inventory (or the hub broke): the agent
+                            // reconnects and is told which.
+                            this.done = true;
+                            return Poll::Ready(Some(Err(Status::internal(e.to_string()))));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Longest node name: a Kubernetes Node name is a DNS subdomain.
 const MAX_NODE_NAME: usize = 253;
 
@@ -276,28 +383,6 @@ fn check_node_name(node: &str) -> Result<(), Status> {
             "a {}-byte node name; node names are at most {MAX_NODE_NAME} bytes (pass the Kubernetes Node name)",
             node.len()
         )));
-    }
-    Ok(())
-}
-
-/// Sends `msg` whole, or in parts when it is large (see [`parts`]).
-async fn send(
-    out: &mpsc::Sender<Result<ControllerMessage, Status>>,
-    msg: ControllerMessage,
-) -> Result<(), ()> {
-    for m in parts::split(msg, parts::PART_BYTES) {
-        out.send(Ok(m)).await.map_err(|_| ())?;
-    }
-    Ok(())
-}
-
-/// A message the hub encoded, as the parts that carry it.
-async fn send_encoded(
-    out: &mpsc::Sender<Result<ControllerMessage, Status>>,
-    msg: &bulkhead_proto::fanout::EncodedMessage,
-) -> Result<(), ()> {
-    for m in msg.parts(parts::PART_BYTES) {
-        out.send(Ok(m)).await.map_err(|_| ())?;
     }
     Ok(())
 }
@@ -344,7 +429,6 @@ impl Distribution for DistributionService {
             e => Status::internal(e.to_string()),
         })?;
         tracing::info!(node = %node, realized = ?hello.realized, "agent connected");
-        let (out_tx, out_rx) = mpsc::channel::<Result<ControllerMessage, Status>>(16);
         let hub = self.hub.clone();
         let sent = Arc::new(SentVersions::default());
         // Why the agent's side ended: it went away (None), or it broke the protocol. Dropped
@@ -394,69 +478,16 @@ impl Distribution for DistributionService {
         }
 
         // Snapshot, then deltas; a closed queue (the agent fell behind) means a fresh snapshot.
-        // Stops as soon as the agent is gone (its inbound stream ended, or nobody reads the
-        // outbound one); dropping `following` unsubscribes.
-        let epoch = hub.epoch();
-        let mut following = Following {
+        // The response stream reads the hub's queue itself: no task of its own between the
+        // queue and the HTTP/2 stream, so a change wakes one task per node, not two.
+        let following = Following {
             hub: hub.clone(),
             node: node.clone(),
             id: first.id,
         };
-        tokio::spawn(async move {
-            let closed = out_tx.clone();
-            let follow = async {
-                let mut sub = first;
-                loop {
-                    sent.sent(sub.snapshot.version);
-                    let snapshot = ControllerMessage {
-                        msg: Some(controller_message::Msg::Snapshot(pb::Snapshot {
-                            version: version(epoch, sub.snapshot.version),
-                            ruleset: Some((&sub.snapshot).into()),
-                        })),
-                    };
-                    if send(&out_tx, snapshot).await.is_err() {
-                        return;
-                    }
-                    while let Some(u) = sub.updates.recv().await {
-                        sent.sent(u.version);
-                        // Already encoded by the hub (shared with the node's other streams and,
-                        // in part, with other nodes'): sent as parts, never re-encoded here.
-                        if send_encoded(&out_tx, &u.message).await.is_err() {
-                            return;
-                        }
-                    }
-                    tracing::info!(node = %node, "agent fell behind; sending a fresh snapshot");
-                    sub = match hub.subscribe(&node) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            // The node left the inventory (or the hub broke): the agent
-                            // reconnects and is told which.
-                            let _ = out_tx.send(Err(Status::internal(e.to_string()))).await;
-                            return;
-                        }
-                    };
-                    following.replace(sub.id);
-                }
-            };
-            let gone = async {
-                match gone_rx.await {
-                    Ok(why) => why,
-                    // Half-closed: follow until nobody reads.
-                    Err(_) => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = follow => {}
-                () = closed.closed() => {}
-                why = gone => {
-                    if let Some(status) = why {
-                        // Best effort: an agent that reads nothing does not hold this task.
-                        let _ = tokio::time::timeout(Duration::from_secs(1), closed.send(Err(status))).await;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        Ok(Response::new(Box::pin(FollowStream::new(
+            first, following, sent, gone_rx,
+        ))))
     }
 
     async fn report_flows(

@@ -271,3 +271,101 @@ fn a_stalled_subscriber_is_cut_loose_not_waited_for() {
             >= 1
     );
 }
+
+/// The hub keeps no rule sets of its own: what it serves (snapshots, node and policy status,
+/// the endpoints the flow directory reads, a node's rules) is the engine's current view,
+/// and stays so as changes come in.
+#[test]
+fn the_hub_serves_the_engines_rule_sets_and_their_versions() {
+    let mut engine = PolicyEngine::empty(EngineConfig::default());
+    let mut seed = String::new();
+    for i in 0..6 {
+        seed += &pod_yaml(i, APPS[i % 3], NODES[i % 3]);
+    }
+    seed += &policy_yaml(0, "web", "api", 80);
+    engine.apply_batch(objects(&seed)).expect("seed");
+    let hub = Hub::new(engine);
+    let check = |hub: &Hub| {
+        let states = hub.node_states();
+        assert_eq!(
+            states.iter().map(|s| s.node.as_str()).collect::<Vec<_>>(),
+            NODES
+        );
+        let mut all_endpoints = Vec::new();
+        for s in &states {
+            let rs = hub.engine_ruleset(&s.node).expect("engine view");
+            assert_eq!(hub.ruleset(&s.node).as_ref(), Some(&rs));
+            assert_eq!(s.version, rs.version, "{}", s.node);
+            assert_eq!(s.endpoints as usize, rs.endpoints.len(), "{}", s.node);
+            assert_eq!(hub.node_endpoints(&s.node).as_ref(), Some(&rs.endpoints));
+            let (version, rules) = hub.node_rules(&s.node).expect("rules");
+            assert_eq!(version, rs.version);
+            assert_eq!(rules, rs.rules.values().cloned().collect::<Vec<_>>());
+            let sub = hub.subscribe(&s.node).expect("subscribe");
+            assert_eq!(sub.snapshot, rs);
+            hub.unsubscribe(&s.node, sub.id);
+            all_endpoints.extend(rs.endpoints);
+        }
+        assert_eq!(hub.endpoints(), Some(all_endpoints));
+    };
+    check(&hub);
+    assert!(
+        hub.policy_status()
+            .iter()
+            .any(|p| p.name == "pol0" && p.nodes >= 1),
+        "{:?}",
+        hub.policy_status()
+    );
+    let generation = hub.generation();
+    hub.apply(objects(&pod_yaml(0, "api", "n2")), false)
+        .expect("move a pod");
+    hub.apply(objects(&policy_yaml(1, "db", "web", 443)), false)
+        .expect("a policy");
+    assert_ne!(hub.generation(), generation);
+    check(&hub);
+}
+
+/// A node whose last pod goes away has no rule set in the engine any more: the hub serves an
+/// empty one at the node's last version, and when the node comes back (the engine starts it
+/// again from version 0) its followers start over from a snapshot rather than take a delta
+/// that does not follow what they have.
+#[test]
+fn a_node_that_vanishes_and_comes_back_resynchronises_its_followers() {
+    let mut engine = PolicyEngine::empty(EngineConfig::default());
+    engine
+        .apply_batch(objects(
+            &(pod_yaml(0, "web", "n1") + &pod_yaml(1, "web", "n2")),
+        ))
+        .expect("seed");
+    let hub = Hub::new(engine);
+    let mut follower = hub.subscribe("n2").expect("subscribe");
+    let p1 = crate::PodKey {
+        namespace: "ns1".to_string(),
+        name: "p1".to_string(),
+    };
+    hub.apply(vec![Change::DeletePod(p1)], false)
+        .expect("delete");
+    let last = follower.updates.try_recv().expect("the delta emptying n2");
+    let gone = hub.ruleset("n2").expect("the hub still knows n2");
+    assert!(gone.endpoints.is_empty() && gone.policies.is_empty());
+    assert_eq!(gone.version, last.version);
+    assert!(hub.engine_ruleset("n2").is_err(), "the engine has no n2");
+    hub.apply(objects(&pod_yaml(1, "web", "n2")), false)
+        .expect("back");
+    assert!(
+        matches!(
+            follower.updates.try_recv(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)
+        ),
+        "the follower resynchronises"
+    );
+    let again = hub.subscribe("n2").expect("subscribe again");
+    assert_eq!(Some(again.snapshot.clone()), hub.engine_ruleset("n2").ok());
+    assert_eq!(
+        hub.node_states()
+            .iter()
+            .find(|s| s.node == "n2")
+            .map(|s| s.version),
+        Some(again.snapshot.version)
+    );
+}

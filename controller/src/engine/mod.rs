@@ -703,6 +703,51 @@ impl PolicyEngine {
         })
     }
 
+    /// The endpoints of `node`, as its rule set lists them (empty for a node the engine does not
+    /// have): what readers that need only who is where (the flow directory, the map) take
+    /// instead of materializing whole rule sets.
+    pub fn endpoints(&self, node: &str) -> Vec<Endpoint> {
+        let Some(idx) = self
+            .inventory
+            .find_node(node)
+            .filter(|n| self.inventory.node_exists(*n))
+        else {
+            return Vec::new();
+        };
+        self.inventory
+            .endpoints(idx)
+            .iter()
+            .filter_map(|(id, pk)| self.endpoint(*id, pk))
+            .collect()
+    }
+
+    /// How many endpoints `node`'s rule set lists.
+    pub fn endpoint_count(&self, node: &str) -> usize {
+        self.inventory
+            .find_node(node)
+            .filter(|n| self.inventory.node_exists(*n))
+            .map_or(0, |n| self.inventory.endpoints(n).len())
+    }
+
+    /// What the rules of `node`'s rule set stand for (the values of [`RuleSet::rules`]), in
+    /// rule-id order, without materializing the rest of the rule set.
+    pub fn node_rules(&self, node: &str) -> Vec<(RuleId, RuleRef)> {
+        let Some(idx) = self
+            .inventory
+            .find_node(node)
+            .filter(|n| self.inventory.node_exists(*n))
+        else {
+            return Vec::new();
+        };
+        let mut rules: Vec<(RuleId, RuleRef)> = self
+            .span
+            .rules(idx)
+            .filter_map(|r| self.rule_ref(r).map(|rr| (r, rr)))
+            .collect();
+        rules.sort_unstable_by_key(|r| r.0);
+        rules
+    }
+
     /// Rule sets of every node.
     /// Rule sets of every node, built on all available cores (each node's is independent).
     pub fn rulesets(&self) -> BTreeMap<String, RuleSet> {

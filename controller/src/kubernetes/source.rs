@@ -433,12 +433,11 @@ fn forget_released(carried: &Mutex<Carried>, changes: &[Change]) {
 fn record_carried(hub: &Hub, carried: &Mutex<Carried>, nodes: &BTreeSet<String>) {
     let Ok(mut c) = carried.lock() else { return };
     for node in nodes {
-        let Some(rs) = hub.ruleset(node) else {
+        let Some((version, rules)) = hub.node_rules(node) else {
             continue;
         };
-        let here: BTreeSet<PolicyKey> = rs
-            .rules
-            .values()
+        let here: BTreeSet<PolicyKey> = rules
+            .iter()
             .filter(|r| r.kind == RuleKind::Quarantine)
             .map(|r| PolicyKey {
                 kind: RuleKind::Quarantine,
@@ -455,7 +454,7 @@ fn record_carried(hub: &Hub, carried: &Mutex<Carried>, nodes: &BTreeSet<String>)
             c.entry(q)
                 .or_default()
                 .entry(node.clone())
-                .or_insert(rs.version);
+                .or_insert(version);
         }
     }
 }

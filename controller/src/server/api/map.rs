@@ -47,10 +47,10 @@ impl Cluster {
     pub(super) fn of(hub: &Hub) -> Cluster {
         let mut c = Cluster::default();
         for n in hub.node_states() {
-            let Some(rs) = hub.ruleset(&n.node) else {
+            let Some(endpoints) = hub.node_endpoints(&n.node) else {
                 continue;
             };
-            for e in &rs.endpoints {
+            for e in &endpoints {
                 let workload = e
                     .workload
                     .clone()
@@ -71,7 +71,7 @@ impl Cluster {
                     .2
                     .push(PodView {
                         pod: e.name(),
-                        node: rs.node.clone(),
+                        node: n.node.clone(),
                         ips: e.ips.clone(),
                         quarantined: e.quarantined,
                     });
