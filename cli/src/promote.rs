@@ -24,6 +24,7 @@ pub struct StagedTarget {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("place").required(true).args(["lab", "kubernetes"])))]
 pub struct PromoteArgs {
     /// What to promote: `NAMESPACE/NAME` (a StagedNetworkPolicy, or an audit-mode
     /// ServicePolicy) or `NAME` (a StagedClusterNetworkPolicy).
@@ -34,7 +35,12 @@ pub struct PromoteArgs {
     kind: Option<KindArg>,
     /// The lab whose policies to change.
     #[arg(long, value_name = "STATE_DIR")]
-    lab: std::path::PathBuf,
+    lab: Option<std::path::PathBuf>,
+    /// Change the objects in Kubernetes, with your own credentials (in-cluster service
+    /// account, else kubeconfig): you need `get`/`delete` on the staged kind and `patch` on
+    /// the enforced one.
+    #[arg(long)]
+    kubernetes: bool,
 }
 
 /// (Named as the kinds are, `Policy` and all.)
@@ -48,7 +54,60 @@ enum KindArg {
 
 pub fn promote(a: PromoteArgs) -> anyhow::Result<ExitCode> {
     let targets = targets(&a.target, a.kind)?;
-    crate::lab::promote(&a.lab, &targets)
+    match a.lab {
+        Some(lab) => crate::lab::promote(&lab, &targets),
+        None => promote_kubernetes(&targets),
+    }
+}
+
+fn promote_kubernetes(targets: &[StagedTarget]) -> anyhow::Result<ExitCode> {
+    use bulkhead_controller::kubernetes::promote::{PromoteError, StagedRef};
+    let refs: Vec<StagedRef> = targets
+        .iter()
+        .map(|t| match t.kind {
+            "StagedNetworkPolicy" => StagedRef::NetworkPolicy {
+                namespace: t.namespace.clone(),
+                name: t.name.clone(),
+            },
+            "ServicePolicy" => StagedRef::ServicePolicy {
+                namespace: t.namespace.clone(),
+                name: t.name.clone(),
+            },
+            _ => StagedRef::ClusterNetworkPolicy {
+                name: t.name.clone(),
+            },
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    rt.block_on(async move {
+        let client = bulkhead_controller::kubernetes::Client::try_default()
+            .await
+            .context("cannot reach the Kubernetes API (no in-cluster service account and no usable kubeconfig)")?;
+        // Without --kind a namespaced name may be either kind: the first that exists.
+        let mut last = None;
+        for r in &refs {
+            match bulkhead_controller::kubernetes::promote::promote(client.clone(), r).await {
+                Ok(done) => {
+                    println!(
+                        "promoted {r}: {} applied{}",
+                        done.enforced,
+                        if done.staged_deleted {
+                            ", the staged object deleted"
+                        } else {
+                            ""
+                        }
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Err(e @ PromoteError::NotFound(_)) => last = Some(e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last.map_or_else(|| anyhow::anyhow!("nothing to promote"), Into::into))
+    })
 }
 
 /// The objects `text` may name (more than one: the caller picks the one that exists).

@@ -279,3 +279,36 @@ spec: {pods: [b], reason: long over, expiresAt: '2000-01-01T00:00:00Z'}
     // default-deny isolates x/a, but the quarantine exception decides first.
     assert_eq!(v["verdict"], "allow");
 }
+
+#[test]
+fn promote_needs_a_place_and_says_when_kubernetes_is_out_of_reach() {
+    let out = bulkhead()
+        .args(["policy", "promote", "shop/db"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--lab") && err.contains("--kubernetes"),
+        "{err}"
+    );
+
+    let empty = tempdir("promote-kube");
+    let out = bulkhead()
+        .args(["policy", "promote", "shop/db", "--kubernetes"])
+        .env("KUBECONFIG", empty.join("missing"))
+        .env("HOME", &empty)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the Kubernetes API"), "{err}");
+
+    let out = bulkhead()
+        .args(["policy", "promote", "a/b/c", "--kubernetes"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NAMESPACE/NAME"), "{err}");
+}

@@ -38,6 +38,7 @@
 pub mod crd;
 pub mod inventory;
 pub mod leader;
+pub mod promote;
 pub mod review;
 pub mod source;
 pub mod status;
