@@ -45,6 +45,10 @@ pub struct RecommendArgs {
     /// A new edge within this long keeps a recommendation `learning` (else `stable`).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     learning: Duration,
+    /// Write the policies staged (StagedNetworkPolicy, ServicePolicy `mode: Audit`): applied,
+    /// they enforce nothing and the flows say what they would do (`flows --staged-verdict`).
+    #[arg(long)]
+    staged: bool,
     #[arg(short = 'o', long, value_enum, default_value = "yaml")]
     output: RecommendFormat,
     #[command(flatten)]
@@ -86,6 +90,7 @@ pub fn recommend(a: RecommendArgs) -> anyhow::Result<ExitCode> {
     })?;
     let mut out = std::io::stdout().lock();
     match a.output {
+        RecommendFormat::Yaml if a.staged => out.write_all(r.to_staged_yaml()?.as_bytes())?,
         RecommendFormat::Yaml => out.write_all(r.to_yaml()?.as_bytes())?,
         RecommendFormat::Json => {
             serde_json::to_writer_pretty(&mut out, &r)?;

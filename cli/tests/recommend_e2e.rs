@@ -2,7 +2,8 @@
 //! nodes talk in a pattern (web → api:8080, api → db:5432, debug → web:80); `bulkhead policy
 //! recommend` learns NetworkPolicies from the flows the controller received; applied as
 //! enforced, `lab probe` (real connections) shows every observed connection admitted and every
-//! other connection between the covered pods, on the pattern's ports, denied.
+//! other connection between the covered pods, on the pattern's ports, denied. Staged first
+//! (`--staged`), the same policies change nothing and no flow of the pattern would be denied.
 
 mod common;
 
@@ -123,6 +124,97 @@ fn recommended_policies_admit_exactly_the_observed_traffic() {
     println!("{yaml}");
     assert_eq!(yaml.matches("kind: NetworkPolicy").count(), 4, "{yaml}");
     assert!(!yaml.contains("pod-template-hash"), "{yaml}");
+
+    // Staged first: nothing changes, and the pattern shows no would-deny flow. A connection
+    // outside the pattern (allowed now, denied by the recommendation) is the sync point.
+    let staged_yaml = run_ok(&[
+        "policy",
+        "recommend",
+        "--lab",
+        &s,
+        "-n",
+        "shop",
+        "-n",
+        "tools",
+        "--staged",
+    ]);
+    assert_eq!(
+        staged_yaml.matches("kind: StagedNetworkPolicy").count(),
+        4,
+        "{staged_yaml}"
+    );
+    let staged = lab.dir.join("staged.yaml");
+    std::fs::write(&staged, &staged_yaml).expect("write");
+    run_ok(&[
+        "lab",
+        "--state",
+        &s,
+        "apply",
+        "-f",
+        &staged.to_string_lossy(),
+    ]);
+    for (from, to, port) in PATTERN {
+        assert!(
+            connects(&p[from], &p[to], port),
+            "staged: {from} → {to}:{port}"
+        );
+    }
+    assert!(
+        connects(&p["shop/db"], &p["shop/api"], 8080),
+        "staged: enforces nothing"
+    );
+    let would_deny = || -> Vec<(String, String, u16)> {
+        run_ok(&[
+            "flows",
+            "--lab",
+            &s,
+            "--staged-verdict",
+            "denied",
+            "-o",
+            "json",
+        ])
+        .lines()
+        .map(|l| {
+            let f: serde_json::Value = serde_json::from_str(l).expect("json");
+            let (ep, peer) = (
+                f["endpoint"].as_str().unwrap_or_default().to_string(),
+                f["peer"].as_str().unwrap_or_default().to_string(),
+            );
+            let port = f["dst_port"].as_u64().unwrap_or_default() as u16;
+            if f["direction"] == "ingress" {
+                (peer, ep, port)
+            } else {
+                (ep, peer, port)
+            }
+        })
+        .collect()
+    };
+    let started = Instant::now();
+    let seen = loop {
+        let seen = would_deny();
+        if seen.contains(&("shop/db".into(), "shop/api".into(), 8080)) {
+            break seen;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "db → api:8080 never showed as would-deny: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    for (from, to, port) in PATTERN {
+        assert!(
+            !seen.contains(&(from.into(), to.into(), port)),
+            "{from} → {to}:{port} was observed, so the staged recommendation admits it: {seen:?}"
+        );
+    }
+    run_ok(&[
+        "lab",
+        "--state",
+        &s,
+        "delete",
+        "-f",
+        &staged.to_string_lossy(),
+    ]);
 
     // Applied as enforced.
     let file = lab.dir.join("recommended.yaml");

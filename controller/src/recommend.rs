@@ -44,7 +44,7 @@ use crate::{
     identity::LabelFilter,
     kubernetes::crd::{
         IntOrString as PortValue, PolicyPort, ServicePeer, ServicePolicy, ServicePolicySpec,
-        ServiceRef, ServiceRule, ServiceSubject,
+        ServiceRef, ServiceRule, ServiceSubject, StagedNetworkPolicy, StagedNetworkPolicySpec,
     },
     model::{Labels, NAMESPACE_NAME_LABEL, Pod},
     ruleset::{Direction, FlowRecord, FlowVerdict, PodKey, Protocol},
@@ -242,12 +242,38 @@ pub struct Recommendation {
 impl Recommendation {
     /// The policies as Kubernetes YAML, one document each.
     pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
+        self.yaml(false)
+    }
+
+    /// The policies staged, as YAML: each NetworkPolicy as a `StagedNetworkPolicy` of the same
+    /// name and spec, each ServicePolicy in `mode: Audit`. Applied, they change no verdict and
+    /// every flow says what they would do; `bulkhead policy promote` enforces them.
+    pub fn to_staged_yaml(&self) -> Result<String, serde_yaml::Error> {
+        self.yaml(true)
+    }
+
+    fn yaml(&self, staged: bool) -> Result<String, serde_yaml::Error> {
         let mut out = String::new();
         for p in &self.policies {
             out.push_str("---\n");
-            out.push_str(&match &p.policy {
-                RecommendedObject::NetworkPolicy(o) => serde_yaml::to_string(o)?,
-                RecommendedObject::ServicePolicy(o) => serde_yaml::to_string(o)?,
+            out.push_str(&match (&p.policy, staged) {
+                (RecommendedObject::NetworkPolicy(o), false) => serde_yaml::to_string(o)?,
+                (RecommendedObject::NetworkPolicy(o), true) => {
+                    let mut s = StagedNetworkPolicy::new(
+                        o.metadata.name.as_deref().unwrap_or_default(),
+                        StagedNetworkPolicySpec {
+                            policy: o.spec.clone().unwrap_or_default(),
+                        },
+                    );
+                    s.metadata = o.metadata.clone();
+                    serde_yaml::to_string(&s)?
+                }
+                (RecommendedObject::ServicePolicy(o), false) => serde_yaml::to_string(o)?,
+                (RecommendedObject::ServicePolicy(o), true) => {
+                    let mut o = o.clone();
+                    o.spec.mode = Some("Audit".to_string());
+                    serde_yaml::to_string(&o)?
+                }
             });
         }
         Ok(out)

@@ -289,6 +289,71 @@ fn applied_it_admits_exactly_what_was_observed() {
     assert!(yaml.contains("cidr: 203.0.113.9/32"), "{yaml}");
 }
 
+/// Staged, the same recommendation enforces nothing, and its staged view is exactly the
+/// enforced recommendation's verdicts.
+#[test]
+fn staged_it_changes_no_verdict_and_its_staged_view_is_the_recommendation() {
+    let objs = objects(&cluster());
+    let r = recommend(observed(), &pods(&objs), &options(T0 + 60 * MINUTE));
+    let staged_yaml = r.to_staged_yaml().unwrap();
+    assert_eq!(
+        staged_yaml.matches("kind: StagedNetworkPolicy").count(),
+        3,
+        "{staged_yaml}"
+    );
+    assert!(
+        !staged_yaml.contains("kind: NetworkPolicy"),
+        "{staged_yaml}"
+    );
+    let build = |yaml: &str| {
+        let mut all = objects(&cluster());
+        all.extend(objects(yaml));
+        PolicyEngine::new(EngineConfig::default(), all).unwrap()
+    };
+    let (staged, enforced, none) = (build(&staged_yaml), build(&r.to_yaml().unwrap()), build(""));
+    let (rs, re, rn) = (
+        Reachability::new(&staged),
+        Reachability::new(&enforced),
+        Reachability::new(&none),
+    );
+    for a in [WEB_A, WEB_B, API, DB, DEBUG, DNS] {
+        for b in [WEB_A, WEB_B, API, DB, DEBUG, DNS] {
+            for (proto, port) in [
+                (Protocol::Tcp, 80),
+                (Protocol::Tcp, 8080),
+                (Protocol::Tcp, 5432),
+                (Protocol::Udp, 53),
+            ] {
+                let (f, t) = (key(a.0), key(b.0));
+                let s = rs.explain(&f, &t, proto, port).unwrap();
+                let e = re.explain(&f, &t, proto, port).unwrap();
+                let n = rn.explain(&f, &t, proto, port).unwrap();
+                assert_eq!(
+                    s.verdict, n.verdict,
+                    "{a:?} → {b:?} {port}: staged changes nothing"
+                );
+                for (sd, ed) in [(&s.egress, &e.egress), (&s.ingress, &e.ingress)] {
+                    assert_eq!(
+                        sd.staged_verdict, ed.verdict,
+                        "{a:?} → {b:?} {proto:?}/{port}"
+                    );
+                }
+            }
+        }
+    }
+    // ServicePolicies stage as audit mode.
+    let mut sp = options(T0 + 60 * MINUTE);
+    sp.kind = RecommendKind::ServicePolicy;
+    let yaml = recommend(observed(), &pods(&objs), &sp)
+        .to_staged_yaml()
+        .unwrap();
+    assert!(
+        yaml.contains("mode: Audit") && yaml.contains("kind: ServicePolicy"),
+        "{yaml}"
+    );
+    assert!(!objects(&yaml).is_empty(), "loads: {yaml}");
+}
+
 #[test]
 fn selectors_use_stable_labels_and_rules_say_what_they_learned_from() {
     let cluster = objects(&cluster());
