@@ -13,7 +13,8 @@
 //! * `reply`: the pod's answer on that connection, through `bulkhead_from_pod` (anti-spoofing,
 //!   then the same conntrack entry).
 //!
-//! `--only PATH --entries N` repeats one path, for a profiler (`perf record -a`).
+//! `--only PATH --entries N` repeats one path, for a profiler (`perf record -a`). `--staged`
+//! adds a staged edit that would deny every admitted connection (the audit path).
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -50,6 +51,11 @@ struct Args {
     /// (conntrack insert, new-flow event) is measured too. 0 skips it.
     #[arg(long, default_value_t = 15_000)]
     admitted: u32,
+    /// Stage an edit of the policy beside it: every allow entry gets a staged deny of the same
+    /// peer and port (and the staged view isolates), so every admitted connection is one the
+    /// staged policies would deny — the audit path, with its second verdict and its event.
+    #[arg(long)]
+    staged: bool,
 }
 
 const SYN: u8 = 0x02;
@@ -74,19 +80,23 @@ fn peer_ip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(0x0a40_0000 + i)
 }
 
-fn ruleset(n: u32) -> RuleSet {
-    let entries = (0..n)
-        .map(|i| PolicyEntry {
-            peer: 1000 + i,
-            protocol: Some(Protocol::Tcp),
-            ports: PortRange::single(80),
-            tier: Tier::Application,
-            priority: 0,
-            action: Action::Allow,
-            stage: Stage::Enforced,
-            rule: i + 10,
-        })
+fn ruleset(n: u32, staged: bool) -> RuleSet {
+    let entry = |i: u32, action, stage, rule| PolicyEntry {
+        peer: 1000 + i,
+        protocol: Some(Protocol::Tcp),
+        ports: PortRange::single(80),
+        tier: Tier::Application,
+        priority: 0,
+        action,
+        stage,
+        rule,
+    };
+    let mut entries: Vec<PolicyEntry> = (0..n)
+        .map(|i| entry(i, Action::Allow, Stage::Enforced, i + 10))
         .collect();
+    if staged {
+        entries.extend((0..n).map(|i| entry(i, Action::Deny, Stage::Staged, n + i + 10)));
+    }
     let mut ipcache: Vec<IpCacheEntry> = (0..n)
         .map(|i| IpCacheEntry {
             cidr: format!("{}/32", peer_ip(i)).parse().expect("cidr"),
@@ -120,7 +130,7 @@ fn ruleset(n: u32) -> RuleSet {
             EndpointPolicy {
                 ingress: DirectionPolicy {
                     isolated_by: Some(1),
-                    staged_isolated_by: Some(1),
+                    staged_isolated_by: Some(if staged { 2 } else { 1 }),
                     entries,
                 },
                 egress: DirectionPolicy::default(),
@@ -155,6 +165,7 @@ fn main() -> anyhow::Result<()> {
     let rounds = args.rounds;
     let entries = args.entries.clone();
     let only = args.only.clone();
+    let staged = args.staged;
     let admitted = if args.only.is_some() {
         0
     } else {
@@ -166,7 +177,7 @@ fn main() -> anyhow::Result<()> {
         let ifx = nix::net::if_::if_nametoindex("ep0")?;
         let mut rows = Vec::new();
         for n in entries {
-            let report = e.apply(&ruleset(n), &RouteResolver)?;
+            let report = e.apply(&ruleset(n, staged), &RouteResolver)?;
             eprintln!(
                 "{n:>7} entries: {} policy keys written in {:.0} ms",
                 report.policy_entries_written,
