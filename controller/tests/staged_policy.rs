@@ -147,6 +147,38 @@ fn a_staged_policy_replaces_the_enforced_one_of_its_name_in_the_staged_view() {
 }
 
 #[test]
+fn what_the_staged_view_denies_by_default_is_blamed_on_the_staged_policy() {
+    // x/a is isolated by an enforced catch-all and admits x/b by a-ingress; the staged edit of
+    // a-ingress admits x/c instead. x/b → x/a would be denied: by the staged edit, not by the
+    // catch-all that isolated x/a all along.
+    let all = np(
+        "x",
+        "all-isolated",
+        "podSelector: {}\npolicyTypes: [Ingress]",
+    );
+    let enforced = np(
+        "x",
+        "a-ingress",
+        "podSelector: {matchLabels: {pod: a}}\ningress:\n- from:\n  - podSelector: {matchLabels: {pod: b}}",
+    );
+    let staged = snp(
+        "x",
+        "a-ingress",
+        "podSelector: {matchLabels: {pod: a}}\ningress:\n- from:\n  - podSelector: {matchLabels: {pod: c}}",
+    );
+    let (v, s, note) = ingress(&format!("{all}{enforced}{staged}"), "x/b", "x/a");
+    assert_eq!((v, s), (Verdict::Allow, Verdict::Deny));
+    let note = note.expect("a staged note");
+    assert!(
+        note.contains("StagedNetworkPolicy x/a-ingress") && !note.contains("all-isolated"),
+        "{note}"
+    );
+    // Without a staged policy isolating, the enforced isolation is blamed as before.
+    let (v, s, note) = ingress(&format!("{all}{enforced}"), "y/b", "x/a");
+    assert_eq!((v, s, note), (Verdict::Deny, Verdict::Deny, None));
+}
+
+#[test]
 fn a_staged_cluster_network_policy_reports_admin_denies() {
     let staged = scnp(
         "no-y-to-x",

@@ -340,7 +340,12 @@ impl Repository {
         for d in Direction::ALL {
             let di = d as usize;
             let mut isolated: Option<RuleId> = None;
+            // The staged view is isolated by its staged policies or by the enforced ones it
+            // keeps; what it denies by default is blamed on a staged policy when one isolates
+            // (that is what a reviewer of staged policies needs named), else on the lowest
+            // enforced one, as for enforcement.
             let mut staged_isolated: Option<RuleId> = None;
+            let mut enforced_isolated: Option<RuleId> = None;
             let mut entries: Vec<PolicyEntry> = Vec::new();
             let lowest = |acc: &mut Option<RuleId>, set: &BTreeSet<RuleId>| {
                 if let Some(r) = set.first() {
@@ -353,8 +358,8 @@ impl Repository {
                 };
                 lowest(&mut isolated, &data.isolation[di]);
                 lowest(&mut isolated, &data.superseded_isolation[di]);
-                lowest(&mut staged_isolated, &data.isolation[di]);
                 lowest(&mut staged_isolated, &data.staged_isolation[di]);
+                lowest(&mut enforced_isolated, &data.isolation[di]);
                 for (shape, rules) in &data.shapes[di] {
                     let Some(rule) = rules.first().copied() else {
                         continue;
@@ -365,7 +370,7 @@ impl Repository {
             dedup_entries(&mut entries);
             *out.direction_mut(d) = DirectionPolicy {
                 isolated_by: isolated,
-                staged_isolated_by: staged_isolated,
+                staged_isolated_by: staged_isolated.or(enforced_isolated),
                 entries,
             };
         }
