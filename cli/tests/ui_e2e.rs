@@ -3,7 +3,8 @@
 //! reach the controller as flows; `ui/e2e/ui.mjs` (playwright-core driving Debian's chromium)
 //! checks that the workloads and a denied edge appear, that the filters work, that clicking the
 //! edge lists its flows with the rule that denied them, and quarantines a pod with the page's
-//! button. The quarantine is then checked from the CLI, and released from the page.
+//! button. The quarantine is then checked from the CLI, and released from the page. A staged
+//! edit of a policy is listed with what it would deny, and its connections open from the list.
 //!
 //! The screenshot goes to `target/ui-e2e/ui.png`; `BULKHEAD_UI_SCREENSHOT=docs/ui.png` refreshes
 //! the README's.
@@ -22,6 +23,22 @@ use bulkhead_agent::privileged::check_privileged_test;
 
 /// This test's own loopback ports (controller gRPC at BASE, HTTP at BASE+1, agents above).
 const PORT_BASE: u16 = 19460;
+
+/// A staged edit of the demo's backend-api policy.
+const STAGED_EDIT: &str = "apiVersion: bulkhead.dev/v1alpha1
+kind: StagedNetworkPolicy
+metadata: {name: backend-api, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: backend}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: gateway}}}]
+    ports: [{port: api}]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: db}}}]
+    ports: [{port: 5432, protocol: TCP}]
+";
+const STAGED_POLICY: &str = "StagedNetworkPolicy shop/backend-api";
 
 fn bulkhead(state: &Path, args: &[&str]) -> String {
     let out = Command::new(bin())
@@ -103,6 +120,12 @@ fn the_web_ui_shows_the_live_map_and_quarantines_a_pod() {
     // Open first (allowed traffic), then least privilege (denied attempts name their rules).
     bulkhead(&state, &["probe", "--port", "80"]);
     bulkhead(&state, &["apply", "-f", "examples/demo/policies.yaml"]);
+    // A staged edit under review: backend-api admitting a gateway instead of the frontend. It
+    // enforces nothing; the page lists what it would deny (frontend → backend:8080).
+    let staged = state.with_extension("staged.yaml");
+    std::fs::write(&staged, STAGED_EDIT).expect("write the staged policy");
+    bulkhead(&state, &["apply", "-f", &staged.to_string_lossy()]);
+    let _ = std::fs::remove_file(&staged);
     for p in ["80", "8080", "5432"] {
         bulkhead(&state, &["probe", "--port", p]);
     }
@@ -131,12 +154,19 @@ fn the_web_ui_shows_the_live_map_and_quarantines_a_pod() {
                 })
             })
         };
-        if denied("tools/Pod/debug", None) && denied("shop/Pod/frontend", Some("world")) {
+        let staged_seen = map["staged"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["policy"] == STAGED_POLICY && p["flows"].as_u64() > Some(0))
+        });
+        if denied("tools/Pod/debug", None)
+            && denied("shop/Pod/frontend", Some("world"))
+            && staged_seen
+        {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "no denied edges from tools/debug and to world reached the controller: {map}"
+            "no denied edges from tools/debug and to world, or no would-deny flow of {STAGED_POLICY}, reached the controller: {map}"
         );
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -156,6 +186,8 @@ fn the_web_ui_shows_the_live_map_and_quarantines_a_pod() {
         "shop/Pod/frontend,shop/Pod/backend,shop/Pod/db,tools/Pod/debug,world",
         "--denied-from",
         "tools/Pod/debug",
+        "--staged",
+        STAGED_POLICY,
         "--quarantine",
         "tools/debug",
         "--screenshot",

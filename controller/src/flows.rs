@@ -155,6 +155,34 @@ impl Directory {
     }
 }
 
+/// The flows allowed now that one staged policy would deny, and on which edges.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedDenies {
+    /// `Kind namespace/name` (`Kind name` for a cluster-scoped one).
+    pub policy: String,
+    pub flows: u64,
+    /// The most denied first (at most [`MAX_STAGED_EDGES`]).
+    pub edges: Vec<StagedEdge>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedEdge {
+    pub src: String,
+    pub dst: String,
+    pub port: u32,
+    pub protocol: u32,
+    pub flows: u64,
+}
+
+/// Edges a staged policy's would-deny count names; further flows are counted, not placed.
+pub const MAX_STAGED_EDGES: usize = 1000;
+
+#[derive(Debug, Default)]
+struct StagedCounts {
+    flows: u64,
+    edges: FxHashMap<EdgeKey, u64>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Edge {
     pub src: String,
@@ -312,7 +340,7 @@ pub struct ServiceGraph {
     /// Flows allowed now that the staged view denies, by the staged policy that would deny
     /// them (`Kind namespace/name`; at most [`MAX_RULE_LABELS`], further ones under
     /// [`OTHER_RULES`]).
-    staged_denies: FxHashMap<String, u64>,
+    staged_denies: FxHashMap<String, StagedCounts>,
     /// Records that would have made an edge beyond [`MAX_EDGES`].
     pub edges_refused: u64,
 }
@@ -388,9 +416,6 @@ impl ServiceGraph {
         };
         let verdict = r.verdict;
         self.by_verdict[verdict as usize] += 1;
-        if verdict != FlowVerdict::Denied && r.staged_verdict() == FlowVerdict::Denied {
-            self.count_staged_deny(r);
-        }
         let ingress = r.direction == Direction::Ingress;
         let here = match &r.endpoint {
             EndpointRef::Pod(p) => dir.by_pod.get(p).copied(),
@@ -413,6 +438,9 @@ impl ServiceGraph {
             port: r.dst_port as u32,
             protocol: r.protocol as u32,
         };
+        if verdict != FlowVerdict::Denied && r.staged_verdict() == FlowVerdict::Denied {
+            self.count_staged_deny(r, key);
+        }
         // The first label is OTHER_RULES itself, hence the one extra.
         let rule = self.rules.number_within(&r.rule, MAX_RULE_LABELS + 1);
         if self.edges.len() >= MAX_EDGES && !self.edges.contains_key(&key) {
@@ -465,7 +493,7 @@ impl ServiceGraph {
         counted
     }
 
-    fn count_staged_deny(&mut self, r: &FlowRecord) {
+    fn count_staged_deny(&mut self, r: &FlowRecord, key: EdgeKey) {
         let rule = r.staged.as_ref().map_or(&r.rule, |s| &s.rule);
         let policy = match rule {
             FlowRule::Rule(rule) if rule.namespace.is_empty() => {
@@ -481,12 +509,57 @@ impl ServiceGraph {
         } else {
             OTHER_RULES.to_string()
         };
-        *self.staged_denies.entry(policy).or_default() += 1;
+        let c = self.staged_denies.entry(policy).or_default();
+        c.flows += 1;
+        let room = c.edges.len() < MAX_STAGED_EDGES;
+        match c.edges.get_mut(&key) {
+            Some(n) => *n += 1,
+            None if room => {
+                c.edges.insert(key, 1);
+            }
+            None => {}
+        }
     }
 
     /// Flows allowed now that the staged policies would deny, by the staged policy.
     pub fn staged_denies(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.staged_denies.iter().map(|(p, c)| (p.as_str(), *c))
+        self.staged_denies
+            .iter()
+            .map(|(p, c)| (p.as_str(), c.flows))
+    }
+
+    /// The same with the edges, by policy name; each policy's edges the most denied first.
+    pub fn staged(&self) -> Vec<StagedDenies> {
+        let mut out: Vec<StagedDenies> = self
+            .staged_denies
+            .iter()
+            .map(|(policy, c)| {
+                let mut edges: Vec<StagedEdge> = c
+                    .edges
+                    .iter()
+                    .map(|(k, n)| StagedEdge {
+                        src: self.workloads[k.src as usize].id(),
+                        dst: self.workloads[k.dst as usize].id(),
+                        port: k.port,
+                        protocol: k.protocol,
+                        flows: *n,
+                    })
+                    .collect();
+                edges.sort_by(|a, b| {
+                    b.flows.cmp(&a.flows).then_with(|| {
+                        (&a.src, &a.dst, a.port, a.protocol)
+                            .cmp(&(&b.src, &b.dst, b.port, b.protocol))
+                    })
+                });
+                StagedDenies {
+                    policy: policy.clone(),
+                    flows: c.flows,
+                    edges,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.policy.cmp(&b.policy));
+        out
     }
 
     /// Records folded in, by verdict.

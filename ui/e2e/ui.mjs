@@ -19,11 +19,12 @@ function arg(name, fallback = undefined) {
 
 const url = arg('url');
 if (!url) {
-  console.error('usage: ui.mjs --url URL [--expect ids] [--denied-from id] [--quarantine ns/pod] [--release ns/pod] [--screenshot file]');
+  console.error('usage: ui.mjs --url URL [--expect ids] [--denied-from id] [--staged policy] [--quarantine ns/pod] [--release ns/pod] [--screenshot file]');
   process.exit(2);
 }
 const expected = (arg('expect', '') || '').split(',').filter(Boolean);
 const deniedFrom = arg('denied-from');
+const stagedPolicy = arg('staged');
 const quarantinePod = arg('quarantine');
 const releasePod = arg('release');
 const screenshot = arg('screenshot');
@@ -95,6 +96,29 @@ try {
     await waitFor(page, `workload ${id} on the map`, (id) => !window.bulkhead.cy.getElementById(id).empty(), id);
   }
   if (expected.length) step(`workloads on the map: ${expected.join(', ')}`);
+  if (stagedPolicy) {
+    // The overview lists the staged policy with what it would deny; its panel lists the
+    // connections, and each opens its edge.
+    const entry = page.locator(`button[data-staged="${stagedPolicy}"]`);
+    await entry.waitFor({ timeout: 15000 }).catch(() => fail(`the overview lists no staged policy ${stagedPolicy}`));
+    await entry.click();
+    const title = await page.locator('#panel-body h2').textContent();
+    if (title !== stagedPolicy) fail(`clicking ${stagedPolicy} shows ${title}`);
+    const edges = page.locator('#panel-body .staged-edges button[data-edge]');
+    await edges.first().waitFor({ timeout: 10000 }).catch(() => fail(`${stagedPolicy} lists no connection it would deny`));
+    const listed = await edges.allTextContents();
+    const edgeId = await edges.first().getAttribute('data-edge');
+    const faded = await page.evaluate((id) => window.bulkhead.cy.getElementById(id).hasClass('faded'), edgeId);
+    if (faded) fail(`the map fades ${edgeId}, an edge ${stagedPolicy} would deny`);
+    await edges.first().click();
+    await page.locator('#panel-body .flows tbody tr').first().waitFor({ timeout: 10000 })
+      .catch(() => fail(`opening ${edgeId} from the staged list showed no flows`));
+    const badges = await page.locator('#panel-body .flows .badge').allTextContents();
+    if (!badges.length || !badges.every((b) => b === 'audit-would-deny')) fail(`the would-deny edge lists ${badges}`);
+    const rules = await page.locator('#panel-body .flows .rule').allTextContents();
+    if (!rules.some((r) => r.startsWith(stagedPolicy))) fail(`no flow names the staged rule: ${JSON.stringify(rules)}`);
+    step(`staged policy ${stagedPolicy}: would deny ${listed.join('; ')}; its edge's flows name it`);
+  }
   const namespaces = await page.locator('#namespace-filter .chip').allTextContents();
   step(`namespace filter offers: ${namespaces.join(', ')}`);
 

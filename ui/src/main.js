@@ -455,7 +455,14 @@ function highlight() {
   const sel = state.selection;
   cy.batch(() => {
     cy.elements().removeClass('faded');
-    if (sel && sel.type !== 'namespace') {
+    if (sel && sel.type === 'staged') {
+      // A staged policy: the edges it would deny, and their ends.
+      const p = (state.map && state.map.staged || []).find((x) => x.policy === sel.id);
+      let keep = cy.collection();
+      for (const e of (p ? p.edges : [])) keep = keep.union(cy.getElementById(`${e.src}|${e.dst}|audit`));
+      keep = keep.union(keep.connectedNodes());
+      if (keep.nonempty()) cy.elements().not(keep).not(keep.ancestors()).not(':parent').addClass('faded');
+    } else if (sel && sel.type !== 'namespace') {
       const target = cy.getElementById(sel.id);
       if (target.nonempty()) {
         const keep = target.isEdge() ? target.union(target.connectedNodes()) : target.closedNeighborhood();
@@ -484,7 +491,7 @@ function legend() {
   return el('div', { class: 'legend' },
     el('span', { class: 'line', style: `border-color: ${COLORS.allowed}` }), el('span', {}, 'allowed connections (width: traffic)'),
     el('span', { class: 'line', style: `border-color: ${COLORS.denied}; border-top-style: dashed` }), el('span', {}, 'denied'),
-    el('span', { class: 'line', style: `border-color: ${COLORS.audit}; border-top-style: dotted` }), el('span', {}, 'audit: would be denied'),
+    el('span', { class: 'line', style: `border-color: ${COLORS.audit}; border-top-style: dotted` }), el('span', {}, 'would be denied by a staged (or audit-mode) policy'),
     el('span', { class: 'box ns' }), el('span', {}, 'namespace'),
     el('span', { class: 'box' }), el('span', {}, 'workload (owner, else the pod)'),
     el('span', { class: 'box world' }), el('span', {}, 'world / host: addresses of no pod'),
@@ -643,6 +650,12 @@ function overview() {
       }, n.kind === 'workload' ? shortName(n.workload) : n.workload))),
     ]))));
   }
+  if (m && m.staged && m.staged.length) {
+    // What each staged policy would deny if it were enforced (`bulkhead policy promote`).
+    body.push(...section('Staged policies: would deny', el('ul', { class: 'staged' }, m.staged.map((p) => el('li', {},
+      el('button', { class: 'link', 'data-staged': p.policy, onclick: () => select({ type: 'staged', id: p.policy }) }, p.policy),
+      ' ', el('span', { class: 'badge audit-would-deny' }, `${p.flows} flow${p.flows === 1 ? '' : 's'} on ${p.edges.length} edge${p.edges.length === 1 ? '' : 's'}`))))));
+  }
   if (m && m.quarantines.length) {
     body.push(...section('Quarantined pods', el('ul', { class: 'pods' }, m.quarantines.map((q) => el('li', { 'data-pod': q.pod },
       el('div', {}, el('div', { class: 'name' }, q.pod, ' ', el('span', { class: 'badge quarantined' }, 'quarantined')),
@@ -672,7 +685,7 @@ async function refreshPanel(rebuild) {
   const m = state.map;
   if (!m) return;
   if (!sel) {
-    paint(['overview', m.nodes.map((n) => [n.id, n.quarantined]), m.quarantines, m.agents], rebuild, overview());
+    paint(['overview', m.nodes.map((n) => [n.id, n.quarantined]), m.quarantines, m.agents, m.staged], rebuild, overview());
     return;
   }
   const seq = ++state.flowsSeq;
@@ -704,6 +717,22 @@ async function refreshPanel(rebuild) {
       ...section('Deciding rules', ruleSummary(flows)),
       ...section('Recent flows', el('div', { class: 'flows-box' }, flowsTable(flows))),
       ...(pods.length ? section('Pods at either end', actionsNote(), el('div', { class: 'pods-box' }, podsList(pods))) : []),
+    ]);
+    return;
+  }
+  if (sel.type === 'staged') {
+    const p = (m.staged || []).find((x) => x.policy === sel.id);
+    if (!p) { select(null); return; }
+    paint(['staged', p], rebuild, [
+      el('h2', {}, p.policy),
+      el('div', { class: 'muted' }, 'staged: enforces nothing; these connections are allowed now and would be denied once it is promoted (bulkhead policy promote)'),
+      el('div', { class: 'counts' },
+        el('div', { class: 'count audit' }, el('b', {}, p.flows), 'would deny'),
+        el('div', { class: 'count' }, el('b', {}, p.edges.length), 'edges')),
+      ...section('Connections it would deny', el('ul', { class: 'staged-edges' }, p.edges.map((e) => el('li', {},
+        el('button', { class: 'link', 'data-edge': `${e.src}|${e.dst}|audit`, onclick: () => { cy.elements().unselect(); cy.getElementById(`${e.src}|${e.dst}|audit`).select(); select({ type: 'edge', id: `${e.src}|${e.dst}|audit` }); } },
+          `${e.src} → ${e.dst}:${e.port}/${proto(e.protocol)}`),
+        ' ', el('span', { class: 'muted' }, `×${e.flows}`))))),
     ]);
     return;
   }

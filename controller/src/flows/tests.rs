@@ -508,4 +508,20 @@ fn flows_the_staged_policies_would_deny_are_counted_by_staged_policy() {
             ("StagedNetworkPolicy shop/web".to_string(), 1)
         ]
     );
+    // With the edges they were on (for the map).
+    let staged = g.staged();
+    assert_eq!(
+        staged
+            .iter()
+            .map(|s| (s.policy.as_str(), s.flows, s.edges.len()))
+            .collect::<Vec<_>>(),
+        [
+            ("StagedNetworkPolicy shop/db", 2, 1),
+            ("StagedNetworkPolicy shop/web", 1, 1)
+        ]
+    );
+    let e = &staged[0].edges[0];
+    assert_eq!((e.port, e.protocol, e.flows), (80, 6, 2));
+    // (The directory names no pod here: both ends are addresses of no known pod.)
+    assert_eq!((e.src.as_str(), e.dst.as_str()), ("world", "world"));
 }

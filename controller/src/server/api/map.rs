@@ -203,7 +203,11 @@ fn draw_map(
     quarantines: Vec<pb::QuarantineInfo>,
 ) -> Result<axum::body::Bytes, String> {
     let cluster = Cluster::of(&s.hub);
-    let graph = s.graph.lock().map(|g| g.graph()).unwrap_or_default();
+    let (graph, staged) = s
+        .graph
+        .lock()
+        .map(|g| (g.graph(), g.staged()))
+        .unwrap_or_default();
     let quarantined: BTreeSet<String> = quarantines
         .iter()
         .map(|q| format!("{}/{}", q.namespace, q.pod))
@@ -269,6 +273,7 @@ fn draw_map(
             })
             .collect(),
         nodes: nodes.into_values().collect(),
+        staged,
     };
     serde_json::to_vec(&map)
         .map(axum::body::Bytes::from)

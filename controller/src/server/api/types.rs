@@ -321,6 +321,9 @@ pub struct MapView {
     pub edges: Vec<Edge>,
     pub quarantines: Vec<QuarantineView>,
     pub agents: Vec<AgentView>,
+    /// Flows allowed now that staged policies would deny, per staged policy, with their edges.
+    #[serde(default)]
+    pub staged: Vec<crate::flows::StagedDenies>,
 }
 
 /// Whether quarantine and release are served, and if not, why.
