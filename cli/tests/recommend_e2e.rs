@@ -3,7 +3,8 @@
 //! recommend` learns NetworkPolicies from the flows the controller received; applied as
 //! enforced, `lab probe` (real connections) shows every observed connection admitted and every
 //! other connection between the covered pods, on the pattern's ports, denied. Staged first
-//! (`--staged`), the same policies change nothing and no flow of the pattern would be denied.
+//! (`--staged`), the same policies change nothing and no flow of the pattern would be denied;
+//! promoted one by one, they are the enforced recommendation.
 
 mod common;
 
@@ -207,19 +208,54 @@ fn recommended_policies_admit_exactly_the_observed_traffic() {
             "{from} → {to}:{port} was observed, so the staged recommendation admits it: {seen:?}"
         );
     }
-    run_ok(&[
-        "lab",
-        "--state",
-        &s,
-        "delete",
-        "-f",
-        &staged.to_string_lossy(),
-    ]);
-
-    // Applied as enforced.
+    // Promoted, one by one: the staged policies become the recommendation, enforced.
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&staged_yaml)
+        .map(|d| serde::Deserialize::deserialize(d).expect("a YAML document"))
+        .collect();
+    for d in &docs {
+        let target = format!(
+            "{}/{}",
+            d["metadata"]["namespace"].as_str().expect("namespace"),
+            d["metadata"]["name"].as_str().expect("name")
+        );
+        let out = run_ok(&["policy", "promote", &target, "--lab", &s]);
+        assert!(out.contains("promoted StagedNetworkPolicy"), "{out}");
+    }
+    // Exactly the enforced recommendation: applying it changes nothing.
     let file = lab.dir.join("recommended.yaml");
     std::fs::write(&file, &yaml).expect("write");
+    // The lab's NetworkPolicies, by name (mappings compare whatever their key order).
+    let policies = |lab: &TestLab| -> Vec<(String, serde_yaml::Value)> {
+        let text = std::fs::read_to_string(lab.state.join("manifests").join("lab.yaml"))
+            .unwrap_or_default();
+        assert!(!text.contains("StagedNetworkPolicy"), "{text}");
+        let mut out: Vec<(String, serde_yaml::Value)> = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde::Deserialize::deserialize(d).expect("a YAML document"))
+            .filter(|d: &serde_yaml::Value| d["kind"] == "NetworkPolicy")
+            .map(|d| {
+                (
+                    d["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    d,
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    };
+    let promoted = policies(&lab);
+    assert_eq!(promoted.len(), 4, "{promoted:?}");
     run_ok(&["lab", "--state", &s, "apply", "-f", &file.to_string_lossy()]);
+    let applied = policies(&lab);
+    assert_eq!(applied.len(), promoted.len(), "{applied:?}");
+    for ((name, p), (_, a)) in promoted.iter().zip(&applied) {
+        assert_eq!(
+            p["spec"], a["spec"],
+            "{name}: the promoted policy is the recommendation"
+        );
+    }
     for port in [80, 8080, 5432] {
         let m = probe(&s, port);
         for (src, row) in &m {
