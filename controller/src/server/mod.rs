@@ -403,7 +403,7 @@ async fn serve(
     let listener = tokio::net::TcpListener::bind(args.http)
         .await
         .with_context(|| format!("bind HTTP address {}", args.http))?;
-    tracing::info!(addr = %listener.local_addr()?, auth = ?args.web.http_auth, "serving the web UI on / and the API on /api/nodes, /api/policies, /api/flows, /api/graph, /api/graph.dot, /api/map");
+    tracing::info!(addr = %listener.local_addr()?, auth = ?args.web.http_auth, "serving the web UI on / and the API on /api/nodes, /api/policies, /api/flows, /api/graph, /api/graph.dot, /api/map, /api/recommend, /api/impact, /api/quarantines, /api/quarantine");
     let metrics_app = axum::Router::new()
         .route(
             "/metrics",
