@@ -1172,9 +1172,7 @@ impl FlowPipeline {
         let n = records.len() as u64;
         let mut store = self.store.lock().map_err(|_| FlowPipelineError::Poisoned)?;
         store.dropped_by_agents += dropped_by_agent;
-        if store.history().is_some() {
-            store.set_directory(directory);
-        }
+        store.set_directory(directory);
         store.push_batch(node, records);
         Ok(n)
     }

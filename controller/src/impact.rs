@@ -133,6 +133,29 @@ pub fn parse_delete(s: &str) -> Result<PolicyKey, ProposalError> {
 /// Reads a proposal: `text` (multi-document YAML, may be empty when only deleting) and the
 /// policies to delete (`KIND/NAMESPACE/NAME`).
 pub fn parse_proposal(text: &str, deletes: &[String]) -> Result<Proposal, ProposalError> {
+    let keys = deletes
+        .iter()
+        .map(|d| parse_delete(d.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    proposal(text, keys)
+}
+
+/// Checks a policy to delete named by its parts: a kind a proposal may hold, a namespace
+/// exactly for the namespaced kinds, a name.
+pub fn check_delete(key: &PolicyKey) -> Result<(), ProposalError> {
+    let namespaced = match key.kind {
+        RuleKind::ClusterNetworkPolicy => false,
+        RuleKind::NetworkPolicy | RuleKind::ServicePolicy => true,
+        _ => return Err(ProposalError::BadDelete(policy_name(key))),
+    };
+    if key.name.is_empty() || key.namespace.is_empty() == namespaced {
+        return Err(ProposalError::BadDelete(policy_name(key)));
+    }
+    Ok(())
+}
+
+/// [`parse_proposal`] with the policies to delete given as keys.
+pub fn proposal(text: &str, deletes: Vec<PolicyKey>) -> Result<Proposal, ProposalError> {
     if text.len() > MAX_PROPOSAL_BYTES {
         return Err(ProposalError::TooLarge(text.len()));
     }
@@ -165,8 +188,8 @@ pub fn parse_proposal(text: &str, deletes: &[String]) -> Result<Proposal, Propos
         }
     }
     let mut deleted = Vec::new();
-    for d in deletes {
-        let key = parse_delete(d.trim())?;
+    for key in deletes {
+        check_delete(&key)?;
         if upserts.iter().any(|p| p.key == key) {
             return Err(ProposalError::ChangedAndDeleted(policy_name(&key)));
         }
@@ -531,6 +554,11 @@ pub struct Impact {
     /// Read from the controller's flow history (else the records it holds in memory).
     #[serde(default)]
     pub from_history: bool,
+}
+
+/// The number of a protocol [`protocol_name`] named.
+pub fn protocol_number(name: &str) -> Option<u8> {
+    (0..=u8::MAX).find(|&p| protocol_name(p) == name)
 }
 
 pub fn protocol_name(p: u8) -> String {

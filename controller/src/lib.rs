@@ -5,12 +5,15 @@
 //! - [`engine::PolicyEngine`] compiles them and keeps per-node rule sets up to date
 //!   ([`engine::Change`] in, [`ruleset::NodeDelta`]s out);
 //! - [`reachability`] answers "may A talk to B, and why" from the compiled rule sets;
+//! - [`answers`] are the questions both admin APIs answer from the recorded flows (recommend,
+//!   what-if);
 //! - [`server`] is the controller runtime: gRPC for agents, the HTTP API and web UI, metrics;
 //! - [`service_policy`] documents Bulkhead's own ServicePolicy kind and where it sits.
 //!
 //! The rule-set contract (what a node's rule set is, precedence, the reference conntrack model)
 //! lives in `bulkhead-ruleset`, which the agent shares; it is re-exported here as [`ruleset`].
 
+pub mod answers;
 pub mod distribution;
 pub mod engine;
 pub mod error;

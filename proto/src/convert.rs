@@ -85,7 +85,7 @@ fn cidr_from(field: &'static str, c: &pb::Cidr) -> Result<IpNetwork> {
     })
 }
 
-pub(crate) fn direction_to(d: rs::Direction) -> pb::Direction {
+pub fn direction_to(d: rs::Direction) -> pb::Direction {
     match d {
         rs::Direction::Ingress => pb::Direction::Ingress,
         rs::Direction::Egress => pb::Direction::Egress,
@@ -93,7 +93,7 @@ pub(crate) fn direction_to(d: rs::Direction) -> pb::Direction {
 }
 
 /// The direction of a known, specified value.
-pub(crate) fn direction_of(v: i32) -> Option<rs::Direction> {
+pub fn direction_of(v: i32) -> Option<rs::Direction> {
     match pb::Direction::try_from(v) {
         Ok(pb::Direction::Ingress) => Some(rs::Direction::Ingress),
         Ok(pb::Direction::Egress) => Some(rs::Direction::Egress),
@@ -304,7 +304,7 @@ fn ipcache_from(e: &pb::IpCacheEntry) -> Result<rs::IpCacheEntry> {
     })
 }
 
-pub(crate) fn rule_kind_to(k: &rs::RuleKind) -> pb::RuleKind {
+pub fn rule_kind_to(k: &rs::RuleKind) -> pb::RuleKind {
     match k {
         rs::RuleKind::NetworkPolicy => pb::RuleKind::NetworkPolicy,
         rs::RuleKind::ClusterNetworkPolicy => pb::RuleKind::ClusterNetworkPolicy,
@@ -327,7 +327,7 @@ pub(crate) fn rule_to(r: &rs::RuleRef) -> pb::RuleRef {
 }
 
 /// The rule kind of a known, specified value.
-pub(crate) fn rule_kind_of(v: i32) -> Option<rs::RuleKind> {
+pub fn rule_kind_of(v: i32) -> Option<rs::RuleKind> {
     match pb::RuleKind::try_from(v) {
         Ok(pb::RuleKind::NetworkPolicy) => Some(rs::RuleKind::NetworkPolicy),
         Ok(pb::RuleKind::ClusterNetworkPolicy) => Some(rs::RuleKind::ClusterNetworkPolicy),

@@ -23,7 +23,11 @@ use super::{
     hub::{Hub, HubError, SentVersions, Subscription},
 };
 use crate::{
-    flows::{Directory, FlowFilter, FlowPipeline, ServiceGraph, history::FlowHistory},
+    answers::{self, AnswerError, ImpactQuestion, RecommendQuestion},
+    flows::{
+        Directory, FlowFilter, FlowPipeline, ServiceGraph,
+        history::{FlowHistory, HistoryQuery},
+    },
     ruleset::{FlowEntry, FlowRecord},
 };
 
@@ -48,7 +52,8 @@ pub struct FlowStore {
     arrivals: watch::Sender<u64>,
     /// Where every accepted record is also kept on disk, when on.
     history: Option<Arc<FlowHistory>>,
-    /// Names peers the agents could not for the history (the pipeline's latest).
+    /// Names peers the agents could not, for the history and for the questions that read the
+    /// records in memory (the pipeline's latest).
     directory: Option<Arc<Directory>>,
 }
 
@@ -75,6 +80,11 @@ impl FlowStore {
 
     pub fn history(&self) -> Option<&Arc<FlowHistory>> {
         self.history.as_ref()
+    }
+
+    /// The directory that names the peers agents could not name (the pipeline's latest).
+    pub fn directory(&self) -> Option<&Arc<Directory>> {
+        self.directory.as_ref()
     }
 
     /// The directory the history names peers with (the pipeline sets it per batch).
@@ -543,6 +553,8 @@ const WATCH_CHUNK: usize = 1024;
 const WATCH_COALESCE: Duration = Duration::from_millis(50);
 /// `GetFlows` answers this many records when the request sets no limit.
 const DEFAULT_FLOW_LIMIT: usize = 1000;
+/// `GetFlows` from the flow history answers this many records at most.
+const MAX_HISTORY_FLOW_LIMIT: usize = 10_000;
 
 impl AdminService {
     pub fn new(hub: Arc<Hub>) -> Self {
@@ -645,6 +657,43 @@ fn newest_matching(
     out
 }
 
+/// The newest `limit` records of the history that match `query` (its filter and time range),
+/// oldest first, peers named as the history names them.
+fn newest_in_history(
+    history: &FlowHistory,
+    dir: &Directory,
+    query: HistoryQuery,
+    limit: usize,
+) -> Result<Vec<pb::StoredFlow>, Status> {
+    let failed = |e: crate::flows::history::HistoryError| {
+        tracing::error!(error = %e, "reading the flow history");
+        Status::internal(e.to_string())
+    };
+    let mut out = Vec::new();
+    for r in history.query(query).map_err(failed)? {
+        let r = r.map_err(failed)?;
+        out.push(stored_flow(dir, &r.node, &r.entry, r.sequence));
+        if out.len() == limit {
+            break;
+        }
+    }
+    out.reverse();
+    Ok(out)
+}
+
+/// An answer's error as a gRPC status.
+fn answer_status(e: AnswerError) -> Status {
+    match &e {
+        AnswerError::Unavailable => Status::unavailable(e.to_string()),
+        AnswerError::Proposal(_) => Status::invalid_argument(e.to_string()),
+        AnswerError::History(h) => {
+            tracing::error!(error = %h, "reading the flow history");
+            Status::internal(e.to_string())
+        }
+        AnswerError::Poisoned => Status::internal(e.to_string()),
+    }
+}
+
 type WatchFlowsStream = Pin<Box<dyn Stream<Item = Result<pb::WatchFlowsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -673,6 +722,36 @@ impl Admin for AdminService {
         let pipeline = self.flow_pipeline()?;
         let req = request.into_inner();
         let filter = FlowFilter::from_proto(req.filter.as_ref());
+        if req.history {
+            let limit = match req.limit {
+                0 => DEFAULT_FLOW_LIMIT,
+                n => (n as usize).min(MAX_HISTORY_FLOW_LIMIT),
+            };
+            let history = pipeline
+                .store()
+                .lock()
+                .map_err(|_| poisoned())?
+                .history()
+                .cloned()
+                .ok_or_else(|| {
+                    Status::failed_precondition(
+                        "this controller keeps no flow history (it runs with --no-flow-history, or with --kubernetes and no --flow-history)",
+                    )
+                })?;
+            let query = HistoryQuery {
+                filter,
+                until_unix_nanos: (req.until_unix_nanos != 0).then_some(req.until_unix_nanos),
+                newest_first: true,
+            };
+            // Reading the history is disk and CPU: off the runtime's workers.
+            let flows = tokio::task::spawn_blocking(move || {
+                newest_in_history(&history, &pipeline.directory(), query, limit)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+            // The store's accounting is not the history's: none.
+            return Ok(Response::new(pb::GetFlowsResponse { flows, stats: None }));
+        }
         let limit = match req.limit {
             0 => DEFAULT_FLOW_LIMIT,
             n => n as usize,
@@ -683,6 +762,40 @@ impl Admin for AdminService {
             flows: newest_matching(&store, &dir, &filter, limit),
             stats: Some(store.stats()),
         }))
+    }
+
+    async fn recommend(
+        &self,
+        request: Request<pb::RecommendRequest>,
+    ) -> Result<Response<pb::RecommendResponse>, Status> {
+        let pipeline = self.flow_pipeline()?;
+        let question = RecommendQuestion::try_from(request.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let hub = self.hub.clone();
+        // Folding every record costs CPU (and reading the history, disk).
+        let r = tokio::task::spawn_blocking(move || {
+            answers::recommend(&hub, pipeline.store(), &question)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(answer_status)?;
+        Ok(Response::new((&r).into()))
+    }
+
+    async fn impact(
+        &self,
+        request: Request<pb::ImpactRequest>,
+    ) -> Result<Response<pb::ImpactResponse>, Status> {
+        let pipeline = self.flow_pipeline()?;
+        let question = ImpactQuestion::try_from(request.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let hub = self.hub.clone();
+        let i =
+            tokio::task::spawn_blocking(move || answers::impact(&hub, pipeline.store(), &question))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(answer_status)?;
+        Ok(Response::new((&i).into()))
     }
 
     async fn watch_flows(
@@ -990,6 +1103,7 @@ status: {podIP: 10.9.0.2}
                     ..Default::default()
                 }),
                 limit: 0,
+                ..Default::default()
             })
             .await
             .expect("get flows")
@@ -1004,6 +1118,7 @@ status: {podIP: 10.9.0.2}
                     ..Default::default()
                 }),
                 limit: 0,
+                ..Default::default()
             })
             .await
             .expect("get flows")
@@ -1036,6 +1151,104 @@ status: {podIP: 10.9.0.2}
             .expect("graph")
             .into_inner();
         assert_eq!((data_only.nodes.len(), data_only.edges.len()), (2, 1));
+    }
+
+    /// `Recommend` and `Impact` answer over a real socket what the HTTP API answers (the same
+    /// [`crate::answers`]), with bad questions refused as INVALID_ARGUMENT; the history is asked
+    /// for where none is kept: FAILED_PRECONDITION.
+    #[tokio::test]
+    async fn recommend_and_impact_over_grpc() {
+        use crate::{impact::Impact, recommend::Recommendation};
+        let (addr, _) = serve(100).await;
+        let records = vec![
+            record("shop/web-0", "egress", "10.9.0.2", "allowed", 10),
+            record("data/db-0", "ingress", "10.9.0.2", "allowed", 11),
+        ];
+        assert_eq!(report(addr, "n1", records, 0).await, 2);
+        let mut admin = AdminClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+
+        let r = admin
+            .recommend(pb::RecommendRequest {
+                namespaces: vec!["data".into()],
+                ..Default::default()
+            })
+            .await
+            .expect("recommend")
+            .into_inner();
+        let r = Recommendation::try_from(r).expect("a recommendation");
+        assert_eq!((r.records, r.from_history), (2, false));
+        assert_eq!(r.policies.len(), 1, "{}", r.to_yaml().unwrap());
+        assert_eq!(r.policies[0].workload.to_string(), "data/Pod/db-0");
+        assert!(
+            r.to_yaml().unwrap().contains("app: web"),
+            "{}",
+            r.to_yaml().unwrap()
+        );
+
+        let deny_all = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-closed, namespace: data}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+";
+        let i = admin
+            .impact(pb::ImpactRequest {
+                proposal_yaml: deny_all.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("impact")
+            .into_inner();
+        let i = Impact::try_from(i).expect("an impact");
+        assert_eq!(i.proposal.added, ["NetworkPolicy/data/db-closed"]);
+        assert_eq!(i.breaks, 1, "{i:#?}");
+        assert_eq!(
+            (i.changed[0].src.as_str(), i.changed[0].dst.as_str()),
+            ("shop/web-0", "data/db-0")
+        );
+
+        let bad = admin
+            .impact(pb::ImpactRequest {
+                proposal_yaml: "kind: NetworkPolicy\nmetadata: {name: x}\n".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("an invalid proposal");
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad}");
+        let unknown = admin
+            .impact(pb::ImpactRequest {
+                delete: vec![pb::PolicyName {
+                    kind: pb::RuleKind::NetworkPolicy.into(),
+                    namespace: "data".into(),
+                    name: "nope".into(),
+                }],
+                ..Default::default()
+            })
+            .await
+            .expect_err("no such policy");
+        assert_eq!(unknown.code(), tonic::Code::InvalidArgument);
+        assert!(unknown.message().contains("no such policy"), "{unknown}");
+        let garbage = admin
+            .recommend(pb::RecommendRequest {
+                kind: 77,
+                ..Default::default()
+            })
+            .await
+            .expect_err("an unknown kind");
+        assert_eq!(garbage.code(), tonic::Code::InvalidArgument);
+
+        let no_history = admin
+            .get_flows(pb::GetFlowsRequest {
+                history: true,
+                ..Default::default()
+            })
+            .await
+            .expect_err("no history kept");
+        assert_eq!(no_history.code(), tonic::Code::FailedPrecondition);
     }
 
     async fn next(w: &mut tonic::Streaming<pb::WatchFlowsResponse>) -> pb::WatchFlowsResponse {

@@ -396,3 +396,75 @@ fn malformed_proposals_are_refused_with_what_is_wrong() {
         Err(ProposalError::TooLarge(_))
     ));
 }
+
+/// The gRPC admin API's `Impact` carries the answer so that it converts back to the same value:
+/// changed rules, newly denied and audit edges, the proposal summary.
+#[test]
+fn an_impact_survives_the_wire() {
+    use bulkhead_proto::{prost::Message, v1 as pb};
+    let mut answers = vec![
+        what_if(
+            r#"
+apiVersion: bulkhead.dev/v1alpha1
+kind: ServicePolicy
+metadata: {name: db-lockdown, namespace: shop}
+spec:
+  subject: {serviceAccount: db}
+  ingress:
+  - action: Deny
+    from: [{service: {serviceAccount: backend}}]
+"#,
+            &[],
+        ),
+        what_if(
+            r#"
+apiVersion: bulkhead.dev/v1alpha1
+kind: ServicePolicy
+metadata: {name: db-audit, namespace: shop}
+spec:
+  mode: Audit
+  subject: {serviceAccount: db}
+  ingress:
+  - action: Deny
+    from: [{service: {serviceAccount: backend}}]
+"#,
+            &[],
+        ),
+    ];
+    answers[1].from_history = true;
+    for i in answers {
+        assert!(!i.changed.is_empty());
+        let bytes = pb::ImpactResponse::from(&i).encode_to_vec();
+        let back = Impact::try_from(pb::ImpactResponse::decode(&bytes[..]).unwrap())
+            .expect("converts back");
+        assert_eq!(back, i);
+    }
+}
+
+/// Policies to delete named by their parts are checked as `KIND/NAMESPACE/NAME` strings are.
+#[test]
+fn deletions_by_key_are_checked() {
+    let key = |kind, ns: &str, name: &str| PolicyKey {
+        kind,
+        namespace: ns.into(),
+        name: name.into(),
+    };
+    for bad in [
+        key(RuleKind::NetworkPolicy, "", "x"),
+        key(RuleKind::ClusterNetworkPolicy, "shop", "x"),
+        key(RuleKind::ServicePolicy, "shop", ""),
+        key(RuleKind::Quarantine, "shop", "x"),
+    ] {
+        assert!(
+            matches!(
+                proposal("", vec![bad.clone()]),
+                Err(ProposalError::BadDelete(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(
+        parse_delete("ClusterNetworkPolicy/x").unwrap(),
+        key(RuleKind::ClusterNetworkPolicy, "", "x")
+    );
+}

@@ -613,3 +613,38 @@ fn service_policies_admit_exactly_what_was_observed() {
     // The db initiates nothing but DNS; nothing observed reaches the web but debug's.
     assert!(out.contains("serviceAccount: debug"), "{out}");
 }
+
+/// The gRPC admin API's `Recommend` carries a recommendation that converts back to the same
+/// value (compared as the JSON `-o json` prints), network policies and service policies alike,
+/// with what could not be expressed.
+#[test]
+fn a_recommendation_survives_the_wire() {
+    use bulkhead_proto::{prost::Message, v1 as pb};
+    let mut yaml = cluster();
+    yaml += &pod("shop", "lonely", "10.0.0.9", None, "pod-template-hash: x");
+    let cluster = pods(&objects(&yaml));
+    let mut records = observed();
+    records.extend(both_ends(WEB_A, API, Protocol::Icmp, 0, T0));
+    records.extend(both_ends(
+        ("shop/lonely", "10.0.0.9"),
+        API,
+        Protocol::Tcp,
+        9090,
+        T0,
+    ));
+    for kind in [RecommendKind::NetworkPolicy, RecommendKind::ServicePolicy] {
+        let mut opts = options(T0 + 60 * MINUTE);
+        opts.kind = kind;
+        let mut r = recommend(&records, &cluster, &opts);
+        r.from_history = true;
+        assert!(!r.policies.is_empty());
+        let bytes = pb::RecommendResponse::from(&r).encode_to_vec();
+        let back = Recommendation::try_from(pb::RecommendResponse::decode(&bytes[..]).unwrap())
+            .expect("converts back");
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            serde_json::to_value(&r).unwrap()
+        );
+        assert_eq!(back.to_yaml().unwrap(), r.to_yaml().unwrap());
+    }
+}

@@ -230,6 +230,22 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<crate::answers::AnswerError> for ApiError {
+    fn from(e: crate::answers::AnswerError) -> ApiError {
+        use crate::answers::AnswerError;
+        let status = match &e {
+            AnswerError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            AnswerError::Proposal(_) => StatusCode::BAD_REQUEST,
+            AnswerError::History(h) => {
+                tracing::error!(error = %h, "reading the flow history");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            AnswerError::Poisoned => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
 impl From<QuarantineError> for ApiError {
     fn from(e: QuarantineError) -> ApiError {
         let status = match e {

@@ -10,8 +10,6 @@
 //! preflight this server never grants, and is at most [`MAX_PROPOSAL_BYTES`]. A proposal that
 //! does not load is a 400 naming the document, field and reason.
 
-use std::time::Instant;
-
 use axum::{
     body::Bytes,
     extract::{Query, State},
@@ -21,12 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiState};
 use crate::{
-    flows::{
-        FlowFilter,
-        history::{HistoryQuery, HistoryRecord},
-    },
-    impact::{Edges, Impact, MAX_PROPOSAL_BYTES, ProposalError, WhatIf, parse_proposal},
-    ruleset::FlowEntry,
+    answers::{self, ImpactQuestion},
+    impact::{Impact, MAX_PROPOSAL_BYTES, ProposalError, parse_delete},
 };
 
 /// The query of `/api/impact`.
@@ -94,89 +88,24 @@ pub(super) async fn impact(
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the proposal is not UTF-8 text"))?
         .to_string();
-    let deletes: Vec<String> = q
+    let delete = q
         .delete
         .iter()
         .flat_map(|d| d.split(','))
         .map(str::trim)
         .filter(|d| !d.is_empty())
-        .map(String::from)
-        .collect();
+        .map(parse_delete)
+        .collect::<Result<Vec<_>, _>>()?;
+    let question = ImpactQuestion {
+        proposal_yaml: text,
+        delete,
+        since_unix_nanos: q.since.unwrap_or(0),
+        until_unix_nanos: q.until.unwrap_or(u64::MAX),
+    };
     // Compiling two engines and folding every record costs CPU (and reading the history,
     // disk): off the runtime's workers.
     tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let proposal = parse_proposal(&text, &deletes)?;
-        let (objects, config, now) = s.hub.objects().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the controller's state is unavailable; retry",
-            )
-        })?;
-        let what_if = WhatIf::new(config, objects, now, &proposal)?;
-        let compiled = started.elapsed();
-        let since = q.since.unwrap_or(0);
-        let until = q.until.unwrap_or(u64::MAX);
-        let history = s.flows.lock().ok().and_then(|f| f.history().cloned());
-        // The history on disk when the controller keeps one (it reaches back days), else the
-        // records held in memory. A damaged chunk of the history is skipped (logged).
-        let (edges, from_history) = match history {
-            Some(h) => {
-                let query = HistoryQuery {
-                    filter: FlowFilter {
-                        since_unix_nanos: since,
-                        ..FlowFilter::default()
-                    },
-                    until_unix_nanos: q.until,
-                    newest_first: false,
-                };
-                let records = h.query(query).map_err(|e| {
-                    tracing::error!(error = %e, "reading the flow history");
-                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-                })?;
-                let edges = Edges::fold(records.filter_map(|r| match r {
-                    Ok(HistoryRecord {
-                        entry: FlowEntry::Flow(f),
-                        ..
-                    }) => Some(f),
-                    Ok(_) => None,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "skipping a damaged flow history chunk");
-                        None
-                    }
-                }));
-                (edges, true)
-            }
-            None => {
-                let flows = s.flows.lock().map_err(|_| {
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "flow store lock poisoned",
-                    )
-                })?;
-                let edges = Edges::fold(flows.since(0).1.filter_map(|(_, e, _)| match e {
-                    FlowEntry::Flow(r)
-                        if r.time_unix_nanos >= since && r.time_unix_nanos <= until =>
-                    {
-                        Some(r.clone())
-                    }
-                    _ => None,
-                }));
-                (edges, false)
-            }
-        };
-        let mut impact = what_if.replay(&edges);
-        impact.from_history = from_history;
-        tracing::info!(
-            records = impact.records,
-            edges = impact.edges,
-            changed = impact.changed.len(),
-            breaks = impact.breaks,
-            compile_ms = compiled.as_millis() as u64,
-            total_ms = started.elapsed().as_millis() as u64,
-            "policy impact"
-        );
-        Ok(axum::Json(impact))
+        Ok(axum::Json(answers::impact(&s.hub, &s.flows, &question)?))
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?

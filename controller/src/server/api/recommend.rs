@@ -3,10 +3,7 @@
 //! the records it holds in memory), for the workloads of the named namespaces
 //! ([`crate::recommend`]). `bulkhead policy recommend` prints them as YAML.
 
-use std::{
-    collections::BTreeSet,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::BTreeSet, time::Duration};
 
 use axum::{
     extract::{Query, State},
@@ -16,12 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiState};
 use crate::{
-    flows::{
-        FlowFilter,
-        history::{HistoryQuery, HistoryRecord},
-    },
-    recommend::{RecommendKind, RecommendOptions, Recommendation, recommend as learn},
-    ruleset::{FlowEntry, FlowRecord},
+    answers::{self, RecommendQuestion},
+    recommend::{RecommendKind, Recommendation},
 };
 
 /// The query of `/api/recommend`.
@@ -39,9 +32,6 @@ pub struct RecommendQuery {
 }
 
 impl RecommendQuery {
-    /// The learning window when the query names none.
-    pub const DEFAULT_LEARNING: Duration = Duration::from_secs(600);
-
     /// The query string for these settings.
     pub fn path(&self) -> String {
         let mut q = Vec::new();
@@ -81,81 +71,18 @@ pub(super) async fn recommend(
         .filter(|n| !n.is_empty())
         .map(String::from)
         .collect();
+    let question = RecommendQuestion {
+        namespaces,
+        since_unix_nanos: q.since.unwrap_or(0),
+        learning_window: q
+            .learning_seconds
+            .map_or(RecommendQuestion::DEFAULT_LEARNING, Duration::from_secs),
+        kind: q.kind.unwrap_or_default(),
+    };
     // Folding every record costs CPU (and reading the history, disk): off the runtime's
     // workers.
     tokio::task::spawn_blocking(move || {
-        let since = q.since.unwrap_or(0);
-        let history = s.flows.lock().ok().and_then(|f| f.history().cloned());
-        let in_memory = || -> Vec<FlowRecord> {
-            s.flows
-                .lock()
-                .map(|f| {
-                    f.since(0)
-                        .1
-                        .filter_map(|(_, e, _)| match e {
-                            FlowEntry::Flow(r) if r.time_unix_nanos >= since => Some(r.clone()),
-                            _ => None,
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let (pods, label_filter) = s.hub.pods().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the controller's state is unavailable; retry",
-            )
-        })?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        let opts = RecommendOptions {
-            kind: q.kind.unwrap_or_default(),
-            namespaces,
-            learning_window: q
-                .learning_seconds
-                .map_or(RecommendQuery::DEFAULT_LEARNING, Duration::from_secs),
-            now_unix_nanos: now,
-            label_filter,
-        };
-        // The history on disk when the controller keeps one (it reaches back days), else the
-        // records held in memory. A damaged chunk of the history is skipped (logged).
-        let recommendation = match history {
-            Some(h) => {
-                let query = HistoryQuery {
-                    filter: FlowFilter {
-                        since_unix_nanos: since,
-                        ..FlowFilter::default()
-                    },
-                    until_unix_nanos: None,
-                    newest_first: false,
-                };
-                let records = h.query(query).map_err(|e| {
-                    tracing::error!(error = %e, "reading the flow history");
-                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-                })?;
-                let mut r = learn(
-                    records.filter_map(|r| match r {
-                        Ok(HistoryRecord {
-                            entry: FlowEntry::Flow(f),
-                            ..
-                        }) => Some(f),
-                        Ok(_) => None,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "skipping a damaged flow history chunk");
-                            None
-                        }
-                    }),
-                    &pods,
-                    &opts,
-                );
-                r.from_history = true;
-                r
-            }
-            None => learn(in_memory(), &pods, &opts),
-        };
-        Ok(axum::Json(recommendation))
+        Ok(axum::Json(answers::recommend(&s.hub, &s.flows, &question)?))
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
