@@ -33,6 +33,11 @@ pub struct Source {
     /// instead of its HTTP API.
     #[arg(long, requires = "lab")]
     grpc: bool,
+    /// A file holding the bearer token for a controller whose HTTP API authenticates
+    /// (`--http-auth tokens|kubernetes`): the token of a `viewer` (or `admin`) line of its
+    /// --http-tokens file, or a Kubernetes service-account token.
+    #[arg(long, env = "BULKHEAD_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
     #[command(flatten)]
     tls: ClientTlsArgs,
 }
@@ -81,9 +86,66 @@ impl Source {
     }
 
     pub(crate) fn get(&self, path: &str) -> anyhow::Result<String> {
+        self.get_within(path, Duration::from_secs(2))
+    }
+
+    /// [`Source::get`], waiting up to `timeout` for the answer.
+    pub(crate) fn get_within(&self, path: &str, timeout: Duration) -> anyhow::Result<String> {
         let port = self.port()?;
-        crate::lab::http_get(port, path)
+        let token = self.token()?;
+        crate::lab::http_get_as(port, path, timeout, token.as_deref())
             .with_context(|| format!("no answer from the controller on 127.0.0.1:{port}{path}"))
+    }
+
+    /// The bearer token of --token-file, if any.
+    pub(crate) fn token(&self) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read the token file {}", path.display()))?;
+        let token = text.trim();
+        if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bail!(
+                "{}: expected one token (no spaces, no line breaks)",
+                path.display()
+            );
+        }
+        Ok(Some(token.to_string()))
+    }
+
+    /// Runs `call` with a client of the controller's gRPC admin API, to completion.
+    pub(crate) fn block_on<T>(
+        &self,
+        call: impl AsyncFnOnce(Admin) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("start the async runtime")?;
+        rt.block_on(async {
+            let admin = self.admin().await?;
+            call(admin).await
+        })
+    }
+}
+
+/// An answer of the controller's HTTP API as `T`, or the error it gave.
+pub(crate) fn parse_answer<T: serde::de::DeserializeOwned>(
+    body: &str,
+    what: &str,
+) -> anyhow::Result<T> {
+    match serde_json::from_str(body) {
+        Ok(t) => Ok(t),
+        Err(e) => match serde_json::from_str::<bulkhead_controller::server::api::ErrorBody>(body) {
+            Ok(err) => bail!("the controller says: {}", err.error),
+            Err(_) => Err(e).with_context(|| {
+                format!(
+                    "the controller's answer is not a {what}: {}",
+                    body.chars().take(200).collect::<String>()
+                )
+            }),
+        },
     }
 }
 
@@ -230,7 +292,8 @@ fn print_flows(output: FlowFormat, flows: Vec<pb::StoredFlow>) -> anyhow::Result
     Ok(())
 }
 
-/// Through the admin API: the controller filters; `--follow` is a server stream.
+/// Through the admin API: the controller filters; a time range without `--follow` reads its
+/// flow history; `--follow` is a server stream.
 fn flows_grpc(a: FlowsArgs, floor: u64) -> anyhow::Result<ExitCode> {
     let filter = FlowFilter {
         namespace: a.namespace.clone(),
@@ -238,8 +301,7 @@ fn flows_grpc(a: FlowsArgs, floor: u64) -> anyhow::Result<ExitCode> {
         verdict: a.verdict.clone(),
         staged_verdict: a.staged_verdict.map(|v| v.as_str().to_string()),
         since_unix_nanos: floor,
-    }
-    .to_proto();
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -247,19 +309,86 @@ fn flows_grpc(a: FlowsArgs, floor: u64) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let mut client = a.source.admin().await?;
         if !a.follow {
-            let resp = client
-                .get_flows(pb::GetFlowsRequest {
-                    filter: Some(filter),
-                    limit: 1000,
-                })
-                .await?
-                .into_inner();
+            let history = a.since.is_some() || a.until.is_some() || a.before_quarantine;
+            let (mut filter, mut until) = (filter, a.until);
+            if a.before_quarantine {
+                let pod = a
+                    .pod
+                    .as_deref()
+                    .context("--before-quarantine needs --pod")?;
+                let latest = client
+                    .get_flows(pb::GetFlowsRequest {
+                        filter: Some(
+                            FlowFilter {
+                                pod: Some(pod.to_string()),
+                                verdict: Some("quarantined".into()),
+                                ..FlowFilter::default()
+                            }
+                            .to_proto(),
+                        ),
+                        limit: 1,
+                        history: true,
+                        until_unix_nanos: 0,
+                    })
+                    .await?
+                    .into_inner();
+                let t = latest
+                    .flows
+                    .into_iter()
+                    .filter_map(flow_line)
+                    .next()
+                    .map(|f| f.time_unix_nanos)
+                    .with_context(|| format!("the flow history has no quarantine of {pod}"))?;
+                let window = a.since.unwrap_or(Duration::from_secs(24 * 3600));
+                filter.since_unix_nanos = t.saturating_sub(window.as_nanos() as u64);
+                until = Some(t);
+                eprintln!(
+                    "({pod} was quarantined at {}; its flows from {} on)",
+                    humantime::format_rfc3339_millis(
+                        SystemTime::UNIX_EPOCH + Duration::from_nanos(t)
+                    ),
+                    humantime::format_rfc3339_millis(
+                        SystemTime::UNIX_EPOCH + Duration::from_nanos(filter.since_unix_nanos)
+                    ),
+                );
+            }
+            let most = if history {
+                FlowQuery::MAX_HISTORY_LIMIT
+            } else {
+                FlowQuery::MAX_LIMIT
+            };
+            let limit = a.limit.map_or(most, |l| (l as usize).min(most));
+            let request = |history: bool| pb::GetFlowsRequest {
+                filter: Some(filter.to_proto()),
+                limit: limit as u32,
+                history,
+                until_unix_nanos: until.unwrap_or(0),
+            };
+            let resp = match client.get_flows(request(history)).await {
+                // `--since` alone still answers, from memory, where no history is kept.
+                Err(s) if history
+                    && until.is_none()
+                    && s.code() == tonic::Code::FailedPrecondition =>
+                {
+                    eprintln!(
+                        "(the controller keeps no flow history: these are the records it holds in memory)"
+                    );
+                    client.get_flows(request(false)).await?
+                }
+                r => r?,
+            }
+            .into_inner();
+            if resp.flows.len() >= limit {
+                eprintln!(
+                    "(the newest {limit} matching flows; narrow the time range or the filters, or pass --limit)"
+                );
+            }
             print_flows(a.output, resp.flows)?;
             return Ok(ExitCode::SUCCESS);
         }
         let mut stream = client
             .watch_flows(pb::WatchFlowsRequest {
-                filter: Some(filter),
+                filter: Some(filter.to_proto()),
                 backlog: 1000,
             })
             .await?
@@ -291,21 +420,11 @@ const HISTORY_WAIT: Duration = Duration::from_secs(120);
 fn get_flows(source: &Source, query: &FlowQuery) -> anyhow::Result<Vec<FlowView>> {
     let path = query.path();
     let body = if query.history == Some(true) {
-        let port = source.port()?;
-        crate::lab::http_get_within(port, &path, HISTORY_WAIT)
-            .with_context(|| format!("no answer from the controller on 127.0.0.1:{port}{path}"))?
+        source.get_within(&path, HISTORY_WAIT)?
     } else {
         source.get(&path)?
     };
-    match serde_json::from_str(&body) {
-        Ok(flows) => Ok(flows),
-        Err(e) => {
-            match serde_json::from_str::<bulkhead_controller::server::api::ErrorBody>(&body) {
-                Ok(err) => bail!("the controller says: {}", err.error),
-                Err(_) => Err(e).context("the controller's /api/flows is not a list of flows"),
-            }
-        }
-    }
+    parse_answer(&body, "list of flows")
 }
 
 /// The time of `pod`'s latest quarantine in the flow history.
@@ -326,11 +445,6 @@ fn latest_quarantine(source: &Source, pod: &str) -> anyhow::Result<u64> {
 pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
     let floor = a.since.map_or(0, nanos_ago);
     if a.source.uses_grpc() {
-        if a.until.is_some() || a.before_quarantine {
-            bail!(
-                "--until and --before-quarantine read the flow history through the HTTP API: leave out --controller/--grpc"
-            );
-        }
         return flows_grpc(a, floor);
     }
     // A time range without --follow is a question for the history on disk.
@@ -453,7 +567,7 @@ pub fn graph(a: GraphArgs) -> anyhow::Result<ExitCode> {
     let g: Graph = if a.source.uses_grpc() {
         graph_grpc(&a.source)?
     } else {
-        serde_json::from_str(&a.source.get("/api/graph")?)
+        parse_answer(&a.source.get("/api/graph")?, "graph")
             .context("the controller's /api/graph is not a graph")?
     };
     match a.output {

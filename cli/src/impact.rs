@@ -1,5 +1,6 @@
 //! `bulkhead policy impact`: what a proposed policy change would do to the traffic the
-//! controller recorded (its `POST /api/impact`), before it is applied.
+//! controller recorded (its `POST /api/impact`, or the gRPC admin API's `Impact` with
+//! `--controller`), before it is applied.
 
 use std::{
     io::{Read, Write},
@@ -10,9 +11,11 @@ use std::{
 
 use anyhow::{Context, bail};
 use bulkhead_controller::{
+    answers::ImpactQuestion,
     impact::{Impact, MAX_PROPOSAL_BYTES, parse_delete},
     server::api::impact::ImpactQuery,
 };
+use bulkhead_proto::v1 as pb;
 
 use crate::flows::Source;
 
@@ -70,11 +73,6 @@ pub fn impact(a: ImpactArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run(a: &ImpactArgs) -> anyhow::Result<Impact> {
-    if a.source.uses_grpc() {
-        bail!(
-            "policy impact reads the controller's HTTP API: use --http 127.0.0.1:PORT (on the controller's host) or --lab DIR; the gRPC admin API (--controller, --grpc) has no impact call yet"
-        );
-    }
     for d in &a.delete {
         parse_delete(d)?;
     }
@@ -112,28 +110,52 @@ fn run(a: &ImpactArgs) -> anyhow::Result<Impact> {
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos() as u64)
     });
-    let query = ImpactQuery {
-        since,
-        until: None,
-        delete: (!a.delete.is_empty()).then(|| a.delete.join(",")),
+    let i = if a.source.uses_grpc() {
+        let question = ImpactQuestion {
+            proposal_yaml: text,
+            delete: a
+                .delete
+                .iter()
+                .map(|d| parse_delete(d))
+                .collect::<Result<_, _>>()?,
+            since_unix_nanos: since.unwrap_or(0),
+            until_unix_nanos: u64::MAX,
+        };
+        let answer = a.source.block_on(async |mut admin| {
+            match admin.impact(pb::ImpactRequest::from(&question)).await {
+                Ok(r) => Ok(r.into_inner()),
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    bail!("the controller refused the proposal: {}", s.message())
+                }
+                Err(s) => Err(s.into()),
+            }
+        })?;
+        Impact::try_from(answer).context("the controller's answer is not an impact")?
+    } else {
+        let query = ImpactQuery {
+            since,
+            until: None,
+            delete: (!a.delete.is_empty()).then(|| a.delete.join(",")),
+        };
+        let path = query.path();
+        let port = a.source.port()?;
+        let token = a.source.token()?;
+        let (status, body) = post_yaml(port, &path, &text, token.as_deref())
+            .with_context(|| format!("no answer from the controller on 127.0.0.1:{port}{path}"))?;
+        if status != 200 {
+            let why = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| body.chars().take(500).collect());
+            bail!("the controller refused the proposal ({status}): {why}");
+        }
+        serde_json::from_str(&body).with_context(|| {
+            format!(
+                "the controller's answer is not an impact: {}",
+                body.chars().take(200).collect::<String>()
+            )
+        })?
     };
-    let path = query.path();
-    let port = a.source.port()?;
-    let (status, body) = post_yaml(port, &path, &text)
-        .with_context(|| format!("no answer from the controller on 127.0.0.1:{port}{path}"))?;
-    if status != 200 {
-        let why = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_string))
-            .unwrap_or_else(|| body.chars().take(500).collect());
-        bail!("the controller refused the proposal ({status}): {why}");
-    }
-    let i: Impact = serde_json::from_str(&body).with_context(|| {
-        format!(
-            "the controller's answer is not an impact: {}",
-            body.chars().take(200).collect::<String>()
-        )
-    })?;
     let mut out = std::io::stdout().lock();
     match a.output {
         ImpactFormat::Json => {
@@ -147,16 +169,22 @@ fn run(a: &ImpactArgs) -> anyhow::Result<Impact> {
 }
 
 /// One HTTP/1.0 POST of YAML to 127.0.0.1:`port`: (status, body).
-fn post_yaml(port: u16, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+fn post_yaml(
+    port: u16,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     let mut s = std::net::TcpStream::connect_timeout(
         &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_secs(2),
     )?;
     // Replaying a long history takes a while.
     s.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "POST {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/yaml\r\nContent-Length: {}\r\n\r\n",
+        "POST {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/yaml\r\nContent-Length: {}\r\n{auth}\r\n",
         body.len()
     )?;
     s.write_all(body.as_bytes())?;

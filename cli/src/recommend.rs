@@ -1,5 +1,6 @@
 //! `bulkhead policy recommend`: least-privilege NetworkPolicies (or ServicePolicies) learned
-//! from the traffic a controller saw (its `/api/recommend`), printed as multi-document YAML.
+//! from the traffic a controller saw (its `/api/recommend`, or the gRPC admin API's
+//! `Recommend` with `--controller`), printed as multi-document YAML.
 
 use std::{
     io::Write,
@@ -9,9 +10,11 @@ use std::{
 
 use anyhow::{Context, bail};
 use bulkhead_controller::{
+    answers::RecommendQuestion,
     recommend::{RecommendKind, Recommendation},
     server::api::recommend::RecommendQuery,
 };
+use bulkhead_proto::v1 as pb;
 
 use crate::flows::Source;
 
@@ -56,11 +59,6 @@ pub struct RecommendArgs {
 }
 
 pub fn recommend(a: RecommendArgs) -> anyhow::Result<ExitCode> {
-    if a.source.uses_grpc() {
-        bail!(
-            "policy recommend reads the controller's HTTP API: use --http 127.0.0.1:PORT (on the controller's host) or --lab DIR"
-        );
-    }
     for n in &a.namespaces {
         if n.is_empty() || n.contains(',') {
             bail!("--namespace {n:?}: expected one namespace name");
@@ -72,22 +70,35 @@ pub fn recommend(a: RecommendArgs) -> anyhow::Result<ExitCode> {
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos() as u64)
     });
-    let query = RecommendQuery {
-        namespaces: (!a.namespaces.is_empty()).then(|| a.namespaces.join(",")),
-        since,
-        learning_seconds: Some(a.learning.as_secs()),
-        kind: Some(match a.kind {
-            KindArg::Networkpolicy => RecommendKind::NetworkPolicy,
-            KindArg::Servicepolicy => RecommendKind::ServicePolicy,
-        }),
+    let kind = match a.kind {
+        KindArg::Networkpolicy => RecommendKind::NetworkPolicy,
+        KindArg::Servicepolicy => RecommendKind::ServicePolicy,
     };
-    let body = a.source.get(&query.path())?;
-    let r: Recommendation = serde_json::from_str(&body).with_context(|| {
-        format!(
-            "the controller's answer is not a recommendation: {}",
-            body.chars().take(200).collect::<String>()
-        )
-    })?;
+    let r = if a.source.uses_grpc() {
+        let question = RecommendQuestion {
+            namespaces: a.namespaces.iter().cloned().collect(),
+            since_unix_nanos: since.unwrap_or(0),
+            learning_window: a.learning,
+            kind,
+        };
+        let answer = a.source.block_on(async |mut admin| {
+            Ok(admin
+                .recommend(pb::RecommendRequest::from(&question))
+                .await?
+                .into_inner())
+        })?;
+        Recommendation::try_from(answer)
+            .context("the controller's answer is not a recommendation")?
+    } else {
+        let query = RecommendQuery {
+            namespaces: (!a.namespaces.is_empty()).then(|| a.namespaces.join(",")),
+            since,
+            learning_seconds: Some(a.learning.as_secs()),
+            kind: Some(kind),
+        };
+        let body = a.source.get(&query.path())?;
+        crate::flows::parse_answer(&body, "recommendation")?
+    };
     let mut out = std::io::stdout().lock();
     match a.output {
         RecommendFormat::Yaml if a.staged => out.write_all(r.to_staged_yaml()?.as_bytes())?,

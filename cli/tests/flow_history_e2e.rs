@@ -208,6 +208,17 @@ fn flows(http: u16, args: &[&str]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The same through the gRPC admin API (`--controller`; this controller runs --insecure).
+fn flows_grpc(grpc: u16, args: &[&str]) -> Vec<serde_json::Value> {
+    let addr = format!("127.0.0.1:{grpc}");
+    let mut all = vec!["flows", "--controller", &addr, "--insecure", "-o", "json"];
+    all.extend_from_slice(args);
+    run_ok(&all)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON flow"))
+        .collect()
+}
+
 #[test]
 fn flows_of_the_last_day_and_before_a_quarantine_survive_a_controller_restart() {
     let tmp = TempDir(std::env::temp_dir().join(format!("bh-history-e2e-{}", std::process::id())));
@@ -260,11 +271,27 @@ fn flows_of_the_last_day_and_before_a_quarantine_survive_a_controller_restart() 
         &["--pod", "tools/debug", "--since", "30h", "--until", "10h"],
     );
     assert_eq!(ten_hours.len(), 20, "hours 29..10");
+    // The gRPC admin API reads the same history.
+    for args in [&day[..], &forensics[..]] {
+        assert_eq!(flows_grpc(c.grpc, args), flows(c.http, args), "{args:?}");
+    }
+    let window = ["--pod", "tools/debug", "--since", "30h", "--until", "10h"];
+    assert_eq!(flows_grpc(c.grpc, &window), ten_hours);
+    assert_eq!(
+        flows_grpc(
+            c.grpc,
+            &["--pod", "tools/debug", "--since", "30h", "--limit", "3"]
+        )
+        .len(),
+        3
+    );
 
     stop(c);
     let c = start(&manifests);
     assert_eq!(flows(c.http, &day), before_restart);
     assert_eq!(flows(c.http, &forensics), before_quarantine);
+    assert_eq!(flows_grpc(c.grpc, &day), before_restart);
+    assert_eq!(flows_grpc(c.grpc, &forensics), before_quarantine);
     // The graph of the last hour (--graph-ttl) is back before any agent reported again.
     let graph = http_get(c.http, "/api/graph").expect("graph");
     assert!(

@@ -204,9 +204,29 @@ fn impact_lists_observed_connections_a_proposal_would_deny() {
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("no such policy"), "{err}");
-    let (code, _, err) = impact(&s, &["-f", &deny, "--grpc"]);
+    let (code, _, err) = impact(&s, &["-f", &deny, "--grpc", "--delete", "nope"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("HTTP API"), "{err}");
+    assert!(err.contains("KIND/NAMESPACE/NAME"), "{err}");
+    let (code, _, err) = impact(&s, &["--grpc", "--delete", "NetworkPolicy/shop/nope"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("the controller refused the proposal") && err.contains("no such policy"),
+        "{err}"
+    );
+
+    // The gRPC admin API (`--grpc`: the lab controller's, with the lab's admin certificate)
+    // answers exactly what the HTTP API answers, exit codes included.
+    let same = (0..5).any(|_| {
+        let (_, http, _) = impact(&s, &["-f", &deny, "-o", "json"]);
+        let (code, grpc, err) = impact(&s, &["-f", &deny, "-o", "json", "--grpc"]);
+        assert_eq!(code, 0, "{err}");
+        let (_, again, _) = impact(&s, &["-f", &deny, "-o", "json"]);
+        // Records that arrive between the questions change the counts: ask again.
+        http == again && grpc == http
+    });
+    assert!(same, "--grpc answers differ from the HTTP API's");
+    let (code, out, _) = impact(&s, &["-f", &deny, "--fail-on-deny", "--grpc"]);
+    assert_eq!(code, 1, "{out}");
 
     // Nothing reached enforcement.
     assert!(

@@ -123,6 +123,25 @@ fn recommended_policies_admit_exactly_the_observed_traffic() {
     assert_eq!(learned["status"], "learning", "the edges are new");
     let yaml = recommend("yaml");
     println!("{yaml}");
+    // The gRPC admin API (`--grpc`: the lab controller's, with the lab's admin certificate)
+    // gives the same recommendation, byte for byte.
+    let same = (0..5).any(|_| {
+        let http = recommend("yaml");
+        let grpc = run_ok(&[
+            "policy",
+            "recommend",
+            "--lab",
+            &s,
+            "--grpc",
+            "-n",
+            "shop",
+            "-n",
+            "tools",
+        ]);
+        // A record that arrives between the questions changes an annotation: ask again.
+        grpc == http && recommend("yaml") == http
+    });
+    assert!(same, "--grpc recommends otherwise than the HTTP API");
     assert_eq!(yaml.matches("kind: NetworkPolicy").count(), 4, "{yaml}");
     assert!(!yaml.contains("pod-template-hash"), "{yaml}");
 

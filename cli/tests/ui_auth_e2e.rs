@@ -377,6 +377,55 @@ fn the_web_ui_signs_in_with_a_token_and_a_viewer_may_not_quarantine() {
     assert_eq!(a.status, 200, "the admin's GET /api/map: {}", a.body);
     assert_eq!(a.json()["user"], ADMIN, "/api/map names the admin");
 
+    // The CLI reads through the same authentication: --token-file (or BULKHEAD_TOKEN_FILE).
+    let token_file = scene.dir.join("viewer-token");
+    std::fs::write(&token_file, format!("{viewer}\n")).expect("write the token file");
+    let proposal = scene.dir.join("proposal.yaml");
+    std::fs::write(
+        &proposal,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: closed, namespace: shop}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n",
+    )
+    .expect("write the proposal");
+    let addr = format!("127.0.0.1:{http}");
+    let proposal = proposal.to_string_lossy().to_string();
+    let commands: [&[&str]; 4] = [
+        &["flows", "--http", &addr, "-o", "json"],
+        &["graph", "--http", &addr, "-o", "json"],
+        &["policy", "recommend", "--http", &addr],
+        &["policy", "impact", "-f", &proposal, "--http", &addr],
+    ];
+    for args in commands {
+        let cli = |token: Option<&Path>, env: bool| {
+            let mut c = Command::new(bin());
+            c.args(args).env_remove("BULKHEAD_TOKEN_FILE");
+            match (token, env) {
+                (Some(t), false) => {
+                    c.arg("--token-file").arg(t);
+                }
+                (Some(t), true) => {
+                    c.env("BULKHEAD_TOKEN_FILE", t);
+                }
+                (None, _) => {}
+            }
+            c.output().expect("run bulkhead")
+        };
+        let out = cli(None, false);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} without a token: {err}");
+        assert!(
+            err.contains("the controller says") || err.contains("(401)"),
+            "{args:?} without a token says why: {err}"
+        );
+        for env in [false, true] {
+            let out = cli(Some(&token_file), env);
+            assert!(
+                out.status.success(),
+                "{args:?} with the viewer's token (env: {env}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     // Without --http-auth: the map for anyone, naming no user.
     let a = request(open_http, "GET", "/api/map", &[], "");
     assert_eq!(a.status, 200, "GET /api/map without auth: {}", a.body);

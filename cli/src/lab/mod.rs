@@ -722,6 +722,17 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
 /// [`http_get`], waiting up to `timeout` for the answer (a query of the flow history reads
 /// many records).
 pub fn http_get_within(port: u16, path: &str, timeout: Duration) -> Option<String> {
+    http_get_as(port, path, timeout, None)
+}
+
+/// [`http_get_within`], with `Authorization: Bearer TOKEN` when a token is given (a controller
+/// with `--http-auth tokens|kubernetes`).
+pub fn http_get_as(
+    port: u16,
+    path: &str,
+    timeout: Duration,
+    token: Option<&str>,
+) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(
         &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
@@ -729,7 +740,12 @@ pub fn http_get_within(port: u16, path: &str, timeout: Duration) -> Option<Strin
     )
     .ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").ok()?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n"
+    )
+    .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
