@@ -3,7 +3,8 @@
 //! reach the controller as flows; `ui/e2e/ui.mjs` (playwright-core driving Debian's chromium)
 //! checks that the workloads and a denied edge appear, that the filters work, that clicking the
 //! edge lists its flows with the rule that denied them, and quarantines a pod with the page's
-//! button. The quarantine is then checked from the CLI, and released from the page. A staged
+//! button, then opens the pod's flow history (one click: what it talked to in the 24 h before
+//! its quarantine). The quarantine is then checked from the CLI, and released from the page. A staged
 //! edit of a policy is listed with what it would deny, and its connections open from the list.
 //!
 //! The screenshot goes to `target/ui-e2e/ui.png`; `BULKHEAD_UI_SCREENSHOT=docs/ui.png` refreshes

@@ -5,6 +5,8 @@
 //     --denied-from tools/Pod/debug --quarantine tools/debug --screenshot docs/ui.png
 //   node ui/e2e/ui.mjs --url http://127.0.0.1:PORT/ --release tools/debug
 //
+// With --quarantine, the pod's history panel (one click) must show the 24 h before it.
+//
 // Clicks happen where a person would click: on the canvas, at the rendered position of the edge
 // or node. Exits non-zero with a message on the first failed check; prints what it checked.
 import { chromium } from 'playwright-core';
@@ -184,6 +186,31 @@ try {
     await waitFor(page, `${workload} drawn as quarantined`, (id) => window.bulkhead.cy.getElementById(id).hasClass('quarantined'), workload);
     const toastText = await page.locator('#toast').textContent();
     step(`quarantined from the UI: ${toastText}`);
+
+    // Forensics in one click: what the pod talked to in the 24 h before its quarantine, from
+    // the flow history (the quarantine reaches the history within a second: refresh until then).
+    await page.locator(`button[data-action="history"][data-pod="${quarantinePod}"]`).first().click();
+    const heading = `${quarantinePod}: flow history`;
+    await page.locator('#panel-body h2', { hasText: heading }).waitFor({ timeout: 10000 })
+      .catch(() => fail(`the history button of ${quarantinePod} opened no history panel`));
+    let seen = null;
+    for (let i = 0; i < 20 && !seen; i++) {
+      await page.locator('#panel-body button[data-action="refresh-history"]').waitFor({ timeout: 30000 })
+        .catch(() => fail('the history panel never finished reading'));
+      const note = await page.locator('#panel-body .muted').first().textContent();
+      const badges = await page.locator('#panel-body .flows .badge').allTextContents();
+      if (note.includes('before its quarantine at') && badges.includes('quarantined') && badges.includes('denied')) {
+        seen = { note, badges };
+        break;
+      }
+      await page.waitForTimeout(500);
+      await page.locator('#panel-body button[data-action="refresh-history"]').click();
+    }
+    if (!seen) fail(`the history panel of ${quarantinePod} never showed its quarantine and its denied flows`);
+    if (!seen.note.includes("from the controller's flow history")) fail(`the panel did not read the history: ${seen.note}`);
+    const peers = await page.locator('#panel-body .history-peers li').allTextContents();
+    if (!peers.length) fail('the history panel lists no peer');
+    step(`history before the quarantine: ${peers.length} peer(s) (${peers.join('; ')}), ${seen.badges.length} flow(s)`);
   }
 
   if (screenshot) {

@@ -22,11 +22,14 @@ const state = {
   verdicts: new Set(VERDICTS),
   hiddenNamespaces: new Set(),
   knownNamespaces: new Set(),
-  selection: null, // {type: 'edge'|'node'|'namespace', id}
+  selection: null, // {type: 'edge'|'node'|'namespace'|'staged'|'history', id}
   layoutKey: '',
   firstLayout: true,
   openForm: null, // pod whose quarantine form is open
   flowsSeq: 0,
+  // The flow history of the pod whose history panel is open: read once when it opens (a day
+  // of a busy pod is many records), again on its Refresh button.
+  history: null, // {pod, loading, error, quarantinedAt, since, until, flows, fromMemory}
   // Bumped whenever the credentials change (sign-in, sign-out, a 401): answers to requests
   // sent before are dropped, so no data of a signed-out session is drawn.
   authGen: 0,
@@ -579,11 +582,90 @@ function podsList(pods) {
       el('li', { 'data-pod': p.pod },
         el('div', {},
           el('div', { class: 'name' }, p.pod, ' ', isQ ? el('span', { class: 'badge quarantined' }, 'quarantined') : null),
-          el('div', { class: 'meta' }, `${p.node} · ${p.ips.join(', ')}${q ? ` · ${q.reason}` : ''}`)),
+          el('div', { class: 'meta' }, `${p.node} · ${p.ips.join(', ')}${q ? ` · ${q.reason}` : ''}`),
+          historyButton(p.pod, isQ)),
         action),
       state.openForm === p.pod ? quarantineForm(p.pod) : null,
     ];
   }));
+}
+
+// Opens the pod's flow history: the 24 h before its latest quarantine, else the last 24 h.
+function historyButton(pod, quarantined) {
+  return el('button', { class: 'link', 'data-action': 'history', 'data-pod': pod, onclick: () => { state.history = null; select({ type: 'history', id: pod }); } },
+    quarantined ? 'what it talked to before its quarantine' : 'its last 24 h of flows');
+}
+
+const DAY_NANOS = 24 * 3600 * 1e9;
+
+// The pod's flows from the controller's flow history (on disk, across restarts): the 24 h
+// before its latest quarantine there, else the last 24 h. A controller that keeps no history
+// answers from the records it holds in memory, and the panel says so.
+async function loadHistory(pod) {
+  const base = { pod, history: 'true' };
+  let fromMemory = false;
+  const get = async (params) => {
+    try {
+      return await fetchFlows(fromMemory ? params : { ...base, ...params });
+    } catch (e) {
+      if (!fromMemory && /keeps no flow history/.test(e.message)) {
+        fromMemory = true;
+        return fetchFlows(params);
+      }
+      throw e;
+    }
+  };
+  const latest = await get({ pod, verdict: 'quarantined', limit: '1' });
+  const quarantinedAt = latest.length ? latest[0].time_unix_nanos : null;
+  const until = quarantinedAt ?? Date.now() * 1e6;
+  const since = Math.max(0, until - DAY_NANOS);
+  const params = { pod, since: String(Math.floor(since)), limit: fromMemory ? '1000' : '10000' };
+  // Nanoseconds since 1970 do not fit a double exactly (they come back rounded to 256 ns):
+  // a microsecond more keeps the quarantine itself inside the window.
+  if (quarantinedAt !== null) params.until = String(quarantinedAt + 1000);
+  const flows = await get(params);
+  return { pod, quarantinedAt, since, until, flows, fromMemory };
+}
+
+// Who the pod talked to in the window: each peer with its ports and verdict counts.
+function peersOf(pod, flows) {
+  const by = new Map();
+  for (const f of flows) {
+    if (!f.src) continue;
+    const peer = f.src_pod === pod ? (f.dst_pod || f.dst) : (f.src_pod || f.src);
+    const way = f.src_pod === pod ? '→' : '←';
+    const key = `${way} ${peer}`;
+    const r = by.get(key) || { way, peer, ports: new Set(), allowed: 0, denied: 0, audit: 0 };
+    r.ports.add(`${f.dst_port}/${proto(f.protocol)}`);
+    if (f.verdict === 'allowed') r.allowed += 1;
+    else if (f.verdict === 'denied') r.denied += 1;
+    else r.audit += 1;
+    by.set(key, r);
+  }
+  return [...by.values()].sort((a, b) => (b.allowed + b.denied + b.audit) - (a.allowed + a.denied + a.audit));
+}
+
+function historyPanel(h) {
+  const window = h.quarantinedAt !== null
+    ? `the 24 h before its quarantine at ${clock(h.quarantinedAt)}`
+    : 'the last 24 h (no quarantine of it in the history)';
+  const peers = peersOf(h.pod, h.flows);
+  return [
+    el('h2', {}, `${h.pod}: flow history`),
+    el('div', { class: 'muted' }, `${window}; ${h.fromMemory ? 'from the records the controller holds in memory (it keeps no flow history)' : 'from the controller\'s flow history'}`),
+    el('div', { class: 'row' }, el('button', { class: 'ghost', 'data-action': 'refresh-history', onclick: () => { state.history = null; refreshPanel(true); } }, 'Refresh')),
+    el('div', { class: 'counts' },
+      el('div', { class: 'count' }, el('b', {}, peers.length), 'peers'),
+      el('div', { class: 'count allowed' }, el('b', {}, h.flows.filter((f) => f.verdict === 'allowed').length), 'allowed'),
+      el('div', { class: 'count denied' }, el('b', {}, h.flows.filter((f) => f.verdict === 'denied').length), 'denied')),
+    ...section('Peers', peers.length
+      ? el('ul', { class: 'history-peers' }, peers.map((r) => el('li', { 'data-peer': r.peer },
+        `${r.way} ${r.peer}`, ' ', el('span', { class: 'muted' }, [...r.ports].join(', ')), ' ',
+        r.allowed ? el('span', { class: 'badge allowed' }, `${r.allowed} allowed`) : null, ' ',
+        r.denied ? el('span', { class: 'badge denied' }, `${r.denied} denied`) : null)))
+      : el('p', { class: 'hint' }, 'No connection in this window.')),
+    ...section('Flows, newest first', el('div', { class: 'flows-box' }, flowsTable(h.flows))),
+  ];
 }
 
 // The rules that decided these flows, with how often (most frequent first).
@@ -659,7 +741,8 @@ function overview() {
   if (m && m.quarantines.length) {
     body.push(...section('Quarantined pods', el('ul', { class: 'pods' }, m.quarantines.map((q) => el('li', { 'data-pod': q.pod },
       el('div', {}, el('div', { class: 'name' }, q.pod, ' ', el('span', { class: 'badge quarantined' }, 'quarantined')),
-        el('div', { class: 'meta' }, `${q.reason} · by ${q.actor} · since ${q.created_at}${q.expires_at ? ` · until ${q.expires_at}` : ''}${Object.keys(q.enforced_at).length ? ` · enforced on ${Object.keys(q.enforced_at).length} node(s), ${q.connections_cut} connection(s) cut` : ''}`)),
+        el('div', { class: 'meta' }, `${q.reason} · by ${q.actor} · since ${q.created_at}${q.expires_at ? ` · until ${q.expires_at}` : ''}${Object.keys(q.enforced_at).length ? ` · enforced on ${Object.keys(q.enforced_at).length} node(s), ${q.connections_cut} connection(s) cut` : ''}`),
+        historyButton(q.pod, true)),
       el('button', { class: 'primary', 'data-action': 'release', 'data-pod': q.pod, disabled: !m.actions.enabled, onclick: (ev) => doRelease(q.pod, ev.currentTarget) }, 'Release'))))));
   }
   if (m && m.agents.length) {
@@ -718,6 +801,30 @@ async function refreshPanel(rebuild) {
       ...section('Recent flows', el('div', { class: 'flows-box' }, flowsTable(flows))),
       ...(pods.length ? section('Pods at either end', actionsNote(), el('div', { class: 'pods-box' }, podsList(pods))) : []),
     ]);
+    return;
+  }
+  if (sel.type === 'history') {
+    if (!state.history || state.history.pod !== sel.id) {
+      state.history = { pod: sel.id, loading: true };
+      paint(['history', sel.id, 'loading'], true, [el('h2', {}, `${sel.id}: flow history`), el('p', { class: 'hint' }, 'Reading the flow history…')]);
+      try {
+        // Polls go on meanwhile (and find it loading): only another selection drops the answer.
+        const h = await loadHistory(sel.id);
+        if (state.selection !== sel) return;
+        state.history = h;
+      } catch (err) {
+        if (state.selection !== sel) return;
+        state.history = { pod: sel.id, error: err.message };
+        if (!(err instanceof AuthRequired)) toast(err.message, true);
+      }
+    }
+    const h = state.history;
+    if (h.loading) return;
+    if (h.error) {
+      paint(['history', sel.id, h.error], rebuild, [el('h2', {}, `${sel.id}: flow history`), el('p', { class: 'hint' }, `The history could not be read: ${h.error}`)]);
+      return;
+    }
+    paint(['history', sel.id, h.quarantinedAt, h.flows.length, h.until], rebuild, historyPanel(h));
     return;
   }
   if (sel.type === 'staged') {
