@@ -2,7 +2,8 @@
 
 use super::*;
 use crate::ruleset::{
-    Endpoint, FlowKind, FlowReason, QuarantineAction, QuarantineEvent, RuleKind, RuleRef, RuleSet,
+    Direction, Endpoint, FlowKind, FlowReason, FlowRule, FlowVerdict, QuarantineAction,
+    QuarantineEvent, RuleKind, RuleRef, RuleSet,
 };
 
 fn ep(id: u32, ns: &str, pod: &str, workload: Option<&str>, ip: &str) -> Endpoint {
