@@ -339,18 +339,8 @@ fn flows_grpc(a: FlowsArgs, floor: u64) -> anyhow::Result<ExitCode> {
                     .next()
                     .map(|f| f.time_unix_nanos)
                     .with_context(|| format!("the flow history has no quarantine of {pod}"))?;
-                let window = a.since.unwrap_or(Duration::from_secs(24 * 3600));
-                filter.since_unix_nanos = t.saturating_sub(window.as_nanos() as u64);
+                filter.since_unix_nanos = before_quarantine(pod, t, a.since);
                 until = Some(t);
-                eprintln!(
-                    "({pod} was quarantined at {}; its flows from {} on)",
-                    humantime::format_rfc3339_millis(
-                        SystemTime::UNIX_EPOCH + Duration::from_nanos(t)
-                    ),
-                    humantime::format_rfc3339_millis(
-                        SystemTime::UNIX_EPOCH + Duration::from_nanos(filter.since_unix_nanos)
-                    ),
-                );
             }
             let most = if history {
                 FlowQuery::MAX_HISTORY_LIMIT
@@ -427,6 +417,21 @@ fn get_flows(source: &Source, query: &FlowQuery) -> anyhow::Result<Vec<FlowView>
     parse_answer(&body, "list of flows")
 }
 
+/// The start of the window before `pod`'s quarantine at `t` (`--since`, default a day), said on
+/// stderr.
+fn before_quarantine(pod: &str, t: u64, window: Option<Duration>) -> u64 {
+    let window = window.unwrap_or(Duration::from_secs(24 * 3600));
+    let since = t.saturating_sub(window.as_nanos() as u64);
+    let at =
+        |n: u64| humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_nanos(n));
+    eprintln!(
+        "({pod} was quarantined at {}; its flows from {} on)",
+        at(t),
+        at(since)
+    );
+    since
+}
+
 /// The time of `pod`'s latest quarantine in the flow history.
 fn latest_quarantine(source: &Source, pod: &str) -> anyhow::Result<u64> {
     let query = FlowQuery {
@@ -456,14 +461,8 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
             .as_deref()
             .context("--before-quarantine needs --pod")?;
         let t = latest_quarantine(&a.source, pod)?;
-        let window = a.since.unwrap_or(Duration::from_secs(24 * 3600));
-        since = t.saturating_sub(window.as_nanos() as u64);
+        since = before_quarantine(pod, t, a.since);
         until = Some(t);
-        eprintln!(
-            "({pod} was quarantined at {}; its flows from {} on)",
-            humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_nanos(t)),
-            humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_nanos(since)),
-        );
     }
     let limit = |history: bool| {
         let most = if history {

@@ -145,6 +145,31 @@ fn traffic() -> Edges {
     Edges::fold(records)
 }
 
+/// A ServicePolicy that denies the backend at the db.
+const DB_LOCKDOWN: &str = r#"
+apiVersion: bulkhead.dev/v1alpha1
+kind: ServicePolicy
+metadata: {name: db-lockdown, namespace: shop}
+spec:
+  subject: {serviceAccount: db}
+  ingress:
+  - action: Deny
+    from: [{service: {serviceAccount: backend}}]
+"#;
+
+/// The same, in audit mode.
+const DB_AUDIT: &str = r#"
+apiVersion: bulkhead.dev/v1alpha1
+kind: ServicePolicy
+metadata: {name: db-audit, namespace: shop}
+spec:
+  mode: Audit
+  subject: {serviceAccount: db}
+  ingress:
+  - action: Deny
+    from: [{service: {serviceAccount: backend}}]
+"#;
+
 fn what_if(yaml: &str, deletes: &[&str]) -> Impact {
     let (objects, now) = shop();
     let deletes: Vec<String> = deletes.iter().map(|d| d.to_string()).collect();
@@ -174,19 +199,7 @@ fn the_engines_objects_compile_to_the_same_rule_sets() {
 
 #[test]
 fn an_added_deny_breaks_observed_traffic_and_names_the_rule() {
-    let i = what_if(
-        r#"
-apiVersion: bulkhead.dev/v1alpha1
-kind: ServicePolicy
-metadata: {name: db-lockdown, namespace: shop}
-spec:
-  subject: {serviceAccount: db}
-  ingress:
-  - action: Deny
-    from: [{service: {serviceAccount: backend}}]
-"#,
-        &[],
-    );
+    let i = what_if(DB_LOCKDOWN, &[]);
     assert_eq!(i.proposal.added, ["ServicePolicy/shop/db-lockdown"]);
     assert_eq!(i.records, 13);
     assert_eq!(i.not_replayed, 1, "the malformed packet");
@@ -325,20 +338,7 @@ spec:
 
 #[test]
 fn an_audit_policy_shows_what_it_would_deny() {
-    let i = what_if(
-        r#"
-apiVersion: bulkhead.dev/v1alpha1
-kind: ServicePolicy
-metadata: {name: db-audit, namespace: shop}
-spec:
-  mode: Audit
-  subject: {serviceAccount: db}
-  ingress:
-  - action: Deny
-    from: [{service: {serviceAccount: backend}}]
-"#,
-        &[],
-    );
+    let i = what_if(DB_AUDIT, &[]);
     assert_eq!(i.changed.len(), 1, "{i:#?}");
     let e = &i.changed[0];
     assert_eq!(e.change, EdgeChange::Audit);
@@ -402,35 +402,7 @@ fn malformed_proposals_are_refused_with_what_is_wrong() {
 #[test]
 fn an_impact_survives_the_wire() {
     use bulkhead_proto::{prost::Message, v1 as pb};
-    let mut answers = vec![
-        what_if(
-            r#"
-apiVersion: bulkhead.dev/v1alpha1
-kind: ServicePolicy
-metadata: {name: db-lockdown, namespace: shop}
-spec:
-  subject: {serviceAccount: db}
-  ingress:
-  - action: Deny
-    from: [{service: {serviceAccount: backend}}]
-"#,
-            &[],
-        ),
-        what_if(
-            r#"
-apiVersion: bulkhead.dev/v1alpha1
-kind: ServicePolicy
-metadata: {name: db-audit, namespace: shop}
-spec:
-  mode: Audit
-  subject: {serviceAccount: db}
-  ingress:
-  - action: Deny
-    from: [{service: {serviceAccount: backend}}]
-"#,
-            &[],
-        ),
-    ];
+    let mut answers = vec![what_if(DB_LOCKDOWN, &[]), what_if(DB_AUDIT, &[])];
     answers[1].from_history = true;
     for i in answers {
         assert!(!i.changed.is_empty());

@@ -473,8 +473,9 @@ fn learning_until_no_new_edge_within_the_window() {
 /// Pods the controller no longer knows teach nothing (counted); ICMP is counted, not admitted;
 /// a workload whose pods share no stable label gets no policy, and is selected by address as a
 /// peer.
-#[test]
-fn what_cannot_be_expressed_is_reported() {
+/// The cluster with a pod whose labels are all unstable (`shop/lonely`), and the observed
+/// traffic plus what a NetworkPolicy cannot say: a pod that is gone, ICMP, the lonely pod.
+fn inexpressible() -> (Vec<Pod>, Vec<FlowRecord>) {
     let mut yaml = cluster();
     yaml += &pod("shop", "lonely", "10.0.0.9", None, "pod-template-hash: x");
     let cluster = pods(&objects(&yaml));
@@ -494,6 +495,12 @@ fn what_cannot_be_expressed_is_reported() {
         9090,
         T0,
     ));
+    (cluster, records)
+}
+
+#[test]
+fn what_cannot_be_expressed_is_reported() {
+    let (cluster, records) = inexpressible();
     let r = recommend(&records, &cluster, &options(T0 + 60 * MINUTE));
     assert_eq!(r.unknown_pods, 2);
     assert_eq!(r.icmp_edges, 1);
@@ -620,18 +627,7 @@ fn service_policies_admit_exactly_what_was_observed() {
 #[test]
 fn a_recommendation_survives_the_wire() {
     use bulkhead_proto::{prost::Message, v1 as pb};
-    let mut yaml = cluster();
-    yaml += &pod("shop", "lonely", "10.0.0.9", None, "pod-template-hash: x");
-    let cluster = pods(&objects(&yaml));
-    let mut records = observed();
-    records.extend(both_ends(WEB_A, API, Protocol::Icmp, 0, T0));
-    records.extend(both_ends(
-        ("shop/lonely", "10.0.0.9"),
-        API,
-        Protocol::Tcp,
-        9090,
-        T0,
-    ));
+    let (cluster, records) = inexpressible();
     for kind in [RecommendKind::NetworkPolicy, RecommendKind::ServicePolicy] {
         let mut opts = options(T0 + 60 * MINUTE);
         opts.kind = kind;
