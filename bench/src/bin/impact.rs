@@ -266,11 +266,7 @@ fn main() -> anyhow::Result<()> {
         );
         assert_eq!(got.breaks, impact.breaks);
     }
-    let (rd, tt, rc) = (
-        median(&mut read),
-        median(&mut total),
-        median(&mut read_cpu),
-    );
+    let (rd, tt, rc) = (median(&mut read), median(&mut total), median(&mut read_cpu));
     println!(
         "  from the flow history: read + fold {rd:.3} s (CPU of all threads {rc:.3} s), + replay {tt:.3} s; with parse, copy and compile {:.3} s (target ≤ 2 s: {:.2}× of it)",
         tt + p + c + k,
