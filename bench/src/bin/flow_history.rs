@@ -9,9 +9,12 @@
 //! 2. Writer: `--records` records spread evenly over 24 hours, offered in agent-sized batches as
 //!    fast as the writer takes them (the producer waits at a flush every few batches, so nothing
 //!    is dropped): records per second written, the writer thread's CPU, bytes per record.
-//! 3. Queries of the 24 hours: every record (oldest first), one pod's (`bulkhead flows --pod
-//!    tools/debug --since 24h`), the newest 10,000 of a namespace (the API's answer), and a
-//!    restart: reopening the store and rebuilding the graph of the last hour.
+//! 3. Queries of the 24 hours: every record (oldest first), one busy pod's (`bulkhead flows
+//!    --pod NS/POD --since 24h`: it is in every chunk), the forensics query of a pod that talked
+//!    during one hour of the 24 (`tools/debug`, one record in 1,000 of that hour) with the
+//!    history's pod index and without it (every chunk of the range decoded and filtered, as
+//!    before the index), the newest 10,000 of a namespace (the API's answer), and a restart:
+//!    reopening the store and rebuilding the graph of the last hour.
 //!
 //! `cargo run --release -p bulkhead-bench --bin flow_history [-- --records 10000000 --dir DIR]`
 //! Figures only: nothing here fails on time.
@@ -35,6 +38,13 @@ use bulkhead_controller::{
         PodKey, RuleKind, RuleRef,
     },
 };
+
+/// The pod of the forensics query: it talks only during [`DEBUG_HOUR`].
+const DEBUG_POD: &str = "tools/debug";
+/// The hour of the 24 (counted from the start) in which tools/debug talks.
+const DEBUG_HOUR: u64 = 20;
+/// One record in this many of that hour is tools/debug's.
+const DEBUG_EVERY: u64 = 1000;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -210,7 +220,15 @@ fn main() -> anyhow::Result<()> {
     while n < a.records {
         let size = (a.batch as u64).min(a.records - n);
         let entries: Vec<Arc<FlowEntry>> = (n..n + size)
-            .map(|i| Arc::new(FlowEntry::Flow(record(i, a.pods, start + i * step))))
+            .map(|i| {
+                let t = start + i * step;
+                let mut r = record(i, a.pods, t);
+                if (t - start) / HOUR == DEBUG_HOUR && i.is_multiple_of(DEBUG_EVERY) {
+                    r.endpoint = EndpointRef::Pod(DEBUG_POD.parse().expect("a pod name"));
+                    r.direction = Direction::Egress;
+                }
+                Arc::new(FlowEntry::Flow(r))
+            })
             .collect();
         history.offer(node.clone(), n, entries, None);
         n += size;
@@ -262,22 +280,63 @@ fn main() -> anyhow::Result<()> {
         ms(full),
         all as f64 / full.as_secs_f64()
     );
+    let of_pod = |pod: &str, namespace: Option<&str>| -> anyhow::Result<_> {
+        let t = Instant::now();
+        let mut n = 0u64;
+        let mut records = history.query(window(
+            FlowFilter {
+                pod: Some(pod.to_string()),
+                namespace: namespace.map(str::to_string),
+                ..FlowFilter::default()
+            },
+            false,
+        ))?;
+        for r in records.by_ref() {
+            r?;
+            n += 1;
+        }
+        Ok((n, t.elapsed(), records.stats()))
+    };
     let target = pod_key(7).to_string();
-    let t = Instant::now();
-    let mut of_pod = 0u64;
-    for r in history.query(window(
-        FlowFilter {
-            pod: Some(target.clone()),
-            ..FlowFilter::default()
-        },
-        false,
-    ))? {
-        r?;
-        of_pod += 1;
-    }
+    let (n, took, st) = of_pod(&target, None)?;
     println!(
-        "query, one pod's 24 h (bulkhead flows --pod {target} --since 24h): {of_pod} records in {:.0} ms",
-        ms(t.elapsed())
+        "query, one busy pod's 24 h (bulkhead flows --pod {target} --since 24h): {n} records in {:.0} ms; {} of {} chunks decoded (the pod is in every chunk)",
+        ms(took),
+        st.chunks_decoded,
+        st.chunks_in_range
+    );
+    // Forensics: a pod that talked during one hour. With the index, then without it (what a
+    // query did before the index: decode every chunk of the range, filter every record).
+    let (indexed, took, st) = of_pod(DEBUG_POD, None)?;
+    println!(
+        "query, {DEBUG_POD}'s 24 h (active during one hour), with the pod index: {indexed} records in {:.0} ms; {} of {} chunks decoded",
+        ms(took),
+        st.chunks_decoded,
+        st.chunks_in_range
+    );
+    let debug_filter = FlowFilter {
+        pod: Some(DEBUG_POD.to_string()),
+        ..FlowFilter::default()
+    };
+    let t = Instant::now();
+    let mut scanned = 0u64;
+    let mut records = history.query(window(FlowFilter::default(), false))?;
+    for r in records.by_ref() {
+        if debug_filter.matches(&Directory::default(), &r?.entry) {
+            scanned += 1;
+        }
+    }
+    let took_scan = t.elapsed();
+    anyhow::ensure!(
+        scanned == indexed,
+        "the index answered {indexed} records, the full scan {scanned}"
+    );
+    println!(
+        "query, {DEBUG_POD}'s 24 h without the index (every chunk decoded and filtered): {scanned} records in {:.0} ms; {} of {} chunks decoded; the index: {:.1}x faster",
+        ms(took_scan),
+        records.stats().chunks_decoded,
+        records.stats().chunks_in_range,
+        took_scan.as_secs_f64() / took.as_secs_f64().max(1e-9)
     );
     let t = Instant::now();
     let mut newest = 0u64;

@@ -5,16 +5,17 @@
 //! The store is one SQLite database (compiled in: nothing to install) in a directory of its own
 //! (mode 0700, the files 0600). Records are written in chunks: each chunk is a run of
 //! length-delimited [`pb::StoredFlow`] messages, LZ4-compressed, in one row with its earliest and
-//! latest record time and its record count. Queries pick chunks by time and decode them;
-//! retention drops whole chunks, oldest first, by age and by size, and counts the records it
-//! dropped.
+//! latest record time and its record count, and beside it a filter of the pods and namespaces
+//! its records name (see [`index`]). Queries pick chunks by time, and by that filter when they
+//! ask for one pod or namespace, and decode them on other threads, ahead of the caller, in
+//! order; retention drops whole chunks (with their filters), oldest first, by age and by size,
+//! and counts the records it dropped.
 //!
 //! Ingest never waits for the disk: [`FlowHistory::offer`] hands a batch to a writer thread over
 //! a bounded channel and, when the writer is behind, drops the batch from the history (counted;
 //! the live store and graph keep it).
 
 use std::{
-    collections::VecDeque,
     fs,
     os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
@@ -45,8 +46,18 @@ const CHUNK_LINGER: Duration = Duration::from_millis(500);
 /// How often retention runs when nothing is written.
 const RETENTION_PERIOD: Duration = Duration::from_secs(10);
 
-/// Chunks read from the database per step of a query.
-const QUERY_PAGE: i64 = 8;
+/// Chunks (ids and filters) read from the database per step of a query.
+const QUERY_PAGE: i64 = 64;
+
+/// Decoded chunks a query keeps ready for its caller, per decoding thread.
+const READ_AHEAD: usize = 2;
+
+/// Threads that decode the chunks of one query at most (fewer on a machine with fewer cores).
+const MAX_DECODERS: usize = 4;
+
+/// A chunk is refused when its header claims more than this (a damaged size field must not
+/// make a query allocate gigabytes); chunks hold at most [`CHUNK_RECORDS`] records.
+const MAX_CHUNK_BYTES: usize = 256 << 20;
 
 /// Where and how much history to keep.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,13 +120,21 @@ pub enum HistoryError {
     #[error("flow history: the writer has stopped")]
     WriterGone,
     #[error(
+        "flow history: cannot start a thread to read the history ({0}); the controller may be out of memory or threads"
+    )]
+    Thread(std::io::Error),
+    #[error(
         "the flow store or graph lock is poisoned (a previous update panicked); restart the controller"
     )]
     Poisoned,
 }
 
-/// The on-disk format (`PRAGMA user_version`).
-const FORMAT: i64 = 1;
+/// The on-disk format (`PRAGMA user_version`). 1: chunks; 2: and a filter of the pods and
+/// namespaces of each chunk written since (`chunk_filters`). A format-1 store is migrated when
+/// opened: its chunks stay without filters and every query reads them (they may hold
+/// anything); a format-1 controller refuses a format-2 store (it would not delete the filters
+/// with their chunks).
+const FORMAT: i64 = 2;
 
 /// Counters of the history (all since the controller started).
 #[derive(Debug, Default)]
@@ -390,7 +409,14 @@ fn open_writer(path: &Path) -> Result<Connection, HistoryError> {
              data BLOB NOT NULL
          );
          CREATE INDEX IF NOT EXISTS chunks_by_max_time ON chunks (max_time);
-         PRAGMA user_version = 1;
+         CREATE TABLE IF NOT EXISTS chunk_filters (
+             chunk INTEGER PRIMARY KEY,
+             filter BLOB NOT NULL
+         );
+         -- A filter without its chunk could one day describe another chunk of the same id and
+         -- hide its records: there is none unless the file was edited, but cheap to be sure.
+         DELETE FROM chunk_filters WHERE chunk NOT IN (SELECT id FROM chunks);
+         PRAGMA user_version = 2;
          COMMIT;",
     )
     .map_err(|e| match e.sqlite_error_code() {
@@ -419,6 +445,8 @@ struct Chunk {
     records: u64,
     min_time: u64,
     max_time: u64,
+    /// The pods and namespaces the records name, for the chunk's filter.
+    keys: index::ChunkKeys,
 }
 
 impl Chunk {
@@ -431,6 +459,7 @@ impl Chunk {
             self.max_time = self.max_time.max(t);
         }
         self.records += 1;
+        self.keys.add(entry);
         let stored = pb::StoredFlow {
             node: node.to_string(),
             entry: Some(entry.into()),
@@ -527,24 +556,42 @@ impl Writer {
             return Ok(());
         }
         let data = lz4_flex::compress_prepend_size(&chunk.data);
-        let written = self.conn.execute(
-            "INSERT INTO chunks (min_time, max_time, records, data) VALUES (?1, ?2, ?3, ?4)",
-            params![
-                to_sql_time(chunk.min_time),
-                to_sql_time(chunk.max_time),
-                chunk.records as i64,
-                data
-            ],
-        );
+        let filter = chunk.keys.filter();
+        // The chunk and its filter together, or neither.
+        let written = (|| {
+            let tx = self.conn.transaction()?;
+            tx.execute(
+                "INSERT INTO chunks (min_time, max_time, records, data) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    to_sql_time(chunk.min_time),
+                    to_sql_time(chunk.max_time),
+                    chunk.records as i64,
+                    data
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            tx.execute(
+                "INSERT INTO chunk_filters (chunk, filter) VALUES (?1, ?2)",
+                params![id, filter],
+            )?;
+            tx.commit()
+        })();
         match written {
-            Ok(_) => {
+            Ok(()) => {
                 self.counters
                     .written
                     .fetch_add(chunk.records, Ordering::Relaxed);
                 self.counters.chunks_written.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                // The pages in use (chunk, filter, and the b-trees' own); counting the bytes
+                // written would miss the filters' and the tables' overhead.
+                match used_bytes(&self.conn) {
+                    Ok(used) => self.counters.bytes.store(used, Ordering::Relaxed),
+                    Err(_) => {
+                        self.counters
+                            .bytes
+                            .fetch_add((data.len() + filter.len()) as u64, Ordering::Relaxed);
+                    }
+                }
                 if self.counters.bytes.load(Ordering::Relaxed) > self.config.max_bytes {
                     self.retain_logged();
                 }
@@ -579,6 +626,10 @@ impl Writer {
         )?;
         if old > 0 {
             tx.execute(
+                "DELETE FROM chunk_filters WHERE chunk IN (SELECT id FROM chunks WHERE max_time < ?1)",
+                [to_sql_time(cutoff)],
+            )?;
+            tx.execute(
                 "DELETE FROM chunks WHERE max_time < ?1",
                 [to_sql_time(cutoff)],
             )?;
@@ -592,8 +643,11 @@ impl Writer {
             // The oldest chunks that free enough, then gone in one statement each.
             let mut doomed: Vec<(i64, u64)> = Vec::new();
             {
+                // A chunk frees its data and its filter.
                 let mut oldest = tx.prepare(
-                    "SELECT id, records, length(data) FROM chunks ORDER BY max_time, id",
+                    "SELECT c.id, c.records, length(c.data) + coalesce(length(f.filter), 0)
+                     FROM chunks c LEFT JOIN chunk_filters f ON f.chunk = c.id
+                     ORDER BY c.max_time, c.id",
                 )?;
                 let mut rows = oldest.query([])?;
                 let mut freed = 0u64;
@@ -607,12 +661,14 @@ impl Writer {
                 }
             }
             let mut delete = tx.prepare("DELETE FROM chunks WHERE id = ?1")?;
+            let mut delete_filter = tx.prepare("DELETE FROM chunk_filters WHERE chunk = ?1")?;
             let mut dropped = 0u64;
             for (id, records) in &doomed {
+                delete_filter.execute([id])?;
                 delete.execute([id])?;
                 dropped += records;
             }
-            drop(delete);
+            drop((delete, delete_filter));
             let last_id = doomed.last();
             if last_id.is_some() {
                 self.counters
@@ -658,18 +714,52 @@ pub struct HistoryRecord {
     pub entry: FlowEntry,
 }
 
-/// Records of a [`HistoryQuery`], read a few chunks at a time, in the order the controller
-/// received them (which is time order up to agents' clocks and batching). A damaged chunk
-/// yields an error and the iteration goes on with the next chunk.
+/// What a query read, so far (final once the iteration has ended).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueryStats {
+    /// Chunks in the query's time range.
+    pub chunks_in_range: u64,
+    /// Of those, chunks the index showed to hold no record of the query's pod or namespace:
+    /// not read.
+    pub chunks_skipped: u64,
+    /// Chunks read and decoded.
+    pub chunks_decoded: u64,
+}
+
+#[derive(Debug, Default)]
+struct QueryCounters {
+    in_range: AtomicU64,
+    skipped: AtomicU64,
+    decoded: AtomicU64,
+}
+
+/// What the reading thread hands a decoding thread: a chunk's bytes, or why reading stopped.
+enum Work {
+    Chunk(Vec<u8>),
+    Failed(HistoryError),
+}
+
+/// A decoded chunk's matching records, in the query's order.
+type Decoded = Result<Vec<HistoryRecord>, HistoryError>;
+
+/// Records of a [`HistoryQuery`], in the order the controller received them (which is time
+/// order up to agents' clocks and batching). A damaged chunk yields an error and the iteration
+/// goes on with the next chunk.
+///
+/// Behind it, a reading thread picks the chunks (by time, and by their filters for a query of
+/// one pod or namespace) and hands them in turn to decoding threads (as many as the machine has
+/// cores, at most [`MAX_DECODERS`]), which decompress, decode and filter them; the iterator
+/// takes the results from the decoders in the same turn, so the order is the chunks' order. A
+/// few chunks are decoded ahead of the caller ([`READ_AHEAD`] per decoder): a caller that
+/// folds the records works on one core while the chunks are decoded on the others. Dropping
+/// the iterator stops the threads (at their next hand-over).
 pub struct HistoryIter {
-    conn: Connection,
-    query: HistoryQuery,
-    /// The id of the last chunk read.
-    cursor: Option<i64>,
-    ready: VecDeque<HistoryRecord>,
-    pending_chunks: VecDeque<Vec<u8>>,
+    /// One per decoding thread, taken in turn.
+    decoded: Vec<mpsc::Receiver<Decoded>>,
+    turn: usize,
+    ready: std::vec::IntoIter<HistoryRecord>,
     done: bool,
-    directory: Directory,
+    counters: Arc<QueryCounters>,
 }
 
 impl HistoryIter {
@@ -683,24 +773,116 @@ impl HistoryIter {
             source,
         })?;
         conn.busy_timeout(Duration::from_secs(5))?;
-        Ok(HistoryIter {
+        let decoders = thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_DECODERS);
+        let counters = Arc::new(QueryCounters::default());
+        let query = Arc::new(query);
+        let mut to_decoders = Vec::with_capacity(decoders);
+        let mut decoded = Vec::with_capacity(decoders);
+        for _ in 0..decoders {
+            let (work_tx, work_rx) = mpsc::sync_channel(READ_AHEAD);
+            let (out_tx, out_rx) = mpsc::sync_channel(READ_AHEAD);
+            let (query, counters) = (query.clone(), counters.clone());
+            thread::Builder::new()
+                .name("flow-history-decode".into())
+                .spawn(move || decode_chunks(&query, &counters, work_rx, out_tx))
+                .map_err(HistoryError::Thread)?;
+            to_decoders.push(work_tx);
+            decoded.push(out_rx);
+        }
+        let reader = ChunkReader {
             conn,
+            keys: index::QueryKeys::of(&query.filter),
             query,
             cursor: None,
-            ready: VecDeque::new(),
-            pending_chunks: VecDeque::new(),
+            counters: counters.clone(),
+        };
+        thread::Builder::new()
+            .name("flow-history-read".into())
+            .spawn(move || reader.run(to_decoders))
+            .map_err(HistoryError::Thread)?;
+        Ok(HistoryIter {
+            decoded,
+            turn: 0,
+            ready: Vec::new().into_iter(),
             done: false,
-            directory: Directory::default(),
+            counters,
         })
     }
 
-    fn fetch(&mut self) -> Result<(), HistoryError> {
+    /// What the query read so far: chunks in its range, skipped by the index, decoded.
+    pub fn stats(&self) -> QueryStats {
+        let c = &self.counters;
+        QueryStats {
+            chunks_in_range: c.in_range.load(Ordering::Relaxed),
+            chunks_skipped: c.skipped.load(Ordering::Relaxed),
+            chunks_decoded: c.decoded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Picks a query's chunks, a page of ids (and filters) at a time, and hands them to the
+/// decoders in turn.
+struct ChunkReader {
+    conn: Connection,
+    query: Arc<HistoryQuery>,
+    keys: index::QueryKeys,
+    /// The id of the last chunk considered.
+    cursor: Option<i64>,
+    counters: Arc<QueryCounters>,
+}
+
+impl ChunkReader {
+    fn run(mut self, decoders: Vec<mpsc::SyncSender<Work>>) {
+        let mut turn = 0;
+        loop {
+            let (ids, last) = match self.page() {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = decoders[turn].send(Work::Failed(e));
+                    return;
+                }
+            };
+            for id in ids {
+                let work = match self.data(id) {
+                    Ok(Some(data)) => Work::Chunk(data),
+                    // Dropped by retention since the page was read.
+                    Ok(None) => continue,
+                    Err(e) => Work::Failed(e),
+                };
+                let failed = matches!(work, Work::Failed(_));
+                // The caller has dropped the iterator.
+                if decoders[turn].send(work).is_err() || failed {
+                    return;
+                }
+                turn = (turn + 1) % decoders.len();
+            }
+            if last {
+                return;
+            }
+        }
+    }
+
+    /// The next page of chunks in the time range; those the index rules out are counted and
+    /// left out. Whether it was the last page.
+    fn page(&mut self) -> Result<(Vec<i64>, bool), HistoryError> {
         let since = to_sql_time(self.query.filter.since_unix_nanos);
         let until = to_sql_time(self.query.until_unix_nanos.unwrap_or(u64::MAX));
-        let sql = if self.query.newest_first {
-            "SELECT id, data FROM chunks WHERE id < ?1 AND max_time >= ?2 AND min_time <= ?3 ORDER BY id DESC LIMIT ?4"
-        } else {
-            "SELECT id, data FROM chunks WHERE id > ?1 AND max_time >= ?2 AND min_time <= ?3 ORDER BY id ASC LIMIT ?4"
+        // Filters are read only when they can rule chunks out.
+        let sql = match (self.query.newest_first, self.keys.selective()) {
+            (false, false) => {
+                "SELECT id, NULL FROM chunks WHERE id > ?1 AND max_time >= ?2 AND min_time <= ?3 ORDER BY id ASC LIMIT ?4"
+            }
+            (true, false) => {
+                "SELECT id, NULL FROM chunks WHERE id < ?1 AND max_time >= ?2 AND min_time <= ?3 ORDER BY id DESC LIMIT ?4"
+            }
+            (false, true) => {
+                "SELECT c.id, f.filter FROM chunks c LEFT JOIN chunk_filters f ON f.chunk = c.id WHERE c.id > ?1 AND c.max_time >= ?2 AND c.min_time <= ?3 ORDER BY c.id ASC LIMIT ?4"
+            }
+            (true, true) => {
+                "SELECT c.id, f.filter FROM chunks c LEFT JOIN chunk_filters f ON f.chunk = c.id WHERE c.id < ?1 AND c.max_time >= ?2 AND c.min_time <= ?3 ORDER BY c.id DESC LIMIT ?4"
+            }
         };
         let cursor = self.cursor.unwrap_or(if self.query.newest_first {
             i64::MAX
@@ -709,48 +891,95 @@ impl HistoryIter {
         });
         let mut stmt = self.conn.prepare_cached(sql)?;
         let mut rows = stmt.query(params![cursor, since, until, QUERY_PAGE])?;
-        let mut n = 0;
+        let (mut ids, mut n) = (Vec::new(), 0);
         while let Some(row) = rows.next()? {
-            self.cursor = Some(row.get(0)?);
-            self.pending_chunks.push_back(row.get(1)?);
+            let id: i64 = row.get(0)?;
+            self.cursor = Some(id);
             n += 1;
+            self.counters.in_range.fetch_add(1, Ordering::Relaxed);
+            let filter = row
+                .get_ref(1)?
+                .as_blob_or_null()
+                .map_err(rusqlite::Error::from)?;
+            if self.keys.may_match(filter) {
+                ids.push(id);
+            } else {
+                self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        if n < QUERY_PAGE {
-            self.done = true;
-        }
-        Ok(())
+        Ok((ids, n < QUERY_PAGE))
     }
 
-    fn decode(&mut self, data: &[u8]) -> Result<(), HistoryError> {
-        let raw = lz4_flex::decompress_size_prepended(data)
-            .map_err(|e| HistoryError::Chunk(e.to_string()))?;
-        let mut buf = raw.as_slice();
-        let mut out = Vec::new();
-        let until = self.query.until_unix_nanos.unwrap_or(u64::MAX);
-        while !buf.is_empty() {
-            let stored = pb::StoredFlow::decode_length_delimited(&mut buf)
-                .map_err(|e| HistoryError::Chunk(e.to_string()))?;
-            let (node, sequence) = (stored.node.clone(), stored.sequence);
-            let entry = stored
-                .into_entry()
-                .map_err(|e| HistoryError::Chunk(e.to_string()))?;
-            if entry.time_unix_nanos() > until
-                || !self.query.filter.matches(&self.directory, &entry)
-            {
-                continue;
-            }
-            out.push(HistoryRecord {
-                node,
-                sequence,
-                entry,
-            });
-        }
-        if self.query.newest_first {
-            out.reverse();
-        }
-        self.ready.extend(out);
-        Ok(())
+    fn data(&self, id: i64) -> Result<Option<Vec<u8>>, HistoryError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT data FROM chunks WHERE id = ?1")?;
+        Ok(stmt.query_row([id], |r| r.get(0)).optional()?)
     }
+}
+
+/// A decoding thread: chunks in, their matching records out, until either side is gone.
+fn decode_chunks(
+    query: &HistoryQuery,
+    counters: &QueryCounters,
+    work: mpsc::Receiver<Work>,
+    out: mpsc::SyncSender<Decoded>,
+) {
+    // The history names peers when it writes them: queries match without a directory.
+    let directory = Directory::default();
+    let mut raw = Vec::new();
+    for w in work {
+        let decoded = match w {
+            Work::Chunk(data) => {
+                counters.decoded.fetch_add(1, Ordering::Relaxed);
+                decode_chunk(query, &directory, &data, &mut raw)
+            }
+            Work::Failed(e) => Err(e),
+        };
+        if out.send(decoded).is_err() {
+            return;
+        }
+    }
+}
+
+/// The records of a chunk that match the query, in its order; `raw` is the decompression
+/// buffer (kept from chunk to chunk).
+fn decode_chunk(
+    query: &HistoryQuery,
+    directory: &Directory,
+    data: &[u8],
+    raw: &mut Vec<u8>,
+) -> Decoded {
+    let damaged = |e: &dyn std::fmt::Display| HistoryError::Chunk(e.to_string());
+    let (size, compressed) = lz4_flex::block::uncompressed_size(data).map_err(|e| damaged(&e))?;
+    if size > MAX_CHUNK_BYTES {
+        return Err(HistoryError::Chunk(format!(
+            "it claims {size} bytes, more than a chunk holds"
+        )));
+    }
+    raw.resize(size, 0);
+    let n = lz4_flex::block::decompress_into(compressed, raw).map_err(|e| damaged(&e))?;
+    let mut buf = &raw[..n];
+    let mut out = Vec::new();
+    let until = query.until_unix_nanos.unwrap_or(u64::MAX);
+    while !buf.is_empty() {
+        let mut stored =
+            pb::StoredFlow::decode_length_delimited(&mut buf).map_err(|e| damaged(&e))?;
+        let (node, sequence) = (std::mem::take(&mut stored.node), stored.sequence);
+        let entry = stored.into_entry().map_err(|e| damaged(&e))?;
+        if entry.time_unix_nanos() > until || !query.filter.matches(directory, &entry) {
+            continue;
+        }
+        out.push(HistoryRecord {
+            node,
+            sequence,
+            entry,
+        });
+    }
+    if query.newest_first {
+        out.reverse();
+    }
+    Ok(out)
 }
 
 impl Iterator for HistoryIter {
@@ -758,21 +987,23 @@ impl Iterator for HistoryIter {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            if let Some(r) = self.ready.pop_front() {
+            if let Some(r) = self.ready.next() {
                 return Some(Ok(r));
-            }
-            if let Some(chunk) = self.pending_chunks.pop_front() {
-                if let Err(e) = self.decode(&chunk) {
-                    return Some(Err(e));
-                }
-                continue;
             }
             if self.done {
                 return None;
             }
-            if let Err(e) = self.fetch() {
-                self.done = true;
-                return Some(Err(e));
+            // The decoders' results in the turn the reader handed them the chunks; the first
+            // decoder with nothing more means there are no more chunks.
+            let next = self.decoded[self.turn].recv();
+            self.turn = (self.turn + 1) % self.decoded.len();
+            match next {
+                Ok(Ok(records)) => self.ready = records.into_iter(),
+                Ok(Err(e)) => return Some(Err(e)),
+                Err(mpsc::RecvError) => {
+                    self.done = true;
+                    return None;
+                }
             }
         }
     }
@@ -793,6 +1024,8 @@ impl FlowHistory {
         release
     }
 }
+
+mod index;
 
 #[cfg(test)]
 mod tests;

@@ -484,3 +484,314 @@ fn a_damaged_chunk_is_an_error_and_the_rest_is_read() {
     let p = pipeline(&history, directory());
     assert_eq!(p.restore_from(&history, 0).expect("restore"), (2, 2));
 }
+
+/// Writes one chunk per call (a flush closes it), with peers named by the writer's directory.
+fn write_chunk(h: &FlowHistory, first: u64, entries: Vec<FlowEntry>) {
+    h.offer(
+        Arc::from("n1"),
+        first,
+        entries.into_iter().map(Arc::new).collect(),
+        Some(Arc::new(directory())),
+    );
+    h.flush().expect("flush");
+}
+
+/// Twelve chunks of shop traffic (web-0 → api-0, named at both ends); tools/debug (10.0.0.3,
+/// which no agent names: the writer's directory does) reports an egress in chunk 3, is the
+/// peer of a denied probe in chunk 8 and is quarantined in chunk 10; an endpoint its agent could
+/// not name reports in chunk 5.
+fn forensic_store(h: &FlowHistory, t0: u64) -> u64 {
+    let mut sequence = 0;
+    for c in 0..12u64 {
+        let t = t0 + c * 1000;
+        let mut entries = Vec::new();
+        for i in 0..50 {
+            let mut web = record(
+                "shop/api-0",
+                "10.0.0.1",
+                "10.0.0.2",
+                FlowVerdict::Allowed,
+                t + i,
+            );
+            web.peer = Some("shop/web-0".parse().expect("pod"));
+            entries.push(FlowEntry::Flow(web));
+        }
+        match c {
+            3 => {
+                let mut out = record(
+                    "tools/debug",
+                    "10.0.0.3",
+                    "10.0.0.2",
+                    FlowVerdict::Allowed,
+                    t + 60,
+                );
+                out.direction = Direction::Egress;
+                entries.push(FlowEntry::Flow(out));
+            }
+            8 => entries.push(FlowEntry::Flow(record(
+                "shop/api-0",
+                "10.0.0.3",
+                "10.0.0.2",
+                FlowVerdict::Denied,
+                t + 60,
+            ))),
+            5 => entries.push(FlowEntry::Flow(record(
+                "endpoint#7",
+                "10.9.9.9",
+                "10.0.0.2",
+                FlowVerdict::Allowed,
+                t + 60,
+            ))),
+            10 => entries.push(FlowEntry::Quarantine(QuarantineEvent {
+                time_unix_nanos: t + 60,
+                pod: "tools/debug".parse().expect("pod"),
+                action: QuarantineAction::Quarantine,
+                quarantine: "debug".into(),
+                reason: "port scan".into(),
+                actor: "test".into(),
+            })),
+            _ => {}
+        }
+        let n = entries.len() as u64;
+        write_chunk(h, sequence, entries);
+        sequence += n;
+    }
+    sequence
+}
+
+/// A query's records and what it read.
+fn read(h: &FlowHistory, query: HistoryQuery) -> (Vec<HistoryRecord>, QueryStats) {
+    let mut it = h.query(query).expect("query");
+    let records = it.by_ref().collect::<Result<_, _>>().expect("records");
+    (records, it.stats())
+}
+
+/// Every record in the range, filtered one by one (what a query did before the index).
+fn full_scan(h: &FlowHistory, query: &HistoryQuery) -> Vec<HistoryRecord> {
+    let mut all = all(
+        h,
+        HistoryQuery {
+            filter: FlowFilter {
+                since_unix_nanos: query.filter.since_unix_nanos,
+                ..FlowFilter::default()
+            },
+            until_unix_nanos: query.until_unix_nanos,
+            newest_first: false,
+        },
+    );
+    all.retain(|r| query.filter.matches(&Directory::default(), &r.entry));
+    if query.newest_first {
+        all.reverse();
+    }
+    all
+}
+
+fn of_pod(pod: Option<&str>, namespace: Option<&str>, newest_first: bool) -> HistoryQuery {
+    HistoryQuery {
+        filter: FlowFilter {
+            pod: pod.map(str::to_string),
+            namespace: namespace.map(str::to_string),
+            ..FlowFilter::default()
+        },
+        until_unix_nanos: None,
+        newest_first,
+    }
+}
+
+#[test]
+fn a_pod_query_reads_only_the_chunks_that_name_the_pod_and_answers_as_a_full_scan() {
+    let tmp = TempDir::new("index");
+    let history = FlowHistory::open(HistoryConfig::new(&tmp.0)).expect("open");
+    let t0 = now_unix_nanos() - HOUR;
+    let written = forensic_store(&history, t0);
+    assert_eq!(history.stats().chunks_written, 12);
+
+    // (pod, namespace, the chunks that hold its records, records)
+    let cases: [(Option<&str>, Option<&str>, u64, usize); 8] = [
+        // As the reporting endpoint (egress), as the named peer (ingress), and quarantined.
+        (Some("tools/debug"), None, 3, 3),
+        (None, Some("tools"), 3, 3),
+        (Some("tools/debug"), Some("tools"), 3, 3),
+        // Both must be named in a chunk, not in one record: the quarantine's chunk holds shop
+        // traffic too, so it is read, and its quarantine action (of tools) does not match.
+        (Some("tools/debug"), Some("shop"), 3, 2),
+        (Some("endpoint#7"), None, 1, 1),
+        // In every chunk: the index cannot help, and does not hide anything.
+        (Some("shop/web-0"), None, 12, 600),
+        // Named nowhere: nothing read.
+        (Some("shop/gone"), None, 0, 0),
+        (None, Some("tools-other"), 0, 0),
+    ];
+    for (pod, namespace, chunks, n) in cases {
+        for newest_first in [false, true] {
+            let query = of_pod(pod, namespace, newest_first);
+            let (got, stats) = read(&history, query.clone());
+            let want = full_scan(&history, &query);
+            assert_eq!(got, want, "{query:?}");
+            assert_eq!(got.len(), n, "{query:?}");
+            assert_eq!(
+                stats,
+                QueryStats {
+                    chunks_in_range: 12,
+                    chunks_skipped: 12 - chunks,
+                    chunks_decoded: chunks,
+                },
+                "{query:?}"
+            );
+        }
+    }
+    // The forensics query over a time range: what tools/debug did before its quarantine.
+    let query = HistoryQuery {
+        until_unix_nanos: Some(t0 + 10 * 1000 + 60),
+        ..of_pod(Some("tools/debug"), None, false)
+    };
+    let (got, _) = read(&history, query.clone());
+    assert_eq!(got, full_scan(&history, &query));
+    assert_eq!(
+        times(&got),
+        [t0 + 3 * 1000 + 60, t0 + 8 * 1000 + 60, t0 + 10 * 1000 + 60]
+    );
+    // Without a pod or namespace every chunk is decoded, as before.
+    let (everything, stats) = read(&history, in_range(0, None));
+    assert_eq!(everything.len() as u64, written);
+    assert_eq!((stats.chunks_decoded, stats.chunks_skipped), (12, 0));
+}
+
+#[test]
+fn an_old_store_without_the_index_is_read_in_full_and_indexed_from_then_on() {
+    let tmp = TempDir::new("format1");
+    let t0 = now_unix_nanos() - HOUR;
+    let history = FlowHistory::open(HistoryConfig::new(&tmp.0)).expect("open");
+    forensic_store(&history, t0);
+    drop(history);
+    // What a format-1 controller left: the chunks alone.
+    Connection::open(tmp.0.join(DATABASE_FILE))
+        .and_then(|c| c.execute_batch("DROP TABLE chunk_filters; PRAGMA user_version = 1;"))
+        .expect("make it format 1");
+
+    let history = FlowHistory::open(HistoryConfig::new(&tmp.0)).expect("reopen");
+    let format: i64 = Connection::open(history.path())
+        .and_then(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))
+        .expect("format");
+    assert_eq!(format, FORMAT);
+    let query = of_pod(Some("tools/debug"), None, false);
+    let (got, stats) = read(&history, query.clone());
+    assert_eq!(got.len(), 3);
+    assert_eq!(got, full_scan(&history, &query));
+    assert_eq!(
+        (stats.chunks_decoded, stats.chunks_skipped),
+        (12, 0),
+        "chunks without a filter may hold anything"
+    );
+    // Chunks written now have filters: one without tools/debug is skipped.
+    let mut web = record(
+        "shop/api-0",
+        "10.0.0.1",
+        "10.0.0.2",
+        FlowVerdict::Allowed,
+        t0 + 20_000,
+    );
+    web.peer = Some("shop/web-0".parse().expect("pod"));
+    write_chunk(&history, 1000, vec![FlowEntry::Flow(web)]);
+    let probe = record(
+        "shop/api-0",
+        "10.0.0.3",
+        "10.0.0.2",
+        FlowVerdict::Denied,
+        t0 + 21_000,
+    );
+    write_chunk(&history, 1001, vec![FlowEntry::Flow(probe)]);
+    for newest_first in [false, true] {
+        let query = of_pod(Some("tools/debug"), None, newest_first);
+        let (got, stats) = read(&history, query.clone());
+        assert_eq!(got.len(), 4);
+        assert_eq!(got, full_scan(&history, &query));
+        assert_eq!(
+            stats,
+            QueryStats {
+                chunks_in_range: 14,
+                chunks_skipped: 1,
+                chunks_decoded: 13
+            }
+        );
+    }
+}
+
+/// Chunks and filters in the store, and filters without their chunk.
+fn filter_rows(path: &Path) -> (i64, i64, i64) {
+    let c = Connection::open(path).expect("open");
+    let count = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0)).expect(sql);
+    (
+        count("SELECT count(*) FROM chunks"),
+        count("SELECT count(*) FROM chunk_filters"),
+        count("SELECT count(*) FROM chunk_filters WHERE chunk NOT IN (SELECT id FROM chunks)"),
+    )
+}
+
+#[test]
+fn retention_drops_the_filters_with_their_chunks() {
+    // By age.
+    let tmp = TempDir::new("age-index");
+    let now = now_unix_nanos();
+    let history = FlowHistory::open(HistoryConfig::new(&tmp.0)).expect("open");
+    let probe = |t| {
+        FlowEntry::Flow(record(
+            "shop/api-0",
+            "10.0.0.3",
+            "10.0.0.2",
+            FlowVerdict::Denied,
+            t,
+        ))
+    };
+    write_chunk(&history, 0, vec![probe(now - 8 * 24 * HOUR)]);
+    write_chunk(&history, 1, vec![probe(now - 9 * 24 * HOUR)]);
+    write_chunk(&history, 2, vec![probe(now)]);
+    assert_eq!(history.stats().expired_age, 2);
+    assert_eq!(filter_rows(history.path()), (1, 1, 0));
+    let (got, stats) = read(&history, of_pod(Some("tools/debug"), None, false));
+    assert_eq!((got.len(), stats.chunks_in_range), (1, 1));
+    drop(history);
+
+    // By size: many chunks of many pods (large filters), dropped oldest first; what is in use
+    // (chunks, filters, tables) stays within the limit.
+    let tmp = TempDir::new("size-index");
+    let max_bytes = 256 << 10;
+    let history = FlowHistory::open(HistoryConfig {
+        max_bytes,
+        ..HistoryConfig::new(&tmp.0)
+    })
+    .expect("open");
+    for chunk in 0..40u64 {
+        let entries = (0..1000u64)
+            .map(|i| {
+                let n = chunk * 1000 + i;
+                let mut r = record(
+                    &format!("ns-{}/pod-{}", n % 97, n.wrapping_mul(2654435761) % 100_003),
+                    &format!("10.{}.{}.{}", n % 251, (n / 251) % 251, n % 13),
+                    "10.0.0.2",
+                    FlowVerdict::Allowed,
+                    now - HOUR + n,
+                );
+                r.src_port = (n.wrapping_mul(40503) % 65536) as u16;
+                r.bytes = n.wrapping_mul(2654435761);
+                FlowEntry::Flow(r)
+            })
+            .collect();
+        write_chunk(&history, chunk * 1000, entries);
+    }
+    let stats = history.stats();
+    assert!(stats.expired_size > 0, "{stats:?}");
+    assert!(stats.bytes <= max_bytes, "{stats:?}");
+    let (chunks, filters, orphans) = filter_rows(history.path());
+    assert!(chunks > 0 && chunks < 40, "{chunks} chunks");
+    assert_eq!((filters, orphans), (chunks, 0));
+    // The size counted is the pages in use, filters included.
+    let c = Connection::open(history.path()).expect("open");
+    assert_eq!(stats.bytes, used_bytes(&c).expect("used"));
+    let filter_bytes: i64 = c
+        .query_row("SELECT sum(length(filter)) FROM chunk_filters", [], |r| {
+            r.get(0)
+        })
+        .expect("filter bytes");
+    assert!(filter_bytes > 0);
+}
