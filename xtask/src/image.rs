@@ -96,7 +96,7 @@ pub const TARGETS: [Target; 2] = [AMD64, ARM64];
 pub const PROFILE: &str = "release";
 
 /// rustc flags for the image's binary on every architecture. `strip=symbols` drops the symbol
-/// table (`.symtab` + `.strtab`, 8.5 MB of the 40.3 MB amd64 binary; release builds carry no
+/// table (`.symtab` + `.strtab`, 8.5 MiB of the 40.5 MiB amd64 binary; release builds carry no
 /// debug info to strip): the image was over its 40 MB target (issue 17). The machine code is
 /// the same as without it, so the benchmarks' release figures stand; only a backtrace printed
 /// in the image shows addresses instead of function names. [`check_stripped`] keeps it so.
