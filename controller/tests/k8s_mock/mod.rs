@@ -127,10 +127,12 @@ pub fn cnp_discovery(path: &str, served: &[&str]) -> Option<Response<MockBody>> 
         // Served, but not for ClusterNetworkPolicy.
         vec![resource("adminnetworkpolicies", "AdminNetworkPolicy")]
     } else {
+        // A group version nobody serves: the API server's plain-text 404, not a Status.
         return Some(
             Response::builder()
                 .status(404)
-                .body(full(r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","details":{},"code":404}"#))
+                .header("content-type", "text/plain; charset=utf-8")
+                .body(full("404 page not found\n"))
                 .unwrap(),
         );
     };
