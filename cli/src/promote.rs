@@ -161,6 +161,8 @@ pub fn promoted(doc: &Value) -> anyhow::Result<Value> {
     let kind = str_at(doc, &["kind"]).unwrap_or_default();
     let (api_version, new_kind) = match kind {
         "StagedNetworkPolicy" => ("networking.k8s.io/v1", "NetworkPolicy"),
+        // v1alpha2: served by every network-policy-api release with ClusterNetworkPolicy
+        // (v0.3.0 serves it beside v1beta1), so the promoted file applies to any such cluster.
         "StagedClusterNetworkPolicy" => {
             ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy")
         }

@@ -3,8 +3,45 @@
 mod common;
 
 use bulkhead_controller::reachability::{Reachability, parse_pod_key};
-use bulkhead_controller::ruleset::{Protocol, Verdict};
+use bulkhead_controller::ruleset::{Protocol, RuleKind, Verdict};
 use common::*;
+
+/// network-policy-api v0.3.0 graduated ClusterNetworkPolicy to `v1beta1` with the schema of
+/// `v1alpha2`: the same policies in a file at either version compile to the same rule sets
+/// on every node (and mixing the two in one file is fine).
+#[test]
+fn cluster_network_policy_v1beta1_and_v1alpha2_compile_to_the_same_rule_sets() {
+    let policies = format!(
+        "{}{}",
+        cnp(
+            "deny-y-to-x",
+            "tier: Admin\npriority: 10\nsubject:\n  namespaces: {matchLabels: {ns: x}}\ningress:\n- action: Deny\n  from:\n  - namespaces: {matchLabels: {ns: y}}\n- action: Pass\n  from:\n  - namespaces: {matchLabels: {ns: z}}"
+        ),
+        cnp(
+            "baseline-isolate",
+            "tier: Baseline\npriority: 3\nsubject:\n  pods:\n    namespaceSelector: {}\n    podSelector: {matchLabels: {pod: a}}\negress:\n- action: Deny\n  to:\n  - networks: [10.0.3.0/24]"
+        )
+    );
+    let alpha = "apiVersion: policy.networking.k8s.io/v1alpha2";
+    let beta = "apiVersion: policy.networking.k8s.io/v1beta1";
+    assert_eq!(policies.matches(alpha).count(), 2);
+    let rulesets = |policies: &str| engine(&format!("{}{policies}", fixture())).rulesets();
+    let at_alpha = rulesets(&policies);
+    assert!(
+        at_alpha.values().any(|rs| rs
+            .rules
+            .values()
+            .any(|r| r.kind == RuleKind::ClusterNetworkPolicy && r.name == "baseline-isolate")),
+        "the policies are in force"
+    );
+    let at_beta = rulesets(&policies.replace(alpha, beta));
+    assert_eq!(at_alpha.len(), 2, "node-a and node-b");
+    assert_eq!(at_alpha, at_beta);
+    let mixed = rulesets(&policies.replacen(alpha, beta, 1));
+    assert_eq!(at_alpha, mixed);
+    // And they decide the same: y→x denied at either version.
+    assert_matrix(&tcp80(&policies.replace(alpha, beta)), &tcp80(&policies));
+}
 
 #[test]
 fn admin_deny_overrides_network_policy_allow() {

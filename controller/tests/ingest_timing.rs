@@ -15,7 +15,9 @@ use http::{Request, Response};
 use serde_json::{Value, json};
 
 mod k8s_mock;
-use k8s_mock::{MockBody, PATHS, Respond, fixture, full, mock_client, pending};
+use k8s_mock::{
+    CNP_VERSIONS, MockBody, PATHS, Respond, cnp_discovery, fixture, full, mock_client, pending,
+};
 
 fn pods() -> usize {
     std::env::var("BULKHEAD_INGEST_PODS")
@@ -86,6 +88,9 @@ impl Respond for PodServer {
         let query = req.uri().query().unwrap_or("").to_string();
         if query.contains("watch=true") {
             return Response::builder().status(200).body(pending()).unwrap();
+        }
+        if let Some(answer) = cnp_discovery(&path, &CNP_VERSIONS) {
+            return answer;
         }
         let body = match PATHS.iter().find(|(p, _)| *p == path) {
             Some((_, "pods")) => self.pods.take().unwrap_or_default(),

@@ -11,7 +11,7 @@ use http::{Request, Response};
 use serde_json::{Value, json};
 
 mod k8s_mock;
-use k8s_mock::{MockBody, Respond, full, mock_client};
+use k8s_mock::{MockBody, Respond, cnp_discovery, full, mock_client};
 
 /// Objects by request path; every request recorded as (method, path, query, body).
 #[derive(Default)]
@@ -20,6 +20,8 @@ struct ApiServer {
     requests: Vec<(String, String, String, Value)>,
     /// Deletes answer 409 (the precondition failed).
     conflict_on_delete: bool,
+    /// The versions of `policy.networking.k8s.io` serving ClusterNetworkPolicy (discovery).
+    cnp_served: Vec<&'static str>,
 }
 
 fn reply(code: u16, v: &Value) -> Response<MockBody> {
@@ -44,6 +46,11 @@ impl Respond for ApiServer {
         let body: Value = serde_json::from_slice(req.body()).unwrap_or(Value::Null);
         self.requests
             .push((method.clone(), path.clone(), query, body.clone()));
+        if method == "GET"
+            && let Some(answer) = cnp_discovery(&path, &self.cnp_served)
+        {
+            return answer;
+        }
         match method.as_str() {
             "GET" => match self.objects.get(&path) {
                 Some(o) => reply(200, o),
@@ -203,4 +210,73 @@ async fn an_audit_service_policy_is_switched_to_enforce_at_the_version_read() {
         .await
         .expect_err("enforced already");
     assert!(matches!(err, PromoteError::NotAudit(_)), "{err}");
+}
+
+/// The promoted ClusterNetworkPolicy is written at the version the cluster serves: v1beta1
+/// where network-policy-api v0.3.0 serves both, v1alpha2 where only that is served; with
+/// neither, nothing is written and the staged object stays.
+#[tokio::test]
+async fn a_staged_cluster_network_policy_is_applied_at_the_version_the_cluster_serves() {
+    const STAGED: &str = "/apis/bulkhead.dev/v1alpha1/stagedclusternetworkpolicies/guard";
+    let staged = json!({
+        "apiVersion": "bulkhead.dev/v1alpha1", "kind": "StagedClusterNetworkPolicy",
+        "metadata": {"name": "guard", "uid": "u-9", "resourceVersion": "12"},
+        "spec": {"tier": "Admin", "priority": 3, "subject": {"namespaces": {}},
+                 "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}
+    });
+    let target = StagedRef::ClusterNetworkPolicy {
+        name: "guard".into(),
+    };
+    for (served, written) in [
+        (&["v1beta1", "v1alpha2"][..], "v1beta1"),
+        (&["v1alpha2"][..], "v1alpha2"),
+    ] {
+        let mut server = ApiServer {
+            cnp_served: served.to_vec(),
+            ..Default::default()
+        };
+        server.objects.insert(STAGED.into(), staged.clone());
+        let (client, server, _task) = mock_client(server);
+        let done = promote(client, &target).await.expect("promoted");
+        assert_eq!(done.enforced, "ClusterNetworkPolicy guard");
+        assert!(done.staged_deleted);
+        let s = server.lock().unwrap();
+        let cnp = format!("/apis/policy.networking.k8s.io/{written}/clusternetworkpolicies/guard");
+        let (_, _, _, applied) = s
+            .requests
+            .iter()
+            .find(|(m, p, _, _)| m == "PATCH" && *p == cnp)
+            .unwrap_or_else(|| panic!("served {served:?}: no apply of {cnp} in {:?}", s.requests));
+        assert_eq!(
+            applied["apiVersion"],
+            json!(format!("policy.networking.k8s.io/{written}"))
+        );
+        assert_eq!(
+            (
+                &applied["kind"],
+                &applied["spec"]["tier"],
+                &applied["spec"]["priority"]
+            ),
+            (&json!("ClusterNetworkPolicy"), &json!("Admin"), &json!(3))
+        );
+        assert!(
+            !s.objects.contains_key(STAGED),
+            "the staged object is deleted"
+        );
+    }
+    let mut server = ApiServer::default();
+    server.objects.insert(STAGED.into(), staged.clone());
+    let (client, server, _task) = mock_client(server);
+    let err = promote(client, &target).await.expect_err("no CNP API");
+    assert!(
+        matches!(err, PromoteError::NoClusterNetworkPolicyApi),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("install network-policy-api"),
+        "{err}"
+    );
+    let s = server.lock().unwrap();
+    assert!(s.objects.contains_key(STAGED), "the staged object stays");
+    assert!(!s.requests.iter().any(|(m, _, _, _)| m != "GET"));
 }

@@ -19,7 +19,10 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 mod k8s_mock;
-use k8s_mock::{MockBody, PATHS, Respond, fixture, full, live, mock_client, pending};
+use k8s_mock::{
+    CNP_VERSIONS, MockBody, PATHS, Respond, cnp_discovery, fixture, full, live, mock_client,
+    pending,
+};
 
 const QUARANTINES: &str = "/apis/bulkhead.dev/v1alpha1/quarantines";
 const NAMESPACED_QUARANTINES: &str = "/apis/bulkhead.dev/v1alpha1/namespaces/";
@@ -112,6 +115,11 @@ impl ApiServer {
             content_type,
             body: body.clone(),
         });
+        if method == "GET"
+            && let Some(answer) = cnp_discovery(&path, &CNP_VERSIONS)
+        {
+            return answer;
+        }
         if method == "GET"
             && let Some((_, plural)) = PATHS.iter().find(|(p, _)| *p == path)
         {

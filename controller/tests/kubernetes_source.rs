@@ -16,7 +16,10 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 mod k8s_mock;
-use k8s_mock::{MockBody, PATHS, Respond, fixture, full, live, mock_client, pending};
+use k8s_mock::{
+    CNP_VERSIONS, MockBody, PATHS, Respond, cnp_discovery, fixture, full, live, mock_client,
+    pending, unserved_cnp_path,
+};
 
 fn fixture_lines(name: &str) -> Vec<String> {
     fixture(name).lines().map(str::to_string).collect()
@@ -54,12 +57,19 @@ struct ApiServer {
     recorded: Vec<Recorded>,
     /// The leader Lease, as created and updated by the controller.
     lease: Option<Value>,
+    /// The versions ClusterNetworkPolicy is served at (discovery, and its collection paths).
+    cnp_served: Vec<&'static str>,
+    /// Discovery requests answered 503 before the API server answers them.
+    discovery_failures: usize,
 }
 
 impl ApiServer {
     /// Every resource listed from its `<plural>.list.json` fixture, watches held open.
     fn from_fixtures() -> ApiServer {
-        let mut s = ApiServer::default();
+        let mut s = ApiServer {
+            cnp_served: CNP_VERSIONS.to_vec(),
+            ..Default::default()
+        };
         for (_, plural) in PATHS {
             s.resources.insert(
                 plural,
@@ -83,16 +93,42 @@ impl ApiServer {
         if path.contains("/leases") {
             return self.lease(req);
         }
+        if method == "GET"
+            && let Some(answer) = cnp_discovery(&path, &self.cnp_served)
+        {
+            self.recorded.push(Recorded {
+                method,
+                path,
+                query,
+                content_type: String::new(),
+                body: Value::Null,
+            });
+            if self.discovery_failures > 0 {
+                self.discovery_failures -= 1;
+                return Response::builder()
+                    .status(503)
+                    .body(full(r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server is currently unable to handle the request","reason":"ServiceUnavailable","code":503}"#))
+                    .unwrap();
+            }
+            return answer;
+        }
         if let Some((_, plural)) = PATHS.iter().find(|(p, _)| *p == path)
             && method == "GET"
         {
-            let r = self.resource(plural);
-            if r.not_found {
+            if self.resource(plural).not_found || unserved_cnp_path(&path, &self.cnp_served) {
+                self.recorded.push(Recorded {
+                    method,
+                    path,
+                    query,
+                    content_type: String::new(),
+                    body: Value::Null,
+                });
                 return Response::builder()
                     .status(StatusCode::NOT_FOUND)
                     .body(full(r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"the server could not find the requested resource","reason":"NotFound","details":{},"code":404}"#))
                     .unwrap();
             }
+            let r = self.resource(plural);
             if query.contains("watch=true") {
                 if let Some(WatchPlan::Fail(code)) = r.watches.front() {
                     let code = *code;
@@ -539,6 +575,103 @@ async fn watch_gone_410_relists_cleanly() {
     assert_eq!(np_lists, 2, "listed once, and once more after 410 Gone");
     // Nothing else was lost: frontend on node-a is still an endpoint.
     assert_eq!(h.ruleset("node-a").endpoints.len(), 1);
+}
+
+/// A list of one ClusterNetworkPolicy (Admin: deny all ingress to every pod) at `version`.
+fn cnp_list(version: &str) -> String {
+    let api_version = format!("policy.networking.k8s.io/{version}");
+    serde_json::json!({"kind": "ClusterNetworkPolicyList", "apiVersion": api_version,
+        "metadata": {"resourceVersion": "5300"},
+        "items": [{"apiVersion": api_version, "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "deny-all-ingress", "uid": "c1", "resourceVersion": "5300",
+                         "generation": 1, "creationTimestamp": "2026-12-01T10:00:00Z"},
+            "spec": {"tier": "Admin", "priority": 5, "subject": {"namespaces": {}},
+                     "ingress": [{"name": "deny", "action": "Deny",
+                                  "from": [{"namespaces": {}}]}]}}]})
+    .to_string()
+}
+
+/// network-policy-api v0.3.0 serves ClusterNetworkPolicy at v1beta1 (its storage version) and
+/// still at v1alpha2; older releases serve only v1alpha2. The source asks the API server which
+/// it serves (discovery, retried while it fails) and watches that version, v1beta1 when both
+/// are: the policies are enforced either way, and nothing is asked of a version not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_network_policies_are_watched_at_the_version_the_cluster_serves() {
+    let cases: [(&[&'static str], &str, usize); 3] = [
+        (&["v1beta1"], "v1beta1", 0),
+        (&["v1alpha2"], "v1alpha2", 0),
+        (&["v1beta1", "v1alpha2"], "v1beta1", 2),
+    ];
+    for (served, watched, discovery_failures) in cases {
+        let mut server = ApiServer::from_fixtures();
+        server.cnp_served = served.to_vec();
+        server.discovery_failures = discovery_failures;
+        server.resource("clusternetworkpolicies").lists = VecDeque::from([cnp_list(watched)]);
+        let h = start(server);
+        let (hub, gate) = (h.hub.clone(), h.gate.clone());
+        eventually(
+            &format!("the {watched} ClusterNetworkPolicy is in both nodes' rule sets"),
+            || {
+                gate.synced()
+                    && ["node-a", "node-b"].iter().all(|node| {
+                        hub.ruleset(node).is_some_and(|rs| {
+                            has_policy(&rs, RuleKind::ClusterNetworkPolicy, "deny-all-ingress")
+                        })
+                    })
+            },
+        )
+        .await;
+        let collection = format!("/apis/policy.networking.k8s.io/{watched}/clusternetworkpolicies");
+        let asked = h.recorded("GET", "/clusternetworkpolicies");
+        assert!(
+            !asked.is_empty() && asked.iter().all(|r| r.path == collection),
+            "served {served:?}: only {collection} is listed and watched, not {asked:?}"
+        );
+        let discovery = h
+            .recorded("GET", "/apis/policy.networking.k8s.io/v1")
+            .into_iter()
+            .filter(|r| !r.path.ends_with("/clusternetworkpolicies"))
+            .count();
+        assert!(
+            discovery > discovery_failures,
+            "served {served:?}: discovery asked {discovery} times"
+        );
+        drop(h);
+    }
+}
+
+/// A cluster without network-policy-api: ClusterNetworkPolicies count as empty and the rest
+/// is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_serving_no_cluster_network_policy_version_treats_them_as_empty() {
+    let mut server = ApiServer::from_fixtures();
+    server.cnp_served = Vec::new();
+    let h = start(server);
+    let hub = h.hub.clone();
+    let gate = h.gate.clone();
+    eventually("the cluster is listed and rule sets are served", || {
+        gate.synced()
+            && hub
+                .ruleset("node-b")
+                .is_some_and(|rs| !rs.endpoints.is_empty())
+    })
+    .await;
+    assert!(
+        !h.ruleset("node-b")
+            .rules
+            .values()
+            .any(|r| r.kind == RuleKind::ClusterNetworkPolicy)
+    );
+    // Discovery said neither version; the preferred one was tried and answered 404.
+    assert_eq!(
+        h.recorded("GET", "/clusternetworkpolicies")
+            .iter()
+            .map(|r| r.path.as_str())
+            .collect::<std::collections::BTreeSet<_>>(),
+        std::collections::BTreeSet::from([
+            "/apis/policy.networking.k8s.io/v1beta1/clusternetworkpolicies"
+        ])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -174,6 +174,27 @@ fn metadata_kind_and_duplicates() {
         "apiVersion",
         "must have apiVersion v1",
     );
+    // A ClusterNetworkPolicy at a version network-policy-api never served (v1alpha1 named
+    // AdminNetworkPolicy) or without one: refused, naming both versions that work.
+    for api_version in [
+        "policy.networking.k8s.io/v1alpha1",
+        "policy.networking.k8s.io/v1",
+    ] {
+        assert_error(
+            &format!(
+                "apiVersion: {api_version}\nkind: ClusterNetworkPolicy\nmetadata: {{name: c}}\nspec: {{tier: Admin, priority: 1, subject: {{namespaces: {{}}}}}}"
+            ),
+            "apiVersion",
+            &format!(
+                "ClusterNetworkPolicy must have apiVersion policy.networking.k8s.io/v1beta1 or policy.networking.k8s.io/v1alpha2, not \"{api_version}\""
+            ),
+        );
+    }
+    assert_error(
+        "kind: ClusterNetworkPolicy\nmetadata: {name: c}\nspec: {tier: Admin, priority: 1, subject: {namespaces: {}}}",
+        "apiVersion",
+        "must have apiVersion policy.networking.k8s.io/v1beta1 or policy.networking.k8s.io/v1alpha2, not \"\"",
+    );
     let dup = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: y}\n";
     let errs = errors(dup);
     assert_eq!(errs.len(), 1, "{errs:?}");

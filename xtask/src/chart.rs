@@ -759,11 +759,7 @@ fn check_args_parse(rendered: &[Rendered]) -> anyhow::Result<()> {
     run(Command::new("cargo")
         .current_dir(project_root())
         .args(["build", "--quiet", "-p", "bulkhead", "--bin", "bulkhead"]))?;
-    // Where that build put it: `CARGO_TARGET_DIR` when set (relative to the root), else target/.
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(|d| project_root().join(d))
-        .unwrap_or_else(|| project_root().join("target"));
-    let bulkhead = target_dir.join("debug/bulkhead");
+    let bulkhead = crate::target_dir().join("debug/bulkhead");
     for r in rendered {
         let text = fs::read_to_string(&r.manifests)?;
         let mut lines = text.lines();

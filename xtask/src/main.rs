@@ -107,6 +107,14 @@ pub fn project_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR` when set (relative to the root), else
+/// `target/` under the root.
+pub fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(|d| project_root().join(d))
+        .unwrap_or_else(|| project_root().join("target"))
+}
+
 fn step(what: &str) {
     println!("==> {what}");
 }

@@ -369,14 +369,63 @@ pub struct StagedClusterNetworkPolicySpec {
     pub policy: ClusterNetworkPolicySpec,
 }
 
-/// `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy (network-policy-api): rules of the
-/// Admin and Baseline tiers, the fields Bulkhead reads. Not Bulkhead's own kind: unknown fields
-/// are ignored (as kubectl does without `--validate=strict`), and Bulkhead generates no CRD
-/// for it.
+/// The group of network-policy-api's ClusterNetworkPolicy.
+pub const CNP_GROUP: &str = "policy.networking.k8s.io";
+
+/// A version of [`CNP_GROUP`] that serves ClusterNetworkPolicy. The schema is the same at
+/// both: network-policy-api v0.3.0 graduated the kind to `v1beta1` (its storage version) and
+/// still serves `v1alpha2`. Files may use either; the Kubernetes source watches the first of
+/// [`CnpVersion::PREFERENCE`] the cluster serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CnpVersion {
+    V1beta1,
+    V1alpha2,
+}
+
+impl CnpVersion {
+    /// Most preferred first.
+    pub const PREFERENCE: [CnpVersion; 2] = [CnpVersion::V1beta1, CnpVersion::V1alpha2];
+
+    /// `v1beta1`, `v1alpha2`.
+    pub fn version(self) -> &'static str {
+        match self {
+            CnpVersion::V1beta1 => "v1beta1",
+            CnpVersion::V1alpha2 => "v1alpha2",
+        }
+    }
+
+    /// `policy.networking.k8s.io/v1beta1`, `policy.networking.k8s.io/v1alpha2`.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            CnpVersion::V1beta1 => "policy.networking.k8s.io/v1beta1",
+            CnpVersion::V1alpha2 => "policy.networking.k8s.io/v1alpha2",
+        }
+    }
+
+    /// The version an `apiVersion` names, if it is one of these.
+    pub fn from_api_version(api_version: &str) -> Option<CnpVersion> {
+        CnpVersion::PREFERENCE
+            .into_iter()
+            .find(|v| v.api_version() == api_version)
+    }
+}
+
+impl std::fmt::Display for CnpVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.api_version())
+    }
+}
+
+/// network-policy-api's ClusterNetworkPolicy: rules of the Admin and Baseline tiers, the
+/// fields Bulkhead reads. The type says `v1beta1` (the storage version); `v1alpha2` has the
+/// same schema and is read into the same type ([`CnpVersion`]: the loader accepts both, the
+/// Kubernetes source watches the version the cluster serves). Not Bulkhead's own kind: unknown
+/// fields are ignored (as kubectl does without `--validate=strict`), and Bulkhead generates no
+/// CRD for it.
 #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[kube(
     group = "policy.networking.k8s.io",
-    version = "v1alpha2",
+    version = "v1beta1",
     kind = "ClusterNetworkPolicy",
     schema = "disabled"
 )]

@@ -62,7 +62,9 @@ impl Kind {
     pub fn version(self) -> &'static str {
         match self {
             Kind::Namespace | Kind::Node | Kind::Pod | Kind::NetworkPolicy => "v1",
-            Kind::ClusterNetworkPolicy => "v1alpha2",
+            // The type's; the source watches the version the cluster serves (see
+            // `super::crd::CnpVersion`).
+            Kind::ClusterNetworkPolicy => super::crd::CnpVersion::V1beta1.version(),
             Kind::ServicePolicy
             | Kind::Quarantine
             | Kind::StagedNetworkPolicy

@@ -6,9 +6,13 @@
 //!
 //! How `bulkhead controller --kubernetes [--leader-elect]` behaves:
 //! - One kube-runtime watcher per kind (Namespaces, Nodes, Pods, NetworkPolicies,
-//!   ClusterNetworkPolicies `policy.networking.k8s.io/v1alpha2`, ServicePolicies, Quarantines),
-//!   list then watch, re-listing after `410 Gone` or any error (with backoff). A kind whose API
-//!   the cluster does not serve (404, e.g. no ClusterNetworkPolicy CRD) counts as empty.
+//!   ClusterNetworkPolicies, ServicePolicies, Quarantines), list then watch, re-listing after
+//!   `410 Gone` or any error (with backoff). A kind whose API the cluster does not serve (404,
+//!   e.g. no ClusterNetworkPolicy CRD) counts as empty.
+//! - ClusterNetworkPolicies are watched at the version the API server serves them at: discovery
+//!   of `policy.networking.k8s.io/v1beta1` (network-policy-api v0.3.0 on), else `v1alpha2` (the
+//!   same schema, read into the same type, [`crd::CnpVersion`]); the chosen version is logged.
+//!   Asked when the source starts (and restarts), retried while the API server fails to answer.
 //! - Every object is watched as its kind's own type (k8s-openapi's, or [`crd`]'s) and converted
 //!   as it arrives by the manifest loader's conversion ([`crate::load::ToModel`], see
 //!   [`watched`]), so the semantics and the validation are those of the file source; the

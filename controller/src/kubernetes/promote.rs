@@ -11,11 +11,13 @@
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
 
 use super::crd::{
-    ClusterNetworkPolicy, ServicePolicy, StagedClusterNetworkPolicy, StagedNetworkPolicy,
+    CNP_GROUP, ClusterNetworkPolicy, CnpVersion, ServicePolicy, StagedClusterNetworkPolicy,
+    StagedNetworkPolicy,
 };
+use super::inventory::Kind;
 
 /// The field manager of promotions.
 pub const PROMOTE_FIELD_MANAGER: &str = "bulkhead-promote";
@@ -63,6 +65,12 @@ pub enum PromoteError {
         "{what} was applied, but the staged object changed after it was read and was kept: look at it and promote or delete it"
     )]
     StagedChanged { what: String },
+    #[error(
+        "the cluster serves no ClusterNetworkPolicy API ({} or {}): install network-policy-api's ClusterNetworkPolicy CRD first",
+        CnpVersion::V1beta1.api_version(),
+        CnpVersion::V1alpha2.api_version()
+    )]
+    NoClusterNetworkPolicyApi,
     #[error("{action}: {source}")]
     Api {
         action: String,
@@ -147,12 +155,22 @@ pub async fn promote(client: Client, target: &StagedRef) -> Result<Promoted, Pro
                 spec: s.spec.policy.clone(),
             };
             let enforced = format!("ClusterNetworkPolicy {name}");
-            let cnps: Api<ClusterNetworkPolicy> = Api::all(client);
+            // Written at the version the cluster serves (v1beta1 where it can).
+            let version = super::source::served_cnp_version(&client)
+                .await
+                .map_err(api_error(format!("discover the versions of {CNP_GROUP}")))?
+                .ok_or(PromoteError::NoClusterNetworkPolicyApi)?;
+            let resource = ApiResource {
+                version: version.version().into(),
+                api_version: version.api_version().into(),
+                ..Kind::ClusterNetworkPolicy.api_resource()
+            };
+            let cnps: Api<DynamicObject> = Api::all_with(client, &resource);
             let mut body = serde_json::to_value(&cnp).map_err(|e| PromoteError::Api {
                 action: format!("write {enforced}"),
                 source: kube::Error::SerdeError(e),
             })?;
-            body["apiVersion"] = "policy.networking.k8s.io/v1alpha2".into();
+            body["apiVersion"] = version.api_version().into();
             body["kind"] = "ClusterNetworkPolicy".into();
             cnps.patch(name, &apply, &Patch::Apply(&body))
                 .await

@@ -24,13 +24,13 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use super::crd::{
-    ClusterNetworkPolicy, Quarantine, ServicePolicy, StagedClusterNetworkPolicy,
-    StagedNetworkPolicy,
+    CNP_GROUP, ClusterNetworkPolicy, CnpVersion, Quarantine, ServicePolicy,
+    StagedClusterNetworkPolicy, StagedNetworkPolicy,
 };
 use super::inventory::{ApiKey, Changes, Entry, Inventory, Kind};
 use super::leader::Leadership;
 use super::status::{self, EVENT_NOTE_MAX, Enforcement, FIELD_MANAGER};
-use super::watched::{Checked, WatchedKind};
+use super::watched::{Checked, ServedVersion, WatchedKind};
 use crate::distribution::Hub;
 use crate::ruleset::RuleKind;
 use crate::supervise::{Backoff, TaskRestarts, spawn_supervised};
@@ -179,6 +179,8 @@ pub struct KubernetesSource {
     carried: Arc<Mutex<Carried>>,
     pub stats: Arc<SourceStats>,
     wake_status: Arc<Notify>,
+    /// The version ClusterNetworkPolicies are watched at (the Events about them name it).
+    cnp_version: Arc<Mutex<CnpVersion>>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -201,7 +203,16 @@ type EntryEvents = BoxStream<'static, (Kind, Result<Event<Entry>, watcher::Error
 
 /// Watches `K` (typed: each object is converted as it is decoded, see [`Checked`]).
 fn watch<K: WatchedKind>(client: Client, config: watcher::Config) -> EntryEvents {
-    let api: Api<Checked<K>> = Api::all(client);
+    watch_at::<K>(client, config, ServedVersion::default())
+}
+
+/// Watches `K` at `version` of its group.
+fn watch_at<K: WatchedKind>(
+    client: Client,
+    config: watcher::Config,
+    version: ServedVersion,
+) -> EntryEvents {
+    let api: Api<Checked<K>> = Api::all_with(client, &version);
     watcher::watcher(api, config)
         .default_backoff()
         .map(|e| {
@@ -217,8 +228,85 @@ fn watch<K: WatchedKind>(client: Client, config: watcher::Config) -> EntryEvents
         .boxed()
 }
 
+/// Which version of [`CNP_GROUP`] serves ClusterNetworkPolicy in this cluster, the first of
+/// [`CnpVersion::PREFERENCE`] whose resource list names `clusternetworkpolicies` (kube's
+/// discovery of one group version); `None` if neither does (no network-policy-api CRD).
+pub async fn served_cnp_version(client: &Client) -> Result<Option<CnpVersion>, kube::Error> {
+    for version in CnpVersion::PREFERENCE {
+        match client.list_api_group_resources(version.api_version()).await {
+            Ok(list) => {
+                if list
+                    .resources
+                    .iter()
+                    .any(|r| r.name == Kind::ClusterNetworkPolicy.plural())
+                {
+                    return Ok(Some(version));
+                }
+            }
+            // The group version is not served at all.
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// [`served_cnp_version`], asked again with backoff until the API server answers (the
+/// ClusterNetworkPolicy watch, and so the first complete list, waits for it: the other kinds'
+/// watches do not). Neither version served: the preferred one, whose watch then finds no API
+/// and counts the kind as empty, as for any kind the cluster does not serve.
+async fn discover_cnp_version(client: &Client) -> CnpVersion {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match served_cnp_version(client).await {
+            Ok(Some(version)) => {
+                tracing::info!(
+                    api_version = version.api_version(),
+                    "watching ClusterNetworkPolicies at the version the cluster serves"
+                );
+                return version;
+            }
+            Ok(None) => {
+                tracing::warn!(
+                    "the cluster serves ClusterNetworkPolicy at neither {} nor {} (no network-policy-api CRD): treating them as empty",
+                    CnpVersion::V1beta1.api_version(),
+                    CnpVersion::V1alpha2.api_version()
+                );
+                return CnpVersion::PREFERENCE[0];
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "could not ask the API server which versions of {CNP_GROUP} it serves; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// The ClusterNetworkPolicy watch, at the version [`discover_cnp_version`] finds (recorded in
+/// `watched` for the Events about these objects).
+fn watch_cluster_network_policies(
+    client: Client,
+    config: watcher::Config,
+    watched: Arc<Mutex<CnpVersion>>,
+) -> EntryEvents {
+    futures::stream::once(async move {
+        let version = discover_cnp_version(&client).await;
+        if let Ok(mut w) = watched.lock() {
+            *w = version;
+        }
+        watch_at::<ClusterNetworkPolicy>(client, config, ServedVersion(Some(version.version())))
+    })
+    .flatten()
+    .boxed()
+}
+
 /// One watch per kind the source reads.
-fn watch_all(client: &Client, config: &watcher::Config) -> Vec<EntryEvents> {
+fn watch_all(
+    client: &Client,
+    config: &watcher::Config,
+    cnp_version: &Arc<Mutex<CnpVersion>>,
+) -> Vec<EntryEvents> {
     Kind::ALL
         .iter()
         .map(|kind| {
@@ -228,7 +316,9 @@ fn watch_all(client: &Client, config: &watcher::Config) -> Vec<EntryEvents> {
                 Kind::Node => watch::<Node>(client, config),
                 Kind::Pod => watch::<Pod>(client, config),
                 Kind::NetworkPolicy => watch::<NetworkPolicy>(client, config),
-                Kind::ClusterNetworkPolicy => watch::<ClusterNetworkPolicy>(client, config),
+                Kind::ClusterNetworkPolicy => {
+                    watch_cluster_network_policies(client, config, cnp_version.clone())
+                }
                 Kind::ServicePolicy => watch::<ServicePolicy>(client, config),
                 Kind::Quarantine => watch::<Quarantine>(client, config),
                 Kind::StagedNetworkPolicy => watch::<StagedNetworkPolicy>(client, config),
@@ -251,6 +341,7 @@ impl KubernetesSource {
             carried: Arc::default(),
             stats: Arc::default(),
             wake_status: Arc::default(),
+            cnp_version: Arc::new(Mutex::new(CnpVersion::PREFERENCE[0])),
         }
     }
 
@@ -275,8 +366,11 @@ impl KubernetesSource {
             self.options.backoff,
             move || writer.clone().run(),
         ));
-        let mut events =
-            futures::stream::select_all(watch_all(&self.client, &self.options.watcher));
+        let mut events = futures::stream::select_all(watch_all(
+            &self.client,
+            &self.options.watcher,
+            &self.cnp_version,
+        ));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -469,6 +563,7 @@ struct StatusWriter {
     carried: Arc<Mutex<Carried>>,
     stats: Arc<SourceStats>,
     wake: Arc<Notify>,
+    cnp_version: Arc<Mutex<CnpVersion>>,
     interval: Duration,
     recorder: Recorder,
     /// What was last written per object (uid, status), so unchanged statuses are not sent.
@@ -491,6 +586,7 @@ impl StatusWriter {
             carried: source.carried.clone(),
             stats: source.stats.clone(),
             wake: source.wake_status.clone(),
+            cnp_version: source.cnp_version.clone(),
             interval: source.options.status_interval,
             recorder: Recorder::new(
                 source.client.clone(),
@@ -672,7 +768,7 @@ impl StatusWriter {
         };
         match self
             .recorder
-            .publish(&event, &reference(key, verdict))
+            .publish(&event, &self.reference(key, verdict))
             .await
         {
             Ok(()) => {
@@ -690,7 +786,7 @@ impl StatusWriter {
         verdict: &super::inventory::Verdict,
         problem: &str,
     ) -> bool {
-        let reference = reference(key, verdict);
+        let reference = self.reference(key, verdict);
         let note = if verdict.kept_last_good {
             format!("{problem} (the previous version stays in force)")
         } else {
@@ -716,10 +812,29 @@ impl StatusWriter {
     }
 }
 
+impl StatusWriter {
+    /// The object an Event is about, at the version it is watched at.
+    fn reference(&self, key: &ApiKey, verdict: &super::inventory::Verdict) -> ObjectReference {
+        let api_version = match key.kind {
+            Kind::ClusterNetworkPolicy => self
+                .cnp_version
+                .lock()
+                .map(|v| v.api_version().to_string())
+                .unwrap_or_else(|_| key.kind.api_version()),
+            _ => key.kind.api_version(),
+        };
+        reference(key, verdict, api_version)
+    }
+}
+
 /// The object an Event is about.
-fn reference(key: &ApiKey, verdict: &super::inventory::Verdict) -> ObjectReference {
+fn reference(
+    key: &ApiKey,
+    verdict: &super::inventory::Verdict,
+    api_version: String,
+) -> ObjectReference {
     ObjectReference {
-        api_version: Some(key.kind.api_version()),
+        api_version: Some(api_version),
         kind: Some(key.kind.name().into()),
         name: Some(key.name.clone()),
         namespace: (!key.namespace.is_empty()).then(|| key.namespace.clone()),

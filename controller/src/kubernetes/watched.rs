@@ -136,24 +136,33 @@ impl<K> Debug for Checked<K> {
     }
 }
 
+/// The version a kind is watched at: its type's own (the default), or another version of its
+/// group with the same schema that the cluster serves instead (ClusterNetworkPolicy at
+/// `v1alpha2`, see [`super::crd::CnpVersion`]). One type, the version a parameter.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ServedVersion(pub Option<&'static str>);
+
 impl<K: WatchedKind> Resource for Checked<K> {
-    type DynamicType = ();
+    type DynamicType = ServedVersion;
     type Scope = K::Scope;
 
-    fn kind(dt: &()) -> Cow<'_, str> {
-        K::kind(dt)
+    fn kind(_: &ServedVersion) -> Cow<'_, str> {
+        K::kind(&())
     }
 
-    fn group(dt: &()) -> Cow<'_, str> {
-        K::group(dt)
+    fn group(_: &ServedVersion) -> Cow<'_, str> {
+        K::group(&())
     }
 
-    fn version(dt: &()) -> Cow<'_, str> {
-        K::version(dt)
+    fn version(dt: &ServedVersion) -> Cow<'_, str> {
+        match dt.0 {
+            Some(v) => Cow::Borrowed(v),
+            None => K::version(&()),
+        }
     }
 
-    fn plural(dt: &()) -> Cow<'_, str> {
-        K::plural(dt)
+    fn plural(_: &ServedVersion) -> Cow<'_, str> {
+        K::plural(&())
     }
 
     fn meta(&self) -> &ObjectMeta {

@@ -1,5 +1,5 @@
-//! `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy ([`ClusterNetworkPolicy`]): the
-//! Admin and Baseline tiers.
+//! ClusterNetworkPolicy ([`ClusterNetworkPolicy`], `policy.networking.k8s.io/v1beta1` or its
+//! identical `v1alpha2`): the Admin and Baseline tiers.
 
 use super::meta::meta_name;
 use super::peers::{parse_cidr, port_name_problem, port_number, too_many_rules};

@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{FieldError, InputError};
 use crate::kubernetes::crd::{
-    ClusterNetworkPolicy, Quarantine, ServicePolicy, StagedClusterNetworkPolicy,
+    ClusterNetworkPolicy, CnpVersion, Quarantine, ServicePolicy, StagedClusterNetworkPolicy,
     StagedNetworkPolicy,
 };
 use crate::model::{Object, Peer, Policy};
@@ -392,9 +392,18 @@ fn parse_value(
         "NetworkPolicy" if expect("networking.k8s.io/v1", errors) => {
             typed::<NetworkPolicy>(value, kind, prefix, out, errors)
         }
-        "ClusterNetworkPolicy" if expect("policy.networking.k8s.io/v1alpha2", errors) => {
-            typed::<ClusterNetworkPolicy>(value, kind, prefix, out, errors)
-        }
+        // The same schema at both versions (network-policy-api v0.3.0 graduated it to v1beta1).
+        "ClusterNetworkPolicy" => match CnpVersion::from_api_version(api_version) {
+            Some(_) => typed::<ClusterNetworkPolicy>(value, kind, prefix, out, errors),
+            None => errors.push(FieldError::new(
+                format!("{prefix}apiVersion"),
+                format!(
+                    "ClusterNetworkPolicy must have apiVersion {} or {}, not {api_version:?}",
+                    CnpVersion::V1beta1.api_version(),
+                    CnpVersion::V1alpha2.api_version()
+                ),
+            )),
+        },
         "ServicePolicy" if expect("bulkhead.dev/v1alpha1", errors) => {
             typed::<ServicePolicy>(value, kind, prefix, out, errors)
         }
@@ -407,8 +416,7 @@ fn parse_value(
         "StagedClusterNetworkPolicy" if expect("bulkhead.dev/v1alpha1", errors) => {
             typed::<StagedClusterNetworkPolicy>(value, kind, prefix, out, errors)
         }
-        "Namespace" | "Node" | "Pod" | "Deployment" | "NetworkPolicy" | "ClusterNetworkPolicy"
-        | "ServicePolicy" | "Quarantine" | "StagedNetworkPolicy" | "StagedClusterNetworkPolicy" => {}
+        "Namespace" | "Node" | "Pod" | "Deployment" | "NetworkPolicy" | "ServicePolicy" | "Quarantine" | "StagedNetworkPolicy" | "StagedClusterNetworkPolicy" => {}
         other => warnings.push(format!(
             "skipping {other} {:?}: bulkhead policy reads Namespace, Pod, Node, Deployment, NetworkPolicy, ClusterNetworkPolicy, ServicePolicy, Quarantine, StagedNetworkPolicy, StagedClusterNetworkPolicy and List",
             value

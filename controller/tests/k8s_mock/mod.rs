@@ -70,15 +70,20 @@ pub fn mock_client<S: Respond>(
 }
 
 /// Collection paths the Kubernetes source lists and watches, with the plural naming their
-/// `<plural>.list.json` fixture.
+/// `<plural>.list.json` fixture. ClusterNetworkPolicies at both versions a cluster may serve
+/// them at (the source watches the one [`cnp_discovery`] says is served).
 #[allow(dead_code)]
-pub const PATHS: [(&str, &str); 9] = [
+pub const PATHS: [(&str, &str); 10] = [
     ("/api/v1/namespaces", "namespaces"),
     ("/api/v1/nodes", "nodes"),
     ("/api/v1/pods", "pods"),
     (
         "/apis/networking.k8s.io/v1/networkpolicies",
         "networkpolicies",
+    ),
+    (
+        "/apis/policy.networking.k8s.io/v1beta1/clusternetworkpolicies",
+        "clusternetworkpolicies",
     ),
     (
         "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies",
@@ -98,3 +103,52 @@ pub const PATHS: [(&str, &str); 9] = [
         "stagedclusternetworkpolicies",
     ),
 ];
+
+/// Both versions of `policy.networking.k8s.io` that serve ClusterNetworkPolicy, as a cluster
+/// with network-policy-api v0.3.0 serves them.
+pub const CNP_VERSIONS: [&str; 2] = ["v1beta1", "v1alpha2"];
+
+/// The API server's answer to the discovery of `/apis/policy.networking.k8s.io/<version>`
+/// (the resources of one group version) when it serves ClusterNetworkPolicy at the versions
+/// in `served`, and network-policy-api's v1alpha1 AdminNetworkPolicy (as older releases
+/// install it); `None` for any other path.
+pub fn cnp_discovery(path: &str, served: &[&str]) -> Option<Response<MockBody>> {
+    let version = path.strip_prefix("/apis/policy.networking.k8s.io/")?;
+    if version.contains('/') {
+        return None;
+    }
+    let resource = |name: &str, kind: &str| {
+        serde_json::json!({"name": name, "singularName": "", "namespaced": false, "kind": kind,
+            "verbs": ["delete", "deletecollection", "get", "list", "patch", "create", "update", "watch"]})
+    };
+    let resources = if served.contains(&version) {
+        vec![resource("clusternetworkpolicies", "ClusterNetworkPolicy")]
+    } else if version == "v1alpha1" {
+        // Served, but not for ClusterNetworkPolicy.
+        vec![resource("adminnetworkpolicies", "AdminNetworkPolicy")]
+    } else {
+        // A group version nobody serves: the API server's plain-text 404, not a Status.
+        return Some(
+            Response::builder()
+                .status(404)
+                .header("content-type", "text/plain; charset=utf-8")
+                .body(full("404 page not found\n"))
+                .unwrap(),
+        );
+    };
+    let list = serde_json::json!({"kind": "APIResourceList", "apiVersion": "v1",
+        "groupVersion": format!("policy.networking.k8s.io/{version}"), "resources": resources});
+    Some(
+        Response::builder()
+            .status(200)
+            .body(full(list.to_string()))
+            .unwrap(),
+    )
+}
+
+/// Whether `path` is the ClusterNetworkPolicy collection at a version not in `served`.
+pub fn unserved_cnp_path(path: &str, served: &[&str]) -> bool {
+    path.strip_prefix("/apis/policy.networking.k8s.io/")
+        .and_then(|rest| rest.strip_suffix("/clusternetworkpolicies"))
+        .is_some_and(|version| !served.contains(&version))
+}

@@ -43,7 +43,7 @@ use std::{
 
 use anyhow::{Context, anyhow, bail};
 
-use crate::{describe, image::Built, output, project_root, step};
+use crate::{describe, image::Built, output, step};
 
 mod mapping;
 mod pods;
@@ -288,11 +288,7 @@ fn run_test(names: &Names, built: &Built) -> anyhow::Result<()> {
 }
 
 fn run_checks(names: &Names, built: &Built, guard: &mut Cleanup) -> anyhow::Result<()> {
-    let root = project_root();
-    let binary = root
-        .join("target")
-        .join(crate::image::AMD64.triple)
-        .join("release/bulkhead");
+    let binary = crate::image::AMD64.binary();
     let bin = |args: &[&str]| output(Command::new(&binary).args(args));
 
     // Pods, after making sure no route on this host uses their addresses.
