@@ -3,6 +3,8 @@
 //! `bulkhead policy impact` replays the flows the controller received against a proposal that
 //! would deny web → api (it lists that edge, and `--fail-on-deny` exits 1), against a harmless
 //! proposal (exit 0), and nothing of either reaches enforcement: the connections still work.
+//! Then, with least privilege enforced, the deletion of an allow rule lists exactly the edge it
+//! would break.
 
 mod common;
 
@@ -75,6 +77,36 @@ metadata: {name: debug-ingress, namespace: tools}
 spec:
   podSelector: {}
   policyTypes: [Ingress]
+"#;
+
+/// Least privilege for the shop: isolated, web → api:8080 and api → db:5432 allowed.
+const ENFORCED: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: shop}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-web-to-api, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 8080}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-api-to-db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: api}}}]
+    ports: [{port: 5432}]
 "#;
 
 fn connects(from: &Pod, to: &Pod, port: u16) -> bool {
@@ -236,5 +268,84 @@ fn impact_lists_observed_connections_a_proposal_would_deny() {
     assert!(
         connects(&p["shop/api"], &p["shop/db"], 5432),
         "api → db still works"
+    );
+
+    // With least privilege in force (the shop isolated, web → api and api → db allowed by one
+    // policy each), deleting the allow rule of web → api lists exactly that edge: observed
+    // admitted, denied after by the shop's default deny; api → db and the rest do not change.
+    let enforced = lab.dir.join("enforced.yaml");
+    std::fs::write(&enforced, ENFORCED).expect("write");
+    run_ok(&[
+        "lab",
+        "--state",
+        &s,
+        "apply",
+        "-f",
+        &enforced.to_string_lossy(),
+    ]);
+    assert!(
+        connects(&p["shop/web"], &p["shop/api"], 8080),
+        "allowed: web → api"
+    );
+    assert!(
+        connects(&p["shop/api"], &p["shop/db"], 5432),
+        "allowed: api → db"
+    );
+    assert!(
+        !connects(&p["shop/web"], &p["shop/db"], 5432),
+        "denied: web → db"
+    );
+    let delete = [
+        "--delete",
+        "NetworkPolicy/shop/allow-web-to-api",
+        "-o",
+        "json",
+    ];
+    let started = Instant::now();
+    let report = loop {
+        let (code, out, err) = impact(&s, &delete);
+        assert_eq!(code, 0, "{err}");
+        let r: serde_json::Value = serde_json::from_str(&out).expect("json");
+        if r["breaks"].as_u64() >= Some(1) {
+            break r;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the deletion never showed the web → api edge: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(
+        report["proposal"]["deleted"][0],
+        "NetworkPolicy/shop/allow-web-to-api"
+    );
+    let changed = report["changed"].as_array().expect("changed");
+    assert_eq!(changed.len(), 1, "exactly the affected edge: {report}");
+    let e = &changed[0];
+    assert_eq!(
+        (e["src"].as_str(), e["dst"].as_str(), e["at"].as_str()),
+        (Some("shop/web"), Some("shop/api"), Some("shop/api")),
+        "{report}"
+    );
+    assert_eq!(
+        (e["change"].as_str(), e["breaks"].as_bool()),
+        (Some("newly-denied"), Some(true))
+    );
+    assert_eq!(e["port"].as_u64(), Some(8080));
+    assert!(
+        e["before"]["rule"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("NetworkPolicy shop/allow-web-to-api ingress")),
+        "{report}"
+    );
+    assert_eq!(
+        e["after"]["rule"], "NetworkPolicy shop/default-deny ingress default-deny",
+        "{report}"
+    );
+    assert_eq!(report["breaks"], 1);
+    // Asking changed nothing.
+    assert!(
+        connects(&p["shop/web"], &p["shop/api"], 8080),
+        "web → api still allowed"
     );
 }
