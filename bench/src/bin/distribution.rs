@@ -170,6 +170,11 @@ fn spawn_agents(
 }
 
 /// The agents' process: nodes from stdin, what they realized to stdout.
+///
+/// The lines are written by a thread of their own, not by a task of the agents' runtime: a
+/// blocking write to a full pipe would stall one of the runtime's workers, and with it the
+/// agents queued on it (the time an agent realized a version is read before it is reported, so
+/// batching the reports changes no figure).
 async fn agents_process(addr: String) -> anyhow::Result<()> {
     use std::io::{BufRead, Write};
     let nodes: Vec<String> = std::io::stdin()
@@ -179,14 +184,22 @@ async fn agents_process(addr: String) -> anyhow::Result<()> {
         .context("node names on stdin")?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Seen>();
     spawn_agents(&addr, nodes, tx)?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    while let Some((node, version, at)) = rx.recv().await {
-        writeln!(out, "{node} {version} {}", at.as_nanos())?;
-        // Flush when nothing else is waiting: batches under load, prompt when idle.
-        if rx.is_empty() {
-            out.flush()?;
-        }
-    }
+    let writer = std::thread::Builder::new()
+        .name("bench-agents-writer".into())
+        .spawn(move || -> std::io::Result<()> {
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+            while let Some((node, version, at)) = rx.blocking_recv() {
+                writeln!(out, "{node} {version} {}", at.as_nanos())?;
+                // Flush when nothing else is waiting: batches under load, prompt when idle.
+                if rx.is_empty() {
+                    out.flush()?;
+                }
+            }
+            Ok(())
+        })?;
+    tokio::task::spawn_blocking(move || writer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the agents' writer thread panicked"))??;
     Ok(())
 }
 
@@ -220,6 +233,13 @@ fn agents_child(
     }
     drop(stdin);
     let stdout = child.0.stdout.take().context("agents' stdout")?;
+    // Room for a whole fan-out's reports (5,000 lines of ~40 bytes), so the agents' writer
+    // rarely waits for this reader; where the kernel refuses, the default pipe still works.
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_SETPIPE_SZ on a pipe we own; failure leaves the pipe as it was.
+        unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    }
     std::thread::Builder::new()
         .name("bench-agents-reader".into())
         .spawn(move || {
@@ -282,10 +302,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let service = DistributionService::new(hub.clone(), Arc::new(Mutex::new(FlowStore::new(1024))));
+    // Accepted sockets without Nagle's delay, as the controller's own acceptor sets them
+    // (controller/src/server/tls.rs) and tonic's when it binds itself.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |s| {
+            if let Ok(s) = &s {
+                let _ = s.set_nodelay(true);
+            }
+            s
+        },
+    );
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service.into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(incoming),
     );
 
     // One agent per node, each following its node and reporting what it received.
@@ -326,6 +357,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for kind in ["policy edit", "pod relabel", "quarantine"] {
         let mut latencies = Vec::new();
         let mut apply_times = Vec::new();
+        // For quarantines: (is a release, latency) of each sample.
+        let mut by_action: Vec<(bool, Duration)> = Vec::new();
         let parts_before = hub_parts(&hub);
         let mut affected_total = 0;
         for i in 0..args.samples {
@@ -395,6 +428,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             if !deltas.is_empty() {
                 latencies.push(last.saturating_sub(t0_mono));
+                by_action.push((i % 2 == 1, last.saturating_sub(t0_mono)));
             }
         }
         let mut a = apply_times;
@@ -403,6 +437,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             percentile(&mut a, 0.5).as_secs_f64() * 1e3,
             percentile(&mut a, 0.99).as_secs_f64() * 1e3
         );
+        if kind == "quarantine" {
+            for (release, what) in [(false, "quarantines"), (true, "releases")] {
+                let mut l: Vec<Duration> = by_action
+                    .iter()
+                    .filter(|(r, _)| *r == release)
+                    .map(|(_, d)| *d)
+                    .collect();
+                if !l.is_empty() {
+                    println!(
+                        "quarantine: {what} alone to every node p50 {:.2} ms, p99 {:.2} ms ({} samples)",
+                        percentile(&mut l, 0.5).as_secs_f64() * 1e3,
+                        percentile(&mut l, 0.99).as_secs_f64() * 1e3,
+                        l.len()
+                    );
+                }
+            }
+        }
         let parts = hub_parts(&hub);
         let per_change = |i: usize| (parts[i] - parts_before[i]) as f64 / 1e6 / args.samples as f64;
         println!(
