@@ -3,8 +3,9 @@
 //! connect to it outside the pod network, with their own address (no SNAT); the cluster DNS
 //! answers with the declared TTL and the CNAME chain over UDP and TCP; a default-deny egress
 //! policy stops resolution and one that allows `kube-system`/`k8s-app: kube-dns` on port 53
-//! brings it back; `lab probe --to NAME` resolves from each pod; `lab down` leaves no namespace,
-//! `/etc/netns` entry or process behind.
+//! brings it back; `lab probe --to NAME` resolves from each pod; `lab heal` restarts a dead
+//! cluster DNS; `lab delete` takes a host and a pod's `resolv.conf` away; `lab down` leaves no
+//! namespace, `/etc/netns` entry or process behind.
 
 mod common;
 
@@ -380,6 +381,53 @@ fn pods_resolve_external_hosts_through_the_cluster_dns_as_policies_allow() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // `lab heal` restarts a dead cluster DNS.
+    let lab_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(lab.state.join("lab.json")).expect("lab.json"),
+    )
+    .expect("json");
+    let dnsmasq = lab_json["pods"]["kube-system/kube-dns"]["server_pid"]
+        .as_u64()
+        .expect("the cluster DNS runs") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dnsmasq),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill dnsmasq");
+    let healed = run_ok(&["lab", "--state", &state, "heal"]);
+    assert!(healed.contains("server kube-system/kube-dns"), "{healed}");
+    assert_eq!(
+        getaddrinfo(&lab, "shop/client", "api.example.com").as_deref(),
+        Ok("198.51.100.10")
+    );
+
+    // `lab delete`: the host's name, address and server go; a deleted pod's resolv.conf too.
+    let near = pods["shop/near"].netns.clone();
+    let external_doc = MANIFESTS
+        .split("---")
+        .find(|d| d.contains("kind: ExternalHost"))
+        .expect("the ExternalHost document");
+    let near_doc = MANIFESTS
+        .split("---")
+        .find(|d| d.contains("name: near"))
+        .expect("the near pod");
+    let gone = write("gone.yaml", &format!("{near_doc}---{external_doc}"));
+    run_ok(&["lab", "--state", &state, "delete", "-f", &gone]);
+    assert!(!std::path::Path::new("/etc/netns").join(&near).exists());
+    assert!(getaddrinfo(&lab, "shop/client", "api.example.com").is_err());
+    assert!(
+        !lab_processes(&state)
+            .iter()
+            .any(|c| c.contains("external/example-api")),
+        "the host's server stopped"
+    );
+    let out = python_in_pod(
+        &lab,
+        "shop/client",
+        "import socket; socket.create_connection(('198.51.100.10', 443), timeout=1)",
+    );
+    assert!(!out.status.success(), "the deleted host is unreachable");
 
     // An invalid ExternalHost is refused with the field that is wrong, and changes nothing.
     let bad = write(
