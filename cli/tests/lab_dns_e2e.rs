@@ -395,6 +395,18 @@ fn pods_resolve_external_hosts_through_the_cluster_dns_as_policies_allow() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill dnsmasq");
+    // Heal sees a process as dead once it is gone or a zombie: wait for that, not a while.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{dnsmasq}/stat")).is_ok_and(|s| {
+        !s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dnsmasq survived SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let healed = run_ok(&["lab", "--state", &state, "heal"]);
     assert!(healed.contains("server kube-system/kube-dns"), "{healed}");
     assert_eq!(

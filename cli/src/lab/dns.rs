@@ -170,13 +170,25 @@ pub fn write_config(state: &LabState) -> anyhow::Result<bool> {
 /// Starts dnsmasq in the cluster DNS pod's namespace, detached like the lab's other pod
 /// processes, and waits until it serves (its pid file is written once its sockets are bound).
 pub fn start(state: &LabState, pod: &LabPod) -> anyhow::Result<u32> {
+    // As `ip netns exec` would look for it, and in /usr/sbin (not in every user's PATH).
+    let dnsmasq = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("dnsmasq"))
+        .find(|p| p.is_file())
+        .context(
+            "dnsmasq is not installed, and every lab runs it as its cluster DNS: `apt-get install dnsmasq-base` (or `cargo xtask setup`)",
+        )?;
     write_config(state)?;
     let pid_file = pid_path(state);
     let _ = std::fs::remove_file(&pid_file);
     let log = state.logs_dir().join("dns.log");
     let pid = super::spawn_detached(
         Command::new("ip")
-            .args(["netns", "exec", &pod.netns, "dnsmasq"])
+            .args(["netns", "exec", &pod.netns])
+            .arg(&dnsmasq)
             .args([
                 "--keep-in-foreground",
                 "--no-resolv",
@@ -189,7 +201,7 @@ pub fn start(state: &LabState, pod: &LabPod) -> anyhow::Result<u32> {
             .arg(format!("--pid-file={}", pid_file.display())),
         &log,
     )
-    .context("start dnsmasq (Debian package dnsmasq-base; `cargo xtask setup` installs it)")?;
+    .context("start dnsmasq in the cluster DNS pod")?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while !pid_file.exists() {
         if !alive(pid) || Instant::now() > deadline {

@@ -76,14 +76,15 @@ struct Document {
     spec: Spec,
 }
 
+/// Labels and annotations are accepted (as on any object) and mean nothing to the lab.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Metadata {
     name: String,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
+    #[serde(default, rename = "labels")]
+    _labels: BTreeMap<String, String>,
+    #[serde(default, rename = "annotations")]
+    _annotations: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -151,7 +152,6 @@ pub fn parse(doc: &Value) -> anyhow::Result<ExternalHost> {
                 .unwrap_or_default()
         )
     })?;
-    let _ = (&d.metadata.labels, &d.metadata.annotations);
     let host = &d.metadata.name;
     let result = (|| -> anyhow::Result<ExternalHost> {
         if d.api_version != API_VERSION {

@@ -952,8 +952,9 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             // The cluster DNS's dnsmasq names the state directory in its `--conf-file`.
+            let program = cmdline.split(' ').next().unwrap_or_default();
             if cmdline.contains(&needle)
-                && (cmdline.contains("bulkhead") || cmdline.starts_with("dnsmasq "))
+                && (cmdline.contains("bulkhead") || program.ends_with("dnsmasq"))
             {
                 pids.push(pid);
             }
