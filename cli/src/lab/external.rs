@@ -250,21 +250,16 @@ pub fn parse(doc: &Value) -> anyhow::Result<ExternalHost> {
 }
 
 /// Checks that no two hosts share an address or a name (the cluster DNS would mix them up).
-pub fn check_unique(hosts: &BTreeMap<String, ExternalHostState>) -> anyhow::Result<()> {
+pub fn check_unique(hosts: &BTreeMap<String, ExternalHost>) -> anyhow::Result<()> {
     let mut addresses: BTreeMap<IpAddr, &str> = BTreeMap::new();
     let mut names: BTreeMap<&str, &str> = BTreeMap::new();
     for (key, h) in hosts {
-        for a in &h.spec.addresses {
+        for a in &h.addresses {
             if let Some(other) = addresses.insert(*a, key) {
                 bail!("ExternalHosts {other:?} and {key:?} both have the address {a}");
             }
         }
-        for n in h
-            .spec
-            .names
-            .iter()
-            .chain(h.spec.aliases.iter().map(|a| &a.name))
-        {
+        for n in h.names.iter().chain(h.aliases.iter().map(|a| &a.name)) {
             if let Some(other) = names.insert(n, key) {
                 bail!("ExternalHosts {other:?} and {key:?} both have the name {n}");
             }
@@ -485,6 +480,8 @@ pub fn start_server(state: &LabState, host: &ExternalHost) -> anyhow::Result<Opt
 /// Makes the lab's external hosts what `wanted` declares: new and changed hosts (re)made,
 /// removed ones taken away, their servers running. The cluster DNS's records are the caller's.
 pub fn sync(state: &mut LabState, wanted: BTreeMap<String, ExternalHost>) -> anyhow::Result<()> {
+    // Refused before anything is taken down.
+    check_unique(&wanted)?;
     let current = std::mem::take(&mut state.external_hosts);
     let mut next: BTreeMap<String, ExternalHostState> = BTreeMap::new();
     for (key, host) in &current {
@@ -501,7 +498,6 @@ pub fn sync(state: &mut LabState, wanted: BTreeMap<String, ExternalHost>) -> any
             server_pid: None,
         });
     }
-    check_unique(&next)?;
     if !next.is_empty() {
         ensure_network(state)?;
     }
@@ -564,6 +560,26 @@ mod tests {
                 ("www.example.com".to_string(), "api.example.com".to_string()),
                 ("cdn.example.net".to_string(), "www.example.com".to_string())
             ]
+        );
+    }
+
+    #[test]
+    fn two_hosts_may_not_share_a_name_or_an_address() {
+        let a = parse(&doc("{addresses: [198.51.100.1], names: [a.example.com]}")).expect("a");
+        let mut b = a.clone();
+        b.name = "other".into();
+        b.addresses = vec!["198.51.100.2".parse().expect("addr")];
+        let both = BTreeMap::from([("a".to_string(), a.clone()), ("other".to_string(), b)]);
+        assert!(
+            format!("{:#}", check_unique(&both).expect_err("shared name"))
+                .contains("a.example.com")
+        );
+        let mut c = a.clone();
+        c.names = vec!["c.example.com".into()];
+        let both = BTreeMap::from([("a".to_string(), a), ("c".to_string(), c)]);
+        assert!(
+            format!("{:#}", check_unique(&both).expect_err("shared address"))
+                .contains("198.51.100.1")
         );
     }
 

@@ -204,6 +204,19 @@ pub(super) fn classify(docs: Vec<Value>) -> anyhow::Result<Declared> {
             }
         }
     }
+    let dns_address = dns::ADDRESS_V4.to_string();
+    if let Some((key, _)) = pods.iter().find(|(_, p)| {
+        str_at(p, &["status", "podIP"]) == Some(dns_address.as_str())
+            || p.get("status")
+                .and_then(|s| s.get("podIPs"))
+                .and_then(Value::as_sequence)
+                .is_some_and(|ips| {
+                    ips.iter()
+                        .any(|i| str_at(i, &["ip"]) == Some(dns_address.as_str()))
+                })
+    }) {
+        bail!("pod {key}: {dns_address} is the lab's cluster DNS address: give the pod another");
+    }
     if pods.contains_key(dns::POD_KEY) {
         bail!(
             "pod {} is the lab's cluster DNS: give yours another name",
