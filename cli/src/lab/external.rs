@@ -564,6 +564,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_is_valid() {
+        let text = include_str!("../../../examples/lab/external-api.yaml");
+        let hosts: Vec<ExternalHost> = serde_yaml::Deserializer::from_str(text)
+            .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
+            .filter(is_external_host)
+            .map(|d: Value| parse(&d).expect("a valid ExternalHost"))
+            .collect();
+        assert_eq!(hosts.len(), 1);
+        assert_eq!(hosts[0].names, ["api.example.com"]);
+    }
+
+    #[test]
     fn two_hosts_may_not_share_a_name_or_an_address() {
         let a = parse(&doc("{addresses: [198.51.100.1], names: [a.example.com]}")).expect("a");
         let mut b = a.clone();

@@ -45,7 +45,9 @@ pub struct LabArgs {
 
 #[derive(Subcommand)]
 enum LabCommand {
-    /// Build the lab from Kubernetes YAML: nodes, pods (Pods and Deployments), policies.
+    /// Build the lab from Kubernetes YAML: nodes, pods (Pods and Deployments), policies, and
+    /// the lab's own `ExternalHost` objects (hosts outside the pod network, named in the
+    /// cluster DNS at 10.240.1.10).
     Up {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
@@ -64,7 +66,7 @@ enum LabCommand {
         #[arg(long, value_enum, default_value_t = crate::agent::PrefilterChoice::Tc)]
         prefilter: crate::agent::PrefilterChoice,
     },
-    /// Add or change objects in a running lab (policies, pod labels, new pods).
+    /// Add or change objects in a running lab (policies, pod labels, new pods, external hosts).
     Apply {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
