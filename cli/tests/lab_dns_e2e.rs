@@ -469,3 +469,93 @@ fn pods_resolve_external_hosts_through_the_cluster_dns_as_policies_allow() {
     );
     assert_eq!(lab_processes(&state), Vec::<String>::new());
 }
+
+#[test]
+fn an_external_host_with_an_ipv6_address_is_resolved_and_reached_over_ipv6() {
+    if !check_privileged_test(
+        "an_external_host_with_an_ipv6_address_is_resolved_and_reached_over_ipv6",
+    ) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("bh-lab-dns-v6-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let state = dir.join("state");
+    // Down and the directory gone whatever happens below (LabDown takes the lab down first).
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _dir = RemoveDir(dir.clone());
+    let _down = LabDown(state.clone());
+    let file = dir.join("lab.yaml");
+    std::fs::write(
+        &file,
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: default, labels: {app: c}}
+spec: {nodeName: node-2}
+---
+apiVersion: lab.bulkhead.dev/v1alpha1
+kind: ExternalHost
+metadata: {name: dual}
+spec:
+  addresses: [198.51.100.20, "2001:db8::20"]
+  names: [dual.example.com]
+  ports: [{port: 8443}]
+"#,
+    )
+    .expect("write");
+    let state_arg = state.to_string_lossy().to_string();
+    run_ok(&[
+        "lab",
+        "--state",
+        &state_arg,
+        "up",
+        "--ipv6",
+        "--port-base",
+        "19440",
+        "-f",
+        &file.to_string_lossy(),
+    ]);
+    let out = Command::new(bin())
+        .args(["lab", "--state", &state_arg, "exec", "default/c", "--", "python3", "-c"])
+        .arg(
+            "import socket\n\
+             for fam in (socket.AF_INET6, socket.AF_INET):\n\
+             \x20   a = socket.getaddrinfo('dual.example.com', 8443, fam, socket.SOCK_STREAM)[0][4]\n\
+             \x20   s = socket.create_connection(a[:2], timeout=3)\n\
+             \x20   print(a[0], s.recv(64).decode().strip())\n",
+        )
+        .output()
+        .expect("exec");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "2001:db8::20 external/dual\n198.51.100.20 external/dual\n"
+    );
+    let probed: serde_json::Value = serde_json::from_str(&run_ok(&[
+        "lab",
+        "--state",
+        &state_arg,
+        "probe",
+        "--to",
+        "dual.example.com",
+        "--port",
+        "8443",
+        "--ipv6",
+        "-o",
+        "json",
+    ]))
+    .expect("json");
+    assert_eq!(
+        probed,
+        serde_json::json!({"default/c": {"dual.example.com": true}})
+    );
+}
