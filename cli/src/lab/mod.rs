@@ -126,15 +126,15 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
 // ---------------------------------------------------------------------------------------------
 // Topology
 
-pub(super) fn fabric_ns(state: &LabState) -> String {
+fn fabric_ns(state: &LabState) -> String {
     format!("{}fabric", netns_prefix(&state.dir))
 }
 
-pub(super) fn node_fabric_v4(index: u32) -> Ipv4Addr {
+fn node_fabric_v4(index: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, 239, 0, index as u8)
 }
 
-pub(super) fn node_fabric_v6(index: u32) -> Ipv6Addr {
+fn node_fabric_v6(index: u32) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x239, 0, 0, 0, 0, 0, index as u16)
 }
 
