@@ -35,7 +35,7 @@ fn step(n: u32, text: &str) {
 /// Each service on its own port: who reaches it.
 fn show_reachability(state: &LabState) -> anyhow::Result<()> {
     let mut services: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-    for p in state.pods.values() {
+    for p in state.user_pods() {
         for c in &p.ports {
             services.entry(c.port).or_default().push(p.key());
         }

@@ -62,14 +62,16 @@ enum Task {
 }
 
 /// Debian packages the demo needs: `ip` for the lab's namespaces and veths, `sysctl` (procps)
-/// for their forwarding settings.
-const DEMO_PACKAGES: &[&str] = &["iproute2", "procps"];
+/// for their forwarding settings, dnsmasq (`dnsmasq-base`, without the system service) as every
+/// lab's cluster DNS.
+const DEMO_PACKAGES: &[&str] = &["iproute2", "procps", "dnsmasq-base"];
 
 /// Debian packages the tests and benchmarks need besides: `bpftool` to make maps of older
 /// layouts, `iperf3`/`iptables`/`nftables`/`ethtool` for the benchmarks' comparisons, `ping` for
-/// the ICMP end-to-end checks.
+/// the ICMP end-to-end checks, `python3` for pods that resolve names with the libc resolver.
 const TEST_PACKAGES: &[&str] = &[
     "bpftool",
+    "python3",
     "iperf3",
     "iptables",
     "nftables",

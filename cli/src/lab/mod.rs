@@ -4,18 +4,23 @@
 //! pod is a network namespace behind a veth to its node, wired as a CNI would, with a small
 //! built-in server on each declared container port. Nodes reach each other over a bridge in a
 //! `fabric` namespace. One controller process serves all agents over gRPC with mTLS (a
-//! throwaway CA). Nothing touches the host's own network namespace.
+//! throwaway CA). Every lab has a cluster DNS (`kube-system/kube-dns`, see [`dns`]) and may have
+//! hosts outside the pod network (`ExternalHost`, see [`external`]). Nothing touches the host's
+//! own network namespace.
 
+pub mod dns;
+pub mod external;
+mod input;
 mod probe;
+mod processes;
 mod serve;
 pub mod state;
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Command, ExitCode, Stdio},
+    process::{Command, ExitCode},
     time::{Duration, Instant},
 };
 
@@ -25,7 +30,9 @@ use bulkhead_controller::server::api::NodeView;
 use clap::{Args, Subcommand};
 use serde_yaml::Value;
 
-use state::{ContainerPort, LabNode, LabPod, LabState, alive, netns_prefix, pin_prefix};
+use input::{Declared, classify, object_key, pod_ports, read_documents, str_at};
+use processes::{exe, spawn_detached, start_agent, start_controller, start_server, stop};
+use state::{LabNode, LabPod, LabState, alive, netns_prefix, pin_prefix};
 
 #[derive(Args)]
 pub struct LabArgs {
@@ -38,7 +45,9 @@ pub struct LabArgs {
 
 #[derive(Subcommand)]
 enum LabCommand {
-    /// Build the lab from Kubernetes YAML: nodes, pods (Pods and Deployments), policies.
+    /// Build the lab from Kubernetes YAML: nodes, pods (Pods and Deployments), policies, and
+    /// the lab's own `ExternalHost` objects (hosts outside the pod network, named in the
+    /// cluster DNS at 10.240.1.10).
     Up {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
@@ -57,7 +66,7 @@ enum LabCommand {
         #[arg(long, value_enum, default_value_t = crate::agent::PrefilterChoice::Tc)]
         prefilter: crate::agent::PrefilterChoice,
     },
-    /// Add or change objects in a running lab (policies, pod labels, new pods).
+    /// Add or change objects in a running lab (policies, pod labels, new pods, external hosts).
     Apply {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
@@ -112,184 +121,6 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
         }
         LabCommand::Serve(s) => serve::run(s),
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Input
-
-/// Documents of the given files, after validation with the policy engine's own loader: any
-/// invalid document stops the command before anything is created.
-fn read_documents(files: &[PathBuf]) -> anyhow::Result<Vec<Value>> {
-    let loaded = bulkhead_controller::load_paths(files);
-    for w in &loaded.warnings {
-        eprintln!("warning: {w}");
-    }
-    if !loaded.errors.is_empty() {
-        for e in &loaded.errors {
-            eprintln!("{e}");
-        }
-        bail!(
-            "{} invalid document(s); nothing was changed",
-            loaded.errors.len()
-        );
-    }
-    let mut paths = Vec::new();
-    for f in files {
-        collect_yaml(f, &mut paths);
-    }
-    let mut docs = Vec::new();
-    for p in paths {
-        let text = std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
-        for de in serde_yaml::Deserializer::from_str(&text) {
-            let v = Value::deserialize(de).with_context(|| format!("parse {}", p.display()))?;
-            if v.is_null() {
-                continue;
-            }
-            flatten_list(v, &mut docs);
-        }
-    }
-    Ok(docs)
-}
-
-use serde::Deserialize as _;
-
-fn collect_yaml(path: &Path, out: &mut Vec<PathBuf>) {
-    if path.is_dir() {
-        let mut children: Vec<PathBuf> = std::fs::read_dir(path)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .collect();
-        children.sort();
-        for c in children {
-            collect_yaml(&c, out);
-        }
-    } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml")
-        || path.is_file() && path.extension().is_none()
-    {
-        out.push(path.to_path_buf());
-    }
-}
-
-fn flatten_list(v: Value, out: &mut Vec<Value>) {
-    let kind = v
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    if kind.ends_with("List") {
-        if let Some(Value::Sequence(items)) = v.get("items") {
-            for i in items {
-                flatten_list(i.clone(), out);
-            }
-        }
-        return;
-    }
-    out.push(v);
-}
-
-fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
-    let mut cur = v;
-    for p in path {
-        cur = cur.get(*p)?;
-    }
-    cur.as_str()
-}
-
-fn object_key(v: &Value) -> String {
-    format!(
-        "{}/{}/{}",
-        str_at(v, &["kind"]).unwrap_or_default(),
-        str_at(v, &["metadata", "namespace"]).unwrap_or("default"),
-        str_at(v, &["metadata", "name"]).unwrap_or_default()
-    )
-}
-
-/// Pods of a Deployment: `replicas` copies of its template named `<deployment>-<i>`.
-fn expand_deployment(d: &Value) -> Vec<Value> {
-    let name = str_at(d, &["metadata", "name"]).unwrap_or_default();
-    let namespace = str_at(d, &["metadata", "namespace"]).unwrap_or("default");
-    let replicas = d
-        .get("spec")
-        .and_then(|s| s.get("replicas"))
-        .and_then(Value::as_u64)
-        .unwrap_or(1);
-    let template = d
-        .get("spec")
-        .and_then(|s| s.get("template"))
-        .cloned()
-        .unwrap_or(Value::Null);
-    (0..replicas)
-        .map(|i| {
-            let mut pod: Value = serde_yaml::from_str(&format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}-{i}, namespace: {namespace}, ownerReferences: [{{apiVersion: apps/v1, kind: Deployment, name: {name}, uid: lab}}]}}\n"
-            ))
-            .expect("static pod skeleton");
-            if let Some(labels) = template.get("metadata").and_then(|m| m.get("labels")) {
-                pod["metadata"]["labels"] = labels.clone();
-            }
-            pod["spec"] = template.get("spec").cloned().unwrap_or(Value::Mapping(Default::default()));
-            pod
-        })
-        .collect()
-}
-
-fn pod_ports(pod: &Value) -> Vec<ContainerPort> {
-    let mut out = Vec::new();
-    if let Some(Value::Sequence(containers)) = pod.get("spec").and_then(|s| s.get("containers")) {
-        for c in containers {
-            if let Some(Value::Sequence(ports)) = c.get("ports") {
-                for p in ports {
-                    if let Some(port) = p.get("containerPort").and_then(Value::as_u64) {
-                        out.push(ContainerPort {
-                            port: port as u16,
-                            protocol: p
-                                .get("protocol")
-                                .and_then(Value::as_str)
-                                .unwrap_or("TCP")
-                                .to_uppercase(),
-                        });
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Splits documents into pod documents (Deployments expanded) and other objects.
-fn classify(docs: Vec<Value>) -> (BTreeMap<String, Value>, BTreeMap<String, Value>) {
-    let mut pods = BTreeMap::new();
-    let mut objects = BTreeMap::new();
-    for d in docs {
-        match str_at(&d, &["kind"]) {
-            Some("Pod") => {
-                let key = format!(
-                    "{}/{}",
-                    str_at(&d, &["metadata", "namespace"]).unwrap_or("default"),
-                    str_at(&d, &["metadata", "name"]).unwrap_or_default()
-                );
-                pods.insert(key, d);
-            }
-            Some("Deployment") => {
-                for p in expand_deployment(&d) {
-                    let key = format!(
-                        "{}/{}",
-                        str_at(&p, &["metadata", "namespace"]).unwrap_or("default"),
-                        str_at(&p, &["metadata", "name"]).unwrap_or_default()
-                    );
-                    pods.insert(key, p);
-                }
-            }
-            // Lab nodes are the lab's own.
-            Some("Node") => {}
-            _ => {
-                objects.insert(object_key(&d), d);
-            }
-        }
-    }
-    (pods, objects)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -458,13 +289,16 @@ fn create_pod(state: &LabState, pod: &LabPod) -> anyhow::Result<()> {
             )?;
         }
     }
-    Ok(())
+    external::route_pod(state, pod)?;
+    dns::write_resolv_conf(pod)
 }
 
 fn remove_pod(state: &LabState, pod: &LabPod) {
     if let Some(pid) = pod.server_pid {
         stop(pid);
     }
+    external::unroute_pod(state, pod);
+    dns::remove_resolv_conf(&pod.netns);
     let _ = ip(&["netns", "del", &pod.netns]);
     for other in &state.nodes {
         for addr in &pod.ips {
@@ -475,100 +309,6 @@ fn remove_pod(state: &LabState, pod: &LabPod) {
             );
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Processes
-
-fn exe() -> anyhow::Result<PathBuf> {
-    std::env::current_exe().context("find the bulkhead executable")
-}
-
-/// Starts a process that outlives this CLI (own process group, output to a log file).
-fn spawn_detached(cmd: &mut Command, log: &Path) -> anyhow::Result<u32> {
-    let out = std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
-    let err = out.try_clone()?;
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("start {:?}", cmd.get_program()))?;
-    Ok(child.id())
-}
-
-fn stop(pid: u32) {
-    let pid = nix::unistd::Pid::from_raw(pid as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_millis(800);
-    while Instant::now() < deadline && alive(pid.as_raw() as u32) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-}
-
-fn start_controller(state: &LabState) -> anyhow::Result<u32> {
-    let certs = state.certs_dir();
-    spawn_detached(
-        Command::new(exe()?)
-            .args(["controller", "-f"])
-            .arg(state.manifests_dir())
-            .args(["--listen", &format!("127.0.0.1:{}", state.grpc_port)])
-            .args(["--http", &format!("127.0.0.1:{}", state.http_port)])
-            .args(["--metrics", &format!("127.0.0.1:{}", state.metrics_port())])
-            .arg("--tls-cert")
-            .arg(certs.join("controller.pem"))
-            .arg("--tls-key")
-            .arg(certs.join("controller-key.pem"))
-            .arg("--client-ca")
-            .arg(certs.join("ca.pem"))
-            .args(["--reload-ms", "100"]),
-        &state.logs_dir().join("controller.log"),
-    )
-}
-
-fn start_agent(state: &LabState, node: &LabNode) -> anyhow::Result<u32> {
-    let certs = state.certs_dir();
-    spawn_detached(
-        Command::new(exe()?)
-            .args(["agent", "run", "--node", &node.name, "--netns", &node.netns])
-            .args(["--uplink", "fabric0"])
-            .args(["--prefilter", &state.prefilter.to_string()])
-            .args(["--controller", &format!("127.0.0.1:{}", state.grpc_port)])
-            .arg("--tls-cert")
-            .arg(certs.join(format!("{}.pem", node.name)))
-            .arg("--tls-key")
-            .arg(certs.join(format!("{}-key.pem", node.name)))
-            .arg("--ca")
-            .arg(certs.join("ca.pem"))
-            .arg("--pin-dir")
-            .arg(state.pin_dir(&node.name))
-            .args([
-                "--metrics-addr",
-                &format!("127.0.0.1:{}", node.metrics_port),
-            ])
-            .args(["--http", &format!("127.0.0.1:{}", node.http_port())]),
-        &state.logs_dir().join(format!("agent-{}.log", node.name)),
-    )
-}
-
-fn start_server(state: &LabState, pod: &LabPod) -> anyhow::Result<u32> {
-    let mut cmd = Command::new(exe()?);
-    cmd.args(["lab", "--state"]).arg(&state.dir).args([
-        "serve",
-        "--netns",
-        &pod.netns,
-        "--name",
-        &pod.key(),
-    ]);
-    for p in &pod.ports {
-        cmd.args(["--port", &format!("{}/{}", p.port, p.protocol)]);
-    }
-    spawn_detached(
-        &mut cmd,
-        &state.logs_dir().join(format!("pod-{}.log", pod.netns)),
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -625,7 +365,8 @@ fn place_pods(
     pod_docs: &BTreeMap<String, Value>,
 ) -> anyhow::Result<Vec<String>> {
     let mut created = Vec::new();
-    let mut rr = state.pods.len();
+    // The cluster DNS sits on node-1 and does not shift the round-robin.
+    let mut rr = state.user_pods().count();
     for (key, doc) in pod_docs {
         let ports = pod_ports(doc);
         if let Some(existing) = state.pods.get_mut(key) {
@@ -816,10 +557,15 @@ pub fn up(
         bail!("--port-base leaves no room for the agents' ports");
     }
     let docs = read_documents(files)?;
+    let Declared {
+        pods: mut pod_docs,
+        objects,
+        external_hosts,
+    } = classify(docs)?;
     // Leftovers of a crashed lab go first.
     down(dir)?;
     std::fs::create_dir_all(dir.join("logs"))?;
-    let (pod_docs, objects) = classify(docs);
+    pod_docs.insert(dns::POD_KEY.to_string(), dns::pod_doc(ipv6)?);
     let mut state = LabState {
         dir: dir.to_path_buf(),
         ipv6,
@@ -840,6 +586,7 @@ pub fn up(
         http_port: port_base + 1,
         next_host: BTreeMap::new(),
         prefilter,
+        external_hosts: BTreeMap::new(),
     };
     let result = (|| -> anyhow::Result<()> {
         place_pods(&mut state, &pod_docs)?;
@@ -852,6 +599,8 @@ pub fn up(
         for p in &pods {
             create_pod(&state, p)?;
         }
+        external::sync(&mut state, external_hosts)?;
+        state.save()?;
         let mut node_names: Vec<String> = state.nodes.iter().map(|n| n.name.clone()).collect();
         // `bulkhead quarantine --lab` speaks to the controller as `admin`.
         node_names.push("admin".into());
@@ -890,7 +639,7 @@ pub fn up(
     println!(
         "lab up: {} nodes, {} pods, agents realized in {:.1} s (state in {})",
         state.nodes.len(),
-        state.pods.len(),
+        state.user_pods().count(),
         started.elapsed().as_secs_f64(),
         dir.display()
     );
@@ -901,7 +650,23 @@ pub fn up(
 pub fn apply(dir: &Path, files: &[PathBuf], delete: bool) -> anyhow::Result<ExitCode> {
     let mut state = LabState::load(dir)?;
     let docs = read_documents(files)?;
-    let (pod_docs, objects) = classify(docs);
+    let Declared {
+        pods: pod_docs,
+        objects,
+        external_hosts,
+    } = classify(docs)?;
+    let mut hosts: BTreeMap<String, external::ExternalHost> = state
+        .external_hosts
+        .iter()
+        .map(|(k, h)| (k.clone(), h.spec.clone()))
+        .collect();
+    if delete {
+        hosts.retain(|k, _| !external_hosts.contains_key(k));
+    } else {
+        hosts.extend(external_hosts);
+    }
+    external::sync(&mut state, hosts)?;
+    dns::reload(&mut state)?;
     if delete {
         for key in objects.keys() {
             state.objects.remove(key);
@@ -1082,6 +847,34 @@ fn print_status(state: &LabState) {
             p.netns
         );
     }
+    println!(
+        "cluster DNS: {} ({}, dnsmasq); pods resolve through it with egress to {}/k8s-app=kube-dns on port 53",
+        dns::ADDRESS_V4,
+        dns::POD_KEY,
+        dns::NAMESPACE
+    );
+    for h in state.external_hosts.values() {
+        let h = &h.spec;
+        let show = |v: Vec<String>| v.join(",");
+        println!(
+            "  external/{:<19} {:<37} ports {:<16} names {}",
+            h.name,
+            show(h.addresses.iter().map(|a| a.to_string()).collect()),
+            show(
+                h.ports
+                    .iter()
+                    .map(|c| format!("{}/{}", c.port, c.protocol))
+                    .collect()
+            ),
+            show(
+                h.names
+                    .iter()
+                    .chain(h.aliases.iter().map(|a| &a.name))
+                    .cloned()
+                    .collect()
+            )
+        );
+    }
 }
 
 fn heal(dir: &Path) -> anyhow::Result<ExitCode> {
@@ -1118,6 +911,7 @@ fn heal(dir: &Path) -> anyhow::Result<ExitCode> {
             restarted.push(format!("server {key}"));
         }
     }
+    restarted.extend(external::heal(&mut state)?);
     state.save()?;
     wait_realized(&state, Duration::from_secs(30), false)?;
     if restarted.is_empty() {
@@ -1146,6 +940,7 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
         pids.extend(state.pods.values().filter_map(|p| p.server_pid));
         pids.extend(state.nodes.iter().filter_map(|n| n.agent_pid));
         pids.extend(state.controller_pid);
+        pids.extend(state.external_hosts.values().filter_map(|h| h.server_pid));
     }
     let needle = dir.to_string_lossy().to_string();
     let me = std::process::id();
@@ -1158,7 +953,11 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
         }
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(&needle) && cmdline.contains("bulkhead") {
+            // The cluster DNS's dnsmasq names the state directory in its `--conf-file`.
+            let program = cmdline.split(' ').next().unwrap_or_default();
+            if cmdline.contains(&needle)
+                && (cmdline.contains("bulkhead") || program.ends_with("dnsmasq"))
+            {
                 pids.push(pid);
             }
         }
@@ -1205,6 +1004,7 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
             ip(&["netns", "del", &name]).with_context(|| format!("delete namespace {name}"))?;
         }
     }
+    dns::remove_resolv_confs(&namespaces)?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
     }

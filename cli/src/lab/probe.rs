@@ -1,5 +1,7 @@
 //! `bulkhead lab probe`: real connections from every pod to every pod, in parallel (bounded),
-//! printed as the same matrix as `bulkhead policy evaluate`.
+//! printed as the same matrix as `bulkhead policy evaluate`; or, with `--to`, from every pod to
+//! one name (resolved through the cluster DNS from each pod's namespace) or address. The lab's
+//! own cluster DNS pod is neither a source nor a destination: it serves DNS, not the probe.
 
 use std::{
     collections::BTreeMap,
@@ -36,6 +38,10 @@ pub struct ProbeArgs {
     /// Probe IPv6 addresses instead of IPv4.
     #[arg(long)]
     ipv6: bool,
+    /// Probe only this destination from every pod: a DNS name (e.g. an ExternalHost's, resolved
+    /// by each pod through the cluster DNS as its libc would) or an address.
+    #[arg(long)]
+    to: Option<String>,
 }
 
 /// Attempts at once (each on its own thread inside the source pod's namespace).
@@ -72,13 +78,8 @@ pub fn matrix(
     ipv6: bool,
     timeout: Duration,
 ) -> anyhow::Result<BTreeMap<String, BTreeMap<String, bool>>> {
-    let udp = match protocol.to_uppercase().as_str() {
-        "TCP" => false,
-        "UDP" => true,
-        "SCTP" => bail!("the lab's built-in servers speak TCP and UDP, not SCTP"),
-        other => bail!("unknown protocol {other:?}: use TCP or UDP"),
-    };
-    let pods: Vec<LabPod> = state.pods.values().cloned().collect();
+    let udp = is_udp(protocol)?;
+    let pods: Vec<LabPod> = state.user_pods().cloned().collect();
     let mut jobs = Vec::new();
     for src in &pods {
         for dst in &pods {
@@ -121,8 +122,124 @@ pub fn matrix(
     Ok(out)
 }
 
+/// Whether `protocol` is UDP (the lab's servers speak TCP and UDP).
+fn is_udp(protocol: &str) -> anyhow::Result<bool> {
+    match protocol.to_uppercase().as_str() {
+        "TCP" => Ok(false),
+        "UDP" => Ok(true),
+        "SCTP" => bail!("the lab's built-in servers speak TCP and UDP, not SCTP"),
+        other => bail!("unknown protocol {other:?}: use TCP or UDP"),
+    }
+}
+
+/// What one source pod got when it probed a target: the address it tried, or why it had none.
+pub struct TargetOutcome {
+    pub reached: bool,
+    pub detail: String,
+}
+
+/// From every pod to `target` (a name, resolved from the pod's own namespace through the
+/// cluster DNS, or an address), by `namespace/pod`.
+pub fn to_target(
+    state: &LabState,
+    target: &str,
+    port: u16,
+    protocol: &str,
+    ipv6: bool,
+    timeout: Duration,
+) -> anyhow::Result<BTreeMap<String, TargetOutcome>> {
+    let udp = is_udp(protocol)?;
+    let literal: Option<IpAddr> = target.parse().ok();
+    let handles: Vec<_> = state
+        .user_pods()
+        .cloned()
+        .map(|src| {
+            let target = target.to_string();
+            std::thread::spawn(move || {
+                let ns = bulkhead_agent::netns::netns_path(&src.netns);
+                if let Err(e) = bulkhead_agent::netns::enter(&ns, &src.netns) {
+                    return (
+                        src.key(),
+                        TargetOutcome {
+                            reached: false,
+                            detail: e.to_string(),
+                        },
+                    );
+                }
+                let addr = match literal {
+                    Some(a) => a,
+                    None => match super::dns::resolve(&src.namespace, &target, ipv6, timeout) {
+                        Ok(found) => found[0],
+                        Err(e) => {
+                            return (
+                                src.key(),
+                                TargetOutcome {
+                                    reached: false,
+                                    detail: format!("{e:#}"),
+                                },
+                            );
+                        }
+                    },
+                };
+                // A fresh thread for the attempt, which enters the namespace itself.
+                let s = src.clone();
+                let reached = std::thread::spawn(move || attempt(&s, addr, port, udp, timeout))
+                    .join()
+                    .unwrap_or(false);
+                (
+                    src.key(),
+                    TargetOutcome {
+                        reached,
+                        detail: addr.to_string(),
+                    },
+                )
+            })
+        })
+        .collect();
+    Ok(handles.into_iter().filter_map(|h| h.join().ok()).collect())
+}
+
 pub fn run(dir: &Path, args: ProbeArgs) -> anyhow::Result<ExitCode> {
     let state = LabState::load(dir)?;
+    if let Some(target) = &args.to {
+        let outcomes = to_target(
+            &state,
+            target,
+            args.port,
+            &args.protocol,
+            args.ipv6,
+            Duration::from_millis(args.timeout_ms),
+        )?;
+        match args.output {
+            Output::Json => {
+                let m: BTreeMap<&String, BTreeMap<&String, bool>> = outcomes
+                    .iter()
+                    .map(|(src, o)| (src, BTreeMap::from([(target, o.reached)])))
+                    .collect();
+                println!("{}", serde_json::to_string(&m)?);
+            }
+            Output::Table => {
+                println!(
+                    "{}/{} to {target}: ✓ reached, ✗ not; rows are sources",
+                    args.port,
+                    args.protocol.to_uppercase()
+                );
+                let width = outcomes
+                    .keys()
+                    .map(|k| k.chars().count())
+                    .max()
+                    .unwrap_or(4);
+                for (src, o) in &outcomes {
+                    println!(
+                        "  {src:<width$}  {}  {}",
+                        if o.reached { "✓" } else { "✗" },
+                        o.detail
+                    );
+                }
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let m = matrix(
         &state,
         args.port,

@@ -96,6 +96,9 @@ pub struct LabState {
     /// The agents' `--prefilter` (a lab written before the choice existed ran XDP).
     #[serde(default = "xdp_before_the_choice")]
     pub prefilter: crate::agent::PrefilterChoice,
+    /// Hosts outside the pod network (lab-only `ExternalHost` objects), by name.
+    #[serde(default)]
+    pub external_hosts: BTreeMap<String, super::external::ExternalHostState>,
 }
 
 fn xdp_before_the_choice() -> crate::agent::PrefilterChoice {
@@ -110,6 +113,13 @@ impl LabNode {
 }
 
 impl LabState {
+    /// The pods the user declared: every pod but the lab's own cluster DNS.
+    pub fn user_pods(&self) -> impl Iterator<Item = &LabPod> {
+        self.pods
+            .values()
+            .filter(|p| p.key() != super::dns::POD_KEY)
+    }
+
     /// The controller's `/metrics`, `/healthz`, `/readyz` (the port after its HTTP API's).
     pub fn metrics_port(&self) -> u16 {
         self.http_port + 1
