@@ -202,7 +202,7 @@ fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
 /// call for (0 or 1) alongside the loaded objects.
 fn load(input: &InputArgs) -> (Loaded, u8) {
     let loaded = load_paths(&input.files);
-    for w in &loaded.warnings {
+    for w in &loaded.skipped {
         eprintln!("warning: {w}");
     }
     for e in &loaded.errors {

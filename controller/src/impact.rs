@@ -203,7 +203,7 @@ pub fn proposal(text: &str, deletes: Vec<PolicyKey>) -> Result<Proposal, Proposa
     Ok(Proposal {
         upserts,
         deletes: deleted,
-        warnings: loaded.warnings,
+        warnings: loaded.skipped.iter().map(ToString::to_string).collect(),
     })
 }
 

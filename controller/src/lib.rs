@@ -34,5 +34,5 @@ pub use bulkhead_ruleset as ruleset;
 pub use engine::{Change, EngineConfig, PolicyEngine};
 pub use error::{EngineError, FieldError, InputError};
 pub use identity::LabelFilter;
-pub use load::{Loaded, load_paths, load_str};
+pub use load::{Loaded, SkippedObject, load_paths, load_str};
 pub use model::{Object, Pod, PodKey, Policy, PolicyKey};

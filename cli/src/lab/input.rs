@@ -18,9 +18,9 @@ pub(super) fn read_documents(files: &[PathBuf]) -> anyhow::Result<Vec<Value>> {
     let loaded = bulkhead_controller::load_paths(files);
     // ExternalHost is the lab's own kind, validated by the lab below, never the controller's.
     for w in loaded
-        .warnings
+        .skipped
         .iter()
-        .filter(|w| !w.starts_with(&format!("skipping {} ", external::KIND)))
+        .filter(|s| !(s.kind == external::KIND && s.api_version == external::API_VERSION))
     {
         eprintln!("warning: {w}");
     }

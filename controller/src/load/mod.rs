@@ -55,7 +55,27 @@ pub const MAX_RULES_PER_DIRECTION: usize = 510;
 pub struct Loaded {
     pub objects: Vec<Object>,
     pub errors: Vec<InputError>,
-    pub warnings: Vec<String>,
+    /// Documents of kinds bulkhead has no meaning for (another tool's, in the same files):
+    /// left out, each worth a warning (its `Display`) unless the caller knows the kind.
+    pub skipped: Vec<SkippedObject>,
+}
+
+/// A document of a kind bulkhead does not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedObject {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for SkippedObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "skipping {} {:?}: bulkhead policy reads Namespace, Pod, Node, Deployment, NetworkPolicy, ClusterNetworkPolicy, ServicePolicy, Quarantine, StagedNetworkPolicy, StagedClusterNetworkPolicy and List",
+            self.kind, self.name
+        )
+    }
 }
 
 impl Loaded {
@@ -299,7 +319,7 @@ fn load_str_into(file: &Path, text: &str, loaded: &mut Loaded, seen: &mut Seen) 
         }
         let mut errors = Vec::new();
         let mut objects = Vec::new();
-        parse_value(&value, "", &mut objects, &mut errors, &mut loaded.warnings);
+        parse_value(&value, "", &mut objects, &mut errors, &mut loaded.skipped);
         for (id, object) in objects {
             let key = (id.0.clone(), id.1.clone(), id.2.clone());
             if let Some((f, d)) = seen.objects.get(&key) {
@@ -339,7 +359,7 @@ fn parse_value(
     prefix: &str,
     out: &mut Vec<(ObjectId, Object)>,
     errors: &mut Vec<FieldError>,
-    warnings: &mut Vec<String>,
+    skipped: &mut Vec<SkippedObject>,
 ) {
     let Some(kind) = value.get("kind").and_then(|k| k.as_str()) else {
         errors.push(FieldError::new(
@@ -364,13 +384,21 @@ fn parse_value(
         }
     };
     match kind {
-        "List" | "NamespaceList" | "PodList" | "NodeList" | "NetworkPolicyList"
-        | "ClusterNetworkPolicyList" | "ServicePolicyList" | "QuarantineList" | "DeploymentList"
-        | "StagedNetworkPolicyList" | "StagedClusterNetworkPolicyList" => {
+        "List"
+        | "NamespaceList"
+        | "PodList"
+        | "NodeList"
+        | "NetworkPolicyList"
+        | "ClusterNetworkPolicyList"
+        | "ServicePolicyList"
+        | "QuarantineList"
+        | "DeploymentList"
+        | "StagedNetworkPolicyList"
+        | "StagedClusterNetworkPolicyList" => {
             match value.get("items").and_then(|i| i.as_sequence()) {
                 Some(items) => {
                     for (i, item) in items.iter().enumerate() {
-                        parse_value(item, &format!("{prefix}items[{i}]."), out, errors, warnings);
+                        parse_value(item, &format!("{prefix}items[{i}]."), out, errors, skipped);
                     }
                 }
                 None => errors.push(FieldError::new(
@@ -385,7 +413,10 @@ fn parse_value(
         "Deployment" if expect("apps/v1", errors) => {
             if let Some(d) = parse_typed::<Deployment>(value, prefix, errors) {
                 for pod in inventory::convert_deployment(&d, prefix, errors) {
-                    out.push((id("Pod", &pod.namespace, &pod.name, prefix), Object::Pod(pod)));
+                    out.push((
+                        id("Pod", &pod.namespace, &pod.name, prefix),
+                        Object::Pod(pod),
+                    ));
                 }
             }
         }
@@ -416,15 +447,25 @@ fn parse_value(
         "StagedClusterNetworkPolicy" if expect("bulkhead.dev/v1alpha1", errors) => {
             typed::<StagedClusterNetworkPolicy>(value, kind, prefix, out, errors)
         }
-        "Namespace" | "Node" | "Pod" | "Deployment" | "NetworkPolicy" | "ServicePolicy" | "Quarantine" | "StagedNetworkPolicy" | "StagedClusterNetworkPolicy" => {}
-        other => warnings.push(format!(
-            "skipping {other} {:?}: bulkhead policy reads Namespace, Pod, Node, Deployment, NetworkPolicy, ClusterNetworkPolicy, ServicePolicy, Quarantine, StagedNetworkPolicy, StagedClusterNetworkPolicy and List",
-            value
+        "Namespace"
+        | "Node"
+        | "Pod"
+        | "Deployment"
+        | "NetworkPolicy"
+        | "ServicePolicy"
+        | "Quarantine"
+        | "StagedNetworkPolicy"
+        | "StagedClusterNetworkPolicy" => {}
+        other => skipped.push(SkippedObject {
+            api_version: api_version.to_string(),
+            kind: other.to_string(),
+            name: value
                 .get("metadata")
                 .and_then(|m| m.get("name"))
                 .and_then(|n| n.as_str())
                 .unwrap_or("")
-        )),
+                .to_string(),
+        }),
     }
 }
 
