@@ -189,7 +189,8 @@ pub mod fqdn_stat {
     /// Answers from a trusted resolver to a name no policy names (read no further).
     pub const ANSWERS_UNLISTED: u32 = 1;
     /// Answers from a trusted resolver that taught nothing: malformed, truncated, an error
-    /// code, past a limit.
+    /// code, past a limit, a question of another type than A or AAAA, or no address on the
+    /// chain.
     pub const ANSWERS_REJECTED: u32 = 2;
     /// Addresses written to the learned maps.
     pub const ADDRESSES_LEARNED: u32 = 3;
