@@ -573,3 +573,38 @@ fn learned_state_and_names_survive_a_reload() {
         );
     });
 }
+
+#[test]
+fn an_answer_the_policy_drops_teaches_nothing() {
+    if !check_privileged_test("an_answer_the_policy_drops_teaches_nothing") {
+        return;
+    }
+    with_dataplane("dns-dropped", |e, ifx| {
+        setup(e);
+        // The same endpoint, its ingress now open to TCP 80 only: the resolver's UDP answer is
+        // dropped, and what the pod never receives is not learned.
+        let mut rs = ruleset();
+        rs.version = 2;
+        let policy = EndpointPolicy {
+            ingress: DirectionPolicy {
+                isolated_by: Some(1),
+                staged_isolated_by: Some(1),
+                entries: vec![allow(
+                    301,
+                    Some(bulkhead_ruleset::Protocol::Tcp),
+                    PortRange::single(80),
+                    2,
+                )],
+            },
+            egress: DirectionPolicy::default(),
+        };
+        rs.policies.insert(base_endpoint().policy, policy);
+        e.apply(&rs, &RouteResolver).expect("apply");
+        let m = Msg::answer_to("api.example.com", TYPE_A, 1).a(&QNAME, [198, 51, 100, 50]);
+        assert_eq!(
+            run(e, PROG_TO_POD, &udp_answer(RESOLVER_V4, &m.0), ifx),
+            TC_ACT_SHOT
+        );
+        assert!(learned(e.dataplane()).is_empty());
+    });
+}
