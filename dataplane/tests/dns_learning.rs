@@ -306,6 +306,17 @@ fn cname_chains_and_wildcards() {
             let ids = ids_of(e.dataplane(), v4(addr));
             assert_eq!(ids, if learns { vec![ID_WILD] } else { vec![] }, "{name}");
         }
+
+        // An address learned for one name and then for another keeps both ids (the entry is
+        // updated in place), and learning it again for the first only refreshes its slot.
+        let shared = [203, 0, 113, 20];
+        for name in ["api.example.com", "api.example.com"] {
+            let m = Msg::answer_to(name, TYPE_A, 1).a(&QNAME, shared);
+            pass(e, &udp_answer(RESOLVER_V4, &m.0), ifx);
+        }
+        let mut ids = ids_of(e.dataplane(), v4(shared));
+        ids.sort();
+        assert_eq!(ids, vec![ID_API, ID_WILD]);
     });
 }
 

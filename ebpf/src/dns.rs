@@ -624,18 +624,31 @@ extern "C" fn learn_step(i: u64, _ctx: *mut c_void) -> i64 {
             // SAFETY: same size; any bytes are an address.
             addr: unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(p.addr) },
         };
-        // SAFETY: the value is copied out at once.
-        unsafe { FQDN_LEARNED_V6.get(&s.key6) }.copied()
+        FQDN_LEARNED_V6.get_ptr_mut(&s.key6)
     } else {
         s.key4 = FqdnLearnedKeyV4 {
             endpoint_id: s.endpoint_id,
             addr: p.addr[0] as u32,
         };
-        // SAFETY: as above.
-        unsafe { FQDN_LEARNED_V4.get(&s.key4) }.copied()
+        FQDN_LEARNED_V4.get_ptr_mut(&s.key4)
     };
-    s.value = existing.unwrap_or_default();
     let n = (s.nids as usize).min(FQDN_MAX_IDS);
+    if let Some(v) = existing {
+        // Known address (a name resolved again): its slots are refreshed in place, one lookup
+        // instead of a lookup and an update. Two CPUs learning the same address at once may
+        // interleave their slot writes; every slot still holds an id with a valid expiry.
+        let mut j = 0;
+        while j < FQDN_MAX_IDS {
+            if j < n {
+                // SAFETY: an LRU value, valid for this program run.
+                unsafe { (*v).learn(s.ids[j], expires, s.now) };
+            }
+            j += 1;
+        }
+        bump(fqdn_stat::ADDRESSES_LEARNED);
+        return 0;
+    }
+    s.value = FqdnLearned::default();
     let mut j = 0;
     while j < FQDN_MAX_IDS {
         if j < n {
