@@ -6,6 +6,7 @@ pub mod agent;
 pub mod batch;
 pub mod dense;
 pub mod flows;
+pub mod fqdn;
 pub mod loader;
 pub mod metrics;
 pub mod netns;

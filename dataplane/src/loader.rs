@@ -31,6 +31,8 @@ use bulkhead_common::{
 
 pub const PROG_FROM_POD: &str = "bulkhead_from_pod";
 pub const PROG_TO_POD: &str = "bulkhead_to_pod";
+/// `bulkhead_to_pod` without learning from DNS answers, for the benchmark; never attached.
+pub const PROG_TO_POD_WITHOUT_DNS: &str = "bulkhead_to_pod_without_dns";
 pub const PROG_PARSE_ONLY: &str = "bulkhead_parse_only";
 pub const PROG_PREFILTER: &str = "bulkhead_prefilter";
 /// The same prefilter as a TC classifier, for the uplink's tcx ingress.
@@ -222,6 +224,7 @@ impl Dataplane {
         for name in [
             PROG_FROM_POD,
             PROG_TO_POD,
+            PROG_TO_POD_WITHOUT_DNS,
             PROG_PARSE_ONLY,
             PROG_CLOCK_PROBE,
             PROG_PREFILTER_TC,

@@ -24,24 +24,27 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod addr;
+mod dns;
+mod events;
 mod parse;
 
 use aya_ebpf::{
     bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{TcContext, XdpContext},
 };
 use bulkhead_common::{
     COUNTER_SLOTS, CT_AUDIT, CT_CANONICAL, CT_INITIATED_EGRESS, CT_REVOKED, Config, Counter, CtKey,
-    CtKeyV4, CtValue, DENSE_V4_SLOTS, DENY_RECENT_SLOTS, DIR_EGRESS, DIR_INGRESS, DenyRecent,
-    EVENT_AUDIT, EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo,
-    FlowEvent, IPCACHE_DENSE_PRESENT, IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS,
-    POLICY_KEY_FIXED_BITS, PROTO_OTHER, PolicyKey, PolicySummary, PolicyValue, PrefilterKey,
-    PrefilterValue, QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR, SUMMARY_HAS_EXACT,
-    SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY, endpoint_flags, port_bloom, reason, stat,
+    CtKeyV4, CtValue, DENSE_V4_SLOTS, DIR_EGRESS, DIR_INGRESS, EVENT_AUDIT, EVENT_DENIED,
+    EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo, IPCACHE_DENSE_PRESENT,
+    IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS, PROTO_OTHER,
+    PolicyKey, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey,
+    RULE_UNRELATED_ICMP_ERROR, SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY,
+    endpoint_flags, port_bloom, reason, stat,
 };
+use events::{EventMeta, deny_event_interval, emit, emit_denied, emit_prefiltered};
 use parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Packet, Parsed};
 
 /// Identity of addresses no ipcache entry covers.
@@ -130,11 +133,6 @@ static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(1 << 18, 0);
 #[map]
 static CONNTRACK_V4: LruHashMap<CtKeyV4, CtValue> = LruHashMap::pinned(1 << 18, 0);
 
-/// The deny-event rate limiter (see [`DenyRecent`]); per CPU, so it is not pinned: a restarted
-/// agent starts with a clean table, which costs at most one extra event per flow.
-#[map]
-static DENY_RECENT: PerCpuArray<DenyRecent> = PerCpuArray::with_max_entries(DENY_RECENT_SLOTS, 0);
-
 #[map]
 static CONFIG: Array<Config> = Array::pinned(1, 0);
 
@@ -190,9 +188,6 @@ fn ct_insert(s: &Scratch) -> bool {
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
-#[map]
-static EVENTS: RingBuf = RingBuf::pinned(1 << 22, 0);
-
 /// Exceptions of quarantines, for the prefilter: (quarantined address, peer identity).
 #[map]
 static QUARANTINE_ALLOW: HashMap<QuarantineAllowKey, u32> = HashMap::pinned(1 << 16, 0);
@@ -206,12 +201,19 @@ static PREFILTER_DENY: HashMap<PrefilterKey, PrefilterValue> =
 
 #[classifier]
 pub fn bulkhead_from_pod(ctx: TcContext) -> i32 {
-    enforce(&ctx, DIR_EGRESS)
+    enforce(&ctx, DIR_EGRESS, false)
 }
 
 #[classifier]
 pub fn bulkhead_to_pod(ctx: TcContext) -> i32 {
-    enforce(&ctx, DIR_INGRESS)
+    enforce(&ctx, DIR_INGRESS, true)
+}
+
+/// `bulkhead_to_pod` without learning from DNS answers: the benchmark's baseline for what the
+/// learning costs packets that are not DNS answers. Never attached.
+#[classifier]
+pub fn bulkhead_to_pod_without_dns(ctx: TcContext) -> i32 {
+    enforce(&ctx, DIR_INGRESS, false)
 }
 
 #[classifier]
@@ -426,90 +428,6 @@ fn prefilter(start: usize, end: usize, ifindex: u32) -> Prefiltered {
     Prefiltered::Denied(endpoint_id)
 }
 
-/// A deny event for a prefiltered packet (ports when the header is at hand).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn emit_prefiltered(
-    start: usize,
-    end: usize,
-    ifindex: u32,
-    pair: *const PrefilterValue,
-    src: &[u8; 16],
-    dst: &[u8; 16],
-    peer: u32,
-    family: u8,
-) {
-    let (mut protocol, mut l4) = (0u8, 0usize);
-    if family == bulkhead_common::FAMILY_V4 {
-        if start + 14 + 20 <= end {
-            // SAFETY: bounds checked against data_end.
-            let (b0, frag, proto) = unsafe {
-                (
-                    *((start + 14) as *const u8),
-                    u16::from_be(*((start + 14 + 6) as *const u16)),
-                    *((start + 14 + 9) as *const u8),
-                )
-            };
-            protocol = proto;
-            // Ports only in the first fragment.
-            if frag & 0x1fff == 0 {
-                l4 = 14 + ((b0 & 0x0f) as usize) * 4;
-            }
-        }
-    } else if start + 14 + 40 <= end {
-        // SAFETY: bounds checked against data_end.
-        protocol = unsafe { *((start + 14 + 6) as *const u8) };
-        l4 = 14 + 40;
-    }
-    let (mut sport_be, mut dport_be) = (0u16, 0u16);
-    if (34..=14 + 60).contains(&l4)
-        && (protocol == IPPROTO_TCP || protocol == IPPROTO_UDP || protocol == IPPROTO_SCTP)
-        && start + l4 + 4 <= end
-    {
-        // SAFETY: bounds checked against data_end.
-        unsafe {
-            sport_be = *((start + l4) as *const u16);
-            dport_be = *((start + l4 + 2) as *const u16);
-        }
-    }
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: the per-CPU scratch slot is exclusively ours for this run (XDP runs alone on
-    // its CPU like TC); `pair` is a live hash value pointer.
-    let (p, m) = unsafe {
-        let p = &mut (*scratch).packet;
-        p.family = family;
-        p.protocol = protocol;
-        addr::set(
-            &mut p.saddr,
-            core::mem::transmute::<[u8; 16], addr::Words>(*src),
-        );
-        addr::set(
-            &mut p.daddr,
-            core::mem::transmute::<[u8; 16], addr::Words>(*dst),
-        );
-        p.sport_be = sport_be;
-        p.dport_be = dport_be;
-        (
-            &*p,
-            EventMeta {
-                endpoint_id: (*pair).endpoint_id,
-                local_identity: (*pair).local_identity,
-                peer_identity: peer,
-                rule_id: (*pair).rule_id,
-                audit_rule_id: (*pair).rule_id,
-                audit_verdict: VERDICT_DENY,
-                direction: DIR_INGRESS,
-                kind: EVENT_DENIED,
-                verdict: VERDICT_DENY,
-                reason: reason::DROP_PREFILTER as u8,
-            },
-        )
-    };
-    write_event(p, &m, ifindex, (end - start) as u32);
-}
-
 /// Whether a quarantined source may still reach `peer` (one of its quarantine's exceptions).
 #[inline(always)]
 fn quarantine_allows(src: [u8; 16], peer: u32) -> bool {
@@ -523,13 +441,6 @@ fn quarantine_allows(src: [u8; 16], peer: u32) -> bool {
     };
     unsafe { QUARANTINE_ALLOW.get(&specific) }.is_some()
         || unsafe { QUARANTINE_ALLOW.get(&any) }.is_some()
-}
-
-/// The monotonic clock, exact: for event timestamps.
-#[inline(always)]
-fn now() -> u64 {
-    // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
 }
 
 /// The same clock at tick resolution (a few ms): enough for conntrack's last-seen times and the
@@ -704,154 +615,6 @@ fn set_ct_key(k6: &mut CtKey, k4: &mut CtKeyV4, p: &Packet, endpoint_id: u32, di
     k6.protocol = p.protocol;
 }
 
-/// What an event says besides the packet's tuple.
-struct EventMeta {
-    endpoint_id: u32,
-    local_identity: u32,
-    peer_identity: u32,
-    rule_id: u32,
-    audit_rule_id: u32,
-    audit_verdict: u8,
-    direction: u8,
-    kind: u8,
-    verdict: u8,
-    reason: u8,
-}
-
-impl EventMeta {
-    #[inline(always)]
-    fn new(
-        ep: &EndpointInfo,
-        dir: u8,
-        peer: u32,
-        v: &PolicyValue,
-        kind: u8,
-        verdict: u8,
-        why: u32,
-    ) -> Self {
-        EventMeta {
-            endpoint_id: ep.endpoint_id,
-            local_identity: ep.identity,
-            peer_identity: peer,
-            rule_id: v.rule_id,
-            audit_rule_id: v.audit_rule_id,
-            audit_verdict: v.audit_verdict,
-            direction: dir,
-            kind,
-            verdict,
-            reason: why as u8,
-        }
-    }
-}
-
-/// Writes a flow event straight into the ring buffer (no copy on the stack).
-#[inline(never)]
-fn emit(skb: *mut __sk_buff, p: &Packet, m: &EventMeta) {
-    let ctx = TcContext::new(skb);
-    // SAFETY: reading a field of the socket buffer context.
-    let ifindex = unsafe { (*skb).ifindex };
-    write_event(p, m, ifindex, ctx.len());
-}
-
-/// Fills and submits one ring buffer record; a full buffer is counted, never silent.
-#[inline(always)]
-fn write_event(p: &Packet, m: &EventMeta, ifindex: u32, bytes: u32) {
-    let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
-        bump_stat(stat::EVENTS_LOST);
-        return;
-    };
-    let e = entry.as_mut_ptr();
-    // SAFETY: `e` points at a reserved, exclusively owned ring buffer record of the right size;
-    // every field is written before submit.
-    unsafe {
-        (*e).timestamp_ns = now();
-        // The record and `Packet` are 8-aligned, their addresses at 8-aligned offsets.
-        addr::set(&mut (*e).saddr, addr::get(&p.saddr));
-        addr::set(&mut (*e).daddr, addr::get(&p.daddr));
-        (*e).sport_be = p.sport_be;
-        (*e).dport_be = p.dport_be;
-        (*e).protocol = p.protocol;
-        (*e).family = p.family;
-        (*e).direction = m.direction;
-        (*e).kind = m.kind;
-        (*e).verdict = m.verdict;
-        (*e).reason = m.reason;
-        (*e).audit_verdict = m.audit_verdict;
-        (*e)._pad = 0;
-        (*e).endpoint_id = m.endpoint_id;
-        (*e).ifindex = ifindex;
-        (*e).local_identity = m.local_identity;
-        (*e).peer_identity = m.peer_identity;
-        (*e).rule_id = m.rule_id;
-        (*e).audit_rule_id = m.audit_rule_id;
-        (*e).bytes = bytes;
-    }
-    entry.submit(0);
-}
-
-/// The minimum gap between two deny events of one flow (one second unless configured).
-#[inline(always)]
-fn deny_event_interval(cfg: &Config) -> u64 {
-    if cfg.deny_event_interval_ns != 0 {
-        cfg.deny_event_interval_ns as u64
-    } else {
-        1_000_000_000
-    }
-}
-
-/// The last four bytes of an address (all of an IPv4-mapped one), for the deny fingerprint.
-#[inline(always)]
-fn addr_lo(a: &[u8; 16]) -> u32 {
-    // SAFETY: only called on the 8-aligned `Packet`'s addresses.
-    addr::v4_of(unsafe { addr::get(a) })
-}
-
-/// Deny events are rate-limited per flow so that a flood cannot starve the ring buffer.
-#[inline(always)]
-fn emit_denied(skb: *mut __sk_buff, s: *mut Scratch, m: &EventMeta, cfg: &Config) {
-    // SAFETY: per-CPU scratch, exclusively ours for this run.
-    let s = unsafe { &*s };
-    let p = &s.packet;
-    let saddr_lo = addr_lo(&p.saddr);
-    let daddr_lo = addr_lo(&p.daddr);
-    let ports = ((p.sport_be as u32) << 16) | p.dport_be as u32;
-    let tag = ((m.endpoint_id & 0xffff) << 16) | ((p.protocol as u32) << 8) | m.direction as u32;
-    let hash = (ports ^ saddr_lo.rotate_left(7) ^ daddr_lo.rotate_left(19) ^ tag)
-        .wrapping_mul(0x9e37_79b1);
-    let Some(slot) = DENY_RECENT.get_ptr_mut(hash >> (32 - DENY_RECENT_SLOTS.trailing_zeros()))
-    else {
-        return;
-    };
-    let t = now_coarse(cfg);
-    let interval = deny_event_interval(cfg);
-    // SAFETY: a per-CPU slot, exclusively ours for this run.
-    unsafe {
-        let r = &mut *slot;
-        let same = r.saddr_lo == saddr_lo
-            && r.daddr_lo == daddr_lo
-            && r.ports == ports
-            && r.endpoint_id == m.endpoint_id as u16
-            && r.protocol == p.protocol
-            && r.direction == m.direction;
-        if same && r.last_event_ns != 0 && t.wrapping_sub(r.last_event_ns) < interval {
-            r.suppressed += 1;
-            bump_stat(stat::EVENTS_RATE_LIMITED);
-            return;
-        }
-        *r = DenyRecent {
-            saddr_lo,
-            daddr_lo,
-            ports,
-            endpoint_id: m.endpoint_id as u16,
-            protocol: p.protocol,
-            direction: m.direction,
-            last_event_ns: t,
-            suppressed: 0,
-        };
-    }
-    emit(skb, p, m);
-}
-
 /// Whether an ICMP error embeds a packet of a connection this endpoint tracks. Uses the
 /// scratch key (free by now: the conntrack lookup missed, and an ICMP error is never tracked).
 #[inline(never)]
@@ -933,8 +696,30 @@ fn drop_packet(ep_id: u32, why: u32, bytes: u64) -> i32 {
     TC_ACT_SHOT
 }
 
+/// DNS's port in network byte order, as `Packet::sport_be` holds it.
+const DNS_PORT_BE: u16 = bulkhead_common::fqdn::DNS_PORT.to_be();
+
+/// Learning from a DNS answer on its way to the pod, after a verdict that passes it: what every
+/// other packet pays is the source-port compare; a packet from port 53 also pays one lookup of
+/// its source among the trusted resolvers; only an answer from one calls the parser (not
+/// inlined, so the hot path's code and verifier state do not grow). It runs before the program
+/// returns, so the learned addresses are in the map before the pod can read the answer.
 #[inline(always)]
-fn enforce(ctx: &TcContext, dir: u8) -> i32 {
+fn learn_from_dns_answer(skb: *mut __sk_buff, p: &Packet, endpoint_id: u32) {
+    if p.sport_be != DNS_PORT_BE
+        || !p.ports_known
+        || (p.protocol != IPPROTO_UDP && p.protocol != IPPROTO_TCP)
+        || !dns::from_resolver(&p.saddr)
+    {
+        return;
+    }
+    dns::learn(skb, endpoint_id, p.l4_off, p.protocol);
+}
+
+/// Parses and judges a packet; with `learn_dns` (the to-pod hook), a passed DNS answer from a
+/// trusted resolver is learned from first.
+#[inline(always)]
+fn enforce(ctx: &TcContext, dir: u8, learn_dns: bool) -> i32 {
     // SAFETY: reading a field of the socket buffer context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(ep) = endpoint_of(ifindex) else {
@@ -979,9 +764,18 @@ fn enforce(ctx: &TcContext, dir: u8) -> i32 {
     };
     if !enforced {
         count(ep.endpoint_id, reason::ALLOWED_NEW, bytes);
+        if learn_dns {
+            learn_from_dns_answer(ctx.skb.skb, &s.packet, ep.endpoint_id);
+        }
         return TC_ACT_OK;
     }
-    judge(ctx.skb.skb, scratch, ep, dir)
+    let verdict = judge(ctx.skb.skb, scratch, ep, dir);
+    if learn_dns && verdict == TC_ACT_OK {
+        // SAFETY: per-CPU scratch, exclusively ours for this run; `judge` is done with it.
+        let p = unsafe { &(*scratch).packet };
+        learn_from_dns_answer(ctx.skb.skb, p, ep.endpoint_id);
+    }
+    verdict
 }
 
 /// Conntrack and policy for a parsed packet of an enforced endpoint.

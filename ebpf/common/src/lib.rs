@@ -4,6 +4,8 @@
 //! agree byte for byte. Multi-byte fields are host byte order unless their name ends in `_be`.
 #![cfg_attr(not(test), no_std)]
 
+pub mod fqdn;
+
 /// Policy direction, from the endpoint's point of view.
 pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;

@@ -1,0 +1,435 @@
+//! Egress by domain name, the agent's side of what the kernel learns from DNS answers
+//! (issue 19): the trusted resolvers, the per-node secret and TTL bounds, the names policies
+//! allow (exact and wildcard, each with the controller's name id), and reading and expiring
+//! what the programs learned per endpoint. The maps are pinned like every other, so a restarted
+//! agent finds the secret, the names and the learned addresses where it left them.
+//!
+//! Names are hashed with [`bulkhead_common::fqdn::name_hash`], the same code the programs run.
+
+use std::{
+    fmt,
+    io::Read,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
+
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use bulkhead_common::fqdn::{
+    FQDN_MAX_IDS, FQDN_NAME_ID_NONE, FqdnConfig, FqdnLearned, FqdnLearnedKeyV4, FqdnLearnedKeyV6,
+    NameError, fqdn_stat, name_hash,
+};
+
+use crate::loader::{Dataplane, LoadError};
+
+pub const MAP_CONFIG: &str = "FQDN_CONFIG";
+pub const MAP_RESOLVERS: &str = "FQDN_RESOLVERS";
+pub const MAP_EXACT: &str = "FQDN_EXACT";
+pub const MAP_WILDCARD: &str = "FQDN_WILDCARD";
+pub const MAP_LEARNED_V4: &str = "FQDN_LEARNED_V4";
+pub const MAP_LEARNED_V6: &str = "FQDN_LEARNED_V6";
+pub const MAP_STATS: &str = "FQDN_STATS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FqdnError {
+    #[error("invalid domain name {name:?}: {reason}")]
+    Name { name: String, reason: NameError },
+    #[error("name id 0 marks an empty slot; give the controller's id of the name")]
+    ReservedId,
+    #[error(
+        "no per-node secret is configured for name keys; call `ensure_fqdn_config` before writing names"
+    )]
+    NoSecret,
+    #[error("cannot read random bytes for the per-node secret: {0}")]
+    Random(std::io::Error),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> FqdnError {
+    move |source| FqdnError::Map { map, source }
+}
+
+/// A name a policy allows: an exact name, or `*.suffix` (one or more labels before the
+/// suffix, never the suffix itself). Stored lowercase, without a trailing dot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NamePattern {
+    Exact(String),
+    /// The suffix after `*.`.
+    Wildcard(String),
+}
+
+impl NamePattern {
+    /// The name hashed into the map key: the exact name, or the wildcard's suffix.
+    pub fn hashed_name(&self) -> &str {
+        match self {
+            NamePattern::Exact(n) | NamePattern::Wildcard(n) => n,
+        }
+    }
+
+    fn map(&self) -> &'static str {
+        match self {
+            NamePattern::Exact(_) => MAP_EXACT,
+            NamePattern::Wildcard(_) => MAP_WILDCARD,
+        }
+    }
+}
+
+impl FromStr for NamePattern {
+    type Err = FqdnError;
+
+    fn from_str(s: &str) -> Result<Self, FqdnError> {
+        let lower = s.trim_end_matches('.').to_ascii_lowercase();
+        let pattern = match lower.strip_prefix("*.") {
+            Some(suffix) => NamePattern::Wildcard(suffix.to_string()),
+            None => NamePattern::Exact(lower.clone()),
+        };
+        let hashed = pattern.hashed_name();
+        if hashed.contains('*') {
+            return Err(FqdnError::Name {
+                name: s.to_string(),
+                reason: NameError::EmptyLabel,
+            });
+        }
+        // Validates the labels and lengths with the kernel's own rules.
+        name_hash([1, 1], hashed.as_bytes()).map_err(|reason| FqdnError::Name {
+            name: s.to_string(),
+            reason,
+        })?;
+        Ok(pattern)
+    }
+}
+
+impl fmt::Display for NamePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NamePattern::Exact(n) => f.write_str(n),
+            NamePattern::Wildcard(n) => write!(f, "*.{n}"),
+        }
+    }
+}
+
+/// One address an endpoint learned, with the name ids it was learned for and when each
+/// expires (CLOCK_MONOTONIC ns, see [`monotonic_now_ns`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LearnedAddress {
+    pub endpoint_id: u32,
+    pub addr: IpAddr,
+    pub names: Vec<(u32, u64)>,
+}
+
+/// A (endpoint, address, name id) whose TTL ran out, removed by [`Dataplane::expire_learned`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Expired {
+    pub endpoint_id: u32,
+    pub addr: IpAddr,
+    pub name_id: u32,
+}
+
+/// The programs' clock (`now_coarse`: CLOCK_MONOTONIC at tick resolution), for expiries.
+pub fn monotonic_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn resolver_key(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+fn resolver_addr(key: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(key);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn slots(v: &FqdnLearned) -> Vec<(u32, u64)> {
+    (0..FQDN_MAX_IDS)
+        .filter(|&i| v.name_ids[i] != FQDN_NAME_ID_NONE)
+        .map(|i| (v.name_ids[i], v.expires_ns[i]))
+        .collect()
+}
+
+impl Dataplane {
+    fn fqdn_config_map(&mut self) -> Result<Array<&mut MapData, FqdnConfig>, FqdnError> {
+        Ok(self.map_mut(MAP_CONFIG)?)
+    }
+
+    /// The learning configuration as the programs see it.
+    pub fn fqdn_config(&mut self) -> Result<FqdnConfig, FqdnError> {
+        self.fqdn_config_map()?
+            .get(&0, 0)
+            .map_err(map_err(MAP_CONFIG))
+    }
+
+    /// Turns learning on: keeps the per-node secret a previous agent drew (the name keys in the
+    /// pinned maps were hashed with it), else draws one; sets the TTL bounds in seconds (0: the
+    /// defaults of `bulkhead_common::fqdn`). Returns the configuration written.
+    pub fn ensure_fqdn_config(
+        &mut self,
+        min_ttl_s: u32,
+        max_ttl_s: u32,
+    ) -> Result<FqdnConfig, FqdnError> {
+        let mut cfg = self.fqdn_config()?;
+        if !cfg.enabled() {
+            let mut bytes = [0u8; 16];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut bytes))
+                .map_err(FqdnError::Random)?;
+            let (a, b) = bytes.split_at(8);
+            let word = |s: &[u8]| s.iter().fold(0u64, |acc, &x| (acc << 8) | x as u64);
+            cfg.key = [word(a), word(b) | 1];
+        }
+        cfg.min_ttl_s = min_ttl_s;
+        cfg.max_ttl_s = max_ttl_s;
+        self.set_fqdn_config(cfg)?;
+        Ok(cfg)
+    }
+
+    /// Writes the configuration as given (tests; a key of zeros turns learning off). Name keys
+    /// written under another secret no longer match: rewrite the names after a key change.
+    pub fn set_fqdn_config(&mut self, cfg: FqdnConfig) -> Result<(), FqdnError> {
+        self.fqdn_config_map()?
+            .set(0, cfg, 0)
+            .map_err(map_err(MAP_CONFIG))
+    }
+
+    fn resolvers(&mut self) -> Result<HashMap<&mut MapData, [u8; 16], u32>, FqdnError> {
+        Ok(self.map_mut(MAP_RESOLVERS)?)
+    }
+
+    /// Trusts DNS answers from `addr` (source port 53).
+    pub fn add_trusted_resolver(&mut self, addr: IpAddr) -> Result<(), FqdnError> {
+        self.resolvers()?
+            .insert(resolver_key(addr), 0, 0)
+            .map_err(map_err(MAP_RESOLVERS))
+    }
+
+    pub fn remove_trusted_resolver(&mut self, addr: IpAddr) -> Result<(), FqdnError> {
+        match self.resolvers()?.remove(&resolver_key(addr)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(MAP_RESOLVERS)(e)),
+        }
+    }
+
+    pub fn trusted_resolvers(&mut self) -> Result<Vec<IpAddr>, FqdnError> {
+        let mut out = self
+            .resolvers()?
+            .keys()
+            .map(|k| k.map(resolver_addr))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(MAP_RESOLVERS))?;
+        out.sort();
+        Ok(out)
+    }
+
+    fn pattern_key(&mut self, pattern: &NamePattern) -> Result<u64, FqdnError> {
+        let cfg = self.fqdn_config()?;
+        if !cfg.enabled() {
+            return Err(FqdnError::NoSecret);
+        }
+        name_hash(cfg.key, pattern.hashed_name().as_bytes()).map_err(|reason| FqdnError::Name {
+            name: pattern.to_string(),
+            reason,
+        })
+    }
+
+    /// Makes answers for `pattern` teach addresses, under the controller's `name_id`.
+    pub fn set_fqdn_name(&mut self, pattern: &NamePattern, name_id: u32) -> Result<(), FqdnError> {
+        if name_id == FQDN_NAME_ID_NONE {
+            return Err(FqdnError::ReservedId);
+        }
+        let key = self.pattern_key(pattern)?;
+        let map = pattern.map();
+        let mut m: HashMap<&mut MapData, u64, u32> = self.map_mut(map)?;
+        m.insert(key, name_id, 0).map_err(map_err(map))
+    }
+
+    /// Stops learning for `pattern` (what was learned expires with its TTL).
+    pub fn remove_fqdn_name(&mut self, pattern: &NamePattern) -> Result<(), FqdnError> {
+        let key = self.pattern_key(pattern)?;
+        let map = pattern.map();
+        let mut m: HashMap<&mut MapData, u64, u32> = self.map_mut(map)?;
+        match m.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(map)(e)),
+        }
+    }
+
+    /// The name id `pattern` is written under, if any.
+    pub fn fqdn_name(&mut self, pattern: &NamePattern) -> Result<Option<u32>, FqdnError> {
+        let key = self.pattern_key(pattern)?;
+        let map = pattern.map();
+        let m: HashMap<&mut MapData, u64, u32> = self.map_mut(map)?;
+        match m.get(&key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map)(e)),
+        }
+    }
+
+    fn learned_v4(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, FqdnLearnedKeyV4, FqdnLearned>, FqdnError> {
+        Ok(self.map_mut(MAP_LEARNED_V4)?)
+    }
+
+    fn learned_v6(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, FqdnLearnedKeyV6, FqdnLearned>, FqdnError> {
+        Ok(self.map_mut(MAP_LEARNED_V6)?)
+    }
+
+    /// Everything the endpoints learned (expired slots included until a sweep clears them),
+    /// IPv4 first, each family in key order.
+    pub fn learned(&mut self) -> Result<Vec<LearnedAddress>, FqdnError> {
+        let mut v4: Vec<_> = self
+            .learned_v4()?
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(MAP_LEARNED_V4))?;
+        v4.sort_by_key(|(k, _)| (k.endpoint_id, u32::from_be(k.addr)));
+        let mut v6: Vec<_> = self
+            .learned_v6()?
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(MAP_LEARNED_V6))?;
+        v6.sort_by_key(|(k, _)| (k.endpoint_id, k.addr));
+        let mut out: Vec<LearnedAddress> = v4
+            .into_iter()
+            .map(|(k, v)| LearnedAddress {
+                endpoint_id: k.endpoint_id,
+                addr: IpAddr::V4(Ipv4Addr::from(k.addr.to_ne_bytes())),
+                names: slots(&v),
+            })
+            .collect();
+        out.extend(v6.into_iter().map(|(k, v)| LearnedAddress {
+            endpoint_id: k.endpoint_id,
+            addr: IpAddr::V6(Ipv6Addr::from(k.addr)),
+            names: slots(&v),
+        }));
+        Ok(out)
+    }
+
+    /// Clears every learned name whose TTL ran out by `now_ns` (CLOCK_MONOTONIC, see
+    /// [`monotonic_now_ns`]); an address left with none is removed. Returns what expired, for
+    /// the agent to report.
+    ///
+    /// Runs beside the programs: an answer learned between the read and the write-back of an
+    /// entry can be lost (or its entry removed), which makes that address wait for the pod's
+    /// next resolution: never admitted longer than its TTL, possibly shorter.
+    pub fn expire_learned(&mut self, now_ns: u64) -> Result<Vec<Expired>, FqdnError> {
+        let mut expired = Vec::new();
+        let entries: Vec<_> = self
+            .learned_v4()?
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(MAP_LEARNED_V4))?;
+        let mut m = self.learned_v4()?;
+        for (k, v) in entries {
+            let addr = IpAddr::V4(Ipv4Addr::from(k.addr.to_ne_bytes()));
+            sweep_one(&mut m, k, v, now_ns, k.endpoint_id, addr, &mut expired)
+                .map_err(map_err(MAP_LEARNED_V4))?;
+        }
+        let entries: Vec<_> = self
+            .learned_v6()?
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(MAP_LEARNED_V6))?;
+        let mut m = self.learned_v6()?;
+        for (k, v) in entries {
+            let addr = IpAddr::V6(Ipv6Addr::from(k.addr));
+            sweep_one(&mut m, k, v, now_ns, k.endpoint_id, addr, &mut expired)
+                .map_err(map_err(MAP_LEARNED_V6))?;
+        }
+        expired.sort();
+        Ok(expired)
+    }
+
+    /// Learning's counters, summed over CPUs, by `fqdn_stat` index.
+    pub fn fqdn_stats(&mut self) -> Result<[u64; fqdn_stat::COUNT as usize], FqdnError> {
+        let m: PerCpuArray<&mut MapData, u64> = self.map_mut(MAP_STATS)?;
+        let mut out = [0u64; fqdn_stat::COUNT as usize];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = m
+                .get(&(i as u32), 0)
+                .map_err(map_err(MAP_STATS))?
+                .iter()
+                .sum();
+        }
+        Ok(out)
+    }
+}
+
+fn sweep_one<K: aya::Pod>(
+    m: &mut HashMap<&mut MapData, K, FqdnLearned>,
+    key: K,
+    value: FqdnLearned,
+    now_ns: u64,
+    endpoint_id: u32,
+    addr: IpAddr,
+    expired: &mut Vec<Expired>,
+) -> Result<(), MapError> {
+    let mut v = value;
+    let empty = v.expire(now_ns);
+    if v == value {
+        return Ok(());
+    }
+    for i in 0..FQDN_MAX_IDS {
+        if value.name_ids[i] != FQDN_NAME_ID_NONE && v.name_ids[i] == FQDN_NAME_ID_NONE {
+            expired.push(Expired {
+                endpoint_id,
+                addr,
+                name_id: value.name_ids[i],
+            });
+        }
+    }
+    let r = if empty {
+        m.remove(&key)
+    } else {
+        m.insert(key, v, 0)
+    };
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_parse_and_print() {
+        let p: NamePattern = "API.Example.com.".parse().expect("exact");
+        assert_eq!(p, NamePattern::Exact("api.example.com".into()));
+        assert_eq!(p.to_string(), "api.example.com");
+        let w: NamePattern = "*.Example.COM".parse().expect("wildcard");
+        assert_eq!(w, NamePattern::Wildcard("example.com".into()));
+        assert_eq!(w.to_string(), "*.example.com");
+        assert_eq!(w.hashed_name(), "example.com");
+        for bad in ["", ".", "*.", "a..b", "*.*.example.com", "a*.example.com"] {
+            assert!(bad.parse::<NamePattern>().is_err(), "{bad:?}");
+        }
+        let long = format!("{}.com", "a".repeat(64));
+        assert!(long.parse::<NamePattern>().is_err());
+    }
+
+    #[test]
+    fn resolver_keys_are_ipv4_mapped() {
+        let a: IpAddr = "10.96.0.10".parse().expect("addr");
+        assert_eq!(resolver_addr(resolver_key(a)), a);
+        let b: IpAddr = "fd00::a".parse().expect("addr");
+        assert_eq!(resolver_addr(resolver_key(b)), b);
+    }
+}
