@@ -128,6 +128,7 @@ mod delta;
 mod identities;
 mod inventory;
 mod ipcache;
+mod names;
 mod quarantine;
 mod repository;
 mod selectors;
@@ -700,6 +701,7 @@ impl PolicyEngine {
             policies,
             ipcache,
             rules,
+            names: self.node_names(idx),
         })
     }
 
