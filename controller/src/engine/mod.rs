@@ -215,6 +215,9 @@ enum SelectionSpec {
     Host,
     /// Every pod identity (egress named ports towards "anywhere").
     AllPods,
+    /// The one name identity of a DNS name pattern (see [`names`]): it matches no pod, CIDR or
+    /// entity identity, so entries by name never admit anything but learned addresses.
+    Name(crate::ruleset::NamePattern),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -210,10 +210,12 @@ impl From<NamePattern> for String {
 /// reduced into the reserved range), so every node, every controller run and every restart
 /// gives a pattern the same number and learned addresses stay attributed across them.
 ///
-/// Two different patterns may hash to the same number (with a thousand patterns in use the
-/// chance is about 1 in 500 000); as that would let one name's learned addresses admit what
-/// the other's rules admit, the controller refuses a policy whose pattern collides with another
-/// pattern in use, naming both. A rule set never maps one number to two patterns.
+/// Two different patterns may hash to the same number (with a hundred distinct patterns in
+/// use in a cluster the chance is about 1 in 54 000, with a thousand about 1 in 540). As that
+/// would let one name's learned addresses admit what the other's rules admit, the controller
+/// never gives one number to two patterns: a pattern whose number another pattern in use
+/// already has admits nothing (fail closed), and the controller says so. A rule set never maps
+/// one number to two patterns.
 pub fn name_identity(pattern: &NamePattern) -> Identity {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let text = pattern.to_string();
