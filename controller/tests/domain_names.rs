@@ -397,3 +397,45 @@ fn a_pattern_whose_identity_another_pattern_has_admits_nothing() {
     };
     assert_eq!(&a.names[0].pattern, pattern_of_owner);
 }
+
+#[test]
+fn policy_explain_answers_for_a_name() {
+    use bulkhead_controller::reachability::{Reachability, parse_pod_key};
+    let e = engine(&format!("{}{}", fixture(), named_policies()));
+    let reach = Reachability::new(&e);
+    let from = parse_pod_key("x/a").expect("pod");
+    let address = "192.0.2.1".parse().expect("ip");
+    let allowed = reach
+        .explain_to_name(&from, "WWW.example.org.", address, Protocol::Tcp, 443)
+        .expect("an answer");
+    assert_eq!(allowed.verdict, Verdict::Allow);
+    assert_eq!(allowed.to, "www.example.org");
+    assert!(
+        allowed
+            .egress
+            .reason
+            .contains("ClusterNetworkPolicy names egress[0]"),
+        "{}",
+        allowed.egress.reason
+    );
+    let denied = reach
+        .explain_to_name(&from, "example.org", address, Protocol::Tcp, 443)
+        .expect("an answer");
+    assert_eq!(denied.verdict, Verdict::Deny);
+    assert!(
+        denied
+            .egress
+            .reason
+            .contains("no name pattern of its node matches example.org"),
+        "{}",
+        denied.egress.reason
+    );
+    for bad in ["*.example.org", "org", "a_b.example.org"] {
+        assert!(
+            reach
+                .explain_to_name(&from, bad, address, Protocol::Tcp, 443)
+                .is_err(),
+            "{bad}"
+        );
+    }
+}
