@@ -15,7 +15,7 @@
 //!
 //! Names compare case-insensitively (DNS does); a pattern is kept in lower case, without a
 //! trailing dot (`api.example.com.` is accepted and means `api.example.com`). A valid name has at
-//! least two labels (as upstream's `DomainName` pattern demands), labels of 1-63 letters, digits
+//! least two labels (as upstream's `DomainName` validation demands), labels of 1-63 letters, digits
 //! and inner hyphens, and at most 253 characters; `*` may only appear as a leading `*.`.
 //! Internationalized names are written in their ASCII (punycode) form, as DNS carries them.
 //!
