@@ -73,14 +73,7 @@ proptest! {
         let union = decide_direction_peers(&policy, &peers, Some(Protocol::Tcp), Some(port));
         let combined = peers
             .iter()
-            .map(|p| {
-                let matching: Vec<&PolicyEntry> = policy
-                    .entries
-                    .iter()
-                    .filter(|e| e.matches(*p, Some(Protocol::Tcp), Some(port)))
-                    .collect();
-                Resolution::of(&policy, &matching)
-            })
+            .map(|p| Resolution::for_peer(&policy, *p, Some(Protocol::Tcp), Some(port)))
             .reduce(|a, b| a.combine(&b))
             .map(|r| r.decision());
         prop_assert_eq!(Some(union), combined);

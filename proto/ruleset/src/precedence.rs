@@ -181,6 +181,22 @@ impl Resolution {
         r
     }
 
+    /// What the agent writes for one map key: the resolution of the entries of `policy` that
+    /// match a packet from/to `peer` with this protocol and port (its own and the `ANY` ones).
+    pub fn for_peer(
+        policy: &DirectionPolicy,
+        peer: crate::Identity,
+        protocol: Option<crate::Protocol>,
+        port: Option<u16>,
+    ) -> Resolution {
+        let matching: Vec<&PolicyEntry> = policy
+            .entries
+            .iter()
+            .filter(|e| e.matches(peer, protocol, port))
+            .collect();
+        Resolution::of(policy, &matching)
+    }
+
     /// The resolution of the union of both entry sets (of one direction policy): per tier and
     /// view, the stronger rank.
     pub fn combine(&self, other: &Resolution) -> Resolution {
