@@ -1025,12 +1025,7 @@ pub fn decide_direction(
     protocol: Option<Protocol>,
     port: Option<u16>,
 ) -> Decision {
-    let matching: Vec<&PolicyEntry> = policy
-        .entries
-        .iter()
-        .filter(|e| e.matches(peer, protocol, port))
-        .collect();
-    resolve(policy, &matching)
+    decide_direction_peers(policy, &[peer], protocol, port)
 }
 
 /// A packet as the policy sees it.
