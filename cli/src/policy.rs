@@ -101,8 +101,21 @@ struct ExplainArgs {
     #[arg(long, value_name = "NS/POD")]
     from: String,
     /// Destination pod, namespace/name.
-    #[arg(long, value_name = "NS/POD")]
-    to: String,
+    #[arg(
+        long,
+        value_name = "NS/POD",
+        required_unless_present = "to_name",
+        conflicts_with = "to_name"
+    )]
+    to: Option<String>,
+    /// Destination outside the cluster by DNS name (e.g. api.example.com): the egress decision
+    /// once the pod has resolved the name (ClusterNetworkPolicy domainNames, ServicePolicy fqdn).
+    #[arg(long, value_name = "NAME")]
+    to_name: Option<String>,
+    /// With --to-name: the address the name resolved to (default 192.0.2.1, an address no
+    /// cluster has, so only policies by name or for the whole world apply).
+    #[arg(long, value_name = "IP", requires = "to_name")]
+    address: Option<std::net::IpAddr>,
     #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u16).range(1..))]
     port: u16,
     #[arg(long, default_value = "TCP", value_parser = parse_protocol)]
@@ -282,16 +295,34 @@ pub(crate) fn write_table(
 }
 
 fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
-    let (from, to) = match (parse_pod_key(&a.from), parse_pod_key(&a.to)) {
-        (Ok(f), Ok(t)) => (f, t),
-        (Err(e), _) | (_, Err(e)) => {
+    let from = match parse_pod_key(&a.from) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let to = match a.to.as_deref().map(parse_pod_key).transpose() {
+        Ok(t) => t,
+        Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(2));
         }
     };
     let (engine, code) = build(&a.input, true)?;
     let reach = Reachability::new(&engine);
-    let x = match reach.explain(&from, &to, a.protocol, a.port) {
+    let answer = match (&to, &a.to_name) {
+        (Some(to), _) => reach.explain(&from, to, a.protocol, a.port),
+        (None, Some(name)) => {
+            let address = a.address.unwrap_or(std::net::IpAddr::from([192, 0, 2, 1]));
+            reach.explain_to_name(&from, name, address, a.protocol, a.port)
+        }
+        (None, None) => {
+            eprintln!("error: name the destination with --to NS/POD or --to-name NAME");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let x = match answer {
         Ok(x) => x,
         Err(e) => {
             eprintln!("error: {e}");

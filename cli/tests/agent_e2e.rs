@@ -141,6 +141,7 @@ fn ruleset(version: u64, tcp: bool) -> RuleSet {
             },
         ],
         rules,
+        names: Vec::new(),
     }
 }
 

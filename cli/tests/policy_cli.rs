@@ -312,3 +312,61 @@ fn promote_needs_a_place_and_says_when_kubernetes_is_out_of_reach() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("NAMESPACE/NAME"), "{err}");
 }
+
+#[test]
+fn explain_answers_for_a_destination_by_dns_name() {
+    let d = tempdir("explain-name");
+    write(&d, "inventory.yaml", INVENTORY);
+    write(
+        &d,
+        "names.yaml",
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: x, name: isolate}
+spec: {podSelector: {}, policyTypes: [Egress]}
+---
+apiVersion: policy.networking.k8s.io/v1beta1
+kind: ClusterNetworkPolicy
+metadata: {name: to-api}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {matchLabels: {ns: x}}}
+  egress:
+  - action: Accept
+    to: [{domainNames: ['*.example.com']}]
+    protocols: [{tcp: {destinationPort: {number: 443}}}]
+",
+    );
+    let explain = |name: &str, extra: &[&str]| {
+        let out = bulkhead()
+            .args(["policy", "explain", "-f"])
+            .arg(&d)
+            .args(["--from", "x/a", "--to-name", name, "--port", "443"])
+            .args(extra)
+            .output()
+            .expect("runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, _) = explain("api.example.com", &["--address", "198.51.100.10"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("x/a -> api.example.com 443/TCP: allowed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ClusterNetworkPolicy to-api egress[0]"),
+        "{out}"
+    );
+    let (_, out, _) = explain("example.com", &[]);
+    assert!(out.contains("x/a -> example.com 443/TCP: denied"), "{out}");
+    let (code, _, err) = explain("*.example.com", &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("is a pattern"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}

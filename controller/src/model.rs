@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use ipnetwork::IpNetwork;
 
-use crate::ruleset::{Action, Direction, PortRange, Protocol, RuleKind, Tier};
+use crate::ruleset::{Action, Direction, NamePattern, PortRange, Protocol, RuleKind, Tier};
 use crate::selector::Selector;
 
 pub type Labels = BTreeMap<String, String>;
@@ -125,6 +125,10 @@ pub enum Peer {
     Cluster,
     /// The node's host network namespace (ServicePolicy entity `host`).
     Host,
+    /// Destinations the pod resolved through DNS to a name the pattern matches
+    /// (ClusterNetworkPolicy `domainNames`, ServicePolicy `fqdn`). Egress `Allow` rules only:
+    /// the loaders refuse it anywhere else (see [`crate::ruleset::names`] for why).
+    Name(NamePattern),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -219,6 +223,17 @@ impl Policy {
             Direction::Ingress => self.ingress_isolation,
             Direction::Egress => self.egress_isolation,
         }
+    }
+
+    /// Every DNS name pattern the policy's rules name as peers.
+    pub fn names(&self) -> impl Iterator<Item = &NamePattern> + '_ {
+        self.rules
+            .iter()
+            .flat_map(|r| r.peers.iter())
+            .filter_map(|p| match p {
+                Peer::Name(n) => Some(n),
+                _ => None,
+            })
     }
 
     /// Every CIDR the policy mentions (including `except` ones): each gets its own identity.

@@ -27,6 +27,12 @@ pub enum ReachabilityError {
     NoEndpoint(String),
     #[error("{0:?} is not namespace/pod: write it like default/web-0")]
     BadPodName(String),
+    #[error("destination name: {0}")]
+    BadName(crate::ruleset::BadNamePattern),
+    #[error("destination name {0:?} is a pattern: name one host, e.g. api.example.com")]
+    NamePattern(String),
+    #[error("pod {pod} has no address of the family of {address}")]
+    NoFamily { pod: String, address: IpAddr },
 }
 
 impl ReachabilityError {
@@ -35,6 +41,8 @@ impl ReachabilityError {
             ReachabilityError::UnknownPod(_) => "unknown_pod",
             ReachabilityError::NoEndpoint(_) => "no_endpoint",
             ReachabilityError::BadPodName(_) => "bad_pod_name",
+            ReachabilityError::BadName(_) | ReachabilityError::NamePattern(_) => "bad_name",
+            ReachabilityError::NoFamily { .. } => "no_family",
         }
     }
 }
@@ -386,5 +394,84 @@ fn explain_direction(
         audit,
         staged_verdict: d.audit_verdict,
         staged_rule_id: d.audit_rule,
+    }
+}
+
+impl Reachability<'_> {
+    /// Whether pod `from` may open a connection to `name` (a host outside the cluster) at
+    /// `address`, once the pod has resolved the name to that address: the egress decision
+    /// over the address's identity and the name identities of every pattern of the pod's node
+    /// that matches the name (`decide_with_names`). Nothing inside the cluster enforces the
+    /// ingress side, which is reported as such.
+    pub fn explain_to_name(
+        &self,
+        from: &PodKey,
+        name: &str,
+        address: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> Result<Explanation, ReachabilityError> {
+        let pattern =
+            crate::ruleset::NamePattern::parse(name).map_err(ReachabilityError::BadName)?;
+        if pattern.is_wildcard() {
+            return Err(ReachabilityError::NamePattern(name.to_string()));
+        }
+        let name = pattern.to_string();
+        let src = self.side(from)?;
+        let src_ip = src
+            .endpoint
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == address.is_ipv4())
+            .ok_or_else(|| ReachabilityError::NoFamily {
+                pod: from.to_string(),
+                address,
+            })?;
+        let packet = PacketTuple {
+            src: *src_ip,
+            dst: address,
+            protocol: Some(protocol),
+            dst_port: protocol.has_ports().then_some(port),
+        };
+        let names = crate::ruleset::names::matching_names(&src.ruleset.names, &name);
+        let d = crate::ruleset::decide_with_names(
+            src.ruleset,
+            src.endpoint,
+            Direction::Egress,
+            &packet,
+            &names,
+        );
+        let traffic = if protocol.has_ports() {
+            format!("{port}/{protocol:?}").to_uppercase()
+        } else {
+            format!("{protocol:?}").to_uppercase()
+        };
+        let peer = format!("{name} ({address})");
+        let mut egress =
+            explain_direction(self.engine, &src, Direction::Egress, &d, &peer, &traffic);
+        if names.is_empty() {
+            egress.reason = format!(
+                "{}; no name pattern of its node matches {name}",
+                egress.reason
+            );
+        }
+        let ingress = DirectionExplanation {
+            verdict: Verdict::Allow,
+            rule: None,
+            rule_id: RULE_DEFAULT_ALLOW,
+            reason: format!("{name} is outside the cluster: no ingress policy applies"),
+            audit: None,
+            staged_verdict: Verdict::Allow,
+            staged_rule_id: RULE_DEFAULT_ALLOW,
+        };
+        Ok(Explanation {
+            from: from.to_string(),
+            to: name,
+            port,
+            protocol,
+            verdict: egress.verdict,
+            egress,
+            ingress,
+        })
     }
 }

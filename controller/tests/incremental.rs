@@ -51,6 +51,15 @@ fn policy_pool() -> Vec<Vec<Object>> {
             "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: x, name: q3}\nspec:\n  pods: [p2]\n  reason: already over\n  expiresAt: 2000-01-01T00:00:00Z",
             "apiVersion: bulkhead.dev/v1alpha1\nkind: Quarantine\nmetadata: {namespace: x, name: q3}\nspec:\n  pods: [p0, p3]\n  reason: forensics\n  allow: [{namespaceSelector: {matchLabels: {team: b}}, podSelector: {matchExpressions: [{key: tier, operator: Exists}]}}, {ipBlock: {cidr: 10.0.0.0/30, except: [10.0.0.2/32]}, ports: [{port: 443}]}]",
         ],
+        // Egress by DNS name: the node's name patterns follow the pods the policies select.
+        vec![
+            "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata: {name: names}\nspec:\n  tier: Admin\n  priority: 3\n  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}\n  egress: [{action: Accept, to: [{domainNames: [api.example.com, '*.example.org']}]}]",
+            "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata: {name: names}\nspec:\n  tier: Admin\n  priority: 3\n  subject: {namespaces: {matchLabels: {team: a}}}\n  egress: [{action: Accept, to: [{domainNames: [api.example.com]}], protocols: [{tcp: {destinationPort: {number: 443}}}]}]",
+        ],
+        vec![
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: ServicePolicy\nmetadata: {namespace: x, name: fqdn}\nspec:\n  subject: {podSelector: {matchLabels: {app: db}}}\n  egress: [{to: [{fqdn: {matchPattern: '*.example.org'}}, {fqdn: {matchName: db.example.net}}]}]",
+            "apiVersion: bulkhead.dev/v1alpha1\nkind: ServicePolicy\nmetadata: {namespace: x, name: fqdn}\nspec:\n  mode: Audit\n  egress: [{to: [{fqdn: {matchName: api.example.com}}]}]",
+        ],
     ];
     docs.into_iter()
         .map(|variants| {
@@ -123,8 +132,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0..2usize, 0..4usize).prop_map(|(ns, name)| Step::DeletePod { ns, name }),
         1 => (0..2usize, proptest::option::of(0..2usize)).prop_map(|(ns, team)| Step::Namespace { ns, team }),
         1 => (0..2usize).prop_map(|ns| Step::DeleteNamespace { ns }),
-        4 => (0..8usize, 0..3usize).prop_map(|(index, variant)| Step::Policy { index, variant }),
-        2 => (0..8usize).prop_map(|index| Step::DeletePolicy { index }),
+        4 => (0..10usize, 0..3usize).prop_map(|(index, variant)| Step::Policy { index, variant }),
+        2 => (0..10usize).prop_map(|index| Step::DeletePolicy { index }),
         1 => (1..4usize, any::<bool>()).prop_map(|(node, declared)| Step::Node { node, declared }),
         1 => (0..25u64).prop_map(|seconds| Step::Tick { seconds }),
     ]

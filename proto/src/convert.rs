@@ -29,7 +29,25 @@ pub enum ConvertError {
     Enum { field: &'static str, value: i32 },
     #[error("{field} is missing")]
     Missing { field: &'static str },
+    #[error("{field}: {reason}")]
+    NamePattern {
+        field: &'static str,
+        reason: rs::BadNamePattern,
+    },
+    #[error(
+        "{field}: {text:?} is not in normal form (lower case, no trailing dot): expected {normal:?}"
+    )]
+    NameNotNormal {
+        field: &'static str,
+        text: String,
+        normal: String,
+    },
+    #[error("{field}: {value} is not a name identity")]
+    NameIdentity { field: &'static str, value: u32 },
 }
+
+mod names;
+pub(crate) use names::{name_entries_from, name_entry_to};
 
 type Result<T> = std::result::Result<T, ConvertError>;
 
@@ -371,6 +389,7 @@ impl From<&rs::RuleSet> for pb::RuleSet {
             policies: r.policies.iter().map(|(k, p)| (*k, policy_to(p))).collect(),
             ipcache: r.ipcache.iter().map(ipcache_to).collect(),
             rules: r.rules.iter().map(|(k, v)| (*k, rule_to(v))).collect(),
+            names: r.names.iter().map(name_entry_to).collect(),
         }
     }
 }
@@ -390,6 +409,7 @@ impl TryFrom<&pb::RuleSet> for rs::RuleSet {
             policies: map_from(&r.policies, policy_from)?,
             ipcache: r.ipcache.iter().map(ipcache_from).collect::<Result<_>>()?,
             rules: map_from(&r.rules, rule_from)?,
+            names: name_entries_from("ruleset names", &r.names)?,
         })
     }
 }
@@ -484,6 +504,8 @@ impl From<&rs::NodeDelta> for pb::NodeDelta {
                 .iter()
                 .map(|(k, v)| (*k, rule_to(v)))
                 .collect(),
+            names_removed: d.names_removed.clone(),
+            names_added: d.names_added.iter().map(name_entry_to).collect(),
         }
     }
 }
@@ -523,6 +545,8 @@ impl TryFrom<&pb::NodeDelta> for rs::NodeDelta {
                 .collect::<Result<_>>()?,
             rules_removed: d.rules_removed.clone(),
             rules_upserted: map_from(&d.rules_upserted, rule_from)?,
+            names_removed: d.names_removed.clone(),
+            names_added: name_entries_from("names_added", &d.names_added)?,
         })
     }
 }
@@ -676,15 +700,17 @@ pub(crate) mod tests {
             prop::collection::btree_map(any::<u32>(), policy(), 0..3),
             prop::collection::vec(ipcache(), 0..5),
             prop::collection::btree_map(any::<u32>(), rule(), 0..4),
+            prop::collection::vec(super::names::tests::name_entry(), 0..3),
         )
             .prop_map(
-                |(node, version, endpoints, policies, ipcache, rules)| rs::RuleSet {
+                |(node, version, endpoints, policies, ipcache, rules, names)| rs::RuleSet {
                     node,
                     version,
                     endpoints,
                     policies,
                     ipcache,
                     rules,
+                    names,
                 },
             )
     }
@@ -745,6 +771,10 @@ pub(crate) mod tests {
                 prop::collection::vec(any::<u32>(), 0..3),
                 prop::collection::btree_map(any::<u32>(), rule(), 0..3),
             ),
+            (
+                prop::collection::vec(any::<u32>(), 0..3),
+                prop::collection::vec(super::names::tests::name_entry(), 0..3),
+            ),
         )
             .prop_map(
                 |(
@@ -752,6 +782,7 @@ pub(crate) mod tests {
                     (endpoints_removed, endpoints_added, endpoints_changed),
                     (policies_removed, policies_added, policies_changed),
                     (ipcache_removed, ipcache_upserted, rules_removed, rules_upserted),
+                    (names_removed, names_added),
                 )| rs::NodeDelta {
                     node,
                     from_version,
@@ -767,6 +798,8 @@ pub(crate) mod tests {
                     ipcache_upserted,
                     rules_removed,
                     rules_upserted,
+                    names_removed,
+                    names_added,
                 },
             )
     }

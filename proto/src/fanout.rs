@@ -26,7 +26,8 @@ use prost::{
 
 use crate::{
     convert::{
-        cidr_to, endpoint_delta_to, endpoint_to, ipcache_to, policy_delta_to, policy_to, rule_to,
+        cidr_to, endpoint_delta_to, endpoint_to, ipcache_to, name_entry_to, policy_delta_to,
+        policy_to, rule_to,
     },
     v1::{self as pb, ControllerMessage, controller_message},
 };
@@ -164,6 +165,9 @@ impl<'a> FanoutEncoder<'a> {
             policies_removed: d.policies_removed.clone(),
             ipcache_removed: d.ipcache_removed.iter().map(cidr_to).collect(),
             rules_removed: d.rules_removed.clone(),
+            // Name patterns are few and per node: encoded with the node's own fields.
+            names_removed: d.names_removed.clone(),
+            names_added: d.names_added.iter().map(name_entry_to).collect(),
             ..Default::default()
         }
         .encode_to_vec();

@@ -95,6 +95,7 @@ fn ruleset(version: u64, pods: u32, quarantined: Option<u32>, remote: u32) -> Ru
         policies,
         ipcache,
         rules: Default::default(),
+        names: Vec::new(),
     }
 }
 

@@ -140,6 +140,7 @@ fn ruleset(n: u32, staged: bool) -> RuleSet {
         .collect(),
         ipcache,
         rules: Default::default(),
+        names: Vec::new(),
     }
 }
 

@@ -456,6 +456,7 @@ fn pod_ruleset(entries: u32) -> RuleSet {
         .collect(),
         ipcache,
         rules: Default::default(),
+        names: Vec::new(),
     }
 }
 

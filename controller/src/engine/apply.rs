@@ -14,6 +14,9 @@ pub(super) struct View<'a> {
 
 impl Universe for View<'_> {
     fn matches(&self, spec: &SelectionSpec, id: Identity) -> bool {
+        if let SelectionSpec::Name(p) = spec {
+            return id == crate::ruleset::name_identity(p);
+        }
         self.identities.kind(id).is_some_and(|kind| {
             selectors::spec_matches(spec, kind, |ns| self.inventory.namespace_labels(ns))
         })
@@ -34,6 +37,9 @@ impl Universe for View<'_> {
                 .filter(|(ns, _)| nsel.matches(&self.inventory.namespace_labels(ns)))
                 .flat_map(|(_, ids)| ids.iter().copied())
                 .collect(),
+            // A name selection holds its name identity from the start; no identity the engine
+            // allocates (pods, CIDRs) ever joins it.
+            SelectionSpec::Name(p) => vec![crate::ruleset::name_identity(p)],
             _ => self.identities.all().collect(),
         }
     }

@@ -66,6 +66,7 @@ impl PolicyEngine {
 
     /// Adds a policy to the repository; its subject's members are to be recomputed.
     pub(super) fn add_policy(&mut self, policy: Policy, slot: u32) {
+        let policy = self.without_colliding_names(policy);
         let u = View {
             inventory: &self.inventory,
             identities: &self.identities,

@@ -44,6 +44,8 @@ pub(super) struct NodeParts<'a> {
     policy_deltas: &'a FxHashMap<Identity, Option<PolicyDelta>>,
     /// Touched pods by the addresses they had before the change.
     old_at: &'a FxHashMap<IpAddr, Vec<(&'a PodKey, &'a PodSnap)>>,
+    /// (name identity, was referenced before), this node's only.
+    names: &'a [(NodeIdx, (Identity, bool))],
 }
 
 impl PolicyEngine {
@@ -76,8 +78,17 @@ impl PolicyEngine {
             .map(|((n, r), was)| (*n, *r, *was))
             .collect();
         rules.sort_unstable();
+        // Per node, sorted: the name identities whose reference flipped (patterns to send).
+        let mut names: Vec<(NodeIdx, (Identity, bool))> = j
+            .peer_old
+            .iter()
+            .filter(|((_, p), _)| identity::is_name(*p))
+            .map(|((n, p), was)| (*n, (*p, *was)))
+            .collect();
+        names.sort_unstable();
         nodes.extend(groups.iter().map(|g| g.0));
         nodes.extend(rules.iter().map(|r| r.0));
+        nodes.extend(names.iter().map(|x| x.0));
         // A group's change is the same on every node that has it: computed once.
         let mut policy_deltas: FxHashMap<Identity, Option<PolicyDelta>> = FxHashMap::default();
         for (_, id, had) in &groups {
@@ -154,6 +165,7 @@ impl PolicyEngine {
                 rules: of_node(&rules, n),
                 policy_deltas: &policy_deltas,
                 old_at: &old_at,
+                names: of_node(&names, n),
             };
             if let Some(d) = self.node_delta(n, &j, parts) {
                 deltas.push(d);
@@ -174,6 +186,7 @@ impl PolicyEngine {
             rules,
             policy_deltas,
             old_at,
+            names,
         } = parts;
         let existed = j
             .node_existed
@@ -367,6 +380,7 @@ impl PolicyEngine {
             }
         }
         delta.rules_removed.sort_unstable();
+        self.name_delta(n, names, &mut delta);
         if existed && !exists {
             let version = self.inventory.bump_version(n);
             return Some(NodeDelta {

@@ -128,6 +128,7 @@ mod delta;
 mod identities;
 mod inventory;
 mod ipcache;
+mod names;
 mod quarantine;
 mod repository;
 mod selectors;
@@ -214,6 +215,9 @@ enum SelectionSpec {
     Host,
     /// Every pod identity (egress named ports towards "anywhere").
     AllPods,
+    /// The one name identity of a DNS name pattern (see [`names`]): it matches no pod, CIDR or
+    /// entity identity, so entries by name never admit anything but learned addresses.
+    Name(crate::ruleset::NamePattern),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -700,6 +704,7 @@ impl PolicyEngine {
             policies,
             ipcache,
             rules,
+            names: self.node_names(idx),
         })
     }
 

@@ -467,6 +467,7 @@ pub(super) fn peer_spec(
         Peer::World => Some(SelectionSpec::World),
         Peer::Cluster => Some(SelectionSpec::Cluster),
         Peer::Host => Some(SelectionSpec::Host),
+        Peer::Name(p) => Some(SelectionSpec::Name(p.clone())),
     }
 }
 

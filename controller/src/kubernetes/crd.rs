@@ -41,6 +41,11 @@ pub const VERSION: &str = "v1alpha1";
 const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// A DNS label (namespace names).
 const DNS_LABEL: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+/// A DNS name of at least two labels, any case, optionally with the trailing dot (as
+/// network-policy-api's `DomainName`, without its `*.`).
+const DNS_NAME: &str = r"^([a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?\.?$";
+/// `*.` and a [`DNS_NAME`].
+const DNS_NAME_PATTERN: &str = r"^\*\.([a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?\.?$";
 
 /// Bulkhead's policy for service identities: the subject by service account and/or pod labels,
 /// peers by service identity, CIDR, or the entities `world`, `cluster` and `host`. Shares the
@@ -127,7 +132,7 @@ pub enum RuleAction {
     Deny,
 }
 
-/// Exactly one of `service`, `cidr` (with optional `except`) or `entity`.
+/// Exactly one of `service`, `cidr` (with optional `except`), `entity` or `fqdn`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(!deny_unknown_fields)]
@@ -144,6 +149,26 @@ pub struct ServicePeer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<Entity>")]
     pub entity: Option<String>,
+    /// Destinations by DNS name (egress `Allow` rules only): the addresses the pod itself
+    /// resolved a matching name to, through a trusted resolver. There is no deny by name:
+    /// addresses are shared between names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fqdn: Option<FqdnPeer>,
+}
+
+/// Exactly one of `matchName` (`api.example.com`: that name) or `matchPattern`
+/// (`*.example.com`: every name with one or more labels before `example.com`, not
+/// `example.com` itself). Compared case-insensitively; a trailing dot is ignored.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(!deny_unknown_fields)]
+pub struct FqdnPeer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 254), regex(pattern = DNS_NAME))]
+    pub match_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = DNS_NAME_PATTERN))]
+    pub match_pattern: Option<String>,
 }
 
 /// `world`: everything outside the cluster; `cluster`: every pod and the host; `host`: the node.

@@ -2,6 +2,7 @@
 //! identical `v1alpha2`): the Admin and Baseline tiers.
 
 use super::meta::meta_name;
+use super::names::{MAX_DOMAIN_NAMES, name_peer_problem, parse_name};
 use super::peers::{parse_cidr, port_name_problem, port_number, too_many_rules};
 use crate::error::FieldError;
 use crate::kubernetes::crd::{ClusterNetworkPolicy, CnpNamespacedPod, CnpPort, CnpRule};
@@ -163,6 +164,7 @@ fn convert_cnp_rule(
     );
     let mut peers = Vec::new();
     let mut has_network = false;
+    let mut has_names = false;
     for (i, p) in peers_doc.iter().enumerate() {
         let pp = format!("{path}.{field}[{i}]");
         let set = [
@@ -178,7 +180,7 @@ fn convert_cnp_rule(
         if set != 1 {
             errors.push(FieldError::new(
                 pp,
-                "set exactly one of namespaces, pods or networks",
+                "set exactly one of namespaces, pods, networks, nodes or domainNames",
             ));
             continue;
         }
@@ -222,11 +224,39 @@ fn convert_cnp_rule(
                 format!("{pp}.nodes"),
                 "nodes peers are not supported by bulkhead yet: use networks with the node CIDRs",
             ));
-        } else {
-            errors.push(FieldError::new(
-                format!("{pp}.domainNames"),
-                "domainNames peers are not supported by bulkhead: use networks",
-            ));
+        } else if let Some(names) = &p.domain_names {
+            // NPEP-133: egress, Accept, Admin tier only.
+            let np = format!("{pp}.domainNames");
+            if let Some(problem) = name_peer_problem(
+                direction == Direction::Ingress,
+                matches!(action, Some(Action::Allow) | None),
+                "Accept",
+            ) {
+                errors.push(FieldError::new(np, problem));
+                continue;
+            }
+            if tier == Some(Tier::Baseline) {
+                errors.push(FieldError::new(
+                    np,
+                    "domainNames peers are only allowed in the Admin tier (as upstream specifies): use tier Admin",
+                ));
+                continue;
+            }
+            if names.is_empty() {
+                errors.push(FieldError::new(
+                    np.clone(),
+                    "domainNames must list at least one name",
+                ));
+            }
+            if too_many_rules(names.len(), MAX_DOMAIN_NAMES, &np, errors) {
+                continue;
+            }
+            has_names = true;
+            for (j, n) in names.iter().enumerate() {
+                if let Some(pattern) = parse_name(n, &format!("{np}[{j}]"), errors) {
+                    peers.push(Peer::Name(pattern));
+                }
+            }
         }
     }
     let mut ports = Vec::new();
@@ -258,7 +288,12 @@ fn convert_cnp_rule(
                     continue;
                 }
                 if let Some(name) = &proto.destination_named_port {
-                    if has_network {
+                    if has_names {
+                        errors.push(FieldError::new(
+                            format!("{pp}.destinationNamedPort"),
+                            "domainNames peers cannot be used with named ports: they have no named ports",
+                        ));
+                    } else if has_network {
                         errors.push(FieldError::new(
                             format!("{pp}.destinationNamedPort"),
                             "networks peers cannot be used with named ports: they have no named ports",

@@ -33,6 +33,7 @@ mod cluster_network_policy;
 mod files;
 mod inventory;
 mod meta;
+mod names;
 mod network_policy;
 mod peers;
 mod quarantine;

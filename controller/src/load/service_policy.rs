@@ -2,11 +2,12 @@
 
 use super::MAX_RULES_PER_DIRECTION;
 use super::meta::{dns_label_problem, meta_name, meta_namespace};
+use super::names::{name_peer_problem, parse_name};
 use super::peers::{convert_np_ports, parse_cidr_peer, too_many_rules};
 use crate::error::FieldError;
-use crate::kubernetes::crd::{ServicePeer, ServicePolicy};
+use crate::kubernetes::crd::{FqdnPeer, ServicePeer, ServicePolicy};
 use crate::model::{Isolation, NamespaceScope, Peer, PodSelection, Policy, PolicyKey, Rule};
-use crate::ruleset::{Action, Direction, RuleKind, Tier};
+use crate::ruleset::{Action, Direction, NamePattern, RuleKind, Tier};
 use crate::selector::{Selector, dns_subdomain_problem};
 
 /// A ServicePolicy: application-tier rules by service identity, enforced or audited.
@@ -89,7 +90,22 @@ pub(super) fn convert(
                     .iter()
                     .enumerate()
                     .filter_map(|(j, p)| {
-                        convert_service_peer(p, &ns, &format!("{rp}.{peer_field}[{j}]"), errors)
+                        let pp = format!("{rp}.{peer_field}[{j}]");
+                        if let Some(fqdn) = &p.fqdn {
+                            if let Some(problem) = name_peer_problem(
+                                direction == Direction::Ingress,
+                                action == Action::Allow,
+                                "Allow",
+                            ) {
+                                errors.push(FieldError::new(format!("{pp}.fqdn"), problem));
+                                return None;
+                            }
+                            if p.service.is_none() && p.cidr.is_none() && p.entity.is_none() {
+                                return convert_fqdn(fqdn, &format!("{pp}.fqdn"), errors)
+                                    .map(Peer::Name);
+                            }
+                        }
+                        convert_service_peer(p, &ns, &pp, errors)
                     })
                     .collect(),
             };
@@ -140,14 +156,19 @@ fn convert_service_peer(
     path: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<Peer> {
-    let set = [p.service.is_some(), p.cidr.is_some(), p.entity.is_some()]
-        .iter()
-        .filter(|x| **x)
-        .count();
+    let set = [
+        p.service.is_some(),
+        p.cidr.is_some(),
+        p.entity.is_some(),
+        p.fqdn.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
     if set != 1 {
         errors.push(FieldError::new(
             path,
-            "set exactly one of service, cidr or entity",
+            "set exactly one of service, cidr, entity or fqdn",
         ));
         return None;
     }
@@ -221,4 +242,44 @@ fn convert_service_peer(
         pods: pods?,
         service_account: s.service_account.clone(),
     }))
+}
+
+/// An `fqdn` peer: exactly one of `matchName` (an exact name) and `matchPattern` (`*.` and a
+/// name), with the matching of ClusterNetworkPolicy `domainNames`.
+fn convert_fqdn(f: &FqdnPeer, path: &str, errors: &mut Vec<FieldError>) -> Option<NamePattern> {
+    match (&f.match_name, &f.match_pattern) {
+        (Some(name), None) => {
+            let field = format!("{path}.matchName");
+            let p = parse_name(name, &field, errors)?;
+            if p.is_wildcard() {
+                errors.push(FieldError::new(
+                    field,
+                    format!("{name:?} is a pattern: write it as matchPattern"),
+                ));
+                return None;
+            }
+            Some(p)
+        }
+        (None, Some(pattern)) => {
+            let field = format!("{path}.matchPattern");
+            let p = parse_name(pattern, &field, errors)?;
+            if !p.is_wildcard() {
+                errors.push(FieldError::new(
+                    field,
+                    format!(
+                        "{pattern:?} has no leading \"*.\": write one name as matchName, or a pattern such as *.{p}"
+                    ),
+                ));
+                return None;
+            }
+            Some(p)
+        }
+        _ => {
+            errors.push(FieldError::new(
+                path,
+                "set exactly one of matchName or matchPattern",
+            ));
+            None
+        }
+    }
 }

@@ -335,6 +335,7 @@ fn ruleset(version: u64, port: u16) -> RuleSet {
             },
         ],
         rules: BTreeMap::new(),
+        names: Vec::new(),
     }
 }
 

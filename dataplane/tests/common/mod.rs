@@ -86,6 +86,7 @@ pub fn ruleset(version: u64, endpoints: Vec<Endpoint>, ipcache: Vec<(&str, u32)>
             })
             .collect(),
         rules: BTreeMap::new(),
+        names: Vec::new(),
     }
 }
 

@@ -33,6 +33,19 @@ pub mod identity {
     pub const WORLD: u32 = 2;
     pub const FIRST_ALLOCATED_IDENTITY: u32 = 256;
     pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
+    /// Name identities (egress peers by DNS name, ClusterNetworkPolicy `domainNames` and
+    /// ServicePolicy `fqdn`) lie in `FIRST_NAME_IDENTITY .. FIRST_NAME_IDENTITY +
+    /// NAME_IDENTITY_COUNT`. No address has one in the ipcache: the data plane attributes them
+    /// to the addresses a pod learned from DNS answers for a matching name, and to the programs
+    /// they are opaque numbers, matched in policy keys like any peer identity. The rule set
+    /// lists each one's name pattern (`RuleSet::names`).
+    pub const FIRST_NAME_IDENTITY: u32 = 0x2000_0000;
+    /// How many name identities there are (2^28).
+    pub const NAME_IDENTITY_COUNT: u32 = 1 << 28;
+    /// Whether `id` is a name identity.
+    pub const fn is_name(id: u32) -> bool {
+        id >= FIRST_NAME_IDENTITY && id - FIRST_NAME_IDENTITY < NAME_IDENTITY_COUNT
+    }
     /// Wildcard peer of a policy entry (and of a policy map key): every peer identity.
     pub const ANY: u32 = u32::MAX;
 }

@@ -27,11 +27,15 @@ use serde::{Deserialize, Serialize};
 
 pub mod conntrack;
 pub mod flow;
+pub mod names;
+pub mod precedence;
 
 pub use flow::{
     EndpointRef, FlowEntry, FlowKind, FlowReason, FlowRecord, FlowRule, FlowVerdict,
     QuarantineAction, QuarantineEvent, StagedOutcome,
 };
+pub use names::{BadNamePattern, NameEntry, NamePattern, name_identity};
+pub use precedence::{Rank, Resolution};
 
 /// Numeric security identity of a set of endpoints (or of a CIDR).
 pub type Identity = u32;
@@ -516,6 +520,11 @@ pub struct RuleSet {
     pub policies: BTreeMap<PolicyGroupId, EndpointPolicy>,
     pub ipcache: Vec<IpCacheEntry>,
     pub rules: BTreeMap<RuleId, RuleRef>,
+    /// The DNS name patterns that entries of this node's policies name as peers, each with its
+    /// name identity ([`names`]), sorted by identity; empty on a node none of whose endpoints
+    /// has an egress peer by name. The data plane learns addresses for these names only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<NameEntry>,
 }
 
 impl RuleSet {
@@ -611,6 +620,13 @@ pub struct NodeDelta {
     pub rules_removed: Vec<RuleId>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rules_upserted: BTreeMap<RuleId, RuleRef>,
+    /// Name identities no entry of the node names any more: the data plane forgets what it
+    /// learned for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names_removed: Vec<Identity>,
+    /// Name patterns new on the node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names_added: Vec<NameEntry>,
 }
 
 impl NodeDelta {
@@ -627,6 +643,8 @@ impl NodeDelta {
             && self.ipcache_upserted.is_empty()
             && self.rules_removed.is_empty()
             && self.rules_upserted.is_empty()
+            && self.names_removed.is_empty()
+            && self.names_added.is_empty()
     }
 
     /// Number of individual changes it carries: endpoints, groups (a changed group counts one
@@ -655,6 +673,8 @@ impl NodeDelta {
             + self.ipcache_upserted.len()
             + self.rules_removed.len()
             + self.rules_upserted.len()
+            + self.names_removed.len()
+            + self.names_added.len()
     }
 }
 
@@ -823,6 +843,7 @@ impl RuleSet {
             self.policies.clear();
             self.ipcache.clear();
             self.rules.clear();
+            self.names.clear();
             return Ok(());
         }
         if !delta.endpoints_changed.is_empty() {
@@ -912,6 +933,14 @@ impl RuleSet {
         for (id, rule) in &delta.rules_upserted {
             self.rules.insert(*id, rule.clone());
         }
+        if !delta.names_removed.is_empty() || !delta.names_added.is_empty() {
+            let removed: BTreeSet<Identity> = delta.names_removed.iter().copied().collect();
+            let added: BTreeSet<Identity> = delta.names_added.iter().map(|n| n.identity).collect();
+            self.names
+                .retain(|n| !removed.contains(&n.identity) && !added.contains(&n.identity));
+            self.names.extend(delta.names_added.iter().cloned());
+            self.names.sort();
+        }
         Ok(())
     }
 
@@ -984,54 +1013,9 @@ impl Decision {
 /// from the top. Within a tier the lowest priority number wins, and at equal priority deny beats
 /// allow beats pass. `Pass` skips the rest of its tier. In the application tier an isolated
 /// endpoint denies what no entry admits; otherwise the baseline tier decides, else allow.
+/// Defined by [`Resolution`], whose per-identity form combines across peer identities.
 pub fn resolve(policy: &DirectionPolicy, matching: &[&PolicyEntry]) -> Decision {
-    let (verdict, rule) = resolve_one(matching, Stage::enforced, policy.isolated_by);
-    let (audit_verdict, audit_rule) =
-        resolve_one(matching, Stage::staged, policy.staged_isolated_by);
-    Decision {
-        verdict,
-        rule,
-        audit_verdict,
-        audit_rule,
-    }
-}
-
-fn resolve_one(
-    matching: &[&PolicyEntry],
-    in_view: fn(Stage) -> bool,
-    isolated_by: Option<RuleId>,
-) -> (Verdict, RuleId) {
-    for tier in [
-        Tier::Quarantine,
-        Tier::Admin,
-        Tier::Application,
-        Tier::Baseline,
-    ] {
-        let best = matching
-            .iter()
-            .filter(|e| e.tier == tier && in_view(e.stage))
-            .min_by_key(|e| (e.priority, action_rank(e.action), e.rule));
-        match best {
-            Some(e) if e.action == Action::Allow => return (Verdict::Allow, e.rule),
-            Some(e) if e.action == Action::Deny => return (Verdict::Deny, e.rule),
-            // Pass, or no entry: fall through to the next tier.
-            _ => {}
-        }
-        if tier == Tier::Application
-            && let Some(rule) = isolated_by
-        {
-            return (Verdict::Deny, rule);
-        }
-    }
-    (Verdict::Allow, RULE_DEFAULT_ALLOW)
-}
-
-fn action_rank(action: Action) -> u8 {
-    match action {
-        Action::Deny => 0,
-        Action::Allow => 1,
-        Action::Pass => 2,
-    }
+    Resolution::of(policy, matching).decision()
 }
 
 /// The reference decision for one direction of one endpoint.
@@ -1041,12 +1025,7 @@ pub fn decide_direction(
     protocol: Option<Protocol>,
     port: Option<u16>,
 ) -> Decision {
-    let matching: Vec<&PolicyEntry> = policy
-        .entries
-        .iter()
-        .filter(|e| e.matches(peer, protocol, port))
-        .collect();
-    resolve(policy, &matching)
+    decide_direction_peers(policy, &[peer], protocol, port)
 }
 
 /// A packet as the policy sees it.
@@ -1082,5 +1061,49 @@ pub fn decide(
     )
 }
 
+/// The reference decision over several peer identities at once: the entries matching any of
+/// `peers`, resolved together (see [`precedence`]).
+pub fn decide_direction_peers(
+    policy: &DirectionPolicy,
+    peers: &[Identity],
+    protocol: Option<Protocol>,
+    port: Option<u16>,
+) -> Decision {
+    let matching: Vec<&PolicyEntry> = policy
+        .entries
+        .iter()
+        .filter(|e| peers.iter().any(|p| e.matches(*p, protocol, port)))
+        .collect();
+    resolve(policy, &matching)
+}
+
+/// [`decide`] for a packet whose destination address the endpoint learned, from DNS answers,
+/// as the names of the name identities `names` ([`names::matching_names`]): in the egress
+/// direction the entries of the address's own identity and of every name identity decide
+/// together, with the one precedence. (Names describe destinations: in the ingress direction,
+/// and with no names, this is [`decide`].)
+pub fn decide_with_names(
+    ruleset: &RuleSet,
+    endpoint: &Endpoint,
+    direction: Direction,
+    packet: &PacketTuple,
+    names: &[Identity],
+) -> Decision {
+    if direction == Direction::Ingress || names.is_empty() {
+        return decide(ruleset, endpoint, direction, packet);
+    }
+    let mut peers = Vec::with_capacity(names.len() + 1);
+    peers.push(ruleset.identity_of(packet.dst));
+    peers.extend(names.iter().copied().filter(|n| identity::is_name(*n)));
+    decide_direction_peers(
+        ruleset.policy_of(endpoint).direction(direction),
+        &peers,
+        packet.protocol,
+        packet.dst_port,
+    )
+}
+
+#[cfg(test)]
+mod names_tests;
 #[cfg(test)]
 mod tests;
