@@ -103,6 +103,7 @@ fn ruleset() -> RuleSet {
         .collect(),
         ipcache,
         rules: Default::default(),
+        names: Vec::new(),
     }
 }
 
