@@ -7,10 +7,8 @@
 //! Names are hashed with [`bulkhead_common::fqdn::name_hash`], the same code the programs run.
 
 use std::{
-    fmt,
     io::Read,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    str::FromStr,
 };
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
@@ -18,6 +16,9 @@ use bulkhead_common::fqdn::{
     FQDN_MAX_IDS, FQDN_NAME_ID_NONE, FqdnConfig, FqdnLearned, FqdnLearnedKeyV4, FqdnLearnedKeyV6,
     NameError, fqdn_stat, name_hash,
 };
+
+/// The contract's pattern: what the controller sends in `RuleSet::names`.
+pub use bulkhead_ruleset::names::NamePattern;
 
 use crate::loader::{Dataplane, LoadError};
 
@@ -51,62 +52,12 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> FqdnError {
     move |source| FqdnError::Map { map, source }
 }
 
-/// A name a policy allows: an exact name, or `*.suffix` (one or more labels before the
-/// suffix, never the suffix itself). Stored lowercase, without a trailing dot.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum NamePattern {
-    Exact(String),
-    /// The suffix after `*.`.
-    Wildcard(String),
-}
-
-impl NamePattern {
-    /// The name hashed into the map key: the exact name, or the wildcard's suffix.
-    pub fn hashed_name(&self) -> &str {
-        match self {
-            NamePattern::Exact(n) | NamePattern::Wildcard(n) => n,
-        }
-    }
-
-    fn map(&self) -> &'static str {
-        match self {
-            NamePattern::Exact(_) => MAP_EXACT,
-            NamePattern::Wildcard(_) => MAP_WILDCARD,
-        }
-    }
-}
-
-impl FromStr for NamePattern {
-    type Err = FqdnError;
-
-    fn from_str(s: &str) -> Result<Self, FqdnError> {
-        let lower = s.trim_end_matches('.').to_ascii_lowercase();
-        let pattern = match lower.strip_prefix("*.") {
-            Some(suffix) => NamePattern::Wildcard(suffix.to_string()),
-            None => NamePattern::Exact(lower.clone()),
-        };
-        let hashed = pattern.hashed_name();
-        if hashed.contains('*') {
-            return Err(FqdnError::Name {
-                name: s.to_string(),
-                reason: NameError::EmptyLabel,
-            });
-        }
-        // Validates the labels and lengths with the kernel's own rules.
-        name_hash([1, 1], hashed.as_bytes()).map_err(|reason| FqdnError::Name {
-            name: s.to_string(),
-            reason,
-        })?;
-        Ok(pattern)
-    }
-}
-
-impl fmt::Display for NamePattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NamePattern::Exact(n) => f.write_str(n),
-            NamePattern::Wildcard(n) => write!(f, "*.{n}"),
-        }
+/// The map a pattern's key lives in: exact names, or wildcard suffixes.
+fn pattern_map(pattern: &NamePattern) -> &'static str {
+    if pattern.is_wildcard() {
+        MAP_WILDCARD
+    } else {
+        MAP_EXACT
     }
 }
 
@@ -238,7 +189,7 @@ impl Dataplane {
         if !cfg.enabled() {
             return Err(FqdnError::NoSecret);
         }
-        name_hash(cfg.key, pattern.hashed_name().as_bytes()).map_err(|reason| FqdnError::Name {
+        name_hash(cfg.key, pattern.name().as_bytes()).map_err(|reason| FqdnError::Name {
             name: pattern.to_string(),
             reason,
         })
@@ -250,7 +201,7 @@ impl Dataplane {
             return Err(FqdnError::ReservedId);
         }
         let key = self.pattern_key(pattern)?;
-        let map = pattern.map();
+        let map = pattern_map(pattern);
         let mut m: HashMap<&mut MapData, u64, u32> = self.map_mut(map)?;
         m.insert(key, name_id, 0).map_err(map_err(map))
     }
@@ -258,7 +209,7 @@ impl Dataplane {
     /// Stops learning for `pattern` (what was learned expires with its TTL).
     pub fn remove_fqdn_name(&mut self, pattern: &NamePattern) -> Result<(), FqdnError> {
         let key = self.pattern_key(pattern)?;
-        let map = pattern.map();
+        let map = pattern_map(pattern);
         let mut m: HashMap<&mut MapData, u64, u32> = self.map_mut(map)?;
         match m.remove(&key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
@@ -269,7 +220,7 @@ impl Dataplane {
     /// The name id `pattern` is written under, if any.
     pub fn fqdn_name(&mut self, pattern: &NamePattern) -> Result<Option<u32>, FqdnError> {
         let key = self.pattern_key(pattern)?;
-        let map = pattern.map();
+        let map = pattern_map(pattern);
         let m: HashMap<&mut MapData, u64, u32> = self.map_mut(map)?;
         match m.get(&key, 0) {
             Ok(v) => Ok(Some(v)),
@@ -410,19 +361,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn patterns_parse_and_print() {
+    fn exact_names_and_wildcard_suffixes_have_maps_of_their_own() {
         let p: NamePattern = "API.Example.com.".parse().expect("exact");
-        assert_eq!(p, NamePattern::Exact("api.example.com".into()));
-        assert_eq!(p.to_string(), "api.example.com");
+        assert_eq!((pattern_map(&p), p.name()), (MAP_EXACT, "api.example.com"));
         let w: NamePattern = "*.Example.COM".parse().expect("wildcard");
-        assert_eq!(w, NamePattern::Wildcard("example.com".into()));
-        assert_eq!(w.to_string(), "*.example.com");
-        assert_eq!(w.hashed_name(), "example.com");
-        for bad in ["", ".", "*.", "a..b", "*.*.example.com", "a*.example.com"] {
-            assert!(bad.parse::<NamePattern>().is_err(), "{bad:?}");
-        }
-        let long = format!("{}.com", "a".repeat(64));
-        assert!(long.parse::<NamePattern>().is_err());
+        // The wildcard's key is its suffix's, in the other map: `example.com` itself is never
+        // matched by `*.example.com`.
+        assert_eq!((pattern_map(&w), w.name()), (MAP_WILDCARD, "example.com"));
     }
 
     #[test]

@@ -316,13 +316,7 @@ fn ensure_network(state: &LabState) -> anyhow::Result<()> {
         return Ok(());
     }
     let ns = Netns::create(&netns(state))?.keep();
-    for scope in ["all", "default"] {
-        ns.exec(&[
-            "sysctl",
-            "-qw",
-            &format!("net.ipv6.conf.{scope}.accept_dad=0"),
-        ])?;
-    }
+    super::no_dad(&ns)?;
     let fabric = Netns::existing(&super::fabric_ns(state));
     bulkhead_agent::netns::veth_pair("ext0", Some(&fabric), "fabric0", Some(&ns))?;
     fabric.exec(&["ip", "link", "set", "ext0", "master", "br0", "up"])?;
