@@ -269,8 +269,7 @@ fn check_header(s: &DnsScratch) -> bool {
         && flags & 0x0200 == 0
         && flags & 0xf == 0
         && qdcount == 1
-        && ancount >= 1
-        && ancount <= FQDN_MAX_ANSWERS
+        && (1..=FQDN_MAX_ANSWERS).contains(&ancount)
 }
 
 /// The question, then the answer records, then the learned maps.
