@@ -43,9 +43,9 @@ const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 const DNS_LABEL: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 /// A DNS name of at least two labels, any case, optionally with the trailing dot (as
 /// network-policy-api's `DomainName`, without its `*.`).
-const DNS_NAME: &str = r"^([a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?\.?$";
+const DNS_NAME: &str = r"^([a-zA-Z0-9]([-a-zA-Z0-9_]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z0-9]([-a-zA-Z0-9_]{0,61}[a-zA-Z0-9])?\.?$";
 /// `*.` and a [`DNS_NAME`].
-const DNS_NAME_PATTERN: &str = r"^\*\.([a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?\.?$";
+const DNS_NAME_PATTERN: &str = r"^\*\.([a-zA-Z0-9]([-a-zA-Z0-9_]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z0-9]([-a-zA-Z0-9_]{0,61}[a-zA-Z0-9])?\.?$";
 
 /// Bulkhead's policy for service identities: the subject by service account and/or pod labels,
 /// peers by service identity, CIDR, or the entities `world`, `cluster` and `host`. Shares the

@@ -15,8 +15,10 @@
 //!
 //! Names compare case-insensitively (DNS does); a pattern is kept in lower case, without a
 //! trailing dot (`api.example.com.` is accepted and means `api.example.com`). A valid name has at
-//! least two labels (as upstream's `DomainName` validation demands), labels of 1-63 letters, digits
-//! and inner hyphens, and at most 253 characters; `*` may only appear as a leading `*.`.
+//! least two labels, labels of 1-63 letters, digits and inner hyphens or underscores, and at most
+//! 253 characters; `*` may only appear as a leading `*.` (upstream's `DomainName` pattern,
+//! `^(\*\.)?([a-zA-Z0-9]([-a-zA-Z0-9_]*[a-zA-Z0-9])?\.)+[a-zA-Z0-9]([-a-zA-Z0-9_]*[a-zA-Z0-9])?\.?$`
+//! in `apis/v1beta1/clusternetworkpolicy_types.go`, plus DNS's own length limits).
 //! Internationalized names are written in their ASCII (punycode) form, as DNS carries them.
 //!
 //! Peers by name only *admit*: there is no deny by name. Addresses are shared between names
@@ -65,11 +67,11 @@ pub enum BadNamePattern {
     #[error("{name:?} has a label of {len} characters: DNS labels have at most 63")]
     LabelTooLong { name: String, len: usize },
     #[error(
-        "{name:?} has the character {ch:?}: use letters, digits and '-' (internationalized names in their xn-- form)"
+        "{name:?} has the character {ch:?}: use letters, digits, '-' and '_' (internationalized names in their xn-- form)"
     )]
     BadCharacter { name: String, ch: char },
     #[error(
-        "{name:?} has a label that begins or ends with '-': labels begin and end with a letter or digit"
+        "{name:?} has a label that begins or ends with '-' or '_': labels begin and end with a letter or digit"
     )]
     Hyphen { name: String },
     #[error(
@@ -119,11 +121,11 @@ impl NamePattern {
             }
             if let Some(ch) = label
                 .chars()
-                .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+                .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
             {
                 return Err(BadNamePattern::BadCharacter { name: name(), ch });
             }
-            if label.starts_with('-') || label.ends_with('-') {
+            if label.starts_with(['-', '_']) || label.ends_with(['-', '_']) {
                 return Err(BadNamePattern::Hyphen { name: name() });
             }
         }
@@ -280,7 +282,18 @@ mod tests {
             p("xn--bcher-kva.example").to_string(),
             "xn--bcher-kva.example"
         );
-        for s in ["api.example.com", "*.a.b.c", "1.2.example", "a-b.c-d"] {
+        // Inner underscores, as upstream's DomainName pattern allows (`[-a-zA-Z0-9_]*`).
+        assert_eq!(
+            p("API_X.example.com"),
+            NamePattern::Exact("api_x.example.com".into())
+        );
+        for s in [
+            "api.example.com",
+            "*.a.b.c",
+            "1.2.example",
+            "a-b.c-d",
+            "a_b.example.com",
+        ] {
             assert_eq!(p(s).to_string().parse::<NamePattern>(), Ok(p(s)));
         }
     }
@@ -300,7 +313,8 @@ mod tests {
             ("api.*.example.com", "'*'"),
             ("*.*.example.com", "'*'"),
             ("**.example.com", "'*'"),
-            ("api_x.example.com", "character '_'"),
+            ("_sip.example.com", "begins or ends"),
+            ("api_.example.com", "begins or ends"),
             ("bücher.example", "character 'ü'"),
             ("-api.example.com", "begins or ends"),
             ("api-.example.com", "begins or ends"),

@@ -135,8 +135,8 @@ pub(crate) mod tests {
                 "not in normal form",
             ),
             (
-                wire(id, Some(Kind::Exact("a_b.example.com".into()))),
-                "character '_'",
+                wire(id, Some(Kind::Exact("a!b.example.com".into()))),
+                "character '!'",
             ),
             (
                 wire(300, Some(Kind::Exact("api.example.com".into()))),
