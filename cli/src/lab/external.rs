@@ -27,6 +27,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use bulkhead_agent::netns::{Netns, ip};
+use bulkhead_controller::ruleset::NamePattern;
 use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 
@@ -115,30 +116,16 @@ pub fn is_external_host(doc: &Value) -> bool {
     doc.get("kind").and_then(Value::as_str) == Some(KIND)
 }
 
-/// Whether `name` is a DNS name a host may have: dot-separated labels of letters, digits and
-/// inner hyphens, at most 63 characters each and 253 in all.
-fn valid_dns_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
-
+/// A host's name: an exact DNS name, with the syntax policies use for names
+/// ([`NamePattern`]), so every name a host has can be named by a policy.
 fn dns_name(field: &str, raw: &str) -> anyhow::Result<String> {
-    let name = raw.strip_suffix('.').unwrap_or(raw).to_ascii_lowercase();
-    if !valid_dns_name(&name) {
-        bail!(
-            "{field}: {raw:?} is not a DNS name (labels of letters, digits and inner hyphens, separated by dots)"
-        );
+    match NamePattern::parse(raw) {
+        Ok(NamePattern::Exact(name)) => Ok(name),
+        Ok(NamePattern::Wildcard(_)) => {
+            bail!("{field}: {raw:?} is a wildcard; a host has exact names (write each one)")
+        }
+        Err(e) => bail!("{field}: {e}"),
     }
-    Ok(name)
 }
 
 /// Parses and validates one `ExternalHost` document.
@@ -160,8 +147,17 @@ pub fn parse(doc: &Value) -> anyhow::Result<ExternalHost> {
         if d.kind != KIND {
             bail!("kind must be {KIND}");
         }
-        if !valid_dns_name(host) || host.contains('.') {
-            bail!("metadata.name: {host:?} must be a DNS label (letters, digits, hyphens)");
+        let label = |s: &str| {
+            (1..=63).contains(&s.len())
+                && !s.starts_with('-')
+                && !s.ends_with('-')
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        };
+        if !label(host) {
+            bail!(
+                "metadata.name: {host:?} must be a DNS label (lower-case letters, digits, inner hyphens)"
+            );
         }
         if d.spec.addresses.is_empty() {
             bail!("spec.addresses: give at least one IPv4 or IPv6 address");
@@ -597,7 +593,12 @@ mod tests {
         );
         assert!(error("{addresses: [198.51.100.1], names: []}").contains("spec.names"));
         assert!(
-            error("{addresses: [198.51.100.1], names: [bad_name.com]}").contains("not a DNS name")
+            error("{addresses: [198.51.100.1], names: ['bad!name.com']}")
+                .contains("spec.names[0]: \"bad!name.com\" has the character '!'")
+        );
+        assert!(
+            error("{addresses: [198.51.100.1], names: ['*.example.com']}")
+                .contains("is a wildcard")
         );
         assert!(
             error(&format!(
