@@ -122,14 +122,35 @@ pub(super) fn expand_deployment(d: &Value) -> Vec<Value> {
         .unwrap_or(Value::Null);
     (0..replicas)
         .map(|i| {
-            let mut pod: Value = serde_yaml::from_str(&format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}-{i}, namespace: {namespace}, ownerReferences: [{{apiVersion: apps/v1, kind: Deployment, name: {name}, uid: lab}}]}}\n"
-            ))
-            .expect("static pod skeleton");
+            // Built field by field: the names are the user's, never spliced into YAML text.
+            let map = |pairs: Vec<(&str, Value)>| {
+                Value::Mapping(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
+            };
+            let owner = map(vec![
+                ("apiVersion", "apps/v1".into()),
+                ("kind", "Deployment".into()),
+                ("name", name.into()),
+                ("uid", "lab".into()),
+            ]);
+            let mut pod = map(vec![
+                ("apiVersion", "v1".into()),
+                ("kind", "Pod".into()),
+                (
+                    "metadata",
+                    map(vec![
+                        ("name", format!("{name}-{i}").into()),
+                        ("namespace", namespace.into()),
+                        ("ownerReferences", Value::Sequence(vec![owner])),
+                    ]),
+                ),
+            ]);
             if let Some(labels) = template.get("metadata").and_then(|m| m.get("labels")) {
                 pod["metadata"]["labels"] = labels.clone();
             }
-            pod["spec"] = template.get("spec").cloned().unwrap_or(Value::Mapping(Default::default()));
+            pod["spec"] = template
+                .get("spec")
+                .cloned()
+                .unwrap_or(Value::Mapping(Default::default()));
             pod
         })
         .collect()
@@ -228,4 +249,28 @@ pub(super) fn classify(docs: Vec<Value>) -> anyhow::Result<Declared> {
         objects,
         external_hosts,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deployment_becomes_its_replicas_with_the_templates_labels_and_an_owner() {
+        let d: Value = serde_yaml::from_str(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\nspec:\n  replicas: 2\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: c, image: x, ports: [{containerPort: 80}]}]}\n",
+        )
+        .expect("yaml");
+        let pods = expand_deployment(&d);
+        let keys: Vec<String> = pods.iter().map(object_key).collect();
+        assert_eq!(keys, ["Pod/shop/web-0", "Pod/shop/web-1"]);
+        for p in &pods {
+            assert_eq!(str_at(p, &["apiVersion"]), Some("v1"));
+            assert_eq!(str_at(p, &["metadata", "labels", "app"]), Some("web"));
+            let owner = &p["metadata"]["ownerReferences"][0];
+            assert_eq!(str_at(owner, &["kind"]), Some("Deployment"));
+            assert_eq!(str_at(owner, &["name"]), Some("web"));
+            assert_eq!(pod_ports(p).len(), 1);
+        }
+    }
 }
