@@ -220,7 +220,15 @@ fn check_stripped(binary: &Path) -> anyhow::Result<()> {
 /// Debian packages and Rust targets the cross builds need.
 pub fn setup() -> anyhow::Result<()> {
     step("setup: cross builds (musl targets, an aarch64 C compiler, qemu-user for arm64 tests)");
-    crate::install_packages(&["musl-tools", "gcc-aarch64-linux-gnu", "qemu-user-static"])?;
+    // The aarch64 C library headers are only a recommendation of the cross compiler, and
+    // packages are installed without recommendations: without them `ring`'s C code finds the
+    // host's <stdint.h> and fails (bits/libc-header-start.h).
+    crate::install_packages(&[
+        "musl-tools",
+        "gcc-aarch64-linux-gnu",
+        "libc6-dev-arm64-cross",
+        "qemu-user-static",
+    ])?;
     let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
     let missing: Vec<&str> = TARGETS
         .iter()
