@@ -40,9 +40,13 @@ use bulkhead_common::{
     CtKeyV4, CtValue, DENSE_V4_SLOTS, DIR_EGRESS, DIR_INGRESS, EVENT_AUDIT, EVENT_DENIED,
     EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo, IPCACHE_DENSE_PRESENT,
     IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS, PROTO_OTHER,
-    PolicyKey, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey,
-    RULE_UNRELATED_ICMP_ERROR, SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY,
-    endpoint_flags, port_bloom, reason, stat,
+    PolicyKey, PolicyRanks, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue,
+    QuarantineAllowKey, RANK_EXACT_ENTRIES, RANK_RANGES_ENTRIES, RANK_SUMMARY_ENTRIES,
+    RANKS_ISOLATED, RANKS_STAGED_ISOLATED, RULE_DEFAULT_ALLOW, RULE_UNRELATED_ICMP_ERROR,
+    RankSummary, SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY,
+    endpoint_flags,
+    fqdn::{FQDN_MAX_IDS, FQDN_NAME_ID_NONE, FqdnLearnedKeyV4, FqdnLearnedKeyV6},
+    port_bloom, rank, reason, stat,
 };
 use events::{EventMeta, deny_event_interval, emit, emit_denied, emit_prefiltered};
 use parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Packet, Parsed};
@@ -125,6 +129,26 @@ static POLICY_EXACT: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(1 << 21, 
 #[map]
 static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(1 << 21, 0);
 
+/// Decisions over several peer identities (an address the endpoint learned under DNS names):
+/// beside the three policy maps, under the same keys, the per-tier ranks of each key's matching
+/// entries (`PolicyRanks`), written only for policy generations whose egress names DNS names
+/// and only under name identities, `world`, CIDR identities and the wildcard. The verdict maps
+/// hold resolved verdicts, which cannot be combined across identities (an Admin Accept of a
+/// name at priority 10 and an Admin Deny of 0.0.0.0/0 at priority 5 are both "the verdict" of
+/// their own key); ranks can, by a per-tier minimum (see `bulkhead_ruleset::precedence`).
+/// Separate maps rather than wider values of the policy maps, so every other endpoint's lookup
+/// stays as small as it is.
+#[map]
+static RANK_SUMMARY: HashMap<PolicyKey, RankSummary> =
+    HashMap::pinned(RANK_SUMMARY_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+static RANK_EXACT: HashMap<PolicyKey, PolicyRanks> =
+    HashMap::pinned(RANK_EXACT_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+static RANK_RANGES: LpmTrie<PolicyKey, PolicyRanks> = LpmTrie::pinned(RANK_RANGES_ENTRIES, 0);
+
 /// IPv6 connections (and IPv4 ones an agent before `CONNTRACK_V4` left; it moves them).
 #[map]
 static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(1 << 18, 0);
@@ -154,6 +178,11 @@ pub struct Scratch {
     fwd: CtKey,
     fwd4: CtKeyV4,
     ct: CtValue,
+    /// The ranks combined over the peer's identity and its learned names.
+    ranks: PolicyRanks,
+    /// The learned names of the decision being made ([`FQDN_NAME_ID_NONE`] in unused slots):
+    /// recorded in the connection it admits.
+    names: [u32; FQDN_MAX_IDS],
 }
 
 /// The tracked connection under the scratch key of the packet's family (see [`set_ct_key`]).
@@ -555,6 +584,239 @@ fn lookup_policy(ep: &EndpointInfo, dir: u8, peer: u32, p: &Packet, port_be: u16
     summary.fallback
 }
 
+/// Which learned names a decision combines with the peer's identity.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NamesFrom {
+    /// A new connection: the names whose TTL has not run out.
+    Live,
+    /// A tracked connection re-checked after a policy change: the names it was admitted with,
+    /// expired or not (expiry stops new connections, never established ones).
+    Recorded,
+    /// A revoked connectionless flow its opener re-opens: the names it was admitted with, else
+    /// the live ones.
+    RecordedElseLive,
+}
+
+/// The policy's verdict on a connection opened in `dir` with destination port `port_be`
+/// (`lookup_policy`), except in egress for an endpoint whose policy names DNS names
+/// (`HAS_NAMES`) and a `world` or CIDR peer that the endpoint learned under one or more names
+/// (`names` picks which): then the entries of the peer's identity and of every name identity
+/// decide together, with the one precedence (`bulkhead_ruleset::decide_with_names`). Leaves
+/// the names used in `s.names` (none otherwise), for the connection to record.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn decide(
+    s: &mut Scratch,
+    ep: &EndpointInfo,
+    dir: u8,
+    peer: u32,
+    port_be: u16,
+    now: u64,
+    names: NamesFrom,
+    recorded: &[u32; FQDN_MAX_IDS],
+) -> PolicyValue {
+    s.names = [FQDN_NAME_ID_NONE; FQDN_MAX_IDS];
+    // Every endpoint without name entries stops at the bit test.
+    if ep.flags & endpoint_flags::HAS_NAMES == 0
+        || dir != DIR_EGRESS
+        || !bulkhead_common::identity::names_apply_to(peer)
+    {
+        return lookup_policy(ep, dir, peer, &s.packet, port_be);
+    }
+    let mut any = false;
+    if names != NamesFrom::Live {
+        s.names = *recorded;
+        any = recorded.iter().any(|&id| id != FQDN_NAME_ID_NONE);
+    }
+    if !any && names != NamesFrom::Recorded {
+        any = live_names(s, ep.endpoint_id, now);
+    }
+    if !any {
+        return lookup_policy(ep, dir, peer, &s.packet, port_be);
+    }
+    match decide_by_ranks(s, ep, peer, port_be) {
+        Some(v) => {
+            bump_stat(stat::NAME_DECISIONS);
+            v
+        }
+        // No rank key at all, not even the policy's default: an agent that wrote the flag
+        // without the ranks. The names are ignored rather than guessed.
+        None => {
+            s.names = [FQDN_NAME_ID_NONE; FQDN_MAX_IDS];
+            lookup_policy(ep, dir, peer, &s.packet, port_be)
+        }
+    }
+}
+
+/// Fills `s.names` with the names under which the endpoint learned the packet's destination
+/// and whose TTL has not run out at `now` (the clock the learning wrote expiries with);
+/// whether there is one.
+#[inline(always)]
+fn live_names(s: &mut Scratch, endpoint_id: u32, now: u64) -> bool {
+    bump_stat(stat::NAME_LOOKUPS);
+    let learned = if s.packet.family == bulkhead_common::FAMILY_V4 {
+        let key = FqdnLearnedKeyV4 {
+            endpoint_id,
+            // SAFETY: an address field of the 8-aligned `Packet`.
+            addr: addr::v4_of(unsafe { addr::get(&s.packet.daddr) }),
+        };
+        // SAFETY: the value stays valid for this program run (RCU).
+        unsafe { dns::FQDN_LEARNED_V4.get(&key) }
+    } else {
+        let key = FqdnLearnedKeyV6 {
+            endpoint_id,
+            addr: s.packet.daddr,
+        };
+        unsafe { dns::FQDN_LEARNED_V6.get(&key) }
+    };
+    let Some(l) = learned else {
+        return false;
+    };
+    let mut any = false;
+    let mut i = 0;
+    while i < FQDN_MAX_IDS {
+        let id = l.name_ids[i];
+        if id != FQDN_NAME_ID_NONE && l.expires_ns[i] > now {
+            s.names[i] = id;
+            any = true;
+        }
+        i += 1;
+    }
+    any
+}
+
+/// The ranks of the key `lookup_policy` would find for (peer, protocol, port) in egress, from
+/// the rank maps (which have the same keys and summary flags), else the policy's default
+/// ranks; None when not even those exist.
+#[inline(always)]
+fn ranks_of(
+    ep: &EndpointInfo,
+    peer: u32,
+    p: &Packet,
+    port_be: u16,
+) -> Option<&'static PolicyRanks> {
+    let mut key = PolicyKey {
+        policy_id: ep.policy_id,
+        identity: peer,
+        direction: DIR_EGRESS,
+        protocol: policy_protocol(p.protocol),
+        port_be: 0,
+    };
+    let summary = match unsafe { RANK_SUMMARY.get(&key) } {
+        Some(s) => s,
+        None => {
+            key.identity = IDENTITY_ANY;
+            match unsafe { RANK_SUMMARY.get(&key) } {
+                Some(s) => s,
+                None => {
+                    key.protocol = rank::DEFAULT_PROTOCOL;
+                    return unsafe { RANK_SUMMARY.get(&key) }.map(|s| &s.fallback);
+                }
+            }
+        }
+    };
+    if p.ports_known {
+        key.port_be = port_be;
+        let bloom = port_bloom(key.port_be);
+        if summary.flags & SUMMARY_HAS_EXACT != 0
+            && summary.exact_ports & bloom == bloom
+            && let Some(v) = unsafe { RANK_EXACT.get(&key) }
+        {
+            return Some(v);
+        }
+        if summary.flags & SUMMARY_HAS_RANGES != 0
+            && let Some(v) = RANK_RANGES.get(Key::new(POLICY_KEY_FIXED_BITS + 16, key))
+        {
+            return Some(v);
+        }
+    }
+    Some(&summary.fallback)
+}
+
+/// `acc` combined with `r`: per tier and view the stronger rank (`Resolution::combine`).
+#[inline(always)]
+fn combine_ranks(acc: &mut PolicyRanks, r: &PolicyRanks) {
+    let mut i = 0;
+    while i < rank::TIERS {
+        if r.enforced[i] < acc.enforced[i] {
+            acc.enforced[i] = r.enforced[i];
+        }
+        if r.staged[i] < acc.staged[i] {
+            acc.staged[i] = r.staged[i];
+        }
+        i += 1;
+    }
+    if acc.flags & RANKS_ISOLATED == 0 && r.flags & RANKS_ISOLATED != 0 {
+        acc.isolated_by = r.isolated_by;
+    }
+    if acc.flags & RANKS_STAGED_ISOLATED == 0 && r.flags & RANKS_STAGED_ISOLATED != 0 {
+        acc.staged_isolated_by = r.staged_isolated_by;
+    }
+    acc.flags |= r.flags;
+}
+
+/// Walks the tiers from the top as `TierBests::decide` does: a tier's best entry decides when
+/// it allows or denies, a pass (or none) goes on; an isolated direction denies what the
+/// application tier leaves undecided; else allowed by default. (verdict, rule).
+#[inline(always)]
+fn walk_tiers(ranks: &[u64; rank::TIERS], isolated: bool, isolated_by: u32) -> (u8, u32) {
+    let mut i = 0;
+    while i < rank::TIERS {
+        let r = ranks[i];
+        if r != rank::NONE {
+            let action = (r >> rank::ACTION_SHIFT) & 3;
+            if action == rank::ACTION_ALLOW {
+                return (VERDICT_ALLOW, r as u32);
+            }
+            if action == rank::ACTION_DENY {
+                return (VERDICT_DENY, r as u32);
+            }
+        }
+        if i == rank::APPLICATION && isolated {
+            return (VERDICT_DENY, isolated_by);
+        }
+        i += 1;
+    }
+    (VERDICT_ALLOW, RULE_DEFAULT_ALLOW)
+}
+
+/// The decision over the peer's identity and the names in `s.names`, both views; None when the
+/// peer's identity has no ranks at all (see [`decide`]).
+#[inline(always)]
+fn decide_by_ranks(
+    s: &mut Scratch,
+    ep: &EndpointInfo,
+    peer: u32,
+    port_be: u16,
+) -> Option<PolicyValue> {
+    let own = ranks_of(ep, peer, &s.packet, port_be)?;
+    s.ranks = *own;
+    let mut i = 0;
+    while i < FQDN_MAX_IDS {
+        let id = s.names[i];
+        if id != FQDN_NAME_ID_NONE
+            && let Some(r) = ranks_of(ep, id, &s.packet, port_be)
+        {
+            combine_ranks(&mut s.ranks, r);
+        }
+        i += 1;
+    }
+    let r = &s.ranks;
+    let (verdict, rule_id) = walk_tiers(&r.enforced, r.flags & RANKS_ISOLATED != 0, r.isolated_by);
+    let (audit_verdict, audit_rule_id) = walk_tiers(
+        &r.staged,
+        r.flags & RANKS_STAGED_ISOLATED != 0,
+        r.staged_isolated_by,
+    );
+    Some(PolicyValue {
+        rule_id,
+        audit_rule_id,
+        verdict,
+        audit_verdict,
+        _pad: [0; 2],
+    })
+}
+
 /// Writes the packet's conntrack key into the scratch key of its family (`k4` for IPv4, `k6`
 /// otherwise): the same for forward packets and replies (the canonical order of
 /// `bulkhead_common::ct_swapped`), built with word moves in place.
@@ -826,7 +1088,20 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
                 return drop_packet(ep.endpoint_id, reason::DROP_REVOKED, bytes);
             }
             let peer = peer_identity(&s.packet, dir, &cfg);
-            let v = lookup_policy(ep, dir, peer, &s.packet, s.packet.dport_be);
+            // The opener re-opens with the names the flow was admitted with (their TTL may have
+            // run out: a revoked flow is the same flow), else with what it learned since.
+            let recorded = unsafe { (*ct).names };
+            let port = s.packet.dport_be;
+            let v = decide(
+                s,
+                ep,
+                dir,
+                peer,
+                port,
+                t,
+                NamesFrom::RecordedElseLive,
+                &recorded,
+            );
             if v.verdict != VERDICT_ALLOW {
                 unsafe {
                     (*ct).generation = generation;
@@ -858,7 +1133,19 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
                 (dir ^ 1, s.packet.sport_be)
             };
             let peer = peer_identity(&s.packet, dir, &cfg);
-            let v = lookup_policy(ep, opened_dir, peer, &s.packet, port);
+            // With the names it was admitted with, expired or not: only a policy that no longer
+            // admits them revokes it.
+            let recorded = unsafe { (*ct).names };
+            let v = decide(
+                s,
+                ep,
+                opened_dir,
+                peer,
+                port,
+                t,
+                NamesFrom::Recorded,
+                &recorded,
+            );
             if v.verdict == VERDICT_ALLOW {
                 unsafe {
                     (*ct).generation = generation;
@@ -930,7 +1217,11 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
     // A new connection: the policy decides, and an allowed one is tracked.
     let v = match reopened {
         Some(v) => v,
-        None => lookup_policy(ep, dir, peer, &s.packet, s.packet.dport_be),
+        None => {
+            let port = s.packet.dport_be;
+            let none = [FQDN_NAME_ID_NONE; FQDN_MAX_IDS];
+            decide(s, ep, dir, peer, port, t, NamesFrom::Live, &none)
+        }
     };
     if v.verdict != VERDICT_ALLOW {
         let why = if ep.flags & endpoint_flags::QUARANTINED != 0 {
@@ -959,6 +1250,7 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
         generation,
         rule_id: v.rule_id,
         peer_identity: peer,
+        names: s.names,
         flags: CT_CANONICAL
             | if audit { CT_AUDIT } else { 0 }
             | if dir == DIR_EGRESS {
