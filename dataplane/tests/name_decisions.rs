@@ -641,3 +641,94 @@ fn endpoints_without_name_entries_look_nothing_up() {
         assert_eq!(stat_sum(e.dataplane(), stat::NAME_DECISIONS), 10);
     });
 }
+
+/// An agent upgraded from before `CtValue::names` (64-byte conntrack values) keeps the
+/// connections the old one tracked: they are read from the old pinned map before it is
+/// replaced, and written into the new one without names.
+#[test]
+fn connections_tracked_before_names_survive_the_upgrade() {
+    if !check_privileged_test("connections_tracked_before_names_survive_the_upgrade") {
+        return;
+    }
+    let pins = PinDir::new("ct-before-names");
+    let maps = pins.path().join("maps");
+    std::fs::create_dir_all(&maps).expect("pin directory");
+    bulkhead_agent::loader::ensure_bpffs().expect("bpffs");
+    let pin = maps.join("CONNTRACK_V4");
+    let bpftool = |args: &[&str]| {
+        let status = std::process::Command::new("bpftool")
+            .args(args)
+            .status()
+            .expect("run bpftool");
+        assert!(status.success(), "bpftool {args:?}");
+    };
+    let pin_s = pin.to_str().expect("utf-8 path");
+    bpftool(&[
+        "map",
+        "create",
+        pin_s,
+        "type",
+        "lru_hash",
+        "key",
+        "16",
+        "value",
+        "64",
+        "entries",
+        "262144",
+        "name",
+        "CONNTRACK_V4",
+    ]);
+    let key = bulkhead_common::CtKeyV4 {
+        saddr: u32::from_ne_bytes(EP_V4),
+        daddr: u32::from_ne_bytes(WORLD_V4),
+        sport_be: 40000u16.to_be(),
+        dport_be: 443u16.to_be(),
+        endpoint_id: 1,
+        protocol: 6,
+        direction: bulkhead_common::DIR_EGRESS,
+    };
+    let mut key_bytes = Vec::new();
+    key_bytes.extend_from_slice(&key.saddr.to_ne_bytes());
+    key_bytes.extend_from_slice(&key.daddr.to_ne_bytes());
+    key_bytes.extend_from_slice(&key.sport_be.to_ne_bytes());
+    key_bytes.extend_from_slice(&key.dport_be.to_ne_bytes());
+    key_bytes.extend_from_slice(&key.endpoint_id.to_ne_bytes());
+    key_bytes.extend_from_slice(&[key.protocol, key.direction]);
+    let flags = bulkhead_common::CT_CANONICAL | bulkhead_common::CT_INITIATED_EGRESS;
+    let mut value = vec![0u8; 64];
+    value[16..24].copy_from_slice(&3u64.to_ne_bytes());
+    value[48..52].copy_from_slice(&5u32.to_ne_bytes());
+    value[52..56].copy_from_slice(&7u32.to_ne_bytes());
+    value[56..60].copy_from_slice(&identity::WORLD.to_ne_bytes());
+    value[60..64].copy_from_slice(&flags.to_ne_bytes());
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>();
+    let (kh, vh) = (hex(&key_bytes), hex(&value));
+    let mut args = vec!["map", "update", "pinned", pin_s, "key", "hex"];
+    args.extend(kh.iter().map(String::as_str));
+    args.extend(["value", "hex"]);
+    args.extend(vh.iter().map(String::as_str));
+    bpftool(&args);
+
+    let mut dp = Dataplane::load(pins.path()).expect("load over the old conntrack");
+    let v = dp
+        .conntrack_v4()
+        .expect("conntrack")
+        .get(&key, 0)
+        .expect("the old connection is tracked");
+    assert_eq!(
+        (
+            v.packets_fwd,
+            v.generation,
+            v.rule_id,
+            v.peer_identity,
+            v.flags,
+            v.names
+        ),
+        (3, 5, 7, identity::WORLD, flags, [0; FQDN_MAX_IDS])
+    );
+    let pinned = aya::maps::MapInfo::from_pin(&pin).expect("pinned map");
+    assert_eq!(
+        pinned.value_size() as usize,
+        size_of::<bulkhead_common::CtValue>()
+    );
+}
