@@ -17,6 +17,13 @@
 //! counters and scratch space are arrays, which the verifier inlines; on these machines every
 //! call and return costs several nanoseconds, so the hot path calls only the hash lookups it
 //! cannot avoid (see bench/RESULTS.md).
+//!
+//! Egress by DNS name (issue 19, `names`): an endpoint whose policy names DNS names
+//! (`endpoint_flags::HAS_NAMES`; every other endpoint pays that one bit test) decides a new
+//! egress connection to a `world` or CIDR address with what it learned from DNS answers: one
+//! lookup of (endpoint, address) in the learned map, and when live names are there, the rank
+//! lookups of the address's identity and of each name, combined. A connection records the
+//! names it was admitted with, and a policy change re-checks it with them, expired or not.
 #![no_std]
 #![no_main]
 // Map keys are passed by reference on purpose: by value they would be copied onto the 512-byte
