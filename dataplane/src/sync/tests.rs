@@ -891,3 +891,36 @@ fn rank_keys_that_do_not_fit_lock_the_endpoint_down() {
         );
     }
 }
+
+/// A restarted enforcer numbers its policy ids above the rank keys an earlier agent left too,
+/// and removes those keys with the rest of its leftovers.
+#[test]
+fn a_restarted_enforcer_clears_leftover_rank_keys() {
+    let mut e = enforcer();
+    e.apply(&ruleset_with_names(1, 10), &Named).expect("apply");
+    let mut maps = std::mem::take(e.dataplane());
+    // Rank keys of a policy id no endpoint names, above every other id.
+    let leftover = bulkhead_common::PolicyKey {
+        policy_id: 500,
+        ..Default::default()
+    };
+    maps.tables.entry(Table::RankSummary).or_default().insert(
+        bytes(&leftover),
+        bytes(&bulkhead_common::RankSummary::default()),
+    );
+    let mut restarted = Enforcer::new(maps).expect("enforcer");
+    restarted
+        .apply(&ruleset_with_names(1, 10), &Named)
+        .expect("apply");
+    let web = restarted.dataplane().endpoints[&11];
+    assert!(web.policy_id > 500, "{}", web.policy_id);
+    assert_ne!(web.flags & endpoint_flags::HAS_NAMES, 0);
+    let ids: BTreeSet<u32> = restarted
+        .dataplane()
+        .entries(super::maps::RANK_SUMMARY)
+        .expect("entries")
+        .into_iter()
+        .map(|(k, _)| k.policy_id)
+        .collect();
+    assert_eq!(ids, BTreeSet::from([web.policy_id]));
+}
