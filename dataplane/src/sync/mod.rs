@@ -886,17 +886,22 @@ impl<'a> DenyIndex<'a> {
 }
 
 /// The peers (with the deciding rule) a group's policy denies outright ([`fully_denied`]),
-/// among the identities its ingress summaries name.
+/// among the identities its ingress summaries name. Where the group's egress names DNS names,
+/// not the addresses names apply to (`world`, CIDR identities): a name the pod learns can
+/// admit an egress connection to such an address whatever its own identity's keys say, and
+/// the prefilter would drop that connection's replies.
 pub fn denied_peers(
     tables: &PolicyTables,
     defaults: (PolicyValue, PolicyValue),
 ) -> Vec<(u32, u32)> {
     let index = DenyIndex::new(tables);
+    let names_may_admit = !tables.ranks.is_empty();
     let candidates: BTreeSet<u32> = tables
         .summaries
         .iter()
         .filter(|(k, _)| k.direction == DIR_INGRESS && k.identity != identity::ANY)
         .map(|(k, _)| k.identity)
+        .filter(|id| !(names_may_admit && identity::names_apply_to(*id)))
         .collect();
     candidates
         .into_iter()

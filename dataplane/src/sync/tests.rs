@@ -924,3 +924,44 @@ fn a_restarted_enforcer_clears_leftover_rank_keys() {
         .collect();
     assert_eq!(ids, BTreeSet::from([web.policy_id]));
 }
+
+/// A peer whose every packet both directions' keys deny is a prefilter pair, unless a DNS name
+/// can admit egress to its addresses: then the prefilter would drop the replies of connections
+/// the name admits.
+#[test]
+fn addresses_names_may_admit_are_never_prefilter_pairs() {
+    let entry = |peer: u32, action, priority, rule: u32| PolicyEntry {
+        peer,
+        protocol: None,
+        ports: PortRange::ALL,
+        tier: Tier::Admin,
+        priority,
+        action,
+        stage: Stage::Enforced,
+        rule,
+    };
+    let world = bulkhead_ruleset::identity::WORLD;
+    let mut rs = ruleset(1, 5432);
+    let web = rs.policies.get_mut(&1).expect("web's group");
+    web.ingress.entries.push(entry(world, Action::Deny, 5, 9));
+    web.egress.entries.push(entry(world, Action::Deny, 5, 9));
+    let mut e = enforcer();
+    let report = e.apply(&rs, &Named).expect("apply");
+    assert_eq!(
+        report.prefilter_pairs, 1,
+        "world is denied outright: {report:?}"
+    );
+
+    // The same, with an Admin Accept by name ahead of the deny.
+    let web = rs.policies.get_mut(&1).expect("web's group");
+    web.egress.entries.push(entry(NAME, Action::Allow, 3, 10));
+    rs.version = 2;
+    let report = e.apply(&rs, &Named).expect("apply");
+    assert_eq!(report.prefilter_pairs, 0, "{report:?}");
+    assert!(
+        e.dataplane()
+            .entries(super::maps::PREFILTER_DENY)
+            .expect("entries")
+            .is_empty()
+    );
+}
