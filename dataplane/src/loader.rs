@@ -217,6 +217,9 @@ impl Dataplane {
             let path = pin_dir.join(sub);
             fs::create_dir_all(&path).map_err(|source| LoadError::PinDir { path, source })?;
         }
+        // Connections tracked under the conntrack layout before `CtValue::names` are read before
+        // their maps are replaced, and carried over below.
+        let before_names = ConnectionsBeforeNames::read(&pin_dir.join("maps"));
         retire_incompatible_pins(&pin_dir.join("maps"));
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir.join("maps"))
@@ -256,6 +259,13 @@ impl Dataplane {
             dense_v4,
             unbatched: Default::default(),
         };
+        let carried = before_names.restore(&mut dp)?;
+        if carried > 0 {
+            tracing::info!(
+                connections = carried,
+                "carried tracked connections over to the conntrack layout with learned names"
+            );
+        }
         match dp.calibrate_clock()? {
             Some((tick, _)) => tracing::debug!(tick_ns = tick, "data-plane clock runs on jiffies"),
             None => tracing::warn!(
@@ -810,6 +820,93 @@ impl Dataplane {
 /// the new map is created in its place. The old programs keep the old map until their links are
 /// switched to the new ones, which happens only after the first apply has filled the new maps.
 /// What is lost is the old map's content: tracked connections are judged anew.
+/// `CtValue`'s size before it recorded learned names (`CtValue::names`, issue 19).
+const CT_VALUE_BEFORE_NAMES: usize = 64;
+
+/// The tracked connections of an agent whose `CtValue` predates `names`, read from its pinned
+/// conntrack maps before [`retire_incompatible_pins`] replaces them: without them every
+/// established connection would lose its entry on the upgrade, and a reply the policy of its
+/// own direction does not admit (an egress connection's answer, where ingress is isolated)
+/// would be dropped. Their layout is the new one without the trailing `names`, which they had
+/// none of.
+#[derive(Default)]
+struct ConnectionsBeforeNames {
+    v6: Vec<(CtKey, [u8; CT_VALUE_BEFORE_NAMES])>,
+    v4: Vec<(CtKeyV4, [u8; CT_VALUE_BEFORE_NAMES])>,
+}
+
+impl ConnectionsBeforeNames {
+    fn read(maps_dir: &Path) -> ConnectionsBeforeNames {
+        ConnectionsBeforeNames {
+            v6: read_old_conntrack(&maps_dir.join("CONNTRACK")),
+            v4: read_old_conntrack(&maps_dir.join("CONNTRACK_V4")),
+        }
+    }
+
+    /// Writes the connections into the new maps (those the new maps track already keep their
+    /// entry); returns how many were written.
+    fn restore(self, dp: &mut Dataplane) -> Result<usize, LoadError> {
+        let mut written = 0;
+        if !self.v6.is_empty() {
+            let mut m = dp.conntrack()?;
+            for (k, v) in &self.v6 {
+                if m.get(k, 0).is_err() && m.insert(k, ct_value_before_names(v), 0).is_ok() {
+                    written += 1;
+                }
+            }
+        }
+        if !self.v4.is_empty() {
+            let mut m = dp.conntrack_v4()?;
+            for (k, v) in &self.v4 {
+                if m.get(k, 0).is_err() && m.insert(k, ct_value_before_names(v), 0).is_ok() {
+                    written += 1;
+                }
+            }
+        }
+        Ok(written)
+    }
+}
+
+/// The entries of a pinned conntrack map of the layout before `CtValue::names`; none when the
+/// pin is missing or of another layout.
+fn read_old_conntrack<K: aya::Pod>(pin: &Path) -> Vec<(K, [u8; CT_VALUE_BEFORE_NAMES])> {
+    let old_layout = aya::maps::MapInfo::from_pin(pin).is_ok_and(|info| {
+        info.key_size() as usize == size_of::<K>()
+            && info.value_size() as usize == CT_VALUE_BEFORE_NAMES
+    });
+    if !old_layout {
+        return Vec::new();
+    }
+    let Ok(data) = MapData::from_pin(pin) else {
+        return Vec::new();
+    };
+    match HashMap::<MapData, K, [u8; CT_VALUE_BEFORE_NAMES]>::try_from(aya::maps::Map::LruHashMap(
+        data,
+    )) {
+        Ok(m) => m.iter().flatten().collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A conntrack value of the layout before `names` (the same fields in the same places).
+fn ct_value_before_names(b: &[u8; CT_VALUE_BEFORE_NAMES]) -> CtValue {
+    let u64_at = |i: usize| u64::from_ne_bytes(b[i..i + 8].try_into().unwrap_or_default());
+    let u32_at = |i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().unwrap_or_default());
+    CtValue {
+        created_ns: u64_at(0),
+        last_seen_ns: u64_at(8),
+        packets_fwd: u64_at(16),
+        bytes_fwd: u64_at(24),
+        packets_rev: u64_at(32),
+        bytes_rev: u64_at(40),
+        generation: u32_at(48),
+        rule_id: u32_at(52),
+        peer_identity: u32_at(56),
+        flags: u32_at(60),
+        names: [bulkhead_common::fqdn::FQDN_NAME_ID_NONE; bulkhead_common::fqdn::FQDN_MAX_IDS],
+    }
+}
+
 fn retire_incompatible_pins(maps_dir: &Path) {
     let Ok(object) = aya_obj::Object::parse(crate::EBPF_OBJECT) else {
         return;

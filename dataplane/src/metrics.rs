@@ -266,6 +266,8 @@ impl Collector for KernelCounters {
                 (stat::EVENTS_LOST, "events_lost"),
                 (stat::EVENTS_RATE_LIMITED, "deny_events_rate_limited"),
                 (stat::CT_INSERT_FAILED, "conntrack_insert_failed"),
+                (stat::NAME_LOOKUPS, "learned_name_lookups"),
+                (stat::NAME_DECISIONS, "learned_name_decisions"),
             ] {
                 let v: u64 = s.get(&idx, 0).map(|v| v.iter().sum()).unwrap_or(0);
                 stats.with_label_values(&[kind]).inc_by(v);

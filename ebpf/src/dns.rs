@@ -55,11 +55,11 @@ static FQDN_WILDCARD: HashMap<u64, u32> = HashMap::pinned(FQDN_MAX_PATTERNS, BPF
 
 /// What each endpoint learned, per address (see `FqdnLearnedKeyV4` for why per endpoint).
 #[map]
-static FQDN_LEARNED_V4: LruHashMap<FqdnLearnedKeyV4, FqdnLearned> =
+pub(crate) static FQDN_LEARNED_V4: LruHashMap<FqdnLearnedKeyV4, FqdnLearned> =
     LruHashMap::pinned(FQDN_LEARNED_V4_ENTRIES, 0);
 
 #[map]
-static FQDN_LEARNED_V6: LruHashMap<FqdnLearnedKeyV6, FqdnLearned> =
+pub(crate) static FQDN_LEARNED_V6: LruHashMap<FqdnLearnedKeyV6, FqdnLearned> =
     LruHashMap::pinned(FQDN_LEARNED_V6_ENTRIES, 0);
 
 #[map]

@@ -17,6 +17,13 @@
 //! counters and scratch space are arrays, which the verifier inlines; on these machines every
 //! call and return costs several nanoseconds, so the hot path calls only the hash lookups it
 //! cannot avoid (see bench/RESULTS.md).
+//!
+//! Egress by DNS name (issue 19, `names`): an endpoint whose policy names DNS names
+//! (`endpoint_flags::HAS_NAMES`; every other endpoint pays that one bit test) decides a new
+//! egress connection to a `world` or CIDR address with what it learned from DNS answers: one
+//! lookup of (endpoint, address) in the learned map, and when live names are there, the rank
+//! lookups of the address's identity and of each name, combined. A connection records the
+//! names it was admitted with, and a policy change re-checks it with them, expired or not.
 #![no_std]
 #![no_main]
 // Map keys are passed by reference on purpose: by value they would be copied onto the 512-byte
@@ -26,6 +33,7 @@
 mod addr;
 mod dns;
 mod events;
+mod names;
 mod parse;
 
 use aya_ebpf::{
@@ -40,11 +48,14 @@ use bulkhead_common::{
     CtKeyV4, CtValue, DENSE_V4_SLOTS, DIR_EGRESS, DIR_INGRESS, EVENT_AUDIT, EVENT_DENIED,
     EVENT_NEW_FLOW, EVENT_REVOKED, EndpointAddrKey, EndpointInfo, IPCACHE_DENSE_PRESENT,
     IPCACHE_QUARANTINED, IpCacheValue, MAX_ENDPOINTS, POLICY_KEY_FIXED_BITS, PROTO_OTHER,
-    PolicyKey, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey,
-    RULE_UNRELATED_ICMP_ERROR, SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES, VERDICT_ALLOW, VERDICT_DENY,
-    endpoint_flags, port_bloom, reason, stat,
+    PolicyKey, PolicyRanks, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue,
+    QuarantineAllowKey, RULE_UNRELATED_ICMP_ERROR, SUMMARY_HAS_EXACT, SUMMARY_HAS_RANGES,
+    VERDICT_ALLOW, VERDICT_DENY, endpoint_flags,
+    fqdn::{FQDN_MAX_IDS, FQDN_NAME_ID_NONE},
+    port_bloom, reason, stat,
 };
 use events::{EventMeta, deny_event_interval, emit, emit_denied, emit_prefiltered};
+use names::{NamesFrom, decide_by_ranks, live_names};
 use parse::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Packet, Parsed};
 
 /// Identity of addresses no ipcache entry covers.
@@ -154,6 +165,11 @@ pub struct Scratch {
     fwd: CtKey,
     fwd4: CtKeyV4,
     ct: CtValue,
+    /// The ranks combined over the peer's identity and its learned names.
+    ranks: PolicyRanks,
+    /// The learned names of the decision being made ([`FQDN_NAME_ID_NONE`] in unused slots):
+    /// recorded in the connection it admits.
+    names: [u32; FQDN_MAX_IDS],
 }
 
 /// The tracked connection under the scratch key of the packet's family (see [`set_ct_key`]).
@@ -555,6 +571,57 @@ fn lookup_policy(ep: &EndpointInfo, dir: u8, peer: u32, p: &Packet, port_be: u16
     summary.fallback
 }
 
+/// The policy's verdict on a connection opened in `dir` with destination port `port_be`
+/// (`lookup_policy`), except in egress for an endpoint whose policy names DNS names
+/// (`HAS_NAMES`) and a `world` or CIDR peer that the endpoint learned under one or more names
+/// (`names` picks which): then the entries of the peer's identity and of every name identity
+/// decide together, with the one precedence (`bulkhead_ruleset::decide_with_names`). Leaves
+/// the names used in `s.names` (none otherwise), for the connection to record.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn decide(
+    s: &mut Scratch,
+    ep: &EndpointInfo,
+    dir: u8,
+    peer: u32,
+    port_be: u16,
+    now: u64,
+    names: NamesFrom,
+    recorded: &[u32; FQDN_MAX_IDS],
+) -> PolicyValue {
+    s.names = [FQDN_NAME_ID_NONE; FQDN_MAX_IDS];
+    // Every endpoint without name entries stops at the bit test.
+    if ep.flags & endpoint_flags::HAS_NAMES == 0
+        || dir != DIR_EGRESS
+        || !bulkhead_common::identity::names_apply_to(peer)
+    {
+        return lookup_policy(ep, dir, peer, &s.packet, port_be);
+    }
+    let mut any = false;
+    if names != NamesFrom::Live {
+        s.names = *recorded;
+        any = recorded.iter().any(|&id| id != FQDN_NAME_ID_NONE);
+    }
+    if !any && names != NamesFrom::Recorded {
+        any = live_names(s, ep.endpoint_id, now);
+    }
+    if !any {
+        return lookup_policy(ep, dir, peer, &s.packet, port_be);
+    }
+    match decide_by_ranks(s, ep, peer, port_be) {
+        Some(v) => {
+            bump_stat(stat::NAME_DECISIONS);
+            v
+        }
+        // No rank key at all, not even the policy's default: an agent that wrote the flag
+        // without the ranks. The names are ignored rather than guessed.
+        None => {
+            s.names = [FQDN_NAME_ID_NONE; FQDN_MAX_IDS];
+            lookup_policy(ep, dir, peer, &s.packet, port_be)
+        }
+    }
+}
+
 /// Writes the packet's conntrack key into the scratch key of its family (`k4` for IPv4, `k6`
 /// otherwise): the same for forward packets and replies (the canonical order of
 /// `bulkhead_common::ct_swapped`), built with word moves in place.
@@ -826,7 +893,20 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
                 return drop_packet(ep.endpoint_id, reason::DROP_REVOKED, bytes);
             }
             let peer = peer_identity(&s.packet, dir, &cfg);
-            let v = lookup_policy(ep, dir, peer, &s.packet, s.packet.dport_be);
+            // The opener re-opens with the names the flow was admitted with (their TTL may have
+            // run out: a revoked flow is the same flow), else with what it learned since.
+            let recorded = unsafe { (*ct).names };
+            let port = s.packet.dport_be;
+            let v = decide(
+                s,
+                ep,
+                dir,
+                peer,
+                port,
+                t,
+                NamesFrom::RecordedElseLive,
+                &recorded,
+            );
             if v.verdict != VERDICT_ALLOW {
                 unsafe {
                     (*ct).generation = generation;
@@ -858,7 +938,19 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
                 (dir ^ 1, s.packet.sport_be)
             };
             let peer = peer_identity(&s.packet, dir, &cfg);
-            let v = lookup_policy(ep, opened_dir, peer, &s.packet, port);
+            // With the names it was admitted with, expired or not: only a policy that no longer
+            // admits them revokes it.
+            let recorded = unsafe { (*ct).names };
+            let v = decide(
+                s,
+                ep,
+                opened_dir,
+                peer,
+                port,
+                t,
+                NamesFrom::Recorded,
+                &recorded,
+            );
             if v.verdict == VERDICT_ALLOW {
                 unsafe {
                     (*ct).generation = generation;
@@ -930,7 +1022,11 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
     // A new connection: the policy decides, and an allowed one is tracked.
     let v = match reopened {
         Some(v) => v,
-        None => lookup_policy(ep, dir, peer, &s.packet, s.packet.dport_be),
+        None => {
+            let port = s.packet.dport_be;
+            let none = [FQDN_NAME_ID_NONE; FQDN_MAX_IDS];
+            decide(s, ep, dir, peer, port, t, NamesFrom::Live, &none)
+        }
     };
     if v.verdict != VERDICT_ALLOW {
         let why = if ep.flags & endpoint_flags::QUARANTINED != 0 {
@@ -959,6 +1055,7 @@ fn judge(skb: *mut __sk_buff, sp: *mut Scratch, ep: &EndpointInfo, dir: u8) -> i
         generation,
         rule_id: v.rule_id,
         peer_identity: peer,
+        names: s.names,
         flags: CT_CANONICAL
             | if audit { CT_AUDIT } else { 0 }
             | if dir == DIR_EGRESS {

@@ -17,7 +17,8 @@ use aya::{
 };
 use bulkhead_common::{
     CT_REVOKED, Config, CtValue, EndpointAddrKey, EndpointInfo, IpCacheValue, PolicyKey,
-    PolicySummary, PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey,
+    PolicyRanks, PolicySummary, PolicyValue, PrefilterKey, PrefilterValue, QuarantineAllowKey,
+    RankSummary,
 };
 
 use super::SyncError;
@@ -41,6 +42,10 @@ pub enum Table {
     QuarantineAllow,
     /// The XDP prefilter's (local address, peer identity) pairs.
     PrefilterDeny,
+    /// A name policy's rank summaries (beside `PolicySummary`).
+    RankSummary,
+    /// A name policy's exact-port ranks.
+    RankExact,
 }
 
 /// An LPM trie the enforcer writes.
@@ -52,6 +57,8 @@ pub enum Trie {
     IpcacheV6,
     /// A policy's port ranges.
     PolicyRanges,
+    /// A name policy's port-range ranks.
+    RankRanges,
 }
 
 impl Table {
@@ -65,6 +72,8 @@ impl Table {
             Table::EndpointAddrs => "ENDPOINT_ADDRS",
             Table::QuarantineAllow => "QUARANTINE_ALLOW",
             Table::PrefilterDeny => "PREFILTER_DENY",
+            Table::RankSummary => "RANK_SUMMARY",
+            Table::RankExact => "RANK_EXACT",
         }
     }
 }
@@ -76,6 +85,7 @@ impl Trie {
             Trie::IpcacheV4 => "IPCACHE_V4",
             Trie::IpcacheV6 => "IPCACHE_V6",
             Trie::PolicyRanges => "POLICY",
+            Trie::RankRanges => "RANK_RANGES",
         }
     }
 }
@@ -112,6 +122,10 @@ pub const QUARANTINE_ALLOW: HashTable<QuarantineAllowKey, u32> =
     HashTable(Table::QuarantineAllow, PhantomData);
 pub const PREFILTER_DENY: HashTable<PrefilterKey, PrefilterValue> =
     HashTable(Table::PrefilterDeny, PhantomData);
+pub const RANK_SUMMARY: HashTable<PolicyKey, RankSummary> =
+    HashTable(Table::RankSummary, PhantomData);
+pub const RANK_EXACT: HashTable<PolicyKey, PolicyRanks> = HashTable(Table::RankExact, PhantomData);
+pub const RANK_RANGES: TrieTable<PolicyKey, PolicyRanks> = TrieTable(Trie::RankRanges, PhantomData);
 pub const IPCACHE_V4: TrieTable<[u8; 4], IpCacheValue> = TrieTable(Trie::IpcacheV4, PhantomData);
 pub const IPCACHE_V6: TrieTable<[u8; 16], IpCacheValue> = TrieTable(Trie::IpcacheV6, PhantomData);
 pub const POLICY_RANGES: TrieTable<PolicyKey, PolicyValue> =

@@ -31,15 +31,15 @@ mod tests;
 pub use maps::{
     ENDPOINT_ADDRS, HashTable, IPCACHE_HOST_V4, IPCACHE_HOST_V6, IPCACHE_V4, IPCACHE_V6, Maps,
     POLICY_EXACT, POLICY_RANGES, POLICY_SUMMARY, PREFILTER_DENY, PartialWrite, QUARANTINE_ALLOW,
-    Table, Trie, TrieTable,
+    RANK_EXACT, RANK_RANGES, RANK_SUMMARY, Table, Trie, TrieTable,
 };
 
 pub use crate::resolve::{InterfaceResolver, RouteResolver};
 use crate::{
     loader::{Dataplane, LoadError},
     policy_map::{
-        ALL_POLICY_PROTOCOLS, PolicyMapEntry, PolicyTables, compile_policy, default_value,
-        policy_tables,
+        ALL_POLICY_PROTOCOLS, PolicyMapEntry, PolicyTables, RankTables, compile_policy,
+        compile_ranks, default_value, policy_tables,
     },
 };
 
@@ -97,8 +97,11 @@ struct GroupState {
     policy_id: u32,
     /// The keys written under `policy_id`.
     tables: PolicyTables,
-    /// The compiled content under policy id 0, to skip rewriting an unchanged group.
+    /// The compiled content under policy id 0, to skip rewriting an unchanged group: the
+    /// verdicts, and the ranks (two name policies can resolve to the same verdicts per key and
+    /// still combine differently, e.g. a name's Accept at another priority).
     fingerprint: Vec<PolicyMapEntry>,
+    rank_fingerprint: RankTables,
     default_ingress: PolicyValue,
     default_egress: PolicyValue,
     /// The keys did not fit: every endpoint of the group is locked down, and the next apply
@@ -236,6 +239,9 @@ impl<M: Maps> Enforcer<M> {
             max_policy_id = max_policy_id.max(key.policy_id);
         }
         for (key, _) in dataplane.entries(POLICY_EXACT)? {
+            max_policy_id = max_policy_id.max(key.policy_id);
+        }
+        for (key, _) in dataplane.entries(RANK_SUMMARY)? {
             max_policy_id = max_policy_id.max(key.policy_id);
         }
         let config = dataplane.config()?;
@@ -545,6 +551,7 @@ impl<M: Maps> Enforcer<M> {
         report: &mut ApplyReport,
     ) -> Result<(), SyncError> {
         let fingerprint = compile_policy(0, policy);
+        let rank_fingerprint = compile_ranks(0, policy);
         let (default_ingress, default_egress) = (
             default_value(&policy.ingress),
             default_value(&policy.egress),
@@ -553,6 +560,7 @@ impl<M: Maps> Enforcer<M> {
         if let Some(old) = self.groups.get(&group)
             && !old.locked
             && old.fingerprint == fingerprint
+            && old.rank_fingerprint == rank_fingerprint
             && old.default_ingress == default_ingress
             && old.default_egress == default_egress
         {
@@ -568,6 +576,7 @@ impl<M: Maps> Enforcer<M> {
             })
             .collect();
         let mut tables = policy_tables(&with_id, (default_ingress, default_egress));
+        tables.ranks = rank_fingerprint.with_policy_id(policy_id);
         let mut locked = false;
         if let Err(err) = self.write_tables(&tables) {
             tracing::error!(
@@ -587,6 +596,7 @@ impl<M: Maps> Enforcer<M> {
             policy_id,
             tables,
             fingerprint,
+            rank_fingerprint,
             default_ingress,
             default_egress,
             locked,
@@ -598,8 +608,14 @@ impl<M: Maps> Enforcer<M> {
     }
 
     /// Writes a group's keys: ranges and exact ports first, summaries (which say that those
-    /// exist) last. Nothing names the policy id yet, so no packet sees them half-written.
+    /// exist) last; the rank keys in the same order, before the verdict keys. Nothing names the
+    /// policy id yet, so no packet sees them half-written (an endpoint's `HAS_NAMES` flag comes
+    /// with the switch to the policy id, in the same `ENDPOINTS` update).
     fn write_tables(&mut self, tables: &PolicyTables) -> Result<(), SyncError> {
+        let ranks = &tables.ranks;
+        self.dataplane.trie_insert_all(RANK_RANGES, &ranks.ranges)?;
+        self.dataplane.insert_all(RANK_EXACT, &ranks.exact)?;
+        self.dataplane.insert_all(RANK_SUMMARY, &ranks.summaries)?;
         self.dataplane
             .trie_insert_all(POLICY_RANGES, &tables.ranges)?;
         self.dataplane.insert_all(POLICY_EXACT, &tables.exact)?;
@@ -622,6 +638,9 @@ impl<M: Maps> Enforcer<M> {
             Some(g) => {
                 if g.locked {
                     flags |= endpoint_flags::LOCKDOWN;
+                }
+                if !g.tables.ranks.is_empty() {
+                    flags |= endpoint_flags::HAS_NAMES;
                 }
                 (g.policy_id, g.default_ingress, g.default_egress)
             }
@@ -748,6 +767,13 @@ impl<M: Maps> Enforcer<M> {
         let ranges: Vec<(u32, PolicyKey)> =
             tables.ranges.iter().map(|(l, k, _)| (*l, *k)).collect();
         self.dataplane.trie_remove_all(POLICY_RANGES, &ranges);
+        let ranks = &tables.ranks;
+        self.dataplane
+            .remove_all(RANK_SUMMARY, &keys_of(&ranks.summaries));
+        self.dataplane
+            .remove_all(RANK_EXACT, &keys_of(&ranks.exact));
+        let ranges: Vec<(u32, PolicyKey)> = ranks.ranges.iter().map(|(l, k, _)| (*l, *k)).collect();
+        self.dataplane.trie_remove_all(RANK_RANGES, &ranges);
         Ok(())
     }
 
@@ -812,6 +838,9 @@ impl<M: Maps> Enforcer<M> {
         remove_keys_where(&mut self.dataplane, POLICY_SUMMARY, |k| dead(k.policy_id))?;
         remove_keys_where(&mut self.dataplane, POLICY_EXACT, |k| dead(k.policy_id))?;
         remove_trie_keys_where(&mut self.dataplane, POLICY_RANGES, |_, k| dead(k.policy_id))?;
+        remove_keys_where(&mut self.dataplane, RANK_SUMMARY, |k| dead(k.policy_id))?;
+        remove_keys_where(&mut self.dataplane, RANK_EXACT, |k| dead(k.policy_id))?;
+        remove_trie_keys_where(&mut self.dataplane, RANK_RANGES, |_, k| dead(k.policy_id))?;
         Ok(())
     }
 
@@ -857,17 +886,22 @@ impl<'a> DenyIndex<'a> {
 }
 
 /// The peers (with the deciding rule) a group's policy denies outright ([`fully_denied`]),
-/// among the identities its ingress summaries name.
+/// among the identities its ingress summaries name. Where the group's egress names DNS names,
+/// not the addresses names apply to (`world`, CIDR identities): a name the pod learns can
+/// admit an egress connection to such an address whatever its own identity's keys say, and
+/// the prefilter would drop that connection's replies.
 pub fn denied_peers(
     tables: &PolicyTables,
     defaults: (PolicyValue, PolicyValue),
 ) -> Vec<(u32, u32)> {
     let index = DenyIndex::new(tables);
+    let names_may_admit = !tables.ranks.is_empty();
     let candidates: BTreeSet<u32> = tables
         .summaries
         .iter()
         .filter(|(k, _)| k.direction == DIR_INGRESS && k.identity != identity::ANY)
         .map(|(k, _)| k.identity)
+        .filter(|id| !(names_may_admit && identity::names_apply_to(*id)))
         .collect();
     candidates
         .into_iter()

@@ -751,3 +751,217 @@ fn the_ipcache_diff_matches_a_rebuilt_map() {
         );
     }
 }
+
+const NAME: u32 = bulkhead_ruleset::identity::FIRST_NAME_IDENTITY + 1;
+
+/// `ruleset(version, 5432)` where web's egress admits `NAME` on TCP 443 in the Admin tier at
+/// `priority`, and denies `world` at priority 5.
+fn ruleset_with_names(version: u64, priority: u16) -> RuleSet {
+    let admin = |peer, action, priority, rule| PolicyEntry {
+        peer,
+        protocol: Some(Protocol::Tcp),
+        ports: PortRange::single(443),
+        tier: Tier::Admin,
+        priority,
+        action,
+        stage: Stage::Enforced,
+        rule,
+    };
+    let mut rs = ruleset(version, 5432);
+    rs.policies.insert(
+        1,
+        EndpointPolicy {
+            ingress: DirectionPolicy::default(),
+            egress: DirectionPolicy {
+                isolated_by: None,
+                staged_isolated_by: None,
+                entries: vec![
+                    admin(NAME, Action::Allow, priority, 30),
+                    admin(bulkhead_ruleset::identity::WORLD, Action::Deny, 5, 31),
+                ],
+            },
+        },
+    );
+    rs
+}
+
+fn is_rank_write(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Insert(Table::RankSummary | Table::RankExact, _) | Op::TrieInsert(Trie::RankRanges, ..)
+    )
+}
+
+/// A group whose egress names DNS names gets rank keys, written with its other keys before the
+/// endpoint's switch, which carries `HAS_NAMES`; a group without names gets neither. A change
+/// of the name's priority alone (the same verdict under every key) still rewrites the group,
+/// and the old rank keys go after the switch.
+#[test]
+fn name_policies_get_rank_keys_and_the_flag_with_the_switch() {
+    let mut e = enforcer();
+    e.apply(&ruleset_with_names(1, 10), &Named).expect("apply");
+    let log1 = log(&mut e);
+    let web = e.dataplane().endpoints[&11];
+    let db = e.dataplane().endpoints[&12];
+    assert_ne!(web.flags & endpoint_flags::HAS_NAMES, 0);
+    assert_eq!(
+        db.flags & endpoint_flags::HAS_NAMES,
+        0,
+        "db's policy has no names"
+    );
+    assert!(
+        last(&log1, is_rank_write) < first(&log1, set_endpoint(11)),
+        "{log1:#?}"
+    );
+    // Rank summaries after the finer rank keys.
+    assert!(
+        first(&log1, |op| matches!(op, Op::Insert(Table::RankExact, _)))
+            < first(&log1, |op| matches!(op, Op::Insert(Table::RankSummary, _))),
+        "{log1:#?}"
+    );
+    let rank_ids: BTreeSet<u32> = e
+        .dataplane()
+        .entries(super::maps::RANK_SUMMARY)
+        .expect("entries")
+        .into_iter()
+        .map(|(k, _)| k.policy_id)
+        .collect();
+    assert_eq!(
+        rank_ids,
+        BTreeSet::from([web.policy_id]),
+        "only web's group is ranked"
+    );
+
+    // Priority 10 → 3: every key's verdict is the same (the name's key allows, world's
+    // denies), but the name's Accept now beats world's Deny when they combine.
+    let report = e.apply(&ruleset_with_names(2, 3), &Named).expect("apply");
+    assert_eq!(report.groups_written, 1, "{report:?}");
+    let log2 = log(&mut e);
+    let new_id = e.dataplane().endpoints[&11].policy_id;
+    assert_ne!(new_id, web.policy_id);
+    let switch = first(&log2, set_endpoint(11));
+    assert!(last(&log2, is_rank_write) < switch, "{log2:#?}");
+    assert!(
+        switch < first(&log2, |op| matches!(op, Op::Remove(Table::RankSummary, _))),
+        "{log2:#?}"
+    );
+    let rank_ids: BTreeSet<u32> = e
+        .dataplane()
+        .entries(super::maps::RANK_SUMMARY)
+        .expect("entries")
+        .into_iter()
+        .map(|(k, _)| k.policy_id)
+        .collect();
+    assert_eq!(rank_ids, BTreeSet::from([new_id]));
+
+    // Names gone from the policy: no rank keys, no flag.
+    e.apply(&ruleset(3, 5432), &Named).expect("apply");
+    assert_eq!(
+        e.dataplane().endpoints[&11].flags & endpoint_flags::HAS_NAMES,
+        0
+    );
+    assert!(
+        e.dataplane()
+            .entries(super::maps::RANK_SUMMARY)
+            .expect("entries")
+            .is_empty()
+    );
+}
+
+/// Rank keys that do not fit lock the group's endpoints down as any policy key does, and
+/// leave nothing behind.
+#[test]
+fn rank_keys_that_do_not_fit_lock_the_endpoint_down() {
+    let mut maps = fake();
+    maps.capacity.insert(Table::RankSummary, 1);
+    let mut e = Enforcer::new(maps).expect("enforcer");
+    let report = e.apply(&ruleset_with_names(1, 10), &Named).expect("apply");
+    assert_eq!(
+        report.locked_down,
+        vec!["shop/pod-1".to_string()],
+        "{report:?}"
+    );
+    let web = e.dataplane().endpoints[&11];
+    assert_ne!(web.flags & endpoint_flags::LOCKDOWN, 0);
+    assert_eq!(web.flags & endpoint_flags::HAS_NAMES, 0);
+    for t in [Table::RankSummary, Table::RankExact] {
+        assert!(
+            e.dataplane().tables.get(&t).is_none_or(|t| t.is_empty()),
+            "{t:?} keys were removed"
+        );
+    }
+}
+
+/// A restarted enforcer numbers its policy ids above the rank keys an earlier agent left too,
+/// and removes those keys with the rest of its leftovers.
+#[test]
+fn a_restarted_enforcer_clears_leftover_rank_keys() {
+    let mut e = enforcer();
+    e.apply(&ruleset_with_names(1, 10), &Named).expect("apply");
+    let mut maps = std::mem::take(e.dataplane());
+    // Rank keys of a policy id no endpoint names, above every other id.
+    let leftover = bulkhead_common::PolicyKey {
+        policy_id: 500,
+        ..Default::default()
+    };
+    maps.tables.entry(Table::RankSummary).or_default().insert(
+        bytes(&leftover),
+        bytes(&bulkhead_common::RankSummary::default()),
+    );
+    let mut restarted = Enforcer::new(maps).expect("enforcer");
+    restarted
+        .apply(&ruleset_with_names(1, 10), &Named)
+        .expect("apply");
+    let web = restarted.dataplane().endpoints[&11];
+    assert!(web.policy_id > 500, "{}", web.policy_id);
+    assert_ne!(web.flags & endpoint_flags::HAS_NAMES, 0);
+    let ids: BTreeSet<u32> = restarted
+        .dataplane()
+        .entries(super::maps::RANK_SUMMARY)
+        .expect("entries")
+        .into_iter()
+        .map(|(k, _)| k.policy_id)
+        .collect();
+    assert_eq!(ids, BTreeSet::from([web.policy_id]));
+}
+
+/// A peer whose every packet both directions' keys deny is a prefilter pair, unless a DNS name
+/// can admit egress to its addresses: then the prefilter would drop the replies of connections
+/// the name admits.
+#[test]
+fn addresses_names_may_admit_are_never_prefilter_pairs() {
+    let entry = |peer: u32, action, priority, rule: u32| PolicyEntry {
+        peer,
+        protocol: None,
+        ports: PortRange::ALL,
+        tier: Tier::Admin,
+        priority,
+        action,
+        stage: Stage::Enforced,
+        rule,
+    };
+    let world = bulkhead_ruleset::identity::WORLD;
+    let mut rs = ruleset(1, 5432);
+    let web = rs.policies.get_mut(&1).expect("web's group");
+    web.ingress.entries.push(entry(world, Action::Deny, 5, 9));
+    web.egress.entries.push(entry(world, Action::Deny, 5, 9));
+    let mut e = enforcer();
+    let report = e.apply(&rs, &Named).expect("apply");
+    assert_eq!(
+        report.prefilter_pairs, 1,
+        "world is denied outright: {report:?}"
+    );
+
+    // The same, with an Admin Accept by name ahead of the deny.
+    let web = rs.policies.get_mut(&1).expect("web's group");
+    web.egress.entries.push(entry(NAME, Action::Allow, 3, 10));
+    rs.version = 2;
+    let report = e.apply(&rs, &Named).expect("apply");
+    assert_eq!(report.prefilter_pairs, 0, "{report:?}");
+    assert!(
+        e.dataplane()
+            .entries(super::maps::PREFILTER_DENY)
+            .expect("entries")
+            .is_empty()
+    );
+}

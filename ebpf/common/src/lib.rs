@@ -46,6 +46,13 @@ pub mod identity {
     pub const fn is_name(id: u32) -> bool {
         id >= FIRST_NAME_IDENTITY && id - FIRST_NAME_IDENTITY < NAME_IDENTITY_COUNT
     }
+    /// Whether an address of identity `id` is one whose learned names take part in an egress
+    /// decision: `world` or a CIDR identity (an address outside the cluster). Pods, the host
+    /// and unknown addresses are decided by their own identity alone, whatever a pod learned
+    /// about them from DNS.
+    pub const fn names_apply_to(id: u32) -> bool {
+        id == WORLD || (id >= FIRST_CIDR_IDENTITY && !is_name(id) && id != ANY)
+    }
     /// Wildcard peer of a policy entry (and of a policy map key): every peer identity.
     pub const ANY: u32 = u32::MAX;
 }
@@ -137,6 +144,11 @@ pub mod endpoint_flags {
     /// The endpoint has more addresses than `EndpointInfo::addrs` holds: anti-spoofing looks
     /// the others up in `ENDPOINT_ADDRS`.
     pub const MORE_ADDRS: u32 = 1 << 6;
+    /// The endpoint's egress policy has entries of name identities: the rank maps hold its
+    /// keys, and a new egress connection to a `world` or CIDR address looks the address up in
+    /// what the endpoint learned from DNS. Without it (every other endpoint) that costs one
+    /// bit test.
+    pub const HAS_NAMES: u32 = 1 << 7;
 }
 
 /// Per-direction default decision, applied when no policy key matches.
@@ -208,6 +220,86 @@ pub fn port_bloom(port_be: u16) -> u64 {
 pub const SUMMARY_HAS_EXACT: u32 = 1 << 0;
 /// `PolicySummary::flags`: the `POLICY` trie has port-range keys for this (identity, protocol).
 pub const SUMMARY_HAS_RANGES: u32 = 1 << 1;
+
+/// Precedence ranks, for decisions over several peer identities at once (an address learned
+/// under DNS names: its own identity and each name identity; see
+/// `bulkhead_ruleset::precedence`). A rank packs an entry's place within its tier so that
+/// integer order is precedence order: priority (bits 34-49), action (bits 32-33, the
+/// `RANK_ACTION_*` codes), rule id (bits 0-31); the lower, the stronger. The best entries of a
+/// union of entry sets are the per-tier minimum of the sets' bests, so the programs combine
+/// the ranks of several keys with plain `min` and then walk the tiers as `resolve` does.
+pub mod rank {
+    /// No entry of the tier matches: above every real rank, so it loses every `min`.
+    pub const NONE: u64 = u64::MAX;
+    pub const ACTION_SHIFT: u32 = 32;
+    pub const ACTION_DENY: u64 = 0;
+    pub const ACTION_ALLOW: u64 = 1;
+    pub const ACTION_PASS: u64 = 2;
+    /// Tiers, in the order of [`super::PolicyRanks::enforced`] / `staged`: quarantine, admin,
+    /// application (NetworkPolicy, ServicePolicy), baseline.
+    pub const TIERS: usize = 4;
+    /// The application tier's index: an isolated direction denies what it leaves undecided.
+    pub const APPLICATION: usize = 2;
+    /// The protocol of the `RANK_SUMMARY` key holding a policy's default ranks (no key of the
+    /// peer nor of the wildcard for the packet's protocol): no policy key has protocol 0
+    /// (unknown protocols are `PROTO_OTHER`).
+    pub const DEFAULT_PROTOCOL: u8 = 0;
+}
+
+/// `PolicyRanks::flags`: the enforced view of the direction is isolated (`isolated_by` holds
+/// the rule).
+pub const RANKS_ISOLATED: u32 = 1 << 0;
+/// `PolicyRanks::flags`: the staged view is isolated (`staged_isolated_by`).
+pub const RANKS_STAGED_ISOLATED: u32 = 1 << 1;
+
+/// What one policy key's matching entries resolve to, in a form that combines across peer
+/// identities (`bulkhead_ruleset::Resolution`): the best rank per tier of each view
+/// ([`rank::NONE`] where none), and the direction's isolation. Value of `RANK_EXACT` and
+/// `RANK_RANGES`, which the agent writes beside `POLICY_EXACT` / `POLICY` only for policy
+/// generations whose egress names DNS names, and only under the identities a learned address
+/// can combine: name identities, `world`, CIDR identities and the wildcard.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyRanks {
+    pub enforced: [u64; rank::TIERS],
+    pub staged: [u64; rank::TIERS],
+    pub isolated_by: u32,
+    pub staged_isolated_by: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+impl Default for PolicyRanks {
+    fn default() -> Self {
+        PolicyRanks {
+            enforced: [rank::NONE; rank::TIERS],
+            staged: [rank::NONE; rank::TIERS],
+            isolated_by: 0,
+            staged_isolated_by: 0,
+            flags: 0,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of `RANK_SUMMARY`, beside `POLICY_SUMMARY` under the same keys (plus one default key
+/// per policy, protocol [`rank::DEFAULT_PROTOCOL`]): the protocol-wide ranks and which finer
+/// rank keys exist, with the same flags and port filter as the policy summary, so that the
+/// rank lookup finds exactly the key the verdict lookup finds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RankSummary {
+    pub fallback: PolicyRanks,
+    pub flags: u32,
+    pub _pad: u32,
+    pub exact_ports: u64,
+}
+
+/// Entries of the rank maps (hash maps allocated per entry: ceilings). Only endpoints whose
+/// egress names DNS names have keys there, under a few identities each.
+pub const RANK_SUMMARY_ENTRIES: u32 = 1 << 18;
+pub const RANK_EXACT_ENTRIES: u32 = 1 << 19;
+pub const RANK_RANGES_ENTRIES: u32 = 1 << 19;
 
 /// Key of `PREFILTER_DENY`: a local endpoint address and a peer identity whose traffic to it
 /// the endpoint's ingress policy denies on every protocol and port, so the XDP prefilter may
@@ -346,6 +438,12 @@ pub struct CtValue {
     pub rule_id: u32,
     pub peer_identity: u32,
     pub flags: u32,
+    /// The name identities (learned from DNS, live at admission) the connection was admitted
+    /// with, [`fqdn::FQDN_NAME_ID_NONE`] in unused slots. A re-check after a policy change
+    /// decides with them again whether or not their TTL has run out since: expiry stops new
+    /// connections, never established ones; a policy that no longer admits the names still
+    /// revokes.
+    pub names: [u32; fqdn::FQDN_MAX_IDS],
 }
 
 /// `CtValue::flags`: admitted by an entry that audit-mode policy would deny.
@@ -521,7 +619,13 @@ pub mod stat {
     pub const EVENTS_RATE_LIMITED: u32 = 1;
     /// Conntrack insert failed.
     pub const CT_INSERT_FAILED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Lookups of a new egress connection's destination among what its endpoint learned from
+    /// DNS (made only for endpoints whose policy names DNS names, see
+    /// `endpoint_flags::HAS_NAMES`).
+    pub const NAME_LOOKUPS: u32 = 3;
+    /// New connections (and re-checks) decided with learned names.
+    pub const NAME_DECISIONS: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 #[cfg(feature = "user")]
@@ -544,6 +648,8 @@ mod pod {
     unsafe impl aya::Pod for EndpointAddrKey {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for QuarantineAllowKey {}
+    unsafe impl aya::Pod for PolicyRanks {}
+    unsafe impl aya::Pod for RankSummary {}
 }
 
 #[cfg(test)]
@@ -629,7 +735,9 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(size_of::<CtKeyV4>(), 16);
         assert_eq!(size_of::<Config>(), 32);
-        assert_eq!(size_of::<CtValue>(), 64);
+        assert_eq!(size_of::<CtValue>(), 64 + 16);
+        assert_eq!(size_of::<PolicyRanks>(), 8 * 8 + 16);
+        assert_eq!(size_of::<RankSummary>(), 80 + 16);
         assert_eq!(size_of::<FlowEvent>(), 8 + 32 + 12 + 28);
         assert_eq!(
             POLICY_KEY_FIXED_BITS as usize,
