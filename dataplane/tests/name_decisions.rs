@@ -339,13 +339,12 @@ fn kernel_decides_with_live_names_as_the_reference() {
                     dst_port,
                 };
                 let peer = rs.identity_of(dst);
-                // Names apply to addresses outside the cluster only; a pod's address is
-                // decided by its identity alone.
-                let want = if identity::names_apply_to(peer) {
-                    decide_with_names(&rs, &ep, Direction::Egress, &tuple, &live[di])
-                } else {
-                    decide(&rs, &ep, Direction::Egress, &tuple)
-                };
+                // Names apply to addresses outside the cluster only (the reference says so
+                // too): a pod's address is decided by its identity alone.
+                let want = decide_with_names(&rs, &ep, Direction::Egress, &tuple, &live[di]);
+                if !identity::names_apply_to(peer) {
+                    assert_eq!(want, decide(&rs, &ep, Direction::Egress, &tuple));
+                }
                 let got = run(e, PROG_FROM_POD, &pkt, ifx);
                 let want_code = if want.verdict == Verdict::Allow {
                     TC_ACT_OK

@@ -1080,8 +1080,11 @@ pub fn decide_direction_peers(
 /// [`decide`] for a packet whose destination address the endpoint learned, from DNS answers,
 /// as the names of the name identities `names` ([`names::matching_names`]): in the egress
 /// direction the entries of the address's own identity and of every name identity decide
-/// together, with the one precedence. (Names describe destinations: in the ingress direction,
-/// and with no names, this is [`decide`].)
+/// together, with the one precedence. (Names describe destinations outside the cluster: in
+/// the ingress direction, with no names, and for an address whose own identity is not `world`
+/// or a CIDR identity ([`identity::names_apply_to`]: a pod, the host, a node), this is
+/// [`decide`] — what a pod learned from DNS never changes how its traffic to another workload
+/// is decided.)
 pub fn decide_with_names(
     ruleset: &RuleSet,
     endpoint: &Endpoint,
@@ -1092,8 +1095,12 @@ pub fn decide_with_names(
     if direction == Direction::Ingress || names.is_empty() {
         return decide(ruleset, endpoint, direction, packet);
     }
+    let own = ruleset.identity_of(packet.dst);
+    if !identity::names_apply_to(own) {
+        return decide(ruleset, endpoint, direction, packet);
+    }
     let mut peers = Vec::with_capacity(names.len() + 1);
-    peers.push(ruleset.identity_of(packet.dst));
+    peers.push(own);
     peers.extend(names.iter().copied().filter(|n| identity::is_name(*n)));
     decide_direction_peers(
         ruleset.policy_of(endpoint).direction(direction),

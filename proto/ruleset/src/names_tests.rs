@@ -191,6 +191,23 @@ fn identities_outside_the_name_range_are_not_taken_as_names() {
 }
 
 #[test]
+fn names_never_change_the_decision_for_an_address_inside_the_cluster() {
+    // A pod's address (identity 301 in the ipcache) that a DNS answer also named: decided by
+    // the pod's identity alone, as the kernel does (`identity::names_apply_to`).
+    let (mut rs, ep) = egress_ruleset(
+        vec![entry(NAME_A, Tier::Admin, 320, Action::Allow, 7)],
+        Some(9),
+    );
+    rs.ipcache
+        .push(IpCacheEntry::new("10.0.0.9/32".parse().expect("net"), 301));
+    let d = decide_with_names(&rs, &ep, Direction::Egress, &to("10.0.0.9"), &[NAME_A]);
+    assert_eq!((d.verdict, d.rule), (Verdict::Deny, 9));
+    // The same name for an address outside the cluster admits it.
+    let d = decide_with_names(&rs, &ep, Direction::Egress, &to("203.0.113.5"), &[NAME_A]);
+    assert_eq!((d.verdict, d.rule), (Verdict::Allow, 7));
+}
+
+#[test]
 fn name_deltas_add_and_remove_patterns() {
     let (mut rs, _) = egress_ruleset(Vec::new(), None);
     let b = NameEntry::of(NamePattern::parse("*.example.org").expect("pattern"));
