@@ -166,6 +166,7 @@ fn rule_sets_and_deltas_survive_json() {
         ipcache: vec![],
         rules: BTreeMap::new(),
         names: Vec::new(),
+        dns_resolvers: Vec::new(),
     };
     let text = serde_json::to_string(&rs).expect("serializes");
     assert_eq!(serde_json::from_str::<RuleSet>(&text).expect("parses"), rs);
