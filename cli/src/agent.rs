@@ -4,7 +4,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::bail;
-use bulkhead_agent::agent::{AgentConfig, RuleSource, default_pin_dir};
+use bulkhead_agent::agent::{AgentConfig, RuleSource, default_pin_dir, names::FqdnSettings};
 use bulkhead_proto::client::ControllerTarget;
 use clap::{Args, Subcommand};
 
@@ -76,6 +76,30 @@ struct RunArgs {
     /// and virtio_net turns GRO off and costs most of a TCP stream's throughput), or `off`.
     #[arg(long, value_enum, default_value_t = PrefilterChoice::Tc)]
     prefilter: PrefilterChoice,
+    /// Also trust DNS answers from this resolver (a node-local cache such as 169.254.20.10)
+    /// besides the cluster DNS the controller names; repeatable. Only trusted resolvers'
+    /// answers teach the addresses of names policies allow.
+    #[arg(long = "dns-resolver", value_name = "ADDR")]
+    dns_resolvers: Vec<std::net::IpAddr>,
+    /// An address learned from a DNS answer is admitted at least this long, whatever the
+    /// record's TTL (a TTL of 0 must still let the pod connect to what it just resolved).
+    #[arg(long, default_value = "5s", value_parser = parse_ttl)]
+    fqdn_min_ttl: std::time::Duration,
+    /// ... and at most this long.
+    #[arg(long, default_value = "1d", value_parser = parse_ttl)]
+    fqdn_max_ttl: std::time::Duration,
+}
+
+/// A TTL bound: whole seconds, 1 s to 136 years (the kernel keeps seconds in 32 bits).
+fn parse_ttl(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d.as_secs() == 0 || u32::try_from(d.as_secs()).is_err() {
+        return Err(format!(
+            "{text} is out of range: give between 1s and {}s",
+            u32::MAX
+        ));
+    }
+    Ok(d)
 }
 
 /// `--prefilter`.
@@ -148,7 +172,17 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 netns,
                 uplink,
                 prefilter,
+                dns_resolvers,
+                fqdn_min_ttl,
+                fqdn_max_ttl,
             } = *run;
+            if fqdn_min_ttl > fqdn_max_ttl {
+                bail!(
+                    "--fqdn-min-ttl {} is above --fqdn-max-ttl {}: give a minimum no larger than the maximum",
+                    humantime::format_duration(fqdn_min_ttl),
+                    humantime::format_duration(fqdn_max_ttl)
+                );
+            }
             let source = match (ruleset, controller) {
                 (Some(path), _) => RuleSource::File(path),
                 (None, Some(addr)) => RuleSource::Controller(Box::new(ControllerTarget {
@@ -170,6 +204,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 netns,
                 uplinks: uplink,
                 prefilter: prefilter.hook(),
+                fqdn: FqdnSettings {
+                    extra_resolvers: dns_resolvers,
+                    min_ttl: fqdn_min_ttl,
+                    max_ttl: fqdn_max_ttl,
+                },
             })
         }
     }

@@ -90,6 +90,12 @@ pub struct ControllerArgs {
     /// The audience the agents' projected tokens are issued for.
     #[arg(long, default_value = "bulkhead-controller")]
     pub agent_token_audience: String,
+    /// A DNS resolver whose answers teach the agents the addresses of the names policies allow
+    /// (egress by domain name); repeatable. Replaces the default, the addresses of the pods in
+    /// `kube-system` labelled `k8s-app: kube-dns`; give the kube-dns Service's cluster IP here
+    /// (with the pods' addresses) where pods see answers from it.
+    #[arg(long = "dns-resolver", value_name = "ADDR")]
+    pub dns_resolvers: Vec<std::net::IpAddr>,
     #[command(flatten)]
     pub kube: KubernetesArgs,
     #[command(flatten)]
@@ -122,6 +128,7 @@ impl From<ControllerArgs> for ServerConfig {
             },
             quarantine_dir: a.quarantine_dir,
             reload_ms: a.reload_ms,
+            dns_resolvers: (!a.dns_resolvers.is_empty()).then_some(a.dns_resolvers),
             any_node_clients: a.any_node_clients,
             admin_clients: a.admin_clients,
             agent_token_review: a.agent_token_review,

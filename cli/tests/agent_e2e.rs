@@ -142,6 +142,7 @@ fn ruleset(version: u64, tcp: bool) -> RuleSet {
         ],
         rules,
         names: Vec::new(),
+        dns_resolvers: Vec::new(),
     }
 }
 

@@ -61,6 +61,39 @@ fn pattern_map(pattern: &NamePattern) -> &'static str {
     }
 }
 
+/// The two maps of name keys: exact names, and wildcards' suffixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NameTable {
+    Exact,
+    Wildcard,
+}
+
+impl NameTable {
+    pub const ALL: [NameTable; 2] = [NameTable::Exact, NameTable::Wildcard];
+
+    pub fn of(pattern: &NamePattern) -> NameTable {
+        if pattern.is_wildcard() {
+            NameTable::Wildcard
+        } else {
+            NameTable::Exact
+        }
+    }
+
+    pub fn map(self) -> &'static str {
+        match self {
+            NameTable::Exact => MAP_EXACT,
+            NameTable::Wildcard => MAP_WILDCARD,
+        }
+    }
+}
+
+/// A name's key as the programs look it up: its table and its keyed hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NameKey {
+    pub table: NameTable,
+    pub hash: u64,
+}
+
 /// One address an endpoint learned, with the name ids it was learned for and when each
 /// expires (CLOCK_MONOTONIC ns, see [`monotonic_now_ns`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +250,85 @@ impl Dataplane {
         }
     }
 
+    /// The key `pattern` has under the per-node secret (which must be configured).
+    pub fn fqdn_name_key(&mut self, pattern: &NamePattern) -> Result<NameKey, FqdnError> {
+        Ok(NameKey {
+            table: NameTable::of(pattern),
+            hash: self.pattern_key(pattern)?,
+        })
+    }
+
+    /// Every name key in the maps with its name id (the agent cannot tell which name a key
+    /// stands for: it compares keys).
+    pub fn fqdn_name_keys(&mut self) -> Result<Vec<(NameKey, u32)>, FqdnError> {
+        let mut out = Vec::new();
+        for table in NameTable::ALL {
+            let map = table.map();
+            let m: HashMap<&mut MapData, u64, u32> = self.map_mut(map)?;
+            for kv in m.iter() {
+                let (hash, id) = kv.map_err(map_err(map))?;
+                out.push((NameKey { table, hash }, id));
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Writes a name key (see [`Dataplane::fqdn_name_key`]) with its name id.
+    pub fn set_fqdn_name_key(&mut self, key: NameKey, name_id: u32) -> Result<(), FqdnError> {
+        if name_id == FQDN_NAME_ID_NONE {
+            return Err(FqdnError::ReservedId);
+        }
+        let map = key.table.map();
+        let mut m: HashMap<&mut MapData, u64, u32> = self.map_mut(map)?;
+        m.insert(key.hash, name_id, 0).map_err(map_err(map))
+    }
+
+    pub fn remove_fqdn_name_key(&mut self, key: NameKey) -> Result<(), FqdnError> {
+        let map = key.table.map();
+        let mut m: HashMap<&mut MapData, u64, u32> = self.map_mut(map)?;
+        match m.remove(&key.hash) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(map)(e)),
+        }
+    }
+
+    /// Clears every learned slot for which `keep(endpoint id, name id)` is false (an address
+    /// left with none is removed); returns how many slots were cleared. For names the node no
+    /// longer has and endpoints that are gone: an endpoint id given to a new pod must not
+    /// inherit what the old one learned.
+    pub fn forget_learned(&mut self, keep: impl Fn(u32, u32) -> bool) -> Result<usize, FqdnError> {
+        let mut cleared = 0;
+        let entries: Vec<_> = self
+            .learned_v4()?
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(MAP_LEARNED_V4))?;
+        let mut m = self.learned_v4()?;
+        for (k, v) in entries {
+            cleared += forget_one(&mut m, k, v, |id| keep(k.endpoint_id, id))
+                .map_err(map_err(MAP_LEARNED_V4))?;
+        }
+        let entries: Vec<_> = self
+            .learned_v6()?
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(MAP_LEARNED_V6))?;
+        let mut m = self.learned_v6()?;
+        for (k, v) in entries {
+            cleared += forget_one(&mut m, k, v, |id| keep(k.endpoint_id, id))
+                .map_err(map_err(MAP_LEARNED_V6))?;
+        }
+        Ok(cleared)
+    }
+
+    /// How many (endpoint, address) entries the learned maps hold: IPv4, IPv6.
+    pub fn learned_counts(&mut self) -> Result<(usize, usize), FqdnError> {
+        let v4 = self.learned_v4()?.keys().count();
+        let v6 = self.learned_v6()?.keys().count();
+        Ok((v4, v6))
+    }
+
     /// The name id `pattern` is written under, if any.
     pub fn fqdn_name(&mut self, pattern: &NamePattern) -> Result<Option<u32>, FqdnError> {
         let key = self.pattern_key(pattern)?;
@@ -319,6 +431,35 @@ impl Dataplane {
                 .sum();
         }
         Ok(out)
+    }
+}
+
+fn forget_one<K: aya::Pod>(
+    m: &mut HashMap<&mut MapData, K, FqdnLearned>,
+    key: K,
+    value: FqdnLearned,
+    keep: impl Fn(u32) -> bool,
+) -> Result<usize, MapError> {
+    let mut v = value;
+    let mut cleared = 0;
+    for i in 0..FQDN_MAX_IDS {
+        if v.name_ids[i] != FQDN_NAME_ID_NONE && !keep(v.name_ids[i]) {
+            v.name_ids[i] = FQDN_NAME_ID_NONE;
+            v.expires_ns[i] = 0;
+            cleared += 1;
+        }
+    }
+    if cleared == 0 {
+        return Ok(0);
+    }
+    let r = if v.name_ids.iter().all(|&id| id == FQDN_NAME_ID_NONE) {
+        m.remove(&key)
+    } else {
+        m.insert(key, v, 0)
+    };
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(cleared),
+        Err(e) => Err(e),
     }
 }
 

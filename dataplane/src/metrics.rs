@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, PerCpuArray};
-use bulkhead_common::{COUNTER_SLOTS, Counter, MAX_ENDPOINTS, reason, stat};
+use bulkhead_common::{COUNTER_SLOTS, Counter, MAX_ENDPOINTS, fqdn::fqdn_stat, reason, stat};
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     core::{Collector, Desc},
@@ -37,6 +37,16 @@ pub struct AgentMetrics {
     pub flow_records_unconfirmed: IntCounter,
     /// Connections to the agent's HTTP endpoint closed on accept: too many were open.
     pub http_connections_refused: IntCounter,
+    /// Name patterns in the kernel (egress by domain name).
+    pub fqdn_names: IntGauge,
+    /// Resolvers whose answers teach addresses.
+    pub fqdn_trusted_resolvers: IntGauge,
+    /// (endpoint, address) entries learned from DNS answers, by family, at the last sweep.
+    pub fqdn_learned: IntGaugeVec,
+    /// Learned (endpoint, address, name) entries whose TTL ran out and that the sweep cleared.
+    pub fqdn_expired: IntCounter,
+    /// Sweeps that failed (retried every second).
+    pub fqdn_sweep_errors: IntCounter,
 }
 
 impl AgentMetrics {
@@ -94,6 +104,29 @@ impl AgentMetrics {
             "http_connections_refused_total",
             "Connections to the agent's HTTP endpoint closed on accept because too many were open",
         )?;
+        let fqdn_names = IntGauge::new(
+            "fqdn_names",
+            "DNS name patterns policies allow egress to, in the kernel",
+        )?;
+        let fqdn_trusted_resolvers = IntGauge::new(
+            "fqdn_trusted_resolvers",
+            "DNS resolvers whose answers teach the addresses of those names",
+        )?;
+        let fqdn_learned = IntGaugeVec::new(
+            Opts::new(
+                "fqdn_learned_addresses",
+                "Addresses endpoints learned from DNS answers (one per endpoint and address), by family",
+            ),
+            &["family"],
+        )?;
+        let fqdn_expired = IntCounter::new(
+            "fqdn_expired_total",
+            "Learned (endpoint, address, name) entries cleared because their TTL ran out",
+        )?;
+        let fqdn_sweep_errors = IntCounter::new(
+            "fqdn_sweep_errors_total",
+            "Sweeps of learned addresses that failed (retried every second)",
+        )?;
         let controller_connected = IntGauge::new(
             "controller_connected",
             "1 while the controller stream is up; 0 means the last rule set stays enforced",
@@ -112,6 +145,11 @@ impl AgentMetrics {
             Box::new(flow_records_dropped.clone()),
             Box::new(flow_records_unconfirmed.clone()),
             Box::new(http_connections_refused.clone()),
+            Box::new(fqdn_names.clone()),
+            Box::new(fqdn_trusted_resolvers.clone()),
+            Box::new(fqdn_learned.clone()),
+            Box::new(fqdn_expired.clone()),
+            Box::new(fqdn_sweep_errors.clone()),
             Box::new(KernelCounters::new(pin_dir, names)?),
         ] {
             registry.register(c)?;
@@ -131,6 +169,11 @@ impl AgentMetrics {
             flow_records_dropped,
             flow_records_unconfirmed,
             http_connections_refused,
+            fqdn_names,
+            fqdn_trusted_resolvers,
+            fqdn_learned,
+            fqdn_expired,
+            fqdn_sweep_errors,
         })
     }
 
@@ -176,6 +219,11 @@ impl KernelCounters {
             desc(
                 "kernel_events_total",
                 "Kernel-side event accounting",
+                &["kind"],
+            )?,
+            desc(
+                "fqdn_answers_total",
+                "Learning from DNS answers (kernel counters of FQDN_STATS), by kind",
                 &["kind"],
             )?,
             desc(
@@ -228,11 +276,19 @@ impl Collector for KernelCounters {
             ),
             &["kind"],
         );
+        let fqdn = IntCounterVec::new(
+            Opts::new(
+                "fqdn_answers_total",
+                "Learning from DNS answers (kernel counters of FQDN_STATS), by kind",
+            ),
+            &["kind"],
+        );
         let pressure = IntGaugeVec::new(
             Opts::new("map_capacity", "Capacity (max entries) of a BPF map"),
             &["map"],
         );
-        let (Ok(packets), Ok(bytes), Ok(stats), Ok(pressure)) = (packets, bytes, stats, pressure)
+        let (Ok(packets), Ok(bytes), Ok(stats), Ok(fqdn), Ok(pressure)) =
+            (packets, bytes, stats, fqdn, pressure)
         else {
             return out;
         };
@@ -273,6 +329,12 @@ impl Collector for KernelCounters {
                 stats.with_label_values(&[kind]).inc_by(v);
             }
         }
+        if let Some(s) = self.per_cpu::<u64>(crate::fqdn::MAP_STATS) {
+            for (idx, kind) in fqdn_stat::NAMES.iter().enumerate() {
+                let v: u64 = s.get(&(idx as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+                fqdn.with_label_values(&[kind]).inc_by(v);
+            }
+        }
         for map in [
             "POLICY",
             "IPCACHE_V4",
@@ -281,6 +343,8 @@ impl Collector for KernelCounters {
             "CONNTRACK",
             "CONNTRACK_V4",
             "ENDPOINTS",
+            "FQDN_LEARNED_V4",
+            "FQDN_LEARNED_V6",
         ] {
             if let Some(max) = self.capacity(map) {
                 pressure.with_label_values(&[map]).set(max as i64);
@@ -289,6 +353,7 @@ impl Collector for KernelCounters {
         out.extend(packets.collect());
         out.extend(bytes.collect());
         out.extend(stats.collect());
+        out.extend(fqdn.collect());
         out.extend(pressure.collect());
         out
     }

@@ -76,6 +76,17 @@ fn addr(field: &'static str, b: &[u8]) -> Result<IpAddr> {
     })
 }
 
+/// Addresses of 4 or 16 bytes each, sorted and unique (as the contract keeps them).
+fn addrs(field: &'static str, b: &[Vec<u8>]) -> Result<Vec<IpAddr>> {
+    let mut out = b
+        .iter()
+        .map(|a| addr(field, a))
+        .collect::<Result<Vec<_>>>()?;
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 fn u16_of(field: &'static str, value: u32) -> Result<u16> {
     u16::try_from(value).map_err(|_| ConvertError::Range {
         field,
@@ -390,6 +401,7 @@ impl From<&rs::RuleSet> for pb::RuleSet {
             ipcache: r.ipcache.iter().map(ipcache_to).collect(),
             rules: r.rules.iter().map(|(k, v)| (*k, rule_to(v))).collect(),
             names: r.names.iter().map(name_entry_to).collect(),
+            dns_resolvers: r.dns_resolvers.iter().map(addr_bytes).collect(),
         }
     }
 }
@@ -410,6 +422,7 @@ impl TryFrom<&pb::RuleSet> for rs::RuleSet {
             ipcache: r.ipcache.iter().map(ipcache_from).collect::<Result<_>>()?,
             rules: map_from(&r.rules, rule_from)?,
             names: name_entries_from("ruleset names", &r.names)?,
+            dns_resolvers: addrs("ruleset dns_resolvers", &r.dns_resolvers)?,
         })
     }
 }
@@ -506,6 +519,9 @@ impl From<&rs::NodeDelta> for pb::NodeDelta {
                 .collect(),
             names_removed: d.names_removed.clone(),
             names_added: d.names_added.iter().map(name_entry_to).collect(),
+            dns_resolvers: d.dns_resolvers.as_ref().map(|a| pb::AddressList {
+                addrs: a.iter().map(addr_bytes).collect(),
+            }),
         }
     }
 }
@@ -547,6 +563,11 @@ impl TryFrom<&pb::NodeDelta> for rs::NodeDelta {
             rules_upserted: map_from(&d.rules_upserted, rule_from)?,
             names_removed: d.names_removed.clone(),
             names_added: name_entries_from("names_added", &d.names_added)?,
+            dns_resolvers: d
+                .dns_resolvers
+                .as_ref()
+                .map(|a| addrs("delta dns_resolvers", &a.addrs))
+                .transpose()?,
         })
     }
 }
@@ -701,16 +722,20 @@ pub(crate) mod tests {
             prop::collection::vec(ipcache(), 0..5),
             prop::collection::btree_map(any::<u32>(), rule(), 0..4),
             prop::collection::vec(super::names::tests::name_entry(), 0..3),
+            prop::collection::btree_set(ip(), 0..3),
         )
             .prop_map(
-                |(node, version, endpoints, policies, ipcache, rules, names)| rs::RuleSet {
-                    node,
-                    version,
-                    endpoints,
-                    policies,
-                    ipcache,
-                    rules,
-                    names,
+                |(node, version, endpoints, policies, ipcache, rules, names, resolvers)| {
+                    rs::RuleSet {
+                        node,
+                        version,
+                        endpoints,
+                        policies,
+                        ipcache,
+                        rules,
+                        names,
+                        dns_resolvers: resolvers.into_iter().collect(),
+                    }
                 },
             )
     }
@@ -774,6 +799,7 @@ pub(crate) mod tests {
             (
                 prop::collection::vec(any::<u32>(), 0..3),
                 prop::collection::vec(super::names::tests::name_entry(), 0..3),
+                prop::option::of(prop::collection::btree_set(ip(), 0..3)),
             ),
         )
             .prop_map(
@@ -782,7 +808,7 @@ pub(crate) mod tests {
                     (endpoints_removed, endpoints_added, endpoints_changed),
                     (policies_removed, policies_added, policies_changed),
                     (ipcache_removed, ipcache_upserted, rules_removed, rules_upserted),
-                    (names_removed, names_added),
+                    (names_removed, names_added, resolvers),
                 )| rs::NodeDelta {
                     node,
                     from_version,
@@ -800,6 +826,7 @@ pub(crate) mod tests {
                     rules_upserted,
                     names_removed,
                     names_added,
+                    dns_resolvers: resolvers.map(|r| r.into_iter().collect()),
                 },
             )
     }

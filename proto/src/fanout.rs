@@ -26,8 +26,8 @@ use prost::{
 
 use crate::{
     convert::{
-        cidr_to, endpoint_delta_to, endpoint_to, ipcache_to, name_entry_to, policy_delta_to,
-        policy_to, rule_to,
+        addr_bytes, cidr_to, endpoint_delta_to, endpoint_to, ipcache_to, name_entry_to,
+        policy_delta_to, policy_to, rule_to,
     },
     v1::{self as pb, ControllerMessage, controller_message},
 };
@@ -168,6 +168,10 @@ impl<'a> FanoutEncoder<'a> {
             // Name patterns are few and per node: encoded with the node's own fields.
             names_removed: d.names_removed.clone(),
             names_added: d.names_added.iter().map(name_entry_to).collect(),
+            // A few addresses, the same on every node: cheaper to copy than to share.
+            dns_resolvers: d.dns_resolvers.as_ref().map(|a| pb::AddressList {
+                addrs: a.iter().map(addr_bytes).collect(),
+            }),
             ..Default::default()
         }
         .encode_to_vec();

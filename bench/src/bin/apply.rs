@@ -96,6 +96,7 @@ fn ruleset(version: u64, pods: u32, quarantined: Option<u32>, remote: u32) -> Ru
         ipcache,
         rules: Default::default(),
         names: Vec::new(),
+        dns_resolvers: Vec::new(),
     }
 }
 

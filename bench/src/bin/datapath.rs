@@ -141,6 +141,7 @@ fn ruleset(n: u32, staged: bool) -> RuleSet {
         ipcache,
         rules: Default::default(),
         names: Vec::new(),
+        dns_resolvers: Vec::new(),
     }
 }
 

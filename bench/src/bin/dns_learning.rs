@@ -104,6 +104,7 @@ fn ruleset() -> RuleSet {
         ipcache,
         rules: Default::default(),
         names: Vec::new(),
+        dns_resolvers: Vec::new(),
     }
 }
 

@@ -457,6 +457,7 @@ fn pod_ruleset(entries: u32) -> RuleSet {
         ipcache,
         rules: Default::default(),
         names: Vec::new(),
+        dns_resolvers: Vec::new(),
     }
 }
 

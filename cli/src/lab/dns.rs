@@ -375,4 +375,24 @@ mod tests {
             Some("fd00:240::1:a")
         );
     }
+
+    /// The controller's default trusted resolvers are this pod's addresses: the lab needs no
+    /// `--dns-resolver` for its pods to learn from its answers.
+    #[test]
+    fn the_controller_trusts_the_pod_by_default() {
+        let text = serde_yaml::to_string(&pod_doc(true).expect("pod")).expect("yaml");
+        let loaded = bulkhead_controller::load_str(std::path::Path::new("dns.yaml"), &text);
+        assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+        let engine = bulkhead_controller::PolicyEngine::new(
+            bulkhead_controller::EngineConfig::default(),
+            loaded.objects,
+        )
+        .expect("compiles");
+        let want: Vec<std::net::IpAddr> = vec![ADDRESS_V4.into(), ADDRESS_V6.into()];
+        assert_eq!(engine.dns_resolvers(), want);
+        assert_eq!(
+            engine.ruleset("node-1").expect("rule set").dns_resolvers,
+            want
+        );
+    }
 }

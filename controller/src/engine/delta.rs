@@ -30,6 +30,8 @@ pub(super) struct Journal {
     /// or that went away).
     pub allow_old: FxHashMap<Identity, Arc<Vec<Identity>>>,
     pub node_existed: FxHashMap<NodeIdx, bool>,
+    /// The cluster's DNS resolvers changed: every node gets the new list.
+    pub resolvers_changed: bool,
 }
 
 /// What [`PolicyEngine::node_delta`] needs of one node beyond the journal.
@@ -133,7 +135,8 @@ impl PolicyEngine {
         ip_checks.sort_unstable();
         ip_checks.dedup();
         nodes.extend(ip_checks.iter().map(|c| c.0));
-        let all_nodes = !j.cidr_old.is_empty() || !j.renamed_rules.is_empty();
+        let all_nodes =
+            !j.cidr_old.is_empty() || !j.renamed_rules.is_empty() || j.resolvers_changed;
         if all_nodes {
             nodes.extend(0..self.inventory.node_count() as NodeIdx);
         }
@@ -381,6 +384,10 @@ impl PolicyEngine {
         }
         delta.rules_removed.sort_unstable();
         self.name_delta(n, names, &mut delta);
+        // A new node's delta applies to an empty rule set: it needs the list too.
+        if j.resolvers_changed || (!existed && !self.dns_resolvers.is_empty()) {
+            delta.dns_resolvers = Some(self.dns_resolvers.clone());
+        }
         if existed && !exists {
             let version = self.inventory.bump_version(n);
             return Some(NodeDelta {

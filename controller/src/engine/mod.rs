@@ -131,6 +131,7 @@ mod ipcache;
 mod names;
 mod quarantine;
 mod repository;
+mod resolvers;
 mod selectors;
 mod span;
 
@@ -140,6 +141,7 @@ use identities::{Identities, IdentityChanges};
 use inventory::{Inventory, Placed};
 use quarantine::Quarantines;
 use repository::Repository;
+pub use resolvers::{CLUSTER_DNS_LABEL, CLUSTER_DNS_NAMESPACE};
 use selectors::{MemberChanges, SelectorCache, Universe};
 use span::NodeSpan;
 
@@ -155,6 +157,9 @@ pub struct EngineConfig {
     pub label_filter: LabelFilter,
     /// Node that pods without `spec.nodeName` are placed on.
     pub unscheduled_node: String,
+    /// The cluster's DNS resolvers, when given; `None`: the pods of [`CLUSTER_DNS_NAMESPACE`]
+    /// labelled [`CLUSTER_DNS_LABEL`] (see [`PolicyEngine::dns_resolvers`]).
+    pub dns_resolvers: Option<Vec<IpAddr>>,
 }
 
 impl Default for EngineConfig {
@@ -162,6 +167,7 @@ impl Default for EngineConfig {
         EngineConfig {
             label_filter: LabelFilter::default(),
             unscheduled_node: "node-1".into(),
+            dns_resolvers: None,
         }
     }
 }
@@ -329,6 +335,8 @@ pub struct PolicyEngine {
     quarantines: Quarantines,
     span: NodeSpan,
     journal: Journal,
+    /// [`PolicyEngine::dns_resolvers`].
+    dns_resolvers: Vec<IpAddr>,
 }
 
 impl PolicyEngine {
@@ -343,7 +351,9 @@ impl PolicyEngine {
             quarantines: Quarantines::new(SystemTime::now()),
             span: NodeSpan::default(),
             journal: Journal::default(),
+            dns_resolvers: Vec::new(),
         };
+        engine.refresh_dns_resolvers();
         // The reserved identities, which the identities start with.
         let reserved: Vec<Identity> = engine.identities.all().collect();
         for id in reserved {
@@ -479,6 +489,7 @@ impl PolicyEngine {
         for (n, id) in engine.inventory.placements() {
             engine.update_contribution(n, id);
         }
+        engine.refresh_dns_resolvers();
         engine.inventory.set_versions(1);
         Ok(engine)
     }
@@ -705,6 +716,7 @@ impl PolicyEngine {
             ipcache,
             rules,
             names: self.node_names(idx),
+            dns_resolvers: self.dns_resolvers.clone(),
         })
     }
 
@@ -894,6 +906,8 @@ impl PolicyEngine {
         for (n, id) in flags {
             self.update_contribution(n, id);
         }
+        self.journal.resolvers_changed =
+            self.may_change_dns_resolvers(self.journal.pods.keys()) && self.refresh_dns_resolvers();
         let deltas = self.build_deltas();
         self.journal = Journal::default();
         result.map(|_| deltas)

@@ -69,6 +69,9 @@ pub struct ServerConfig {
     pub quarantine_dir: Option<PathBuf>,
     /// How often the manifests are checked for changes, in milliseconds.
     pub reload_ms: u64,
+    /// The cluster's DNS resolvers, when given (else the `kube-system` pods labelled
+    /// `k8s-app: kube-dns`): [`EngineConfig::dns_resolvers`].
+    pub dns_resolvers: Option<Vec<std::net::IpAddr>>,
     /// Client certificate names that may act as the agent of any node.
     pub any_node_clients: Vec<String>,
     /// Client certificate names that may quarantine and release pods.
@@ -249,7 +252,10 @@ async fn serve(
         eprintln!("{e}");
     }
     metrics.input_errors.inc_by(first.errors.len() as u64);
-    let mut engine = PolicyEngine::empty(EngineConfig::default());
+    let mut engine = PolicyEngine::empty(EngineConfig {
+        dns_resolvers: args.dns_resolvers.clone(),
+        ..EngineConfig::default()
+    });
     engine
         .apply_batch(first.changes)
         .context("compile the initial manifests")?;

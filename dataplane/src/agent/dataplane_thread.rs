@@ -1,18 +1,33 @@
 //! The thread that owns the enforcer, and the realizer that writes rule sets through it.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, RwLock},
+};
 
 use anyhow::Context;
-use bulkhead_ruleset::RuleSet;
+use bulkhead_ruleset::{NamePattern, RuleSet};
 
-use super::Shared;
+use super::{
+    Shared,
+    names::{FqdnSettings, NameSync, NameSyncReport, SweepReport},
+};
 use crate::{
     flows::FlowContext,
+    fqdn::monotonic_now_ns,
     loader::PrefilterHook,
     sync::{ApplyReport, Enforcer, RouteResolver},
 };
 
-pub(super) type ApplyResult = anyhow::Result<(ApplyReport, usize)>;
+/// A rule set in the kernel: its policy and endpoints, and its names and resolvers.
+pub(super) struct Applied {
+    pub(super) report: ApplyReport,
+    /// Keys this agent has in the policy maps.
+    pub(super) policy_keys: usize,
+    pub(super) names: NameSyncReport,
+}
+
+pub(super) type ApplyResult = anyhow::Result<Applied>;
 
 /// The thread that owns the enforcer: it lives in the node's network namespace (when there is
 /// one), so attaching, interface lookups and route lookups see that namespace, while the rest
@@ -25,6 +40,8 @@ enum Request {
     Apply(Arc<RuleSet>, tokio::sync::oneshot::Sender<ApplyResult>),
     /// Whether an enforced endpoint's interface went away or was created again.
     InterfacesChanged(tokio::sync::oneshot::Sender<bool>),
+    /// Clear the learned addresses whose TTL ran out.
+    Sweep(tokio::sync::oneshot::Sender<anyhow::Result<SweepReport>>),
 }
 
 impl DataplaneThread {
@@ -33,6 +50,7 @@ impl DataplaneThread {
         netns: Option<String>,
         uplinks: Vec<String>,
         prefilter: Option<PrefilterHook>,
+        fqdn: FqdnSettings,
     ) -> anyhow::Result<DataplaneThread> {
         let (tx, rx) = std::sync::mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
@@ -45,14 +63,25 @@ impl DataplaneThread {
                         name,
                     )
                     .with_context(|| format!("enter network namespace {name}"));
-                    let failed = entered.is_err();
-                    let _ = ready_tx.send(entered);
-                    if failed {
+                    if let Err(e) = entered {
+                        let _ = ready_tx.send(Err(e));
                         return;
                     }
-                } else {
-                    let _ = ready_tx.send(Ok(()));
                 }
+                // Learning is on before the first rule set, with the secret an earlier agent
+                // drew (the names in the pinned maps were hashed with it).
+                let mut names = match NameSync::start(enforcer.dataplane(), fqdn)
+                    .context("configure learning from DNS answers")
+                {
+                    Ok(n) => {
+                        let _ = ready_tx.send(Ok(()));
+                        n
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
                 // The prefilter is best effort: enforcement does not depend on it. Uplinks an
                 // earlier agent prefiltered that are no longer asked for (or all, with
                 // `--prefilter off`) lose it.
@@ -73,10 +102,27 @@ impl DataplaneThread {
                 for request in rx {
                     match request {
                         Request::Apply(rs, reply) => {
+                            // The version is acked only once its names are in the kernel too.
                             let result = enforcer
                                 .apply(&rs, &RouteResolver)
-                                .map(|report| (report, enforcer.policy_key_count()))
-                                .map_err(anyhow::Error::from);
+                                .map_err(anyhow::Error::from)
+                                .and_then(|report| {
+                                    let policy_keys = enforcer.policy_key_count();
+                                    let names = names
+                                        .sync(enforcer.dataplane(), &rs)
+                                        .context("write the rule set's names and resolvers")?;
+                                    Ok(Applied {
+                                        report,
+                                        policy_keys,
+                                        names,
+                                    })
+                                });
+                            let _ = reply.send(result);
+                        }
+                        Request::Sweep(reply) => {
+                            let result = names
+                                .sweep(enforcer.dataplane(), monotonic_now_ns())
+                                .context("expire learned addresses");
                             let _ = reply.send(result);
                         }
                         Request::InterfacesChanged(reply) => {
@@ -107,6 +153,14 @@ impl DataplaneThread {
         reply_rx.await.unwrap_or(false)
     }
 
+    pub(super) async fn sweep(&self) -> anyhow::Result<SweepReport> {
+        let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Request::Sweep(reply_tx))
+            .map_err(|_| anyhow::anyhow!("the data-plane thread is gone"))?;
+        reply_rx.await.context("the data-plane thread is gone")?
+    }
+
     pub(super) fn apply_blocking(&self, rs: Arc<RuleSet>) -> ApplyResult {
         let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
         self.tx
@@ -126,6 +180,8 @@ pub(super) struct Realizer {
     pub(super) shared: Arc<Shared>,
     pub(super) names: Arc<RwLock<Vec<(u32, String)>>>,
     pub(super) context: Arc<RwLock<FlowContext>>,
+    /// The patterns of the realized rule set's name ids (for the sweep's log).
+    pub(super) name_patterns: RwLock<BTreeMap<u32, NamePattern>>,
 }
 
 impl Realizer {
@@ -133,8 +189,22 @@ impl Realizer {
         let result = self.dataplane.apply(rs.clone()).await;
         let m = &self.shared.metrics;
         match result {
-            Ok((report, keys)) => {
+            Ok(Applied {
+                report,
+                policy_keys: keys,
+                names,
+            }) => {
                 log_report(&report);
+                log_names(&names);
+                m.fqdn_names.set(names.names as i64);
+                m.fqdn_trusted_resolvers.set(names.resolvers as i64);
+                if let Ok(mut p) = self.name_patterns.write() {
+                    *p = rs
+                        .names
+                        .iter()
+                        .map(|n| (n.identity, n.pattern.clone()))
+                        .collect();
+                }
                 m.apply_seconds.observe(report.duration.as_secs_f64());
                 m.realized_version.set(report.version as i64);
                 m.missing_interfaces
@@ -157,6 +227,70 @@ impl Realizer {
             }
         }
     }
+}
+
+impl Realizer {
+    /// Clears what the endpoints learned and whose TTL ran out; logs and counts it.
+    pub(super) async fn sweep(&self) {
+        let m = &self.shared.metrics;
+        let report = match self.dataplane.sweep().await {
+            Ok(r) => r,
+            Err(e) => {
+                m.fqdn_sweep_errors.inc();
+                tracing::warn!(error = %format!("{e:#}"), "learned addresses not swept; retried in a second");
+                return;
+            }
+        };
+        m.fqdn_learned
+            .with_label_values(&["ipv4"])
+            .set(report.learned_v4 as i64);
+        m.fqdn_learned
+            .with_label_values(&["ipv6"])
+            .set(report.learned_v6 as i64);
+        m.fqdn_expired.inc_by(report.expired.len() as u64);
+        if report.expired.is_empty() || !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        let endpoints = self.names.read().map(|n| n.clone()).unwrap_or_default();
+        let patterns = self.name_patterns.read();
+        for x in &report.expired {
+            let endpoint = endpoints
+                .iter()
+                .find(|(id, _)| *id == x.endpoint_id)
+                .map_or_else(|| format!("#{}", x.endpoint_id), |(_, n)| n.clone());
+            let pattern = patterns
+                .as_ref()
+                .ok()
+                .and_then(|p| p.get(&x.name_id).map(ToString::to_string))
+                .unwrap_or_else(|| "-".into());
+            tracing::debug!(
+                %endpoint, addr = %x.addr, name_id = x.name_id, name = %pattern,
+                "learned address expired"
+            );
+        }
+    }
+}
+
+pub(super) fn log_names(r: &NameSyncReport) {
+    if r.names_written
+        + r.names_removed
+        + r.learned_forgotten
+        + r.resolvers_added
+        + r.resolvers_removed
+        == 0
+    {
+        return;
+    }
+    tracing::info!(
+        names = r.names,
+        names_written = r.names_written,
+        names_removed = r.names_removed,
+        learned_forgotten = r.learned_forgotten,
+        resolvers = r.resolvers,
+        resolvers_added = r.resolvers_added,
+        resolvers_removed = r.resolvers_removed,
+        "names and trusted resolvers synced"
+    );
 }
 
 pub(super) fn log_report(r: &ApplyReport) {

@@ -30,8 +30,9 @@ use crate::{
 mod dataplane_thread;
 mod follow;
 mod http;
+pub mod names;
 
-use dataplane_thread::{DataplaneThread, Realizer, log_report};
+use dataplane_thread::{DataplaneThread, Realizer, log_names, log_report};
 
 /// Where the rule sets come from.
 #[derive(Clone, Debug)]
@@ -68,6 +69,8 @@ pub struct AgentConfig {
     pub uplinks: Vec<String>,
     /// Where the prefilter runs on the uplinks (`None`: nowhere).
     pub prefilter: Option<PrefilterHook>,
+    /// Learning of DNS answers: the agent's own resolvers and the TTL bounds.
+    pub fqdn: names::FqdnSettings,
 }
 
 /// The pin directory of a node unless one is given.
@@ -128,6 +131,7 @@ pub fn run(config: AgentConfig) -> anyhow::Result<ExitCode> {
         netns,
         uplinks: uplink,
         prefilter,
+        fqdn,
     } = config;
     if !http_addr.ip().is_loopback() && !http_unauthenticated {
         bail!(
@@ -152,13 +156,15 @@ pub fn run(config: AgentConfig) -> anyhow::Result<ExitCode> {
         .take_map("EVENTS")
         .context("the eBPF object has no EVENTS map")?;
     let enforcer = Enforcer::new(dp).context("open the pinned maps")?;
-    let dataplane = DataplaneThread::start(enforcer, netns, uplink, prefilter)?;
+    let dataplane = DataplaneThread::start(enforcer, netns, uplink, prefilter, fqdn)?;
     if once {
         if !matches!(source, RuleSource::File(_)) {
             bail!("--once applies a rule-set file; it does not follow a controller");
         }
-        let (report, _) = dataplane.apply_blocking(Arc::new(rs))?;
-        log_report(&report);
+        let applied = dataplane.apply_blocking(Arc::new(rs))?;
+        log_report(&applied.report);
+        log_names(&applied.names);
+        let report = applied.report;
         return Ok(if report.missing_interfaces.is_empty() {
             ExitCode::SUCCESS
         } else {
@@ -277,6 +283,7 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
         shared: shared.clone(),
         names,
         context,
+        name_patterns: Default::default(),
     };
     // Ctrl-C, or SIGTERM: how Kubernetes and container runtimes stop a container. As the
     // container's PID 1 the agent has no default action for SIGTERM, so without this it was
@@ -296,10 +303,19 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
         }
         tracing::info!("stopping; the pinned programs keep enforcing the last rule set");
     };
+    // What the endpoints learned expires with its TTL: cleared every second.
+    let sweep = async {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            realizer.sweep().await;
+        }
+    };
     match s.source {
         RuleSource::File(path) => {
             tokio::select! {
                 r = follow::follow_file(&realizer, &s.node, path, s.ruleset) => r?,
+                _ = sweep => {}
                 _ = stop => {}
             }
         }
@@ -309,6 +325,7 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
             tokio::spawn(flows);
             tokio::select! {
                 _ = follow::follow_controller(&realizer, &s.node, *target) => {}
+                _ = sweep => {}
                 _ = stop => {}
             }
         }

@@ -336,6 +336,7 @@ fn ruleset(version: u64, port: u16) -> RuleSet {
         ],
         rules: BTreeMap::new(),
         names: Vec::new(),
+        dns_resolvers: Vec::new(),
     }
 }
 

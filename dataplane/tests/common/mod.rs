@@ -87,6 +87,7 @@ pub fn ruleset(version: u64, endpoints: Vec<Endpoint>, ipcache: Vec<(&str, u32)>
             .collect(),
         rules: BTreeMap::new(),
         names: Vec::new(),
+        dns_resolvers: Vec::new(),
     }
 }
 

@@ -525,6 +525,13 @@ pub struct RuleSet {
     /// has an egress peer by name. The data plane learns addresses for these names only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<NameEntry>,
+    /// The cluster's DNS resolvers, sorted and unique: the only sources whose answers teach the
+    /// data plane addresses for [`RuleSet::names`] (an answer from anywhere else could come from
+    /// the pod itself, or from whoever it asks). The controller finds the cluster DNS (the
+    /// `kube-system` pods labelled `k8s-app: kube-dns`) unless it is told the addresses; an
+    /// agent may add node-local caches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_resolvers: Vec<IpAddr>,
 }
 
 impl RuleSet {
@@ -627,6 +634,10 @@ pub struct NodeDelta {
     /// Name patterns new on the node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names_added: Vec<NameEntry>,
+    /// [`RuleSet::dns_resolvers`] after the change, when they changed (the whole list: it is
+    /// short, and the same on every node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_resolvers: Option<Vec<IpAddr>>,
 }
 
 impl NodeDelta {
@@ -645,6 +656,7 @@ impl NodeDelta {
             && self.rules_upserted.is_empty()
             && self.names_removed.is_empty()
             && self.names_added.is_empty()
+            && self.dns_resolvers.is_none()
     }
 
     /// Number of individual changes it carries: endpoints, groups (a changed group counts one
@@ -675,6 +687,7 @@ impl NodeDelta {
             + self.rules_upserted.len()
             + self.names_removed.len()
             + self.names_added.len()
+            + usize::from(self.dns_resolvers.is_some())
     }
 }
 
@@ -844,6 +857,7 @@ impl RuleSet {
             self.ipcache.clear();
             self.rules.clear();
             self.names.clear();
+            self.dns_resolvers.clear();
             return Ok(());
         }
         if !delta.endpoints_changed.is_empty() {
@@ -940,6 +954,11 @@ impl RuleSet {
                 .retain(|n| !removed.contains(&n.identity) && !added.contains(&n.identity));
             self.names.extend(delta.names_added.iter().cloned());
             self.names.sort();
+        }
+        if let Some(resolvers) = &delta.dns_resolvers {
+            self.dns_resolvers.clone_from(resolvers);
+            self.dns_resolvers.sort_unstable();
+            self.dns_resolvers.dedup();
         }
         Ok(())
     }

@@ -166,6 +166,7 @@ fn rule_sets_and_deltas_survive_json() {
         ipcache: vec![],
         rules: BTreeMap::new(),
         names: Vec::new(),
+        dns_resolvers: Vec::new(),
     };
     let text = serde_json::to_string(&rs).expect("serializes");
     assert_eq!(serde_json::from_str::<RuleSet>(&text).expect("parses"), rs);
@@ -429,4 +430,39 @@ fn a_delta_that_would_leave_an_endpoint_without_its_group_is_refused() {
     }))
     .expect("applies");
     assert_eq!(r.ipcache.len(), 1);
+}
+
+/// The resolvers travel whole: a delta with them replaces the list, one without keeps it, and
+/// a removed node has none.
+#[test]
+fn a_delta_replaces_the_dns_resolvers_only_when_it_carries_them() {
+    let a = |s: &str| -> IpAddr { s.parse().expect("address") };
+    let mut rs = RuleSet {
+        node: "n1".into(),
+        version: 1,
+        dns_resolvers: vec![a("10.240.1.10")],
+        ..RuleSet::default()
+    };
+    let step = |from: u64, dns_resolvers: Option<Vec<IpAddr>>, node_removed: bool| NodeDelta {
+        node: "n1".into(),
+        from_version: from,
+        version: from + 1,
+        node_removed,
+        dns_resolvers,
+        ..NodeDelta::default()
+    };
+    let keep = step(1, None, false);
+    assert!(keep.is_empty());
+    rs.apply_delta(&keep).expect("applies");
+    assert_eq!(rs.dns_resolvers, vec![a("10.240.1.10")]);
+    let change = step(
+        2,
+        Some(vec![a("fd00::53"), a("10.96.0.10"), a("10.96.0.10")]),
+        false,
+    );
+    assert!(!change.is_empty() && change.size() == 1);
+    rs.apply_delta(&change).expect("applies");
+    assert_eq!(rs.dns_resolvers, vec![a("10.96.0.10"), a("fd00::53")]);
+    rs.apply_delta(&step(3, None, true)).expect("applies");
+    assert!(rs.dns_resolvers.is_empty());
 }
