@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use bulkhead_controller::ruleset::NamePattern;
 use bulkhead_controller::{
     flows::{FlowFilter, Graph},
     server::api::{FlowLine, FlowQuery, FlowView},
@@ -188,6 +189,11 @@ pub struct FlowsArgs {
     /// what promoting them would break (and what is denied already).
     #[arg(long, value_enum)]
     staged_verdict: Option<StagedVerdictArg>,
+    /// Only flows to or from a peer outside the cluster whose address the pod had learned from
+    /// DNS for this name (`api.example.com`) or pattern (`*.example.com`); a name also finds
+    /// flows to addresses learned under a wildcard that covers it.
+    #[arg(long, value_name = "NAME", value_parser = parse_peer_name)]
+    peer_name: Option<NamePattern>,
     /// Only flows seen within this long (`30s`, `5m`, `24h`, …). Without --follow the answer
     /// comes from the controller's flow history on disk, so it reaches back past a restart.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -207,6 +213,10 @@ pub struct FlowsArgs {
     output: FlowFormat,
     #[command(flatten)]
     source: Source,
+}
+
+fn parse_peer_name(s: &str) -> Result<NamePattern, String> {
+    NamePattern::parse(s).map_err(|e| e.to_string())
 }
 
 /// RFC 3339, or a duration before now; nanoseconds since the Unix epoch.
@@ -237,14 +247,24 @@ fn proto_name(p: u64) -> String {
 }
 
 fn print_flow(f: &FlowLine) {
+    println!("{}", flow_text(f));
+}
+
+/// One flow as a line of the table: the peer by its pod, else by its address and the DNS names
+/// its endpoint had learned for it (`203.0.113.7 (api.example.com)`).
+fn flow_text(f: &FlowLine) -> String {
     let time = humantime::format_rfc3339_millis(
         SystemTime::UNIX_EPOCH + Duration::from_nanos(f.time_unix_nanos),
     );
     let named = |name: &str, addr: &str| if name.is_empty() { addr } else { name }.to_string();
+    let peer = |addr: &str| match (f.peer.is_empty(), f.peer_names.is_empty()) {
+        (true, false) => format!("{addr} ({})", f.peer_names.join(", ")),
+        _ => named(&f.peer, addr),
+    };
     let (from, to) = if f.direction == "ingress" {
-        (named(&f.peer, &f.src), named(&f.endpoint, &f.dst))
+        (peer(&f.src), named(&f.endpoint, &f.dst))
     } else {
-        (named(&f.endpoint, &f.src), named(&f.peer, &f.dst))
+        (named(&f.endpoint, &f.src), peer(&f.dst))
     };
     let proto = proto_name(f.protocol.into());
     let staged = if f.staged_verdict.is_empty() {
@@ -255,13 +275,13 @@ fn print_flow(f: &FlowLine) {
             f.staged_verdict, f.staged_rule
         )
     };
-    println!(
+    format!(
         "{time}  {:<8} {from} -> {to}:{} {proto:<6} {:<16} {}{staged}",
         f.node,
         f.dst_port,
         f.verdict.to_uppercase(),
         f.rule
-    );
+    )
 }
 
 fn print_line(output: FlowFormat, f: &FlowLine) -> anyhow::Result<()> {
@@ -301,6 +321,7 @@ fn flows_grpc(a: FlowsArgs, floor: u64) -> anyhow::Result<ExitCode> {
         verdict: a.verdict.clone(),
         staged_verdict: a.staged_verdict.map(|v| v.as_str().to_string()),
         since_unix_nanos: floor,
+        peer_name: a.peer_name.clone(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -481,6 +502,7 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
             pod: a.pod.clone(),
             verdict: a.verdict.clone(),
             staged_verdict: a.staged_verdict.map(|v| v.as_str().to_string()),
+            peer_name: a.peer_name.as_ref().map(ToString::to_string),
             since: (last_printed > 0).then_some(last_printed),
             until,
             history: history.then_some(true),
@@ -593,4 +615,48 @@ pub fn graph(a: GraphArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A world peer is shown by its address and the names its endpoint had learned for it; a
+    /// pod peer by its pod, as before.
+    #[test]
+    fn a_named_world_peer_shows_its_names() {
+        let f = FlowLine {
+            direction: "egress".into(),
+            src: "10.0.0.2".into(),
+            dst: "203.0.113.7".into(),
+            dst_port: 443,
+            endpoint: "shop/api-0".into(),
+            node: "n1".into(),
+            peer_names: vec!["api.example.com".into(), "*.example.com".into()],
+            protocol: 6,
+            verdict: "denied".into(),
+            rule: "NetworkPolicy shop/api egress default-deny".into(),
+            ..FlowLine::default()
+        };
+        let text = flow_text(&f);
+        assert!(
+            text.contains("shop/api-0 -> 203.0.113.7 (api.example.com, *.example.com):443 TCP"),
+            "{text}"
+        );
+        let pod = FlowLine {
+            peer: "shop/db-0".into(),
+            peer_names: Vec::new(),
+            ..f
+        };
+        assert!(flow_text(&pod).contains("shop/api-0 -> shop/db-0:443"));
+    }
+
+    #[test]
+    fn peer_names_are_checked_patterns() {
+        assert_eq!(
+            parse_peer_name("API.example.com."),
+            Ok(NamePattern::Exact("api.example.com".into()))
+        );
+        assert!(parse_peer_name("*.com").is_err());
+    }
 }

@@ -147,6 +147,7 @@ fn record(src: &str, verdict: FlowVerdict, t: u64) -> pb::FlowRecord {
         },
         packets: 1,
         bytes: 60,
+        peer_names: Vec::new(),
         staged: None,
     };
     (&r).into()

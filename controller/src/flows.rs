@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::{
     distribution::{FlowStore, Hub},
-    ruleset::{Endpoint, EndpointRef, FlowEntry, FlowRecord, PodKey, RuleSet},
+    ruleset::{Endpoint, EndpointRef, FlowEntry, FlowRecord, NamePattern, PodKey, RuleSet},
 };
 
 mod checks;
@@ -45,6 +45,26 @@ pub const MAX_RULES_PER_EDGE: usize = 32;
 /// Edges the graph holds; a record for a new edge beyond this is counted by verdict but not
 /// drawn (and counted in [`ServiceGraph::edges_refused`]) until edges expire.
 pub const MAX_EDGES: usize = 250_000;
+/// Named world nodes (`world: api.example.com`) the graph holds; a record naming a further one
+/// is drawn at plain `world`. Agents report names (checked patterns, at most
+/// [`crate::ruleset::flow::MAX_PEER_NAMES`] a record), and a made-up name per record must not
+/// grow the controller's memory without bound.
+pub const MAX_NAMED_WORLDS: usize = 1024;
+
+/// The workload id of a peer outside the cluster: `world`, or, when its endpoint had learned
+/// DNS names for its address, `world: NAME` with the first of them (exact names sort before
+/// wildcards, so the most specific one). One node per flow, not one per name: the graph counts
+/// each connection once on one edge, and a flow counted under each of its names would show
+/// as several connections in the edge counts and the per-namespace metrics.
+pub fn world_id(peer_names: &[NamePattern]) -> String {
+    match peer_names.first() {
+        Some(name) => format!("{WORLD_NAMED_PREFIX}{name}"),
+        None => "world".to_string(),
+    }
+}
+
+/// What a named world node's id starts with; the name (pattern) follows.
+pub const WORLD_NAMED_PREFIX: &str = "world: ";
 
 /// Where an address belongs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -60,6 +80,22 @@ impl Workload {
             namespace: String::new(),
             name: "world".into(),
         }
+    }
+
+    /// `world: NAME`: the world at an address its endpoint learned for this DNS name.
+    fn named_world(name: &NamePattern) -> Workload {
+        Workload {
+            namespace: String::new(),
+            name: world_id(std::slice::from_ref(name)),
+        }
+    }
+
+    /// The DNS name of a named world workload.
+    pub fn domain(&self) -> Option<&str> {
+        if !self.namespace.is_empty() {
+            return None;
+        }
+        self.name.strip_prefix(WORLD_NAMED_PREFIX)
     }
 
     pub fn id(&self) -> String {
@@ -167,6 +203,25 @@ pub struct FlowFilter {
     pub staged_verdict: Option<String>,
     /// Observed at or after this time.
     pub since_unix_nanos: u64,
+    /// To or from a peer outside the cluster named by DNS (see [`peer_name_matches`]);
+    /// quarantine actions never match.
+    pub peer_name: Option<NamePattern>,
+}
+
+/// Whether a record whose peer has `names` matches the filter's `wanted` name: a name equal to
+/// it; for an exact name, a wildcard of the record that covers it (the peer was learned for
+/// some name of that wildcard, possibly this one); for a wildcard, an exact name of the record
+/// it covers. A user asking for `api.example.com` is shown the flows to addresses learned under
+/// `*.example.com` too, as these may be the ones that failed.
+pub fn peer_name_matches(names: &[NamePattern], wanted: &NamePattern) -> bool {
+    names.iter().any(|n| {
+        n == wanted
+            || match (n, wanted) {
+                (NamePattern::Wildcard(_), NamePattern::Exact(w)) => n.matches(w),
+                (NamePattern::Exact(e), NamePattern::Wildcard(_)) => wanted.matches(e),
+                _ => false,
+            }
+    })
 }
 
 impl FlowFilter {
@@ -178,6 +233,11 @@ impl FlowFilter {
             verdict: some(&f.verdict),
             staged_verdict: some(&f.staged_verdict),
             since_unix_nanos: f.since_unix_nanos,
+            // A pattern that does not parse matches nothing rather than everything: no record
+            // names its peer by the empty name, and no wildcard covers it.
+            peer_name: (!f.peer_name.is_empty()).then(|| {
+                NamePattern::parse(&f.peer_name).unwrap_or(NamePattern::Exact(String::new()))
+            }),
         })
         .unwrap_or_default()
     }
@@ -189,6 +249,11 @@ impl FlowFilter {
             verdict: self.verdict.clone().unwrap_or_default(),
             staged_verdict: self.staged_verdict.clone().unwrap_or_default(),
             since_unix_nanos: self.since_unix_nanos,
+            peer_name: self
+                .peer_name
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         }
     }
 
@@ -205,6 +270,11 @@ impl FlowFilter {
         }
         if let Some(v) = &self.staged_verdict
             && !matches!(e, FlowEntry::Flow(r) if r.staged_verdict().as_str() == v)
+        {
+            return false;
+        }
+        if let Some(wanted) = &self.peer_name
+            && !matches!(e, FlowEntry::Flow(r) if peer_name_matches(&r.peer_names, wanted))
         {
             return false;
         }

@@ -180,6 +180,14 @@ async fn flow_report_floods_leave_the_controller_bounded() {
             name: "q".into(),
         });
         records.push(long_peer);
+        // More DNS names for the peer than the contract holds.
+        let mut many_names = flow("r");
+        many_names.peer_names = (0..9 + b)
+            .map(|i| pb::NamePattern {
+                kind: Some(pb::name_pattern::Kind::Exact(format!("h{i}.example.com"))),
+            })
+            .collect();
+        records.push(many_names);
         // Valid records, each with a rule never seen before: 2,000 in all.
         for i in 0..VALID {
             records.push(flow(&format!("db-{b}-{i}")));
@@ -215,7 +223,8 @@ async fn flow_report_floods_leave_the_controller_bounded() {
             ("address", b),
             ("range", 0),
             ("name", 2 * b),
-            ("text", b)
+            ("text", b),
+            ("peer_names", b)
         ]
     );
     {

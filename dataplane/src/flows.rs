@@ -12,10 +12,14 @@ use bulkhead_common::{
     DIR_INGRESS, EVENT_AUDIT, EVENT_DENIED, EVENT_NEW_FLOW, EVENT_REVOKED, FAMILY_V4, FlowEvent,
     VERDICT_ALLOW, VERDICT_DENY,
 };
-use bulkhead_ruleset::{Direction, EndpointRef, FlowReason, PodKey, RuleSet, StagedOutcome};
+use bulkhead_ruleset::{
+    Direction, EndpointRef, FlowReason, NamePattern, PodKey, RuleSet, StagedOutcome, identity,
+};
 pub use bulkhead_ruleset::{FlowKind, FlowVerdict};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
+
+use crate::fqdn::{LearnedMaps, monotonic_now_ns};
 
 /// One flow record as this agent keeps it for `/flows`: the contract's record (what every agent
 /// reports to the controller, observed at its `time_unix_nanos`, as one packet) and what only
@@ -48,7 +52,7 @@ impl Serialize for FlowRecord {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let f = &self.flow;
-        let mut out = s.serialize_struct("FlowRecord", 19)?;
+        let mut out = s.serialize_struct("FlowRecord", 20)?;
         out.serialize_field("kernel_time_ns", &self.kernel_time_ns)?;
         out.serialize_field("observed_at", &self.observed_at())?;
         out.serialize_field("node", &self.node)?;
@@ -66,6 +70,12 @@ impl Serialize for FlowRecord {
         out.serialize_field("local_identity", &f.local_identity)?;
         out.serialize_field("peer_identity", &f.peer_identity)?;
         out.serialize_field("peer", &f.peer)?;
+        // Only where the peer has names, so records without them read exactly as before.
+        if f.peer_names.is_empty() {
+            out.skip_field("peer_names")?;
+        } else {
+            out.serialize_field("peer_names", &f.peer_names)?;
+        }
         out.serialize_field("reason", &f.reason)?;
         out.serialize_field("bytes", &f.bytes)?;
         out.end()
@@ -93,7 +103,19 @@ pub struct FlowContext {
     pub node: String,
     endpoints: HashMap<u32, PodKey>,
     addresses: HashMap<IpAddr, PodKey>,
+    /// The rule set's name patterns by name identity: what learned addresses are named by.
+    names: HashMap<u32, NamePattern>,
     ruleset: Arc<RuleSet>,
+}
+
+/// Whether a peer of this identity may have been learned from DNS: the world, a CIDR, a name,
+/// or unknown; never the host or a pod (their records name them as such).
+pub fn may_have_names(peer_identity: u32) -> bool {
+    match peer_identity {
+        identity::UNKNOWN | identity::WORLD => true,
+        identity::HOST => false,
+        id => id >= identity::FIRST_CIDR_IDENTITY,
+    }
 }
 
 impl FlowContext {
@@ -106,8 +128,33 @@ impl FlowContext {
                 .iter()
                 .flat_map(|e| e.ips.iter().map(move |ip| (*ip, pod(e))))
                 .collect(),
+            names: ruleset
+                .names
+                .iter()
+                .map(|n| (n.identity, n.pattern.clone()))
+                .collect(),
             ruleset: Arc::new(ruleset.clone()),
         }
+    }
+
+    /// The names of a peer address from the (name id, expiry) slots its endpoint learned for it
+    /// (see `fqdn::LearnedMaps::get`): the slots still live at `now_ns` when there are any, else
+    /// the expired ones no sweep has cleared yet. A connection refused just after the TTL ran
+    /// out is exactly the one whose name a user asks about, and the address was that name's
+    /// when the pod last looked it up; a live name is the better answer when there is one.
+    /// Ids the rule set in force no longer names (the policy went away) are left out. Sorted,
+    /// without repeats, at most [`bulkhead_ruleset::flow::MAX_PEER_NAMES`].
+    pub fn peer_names(&self, slots: &[(u32, u64)], now_ns: u64) -> Vec<NamePattern> {
+        let live = slots.iter().any(|&(_, expires)| expires > now_ns);
+        let mut out: Vec<NamePattern> = slots
+            .iter()
+            .filter(|&&(_, expires)| !live || expires > now_ns)
+            .filter_map(|(id, _)| self.names.get(id).cloned())
+            .collect();
+        out.sort();
+        out.dedup();
+        out.truncate(bulkhead_ruleset::flow::MAX_PEER_NAMES);
+        out
     }
 
     /// The endpoint of an id: its pod, or the id when the rule set does not have it.
@@ -143,7 +190,14 @@ impl FlowContext {
         })
     }
 
+    /// The record of an event, without names for its peer.
     pub fn record(&self, e: &FlowEvent) -> FlowRecord {
+        self.record_learned(e, &[], 0)
+    }
+
+    /// The record of an event whose endpoint learned the (name id, expiry) `slots` for the
+    /// peer's address (the programs' clock reads `now_ns`): see [`FlowContext::peer_names`].
+    pub fn record_learned(&self, e: &FlowEvent, slots: &[(u32, u64)], now_ns: u64) -> FlowRecord {
         let src = addr(e.family, e.saddr);
         let dst = addr(e.family, e.daddr);
         let direction = if e.direction == DIR_INGRESS {
@@ -199,6 +253,7 @@ impl FlowContext {
                 local_identity: e.local_identity,
                 peer_identity: e.peer_identity,
                 peer: self.addresses.get(&peer_ip).cloned(),
+                peer_names: self.peer_names(slots, now_ns),
                 reason: FlowReason::from_code(e.reason as u32),
                 packets: 1,
                 bytes: e.bytes as u64,
@@ -218,11 +273,34 @@ pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FlowEvent>()) })
 }
 
+/// The record of an event, its peer named by what its endpoint learned from DNS (when the peer
+/// may have been learned, and `learned` can tell).
+pub fn record_named(ctx: &FlowContext, learned: Option<&LearnedMaps>, e: &FlowEvent) -> FlowRecord {
+    let Some(learned) = learned.filter(|_| may_have_names(e.peer_identity)) else {
+        return ctx.record(e);
+    };
+    let peer = if e.direction == DIR_INGRESS {
+        addr(e.family, e.saddr)
+    } else {
+        addr(e.family, e.daddr)
+    };
+    match learned.get(e.endpoint_id, peer) {
+        Ok(slots) if !slots.is_empty() => ctx.record_learned(e, &slots, monotonic_now_ns()),
+        Ok(_) => ctx.record(e),
+        Err(error) => {
+            tracing::debug!(%error, "cannot read the learned names of a flow's peer");
+            ctx.record(e)
+        }
+    }
+}
+
 /// Reads flow events until the ring buffer closes, handing each record to `sink`.
-/// `context` is re-read for every batch so records follow rule-set changes.
+/// `context` is re-read for every batch so records follow rule-set changes; `learned` (the
+/// pinned learned-address maps) names world peers by the DNS names their endpoint learned.
 pub async fn read_events(
     ring: RingBuf<MapData>,
     context: Arc<RwLock<FlowContext>>,
+    learned: Option<LearnedMaps>,
     mut sink: impl FnMut(FlowRecord),
     malformed: impl Fn(),
 ) -> std::io::Result<()> {
@@ -236,7 +314,7 @@ pub async fn read_events(
         let ctx = context.read().map(|c| c.clone()).unwrap_or_default();
         while let Some(item) = ring.next() {
             match decode(&item) {
-                Some(ev) => sink(ctx.record(&ev)),
+                Some(ev) => sink(record_named(&ctx, learned.as_ref(), &ev)),
                 None => malformed(),
             }
         }
@@ -573,6 +651,100 @@ mod tests {
             (v["kind"].as_str(), v["verdict"].as_str()),
             (Some("audit"), Some("audit-would-deny"))
         );
+    }
+
+    fn pattern(text: &str) -> NamePattern {
+        text.parse().expect("a valid pattern")
+    }
+
+    /// An egress event to a world address the endpoint learned from DNS: the record names the
+    /// peer by the rule set's patterns of the learned name ids, denied attempts included.
+    #[test]
+    fn a_world_peer_is_named_by_what_its_endpoint_learned() {
+        use bulkhead_common::DIR_EGRESS;
+        use bulkhead_ruleset::NameEntry;
+        let api = NameEntry::of(pattern("api.example.com"));
+        let wild = NameEntry::of(pattern("*.example.com"));
+        let gone = NameEntry::of(pattern("old.example.org"));
+        let mut rs = ruleset();
+        rs.names = vec![api.clone(), wild.clone()];
+        let ctx = FlowContext::new(&rs);
+        let mut e = event();
+        e.direction = DIR_EGRESS;
+        e.saddr = v4([10, 0, 0, 2]);
+        e.daddr = v4([203, 0, 113, 7]);
+        e.peer_identity = identity::WORLD;
+        assert!(may_have_names(e.peer_identity));
+        let now = 1_000;
+        // Live slots of both patterns (out of order), and one the rule set no longer names.
+        let slots = [
+            (wild.identity, now + 5),
+            (gone.identity, now + 9),
+            (api.identity, now + 1),
+        ];
+        let r = ctx.record_learned(&e, &slots, now);
+        assert_eq!(r.flow.verdict, FlowVerdict::Denied, "a denied attempt");
+        assert_eq!(r.flow.peer, None);
+        assert_eq!(
+            r.flow.peer_names,
+            vec![pattern("api.example.com"), pattern("*.example.com")]
+        );
+        // The contract's record carries them, and so does `/flows`, as their texts.
+        assert_eq!(r.to_contract().peer_names, r.flow.peer_names);
+        let v = serde_json::to_value(&r).expect("json");
+        assert_eq!(
+            v["peer_names"],
+            serde_json::json!(["api.example.com", "*.example.com"])
+        );
+        // Nothing learned: no names, and `/flows` has no such field.
+        let plain = ctx.record_learned(&e, &[], now);
+        assert!(plain.flow.peer_names.is_empty());
+        assert!(
+            serde_json::to_value(&plain)
+                .expect("json")
+                .get("peer_names")
+                .is_none()
+        );
+    }
+
+    /// Live names win; when every slot has expired (the sweep has not cleared them yet) the
+    /// record still names what the address was learned for.
+    #[test]
+    fn expired_slots_name_the_peer_only_when_none_is_live() {
+        use bulkhead_ruleset::NameEntry;
+        let api = NameEntry::of(pattern("api.example.com"));
+        let cdn = NameEntry::of(pattern("*.cdn.example.net"));
+        let mut rs = ruleset();
+        rs.names = vec![api.clone(), cdn.clone()];
+        let ctx = FlowContext::new(&rs);
+        let now = 50;
+        assert_eq!(
+            ctx.peer_names(&[(api.identity, now - 1), (cdn.identity, now + 1)], now),
+            vec![pattern("*.cdn.example.net")],
+            "the expired one is left out beside a live one"
+        );
+        assert_eq!(
+            ctx.peer_names(&[(api.identity, now), (cdn.identity, now - 10)], now),
+            vec![pattern("api.example.com"), pattern("*.cdn.example.net")],
+            "an expiry at `now` has expired, as the programs count it"
+        );
+        assert!(ctx.peer_names(&[], now).is_empty());
+    }
+
+    /// Pods and the host are never looked up; the world, CIDRs, names and unknown peers are.
+    #[test]
+    fn only_peers_outside_the_cluster_may_have_names() {
+        for id in [identity::HOST, 256, 300, identity::FIRST_CIDR_IDENTITY - 1] {
+            assert!(!may_have_names(id), "{id}");
+        }
+        for id in [
+            identity::UNKNOWN,
+            identity::WORLD,
+            identity::FIRST_CIDR_IDENTITY,
+            identity::FIRST_NAME_IDENTITY + 3,
+        ] {
+            assert!(may_have_names(id), "{id}");
+        }
     }
 
     /// Each record carries the staged view's verdict and rule where they differ from what was

@@ -9,9 +9,10 @@
 use std::{
     io::Read,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
 };
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use bulkhead_common::fqdn::{
     FQDN_MAX_IDS, FQDN_NAME_ID_NONE, FqdnConfig, FqdnLearned, FqdnLearnedKeyV4, FqdnLearnedKeyV6,
     NameError, fqdn_stat, name_hash,
@@ -384,6 +385,24 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// What `endpoint_id` learned for `addr` (expired slots included until a sweep clears
+    /// them), or `None` when it learned nothing for it.
+    pub fn learned_at(
+        &mut self,
+        endpoint_id: u32,
+        addr: IpAddr,
+    ) -> Result<Option<LearnedAddress>, FqdnError> {
+        let value = match addr {
+            IpAddr::V4(a) => lookup(&self.learned_v4()?, &key_v4(endpoint_id, a), MAP_LEARNED_V4),
+            IpAddr::V6(a) => lookup(&self.learned_v6()?, &key_v6(endpoint_id, a), MAP_LEARNED_V6),
+        }?;
+        Ok(value.map(|v| LearnedAddress {
+            endpoint_id,
+            addr,
+            names: slots(&v),
+        }))
+    }
+
     /// Clears every learned name whose TTL ran out by `now_ns` (CLOCK_MONOTONIC, see
     /// [`monotonic_now_ns`]); an address left with none is removed. Returns what expired, for
     /// the agent to report.
@@ -460,6 +479,68 @@ fn forget_one<K: aya::Pod>(
     match r {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(cleared),
         Err(e) => Err(e),
+    }
+}
+
+fn key_v4(endpoint_id: u32, addr: Ipv4Addr) -> FqdnLearnedKeyV4 {
+    // The programs write the address as it sits in the packet (network order in memory).
+    FqdnLearnedKeyV4 {
+        endpoint_id,
+        addr: u32::from_ne_bytes(addr.octets()),
+    }
+}
+
+fn key_v6(endpoint_id: u32, addr: Ipv6Addr) -> FqdnLearnedKeyV6 {
+    FqdnLearnedKeyV6 {
+        endpoint_id,
+        addr: addr.octets(),
+    }
+}
+
+fn lookup<T: std::borrow::Borrow<MapData>, K: aya::Pod>(
+    m: &HashMap<T, K, FqdnLearned>,
+    key: &K,
+    map: &'static str,
+) -> Result<Option<FqdnLearned>, FqdnError> {
+    match m.get(key, 0) {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(map_err(map)(e)),
+    }
+}
+
+/// The learned maps opened from their pins under `pin_dir/maps`, for readers that do not own
+/// the [`Dataplane`] (the flow event reader): point lookups only.
+pub struct LearnedMaps {
+    v4: HashMap<MapData, FqdnLearnedKeyV4, FqdnLearned>,
+    v6: HashMap<MapData, FqdnLearnedKeyV6, FqdnLearned>,
+}
+
+impl LearnedMaps {
+    /// Opens the pinned maps (they exist once the object is loaded: learning need not be on).
+    pub fn open(pin_dir: &Path) -> Result<LearnedMaps, FqdnError> {
+        fn pinned<K: aya::Pod>(
+            pin_dir: &Path,
+            map: &'static str,
+        ) -> Result<HashMap<MapData, K, FqdnLearned>, FqdnError> {
+            let data = MapData::from_pin(pin_dir.join("maps").join(map)).map_err(map_err(map))?;
+            let m = Map::from_map_data(data).map_err(map_err(map))?;
+            HashMap::try_from(m).map_err(map_err(map))
+        }
+        Ok(LearnedMaps {
+            v4: pinned(pin_dir, MAP_LEARNED_V4)?,
+            v6: pinned(pin_dir, MAP_LEARNED_V6)?,
+        })
+    }
+
+    /// The (name id, expiry) slots `endpoint_id` holds for `addr`, expired ones included until
+    /// a sweep clears them; empty when it learned nothing for it.
+    pub fn get(&self, endpoint_id: u32, addr: IpAddr) -> Result<Vec<(u32, u64)>, FqdnError> {
+        let v = match addr {
+            IpAddr::V4(a) => lookup(&self.v4, &key_v4(endpoint_id, a), MAP_LEARNED_V4),
+            IpAddr::V6(a) => lookup(&self.v6, &key_v6(endpoint_id, a), MAP_LEARNED_V6),
+        }?;
+        Ok(v.as_ref().map(slots).unwrap_or_default())
     }
 }
 

@@ -46,8 +46,10 @@ pub enum ConvertError {
     NameIdentity { field: &'static str, value: u32 },
 }
 
-mod names;
-pub(crate) use names::{name_entries_from, name_entry_to};
+pub(crate) mod names;
+pub(crate) use names::{
+    PatternProblem, name_entries_from, name_entry_to, pattern_from, pattern_to,
+};
 
 type Result<T> = std::result::Result<T, ConvertError>;
 

@@ -12,7 +12,8 @@ use bulkhead_ruleset::{self as rs, flow};
 
 use crate::{
     convert::{
-        addr_bytes, addr_of, direction_of, direction_to, rule_kind_of, rule_kind_to, rule_to,
+        PatternProblem, addr_bytes, addr_of, direction_of, direction_to, pattern_from, pattern_to,
+        rule_kind_of, rule_kind_to, rule_to,
     },
     v1::{self as pb, flow_record, flow_rule, stored_flow},
 };
@@ -40,6 +41,8 @@ pub enum FlowField {
     Entry,
     /// The staged view's outcome.
     Staged,
+    /// The DNS names of the peer.
+    PeerNames,
 }
 
 impl FlowField {
@@ -61,6 +64,7 @@ impl FlowField {
             FlowField::Action => "action",
             FlowField::Entry => "entry",
             FlowField::Staged => "staged",
+            FlowField::PeerNames => "peer_names",
         }
     }
 }
@@ -87,6 +91,12 @@ pub enum FlowProblem {
         part: &'static str,
         problem: flow::BadName,
     },
+    #[error("{0}")]
+    NamePattern(rs::BadNamePattern),
+    #[error("{text:?} is not in normal form: send {normal:?}")]
+    NameNotNormal { text: String, normal: String },
+    #[error("{count} names, more than {max}")]
+    TooMany { count: usize, max: usize },
 }
 
 /// A flow record (or stored flow) the contract cannot hold.
@@ -285,6 +295,35 @@ fn address(field: FlowField, b: &[u8]) -> Result<std::net::IpAddr> {
     }
 }
 
+/// The peer's names: at most [`flow::MAX_PEER_NAMES`], each valid and normalized, sorted and
+/// without repeats (what agents send), so two records of one flow compare equal.
+fn peer_names_from(list: Vec<pb::NamePattern>) -> Result<Vec<rs::NamePattern>> {
+    const F: FlowField = FlowField::PeerNames;
+    if list.len() > flow::MAX_PEER_NAMES {
+        return refuse(
+            F,
+            FlowProblem::TooMany {
+                count: list.len(),
+                max: flow::MAX_PEER_NAMES,
+            },
+        );
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for p in &list {
+        match pattern_from(Some(p)) {
+            Ok(p) => out.push(p),
+            Err(PatternProblem::Missing) => return refuse(F, FlowProblem::Missing),
+            Err(PatternProblem::Bad(b)) => return refuse(F, FlowProblem::NamePattern(b)),
+            Err(PatternProblem::NotNormal { text, normal }) => {
+                return refuse(F, FlowProblem::NameNotNormal { text, normal });
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
 fn staged_to(o: &rs::StagedOutcome) -> pb::StagedOutcome {
     pb::StagedOutcome {
         verdict: verdict_to(o.verdict) as i32,
@@ -330,6 +369,7 @@ impl From<&rs::FlowRecord> for pb::FlowRecord {
             packets: r.packets,
             bytes: r.bytes,
             staged: r.staged.as_ref().map(staged_to),
+            peer_names: r.peer_names.iter().map(pattern_to).collect(),
         }
     }
 }
@@ -373,6 +413,7 @@ impl From<rs::FlowRecord> for pb::FlowRecord {
             packets: r.packets,
             bytes: r.bytes,
             staged: r.staged.map(|o| staged_to(&o)),
+            peer_names: r.peer_names.iter().map(pattern_to).collect(),
         }
     }
 }
@@ -411,6 +452,7 @@ impl TryFrom<pb::FlowRecord> for rs::FlowRecord {
             packets: r.packets,
             bytes: r.bytes,
             staged: r.staged.map(staged_from).transpose()?,
+            peer_names: peer_names_from(r.peer_names)?,
         })
     }
 }

@@ -7,6 +7,12 @@
 //
 // With --quarantine, the pod's history panel (one click) must show the 24 h before it.
 //
+//   node ui/e2e/ui.mjs --url http://127.0.0.1:PORT/ --named-world api.example.com
+//
+// With --named-world, the world peer named by that DNS name must be drawn as a node of its own
+// (`world: NAME`, labelled by the name, grouped with the world), and clicking it must list its
+// flows with the name beside the address.
+//
 // Clicks happen where a person would click: on the canvas, at the rendered position of the edge
 // or node. Exits non-zero with a message on the first failed check; prints what it checked.
 import { chromium } from 'playwright-core';
@@ -21,7 +27,7 @@ function arg(name, fallback = undefined) {
 
 const url = arg('url');
 if (!url) {
-  console.error('usage: ui.mjs --url URL [--expect ids] [--denied-from id] [--staged policy] [--quarantine ns/pod] [--release ns/pod] [--screenshot file]');
+  console.error('usage: ui.mjs --url URL [--expect ids] [--denied-from id] [--staged policy] [--quarantine ns/pod] [--release ns/pod] [--named-world name] [--screenshot file]');
   process.exit(2);
 }
 const expected = (arg('expect', '') || '').split(',').filter(Boolean);
@@ -30,6 +36,7 @@ const stagedPolicy = arg('staged');
 const quarantinePod = arg('quarantine');
 const releasePod = arg('release');
 const screenshot = arg('screenshot');
+const namedWorld = arg('named-world');
 const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
 
 const step = (s) => console.log(`ui: ${s}`);
@@ -164,6 +171,36 @@ try {
       fail(`no flow names its deciding rule (kind ns/name direction rule): ${JSON.stringify(rules)}`);
     }
     step(`clicked the denied edge: ${title}; ${rules.length} flow(s), decided by ${[...new Set(rules)].join('; ')}`);
+  }
+
+  if (namedWorld) {
+    const id = `world: ${namedWorld}`;
+    await waitFor(page, `the node ${id} on the map`, (id) => !window.bulkhead.cy.getElementById(id).empty(), id);
+    // Drawn for real, among the world, labelled by its name, apart from plain `world`.
+    await waitFor(page, `${id} drawn on the canvas`, (id) => {
+      const n = window.bulkhead.cy.getElementById(id);
+      const bb = n.renderedBoundingBox();
+      return n.visible() && bb.w > 0 && bb.h > 0;
+    }, id);
+    const node = await page.evaluate((id) => {
+      const n = window.bulkhead.cy.getElementById(id);
+      return { kind: n.data('kind'), label: n.data('label'), edges: n.connectedEdges().length };
+    }, id);
+    if (node.kind !== 'world') fail(`${id} is drawn as ${node.kind}, not among the world`);
+    if (!node.label.startsWith(namedWorld)) fail(`${id} is labelled ${JSON.stringify(node.label)}`);
+    if (!node.edges) fail(`${id} has no edge`);
+    const plain = await page.evaluate(() => window.bulkhead.state.map.nodes.filter((n) => n.id === 'world').map((n) => n.domain || ''));
+    if (plain.some((d) => d)) fail('plain world carries a domain');
+    await clickOnMap(page, id);
+    await page.locator('#panel-body h2', { hasText: id }).waitFor({ timeout: 10000 })
+      .catch(() => fail(`clicking ${id} opened no panel of it`));
+    const about = await page.locator('#panel-body .muted').first().textContent();
+    if (!about.includes(namedWorld)) fail(`the panel of ${id} says ${JSON.stringify(about)}`);
+    await page.locator('#panel-body .flows tbody tr').first().waitFor({ timeout: 10000 })
+      .catch(() => fail(`clicking ${id} showed no flows`));
+    const paths = await page.locator('#panel-body .flows .path').allTextContents();
+    if (!paths.some((p) => p.includes(`(${namedWorld}`))) fail(`no flow of ${id} names its peer: ${JSON.stringify(paths)}`);
+    step(`named world node drawn and opened: ${id} (${node.edges} edge(s)); ${paths.length} flow(s), e.g. ${paths[0]}`);
   }
 
   if (quarantinePod) {

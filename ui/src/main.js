@@ -288,10 +288,12 @@ function elementsOf(map) {
   }
   for (const n of map.nodes) {
     const kind = kindOf(n.workload);
-    const label = n.kind === 'workload' ? `${shortName(n.workload)}\n${kind}${n.quarantined ? ' · quarantined' : ''}` : n.workload;
+    // A world peer named by DNS: its domain, then `world` (drawn as the world is).
+    const label = n.kind === 'workload' ? `${shortName(n.workload)}\n${kind}${n.quarantined ? ' · quarantined' : ''}`
+      : n.domain ? `${n.domain}\nworld` : n.workload;
     out.push({
       group: 'nodes',
-      data: { id: n.id, label, kind: n.kind, namespace: n.namespace, parent: n.namespace ? `ns:${n.namespace}` : undefined },
+      data: { id: n.id, label, kind: n.kind, domain: n.domain, namespace: n.namespace, parent: n.namespace ? `ns:${n.namespace}` : undefined },
       classes: n.quarantined ? 'quarantined' : '',
     });
   }
@@ -632,7 +634,7 @@ function peersOf(pod, flows) {
   const by = new Map();
   for (const f of flows) {
     if (!f.src) continue;
-    const peer = f.src_pod === pod ? (f.dst_pod || f.dst) : (f.src_pod || f.src);
+    const peer = f.src_pod === pod ? (f.dst_pod || withNames(f, f.dst, true)) : (f.src_pod || withNames(f, f.src, true));
     const way = f.src_pod === pod ? '→' : '←';
     const key = `${way} ${peer}`;
     const r = by.get(key) || { way, peer, ports: new Set(), allowed: 0, denied: 0, audit: 0 };
@@ -682,6 +684,11 @@ function ruleSummary(flows) {
     el('li', {}, ruleView(r.d, text), el('span', { class: 'muted' }, `×${r.n}`))));
 }
 
+// An address of no pod, with the DNS names its endpoint had learned for it when it is the peer.
+function withNames(f, addr, isPeer) {
+  return isPeer && f.peer_names && f.peer_names.length ? `${addr} (${f.peer_names.join(', ')})` : addr;
+}
+
 function flowsTable(flows) {
   if (!flows.length) return el('p', { class: 'hint' }, 'No recent flows match.');
   return el('table', { class: 'flows' },
@@ -692,8 +699,8 @@ function flowsTable(flows) {
           el('td', { class: 'path' }, f.endpoint),
           el('td', {}, el('span', { class: `badge ${f.verdict}` }, f.verdict), ' ', el('span', { class: 'muted' }, f.reason), el('div', { class: 'rule' }, f.rule)));
       }
-      const from = f.src_pod || f.src;
-      const to = f.dst_pod || f.dst;
+      const from = f.src_pod || withNames(f, f.src, f.direction === 'ingress');
+      const to = f.dst_pod || withNames(f, f.dst, f.direction !== 'ingress');
       return el('tr', {},
         el('td', { class: 'time' }, clock(f.time_unix_nanos)),
         el('td', { class: 'path' }, el('div', {}, from), el('div', {}, `→ ${to}:${f.dst_port}/${proto(f.protocol)}`),
@@ -853,7 +860,8 @@ async function refreshPanel(rebuild) {
     const edges = m.edges.filter((e) => e.src === n.id || e.dst === n.id);
     paint(['node', n, edges, shown, m.quarantines], rebuild, [
       el('h2', {}, n.kind === 'workload' ? shortName(n.workload) : n.workload),
-      el('div', { class: 'muted' }, n.kind === 'workload' ? `${kindOf(n.workload)} in namespace ${n.namespace}` : 'addresses of no pod in the cluster', ' ', n.quarantined ? el('span', { class: 'badge quarantined' }, 'quarantined') : null),
+      el('div', { class: 'muted' }, n.kind === 'workload' ? `${kindOf(n.workload)} in namespace ${n.namespace}`
+        : n.domain ? `addresses outside the cluster that pods learned from DNS for ${n.domain}` : 'addresses of no pod in the cluster', ' ', n.quarantined ? el('span', { class: 'badge quarantined' }, 'quarantined') : null),
       el('div', { class: 'counts' },
         el('div', { class: 'count allowed' }, el('b', {}, edges.reduce((a, e) => a + e.allowed, 0)), 'allowed'),
         el('div', { class: 'count denied' }, el('b', {}, edges.reduce((a, e) => a + e.denied, 0)), 'denied'),

@@ -131,6 +131,7 @@ fn record(n: u64, pods: usize, t: u64) -> FlowRecord {
         },
         packets: 1,
         bytes: 60 + n % 1400,
+        peer_names: Vec::new(),
         staged: None,
     }
 }

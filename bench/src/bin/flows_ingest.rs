@@ -321,6 +321,7 @@ fn batches(a: &Args, c: &Cluster, count: usize) -> (Vec<Arc<Vec<u8>>>, u64) {
                 reason: FlowReason::AllowedNew,
                 packets: 1,
                 bytes: 60 + rng.below(1400) as u64,
+                peer_names: Vec::new(),
                 staged: None,
             };
             if roll < 3 {

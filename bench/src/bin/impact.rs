@@ -140,6 +140,7 @@ fn main() -> anyhow::Result<()> {
                                 },
                                 packets: 1,
                                 bytes: 60,
+                                peer_names: Vec::new(),
                                 staged: None,
                             });
                             i += 1;

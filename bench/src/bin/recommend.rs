@@ -117,6 +117,7 @@ fn main() {
                     reason: FlowReason::AllowedNew,
                     packets: 1,
                     bytes: 60,
+                    peer_names: Vec::new(),
                     staged: None,
                 };
                 // The reporting agent names only its own node's pods.

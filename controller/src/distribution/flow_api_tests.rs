@@ -57,6 +57,7 @@ fn record(endpoint: &str, direction: &str, dst: &str, verdict: &str, t: u64) -> 
         reason: FlowReason::DeniedPolicy,
         packets: 0,
         bytes: 60,
+        peer_names: Vec::new(),
         staged: None,
     })
 }

@@ -31,10 +31,14 @@ pub enum FlowRejection {
     Name,
     #[error("the rule or reason is missing, unknown, or names a policy beyond Kubernetes' limits")]
     Text,
+    #[error(
+        "the peer's DNS names are more than the contract holds, or not valid, normalized names"
+    )]
+    PeerNames,
 }
 
 impl FlowRejection {
-    pub const ALL: [FlowRejection; 7] = [
+    pub const ALL: [FlowRejection; 8] = [
         FlowRejection::Direction,
         FlowRejection::Kind,
         FlowRejection::Verdict,
@@ -42,6 +46,7 @@ impl FlowRejection {
         FlowRejection::Range,
         FlowRejection::Name,
         FlowRejection::Text,
+        FlowRejection::PeerNames,
     ];
 
     /// The metric label.
@@ -54,6 +59,7 @@ impl FlowRejection {
             FlowRejection::Range => "range",
             FlowRejection::Name => "name",
             FlowRejection::Text => "text",
+            FlowRejection::PeerNames => "peer_names",
         }
     }
 
@@ -69,6 +75,7 @@ impl FlowRejection {
             FlowField::Rule | FlowField::Reason | FlowField::Entry | FlowField::Staged => {
                 FlowRejection::Text
             }
+            FlowField::PeerNames => FlowRejection::PeerNames,
         }
     }
 }
@@ -253,6 +260,7 @@ mod tests {
             reason: FlowReason::DeniedPolicy,
             packets: 1,
             bytes: 60,
+            peer_names: Vec::new(),
             staged: None,
         })
     }
@@ -304,7 +312,7 @@ mod tests {
     fn each_refusal_is_counted_under_its_reason() {
         assert!(check_record(good()).is_ok());
         type Damage = fn(&mut pb::FlowRecord);
-        let cases: [(Damage, FlowRejection); 12] = [
+        let cases: [(Damage, FlowRejection); 14] = [
             (|r| r.direction = 7, FlowRejection::Direction),
             (|r| r.kind = 0, FlowRejection::Kind),
             (|r| r.verdict = 9, FlowRejection::Verdict),
@@ -340,6 +348,20 @@ mod tests {
                 FlowRejection::Text,
             ),
             (|r| r.reason = 99, FlowRejection::Text),
+            (
+                |r| r.peer_names = vec![pb::NamePattern { kind: None }],
+                FlowRejection::PeerNames,
+            ),
+            (
+                |r| {
+                    r.peer_names = (0..9)
+                        .map(|i| pb::NamePattern {
+                            kind: Some(pb::name_pattern::Kind::Exact(format!("h{i}.example.com"))),
+                        })
+                        .collect()
+                },
+                FlowRejection::PeerNames,
+            ),
         ];
         for (damage, why) in cases {
             let mut r = good();
@@ -356,7 +378,8 @@ mod tests {
                 "address",
                 "range",
                 "name",
-                "text"
+                "text",
+                "peer_names"
             ]
         );
     }

@@ -8,7 +8,10 @@ use bulkhead_proto::v1 as pb;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use super::{Directory, MAX_EDGES, MAX_RULE_LABELS, MAX_RULES_PER_EDGE, OTHER_RULES, Workload};
+use super::{
+    Directory, MAX_EDGES, MAX_NAMED_WORLDS, MAX_RULE_LABELS, MAX_RULES_PER_EDGE, OTHER_RULES,
+    Workload,
+};
 use crate::ruleset::{Direction, EndpointRef, FlowRecord, FlowRule, FlowVerdict};
 
 /// The flows allowed now that one staged policy would deny, and on which edges.
@@ -60,6 +63,10 @@ pub struct GraphNode {
     pub id: String,
     pub namespace: String,
     pub workload: String,
+    /// For `world: NAME`, the DNS name (or `*.suffix` pattern) its flows' endpoints had
+    /// learned the peer's address for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// What [`ServiceGraph::add`] counted for one record.
@@ -197,6 +204,8 @@ pub struct ServiceGraph {
     /// them (`Kind namespace/name`; at most [`MAX_RULE_LABELS`], further ones under
     /// [`OTHER_RULES`]).
     staged_denies: FxHashMap<String, StagedCounts>,
+    /// Named world workloads numbered (at most [`MAX_NAMED_WORLDS`]).
+    named_worlds: usize,
     /// Records that would have made an edge beyond [`MAX_EDGES`].
     pub edges_refused: u64,
 }
@@ -218,6 +227,7 @@ impl Default for ServiceGraph {
             by_namespace_pair: FxHashMap::default(),
             drops_by_rule: Vec::new(),
             staged_denies: FxHashMap::default(),
+            named_worlds: 0,
             edges_refused: 0,
         };
         let world = g.number(&Workload::world());
@@ -264,6 +274,24 @@ impl ServiceGraph {
         n
     }
 
+    /// The workload of a peer outside the cluster: `world: NAME` for the first of its names
+    /// (see [`super::world_id`]), plain `world` without names or once [`MAX_NAMED_WORLDS`]
+    /// are held.
+    fn world_of(&mut self, r: &FlowRecord) -> u32 {
+        let Some(name) = r.peer_names.first() else {
+            return WORLD;
+        };
+        let w = Workload::named_world(name);
+        if let Some(&n) = self.workload_numbers.get(&w) {
+            return n;
+        }
+        if self.named_worlds >= MAX_NAMED_WORLDS {
+            return WORLD;
+        }
+        self.named_worlds += 1;
+        self.number(&w)
+    }
+
     /// Folds one record in and says what it counted.
     pub fn add(&mut self, dir: &Directory, r: &FlowRecord) -> Counted {
         let mut counted = Counted {
@@ -286,8 +314,20 @@ impl ServiceGraph {
         if allowed && !ingress && dst.is_some() {
             return counted;
         }
-        let src = src.map_or(WORLD, |d| self.number_of_directory_workload(dir, d));
-        let dst = dst.map_or(WORLD, |d| self.number_of_directory_workload(dir, d));
+        // The peer outside the cluster is named by what its endpoint learned from DNS; the
+        // reporting end is a pod (or an endpoint the agent could not name: plain world).
+        let peer_world = if peer.is_none() {
+            self.world_of(r)
+        } else {
+            WORLD
+        };
+        let (src_world, dst_world) = if ingress {
+            (peer_world, WORLD)
+        } else {
+            (WORLD, peer_world)
+        };
+        let src = src.map_or(src_world, |d| self.number_of_directory_workload(dir, d));
+        let dst = dst.map_or(dst_world, |d| self.number_of_directory_workload(dir, d));
         let key = EdgeKey {
             src,
             dst,
@@ -552,6 +592,7 @@ impl ServiceGraph {
                         id,
                         namespace: w.namespace.clone(),
                         workload: w.name.clone(),
+                        domain: w.domain().map(str::to_string),
                     }
                 })
                 .collect(),
@@ -580,6 +621,10 @@ impl ServiceGraph {
             out.extend_from_slice(&quoted(&w.namespace));
             out.extend_from_slice(b",\"workload\":");
             out.extend_from_slice(&quoted(&w.name));
+            if let Some(domain) = w.domain() {
+                out.extend_from_slice(b",\"domain\":");
+                out.extend_from_slice(&quoted(domain));
+            }
             out.push(b'}');
         }
         out.extend_from_slice(b"],\"edges\":[");
@@ -639,6 +684,7 @@ impl ServiceGraph {
                         id: id.clone(),
                         namespace: w.namespace.clone(),
                         workload: w.name.clone(),
+                        domain: w.domain().unwrap_or_default().to_string(),
                     }
                 })
                 .collect(),
@@ -750,6 +796,7 @@ impl From<pb::GetGraphResponse> for Graph {
                     id: n.id,
                     namespace: n.namespace,
                     workload: n.workload,
+                    domain: (!n.domain.is_empty()).then_some(n.domain),
                 })
                 .collect(),
             edges: g

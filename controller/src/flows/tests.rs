@@ -62,6 +62,7 @@ fn rec(
         reason: FlowReason::AllowedNew,
         packets: 0,
         bytes: 60,
+        peer_names: Vec::new(),
         staged: None,
     }
 }
@@ -389,6 +390,7 @@ fn filters_match_either_end() {
         verdict: verdict.map(str::to_string),
         staged_verdict: None,
         since_unix_nanos: 0,
+        peer_name: None,
     };
     let cases = [
         (filter(None, None, None), true),
@@ -525,4 +527,231 @@ fn flows_the_staged_policies_would_deny_are_counted_by_staged_policy() {
     assert_eq!((e.port, e.protocol, e.flows), (80, 6, 2));
     // (The directory names no pod here: both ends are addresses of no known pod.)
     assert_eq!((e.src.as_str(), e.dst.as_str()), ("world", "world"));
+}
+
+fn name(text: &str) -> NamePattern {
+    NamePattern::parse(text).expect("a valid pattern")
+}
+
+/// A world peer with DNS names is a node of its own, `world: NAME` for its first name (an
+/// exact name before a wildcard), distinct from plain `world`; the connection counts once.
+#[test]
+fn world_peers_with_names_are_nodes_of_their_own() {
+    let rs = RuleSet {
+        node: "n1".into(),
+        endpoints: vec![ep(1, "shop", "api-0", Some("Deployment/api"), "10.0.0.2")],
+        ..Default::default()
+    };
+    let dir = Directory::from_rulesets([&rs]);
+    let mut g = ServiceGraph::default();
+    let egress = |dst: &str, verdict: &str, names: &[&str]| FlowRecord {
+        peer_names: names.iter().map(|n| name(n)).collect(),
+        ..rec(
+            "shop/api-0",
+            "egress",
+            "10.0.0.2",
+            dst,
+            verdict,
+            rule("api"),
+        )
+    };
+    g.add(
+        &dir,
+        &egress(
+            "203.0.113.7",
+            "denied",
+            &["api.example.com", "*.example.com"],
+        ),
+    );
+    g.add(&dir, &egress("203.0.113.8", "denied", &["api.example.com"]));
+    g.add(&dir, &egress("203.0.113.9", "allowed", &["*.example.com"]));
+    g.add(&dir, &egress("198.51.100.1", "allowed", &[]));
+    // An ingress record from a named address names the source.
+    g.add(
+        &dir,
+        &FlowRecord {
+            peer_names: vec![name("api.example.com")],
+            ..rec(
+                "shop/api-0",
+                "ingress",
+                "203.0.113.7",
+                "10.0.0.2",
+                "denied",
+                rule("api"),
+            )
+        },
+    );
+    let graph = g.graph();
+    let ids: Vec<&str> = graph.nodes.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "shop/Deployment/api",
+            "world",
+            "world: *.example.com",
+            "world: api.example.com"
+        ]
+    );
+    let node = |id: &str| graph.nodes.iter().find(|n| n.id == id).expect(id);
+    assert_eq!(
+        node("world: api.example.com").domain.as_deref(),
+        Some("api.example.com")
+    );
+    assert_eq!(node("world: api.example.com").namespace, "");
+    assert_eq!(node("world").domain, None);
+    let edge = |src: &str, dst: &str| {
+        graph
+            .edges
+            .iter()
+            .find(|e| e.src == src && e.dst == dst)
+            .map(|e| (e.allowed, e.denied))
+    };
+    assert_eq!(
+        edge("shop/Deployment/api", "world: api.example.com"),
+        Some((0, 2)),
+        "both attempts, each once"
+    );
+    assert_eq!(
+        edge("shop/Deployment/api", "world: *.example.com"),
+        Some((1, 0))
+    );
+    assert_eq!(edge("shop/Deployment/api", "world"), Some((1, 0)));
+    assert_eq!(
+        edge("world: api.example.com", "shop/Deployment/api"),
+        Some((0, 1))
+    );
+    // Counted once per connection: five records, five connections.
+    assert_eq!(g.records(), 5);
+    // The JSON written straight from the aggregate is the graph's, domains included; the wire
+    // form carries the domain too, and reads back.
+    assert_eq!(
+        g.to_json(),
+        serde_json::to_vec(&graph).expect("json"),
+        "to_json drifted from the graph"
+    );
+    let wire = g.to_proto("");
+    let back = Graph::from(wire);
+    assert_eq!(
+        back.nodes
+            .iter()
+            .map(|n| (n.id.as_str(), n.domain.as_deref()))
+            .collect::<Vec<_>>(),
+        graph
+            .nodes
+            .iter()
+            .map(|n| (n.id.as_str(), n.domain.as_deref()))
+            .collect::<Vec<_>>()
+    );
+    // The namespace's graph keeps the named world it talks to.
+    assert!(
+        g.graph_of_namespace("shop")
+            .nodes
+            .iter()
+            .any(|n| n.id == "world: api.example.com")
+    );
+}
+
+/// Past the cap, further names are drawn at plain `world`: a made-up name per record cannot
+/// grow the graph's workloads without bound.
+#[test]
+fn named_world_nodes_stop_at_the_cap() {
+    let dir = Directory::default();
+    let mut g = ServiceGraph::default();
+    for i in 0..MAX_NAMED_WORLDS + 3 {
+        g.add(
+            &dir,
+            &FlowRecord {
+                peer_names: vec![name(&format!("h{i}.example.com"))],
+                ..rec(
+                    "endpoint#1",
+                    "egress",
+                    "10.0.0.9",
+                    "203.0.113.1",
+                    "denied",
+                    rule("x"),
+                )
+            },
+        );
+    }
+    let named = g
+        .graph()
+        .nodes
+        .iter()
+        .filter(|n| n.domain.is_some())
+        .count();
+    assert_eq!(named, MAX_NAMED_WORLDS);
+    // A name already held keeps its node.
+    g.add(
+        &dir,
+        &FlowRecord {
+            peer_names: vec![name("h0.example.com")],
+            ..rec(
+                "endpoint#1",
+                "egress",
+                "10.0.0.9",
+                "203.0.113.1",
+                "denied",
+                rule("x"),
+            )
+        },
+    );
+    assert_eq!(
+        g.graph()
+            .edges
+            .iter()
+            .filter(|e| e.dst == "world: h0.example.com")
+            .map(|e| e.denied)
+            .sum::<u64>(),
+        2
+    );
+}
+
+/// `--peer-name`: the name itself, a wildcard of the record that covers it, or for a wildcard
+/// the exact names it covers; quarantine actions and flows without names never match.
+#[test]
+fn the_peer_name_filter_matches_names_and_covering_wildcards() {
+    let dir = Directory::default();
+    let flow = |names: &[&str]| {
+        FlowEntry::Flow(FlowRecord {
+            peer_names: names.iter().map(|n| name(n)).collect(),
+            ..rec(
+                "shop/web-0",
+                "egress",
+                "10.0.0.1",
+                "203.0.113.7",
+                "denied",
+                rule("x"),
+            )
+        })
+    };
+    let by = |wanted: &str| FlowFilter {
+        peer_name: Some(name(wanted)),
+        ..FlowFilter::default()
+    };
+    let cases = [
+        (&["api.example.com"][..], "api.example.com", true),
+        (&["api.example.com"], "www.example.com", false),
+        (&["*.example.com"], "api.example.com", true),
+        (&["*.example.com"], "example.com", false),
+        (&["api.example.com"], "*.example.com", true),
+        (&["*.example.com"], "*.example.com", true),
+        (&["*.a.example.com"], "*.example.com", false),
+        (&[], "api.example.com", false),
+    ];
+    for (names, wanted, want) in cases {
+        assert_eq!(
+            by(wanted).matches(&dir, &flow(names)),
+            want,
+            "{names:?} {wanted}"
+        );
+    }
+    assert!(!by("api.example.com").matches(&dir, &quarantine_event(QuarantineAction::Quarantine)));
+    // On the wire: the text, and a text that is no pattern matches nothing.
+    let f = by("*.example.com");
+    assert_eq!(FlowFilter::from_proto(Some(&f.to_proto())), f);
+    let garbled = FlowFilter::from_proto(Some(&pb::FlowFilter {
+        peer_name: "not a name".into(),
+        ..Default::default()
+    }));
+    assert!(!garbled.matches(&dir, &flow(&["*.example.com"])));
 }

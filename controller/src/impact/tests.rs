@@ -59,6 +59,7 @@ fn rec(
         },
         packets: 1,
         bytes: 60,
+        peer_names: Vec::new(),
         staged: None,
     }
 }

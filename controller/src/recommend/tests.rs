@@ -136,6 +136,7 @@ fn record(
         reason: FlowReason::AllowedNew,
         packets: 1,
         bytes: 60,
+        peer_names: Vec::new(),
         staged: None,
     }
 }

@@ -232,6 +232,13 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
 
     // Flow events: kernel ring buffer → flow records.
     let ring = aya::maps::RingBuf::try_from(s.events).context("EVENTS is not a ring buffer")?;
+    // What endpoints learned from DNS names world peers in flow records; without it they
+    // are plain world peers.
+    let learned = crate::fqdn::LearnedMaps::open(&s.pin_dir)
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "flow records will not name peers learned from DNS"),
+        )
+        .ok();
     {
         let shared = shared.clone();
         let malformed = shared.metrics.malformed_events.clone();
@@ -260,7 +267,8 @@ async fn serve(s: Serve) -> anyhow::Result<ExitCode> {
                     f.push(r);
                 }
             };
-            if let Err(e) = read_events(ring, context, sink, move || malformed.inc()).await {
+            if let Err(e) = read_events(ring, context, learned, sink, move || malformed.inc()).await
+            {
                 tracing::error!(error = %e, "flow event reader stopped");
             }
         });

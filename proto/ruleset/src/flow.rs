@@ -12,7 +12,7 @@ use std::{fmt, net::IpAddr, str::FromStr};
 use serde::{Serialize, Serializer};
 
 use crate::{
-    Direction, Identity, PodKey, RULE_DEFAULT_ALLOW, RULE_MISSING_POLICY,
+    Direction, Identity, NamePattern, PodKey, RULE_DEFAULT_ALLOW, RULE_MISSING_POLICY,
     RULE_UNRELATED_ICMP_ERROR, RuleId, RuleKind, RuleRef, RuleSet,
 };
 
@@ -400,6 +400,11 @@ pub struct FlowRecord {
     pub peer_identity: Identity,
     /// The pod at the other end, when known.
     pub peer: Option<PodKey>,
+    /// The DNS names (patterns of the rule set's `names`: an exact name, or `*.suffix` for a
+    /// wildcard) the endpoint had learned the peer's address for when the packet was seen,
+    /// sorted, at most [`MAX_PEER_NAMES`]; empty for peers not learned from DNS (every pod peer,
+    /// and records of agents before names).
+    pub peer_names: Vec<NamePattern>,
     pub reason: FlowReason,
     pub packets: u64,
     pub bytes: u64,
@@ -408,6 +413,10 @@ pub struct FlowRecord {
     /// enforced one; `None` when they agree.
     pub staged: Option<StagedOutcome>,
 }
+
+/// Most names one flow record carries for its peer: the kernel keeps 4 per learned address;
+/// the contract leaves room for more without letting a record carry an unbounded list.
+pub const MAX_PEER_NAMES: usize = 8;
 
 /// The staged view's verdict of a flow and the rule that decided it.
 #[derive(Debug, Clone, PartialEq, Eq)]

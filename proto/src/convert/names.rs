@@ -9,15 +9,59 @@ use super::{ConvertError, Result};
 use crate::v1 as pb;
 use crate::v1::name_pattern::Kind;
 
-pub(crate) fn name_entry_to(n: &rs::NameEntry) -> pb::NameEntry {
-    let kind = match &n.pattern {
+pub(crate) fn pattern_to(p: &rs::NamePattern) -> pb::NamePattern {
+    let kind = match p {
         rs::NamePattern::Exact(name) => Kind::Exact(name.clone()),
         rs::NamePattern::Wildcard(suffix) => Kind::WildcardSuffix(suffix.clone()),
     };
+    pb::NamePattern { kind: Some(kind) }
+}
+
+pub(crate) fn name_entry_to(n: &rs::NameEntry) -> pb::NameEntry {
     pb::NameEntry {
         identity: n.identity,
-        pattern: Some(pb::NamePattern { kind: Some(kind) }),
+        pattern: Some(pattern_to(&n.pattern)),
     }
+}
+
+/// Why a pattern on the wire is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PatternProblem {
+    Missing,
+    Bad(rs::BadNamePattern),
+    /// Valid, but not in the normal form it parses to (upper case, a trailing dot).
+    NotNormal {
+        text: String,
+        normal: String,
+    },
+}
+
+/// The pattern of a message: valid, normalized, and of the kind it claims.
+pub(crate) fn pattern_from(
+    p: Option<&pb::NamePattern>,
+) -> std::result::Result<rs::NamePattern, PatternProblem> {
+    let kind = p
+        .and_then(|p| p.kind.as_ref())
+        .ok_or(PatternProblem::Missing)?;
+    // The text a pattern of this kind prints as; it must parse back to the same kind and text.
+    let text = match kind {
+        Kind::Exact(name) => name.clone(),
+        Kind::WildcardSuffix(suffix) => format!("*.{suffix}"),
+    };
+    let pattern = rs::NamePattern::parse(&text).map_err(PatternProblem::Bad)?;
+    // An exact name cannot be a wildcard in disguise.
+    if matches!(kind, Kind::Exact(_)) && pattern.is_wildcard() {
+        return Err(PatternProblem::Bad(rs::BadNamePattern::MisplacedWildcard {
+            name: text,
+        }));
+    }
+    if pattern.to_string() != text {
+        return Err(PatternProblem::NotNormal {
+            normal: pattern.to_string(),
+            text,
+        });
+    }
+    Ok(pattern)
 }
 
 fn name_entry_from(field: &'static str, n: &pb::NameEntry) -> Result<rs::NameEntry> {
@@ -27,32 +71,15 @@ fn name_entry_from(field: &'static str, n: &pb::NameEntry) -> Result<rs::NameEnt
             value: n.identity,
         });
     }
-    let kind = n
-        .pattern
-        .as_ref()
-        .and_then(|p| p.kind.as_ref())
-        .ok_or(ConvertError::Missing { field })?;
-    // The text a pattern of this kind prints as; it must parse back to the same kind and text.
-    let text = match kind {
-        Kind::Exact(name) => name.clone(),
-        Kind::WildcardSuffix(suffix) => format!("*.{suffix}"),
-    };
-    let pattern = rs::NamePattern::parse(&text)
-        .map_err(|reason| ConvertError::NamePattern { field, reason })?;
-    // An exact name cannot be a wildcard in disguise.
-    if matches!(kind, Kind::Exact(_)) && pattern.is_wildcard() {
-        return Err(ConvertError::NamePattern {
+    let pattern = pattern_from(n.pattern.as_ref()).map_err(|p| match p {
+        PatternProblem::Missing => ConvertError::Missing { field },
+        PatternProblem::Bad(reason) => ConvertError::NamePattern { field, reason },
+        PatternProblem::NotNormal { text, normal } => ConvertError::NameNotNormal {
             field,
-            reason: rs::BadNamePattern::MisplacedWildcard { name: text },
-        });
-    }
-    if pattern.to_string() != text {
-        return Err(ConvertError::NameNotNormal {
-            field,
-            normal: pattern.to_string(),
+            normal,
             text,
-        });
-    }
+        },
+    })?;
     Ok(rs::NameEntry {
         identity: n.identity,
         pattern,

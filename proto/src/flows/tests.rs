@@ -79,11 +79,16 @@ prop_compose! {
             rule(),
             any::<u32>(),
         ).prop_map(|(verdict, rule, rule_id)| rs::StagedOutcome { verdict, rule, rule_id })),
+        // Sorted and distinct, as agents send them (a set's order is the patterns' order).
+        peer_names in prop::collection::btree_set(
+            crate::convert::names::tests::name_entry().prop_map(|e| e.pattern),
+            0..4,
+        ).prop_map(|s| s.into_iter().collect::<Vec<_>>()),
     ) -> rs::FlowRecord {
         rs::FlowRecord {
             time_unix_nanos, endpoint, direction, src, dst, src_port, dst_port, protocol, kind,
-            verdict, rule, rule_id, local_identity, peer_identity, peer, reason, packets, bytes,
-            staged,
+            verdict, rule, rule_id, local_identity, peer_identity, peer, peer_names, reason,
+            packets, bytes, staged,
         }
     }
 }
@@ -542,4 +547,101 @@ fn a_record_of_an_agent_from_before_is_refused() {
     let m = pb::FlowRecord::decode(old.as_slice()).expect("unknown fields are skipped");
     let err = rs::FlowRecord::try_from(m).expect_err("refused");
     assert_eq!(err.to_string(), "flow record endpoint: missing");
+}
+
+fn pattern(text: &str) -> rs::NamePattern {
+    rs::NamePattern::parse(text).expect("a valid pattern")
+}
+
+/// A record of an agent before names (no field 30) reads as one without names; a record with
+/// names reads back with them; a reader before names skips them and reads the rest.
+#[test]
+fn peer_names_cross_the_wire_and_old_records_have_none() {
+    let old_bytes = good().encode_to_vec();
+    let old =
+        rs::FlowRecord::try_from(pb::FlowRecord::decode(old_bytes.as_slice()).expect("decodes"))
+            .expect("a good record");
+    assert!(old.peer_names.is_empty());
+
+    let named = rs::FlowRecord {
+        // In the patterns' order, as agents send them: exact names before wildcards.
+        peer_names: vec![pattern("api.example.com"), pattern("*.example.com")],
+        ..old.clone()
+    };
+    let wire = pb::FlowRecord::from(&named);
+    assert_eq!(
+        wire.peer_names,
+        vec![
+            pb::NamePattern {
+                kind: Some(pb::name_pattern::Kind::Exact("api.example.com".into()))
+            },
+            pb::NamePattern {
+                kind: Some(pb::name_pattern::Kind::WildcardSuffix("example.com".into()))
+            },
+        ]
+    );
+    assert_eq!(rs::FlowRecord::try_from(decode(&wire)), Ok(named.clone()));
+
+    /// The message as readers before names knew it (a few of its fields).
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Before {
+        #[prost(uint64, tag = "1")]
+        time_unix_nanos: u64,
+        #[prost(uint32, tag = "7")]
+        dst_port: u32,
+        #[prost(bytes = "vec", tag = "23")]
+        dst: Vec<u8>,
+    }
+    let before = Before::decode(wire.encode_to_vec().as_slice()).expect("field 30 is skipped");
+    assert_eq!(
+        (before.time_unix_nanos, before.dst_port, before.dst),
+        (1, 80, vec![10, 0, 0, 2])
+    );
+}
+
+/// Names a record cannot hold are refused by field; names out of order or repeated are put in
+/// order once.
+#[test]
+fn bad_peer_names_are_refused_and_others_normalized() {
+    use pb::name_pattern::Kind;
+    let with = |kinds: Vec<Option<Kind>>| {
+        rs::FlowRecord::try_from(pb::FlowRecord {
+            peer_names: kinds
+                .into_iter()
+                .map(|kind| pb::NamePattern { kind })
+                .collect(),
+            ..good()
+        })
+    };
+    let exact = |s: &str| Some(Kind::Exact(s.into()));
+    for (kinds, want) in [
+        (vec![None], "missing"),
+        (vec![exact("com")], "single label"),
+        (vec![exact("*.example.com")], "'*'"),
+        (vec![exact("API.example.com")], "normal form"),
+        (
+            vec![Some(Kind::WildcardSuffix("example.com.".into()))],
+            "normal form",
+        ),
+        (
+            (0..9)
+                .map(|i| exact(&format!("h{i}.example.com")))
+                .collect(),
+            "9 names, more than 8",
+        ),
+    ] {
+        let err = with(kinds).expect_err(want);
+        assert_eq!(err.field, FlowField::PeerNames, "{err}");
+        assert!(err.to_string().contains(want), "{err}");
+    }
+    let r = with(vec![
+        exact("b.example.com"),
+        exact("a.example.com"),
+        exact("b.example.com"),
+    ])
+    .expect("good names");
+    assert_eq!(
+        r.peer_names,
+        vec![pattern("a.example.com"), pattern("b.example.com")]
+    );
 }

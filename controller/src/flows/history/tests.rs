@@ -83,6 +83,7 @@ fn record(endpoint: &str, src: &str, dst: &str, verdict: FlowVerdict, t: u64) ->
         reason: FlowReason::AllowedNew,
         packets: 1,
         bytes: 60,
+        peer_names: Vec::new(),
         staged: None,
     }
 }
@@ -794,4 +795,84 @@ fn retention_drops_the_filters_with_their_chunks() {
         })
         .expect("filter bytes");
     assert!(filter_bytes > 0);
+}
+
+/// The DNS names of world peers are kept with their records and found by `peer_name`; a chunk
+/// written before records had names (no field 30 in its messages) reads back with none.
+#[test]
+fn peer_names_survive_the_history_and_old_chunks_read_without_them() {
+    use bulkhead_proto::v1 as pb;
+    let tmp = TempDir::new("peer-names");
+    let now = now_unix_nanos();
+    let history = FlowHistory::open(HistoryConfig::new(&tmp.0)).expect("open");
+    let name = |s: &str| crate::ruleset::NamePattern::parse(s).expect("name");
+    let mut named = record(
+        "shop/api-0",
+        "10.0.0.2",
+        "203.0.113.7",
+        FlowVerdict::Denied,
+        now + 1,
+    );
+    named.direction = Direction::Egress;
+    named.peer_names = vec![name("api.example.com"), name("*.example.com")];
+    write_chunk(&history, 0, vec![FlowEntry::Flow(named.clone())]);
+
+    // A chunk as a controller before names wrote it: the same run of length-delimited
+    // messages, LZ4-compressed, without a filter row (as the oldest format had none).
+    let old = record(
+        "shop/api-0",
+        "10.0.0.1",
+        "10.0.0.2",
+        FlowVerdict::Allowed,
+        now + 2,
+    );
+    let stored = pb::StoredFlow {
+        node: "n1".into(),
+        entry: Some((&FlowEntry::Flow(old.clone())).into()),
+        sequence: 9,
+    };
+    let mut raw = Vec::new();
+    stored
+        .encode_length_delimited(&mut raw)
+        .expect("encode into a Vec");
+    // Field 30 (length-delimited) would begin with the key 0xf2 0x01: absent, as before names.
+    assert!(!raw.windows(2).any(|w| w == [0xf2, 0x01]), "{raw:x?}");
+    Connection::open(history.path())
+        .and_then(|c| {
+            c.execute(
+                "INSERT INTO chunks (min_time, max_time, records, data) VALUES (?1, ?2, 1, ?3)",
+                params![
+                    to_sql_time(now + 2),
+                    to_sql_time(now + 2),
+                    lz4_flex::compress_prepend_size(&raw)
+                ],
+            )
+        })
+        .expect("write an old chunk");
+
+    let got = all(&history, in_range(0, None));
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].entry, FlowEntry::Flow(named.clone()));
+    assert_eq!(got[1].entry, FlowEntry::Flow(old));
+    match &got[1].entry {
+        FlowEntry::Flow(r) => assert!(r.peer_names.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    // The history answers `peer_name` queries.
+    let by_name = |n: &str| {
+        all(
+            &history,
+            HistoryQuery {
+                filter: FlowFilter {
+                    peer_name: Some(name(n)),
+                    ..FlowFilter::default()
+                },
+                until_unix_nanos: None,
+                newest_first: false,
+            },
+        )
+    };
+    assert_eq!(by_name("api.example.com").len(), 1);
+    assert_eq!(by_name("*.example.com").len(), 1);
+    assert!(by_name("other.example.org").is_empty());
 }

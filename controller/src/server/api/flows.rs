@@ -14,8 +14,9 @@ use crate::{
     flows::{
         FlowFilter,
         history::{FlowHistory, HistoryQuery},
+        peer_name_matches,
     },
-    ruleset::FlowEntry,
+    ruleset::{FlowEntry, NamePattern},
 };
 
 /// Records looked through for one answer, newest first.
@@ -31,6 +32,14 @@ pub(super) async fn flows(
             format!("bad query: {}", e.body_text().to_lowercase()),
         )
     })?;
+    if let Some(name) = &q.peer_name {
+        NamePattern::parse(name).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("bad query: peer_name: {e}"),
+            )
+        })?;
+    }
     let history = if q.history == Some(true) {
         let h = s.flows.lock().ok().and_then(|f| f.history().cloned());
         Some(h.ok_or_else(|| {
@@ -74,6 +83,7 @@ fn from_history(s: &ApiState, q: &FlowQuery, h: &FlowHistory) -> Result<Vec<Flow
             verdict,
             staged_verdict: q.staged_verdict.clone(),
             since_unix_nanos: q.since.unwrap_or(0),
+            peer_name: peer_name(q),
         },
         until_unix_nanos: q.until,
         newest_first: true,
@@ -101,6 +111,13 @@ fn from_history(s: &ApiState, q: &FlowQuery, h: &FlowHistory) -> Result<Vec<Flow
     }
 }
 
+/// The query's peer name (checked when the query arrived).
+fn peer_name(q: &FlowQuery) -> Option<NamePattern> {
+    q.peer_name
+        .as_deref()
+        .and_then(|n| NamePattern::parse(n).ok())
+}
+
 fn select(
     s: &ApiState,
     q: &FlowQuery,
@@ -113,6 +130,7 @@ fn select(
     };
     let limit = q.limit.unwrap_or(most).clamp(1, most);
     let cluster = Cluster::of(&s.hub);
+    let peer_name = peer_name(q);
     let in_ns = |id: &str, ns: &str| id.split_once('/').is_some_and(|(n, _)| n == ns);
     let mut out = Vec::new();
     for (node, mut e) in records {
@@ -129,6 +147,11 @@ fn select(
         }
         if let Some(v) = &q.staged_verdict
             && !matches!(&e, FlowEntry::Flow(r) if r.staged_verdict().as_str() == v)
+        {
+            continue;
+        }
+        if let Some(wanted) = &peer_name
+            && !matches!(&e, FlowEntry::Flow(r) if peer_name_matches(&r.peer_names, wanted))
         {
             continue;
         }

@@ -94,7 +94,7 @@ impl Cluster {
             .workload_of_ip
             .get(&peer_ip)
             .cloned()
-            .unwrap_or_else(|| "world".into());
+            .unwrap_or_else(|| crate::flows::world_id(&r.peer_names));
         let peer_pod = r
             .peer
             .as_ref()
@@ -224,6 +224,7 @@ fn draw_map(
                 namespace: namespace.clone(),
                 workload: workload.clone(),
                 kind: "workload".into(),
+                domain: None,
                 pods: pods.clone(),
                 quarantined: q,
             },
@@ -231,7 +232,10 @@ fn draw_map(
     }
     for n in &graph.nodes {
         nodes.entry(n.id.clone()).or_insert_with(|| {
-            let kind = if n.namespace.is_empty() {
+            // A named world node is drawn among the world, labelled by its domain.
+            let kind = if n.domain.is_some() {
+                "world"
+            } else if n.namespace.is_empty() {
                 n.workload.as_str()
             } else {
                 "workload"
@@ -241,6 +245,7 @@ fn draw_map(
                 namespace: n.namespace.clone(),
                 workload: n.workload.clone(),
                 kind: kind.into(),
+                domain: n.domain.clone(),
                 pods: Vec::new(),
                 quarantined: false,
             }

@@ -80,6 +80,7 @@ fn record(
         reason: FlowReason::DeniedPolicy,
         packets: 1,
         bytes: 60,
+        peer_names: Vec::new(),
         staged: None,
     }
 }

@@ -87,6 +87,9 @@ pub struct FlowLine {
     pub node: String,
     /// The pod at the other end, `namespace/pod`, when known.
     pub peer: String,
+    /// The DNS names (or `*.suffix` patterns) the endpoint had learned the peer's address for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_names: Vec<String>,
     pub protocol: u8,
     pub reason: String,
     /// The rule that decided, as text.
@@ -116,6 +119,7 @@ impl FlowLine {
                 kind: r.kind.as_str().into(),
                 node: node.into(),
                 peer: r.peer.as_ref().map(PodKey::to_string).unwrap_or_default(),
+                peer_names: r.peer_names.iter().map(ToString::to_string).collect(),
                 protocol: r.protocol,
                 reason: r.reason.as_str().into(),
                 rule: r.rule.to_string(),
@@ -232,6 +236,10 @@ pub struct FlowQuery {
     /// what promoting them would break, with what is denied already).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub staged_verdict: Option<String>,
+    /// To or from a peer outside the cluster named by DNS: this name or `*.suffix` pattern
+    /// (see `flows::peer_name_matches`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_name: Option<String>,
     /// Observed at or after this time, in nanoseconds since the Unix epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since: Option<u64>,
@@ -270,6 +278,7 @@ impl FlowQuery {
             ("namespace", &self.namespace),
             ("verdict", &self.verdict),
             ("staged_verdict", &self.staged_verdict),
+            ("peer_name", &self.peer_name),
         ];
         for (k, v) in text {
             if let Some(v) = v {
@@ -341,6 +350,9 @@ pub struct MapNode {
     pub workload: String,
     /// `workload`, or what an address of no pod is (`world`, `host`).
     pub kind: String,
+    /// For a world node named by DNS (`world: NAME`), NAME.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
     pub pods: Vec<PodView>,
     pub quarantined: bool,
 }
