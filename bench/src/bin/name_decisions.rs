@@ -128,6 +128,7 @@ fn ruleset() -> RuleSet {
         ipcache,
         rules: Default::default(),
         names: Vec::new(),
+        dns_resolvers: Vec::new(),
     }
 }
 
