@@ -109,8 +109,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::error::EngineError;
 use crate::identity::{
-    IdentityKey, LabelFilter, Move, OrderedSlots, cidr_hash, cidr_identity_slots,
-    pod_identity_slots,
+    IdentityKey, LabelFilter, Move, NodeIdentityKey, OrderedSlots, cidr_hash, cidr_identity_slots,
+    node_identity_slots, pod_identity_slots,
 };
 use crate::model::{
     CidrPeer, Isolation, Labels, NAMESPACE_NAME_LABEL, Namespace, NamespaceScope, Node, Object,
@@ -129,6 +129,7 @@ mod identities;
 mod inventory;
 mod ipcache;
 mod names;
+mod nodes;
 mod quarantine;
 mod repository;
 mod selectors;
@@ -138,6 +139,7 @@ use apply::{View, is_quarantine_group};
 use delta::Journal;
 use identities::{Identities, IdentityChanges};
 use inventory::{Inventory, Placed};
+use nodes::NodeTable;
 use quarantine::Quarantines;
 use repository::Repository;
 use selectors::{MemberChanges, SelectorCache, Universe};
@@ -215,6 +217,8 @@ enum SelectionSpec {
     Host,
     /// Every pod identity (egress named ports towards "anywhere").
     AllPods,
+    /// Node identities whose labels the selector matches (ClusterNetworkPolicy `nodes`).
+    Nodes(crate::selector::Selector),
     /// The one name identity of a DNS name pattern (see [`names`]): it matches no pod, CIDR or
     /// entity identity, so entries by name never admit anything but learned addresses.
     Name(crate::ruleset::NamePattern),
@@ -243,6 +247,8 @@ enum IdentityKind {
     /// active Quarantines (sorted): it is never a peer and no address resolves to it.
     Quarantine(QuarantineSet),
     Cidr(IpNetwork),
+    /// The addresses of the nodes with this key (see [`nodes`]).
+    Node(Arc<NodeIdentityKey>),
     World,
     Host,
 }
@@ -328,6 +334,8 @@ pub struct PolicyEngine {
     repository: Repository,
     quarantines: Quarantines,
     span: NodeSpan,
+    /// Nodes' labels, addresses and node identities.
+    node_table: NodeTable,
     journal: Journal,
 }
 
@@ -342,6 +350,7 @@ impl PolicyEngine {
             repository: Repository::default(),
             quarantines: Quarantines::new(SystemTime::now()),
             span: NodeSpan::default(),
+            node_table: NodeTable::default(),
             journal: Journal::default(),
         };
         // The reserved identities, which the identities start with.
@@ -387,6 +396,7 @@ impl PolicyEngine {
                 Object::Node(n) => {
                     let idx = engine.node_idx(&n.name);
                     engine.inventory.set_declared(idx, true);
+                    engine.node_table.set(&n.name, &n.labels, &n.addresses);
                 }
                 Object::Pod(p) => pods.push(p),
                 Object::Policy(p) => {
@@ -403,6 +413,11 @@ impl PolicyEngine {
         }
         let ch = engine.identities.add_cidrs(cidrs)?;
         engine.identities_changed(ch);
+        // Node identities (with their CIDR classes), if a policy names `nodes` peers.
+        for p in policies.values() {
+            engine.node_table.set_user(&p.key, p.uses_nodes());
+        }
+        engine.rekey_nodes()?;
         // Staged policies first: an enforced policy that one of them replaces goes in as
         // superseded.
         let (staged, enforced): (Vec<_>, Vec<_>) = policies
@@ -596,7 +611,6 @@ impl PolicyEngine {
     /// The engine's inputs as objects (namespaces, declared nodes, pods, policies and
     /// Quarantines): [`PolicyEngine::new_at`] with them and [`PolicyEngine::now`] compiles the
     /// same rule sets, so a what-if can compile a changed copy without touching this engine.
-    /// Node labels are not kept (nothing reads them) and come back empty.
     pub fn objects(&self) -> Vec<Object> {
         let mut out: Vec<Object> = self
             .inventory
@@ -612,10 +626,12 @@ impl PolicyEngine {
             (0..self.inventory.node_count() as NodeIdx)
                 .filter(|n| self.inventory.declared(*n))
                 .map(|n| {
-                    Object::Node(Node {
-                        name: self.inventory.node_name(n).to_string(),
+                    let name = self.inventory.node_name(n);
+                    Object::Node(self.node_table.node(name).unwrap_or_else(|| Node {
+                        name: name.to_string(),
                         labels: Labels::new(),
-                    })
+                        addresses: Vec::new(),
+                    }))
                 }),
         );
         out.extend(self.pods().into_iter().map(Object::Pod));
@@ -657,7 +673,10 @@ impl PolicyEngine {
             .iter()
             .filter_map(|(id, pk)| self.endpoint(*id, pk))
             .collect();
-        let cache: BTreeMap<IpNetwork, Identity> = self.identities.cidr_identities().collect();
+        let mut cache: BTreeMap<IpNetwork, Identity> = self.identities.cidr_identities().collect();
+        // A node address's node identity wins over a CIDR identity of the same prefix (and a
+        // pod address over both, below).
+        cache.extend(self.node_table.entries());
         let pod_entries = self.pod_entries(idx);
         let mut ipcache: Vec<IpCacheEntry> = Vec::with_capacity(pod_entries.len() + cache.len());
         // Merge two sorted lists; a pod address wins over a CIDR identity of the same prefix.
@@ -932,12 +951,14 @@ impl PolicyEngine {
                 let idx = self.node_idx(&node.name);
                 self.note_node(idx);
                 self.inventory.set_declared(idx, true);
+                self.set_node_info(&node)?;
             }
             Change::DeleteNode(name) => {
                 if let Some(idx) = self.inventory.find_node(&name) {
                     self.note_node(idx);
                     self.inventory.set_declared(idx, false);
                 }
+                self.remove_node_info(&name);
             }
             Change::UpsertPolicy(policy) => self.upsert_policy(policy)?,
             Change::DeletePolicy(key) => self.delete_policy(&key)?,
