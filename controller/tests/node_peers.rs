@@ -49,9 +49,27 @@ status:
         }
     }
     for (ns, pod, node, ip, host) in [
-        ("gryffindor", "harry-potter-0", "node-a", "10.244.1.10", false),
-        ("gryffindor", "harry-potter-1", "node-b", "10.244.2.11", false),
-        ("slytherin", "draco-malfoy-0", "node-a", "10.244.1.20", false),
+        (
+            "gryffindor",
+            "harry-potter-0",
+            "node-a",
+            "10.244.1.10",
+            false,
+        ),
+        (
+            "gryffindor",
+            "harry-potter-1",
+            "node-b",
+            "10.244.2.11",
+            false,
+        ),
+        (
+            "slytherin",
+            "draco-malfoy-0",
+            "node-a",
+            "10.244.1.20",
+            false,
+        ),
         ("forbidden-forrest", "centaur-1", "node-b", NODE_B_IP, true),
     ] {
         let house = ns;
@@ -222,14 +240,34 @@ fn cnp_admin_tier_egress_node_peers() {
             for node_ip in [NODE_A_IP, NODE_B_IP] {
                 let at = |proto, port| egress(&e, client, proto, node_ip, port);
                 // "allow-egress" (rule 0): TCP HostNetworkPorts[0] accepted.
-                assert_eq!(at(Protocol::Tcp, HOST_PORTS[0]), Verdict::Allow, "{api} {client} {node_ip}");
+                assert_eq!(
+                    at(Protocol::Tcp, HOST_PORTS[0]),
+                    Verdict::Allow,
+                    "{api} {client} {node_ip}"
+                );
                 // "pass-egress" (rule 1): UDP HostNetworkPorts[2] passed on; no NetworkPolicy
                 // or Baseline policy decides, so it is allowed.
-                assert_eq!(at(Protocol::Udp, HOST_PORTS[2]), Verdict::Allow, "{api} {client} {node_ip}");
+                assert_eq!(
+                    at(Protocol::Udp, HOST_PORTS[2]),
+                    Verdict::Allow,
+                    "{api} {client} {node_ip}"
+                );
                 // "deny-egress" (rule 2): the rest of the nodes' ports.
-                assert_eq!(at(Protocol::Tcp, HOST_PORTS[1]), Verdict::Deny, "{api} {client} {node_ip}");
-                assert_eq!(at(Protocol::Udp, HOST_PORTS[4]), Verdict::Deny, "{api} {client} {node_ip}");
-                assert_eq!(at(Protocol::Sctp, HOST_PORTS[6]), Verdict::Deny, "{api} {client} {node_ip}");
+                assert_eq!(
+                    at(Protocol::Tcp, HOST_PORTS[1]),
+                    Verdict::Deny,
+                    "{api} {client} {node_ip}"
+                );
+                assert_eq!(
+                    at(Protocol::Udp, HOST_PORTS[4]),
+                    Verdict::Deny,
+                    "{api} {client} {node_ip}"
+                );
+                assert_eq!(
+                    at(Protocol::Sctp, HOST_PORTS[6]),
+                    Verdict::Deny,
+                    "{api} {client} {node_ip}"
+                );
             }
             // node-b's IPv6 address is a node address too (not only the internet's ::/0).
             let v6 = |proto, port| {
@@ -324,9 +362,18 @@ spec:
     let rs = e.ruleset("node-a").expect("rule set");
     assert!(rs.identity_of(NODE_A_IP.parse().expect("ip")) >= identity::FIRST_NODE_IDENTITY);
     for (client, node) in [("harry-potter-0", NODE_A_IP), ("harry-potter-1", NODE_A_IP)] {
-        assert_eq!(egress(&e, client, Protocol::Tcp, node, 10250), Verdict::Allow);
-        assert_eq!(egress(&e, client, Protocol::Tcp, node, 10251), Verdict::Deny);
-        assert_eq!(egress(&e, client, Protocol::Tcp, NODE_B_IP, 10250), Verdict::Deny);
+        assert_eq!(
+            egress(&e, client, Protocol::Tcp, node, 10250),
+            Verdict::Allow
+        );
+        assert_eq!(
+            egress(&e, client, Protocol::Tcp, node, 10251),
+            Verdict::Deny
+        );
+        assert_eq!(
+            egress(&e, client, Protocol::Tcp, NODE_B_IP, 10250),
+            Verdict::Deny
+        );
     }
 }
 
@@ -338,7 +385,13 @@ fn a_node_relabel_moves_it_in_and_out_of_node_selections() {
     let before = e.rulesets();
     let old_id = before["node-a"].identity_of(NODE_B_IP.parse().expect("ip"));
     assert_eq!(
-        egress(&e, "harry-potter-0", Protocol::Tcp, NODE_B_IP, HOST_PORTS[1]),
+        egress(
+            &e,
+            "harry-potter-0",
+            Protocol::Tcp,
+            NODE_B_IP,
+            HOST_PORTS[1]
+        ),
         Verdict::Deny
     );
     // node-b is no longer Linux: neither the Accept, the Pass nor the node Deny selects it; the
@@ -368,17 +421,35 @@ fn a_node_relabel_moves_it_in_and_out_of_node_selections() {
     }
     assert_eq!(rebuilt, after);
     assert_eq!(
-        egress(&e, "harry-potter-0", Protocol::Tcp, NODE_B_IP, HOST_PORTS[0]),
+        egress(
+            &e,
+            "harry-potter-0",
+            Protocol::Tcp,
+            NODE_B_IP,
+            HOST_PORTS[0]
+        ),
         Verdict::Deny,
         "the Accept no longer selects node-b"
     );
     assert_eq!(
-        egress(&e, "harry-potter-0", Protocol::Udp, NODE_B_IP, HOST_PORTS[2]),
+        egress(
+            &e,
+            "harry-potter-0",
+            Protocol::Udp,
+            NODE_B_IP,
+            HOST_PORTS[2]
+        ),
         Verdict::Deny,
         "nor the Pass"
     );
     assert_eq!(
-        egress(&e, "harry-potter-0", Protocol::Tcp, NODE_A_IP, HOST_PORTS[0]),
+        egress(
+            &e,
+            "harry-potter-0",
+            Protocol::Tcp,
+            NODE_A_IP,
+            HOST_PORTS[0]
+        ),
         Verdict::Allow
     );
     // The last policy with `nodes` peers goes: node addresses leave every ipcache.
@@ -434,7 +505,9 @@ status:
     );
     assert_eq!(bad.errors.len(), 1, "{:?}", bad.errors);
     assert!(
-        bad.errors[0].to_string().contains("status.addresses[0].address"),
+        bad.errors[0]
+            .to_string()
+            .contains("status.addresses[0].address"),
         "{}",
         bad.errors[0]
     );

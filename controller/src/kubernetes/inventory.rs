@@ -527,7 +527,10 @@ mod tests {
             panic!("one node upsert: {:?}", c.others);
         };
         assert_eq!(n.name, "node-a");
-        assert_eq!(n.addresses, ["172.18.0.3".parse::<std::net::IpAddr>().unwrap()]);
+        assert_eq!(
+            n.addresses,
+            ["172.18.0.3".parse::<std::net::IpAddr>().unwrap()]
+        );
         assert_eq!(n.labels["kubernetes.io/os"], "linux");
         // A heartbeat: new resourceVersion and condition times, same model.
         let mut beat = recorded.clone();
