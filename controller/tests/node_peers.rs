@@ -473,6 +473,24 @@ fn a_node_relabel_moves_it_in_and_out_of_node_selections() {
     );
 }
 
+/// A pod address equal to a node address (stale data: host-network pods are not endpoints)
+/// keeps the pod's entry; the node's other address gets the node identity.
+#[test]
+fn a_pod_address_wins_over_a_node_address() {
+    let yaml = format!("{}{}", cluster(), admin_policy("v1beta1"))
+        .replace("address: 172.18.0.3", "address: 10.244.1.10");
+    let e = compile(&yaml);
+    let rs = e.ruleset("node-a").expect("rule set");
+    let pod = e
+        .identity_of_pod(&bulkhead_controller::PodKey {
+            namespace: "network-policy-conformance-gryffindor".into(),
+            name: "harry-potter-0".into(),
+        })
+        .expect("identity");
+    assert_eq!(rs.identity_of("10.244.1.10".parse().expect("ip")), pod);
+    assert!(rs.identity_of(NODE_B_IP.parse().expect("ip")) >= identity::FIRST_NODE_IDENTITY);
+}
+
 #[test]
 fn node_addresses_come_from_status_addresses() {
     let loaded = objects(

@@ -578,6 +578,43 @@ mod tests {
     }
 
     #[test]
+    fn node_identities_are_shared_by_equal_keys_and_released_by_the_last_node() {
+        let mut ids = Identities::default();
+        let net: IpNetwork = "10.0.0.0/8".parse().unwrap();
+        ids.adjust_cidrs(&[], &[net]).unwrap();
+        let labels: Labels = [("zone".to_string(), "a".to_string())]
+            .into_iter()
+            .collect();
+        let inside = ids.key_of_node(&labels, &["10.1.0.1".parse().unwrap()]);
+        assert_eq!(inside.cidr_class, [net]);
+        let outside = ids.key_of_node(&labels, &["192.0.2.1".parse().unwrap()]);
+        assert!(outside.cidr_class.is_empty());
+        let (a, ch) = ids.acquire_node_identity(inside.clone(), "n1").unwrap();
+        assert!(crate::identity::is_node_identity(a), "{a}");
+        assert_eq!(ch.created, [a]);
+        let (b, ch) = ids.acquire_node_identity(inside, "n2").unwrap();
+        assert_eq!((b, ch.is_empty()), (a, true), "equal keys share one");
+        // Same labels, so the same home slot: one of the two moves, with its nodes.
+        let (c, ch) = ids.acquire_node_identity(outside, "n3").unwrap();
+        let a = match ch.renumbered.as_slice() {
+            [] => a,
+            [r] => {
+                assert_eq!(
+                    (r.from, &r.nodes[..]),
+                    (a, &["n1".to_string(), "n2".into()][..])
+                );
+                r.to
+            }
+            more => panic!("one move at most: {more:?}"),
+        };
+        assert_ne!(c, a, "another CIDR class is another identity");
+        assert!(crate::identity::is_node_identity(c));
+        assert!(ids.leave_node(a, "n1").is_empty(), "n2 still holds it");
+        assert_eq!(ids.leave_node(a, "n2").destroyed, [a]);
+        assert!(!ids.contains(a) && ids.contains(c));
+    }
+
+    #[test]
     fn quarantine_groups_are_identities_of_their_own_range() {
         let mut ids = Identities::default();
         let set: QuarantineSet = Arc::new(vec![PolicyKey {
