@@ -130,6 +130,7 @@ pub fn small_namespaces(namespaces: usize, nodes: usize, seed: u64) -> Vec<Objec
         out.push(Object::Node(Node {
             name: node_name(n),
             labels: BTreeMap::new(),
+            addresses: Vec::new(),
         }));
     }
     let mut ip = 0;
@@ -191,6 +192,7 @@ pub fn one_namespace(pods: usize, policies: usize, nodes: usize, seed: u64) -> V
         out.push(Object::Node(Node {
             name: node_name(n),
             labels: BTreeMap::new(),
+            addresses: Vec::new(),
         }));
     }
     let ns = "scale";

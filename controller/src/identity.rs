@@ -125,6 +125,35 @@ impl IdentityKey {
     }
 }
 
+/// What the nodes of one node identity have in common: their labels (all of them: a Node's
+/// labels are set by administrators and kubelets, not by controllers stamping hashes, and a
+/// `nodes` selector may name any) and the policy CIDRs that contain one of their addresses (so
+/// that a node address matches exactly the `networks`/`ipBlock` peers it matched before it had
+/// an identity). Two nodes with equal keys share the identity, as pods do; in practice the
+/// `kubernetes.io/hostname` label makes every node's key its own.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeIdentityKey {
+    pub labels: BTreeMap<String, String>,
+    /// Sorted.
+    pub cidr_class: Vec<IpNetwork>,
+}
+
+impl NodeIdentityKey {
+    /// Home-slot hash: the labels only, so that a change of CIDR class keeps the number unless
+    /// it collides.
+    pub fn home_hash(&self) -> u64 {
+        let mut h = Fnv::default();
+        h.write(b"node");
+        for (k, v) in &self.labels {
+            h.write(&[0xfe]);
+            h.write(k.as_bytes());
+            h.write(&[0xfd]);
+            h.write(v.as_bytes());
+        }
+        h.finish()
+    }
+}
+
 /// 64-bit FNV-1a: a hash whose value is fixed by its definition, so identity numbers do not
 /// depend on the Rust version or a random seed.
 #[derive(Clone, Copy)]
@@ -334,6 +363,16 @@ pub fn cidr_identity_slots() -> OrderedSlots<IpNetwork> {
     )
 }
 
+/// Node identities: numbers from [`identity::FIRST_NODE_IDENTITY`], 2^16 of them.
+pub fn node_identity_slots() -> OrderedSlots<std::sync::Arc<NodeIdentityKey>> {
+    OrderedSlots::new(
+        "node identity",
+        identity::FIRST_NODE_IDENTITY,
+        identity::NODE_IDENTITY_COUNT - 1024,
+        1024,
+    )
+}
+
 pub fn cidr_hash(cidr: &IpNetwork) -> u64 {
     Fnv::hash_str(&cidr.to_string())
 }
@@ -344,7 +383,13 @@ pub fn is_pod_identity(id: Identity) -> bool {
 }
 
 pub fn is_cidr_identity(id: Identity) -> bool {
-    id >= identity::FIRST_CIDR_IDENTITY && id != identity::ANY
+    (identity::FIRST_CIDR_IDENTITY..identity::FIRST_NODE_IDENTITY).contains(&id)
+}
+
+/// Which identities stand for nodes (see [`NodeIdentityKey`]).
+pub fn is_node_identity(id: Identity) -> bool {
+    id >= identity::FIRST_NODE_IDENTITY
+        && id - identity::FIRST_NODE_IDENTITY < identity::NODE_IDENTITY_COUNT
 }
 
 #[cfg(test)]

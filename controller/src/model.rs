@@ -29,6 +29,9 @@ pub struct Namespace {
 pub struct Node {
     pub name: String,
     pub labels: Labels,
+    /// The `InternalIP` and `ExternalIP` addresses of `status.addresses` (both families),
+    /// sorted, without duplicates: what a ClusterNetworkPolicy `nodes` peer selects.
+    pub addresses: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -125,6 +128,10 @@ pub enum Peer {
     Cluster,
     /// The node's host network namespace (ServicePolicy entity `host`).
     Host,
+    /// The addresses of the Nodes whose labels the selector matches (ClusterNetworkPolicy
+    /// `nodes`, egress only, as upstream). Each Node's addresses carry a node identity with its
+    /// labels; see [`crate::engine`].
+    Nodes(Selector),
     /// Destinations the pod resolved through DNS to a name the pattern matches
     /// (ClusterNetworkPolicy `domainNames`, ServicePolicy `fqdn`). Egress `Allow` rules only:
     /// the loaders refuse it anywhere else (see [`crate::ruleset::names`] for why).
@@ -234,6 +241,14 @@ impl Policy {
                 Peer::Name(n) => Some(n),
                 _ => None,
             })
+    }
+
+    /// Whether some rule names a `nodes` peer (node identities exist while one does).
+    pub fn uses_nodes(&self) -> bool {
+        self.rules
+            .iter()
+            .flat_map(|r| r.peers.iter())
+            .any(|p| matches!(p, Peer::Nodes(_)))
     }
 
     /// Every CIDR the policy mentions (including `except` ones): each gets its own identity.

@@ -504,6 +504,7 @@ fn one_namespace(pods: usize, nodes: usize) -> Vec<Object> {
             Object::Node(Node {
                 name: format!("node-{n:04}"),
                 labels: Default::default(),
+                addresses: Vec::new(),
             })
         })
         .collect();

@@ -60,6 +60,12 @@ fn policy_pool() -> Vec<Vec<Object>> {
             "apiVersion: bulkhead.dev/v1alpha1\nkind: ServicePolicy\nmetadata: {namespace: x, name: fqdn}\nspec:\n  subject: {podSelector: {matchLabels: {app: db}}}\n  egress: [{to: [{fqdn: {matchPattern: '*.example.org'}}, {fqdn: {matchName: db.example.net}}]}]",
             "apiVersion: bulkhead.dev/v1alpha1\nkind: ServicePolicy\nmetadata: {namespace: x, name: fqdn}\nspec:\n  mode: Audit\n  egress: [{to: [{fqdn: {matchName: api.example.com}}]}]",
         ],
+        // Node peers: node identities come into use and go with these, and follow the nodes'
+        // labels and addresses (some of which are pod addresses or inside policy CIDRs).
+        vec![
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: nodes}\nspec:\n  tier: Admin\n  priority: 4\n  subject: {namespaces: {}}\n  egress: [{action: Accept, to: [{nodes: {matchLabels: {role: a}}}], protocols: [{tcp: {destinationPort: {number: 10250}}}]}, {action: Deny, to: [{nodes: {}}, {networks: [10.0.0.0/24]}]}]",
+            "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata: {name: nodes}\nspec:\n  tier: Baseline\n  priority: 4\n  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}\n  egress: [{action: Deny, to: [{nodes: {matchExpressions: [{key: role, operator: NotIn, values: [a]}]}}]}]",
+        ],
     ];
     docs.into_iter()
         .map(|variants| {
@@ -109,6 +115,8 @@ enum Step {
     Node {
         node: usize,
         declared: bool,
+        role: Option<usize>,
+        address: Option<u8>,
     },
     /// The clock moves to CLOCK_START + seconds (never back: the engine keeps the later time).
     Tick {
@@ -132,9 +140,10 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0..2usize, 0..4usize).prop_map(|(ns, name)| Step::DeletePod { ns, name }),
         1 => (0..2usize, proptest::option::of(0..2usize)).prop_map(|(ns, team)| Step::Namespace { ns, team }),
         1 => (0..2usize).prop_map(|ns| Step::DeleteNamespace { ns }),
-        4 => (0..10usize, 0..3usize).prop_map(|(index, variant)| Step::Policy { index, variant }),
-        2 => (0..10usize).prop_map(|index| Step::DeletePolicy { index }),
-        1 => (1..4usize, any::<bool>()).prop_map(|(node, declared)| Step::Node { node, declared }),
+        4 => (0..11usize, 0..3usize).prop_map(|(index, variant)| Step::Policy { index, variant }),
+        2 => (0..11usize).prop_map(|index| Step::DeletePolicy { index }),
+        2 => (1..4usize, any::<bool>(), proptest::option::of(0..2usize), proptest::option::weighted(0.8, 0..6u8))
+            .prop_map(|(node, declared, role, address)| Step::Node { node, declared, role, address }),
         1 => (0..25u64).prop_map(|seconds| Step::Tick { seconds }),
     ]
 }
@@ -209,13 +218,37 @@ fn to_change(step: &Step, pool: &[Vec<Object>]) -> Change {
         Step::Node {
             node,
             declared: true,
+            role,
+            address,
         } => Change::UpsertNode(Node {
             name: NODES[*node].unwrap_or("n1").into(),
-            labels: BTreeMap::new(),
+            labels: role
+                .map(|r| ("role".to_string(), ["a", "b"][r].to_string()))
+                .into_iter()
+                .collect(),
+            // Shared between nodes, equal to pod addresses (10.0.0.1-4), inside the pool's
+            // CIDRs, or outside them; some with an IPv6 address too.
+            addresses: address
+                .map(|a| {
+                    let v4: IpAddr = match a {
+                        0..=1 => format!("10.0.0.{}", a + 1),
+                        2..=3 => format!("10.0.1.{}", a + 10),
+                        _ => format!("192.168.0.{a}"),
+                    }
+                    .parse()
+                    .expect("ip");
+                    let mut v = vec![v4];
+                    if a % 2 == 0 {
+                        v.push(format!("fd00::{a}").parse().expect("ip"));
+                    }
+                    v
+                })
+                .unwrap_or_default(),
         }),
         Step::Node {
             node,
             declared: false,
+            ..
         } => Change::DeleteNode(NODES[*node].unwrap_or("n1").into()),
     }
 }

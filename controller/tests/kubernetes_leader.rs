@@ -351,6 +351,7 @@ async fn only_the_leader_serves_agents() {
     let node = bulkhead_controller::Object::Node(bulkhead_controller::model::Node {
         name: "node-a".into(),
         labels: Default::default(),
+        addresses: Vec::new(),
     });
     let engine = PolicyEngine::new(EngineConfig::default(), vec![node]).expect("engine");
     let hub = Arc::new(Hub::new(engine));

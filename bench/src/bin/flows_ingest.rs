@@ -229,6 +229,7 @@ fn cluster(a: &Args) -> Cluster {
         objects.push(Object::Node(Node {
             name: node_name(n),
             labels: BTreeMap::new(),
+            addresses: Vec::new(),
         }));
     }
     let mut workloads = Vec::with_capacity(a.workloads);

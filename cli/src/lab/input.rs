@@ -180,11 +180,34 @@ pub(super) fn pod_ports(pod: &Value) -> Vec<ContainerPort> {
 }
 
 /// What the lab's manifests declare: pod documents (Deployments expanded), objects for the
-/// controller, and the lab's own external hosts.
+/// controller, the lab's own external hosts, and labels for lab nodes (from Node objects).
 pub(super) struct Declared {
     pub pods: BTreeMap<String, Value>,
     pub objects: BTreeMap<String, Value>,
     pub external_hosts: BTreeMap<String, external::ExternalHost>,
+    pub node_labels: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// A Node object's labels. Lab nodes are the lab's own (their names, `node-1`…, and their
+/// addresses on the lab fabric): a Node document only gives one its labels, so anything else
+/// in it is ignored.
+fn node_labels(d: &Value) -> anyhow::Result<(String, BTreeMap<String, String>)> {
+    let name = str_at(d, &["metadata", "name"])
+        .filter(|n| !n.is_empty())
+        .context("a Node needs metadata.name (node-1, node-2, … in a lab)")?;
+    let mut labels = BTreeMap::new();
+    if let Some(map) = d.get("metadata").and_then(|m| m.get("labels")) {
+        let map = map
+            .as_mapping()
+            .with_context(|| format!("Node {name}: metadata.labels must be a map"))?;
+        for (k, v) in map {
+            let (Some(k), Some(v)) = (k.as_str(), v.as_str()) else {
+                bail!("Node {name}: metadata.labels: keys and values must be strings");
+            };
+            labels.insert(k.to_string(), v.to_string());
+        }
+    }
+    Ok((name.to_string(), labels))
 }
 
 /// Splits documents into pods, objects and external hosts (validated: an invalid one stops the
@@ -193,6 +216,7 @@ pub(super) fn classify(docs: Vec<Value>) -> anyhow::Result<Declared> {
     let mut pods = BTreeMap::new();
     let mut objects = BTreeMap::new();
     let mut external_hosts = BTreeMap::new();
+    let mut node_labels_by_name = BTreeMap::new();
     for d in docs {
         if external::is_external_host(&d) {
             let host = external::parse(&d)?;
@@ -218,8 +242,10 @@ pub(super) fn classify(docs: Vec<Value>) -> anyhow::Result<Declared> {
                     pods.insert(key, p);
                 }
             }
-            // Lab nodes are the lab's own.
-            Some("Node") => {}
+            Some("Node") => {
+                let (name, labels) = node_labels(&d)?;
+                node_labels_by_name.insert(name, labels);
+            }
             _ => {
                 objects.insert(object_key(&d), d);
             }
@@ -248,12 +274,32 @@ pub(super) fn classify(docs: Vec<Value>) -> anyhow::Result<Declared> {
         pods,
         objects,
         external_hosts,
+        node_labels: node_labels_by_name,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_document_gives_a_lab_node_its_labels_only() {
+        let docs: Vec<Value> = [
+            "apiVersion: v1\nkind: Node\nmetadata: {name: node-2, labels: {role: ingress, kubernetes.io/os: linux}}\nstatus: {addresses: [{type: InternalIP, address: 192.0.2.9}]}",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}",
+        ]
+        .iter()
+        .map(|d| serde_yaml::from_str(d).expect("yaml"))
+        .collect();
+        let d = classify(docs).expect("valid");
+        assert_eq!(d.node_labels.len(), 1);
+        assert_eq!(d.node_labels["node-2"]["role"], "ingress");
+        assert_eq!(d.objects.len(), 1, "the Node is not passed on as it is");
+        let bad: Value =
+            serde_yaml::from_str("apiVersion: v1\nkind: Node\nmetadata: {labels: {a: b}}")
+                .expect("yaml");
+        assert!(classify(vec![bad]).is_err());
+    }
 
     #[test]
     fn a_deployment_becomes_its_replicas_with_the_templates_labels_and_an_owner() {

@@ -320,10 +320,8 @@ fn remove_pod(state: &LabState, pod: &LabPod) {
 fn write_manifests(state: &LabState) -> anyhow::Result<()> {
     let mut out = String::new();
     for n in &state.nodes {
-        out += &format!(
-            "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\n",
-            n.name
-        );
+        out += "---\n";
+        out += &serde_yaml::to_string(&node_doc(state, n))?;
     }
     for doc in state.objects.values() {
         out += "---\n";
@@ -355,6 +353,58 @@ fn write_manifests(state: &LabState) -> anyhow::Result<()> {
     let tmp = state.dir.join("lab.yaml.tmp");
     std::fs::write(&tmp, out)?;
     std::fs::rename(&tmp, dir.join("lab.yaml"))?;
+    Ok(())
+}
+
+/// A lab node as a Node object: the labels a kubelet sets (`kubernetes.io/hostname`,
+/// `kubernetes.io/os`), those the manifests' Node object gives it (which win), and its fabric
+/// addresses as `InternalIP`s (what ClusterNetworkPolicy `nodes` peers select).
+fn node_doc(state: &LabState, node: &LabNode) -> Value {
+    let mut labels = serde_yaml::Mapping::new();
+    labels.insert("kubernetes.io/hostname".into(), node.name.clone().into());
+    labels.insert("kubernetes.io/os".into(), "linux".into());
+    for (k, v) in state.node_labels.get(&node.name).into_iter().flatten() {
+        labels.insert(k.clone().into(), v.clone().into());
+    }
+    let mut addresses = vec![node_fabric_v4(node.index).to_string()];
+    if state.ipv6 {
+        addresses.push(node_fabric_v6(node.index).to_string());
+    }
+    let addresses: Vec<Value> = addresses
+        .into_iter()
+        .map(|a| {
+            let mut m = serde_yaml::Mapping::new();
+            m.insert("type".into(), "InternalIP".into());
+            m.insert("address".into(), a.into());
+            Value::Mapping(m)
+        })
+        .collect();
+    let mut meta = serde_yaml::Mapping::new();
+    meta.insert("name".into(), node.name.clone().into());
+    meta.insert("labels".into(), Value::Mapping(labels));
+    let mut status = serde_yaml::Mapping::new();
+    status.insert("addresses".into(), Value::Sequence(addresses));
+    let mut doc = serde_yaml::Mapping::new();
+    doc.insert("apiVersion".into(), "v1".into());
+    doc.insert("kind".into(), "Node".into());
+    doc.insert("metadata".into(), Value::Mapping(meta));
+    doc.insert("status".into(), Value::Mapping(status));
+    Value::Mapping(doc)
+}
+
+/// Node objects may only name the lab's nodes.
+fn check_node_names(
+    state: &LabState,
+    labels: &BTreeMap<String, BTreeMap<String, String>>,
+) -> anyhow::Result<()> {
+    for name in labels.keys() {
+        if state.node(name).is_none() {
+            bail!(
+                "Node {name}: this lab's nodes are node-1 … node-{} (a Node object only labels one of them)",
+                state.nodes.len()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -561,6 +611,7 @@ pub fn up(
         pods: mut pod_docs,
         objects,
         external_hosts,
+        node_labels,
     } = classify(docs)?;
     // Leftovers of a crashed lab go first.
     down(dir)?;
@@ -587,7 +638,9 @@ pub fn up(
         next_host: BTreeMap::new(),
         prefilter,
         external_hosts: BTreeMap::new(),
+        node_labels,
     };
+    check_node_names(&state, &state.node_labels)?;
     let result = (|| -> anyhow::Result<()> {
         place_pods(&mut state, &pod_docs)?;
         state.save()?;
@@ -654,7 +707,16 @@ pub fn apply(dir: &Path, files: &[PathBuf], delete: bool) -> anyhow::Result<Exit
         pods: pod_docs,
         objects,
         external_hosts,
+        node_labels,
     } = classify(docs)?;
+    check_node_names(&state, &node_labels)?;
+    if delete {
+        for name in node_labels.keys() {
+            state.node_labels.remove(name);
+        }
+    } else {
+        state.node_labels.extend(node_labels);
+    }
     let mut hosts: BTreeMap<String, external::ExternalHost> = state
         .external_hosts
         .iter()

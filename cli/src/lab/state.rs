@@ -99,6 +99,9 @@ pub struct LabState {
     /// Hosts outside the pod network (lab-only `ExternalHost` objects), by name.
     #[serde(default)]
     pub external_hosts: BTreeMap<String, super::external::ExternalHostState>,
+    /// Labels given to lab nodes by Node objects in the manifests, by node name.
+    #[serde(default)]
+    pub node_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 fn xdp_before_the_choice() -> crate::agent::PrefilterChoice {

@@ -162,6 +162,7 @@ impl PolicyEngine {
             }
         }
         for r in ch.renumbered {
+            self.nodes_renumbered(&r.nodes, r.to);
             for pk in &r.pods {
                 self.touch_pod(pk);
                 if let Some([a, b]) = self.inventory.renumber_pod(pk, r.from, r.to) {
@@ -317,6 +318,10 @@ impl PolicyEngine {
         let mut ch = self.identities.adjust_cidrs(old, new)?;
         let cidrs = std::mem::take(&mut ch.cidrs);
         self.identities_changed(ch);
+        if !cidrs.is_empty() && self.node_table.in_use() {
+            // Nodes inside a CIDR that came or went change CIDR class, hence node identity.
+            self.rekey_nodes()?;
+        }
         let mut rekey: BTreeSet<PodRef> = BTreeSet::new();
         for c in &cidrs {
             rekey.extend(self.inventory.pods_in(c).cloned());

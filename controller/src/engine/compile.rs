@@ -27,6 +27,7 @@ impl PolicyEngine {
             }
         };
         self.adjust_cidrs(&old_cidrs, &new_cidrs)?;
+        self.set_node_user(&key, policy.uses_nodes())?;
         self.add_policy(policy, slot);
         self.refresh_replaced(&key);
         Ok(())
@@ -60,6 +61,7 @@ impl PolicyEngine {
         let moves = self.repository.free_slot(key);
         self.move_policies(moves);
         self.adjust_cidrs(&old_cidrs, &[])?;
+        self.set_node_user(key, false)?;
         self.refresh_replaced(key);
         Ok(())
     }

@@ -26,6 +26,9 @@ pub(super) struct Journal {
     pub group_old: FxHashMap<(NodeIdx, Identity), bool>,
     pub renamed_rules: FxHashSet<RuleId>,
     pub cidr_old: BTreeMap<IpNetwork, Option<Identity>>,
+    /// The node-identity entry of a node address before the change (addresses whose node, or
+    /// whose node's identity, changed): every node carries node addresses.
+    pub node_ip_old: BTreeMap<IpAddr, Option<Identity>>,
     /// A quarantine group's exception identities before the change (groups whose list changed
     /// or that went away).
     pub allow_old: FxHashMap<Identity, Arc<Vec<Identity>>>,
@@ -136,7 +139,10 @@ impl PolicyEngine {
         ip_checks.dedup();
         nodes.extend(ip_checks.iter().map(|c| c.0));
         let all_nodes =
-            !j.cidr_old.is_empty() || !j.renamed_rules.is_empty() || j.resolvers_changed;
+            !j.cidr_old.is_empty()
+                || !j.renamed_rules.is_empty()
+                || j.resolvers_changed
+                || !j.node_ip_old.is_empty();
         if all_nodes {
             nodes.extend(0..self.inventory.node_count() as NodeIdx);
         }
@@ -328,6 +334,14 @@ impl PolicyEngine {
                 keys.push((c, None, None));
             }
         }
+        // Node addresses whose entry may have changed (all of them on a node that appears).
+        let mut node_ips: Vec<IpAddr> = j.node_ip_old.keys().copied().collect();
+        if !existed && exists {
+            node_ips.extend(self.node_table.entries().into_iter().map(|(c, _)| c.ip()));
+        }
+        for ip in node_ips {
+            pod_key(self, ip, &mut keys, true);
+        }
         keys.sort_unstable_by_key(|k| k.0);
         keys.dedup_by_key(|k| k.0);
         for (k, old_p, new_p) in keys {
@@ -335,13 +349,24 @@ impl PolicyEngine {
                 Some(v) => *v,
                 None => self.identities.cidr_identity(&k),
             };
+            // An address's entry: its pod's, else its node's, else its CIDR identity.
+            let host = k.prefix() == host_net(k.ip()).prefix();
+            let new_n = host.then(|| self.node_table.entry(&k.ip())).flatten();
+            let old_n = match j.node_ip_old.get(&k.ip()) {
+                Some(v) if host => *v,
+                _ => new_n,
+            };
             let old_eff = if existed {
-                old_p.or(old_c.map(|id| (id, None)))
+                old_p
+                    .or(old_n.map(|id| (id, None)))
+                    .or(old_c.map(|id| (id, None)))
             } else {
                 None
             };
             let new_eff = if exists {
-                new_p.or_else(|| self.identities.cidr_identity(&k).map(|id| (id, None)))
+                new_p
+                    .or(new_n.map(|id| (id, None)))
+                    .or_else(|| self.identities.cidr_identity(&k).map(|id| (id, None)))
             } else {
                 None
             };

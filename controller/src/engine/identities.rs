@@ -12,6 +12,8 @@ struct IdentityState {
     kind: IdentityKind,
     /// The pods holding the identity (for a quarantine group: the pods in the group).
     pods: FxHashSet<PodRef>,
+    /// The nodes holding a node identity (by name).
+    nodes: BTreeSet<String>,
 }
 
 /// One identity renumbered by a slot collision, with the pods that moved along.
@@ -20,6 +22,8 @@ pub(super) struct Renumbered {
     pub from: Identity,
     pub to: Identity,
     pub pods: Vec<PodRef>,
+    /// For a node identity: the nodes that moved along.
+    pub nodes: Vec<String>,
 }
 
 /// What an allocation or release did to the identities. `destroyed` lists numbers whose
@@ -55,6 +59,7 @@ pub(super) struct Identities {
     pod_slots: OrderedSlots<Arc<IdentityKey>>,
     cidr_slots: OrderedSlots<IpNetwork>,
     quarantine_slots: OrderedSlots<QuarantineSet>,
+    node_slots: OrderedSlots<Arc<NodeIdentityKey>>,
     /// Quarantine groups in use.
     quarantine_groups: BTreeSet<Identity>,
     /// How many live policies name each CIDR.
@@ -70,6 +75,7 @@ impl Default for Identities {
             pod_slots: pod_identity_slots(),
             cidr_slots: cidr_identity_slots(),
             quarantine_slots: quarantine_group_slots(),
+            node_slots: node_identity_slots(),
             quarantine_groups: BTreeSet::new(),
             cidr_refs: BTreeMap::new(),
         };
@@ -173,6 +179,20 @@ impl Identities {
         }
     }
 
+    /// The node identity key of a node with `labels` and `addresses`: its labels and the
+    /// policy CIDRs its addresses are in.
+    pub(super) fn key_of_node(&self, labels: &Labels, addresses: &[IpAddr]) -> NodeIdentityKey {
+        NodeIdentityKey {
+            labels: labels.clone(),
+            cidr_class: self
+                .cidr_refs
+                .keys()
+                .filter(|c| addresses.iter().any(|ip| c.contains(*ip)))
+                .copied()
+                .collect(),
+        }
+    }
+
     /// The identity of a CIDR a live policy names.
     #[inline]
     pub(super) fn cidr_identity(&self, net: &IpNetwork) -> Option<Identity> {
@@ -237,6 +257,59 @@ impl Identities {
             s.pods.insert(pod.clone());
         }
         Ok((id, ch))
+    }
+
+    /// The node identity of `key`, allocated when new, with node `name` as one more holder.
+    pub(super) fn acquire_node_identity(
+        &mut self,
+        key: NodeIdentityKey,
+        name: &str,
+    ) -> Result<(Identity, IdentityChanges), EngineError> {
+        let mut ch = IdentityChanges::default();
+        let id = match self.node_slots.get(&key) {
+            Some(id) => id,
+            None => {
+                let hash = key.home_hash();
+                let key = Arc::new(key);
+                let (id, moves) = self.node_slots.insert(key.clone(), hash)?;
+                let moves = moves.into_iter().map(|m| (m.from, m.to)).collect();
+                self.renumber(moves, &mut ch);
+                self.create(id, IdentityKind::Node(key), &mut ch);
+                id
+            }
+        };
+        if let Some(s) = self.states.get_mut(&id) {
+            s.nodes.insert(name.to_string());
+        }
+        Ok((id, ch))
+    }
+
+    /// Takes node `name` off node identity `id`; the last node out releases it.
+    pub(super) fn leave_node(&mut self, id: Identity, name: &str) -> IdentityChanges {
+        let mut ch = IdentityChanges::default();
+        let empty = match self.states.get_mut(&id) {
+            Some(s) => {
+                s.nodes.remove(name);
+                s.nodes.is_empty()
+            }
+            None => false,
+        };
+        if !empty {
+            return ch;
+        }
+        let Some(state) = self.destroy(id, &mut ch) else {
+            return ch;
+        };
+        if let IdentityKind::Node(key) = &state.kind {
+            let moves = self
+                .node_slots
+                .remove(key)
+                .into_iter()
+                .map(|m| (m.from, m.to))
+                .collect();
+            self.renumber(moves, &mut ch);
+        }
+        ch
     }
 
     /// Takes `pod` off identity (or quarantine group) `id`; the last holder out releases it.
@@ -348,10 +421,17 @@ impl Identities {
         for (from, to, old) in taken {
             self.create(to, old.kind, ch);
             let pods: Vec<PodRef> = old.pods.into_iter().collect();
+            let nodes: Vec<String> = old.nodes.into_iter().collect();
             if let Some(s) = self.states.get_mut(&to) {
                 s.pods.extend(pods.iter().cloned());
+                s.nodes.extend(nodes.iter().cloned());
             }
-            ch.renumbered.push(Renumbered { from, to, pods });
+            ch.renumbered.push(Renumbered {
+                from,
+                to,
+                pods,
+                nodes,
+            });
         }
     }
 
@@ -373,6 +453,7 @@ impl Identities {
             IdentityState {
                 kind,
                 pods: FxHashSet::default(),
+                nodes: BTreeSet::new(),
             },
         );
         ch.created.push(id);
@@ -494,6 +575,43 @@ mod tests {
             ids.key_of_pod(&p, &LabelFilter::default()).cidr_class,
             [net]
         );
+    }
+
+    #[test]
+    fn node_identities_are_shared_by_equal_keys_and_released_by_the_last_node() {
+        let mut ids = Identities::default();
+        let net: IpNetwork = "10.0.0.0/8".parse().unwrap();
+        ids.adjust_cidrs(&[], &[net]).unwrap();
+        let labels: Labels = [("zone".to_string(), "a".to_string())]
+            .into_iter()
+            .collect();
+        let inside = ids.key_of_node(&labels, &["10.1.0.1".parse().unwrap()]);
+        assert_eq!(inside.cidr_class, [net]);
+        let outside = ids.key_of_node(&labels, &["192.0.2.1".parse().unwrap()]);
+        assert!(outside.cidr_class.is_empty());
+        let (a, ch) = ids.acquire_node_identity(inside.clone(), "n1").unwrap();
+        assert!(crate::identity::is_node_identity(a), "{a}");
+        assert_eq!(ch.created, [a]);
+        let (b, ch) = ids.acquire_node_identity(inside, "n2").unwrap();
+        assert_eq!((b, ch.is_empty()), (a, true), "equal keys share one");
+        // Same labels, so the same home slot: one of the two moves, with its nodes.
+        let (c, ch) = ids.acquire_node_identity(outside, "n3").unwrap();
+        let a = match ch.renumbered.as_slice() {
+            [] => a,
+            [r] => {
+                assert_eq!(
+                    (r.from, &r.nodes[..]),
+                    (a, &["n1".to_string(), "n2".into()][..])
+                );
+                r.to
+            }
+            more => panic!("one move at most: {more:?}"),
+        };
+        assert_ne!(c, a, "another CIDR class is another identity");
+        assert!(crate::identity::is_node_identity(c));
+        assert!(ids.leave_node(a, "n1").is_empty(), "n2 still holds it");
+        assert_eq!(ids.leave_node(a, "n2").destroyed, [a]);
+        assert!(!ids.contains(a) && ids.contains(c));
     }
 
     #[test]

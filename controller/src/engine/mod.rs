@@ -109,8 +109,8 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::error::EngineError;
 use crate::identity::{
-    IdentityKey, LabelFilter, Move, OrderedSlots, cidr_hash, cidr_identity_slots,
-    pod_identity_slots,
+    IdentityKey, LabelFilter, Move, NodeIdentityKey, OrderedSlots, cidr_hash, cidr_identity_slots,
+    node_identity_slots, pod_identity_slots,
 };
 use crate::model::{
     CidrPeer, Isolation, Labels, NAMESPACE_NAME_LABEL, Namespace, NamespaceScope, Node, Object,
@@ -129,6 +129,7 @@ mod identities;
 mod inventory;
 mod ipcache;
 mod names;
+mod nodes;
 mod quarantine;
 mod repository;
 mod resolvers;
@@ -139,6 +140,7 @@ use apply::{View, is_quarantine_group};
 use delta::Journal;
 use identities::{Identities, IdentityChanges};
 use inventory::{Inventory, Placed};
+use nodes::NodeTable;
 use quarantine::Quarantines;
 use repository::Repository;
 pub use resolvers::{CLUSTER_DNS_LABEL, CLUSTER_DNS_NAMESPACE};
@@ -221,6 +223,8 @@ enum SelectionSpec {
     Host,
     /// Every pod identity (egress named ports towards "anywhere").
     AllPods,
+    /// Node identities whose labels the selector matches (ClusterNetworkPolicy `nodes`).
+    Nodes(crate::selector::Selector),
     /// The one name identity of a DNS name pattern (see [`names`]): it matches no pod, CIDR or
     /// entity identity, so entries by name never admit anything but learned addresses.
     Name(crate::ruleset::NamePattern),
@@ -249,6 +253,8 @@ enum IdentityKind {
     /// active Quarantines (sorted): it is never a peer and no address resolves to it.
     Quarantine(QuarantineSet),
     Cidr(IpNetwork),
+    /// The addresses of the nodes with this key (see [`nodes`]).
+    Node(Arc<NodeIdentityKey>),
     World,
     Host,
 }
@@ -334,6 +340,8 @@ pub struct PolicyEngine {
     repository: Repository,
     quarantines: Quarantines,
     span: NodeSpan,
+    /// Nodes' labels, addresses and node identities.
+    node_table: NodeTable,
     journal: Journal,
     /// [`PolicyEngine::dns_resolvers`].
     dns_resolvers: Vec<IpAddr>,
@@ -350,6 +358,7 @@ impl PolicyEngine {
             repository: Repository::default(),
             quarantines: Quarantines::new(SystemTime::now()),
             span: NodeSpan::default(),
+            node_table: NodeTable::default(),
             journal: Journal::default(),
             dns_resolvers: Vec::new(),
         };
@@ -397,6 +406,7 @@ impl PolicyEngine {
                 Object::Node(n) => {
                     let idx = engine.node_idx(&n.name);
                     engine.inventory.set_declared(idx, true);
+                    engine.node_table.set(&n.name, &n.labels, &n.addresses);
                 }
                 Object::Pod(p) => pods.push(p),
                 Object::Policy(p) => {
@@ -413,6 +423,11 @@ impl PolicyEngine {
         }
         let ch = engine.identities.add_cidrs(cidrs)?;
         engine.identities_changed(ch);
+        // Node identities (with their CIDR classes), if a policy names `nodes` peers.
+        for p in policies.values() {
+            engine.node_table.set_user(&p.key, p.uses_nodes());
+        }
+        engine.rekey_nodes()?;
         // Staged policies first: an enforced policy that one of them replaces goes in as
         // superseded.
         let (staged, enforced): (Vec<_>, Vec<_>) = policies
@@ -607,7 +622,6 @@ impl PolicyEngine {
     /// The engine's inputs as objects (namespaces, declared nodes, pods, policies and
     /// Quarantines): [`PolicyEngine::new_at`] with them and [`PolicyEngine::now`] compiles the
     /// same rule sets, so a what-if can compile a changed copy without touching this engine.
-    /// Node labels are not kept (nothing reads them) and come back empty.
     pub fn objects(&self) -> Vec<Object> {
         let mut out: Vec<Object> = self
             .inventory
@@ -623,10 +637,12 @@ impl PolicyEngine {
             (0..self.inventory.node_count() as NodeIdx)
                 .filter(|n| self.inventory.declared(*n))
                 .map(|n| {
-                    Object::Node(Node {
-                        name: self.inventory.node_name(n).to_string(),
+                    let name = self.inventory.node_name(n);
+                    Object::Node(self.node_table.node(name).unwrap_or_else(|| Node {
+                        name: name.to_string(),
                         labels: Labels::new(),
-                    })
+                        addresses: Vec::new(),
+                    }))
                 }),
         );
         out.extend(self.pods().into_iter().map(Object::Pod));
@@ -668,7 +684,10 @@ impl PolicyEngine {
             .iter()
             .filter_map(|(id, pk)| self.endpoint(*id, pk))
             .collect();
-        let cache: BTreeMap<IpNetwork, Identity> = self.identities.cidr_identities().collect();
+        let mut cache: BTreeMap<IpNetwork, Identity> = self.identities.cidr_identities().collect();
+        // A node address's node identity wins over a CIDR identity of the same prefix (and a
+        // pod address over both, below).
+        cache.extend(self.node_table.entries());
         let pod_entries = self.pod_entries(idx);
         let mut ipcache: Vec<IpCacheEntry> = Vec::with_capacity(pod_entries.len() + cache.len());
         // Merge two sorted lists; a pod address wins over a CIDR identity of the same prefix.
@@ -946,12 +965,14 @@ impl PolicyEngine {
                 let idx = self.node_idx(&node.name);
                 self.note_node(idx);
                 self.inventory.set_declared(idx, true);
+                self.set_node_info(&node)?;
             }
             Change::DeleteNode(name) => {
                 if let Some(idx) = self.inventory.find_node(&name) {
                     self.note_node(idx);
                     self.inventory.set_declared(idx, false);
                 }
+                self.remove_node_info(&name);
             }
             Change::UpsertPolicy(policy) => self.upsert_policy(policy)?,
             Change::DeletePolicy(key) => self.delete_policy(&key)?,

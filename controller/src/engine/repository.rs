@@ -468,6 +468,7 @@ pub(super) fn peer_spec(
         Peer::Cluster => Some(SelectionSpec::Cluster),
         Peer::Host => Some(SelectionSpec::Host),
         Peer::Name(p) => Some(SelectionSpec::Name(p.clone())),
+        Peer::Nodes(s) => Some(SelectionSpec::Nodes(s.clone())),
     }
 }
 

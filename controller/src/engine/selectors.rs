@@ -293,7 +293,18 @@ pub(super) fn spec_matches<'a>(
         (SelectionSpec::Cidr(c), IdentityKind::Cidr(net)) => {
             is_within(net, &c.cidr) && !c.except.iter().any(|e| is_within(net, e))
         }
-        (SelectionSpec::World, IdentityKind::World | IdentityKind::Cidr(_)) => true,
+        // A node address had no entry of its own before node identities: it was `world`, or
+        // the CIDR identities covering it. Its node identity matches exactly those selections
+        // (by CIDR class, as pods do), so no existing policy changes meaning; only `nodes`
+        // selections are new.
+        (SelectionSpec::Cidr(c), IdentityKind::Node(key)) => {
+            key.cidr_class.contains(&c.cidr) && !c.except.iter().any(|e| key.cidr_class.contains(e))
+        }
+        (SelectionSpec::Nodes(sel), IdentityKind::Node(key)) => sel.matches(&key.labels),
+        (
+            SelectionSpec::World,
+            IdentityKind::World | IdentityKind::Cidr(_) | IdentityKind::Node(_),
+        ) => true,
         (SelectionSpec::Cluster, IdentityKind::Pod(_) | IdentityKind::Host) => true,
         (SelectionSpec::Host, IdentityKind::Host) => true,
         (SelectionSpec::AllPods, IdentityKind::Pod(_)) => true,

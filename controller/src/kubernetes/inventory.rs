@@ -511,6 +511,63 @@ mod tests {
         assert!(inv.take_changes().is_empty());
     }
 
+    /// A Node as recorded from a kind cluster (`tests/fixtures/k8s/nodes.list.json`): its
+    /// InternalIP reaches the engine; kubelet heartbeats do not; a new address or label does.
+    #[test]
+    fn node_addresses_and_labels_are_followed_and_heartbeats_are_not() {
+        use k8s_openapi::api::core::v1::Node;
+        let list: Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/k8s/nodes.list.json"))
+                .expect("recorded list");
+        let recorded = list["items"][0].clone();
+        let mut inv = synced();
+        inv.apply(entry::<Node>(recorded.clone()));
+        let c = inv.take_changes();
+        let [Change::UpsertNode(n)] = c.others.as_slice() else {
+            panic!("one node upsert: {:?}", c.others);
+        };
+        assert_eq!(n.name, "node-a");
+        assert_eq!(
+            n.addresses,
+            ["172.18.0.3".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(n.labels["kubernetes.io/os"], "linux");
+        // A heartbeat: new resourceVersion and condition times, same model.
+        let mut beat = recorded.clone();
+        beat["metadata"]["resourceVersion"] = json!("5300");
+        beat["status"]["conditions"][0]["lastHeartbeatTime"] = json!("2026-11-29T20:11:02Z");
+        inv.apply(entry::<Node>(beat.clone()));
+        assert!(inv.take_changes().is_empty());
+        // An ExternalIP (IPv6) appears: both families reach the engine.
+        let mut external = beat.clone();
+        external["status"]["addresses"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "ExternalIP", "address": "2001:db8::3"}));
+        inv.apply(entry::<Node>(external.clone()));
+        let c = inv.take_changes();
+        let [Change::UpsertNode(n)] = c.others.as_slice() else {
+            panic!("one node upsert: {:?}", c.others);
+        };
+        assert_eq!(
+            n.addresses,
+            [
+                "172.18.0.3".parse::<std::net::IpAddr>().unwrap(),
+                "2001:db8::3".parse().unwrap()
+            ]
+        );
+        // A label is what `nodes` selectors read.
+        let mut relabeled = external;
+        relabeled["metadata"]["labels"]["role"] = json!("ingress");
+        inv.apply(entry::<Node>(relabeled));
+        let c = inv.take_changes();
+        assert!(
+            matches!(c.others.as_slice(), [Change::UpsertNode(n)] if n.labels["role"] == "ingress"),
+            "{:?}",
+            c.others
+        );
+    }
+
     #[test]
     fn an_invalid_update_keeps_the_last_good_version_and_is_reported() {
         let mut inv = synced();

@@ -165,6 +165,7 @@ fn convert_cnp_rule(
     let mut peers = Vec::new();
     let mut has_network = false;
     let mut has_names = false;
+    let mut has_nodes = false;
     for (i, p) in peers_doc.iter().enumerate() {
         let pp = format!("{path}.{field}[{i}]");
         let set = [
@@ -219,11 +220,20 @@ fn convert_cnp_rule(
                     }));
                 }
             }
-        } else if p.nodes.is_some() {
-            errors.push(FieldError::new(
-                format!("{pp}.nodes"),
-                "nodes peers are not supported by bulkhead yet: use networks with the node CIDRs",
-            ));
+        } else if let Some(nodes) = &p.nodes {
+            // Upstream's ingress peers have no `nodes` (ClusterNetworkPolicyIngressPeer):
+            // refused there like `networks`.
+            if direction == Direction::Ingress {
+                errors.push(FieldError::new(
+                    format!("{pp}.nodes"),
+                    "nodes peers are only allowed in egress rules",
+                ));
+                continue;
+            }
+            has_nodes = true;
+            if let Some(s) = Selector::parse(nodes, &format!("{pp}.nodes"), errors) {
+                peers.push(Peer::Nodes(s));
+            }
         } else if let Some(names) = &p.domain_names {
             // NPEP-133: egress, Accept, Admin tier only.
             let np = format!("{pp}.domainNames");
@@ -292,6 +302,11 @@ fn convert_cnp_rule(
                         errors.push(FieldError::new(
                             format!("{pp}.destinationNamedPort"),
                             "domainNames peers cannot be used with named ports: they have no named ports",
+                        ));
+                    } else if has_nodes {
+                        errors.push(FieldError::new(
+                            format!("{pp}.destinationNamedPort"),
+                            "nodes peers cannot be used with named ports: they have no named ports",
                         ));
                     } else if has_network {
                         errors.push(FieldError::new(

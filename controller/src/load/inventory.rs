@@ -24,13 +24,47 @@ pub(super) fn convert_namespace(
     name_and_labels(&d.metadata, prefix, errors).map(|(name, labels)| Namespace { name, labels })
 }
 
-/// A `v1` Node (only its name and labels matter).
+/// A `v1` Node: its name, labels and addresses (`status.addresses` of type `InternalIP` or
+/// `ExternalIP`, the ones upstream's `nodes` peers select; `Hostname` and the DNS kinds are
+/// names, not addresses, and are left out).
 pub(super) fn convert_node(
     d: &NodeObject,
     prefix: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<Node> {
-    name_and_labels(&d.metadata, prefix, errors).map(|(name, labels)| Node { name, labels })
+    let before = errors.len();
+    let named = name_and_labels(&d.metadata, prefix, errors);
+    let listed = d
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
+    let mut addresses = Vec::new();
+    for (i, a) in listed.iter().enumerate() {
+        if !matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
+            continue;
+        }
+        match IpAddr::from_str(&a.address) {
+            Ok(ip) => addresses.push(ip),
+            Err(_) => errors.push(FieldError::new(
+                format!("{prefix}status.addresses[{i}].address"),
+                format!(
+                    "{:?} is not an IP address (an {} must be one)",
+                    a.address, a.type_
+                ),
+            )),
+        }
+    }
+    if errors.len() > before {
+        return None;
+    }
+    addresses.sort_unstable();
+    addresses.dedup();
+    named.map(|(name, labels)| Node {
+        name,
+        labels,
+        addresses,
+    })
 }
 
 /// The name and, if the name is valid, the labels of a cluster-scoped object.

@@ -33,6 +33,13 @@ pub mod identity {
     pub const WORLD: u32 = 2;
     pub const FIRST_ALLOCATED_IDENTITY: u32 = 256;
     pub const FIRST_CIDR_IDENTITY: u32 = 1 << 24;
+    /// Node identities (the addresses of a Node, carrying its labels: ClusterNetworkPolicy
+    /// `nodes` peers) lie in `FIRST_NODE_IDENTITY .. FIRST_NODE_IDENTITY + NODE_IDENTITY_COUNT`,
+    /// just above the 2^23 CIDR identities. To the programs they are ordinary identities: the
+    /// ipcache gives them to node addresses like it gives pod identities to pod addresses.
+    pub const FIRST_NODE_IDENTITY: u32 = FIRST_CIDR_IDENTITY + (1 << 23);
+    /// How many node identities there are (2^16).
+    pub const NODE_IDENTITY_COUNT: u32 = 1 << 16;
     /// Name identities (egress peers by DNS name, ClusterNetworkPolicy `domainNames` and
     /// ServicePolicy `fqdn`) lie in `FIRST_NAME_IDENTITY .. FIRST_NAME_IDENTITY +
     /// NAME_IDENTITY_COUNT`. No address has one in the ipcache: the data plane attributes them
