@@ -54,11 +54,12 @@ pub mod identity {
         id >= FIRST_NAME_IDENTITY && id - FIRST_NAME_IDENTITY < NAME_IDENTITY_COUNT
     }
     /// Whether an address of identity `id` is one whose learned names take part in an egress
-    /// decision: `world` or a CIDR identity (an address outside the cluster). Pods, the host
-    /// and unknown addresses are decided by their own identity alone, whatever a pod learned
-    /// about them from DNS.
+    /// decision: `world` or a CIDR identity (an address outside the cluster). Pods, nodes, the
+    /// host and unknown addresses are decided by their own identity alone, whatever a pod
+    /// learned about them from DNS (names are for destinations outside the cluster, as
+    /// NPEP-133 says; a DNS answer must not widen what a pod may reach inside it).
     pub const fn names_apply_to(id: u32) -> bool {
-        id == WORLD || (id >= FIRST_CIDR_IDENTITY && !is_name(id) && id != ANY)
+        id == WORLD || (id >= FIRST_CIDR_IDENTITY && id < FIRST_NODE_IDENTITY)
     }
     /// Wildcard peer of a policy entry (and of a policy map key): every peer identity.
     pub const ANY: u32 = u32::MAX;
@@ -663,6 +664,26 @@ mod pod {
 mod tests {
     use super::*;
     use core::mem::size_of;
+
+    #[test]
+    fn names_apply_to_world_and_cidr_identities_only() {
+        use identity::*;
+        for id in [WORLD, FIRST_CIDR_IDENTITY, FIRST_NODE_IDENTITY - 1] {
+            assert!(names_apply_to(id), "{id:#x}");
+        }
+        for id in [
+            UNKNOWN,
+            HOST,
+            FIRST_ALLOCATED_IDENTITY,
+            FIRST_CIDR_IDENTITY - 1,
+            FIRST_NODE_IDENTITY,
+            FIRST_NODE_IDENTITY + NODE_IDENTITY_COUNT - 1,
+            FIRST_NAME_IDENTITY,
+            ANY,
+        ] {
+            assert!(!names_apply_to(id), "{id:#x}");
+        }
+    }
 
     #[test]
     fn port_bloom_sets_two_bits_and_tells_ports_apart() {
