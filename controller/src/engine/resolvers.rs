@@ -96,10 +96,12 @@ mod tests {
             Object::Node(Node {
                 name: "n1".into(),
                 labels: Labels::new(),
+                addresses: Vec::new(),
             }),
             Object::Node(Node {
                 name: "n2".into(),
                 labels: Labels::new(),
+                addresses: Vec::new(),
             }),
             Object::Pod(pod(
                 "kube-system",
@@ -218,6 +220,7 @@ mod tests {
             .apply(Change::UpsertNode(Node {
                 name: "n3".into(),
                 labels: Labels::new(),
+                addresses: Vec::new(),
             }))
             .expect("applies");
         let n3 = deltas.iter().find(|d| d.node == "n3").expect("n3's delta");
