@@ -466,6 +466,50 @@ fn pods_reach_external_hosts_by_the_names_a_policy_allows() {
     );
     drop(held);
 
+    // Flows and the graph name the world peer by what the pod resolved.
+    let state = lab.arg();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let graph = loop {
+        let graph: serde_json::Value =
+            serde_json::from_str(&run_ok(&["graph", "--lab", &state, "-o", "json"]))
+                .expect("graph json");
+        let named_edge = graph["edges"].as_array().is_some_and(|edges| {
+            edges
+                .iter()
+                .any(|e| e["src"] == "shop/Pod/client" && e["dst"] == "world: api.example.com")
+        });
+        if named_edge {
+            break graph;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no edge client -> world: api.example.com in {graph}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let nodes = graph["nodes"].as_array().expect("nodes");
+    assert!(
+        nodes
+            .iter()
+            .any(|n| n["id"] == "world: api.example.com" && n["domain"] == "api.example.com"),
+        "{nodes:?}"
+    );
+    let flows = run_ok(&[
+        "flows",
+        "--lab",
+        &state,
+        "--peer-name",
+        "api.example.com",
+        "-o",
+        "json",
+    ]);
+    assert!(
+        flows.lines().any(|l| l.contains("198.51.100.10")
+            && l.contains("api.example.com")
+            && l.contains("shop/client")),
+        "flows to api.example.com name it: {flows}"
+    );
+
     // The agent killed and restarted while the pod resolves and connects in a loop: no
     // round fails (the kernel keeps learning and enforcing from the pinned maps).
     let mut looping = Command::new(bin())
