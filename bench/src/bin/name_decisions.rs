@@ -1,7 +1,8 @@
 //! What deciding egress with learned DNS names costs a new connection (issue 19), with
 //! BPF_PROG_TEST_RUN: figures, not a test; run as root.
 //!
-//! `cargo run --release -p bulkhead-bench --bin name_decisions [-- --repeat 1000000 --rounds 9]`
+//! `cargo run --release -p bulkhead-bench --bin name_decisions [-- --repeat 1000000 --rounds 9
+//! --names 10000]`
 //!
 //! The same admitted TCP SYN from a pod to a `world` address on port 443 through
 //! `bulkhead_from_pod`, interleaved round by round:
@@ -12,6 +13,11 @@
 //!   and to one it learned under 1 and under 4 live names (the lookup, then the rank lookups of
 //!   the address's identity and of each name, combined).
 //!
+//! With `--names N` (at least 4) the named policy admits N names on 443, the agent's name maps
+//! list N patterns and the endpoint has learned N further addresses, each under its own name:
+//! what a node with 10,000 names in use looks like to the lookups, which are hash lookups and
+//! should cost what they cost with four.
+//!
 //! Every repetition of an admitted SYN takes the whole new-connection path: the policy decides
 //! it, its conntrack entry is written again and a new-flow event is offered to the ring buffer
 //! (which fills; the lost events are counted, on both sides alike).
@@ -21,7 +27,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use anyhow::Context;
 use aya::maps::{HashMap, MapData};
 use bulkhead_agent::{
-    fqdn::{MAP_LEARNED_V4, monotonic_now_ns},
+    fqdn::{MAP_LEARNED_V4, NamePattern, monotonic_now_ns},
     loader::{Dataplane, PROG_FROM_POD},
     netns::Netns,
     privileged::missing_privileges,
@@ -45,6 +51,9 @@ struct Args {
     /// Measurements per cell; the median is reported.
     #[arg(long, default_value_t = 7)]
     rounds: usize,
+    /// Names the named policy admits, listed in the name maps, each with a learned address.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(4..=60000))]
+    names: u32,
 }
 
 const NAMED_EP: [u8; 4] = [10, 0, 0, 2];
@@ -88,7 +97,7 @@ fn endpoint(id: u32, identity: u32, ip: [u8; 4], iface: &str) -> Endpoint {
 
 /// Egress isolated in both groups; the named group admits the four names and `world` on 443,
 /// the plain one `world` only.
-fn ruleset() -> RuleSet {
+fn ruleset(names: u32) -> RuleSet {
     let egress = |entries| EndpointPolicy {
         ingress: DirectionPolicy::default(),
         egress: DirectionPolicy {
@@ -102,6 +111,7 @@ fn ruleset() -> RuleSet {
         .enumerate()
         .map(|(i, n)| accept_443(*n, 10, 10 + i as u32))
         .collect();
+    named.extend((4..names).map(|i| accept_443(filler_name(i), 10, 100 + i)));
     named.push(accept_443(identity::WORLD, 20, 20));
     let ipcache = [("10.0.0.2/32", 300), ("10.0.0.3/32", 302)]
         .into_iter()
@@ -130,6 +140,16 @@ fn ruleset() -> RuleSet {
         names: Vec::new(),
         dns_resolvers: Vec::new(),
     }
+}
+
+/// The name identity of the `i`th name beyond the four the rows use.
+fn filler_name(i: u32) -> u32 {
+    identity::FIRST_NAME_IDENTITY + 1000 + i
+}
+
+/// The address the endpoint learned under the `i`th filler name (198.18.0.0/15).
+fn filler_addr(i: u32) -> [u8; 4] {
+    (u32::from_be_bytes([198, 18, 0, 0]) + i).to_be_bytes()
 }
 
 fn syn(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
@@ -185,17 +205,35 @@ fn main() -> anyhow::Result<()> {
         ns.exec(&["ip", "link", "set", dev, "up"])?;
     }
     let pin_dir = pins.clone();
-    let (repeat, rounds) = (args.repeat, args.rounds);
+    let (repeat, rounds, names) = (args.repeat, args.rounds, args.names);
     type Outcome = (Vec<(&'static str, f64)>, u64, u64);
     let result = ns.run(move || -> anyhow::Result<Outcome> {
         let dp = Dataplane::load(&pin_dir)?;
         let mut e = Enforcer::new(dp)?;
         let named = nix::net::if_::if_nametoindex("ep0")?;
         let plain = nix::net::if_::if_nametoindex("ep1")?;
-        e.apply(&ruleset(), &RouteResolver)?;
+        e.apply(&ruleset(names), &RouteResolver)?;
         let dp = e.dataplane();
         learn(dp, ONE_NAME, &NAMES[..1])?;
         learn(dp, FOUR_NAMES, &NAMES)?;
+        dp.ensure_fqdn_config(0, 0)?;
+        for i in 0..names {
+            let id = if i < 4 {
+                NAMES[i as usize]
+            } else {
+                filler_name(i)
+            };
+            let pattern = NamePattern::parse(&format!("n{i}.example.com"))?;
+            dp.set_fqdn_name(&pattern, id)?;
+            if i >= 4 {
+                learn(dp, filler_addr(i), &[id])?;
+            }
+        }
+        let learned = dp.learned()?.len();
+        anyhow::ensure!(
+            learned == names as usize - 4 + 2,
+            "{learned} learned addresses"
+        );
         let cases: [(&'static str, u32, Vec<u8>); 4] = [
             (
                 "no name entries (baseline)",
@@ -240,7 +278,9 @@ fn main() -> anyhow::Result<()> {
     let (rows, lookups, decisions) = result.context("enter namespace")??;
     println!(
         "\nan admitted TCP SYN to a world address through bulkhead_from_pod, BPF_PROG_TEST_RUN \
-         (median of {rounds}; {repeat} repetitions each), ns/packet"
+         (median of {rounds}; {repeat} repetitions each), ns/packet; the named policy admits \
+         {names} names, all listed in the name maps, {} further addresses learned",
+        names - 4
     );
     println!(
         "{:<40} | {:>8} | {:>8} | {:>6}",
