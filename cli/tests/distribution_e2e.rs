@@ -127,17 +127,6 @@ fn node_states(c: &Cluster) -> Vec<(String, u64, u64, bool)> {
         .unwrap_or_default()
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for: {what}");
-}
-
 fn all_realized(c: &Cluster) -> bool {
     let states = node_states(c);
     ["n1", "n2"].iter().all(|n| {

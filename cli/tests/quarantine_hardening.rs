@@ -12,7 +12,7 @@ use common::*;
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -69,13 +69,6 @@ impl Drop for Controller {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 fn start(name: &str) -> Controller {
     let dir = std::env::temp_dir().join(format!("bh-qh-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -103,17 +96,6 @@ fn start(name: &str) -> Controller {
         http_get(c.http, "/healthz").is_some_and(|b| b.trim() == "ok")
     });
     c
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 /// A write as the page sends it: (status, JSON body).

@@ -11,10 +11,8 @@ mod common;
 use common::*;
 
 use std::{
-    net::TcpListener,
-    path::PathBuf,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bulkhead_controller::ruleset::{
@@ -25,13 +23,6 @@ use bulkhead_proto::v1 as pb;
 
 const SHOP: &str = include_str!("../../examples/demo/shop.yaml");
 const POLICIES: &str = include_str!("../../examples/demo/policies.yaml");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
 
 struct Controller {
     child: Child,
@@ -44,25 +35,6 @@ impl Drop for Controller {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 fn start(dir: &std::path::Path) -> Controller {
