@@ -91,9 +91,10 @@ pub struct ControllerArgs {
     #[arg(long, default_value = "bulkhead-controller")]
     pub agent_token_audience: String,
     /// A DNS resolver whose answers teach the agents the addresses of the names policies allow
-    /// (egress by domain name); repeatable. Replaces the default, the addresses of the pods in
-    /// `kube-system` labelled `k8s-app: kube-dns`; give the kube-dns Service's cluster IP here
-    /// (with the pods' addresses) where pods see answers from it.
+    /// (egress by domain name); repeatable. Replaces the whole default: the addresses of the
+    /// pods in `kube-system` labelled `k8s-app: kube-dns` and, with --kubernetes, the cluster
+    /// IPs of the `kube-system/kube-dns` Service (from manifest files, give that address here
+    /// with the pods' where pods see answers from it).
     #[arg(long = "dns-resolver", value_name = "ADDR")]
     pub dns_resolvers: Vec<std::net::IpAddr>,
     #[command(flatten)]

@@ -225,6 +225,15 @@ impl Hub {
         self.update(priority, |engine| engine.apply_batch(changes))
     }
 
+    /// The cluster DNS Service's cluster IPs are now `ips`
+    /// ([`PolicyEngine::set_cluster_dns_service`]): every node gets the new resolvers.
+    pub fn set_cluster_dns_service(
+        &self,
+        ips: Vec<std::net::IpAddr>,
+    ) -> Result<Vec<NodeDelta>, HubError> {
+        self.update(false, |engine| engine.set_cluster_dns_service(ips))
+    }
+
     /// Lifts the quarantines whose time has come (`expiresAt`), with priority delivery. Cheap
     /// when nothing is due; the controller calls it on every tick.
     pub fn expire(&self, now: std::time::SystemTime) -> Result<Vec<NodeDelta>, HubError> {

@@ -160,7 +160,8 @@ pub struct EngineConfig {
     /// Node that pods without `spec.nodeName` are placed on.
     pub unscheduled_node: String,
     /// The cluster's DNS resolvers, when given; `None`: the pods of [`CLUSTER_DNS_NAMESPACE`]
-    /// labelled [`CLUSTER_DNS_LABEL`] (see [`PolicyEngine::dns_resolvers`]).
+    /// labelled [`CLUSTER_DNS_LABEL`] and the cluster DNS Service's cluster IPs (see
+    /// [`PolicyEngine::dns_resolvers`]).
     pub dns_resolvers: Option<Vec<IpAddr>>,
 }
 
@@ -345,6 +346,8 @@ pub struct PolicyEngine {
     journal: Journal,
     /// [`PolicyEngine::dns_resolvers`].
     dns_resolvers: Vec<IpAddr>,
+    /// The cluster IPs of the cluster DNS Service ([`PolicyEngine::set_cluster_dns_service`]).
+    cluster_dns_service: Vec<IpAddr>,
 }
 
 impl PolicyEngine {
@@ -361,6 +364,7 @@ impl PolicyEngine {
             node_table: NodeTable::default(),
             journal: Journal::default(),
             dns_resolvers: Vec::new(),
+            cluster_dns_service: Vec::new(),
         };
         engine.refresh_dns_resolvers();
         // The reserved identities, which the identities start with.
@@ -925,8 +929,7 @@ impl PolicyEngine {
         for (n, id) in flags {
             self.update_contribution(n, id);
         }
-        self.journal.resolvers_changed =
-            self.may_change_dns_resolvers(self.journal.pods.keys()) && self.refresh_dns_resolvers();
+        self.journal.resolvers_changed = self.dns_resolvers_after_step();
         let deltas = self.build_deltas();
         self.journal = Journal::default();
         result.map(|_| deltas)

@@ -1,13 +1,20 @@
 //! The cluster's DNS resolvers ([`RuleSet::dns_resolvers`]): the only sources whose answers
 //! teach the data plane the addresses of the names policies allow.
 //!
-//! By default they are the cluster DNS as Kubernetes distributions deploy it: the pods of
-//! `kube-system` labelled `k8s-app: kube-dns` (CoreDNS and kube-dns both carry that label).
-//! The model has no Services, so the `kube-system/kube-dns` Service's cluster IP is not among
-//! them: a pod's query to the cluster IP is answered, after the kube-proxy/CNI's translation
-//! back, from that address, so a node whose pods see answers from the Service address needs
-//! it given (`bulkhead controller --dns-resolver`, which replaces the default, or the agent's
-//! `--dns-resolver`, which adds to it). One list for the cluster: every node's rule set has it.
+//! By default they are the cluster DNS as Kubernetes distributions deploy it:
+//! - the pods of `kube-system` labelled `k8s-app: kube-dns` (CoreDNS and kube-dns both carry
+//!   that label), for pods that query them directly (or whose CNI translates the Service's
+//!   answers back to the pod's address);
+//! - the cluster IPs of the `kube-system/kube-dns` Service
+//!   ([`PolicyEngine::set_cluster_dns_service`], fed by the Kubernetes source's watch of that
+//!   one Service, [`crate::kubernetes::cluster_dns`]): pods query the Service, and after
+//!   kube-proxy's (or the CNI's) translation back the answers reach them from that address.
+//!   A headless Service has none; without the Service (files, or a watch the controller may
+//!   not make) only the pods count.
+//!
+//! `bulkhead controller --dns-resolver` replaces the whole default (pods and Service); the
+//! agent's `--dns-resolver` adds to it on its node. One list for the cluster: every node's rule
+//! set has it, and every node gets a delta when it changes.
 
 use super::*;
 
@@ -21,7 +28,40 @@ impl PolicyEngine {
         &self.dns_resolvers
     }
 
-    /// The resolvers as the configuration and the pods now say.
+    /// The cluster IPs of the cluster DNS Service, sorted and unique, as last set.
+    pub fn cluster_dns_service(&self) -> &[IpAddr] {
+        &self.cluster_dns_service
+    }
+
+    /// The cluster DNS Service's cluster IPs are now `ips` (none: no Service, or a headless
+    /// one). Returns the deltas of every node when the resolvers change (never with the
+    /// resolvers given: they replace the Service too), else none.
+    pub fn set_cluster_dns_service(
+        &mut self,
+        mut ips: Vec<IpAddr>,
+    ) -> Result<Vec<NodeDelta>, EngineError> {
+        ips.sort_unstable();
+        ips.dedup();
+        if ips == self.cluster_dns_service {
+            return Ok(Vec::new());
+        }
+        self.journaled(|e| {
+            e.cluster_dns_service = ips;
+            // Asks the step's end to recompute the resolvers (see `dns_resolvers_after_step`).
+            e.journal.resolvers_changed = true;
+            Ok(())
+        })
+    }
+
+    /// At the end of a journaled step: whether the resolvers changed, bringing them up to date
+    /// when the step may have changed them (a `kube-system` pod, or the Service).
+    pub(super) fn dns_resolvers_after_step(&mut self) -> bool {
+        let maybe = self.journal.resolvers_changed
+            || self.may_change_dns_resolvers(self.journal.pods.keys());
+        maybe && self.refresh_dns_resolvers()
+    }
+
+    /// The resolvers as the configuration, the pods and the Service now say.
     fn find_dns_resolvers(&self) -> Vec<IpAddr> {
         let mut out: Vec<IpAddr> = match &self.config.dns_resolvers {
             Some(fixed) => fixed.clone(),
@@ -38,6 +78,7 @@ impl PolicyEngine {
                 // Made-up addresses (a preview's pods without any) answer nobody.
                 .filter(|(_, st)| !st.pod.synthetic_ips)
                 .flat_map(|(_, st)| st.pod.ips.iter().copied())
+                .chain(self.cluster_dns_service.iter().copied())
                 .collect(),
         };
         out.sort_unstable();
@@ -225,5 +266,73 @@ mod tests {
             .expect("applies");
         let n3 = deltas.iter().find(|d| d.node == "n3").expect("n3's delta");
         assert_eq!(n3.dns_resolvers.as_ref(), Some(&want));
+    }
+
+    /// The Service's cluster IPs join the pods' addresses on every node; a change of them is a
+    /// delta to every node, the same list again none, and an empty list (Service gone or
+    /// headless) leaves the pods.
+    #[test]
+    fn the_kube_dns_service_adds_its_cluster_ips_to_every_node() {
+        let mut e = PolicyEngine::new(EngineConfig::default(), objects()).expect("compiles");
+        let mut before: BTreeMap<&str, RuleSet> = ["n1", "n2"]
+            .into_iter()
+            .map(|n| (n, e.ruleset(n).expect("rule set")))
+            .collect();
+        let mut step = |e: &mut PolicyEngine, ips: &[&str], want: &[&str]| {
+            let deltas = e.set_cluster_dns_service(addrs(ips)).expect("applies");
+            assert_eq!(deltas.len(), 2, "both nodes: {deltas:?}");
+            for d in &deltas {
+                assert_eq!(d.dns_resolvers.as_ref(), Some(&addrs(want)), "{}", d.node);
+                let back =
+                    NodeDelta::try_from(&bulkhead_proto::v1::NodeDelta::from(d)).expect("decodes");
+                let rs = before.get_mut(d.node.as_str()).expect("known node");
+                rs.apply_delta(&back).expect("applies");
+                assert_eq!(*rs, e.ruleset(&d.node).expect("rule set"));
+            }
+        };
+        step(
+            &mut e,
+            &["fd00:96::a", "10.96.0.10", "10.96.0.10"],
+            &["10.96.0.10", "10.240.1.10", "fd00:96::a", "fd00:240::1:a"],
+        );
+        assert_eq!(
+            e.cluster_dns_service(),
+            addrs(&["10.96.0.10", "fd00:96::a"])
+        );
+        // The same addresses in another order: nothing to send.
+        assert!(
+            e.set_cluster_dns_service(addrs(&["fd00:96::a", "10.96.0.10"]))
+                .expect("applies")
+                .is_empty()
+        );
+        step(
+            &mut e,
+            &["10.96.0.53"],
+            &["10.96.0.53", "10.240.1.10", "fd00:240::1:a"],
+        );
+        step(&mut e, &[], &["10.240.1.10", "fd00:240::1:a"]);
+        // A Service address that is also a DNS pod's: listed once.
+        let deltas = e
+            .set_cluster_dns_service(addrs(&["10.240.1.10"]))
+            .expect("applies");
+        assert!(deltas.is_empty(), "{deltas:?}");
+    }
+
+    #[test]
+    fn given_resolvers_replace_the_kube_dns_service_too() {
+        let config = EngineConfig {
+            dns_resolvers: Some(addrs(&["169.254.20.10"])),
+            ..EngineConfig::default()
+        };
+        let mut e = PolicyEngine::new(config, objects()).expect("compiles");
+        let deltas = e
+            .set_cluster_dns_service(addrs(&["10.96.0.10"]))
+            .expect("applies");
+        assert!(deltas.is_empty(), "{deltas:?}");
+        assert_eq!(e.dns_resolvers(), addrs(&["169.254.20.10"]));
+        assert_eq!(
+            e.ruleset("n1").expect("rule set").dns_resolvers,
+            addrs(&["169.254.20.10"])
+        );
     }
 }

@@ -9,6 +9,10 @@
 //!   ClusterNetworkPolicies, ServicePolicies, Quarantines), list then watch, re-listing after
 //!   `410 Gone` or any error (with backoff). A kind whose API the cluster does not serve (404,
 //!   e.g. no ClusterNetworkPolicy CRD) counts as empty.
+//! - One more watch, of the `kube-system/kube-dns` Service alone ([`cluster_dns`]): its cluster
+//!   IPs are trusted DNS resolvers on every node, with the cluster DNS pods. The first rule sets
+//!   wait for its first answer (its list, or its failure); a missing Service or a forbidden
+//!   watch is logged once and costs only those addresses.
 //! - ClusterNetworkPolicies are watched at the version the API server serves them at: discovery
 //!   of `policy.networking.k8s.io/v1beta1` (network-policy-api v0.3.0 on), else `v1alpha2` (the
 //!   same schema, read into the same type, [`crd::CnpVersion`]); the chosen version is logged.
@@ -39,6 +43,7 @@
 //!   serve agents nor write to the API; a leader that loses its Lease exits, closing every
 //!   agent stream, and Kubernetes restarts it as a follower. SIGTERM releases the Lease.
 
+pub mod cluster_dns;
 pub mod crd;
 pub mod inventory;
 pub mod leader;

@@ -23,6 +23,7 @@ use kube::runtime::watcher::{self, Event};
 use serde_json::Value;
 use tokio::sync::Notify;
 
+use super::cluster_dns::{self, ClusterDnsState};
 use super::crd::{
     CNP_GROUP, ClusterNetworkPolicy, CnpVersion, Quarantine, ServicePolicy,
     StagedClusterNetworkPolicy, StagedNetworkPolicy,
@@ -134,6 +135,9 @@ pub struct SourceStats {
     pub status_errors: AtomicU64,
     /// Events published for invalid objects.
     pub events_published: AtomicU64,
+    /// Changes of the cluster DNS Service's cluster IPs handed to the engine
+    /// ([`super::cluster_dns`]), whether or not the resolvers changed.
+    pub cluster_dns_updates: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +185,8 @@ pub struct KubernetesSource {
     wake_status: Arc<Notify>,
     /// The version ClusterNetworkPolicies are watched at (the Events about them name it).
     cnp_version: Arc<Mutex<CnpVersion>>,
+    /// The cluster DNS Service's addresses (trusted resolvers), kept across restarts.
+    cluster_dns: Arc<Mutex<ClusterDnsState>>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -342,6 +348,7 @@ impl KubernetesSource {
             stats: Arc::default(),
             wake_status: Arc::default(),
             cnp_version: Arc::new(Mutex::new(CnpVersion::PREFERENCE[0])),
+            cluster_dns: Arc::default(),
         }
     }
 
@@ -371,10 +378,13 @@ impl KubernetesSource {
             &self.options.watcher,
             &self.cnp_version,
         ));
+        // Not one of the model's kinds: its own stream, applied as it comes.
+        let mut dns = cluster_dns::watch(self.client.clone(), &self.options.watcher);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                Some(event) = dns.next() => self.cluster_dns_event(event).await,
                 next = events.next() => {
                     let Some((kind, event)) = next else { break };
                     self.handle(kind, event);
@@ -433,8 +443,47 @@ impl KubernetesSource {
         }
     }
 
-    /// Applies what changed since the last flush, once every kind has been listed.
+    /// One event of the cluster DNS Service's watch: its addresses to the engine when they
+    /// changed; the first answer (a list, or a failure) may open the gate.
+    async fn cluster_dns_event(
+        &self,
+        event: Result<Event<k8s_openapi::api::core::v1::Service>, watcher::Error>,
+    ) {
+        let (update, settled_now) = {
+            let Ok(mut st) = self.cluster_dns.lock() else {
+                return;
+            };
+            let before = st.settled();
+            let update = st.handle(event);
+            (update, !before && st.settled())
+        };
+        if let Some(ips) = update {
+            let hub = self.hub.clone();
+            let shown = format!("{ips:?}");
+            match tokio::task::spawn_blocking(move || hub.set_cluster_dns_service(ips)).await {
+                Ok(Ok(deltas)) => {
+                    self.stats
+                        .cluster_dns_updates
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(cluster_ips = %shown, nodes = deltas.len(), "the cluster DNS Service's addresses changed");
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "could not apply the cluster DNS Service's addresses; the previous resolvers stay in force")
+                }
+                Err(e) => tracing::error!(error = %e, "apply task failed"),
+            }
+        }
+        if settled_now {
+            self.flush().await;
+        }
+    }
+
+    /// Applies what changed since the last flush, once every kind has been listed (and the
+    /// cluster DNS Service has been, or could not be: the first rule sets carry its addresses).
     async fn flush(&self) {
+        if !self.cluster_dns.lock().is_ok_and(|st| st.settled()) {
+            return;
+        }
         let changes = {
             let Ok(mut inv) = self.inventory.lock() else {
                 return;

@@ -127,7 +127,7 @@ impl ControllerMetrics {
             kubernetes_source: IntCounterVec::new(
                 Opts::new(
                     "kubernetes_source_total",
-                    "What the Kubernetes source did: watch events handled, model changes applied, hub updates, watch errors (each retried; 410 Gone re-lists), status patches written and refused, Events published",
+                    "What the Kubernetes source did: watch events handled, model changes applied, hub updates, watch errors (each retried; 410 Gone re-lists), status patches written and refused, Events published, changes of the cluster DNS Service's cluster IPs",
                 ),
                 &["what"],
             )?,
@@ -209,6 +209,7 @@ impl ControllerMetrics {
             ("status_writes", load(&stats.status_writes)),
             ("status_errors", load(&stats.status_errors)),
             ("events_published", load(&stats.events_published)),
+            ("cluster_dns_updates", load(&stats.cluster_dns_updates)),
         ] {
             let c = self.kubernetes_source.with_label_values(&[what]);
             c.inc_by(n.saturating_sub(c.get()));

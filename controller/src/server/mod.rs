@@ -70,7 +70,8 @@ pub struct ServerConfig {
     /// How often the manifests are checked for changes, in milliseconds.
     pub reload_ms: u64,
     /// The cluster's DNS resolvers, when given (else the `kube-system` pods labelled
-    /// `k8s-app: kube-dns`): [`EngineConfig::dns_resolvers`].
+    /// `k8s-app: kube-dns` and the kube-dns Service's cluster IPs):
+    /// [`EngineConfig::dns_resolvers`].
     pub dns_resolvers: Option<Vec<std::net::IpAddr>>,
     /// Client certificate names that may act as the agent of any node.
     pub any_node_clients: Vec<String>,
