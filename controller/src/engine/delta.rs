@@ -138,11 +138,10 @@ impl PolicyEngine {
         ip_checks.sort_unstable();
         ip_checks.dedup();
         nodes.extend(ip_checks.iter().map(|c| c.0));
-        let all_nodes =
-            !j.cidr_old.is_empty()
-                || !j.renamed_rules.is_empty()
-                || j.resolvers_changed
-                || !j.node_ip_old.is_empty();
+        let all_nodes = !j.cidr_old.is_empty()
+            || !j.renamed_rules.is_empty()
+            || j.resolvers_changed
+            || !j.node_ip_old.is_empty();
         if all_nodes {
             nodes.extend(0..self.inventory.node_count() as NodeIdx);
         }
