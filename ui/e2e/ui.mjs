@@ -52,9 +52,11 @@ async function waitFor(page, what, fn, arg, timeout = 20000) {
   }
 }
 
-// Clicks an element of the map where it is drawn.
+// Clicks an element of the map where it is drawn, once the layout stands still (its position
+// the same over two reads 150 ms apart): a click during a re-layout animation lands where the
+// element was, on whatever is there now.
 async function clickOnMap(page, id) {
-  const pos = await page.evaluate((id) => {
+  const where = () => page.evaluate((id) => {
     const { cy } = window.bulkhead;
     const e = cy.getElementById(id);
     if (e.empty()) return null;
@@ -62,7 +64,16 @@ async function clickOnMap(page, id) {
     const r = cy.container().getBoundingClientRect();
     return { x: r.left + p.x, y: r.top + p.y };
   }, id);
-  if (!pos) fail(`${id} is not on the map`);
+  let pos = await where();
+  const deadline = Date.now() + 10000;
+  for (;;) {
+    if (!pos) fail(`${id} is not on the map`);
+    await page.waitForTimeout(150);
+    const next = await where();
+    if (next && Math.abs(next.x - pos.x) < 0.5 && Math.abs(next.y - pos.y) < 0.5) break;
+    if (Date.now() > deadline) fail(`${id} did not stop moving on the map`);
+    pos = next;
+  }
   await page.mouse.click(pos.x, pos.y);
 }
 
@@ -160,6 +171,11 @@ try {
     step('verdict and namespace filters hide and show');
 
     await clickOnMap(page, deniedEdge);
+    // The panel of an edge clicked before may still show: wait for this edge's.
+    await page.waitForFunction(
+      (from) => (document.querySelector('#panel-body h2')?.textContent ?? '').startsWith(`${from} → `),
+      deniedFrom, { timeout: 10000, polling: 100 },
+    ).catch(() => {});
     await page.locator('#panel-body .flows tbody tr').first().waitFor({ timeout: 10000 })
       .catch(() => fail('clicking the denied edge showed no flows'));
     const title = await page.locator('#panel-body h2').textContent();
