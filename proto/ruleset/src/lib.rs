@@ -25,11 +25,13 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
+pub mod cluster;
 pub mod conntrack;
 pub mod flow;
 pub mod names;
 pub mod precedence;
 
+pub use cluster::{BadClusterName, CLUSTER_LABEL, ClusterName};
 pub use flow::{
     EndpointRef, FlowEntry, FlowKind, FlowReason, FlowRecord, FlowRule, FlowVerdict,
     QuarantineAction, QuarantineEvent, StagedOutcome,
@@ -460,18 +462,20 @@ pub struct BadPodKey(pub String);
 impl std::str::FromStr for PodKey {
     type Err = BadPodKey;
 
-    /// `namespace/name`, both non-empty, one `/`. (Whether they are valid Kubernetes names is
-    /// for the caller to check where it matters.)
+    /// `namespace/name`, both non-empty; a peer cluster's pod is `cluster/namespace/name` (its
+    /// namespace is qualified, see [`cluster`]). (Whether they are valid Kubernetes names is for
+    /// the caller to check where it matters.)
     fn from_str(s: &str) -> Result<PodKey, BadPodKey> {
-        match s.split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-                Ok(PodKey {
-                    namespace: ns.to_string(),
-                    name: name.to_string(),
-                })
-            }
-            _ => Err(BadPodKey(s.to_string())),
+        let bad = || BadPodKey(s.to_string());
+        let (ns, name) = s.rsplit_once('/').ok_or_else(bad)?;
+        let ns_ok = ns.split('/').count() <= 2 && ns.split('/').all(|p| !p.is_empty());
+        if !ns_ok || name.is_empty() {
+            return Err(bad());
         }
+        Ok(PodKey {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+        })
     }
 }
 

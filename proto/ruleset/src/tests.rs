@@ -8,7 +8,13 @@ fn pod_keys_and_rule_kinds_read_back_what_they_print() {
         ("shop", "web-0")
     );
     assert_eq!(pod.to_string().parse::<PodKey>(), Ok(pod));
-    for bad in ["", "shop", "/web", "shop/", "a/b/c"] {
+    let remote: PodKey = "west/shop/web-0".parse().expect("a peer cluster's pod");
+    assert_eq!(
+        (remote.namespace.as_str(), remote.name.as_str()),
+        ("west/shop", "web-0")
+    );
+    assert_eq!(remote.to_string().parse::<PodKey>(), Ok(remote));
+    for bad in ["", "shop", "/web", "shop/", "a//c", "/b/c", "a/b/c/d"] {
         let err = bad.parse::<PodKey>().expect_err(bad);
         assert!(err.to_string().contains("NAMESPACE/POD"), "{err}");
     }

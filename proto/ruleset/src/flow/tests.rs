@@ -71,7 +71,7 @@ fn endpoints_read_back_what_they_print() {
         "endpoint#",
         "endpoint#-1",
         "endpoint#x",
-        "a/b/c",
+        "a/b/c/d",
     ] {
         let err = bad.parse::<EndpointRef>().expect_err(bad);
         assert!(err.to_string().contains("endpoint#ID"), "{err}");
