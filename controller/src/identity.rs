@@ -21,7 +21,7 @@ use rustc_hash::FxHashMap;
 
 use crate::error::EngineError;
 use crate::model::Labels;
-use crate::ruleset::{Identity, Protocol, identity};
+use crate::ruleset::{CLUSTER_LABEL, Identity, Protocol, identity};
 
 /// Labels that change on every rollout or per pod and would give each pod its own identity.
 pub const DEFAULT_EXCLUDED_LABELS: &[&str] = &[
@@ -66,9 +66,12 @@ impl LabelFilter {
         }
     }
 
+    /// Whether `key` takes part in identities. [`CLUSTER_LABEL`] always does: selecting a peer
+    /// cluster's pods depends on it.
     pub fn keeps(&self, key: &str) -> bool {
-        !self.excluded_keys.contains(key)
-            && !self.excluded_prefixes.iter().any(|p| key.starts_with(p))
+        key == CLUSTER_LABEL
+            || !self.excluded_keys.contains(key)
+                && !self.excluded_prefixes.iter().any(|p| key.starts_with(p))
     }
 
     pub fn apply(&self, labels: &Labels) -> Labels {
@@ -349,6 +352,17 @@ pub fn pod_identity_slots() -> OrderedSlots<std::sync::Arc<IdentityKey>> {
         "pod identity",
         identity::FIRST_ALLOCATED_IDENTITY,
         total - 4096,
+        4096,
+    )
+}
+
+/// A peer cluster's pod identities: numbers from [`identity::FIRST_REMOTE_IDENTITY`], apart from
+/// the local ones (an import never takes or moves a local pod's number).
+pub fn remote_identity_slots() -> OrderedSlots<std::sync::Arc<IdentityKey>> {
+    OrderedSlots::new(
+        "remote pod identity",
+        identity::FIRST_REMOTE_IDENTITY,
+        identity::REMOTE_IDENTITY_COUNT - 4096,
         4096,
     )
 }

@@ -108,6 +108,16 @@ pub struct PodSelection {
     pub service_account: Option<String>,
 }
 
+impl PodSelection {
+    /// Whether the selection names [`crate::ruleset::CLUSTER_LABEL`] (in its namespace or pod
+    /// selector, with any operator): only such a selection may match a peer cluster's pods, so
+    /// every policy written before peering keeps meaning "this cluster".
+    pub fn names_cluster(&self) -> bool {
+        let named = |s: &Selector| s.keys().any(|k| k == crate::ruleset::CLUSTER_LABEL);
+        named(&self.pods) || matches!(&self.namespaces, NamespaceScope::Selected(s) if named(s))
+    }
+}
+
 /// An ipBlock / network peer: addresses in `cidr` but in none of `except`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CidrPeer {

@@ -66,6 +66,12 @@ fn policy_pool() -> Vec<Vec<Object>> {
             "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: nodes}\nspec:\n  tier: Admin\n  priority: 4\n  subject: {namespaces: {}}\n  egress: [{action: Accept, to: [{nodes: {matchLabels: {role: a}}}], protocols: [{tcp: {destinationPort: {number: 10250}}}]}, {action: Deny, to: [{nodes: {}}, {networks: [10.0.0.0/24]}]}]",
             "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata: {name: nodes}\nspec:\n  tier: Baseline\n  priority: 4\n  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}\n  egress: [{action: Deny, to: [{nodes: {matchExpressions: [{key: role, operator: NotIn, values: [a]}]}}]}]",
         ],
+        // Peer-cluster peers: only selectors naming the cluster label reach `west/x`'s pods
+        // (remote pods come and go, relabel and collide with local addresses like local ones).
+        vec![
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: x, name: remote}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{namespaceSelector: {matchLabels: {bulkhead.dev/cluster: west}}, podSelector: {matchLabels: {app: db}}}]}]\n  egress: [{to: [{podSelector: {matchExpressions: [{key: bulkhead.dev/cluster, operator: Exists}]}}]}]",
+            "apiVersion: policy.networking.k8s.io/v1beta1\nkind: ClusterNetworkPolicy\nmetadata: {name: remote}\nspec:\n  tier: Admin\n  priority: 6\n  subject: {namespaces: {}}\n  ingress: [{action: Deny, from: [{pods: {namespaceSelector: {matchLabels: {bulkhead.dev/cluster: west, team: a}}, podSelector: {}}}]}, {action: Accept, from: [{namespaces: {}}]}]",
+        ],
     ];
     docs.into_iter()
         .map(|variants| {
@@ -129,19 +135,20 @@ fn clock_start() -> SystemTime {
     bulkhead_controller::load::parse_rfc3339("2100-01-01T00:00:00Z").expect("valid time")
 }
 
-const NS: [&str; 2] = ["x", "y"];
+/// `west/x` is a peer cluster's namespace `x` (imported by peering).
+const NS: [&str; 3] = ["x", "y", "west/x"];
 const NODES: [Option<&str>; 4] = [None, Some("n1"), Some("n2"), Some("n3")];
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        4 => (0..2usize, 0..4usize, 0..2usize, any::<bool>(), 0..3u8, 0..2usize, 0..3usize,
+        4 => (0..3usize, 0..4usize, 0..2usize, any::<bool>(), 0..3u8, 0..2usize, 0..3usize,
               proptest::option::weighted(0.85, 0..8u8), proptest::option::of(prop_oneof![Just(80u16), Just(8080u16)]))
             .prop_map(|(ns, name, app, tier, hash, sa, node, ip, port)| Step::Pod { ns, name, app, tier, hash, sa, node, ip, port }),
-        1 => (0..2usize, 0..4usize).prop_map(|(ns, name)| Step::DeletePod { ns, name }),
-        1 => (0..2usize, proptest::option::of(0..2usize)).prop_map(|(ns, team)| Step::Namespace { ns, team }),
-        1 => (0..2usize).prop_map(|ns| Step::DeleteNamespace { ns }),
-        4 => (0..11usize, 0..3usize).prop_map(|(index, variant)| Step::Policy { index, variant }),
-        2 => (0..11usize).prop_map(|index| Step::DeletePolicy { index }),
+        1 => (0..3usize, 0..4usize).prop_map(|(ns, name)| Step::DeletePod { ns, name }),
+        1 => (0..3usize, proptest::option::of(0..2usize)).prop_map(|(ns, team)| Step::Namespace { ns, team }),
+        1 => (0..3usize).prop_map(|ns| Step::DeleteNamespace { ns }),
+        4 => (0..12usize, 0..3usize).prop_map(|(index, variant)| Step::Policy { index, variant }),
+        2 => (0..12usize).prop_map(|index| Step::DeletePolicy { index }),
         2 => (1..4usize, any::<bool>(), proptest::option::of(0..2usize), proptest::option::weighted(0.8, 0..6u8))
             .prop_map(|(node, declared, role, address)| Step::Node { node, declared, role, address }),
         1 => (0..25u64).prop_map(|seconds| Step::Tick { seconds }),
@@ -170,6 +177,10 @@ fn to_change(step: &Step, pool: &[Vec<Object>]) -> Change {
             // Without the filtered label, the engine keeps the pod's labels only in its identity.
             if *hash < 2 {
                 labels.insert("pod-template-hash".into(), format!("h{hash}"));
+            }
+            // A local pod claiming to be a peer cluster's must not pass for one.
+            if *name == 3 {
+                labels.insert("bulkhead.dev/cluster".into(), "west".into());
             }
             Change::UpsertPod(Pod {
                 namespace: NS[*ns].into(),
@@ -372,7 +383,10 @@ fn check_quarantine_allow(rulesets: &BTreeMap<String, RuleSet>) -> Result<(), St
 
 fn check_sequence(steps: &[Step]) -> Result<(), TestCaseError> {
     let pool = policy_pool();
-    let config = EngineConfig::default();
+    let config = EngineConfig {
+        cluster_name: Some("east".parse().expect("a cluster name")),
+        ..EngineConfig::default()
+    };
     let mut engine = PolicyEngine::empty(config.clone());
     let mut inputs = Inputs::default();
     let mut before: BTreeMap<String, RuleSet> = BTreeMap::new();

@@ -114,7 +114,8 @@ pub fn may_have_names(peer_identity: u32) -> bool {
     match peer_identity {
         identity::UNKNOWN | identity::WORLD => true,
         identity::HOST => false,
-        id => id >= identity::FIRST_CIDR_IDENTITY,
+        // A peer cluster's pod is named by its identity, like a local one.
+        id => id >= identity::FIRST_CIDR_IDENTITY && !identity::is_remote(id),
     }
 }
 
@@ -734,7 +735,13 @@ mod tests {
     /// Pods and the host are never looked up; the world, CIDRs, names and unknown peers are.
     #[test]
     fn only_peers_outside_the_cluster_may_have_names() {
-        for id in [identity::HOST, 256, 300, identity::FIRST_CIDR_IDENTITY - 1] {
+        for id in [
+            identity::HOST,
+            256,
+            300,
+            identity::FIRST_CIDR_IDENTITY - 1,
+            identity::FIRST_REMOTE_IDENTITY + 7,
+        ] {
             assert!(!may_have_names(id), "{id}");
         }
         for id in [

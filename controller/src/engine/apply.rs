@@ -24,10 +24,25 @@ impl Universe for View<'_> {
 
     fn candidates(&self, spec: &SelectionSpec) -> Vec<Identity> {
         match spec {
-            SelectionSpec::Pods(PodSelection {
-                namespaces: NamespaceScope::Named(ns),
-                ..
-            }) => self.identities.in_namespace(ns).collect(),
+            SelectionSpec::Pods(
+                sel @ PodSelection {
+                    namespaces: NamespaceScope::Named(ns),
+                    ..
+                },
+            ) => {
+                let mut ids: Vec<Identity> = self.identities.in_namespace(ns).collect();
+                if sel.names_cluster() {
+                    ids.extend(
+                        self.identities
+                            .namespaces()
+                            .filter(|(n, _)| {
+                                is_remote_namespace(n) && split_namespace(n).1 == ns.as_str()
+                            })
+                            .flat_map(|(_, ids)| ids.iter().copied()),
+                    );
+                }
+                ids
+            }
             SelectionSpec::Pods(PodSelection {
                 namespaces: NamespaceScope::Selected(nsel),
                 ..
@@ -272,10 +287,7 @@ impl PolicyEngine {
         let labels_in_key = strip_labels(&mut pod, &key);
         let (id, ch) = self.identities.acquire_pod_identity(key, &pk)?;
         self.identities_changed(ch);
-        let node_name = pod
-            .node_name
-            .clone()
-            .unwrap_or_else(|| self.config.unscheduled_node.clone());
+        let node_name = self.placement(&pod).into_owned();
         let node = self.node_idx(&node_name);
         self.note_node(node);
         let has_ips = !pod.ips.is_empty();
@@ -301,11 +313,20 @@ impl PolicyEngine {
     }
 
     pub(super) fn node_idx_of(&self, pod: &Pod) -> Option<NodeIdx> {
-        let name = pod
-            .node_name
-            .as_deref()
-            .unwrap_or(&self.config.unscheduled_node);
-        self.inventory.find_node(name)
+        self.inventory.find_node(&self.placement(pod))
+    }
+
+    /// The node a pod is placed on: its `spec.nodeName`, the unscheduled node, or for a peer
+    /// cluster's pod that cluster's pseudo-node (never an endpoint anywhere).
+    pub(super) fn placement<'a>(&'a self, pod: &'a Pod) -> std::borrow::Cow<'a, str> {
+        if let (Some(cluster), _) = split_namespace(&pod.namespace) {
+            return std::borrow::Cow::Owned(peer_cluster_node(cluster));
+        }
+        std::borrow::Cow::Borrowed(
+            pod.node_name
+                .as_deref()
+                .unwrap_or(&self.config.unscheduled_node),
+        )
     }
 
     /// Counts a policy's CIDRs out (`old`) and in (`new`); pods inside a CIDR that appeared or

@@ -57,6 +57,8 @@ pub(super) struct Identities {
     /// Pod identities by namespace.
     by_ns: FxHashMap<String, FxHashSet<Identity>>,
     pod_slots: OrderedSlots<Arc<IdentityKey>>,
+    /// Peer clusters' pods (qualified namespaces), in their own range.
+    remote_slots: OrderedSlots<Arc<IdentityKey>>,
     cidr_slots: OrderedSlots<IpNetwork>,
     quarantine_slots: OrderedSlots<QuarantineSet>,
     node_slots: OrderedSlots<Arc<NodeIdentityKey>>,
@@ -73,6 +75,7 @@ impl Default for Identities {
             states: FxHashMap::default(),
             by_ns: FxHashMap::default(),
             pod_slots: pod_identity_slots(),
+            remote_slots: remote_identity_slots(),
             cidr_slots: cidr_identity_slots(),
             quarantine_slots: quarantine_group_slots(),
             node_slots: node_identity_slots(),
@@ -139,7 +142,7 @@ impl Identities {
     /// Number of pod and CIDR identities (not the reserved ones, nor quarantine groups).
     #[inline]
     pub(super) fn count(&self) -> usize {
-        self.pod_slots.len() + self.cidr_slots.len()
+        self.pod_slots.len() + self.remote_slots.len() + self.cidr_slots.len()
     }
 
     /// The key of a pod identity (an empty key for any other).
@@ -217,12 +220,17 @@ impl Identities {
         pod: &PodRef,
     ) -> Result<(Identity, IdentityChanges), EngineError> {
         let mut ch = IdentityChanges::default();
-        let id = match self.pod_slots.get(&key) {
+        let slots = if is_remote_namespace(&key.namespace) {
+            &mut self.remote_slots
+        } else {
+            &mut self.pod_slots
+        };
+        let id = match slots.get(&key) {
             Some(id) => id,
             None => {
                 let hash = key.home_hash();
                 let key = Arc::new(key);
-                let (id, moves) = self.pod_slots.insert(key.clone(), hash)?;
+                let (id, moves) = slots.insert(key.clone(), hash)?;
                 let moves = moves.into_iter().map(|m| (m.from, m.to)).collect();
                 self.renumber(moves, &mut ch);
                 self.create(id, IdentityKind::Pod(key), &mut ch);
@@ -332,6 +340,9 @@ impl Identities {
             moves.into_iter().map(|m| (m.from, m.to)).collect()
         }
         let moves = match &state.kind {
+            IdentityKind::Pod(key) if is_remote_namespace(&key.namespace) => {
+                pairs(self.remote_slots.remove(key))
+            }
             IdentityKind::Pod(key) => pairs(self.pod_slots.remove(key)),
             IdentityKind::Quarantine(set) => pairs(self.quarantine_slots.remove(set)),
             _ => return ch,

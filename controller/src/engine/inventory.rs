@@ -14,11 +14,14 @@ struct NodeState {
     /// The version of the node's rule set.
     version: u64,
     endpoints: BTreeMap<u32, PodRef>,
+    /// A peer cluster's pseudo-node ([`peer_cluster_node`]): it holds that cluster's pods, never
+    /// exists as a node and has no endpoints.
+    peer_cluster: bool,
 }
 
 impl NodeState {
     fn exists(&self) -> bool {
-        self.declared || self.pods > 0
+        !self.peer_cluster && (self.declared || self.pods > 0)
     }
 }
 
@@ -27,6 +30,8 @@ pub(super) type Placed = (NodeIdx, Identity);
 
 #[derive(Default)]
 pub(super) struct Inventory {
+    /// The local cluster's name, for the labels of namespaces without a Namespace object.
+    pub(super) local_cluster: Option<ClusterName>,
     namespaces: FxHashMap<String, Labels>,
     pods: FxHashMap<PodRef, PodState>,
     /// Pods by address, each list sorted by key (nearly always one pod: a list is far smaller
@@ -59,11 +64,13 @@ impl Inventory {
     pub(super) fn namespace_labels(&self, ns: &str) -> std::borrow::Cow<'_, Labels> {
         match self.namespaces.get(ns) {
             Some(l) => std::borrow::Cow::Borrowed(l),
-            None => std::borrow::Cow::Owned(
-                [(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())]
-                    .into_iter()
-                    .collect(),
-            ),
+            None => std::borrow::Cow::Owned(namespace_labels(
+                &Namespace {
+                    name: ns.to_string(),
+                    labels: Labels::new(),
+                },
+                self.local_cluster.as_ref(),
+            )),
         }
     }
 
@@ -166,6 +173,9 @@ impl Inventory {
         let st = self.pods.get(pk)?;
         let (node, group) = (st.node, st.group());
         let n = &mut self.nodes[node as usize];
+        if n.peer_cluster {
+            return None;
+        }
         let reserved = self
             .reserved_endpoint
             .take()
@@ -304,6 +314,7 @@ impl Inventory {
         let idx = self.nodes.len() as NodeIdx;
         self.nodes.push(NodeState {
             name: name.to_string(),
+            peer_cluster: name.ends_with('/'),
             ..NodeState::default()
         });
         self.node_by_name.insert(name.to_string(), idx);

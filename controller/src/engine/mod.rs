@@ -110,7 +110,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use crate::error::EngineError;
 use crate::identity::{
     IdentityKey, LabelFilter, Move, NodeIdentityKey, OrderedSlots, cidr_hash, cidr_identity_slots,
-    node_identity_slots, pod_identity_slots,
+    node_identity_slots, pod_identity_slots, remote_identity_slots,
 };
 use crate::model::{
     CidrPeer, Isolation, Labels, NAMESPACE_NAME_LABEL, Namespace, NamespaceScope, Node, Object,
@@ -120,6 +120,9 @@ use crate::ruleset::{
     Action, Direction, DirectionPolicy, Endpoint, EndpointDelta, EndpointPolicy, Identity,
     IpCacheEntry, NodeDelta, PolicyDelta, PolicyEntry, PolicyGroupId, PortRange, Protocol, RuleId,
     RuleRef, RuleSet, Stage, Tier, identity,
+};
+use crate::ruleset::{
+    CLUSTER_LABEL, ClusterName, cluster::is_remote_namespace, cluster::split_namespace,
 };
 
 mod apply;
@@ -163,6 +166,11 @@ pub struct EngineConfig {
     /// labelled [`CLUSTER_DNS_LABEL`] and the cluster DNS Service's cluster IPs (see
     /// [`PolicyEngine::dns_resolvers`]).
     pub dns_resolvers: Option<Vec<IpAddr>>,
+    /// This cluster's name (`--cluster-name`): every local pod and namespace carries it as
+    /// [`CLUSTER_LABEL`]. Without one the label is taken off local objects. Either way a value
+    /// a local object sets itself never stands, so a local pod cannot pass for a peer
+    /// cluster's.
+    pub cluster_name: Option<ClusterName>,
 }
 
 impl Default for EngineConfig {
@@ -171,6 +179,7 @@ impl Default for EngineConfig {
             label_filter: LabelFilter::default(),
             unscheduled_node: "node-1".into(),
             dns_resolvers: None,
+            cluster_name: None,
         }
     }
 }
@@ -354,8 +363,8 @@ impl PolicyEngine {
     /// An engine with nothing in it.
     pub fn empty(config: EngineConfig) -> PolicyEngine {
         let mut engine = PolicyEngine {
-            config,
             inventory: Inventory::default(),
+            config,
             identities: Identities::default(),
             selectors: SelectorCache::default(),
             repository: Repository::default(),
@@ -366,6 +375,7 @@ impl PolicyEngine {
             dns_resolvers: Vec::new(),
             cluster_dns_service: Vec::new(),
         };
+        engine.inventory.local_cluster = engine.config.cluster_name.clone();
         engine.refresh_dns_resolvers();
         // The reserved identities, which the identities start with.
         let reserved: Vec<Identity> = engine.identities.all().collect();
@@ -403,9 +413,10 @@ impl PolicyEngine {
         for o in objects {
             match o {
                 Object::Namespace(n) => {
-                    engine
-                        .inventory
-                        .set_namespace_labels(&n.name, namespace_labels(&n));
+                    engine.inventory.set_namespace_labels(
+                        &n.name,
+                        namespace_labels(&n, engine.config.cluster_name.as_ref()),
+                    );
                 }
                 Object::Node(n) => {
                     let idx = engine.node_idx(&n.name);
@@ -460,19 +471,16 @@ impl PolicyEngine {
                 continue;
             }
             let pk: PodRef = Arc::new(pod.key());
+            let (remote, _) = split_namespace(&pod.namespace);
+            set_cluster_label(&mut pod.labels, remote, engine.config.cluster_name.as_ref());
             let key = engine
                 .identities
                 .key_of_pod(&pod, &engine.config.label_filter);
             let labels_in_key = strip_labels(&mut pod, &key);
             let (id, ch) = engine.identities.acquire_pod_identity(key, &pk)?;
             engine.identities_changed(ch);
-            let node = match &pod.node_name {
-                Some(name) => engine.node_idx(name),
-                None => {
-                    let name = engine.config.unscheduled_node.clone();
-                    engine.node_idx(&name)
-                }
-            };
+            let name = engine.placement(&pod).into_owned();
+            let node = engine.node_idx(&name);
             if !pod.ips.is_empty() {
                 with_ips.push(pk.clone());
             }
@@ -545,9 +553,11 @@ impl PolicyEngine {
     }
 
     /// The node a pod is placed on.
+    /// The node a pod is placed on; `None` for a peer cluster's pod (and unknown pods).
     pub fn node_of_pod(&self, pod: &PodKey) -> Option<&str> {
         self.inventory
             .pod(pod)
+            .filter(|p| !is_remote_namespace(&p.pod.namespace))
             .map(|p| self.inventory.node_name(p.node))
     }
 
@@ -939,17 +949,22 @@ impl PolicyEngine {
         tracing::trace!(?change, "policy engine change");
         match change {
             Change::UpsertNamespace(ns) => {
-                let labels = namespace_labels(&ns);
+                let labels = namespace_labels(&ns, self.config.cluster_name.as_ref());
                 self.set_namespace_labels(&ns.name, labels);
             }
             Change::DeleteNamespace(name) => {
-                let labels = namespace_labels(&Namespace {
-                    name: name.clone(),
-                    labels: Labels::new(),
-                });
+                let labels = namespace_labels(
+                    &Namespace {
+                        name: name.clone(),
+                        labels: Labels::new(),
+                    },
+                    self.config.cluster_name.as_ref(),
+                );
                 self.set_namespace_labels(&name, labels);
             }
-            Change::UpsertPod(pod) => {
+            Change::UpsertPod(mut pod) => {
+                let (remote, _) = split_namespace(&pod.namespace);
+                set_cluster_label(&mut pod.labels, remote, self.config.cluster_name.as_ref());
                 let pk = pod.key();
                 if self
                     .inventory
@@ -1069,10 +1084,35 @@ fn slot_hash(key: &PolicyKey) -> u64 {
     h.finish()
 }
 
-fn namespace_labels(ns: &Namespace) -> Labels {
+/// A namespace's labels as selectors see them: as written, with [`NAMESPACE_NAME_LABEL`] (a peer
+/// cluster's namespace `west/shop` is `shop` there, as in its own cluster) and [`CLUSTER_LABEL`]
+/// (see [`set_cluster_label`]).
+fn namespace_labels(ns: &Namespace, local: Option<&ClusterName>) -> Labels {
     let mut labels = ns.labels.clone();
-    labels.insert(NAMESPACE_NAME_LABEL.to_string(), ns.name.clone());
+    let (cluster, name) = split_namespace(&ns.name);
+    labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
+    set_cluster_label(&mut labels, cluster, local);
     labels
+}
+
+/// Sets [`CLUSTER_LABEL`] to the object's cluster: the peer cluster `remote` for an imported
+/// object, else the local cluster's name, or no label when the local cluster has none. Whatever
+/// value the object carried is overwritten: a local pod must not pass for a peer cluster's.
+fn set_cluster_label(labels: &mut Labels, remote: Option<&str>, local: Option<&ClusterName>) {
+    match remote.or(local.map(ClusterName::as_str)) {
+        Some(c) => {
+            labels.insert(CLUSTER_LABEL.to_string(), c.to_string());
+        }
+        None => {
+            labels.remove(CLUSTER_LABEL);
+        }
+    }
+}
+
+/// The pseudo-node holding a peer cluster's pods: never a node of this cluster (a Node name has
+/// no `/`), it has no rule set and its pods are no endpoints.
+fn peer_cluster_node(cluster: &str) -> String {
+    format!("{cluster}/")
 }
 
 #[cfg(test)]

@@ -184,7 +184,9 @@ impl SelectorCache {
         u: &impl Universe,
     ) -> MemberChanges {
         let mut candidates: Vec<SelId> = self.global.iter().copied().collect();
-        if let Some(s) = namespace.and_then(|ns| self.by_ns.get(ns)) {
+        // A peer cluster's `west/shop` is matched by selections of namespace `shop` that name
+        // the cluster label.
+        if let Some(s) = namespace.and_then(|ns| self.by_ns.get(split_namespace(ns).1)) {
             candidates.extend(s.iter().copied());
         }
         let mut changes = MemberChanges::new();
@@ -276,8 +278,14 @@ pub(super) fn spec_matches<'a>(
 ) -> bool {
     match (spec, kind) {
         (SelectionSpec::Pods(sel), IdentityKind::Pod(key)) => {
+            // A peer cluster's pods only for selections that name the cluster label; a named
+            // namespace is then the namespace of that name in the cluster(s) selected.
+            let (remote, local_name) = split_namespace(&key.namespace);
+            if remote.is_some() && !sel.names_cluster() {
+                return false;
+            }
             let ns_ok = match &sel.namespaces {
-                NamespaceScope::Named(n) => *n == key.namespace,
+                NamespaceScope::Named(n) => *n == local_name,
                 NamespaceScope::Selected(s) => s.matches(&ns_labels(&key.namespace)),
             };
             ns_ok
@@ -305,7 +313,12 @@ pub(super) fn spec_matches<'a>(
             SelectionSpec::World,
             IdentityKind::World | IdentityKind::Cidr(_) | IdentityKind::Node(_),
         ) => true,
-        (SelectionSpec::Cluster, IdentityKind::Pod(_) | IdentityKind::Host) => true,
+        // A peer cluster's pod was `world` before it was imported, and stays so for every
+        // selection that does not name its cluster: importing changes no verdict.
+        (SelectionSpec::World, IdentityKind::Pod(key)) => is_remote_namespace(&key.namespace),
+        // The `cluster` entity is this cluster's pods and hosts, not a peer cluster's.
+        (SelectionSpec::Cluster, IdentityKind::Pod(key)) => !is_remote_namespace(&key.namespace),
+        (SelectionSpec::Cluster, IdentityKind::Host) => true,
         (SelectionSpec::Host, IdentityKind::Host) => true,
         (SelectionSpec::AllPods, IdentityKind::Pod(_)) => true,
         _ => false,

@@ -61,6 +61,17 @@ pub mod identity {
     pub const fn names_apply_to(id: u32) -> bool {
         id == WORLD || (id >= FIRST_CIDR_IDENTITY && id < FIRST_NODE_IDENTITY)
     }
+    /// Identities of a peer cluster's pods (imported by peering) lie in
+    /// `FIRST_REMOTE_IDENTITY .. FIRST_REMOTE_IDENTITY + REMOTE_IDENTITY_COUNT`, apart from the
+    /// local pods' range, so that no import can ever take or move a local pod's number. To the
+    /// programs they are ordinary identities.
+    pub const FIRST_REMOTE_IDENTITY: u32 = 0x4000_0000;
+    /// How many remote identities there are (2^28).
+    pub const REMOTE_IDENTITY_COUNT: u32 = 1 << 28;
+    /// Whether `id` is a peer cluster's pod identity.
+    pub const fn is_remote(id: u32) -> bool {
+        id >= FIRST_REMOTE_IDENTITY && id - FIRST_REMOTE_IDENTITY < REMOTE_IDENTITY_COUNT
+    }
     /// Wildcard peer of a policy entry (and of a policy map key): every peer identity.
     pub const ANY: u32 = u32::MAX;
 }
@@ -679,9 +690,33 @@ mod tests {
             FIRST_NODE_IDENTITY,
             FIRST_NODE_IDENTITY + NODE_IDENTITY_COUNT - 1,
             FIRST_NAME_IDENTITY,
+            FIRST_REMOTE_IDENTITY,
             ANY,
         ] {
             assert!(!names_apply_to(id), "{id:#x}");
+        }
+    }
+
+    #[test]
+    fn remote_identities_overlap_no_other_range() {
+        use identity::*;
+        let last = FIRST_REMOTE_IDENTITY + (REMOTE_IDENTITY_COUNT - 1);
+        for id in [FIRST_REMOTE_IDENTITY, last] {
+            assert!(
+                is_remote(id) && !is_name(id) && !names_apply_to(id),
+                "{id:#x}"
+            );
+        }
+        const { assert!(FIRST_NAME_IDENTITY + NAME_IDENTITY_COUNT <= FIRST_REMOTE_IDENTITY) };
+        assert!(last < ANY);
+        for id in [
+            FIRST_REMOTE_IDENTITY - 1,
+            last + 1,
+            ANY,
+            WORLD,
+            FIRST_NODE_IDENTITY,
+        ] {
+            assert!(!is_remote(id), "{id:#x}");
         }
     }
 
