@@ -692,15 +692,21 @@ fn service_policy(
             cidr: Some(host_block(a).cidr),
             ..Default::default()
         },
-        End::Workload(p) => ServicePeer {
-            service: Some(ServiceRef {
-                service_account: Some(account(&wl.names[p as usize])),
-                namespace: (wl.names[p as usize].namespace != w.namespace)
-                    .then(|| wl.names[p as usize].namespace.clone()),
+        End::Workload(p) => {
+            // A peer cluster's workload (namespace `west/shop`) is named by `cluster`.
+            let (cluster, namespace) =
+                crate::ruleset::cluster::split_namespace(&wl.names[p as usize].namespace);
+            ServicePeer {
+                service: Some(ServiceRef {
+                    cluster: cluster.map(str::to_string),
+                    service_account: Some(account(&wl.names[p as usize])),
+                    namespace: (cluster.is_some() || namespace != w.namespace)
+                        .then(|| namespace.to_string()),
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        },
+            }
+        }
     };
     let ports = |edges: &BTreeMap<Edge, Seen>| -> Vec<PolicyPort> {
         edges

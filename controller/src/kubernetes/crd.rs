@@ -181,11 +181,17 @@ pub enum Entity {
 }
 
 /// A service identity: pods of a namespace (default: the policy's own) running as
-/// `serviceAccount` and/or matching `podSelector`.
+/// `serviceAccount` and/or matching `podSelector`, in this cluster or, with `cluster`, in that
+/// peer cluster.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(!deny_unknown_fields)]
 pub struct ServiceRef {
+    /// A peer cluster's name (see `--cluster-name` and peering): the service's pods in that
+    /// cluster. Without it, this cluster's pods only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32), regex(pattern = DNS_LABEL))]
+    pub cluster: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
     pub service_account: Option<String>,

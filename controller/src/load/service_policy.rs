@@ -7,7 +7,7 @@ use super::peers::{convert_np_ports, parse_cidr_peer, too_many_rules};
 use crate::error::FieldError;
 use crate::kubernetes::crd::{FqdnPeer, ServicePeer, ServicePolicy};
 use crate::model::{Isolation, NamespaceScope, Peer, PodSelection, Policy, PolicyKey, Rule};
-use crate::ruleset::{Action, Direction, NamePattern, RuleKind, Tier};
+use crate::ruleset::{Action, CLUSTER_LABEL, ClusterName, Direction, NamePattern, RuleKind, Tier};
 use crate::selector::{Selector, dns_subdomain_problem};
 
 /// A ServicePolicy: application-tier rules by service identity, enforced or audited.
@@ -206,7 +206,36 @@ fn convert_service_peer(
     let s = p.service.as_ref()?;
     let sp = format!("{path}.service");
     let before = errors.len();
-    let pods = match &s.pod_selector {
+    // `cluster: west` is the pod selector's requirement `bulkhead.dev/cluster: west`, which is
+    // what lets a selection match a peer cluster's pods.
+    let mut pod_selector = s.pod_selector.clone();
+    if let Some(c) = &s.cluster {
+        match c.parse::<ClusterName>() {
+            Err(e) => errors.push(FieldError::new(format!("{sp}.cluster"), e.to_string())),
+            Ok(c) => {
+                let sel = pod_selector.get_or_insert_with(Default::default);
+                let names_it = sel
+                    .match_labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(CLUSTER_LABEL))
+                    || sel
+                        .match_expressions
+                        .iter()
+                        .flatten()
+                        .any(|r| r.key == CLUSTER_LABEL);
+                if names_it {
+                    errors.push(FieldError::new(
+                        format!("{sp}.podSelector"),
+                        format!("name the cluster in {sp}.cluster only, not as {CLUSTER_LABEL} in the selector"),
+                    ));
+                }
+                sel.match_labels
+                    .get_or_insert_with(Default::default)
+                    .insert(CLUSTER_LABEL.to_string(), c.to_string());
+            }
+        }
+    }
+    let pods = match &pod_selector {
         Some(sel) => Selector::parse(sel, &format!("{sp}.podSelector"), errors),
         None => Some(Selector::everything()),
     };
