@@ -489,6 +489,20 @@ async fn west_pods_reach_east_and_follow_west_through_deltas_restarts_and_outage
         (s.state, s.epoch, s.version, s.pods),
         (PeerState::Synced, 100, 1, 3)
     );
+    // What east would export holds its own objects only, never what it imported.
+    let exported = bulkhead_controller::peering::export::local_export(
+        &l.east,
+        &["0.0.0.0/0".parse().unwrap()],
+    )
+    .unwrap();
+    assert_eq!(
+        exported.pods.keys().cloned().collect::<Vec<_>>(),
+        [
+            ("shop".to_string(), "stray".to_string()),
+            ("shop".to_string(), "web".to_string())
+        ]
+    );
+    assert_eq!(exported.namespaces.keys().collect::<Vec<_>>(), ["shop"]);
 
     // A relabel, a new pod and a deleted pod in west arrive as deltas.
     l.west
