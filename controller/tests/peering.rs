@@ -588,6 +588,27 @@ async fn west_pods_reach_east_and_follow_west_through_deltas_restarts_and_outage
         remote_pods(&l.east, "west").contains_key("shop/new")
     })
     .await;
+
+    // `bulkhead policy status` reads the peers through the Admin API, typed.
+    use pb::admin_server::Admin;
+    let admin = bulkhead_controller::distribution::AdminService::new(l.east.clone())
+        .with_peers(l.states.clone());
+    let status = admin
+        .policy_status(Request::new(pb::PolicyStatusRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = status.peers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["north", "west"]);
+    let west = &status.peers[1];
+    assert_eq!(west.state, pb::PeerImportState::Synced as i32);
+    assert_eq!((west.pods, west.epoch, west.error.as_str()), (3, 200, ""));
+    assert!(west.last_update_age_ms.is_some());
+    assert_eq!(
+        status.peers[0].state,
+        pb::PeerImportState::Connecting as i32
+    );
+    assert_eq!(status.peers[0].last_update_age_ms, None);
     drop(l.north);
 }
 
