@@ -133,6 +133,7 @@ pub struct PeeringArgs {
     /// (`bulkhead certs generate` writes `peering.pem`).
     #[arg(long, requires = "peering_key")]
     pub peering_cert: Option<PathBuf>,
+    /// The private key of --peering-cert (PEM).
     #[arg(long, requires = "peering_cert")]
     pub peering_key: Option<PathBuf>,
 }

@@ -393,12 +393,17 @@ impl Importer {
     }
 }
 
+/// An error with its sources, for a status line.
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        // Wrappers often repeat their source's text: say each part once.
+        let part = c.to_string();
+        if !s.contains(&part) {
+            s.push_str(": ");
+            s.push_str(&part);
+        }
         cur = c.source();
     }
     s
