@@ -10,6 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Maps keep the contract's order (BTreeMap), so conversions need no sorting.
         .btree_map(".bulkhead.v1.RuleSet")
         .btree_map(".bulkhead.v1.NodeDelta")
+        // Exported labels compare and convert in order.
+        .btree_map(".bulkhead.v1.ExportedNamespace")
+        .btree_map(".bulkhead.v1.ExportedPod")
         // The controller decodes every flow record agents report: addresses as slices of the
         // received message, not an allocation each.
         .bytes(".bulkhead.v1.FlowRecord")
@@ -19,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/bulkhead/v1/distribution.proto",
                 "proto/bulkhead/v1/ruleset.proto",
+                "proto/bulkhead/v1/peering.proto",
             ],
             &["proto"],
         )?;

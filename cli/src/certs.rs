@@ -18,10 +18,14 @@ use rcgen::{
 /// The name agents expect in the controller's certificate (SAN), whatever address they dial.
 pub use bulkhead_proto::client::CONTROLLER_SERVER_NAME;
 
+/// The common name of the controller's peering client certificate.
+pub const PEERING_CLIENT_NAME: &str = "bulkhead-peering";
+
 #[derive(Args)]
 pub struct CertsArgs {
-    /// Directory to write `ca.pem`, `controller.pem`/`controller-key.pem` and one
-    /// `<node>.pem`/`<node>-key.pem` per node.
+    /// Directory to write `ca.pem`, `controller.pem`/`controller-key.pem`,
+    /// `peering.pem`/`peering-key.pem` (the client certificate the controller imports from peer
+    /// clusters with) and one `<node>.pem`/`<node>-key.pem` per node.
     #[arg(long)]
     pub dir: PathBuf,
     /// Node names to issue agent certificates for (comma-separated or repeated).
@@ -73,8 +77,20 @@ pub fn generate(dir: &Path, nodes: &[String], controller_names: &[String]) -> an
     fs::write(dir.join("controller.pem"), cert.pem())?;
     write_private(&dir.join("controller-key.pem"), &key.serialize_pem())?;
 
+    // The controller's client certificate for importing from peer clusters (`--peering-cert`):
+    // a peer accepts it because it trusts this CA as our `--peer ca=`.
+    let mut peering = CertificateParams::new(vec![PEERING_CLIENT_NAME.to_string()])?;
+    peering
+        .distinguished_name
+        .push(DnType::CommonName, PEERING_CLIENT_NAME);
+    peering.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate()?;
+    let cert = peering.signed_by(&key, &ca)?;
+    fs::write(dir.join("peering.pem"), cert.pem())?;
+    write_private(&dir.join("peering-key.pem"), &key.serialize_pem())?;
+
     for node in nodes {
-        if node.is_empty() || node.contains('/') {
+        if node.is_empty() || node.contains('/') || node == "peering" {
             bail!("invalid node name {node:?}");
         }
         let mut client = CertificateParams::new(vec![node.clone()])?;
@@ -93,7 +109,7 @@ pub fn generate(dir: &Path, nodes: &[String], controller_names: &[String]) -> an
 pub fn run(args: CertsArgs) -> anyhow::Result<ExitCode> {
     generate(&args.dir, &args.nodes, &args.controller_names)?;
     println!(
-        "wrote ca.pem, controller.pem and certificates for {} node(s) to {}",
+        "wrote ca.pem, controller.pem, peering.pem and certificates for {} node(s) to {}",
         args.nodes.len(),
         args.dir.display()
     );
@@ -132,4 +148,28 @@ impl ClientTlsArgs {
 /// A gRPC channel to the controller at `addr` (`host:port` or a URL).
 pub fn endpoint(addr: &str, tls: &ClientTlsArgs) -> anyhow::Result<tonic::transport::Endpoint> {
     Ok(bulkhead_proto::client::endpoint(addr, &tls.to_client())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn generate_writes_the_peering_client_certificate() {
+        struct Cleanup(std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("bulkhead-certs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _cleanup = Cleanup(dir.clone());
+        super::generate(&dir, &["n1".to_string()], &[]).unwrap();
+        let cert = std::fs::read_to_string(dir.join("peering.pem")).unwrap();
+        assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
+        let key = std::fs::metadata(dir.join("peering-key.pem")).unwrap();
+        assert_eq!(key.permissions().mode() & 0o777, 0o600);
+        assert!(super::generate(&dir, &["peering".to_string()], &[]).is_err());
+    }
 }

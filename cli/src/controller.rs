@@ -2,10 +2,13 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use bulkhead_controller::server::{
-    FlowHistoryConfig, HttpConfig, KubernetesConfig, ServerConfig, auth::HttpAuthMode,
+use bulkhead_controller::{
+    peering::{PeerConfig, PeeringConfig},
+    ruleset::cluster::ClusterName,
+    server::{FlowHistoryConfig, HttpConfig, KubernetesConfig, ServerConfig, auth::HttpAuthMode},
 };
 use clap::Args;
+use ipnetwork::IpNetwork;
 
 #[derive(Args)]
 pub struct ControllerArgs {
@@ -101,6 +104,38 @@ pub struct ControllerArgs {
     pub kube: KubernetesArgs,
     #[command(flatten)]
     pub web: WebArgs,
+    #[command(flatten)]
+    pub peering: PeeringArgs,
+}
+
+/// Peering between clusters: import the peers' pods and namespaces, export ours.
+#[derive(Args, Clone, Debug, Default)]
+pub struct PeeringArgs {
+    /// This cluster's name (a DNS label, at most 32 characters), as its peers' `--peer name=`
+    /// says it. Required with --peer or --peering-listen.
+    #[arg(long)]
+    pub cluster_name: Option<ClusterName>,
+    /// This cluster's pod CIDRs (repeatable): exported to the peers, and no peer's may overlap
+    /// them. Only pods with addresses in them are exported. Required with --peering-listen.
+    #[arg(long = "pod-cidr", value_name = "CIDR")]
+    pub pod_cidrs: Vec<IpNetwork>,
+    /// Serve our inventory to the peer clusters on this address (off by default). Only the
+    /// `Peering` service is served there, with the controller's --tls-cert, and only client
+    /// certificates issued by a peer's CA (its --peer ca=) are accepted: not our agents'.
+    #[arg(long, value_name = "ADDR")]
+    pub peering_listen: Option<SocketAddr>,
+    /// A peer cluster to import pods and namespaces from (repeatable):
+    /// `name=NAME,address=https://HOST:PORT,ca=FILE`, where FILE is the CA that issued the peer
+    /// controller's certificate and the client certificate it imports from us with.
+    #[arg(long = "peer", value_name = "name=NAME,address=URL,ca=FILE")]
+    pub peers: Vec<PeerConfig>,
+    /// Our client certificate for importing from the peers (PEM), issued by this cluster's CA
+    /// (`bulkhead certs generate` writes `peering.pem`).
+    #[arg(long, requires = "peering_key")]
+    pub peering_cert: Option<PathBuf>,
+    /// The private key of --peering-cert (PEM).
+    #[arg(long, requires = "peering_cert")]
+    pub peering_key: Option<PathBuf>,
 }
 
 pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
@@ -141,6 +176,14 @@ impl From<ControllerArgs> for ServerConfig {
                 lease_name: a.kube.lease_name,
                 lease_namespace: a.kube.lease_namespace,
                 identity: a.kube.identity,
+            },
+            peering: PeeringConfig {
+                cluster: a.peering.cluster_name,
+                pod_cidrs: a.peering.pod_cidrs,
+                listen: a.peering.peering_listen,
+                peers: a.peering.peers,
+                cert: a.peering.peering_cert,
+                key: a.peering.peering_key,
             },
             web: HttpConfig {
                 web_actions: a.web.web_actions,

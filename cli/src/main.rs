@@ -41,7 +41,8 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Controller: compiles policies from manifests and serves per-node rule sets to agents
     /// over gRPC (mTLS), with metrics and a JSON API over HTTP.
-    Controller(controller::ControllerArgs),
+    // Boxed: its flags outweigh every other command's.
+    Controller(Box<controller::ControllerArgs>),
     /// Bulkhead's CustomResourceDefinitions (ServicePolicy, Quarantine), generated from the
     /// code: printed, or written one file per CRD with `--out charts/bulkhead/crds`.
     Crds(crds::CrdsArgs),
@@ -85,7 +86,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Agent(args) => agent::run(args),
-        Command::Controller(args) => controller::run(args),
+        Command::Controller(args) => controller::run(*args),
         Command::Crds(args) => crds::run(args),
         Command::Lab(args) => lab::run(args),
         Command::Demo(args) => demo::run(args),

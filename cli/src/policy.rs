@@ -176,7 +176,7 @@ fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     match a.output {
         TextFormat::Json => {
-            let v: Vec<serde_json::Value> = resp
+            let policies: Vec<serde_json::Value> = resp
                 .policies
                 .iter()
                 .map(|p| {
@@ -184,7 +184,21 @@ fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
                         "nodes": p.nodes, "realized": p.realized})
                 })
                 .collect();
-            serde_json::to_writer_pretty(&mut out, &v)?;
+            let peers: Vec<serde_json::Value> = resp
+                .peers
+                .iter()
+                .map(|p| {
+                    serde_json::json!({"name": p.name, "address": p.address,
+                        "state": peer_state_name(p.state),
+                        "last_update_age_seconds": p.last_update_age_ms.map(|ms| ms as f64 / 1000.0),
+                        "pods": p.pods, "namespaces": p.namespaces, "epoch": p.epoch,
+                        "version": p.version, "updates": p.updates, "error": p.error})
+                })
+                .collect();
+            serde_json::to_writer_pretty(
+                &mut out,
+                &serde_json::json!({"policies": policies, "peers": peers}),
+            )?;
             writeln!(out)?;
         }
         TextFormat::Text => {
@@ -201,6 +215,30 @@ fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
                     p.kind, name, p.realized, p.nodes
                 )?;
             }
+            if !resp.peers.is_empty() {
+                writeln!(out)?;
+                writeln!(
+                    out,
+                    "{:<20} {:<13} {:>12} {:>7}  ERROR",
+                    "PEER", "STATE", "LAST UPDATE", "PODS"
+                )?;
+                for p in &resp.peers {
+                    let age = p.last_update_age_ms.map_or("never".to_string(), |ms| {
+                        humantime::format_duration(std::time::Duration::from_secs(ms / 1000))
+                            .to_string()
+                            + " ago"
+                    });
+                    writeln!(
+                        out,
+                        "{:<20} {:<13} {:>12} {:>7}  {}",
+                        p.name,
+                        peer_state_name(p.state),
+                        age,
+                        p.pods,
+                        p.error
+                    )?;
+                }
+            }
         }
     }
     let all = resp.policies.iter().all(|p| p.realized == p.nodes);
@@ -209,6 +247,17 @@ fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(3)
     })
+}
+
+fn peer_state_name(state: i32) -> &'static str {
+    use bulkhead_proto::v1::PeerImportState as S;
+    match S::try_from(state) {
+        Ok(S::Connecting) => "connecting",
+        Ok(S::Synced) => "synced",
+        Ok(S::Disconnected) => "disconnected",
+        Ok(S::Refused) => "refused",
+        Ok(S::Unspecified) | Err(_) => "unknown",
+    }
 }
 
 /// Loads the inputs and reports their problems on stderr; returns the exit code the problems

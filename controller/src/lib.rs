@@ -23,6 +23,7 @@ pub mod impact;
 pub mod kubernetes;
 pub mod load;
 pub mod model;
+pub mod peering;
 pub mod reachability;
 pub mod recommend;
 pub mod selector;

@@ -7,6 +7,7 @@
 //! - [`flows`] does the same for flow records (refusing, by field, what the contract cannot
 //!   hold);
 //! - [`fanout`] encodes the deltas of one change for many nodes, what they share encoded once;
+//! - [`peering`] is a peer cluster's inventory export (`peering.proto`), typed and checked;
 //! - [`parts`] cuts controller messages too large to send whole into parts and puts them back;
 //! - [`follower`] is the agent's side of the distribution protocol, without the kernel: the agent
 //!   binary, the controller's tests and the benchmarks follow a node's stream through it.
@@ -17,6 +18,7 @@ pub mod fanout;
 pub mod flows;
 pub mod follower;
 pub mod parts;
+pub mod peering;
 
 pub mod v1 {
     tonic::include_proto!("bulkhead.v1");

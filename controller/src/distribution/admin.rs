@@ -32,6 +32,7 @@ pub struct AdminService {
     quarantine: Option<Arc<super::quarantine::QuarantineControl>>,
     flows: Option<Arc<FlowPipeline>>,
     clients: ClientPolicy,
+    peers: Option<Arc<crate::peering::PeerStates>>,
 }
 
 /// Records per `WatchFlows` message at most.
@@ -50,10 +51,17 @@ impl AdminService {
             quarantine: None,
             flows: None,
             clients: ClientPolicy::default(),
+            peers: None,
         }
     }
 
     /// Which client certificates may quarantine and release (see [`ClientPolicy`]).
+    /// Report the peer clusters' import states in `PolicyStatus`.
+    pub fn with_peers(mut self, peers: Arc<crate::peering::PeerStates>) -> Self {
+        self.peers = Some(peers);
+        self
+    }
+
     pub fn with_client_policy(mut self, clients: ClientPolicy) -> Self {
         self.clients = clients;
         self
@@ -355,9 +363,30 @@ impl Admin for AdminService {
                 realized: p.realized,
             })
             .collect();
+        let now = std::time::SystemTime::now();
+        let peers = self
+            .peers
+            .as_ref()
+            .map(|p| p.all())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| pb::PeerImportStatus {
+                state: peer_state_to(&p.state) as i32,
+                last_update_age_ms: p.age(now).map(|a| a.as_millis() as u64),
+                name: p.name.to_string(),
+                address: p.address,
+                error: p.error,
+                pods: p.pods,
+                namespaces: p.namespaces,
+                epoch: p.epoch,
+                version: p.version,
+                updates: p.updates,
+            })
+            .collect();
         Ok(Response::new(PolicyStatusResponse {
             policies,
             epoch: self.hub.epoch(),
+            peers,
         }))
     }
 
@@ -412,5 +441,15 @@ impl Admin for AdminService {
         // `list` may call the Kubernetes API synchronously: not on a runtime worker.
         let quarantines = off_runtime(move || q.list()).await?;
         Ok(Response::new(pb::ListQuarantinesResponse { quarantines }))
+    }
+}
+
+fn peer_state_to(s: &crate::peering::PeerState) -> pb::PeerImportState {
+    use crate::peering::PeerState;
+    match s {
+        PeerState::Connecting => pb::PeerImportState::Connecting,
+        PeerState::Synced => pb::PeerImportState::Synced,
+        PeerState::Disconnected => pb::PeerImportState::Disconnected,
+        PeerState::Refused => pb::PeerImportState::Refused,
     }
 }

@@ -17,7 +17,9 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+use bulkhead_ruleset::cluster::is_remote_namespace;
 
 use crate::{
     Change, EngineError, PolicyEngine,
@@ -148,6 +150,10 @@ pub struct Hub {
     /// Bumped whenever some node's rule set changes (so the flow pipeline knows when to
     /// rebuild its address directory, without copying rule sets to find out).
     generation: AtomicU64,
+    /// Bumped after every apply that touched a local (not a peer cluster's) pod or namespace:
+    /// the peering exporters wait on it. A watch holds only the newest value, so a burst of
+    /// changes wakes an exporter once.
+    local_inventory: watch::Sender<u64>,
     pub counters: HubCounters,
 }
 
@@ -199,6 +205,7 @@ impl Hub {
             acks: Mutex::new(HashMap::new()),
             next_subscriber: AtomicU64::new(1),
             generation: AtomicU64::new(1),
+            local_inventory: watch::Sender::new(0),
             counters: HubCounters::default(),
         }
     }
@@ -222,7 +229,48 @@ impl Hub {
         self.counters
             .changes_applied
             .fetch_add(n, Ordering::Relaxed);
-        self.update(priority, |engine| engine.apply_batch(changes))
+        let local = changes.iter().any(touches_local_inventory);
+        let result = self.update(priority, |engine| engine.apply_batch(changes));
+        if local {
+            // Even after an error: exporters diff against what they sent, so a wake-up that
+            // finds nothing new costs a comparison and sends nothing.
+            self.local_inventory.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        result
+    }
+
+    /// Wakes whenever a change touched a local pod or namespace (see [`Hub::local_inventory`]).
+    pub fn watch_local_inventory(&self) -> watch::Receiver<u64> {
+        self.local_inventory.subscribe()
+    }
+
+    /// The local namespaces and pods (not those imported from peer clusters, whose namespaces
+    /// are qualified `cluster/namespace`), sorted by name, and the engine's identity label
+    /// filter: what this cluster exports to its peers.
+    pub fn local_inventory(
+        &self,
+    ) -> Option<(
+        Vec<crate::model::Namespace>,
+        Vec<crate::Pod>,
+        crate::identity::LabelFilter,
+    )> {
+        let state = self.lock().ok()?;
+        let namespaces = state
+            .engine
+            .objects()
+            .into_iter()
+            .filter_map(|o| match o {
+                crate::Object::Namespace(n) if !is_remote_namespace(&n.name) => Some(n),
+                _ => None,
+            })
+            .collect();
+        let pods = state
+            .engine
+            .pods()
+            .into_iter()
+            .filter(|p| !is_remote_namespace(&p.namespace))
+            .collect();
+        Some((namespaces, pods, state.engine.config().label_filter.clone()))
     }
 
     /// The cluster DNS Service's cluster IPs are now `ips`
@@ -580,6 +628,17 @@ impl Hub {
                 },
             )
             .collect()
+    }
+}
+
+/// Whether a change is about a local pod or namespace (not one imported from a peer cluster).
+fn touches_local_inventory(change: &Change) -> bool {
+    match change {
+        Change::UpsertNamespace(n) => !is_remote_namespace(&n.name),
+        Change::DeleteNamespace(n) => !is_remote_namespace(n),
+        Change::UpsertPod(p) => !is_remote_namespace(&p.namespace),
+        Change::DeletePod(k) => !is_remote_namespace(&k.namespace),
+        _ => false,
     }
 }
 

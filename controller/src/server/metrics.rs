@@ -3,11 +3,12 @@
 
 use std::sync::{Mutex, atomic::Ordering};
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::{
     distribution::{FlowStore, Hub},
     flows::{FlowPipeline, ServiceGraph},
+    peering::{PeerState, PeerStates},
     supervise::TaskRestarts,
 };
 
@@ -40,6 +41,10 @@ pub(super) struct ControllerMetrics {
     acks_refused: IntGauge,
     unknown_nodes: IntGauge,
     task_restarts: IntCounterVec,
+    peer_state: IntGaugeVec,
+    peer_last_update_age: GaugeVec,
+    peer_pods: IntGaugeVec,
+    peer_updates: IntCounterVec,
     /// Connections to the HTTP endpoint closed on accept: too many were open.
     pub(super) http_connections_refused: IntCounter,
 }
@@ -157,6 +162,34 @@ impl ControllerMetrics {
                 ),
                 &["task"],
             )?,
+            peer_state: IntGaugeVec::new(
+                Opts::new(
+                    "peer_state",
+                    "Each peer cluster's import state: 1 for the current one (connecting, synced, disconnected, refused), 0 for the others",
+                ),
+                &["peer", "state"],
+            )?,
+            peer_last_update_age: GaugeVec::new(
+                Opts::new(
+                    "peer_last_update_age_seconds",
+                    "Seconds since the last snapshot or delta from a peer cluster was applied (absent before the first)",
+                ),
+                &["peer"],
+            )?,
+            peer_pods: IntGaugeVec::new(
+                Opts::new(
+                    "peer_pods",
+                    "Pods imported from a peer cluster and in force (its last good inventory)",
+                ),
+                &["peer"],
+            )?,
+            peer_updates: IntCounterVec::new(
+                Opts::new(
+                    "peer_updates_total",
+                    "Snapshots and deltas from a peer cluster applied",
+                ),
+                &["peer"],
+            )?,
             http_connections_refused: IntCounter::new(
                 "http_connections_refused_total",
                 "Connections to the HTTP endpoint (API, web UI, metrics) closed on accept because too many were open",
@@ -192,6 +225,10 @@ impl ControllerMetrics {
             Box::new(m.kubernetes_source.clone()),
             Box::new(m.task_restarts.clone()),
             Box::new(m.http_connections_refused.clone()),
+            Box::new(m.peer_state.clone()),
+            Box::new(m.peer_last_update_age.clone()),
+            Box::new(m.peer_pods.clone()),
+            Box::new(m.peer_updates.clone()),
         ] {
             m.registry.register(c)?;
         }
@@ -213,6 +250,30 @@ impl ControllerMetrics {
         ] {
             let c = self.kubernetes_source.with_label_values(&[what]);
             c.inc_by(n.saturating_sub(c.get()));
+        }
+    }
+
+    /// Brings the peer metrics up to the importers' states.
+    pub(super) fn sync_peers(&self, peers: &PeerStates, now: std::time::SystemTime) {
+        for p in peers.all() {
+            let name = p.name.as_str();
+            for state in PeerState::ALL {
+                self.peer_state
+                    .with_label_values(&[name, state.as_str()])
+                    .set((state == p.state) as i64);
+            }
+            match p.age(now) {
+                Some(age) => self
+                    .peer_last_update_age
+                    .with_label_values(&[name])
+                    .set(age.as_secs_f64()),
+                None => {
+                    let _ = self.peer_last_update_age.remove_label_values(&[name]);
+                }
+            }
+            self.peer_pods.with_label_values(&[name]).set(p.pods as i64);
+            let c = self.peer_updates.with_label_values(&[name]);
+            c.inc_by(p.updates.saturating_sub(c.get()));
         }
     }
 
@@ -309,5 +370,46 @@ impl ControllerMetrics {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    #[test]
+    fn peer_states_map_to_metrics() {
+        let m = ControllerMetrics::new().unwrap();
+        let peers = PeerStates::default();
+        peers.add("west".parse().unwrap(), "https://w:9964".into());
+        peers.add("north".parse().unwrap(), "https://n:9964".into());
+        let now = SystemTime::now();
+        peers.update(&"west".parse().unwrap(), |s| {
+            s.state = PeerState::Refused;
+            s.last_update = Some(now - Duration::from_secs(42));
+            s.pods = 7;
+            s.updates = 3;
+        });
+        m.sync_peers(&peers, now);
+        let text = {
+            let mut buf = String::new();
+            prometheus::TextEncoder::new()
+                .encode_utf8(&m.registry.gather(), &mut buf)
+                .unwrap();
+            buf
+        };
+        for line in [
+            "bulkhead_controller_peer_state{peer=\"west\",state=\"refused\"} 1",
+            "bulkhead_controller_peer_state{peer=\"west\",state=\"synced\"} 0",
+            "bulkhead_controller_peer_state{peer=\"north\",state=\"connecting\"} 1",
+            "bulkhead_controller_peer_last_update_age_seconds{peer=\"west\"} 42",
+            "bulkhead_controller_peer_pods{peer=\"west\"} 7",
+            "bulkhead_controller_peer_updates_total{peer=\"west\"} 3",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(!text.contains("peer_last_update_age_seconds{peer=\"north\"}"));
     }
 }

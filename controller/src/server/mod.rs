@@ -85,6 +85,8 @@ pub struct ServerConfig {
     pub agent_token_audience: String,
     pub kube: KubernetesConfig,
     pub web: HttpConfig,
+    /// Importing peer clusters' inventories and exporting ours (issue 20).
+    pub peering: crate::peering::PeeringConfig,
 }
 
 /// Where and how much flow history the controller keeps on disk.
@@ -157,6 +159,9 @@ pub fn run(config: ServerConfig) -> anyhow::Result<()> {
         ),
     };
     check_http_exposure(&config)?;
+    config
+        .peering
+        .check(config.tls_cert.is_some() && config.tls_key.is_some())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -217,6 +222,73 @@ fn open_flow_history(args: &ServerConfig) -> anyhow::Result<Option<Arc<FlowHisto
     Ok(Some(Arc::new(FlowHistory::open(config)?)))
 }
 
+/// Starts the importers (one per `--peer`) and the peering listener (`--peering-listen`), each
+/// when configured ([`crate::peering::PeeringConfig::check`] passed).
+async fn start_peering(
+    args: &ServerConfig,
+    hub: &Arc<Hub>,
+    peers: &Arc<crate::peering::PeerStates>,
+) -> anyhow::Result<()> {
+    use crate::peering::{Importer, PeeringService, RetryPolicy, import};
+    let p = &args.peering;
+    let Some(cluster) = p.cluster.clone() else {
+        return Ok(());
+    };
+    if let (Some(cert), Some(key)) = (&p.cert, &p.key)
+        && !p.peers.is_empty()
+    {
+        let importer = Arc::new(Importer::new(
+            hub.clone(),
+            cluster.clone(),
+            p.pod_cidrs.clone(),
+            peers.clone(),
+        ));
+        import::start(
+            importer,
+            &p.peers,
+            cert.clone(),
+            key.clone(),
+            RetryPolicy::default(),
+        );
+        tracing::info!(cluster = %cluster, peers = p.peers.len(), "importing the peer clusters' inventories");
+    }
+    if let Some(addr) = p.listen {
+        let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+            bail!("--peering-listen needs --tls-cert and --tls-key");
+        };
+        let cas: Vec<PathBuf> = p.peers.iter().map(|peer| peer.ca.clone()).collect();
+        let tls = Arc::new(
+            tls::ReloadingServerTls::with_client_cas(cert, key, &cas)
+                .context("the peering listener's TLS (the peers' ca= files)")?,
+        );
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind the peering address {addr}"))?;
+        tracing::info!(%addr, cluster = %cluster, "serving our inventory to peer clusters (client certificates of the peers' CAs only)");
+        let service = PeeringService::new(hub.clone(), cluster, p.pod_cidrs.clone());
+        tokio::spawn(serve_peering(listener, tls, service));
+    }
+    Ok(())
+}
+
+/// The peering listener: only the `Peering` service, over mTLS with the peers' CAs.
+pub async fn serve_peering(
+    listener: tokio::net::TcpListener,
+    tls: Arc<tls::ReloadingServerTls>,
+    service: crate::peering::PeeringService,
+) {
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .tcp_nodelay(true)
+        .add_service(service.into_server())
+        .serve_with_incoming(tls::tls_incoming(listener, tls))
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "peering listener stopped");
+    }
+}
+
 /// `NAMESPACE/NAME`.
 fn parse_service_account(sa: &str) -> anyhow::Result<(String, String)> {
     match sa.split_once('/') {
@@ -261,6 +333,8 @@ async fn serve(
         .apply_batch(first.changes)
         .context("compile the initial manifests")?;
     let hub = Arc::new(Hub::new(engine));
+    let peers = Arc::new(crate::peering::PeerStates::default());
+    start_peering(&args, &hub, &peers).await?;
     let kubernetes = tasks::start_kubernetes(&args.kube, hub.clone(), restarts.clone()).await?;
     let gate = kubernetes
         .as_ref()
@@ -419,7 +493,9 @@ async fn serve(
                 let (graph, pipeline) = (graph.clone(), flow_pipeline.clone());
                 let kube_stats = kubernetes.as_ref().map(|k| k.stats.clone());
                 let restarts = restarts.clone();
+                let peers = peers.clone();
                 move || async move {
+                    metrics.sync_peers(&peers, std::time::SystemTime::now());
                     metrics.sync_flow_counters(&graph, &pipeline);
                     metrics.sync_task_restarts(&restarts);
                     if let Some(stats) = &kube_stats {
@@ -493,7 +569,8 @@ async fn serve(
     };
     let mut admin = AdminService::new(hub.clone())
         .with_flows(flow_pipeline.clone())
-        .with_client_policy(clients.clone());
+        .with_client_policy(clients.clone())
+        .with_peers(peers.clone());
     if let Some(q) = quarantine {
         admin = admin.with_quarantine(q);
     }

@@ -13,7 +13,8 @@ use anyhow::Context;
 /// kubelet swaps the mounted files atomically). Each new connection gets the configuration of
 /// the files as they are; connections already open keep theirs.
 pub struct ReloadingServerTls {
-    files: [PathBuf; 3],
+    /// The certificate, its key, then each CA file.
+    files: Vec<PathBuf>,
     current: std::sync::Mutex<(FileStamps, Arc<rustls::ServerConfig>)>,
 }
 
@@ -24,11 +25,19 @@ impl ReloadingServerTls {
     /// Reads the files once; an error here (missing file, bad PEM, a key that does not match)
     /// stops the controller at start.
     pub fn new(cert: &Path, key: &Path, client_ca: &Path) -> anyhow::Result<Self> {
-        let files = [
-            cert.to_path_buf(),
-            key.to_path_buf(),
-            client_ca.to_path_buf(),
-        ];
+        Self::with_client_cas(cert, key, &[client_ca.to_path_buf()])
+    }
+
+    /// Client certificates may chain to any of `client_cas` (the peering listener: the union
+    /// of the peers' CAs, and not ours).
+    pub fn with_client_cas(
+        cert: &Path,
+        key: &Path,
+        client_cas: &[PathBuf],
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(!client_cas.is_empty(), "no CA for client certificates");
+        let mut files = vec![cert.to_path_buf(), key.to_path_buf()];
+        files.extend(client_cas.iter().cloned());
         let stamps = stamps(&files);
         let config = Arc::new(server_config(&files)?);
         Ok(ReloadingServerTls {
@@ -74,23 +83,30 @@ fn stamps(files: &[PathBuf]) -> FileStamps {
 
 /// rustls server configuration: our chain and key, client certificates required and verified
 /// against the CA, HTTP/2 by ALPN (what tonic's own acceptor sets up).
-fn server_config(files: &[PathBuf; 3]) -> anyhow::Result<rustls::ServerConfig> {
+fn server_config(files: &[PathBuf]) -> anyhow::Result<rustls::ServerConfig> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    let [cert, key, ca] = files;
+    let [cert, key, cas @ ..] = files else {
+        anyhow::bail!("a certificate, its key and a CA are needed");
+    };
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .with_context(|| format!("read certificates from {}", cert.display()))?;
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("read a private key from {}", key.display()))?;
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca)
-        .with_context(|| format!("read CA certificates from {}", ca.display()))?
-    {
-        let c = c.with_context(|| format!("read CA certificates from {}", ca.display()))?;
-        roots
-            .add(c)
-            .with_context(|| format!("use the CA certificate in {}", ca.display()))?;
+    for ca in cas {
+        for c in CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("read CA certificates from {}", ca.display()))?
+        {
+            let c = c.with_context(|| format!("read CA certificates from {}", ca.display()))?;
+            roots
+                .add(c)
+                .with_context(|| format!("use the CA certificate in {}", ca.display()))?;
+        }
     }
+    let Some(ca) = cas.first() else {
+        anyhow::bail!("no CA for client certificates");
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
