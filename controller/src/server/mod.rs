@@ -327,6 +327,7 @@ async fn serve(
     metrics.input_errors.inc_by(first.errors.len() as u64);
     let mut engine = PolicyEngine::empty(EngineConfig {
         dns_resolvers: args.dns_resolvers.clone(),
+        cluster_name: args.peering.cluster.clone(),
         ..EngineConfig::default()
     });
     engine
