@@ -257,20 +257,25 @@ impl Hub {
         let state = self.lock().ok()?;
         let namespaces = state
             .engine
-            .objects()
+            .namespaces()
             .into_iter()
-            .filter_map(|o| match o {
-                crate::Object::Namespace(n) if !is_remote_namespace(&n.name) => Some(n),
-                _ => None,
-            })
+            .filter(|n| !is_remote_namespace(&n.name))
             .collect();
-        let pods = state
-            .engine
-            .pods()
-            .into_iter()
-            .filter(|p| !is_remote_namespace(&p.namespace))
-            .collect();
+        let pods = state.engine.local_pods();
         Some((namespaces, pods, state.engine.config().label_filter.clone()))
+    }
+
+    /// This cluster's own pods at an address (a peer cluster's are left out).
+    pub fn local_pods_at(&self, ip: &std::net::IpAddr) -> Vec<crate::PodKey> {
+        self.lock()
+            .map(|s| {
+                s.engine
+                    .pods_at(ip)
+                    .into_iter()
+                    .filter(|k| !is_remote_namespace(&k.namespace))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The cluster DNS Service's cluster IPs are now `ips`

@@ -561,6 +561,42 @@ impl PolicyEngine {
             .map(|p| self.inventory.node_name(p.node))
     }
 
+    /// The pods at an address (nearly always one), by key.
+    pub fn pods_at(&self, ip: &IpAddr) -> Vec<PodKey> {
+        self.inventory
+            .pods_at(ip)
+            .iter()
+            .map(|k| (**k).clone())
+            .collect()
+    }
+
+    /// The namespaces with labels (as selectors see them: with the name and cluster labels), by
+    /// name.
+    pub fn namespaces(&self) -> Vec<Namespace> {
+        let mut v: Vec<Namespace> = self
+            .inventory
+            .namespaces()
+            .map(|(name, labels)| Namespace {
+                name: name.clone(),
+                labels: labels.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// This cluster's own pods (not a peer cluster's), sorted by namespace and name.
+    pub fn local_pods(&self) -> Vec<Pod> {
+        let mut v: Vec<Pod> = self
+            .inventory
+            .pods()
+            .filter(|(k, _)| !is_remote_namespace(&k.namespace))
+            .map(|(_, st)| self.full_pod(st))
+            .collect();
+        v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        v
+    }
+
     /// A pod as the engine has it (the last version applied).
     pub fn pod(&self, pod: &PodKey) -> Option<Pod> {
         self.inventory.pod(pod).map(|p| self.full_pod(p))

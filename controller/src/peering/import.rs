@@ -21,7 +21,7 @@ use bulkhead_proto::{
     peering::{Delta, Export, ExportedNamespace, ExportedPod, Snapshot},
     v1::{self as pb, peering_client::PeeringClient},
 };
-use bulkhead_ruleset::cluster::{ClusterName, is_remote_namespace};
+use bulkhead_ruleset::cluster::ClusterName;
 use ipnetwork::IpNetwork;
 
 use super::{PeerConfig, PeerState, PeerStates, RetryPolicy, export::MAX_EXPORT_MESSAGE, overlaps};
@@ -175,27 +175,47 @@ impl Importer {
                 }
             }
         }
-        // Every address held, by whom: local pods, then the other peers' pods.
-        let mut held: HashMap<IpAddr, String> = HashMap::new();
-        if let Some((pods, _)) = self.hub.pods() {
-            for p in pods.iter().filter(|p| {
-                !is_remote_namespace(&p.namespace) && !p.synthetic_ips && !p.host_network
-            }) {
-                for ip in &p.ips {
-                    held.insert(*ip, format!("local pod {}/{}", p.namespace, p.name));
+        // Addresses are checked against local pods and the other peers' where they are new to
+        // this peer's inventory (a pod that kept its addresses was checked when they came): a
+        // delta costs what it changes, not the size of the fleet.
+        let empty = PeerInventory::default();
+        let old = imported.get(peer).unwrap_or(&empty);
+        let fresh: Vec<IpAddr> = new
+            .pods
+            .iter()
+            .filter(|(k, p)| old.pods.get(*k).is_none_or(|o| o.addresses != p.addresses))
+            .flat_map(|(_, p)| p.addresses.iter().copied())
+            .collect();
+        // The other peers' pods by address: indexed when many addresses are new (a snapshot),
+        // scanned for the few of a delta.
+        let mut by_others: HashMap<IpAddr, String> = HashMap::new();
+        if fresh.len() > 64 {
+            for (name, inv) in others() {
+                for pod in inv.pods.values() {
+                    for ip in &pod.addresses {
+                        by_others.insert(
+                            *ip,
+                            format!("pod {}/{} of cluster {name}", pod.namespace, pod.name),
+                        );
+                    }
                 }
             }
         }
-        for (name, inv) in others() {
-            for pod in inv.pods.values() {
-                for ip in &pod.addresses {
-                    held.insert(
-                        *ip,
-                        format!("pod {}/{} of cluster {name}", pod.namespace, pod.name),
-                    );
-                }
+        let held = |ip: &IpAddr| -> Option<String> {
+            if let Some(k) = self.hub.local_pods_at(ip).first() {
+                return Some(format!("local pod {}/{}", k.namespace, k.name));
             }
-        }
+            if fresh.len() > 64 {
+                return by_others.get(ip).cloned();
+            }
+            others().find_map(|(name, inv)| {
+                inv.pods
+                    .values()
+                    .find(|p| p.addresses.contains(ip))
+                    .map(|p| format!("pod {}/{} of cluster {name}", p.namespace, p.name))
+            })
+        };
+        let fresh_set: std::collections::HashSet<IpAddr> = fresh.iter().copied().collect();
         let mut own: HashMap<IpAddr, &ExportedPod> = HashMap::new();
         for pod in new.pods.values() {
             if !new.namespaces.contains_key(&pod.namespace) {
@@ -218,8 +238,10 @@ impl Importer {
                         addr: *ip,
                     });
                 }
-                if let Some(holder) = held.get(ip) {
-                    return Err(taken(holder.clone()));
+                if fresh_set.contains(ip)
+                    && let Some(holder) = held(ip)
+                {
+                    return Err(taken(holder));
                 }
                 if let Some(other) = own.insert(*ip, pod) {
                     return Err(taken(format!(
