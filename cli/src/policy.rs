@@ -262,7 +262,14 @@ pub(crate) fn write_table(
     protocol: Protocol,
     port: u16,
 ) -> std::io::Result<()> {
-    let names: Vec<&String> = matrix.keys().collect();
+    // Columns are every source and destination: the rows' own names in a square matrix, more
+    // when sources reach destinations that are no source (a peer cluster's pods in the lab).
+    let names: Vec<&String> = matrix
+        .keys()
+        .chain(matrix.values().flat_map(|r| r.keys()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let width = names
         .iter()
         .map(|n| n.chars().count())
@@ -280,6 +287,9 @@ pub(crate) fn write_table(
     }
     writeln!(out)?;
     for (i, from) in names.iter().enumerate() {
+        if !matrix.contains_key(*from) {
+            continue;
+        }
         write!(out, "{:>3} {:<width$}", i + 1, from)?;
         for to in &names {
             let ok = matrix
