@@ -301,6 +301,12 @@ pub(crate) fn write_table(
         }
         writeln!(out)?;
     }
+    // Destinations that are no source are named below the rows.
+    for (i, to) in names.iter().enumerate() {
+        if !matrix.contains_key(*to) {
+            writeln!(out, "{:>3} {to}  (destination only)", i + 1)?;
+        }
+    }
     Ok(())
 }
 
@@ -397,4 +403,28 @@ fn compile(a: CompileArgs) -> anyhow::Result<ExitCode> {
     }
     writeln!(out)?;
     Ok(ExitCode::from(code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_names_destinations_that_are_no_source_below_the_rows() {
+        let m: BTreeMap<String, BTreeMap<String, bool>> = BTreeMap::from([(
+            "shop/a".to_string(),
+            BTreeMap::from([
+                ("shop/a".to_string(), true),
+                ("west/shop/b".to_string(), false),
+            ]),
+        )]);
+        let mut out = Vec::new();
+        write_table(&mut out, &m, Protocol::Tcp, 80).expect("write");
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1].trim(), "1  2");
+        assert_eq!(lines[2], "  1 shop/a       ✓  ✗");
+        assert_eq!(lines[3], "  2 west/shop/b  (destination only)");
+        assert_eq!(lines.len(), 4);
+    }
 }
