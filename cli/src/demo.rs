@@ -127,6 +127,7 @@ fn story(args: &DemoArgs, shop: &Path, policies: &Path) -> anyhow::Result<()> {
         false,
         19860,
         crate::agent::PrefilterChoice::Tc,
+        lab::cluster::ClusterChoice::default(),
     )?;
     let state = LabState::load(&args.state)?;
 

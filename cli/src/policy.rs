@@ -311,7 +311,14 @@ pub(crate) fn write_table(
     protocol: Protocol,
     port: u16,
 ) -> std::io::Result<()> {
-    let names: Vec<&String> = matrix.keys().collect();
+    // Columns are every source and destination: the rows' own names in a square matrix, more
+    // when sources reach destinations that are no source (a peer cluster's pods in the lab).
+    let names: Vec<&String> = matrix
+        .keys()
+        .chain(matrix.values().flat_map(|r| r.keys()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let width = names
         .iter()
         .map(|n| n.chars().count())
@@ -329,6 +336,9 @@ pub(crate) fn write_table(
     }
     writeln!(out)?;
     for (i, from) in names.iter().enumerate() {
+        if !matrix.contains_key(*from) {
+            continue;
+        }
         write!(out, "{:>3} {:<width$}", i + 1, from)?;
         for to in &names {
             let ok = matrix
@@ -339,6 +349,12 @@ pub(crate) fn write_table(
             write!(out, "{:>3}", if ok { "✓" } else { "✗" })?;
         }
         writeln!(out)?;
+    }
+    // Destinations that are no source are named below the rows.
+    for (i, to) in names.iter().enumerate() {
+        if !matrix.contains_key(*to) {
+            writeln!(out, "{:>3} {to}  (destination only)", i + 1)?;
+        }
     }
     Ok(())
 }
@@ -436,4 +452,28 @@ fn compile(a: CompileArgs) -> anyhow::Result<ExitCode> {
     }
     writeln!(out)?;
     Ok(ExitCode::from(code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_names_destinations_that_are_no_source_below_the_rows() {
+        let m: BTreeMap<String, BTreeMap<String, bool>> = BTreeMap::from([(
+            "shop/a".to_string(),
+            BTreeMap::from([
+                ("shop/a".to_string(), true),
+                ("west/shop/b".to_string(), false),
+            ]),
+        )]);
+        let mut out = Vec::new();
+        write_table(&mut out, &m, Protocol::Tcp, 80).expect("write");
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1].trim(), "1  2");
+        assert_eq!(lines[2], "  1 shop/a       ✓  ✗");
+        assert_eq!(lines[3], "  2 west/shop/b  (destination only)");
+        assert_eq!(lines.len(), 4);
+    }
 }

@@ -23,13 +23,17 @@ use hickory_proto::{
 };
 use serde_yaml::Value;
 
-use super::state::{LabPod, LabState, alive};
+use super::{
+    cluster::PodCidrs,
+    state::{LabPod, LabState, alive},
+};
 
 pub const NAMESPACE: &str = "kube-system";
 pub const POD_NAME: &str = "kube-dns";
 /// `namespace/name` of the cluster DNS pod in the lab's state.
 pub const POD_KEY: &str = "kube-system/kube-dns";
-/// The cluster DNS's address (node-1's host 10, below every address the lab gives a pod).
+/// The cluster DNS's address in a lab with the default pod CIDR (node-1's host 10, below every
+/// address the lab gives a pod; [`super::cluster::PodCidrs::dns_v4`] in general).
 pub const ADDRESS_V4: Ipv4Addr = Ipv4Addr::new(10, 240, 1, 10);
 /// Its IPv6 address in a lab with `--ipv6`.
 pub const ADDRESS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x240, 0, 0, 0, 0, 1, 10);
@@ -38,10 +42,11 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 pub const NDOTS: usize = 5;
 
 /// The cluster DNS pod as the controller sees it (node, addresses and ports filled in).
-pub fn pod_doc(ipv6: bool) -> anyhow::Result<Value> {
-    let mut ips = format!("[{{ip: \"{ADDRESS_V4}\"}}");
+pub fn pod_doc(cidrs: &PodCidrs, ipv6: bool) -> anyhow::Result<Value> {
+    let v4 = cidrs.dns_v4();
+    let mut ips = format!("[{{ip: \"{v4}\"}}");
     if ipv6 {
-        ips += &format!(", {{ip: \"{ADDRESS_V6}\"}}");
+        ips += &format!(", {{ip: \"{}\"}}", cidrs.dns_v6());
     }
     ips += "]";
     let yaml = format!(
@@ -60,7 +65,7 @@ spec:
     - {{name: dns, containerPort: 53, protocol: UDP}}
     - {{name: dns-tcp, containerPort: 53, protocol: TCP}}
 status:
-  podIP: \"{ADDRESS_V4}\"
+  podIP: \"{v4}\"
   podIPs: {ips}
 "
     );
@@ -77,9 +82,9 @@ pub fn search_domains(namespace: &str) -> Vec<String> {
 }
 
 /// A pod's `resolv.conf`, as a kubelet writes it for `dnsPolicy: ClusterFirst`.
-pub fn resolv_conf(namespace: &str) -> String {
+pub fn resolv_conf(namespace: &str, server: Ipv4Addr) -> String {
     format!(
-        "# written by bulkhead lab: the cluster DNS (kube-system/kube-dns)\nsearch {}\nnameserver {ADDRESS_V4}\noptions ndots:{NDOTS}\n",
+        "# written by bulkhead lab: the cluster DNS (kube-system/kube-dns)\nsearch {}\nnameserver {server}\noptions ndots:{NDOTS}\n",
         search_domains(namespace).join(" ")
     )
 }
@@ -89,11 +94,11 @@ fn etc_netns(netns: &str) -> PathBuf {
     Path::new("/etc/netns").join(netns)
 }
 
-pub fn write_resolv_conf(pod: &LabPod) -> anyhow::Result<()> {
+pub fn write_resolv_conf(state: &LabState, pod: &LabPod) -> anyhow::Result<()> {
     let dir = etc_netns(&pod.netns);
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let path = dir.join("resolv.conf");
-    std::fs::write(&path, resolv_conf(&pod.namespace))
+    std::fs::write(&path, resolv_conf(&pod.namespace, state.pod_cidrs.dns_v4()))
         .with_context(|| format!("write {}", path.display()))
 }
 
@@ -136,9 +141,12 @@ pub fn config(state: &LabState) -> String {
         "# written by bulkhead lab: the cluster DNS's records (ExternalHost objects)\n\
          # every other name is NXDOMAIN: nothing is forwarded\nlocal=/#/\n",
     );
-    out += &format!("host-record=kube-dns.{NAMESPACE}.svc.{CLUSTER_DOMAIN},{ADDRESS_V4}");
+    out += &format!(
+        "host-record=kube-dns.{NAMESPACE}.svc.{CLUSTER_DOMAIN},{}",
+        state.pod_cidrs.dns_v4()
+    );
     if state.ipv6 {
-        out += &format!(",{ADDRESS_V6}");
+        out += &format!(",{}", state.pod_cidrs.dns_v6());
     }
     out += ",30\n";
     for host in state.external_hosts.values() {
@@ -301,14 +309,16 @@ pub fn query(
 }
 
 /// Resolves `name` as a pod in `namespace` does (search domains, `ndots`), asking the cluster
-/// DNS over UDP from the calling thread's network namespace: the addresses of the wanted family.
+/// DNS (at `dns`) over UDP from the calling thread's network namespace: the addresses of the
+/// wanted family.
 pub fn resolve(
+    dns: Ipv4Addr,
     namespace: &str,
     name: &str,
     ipv6: bool,
     timeout: Duration,
 ) -> anyhow::Result<Vec<IpAddr>> {
-    let server = SocketAddr::new(IpAddr::V4(ADDRESS_V4), 53);
+    let server = SocketAddr::new(IpAddr::V4(dns), 53);
     let record = if ipv6 {
         RecordType::AAAA
     } else {
@@ -356,7 +366,7 @@ mod tests {
         );
         assert_eq!(candidates("api.example.com.", "shop"), ["api.example.com"]);
         assert_eq!(candidates("a.b.c.d.e.f", "x")[0], "a.b.c.d.e.f");
-        let conf = resolv_conf("shop");
+        let conf = resolv_conf("shop", ADDRESS_V4);
         assert!(conf.contains("search shop.svc.cluster.local svc.cluster.local cluster.local\n"));
         assert!(conf.contains("nameserver 10.240.1.10\n"));
         assert!(conf.contains("options ndots:5\n"));
@@ -364,7 +374,7 @@ mod tests {
 
     #[test]
     fn the_pod_is_labelled_as_coredns_is() {
-        let doc = pod_doc(true).expect("pod");
+        let doc = pod_doc(&PodCidrs::default(), true).expect("pod");
         assert_eq!(
             doc["metadata"]["labels"]["k8s-app"].as_str(),
             Some("kube-dns")
@@ -380,7 +390,8 @@ mod tests {
     /// `--dns-resolver` for its pods to learn from its answers.
     #[test]
     fn the_controller_trusts_the_pod_by_default() {
-        let text = serde_yaml::to_string(&pod_doc(true).expect("pod")).expect("yaml");
+        let text = serde_yaml::to_string(&pod_doc(&PodCidrs::default(), true).expect("pod"))
+            .expect("yaml");
         let loaded = bulkhead_controller::load_str(std::path::Path::new("dns.yaml"), &text);
         assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
         let engine = bulkhead_controller::PolicyEngine::new(

@@ -212,7 +212,8 @@ fn node_labels(d: &Value) -> anyhow::Result<(String, BTreeMap<String, String>)> 
 
 /// Splits documents into pods, objects and external hosts (validated: an invalid one stops the
 /// command before anything is changed).
-pub(super) fn classify(docs: Vec<Value>) -> anyhow::Result<Declared> {
+/// `dns` is the lab's cluster DNS address, which no declared pod may take.
+pub(super) fn classify(docs: Vec<Value>, dns: std::net::Ipv4Addr) -> anyhow::Result<Declared> {
     let mut pods = BTreeMap::new();
     let mut objects = BTreeMap::new();
     let mut external_hosts = BTreeMap::new();
@@ -251,7 +252,7 @@ pub(super) fn classify(docs: Vec<Value>) -> anyhow::Result<Declared> {
             }
         }
     }
-    let dns_address = dns::ADDRESS_V4.to_string();
+    let dns_address = dns.to_string();
     if let Some((key, _)) = pods.iter().find(|(_, p)| {
         str_at(p, &["status", "podIP"]) == Some(dns_address.as_str())
             || p.get("status")
@@ -291,14 +292,14 @@ mod tests {
         .iter()
         .map(|d| serde_yaml::from_str(d).expect("yaml"))
         .collect();
-        let d = classify(docs).expect("valid");
+        let d = classify(docs, dns::ADDRESS_V4).expect("valid");
         assert_eq!(d.node_labels.len(), 1);
         assert_eq!(d.node_labels["node-2"]["role"], "ingress");
         assert_eq!(d.objects.len(), 1, "the Node is not passed on as it is");
         let bad: Value =
             serde_yaml::from_str("apiVersion: v1\nkind: Node\nmetadata: {labels: {a: b}}")
                 .expect("yaml");
-        assert!(classify(vec![bad]).is_err());
+        assert!(classify(vec![bad], dns::ADDRESS_V4).is_err());
     }
 
     #[test]

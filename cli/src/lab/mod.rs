@@ -8,6 +8,7 @@
 //! hosts outside the pod network (`ExternalHost`, see [`external`]). Nothing touches the host's
 //! own network namespace.
 
+pub mod cluster;
 pub mod dns;
 pub mod external;
 mod input;
@@ -47,7 +48,13 @@ pub struct LabArgs {
 enum LabCommand {
     /// Build the lab from Kubernetes YAML: nodes, pods (Pods and Deployments), policies, and
     /// the lab's own `ExternalHost` objects (hosts outside the pod network, named in the
-    /// cluster DNS at 10.240.1.10).
+    /// cluster DNS at A.B.1.10 of the pod CIDR: 10.240.1.10 by default).
+    ///
+    /// Two clusters side by side: bring each up with its own `--state`, `--port-base`,
+    /// `--cluster` and `--pod-cidr`, then connect them with `lab peer`, e.g.
+    /// `lab --state /tmp/east up --cluster east --pod-cidr 10.241.0.0/16 --port-base 20100 -f …`,
+    /// `lab --state /tmp/west up --cluster west --pod-cidr 10.242.0.0/16 --port-base 20200 -f …`,
+    /// `lab --state /tmp/east peer --with /tmp/west`.
     Up {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
@@ -65,6 +72,31 @@ enum LabCommand {
         /// or `off` (see `agent run --prefilter`).
         #[arg(long, value_enum, default_value_t = crate::agent::PrefilterChoice::Tc)]
         prefilter: crate::agent::PrefilterChoice,
+        /// The cluster this lab is (a DNS label such as `east`): a lab that other labs may be
+        /// peered with (`lab peer`). Give each cluster its own `--pod-cidr`.
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<bulkhead_ruleset::ClusterName>,
+        /// Where pods get their addresses: an IPv4 /16 `A.B.0.0/16` (pods at A.B.<node>.<host>,
+        /// the cluster DNS at A.B.1.10) and, with `--ipv6`, an IPv6 /96 (pods at
+        /// <prefix>::<node>:<host>); repeat for both. Default 10.240.0.0/16 and fd00:240::/96.
+        /// Pods whose manifest gives `status.podIP` keep it.
+        #[arg(long = "pod-cidr", value_name = "CIDR")]
+        pod_cidr: Vec<ipnetwork::IpNetwork>,
+    },
+    /// Connect this lab's pod network with another lab's (both brought up with `--cluster` and
+    /// pod CIDRs that do not overlap): a veth between the two fabric namespaces, each routing
+    /// the other's pod CIDRs, so pods reach the other cluster's pods by their addresses through
+    /// both clusters' agents. `lab down` of either lab removes the link.
+    Peer {
+        /// The other lab's state directory.
+        #[arg(long = "with", value_name = "STATE")]
+        with: PathBuf,
+    },
+    /// Remove the link and routes `lab peer` made between this lab and another.
+    Unpeer {
+        /// The other lab's state directory.
+        #[arg(long = "with", value_name = "STATE")]
+        with: PathBuf,
     },
     /// Add or change objects in a running lab (policies, pod labels, new pods, external hosts).
     Apply {
@@ -106,7 +138,25 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             ipv6,
             port_base,
             prefilter,
-        } => up(&args.state, &files, nodes, ipv6, port_base, prefilter),
+            cluster,
+            pod_cidr,
+        } => {
+            let choice = cluster::ClusterChoice {
+                name: cluster,
+                pod_cidrs: cluster::PodCidrs::from_args(&pod_cidr, ipv6)?,
+            };
+            up(
+                &args.state,
+                &files,
+                nodes,
+                ipv6,
+                port_base,
+                prefilter,
+                choice,
+            )
+        }
+        LabCommand::Peer { with } => peer(&args.state, &with),
+        LabCommand::Unpeer { with } => unpeer(&args.state, &with),
         LabCommand::Apply { files } => apply(&args.state, &files, false),
         LabCommand::Delete { files } => apply(&args.state, &files, true),
         LabCommand::Exec { pod, command } => exec(&args.state, &pod, &command),
@@ -290,7 +340,8 @@ fn create_pod(state: &LabState, pod: &LabPod) -> anyhow::Result<()> {
         }
     }
     external::route_pod(state, pod)?;
-    dns::write_resolv_conf(pod)
+    cluster::route_pod(state, pod)?;
+    dns::write_resolv_conf(state, pod)
 }
 
 fn remove_pod(state: &LabState, pod: &LabPod) {
@@ -298,6 +349,7 @@ fn remove_pod(state: &LabState, pod: &LabPod) {
         stop(pid);
     }
     external::unroute_pod(state, pod);
+    cluster::unroute_pod(state, pod);
     dns::remove_resolv_conf(&pod.netns);
     let _ = ip(&["netns", "del", &pod.netns]);
     for other in &state.nodes {
@@ -455,23 +507,9 @@ fn place_pods(
                     node.name
                 );
             }
-            ips.push(IpAddr::V4(Ipv4Addr::new(
-                10,
-                240,
-                node.index as u8,
-                *host as u8,
-            )));
+            ips.push(IpAddr::V4(state.pod_cidrs.pod_v4(node.index, *host)));
             if state.ipv6 {
-                ips.push(IpAddr::V6(Ipv6Addr::new(
-                    0xfd00,
-                    0x240,
-                    0,
-                    0,
-                    0,
-                    0,
-                    node.index as u16,
-                    *host as u16,
-                )));
+                ips.push(IpAddr::V6(state.pod_cidrs.pod_v6(node.index, *host)));
             }
         }
         let hash = short_hash(key);
@@ -587,6 +625,7 @@ pub fn up(
     ipv6: bool,
     port_base: u16,
     prefilter: crate::agent::PrefilterChoice,
+    choice: cluster::ClusterChoice,
 ) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     if let Ok(existing) = LabState::load(dir)
@@ -612,11 +651,14 @@ pub fn up(
         objects,
         external_hosts,
         node_labels,
-    } = classify(docs)?;
+    } = classify(docs, choice.pod_cidrs.dns_v4())?;
     // Leftovers of a crashed lab go first.
     down(dir)?;
     std::fs::create_dir_all(dir.join("logs"))?;
-    pod_docs.insert(dns::POD_KEY.to_string(), dns::pod_doc(ipv6)?);
+    pod_docs.insert(
+        dns::POD_KEY.to_string(),
+        dns::pod_doc(&choice.pod_cidrs, ipv6)?,
+    );
     let mut state = LabState {
         dir: dir.to_path_buf(),
         ipv6,
@@ -639,6 +681,9 @@ pub fn up(
         prefilter,
         external_hosts: BTreeMap::new(),
         node_labels,
+        cluster: choice.name,
+        pod_cidrs: choice.pod_cidrs,
+        peers: BTreeMap::new(),
     };
     check_node_names(&state, &state.node_labels)?;
     let result = (|| -> anyhow::Result<()> {
@@ -657,20 +702,15 @@ pub fn up(
         let mut node_names: Vec<String> = state.nodes.iter().map(|n| n.name.clone()).collect();
         // `bulkhead quarantine --lab` speaks to the controller as `admin`.
         node_names.push("admin".into());
+        if state.cluster.is_some() {
+            // A named cluster's controller meets its peers' with this one.
+            node_names.push(processes::PEERING_CERT.into());
+        }
         crate::certs::generate(&state.certs_dir(), &node_names, &[])?;
         write_manifests(&state)?;
         state.controller_pid = Some(start_controller(&state)?);
         state.save()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while http_get(state.http_port, "/healthz").is_none() {
-            if Instant::now() > deadline || !state.controller_pid.is_some_and(alive) {
-                bail!(
-                    "the controller did not start; see {}",
-                    state.logs_dir().join("controller.log").display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(30));
-        }
+        wait_controller(&state)?;
         for i in 0..state.nodes.len() {
             let pid = start_agent(&state, &state.nodes[i])?;
             state.nodes[i].agent_pid = Some(pid);
@@ -708,7 +748,7 @@ pub fn apply(dir: &Path, files: &[PathBuf], delete: bool) -> anyhow::Result<Exit
         objects,
         external_hosts,
         node_labels,
-    } = classify(docs)?;
+    } = classify(docs, state.pod_cidrs.dns_v4())?;
     check_node_names(&state, &node_labels)?;
     if delete {
         for name in node_labels.keys() {
@@ -909,9 +949,36 @@ fn print_status(state: &LabState) {
             p.netns
         );
     }
+    if let Some(name) = &state.cluster {
+        let cidrs: Vec<String> = state
+            .pod_cidrs
+            .in_use(state.ipv6)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        let peering = if processes::CONTROLLER_PEERING {
+            format!("  peering 127.0.0.1:{}", state.peering_port())
+        } else {
+            String::new()
+        };
+        println!("cluster {name}: pod CIDR {}{peering}", cidrs.join(","));
+        for p in state.peers.values() {
+            let cidrs: Vec<String> = p.pod_cidrs.iter().map(|c| c.to_string()).collect();
+            println!(
+                "  peer {:<10} pod CIDR {:<30} via {} ({} {} → {})  lab {}",
+                p.cluster,
+                cidrs.join(","),
+                cluster::ROUTER_V4,
+                p.link_if,
+                p.local_v4,
+                p.remote_v4,
+                p.dir.display()
+            );
+        }
+    }
     println!(
         "cluster DNS: {} ({}, dnsmasq); pods resolve through it with egress to {}/k8s-app=kube-dns on port 53",
-        dns::ADDRESS_V4,
+        state.pod_cidrs.dns_v4(),
         dns::POD_KEY,
         dns::NAMESPACE
     );
@@ -946,16 +1013,7 @@ fn heal(dir: &Path) -> anyhow::Result<ExitCode> {
     if !state.controller_pid.is_some_and(alive) {
         state.controller_pid = Some(start_controller(&state)?);
         restarted.push("controller".to_string());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while http_get(state.http_port, "/healthz").is_none() {
-            if Instant::now() > deadline {
-                bail!(
-                    "the controller did not start; see {}",
-                    state.logs_dir().join("controller.log").display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(30));
-        }
+        wait_controller(&state)?;
     }
     for i in 0..state.nodes.len() {
         if !state.nodes[i].agent_pid.is_some_and(alive) {
@@ -988,6 +1046,74 @@ fn heal(dir: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Waits until the lab's controller serves (its `/healthz` answers).
+fn wait_controller(state: &LabState) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(state.http_port, "/healthz").is_none() {
+        if Instant::now() > deadline || !state.controller_pid.is_some_and(alive) {
+            bail!(
+                "the controller did not start; see {}",
+                state.logs_dir().join("controller.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    Ok(())
+}
+
+fn peer(dir: &Path, with: &Path) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    cluster::peer(dir, with)?;
+    let mut restarted = Vec::new();
+    for d in [dir, with] {
+        let mut state = LabState::load(d)?;
+        if processes::restart_controller_for_peers(&mut state)? {
+            wait_realized(&state, Duration::from_secs(30), false)?;
+            restarted.push(state.cluster.map(|c| c.to_string()).unwrap_or_default());
+        }
+    }
+    let state = LabState::load(dir)?;
+    let other = LabState::load(with)?;
+    let name = |s: &LabState| {
+        s.cluster
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default()
+    };
+    println!(
+        "peered {} and {}: pod CIDRs routed both ways{} in {:.1} s",
+        name(&state),
+        name(&other),
+        if restarted.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", controllers of {} restarted with their peers",
+                restarted.join(" and ")
+            )
+        },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unpeer(dir: &Path, with: &Path) -> anyhow::Result<ExitCode> {
+    let mut state = LabState::load(dir)?;
+    let other = LabState::load(with)?;
+    let name = other
+        .cluster
+        .with_context(|| format!("the lab at {} is no named cluster", with.display()))?;
+    cluster::unpeer(&mut state, name.as_str())?;
+    for d in [dir, with] {
+        let mut s = LabState::load(d)?;
+        if processes::restart_controller_for_peers(&mut s)? {
+            wait_realized(&s, Duration::from_secs(30), false)?;
+        }
+    }
+    println!("unpeered {name}: link and routes removed");
+    Ok(ExitCode::SUCCESS)
+}
+
 fn status(dir: &Path) -> anyhow::Result<ExitCode> {
     let state = LabState::load(dir)?;
     print_status(&state);
@@ -998,7 +1124,9 @@ fn status(dir: &Path) -> anyhow::Result<ExitCode> {
 /// found by their command line naming the state directory, namespaces and pins by prefix.
 pub fn down(dir: &Path) -> anyhow::Result<()> {
     let mut pids: Vec<u32> = Vec::new();
-    if let Ok(state) = LabState::load(dir) {
+    if let Ok(mut state) = LabState::load(dir) {
+        // The peers' routes to this lab go with it (and the links, with its fabric namespace).
+        cluster::unpeer_all(&mut state);
         pids.extend(state.pods.values().filter_map(|p| p.server_pid));
         pids.extend(state.nodes.iter().filter_map(|n| n.agent_pid));
         pids.extend(state.controller_pid);

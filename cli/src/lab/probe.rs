@@ -1,7 +1,9 @@
 //! `bulkhead lab probe`: real connections from every pod to every pod, in parallel (bounded),
 //! printed as the same matrix as `bulkhead policy evaluate`; or, with `--to`, from every pod to
 //! one name (resolved through the cluster DNS from each pod's namespace) or address. The lab's
-//! own cluster DNS pod is neither a source nor a destination: it serves DNS, not the probe.
+//! own cluster DNS pod is neither a source nor a destination: it serves DNS, not the probe. In a
+//! peered lab (`lab peer`) the peer clusters' pods are destinations too, named
+//! `cluster/namespace/pod`.
 
 use std::{
     collections::BTreeMap,
@@ -13,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 
 use super::state::{LabPod, LabState};
@@ -70,7 +72,8 @@ fn attempt(src: &LabPod, dst: IpAddr, port: u16, udp: bool, timeout: Duration) -
     }
 }
 
-/// `{"ns/src": {"ns/dst": reachable}}` for every ordered pair (pod to itself included).
+/// `{"ns/src": {"ns/dst": reachable}}` for every ordered pair (pod to itself included), and
+/// from every pod to every pod of the peer clusters (`{"ns/src": {"cluster/ns/dst": …}}`).
 pub fn matrix(
     state: &LabState,
     port: u16,
@@ -80,11 +83,23 @@ pub fn matrix(
 ) -> anyhow::Result<BTreeMap<String, BTreeMap<String, bool>>> {
     let udp = is_udp(protocol)?;
     let pods: Vec<LabPod> = state.user_pods().cloned().collect();
+    // Every local pod, and every pod of the peer clusters as `cluster/namespace/pod`.
+    let mut targets: Vec<(String, Option<IpAddr>)> = Vec::new();
+    let address = |p: &LabPod| p.ips.iter().copied().find(|i| i.is_ipv6() == ipv6);
+    for dst in &pods {
+        targets.push((dst.key(), address(dst)));
+    }
+    for peer in state.peers.values() {
+        let remote = LabState::load(&peer.dir)
+            .with_context(|| format!("read the pods of peer cluster {}", peer.cluster))?;
+        for dst in remote.user_pods() {
+            targets.push((format!("{}/{}", peer.cluster, dst.key()), address(dst)));
+        }
+    }
     let mut jobs = Vec::new();
     for src in &pods {
-        for dst in &pods {
-            let ip = dst.ips.iter().copied().find(|i| i.is_ipv6() == ipv6);
-            jobs.push((src.clone(), dst.key(), ip));
+        for (dst, ip) in &targets {
+            jobs.push((src.clone(), dst.clone(), *ip));
         }
     }
     let result = Arc::new(Mutex::new(BTreeMap::<String, BTreeMap<String, bool>>::new()));
@@ -150,6 +165,7 @@ pub fn to_target(
 ) -> anyhow::Result<BTreeMap<String, TargetOutcome>> {
     let udp = is_udp(protocol)?;
     let literal: Option<IpAddr> = target.parse().ok();
+    let dns = state.pod_cidrs.dns_v4();
     let handles: Vec<_> = state
         .user_pods()
         .cloned()
@@ -168,18 +184,20 @@ pub fn to_target(
                 }
                 let addr = match literal {
                     Some(a) => a,
-                    None => match super::dns::resolve(&src.namespace, &target, ipv6, timeout) {
-                        Ok(found) => found[0],
-                        Err(e) => {
-                            return (
-                                src.key(),
-                                TargetOutcome {
-                                    reached: false,
-                                    detail: format!("{e:#}"),
-                                },
-                            );
+                    None => {
+                        match super::dns::resolve(dns, &src.namespace, &target, ipv6, timeout) {
+                            Ok(found) => found[0],
+                            Err(e) => {
+                                return (
+                                    src.key(),
+                                    TargetOutcome {
+                                        reached: false,
+                                        detail: format!("{e:#}"),
+                                    },
+                                );
+                            }
                         }
-                    },
+                    }
                 };
                 // A fresh thread for the attempt, which enters the namespace itself.
                 let s = src.clone();

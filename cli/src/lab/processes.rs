@@ -2,6 +2,7 @@
 //! server, all detached from the CLI that starts them (own process group, output to a log).
 
 use std::{
+    ffi::OsString,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -43,8 +44,69 @@ pub(super) fn stop(pid: u32) {
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
 }
 
+/// The client certificate (`certs/peering.pem`) a named cluster's controller presents to its
+/// peers' controllers.
+pub(super) const PEERING_CERT: &str = "peering";
+
+/// Whether this build's controller has the flags of [`cluster_args`] (issue 20's peering);
+/// until it does, a named cluster's controller runs as any lab's and `lab peer` links the pod
+/// networks only.
+pub(super) const CONTROLLER_PEERING: bool = false;
+
+/// A named cluster's controller flags: its name and pod CIDRs, where it serves its peers, and
+/// each peer lab's controller (its peering port and the CA its certificate chains to).
+pub(super) fn cluster_args(state: &LabState) -> Vec<OsString> {
+    let Some(name) = &state.cluster else {
+        return Vec::new();
+    };
+    let certs = state.certs_dir();
+    let mut args: Vec<OsString> = vec!["--cluster-name".into(), name.to_string().into()];
+    for cidr in state.pod_cidrs.in_use(state.ipv6) {
+        args.extend(["--pod-cidr".into(), cidr.to_string().into()]);
+    }
+    args.extend([
+        "--peering-listen".into(),
+        format!("127.0.0.1:{}", state.peering_port()).into(),
+    ]);
+    for p in state.peers.values() {
+        let mut peer = OsString::from(format!(
+            "name={},address=https://127.0.0.1:{},ca=",
+            p.cluster, p.peering_port
+        ));
+        peer.push(&p.ca);
+        args.extend(["--peer".into(), peer]);
+    }
+    args.extend([
+        "--peering-cert".into(),
+        certs.join(format!("{PEERING_CERT}.pem")).into(),
+        "--peering-key".into(),
+        certs.join(format!("{PEERING_CERT}-key.pem")).into(),
+    ]);
+    args
+}
+
+/// (Re)starts the controller of a lab whose peers changed, so it runs with their flags
+/// ([`cluster_args`]); waits until it serves.
+pub(super) fn restart_controller_for_peers(state: &mut LabState) -> anyhow::Result<bool> {
+    if !CONTROLLER_PEERING || state.cluster.is_none() {
+        return Ok(false);
+    }
+    if let Some(pid) = state.controller_pid {
+        stop(pid);
+    }
+    state.controller_pid = Some(start_controller(state)?);
+    state.save()?;
+    super::wait_controller(state)?;
+    Ok(true)
+}
+
 pub(super) fn start_controller(state: &LabState) -> anyhow::Result<u32> {
     let certs = state.certs_dir();
+    let cluster = if CONTROLLER_PEERING {
+        cluster_args(state)
+    } else {
+        Vec::new()
+    };
     spawn_detached(
         Command::new(exe()?)
             .args(["controller", "-f"])
@@ -58,7 +120,8 @@ pub(super) fn start_controller(state: &LabState) -> anyhow::Result<u32> {
             .arg(certs.join("controller-key.pem"))
             .arg("--client-ca")
             .arg(certs.join("ca.pem"))
-            .args(["--reload-ms", "100"]),
+            .args(["--reload-ms", "100"])
+            .args(cluster),
         &state.logs_dir().join("controller.log"),
     )
 }

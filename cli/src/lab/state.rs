@@ -102,6 +102,15 @@ pub struct LabState {
     /// Labels given to lab nodes by Node objects in the manifests, by node name.
     #[serde(default)]
     pub node_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// The cluster this lab is (`lab up --cluster`); none for a lab that is no named cluster.
+    #[serde(default)]
+    pub cluster: Option<bulkhead_ruleset::ClusterName>,
+    /// Where its pods (and its cluster DNS) get their addresses (`lab up --pod-cidr`).
+    #[serde(default)]
+    pub pod_cidrs: super::cluster::PodCidrs,
+    /// The labs it is peered with (`lab peer`), by cluster name.
+    #[serde(default)]
+    pub peers: BTreeMap<String, super::cluster::LabPeer>,
 }
 
 fn xdp_before_the_choice() -> crate::agent::PrefilterChoice {
@@ -126,6 +135,11 @@ impl LabState {
     /// The controller's `/metrics`, `/healthz`, `/readyz` (the port after its HTTP API's).
     pub fn metrics_port(&self) -> u16 {
         self.http_port + 1
+    }
+
+    /// Where the controller of a named cluster serves its peers (`--port-base` + 3).
+    pub fn peering_port(&self) -> u16 {
+        self.grpc_port + 3
     }
 
     pub fn path(dir: &Path) -> PathBuf {
