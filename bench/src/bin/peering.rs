@@ -136,7 +136,7 @@ fn peer_pod(c: usize, p: usize, app: &str) -> Pod {
 }
 
 fn app_of(p: usize) -> &'static str {
-    if p % 2 == 0 { "api" } else { "batch" }
+    if p.is_multiple_of(2) { "api" } else { "batch" }
 }
 
 fn peer_hub(c: usize, pods: usize) -> anyhow::Result<Arc<Hub>> {
