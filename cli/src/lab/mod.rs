@@ -702,10 +702,7 @@ pub fn up(
         let mut node_names: Vec<String> = state.nodes.iter().map(|n| n.name.clone()).collect();
         // `bulkhead quarantine --lab` speaks to the controller as `admin`.
         node_names.push("admin".into());
-        if state.cluster.is_some() {
-            // A named cluster's controller meets its peers' with this one.
-            node_names.push(processes::PEERING_CERT.into());
-        }
+        // (`generate` also writes the controller's peering client certificate, `peering.pem`.)
         crate::certs::generate(&state.certs_dir(), &node_names, &[])?;
         write_manifests(&state)?;
         state.controller_pid = Some(start_controller(&state)?);
@@ -956,7 +953,7 @@ fn print_status(state: &LabState) {
             .iter()
             .map(|c| c.to_string())
             .collect();
-        let peering = if processes::CONTROLLER_PEERING {
+        let peering = if !state.peers.is_empty() {
             format!("  peering 127.0.0.1:{}", state.peering_port())
         } else {
             String::new()

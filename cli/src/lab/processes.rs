@@ -48,11 +48,6 @@ pub(super) fn stop(pid: u32) {
 /// peers' controllers.
 pub(super) const PEERING_CERT: &str = "peering";
 
-/// Whether this build's controller has the flags of [`cluster_args`] (issue 20's peering);
-/// until it does, a named cluster's controller runs as any lab's and `lab peer` links the pod
-/// networks only.
-pub(super) const CONTROLLER_PEERING: bool = false;
-
 /// A named cluster's controller flags: its name and pod CIDRs, where it serves its peers, and
 /// each peer lab's controller (its peering port and the CA its certificate chains to).
 pub(super) fn cluster_args(state: &LabState) -> Vec<OsString> {
@@ -63,6 +58,10 @@ pub(super) fn cluster_args(state: &LabState) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--cluster-name".into(), name.to_string().into()];
     for cidr in state.pod_cidrs.in_use(state.ipv6) {
         args.extend(["--pod-cidr".into(), cidr.to_string().into()]);
+    }
+    // Peering needs a peer: a cluster without one serves and imports nothing.
+    if state.peers.is_empty() {
+        return args;
     }
     args.extend([
         "--peering-listen".into(),
@@ -88,7 +87,7 @@ pub(super) fn cluster_args(state: &LabState) -> Vec<OsString> {
 /// (Re)starts the controller of a lab whose peers changed, so it runs with their flags
 /// ([`cluster_args`]); waits until it serves.
 pub(super) fn restart_controller_for_peers(state: &mut LabState) -> anyhow::Result<bool> {
-    if !CONTROLLER_PEERING || state.cluster.is_none() {
+    if state.cluster.is_none() {
         return Ok(false);
     }
     if let Some(pid) = state.controller_pid {
@@ -102,11 +101,7 @@ pub(super) fn restart_controller_for_peers(state: &mut LabState) -> anyhow::Resu
 
 pub(super) fn start_controller(state: &LabState) -> anyhow::Result<u32> {
     let certs = state.certs_dir();
-    let cluster = if CONTROLLER_PEERING {
-        cluster_args(state)
-    } else {
-        Vec::new()
-    };
+    let cluster = cluster_args(state);
     spawn_detached(
         Command::new(exe()?)
             .args(["controller", "-f"])
