@@ -13,7 +13,7 @@ use common::*;
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bulkhead_agent::privileged::check_privileged_test;
@@ -22,6 +22,9 @@ use bulkhead_agent::privileged::check_privileged_test;
 /// lab tests' (19400 and up) and of the distribution test's (21000 and up).
 const EAST_BASE: u16 = 18300;
 const WEST_BASE: u16 = 18340;
+/// The second test's (the tests of this file run in parallel).
+const POLICY_EAST_BASE: u16 = 18380;
+const POLICY_WEST_BASE: u16 = 18420;
 const EAST_CIDR: &str = "10.241.0.0/16";
 const WEST_CIDR: &str = "10.242.0.0/16";
 const EAST_CIDR_V6: &str = "fd00:241::/96";
@@ -183,11 +186,11 @@ struct Clusters {
 }
 
 impl Clusters {
-    fn up(test: &str, east: &str, west: &str) -> Clusters {
+    fn up(test: &str, bases: (u16, u16), east: &str, west: &str) -> Clusters {
         let root = TempDir(std::env::temp_dir().join(format!("bh-{test}-{}", std::process::id())));
         std::fs::create_dir_all(&root.0).expect("tmp");
-        let east = Cluster::up(&root.0, "east", [EAST_CIDR, EAST_CIDR_V6], EAST_BASE, east);
-        let west = Cluster::up(&root.0, "west", [WEST_CIDR, WEST_CIDR_V6], WEST_BASE, west);
+        let east = Cluster::up(&root.0, "east", [EAST_CIDR, EAST_CIDR_V6], bases.0, east);
+        let west = Cluster::up(&root.0, "west", [WEST_CIDR, WEST_CIDR_V6], bases.1, west);
         Clusters {
             east,
             west,
@@ -226,6 +229,7 @@ fn lab_pods_reach_a_peered_clusters_pods_through_both_clusters_agents() {
     let started = Instant::now();
     let c = Clusters::up(
         "lab-multicluster-e2e",
+        (EAST_BASE, WEST_BASE),
         &manifests(&[("client", "client", 1), ("web", "web", 2)]),
         &manifests(&[("api", "api", 2), ("neighbour", "neighbour", 1)]),
     );
@@ -308,6 +312,175 @@ fn lab_pods_reach_a_peered_clusters_pods_through_both_clusters_agents() {
     assert!(connects(&neighbour, &api, PORT), "west goes on alone");
     eprintln!(
         "two clusters up, peered and checked in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// West's api admits east's `app: client` pods by cluster label, and nothing else from outside
+/// its namespace.
+const ADMIT_EAST_CLIENTS: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: api-from-east, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress:
+  - from:
+    - podSelector: {}
+    - namespaceSelector: {matchLabels: {bulkhead.dev/cluster: east}}
+      podSelector: {matchLabels: {app: client}}
+";
+
+/// The same without naming the cluster: every namespace (of west only).
+const ADMIT_EVERY_NAMESPACE: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: api-from-east, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress:
+  - from: [{namespaceSelector: {}}]
+";
+
+fn client_pod(app: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: shop, labels: {{app: {app}}}}}
+spec:
+  nodeName: node-1
+  containers:
+  - name: c
+    image: lab
+    ports: [{{containerPort: {PORT}, protocol: TCP}}]
+"
+    )
+}
+
+/// Whether `from` reaches `to` within 10 s (`want`), and stays so for a moment (an import in
+/// flight must not be mistaken for the outcome).
+fn settles(what: &str, from: &Pod, to: &Pod, want: bool) {
+    wait_until(what, Duration::from_secs(15), || {
+        connects(from, to, PORT) == want
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(connects(from, to, PORT), want, "{what} (after settling)");
+}
+
+fn metrics(port: u16) -> String {
+    http_get(port, "/metrics").unwrap_or_default()
+}
+
+#[test]
+fn lab_policies_name_the_peer_cluster_and_survive_its_controller() {
+    if !check_privileged_test("lab_policies_name_the_peer_cluster_and_survive_its_controller") {
+        return;
+    }
+    let started = Instant::now();
+    let c = Clusters::up(
+        "lab-multicluster-policy",
+        (POLICY_EAST_BASE, POLICY_WEST_BASE),
+        &manifests(&[("client", "client", 1), ("other", "other", 2)]),
+        &manifests(&[("api", "api", 2), ("neighbour", "neighbour", 1)]),
+    );
+    c.peer();
+    let client = c.east.pod("shop/client");
+    let other = c.east.pod("shop/other");
+    let api = c.west.pod("shop/api");
+    let neighbour = c.west.pod("shop/neighbour");
+    // Each controller imported the other's pods.
+    wait_until(
+        "west's controller synced with east",
+        Duration::from_secs(15),
+        || {
+            metrics(POLICY_WEST_BASE + 2)
+                .contains("bulkhead_controller_peer_state{peer=\"east\",state=\"synced\"} 1")
+        },
+    );
+
+    // Named by cluster label: east's client gets in, east's other pod does not.
+    c.west.apply("policy.yaml", ADMIT_EAST_CLIENTS, false);
+    settles("east client admitted by name", &client, &api, true);
+    assert!(
+        !connects(&other, &api, PORT),
+        "east's other pod is no client"
+    );
+    assert!(connects(&neighbour, &api, PORT), "west's own namespace");
+
+    // Not named: `namespaceSelector: {}` means this cluster's namespaces only.
+    c.west.apply("policy.yaml", ADMIT_EVERY_NAMESPACE, false);
+    settles("east client not admitted by {}", &client, &api, false);
+    assert!(
+        connects(&neighbour, &api, PORT),
+        "west's own namespaces are"
+    );
+
+    // A relabel in east reaches west: the client is no client any more, then is again.
+    c.west.apply("policy.yaml", ADMIT_EAST_CLIENTS, false);
+    settles("east client admitted again", &client, &api, true);
+    c.east
+        .apply("client.yaml", &client_pod("former-client"), false);
+    settles("relabelled in east: denied in west", &client, &api, false);
+    c.east.apply("client.yaml", &client_pod("client"), false);
+    settles("labelled back in east", &client, &api, true);
+
+    // East's controller dies: west keeps east's last inventory in force (and says so).
+    let east_pid = c.east.lab_json()["controller_pid"]
+        .as_u64()
+        .expect("east's controller pid") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(east_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill east's controller");
+    wait_until(
+        "west sees east disconnected",
+        Duration::from_secs(15),
+        || {
+            metrics(POLICY_WEST_BASE + 2)
+                .contains("bulkhead_controller_peer_state{peer=\"east\",state=\"disconnected\"} 1")
+        },
+    );
+    assert!(
+        metrics(POLICY_WEST_BASE + 2).contains("bulkhead_controller_peer_pods{peer=\"east\"}"),
+        "the peer's pods are still counted"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        connects(&client, &api, PORT),
+        "still admitted with east's controller dead"
+    );
+    assert!(
+        !connects(&other, &api, PORT),
+        "still denied with east's controller dead"
+    );
+    // East back: its next relabel reaches west again.
+    run_ok(&["lab", "--state", &c.east.arg(), "heal"]);
+    wait_until(
+        "west synced with east again",
+        Duration::from_secs(20),
+        || {
+            metrics(POLICY_WEST_BASE + 2)
+                .contains("bulkhead_controller_peer_state{peer=\"east\",state=\"synced\"} 1")
+        },
+    );
+    c.east
+        .apply("client.yaml", &client_pod("former-client"), false);
+    settles("relabel after east's return", &client, &api, false);
+    c.east.apply("client.yaml", &client_pod("client"), false);
+    settles("and back", &client, &api, true);
+
+    // Quarantine of the remote-facing pod cuts it off from west too.
+    run_ok(&[
+        "quarantine",
+        "shop/client",
+        "--reason",
+        "talks to another cluster",
+        "--lab",
+        &c.east.arg(),
+    ]);
+    settles("quarantined east client", &client, &api, false);
+    assert!(connects(&neighbour, &api, PORT), "west unaffected");
+    eprintln!(
+        "policies by cluster checked in {:.1} s",
         started.elapsed().as_secs_f64()
     );
 }
