@@ -148,6 +148,10 @@ pub struct Hub {
     /// Bumped whenever some node's rule set changes (so the flow pipeline knows when to
     /// rebuild its address directory, without copying rule sets to find out).
     generation: AtomicU64,
+    /// Bumped whenever a change touches a peer cluster's namespaces or pods: these are on no
+    /// local node, so their changes may move no rule set (and not `generation`), yet the flow
+    /// pipeline names their addresses.
+    remote_generation: AtomicU64,
     pub counters: HubCounters,
 }
 
@@ -199,6 +203,7 @@ impl Hub {
             acks: Mutex::new(HashMap::new()),
             next_subscriber: AtomicU64::new(1),
             generation: AtomicU64::new(1),
+            remote_generation: AtomicU64::new(1),
             counters: HubCounters::default(),
         }
     }
@@ -222,7 +227,13 @@ impl Hub {
         self.counters
             .changes_applied
             .fetch_add(n, Ordering::Relaxed);
-        self.update(priority, |engine| engine.apply_batch(changes))
+        let remote = changes.iter().any(touches_remote);
+        let result = self.update(priority, |engine| engine.apply_batch(changes));
+        // Even after an error: part of the batch may have been applied.
+        if remote {
+            self.remote_generation.fetch_add(1, Ordering::Release);
+        }
+        result
     }
 
     /// The cluster DNS Service's cluster IPs are now `ips`
@@ -326,6 +337,27 @@ impl Hub {
     /// Changes whenever some node's rule set changed.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// Changes whenever a change touched a peer cluster's namespaces or pods.
+    pub fn remote_generation(&self) -> u64 {
+        self.remote_generation.load(Ordering::Acquire)
+    }
+
+    /// The pods of peer clusters (namespace `cluster/namespace`) as the engine has them, in
+    /// key order: the flow pipeline names their addresses, which no local rule set lists as
+    /// endpoints.
+    pub fn remote_pods(&self) -> Option<Vec<crate::Pod>> {
+        let state = self.lock().ok()?;
+        Some(
+            state
+                .engine
+                .pod_keys()
+                .iter()
+                .filter(|k| crate::ruleset::cluster::is_remote_namespace(&k.namespace))
+                .filter_map(|k| state.engine.pod(k))
+                .collect(),
+        )
     }
 
     /// Every node's endpoints, as their rule sets list them (for the flow pipeline's address
@@ -585,6 +617,21 @@ impl Hub {
 
 /// The rule set of a node the hub has: the engine's, or, for a node the engine no longer has
 /// (no pods and no longer declared), an empty one at the last version handed out.
+/// Whether a change adds, alters or removes a peer cluster's namespace or pod.
+fn touches_remote(c: &Change) -> bool {
+    use crate::ruleset::cluster::is_remote_namespace;
+    match c {
+        Change::UpsertNamespace(n) => is_remote_namespace(&n.name),
+        Change::DeleteNamespace(n) => is_remote_namespace(n),
+        Change::UpsertPod(p) => is_remote_namespace(&p.namespace),
+        Change::DeletePod(k) => is_remote_namespace(&k.namespace),
+        Change::UpsertNode(_)
+        | Change::DeleteNode(_)
+        | Change::UpsertPolicy(_)
+        | Change::DeletePolicy(_) => false,
+    }
+}
+
 fn current_ruleset(state: &HubState, node: &str) -> RuleSet {
     state.engine.ruleset(node).unwrap_or_else(|_| RuleSet {
         node: node.to_string(),
