@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use bulkhead_controller::ruleset::NamePattern;
+use bulkhead_controller::ruleset::{ClusterName, NamePattern};
 use bulkhead_controller::{
     flows::{FlowFilter, Graph},
     server::api::{FlowLine, FlowQuery, FlowView},
@@ -194,6 +194,11 @@ pub struct FlowsArgs {
     /// flows to addresses learned under a wildcard that covers it.
     #[arg(long, value_name = "NAME", value_parser = parse_peer_name)]
     peer_name: Option<NamePattern>,
+    /// Only flows from or to a pod of this peer cluster (remote pods are named
+    /// `cluster/namespace/pod`). Every flow's reporting endpoint is a local pod: this selects
+    /// flows by their peer.
+    #[arg(long, value_name = "NAME")]
+    cluster: Option<ClusterName>,
     /// Only flows seen within this long (`30s`, `5m`, `24h`, …). Without --follow the answer
     /// comes from the controller's flow history on disk, so it reaches back past a restart.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -322,6 +327,7 @@ fn flows_grpc(a: FlowsArgs, floor: u64) -> anyhow::Result<ExitCode> {
         staged_verdict: a.staged_verdict.map(|v| v.as_str().to_string()),
         since_unix_nanos: floor,
         peer_name: a.peer_name.clone(),
+        cluster: a.cluster.as_ref().map(ToString::to_string),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -503,6 +509,7 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
             verdict: a.verdict.clone(),
             staged_verdict: a.staged_verdict.map(|v| v.as_str().to_string()),
             peer_name: a.peer_name.as_ref().map(ToString::to_string),
+            cluster: a.cluster.as_ref().map(ToString::to_string),
             since: (last_printed > 0).then_some(last_printed),
             until,
             history: history.then_some(true),

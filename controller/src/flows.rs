@@ -2,11 +2,13 @@
 //! filtered ([`FlowFilter`]), and folded into the service graph ([`ServiceGraph`], in `graph`):
 //!
 //! Nodes are workloads (the pod's owner — Deployment, StatefulSet, … — else the pod) grouped by
-//! namespace, plus `world` (addresses of no pod) and `host`. An edge is (source workload,
-//! destination workload, port, protocol) with counts by verdict, bytes, first and last seen, and
-//! the rules that decided. A connection between two pods is reported by both enforcement points
-//! (the source's egress and the destination's ingress); it is counted once: allowed at its last
-//! enforcement point (the destination pod's ingress, else the source's egress), denied where it
+//! namespace, plus `world` (addresses of no pod) and `host`. A peer cluster's pods (namespace
+//! `cluster/namespace`, imported by peering) are workloads too, `west/shop/Deployment/web`, with
+//! their cluster. An edge is (source workload, destination workload, port, protocol) with counts
+//! by verdict, bytes, first and last seen, and the rules that decided. A connection between two
+//! pods is reported by both enforcement points (the source's egress and the destination's
+//! ingress); it is counted once: allowed at its last enforcement point here (the destination
+//! pod's ingress, else — no pod, or a peer cluster's — the source's egress), denied where it
 //! was denied.
 
 use std::{
@@ -22,8 +24,12 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::{
+    Pod,
     distribution::{FlowStore, Hub},
-    ruleset::{Endpoint, EndpointRef, FlowEntry, FlowRecord, NamePattern, PodKey, RuleSet},
+    ruleset::{
+        ClusterName, Endpoint, EndpointRef, FlowEntry, FlowRecord, NamePattern, PodKey, RuleSet,
+        cluster,
+    },
 };
 
 mod checks;
@@ -98,6 +104,14 @@ impl Workload {
         self.name.strip_prefix(WORLD_NAMED_PREFIX)
     }
 
+    /// The peer cluster of a remote workload (namespace `cluster/namespace`); `None` for a
+    /// local one, the world and the host.
+    pub fn cluster(&self) -> Option<ClusterName> {
+        cluster::split_namespace(&self.namespace)
+            .0
+            .and_then(|c| c.parse().ok())
+    }
+
     pub fn id(&self) -> String {
         if self.namespace.is_empty() {
             self.name.clone()
@@ -117,6 +131,8 @@ static DIRECTORY_GENERATION: AtomicU64 = AtomicU64::new(1);
 pub struct Directory {
     generation: u64,
     workloads: Vec<Workload>,
+    /// By workload number: a peer cluster's (no local enforcement point reports its side).
+    remote: Vec<bool>,
     by_ip: FxHashMap<IpAddr, u32>,
     by_pod: FxHashMap<PodKey, u32>,
     pod_by_ip: FxHashMap<IpAddr, PodKey>,
@@ -129,34 +145,80 @@ impl Directory {
 
     /// The directory of these endpoints (every node's, as their rule sets list them).
     pub fn from_endpoints<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>) -> Directory {
+        Directory::from_inventory(endpoints, [])
+    }
+
+    /// The directory of these endpoints and of peer clusters' pods (`remote`, namespaces
+    /// `cluster/namespace`): a flow to a remote pod's address names that pod and its workload
+    /// (`west/shop/Deployment/web`), not the world. Remote pods whose addresses were made up
+    /// or are their node's (host network) name nobody: the same address may be anyone's.
+    /// An address listed by both a local endpoint and a remote pod is the local pod's.
+    pub fn from_inventory<'a>(
+        endpoints: impl IntoIterator<Item = &'a Endpoint>,
+        remote: impl IntoIterator<Item = &'a Pod>,
+    ) -> Directory {
         let mut d = Directory {
             generation: DIRECTORY_GENERATION.fetch_add(1, Ordering::Relaxed),
             ..Default::default()
         };
         let mut numbers: FxHashMap<Workload, u32> = FxHashMap::default();
         for e in endpoints {
-            let w = Workload {
-                namespace: e.namespace.clone(),
-                name: e
-                    .workload
-                    .clone()
-                    .unwrap_or_else(|| format!("Pod/{}", e.pod)),
-            };
-            let n = *numbers.entry(w).or_insert_with_key(|w| {
-                d.workloads.push(w.clone());
-                d.workloads.len() as u32 - 1
-            });
-            let pod = PodKey {
-                namespace: e.namespace.clone(),
-                name: e.pod.clone(),
-            };
-            for ip in &e.ips {
-                d.by_ip.insert(*ip, n);
-                d.pod_by_ip.insert(*ip, pod.clone());
+            d.add(
+                &mut numbers,
+                &e.namespace,
+                &e.pod,
+                e.workload.as_deref(),
+                &e.ips,
+                true,
+            );
+        }
+        for p in remote {
+            if p.host_network || p.synthetic_ips {
+                continue;
             }
-            d.by_pod.insert(pod, n);
+            d.add(
+                &mut numbers,
+                &p.namespace,
+                &p.name,
+                p.workload.as_deref(),
+                &p.ips,
+                false,
+            );
         }
         d
+    }
+
+    /// Numbers the pod's workload and files its addresses (over earlier ones when `over`).
+    fn add(
+        &mut self,
+        numbers: &mut FxHashMap<Workload, u32>,
+        namespace: &str,
+        pod: &str,
+        workload: Option<&str>,
+        ips: &[IpAddr],
+        over: bool,
+    ) {
+        let w = Workload {
+            namespace: namespace.to_string(),
+            name: workload.map_or_else(|| format!("Pod/{pod}"), str::to_string),
+        };
+        let n = *numbers.entry(w).or_insert_with_key(|w| {
+            self.workloads.push(w.clone());
+            self.remote.push(cluster::is_remote_namespace(namespace));
+            self.workloads.len() as u32 - 1
+        });
+        let key = PodKey {
+            namespace: namespace.to_string(),
+            name: pod.to_string(),
+        };
+        for ip in ips {
+            if !over && self.by_ip.contains_key(ip) {
+                continue;
+            }
+            self.by_ip.insert(*ip, n);
+            self.pod_by_ip.insert(*ip, key.clone());
+        }
+        self.by_pod.insert(key, n);
     }
 
     /// The pod that has an address, if one has it.
@@ -166,6 +228,12 @@ impl Directory {
 
     fn of_ip(&self, ip: IpAddr) -> Option<u32> {
         self.by_ip.get(&ip).copied()
+    }
+
+    /// Whether workload `n` is a peer cluster's: its pods' own side of a connection is
+    /// enforced, and reported, in their cluster, not here.
+    fn is_remote(&self, n: u32) -> bool {
+        self.remote.get(n as usize).copied().unwrap_or(false)
     }
 
     /// Workloads known (pods' owners, else pods).
@@ -206,6 +274,14 @@ pub struct FlowFilter {
     /// To or from a peer outside the cluster named by DNS (see [`peer_name_matches`]);
     /// quarantine actions never match.
     pub peer_name: Option<NamePattern>,
+    /// From or to a pod of this peer cluster (namespace `cluster/namespace`). Kept as text: a
+    /// name that is not a cluster name (from the wire) matches nothing, as no pod has it.
+    pub cluster: Option<String>,
+}
+
+/// Whether the pod is in the peer cluster `cluster` (its namespace is `cluster/namespace`).
+pub fn pod_in_cluster(pod: &PodKey, cluster: &str) -> bool {
+    cluster::split_namespace(&pod.namespace).0 == Some(cluster)
 }
 
 /// Whether a record whose peer has `names` matches the filter's `wanted` name: a name equal to
@@ -238,6 +314,7 @@ impl FlowFilter {
             peer_name: (!f.peer_name.is_empty()).then(|| {
                 NamePattern::parse(&f.peer_name).unwrap_or(NamePattern::Exact(String::new()))
             }),
+            cluster: some(&f.cluster),
         })
         .unwrap_or_default()
     }
@@ -254,6 +331,7 @@ impl FlowFilter {
                 .as_ref()
                 .map(ToString::to_string)
                 .unwrap_or_default(),
+            cluster: self.cluster.clone().unwrap_or_default(),
         }
     }
 
@@ -278,7 +356,7 @@ impl FlowFilter {
         {
             return false;
         }
-        if self.pod.is_none() && self.namespace.is_none() {
+        if self.pod.is_none() && self.namespace.is_none() && self.cluster.is_none() {
             return true;
         }
         let (endpoint, peer) = match e {
@@ -292,7 +370,11 @@ impl FlowFilter {
                     && self
                         .namespace
                         .as_ref()
-                        .is_none_or(|ns| q.pod.namespace == *ns);
+                        .is_none_or(|ns| q.pod.namespace == *ns)
+                    && self
+                        .cluster
+                        .as_ref()
+                        .is_none_or(|c| pod_in_cluster(&q.pod, c));
             }
         };
         // The pod at either end, the namespace at either end, each on its own.
@@ -304,6 +386,12 @@ impl FlowFilter {
         if let Some(ns) = &self.namespace {
             let in_ns = |pod: &PodKey| pod.namespace == *ns;
             if !(endpoint.pod().is_some_and(in_ns) || peer.is_some_and(in_ns)) {
+                return false;
+            }
+        }
+        if let Some(c) = &self.cluster {
+            let in_cluster = |pod: &PodKey| pod_in_cluster(pod, c);
+            if !(endpoint.pod().is_some_and(in_cluster) || peer.is_some_and(in_cluster)) {
                 return false;
             }
         }
@@ -335,8 +423,9 @@ pub struct FlowPipeline {
     store: Arc<Mutex<FlowStore>>,
     graph: Arc<Mutex<ServiceGraph>>,
     hub: Option<Arc<Hub>>,
-    /// The directory and the hub generation it was built from.
-    directory: Mutex<(u64, Arc<Directory>)>,
+    /// The directory and the hub generations (rule sets, peer clusters' pods) it was built
+    /// from.
+    directory: Mutex<((u64, u64), Arc<Directory>)>,
     /// Records refused by [`check_record`], by [`FlowRejection`] (in [`FlowRejection::ALL`]
     /// order).
     rejected: [AtomicU64; FlowRejection::ALL.len()],
@@ -376,7 +465,7 @@ impl FlowPipeline {
             store,
             graph,
             hub: Some(hub),
-            directory: Mutex::new((0, Arc::new(Directory::default()))),
+            directory: Mutex::new(((0, 0), Arc::new(Directory::default()))),
             rejected: Default::default(),
         }
     }
@@ -391,7 +480,7 @@ impl FlowPipeline {
             store,
             graph,
             hub: None,
-            directory: Mutex::new((0, Arc::new(directory))),
+            directory: Mutex::new(((0, 0), Arc::new(directory))),
             rejected: Default::default(),
         }
     }
@@ -404,17 +493,20 @@ impl FlowPipeline {
         &self.graph
     }
 
-    /// Who has which address, as of the hub's current rule sets.
+    /// Who has which address, as of the hub's current rule sets and peer clusters' pods.
     pub fn directory(&self) -> Arc<Directory> {
         let Ok(mut cached) = self.directory.lock() else {
             return Arc::new(Directory::default());
         };
         if let Some(hub) = &self.hub {
-            let generation = hub.generation();
+            // Both read before the inventory: a change landing meanwhile moves one of them
+            // again, and the next call rebuilds.
+            let generation = (hub.generation(), hub.remote_generation());
             if cached.0 != generation
                 && let Some(endpoints) = hub.endpoints()
+                && let Some(remote) = hub.remote_pods()
             {
-                let d = Directory::from_endpoints(&endpoints);
+                let d = Directory::from_inventory(&endpoints, &remote);
                 *cached = (generation, Arc::new(d));
             }
         }

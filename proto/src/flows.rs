@@ -138,6 +138,36 @@ fn pod_from(field: FlowField, p: pb::PodRef) -> Result<rs::PodKey> {
     }
 }
 
+/// A record's peer: a pod [`pod_from`] takes, or a peer cluster's pod as the controller names
+/// it (namespace `cluster/namespace`, see [`rs::cluster`]), the cluster a cluster name and the
+/// rest a namespace. Agents name only their own node's pods; the controller names the others,
+/// remote ones included, in what it stores and serves.
+fn peer_from(p: pb::PodRef) -> Result<rs::PodKey> {
+    let Some((cluster, namespace)) = p.namespace.split_once('/') else {
+        return pod_from(FlowField::Peer, p);
+    };
+    if cluster.parse::<rs::ClusterName>().is_err() {
+        return refuse(
+            FlowField::Peer,
+            FlowProblem::Name {
+                part: "namespace",
+                problem: flow::BadName::Character('/'),
+            },
+        );
+    }
+    pod_from(
+        FlowField::Peer,
+        pb::PodRef {
+            namespace: namespace.to_string(),
+            name: p.name.clone(),
+        },
+    )?;
+    Ok(rs::PodKey {
+        namespace: p.namespace,
+        name: p.name,
+    })
+}
+
 fn kind_to(k: rs::FlowKind) -> pb::FlowKind {
     match k {
         rs::FlowKind::New => pb::FlowKind::New,
@@ -447,7 +477,7 @@ impl TryFrom<pb::FlowRecord> for rs::FlowRecord {
             rule_id: r.rule_id,
             local_identity: r.local_identity,
             peer_identity: r.peer_identity,
-            peer: r.peer.map(|p| pod_from(FlowField::Peer, p)).transpose()?,
+            peer: r.peer.map(peer_from).transpose()?,
             reason: reason_from(r.reason)?,
             packets: r.packets,
             bytes: r.bytes,

@@ -13,6 +13,13 @@
 // (`world: NAME`, labelled by the name, grouped with the world), and clicking it must list its
 // flows with the name beside the address.
 //
+//   node ui/e2e/ui.mjs --url http://127.0.0.1:PORT/ --remote west/shop/Deployment/web
+//
+// With --remote, that peer cluster's workload (id `cluster/namespace/Kind/name`) must be drawn
+// labelled `cluster/namespace/name`, inside its namespace's box, inside a box of its cluster
+// (`cluster NAME`) that no local namespace is in; clicking it must list its flows with the
+// remote pod named `cluster/namespace/pod`.
+//
 // Clicks happen where a person would click: on the canvas, at the rendered position of the edge
 // or node. Exits non-zero with a message on the first failed check; prints what it checked.
 import { chromium } from 'playwright-core';
@@ -37,6 +44,7 @@ const quarantinePod = arg('quarantine');
 const releasePod = arg('release');
 const screenshot = arg('screenshot');
 const namedWorld = arg('named-world');
+const remote = arg('remote');
 const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
 
 const step = (s) => console.log(`ui: ${s}`);
@@ -217,6 +225,40 @@ try {
     const paths = await page.locator('#panel-body .flows .path').allTextContents();
     if (!paths.some((p) => p.includes(`(${namedWorld}`))) fail(`no flow of ${id} names its peer: ${JSON.stringify(paths)}`);
     step(`named world node drawn and opened: ${id} (${node.edges} edge(s)); ${paths.length} flow(s), e.g. ${paths[0]}`);
+  }
+
+  if (remote) {
+    await waitFor(page, `the node ${remote} on the map`, (id) => !window.bulkhead.cy.getElementById(id).empty(), remote);
+    const node = await page.evaluate((id) => {
+      const n = window.bulkhead.cy.getElementById(id);
+      const ns = n.parent();
+      const box = ns.parent();
+      const locals = window.bulkhead.cy.nodes('[kind = "namespace"]').filter((x) => x.parent().empty()).map((x) => x.id());
+      return {
+        label: n.data('label'), cluster: n.data('cluster'), ns: ns.id(), nsParent: box.id(),
+        box: box.nonempty() ? { kind: box.data('kind'), label: box.data('label'), children: box.children().map((x) => x.id()) } : null,
+        locals, drawn: n.visible() && box.nonempty() && box.visible() && box.renderedBoundingBox().w > 0,
+      };
+    }, remote);
+    const [cluster, namespace, , name] = remote.split('/');
+    const wantLabel = `${cluster}/${namespace}/${name}`;
+    if (!node.label.startsWith(`${wantLabel}\n`)) fail(`${remote} is labelled ${JSON.stringify(node.label)}, not ${wantLabel}`);
+    if (node.cluster !== cluster) fail(`${remote} carries cluster ${JSON.stringify(node.cluster)}`);
+    if (node.ns !== `ns:${cluster}/${namespace}`) fail(`${remote} is drawn in ${node.ns}`);
+    if (!node.box || node.box.kind !== 'cluster' || node.box.label !== `cluster ${cluster}`) fail(`the namespace of ${remote} is in ${JSON.stringify(node.box)}, not a box of cluster ${cluster}`);
+    if (!node.box.children.every((c) => c.startsWith(`ns:${cluster}/`))) fail(`the box of cluster ${cluster} holds ${JSON.stringify(node.box.children)}`);
+    if (!node.locals.length) fail('no local namespace is drawn outside the cluster boxes');
+    if (!node.drawn) fail(`${remote} or its cluster box is not drawn`);
+    await clickOnMap(page, remote);
+    await page.locator('#panel-body h2', { hasText: wantLabel }).waitFor({ timeout: 10000 })
+      .catch(() => fail(`clicking ${remote} opened no panel of it`));
+    const about = await page.locator('#panel-body .muted').first().textContent();
+    if (!about.includes(`peer cluster ${cluster}`)) fail(`the panel of ${remote} says ${JSON.stringify(about)}`);
+    await page.locator('#panel-body .flows tbody tr').first().waitFor({ timeout: 10000 })
+      .catch(() => fail(`clicking ${remote} showed no flows`));
+    const paths = await page.locator('#panel-body .flows .path').allTextContents();
+    if (!paths.some((p) => p.includes(`${cluster}/${namespace}/`))) fail(`no flow of ${remote} names its pod: ${JSON.stringify(paths)}`);
+    step(`remote workload drawn as ${wantLabel} in ${node.ns} in the box "${node.box.label}" (local namespaces: ${node.locals.join(', ')}); ${paths.length} flow(s), e.g. ${paths[0]}`);
   }
 
   if (quarantinePod) {

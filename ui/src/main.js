@@ -22,7 +22,7 @@ const state = {
   verdicts: new Set(VERDICTS),
   hiddenNamespaces: new Set(),
   knownNamespaces: new Set(),
-  selection: null, // {type: 'edge'|'node'|'namespace'|'staged'|'history', id}
+  selection: null, // {type: 'edge'|'node'|'namespace'|'cluster'|'staged'|'history', id}
   layoutKey: '',
   firstLayout: true,
   openForm: null, // pod whose quarantine form is open
@@ -244,6 +244,13 @@ const style = [
     label: 'data(label)', 'text-valign': 'top', 'text-halign': 'center', 'font-size': 12,
     'font-weight': 'bold', color: '#79b8ff', 'text-margin-y': -4, padding: '18px',
   } },
+  // A peer cluster: a box around its namespaces, in another colour than theirs.
+  { selector: 'node[kind = "cluster"]', style: {
+    'background-color': '#d2a8ff', 'background-opacity': 0.05, 'border-color': '#8957e5',
+    'border-style': 'double', 'border-width': 4, shape: 'round-rectangle',
+    label: 'data(label)', 'text-valign': 'top', 'text-halign': 'center', 'font-size': 13,
+    'font-weight': 'bold', color: '#d2a8ff', 'text-margin-y': -4, padding: '22px',
+  } },
   { selector: 'node[kind = "world"], node[kind = "host"]', style: {
     shape: 'ellipse', 'background-color': '#2a2f3a', 'border-color': '#6e7681',
     padding: '14px', 'font-weight': 'bold',
@@ -281,19 +288,35 @@ const cy = cytoscape({
 // For the end-to-end test and for poking around from the console.
 window.bulkhead = { cy, state };
 
+// The peer cluster of each remote namespace (`cluster/namespace`), as the controller names it
+// on the namespace's workloads (their `cluster`): the page never parses names for it.
+function clustersOf(map) {
+  const of = new Map();
+  for (const n of map.nodes) if (n.cluster) of.set(n.namespace, n.cluster);
+  return of;
+}
+
 function elementsOf(map) {
   const out = [];
+  // A peer cluster's namespaces sit in a box of their cluster, apart from the local ones.
+  const clusterOf = clustersOf(map);
+  for (const c of [...new Set(clusterOf.values())].sort()) {
+    out.push({ group: 'nodes', data: { id: `cluster:${c}`, label: `cluster ${c}`, kind: 'cluster', cluster: c } });
+  }
   for (const ns of map.namespaces) {
-    out.push({ group: 'nodes', data: { id: `ns:${ns}`, label: ns, kind: 'namespace', namespace: ns } });
+    const c = clusterOf.get(ns);
+    out.push({ group: 'nodes', data: { id: `ns:${ns}`, label: ns, kind: 'namespace', namespace: ns, cluster: c, parent: c ? `cluster:${c}` : undefined } });
   }
   for (const n of map.nodes) {
     const kind = kindOf(n.workload);
-    // A world peer named by DNS: its domain, then `world` (drawn as the world is).
-    const label = n.kind === 'workload' ? `${shortName(n.workload)}\n${kind}${n.quarantined ? ' · quarantined' : ''}`
+    // A remote workload reads `cluster/namespace/name` wherever it is seen; a world peer named
+    // by DNS, its domain, then `world` (drawn as the world is).
+    const name = n.cluster ? `${n.namespace}/${shortName(n.workload)}` : shortName(n.workload);
+    const label = n.kind === 'workload' ? `${name}\n${kind}${n.quarantined ? ' · quarantined' : ''}`
       : n.domain ? `${n.domain}\nworld` : n.workload;
     out.push({
       group: 'nodes',
-      data: { id: n.id, label, kind: n.kind, domain: n.domain, namespace: n.namespace, parent: n.namespace ? `ns:${n.namespace}` : undefined },
+      data: { id: n.id, label, kind: n.kind, domain: n.domain, namespace: n.namespace, cluster: n.cluster, parent: n.namespace ? `ns:${n.namespace}` : undefined },
       classes: n.quarantined ? 'quarantined' : '',
     });
   }
@@ -328,7 +351,7 @@ function elementsOf(map) {
 function labelEdges() {
   cy.batch(() => {
     const edges = cy.edges().not('.filtered');
-    const sel = state.selection && state.selection.type !== 'namespace' ? cy.getElementById(state.selection.id) : cy.collection();
+    const sel = state.selection && !['namespace', 'cluster'].includes(state.selection.type) ? cy.getElementById(state.selection.id) : cy.collection();
     const focus = sel.nonempty() ? (sel.isEdge() ? sel : sel.connectedEdges()) : cy.collection();
     cy.edges().removeClass('labelled');
     (edges.length <= 14 ? edges : focus).addClass('labelled');
@@ -345,6 +368,10 @@ function applyFilters() {
       if (!state.verdicts.has(e.data('verdict')) || e.source().hasClass('filtered') || e.target().hasClass('filtered')) {
         e.addClass('filtered');
       }
+    });
+    // A cluster's box shows while one of its namespaces does.
+    cy.nodes('[kind = "cluster"]').forEach((c) => {
+      if (c.children().filter((n) => !n.hasClass('filtered')).empty()) c.addClass('filtered');
     });
     // world/host show only while a visible edge touches them.
     cy.nodes('[kind = "world"], [kind = "host"]').forEach((n) => {
@@ -451,7 +478,9 @@ $('#fit').addEventListener('click', () => cy.animate({ fit: { eles: cy.elements(
 cy.on('tap', 'edge', (ev) => select({ type: 'edge', id: ev.target.id() }));
 cy.on('tap', 'node', (ev) => {
   const n = ev.target;
-  select(n.data('kind') === 'namespace' ? { type: 'namespace', id: n.data('namespace') } : { type: 'node', id: n.id() });
+  const kind = n.data('kind');
+  select(kind === 'namespace' ? { type: 'namespace', id: n.data('namespace') }
+    : kind === 'cluster' ? { type: 'cluster', id: n.data('cluster') } : { type: 'node', id: n.id() });
 });
 cy.on('tap', (ev) => { if (ev.target === cy) select(null); });
 
@@ -467,7 +496,7 @@ function highlight() {
       for (const e of (p ? p.edges : [])) keep = keep.union(cy.getElementById(`${e.src}|${e.dst}|audit`));
       keep = keep.union(keep.connectedNodes());
       if (keep.nonempty()) cy.elements().not(keep).not(keep.ancestors()).not(':parent').addClass('faded');
-    } else if (sel && sel.type !== 'namespace') {
+    } else if (sel && sel.type !== 'namespace' && sel.type !== 'cluster') {
       const target = cy.getElementById(sel.id);
       if (target.nonempty()) {
         const keep = target.isEdge() ? target.union(target.connectedNodes()) : target.closedNeighborhood();
@@ -498,6 +527,7 @@ function legend() {
     el('span', { class: 'line', style: `border-color: ${COLORS.denied}; border-top-style: dashed` }), el('span', {}, 'denied'),
     el('span', { class: 'line', style: `border-color: ${COLORS.audit}; border-top-style: dotted` }), el('span', {}, 'would be denied by a staged (or audit-mode) policy'),
     el('span', { class: 'box ns' }), el('span', {}, 'namespace'),
+    el('span', { class: 'box cluster' }), el('span', {}, 'peer cluster (its workloads read cluster/namespace/name)'),
     el('span', { class: 'box' }), el('span', {}, 'workload (owner, else the pod)'),
     el('span', { class: 'box world' }), el('span', {}, 'world / host: addresses of no pod'),
     el('span', { class: 'box q' }), el('span', {}, 'quarantined'));
@@ -728,7 +758,7 @@ function overview() {
     // The map's workloads as a list too: reachable from the keyboard, and searchable.
     const byNs = new Map();
     for (const n of m.nodes) {
-      const ns = n.namespace || '(outside the cluster)';
+      const ns = n.cluster ? `${n.namespace} (peer cluster ${n.cluster})` : n.namespace || '(outside the cluster)';
       byNs.set(ns, [...(byNs.get(ns) || []), n]);
     }
     body.push(...section('Workloads', el('dl', { class: 'workloads' }, [...byNs].map(([ns, list]) => [
@@ -859,8 +889,9 @@ async function refreshPanel(rebuild) {
     const shown = flows.filter((f) => !f.src || state.verdicts.has(f.verdict === 'audit-would-deny' ? 'audit' : f.verdict));
     const edges = m.edges.filter((e) => e.src === n.id || e.dst === n.id);
     paint(['node', n, edges, shown, m.quarantines], rebuild, [
-      el('h2', {}, n.kind === 'workload' ? shortName(n.workload) : n.workload),
-      el('div', { class: 'muted' }, n.kind === 'workload' ? `${kindOf(n.workload)} in namespace ${n.namespace}`
+      el('h2', {}, n.kind === 'workload' ? `${n.cluster ? `${n.namespace}/` : ''}${shortName(n.workload)}` : n.workload),
+      el('div', { class: 'muted' }, n.kind === 'workload' && n.cluster ? `${kindOf(n.workload)} in namespace ${n.namespace.slice(n.cluster.length + 1)} of peer cluster ${n.cluster}`
+        : n.kind === 'workload' ? `${kindOf(n.workload)} in namespace ${n.namespace}`
         : n.domain ? `addresses outside the cluster that pods learned from DNS for ${n.domain}` : 'addresses of no pod in the cluster', ' ', n.quarantined ? el('span', { class: 'badge quarantined' }, 'quarantined') : null),
       el('div', { class: 'counts' },
         el('div', { class: 'count allowed' }, el('b', {}, edges.reduce((a, e) => a + e.allowed, 0)), 'allowed'),
@@ -879,6 +910,17 @@ async function refreshPanel(rebuild) {
     paint(['namespace', sel.id, workloads, shown], rebuild, [
       el('h2', {}, `namespace ${sel.id}`),
       el('div', { class: 'muted' }, `${workloads.length} workload(s), ${workloads.reduce((a, w) => a + w.pods.length, 0)} pod(s)`),
+      ...section('Recent flows', flowsTable(shown))]);
+    return;
+  }
+  if (sel.type === 'cluster') {
+    const flows = await fetchFlows({ cluster: sel.id }).catch(() => []);
+    if (seq !== state.flowsSeq) return;
+    const shown = flows.filter((f) => state.verdicts.has(f.verdict === 'audit-would-deny' ? 'audit' : f.verdict));
+    const workloads = m.nodes.filter((x) => x.cluster === sel.id);
+    paint(['cluster', sel.id, workloads, shown], rebuild, [
+      el('h2', {}, `cluster ${sel.id}`),
+      el('div', { class: 'muted' }, `peer cluster: ${workloads.length} workload(s) seen in flows with this cluster`),
       ...section('Recent flows', flowsTable(shown))]);
   }
 }

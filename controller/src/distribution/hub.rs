@@ -154,6 +154,10 @@ pub struct Hub {
     /// the peering exporters wait on it. A watch holds only the newest value, so a burst of
     /// changes wakes an exporter once.
     local_inventory: watch::Sender<u64>,
+    /// Bumped whenever a change touches a peer cluster's namespaces or pods: these are on no
+    /// local node, so their changes may move no rule set (and not `generation`), yet the flow
+    /// pipeline names their addresses.
+    remote_generation: AtomicU64,
     pub counters: HubCounters,
 }
 
@@ -206,6 +210,7 @@ impl Hub {
             next_subscriber: AtomicU64::new(1),
             generation: AtomicU64::new(1),
             local_inventory: watch::Sender::new(0),
+            remote_generation: AtomicU64::new(1),
             counters: HubCounters::default(),
         }
     }
@@ -230,11 +235,16 @@ impl Hub {
             .changes_applied
             .fetch_add(n, Ordering::Relaxed);
         let local = changes.iter().any(touches_local_inventory);
+        let remote = changes.iter().any(touches_remote);
         let result = self.update(priority, |engine| engine.apply_batch(changes));
         if local {
             // Even after an error: exporters diff against what they sent, so a wake-up that
             // finds nothing new costs a comparison and sends nothing.
             self.local_inventory.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        // Even after an error: part of the batch may have been applied.
+        if remote {
+            self.remote_generation.fetch_add(1, Ordering::Release);
         }
         result
     }
@@ -379,6 +389,27 @@ impl Hub {
     /// Changes whenever some node's rule set changed.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// Changes whenever a change touched a peer cluster's namespaces or pods.
+    pub fn remote_generation(&self) -> u64 {
+        self.remote_generation.load(Ordering::Acquire)
+    }
+
+    /// The pods of peer clusters (namespace `cluster/namespace`) as the engine has them, in
+    /// key order: the flow pipeline names their addresses, which no local rule set lists as
+    /// endpoints.
+    pub fn remote_pods(&self) -> Option<Vec<crate::Pod>> {
+        let state = self.lock().ok()?;
+        Some(
+            state
+                .engine
+                .pod_keys()
+                .iter()
+                .filter(|k| crate::ruleset::cluster::is_remote_namespace(&k.namespace))
+                .filter_map(|k| state.engine.pod(k))
+                .collect(),
+        )
     }
 
     /// Every node's endpoints, as their rule sets list them (for the flow pipeline's address
@@ -644,6 +675,20 @@ fn touches_local_inventory(change: &Change) -> bool {
         Change::UpsertPod(p) => !is_remote_namespace(&p.namespace),
         Change::DeletePod(k) => !is_remote_namespace(&k.namespace),
         _ => false,
+    }
+}
+
+/// Whether a change adds, alters or removes a peer cluster's namespace or pod.
+fn touches_remote(c: &Change) -> bool {
+    match c {
+        Change::UpsertNamespace(n) => is_remote_namespace(&n.name),
+        Change::DeleteNamespace(n) => is_remote_namespace(n),
+        Change::UpsertPod(p) => is_remote_namespace(&p.namespace),
+        Change::DeletePod(k) => is_remote_namespace(&k.namespace),
+        Change::UpsertNode(_)
+        | Change::DeleteNode(_)
+        | Change::UpsertPolicy(_)
+        | Change::DeletePolicy(_) => false,
     }
 }
 

@@ -88,7 +88,16 @@ impl From<&FlowRecordError> for FlowRejection {
 
 /// The record an agent reported, if the contract can hold it; else why it is refused.
 pub fn check_record(r: pb::FlowRecord) -> Result<FlowRecord, FlowRejection> {
-    FlowRecord::try_from(r).map_err(|e| FlowRejection::from(&e))
+    let r = FlowRecord::try_from(r).map_err(|e| FlowRejection::from(&e))?;
+    // The contract holds a peer cluster's pod as a peer (the controller names them in what it
+    // stores), but an agent names only pods of its own node, never a remote one.
+    if r.peer
+        .as_ref()
+        .is_some_and(|p| crate::ruleset::cluster::is_remote_namespace(&p.namespace))
+    {
+        return Err(FlowRejection::Name);
+    }
+    Ok(r)
 }
 
 #[cfg(test)]

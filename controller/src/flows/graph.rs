@@ -12,7 +12,7 @@ use super::{
     Directory, MAX_EDGES, MAX_NAMED_WORLDS, MAX_RULE_LABELS, MAX_RULES_PER_EDGE, OTHER_RULES,
     Workload,
 };
-use crate::ruleset::{Direction, EndpointRef, FlowRecord, FlowRule, FlowVerdict};
+use crate::ruleset::{ClusterName, Direction, EndpointRef, FlowRecord, FlowRule, FlowVerdict};
 
 /// The flows allowed now that one staged policy would deny, and on which edges.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +67,10 @@ pub struct GraphNode {
     /// learned the peer's address for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// For a peer cluster's workload (namespace `cluster/namespace`), that cluster; `None`
+    /// for local workloads, the world and the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterName>,
 }
 
 /// What [`ServiceGraph::add`] counted for one record.
@@ -308,10 +312,11 @@ impl ServiceGraph {
         let peer = dir.of_ip(r.peer_address());
         let (src, dst) = if ingress { (peer, here) } else { (here, peer) };
         let allowed = verdict == FlowVerdict::Allowed;
-        // Count an allowed connection once, at its last enforcement point: the destination
-        // pod's ingress, or the source's egress when the destination is no pod. (Its source may
-        // allow what its destination then denies; the denial is counted where it happens.)
-        if allowed && !ingress && dst.is_some() {
+        // Count an allowed connection once, at its last enforcement point here: the destination
+        // pod's ingress, or the source's egress when the destination is no pod or a peer
+        // cluster's (whose ingress reports to its own controller). (Its source may allow what
+        // its destination then denies; the denial is counted where it happens.)
+        if allowed && !ingress && dst.is_some_and(|d| !dir.is_remote(d)) {
             return counted;
         }
         // The peer outside the cluster is named by what its endpoint learned from DNS; the
@@ -593,6 +598,7 @@ impl ServiceGraph {
                         namespace: w.namespace.clone(),
                         workload: w.name.clone(),
                         domain: w.domain().map(str::to_string),
+                        cluster: w.cluster(),
                     }
                 })
                 .collect(),
@@ -624,6 +630,10 @@ impl ServiceGraph {
             if let Some(domain) = w.domain() {
                 out.extend_from_slice(b",\"domain\":");
                 out.extend_from_slice(&quoted(domain));
+            }
+            if let Some(cluster) = w.cluster() {
+                out.extend_from_slice(b",\"cluster\":");
+                out.extend_from_slice(&quoted(cluster.as_str()));
             }
             out.push(b'}');
         }
@@ -685,6 +695,7 @@ impl ServiceGraph {
                         namespace: w.namespace.clone(),
                         workload: w.name.clone(),
                         domain: w.domain().unwrap_or_default().to_string(),
+                        cluster: w.cluster().map(String::from).unwrap_or_default(),
                     }
                 })
                 .collect(),
@@ -797,6 +808,9 @@ impl From<pb::GetGraphResponse> for Graph {
                     namespace: n.namespace,
                     workload: n.workload,
                     domain: (!n.domain.is_empty()).then_some(n.domain),
+                    // A name that is not a cluster name is a malformed answer: drawn as local
+                    // rather than refused, like the rest of the graph it comes with.
+                    cluster: n.cluster.parse().ok(),
                 })
                 .collect(),
             edges: g

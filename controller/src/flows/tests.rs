@@ -391,6 +391,7 @@ fn filters_match_either_end() {
         staged_verdict: None,
         since_unix_nanos: 0,
         peer_name: None,
+        cluster: None,
     };
     let cases = [
         (filter(None, None, None), true),
@@ -754,4 +755,308 @@ fn the_peer_name_filter_matches_names_and_covering_wildcards() {
         ..Default::default()
     }));
     assert!(!garbled.matches(&dir, &flow(&["*.example.com"])));
+}
+
+/// A pod as the engine takes it: `ns/name` with one address, owned by `workload`, on `node`
+/// (a peer cluster's pods are on none).
+fn engine_pod(
+    ns: &str,
+    name: &str,
+    workload: Option<&str>,
+    ip: &str,
+    node: Option<&str>,
+) -> crate::Pod {
+    crate::Pod {
+        namespace: ns.into(),
+        name: name.into(),
+        labels: [("app".to_string(), name.to_string())].into(),
+        service_account: "default".into(),
+        node_name: node.map(str::to_string),
+        ips: vec![ip.parse().expect("ip")],
+        synthetic_ips: false,
+        ports: Vec::new(),
+        workload: workload.map(str::to_string),
+        host_network: false,
+    }
+}
+
+fn namespace(name: &str) -> crate::Change {
+    crate::Change::UpsertNamespace(crate::model::Namespace {
+        name: name.into(),
+        labels: Default::default(),
+    })
+}
+
+/// A hub with the local shop/web-0 (10.0.0.1, on node-1) and the peer cluster west's
+/// west/shop/web-0 (10.9.0.1, Deployment/web).
+fn hub_with_a_peer_cluster() -> Arc<Hub> {
+    let hub = Arc::new(Hub::new(crate::PolicyEngine::empty(
+        crate::EngineConfig::default(),
+    )));
+    hub.apply(
+        vec![
+            namespace("shop"),
+            crate::Change::UpsertPod(engine_pod(
+                "shop",
+                "web-0",
+                Some("Deployment/web"),
+                "10.0.0.1",
+                Some("node-1"),
+            )),
+            namespace("west/shop"),
+            crate::Change::UpsertPod(engine_pod(
+                "west/shop",
+                "web-0",
+                Some("Deployment/web"),
+                "10.9.0.1",
+                None,
+            )),
+        ],
+        false,
+    )
+    .expect("apply");
+    hub
+}
+
+fn hub_pipeline(hub: Arc<Hub>) -> FlowPipeline {
+    FlowPipeline::new(
+        Arc::new(Mutex::new(FlowStore::new(100))),
+        Arc::new(Mutex::new(ServiceGraph::default())),
+        hub,
+    )
+}
+
+/// The local web egressing to `dst`.
+fn egress_to(dst: &str) -> pb::FlowRecord {
+    (&rec(
+        "shop/web-0",
+        "egress",
+        "10.0.0.1",
+        dst,
+        "allowed",
+        rule("allow-web"),
+    ))
+        .into()
+}
+
+fn graph_json(p: &FlowPipeline) -> serde_json::Value {
+    serde_json::from_slice(&p.graph().lock().expect("graph").to_json()).expect("graph json")
+}
+
+/// A flow to a peer cluster's pod names that pod (`west/shop/web-0`) and draws its workload as
+/// `west/shop/Deployment/web`, with its cluster in the graph's JSON and proto; the local
+/// workload has no cluster. Flows, the graph's JSON and its proto agree.
+#[test]
+fn flows_to_a_peer_clusters_pod_name_it_by_cluster() {
+    let p = hub_pipeline(hub_with_a_peer_cluster());
+    assert_eq!(
+        p.ingest("node-1", vec![egress_to("10.9.0.1")], 0)
+            .expect("ingest"),
+        1
+    );
+
+    let dir = p.directory();
+    let peer = dir.pod_of("10.9.0.1".parse().expect("ip")).expect("named");
+    assert_eq!(peer.to_string(), "west/shop/web-0");
+    let mut r = rec(
+        "shop/web-0",
+        "egress",
+        "10.0.0.1",
+        "10.9.0.1",
+        "allowed",
+        rule("a"),
+    );
+    dir.name_peer(&mut r);
+    assert_eq!(
+        r.peer.map(|p| p.to_string()).as_deref(),
+        Some("west/shop/web-0")
+    );
+
+    let g = graph_json(&p);
+    let nodes = g["nodes"].as_array().expect("nodes");
+    let remote = nodes
+        .iter()
+        .find(|n| n["id"] == "west/shop/Deployment/web")
+        .unwrap_or_else(|| panic!("no remote node in {g}"));
+    assert_eq!(remote["namespace"], "west/shop");
+    assert_eq!(remote["workload"], "Deployment/web");
+    assert_eq!(remote["cluster"], "west");
+    let local = nodes
+        .iter()
+        .find(|n| n["id"] == "shop/Deployment/web")
+        .unwrap_or_else(|| panic!("no local node in {g}"));
+    assert!(local.get("cluster").is_none(), "{local}");
+    assert!(!nodes.iter().any(|n| n["id"] == "world"), "{g}");
+    assert_eq!(g["edges"][0]["src"], "shop/Deployment/web");
+    assert_eq!(g["edges"][0]["dst"], "west/shop/Deployment/web");
+
+    let graph = p.graph().lock().expect("graph");
+    let typed = graph.graph();
+    let cluster_of = |id: &str| {
+        typed
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.cluster.as_ref().map(ClusterName::as_str))
+    };
+    assert_eq!(cluster_of("west/shop/Deployment/web"), Some(Some("west")));
+    assert_eq!(cluster_of("shop/Deployment/web"), Some(None));
+    let proto = graph.to_proto("");
+    let remote = proto
+        .nodes
+        .iter()
+        .find(|n| n.id == "west/shop/Deployment/web")
+        .expect("remote node in the proto");
+    assert_eq!(remote.cluster, "west");
+    let back = Graph::from(proto.clone());
+    assert_eq!(
+        back.nodes
+            .iter()
+            .find(|n| n.id == remote.id)
+            .and_then(|n| n.cluster.clone()),
+        Some("west".parse().expect("cluster"))
+    );
+    assert!(
+        proto
+            .nodes
+            .iter()
+            .filter(|n| n.id != remote.id)
+            .all(|n| n.cluster.is_empty())
+    );
+}
+
+/// A peer cluster's pod that leaves the inventory (its cluster stopped exporting it) names
+/// nobody: later flows to its address go to the world. Flows to local pods are unaffected.
+#[test]
+fn a_remote_pod_that_leaves_makes_its_address_the_worlds_again() {
+    let hub = hub_with_a_peer_cluster();
+    let p = hub_pipeline(hub.clone());
+    p.ingest("node-1", vec![egress_to("10.9.0.1")], 0)
+        .expect("ingest");
+    let remote = hub.remote_generation();
+    let rules = hub.generation();
+    hub.apply(
+        vec![crate::Change::DeletePod(PodKey {
+            namespace: "west/shop".into(),
+            name: "web-0".into(),
+        })],
+        false,
+    )
+    .expect("delete");
+    assert!(
+        hub.remote_generation() > remote,
+        "a remote change moves its generation"
+    );
+    assert!(
+        p.directory()
+            .pod_of("10.9.0.1".parse().expect("ip"))
+            .is_none()
+    );
+    // A change of local pods alone does not move it.
+    let remote = hub.remote_generation();
+    hub.apply(
+        vec![crate::Change::UpsertPod(engine_pod(
+            "shop",
+            "db-0",
+            Some("StatefulSet/db"),
+            "10.0.0.2",
+            Some("node-1"),
+        ))],
+        false,
+    )
+    .expect("add db");
+    assert_eq!(hub.remote_generation(), remote);
+    assert!(hub.generation() > rules);
+
+    let mut later = egress_to("10.9.0.1");
+    later.time_unix_nanos = 9;
+    // Between local pods, an allowed connection counts at the destination's ingress.
+    let mut local: pb::FlowRecord = (&rec(
+        "shop/db-0",
+        "ingress",
+        "10.0.0.1",
+        "10.0.0.2",
+        "allowed",
+        rule("allow-db"),
+    ))
+        .into();
+    local.time_unix_nanos = 9;
+    p.ingest("node-1", vec![later, local], 0).expect("ingest");
+    let g = graph_json(&p);
+    let edges: Vec<(String, String)> = g["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .map(|e| (e["src"].to_string(), e["dst"].to_string()))
+        .collect();
+    for want in [
+        "\"west/shop/Deployment/web\"",
+        "\"world\"",
+        "\"shop/StatefulSet/db\"",
+    ] {
+        assert!(
+            edges
+                .iter()
+                .any(|(s, d)| s == "\"shop/Deployment/web\"" && d == want),
+            "no edge to {want} in {edges:?}"
+        );
+    }
+}
+
+/// Directory rules for peer clusters' pods: a local endpoint keeps an address a remote pod
+/// also claims; a remote pod with made-up or host-network addresses names nobody.
+#[test]
+fn local_endpoints_keep_their_addresses_over_remote_pods() {
+    let local = [ep(1, "shop", "web-0", Some("Deployment/web"), "10.0.0.1")];
+    let clash = engine_pod("west/shop", "api-0", None, "10.0.0.1", None);
+    let mut synthetic = engine_pod("west/shop", "made-up", None, "10.9.0.2", None);
+    synthetic.synthetic_ips = true;
+    let mut host = engine_pod("west/kube-system", "proxy", None, "10.9.0.3", None);
+    host.host_network = true;
+    let fine = engine_pod("west/shop", "api-1", None, "10.9.0.4", None);
+    let remote = [clash, synthetic, host, fine];
+    let d = Directory::from_inventory(&local, &remote);
+    let pod = |ip: &str| d.pod_of(ip.parse().expect("ip")).map(ToString::to_string);
+    assert_eq!(pod("10.0.0.1").as_deref(), Some("shop/web-0"));
+    assert_eq!(pod("10.9.0.2"), None);
+    assert_eq!(pod("10.9.0.3"), None);
+    assert_eq!(pod("10.9.0.4").as_deref(), Some("west/shop/api-1"));
+    let w = Workload {
+        namespace: "west/shop".into(),
+        name: "Pod/api-1".into(),
+    };
+    assert_eq!(w.cluster().map(String::from).as_deref(), Some("west"));
+    assert_eq!(w.id(), "west/shop/Pod/api-1");
+    assert_eq!(Workload::world().cluster(), None);
+}
+
+/// A peer cluster's pod is a peer the contract holds (the controller names it in what it
+/// stores and serves, and reads it back), but no agent may claim one: agents name only their
+/// own node's pods. A qualified namespace whose cluster is not a cluster name is refused.
+#[test]
+fn remote_peers_are_read_back_but_never_taken_from_agents() {
+    let mut named = rec(
+        "shop/web-0",
+        "egress",
+        "10.0.0.1",
+        "10.9.0.1",
+        "allowed",
+        rule("a"),
+    );
+    named.peer = Some("west/shop/web-0".parse().expect("a remote pod"));
+    let wire: pb::FlowRecord = (&named).into();
+    assert_eq!(
+        FlowRecord::try_from(wire.clone()).expect("read back"),
+        named
+    );
+    assert_eq!(check_record(wire), Err(FlowRejection::Name));
+    for bad in ["West/shop", "west/", "/shop", "west/sh op"] {
+        let mut r = named.clone();
+        r.peer = Some(PodKey {
+            namespace: bad.into(),
+            name: "web-0".into(),
+        });
+        let wire: pb::FlowRecord = (&r).into();
+        assert!(FlowRecord::try_from(wire).is_err(), "{bad}");
+    }
 }

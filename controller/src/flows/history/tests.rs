@@ -876,3 +876,127 @@ fn peer_names_survive_the_history_and_old_chunks_read_without_them() {
     assert_eq!(by_name("*.example.com").len(), 1);
     assert!(by_name("other.example.org").is_empty());
 }
+
+/// A peer cluster's pod west/shop/web-0 (10.9.0.1, Deployment/web) beside the local pods of
+/// [`directory`].
+fn directory_with_a_peer_cluster() -> Directory {
+    let remote = crate::Pod {
+        namespace: "west/shop".into(),
+        name: "web-0".into(),
+        labels: Default::default(),
+        service_account: "default".into(),
+        node_name: None,
+        ips: vec!["10.9.0.1".parse().expect("ip")],
+        synthetic_ips: false,
+        ports: Vec::new(),
+        workload: Some("Deployment/web".into()),
+        host_network: false,
+    };
+    let local = [
+        endpoint(1, "shop", "web-0", Some("Deployment/web"), "10.0.0.1"),
+        endpoint(2, "shop", "api-0", Some("Deployment/api"), "10.0.0.2"),
+    ];
+    Directory::from_inventory(&local, &[remote])
+}
+
+/// Flows from a peer cluster's pod are written with that pod named (`west/shop/web-0`) and read
+/// back so after a restart, found by its qualified namespace, its pod and its cluster; the
+/// restored graph draws it while the pod is still known.
+#[test]
+fn remote_peers_are_named_in_the_history_and_found_by_cluster() {
+    let tmp = TempDir::new("remote");
+    let now = now_unix_nanos();
+    let history = Arc::new(FlowHistory::open(HistoryConfig::new(&tmp.0)).expect("open"));
+    let before = pipeline(&history, directory_with_a_peer_cluster());
+    let remote = record(
+        "shop/api-0",
+        "10.9.0.1",
+        "10.0.0.2",
+        FlowVerdict::Allowed,
+        now - 2,
+    );
+    let local = record(
+        "shop/api-0",
+        "10.0.0.1",
+        "10.0.0.2",
+        FlowVerdict::Allowed,
+        now - 1,
+    );
+    before
+        .ingest("n1", vec![(&remote).into(), (&local).into()], 0)
+        .expect("ingest");
+    history.flush().expect("flush");
+    drop(before);
+    drop(Arc::into_inner(history).expect("the only handle"));
+
+    let history = Arc::new(FlowHistory::open(HistoryConfig::new(&tmp.0)).expect("reopen"));
+    let peers = |filter: FlowFilter| -> Vec<String> {
+        all(
+            &history,
+            HistoryQuery {
+                filter,
+                until_unix_nanos: None,
+                newest_first: false,
+            },
+        )
+        .into_iter()
+        .map(|r| match r.entry {
+            FlowEntry::Flow(f) => f.peer.map(|p| p.to_string()).unwrap_or_default(),
+            FlowEntry::Quarantine(q) => q.pod.to_string(),
+        })
+        .collect()
+    };
+    assert_eq!(
+        peers(FlowFilter::default()),
+        ["west/shop/web-0", "shop/web-0"]
+    );
+    let west = || FlowFilter {
+        cluster: Some("west".into()),
+        ..FlowFilter::default()
+    };
+    assert_eq!(peers(west()), ["west/shop/web-0"]);
+    assert!(
+        peers(FlowFilter {
+            cluster: Some("east".into()),
+            ..FlowFilter::default()
+        })
+        .is_empty()
+    );
+    assert_eq!(
+        peers(FlowFilter {
+            namespace: Some("west/shop".into()),
+            ..FlowFilter::default()
+        }),
+        ["west/shop/web-0"]
+    );
+    assert_eq!(
+        peers(FlowFilter {
+            pod: Some("west/shop/web-0".into()),
+            ..FlowFilter::default()
+        }),
+        ["west/shop/web-0"]
+    );
+    // The local namespace `shop` is not the peer cluster's `west/shop`.
+    assert_eq!(
+        peers(FlowFilter {
+            namespace: Some("shop".into()),
+            ..FlowFilter {
+                pod: Some("shop/web-0".into()),
+                ..FlowFilter::default()
+            }
+        }),
+        ["shop/web-0"]
+    );
+
+    let after = pipeline(&history, directory_with_a_peer_cluster());
+    after.restore_from(&history, 0).expect("restore");
+    let graph = after.graph().lock().expect("graph").graph();
+    let node = graph
+        .nodes
+        .iter()
+        .find(|n| n.id == "west/shop/Deployment/web")
+        .unwrap_or_else(|| panic!("no remote node in {:?}", graph.nodes));
+    assert_eq!(node.cluster.as_ref().map(|c| c.as_str()), Some("west"));
+    // The filter round-trips through the admin API's message.
+    assert_eq!(FlowFilter::from_proto(Some(&west().to_proto())), west());
+}

@@ -16,7 +16,7 @@ use crate::{
         history::{FlowHistory, HistoryQuery},
         peer_name_matches,
     },
-    ruleset::{FlowEntry, NamePattern},
+    ruleset::{FlowEntry, NamePattern, cluster::split_namespace},
 };
 
 /// Records looked through for one answer, newest first.
@@ -68,6 +68,20 @@ pub(super) async fn flows(
     .map(axum::Json)
 }
 
+/// The namespaces of a record's ends: `[source workload, destination workload, source pod,
+/// destination pod]`, as [`Cluster::ends`] names them. Found from the end: a peer cluster's
+/// namespaces are `cluster/namespace`, while pod names and `Kind/name` hold no further `/`.
+fn namespaces([src, dst, src_pod, dst_pod]: [&str; 4]) -> impl Iterator<Item = &str> {
+    [src, dst]
+        .into_iter()
+        .filter_map(|w| w.rsplitn(3, '/').nth(2))
+        .chain(
+            [src_pod, dst_pod]
+                .into_iter()
+                .filter_map(|p| p.rsplit_once('/').map(|(ns, _)| ns)),
+        )
+}
+
 /// The newest matching records of the history in the query's time range.
 fn from_history(s: &ApiState, q: &FlowQuery, h: &FlowHistory) -> Result<Vec<FlowView>, ApiError> {
     // The pod, namespace and verdict filters are the history's own (records there have their
@@ -84,6 +98,7 @@ fn from_history(s: &ApiState, q: &FlowQuery, h: &FlowHistory) -> Result<Vec<Flow
             staged_verdict: q.staged_verdict.clone(),
             since_unix_nanos: q.since.unwrap_or(0),
             peer_name: peer_name(q),
+            cluster: q.cluster.clone(),
         },
         until_unix_nanos: q.until,
         newest_first: true,
@@ -131,7 +146,6 @@ fn select(
     let limit = q.limit.unwrap_or(most).clamp(1, most);
     let cluster = Cluster::of(&s.hub);
     let peer_name = peer_name(q);
-    let in_ns = |id: &str, ns: &str| id.split_once('/').is_some_and(|(n, _)| n == ns);
     let mut out = Vec::new();
     for (node, mut e) in records {
         if q.since.is_some_and(|t| e.time_unix_nanos() < t)
@@ -202,10 +216,20 @@ fn select(
             continue;
         }
         // The namespace of either end's pod or workload.
+        let ends = [
+            src.as_str(),
+            dst.as_str(),
+            src_pod.as_str(),
+            dst_pod.as_str(),
+        ];
         if let Some(ns) = &q.namespace
-            && ![&src, &dst, &src_pod, &dst_pod]
-                .into_iter()
-                .any(|id| in_ns(id, ns))
+            && !namespaces(ends).any(|n| n == ns)
+        {
+            continue;
+        }
+        // The peer cluster of either end.
+        if let Some(c) = &q.cluster
+            && !namespaces(ends).any(|n| split_namespace(n).0 == Some(c.as_str()))
         {
             continue;
         }

@@ -77,6 +77,27 @@ impl Cluster {
                     });
             }
         }
+        // Peer clusters' pods are endpoints of no local node; their addresses still name them
+        // (`west/shop/Deployment/web`), as the service graph does. A local endpoint keeps its
+        // address.
+        for p in hub.remote_pods().unwrap_or_default() {
+            if p.host_network || p.synthetic_ips {
+                continue;
+            }
+            let workload = p
+                .workload
+                .clone()
+                .unwrap_or_else(|| format!("Pod/{}", p.name));
+            let id = workload_id(&p.namespace, &workload);
+            let pod = p.key();
+            for ip in &p.ips {
+                if !c.workload_of_ip.contains_key(ip) {
+                    c.workload_of_ip.insert(*ip, id.clone());
+                    c.pod_of_ip.insert(*ip, pod.clone());
+                }
+            }
+            c.workload_of_pod.entry(pod).or_insert(id);
+        }
         c
     }
 
@@ -225,6 +246,7 @@ fn draw_map(
                 workload: workload.clone(),
                 kind: "workload".into(),
                 domain: None,
+                cluster: cluster_of(namespace),
                 pods: pods.clone(),
                 quarantined: q,
             },
@@ -246,6 +268,7 @@ fn draw_map(
                 workload: n.workload.clone(),
                 kind: kind.into(),
                 domain: n.domain.clone(),
+                cluster: n.cluster.clone(),
                 pods: Vec::new(),
                 quarantined: false,
             }
@@ -283,6 +306,13 @@ fn draw_map(
     serde_json::to_vec(&map)
         .map(axum::body::Bytes::from)
         .map_err(|e| e.to_string())
+}
+
+/// The peer cluster of a namespace as the engine names it (`west/shop`); `None` for a local one.
+fn cluster_of(namespace: &str) -> Option<crate::ruleset::ClusterName> {
+    crate::ruleset::cluster::split_namespace(namespace)
+        .0
+        .and_then(|c| c.parse().ok())
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

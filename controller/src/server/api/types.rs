@@ -240,6 +240,9 @@ pub struct FlowQuery {
     /// (see `flows::peer_name_matches`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_name: Option<String>,
+    /// From or to a pod or workload of this peer cluster (namespace `cluster/namespace`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
     /// Observed at or after this time, in nanoseconds since the Unix epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since: Option<u64>,
@@ -279,6 +282,7 @@ impl FlowQuery {
             ("verdict", &self.verdict),
             ("staged_verdict", &self.staged_verdict),
             ("peer_name", &self.peer_name),
+            ("cluster", &self.cluster),
         ];
         for (k, v) in text {
             if let Some(v) = v {
@@ -353,6 +357,10 @@ pub struct MapNode {
     /// For a world node named by DNS (`world: NAME`), NAME.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// For a peer cluster's workload (namespace `cluster/namespace`), that cluster; absent for
+    /// local workloads, the world and the host. The UI groups remote workloads by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::ruleset::ClusterName>,
     pub pods: Vec<PodView>,
     pub quarantined: bool,
 }
