@@ -403,6 +403,31 @@ fn lab_policies_name_the_peer_cluster_and_survive_its_controller() {
         !connects(&other, &api, PORT),
         "east's other pod is no client"
     );
+    // West's graph names east's workloads `east/shop/…`, in cluster east, never `world`.
+    // (Fresh connections each round: an agent loses the flow batch it was sending when its
+    // controller restarted, as `lab peer` restarts them; it counts them dropped.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        connects(&client, &api, PORT);
+        let g = run_ok(&["graph", "--lab", &c.west.arg(), "-o", "json"]);
+        let graph: serde_json::Value = serde_json::from_str(&g).expect("graph json");
+        let named = graph["nodes"].as_array().is_some_and(|nodes| {
+            nodes.iter().any(|n| {
+                n["cluster"] == "east"
+                    && n["id"]
+                        .as_str()
+                        .is_some_and(|id| id.starts_with("east/shop/"))
+            })
+        });
+        if named {
+            break;
+        }
+        if Instant::now() > deadline {
+            let flows = run_ok(&["flows", "--lab", &c.west.arg(), "-o", "json"]);
+            panic!("west's graph does not name east's client: {g}\nflows: {flows}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(connects(&neighbour, &api, PORT), "west's own namespace");
 
     // Not named: `namespaceSelector: {}` means this cluster's namespaces only.
